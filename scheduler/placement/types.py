@@ -1,0 +1,76 @@
+"""What placement sees and what it decides: plain immutable values, no I/O.
+
+The live scheduler builds a :class:`ClusterSnapshot` from its registry; the simulator builds one
+from its virtual cluster. Both hand it, with a :class:`PlacementRequest`, to the same placement
+code, which returns a :class:`Placement`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from transport.messages import Role
+
+
+class NodeView(msgspec.Struct, frozen=True, gc=False):
+    """One worker as placement sees it at one instant."""
+
+    worker_id: str
+    role: Role
+    model: str
+    accelerator: str = "cpu"
+    draining: bool = False
+    block_size: int = 16
+    kv_bytes_per_token: int = 0
+    blocks_total: int = 0
+    blocks_used: int = 0  # as last reported by the worker
+    blocks_reserved: int = 0  # held by the scheduler for in-flight requests' predicted growth
+    running: int = 0
+    waiting: int = 0
+    queued_prefill_tokens: int = 0  # reported by the worker plus sent by us and not yet prefilled
+    inflight: int = 0  # requests the scheduler has on this node
+    prefill_tokens_per_s: float = 0.0  # 0 = unknown
+    # Hashes of prompt prefix blocks this node is believed to hold (prefix affinity).
+    cached_block_hashes: frozenset[int] = frozenset()
+
+    @property
+    def can_prefill(self) -> bool:
+        return self.role in (Role.PREFILL, Role.BOTH)
+
+    @property
+    def can_decode(self) -> bool:
+        return self.role in (Role.DECODE, Role.BOTH)
+
+    @property
+    def blocks_free(self) -> int:
+        return max(0, self.blocks_total - self.blocks_used - self.blocks_reserved)
+
+
+class ClusterSnapshot(msgspec.Struct, frozen=True, gc=False):
+    nodes: tuple[NodeView, ...]
+
+
+class PlacementRequest(msgspec.Struct, frozen=True, gc=False):
+    request_id: str
+    model: str
+    prompt_len: int
+    max_tokens: int
+    tenant: str = ""
+    priority: int = 0
+    # Hashes of the prompt's full prefix blocks, chained (block i's hash covers blocks 0..i).
+    block_hashes: tuple[int, ...] = ()
+    predicted_output_len: int = 0  # 0 = no prediction; placement falls back to max_tokens
+    # True when the deployment runs colocated (one 'both' worker does prefill and decode).
+    colocated: bool = False
+
+
+class Placement(msgspec.Struct, frozen=True, gc=False):
+    """Where a request runs. ``prefill == decode`` means colocated on one node (no KV handoff)."""
+
+    prefill: str
+    decode: str
+    reserve_blocks: int = 0  # KV blocks to reserve on the decode node (Reserve)
+
+    @property
+    def colocated(self) -> bool:
+        return self.prefill == self.decode

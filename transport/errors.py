@@ -1,0 +1,45 @@
+"""The one error type of pdorch.
+
+Every failure that crosses a module boundary is a :class:`PdorchError` with a code from
+:class:`ErrorCode`. The HTTP status and OpenAI error JSON for each code are decided in exactly
+one place (``scheduler/http/errors.py``); nothing else maps codes to statuses.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    # Client mistakes (request-scoped).
+    INVALID_REQUEST = "invalid_request"
+    MODEL_NOT_FOUND = "model_not_found"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    UNAUTHORIZED = "unauthorized"
+    # Capacity (request-scoped, retryable).
+    QUEUE_FULL = "queue_full"
+    NO_WORKER = "no_worker"
+    # A worker or the KV plane failed this request (request-scoped).
+    WORKER_LOST = "worker_lost"
+    JOB_FAILED = "job_failed"
+    KV_CORRUPT = "kv_corrupt"
+    KV_TRUNCATED = "kv_truncated"
+    KV_TIMEOUT = "kv_timeout"
+    KV_REJECTED = "kv_rejected"
+    OUT_OF_BLOCKS = "out_of_blocks"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
+    # Wire problems (connection- or worker-scoped).
+    BAD_MESSAGE = "bad_message"
+    PROTOCOL_MISMATCH = "protocol_mismatch"
+    CONFIG = "config"
+    INTERNAL = "internal"
+
+
+class PdorchError(Exception):
+    """A failure with a machine-readable code and a message meant for a human."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

@@ -1,0 +1,190 @@
+"""Control-plane messages between the scheduler and worker agents.
+
+Every message is a msgspec Struct in one of two tagged unions: :data:`ToWorker` (scheduler ->
+agent) and :data:`FromWorker` (agent -> scheduler). KV-plane messages live in
+``transport/kv/messages.py``. Structs are ``array_like`` (compact positional encoding),
+``omit_defaults`` and ``gc=False`` (they hold no reference cycles), following vLLM's wire structs.
+
+Compatibility rule: fields are only ever appended with defaults; a change that an old peer cannot
+decode bumps :data:`PROTOCOL_VERSION`, which is checked in ``Hello``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+_STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "tag_field": "t"}
+
+
+class Role(enum.StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS or a stop string/token
+    LENGTH = "length"  # max_tokens or the model's context limit
+
+
+class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """How to pick tokens. ``temperature == 0`` is greedy.
+
+    Seeded sampling draws the n-th generated token from an RNG seeded with ``(seed, n)``, so the
+    prefill worker (token 0) and the decode worker (tokens 1..) agree without sharing RNG state.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+
+class KvRoute(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Where a request's KV goes (prefill side) or comes from (decode side).
+
+    ``mode`` is ``"p2p"`` (endpoint = the decode agent's KV endpoint; the decode side receives on
+    its own endpoint and ignores ``endpoint``) or ``"centralized"`` (endpoint = the KV broker, for
+    both sides).
+    """
+
+    mode: str
+    endpoint: str
+    transfer_id: str
+
+
+class Load(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    blocks_used: int = 0
+    blocks_total: int = 0
+    running: int = 0
+    waiting: int = 0
+    queued_prefill_tokens: int = 0
+    # Blocks whose contents are cached prefixes (reusable), counted inside blocks_used.
+    cached_blocks: int = 0
+
+
+# --------------------------------------------------------------------------- agent -> scheduler
+
+
+class Hello(msgspec.Struct, tag="hello", **_STRUCT):
+    """First message on every (re)connection. The scheduler answers Welcome or Disconnect."""
+
+    protocol_version: int
+    worker_id: str
+    role: Role
+    engine: str
+    model: str
+    kv_bytes_per_token: int
+    block_size: int
+    capacity_blocks: int
+    accelerator: str = "cpu"
+    kv_endpoint: str = ""
+    max_model_len: int = 0
+    # How the scheduler should tokenize for this model: "byte" or a path to tokenizer.json.
+    tokenizer: str = "byte"
+    eos_token_id: int = -1
+    # Free-form labels (e.g. the Kubernetes pod name and LWS group index).
+    labels: dict[str, str] = {}
+
+
+class Heartbeat(msgspec.Struct, tag="hb", **_STRUCT):
+    """Sent both ways. From an agent it carries the current load."""
+
+    load: Load | None = None
+
+
+class TokenOutput(msgspec.Struct, tag="tok", **_STRUCT):
+    """Tokens for one request, in order. ``finish_reason`` set on the last message."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    # Prompt tokens served from a prefix cache (for usage accounting and the predictor).
+    cached_tokens: int = 0
+
+
+class KvLoaded(msgspec.Struct, tag="kvok", **_STRUCT):
+    """The decode side holds the request's whole KV; from here on the handoff cannot be redone."""
+
+    request_id: str
+
+
+class JobError(msgspec.Struct, tag="jerr", **_STRUCT):
+    """A request-scoped failure. The worker stays healthy."""
+
+    request_id: str
+    code: str
+    message: str
+
+
+class WorkerFatal(msgspec.Struct, tag="fatal", **_STRUCT):
+    """The worker cannot go on (engine died). The scheduler drops it and fails its requests."""
+
+    message: str
+
+
+class Goodbye(msgspec.Struct, tag="bye", **_STRUCT):
+    """Graceful shutdown: no new jobs; in-flight ones were finished or reported."""
+
+    reason: str = ""
+
+
+FromWorker = Hello | Heartbeat | TokenOutput | KvLoaded | JobError | WorkerFatal | Goodbye
+
+# --------------------------------------------------------------------------- scheduler -> agent
+
+
+class Welcome(msgspec.Struct, tag="welcome", **_STRUCT):
+    protocol_version: int
+    worker_id: str
+    heartbeat_interval_s: float
+    heartbeat_liveness: int
+
+
+class Disconnect(msgspec.Struct, tag="disconnect", **_STRUCT):
+    """Registration refused or lost (e.g. unknown worker, version mismatch). Agent re-Hellos."""
+
+    reason: str
+    code: str = "protocol_mismatch"
+
+
+class PrefillJob(msgspec.Struct, tag="prefill", **_STRUCT):
+    """Compute the prompt's KV and the first token. ``kv`` None means no handoff (finish here)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    kv: KvRoute | None = None
+    deadline_s: float = 60.0
+
+
+class DecodeJob(msgspec.Struct, tag="decode", **_STRUCT):
+    """Receive the request's KV per ``kv`` and generate tokens 1.. (token 0 came from prefill)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    kv: KvRoute
+    deadline_s: float = 60.0
+
+
+class GenerateJob(msgspec.Struct, tag="generate", **_STRUCT):
+    """Colocated: prefill and decode on this one worker, no handoff."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    deadline_s: float = 60.0
+
+
+class Cancel(msgspec.Struct, tag="cancel", **_STRUCT):
+    request_id: str
+
+
+ToWorker = Welcome | Disconnect | Heartbeat | PrefillJob | DecodeJob | GenerateJob | Cancel
