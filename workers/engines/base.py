@@ -1,0 +1,60 @@
+"""The Engine protocol: what the worker agent needs from whatever computes tokens.
+
+The agent owns the control-plane socket and the job lifecycle; an engine owns compute and moving
+its KV (the reference engine through pdorch's KV plane in-process, vLLM through its KV connector).
+Engines report progress through the ``emit`` callable given to ``start``: ``TokenOutput`` for
+tokens (the first one from prefill, then decode's) and ``KvLoaded`` once a decode job holds the
+whole KV. A job method returns when the job is over and raises :class:`PdorchError` on failure;
+the agent turns that into a ``JobError`` for the scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+
+from transport.messages import DecodeJob, FromWorker, GenerateJob, Load, PrefillJob
+
+Emit = Callable[[FromWorker], None]
+
+
+class EngineInfo(msgspec.Struct, frozen=True):
+    """What an engine tells the scheduler about itself (copied into ``Hello``)."""
+
+    engine: str
+    model: str
+    kv_bytes_per_token: int
+    block_size: int
+    capacity_blocks: int
+    max_model_len: int
+    tokenizer: str = "byte"
+    eos_token_id: int = -1
+    # Set by engines that receive KV themselves (vLLM's connector); otherwise the agent's own
+    # KV receiver endpoint is advertised.
+    kv_endpoint: str = ""
+
+
+class Engine(Protocol):
+    def info(self) -> EngineInfo: ...
+
+    def load(self) -> Load: ...
+
+    async def start(self, emit: Emit) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def healthy(self) -> bool:
+        """False means the engine is gone for good; the agent reports the worker dead."""
+        ...
+
+    async def prefill(self, job: PrefillJob) -> None: ...
+
+    async def decode(self, job: DecodeJob) -> None: ...
+
+    async def generate(self, job: GenerateJob) -> None: ...
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a job and free what it holds. Idempotent; unknown ids are ignored."""
+        ...
