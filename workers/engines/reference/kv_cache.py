@@ -77,7 +77,9 @@ class PagedKvCache:
                 f"KV rows must be shaped [n, {', '.join(map(str, self.row_shape))}], got {list(rows.shape)}",
             )
         if rows.dtype != self.dtype:
-            raise PdorchError(ErrorCode.KV_CORRUPT, f"KV rows are {rows.dtype}, this cache holds {self.dtype}")
+            raise PdorchError(
+                ErrorCode.KV_CORRUPT, f"KV rows are {rows.dtype}, this cache holds {self.dtype}"
+            )
         if row_offset < 0:
             raise PdorchError(ErrorCode.KV_CORRUPT, f"negative KV row offset {row_offset}")
         end = row_offset + rows.shape[0]
@@ -85,12 +87,12 @@ class PagedKvCache:
         if not np.isfinite(rows).all():
             raise PdorchError(ErrorCode.KV_CORRUPT, "KV rows contain NaN or infinity")
         storage = self._layers[layer]
-        pos = row_offset
-        while pos < end:
-            block_index, offset = divmod(pos, self.block_size)
-            span = min(self.block_size - offset, end - pos)
-            storage[block_ids[block_index], offset : offset + span] = rows[pos - row_offset : pos - row_offset + span]
-            pos += span
+        done = 0  # rows written so far; copy one block-sized (or shorter) span at a time
+        while done < len(rows):
+            block_index, offset = divmod(row_offset + done, self.block_size)
+            span = min(self.block_size - offset, len(rows) - done)
+            storage[block_ids[block_index], offset : offset + span] = rows[done : done + span]
+            done += span
 
     def _check_table(self, block_ids: Sequence[int], needed: int, num_tokens: int) -> None:
         if num_tokens < 0:

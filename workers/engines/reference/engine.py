@@ -1,0 +1,244 @@
+"""The reference engine as an :class:`Engine`: the pure core on its own thread, KV over pdorch's plane.
+
+The core steps on a dedicated thread (numpy releases the GIL in its kernels, so the agent's event
+loop keeps heartbeating and moving KV while a step computes). Step outputs come back to the loop
+with ``call_soon_threadsafe``. Prefill streams each layer's KV to the route as soon as the core
+produces it; decode reserves blocks, lets the KV plane scatter verified rows straight into them,
+then starts the sequence from the handed-off first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from transport.errors import ErrorCode, PdorchError
+from transport.kv import KvOutStream, KvReceiver, KvSender
+from transport.messages import DecodeJob, GenerateJob, KvLoaded, Load, PrefillJob, TokenOutput
+from workers.engines.base import Emit, EngineInfo
+from workers.engines.reference.config import ModelConfig
+from workers.engines.reference.core import EngineCore
+from workers.engines.reference.step_output import StepOutput
+
+# How long the engine thread sleeps when idle before looking again (it is woken on new work).
+_IDLE_WAIT_S = 0.05
+
+
+class _BlockSink:
+    """Writes verified KV rows of a handed-off prompt into the blocks reserved for it."""
+
+    def __init__(self, core: EngineCore, blocks: list[int], num_layers: int, rows: int) -> None:
+        self._core = core
+        self._blocks = blocks
+        self._num_layers = num_layers
+        self._rows = rows
+
+    def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
+        if not 0 <= layer < self._num_layers or row_offset < 0 or row_offset + len(rows) > self._rows:
+            raise PdorchError(ErrorCode.KV_CORRUPT, f"KV rows out of range: layer {layer} rows {row_offset}+{len(rows)}")
+        self._core.cache.scatter(layer, self._blocks, row_offset, rows)
+
+
+class ReferenceEngine:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        model_name: str = "pdorch-reference",
+        num_blocks: int = 4096,
+        block_size: int = 16,
+        max_batch: int = 64,
+        kv_sender: KvSender | None = None,
+        kv_receiver: KvReceiver | None = None,
+        job_timeout_s: float = 600.0,
+    ) -> None:
+        self._cfg = cfg
+        self._model_name = model_name
+        self._core = EngineCore(cfg, num_blocks, block_size, max_batch=max_batch)
+        self._sender = kv_sender
+        self._receiver = kv_receiver
+        self._job_timeout_s = job_timeout_s
+        self._handlers: dict[str, Callable[[StepOutput], None]] = {}
+        self._emit: Emit = lambda msg: None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ Engine protocol
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            engine="reference",
+            model=self._model_name,
+            kv_bytes_per_token=self._cfg.kv_bytes_per_token,
+            block_size=self._core.block_size,
+            capacity_blocks=self._core.allocator.num_total,
+            max_model_len=self._cfg.max_model_len,
+            tokenizer="byte",
+            eos_token_id=self._cfg.eos_token_id,
+            vocab_size=self._cfg.vocab_size,
+        )
+
+    def load(self) -> Load:
+        return self._core.load()
+
+    async def start(self, emit: Emit) -> None:
+        self._emit = emit
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="reference-engine", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+    async def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._thread_error is None
+
+    def cancel(self, request_id: str) -> None:
+        self._core.cancel(request_id)
+        self._handlers.pop(request_id, None)
+        self._wake.set()
+
+    async def prefill(self, job: PrefillJob) -> None:
+        rid = job.request_id
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[StepOutput] = loop.create_future()
+        self._handlers[rid] = lambda out: first.done() or first.set_result(out)
+        layers: asyncio.Queue[tuple[int, np.ndarray]] = asyncio.Queue()
+        on_layer = None
+        if job.kv is not None:
+            on_layer = lambda i, rows: loop.call_soon_threadsafe(layers.put_nowait, (i, rows))  # noqa: E731
+        stream_task = asyncio.create_task(self._stream_kv(job, layers)) if job.kv is not None else None
+        try:
+            self._core.add_prefill(rid, job.prompt_token_ids, job.sampling, on_layer)
+            self._wake.set()
+            out = await asyncio.wait_for(first, job.deadline_s)
+            if out.failed:
+                raise out.as_error()
+            # The first token goes out at once, while the KV may still be on the wire.
+            self._emit(TokenOutput(rid, [out.token_id], out.finish_reason))
+            if stream_task is not None:
+                if out.finish_reason is not None:
+                    stream_task.cancel()
+                else:
+                    stream = await stream_task
+                    await stream.finish({"first_token": out.token_id})
+        except TimeoutError:
+            raise PdorchError(ErrorCode.DEADLINE_EXCEEDED, f"prefill of {rid} did not finish in time") from None
+        finally:
+            self._handlers.pop(rid, None)
+            if stream_task is not None and not stream_task.done():
+                stream_task.cancel()
+            if stream_task is not None:
+                with contextlib.suppress(BaseException):
+                    await stream_task
+            self._core.cancel(rid)
+
+    async def _stream_kv(self, job: PrefillJob, layers: asyncio.Queue[tuple[int, np.ndarray]]) -> KvOutStream:
+        assert job.kv is not None and self._sender is not None
+        stream = await self._sender.open(
+            job.kv,
+            num_layers=self._cfg.layers,
+            rows_per_layer=len(job.prompt_token_ids),
+            row_shape=self._cfg.kv_row_shape,
+            dtype=self._cfg.dtype,
+            deadline_s=job.deadline_s,
+        )
+        try:
+            for _ in range(self._cfg.layers):
+                layer, rows = await layers.get()
+                await stream.send_layer(layer, rows)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await stream.abort("prefill stopped")
+            raise
+        return stream
+
+    async def decode(self, job: DecodeJob) -> None:
+        if self._receiver is None:
+            raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot receive KV (no KV receiver)")
+        rid = job.request_id
+        prompt_len = len(job.prompt_token_ids)
+        blocks = self._core.reserve_decode(rid, prompt_len)
+        try:
+            sink = _BlockSink(self._core, blocks, self._cfg.layers, prompt_len)
+            tid = job.kv.transfer_id
+            if job.kv.mode == "centralized":
+                trailer = await self._receiver.fetch(job.kv.endpoint, tid, sink, deadline_s=job.deadline_s)
+            else:
+                trailer = await self._receiver.receive(tid, sink, deadline_s=job.deadline_s)
+            first = trailer.get("first_token")
+            if not isinstance(first, int):
+                raise PdorchError(ErrorCode.KV_CORRUPT, "KV trailer carries no first token")
+            self._emit(KvLoaded(rid))
+            await self._run_until_finished(rid, lambda: self._core.add_decode(rid, prompt_len, first, job.sampling))
+        finally:
+            self._core.cancel(rid)
+
+    async def generate(self, job: GenerateJob) -> None:
+        rid = job.request_id
+        try:
+            await self._run_until_finished(
+                rid, lambda: self._core.add_generate(rid, job.prompt_token_ids, job.sampling)
+            )
+        finally:
+            self._core.cancel(rid)
+
+    # ------------------------------------------------------------------ internals
+
+    async def _run_until_finished(self, rid: str, submit: Callable[[], None]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_output(out: StepOutput) -> None:
+            if done.done():
+                return
+            if out.failed:
+                done.set_exception(out.as_error())
+                return
+            self._emit(TokenOutput(rid, [out.token_id], out.finish_reason))
+            if out.finish_reason is not None:
+                done.set_result(None)
+
+        self._handlers[rid] = on_output
+        try:
+            submit()
+            self._wake.set()
+            await asyncio.wait_for(done, self._job_timeout_s)
+        except TimeoutError:
+            raise PdorchError(ErrorCode.DEADLINE_EXCEEDED, f"{rid} did not finish in {self._job_timeout_s}s") from None
+        finally:
+            self._handlers.pop(rid, None)
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            handler = self._handlers.get(out.request_id)
+            if handler is not None:
+                handler(out)
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        try:
+            while not self._stop.is_set():
+                if not self._core.has_work():
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                outputs = self._core.step()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+                else:
+                    # Work that cannot progress (prompts waiting for blocks): wait, do not spin.
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+        except BaseException as e:  # the agent sees it through healthy() and reports the worker dead
+            self._thread_error = e
+            raise

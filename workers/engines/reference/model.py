@@ -1,0 +1,162 @@
+"""The reference decoder-only transformer, computed with numpy.
+
+Per layer: RMSNorm -> grouped-query attention with RoPE (causal) -> residual -> RMSNorm -> SwiGLU
+MLP -> residual; then a final RMSNorm and the unembedding. Three entry points:
+
+- :meth:`ReferenceModel.prefill` runs a whole prompt, writes its KV into the paged cache and hands
+  each layer's KV to a callback as soon as that layer's projections are done, so the KV plane can
+  ship layer ``i`` while layers ``i+1..`` compute;
+- :meth:`ReferenceModel.decode_step` advances a batch of sequences by one token each;
+- :meth:`ReferenceModel.forward_full` recomputes everything without a cache (the test oracle).
+
+A prompt is always computed on its own (never batched with other prompts), so its KV and first
+token are bit-identical on whichever worker computes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from transport.errors import ErrorCode, PdorchError
+from workers.engines.reference.attention import DecodeAttentionPlan, causal_attention
+from workers.engines.reference.config import ModelConfig
+from workers.engines.reference.kv_cache import PagedKvCache
+from workers.engines.reference.layers import rms_norm, swiglu
+from workers.engines.reference.rope import RotaryEmbedding
+from workers.engines.reference.weights import LayerWeights, init_weights
+
+# on_layer(layer_index, kv_rows[T, 2, kv_heads, head_dim]); the callee may keep kv_rows.
+LayerKvCallback = Callable[[int, np.ndarray], None]
+# One decode-batch entry: (token fed, its position, the sequence's block table).
+DecodeEntry = tuple[int, int, Sequence[int]]
+
+
+class ReferenceModel:
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.weights = init_weights(cfg)
+        self.rope = RotaryEmbedding(cfg)
+        self._q_width = cfg.heads * cfg.head_dim
+        self._kv_width = cfg.kv_heads * cfg.head_dim
+
+    # ------------------------------------------------------------------ prompt (whole sequence)
+
+    def prefill(
+        self,
+        token_ids: Sequence[int],
+        cache: PagedKvCache,
+        block_ids: Sequence[int],
+        on_layer: LayerKvCallback | None = None,
+    ) -> np.ndarray:
+        """Run a prompt, store its KV in ``block_ids``; returns the last position's logits [vocab]."""
+
+        def keep(layer: int, kv_rows: np.ndarray) -> None:
+            cache.scatter(layer, block_ids, 0, kv_rows)
+            if on_layer is not None:
+                on_layer(layer, kv_rows)
+
+        hidden = self._forward_sequence(token_ids, keep)
+        return self._logits(hidden[-1:])[0]
+
+    def forward_full(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits for every position [T, vocab], recomputed from scratch without a cache."""
+        return self._logits(self._forward_sequence(token_ids, None))
+
+    def _forward_sequence(self, token_ids: Sequence[int], on_layer: LayerKvCallback | None) -> np.ndarray:
+        tokens = self._check_prompt(token_ids)
+        positions = np.arange(len(tokens))
+        x = self.weights.embed[tokens]
+        for index, layer in enumerate(self.weights.layers):
+            q, k, v = self._qkv(layer, x, positions)
+            kv_rows = np.empty((len(tokens), *self.cfg.kv_row_shape), dtype=x.dtype)
+            kv_rows[:, 0] = k
+            kv_rows[:, 1] = v
+            if on_layer is not None:
+                on_layer(index, kv_rows)
+            # Attend over the very arrays that were stored, so cached decode reads identical KV.
+            x = x + causal_attention(q, kv_rows[:, 0], kv_rows[:, 1]) @ layer.wo
+            x = self._mlp(layer, x)
+        return x
+
+    # ------------------------------------------------------------------ one token per sequence
+
+    def decode_step(self, batch: Sequence[DecodeEntry], cache: PagedKvCache) -> np.ndarray:
+        """Feed one token per sequence at its position; returns next-token logits [B, vocab].
+
+        Writes each new token's KV at its position, then attends over positions 0..position of
+        that sequence's own blocks.
+        """
+        if not batch:
+            return np.empty((0, self.cfg.vocab_size), dtype=self.cfg.np_dtype)
+        tokens, positions, tables = self._check_batch(batch, cache)
+        block_size = cache.block_size
+        # Only the blocks that hold positions 0..position take part, so tables longer than needed
+        # (blocks reserved ahead) do not widen the attention.
+        used_tables = [table[: p // block_size + 1] for table, p in zip(tables, positions, strict=True)]
+        write_blocks = np.asarray([table[-1] for table in used_tables], dtype=np.intp)
+        write_offsets = positions % block_size
+        plan = DecodeAttentionPlan(used_tables, (positions + 1).tolist(), block_size, self.cfg.kv_heads)
+        x = self.weights.embed[tokens]
+        for index, layer in enumerate(self.weights.layers):
+            q, k, v = self._qkv(layer, x, positions)
+            storage = cache.layer_array(index)
+            storage[write_blocks, write_offsets, 0] = k
+            storage[write_blocks, write_offsets, 1] = v
+            x = x + plan.run(q, storage) @ layer.wo
+            x = self._mlp(layer, x)
+        return self._logits(x)
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def _qkv(
+        self, layer: LayerWeights, x: np.ndarray, positions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = x.shape[0]
+        head_dim = self.cfg.head_dim
+        qkv = rms_norm(x, layer.attn_norm) @ layer.wqkv
+        q = qkv[:, : self._q_width].reshape(n, self.cfg.heads, head_dim)
+        k = qkv[:, self._q_width : self._q_width + self._kv_width].reshape(n, self.cfg.kv_heads, head_dim)
+        v = qkv[:, self._q_width + self._kv_width :].reshape(n, self.cfg.kv_heads, head_dim)
+        return self.rope.apply(q, positions), self.rope.apply(k, positions), v
+
+    def _mlp(self, layer: LayerWeights, x: np.ndarray) -> np.ndarray:
+        return x + swiglu(rms_norm(x, layer.mlp_norm) @ layer.w_gate_up) @ layer.w_down
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        return rms_norm(x, self.weights.final_norm) @ self.weights.unembed
+
+    def _check_prompt(self, token_ids: Sequence[int]) -> np.ndarray:
+        tokens = np.asarray(token_ids, dtype=np.intp)
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise PdorchError(ErrorCode.INVALID_REQUEST, "prompt must be a non-empty list of token ids")
+        if tokens.size > self.cfg.max_model_len:
+            raise PdorchError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"prompt has {tokens.size} tokens, the model allows {self.cfg.max_model_len}",
+            )
+        self._check_token_range(tokens)
+        return tokens
+
+    def _check_batch(
+        self, batch: Sequence[DecodeEntry], cache: PagedKvCache
+    ) -> tuple[np.ndarray, np.ndarray, list[Sequence[int]]]:
+        tokens = np.asarray([entry[0] for entry in batch], dtype=np.intp)
+        positions = np.asarray([entry[1] for entry in batch], dtype=np.intp)
+        tables = [entry[2] for entry in batch]
+        self._check_token_range(tokens)
+        if positions.min() < 0 or positions.max() >= self.cfg.max_model_len:
+            raise PdorchError(
+                ErrorCode.INTERNAL, f"decode positions must be in [0, {self.cfg.max_model_len})"
+            )
+        for table, position in zip(tables, positions, strict=True):
+            if len(table) < cache.blocks_for(position + 1):
+                raise PdorchError(
+                    ErrorCode.INTERNAL, f"block table of {len(table)} blocks cannot hold position {position}"
+                )
+        return tokens, positions, tables
+
+    def _check_token_range(self, tokens: np.ndarray) -> None:
+        if tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
+            raise PdorchError(ErrorCode.INVALID_REQUEST, f"token ids must be in [0, {self.cfg.vocab_size})")

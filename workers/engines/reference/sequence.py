@@ -1,0 +1,76 @@
+"""Per-request state inside the engine core, and the rules that end a request."""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from transport.messages import FinishReason, SamplingParams
+from workers.engines.reference.config import ModelConfig
+from workers.engines.reference.model import LayerKvCallback
+
+
+class SequenceKind(enum.Enum):
+    PREFILL_ONLY = "prefill_only"  # disaggregated prefill: first token, then hand KV off
+    GENERATE = "generate"  # colocated: prefill, then decode here
+    DECODE = "decode"  # disaggregated decode: KV arrived from a prefill worker
+
+
+class EngineSequence:
+    """One request's progress. Only the engine thread mutates it, except ``cancelled``."""
+
+    __slots__ = (
+        "admitted_at",
+        "blocks",
+        "cancelled",
+        "kind",
+        "last_token",
+        "num_generated",
+        "on_layer",
+        "prompt",
+        "prompt_len",
+        "request_id",
+        "sampling",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        kind: SequenceKind,
+        prompt_len: int,
+        sampling: SamplingParams,
+        prompt: np.ndarray | None = None,
+        on_layer: LayerKvCallback | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.kind = kind
+        self.prompt_len = prompt_len
+        self.prompt = prompt  # None for DECODE: its prompt lives in the cache already
+        self.sampling = sampling
+        self.on_layer = on_layer
+        self.blocks: list[int] = []
+        self.num_generated = 0
+        self.last_token = -1
+        self.admitted_at = -1
+        self.cancelled = False
+
+    @property
+    def feed_position(self) -> int:
+        """Where the last generated token goes when it is fed back in."""
+        return self.prompt_len + self.num_generated - 1
+
+
+def finish_reason(
+    cfg: ModelConfig, sampling: SamplingParams, prompt_len: int, token: int, num_generated: int
+) -> FinishReason | None:
+    """Whether generating ``token`` (the ``num_generated``-th, counting from 1) ends the request."""
+    if token == cfg.eos_token_id and not sampling.ignore_eos:
+        return FinishReason.STOP
+    if token in sampling.stop_token_ids:
+        return FinishReason.STOP
+    if num_generated >= sampling.max_tokens:
+        return FinishReason.LENGTH
+    if prompt_len + num_generated >= cfg.max_model_len:
+        return FinishReason.LENGTH
+    return None
