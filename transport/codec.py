@@ -59,7 +59,9 @@ def _decode_array(obj: Any, aux: Sequence[Any]) -> np.ndarray:
     buf: Any = parts[0] if count == 1 else b"".join(parts)
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(buf) != expected:
-        raise PdorchError(ErrorCode.BAD_MESSAGE, f"array frame holds {len(buf)} bytes, header says {expected}")
+        raise PdorchError(
+            ErrorCode.BAD_MESSAGE, f"array frame holds {len(buf)} bytes, header says {expected}"
+        )
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 

@@ -89,6 +89,7 @@ class Hello(msgspec.Struct, tag="hello", **_STRUCT):
     # How the scheduler should tokenize for this model: "byte" or a path to tokenizer.json.
     tokenizer: str = "byte"
     eos_token_id: int = -1
+    vocab_size: int = 0  # 0 = unknown; else prompt token ids are checked against it
     # Free-form labels (e.g. the Kubernetes pod name and LWS group index).
     labels: dict[str, str] = {}
 
@@ -129,13 +130,19 @@ class WorkerFatal(msgspec.Struct, tag="fatal", **_STRUCT):
     message: str
 
 
+class Draining(msgspec.Struct, tag="drain", **_STRUCT):
+    """The worker is shutting down: place nothing new here; in-flight jobs still finish."""
+
+    reason: str = ""
+
+
 class Goodbye(msgspec.Struct, tag="bye", **_STRUCT):
     """Graceful shutdown: no new jobs; in-flight ones were finished or reported."""
 
     reason: str = ""
 
 
-FromWorker = Hello | Heartbeat | TokenOutput | KvLoaded | JobError | WorkerFatal | Goodbye
+FromWorker = Hello | Heartbeat | TokenOutput | KvLoaded | JobError | WorkerFatal | Draining | Goodbye
 
 # --------------------------------------------------------------------------- scheduler -> agent
 

@@ -31,6 +31,7 @@ class EngineInfo(msgspec.Struct, frozen=True):
     max_model_len: int
     tokenizer: str = "byte"
     eos_token_id: int = -1
+    vocab_size: int = 0
     # Set by engines that receive KV themselves (vLLM's connector); otherwise the agent's own
     # KV receiver endpoint is advertised.
     kv_endpoint: str = ""

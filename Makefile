@@ -1,0 +1,34 @@
+# pdorch: two commands on a fresh machine — `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start a local cluster (scheduler + 1 prefill + 1 decode worker, reference engine, p2p KV).
+run: install
+	$(VENV)/bin/pdorch up $(ARGS)
+
+## Install test dependencies and run the whole suite.
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) bench/kv_handoff.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

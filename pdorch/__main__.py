@@ -1,0 +1,5 @@
+import sys
+
+from pdorch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""The worker registry: the only mutable cluster state in the scheduler.
+
+It knows every registered worker (from its ``Hello``), its liveness and last reported load, the
+requests the scheduler has placed on it, and the KV blocks reserved there for those requests
+(Reserve/Unreserve). Placement never reads it directly: it reads an immutable snapshot.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from scheduler.placement.types import ClusterSnapshot, NodeView
+from transport.liveness import PeerLiveness
+from transport.messages import Hello, Load, Role
+
+
+class WorkerState(enum.StrEnum):
+    READY = "ready"
+    DRAINING = "draining"
+
+
+@dataclass
+class Worker:
+    hello: Hello
+    identity: bytes
+    liveness: PeerLiveness
+    state: WorkerState = WorkerState.READY
+    load: Load = field(default_factory=Load)
+    # request id -> KV blocks reserved for it here (0 when the request only prefills here).
+    requests: dict[str, int] = field(default_factory=dict)
+    # Prompt tokens sent here for prefill and not yet answered with a first token.
+    pending_prefill_tokens: int = 0
+
+    @property
+    def worker_id(self) -> str:
+        return self.hello.worker_id
+
+    @property
+    def reserved_blocks(self) -> int:
+        return sum(self.requests.values())
+
+    def view(self) -> NodeView:
+        h = self.hello
+        return NodeView(
+            worker_id=h.worker_id,
+            role=h.role,
+            model=h.model,
+            accelerator=h.accelerator,
+            draining=self.state is WorkerState.DRAINING,
+            block_size=h.block_size,
+            kv_bytes_per_token=h.kv_bytes_per_token,
+            blocks_total=self.load.blocks_total or h.capacity_blocks,
+            blocks_used=self.load.blocks_used,
+            blocks_reserved=self.reserved_blocks,
+            running=self.load.running,
+            waiting=self.load.waiting,
+            queued_prefill_tokens=self.load.queued_prefill_tokens + self.pending_prefill_tokens,
+            inflight=len(self.requests),
+        )
+
+
+# Called with (worker_id, request ids that were placed on it, reason) when a worker is dropped.
+LostHandler = Callable[[str, list[str], str], None]
+
+
+class Cluster:
+    def __init__(self, *, heartbeat_interval_s: float, heartbeat_liveness: int, on_lost: LostHandler) -> None:
+        self._interval = heartbeat_interval_s
+        self._liveness = heartbeat_liveness
+        self._on_lost = on_lost
+        self._by_id: dict[str, Worker] = {}
+        self._by_identity: dict[bytes, Worker] = {}
+        self._expected: dict[str, set[str]] = {}
+        self.dropped_total = 0
+
+    # ------------------------------------------------------------------ registration and liveness
+
+    def register(self, identity: bytes, hello: Hello, now: float) -> Worker:
+        old = self._by_id.get(hello.worker_id)
+        if old is not None:
+            # A re-Hello means the agent restarted or reconnected: whatever we placed there is gone.
+            self.drop_worker(hello.worker_id, "worker re-registered")
+        worker = Worker(hello, identity, PeerLiveness(self._interval, self._liveness, now))
+        self._by_id[hello.worker_id] = worker
+        self._by_identity[identity] = worker
+        return worker
+
+    def by_identity(self, identity: bytes) -> Worker | None:
+        return self._by_identity.get(identity)
+
+    def get(self, worker_id: str) -> Worker | None:
+        return self._by_id.get(worker_id)
+
+    def workers(self) -> list[Worker]:
+        return list(self._by_id.values())
+
+    def expire(self, now: float) -> list[str]:
+        dead = [w.worker_id for w in self._by_id.values() if w.liveness.expired(now)]
+        for worker_id in dead:
+            self.drop_worker(worker_id, "heartbeat expired")
+        return dead
+
+    def drop_worker(self, worker_id: str, reason: str) -> None:
+        worker = self._by_id.pop(worker_id, None)
+        if worker is None:
+            return
+        self._by_identity.pop(worker.identity, None)
+        self.dropped_total += 1
+        lost = list(worker.requests)
+        worker.requests.clear()
+        if lost:
+            self._on_lost(worker_id, lost, reason)
+
+    # ------------------------------------------------------------------ WorkerDirectory (Kubernetes)
+
+    def set_expected(self, pool: str, worker_ids: set[str]) -> None:
+        self._expected[pool] = set(worker_ids)
+
+    def expected(self) -> dict[str, set[str]]:
+        return {pool: set(ids) for pool, ids in self._expected.items()}
+
+    def set_draining(self, worker_id: str, draining: bool) -> None:
+        worker = self._by_id.get(worker_id)
+        if worker is not None:
+            worker.state = WorkerState.DRAINING if draining else WorkerState.READY
+
+    def inflight(self, worker_id: str) -> int:
+        worker = self._by_id.get(worker_id)
+        return 0 if worker is None else len(worker.requests)
+
+    # ------------------------------------------------------------------ requests on workers
+
+    def assign(self, worker_id: str, request_id: str, reserve_blocks: int = 0) -> None:
+        worker = self._by_id[worker_id]
+        worker.requests[request_id] = worker.requests.get(request_id, 0) + reserve_blocks
+
+    def reserve(self, worker_id: str, request_id: str, blocks: int) -> None:
+        """Set the request's reservation on a worker (re-reserve when it outgrows its prediction)."""
+        worker = self._by_id.get(worker_id)
+        if worker is not None and request_id in worker.requests:
+            worker.requests[request_id] = blocks
+
+    def release(self, worker_id: str, request_id: str) -> None:
+        """Unreserve and forget the request on that worker. Idempotent."""
+        worker = self._by_id.get(worker_id)
+        if worker is not None:
+            worker.requests.pop(request_id, None)
+
+    def add_pending_prefill(self, worker_id: str, tokens: int) -> None:
+        worker = self._by_id.get(worker_id)
+        if worker is not None:
+            worker.pending_prefill_tokens = max(0, worker.pending_prefill_tokens + tokens)
+
+    # ------------------------------------------------------------------ reading
+
+    def snapshot(self) -> ClusterSnapshot:
+        return ClusterSnapshot(tuple(w.view() for w in self._by_id.values()))
+
+    def models(self) -> list[str]:
+        return sorted({w.hello.model for w in self._by_id.values()})
+
+    def has_role(self, role: Role) -> bool:
+        wanted = {Role.PREFILL: (Role.PREFILL, Role.BOTH), Role.DECODE: (Role.DECODE, Role.BOTH)}.get(
+            role, (role,)
+        )
+        return any(w.hello.role in wanted and w.state is WorkerState.READY for w in self._by_id.values())
+
+    def hello_for_model(self, model: str) -> Hello | None:
+        for w in self._by_id.values():
+            if w.hello.model == model:
+                return w.hello
+        return None

@@ -1,0 +1,108 @@
+"""The scheduler's typed configuration: defaults, then a YAML file, then PDORCH_* env, then flags.
+
+Every field is validated on load; an error names the bad key and says what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from transport.errors import ErrorCode, PdorchError
+
+
+class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # HTTP front end.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # ZeroMQ control plane: the scheduler binds a ROUTER here; agents connect DEALERs.
+    control_bind: str = "tcp://127.0.0.1:5555"
+    # KV handoff: "p2p" (prefill agent -> decode agent) or "centralized" (through kv_broker).
+    kv_mode: Literal["p2p", "centralized"] = "p2p"
+    kv_broker: str = ""
+    # Serve each request on one 'both' worker without a KV handoff (for comparison).
+    colocated: bool = False
+    heartbeat_interval_s: float = 0.5
+    heartbeat_liveness: int = 4
+    # Admission: requests running at once, and requests waiting for a slot (429 beyond).
+    max_running: int = 256
+    max_queued: int = 512
+    queue_timeout_s: float = 30.0
+    # Limits on one request.
+    max_prompt_tokens: int = 32768
+    max_tokens_limit: int = 8192
+    default_max_tokens: int = 16
+    max_body_bytes: int = 8 * 1024 * 1024
+    # Deadlines: no token for this long after dispatch / between tokens fails the request.
+    first_token_timeout_s: float = 60.0
+    token_timeout_s: float = 30.0
+    request_timeout_s: float = 600.0
+    # Bearer tokens accepted on /v1 (empty: no auth). The key also names the tenant.
+    api_keys: list[str] = []
+
+    def __post_init__(self) -> None:
+        _check(0 < self.port < 65536, "port", "must be 1..65535")
+        _check(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
+        _check(self.heartbeat_liveness >= 2, "heartbeat_liveness", "must be >= 2")
+        for name in (
+            "max_running",
+            "max_queued",
+            "max_prompt_tokens",
+            "max_tokens_limit",
+            "default_max_tokens",
+        ):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("queue_timeout_s", "first_token_timeout_s", "token_timeout_s", "request_timeout_s"):
+            _check(getattr(self, name) > 0, name, "must be > 0")
+        _check(
+            self.kv_mode != "centralized" or bool(self.kv_broker),
+            "kv_broker",
+            "is required with kv_mode centralized",
+        )
+
+
+def _check(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise PdorchError(ErrorCode.CONFIG, f"config key {key!r} {what}")
+
+
+def _parse_env_value(raw: str) -> Any:
+    # Env values are YAML scalars/lists, so PDORCH_PORT=9000 is an int and PDORCH_API_KEYS=[a,b] a list.
+    try:
+        return msgspec.yaml.decode(raw.encode())
+    except msgspec.DecodeError:
+        return raw
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> SchedulerConfig:
+    """Build the config from a YAML file, ``PDORCH_<KEY>`` environment variables and overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as e:
+            raise PdorchError(ErrorCode.CONFIG, f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            loaded = msgspec.yaml.decode(raw) or {}
+        except msgspec.DecodeError as e:
+            raise PdorchError(ErrorCode.CONFIG, f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise PdorchError(ErrorCode.CONFIG, f"config file {path} must hold a mapping")
+        data.update(loaded)
+    fields = set(SchedulerConfig.__struct_fields__)
+    for key, value in (os.environ if env is None else env).items():
+        if key.startswith("PDORCH_") and key[7:].lower() in fields:
+            data[key[7:].lower()] = _parse_env_value(value)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(data, SchedulerConfig, strict=False)
+    except msgspec.ValidationError as e:
+        raise PdorchError(ErrorCode.CONFIG, f"invalid config: {e}") from None

@@ -1,0 +1,182 @@
+"""The scheduler's end of the control plane: one ROUTER socket, every agent a DEALER peer.
+
+It registers workers (Hello -> Welcome, version checked), treats any message as a heartbeat,
+sends heartbeats, expires silent workers, and hands request-scoped messages to the inbox.
+Malformed frames are counted and dropped; the loop never dies on a peer's mistake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from scheduler.cluster import Cluster, WorkerState
+from scheduler.inbox import Inbox
+from transport import sockets
+from transport.codec import Decoder, Encoder
+from transport.errors import PdorchError
+from transport.messages import (
+    PROTOCOL_VERSION,
+    Disconnect,
+    Draining,
+    FromWorker,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    JobError,
+    KvLoaded,
+    TokenOutput,
+    ToWorker,
+    Welcome,
+    WorkerFatal,
+)
+
+log = logging.getLogger("pdorch.control")
+
+
+class ControlServer:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        *,
+        bind: str,
+        cluster: Cluster,
+        inbox: Inbox,
+        heartbeat_interval_s: float,
+        heartbeat_liveness: int,
+        on_registered: Callable[[Hello], None] = lambda hello: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sock = sockets.router(ctx, bind)
+        self.endpoint = sockets.bound_endpoint(self._sock)
+        self._cluster = cluster
+        self._inbox = inbox
+        self._interval = heartbeat_interval_s
+        self._liveness = heartbeat_liveness
+        self._on_registered = on_registered
+        self._clock = clock
+        self._enc = Encoder()
+        self._dec: Decoder[FromWorker] = Decoder(FromWorker)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.bad_messages = 0
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="control-recv"),
+            asyncio.create_task(self._heartbeat_loop(), name="control-heartbeat"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._sock.close(linger=0)
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, worker_id: str, msg: ToWorker) -> bool:
+        """Send to a registered worker. False (and the worker is dropped) if it is unreachable."""
+        worker = self._cluster.get(worker_id)
+        if worker is None:
+            return False
+        if self._send_to(worker.identity, msg):
+            return True
+        self._cluster.drop_worker(worker_id, "control connection lost")
+        return False
+
+    def _send_to(self, identity: bytes, msg: ToWorker) -> bool:
+        try:
+            self._sock.send_multipart([identity, *self._enc.encode(msg)], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as e:
+            # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY); EAGAIN: its queue is full (stuck peer).
+            log.warning("cannot send %s to %r: %s", type(msg).__name__, identity, e)
+            return False
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive_loop(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                self._handle(frames)
+            except Exception:  # a bug must not take the control plane down with it
+                log.exception("error handling a control message")
+
+    def _handle(self, frames: list[Any]) -> None:
+        if len(frames) < 2:
+            self.bad_messages += 1
+            return
+        identity = bytes(frames[0].buffer)
+        try:
+            msg = self._dec.decode(frames[1:])
+        except PdorchError as e:
+            self.bad_messages += 1
+            log.warning("dropping a malformed control message from %r: %s", identity[:64], e.message)
+            return
+        now = self._clock()
+        if isinstance(msg, Hello):
+            self._hello(identity, msg, now)
+            return
+        worker = self._cluster.by_identity(identity)
+        if worker is None:
+            # Not registered (e.g. we expired it, or we restarted): ask it to say Hello again.
+            self._send_to(identity, Disconnect("unknown worker; send Hello", code="unknown_worker"))
+            return
+        worker.liveness.seen(now)
+        wid = worker.worker_id
+        if isinstance(msg, Heartbeat):
+            if msg.load is not None:
+                worker.load = msg.load
+        elif isinstance(msg, TokenOutput | KvLoaded | JobError):
+            self._inbox.deliver(wid, msg.request_id, msg)
+        elif isinstance(msg, Draining):
+            worker.state = WorkerState.DRAINING
+            log.info("worker %s is draining: %s", wid, msg.reason)
+        elif isinstance(msg, WorkerFatal):
+            log.error("worker %s reported fatal error: %s", wid, msg.message)
+            self._cluster.drop_worker(wid, f"worker failed: {msg.message}")
+        elif isinstance(msg, Goodbye):
+            log.info("worker %s left: %s", wid, msg.reason)
+            self._cluster.drop_worker(wid, f"worker left: {msg.reason}")
+
+    def _hello(self, identity: bytes, hello: Hello, now: float) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            self._send_to(
+                identity,
+                Disconnect(
+                    f"protocol version {hello.protocol_version} unsupported; scheduler speaks {PROTOCOL_VERSION}"
+                ),
+            )
+            return
+        if identity != hello.worker_id.encode():
+            self._send_to(identity, Disconnect("socket identity must equal worker_id", code="bad_identity"))
+            return
+        self._cluster.register(identity, hello, now)
+        self._send_to(identity, Welcome(PROTOCOL_VERSION, hello.worker_id, self._interval, self._liveness))
+        log.info(
+            "worker %s registered: role=%s model=%s engine=%s",
+            hello.worker_id,
+            hello.role,
+            hello.model,
+            hello.engine,
+        )
+        self._on_registered(hello)
+
+    async def _heartbeat_loop(self) -> None:
+        beat = Heartbeat()
+        while True:
+            await asyncio.sleep(self._interval)
+            for worker in self._cluster.workers():
+                self._send_to(worker.identity, beat)
+            for wid in self._cluster.expire(self._clock()):
+                log.warning("worker %s dropped: no heartbeat for %.1fs", wid, self._interval * self._liveness)

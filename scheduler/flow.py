@@ -1,0 +1,273 @@
+"""One request's lifecycle: place -> reserve -> prefill -> handoff -> decode -> finish.
+
+``Orchestrator.generate`` is an async generator of token batches. Every wait has a deadline, and
+every exit path (finish, error, client gone) releases what the request holds: reservations
+(Unreserve), inbox entry, and jobs still running on workers (Cancel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from scheduler.cluster import Cluster
+from scheduler.config import SchedulerConfig
+from scheduler.control import ControlServer
+from scheduler.inbox import Inbox, WorkerLost
+from scheduler.metrics import Metrics
+from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import (
+    Cancel,
+    DecodeJob,
+    FinishReason,
+    GenerateJob,
+    JobError,
+    KvLoaded,
+    KvRoute,
+    PrefillJob,
+    SamplingParams,
+    TokenOutput,
+)
+
+log = logging.getLogger("pdorch.flow")
+
+Placer = Callable[[ClusterSnapshot, PlacementRequest], Placement]
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    tenant: str = ""
+    priority: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TokenBatch:
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    cached_tokens: int = 0
+
+
+@dataclass
+class _Route:
+    """Who is working on the request right now."""
+
+    prefill: str
+    decode: str
+    transfer_id: str
+    open_workers: set[str]
+    kv_loaded: bool = False
+    prefill_pending: bool = False
+    tried_decode: set[str] = field(default_factory=set)
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        cluster: Cluster,
+        control: ControlServer,
+        inbox: Inbox,
+        placer: Placer,
+        metrics: Metrics,
+    ) -> None:
+        self._cfg = cfg
+        self._cluster = cluster
+        self._control = control
+        self._inbox = inbox
+        self._place = placer
+        self._metrics = metrics
+
+    def on_workers_lost(self, worker_id: str, request_ids: list[str], reason: str) -> None:
+        """Cluster callback: a worker was dropped; tell every request that was on it."""
+        for rid in request_ids:
+            self._inbox.deliver(worker_id, rid, WorkerLost(worker_id, reason))
+
+    # ------------------------------------------------------------------ the lifecycle
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenBatch]:
+        rid = req.request_id
+        queue = self._inbox.open(rid)
+        route: _Route | None = None
+        finished = False
+        try:
+            route = self._dispatch(req)
+            generated = 0
+            while True:
+                timeout = self._cfg.first_token_timeout_s if generated == 0 else self._cfg.token_timeout_s
+                remaining = self._cfg.request_timeout_s - (time.monotonic() - req.arrival)
+                try:
+                    worker_id, event = await asyncio.wait_for(queue.get(), max(0.0, min(timeout, remaining)))
+                except TimeoutError:
+                    what = "first token" if generated == 0 else "next token"
+                    raise PdorchError(
+                        ErrorCode.DEADLINE_EXCEEDED, f"no {what} within {timeout:.0f}s"
+                    ) from None
+                if isinstance(event, TokenOutput):
+                    if route.prefill_pending and worker_id == route.prefill:
+                        self._prefill_answered(req, route)
+                    generated += len(event.token_ids)
+                    if event.finish_reason is not None:
+                        route.open_workers.discard(worker_id)
+                        finished = True
+                    yield TokenBatch(list(event.token_ids), event.finish_reason, event.cached_tokens)
+                    if finished:
+                        return
+                elif isinstance(event, KvLoaded):
+                    self._handoff_done(rid, route)
+                elif isinstance(event, JobError):
+                    route.open_workers.discard(worker_id)
+                    if event.code.startswith("kv_"):
+                        self._metrics.handoffs.labels(self._cfg.kv_mode, event.code).inc()
+                    raise PdorchError(_code(event.code), f"worker {worker_id}: {event.message}")
+                elif isinstance(event, WorkerLost):
+                    route.open_workers.discard(worker_id)
+                    if self._can_retry_decode(route, worker_id):
+                        self._retry_decode(req, route)
+                        continue
+                    raise PdorchError(ErrorCode.WORKER_LOST, f"worker {worker_id} was lost: {event.reason}")
+        finally:
+            self._inbox.close(rid)
+            if route is not None:
+                self._close(req, route)
+
+    def _close(self, req: GenerationRequest, route: _Route) -> None:
+        """Unreserve everywhere and cancel whatever may still run for the request."""
+        if route.prefill_pending:
+            self._prefill_answered(req, route)
+        for wid in route.open_workers:
+            self._control.send(wid, Cancel(req.request_id))
+        for wid in {route.prefill, route.decode, *route.tried_decode}:
+            self._cluster.release(wid, req.request_id)
+
+    def _prefill_answered(self, req: GenerationRequest, route: _Route) -> None:
+        route.prefill_pending = False
+        self._cluster.add_pending_prefill(route.prefill, -len(req.prompt_token_ids))
+
+    # ------------------------------------------------------------------ steps
+
+    def _placement_request(self, req: GenerationRequest) -> PlacementRequest:
+        return PlacementRequest(
+            request_id=req.request_id,
+            model=req.model,
+            prompt_len=len(req.prompt_token_ids),
+            max_tokens=req.sampling.max_tokens,
+            tenant=req.tenant,
+            priority=req.priority,
+            colocated=self._cfg.colocated,
+        )
+
+    def _kv_route(self, decode_worker: str, transfer_id: str) -> tuple[KvRoute, KvRoute]:
+        """(route for the prefill side, route for the decode side)."""
+        if self._cfg.kv_mode == "centralized":
+            r = KvRoute("centralized", self._cfg.kv_broker, transfer_id)
+            return r, r
+        worker = self._cluster.get(decode_worker)
+        endpoint = worker.hello.kv_endpoint if worker is not None else ""
+        if not endpoint:
+            raise PdorchError(ErrorCode.NO_WORKER, f"decode worker {decode_worker} advertises no KV endpoint")
+        return KvRoute("p2p", endpoint, transfer_id), KvRoute("p2p", "", transfer_id)
+
+    def _dispatch(self, req: GenerationRequest) -> _Route:
+        placement = self._place(self._cluster.snapshot(), self._placement_request(req))
+        rid = req.request_id
+        deadline = self._cfg.first_token_timeout_s
+        if placement.colocated:
+            route = _Route(placement.prefill, placement.decode, "", {placement.prefill})
+            self._cluster.assign(placement.prefill, rid, placement.reserve_blocks)
+            self._inbox.expect_from(rid, placement.prefill)
+            self._send_or_fail(
+                placement.prefill, GenerateJob(rid, req.prompt_token_ids, req.sampling, deadline)
+            )
+            return route
+        p, d = placement.prefill, placement.decode
+        transfer_id = uuid.uuid4().hex
+        route = _Route(p, d, transfer_id, {p}, tried_decode={d})
+        self._cluster.assign(p, rid, 0)
+        self._inbox.expect_from(rid, p)
+        if req.sampling.max_tokens == 1:
+            # Prefill produces the only token: nothing to hand off.
+            route.decode = p
+            self._send_or_fail(p, PrefillJob(rid, req.prompt_token_ids, req.sampling, None, deadline))
+            self._prefill_sent(req, route)
+            return route
+        p_route, d_route = self._kv_route(d, transfer_id)
+        self._cluster.assign(d, rid, placement.reserve_blocks)
+        self._inbox.expect_from(rid, d)
+        route.open_workers.add(d)
+        # Decode first, so its receiver expects the transfer by the time prefill streams it.
+        self._send_or_fail(d, DecodeJob(rid, req.prompt_token_ids, req.sampling, d_route, deadline))
+        self._send_or_fail(p, PrefillJob(rid, req.prompt_token_ids, req.sampling, p_route, deadline))
+        self._prefill_sent(req, route)
+        return route
+
+    def _prefill_sent(self, req: GenerationRequest, route: _Route) -> None:
+        route.prefill_pending = True
+        self._cluster.add_pending_prefill(route.prefill, len(req.prompt_token_ids))
+
+    def _send_or_fail(self, worker_id: str, job: PrefillJob | DecodeJob | GenerateJob) -> None:
+        if not self._control.send(worker_id, job):
+            raise PdorchError(ErrorCode.WORKER_LOST, f"worker {worker_id} is unreachable")
+
+    def _handoff_done(self, rid: str, route: _Route) -> None:
+        route.kv_loaded = True
+        self._metrics.handoffs.labels(self._cfg.kv_mode, "ok").inc()
+        # The prefill side's part is over; its node no longer holds anything for this request.
+        route.open_workers.discard(route.prefill)
+        self._inbox.stop_expecting(rid, route.prefill)
+        self._cluster.release(route.prefill, rid)
+
+    def _can_retry_decode(self, route: _Route, lost: str) -> bool:
+        # Only the broker keeps the KV when its receiver dies before taking it.
+        return (
+            self._cfg.kv_mode == "centralized"
+            and lost == route.decode
+            and route.prefill != route.decode
+            and not route.kv_loaded
+            and len(route.tried_decode) < 3
+        )
+
+    def _retry_decode(self, req: GenerationRequest, route: _Route) -> None:
+        snapshot = self._cluster.snapshot()
+        candidates = ClusterSnapshot(
+            tuple(n for n in snapshot.nodes if n.worker_id not in route.tried_decode)
+        )
+        placement = self._place(candidates, self._placement_request(req))
+        d = placement.decode
+        if d == route.prefill:
+            raise PdorchError(ErrorCode.NO_WORKER, "decode worker lost and no other decode worker is free")
+        log.warning(
+            "request %s: decode worker %s lost before taking the KV; retrying on %s",
+            req.request_id,
+            route.decode,
+            d,
+        )
+        self._metrics.decode_retries.inc()
+        route.decode = d
+        route.tried_decode.add(d)
+        route.open_workers.add(d)
+        self._cluster.assign(d, req.request_id, placement.reserve_blocks)
+        self._inbox.expect_from(req.request_id, d)
+        _, d_route = self._kv_route(d, route.transfer_id)
+        self._send_or_fail(
+            d,
+            DecodeJob(
+                req.request_id, req.prompt_token_ids, req.sampling, d_route, self._cfg.first_token_timeout_s
+            ),
+        )
+
+
+def _code(raw: str) -> ErrorCode:
+    try:
+        return ErrorCode(raw)
+    except ValueError:
+        return ErrorCode.JOB_FAILED

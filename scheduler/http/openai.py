@@ -1,0 +1,269 @@
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from scheduler.flow import GenerationRequest, TokenBatch
+from scheduler.http import sse
+from scheduler.http.errors import error_body
+from scheduler.http.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    bad,
+    chat_messages,
+    check_common,
+    completion_prompt,
+    parse_body,
+    stop_strings,
+)
+from scheduler.state import STATE, SchedulerState
+from scheduler.stop_strings import TextStream
+from scheduler.tokenizer.base import Tokenizer
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import FinishReason, Hello, SamplingParams
+
+
+@dataclass
+class _Job:
+    """A validated request plus how to answer it."""
+
+    greq: GenerationRequest
+    tokenizer: Tokenizer
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+    chat: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _tenant(request: web.Request, state: SchedulerState) -> str:
+    keys = state.cfg.api_keys
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if keys and token not in keys:
+        raise PdorchError(ErrorCode.UNAUTHORIZED, "missing or invalid API key")
+    return token[:12] if keys else ""
+
+
+def _tokenizer_for(state: SchedulerState, model: str) -> tuple[Tokenizer, Hello]:
+    hello = state.cluster.hello_for_model(model)
+    if hello is None:
+        if not state.cluster.workers():
+            raise PdorchError(ErrorCode.NO_WORKER, "no worker is registered yet")
+        known = ", ".join(state.cluster.models()) or "none"
+        raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} does not exist (served: {known})")
+    return state.tokenizers.get(hello.tokenizer), hello
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise bad(f"request body exceeds {limit} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise bad(f"request body exceeds {limit} bytes") from None
+    except Exception as e:  # truncated upload, body over aiohttp's client_max_size
+        raise bad(f"cannot read request body: {e}") from None
+
+
+def _build(
+    request: web.Request, state: SchedulerState, req: CompletionRequest | ChatCompletionRequest, chat: bool
+) -> _Job:
+    cfg = state.cfg
+    tenant = _tenant(request, state)
+    max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = check_common(req, max_tokens, default_max=cfg.default_max_tokens, limit=cfg.max_tokens_limit)
+    tokenizer, hello = _tokenizer_for(state, req.model)
+    max_model_len = hello.max_model_len
+    if chat:
+        ids = tokenizer.apply_chat_template(chat_messages(req))
+    else:
+        prompt = completion_prompt(req)
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        if hello.vocab_size and (bad_id := next((t for t in ids if not 0 <= t < hello.vocab_size), None)) is not None:
+            raise bad(f"token id {bad_id} is outside the model's vocabulary (size {hello.vocab_size})")
+    limit = min(cfg.max_prompt_tokens, max_model_len - 1) if max_model_len > 1 else cfg.max_prompt_tokens
+    if len(ids) > limit:
+        raise PdorchError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens; the limit is {limit}")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    # Seeded sampling with a seed we draw keeps prefill and decode workers on the same random stream.
+    seed = req.seed if req.seed is not None else random.getrandbits(63)
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=seed,
+        ignore_eos=req.ignore_eos,
+    )
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    greq = GenerationRequest(rid, req.model, ids, sampling, tenant=tenant, priority=req.priority)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return _Job(greq, tokenizer, stop_strings(req), req.stream, include_usage, req.return_token_ids, chat)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    req = parse_body(await _read(request, state.cfg.max_body_bytes), CompletionRequest)
+    return await _serve(request, state, _build(request, state, req, chat=False))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    req = parse_body(await _read(request, state.cfg.max_body_bytes), ChatCompletionRequest)
+    return await _serve(request, state, _build(request, state, req, chat=True))
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdorch"} for m in state.cluster.models()]
+    return web.json_response({"object": "list", "data": data})
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cached_tokens: int = 0
+    error: str = ""
+
+
+async def _text_deltas(job: _Job, batches: AsyncIterator[TokenBatch], progress: _Progress) -> AsyncIterator[str]:
+    """Text deltas until the request finishes or a stop string shows up (which ends generation)."""
+    text = TextStream(job.tokenizer.decoder(), job.stop)
+    async for batch in batches:
+        progress.token_ids.extend(batch.token_ids)
+        progress.cached_tokens = max(progress.cached_tokens, batch.cached_tokens)
+        delta = text.feed(batch.token_ids)
+        if text.stopped:
+            progress.finish_reason = FinishReason.STOP
+            yield delta
+            return
+        if batch.finish_reason is not None:
+            progress.finish_reason = str(batch.finish_reason)
+            yield delta + text.finish()
+            return
+        if delta:
+            yield delta
+
+
+def _usage(job: _Job, progress: _Progress) -> dict[str, Any]:
+    prompt = len(job.greq.prompt_token_ids)
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": len(progress.token_ids),
+        "total_tokens": prompt + len(progress.token_ids),
+    }
+    if progress.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": progress.cached_tokens}
+    return usage
+
+
+def _choice(job: _Job, text: str, finish: str | None, token_ids: list[int] | None, delta: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if job.chat:
+        choice["delta" if delta else "message"] = {"role": "assistant", "content": text} if not delta else (
+            {"content": text} if text else {}
+        )
+    else:
+        choice["text"] = text
+    if token_ids is not None and job.return_token_ids:
+        choice["token_ids"] = token_ids
+    return choice
+
+
+def _envelope(job: _Job, chunk: bool) -> dict[str, Any]:
+    kind = ("chat.completion" if job.chat else "text_completion") + (".chunk" if chunk and job.chat else "")
+    return {"id": job.greq.request_id, "object": kind, "created": job.created, "model": job.greq.model}
+
+
+async def _serve(request: web.Request, state: SchedulerState, job: _Job) -> web.StreamResponse:
+    metrics = state.metrics
+    metrics.prompt_tokens.inc(len(job.greq.prompt_token_ids))
+    progress = _Progress()
+    first_at: float | None = None
+    try:
+        async with state.admission.slot():
+            batches = state.orchestrator.generate(job.greq)
+            async with contextlib.aclosing(batches):
+                deltas = _text_deltas(job, batches, progress)
+                async with contextlib.aclosing(deltas):
+                    # Wait for the first token before answering, so that failures before it
+                    # (no worker, overload, a lost worker) get a proper HTTP status.
+                    first = await anext(deltas, "")
+                    first_at = time.monotonic()
+                    if job.stream:
+                        return await _stream(request, job, first, deltas, progress)
+                    text = first + "".join([d async for d in deltas])
+                    return _complete(job, text, progress)
+    except PdorchError as e:
+        progress.error = str(e.code)
+        raise
+    finally:
+        metrics.requests.labels(progress.error or "ok").inc()
+        metrics.tokens_generated.inc(len(progress.token_ids))
+        if first_at is not None:
+            now = time.monotonic()
+            metrics.ttft.observe(first_at - job.greq.arrival)
+            metrics.e2e.observe(now - job.greq.arrival)
+            if len(progress.token_ids) > 1:
+                metrics.tpot.observe((now - first_at) / (len(progress.token_ids) - 1))
+
+
+def _complete(job: _Job, text: str, progress: _Progress) -> web.Response:
+    body = _envelope(job, chunk=False)
+    body["choices"] = [_choice(job, text, progress.finish_reason, progress.token_ids, delta=False)]
+    body["usage"] = _usage(job, progress)
+    return web.json_response(body)
+
+
+async def _stream(
+    request: web.Request, job: _Job, first: str, deltas: AsyncIterator[str], progress: _Progress
+) -> web.StreamResponse:
+    resp = await sse.open_stream(request)
+    sent_ids = 0
+
+    async def emit(text: str, finish: str | None) -> None:
+        nonlocal sent_ids
+        chunk = _envelope(job, chunk=True)
+        ids = progress.token_ids[sent_ids:]
+        sent_ids = len(progress.token_ids)
+        chunk["choices"] = [_choice(job, text, finish, ids, delta=True)]
+        if job.include_usage:
+            chunk["usage"] = None
+        await sse.send_event(resp, chunk)
+
+    try:
+        if job.chat:
+            role = _envelope(job, chunk=True)
+            role["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            await sse.send_event(resp, role)
+        pending = first
+        async for delta in deltas:
+            await emit(pending, None)
+            pending = delta
+        await emit(pending, progress.finish_reason)
+        if job.include_usage:
+            tail = _envelope(job, chunk=True)
+            tail["choices"] = []
+            tail["usage"] = _usage(job, progress)
+            await sse.send_event(resp, tail)
+    except PdorchError as e:
+        # Headers are gone; the error travels as an event, which OpenAI clients raise.
+        progress.error = str(e.code)
+        await sse.send_event(resp, error_body(e))
+    await sse.send_done(resp)
+    return resp

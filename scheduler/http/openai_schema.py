@@ -1,0 +1,151 @@
+"""OpenAI request bodies as msgspec Structs, and their validation into one internal request.
+
+Unknown fields are ignored (clients send many); fields we cannot honour (n > 1, logprobs, best_of)
+are refused with a clear 400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+from transport.errors import ErrorCode, PdorchError
+
+
+_T = TypeVar("_T")
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    best_of: int | None = None
+    logprobs: Any = None
+    user: str | None = None
+    # Extensions (vLLM-compatible): return the generated token ids, keep going past EOS.
+    return_token_ids: bool = False
+    ignore_eos: bool = False
+    priority: int = 0
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: str | list[Any]
+    echo: bool = False
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str = ""
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: Any = False
+    top_logprobs: Any = None
+
+
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
+    CompletionRequest: msgspec.json.Decoder(CompletionRequest),
+    ChatCompletionRequest: msgspec.json.Decoder(ChatCompletionRequest),
+}
+
+
+def bad(message: str) -> PdorchError:
+    return PdorchError(ErrorCode.INVALID_REQUEST, message)
+
+
+def parse_body(body: bytes, kind: type[_T]) -> _T:
+    if not body.strip():
+        raise bad("request body is empty; expected a JSON object")
+    try:
+        return _DECODERS[kind].decode(body)
+    except msgspec.ValidationError as e:
+        raise bad(f"invalid request: {e}") from None
+    except msgspec.DecodeError as e:
+        raise bad(f"request body is not valid JSON: {e}") from None
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completion request: text, or token ids."""
+    prompt: Any = req.prompt
+    if isinstance(prompt, list):
+        if len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            if not prompt:
+                raise bad("'prompt' is empty")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise bad("'prompt' must be a string, a list of token ids, or a list holding one of those")
+            return list(prompt)
+    if not isinstance(prompt, str):
+        raise bad("'prompt' must be a string or a list of token ids")
+    if prompt == "":
+        raise bad("'prompt' is empty")
+    return prompt
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[tuple[str, str]]:
+    if not req.messages:
+        raise bad("'messages' is empty")
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role not in ("system", "user", "assistant", "developer", "tool"):
+            raise bad(f"messages[{i}].role {m.role!r} is not one of system, user, assistant, developer, tool")
+        if m.content is None:
+            text = ""
+        elif isinstance(m.content, str):
+            text = m.content
+        else:
+            if any(p.type != "text" for p in m.content):
+                raise bad(f"messages[{i}].content: only 'text' parts are supported")
+            text = "".join(p.text for p in m.content)
+        out.append((m.role, text))
+    return out
+
+
+def stop_strings(req: _Sampling) -> list[str]:
+    if req.stop is None:
+        return []
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if len(stops) > 16:
+        raise bad("'stop' takes at most 16 strings")
+    return [s for s in stops if s]
+
+
+def check_common(req: _Sampling, max_tokens: int | None, *, default_max: int, limit: int) -> int:
+    """Validate sampling fields; returns the effective max_tokens."""
+    if req.n != 1:
+        raise bad("only n=1 is supported")
+    if req.best_of not in (None, 1):
+        raise bad("best_of is not supported")
+    if req.logprobs not in (None, False):
+        raise bad("logprobs are not supported")
+    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
+        raise bad("'temperature' must be between 0 and 2")
+    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+        raise bad("'top_p' must be in (0, 1]")
+    if req.seed is not None and not -(2**63) <= req.seed < 2**64:
+        raise bad("'seed' is out of range")
+    effective = default_max if max_tokens is None else max_tokens
+    if effective < 1:
+        raise bad("'max_tokens' must be at least 1")
+    if effective > limit:
+        raise bad(f"'max_tokens' must be at most {limit}")
+    return effective

@@ -1,0 +1,68 @@
+"""Operations endpoints: /health, /ready, /metrics, /v1/cluster."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from scheduler.state import STATE
+from transport.messages import Role
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    cluster = request.app[STATE].cluster
+    prefill, decode = cluster.has_role(Role.PREFILL), cluster.has_role(Role.DECODE)
+    body = {"ready": prefill and decode, "prefill_workers": prefill, "decode_workers": decode}
+    return web.json_response(body, status=200 if prefill and decode else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    payload = generate_latest(request.app[STATE].metrics.registry)
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def cluster(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    now = time.monotonic()
+    workers = []
+    for w in state.cluster.workers():
+        h = w.hello
+        workers.append(
+            {
+                "worker_id": h.worker_id,
+                "role": str(h.role),
+                "state": str(w.state),
+                "engine": h.engine,
+                "model": h.model,
+                "accelerator": h.accelerator,
+                "kv_endpoint": h.kv_endpoint,
+                "block_size": h.block_size,
+                "kv_bytes_per_token": h.kv_bytes_per_token,
+                "last_seen_s": round(now - w.liveness.last_seen, 3),
+                "load": {
+                    "blocks_used": w.load.blocks_used,
+                    "blocks_total": w.load.blocks_total or h.capacity_blocks,
+                    "blocks_reserved": w.reserved_blocks,
+                    "running": w.load.running,
+                    "waiting": w.load.waiting,
+                    "queued_prefill_tokens": w.load.queued_prefill_tokens,
+                },
+                "inflight_requests": len(w.requests),
+                "labels": h.labels,
+            }
+        )
+    expected = {pool: sorted(ids) for pool, ids in state.cluster.expected().items()}
+    return web.json_response(
+        {
+            "kv_mode": "colocated" if state.cfg.colocated else state.cfg.kv_mode,
+            "workers": workers,
+            "expected": expected,
+            "admission": {"running": state.admission.running, "queued": state.admission.queued},
+        }
+    )

@@ -1,0 +1,43 @@
+"""Prometheus metrics of one scheduler instance (its own registry: no process globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("pdorch_requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.tokens_generated = Counter("pdorch_generated_tokens", "Generated tokens", registry=r)
+        self.prompt_tokens = Counter("pdorch_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.ttft = Histogram(
+            "pdorch_time_to_first_token_seconds",
+            "Arrival to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "pdorch_time_per_output_token_seconds",
+            "Mean time between output tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdorch_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.handoffs = Counter(
+            "pdorch_kv_handoffs", "KV handoffs by mode and outcome", ["mode", "outcome"], registry=r
+        )
+        self.decode_retries = Counter(
+            "pdorch_decode_retries", "Decode jobs re-placed after a lost decode worker", registry=r
+        )
+
+    def bind_gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+        """A gauge read at scrape time (worker counts, bad-message counters...)."""
+        Gauge(name, doc, registry=self.registry).set_function(fn)

@@ -1,0 +1,29 @@
+"""What the HTTP handlers share, behind one typed aiohttp AppKey."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from scheduler.admission_limit import AdmissionLimit
+from scheduler.cluster import Cluster
+from scheduler.config import SchedulerConfig
+from scheduler.control import ControlServer
+from scheduler.flow import Orchestrator
+from scheduler.metrics import Metrics
+from scheduler.tokenizer.registry import TokenizerRegistry
+
+
+@dataclass
+class SchedulerState:
+    cfg: SchedulerConfig
+    cluster: Cluster
+    control: ControlServer
+    orchestrator: Orchestrator
+    admission: AdmissionLimit
+    tokenizers: TokenizerRegistry
+    metrics: Metrics
+
+
+STATE = web.AppKey("state", SchedulerState)

@@ -1,0 +1,41 @@
+"""Real pdorch clusters: separate OS processes on 127.0.0.1, started the way `pdorch up` does."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pdorch.launcher import ClusterSpec, LocalCluster
+
+
+def start_cluster(log_dir: Path, **spec: object) -> LocalCluster:
+    cluster = LocalCluster(ClusterSpec(port=0, log_dir=log_dir, log_level="WARNING", **spec))  # type: ignore[arg-type]
+    try:
+        cluster.start(timeout_s=90)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def colocated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = start_cluster(tmp_path_factory.mktemp("colocated"), colocated=True)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def p2p(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = start_cluster(tmp_path_factory.mktemp("p2p"), kv_mode="p2p")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def centralized(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = start_cluster(tmp_path_factory.mktemp("centralized"), kv_mode="centralized")
+    yield cluster
+    cluster.stop()

@@ -1,0 +1,56 @@
+"""Small HTTP helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+MODEL = "pdorch-reference"
+
+
+async def complete(session: aiohttp.ClientSession, url: str, **body: Any) -> dict[str, Any]:
+    body.setdefault("model", MODEL)
+    body.setdefault("return_token_ids", True)
+    async with session.post(url + "/v1/completions", json=body) as r:
+        data = await r.json()
+        if r.status != 200:
+            raise AssertionError(f"HTTP {r.status}: {data}")
+        return data
+
+
+async def stream_tokens(session: aiohttp.ClientSession, url: str, **body: Any) -> tuple[list[int], str, list[dict]]:
+    """Streams a completion; returns (token ids, finish reason, all events)."""
+    body.setdefault("model", MODEL)
+    body.update(stream=True, return_token_ids=True)
+    ids: list[int] = []
+    finish = ""
+    events: list[dict] = []
+    async with session.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                break
+            event = json.loads(line[6:])
+            events.append(event)
+            if "error" in event:
+                raise AssertionError(f"stream error: {event['error']}")
+            for choice in event.get("choices", []):
+                ids.extend(choice.get("token_ids") or [])
+                finish = choice.get("finish_reason") or finish
+    return ids, finish, events
+
+
+async def gather_limited(coros: list[Any], limit: int) -> list[Any]:
+    sem = asyncio.Semaphore(limit)
+
+    async def run(c: Any) -> Any:
+        async with sem:
+            return await c
+
+    return await asyncio.gather(*(run(c) for c in coros))

@@ -1,0 +1,121 @@
+"""A corrupted or truncated KV transfer between real worker processes is detected, never decoded.
+
+A byte-level TCP proxy sits between the prefill worker and the decode worker's KV endpoint (the
+decode worker advertises the proxy's address). It flips bytes or cuts connections in the KV
+stream; the client must get an error, not tokens decoded from damaged KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+
+from pdorch.launcher import LocalCluster, free_port
+from tests.e2e.conftest import start_cluster
+from tests.e2e.helpers import MODEL, complete
+
+pytestmark = pytest.mark.e2e
+
+
+class DamagingProxy:
+    """Forwards TCP both ways; in 'corrupt' mode flips one byte per 256 KiB sender->receiver, in
+    'truncate' mode closes a connection after 300 KB."""
+
+    def __init__(self, listen_port: int, target_port: int) -> None:
+        self.listen_port = listen_port
+        self.target_port = target_port
+        self.mode = "pass"
+        self.damaged = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.listen_port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, up_writer, damage=True), self._pipe(up_reader, writer, damage=False),
+                             return_exceptions=True)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, damage: bool) -> None:
+        seen = 0
+        try:
+            while data := await reader.read(65536):
+                if damage and self.mode == "corrupt":
+                    buf = bytearray(data)
+                    for pos in range(len(buf)):
+                        if (seen + pos) % 262144 == 131072:
+                            buf[pos] ^= 0x5A
+                            self.damaged += 1
+                    data = bytes(buf)
+                if damage and self.mode == "truncate" and seen + len(data) > 300_000:
+                    writer.write(data[: max(0, 300_000 - seen)])
+                    self.damaged += 1
+                    break
+                seen += len(data)
+                writer.write(data)
+                await writer.drain()
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+
+@pytest.fixture
+def proxied_cluster(tmp_path) -> Iterator[tuple[LocalCluster, int, int]]:
+    kv_port, proxy_port = free_port(), free_port()
+    cluster = start_cluster(
+        tmp_path,
+        kv_mode="p2p",
+        per_worker_args={
+            "decode-0": ["--kv-bind", f"tcp://127.0.0.1:{kv_port}", "--kv-advertise", f"tcp://127.0.0.1:{proxy_port}"]
+        },
+        scheduler_args=[],
+    )
+    yield cluster, kv_port, proxy_port
+    cluster.stop()
+
+
+@pytest.fixture
+async def proxy(proxied_cluster) -> AsyncIterator[DamagingProxy]:
+    _, kv_port, proxy_port = proxied_cluster
+    p = DamagingProxy(proxy_port, kv_port)
+    await p.start()
+    yield p
+    await p.close()
+
+
+async def _attempt(url: str, prompt: list[int]) -> tuple[int, dict]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+        async with s.post(url + "/v1/completions", json=body) as r:
+            return r.status, await r.json()
+
+
+@pytest.mark.parametrize("mode, codes", [("corrupt", {"kv_corrupt"}), ("truncate", {"kv_truncated", "kv_timeout"})])
+async def test_damaged_kv_is_detected(proxied_cluster, proxy: DamagingProxy, mode: str, codes: set[str]) -> None:
+    cluster, _, _ = proxied_cluster
+    prompt = [(i * 7) % 256 for i in range(400)]  # 400 tokens: ~1.6 MB of KV, several damaged spots
+    status, good = await _attempt(cluster.url, prompt)
+    assert status == 200, good  # the proxy itself is transparent
+    proxy.mode = mode
+    status, body = await _attempt(cluster.url, prompt)
+    assert proxy.damaged >= 1
+    assert status != 200, f"damaged KV was decoded: {body}"
+    assert body["error"]["code"] in codes, body
+    # Nothing leaked: the decode worker holds no blocks for the failed request and still serves.
+    proxy.mode = "pass"
+    status, again = await _attempt(cluster.url, prompt)
+    assert status == 200 and again["choices"][0]["token_ids"] == good["choices"][0]["token_ids"]
+    async with aiohttp.ClientSession() as s:
+        assert (await complete(s, cluster.url, prompt="fine", max_tokens=3))["choices"][0]["token_ids"]

@@ -1,0 +1,220 @@
+"""Table-driven tests of the scheduler's pure parts: config, stop strings, request validation,
+admission limits and the worker registry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scheduler.admission_limit import AdmissionLimit
+from scheduler.cluster import Cluster
+from scheduler.config import load_config
+from scheduler.http.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_common,
+    completion_prompt,
+    parse_body,
+)
+from scheduler.stop_strings import TextStream
+from scheduler.tokenizer.byte_level import ByteTokenizer
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import Hello, Role
+
+# ------------------------------------------------------------------------------------- config
+
+
+def test_config_layers_file_env_and_overrides(tmp_path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("port: 9001\nkv_mode: centralized\nkv_broker: tcp://127.0.0.1:5700\nmax_queued: 3\n")
+    cfg = load_config(f, env={"PDORCH_MAX_QUEUED": "7", "OTHER": "x"}, overrides={"port": 9002, "host": None})
+    assert (cfg.port, cfg.kv_mode, cfg.max_queued, cfg.host) == (9002, "centralized", 7, "127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    "yaml_text, needle",
+    [
+        ("port: 0\n", "'port'"),
+        ("kv_mode: carrier-pigeon\n", "kv_mode"),
+        ("no_such_key: 1\n", "no_such_key"),
+        ("kv_mode: centralized\n", "kv_broker"),
+        ("heartbeat_liveness: 1\n", "heartbeat_liveness"),
+        ("- a list\n", "mapping"),
+        ("port: [\n", "YAML"),
+        ("max_running: lots\n", "max_running"),
+    ],
+)
+def test_config_errors_name_the_bad_key(tmp_path, yaml_text: str, needle: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(PdorchError) as e:
+        load_config(f, env={})
+    assert e.value.code is ErrorCode.CONFIG and needle in e.value.message
+
+
+# ------------------------------------------------------------------------------- stop strings
+
+
+def _run(chunks: list[str], stop: list[str]) -> tuple[str, bool]:
+    ts = TextStream(ByteTokenizer().decoder(), stop)
+    out = ""
+    for c in chunks:
+        out += ts.feed(list(c.encode()))
+        if ts.stopped:
+            return out, True
+    return out + ts.finish(), False
+
+
+@pytest.mark.parametrize(
+    "chunks, stop, expected",
+    [
+        (["hello world"], [], ("hello world", False)),
+        (["hello ", "wor", "ld"], ["world"], ("hello ", True)),
+        (["ab", "cSTO", "Px"], ["STOP"], ("abc", True)),
+        (["STO", "NE"], ["STOP"], ("STONE", False)),  # a held-back partial match is released
+        (["x\n", "\ny"], ["\n\n", "zz"], ("x", True)),
+        (["é", "t", "é"], ["té"], ("é", True)),  # multi-byte UTF-8
+    ],
+)
+def test_stop_strings(chunks: list[str], stop: list[str], expected: tuple[str, bool]) -> None:
+    assert _run(chunks, stop) == expected
+
+
+def test_incomplete_utf8_is_held_until_complete() -> None:
+    ts = TextStream(ByteTokenizer().decoder(), [])
+    data = "ü".encode()
+    assert ts.feed([data[0]]) == ""
+    assert ts.feed([data[1]]) == "ü"
+
+
+# ------------------------------------------------------------------------ request validation
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b"", "empty"),
+        (b"{not json", "not valid JSON"),
+        (b'{"model": "m"}', "prompt"),
+        (b'{"model": "m", "prompt": "x", "max_tokens": "ten"}', "max_tokens"),
+        (b'{"model": 3, "prompt": "x"}', "model"),
+        (b"[1, 2]", "object"),
+    ],
+)
+def test_malformed_bodies(body: bytes, needle: str) -> None:
+    with pytest.raises(PdorchError) as e:
+        parse_body(body, CompletionRequest)
+    assert e.value.code is ErrorCode.INVALID_REQUEST and needle in e.value.message
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [("hi", "hi"), ([1, 2, 3], [1, 2, 3]), (["hi"], "hi"), ([[5, 6]], [5, 6])],
+)
+def test_prompt_forms(prompt: object, expected: object) -> None:
+    req = CompletionRequest(model="m", prompt=prompt)  # type: ignore[arg-type]
+    assert completion_prompt(req) == expected
+
+
+@pytest.mark.parametrize("prompt", ["", [], ["a", "b"], [1, "x"], [True], [[]]])
+def test_bad_prompts(prompt: object) -> None:
+    with pytest.raises(PdorchError) as e:
+        completion_prompt(CompletionRequest(model="m", prompt=prompt))  # type: ignore[arg-type]
+    assert e.value.code is ErrorCode.INVALID_REQUEST
+
+
+@pytest.mark.parametrize(
+    "fields, max_tokens, needle",
+    [
+        ({}, 0, "at least 1"),
+        ({}, -5, "at least 1"),
+        ({}, 10**9, "at most"),
+        ({"n": 2}, 5, "n=1"),
+        ({"temperature": 3.0}, 5, "temperature"),
+        ({"top_p": 0.0}, 5, "top_p"),
+        ({"logprobs": 3}, 5, "logprobs"),
+    ],
+)
+def test_bad_sampling(fields: dict, max_tokens: int, needle: str) -> None:
+    req = CompletionRequest(model="m", prompt="x", **fields)
+    with pytest.raises(PdorchError) as e:
+        check_common(req, max_tokens, default_max=16, limit=4096)
+    assert needle in e.value.message
+
+
+def test_chat_body_parses() -> None:
+    req = parse_body(
+        b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"extra":1}',
+        ChatCompletionRequest,
+    )
+    assert req.messages[0].content[0].text == "hi"  # type: ignore[index,union-attr]
+
+
+# --------------------------------------------------------------------------------- admission
+
+
+async def test_admission_bounds_running_and_queued() -> None:
+    lim = AdmissionLimit(max_running=1, max_queued=1, timeout_s=5)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold(name: str) -> None:
+        async with lim.slot():
+            order.append(name)
+            await gate.wait()
+
+    first = asyncio.create_task(hold("a"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(hold("b"))
+    await asyncio.sleep(0)
+    assert lim.running == 1 and lim.queued == 1
+    with pytest.raises(PdorchError) as e:
+        async with lim.slot():
+            pass
+    assert e.value.code is ErrorCode.QUEUE_FULL
+    gate.set()
+    await asyncio.gather(first, second)
+    assert order == ["a", "b"] and lim.running == 0 and lim.queued == 0
+
+
+async def test_admission_wait_times_out() -> None:
+    lim = AdmissionLimit(max_running=1, max_queued=4, timeout_s=0.05)
+    async with lim.slot():
+        with pytest.raises(PdorchError) as e:
+            async with lim.slot():
+                pass
+        assert e.value.code is ErrorCode.QUEUE_FULL
+    assert lim.running == 0 and lim.queued == 0
+
+
+# ------------------------------------------------------------------------------------ cluster
+
+
+def _hello(wid: str, role: Role) -> Hello:
+    return Hello(1, wid, role, "reference", "m", 4096, 16, 100, kv_endpoint="tcp://127.0.0.1:1")
+
+
+def test_cluster_expiry_and_drop_report_lost_requests() -> None:
+    lost: list[tuple[str, list[str], str]] = []
+    c = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda w, r, why: lost.append((w, r, why)))
+    c.register(b"p", _hello("p", Role.PREFILL), now=0.0)
+    c.register(b"d", _hello("d", Role.DECODE), now=0.0)
+    c.assign("d", "req-1", reserve_blocks=5)
+    assert c.snapshot().nodes[1].blocks_reserved == 5
+    c.get("p").liveness.seen(2.5)  # type: ignore[union-attr]
+    assert c.expire(now=3.5) == ["d"]
+    assert lost == [("d", ["req-1"], "heartbeat expired")]
+    assert [w.worker_id for w in c.workers()] == ["p"]
+
+
+def test_cluster_release_unreserves_and_reregister_drops_old_requests() -> None:
+    lost: list[str] = []
+    c = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda w, r, why: lost.extend(r))
+    c.register(b"d", _hello("d", Role.DECODE), now=0.0)
+    c.assign("d", "a", 4)
+    c.assign("d", "b", 2)
+    c.release("d", "a")
+    assert c.get("d").reserved_blocks == 2  # type: ignore[union-attr]
+    c.register(b"d", _hello("d", Role.DECODE), now=1.0)
+    assert lost == ["b"] and c.get("d").reserved_blocks == 0  # type: ignore[union-attr]

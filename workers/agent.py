@@ -1,0 +1,275 @@
+"""The worker agent: registers with the scheduler, heartbeats, runs jobs on its engine.
+
+One DEALER socket to the scheduler's ROUTER (identity = worker id). The agent says Hello, waits
+for Welcome, then every message either way counts as a heartbeat. If the scheduler goes silent for
+``liveness`` intervals, or tells us it does not know us, we cancel everything we run for it (it
+has failed those requests already) and register again with jittered back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from transport import sockets
+from transport.codec import Decoder, Encoder
+from transport.errors import ErrorCode, PdorchError
+from transport.liveness import Backoff, PeerLiveness
+from transport.messages import (
+    PROTOCOL_VERSION,
+    Cancel,
+    DecodeJob,
+    Disconnect,
+    Draining,
+    FromWorker,
+    GenerateJob,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    JobError,
+    PrefillJob,
+    Role,
+    ToWorker,
+    Welcome,
+    WorkerFatal,
+)
+from workers.engines.base import Engine
+
+log = logging.getLogger("pdorch.agent")
+
+
+class AgentConfig(msgspec.Struct, kw_only=True):
+    scheduler: str
+    worker_id: str
+    role: Role
+    accelerator: str = "cpu"
+    kv_endpoint: str = ""
+    labels: dict[str, str] = {}
+    # Until the scheduler's Welcome tells us its own values.
+    heartbeat_interval_s: float = 0.5
+    heartbeat_liveness: int = 4
+    hello_timeout_s: float = 5.0
+    drain_timeout_s: float = 60.0
+    health_interval_s: float = 2.0
+
+
+class _Reconnect(Exception):
+    """The session with the scheduler is over; register again."""
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, engine: Engine, ctx: zmq.asyncio.Context) -> None:
+        self._cfg = cfg
+        self._engine = engine
+        self._ctx = ctx
+        self._enc = Encoder()
+        self._dec: Decoder[ToWorker] = Decoder(ToWorker)
+        self._sock: zmq.asyncio.Socket | None = None
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._interval = cfg.heartbeat_interval_s
+        self._liveness = cfg.heartbeat_liveness
+        self._draining = False
+        self.registered = asyncio.Event()
+        self.bad_messages = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Serve until ``stop`` is set (then drain) or the engine dies. Returns an exit code."""
+        await self._engine.start(self._send)
+        backoff = Backoff()
+        session = asyncio.create_task(self._sessions(backoff))
+        health = asyncio.create_task(self._watch_health())
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({session, health, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if health in done and not health.cancelled() and health.result() is False:
+                self._send(WorkerFatal("engine is not healthy"))
+                return 1
+            if stopper in done:
+                await self._drain()
+            return 0
+        finally:
+            for task in (session, health, stopper):
+                task.cancel()
+            for task in (session, health, stopper):
+                with contextlib.suppress(BaseException):
+                    await task
+            await self._cancel_all()
+            await self._engine.close()
+            if self._sock is not None:
+                self._sock.close(linger=0)
+
+    async def _drain(self) -> None:
+        """Stop taking jobs, let in-flight ones finish (bounded), then say Goodbye."""
+        self._draining = True
+        self._send(Draining("shutting down"))
+        log.info("draining %d in-flight jobs", len(self._jobs))
+        deadline = time.monotonic() + self._cfg.drain_timeout_s
+        while self._jobs and time.monotonic() < deadline:
+            await asyncio.wait(list(self._jobs.values()), timeout=max(0.0, deadline - time.monotonic()))
+        self._send(Goodbye("drained" if not self._jobs else "drain timeout"))
+        # Give the DEALER a moment to flush Goodbye before the socket closes.
+        await asyncio.sleep(0.05)
+
+    async def _watch_health(self) -> bool:
+        while True:
+            await asyncio.sleep(self._cfg.health_interval_s)
+            if not await self._engine.healthy():
+                log.error("engine is not healthy; reporting the worker dead")
+                return False
+
+    # ------------------------------------------------------------------ sessions with the scheduler
+
+    async def _sessions(self, backoff: Backoff) -> None:
+        while True:
+            try:
+                await self._session(backoff)
+            except _Reconnect as e:
+                log.warning("re-registering with the scheduler: %s", e)
+            self.registered.clear()
+            await self._cancel_all()
+            await asyncio.sleep(backoff.next_delay())
+
+    def _connect(self) -> zmq.asyncio.Socket:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = sockets.dealer(self._ctx, self._cfg.scheduler, self._cfg.worker_id.encode())
+        return self._sock
+
+    def _hello(self) -> Hello:
+        info = self._engine.info()
+        return Hello(
+            protocol_version=PROTOCOL_VERSION,
+            worker_id=self._cfg.worker_id,
+            role=self._cfg.role,
+            engine=info.engine,
+            model=info.model,
+            kv_bytes_per_token=info.kv_bytes_per_token,
+            block_size=info.block_size,
+            capacity_blocks=info.capacity_blocks,
+            accelerator=self._cfg.accelerator,
+            kv_endpoint=info.kv_endpoint or self._cfg.kv_endpoint,
+            max_model_len=info.max_model_len,
+            tokenizer=info.tokenizer,
+            eos_token_id=info.eos_token_id,
+            vocab_size=info.vocab_size,
+            labels=self._cfg.labels,
+        )
+
+    async def _session(self, backoff: Backoff) -> None:
+        sock = self._connect()
+        self._send(self._hello())
+        welcome = await self._await_welcome(sock)
+        self._interval, self._liveness = welcome.heartbeat_interval_s, welcome.heartbeat_liveness
+        backoff.reset()
+        self.registered.set()
+        if self._draining:
+            self._send(Draining("shutting down"))
+        log.info("registered with %s as %s (%s)", self._cfg.scheduler, self._cfg.worker_id, self._cfg.role)
+        peer = PeerLiveness(self._interval, self._liveness, time.monotonic())
+        next_beat = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                self._send(Heartbeat(self._engine.load()))
+                next_beat = now + self._interval
+            if await sock.poll(timeout=max(1, int((next_beat - now) * 1000)), flags=zmq.POLLIN):
+                frames = await sock.recv_multipart(copy=False)
+                peer.seen(time.monotonic())
+                self._handle(frames)
+            elif peer.expired(time.monotonic()):
+                raise _Reconnect(f"scheduler silent for {peer.expiry_s:.1f}s")
+
+    async def _await_welcome(self, sock: zmq.asyncio.Socket) -> Welcome:
+        deadline = time.monotonic() + self._cfg.hello_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not await sock.poll(timeout=int(left * 1000) + 1, flags=zmq.POLLIN):
+                break
+            msg = self._decode(await sock.recv_multipart(copy=False))
+            if isinstance(msg, Welcome):
+                return msg
+            if isinstance(msg, Disconnect):
+                raise _Reconnect(f"scheduler refused registration: {msg.reason}")
+        raise _Reconnect(f"no Welcome from {self._cfg.scheduler} within {self._cfg.hello_timeout_s:.0f}s")
+
+    def _decode(self, frames: list[Any]) -> ToWorker | None:
+        try:
+            return self._dec.decode(frames)
+        except PdorchError as e:
+            self.bad_messages += 1
+            log.warning("dropping a malformed message from the scheduler: %s", e.message)
+            return None
+
+    def _handle(self, frames: list[Any]) -> None:
+        msg = self._decode(frames)
+        if isinstance(msg, PrefillJob | DecodeJob | GenerateJob):
+            self._start_job(msg)
+        elif isinstance(msg, Cancel):
+            self._cancel(msg.request_id)
+        elif isinstance(msg, Disconnect):
+            raise _Reconnect(f"scheduler says: {msg.reason}")
+
+    # ------------------------------------------------------------------ jobs
+
+    def _start_job(self, job: PrefillJob | DecodeJob | GenerateJob) -> None:
+        rid = job.request_id
+        if self._draining:
+            self._send(JobError(rid, ErrorCode.NO_WORKER, "worker is draining"))
+            return
+        if rid in self._jobs:
+            self._send(JobError(rid, ErrorCode.INVALID_REQUEST, "duplicate request id"))
+            return
+        if isinstance(job, PrefillJob):
+            coro = self._engine.prefill(job)
+        elif isinstance(job, DecodeJob):
+            coro = self._engine.decode(job)
+        else:
+            coro = self._engine.generate(job)
+        task = asyncio.create_task(self._run_job(rid, coro), name=f"job-{rid}")
+        self._jobs[rid] = task
+
+    async def _run_job(self, rid: str, coro: Any) -> None:
+        try:
+            await coro
+        except PdorchError as e:
+            log.info("job %s failed: %s", rid, e)
+            self._send(JobError(rid, e.code, e.message))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("job %s crashed", rid)
+            self._send(JobError(rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
+        finally:
+            self._jobs.pop(rid, None)
+
+    def _cancel(self, rid: str) -> None:
+        self._engine.cancel(rid)
+        task = self._jobs.pop(rid, None)
+        if task is not None:
+            task.cancel()
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self._jobs.values())
+        for rid in list(self._jobs):
+            self._cancel(rid)
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _send(self, msg: FromWorker) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.send_multipart(self._enc.encode(msg), flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            # Not connected / queue full: the scheduler will notice through liveness.
+            log.debug("dropping %s: %s", type(msg).__name__, e)
