@@ -63,6 +63,7 @@ class LocalCluster:
         self.log_dir = spec.log_dir or Path(tempfile.mkdtemp(prefix="pdorch-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._args: dict[str, list[str]] = {}
         self.url = f"http://127.0.0.1:{spec.port}"
         self.control = f"tcp://127.0.0.1:{spec.control_port}"
         self.broker = f"tcp://127.0.0.1:{spec.broker_port}"
@@ -70,7 +71,8 @@ class LocalCluster:
     # ------------------------------------------------------------------ processes
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child's lifetime
+        self._args[name] = args
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child's lifetime
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.procs[name] = subprocess.Popen(
             [self.spec.python, "-m", "pdorch", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -129,6 +131,10 @@ class LocalCluster:
     def tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def restart(self, name: str) -> None:
+        """Start a stopped process again with the arguments it had."""
+        self._spawn(name, self._args[name])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]

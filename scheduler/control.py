@@ -54,7 +54,7 @@ class ControlServer:
         on_registered: Callable[[Hello], None] = lambda hello: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._sock = sockets.router(ctx, bind)
+        self._sock = sockets.router(ctx, bind, handover=True)
         self.endpoint = sockets.bound_endpoint(self._sock)
         self._cluster = cluster
         self._inbox = inbox

@@ -38,6 +38,9 @@ log = logging.getLogger("pdorch.flow")
 
 Placer = Callable[[ClusterSnapshot, PlacementRequest], Placement]
 
+# Extra wait for a handoff beyond the workers' own deadline, so their precise error arrives first.
+_HANDOFF_GRACE_S = 5.0
+
 
 @dataclass
 class GenerationRequest:
@@ -103,7 +106,7 @@ class Orchestrator:
             route = self._dispatch(req)
             generated = 0
             while True:
-                timeout = self._cfg.first_token_timeout_s if generated == 0 else self._cfg.token_timeout_s
+                timeout = self._next_timeout(route, generated)
                 remaining = self._cfg.request_timeout_s - (time.monotonic() - req.arrival)
                 try:
                     worker_id, event = await asyncio.wait_for(queue.get(), max(0.0, min(timeout, remaining)))
@@ -113,7 +116,9 @@ class Orchestrator:
                         ErrorCode.DEADLINE_EXCEEDED, f"no {what} within {timeout:.0f}s"
                     ) from None
                 if isinstance(event, TokenOutput):
-                    if route.prefill_pending and worker_id == route.prefill:
+                    if worker_id == route.prefill and route.prefill != route.decode:
+                        if not route.prefill_pending:
+                            continue  # token 0 already came with KvLoaded
                         self._prefill_answered(req, route)
                     generated += len(event.token_ids)
                     if event.finish_reason is not None:
@@ -124,6 +129,11 @@ class Orchestrator:
                         return
                 elif isinstance(event, KvLoaded):
                     self._handoff_done(rid, route)
+                    if route.prefill_pending and event.first_token >= 0:
+                        # The prefill worker's token 0 is still on its way; decode's copy wins.
+                        self._prefill_answered(req, route)
+                        generated += 1
+                        yield TokenBatch([event.first_token], None)
                 elif isinstance(event, JobError):
                     route.open_workers.discard(worker_id)
                     if event.code.startswith("kv_"):
@@ -139,6 +149,15 @@ class Orchestrator:
             self._inbox.close(rid)
             if route is not None:
                 self._close(req, route)
+
+    def _next_timeout(self, route: _Route, generated: int) -> float:
+        if generated == 0:
+            return self._cfg.first_token_timeout_s
+        if route.prefill != route.decode and not route.kv_loaded:
+            # Until the handoff completes, the workers' own KV deadline (the job's deadline_s)
+            # should fire first: it says what went wrong, where a bare timeout here cannot.
+            return self._cfg.first_token_timeout_s + _HANDOFF_GRACE_S
+        return self._cfg.token_timeout_s
 
     def _close(self, req: GenerationRequest, route: _Route) -> None:
         """Unreserve everywhere and cancel whatever may still run for the request."""

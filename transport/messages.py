@@ -111,9 +111,14 @@ class TokenOutput(msgspec.Struct, tag="tok", **_STRUCT):
 
 
 class KvLoaded(msgspec.Struct, tag="kvok", **_STRUCT):
-    """The decode side holds the request's whole KV; from here on the handoff cannot be redone."""
+    """The decode side holds the request's whole KV; from here on the handoff cannot be redone.
+
+    It repeats token 0 (from the KV trailer): the prefill worker's ``TokenOutput`` travels on
+    another connection and may arrive later, and decode's tokens 1.. follow this message.
+    """
 
     request_id: str
+    first_token: int = -1
 
 
 class JobError(msgspec.Struct, tag="jerr", **_STRUCT):

@@ -179,7 +179,7 @@ class ReferenceEngine:
             first = trailer.get("first_token")
             if not isinstance(first, int):
                 raise PdorchError(ErrorCode.KV_CORRUPT, "KV trailer carries no first token")
-            self._emit(KvLoaded(rid))
+            self._emit(KvLoaded(rid, first))
             await self._run_until_finished(rid, lambda: self._core.add_decode(rid, prompt_len, first, job.sampling))
         finally:
             self._core.cancel(rid)

@@ -1,0 +1,394 @@
+"""Real vLLM on CPU, disaggregated through pdorch's KV connector, equals colocated vLLM.
+
+Two vLLM server processes (a tiny Llama built here): a KV producer (prefill) and a KV consumer
+(decode) with the pdorch connector, plus a pdorch KV broker for centralized mode. The engine
+adapter drives them exactly as a worker agent does. Colocated reference outputs come from the
+prefill instance serving plain requests (it is an ordinary vLLM for requests without pdorch
+``kv_transfer_params``), run before any disaggregated request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pdorch.launcher import ClusterSpec, LocalCluster
+from scheduler.tokenizer.hf import HfTokenizer
+from tests.vllm_support.damaging_proxy import DamagingProxy
+from tests.vllm_support.environment import build_tiny_model, free_port, vllm_python
+from tests.vllm_support.processes import VllmServer, wait_healthy
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import (
+    DecodeJob,
+    FinishReason,
+    FromWorker,
+    GenerateJob,
+    KvLoaded,
+    KvRoute,
+    PrefillJob,
+    Role,
+    SamplingParams,
+    TokenOutput,
+)
+from workers.engines.vllm.engine import VllmEngine
+from workers.engines.vllm.launch import VllmLaunchSpec
+from workers.engines.vllm.metrics import parse_metrics
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+TEXTS = [
+    "hello",
+    "the cache block token",
+    "please write a short story about a cat and a river at night",
+    "def return import class if else while for print None True False " * 3,
+    "café naïve über 東京 こんにちは 🙂 " * 4,
+    "prefill decode worker scheduler request latency throughput memory kernel tensor " * 6,
+    "one two three four five six seven eight nine ten " * 14,
+]
+CHATS = [
+    [("user", "hello, how are you today?")],
+    [("system", "be brief"), ("user", "write a poem about coffee and tea")],
+    [("user", "how many blocks does the cache hold?"), ("assistant", "many"), ("user", "how many exactly?")],
+    [("user", "morning city mountain " * 20)],
+]
+
+
+MODEL = "tiny-llama"
+
+
+@dataclass
+class Cluster:
+    prefill: VllmServer
+    decode: VllmServer
+    model_dir: Path
+    kv_endpoint: str
+    broker: str
+    prompts: list[list[int]]
+
+
+def _start_broker(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
+    log = (log_dir / "kv-broker.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pdorch", "kv-broker", "--bind", f"tcp://127.0.0.1:{port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    python = vllm_python()
+    work = tmp_path_factory.mktemp("vllm")
+    model_dir = build_tiny_model(python, work)
+    kv_port, broker_port = free_port(), free_port()
+    common = {"model_dir": str(model_dir), "max_num_seqs": 16, "served_model_name": MODEL}
+    prefill = VllmServer(
+        "prefill",
+        VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common),
+        python=python,
+        log_dir=work,
+    )
+    decode = VllmServer(
+        "decode",
+        VllmLaunchSpec(
+            port=free_port(), role=Role.DECODE, cpu_cores="1", kv_bind=f"tcp://127.0.0.1:{kv_port}", **common
+        ),
+        python=python,
+        log_dir=work,
+    )
+    broker = _start_broker(broker_port, work)
+    try:
+        wait_healthy([prefill, decode], timeout_s=420)
+        tok = HfTokenizer(model_dir)
+        prompts = [tok.encode(t) for t in TEXTS] + [tok.apply_chat_template(c) for c in CHATS]
+        yield Cluster(
+            prefill,
+            decode,
+            model_dir,
+            f"tcp://127.0.0.1:{kv_port}",
+            f"tcp://127.0.0.1:{broker_port}",
+            prompts,
+        )
+    finally:
+        for server in (prefill, decode):
+            server.stop()
+        broker.terminate()
+        broker.wait(timeout=10)
+
+
+class Collector:
+    """The ``emit`` side of an engine: everything it reported, per request."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = defaultdict(list)
+        self.finish: dict[str, FinishReason | None] = {}
+        self.kv_loaded: set[str] = set()
+        self.order: list[FromWorker] = []
+
+    def __call__(self, msg: FromWorker) -> None:
+        self.order.append(msg)
+        if isinstance(msg, TokenOutput):
+            assert msg.request_id not in self.finish, "tokens after the finish"
+            self.tokens[msg.request_id] += msg.token_ids
+            if msg.finish_reason is not None:
+                self.finish[msg.request_id] = msg.finish_reason
+        elif isinstance(msg, KvLoaded):
+            self.kv_loaded.add(msg.request_id)
+
+
+@dataclass
+class Engines:
+    prefill: VllmEngine
+    decode: VllmEngine
+    p_out: Collector
+    d_out: Collector
+
+
+@pytest.fixture
+async def engines(cluster: Cluster) -> AsyncIterator[Engines]:
+    p_out, d_out = Collector(), Collector()
+    prefill = VllmEngine(cluster.prefill.url, model_dir=str(cluster.model_dir), metrics_interval_s=0.2)
+    decode = VllmEngine(
+        cluster.decode.url,
+        model_dir=str(cluster.model_dir),
+        metrics_interval_s=0.2,
+        kv_endpoint=cluster.kv_endpoint,
+    )
+    await prefill.start(p_out)
+    await decode.start(d_out)
+    try:
+        yield Engines(prefill, decode, p_out, d_out)
+    finally:
+        await prefill.close()
+        await decode.close()
+
+
+async def colocated(
+    engine: VllmEngine, out: Collector, rid: str, prompt: list[int], s: SamplingParams
+) -> list[int]:
+    await engine.generate(GenerateJob(rid, prompt, s))
+    return out.tokens[rid]
+
+
+async def disaggregated(
+    e: Engines, rid: str, prompt: list[int], s: SamplingParams, route: KvRoute, *, decode_first: bool
+) -> list[int]:
+    prefill = PrefillJob(rid, prompt, s, route, deadline_s=60)
+    decode = DecodeJob(rid, prompt, s, route, deadline_s=60)
+    if decode_first:
+        await asyncio.gather(e.decode.decode(decode), e.prefill.prefill(prefill))
+    else:  # the decode job arrives after the KV was pushed
+        await e.prefill.prefill(prefill)
+        await e.decode.decode(decode)
+    first = e.p_out.tokens[rid]
+    assert len(first) == 1, "prefill emits exactly token 0"
+    assert rid in e.d_out.kv_loaded
+    return first + e.d_out.tokens[rid]
+
+
+def _route(mode: str, cluster: Cluster, tid: str) -> KvRoute:
+    return KvRoute(mode, cluster.kv_endpoint if mode == "p2p" else cluster.broker, tid)
+
+
+async def _check_equality(cluster: Cluster, e: Engines, s: SamplingParams, tag: str, mode: str) -> None:
+    expected = [
+        await colocated(e.prefill, e.p_out, f"{tag}-c{i}", p, s) for i, p in enumerate(cluster.prompts)
+    ]
+    got = await asyncio.gather(
+        *(
+            disaggregated(
+                e,
+                f"{tag}-{mode}{i}",
+                p,
+                s,
+                _route(mode, cluster, f"{tag}-{mode}-{i}"),
+                decode_first=i % 2 == 0,
+            )
+            for i, p in enumerate(cluster.prompts)
+        )
+    )
+    assert len({len(p) for p in cluster.prompts}) >= 10, "prompts of varied lengths"
+    assert max(len(p) for p in cluster.prompts) > 3 * 32, "prompts spanning several KV blocks"
+    for i, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert have == want, f"prompt {i} ({len(cluster.prompts[i])} tokens): {have} != {want}"
+
+
+@pytest.mark.parametrize("mode", ["p2p", "centralized"])
+async def test_greedy_disaggregated_equals_colocated(cluster: Cluster, engines: Engines, mode: str) -> None:
+    await _check_equality(cluster, engines, SamplingParams(max_tokens=24), "greedy", mode)
+
+
+async def test_seeded_sampling_disaggregated_equals_colocated(cluster: Cluster, engines: Engines) -> None:
+    s = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234)
+    await _check_equality(cluster, engines, s, "seeded", "p2p")
+
+
+async def test_corrupted_kv_transfer_fails_the_decode(cluster: Cluster, engines: Engines) -> None:
+    proxy = DamagingProxy(free_port(), int(cluster.kv_endpoint.rsplit(":", 1)[1]))
+    await proxy.start()
+    try:
+        prompt = cluster.prompts[-4]  # several blocks: bulk frames to damage
+        s = SamplingParams(max_tokens=8)
+        # Through the proxy undamaged: the path itself works.
+        route = KvRoute("p2p", proxy.endpoint, "proxy-ok")
+        ok = await disaggregated(engines, "proxy-ok", prompt, s, route, decode_first=True)
+        assert len(ok) == 8
+        proxy.corrupt = True
+        route = KvRoute("p2p", proxy.endpoint, "proxy-bad")
+        with pytest.raises(PdorchError):
+            await disaggregated(engines, "proxy-bad", prompt, s, route, decode_first=True)
+        assert proxy.flipped > 0
+        assert engines.d_out.tokens["proxy-bad"] == [], "no token may come from damaged KV"
+        assert "proxy-bad" not in engines.d_out.kv_loaded
+    finally:
+        await proxy.close()
+
+
+async def test_missing_kv_fails_the_decode_instead_of_recomputing(cluster: Cluster, engines: Engines) -> None:
+    prompt = cluster.prompts[3]
+    route = KvRoute("p2p", cluster.kv_endpoint, "never-sent")
+    with pytest.raises(PdorchError):
+        await engines.decode.decode(
+            DecodeJob("lost", prompt, SamplingParams(max_tokens=4), route, deadline_s=5)
+        )
+    assert engines.d_out.tokens["lost"] == []
+
+
+async def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_prefill_blocks_are_leased_then_released_when_nobody_takes_the_kv(
+    cluster: Cluster, engines: Engines
+) -> None:
+    await _wait_for(lambda: engines.prefill.load().blocks_used == 0, 60, "an idle prefill instance")
+    dead_end = KvRoute("p2p", f"tcp://127.0.0.1:{free_port()}", "nobody-listens")
+    prompt = cluster.prompts[5]
+    await engines.prefill.prefill(
+        PrefillJob("orphan", prompt, SamplingParams(max_tokens=4), dead_end, deadline_s=15)
+    )
+    assert len(engines.p_out.tokens["orphan"]) == 1
+    # The request is over, but its blocks stay leased while the send waits for a taker...
+    await _wait_for(lambda: engines.prefill.load().blocks_used > 0, 10, "leased blocks to show")
+    # ...and are released when the lease ends: never stranded.
+    await _wait_for(lambda: engines.prefill.load().blocks_used == 0, 90, "the lease to end")
+
+
+async def test_cancel_stops_the_request_inside_vllm(cluster: Cluster, engines: Engines) -> None:
+    s = SamplingParams(max_tokens=400, ignore_eos=True)
+    job = asyncio.create_task(engines.decode.generate(GenerateJob("long", cluster.prompts[0], s)))
+    await _wait_for(lambda: len(engines.d_out.tokens["long"]) >= 2, 60, "the first tokens")
+    engines.decode.cancel("long")
+    with pytest.raises(PdorchError) as e:
+        await job
+    assert e.value.code is ErrorCode.CANCELLED
+    await _wait_for(lambda: engines.decode.load().running == 0, 60, "vLLM to drop the request")
+    assert len(engines.d_out.tokens["long"]) < 400
+
+
+async def test_load_and_info_come_from_the_live_server(cluster: Cluster, engines: Engines) -> None:
+    info = engines.decode.info()
+    assert info.engine == "vllm" and info.block_size == 32 and info.capacity_blocks > 0
+    assert info.kv_endpoint == cluster.kv_endpoint
+    assert info.tokenizer == str(cluster.model_dir)
+    assert info.eos_token_id == HfTokenizer(cluster.model_dir).eos_token_id
+    assert info.kv_bytes_per_token == 2 * 2 * 2 * 32 * 4  # K+V x layers x kv heads x head dim x fp32
+    assert info.max_model_len == 512
+    assert info.vocab_size == HfTokenizer(cluster.model_dir).vocab_size
+    # A real page parses, and a running request shows in the load.
+    import urllib.request
+
+    with urllib.request.urlopen(cluster.decode.url + "/metrics", timeout=10) as resp:
+        assert parse_metrics(resp.read().decode()).num_blocks == info.capacity_blocks
+    s = SamplingParams(max_tokens=200, ignore_eos=True)
+    job = asyncio.create_task(engines.decode.generate(GenerateJob("busy", cluster.prompts[6], s)))
+    try:
+        await _wait_for(lambda: engines.decode.load().running >= 1, 60, "a running request in the load")
+        assert engines.decode.load().blocks_used > 0
+    finally:
+        engines.decode.cancel("busy")
+        with pytest.raises(PdorchError):
+            await job
+
+
+async def test_health() -> None:
+    gone = VllmEngine(f"http://127.0.0.1:{free_port()}", startup_timeout_s=0.1)
+    with pytest.raises(PdorchError):
+        await gone.start(lambda msg: None)
+    assert await gone.healthy() is False
+    await gone.close()
+
+
+async def test_live_server_is_healthy(engines: Engines) -> None:
+    assert await engines.prefill.healthy() is True
+    assert await engines.decode.healthy() is True
+
+
+# ----------------------------------------------------------------------------- the whole stack
+
+
+@pytest.fixture(scope="module", params=["p2p", "centralized"])
+def stack(
+    cluster: Cluster, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
+    """pdorch's scheduler and two worker agents (``pdorch worker --engine vllm``) in front of the
+    two vLLM servers, in one KV mode."""
+    model = ["--engine", "vllm", "--model-dir", str(cluster.model_dir)]
+    spec = ClusterSpec(
+        port=0,
+        kv_mode=request.param,
+        log_dir=tmp_path_factory.mktemp(f"stack-{request.param}"),
+        log_level="WARNING",
+        per_worker_args={
+            "prefill-0": [*model, "--vllm-url", cluster.prefill.url],
+            "decode-0": [*model, "--vllm-url", cluster.decode.url, "--kv-advertise", cluster.kv_endpoint],
+        },
+    )
+    stack = LocalCluster(spec)
+    try:
+        stack.start(timeout_s=120)
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def _post(session: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with session.post(url + path, json={"model": MODEL, **body}) as resp:
+        data = await resp.json()
+        assert resp.status == 200, data
+        return data
+
+
+async def test_pdorch_serves_vllm_disaggregated_like_vllm_colocated(
+    cluster: Cluster, stack: LocalCluster
+) -> None:
+    """Through pdorch's HTTP API: its tokenizer and chat template, its placement, two agents and the
+    connector, the answers equal plain vLLM's own answers to the same requests."""
+    greedy = {"max_tokens": 16, "temperature": 0.0}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        for text in TEXTS:
+            body = {"prompt": text, "return_token_ids": True, **greedy}
+            want = (await _post(session, cluster.prefill.url, "/v1/completions", body))["choices"][0]
+            have = (await _post(session, stack.url, "/v1/completions", body))["choices"][0]
+            assert have["token_ids"] == want["token_ids"], text
+            assert have["text"] == want["text"]
+        for chat in CHATS:
+            body = {"messages": [{"role": r, "content": c} for r, c in chat], **greedy}
+            want = (await _post(session, cluster.prefill.url, "/v1/chat/completions", body))["choices"][0]
+            have = (await _post(session, stack.url, "/v1/chat/completions", body))["choices"][0]
+            assert have["message"]["content"] == want["message"]["content"], chat
+            assert have["finish_reason"] == want["finish_reason"]

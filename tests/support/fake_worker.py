@@ -1,0 +1,67 @@
+"""A worker speaking the control protocol by hand, for tests that need a worker to misbehave."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import zmq
+
+from transport.codec import Decoder, Encoder
+from transport.messages import PROTOCOL_VERSION, FromWorker, Heartbeat, Hello, Load, Role, ToWorker
+
+
+class FakeWorker:
+    def __init__(self, endpoint: str, worker_id: str, role: Role = Role.DECODE, **hello: Any) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self.sock.connect(endpoint)
+        self.worker_id = worker_id
+        fields: dict[str, Any] = {
+            "protocol_version": PROTOCOL_VERSION,
+            "worker_id": worker_id,
+            "role": role,
+            "engine": "reference",
+            "model": "pdorch-reference",
+            "kv_bytes_per_token": 4096,
+            "block_size": 16,
+            "capacity_blocks": 4096,
+            "kv_endpoint": "tcp://127.0.0.1:9",
+            "max_model_len": 2048,
+            "vocab_size": 260,
+            "eos_token_id": 257,
+        }
+        fields.update(hello)
+        self.hello = Hello(**fields)
+        self.enc = Encoder()
+        self.dec: Decoder[ToWorker] = Decoder(ToWorker)
+
+    def send(self, msg: FromWorker) -> None:
+        self.sock.send_multipart(self.enc.encode(msg))
+
+    def recv(self, timeout_s: float = 5.0) -> ToWorker:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sock.poll(int(left * 1000) + 1):
+                return self.dec.decode(self.sock.recv_multipart())
+        raise TimeoutError("nothing from the scheduler")
+
+    def recv_until(self, kind: type, timeout_s: float = 10.0) -> Any:
+        """Skip heartbeats and other messages until one of ``kind`` arrives."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = self.recv(deadline - time.monotonic())
+            if isinstance(msg, kind):
+                return msg
+            if isinstance(msg, Heartbeat):
+                self.send(Heartbeat(Load(blocks_total=self.hello.capacity_blocks)))
+        raise TimeoutError(f"no {kind.__name__}")
+
+    def register(self) -> Any:
+        self.send(self.hello)
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
