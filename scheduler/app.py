@@ -19,8 +19,10 @@ from scheduler.flow import Orchestrator
 from scheduler.http import openai, ops
 from scheduler.http.errors import error_middleware
 from scheduler.inbox import Inbox
+from scheduler.kubernetes.runtime import kubernetes_runtime
 from scheduler.metrics import Metrics
 from scheduler.placement import simple
+from scheduler.pool_signals import pool_signals
 from scheduler.state import STATE, SchedulerState
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import PdorchError
@@ -70,7 +72,11 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
         await control.start()
         log.info("control plane on %s", control.endpoint)
         try:
-            yield
+            async with kubernetes_runtime(
+                cfg.kubernetes, cluster, lambda pool: pool_signals(cluster, admission, pool)
+            ) as k8s:
+                app[STATE].kubernetes = k8s
+                yield
         finally:
             await control.close()
             ctx.term()

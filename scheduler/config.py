@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from scheduler.kubernetes.config import KubernetesConfig
 from transport.errors import ErrorCode, PdorchError
 
 
@@ -43,6 +44,8 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     request_timeout_s: float = 600.0
     # Bearer tokens accepted on /v1 (empty: no auth). The key also names the tenant.
     api_keys: list[str] = []
+    # Pod discovery and autoscaling of LeaderWorkerSet pools (both off unless enabled).
+    kubernetes: KubernetesConfig = msgspec.field(default_factory=KubernetesConfig)
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "port", "must be 1..65535")

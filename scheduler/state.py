@@ -11,6 +11,7 @@ from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig
 from scheduler.control import ControlServer
 from scheduler.flow import Orchestrator
+from scheduler.kubernetes.runtime import KubernetesRuntime
 from scheduler.metrics import Metrics
 from scheduler.tokenizer.registry import TokenizerRegistry
 
@@ -24,6 +25,7 @@ class SchedulerState:
     admission: AdmissionLimit
     tokenizers: TokenizerRegistry
     metrics: Metrics
+    kubernetes: KubernetesRuntime | None = None
 
 
 STATE = web.AppKey("state", SchedulerState)

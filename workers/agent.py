@@ -156,7 +156,8 @@ class Agent:
             block_size=info.block_size,
             capacity_blocks=info.capacity_blocks,
             accelerator=self._cfg.accelerator,
-            kv_endpoint=info.kv_endpoint or self._cfg.kv_endpoint,
+            # An explicit advertised address wins over what the engine bound (e.g. the pod IP).
+            kv_endpoint=self._cfg.kv_endpoint or info.kv_endpoint,
             max_model_len=info.max_model_len,
             tokenizer=info.tokenizer,
             eos_token_id=info.eos_token_id,

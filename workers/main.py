@@ -65,7 +65,7 @@ async def _serve(args: argparse.Namespace) -> int:
             from workers.engines.vllm.engine import VllmEngine
 
             engine = VllmEngine(args.vllm_url, model_dir=args.model_dir)
-            kv_endpoint = ""
+            kv_endpoint = args.kv_advertise
         else:
             from workers.engines.reference.config import ModelConfig
             from workers.engines.reference.engine import ReferenceEngine

@@ -218,3 +218,23 @@ def test_cluster_release_unreserves_and_reregister_drops_old_requests() -> None:
     assert c.get("d").reserved_blocks == 2  # type: ignore[union-attr]
     c.register(b"d", _hello("d", Role.DECODE), now=1.0)
     assert lost == ["b"] and c.get("d").reserved_blocks == 0  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------------------- pool signals
+
+
+def test_pool_signals_count_serving_workers_and_reserved_demand() -> None:
+    from scheduler.pool_signals import pool_signals
+
+    c = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
+    for wid, role in (("p0", Role.PREFILL), ("d0", Role.DECODE), ("d1", Role.DECODE)):
+        c.register(wid.encode(), _hello(wid, role), now=0.0)
+    c.assign("d0", "r1", reserve_blocks=50)  # capacity 100 -> half full
+    c.set_draining("d1", True)
+    c.add_pending_prefill("p0", 300)
+    lim = AdmissionLimit(1, 1, 1.0)
+    decode = pool_signals(c, lim, "decode")
+    assert (decode.replicas, decode.inflight_requests, decode.kv_occupancy) == (1, 1, 0.5)
+    assert decode.predicted_tokens == 50 * 16
+    prefill = pool_signals(c, lim, "prefill")
+    assert (prefill.replicas, prefill.predicted_tokens) == (1, 300)
