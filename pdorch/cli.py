@@ -27,12 +27,16 @@ def _parser() -> argparse.ArgumentParser:
     from scheduler import app
     from workers import main as worker
 
-    p = argparse.ArgumentParser(prog="pdorch", description=_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="pdorch", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    up = sub.add_parser("up", help="start a local cluster on this machine",
-                        description="Start the scheduler, N prefill and M decode workers as separate processes on "
-                        "127.0.0.1, wait until ready, print the URL and an example request; Ctrl-C stops them all.")
+    up = sub.add_parser(
+        "up",
+        help="start a local cluster on this machine",
+        description="Start the scheduler, N prefill and M decode workers as separate processes on "
+        "127.0.0.1, wait until ready, print the URL and an example request; Ctrl-C stops them all.",
+    )
     launcher.add_arguments(up)
     sch = sub.add_parser("scheduler", help="run the scheduler")
     app.add_arguments(sch)

@@ -75,7 +75,10 @@ class LocalCluster:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child's lifetime
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.procs[name] = subprocess.Popen(
-            [self.spec.python, "-m", "pdorch", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+            [self.spec.python, "-m", "pdorch", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
             start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop the children in order
         )
 
@@ -83,17 +86,42 @@ class LocalCluster:
         return [n for n in self.procs if n.startswith(("prefill-", "decode-", "worker-"))]
 
     def start_worker(self, name: str, role: str) -> None:
-        self._spawn(name, ["worker", "--scheduler", self.control, "--role", role, "--worker-id", name,
-                           "--log-level", self.spec.log_level, *self.spec.worker_args,
-                           *self.spec.per_worker_args.get(name, [])])
+        self._spawn(
+            name,
+            [
+                "worker",
+                "--scheduler",
+                self.control,
+                "--role",
+                role,
+                "--worker-id",
+                name,
+                "--log-level",
+                self.spec.log_level,
+                *self.spec.worker_args,
+                *self.spec.per_worker_args.get(name, []),
+            ],
+        )
 
     def start(self, timeout_s: float = 60.0) -> None:
         s = self.spec
         for port in (s.port, s.control_port) + ((s.broker_port,) if s.kv_mode == "centralized" else ()):
             if not port_is_free(port):
-                raise RuntimeError(f"port {port} on 127.0.0.1 is in use; choose others (--port/--control-port)")
-        sched = ["scheduler", "--port", str(s.port), "--control-bind", self.control, "--kv-mode", s.kv_mode,
-                 "--log-level", s.log_level, *s.scheduler_args]
+                raise RuntimeError(
+                    f"port {port} on 127.0.0.1 is in use; choose others (--port/--control-port)"
+                )
+        sched = [
+            "scheduler",
+            "--port",
+            str(s.port),
+            "--control-bind",
+            self.control,
+            "--kv-mode",
+            s.kv_mode,
+            "--log-level",
+            s.log_level,
+            *s.scheduler_args,
+        ]
         if s.kv_mode == "centralized" and not s.colocated:
             self._spawn("kv-broker", ["kv-broker", "--bind", self.broker])
             sched += ["--kv-broker", self.broker]
@@ -176,13 +204,22 @@ class LocalCluster:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
-    p.add_argument("--kv-mode", choices=["p2p", "centralized"], default="p2p", help="KV handoff mode (default p2p)")
-    p.add_argument("--colocated", action="store_true",
-                   help="one worker with role 'both' serves each request whole (no KV handoff), for comparison")
+    p.add_argument(
+        "--kv-mode", choices=["p2p", "centralized"], default="p2p", help="KV handoff mode (default p2p)"
+    )
+    p.add_argument(
+        "--colocated",
+        action="store_true",
+        help="one worker with role 'both' serves each request whole (no KV handoff), for comparison",
+    )
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--control-port", type=int, default=5555, help="ZeroMQ control port (default 5555)")
-    p.add_argument("--broker-port", type=int, default=5700, help="KV broker port, centralized mode (default 5700)")
-    p.add_argument("--log-dir", type=Path, default=None, help="where process logs go (default: a new temp dir)")
+    p.add_argument(
+        "--broker-port", type=int, default=5700, help="KV broker port, centralized mode (default 5700)"
+    )
+    p.add_argument(
+        "--log-dir", type=Path, default=None, help="where process logs go (default: a new temp dir)"
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -214,17 +251,28 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        print(f"starting pdorch ({'colocated' if spec.colocated else spec.kv_mode}); logs in {cluster.log_dir}",
-              flush=True)
+        print(
+            f"starting pdorch ({'colocated' if spec.colocated else spec.kv_mode}); logs in {cluster.log_dir}",
+            flush=True,
+        )
         cluster.start()
-        mode = "colocated" if spec.colocated else f"{spec.prefill} prefill + {spec.decode} decode, {spec.kv_mode}"
-        print(f"\npdorch is ready ({mode}): {cluster.url}\n\nTry:\n  {_example(cluster.url)}\n\n"
-              f"Cluster state: {cluster.url}/v1/cluster   Ctrl-C stops everything.", flush=True)
+        mode = (
+            "colocated"
+            if spec.colocated
+            else f"{spec.prefill} prefill + {spec.decode} decode, {spec.kv_mode}"
+        )
+        print(
+            f"\npdorch is ready ({mode}): {cluster.url}\n\nTry:\n  {_example(cluster.url)}\n\n"
+            f"Cluster state: {cluster.url}/v1/cluster   Ctrl-C stops everything.",
+            flush=True,
+        )
         while True:
             for name, proc in cluster.procs.items():
                 if proc.poll() is not None:
-                    print(f"{name} exited with {proc.returncode}; stopping. Last lines:\n{cluster.tail(name)}",
-                          file=sys.stderr)
+                    print(
+                        f"{name} exited with {proc.returncode}; stopping. Last lines:\n{cluster.tail(name)}",
+                        file=sys.stderr,
+                    )
                     return 1
             time.sleep(0.5)
     except KeyboardInterrupt:

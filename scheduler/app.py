@@ -61,14 +61,22 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
         orchestrator = Orchestrator(cfg, cluster, control, inbox, simple.place, metrics)
         lost.append(orchestrator)
         admission = AdmissionLimit(cfg.max_running, cfg.max_queued, cfg.queue_timeout_s)
-        metrics.bind_gauge("pdorch_requests_running", "Requests admitted and not finished",
-                           lambda: admission.running)
-        metrics.bind_gauge("pdorch_requests_queued", "Requests waiting for admission", lambda: admission.queued)
+        metrics.bind_gauge(
+            "pdorch_requests_running", "Requests admitted and not finished", lambda: admission.running
+        )
+        metrics.bind_gauge(
+            "pdorch_requests_queued", "Requests waiting for admission", lambda: admission.queued
+        )
         metrics.bind_gauge("pdorch_workers", "Registered workers", lambda: len(cluster.workers()))
-        metrics.bind_gauge("pdorch_workers_dropped", "Workers dropped since start", lambda: cluster.dropped_total)
-        metrics.bind_gauge("pdorch_control_bad_messages", "Malformed control messages dropped",
-                           lambda: control.bad_messages)
-        app[STATE] = SchedulerState(cfg, cluster, control, orchestrator, admission, TokenizerRegistry(), metrics)
+        metrics.bind_gauge(
+            "pdorch_workers_dropped", "Workers dropped since start", lambda: cluster.dropped_total
+        )
+        metrics.bind_gauge(
+            "pdorch_control_bad_messages", "Malformed control messages dropped", lambda: control.bad_messages
+        )
+        app[STATE] = SchedulerState(
+            cfg, cluster, control, orchestrator, admission, TokenizerRegistry(), metrics
+        )
         await control.start()
         log.info("control plane on %s", control.endpoint)
         try:
@@ -97,7 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         cfg = load_config(
             args.config,
@@ -118,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # handler_cancellation: a client that hangs up cancels its request, which cancels its jobs.
-    web.run_app(build_app(cfg), host=cfg.host, port=cfg.port, handler_cancellation=True, print=None,
-                access_log=None)
+    web.run_app(
+        build_app(cfg), host=cfg.host, port=cfg.port, handler_cancellation=True, print=None, access_log=None
+    )
     return 0

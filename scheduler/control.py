@@ -154,7 +154,8 @@ class ControlServer:
             self._send_to(
                 identity,
                 Disconnect(
-                    f"protocol version {hello.protocol_version} unsupported; scheduler speaks {PROTOCOL_VERSION}"
+                    f"protocol version {hello.protocol_version} unsupported; "
+                    f"scheduler speaks {PROTOCOL_VERSION}"
                 ),
             )
             return

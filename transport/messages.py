@@ -65,7 +65,8 @@ class Load(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     running: int = 0
     waiting: int = 0
     queued_prefill_tokens: int = 0
-    # Blocks whose contents are cached prefixes (reusable), counted inside blocks_used.
+    # Blocks holding cached prefixes that no request uses now: reusable free space, NOT counted in
+    # blocks_used (blocks_used + free + cached_blocks == blocks_total).
     cached_blocks: int = 0
 
 

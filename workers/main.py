@@ -23,25 +23,55 @@ log = logging.getLogger("pdorch.worker")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="tcp://127.0.0.1:5555", help="scheduler control endpoint")
-    p.add_argument("--role", choices=[r.value for r in Role], default="both", help="what jobs this worker takes")
+    p.add_argument(
+        "--role", choices=[r.value for r in Role], default="both", help="what jobs this worker takes"
+    )
     p.add_argument("--engine", choices=["reference", "vllm"], default="reference")
-    p.add_argument("--worker-id", default=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
-                   help="unique worker id (default: $POD_NAME, else host-pid)")
-    p.add_argument("--model", default="pdorch-reference", help="model name the worker serves (reference engine)")
-    p.add_argument("--accelerator", default="cpu", help="accelerator class label (e.g. H100, A100, L40S, cpu)")
-    p.add_argument("--kv-bind", default="tcp://127.0.0.1:0",
-                   help="KV endpoint to bind for receiving KV (decode-capable roles); port 0 picks one")
-    p.add_argument("--kv-advertise", default="",
-                   help="KV endpoint to tell the scheduler (default: the bound one; set it behind NAT/pods)")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label reported to the scheduler")
+    p.add_argument(
+        "--worker-id",
+        default=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        help="unique worker id (default: $POD_NAME, else host-pid)",
+    )
+    p.add_argument(
+        "--model", default="pdorch-reference", help="model name the worker serves (reference engine)"
+    )
+    p.add_argument(
+        "--accelerator", default="cpu", help="accelerator class label (e.g. H100, A100, L40S, cpu)"
+    )
+    p.add_argument(
+        "--kv-bind",
+        default="tcp://127.0.0.1:0",
+        help="KV endpoint to bind for receiving KV (decode-capable roles); port 0 picks one",
+    )
+    p.add_argument(
+        "--kv-advertise",
+        default="",
+        help="KV endpoint to tell the scheduler (default: the bound one; set it behind NAT/pods)",
+    )
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="label reported to the scheduler"
+    )
     # Reference engine.
     p.add_argument("--num-blocks", type=int, default=4096, help="KV cache size in blocks (reference engine)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (reference engine)")
-    p.add_argument("--max-batch", type=int, default=64, help="max sequences per decode step (reference engine)")
+    p.add_argument(
+        "--max-batch", type=int, default=64, help="max sequences per decode step (reference engine)"
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled per engine step; longer prompts are chunked (reference engine)",
+    )
+    p.add_argument(
+        "--no-prefix-caching", action="store_true", help="disable prefix caching (reference engine)"
+    )
     p.add_argument("--model-seed", type=int, default=0, help="weight seed of the reference model")
     # vLLM engine.
     p.add_argument("--vllm-url", default="http://127.0.0.1:8100", help="the vLLM server beside this agent")
-    p.add_argument("--model-dir", default=None, help="model directory (vLLM engine: tokenizer for the scheduler)")
+    p.add_argument(
+        "--model-dir", default=None, help="model directory (vLLM engine: tokenizer for the scheduler)"
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -81,6 +111,8 @@ async def _serve(args: argparse.Namespace) -> int:
                 num_blocks=args.num_blocks,
                 block_size=args.block_size,
                 max_batch=args.max_batch,
+                max_prefill_tokens_per_step=args.max_prefill_tokens,
+                enable_prefix_caching=not args.no_prefix_caching,
                 kv_sender=sender,
                 kv_receiver=receiver,
             )
@@ -97,8 +129,14 @@ async def _serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info("worker %s (%s, %s engine) -> %s; KV endpoint %s", cfg.worker_id, role, args.engine,
-                 args.scheduler, kv_endpoint or "-")
+        log.info(
+            "worker %s (%s, %s engine) -> %s; KV endpoint %s",
+            cfg.worker_id,
+            role,
+            args.engine,
+            args.scheduler,
+            kv_endpoint or "-",
+        )
         return await Agent(cfg, engine, ctx).run(stop)
     finally:
         for part in (sender, receiver):
@@ -109,7 +147,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     with contextlib.suppress(ImportError):
         import uvloop
 

@@ -34,7 +34,7 @@ def status_of(code: ErrorCode) -> int:
 
 
 def error_body(err: PdorchError) -> dict[str, Any]:
-    status, kind = _STATUS.get(err.code, (500, "server_error"))
+    _status, kind = _STATUS.get(err.code, (500, "server_error"))
     return {"error": {"message": err.message, "type": kind, "code": str(err.code), "param": None}}
 
 

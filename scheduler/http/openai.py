@@ -81,7 +81,9 @@ def _build(
 ) -> _Job:
     cfg = state.cfg
     tenant = _tenant(request, state)
-    max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = (
+        req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+    )
     max_tokens = check_common(req, max_tokens, default_max=cfg.default_max_tokens, limit=cfg.max_tokens_limit)
     tokenizer, hello = _tokenizer_for(state, req.model)
     max_model_len = hello.max_model_len
@@ -90,7 +92,10 @@ def _build(
     else:
         prompt = completion_prompt(req)
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        if hello.vocab_size and (bad_id := next((t for t in ids if not 0 <= t < hello.vocab_size), None)) is not None:
+        if (
+            hello.vocab_size
+            and (bad_id := next((t for t in ids if not 0 <= t < hello.vocab_size), None)) is not None
+        ):
             raise bad(f"token id {bad_id} is outside the model's vocabulary (size {hello.vocab_size})")
     limit = min(cfg.max_prompt_tokens, max_model_len - 1) if max_model_len > 1 else cfg.max_prompt_tokens
     if len(ids) > limit:
@@ -141,7 +146,9 @@ class _Progress:
     error: str = ""
 
 
-async def _text_deltas(job: _Job, batches: AsyncIterator[TokenBatch], progress: _Progress) -> AsyncIterator[str]:
+async def _text_deltas(
+    job: _Job, batches: AsyncIterator[TokenBatch], progress: _Progress
+) -> AsyncIterator[str]:
     """Text deltas until the request finishes or a stop string shows up (which ends generation)."""
     text = TextStream(job.tokenizer.decoder(), job.stop)
     async for batch in batches:
@@ -172,11 +179,13 @@ def _usage(job: _Job, progress: _Progress) -> dict[str, Any]:
     return usage
 
 
-def _choice(job: _Job, text: str, finish: str | None, token_ids: list[int] | None, delta: bool) -> dict[str, Any]:
+def _choice(
+    job: _Job, text: str, finish: str | None, token_ids: list[int] | None, delta: bool
+) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
     if job.chat:
-        choice["delta" if delta else "message"] = {"role": "assistant", "content": text} if not delta else (
-            {"content": text} if text else {}
+        choice["delta" if delta else "message"] = (
+            {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
         )
     else:
         choice["text"] = text
@@ -249,7 +258,9 @@ async def _stream(
     try:
         if job.chat:
             role = _envelope(job, chunk=True)
-            role["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            role["choices"] = [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            ]
             await sse.send_event(resp, role)
         pending = first
         async for delta in deltas:

@@ -12,7 +12,6 @@ import msgspec
 
 from transport.errors import ErrorCode, PdorchError
 
-
 _T = TypeVar("_T")
 
 

@@ -59,10 +59,14 @@ async def cluster(request: web.Request) -> web.Response:
         )
     expected = {pool: sorted(ids) for pool, ids in state.cluster.expected().items()}
     autoscaler = state.kubernetes.autoscaler if state.kubernetes is not None else None
-    scaling = {} if autoscaler is None else {
-        pool: {"current": d.current, "desired": d.desired, "reason": d.reason}
-        for pool, d in autoscaler.last_decisions().items()
-    }
+    scaling = (
+        {}
+        if autoscaler is None
+        else {
+            pool: {"current": d.current, "desired": d.desired, "reason": d.reason}
+            for pool, d in autoscaler.last_decisions().items()
+        }
+    )
     return web.json_response(
         {
             "kv_mode": "colocated" if state.cfg.colocated else state.cfg.kv_mode,

@@ -21,7 +21,9 @@ async def complete(session: aiohttp.ClientSession, url: str, **body: Any) -> dic
         return data
 
 
-async def stream_tokens(session: aiohttp.ClientSession, url: str, **body: Any) -> tuple[list[int], str, list[dict]]:
+async def stream_tokens(
+    session: aiohttp.ClientSession, url: str, **body: Any
+) -> tuple[list[int], str, list[dict]]:
     """Streams a completion; returns (token ids, finish reason, all events)."""
     body.setdefault("model", MODEL)
     body.update(stream=True, return_token_ids=True)

@@ -27,9 +27,10 @@ pytestmark = pytest.mark.e2e
     ],
 )
 async def test_bad_completion_bodies(p2p, body: bytes, status: int, needle: str) -> None:
-    async with aiohttp.ClientSession() as s:
-        async with s.post(p2p.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}) as r:
-            data = await r.json()
+    async with aiohttp.ClientSession() as s, s.post(
+        p2p.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    ) as r:
+        data = await r.json()
     assert r.status == status, data
     assert needle in data["error"]["message"]
     assert set(data["error"]) >= {"message", "type", "code"}
@@ -49,8 +50,11 @@ async def test_huge_prompt_is_refused(p2p) -> None:
 
 async def test_bad_chat_bodies(p2p) -> None:
     async with aiohttp.ClientSession() as s:
-        for body in ({"model": MODEL, "messages": []}, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
-                     {"model": MODEL}):
+        for body in (
+            {"model": MODEL, "messages": []},
+            {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+            {"model": MODEL},
+        ):
             async with s.post(p2p.url + "/v1/chat/completions", json=body) as r:
                 assert r.status == 400, await r.text()
 

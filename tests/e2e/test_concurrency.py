@@ -14,7 +14,12 @@ pytestmark = pytest.mark.e2e
 
 async def test_64_concurrent_streams(p2p, colocated) -> None:
     bodies = [
-        {"prompt": f"request number {i}: " + "x" * (i * 3), "max_tokens": 8 + i % 17, "temperature": 0.8, "seed": i}
+        {
+            "prompt": f"request number {i}: " + "x" * (i * 3),
+            "max_tokens": 8 + i % 17,
+            "temperature": 0.8,
+            "seed": i,
+        }
         for i in range(64)
     ]
     timeout = aiohttp.ClientTimeout(total=300)

@@ -49,7 +49,9 @@ def test_protocol_version_mismatch_is_refused(cluster: LocalCluster) -> None:
 
 def test_identity_must_match_worker_id(cluster: LocalCluster) -> None:
     w = FakeWorker(cluster.control, "me")
-    w.hello = type(w.hello)(**{**{f: getattr(w.hello, f) for f in w.hello.__struct_fields__}, "worker_id": "you"})
+    w.hello = type(w.hello)(
+        **{**{f: getattr(w.hello, f) for f in w.hello.__struct_fields__}, "worker_id": "you"}
+    )
     try:
         assert isinstance(w.register(), Disconnect)
     finally:

@@ -20,7 +20,32 @@ pytestmark = pytest.mark.e2e
 
 def _cases() -> list[dict]:
     rng = random.Random(7)
-    lengths = [1, 2, 3, 5, 8, 15, 16, 17, 31, 33, 64, 90, 127, 128, 129, 200, 256, 300, 350, 420, 480, 10, 45, 77]
+    lengths = [
+        1,
+        2,
+        3,
+        5,
+        8,
+        15,
+        16,
+        17,
+        31,
+        33,
+        64,
+        90,
+        127,
+        128,
+        129,
+        200,
+        256,
+        300,
+        350,
+        420,
+        480,
+        10,
+        45,
+        77,
+    ]
     max_tokens = [1, 2, 7, 16, 40]
     cases = []
     for i, n in enumerate(lengths):
@@ -32,7 +57,9 @@ def _cases() -> list[dict]:
             case.update(temperature=0.0)
         cases.append(case)
     # Text prompts go through the scheduler's tokenizer; stop strings are cut the same way in every mode.
-    cases.append({"prompt": "The quick brown fox jumps over the lazy dog. " * 4, "max_tokens": 24, "temperature": 0})
+    cases.append(
+        {"prompt": "The quick brown fox jumps over the lazy dog. " * 4, "max_tokens": 24, "temperature": 0}
+    )
     cases.append({"prompt": "pdorch", "max_tokens": 24, "temperature": 0.7, "seed": 5, "stop": ["zz"]})
     return cases
 
@@ -43,7 +70,10 @@ CASES = _cases()
 async def _run_all(url: str) -> list[tuple[list[int], str, str]]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
         results = await gather_limited([complete(s, url, **c) for c in CASES], limit=6)
-    return [(r["choices"][0]["token_ids"], r["choices"][0]["text"], r["choices"][0]["finish_reason"]) for r in results]
+    return [
+        (r["choices"][0]["token_ids"], r["choices"][0]["text"], r["choices"][0]["finish_reason"])
+        for r in results
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +87,9 @@ async def test_disaggregated_equals_colocated(mode: str, expected, request: pyte
     got = await _run_all(cluster.url)
     assert len(got) == len(CASES) >= 20
     for case, want, have in zip(CASES, expected, got, strict=True):
-        assert have == want, f"mismatch for prompt of {len(case['prompt'])} tokens, max_tokens={case['max_tokens']}"
+        assert have == want, (
+            f"mismatch for prompt of {len(case['prompt'])} tokens, max_tokens={case['max_tokens']}"
+        )
     # The lengths really vary and the requests really ran to their limits or EOS.
     assert {len(w[0]) for w in expected} >= {1, 2, 7}
     # Every request was split: the scheduler handed off KV for all but the single-token ones.

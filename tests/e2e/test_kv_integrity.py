@@ -45,8 +45,11 @@ class DamagingProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pipe(reader, up_writer, damage=True), self._pipe(up_reader, writer, damage=False),
-                             return_exceptions=True)
+        await asyncio.gather(
+            self._pipe(reader, up_writer, damage=True),
+            self._pipe(up_reader, writer, damage=False),
+            return_exceptions=True,
+        )
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, damage: bool) -> None:
         seen = 0
@@ -78,7 +81,12 @@ def proxied_cluster(tmp_path) -> Iterator[tuple[LocalCluster, int, int]]:
         tmp_path,
         kv_mode="p2p",
         per_worker_args={
-            "decode-0": ["--kv-bind", f"tcp://127.0.0.1:{kv_port}", "--kv-advertise", f"tcp://127.0.0.1:{proxy_port}"]
+            "decode-0": [
+                "--kv-bind",
+                f"tcp://127.0.0.1:{kv_port}",
+                "--kv-advertise",
+                f"tcp://127.0.0.1:{proxy_port}",
+            ]
         },
         scheduler_args=[],
     )
@@ -102,8 +110,12 @@ async def _attempt(url: str, prompt: list[int]) -> tuple[int, dict]:
             return r.status, await r.json()
 
 
-@pytest.mark.parametrize("mode, codes", [("corrupt", {"kv_corrupt"}), ("truncate", {"kv_truncated", "kv_timeout"})])
-async def test_damaged_kv_is_detected(proxied_cluster, proxy: DamagingProxy, mode: str, codes: set[str]) -> None:
+@pytest.mark.parametrize(
+    "mode, codes", [("corrupt", {"kv_corrupt"}), ("truncate", {"kv_truncated", "kv_timeout"})]
+)
+async def test_damaged_kv_is_detected(
+    proxied_cluster, proxy: DamagingProxy, mode: str, codes: set[str]
+) -> None:
     cluster, _, _ = proxied_cluster
     prompt = [(i * 7) % 256 for i in range(400)]  # 400 tokens: ~1.6 MB of KV, several damaged spots
     status, good = await _attempt(cluster.url, prompt)

@@ -32,7 +32,12 @@ def test_streaming_completion_matches_non_streaming(client: openai.OpenAI) -> No
     whole = client.completions.create(model=MODEL, prompt="stream me", max_tokens=20, temperature=0, seed=1)
     chunks = list(
         client.completions.create(
-            model=MODEL, prompt="stream me", max_tokens=20, temperature=0, seed=1, stream=True,
+            model=MODEL,
+            prompt="stream me",
+            max_tokens=20,
+            temperature=0,
+            seed=1,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -49,8 +54,11 @@ def test_chat(client: openai.OpenAI) -> None:
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
     assert isinstance(r.choices[0].message.content, str)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason

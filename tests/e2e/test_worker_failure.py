@@ -49,7 +49,11 @@ async def test_kill_decode_worker_mid_request(two_by_two: LocalCluster) -> None:
         tasks = [asyncio.create_task(_outcome(stream_tokens(s, cluster.url, **long))) for _ in range(6)]
 
         def busy_decoders() -> list[dict]:
-            return [w for w in cluster.cluster_state()["workers"] if w["role"] == "decode" and w["inflight_requests"]]
+            return [
+                w
+                for w in cluster.cluster_state()["workers"]
+                if w["role"] == "decode" and w["inflight_requests"]
+            ]
 
         await _wait_for(lambda: len(busy_decoders()) >= 1 and all(not t.done() for t in tasks))
         victim = busy_decoders()[0]
@@ -63,7 +67,9 @@ async def test_kill_decode_worker_mid_request(two_by_two: LocalCluster) -> None:
         assert time.monotonic() - killed_at < PROMPT_ERROR_BOUND_S
         for t in pending:
             assert (await t) == "ok"  # the others run to completion on the surviving decode worker
-        await _wait_for(lambda: victim["worker_id"] not in {w["worker_id"] for w in cluster.cluster_state()["workers"]})
+        await _wait_for(
+            lambda: victim["worker_id"] not in {w["worker_id"] for w in cluster.cluster_state()["workers"]}
+        )
         for i in range(4):
             r = await complete(s, cluster.url, prompt=f"after the crash {i}", max_tokens=6)
             assert r["choices"][0]["token_ids"]
@@ -77,7 +83,11 @@ async def test_kill_prefill_worker_mid_request(two_by_two: LocalCluster) -> None
         tasks = [asyncio.create_task(_outcome(complete(s, cluster.url, **b))) for b in bodies]
 
         def busy_prefill() -> list[dict]:
-            return [w for w in cluster.cluster_state()["workers"] if w["role"] == "prefill" and w["inflight_requests"] >= 2]
+            return [
+                w
+                for w in cluster.cluster_state()["workers"]
+                if w["role"] == "prefill" and w["inflight_requests"] >= 2
+            ]
 
         await _wait_for(lambda: len(busy_prefill()) >= 1)
         victim = busy_prefill()[0]["worker_id"]

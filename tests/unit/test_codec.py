@@ -46,7 +46,12 @@ def test_from_worker_round_trip_is_one_frame(msg: object) -> None:
 @pytest.mark.parametrize(
     "msg",
     [
-        PrefillJob("r", [1, 2], SamplingParams(max_tokens=4, temperature=0.7, seed=9), KvRoute("p2p", "tcp://x:1", "t")),
+        PrefillJob(
+            "r",
+            [1, 2],
+            SamplingParams(max_tokens=4, temperature=0.7, seed=9),
+            KvRoute("p2p", "tcp://x:1", "t"),
+        ),
         DecodeJob("r", [1], SamplingParams(), KvRoute("centralized", "tcp://b:2", "t")),
         Cancel("r"),
     ],

@@ -231,12 +231,24 @@ def test_max_batch_bounds_running_sequences() -> None:
 
 
 def test_prefill_budget_spreads_prompts_over_steps() -> None:
-    core = EngineCore(CFG, num_blocks=256, max_prefill_tokens_per_step=100)
+    # No prefix cache here: "long" starts like "p0" and would skip part of its work.
+    core = EngineCore(CFG, num_blocks=256, max_prefill_tokens_per_step=100, enable_prefix_caching=False)
     for i in range(4):
         core.add_prefill(f"p{i}", _prompt(45, seed=i), SamplingParams())
-    core.add_prefill("long", _prompt(150), SamplingParams())  # over budget: runs alone
-    per_step = [sorted(o.request_id for o in core.step()) for _ in range(4)]
-    assert per_step == [["p0", "p1"], ["p2", "p3"], ["long"], []]
+    core.add_prefill("long", _prompt(150), SamplingParams())
+    per_step: list[tuple[list[str], int]] = []
+    for _ in range(5):
+        outputs = sorted(o.request_id for o in core.step())
+        per_step.append((outputs, core.load().queued_prefill_tokens))
+    # The budget is filled by splitting prompts into chunks: p2 starts with the 10 tokens left in
+    # step 1, "long" with 20 in step 2, then takes 100 and the last 30.
+    assert per_step == [
+        (["p0", "p1"], 35 + 45 + 150),
+        (["p2", "p3"], 130),
+        ([], 30),
+        (["long"], 0),
+        ([], 0),
+    ]
 
 
 def test_handed_off_decode_waits_for_a_batch_slot() -> None:

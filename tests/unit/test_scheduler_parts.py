@@ -197,7 +197,9 @@ def _hello(wid: str, role: Role) -> Hello:
 
 def test_cluster_expiry_and_drop_report_lost_requests() -> None:
     lost: list[tuple[str, list[str], str]] = []
-    c = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda w, r, why: lost.append((w, r, why)))
+    c = Cluster(
+        heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda w, r, why: lost.append((w, r, why))
+    )
     c.register(b"p", _hello("p", Role.PREFILL), now=0.0)
     c.register(b"d", _hello("d", Role.DECODE), now=0.0)
     c.assign("d", "req-1", reserve_blocks=5)

@@ -6,6 +6,9 @@ contexts (per-sequence Python overhead dominates), while a per-sequence loop win
 (padding wastes more than the loop costs). So short sequences are batched in groups of similar
 length (power-of-two block counts, at most 2x padding) and long ones are attended one by one.
 Both paths agree to ~1e-15, far below what could change a token.
+
+Prompt attention (:func:`causal_attention`) also serves a prompt computed in chunks: the queries
+are then the last rows of a longer key sequence whose first rows came from the cache.
 """
 
 from __future__ import annotations
@@ -15,36 +18,41 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from transport.errors import ErrorCode, PdorchError
 from workers.engines.reference.layers import softmax_inplace
 
 # Contexts up to this many tokens are attended in padded batches, longer ones one by one.
 MAX_BATCHED_TOKENS = 256
-# Prompt attention is computed in chunks of query rows to bound the [heads, rows, T] scores.
+# Prompt attention is computed in chunks of query rows to bound the [heads, rows, S] scores.
 PREFILL_QUERY_CHUNK = 512
 
 
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Attention of a whole prompt over itself.
+    """Causal attention of the last ``len(q)`` positions of a sequence over all of it.
 
-    ``q`` is ``[T, heads, head_dim]``, ``k`` and ``v`` are ``[T, kv_heads, head_dim]``; returns
-    ``[T, heads * head_dim]``.
+    ``q`` is ``[T, heads, head_dim]`` for positions ``S - T .. S - 1``; ``k`` and ``v`` are
+    ``[S, kv_heads, head_dim]`` for positions ``0 .. S - 1`` (``S == T`` for a whole prompt).
+    Returns ``[T, heads * head_dim]``.
     """
     num_tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
+    offset = k.shape[0] - num_tokens  # positions before the first query (already in the cache)
+    if offset < 0:
+        raise PdorchError(ErrorCode.INTERNAL, f"{num_tokens} queries cannot attend over {k.shape[0]} keys")
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim)  # a Python float, so float32 inputs stay float32
     q_grouped = (q * scale).reshape(num_tokens, kv_heads, group, head_dim).transpose(1, 2, 0, 3)
-    k_t = k.transpose(1, 2, 0)[:, None]  # [kv_heads, 1, head_dim, T]
-    v_t = v.transpose(1, 0, 2)[:, None]  # [kv_heads, 1, T, head_dim]
+    k_t = k.transpose(1, 2, 0)[:, None]  # [kv_heads, 1, head_dim, S]
+    v_t = v.transpose(1, 0, 2)[:, None]  # [kv_heads, 1, S, head_dim]
     out = np.empty((kv_heads, group, num_tokens, head_dim), dtype=q.dtype)
     chunk = min(num_tokens, PREFILL_QUERY_CHUNK)
     # Rows of a chunk see every earlier key; only the chunk's own square needs the causal mask.
     future = np.triu(np.full((chunk, chunk), -np.inf, dtype=q.dtype), k=1)
     for start in range(0, num_tokens, chunk):
         stop = min(num_tokens, start + chunk)
-        scores = q_grouped[:, :, start:stop] @ k_t[..., :stop]  # [kv_heads, group, rows, stop]
-        scores[..., start:stop] += future[: stop - start, : stop - start]
-        out[:, :, start:stop] = softmax_inplace(scores) @ v_t[:, :, :stop]
+        scores = q_grouped[:, :, start:stop] @ k_t[..., : offset + stop]  # [kv_heads, group, rows, keys]
+        scores[..., offset + start : offset + stop] += future[: stop - start, : stop - start]
+        out[:, :, start:stop] = softmax_inplace(scores) @ v_t[:, :, : offset + stop]
     return out.transpose(2, 0, 1, 3).reshape(num_tokens, heads * head_dim)
 
 

@@ -1,60 +1,78 @@
-"""The reference engine's inner loop: admission, paged KV, continuous batching. No I/O.
+"""The reference engine's inner loop: admission, prefix caching, chunked prefill, batching. No I/O.
 
 Threading contract: :meth:`EngineCore.step` runs on one thread (the engine thread). Every other
-public method is thread-safe and cheap (it only touches a small lock-guarded inbox), so the
-agent's event loop can add, reserve and cancel while a step computes. ``cache.scatter`` into
-blocks from :meth:`EngineCore.reserve_decode` is safe from any thread until ``add_decode``.
+public method is thread-safe and cheap (it only touches a small lock-guarded inbox and the block
+allocator's lock), so the agent's event loop can add, reserve and cancel while a step computes.
+``cache.scatter`` into blocks from :meth:`EngineCore.reserve_decode` is safe from any thread until
+``add_decode``.
 
-One step = take the inbox, give every running sequence the block its next token needs, admit
-waiting prompts within the per-step token budget and run their prefills, then ONE batched decode
-step over the running sequences that have their blocks.
+One step = take the inbox, give every running sequence the block its next token needs, spend the
+per-step prefill token budget (``max_prefill_tokens_per_step``) on prompt chunks -- first the
+prompts already being prefilled, oldest first, then newly admitted ones -- and finally ONE batched
+decode step over the running sequences that have their blocks. A prompt longer than what is left
+of the budget is prefilled over several steps, so a long prompt delays each running decode by at
+most one budget's worth of prefill per step instead of stalling it for the whole prompt.
 
-Determinism: prompts are prefilled one at a time and every token is sampled from an RNG seeded
-by (seed, generated index), so a request yields the same tokens alone or in any batch, and
-whether it was prefilled here or on another core whose KV was copied in.
+Prefix caching (``enable_prefix_caching``): an admitted prompt reuses the cached KV blocks that
+match its leading full blocks and computes only the rest (see ``prefix_cache``); the number of
+prompt tokens served from the cache is reported on the request's first output. Blocks of finished
+requests stay cached (evictable, least recently released first) until allocation needs them.
+
+Block accounting (:meth:`EngineCore.load`): ``blocks_used`` counts blocks referenced by a request
+(running, prefilling, or reserved for a handoff); ``cached_blocks`` counts unreferenced blocks kept
+for their cached prefix -- reusable free space, evicted on demand. ``blocks_used + free +
+cached_blocks == blocks_total``.
+
+Determinism: every prompt chunk is computed on its own (never batched with other prompts) and
+every token is sampled from an RNG seeded by (seed, generated index), so a request yields the same
+tokens alone or in any batch, and whether it was prefilled here or on another core whose KV was
+copied in. Chunk boundaries and cache hits change results only at the ~1e-13 level (float64).
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
 from collections import deque
 from collections.abc import Sequence
 
-import msgspec
 import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Load, SamplingParams
+from workers.engines.reference.block_allocator import BlockAllocator
 from workers.engines.reference.config import ModelConfig
-from workers.engines.reference.kv_cache import BlockAllocator, PagedKvCache
+from workers.engines.reference.inbox import EngineStats, RequestInbox
+from workers.engines.reference.kv_cache import PagedKvCache
 from workers.engines.reference.model import LayerKvCallback, ReferenceModel
-from workers.engines.reference.sampler import sample, validate_sampling
+from workers.engines.reference.prefix_cache import PrefixCache
+from workers.engines.reference.request_checks import (
+    as_pdorch_error,
+    check_decode_start,
+    check_handoff_length,
+    check_prompt,
+)
+from workers.engines.reference.sampler import sample
 from workers.engines.reference.sequence import EngineSequence, SequenceKind, finish_reason
 from workers.engines.reference.step_output import StepOutput
 
 
-class _Reservation(msgspec.Struct, frozen=True):
-    blocks: list[int]
-    num_prompt_tokens: int
-
-
-class _EngineStats(msgspec.Struct, frozen=True):
-    """Counts of engine-thread state, published at the end of every step for :meth:`load`."""
-
-    running: int = 0
-    waiting: int = 0
-    queued_prefill_tokens: int = 0
-
-
 class EngineCore:
+    """One engine's requests, blocks and model (see the module docstring for the step and the rules).
+
+    ``num_blocks`` blocks of ``block_size`` tokens hold all KV; at most ``max_batch`` sequences
+    decode together; each step computes at most ``max_prefill_tokens_per_step`` prompt tokens
+    (longer prompts are chunked over steps); ``enable_prefix_caching`` turns KV reuse across
+    requests on or off.
+    """
+
     def __init__(
         self,
         cfg: ModelConfig,
         num_blocks: int,
         block_size: int = 16,
         max_batch: int = 64,
-        max_prefill_tokens_per_step: int = 2048,
+        max_prefill_tokens_per_step: int = 512,
+        enable_prefix_caching: bool = True,
     ) -> None:
         if max_batch <= 0 or max_prefill_tokens_per_step <= 0:
             raise PdorchError(
@@ -69,18 +87,18 @@ class EngineCore:
         self.model = ReferenceModel(cfg)
         self.cache = PagedKvCache(cfg, num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks)
-        # Shared with other threads, guarded by _lock.
-        self._lock = threading.Lock()
-        self._inbox: list[EngineSequence] = []
-        self._cancelled: list[EngineSequence] = []
-        self._live: dict[str, EngineSequence] = {}
-        self._reserved: dict[str, _Reservation] = {}
-        self._stats = _EngineStats()
+        self.prefix_cache = PrefixCache(self.allocator, block_size, enable_prefix_caching)
+        self._inbox = RequestInbox(self.prefix_cache)  # shared with other threads
         # Engine-thread state.
         self._waiting: deque[EngineSequence] = deque()
         self._pending_decode: deque[EngineSequence] = deque()
+        self._prefilling: dict[str, EngineSequence] = {}  # admitted, prompt KV not complete yet
         self._running: dict[str, EngineSequence] = {}
         self._admission_order = itertools.count()
+        # Tokens the last step computed (prompt chunks + decoded tokens). A step can progress
+        # without output (a prompt chunk that is not the last), so callers that back off on
+        # empty steps should look at this instead.
+        self.last_step_computed_tokens = 0
 
     # ------------------------------------------------------------------ requests (any thread)
 
@@ -91,126 +109,127 @@ class EngineCore:
         sampling: SamplingParams,
         on_layer: LayerKvCallback | None = None,
     ) -> None:
-        """Prefill only: KV per layer to ``on_layer``, emit token 0, then free the blocks."""
-        prompt = self._check_prompt(prompt_token_ids, sampling)
-        seq = EngineSequence(request_id, SequenceKind.PREFILL_ONLY, len(prompt), sampling, prompt, on_layer)
-        self._enqueue(seq)
+        """Prefill only: KV per layer to ``on_layer``, emit token 0, then release the blocks.
+
+        ``on_layer(layer, rows)`` is called once per layer, in layer order, during the prompt's
+        last chunk, with that layer's KV of ALL prompt positions (rows served from the prefix
+        cache or computed by earlier chunks are gathered from the blocks).
+        """
+        prompt = check_prompt(self.config, prompt_token_ids, sampling)
+        hashes = self.prefix_cache.hashes(prompt)
+        kind = SequenceKind.PREFILL_ONLY
+        self._inbox.submit(EngineSequence(request_id, kind, len(prompt), sampling, prompt, on_layer, hashes))
 
     def add_generate(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams
     ) -> None:
         """Colocated: prefill, then decode here until the request finishes."""
-        prompt = self._check_prompt(prompt_token_ids, sampling)
-        self._enqueue(EngineSequence(request_id, SequenceKind.GENERATE, len(prompt), sampling, prompt))
+        prompt = check_prompt(self.config, prompt_token_ids, sampling)
+        hashes = self.prefix_cache.hashes(prompt)
+        kind = SequenceKind.GENERATE
+        self._inbox.submit(EngineSequence(request_id, kind, len(prompt), sampling, prompt, None, hashes))
 
     def reserve_decode(self, request_id: str, num_prompt_tokens: int) -> list[int]:
         """Allocate blocks for a handed-off prompt's KV plus the first fed token.
 
         The KV plane scatters the prompt's rows into the returned blocks; then :meth:`add_decode`
-        starts the sequence (or :meth:`cancel` returns the blocks). Raises OUT_OF_BLOCKS.
+        starts the sequence (or :meth:`cancel` returns the blocks). Raises OUT_OF_BLOCKS. Cached
+        prefix blocks nobody holds are evicted to make room.
         """
-        if not 1 <= num_prompt_tokens < self.config.max_model_len:
-            raise PdorchError(
-                ErrorCode.PROMPT_TOO_LONG if num_prompt_tokens > 0 else ErrorCode.INVALID_REQUEST,
-                f"cannot decode after a prompt of {num_prompt_tokens} tokens "
-                f"(max_model_len {self.config.max_model_len})",
-            )
-        with self._lock:
-            self._check_new_id(request_id)
-            blocks = self.allocator.allocate(self.cache.blocks_for(num_prompt_tokens + 1))
-            self._reserved[request_id] = _Reservation(blocks, num_prompt_tokens)
-        return blocks
+        check_handoff_length(self.config, num_prompt_tokens)
+        return self._inbox.reserve(
+            request_id, self.cache.blocks_for(num_prompt_tokens + 1), num_prompt_tokens
+        )
 
     def add_decode(
-        self, request_id: str, prompt_len: int, first_token: int, sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt_len: int,
+        first_token: int,
+        sampling: SamplingParams,
+        prompt_token_ids: Sequence[int] | None = None,
     ) -> None:
         """Start decoding from reserved blocks that hold the KV of positions [0, prompt_len).
 
         ``first_token`` is generated token 0 (from the prefill worker); it is fed at position
-        ``prompt_len`` and the next sampled token has generated index 1. On error the reservation
-        stays in place for :meth:`cancel`.
+        ``prompt_len`` and the next sampled token has generated index 1. With
+        ``prompt_token_ids`` (the prompt whose KV the blocks hold) and prefix caching on, the
+        prompt's full blocks join the prefix cache, so later prompts here can reuse them. On error
+        the reservation stays in place for :meth:`cancel`.
         """
-        validate_sampling(sampling)
-        if not 0 <= first_token < self.config.vocab_size:
-            raise PdorchError(ErrorCode.INVALID_REQUEST, f"first token {first_token} outside the vocabulary")
-        if finish_reason(self.config, sampling, prompt_len, first_token, 1) is not None:
-            raise PdorchError(ErrorCode.INVALID_REQUEST, f"request {request_id} already finished at token 0")
-        with self._lock:
-            reservation = self._reserved.get(request_id)
-            if reservation is None:
-                raise PdorchError(ErrorCode.INVALID_REQUEST, f"no KV blocks reserved for {request_id}")
-            if reservation.num_prompt_tokens != prompt_len:
-                raise PdorchError(
-                    ErrorCode.INVALID_REQUEST,
-                    f"{request_id}: blocks reserved for {reservation.num_prompt_tokens} prompt tokens, "
-                    f"add_decode says {prompt_len}",
-                )
-            del self._reserved[request_id]
-            seq = EngineSequence(request_id, SequenceKind.DECODE, prompt_len, sampling)
-            seq.blocks = list(reservation.blocks)
-            seq.num_generated = 1
-            seq.last_token = first_token
-            self._live[request_id] = seq
-            self._inbox.append(seq)
+        prompt = check_decode_start(
+            self.config, request_id, prompt_len, first_token, sampling, prompt_token_ids
+        )
+        hashes = self.prefix_cache.hashes(prompt) if prompt is not None else []
+        seq = EngineSequence(request_id, SequenceKind.DECODE, prompt_len, sampling)
+        seq.num_computed = prompt_len
+        seq.num_generated = 1
+        seq.last_token = first_token
+        self._inbox.start_decode(seq, hashes)
 
     def cancel(self, request_id: str) -> None:
-        """Forget a request; its blocks are free now (reserved) or by the end of the next step.
+        """Forget a request; its blocks are released now (reserved) or by the end of the next step.
 
         Unknown or finished ids are ignored. No output is emitted for a cancelled request.
         """
-        with self._lock:
-            reservation = self._reserved.pop(request_id, None)
-            if reservation is not None:
-                self.allocator.free(reservation.blocks)
-                return
-            seq = self._live.pop(request_id, None)
-            if seq is not None:
-                seq.cancelled = True
-                self._cancelled.append(seq)
+        self._inbox.cancel(request_id)
 
     def has_work(self) -> bool:
-        with self._lock:
-            stats = self._stats
-            return bool(self._inbox or self._cancelled or stats.running or stats.waiting)
+        return self._inbox.has_work()
 
     def load(self) -> Load:
-        with self._lock:
-            stats = self._stats
-            queued = [s for s in self._inbox if s.kind is not SequenceKind.DECODE]
-            return Load(
-                blocks_used=self.allocator.num_used,
-                blocks_total=self.allocator.num_total,
-                running=stats.running,
-                waiting=stats.waiting + len(self._inbox),
-                queued_prefill_tokens=stats.queued_prefill_tokens + sum(s.prompt_len for s in queued),
-            )
+        """Occupancy now (block counts as in the module docstring).
+
+        ``running`` includes prompts being prefilled; ``queued_prefill_tokens`` counts prompt
+        tokens not computed yet (for waiting prompts, before any prefix cache hit is known).
+        """
+        return self._inbox.load()
+
+    def cached_block_hashes(self) -> frozenset[int]:
+        """The prefix hashes (``prefix_block_hashes`` keys) whose KV this core holds now."""
+        return self.allocator.cached_block_hashes()
+
+    def check_block_accounting(self) -> None:
+        """Raise INTERNAL unless every block reference belongs to a live request (tests, debugging).
+
+        Call it between steps: it reads engine-thread state.
+        """
+        self.allocator.check_consistency()
+        engine_held = (
+            *self._waiting,
+            *self._pending_decode,
+            *self._prefilling.values(),
+            *self._running.values(),
+        )
+        self._inbox.check_references(engine_held)
 
     # ------------------------------------------------------------------ the loop (engine thread)
 
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         self._take_inbox()
-        while self._pending_decode and len(self._running) < self.max_batch:
+        while self._pending_decode and self._batch_slots_taken() < self.max_batch:
             self._start_running(self._pending_decode.popleft())
         ready = self._grow_running(outputs)
-        self._run_prefills(outputs)
+        computed = self._run_prefills(outputs)
         if ready:
             self._run_decode(ready, outputs)
+            computed += len(ready)
+        self.last_step_computed_tokens = computed
         self._publish_stats()
         return outputs
 
     def _take_inbox(self) -> None:
-        with self._lock:
-            arrived, self._inbox = self._inbox, []
-            cancelled, self._cancelled = self._cancelled, []
+        arrived, cancelled = self._inbox.take()
         for seq in arrived:
             (self._pending_decode if seq.kind is SequenceKind.DECODE else self._waiting).append(seq)
         for seq in cancelled:
             for queue in (self._waiting, self._pending_decode):
                 if seq in queue:
                     queue.remove(seq)
-            if self._running.get(seq.request_id) is seq:
-                del self._running[seq.request_id]
+            for table in (self._prefilling, self._running):
+                if table.get(seq.request_id) is seq:
+                    del table[seq.request_id]
             self._release(seq)
 
     def _grow_running(self, outputs: list[StepOutput]) -> list[EngineSequence]:
@@ -244,15 +263,17 @@ class EngineCore:
         seq.blocks.extend(blocks)
         return True
 
-    def _run_prefills(self, outputs: list[StepOutput]) -> None:
+    def _run_prefills(self, outputs: list[StepOutput]) -> int:
+        """Spend the step's prompt token budget; returns how many prompt tokens were computed."""
         budget = self.max_prefill_tokens_per_step
-        admitted = 0
-        while self._waiting:
+        for seq in list(self._prefilling.values()):  # prompts already under way, oldest first
+            if budget == 0:
+                return self.max_prefill_tokens_per_step
+            if not seq.cancelled:  # a cancelled one is released when its cancellation is taken
+                budget -= self._prefill_chunk(seq, budget, outputs)
+        while self._waiting and budget > 0:
             seq = self._waiting[0]
-            if admitted and seq.prompt_len > budget:
-                break  # a prompt larger than the whole budget still runs, alone in its step
-            generating = seq.kind is SequenceKind.GENERATE
-            if generating and len(self._running) >= self.max_batch:
+            if seq.kind is SequenceKind.GENERATE and self._batch_slots_taken() >= self.max_batch:
                 break
             needed = self.cache.blocks_for(seq.prompt_len)
             if needed > self.allocator.num_total:
@@ -267,26 +288,37 @@ class EngineCore:
                 )
                 continue
             # Keep back the blocks running sequences will need next step, so a new prompt does
-            # not starve them (a prefill-only prompt returns its blocks within this step).
-            headroom = self._blocks_needed_next_step() if generating else 0
-            if self.allocator.num_free - needed < headroom:
-                break
-            blocks = self.allocator.try_allocate(needed)
-            if blocks is None:
-                break  # another thread reserved blocks meanwhile
+            # not starve them. All of a prompt's blocks are taken up front: once admitted, its
+            # chunks always complete.
+            if not self.prefix_cache.admit(seq, keep_available=self._blocks_needed_next_step()):
+                break  # waits for blocks (maybe another thread reserved some meanwhile)
             self._waiting.popleft()
-            seq.blocks = blocks
-            budget -= seq.prompt_len
-            admitted += 1
-            self._prefill(seq, outputs)
+            self._prefilling[seq.request_id] = seq
+            budget -= self._prefill_chunk(seq, budget, outputs)
+        return self.max_prefill_tokens_per_step - budget
 
-    def _prefill(self, seq: EngineSequence, outputs: list[StepOutput]) -> None:
+    def _prefill_chunk(self, seq: EngineSequence, budget: int, outputs: list[StepOutput]) -> int:
+        """Compute the next chunk of ``seq``'s prompt (at most ``budget`` tokens); returns its size."""
         assert seq.prompt is not None
+        start = seq.num_computed
+        stop = min(seq.prompt_len, start + budget)
+        last = stop == seq.prompt_len
         try:
-            logits = self.model.prefill(seq.prompt, self.cache, seq.blocks, seq.on_layer)
+            # The KV callback runs in the last chunk only, with every prompt row of each layer.
+            logits = self.model.prefill(
+                seq.prompt[start:stop], self.cache, seq.blocks, seq.on_layer if last else None, start
+            )
         except Exception as exc:  # a failing KV callback fails this request, not the engine
-            self._fail(seq, _as_pdorch_error(exc), outputs)
-            return
+            self._fail(seq, as_pdorch_error(exc), outputs)
+            return stop - start
+        seq.num_computed = stop
+        self.prefix_cache.publish_computed(seq)
+        if last:
+            del self._prefilling[seq.request_id]
+            self._emit_first_token(seq, logits, outputs)
+        return stop - start
+
+    def _emit_first_token(self, seq: EngineSequence, logits: np.ndarray, outputs: list[StepOutput]) -> None:
         token = sample(logits, seq.sampling, 0)
         seq.num_generated = 1
         seq.last_token = token
@@ -294,7 +326,7 @@ class EngineCore:
         if seq.cancelled:
             self._release(seq)
             return
-        outputs.append(StepOutput(seq.request_id, token, reason))
+        outputs.append(StepOutput(seq.request_id, token, reason, cached_tokens=seq.num_cached))
         if reason is not None or seq.kind is SequenceKind.PREFILL_ONLY:
             self._finish(seq)
         else:
@@ -306,7 +338,7 @@ class EngineCore:
             logits = self.model.decode_step(batch, self.cache)
         except Exception as exc:  # never leave requests hanging on an engine bug
             for seq in ready:
-                self._fail(seq, _as_pdorch_error(exc), outputs)
+                self._fail(seq, as_pdorch_error(exc), outputs)
             return
         for seq, row in zip(ready, logits, strict=True):
             if seq.cancelled:
@@ -326,68 +358,40 @@ class EngineCore:
         seq.admitted_at = next(self._admission_order)
         self._running[seq.request_id] = seq
 
+    def _batch_slots_taken(self) -> int:
+        """Running sequences plus the colocated prompts that will run once prefilled."""
+        prefilling = sum(1 for s in self._prefilling.values() if s.kind is SequenceKind.GENERATE)
+        return len(self._running) + prefilling
+
     def _blocks_needed_next_step(self) -> int:
         return sum(
             1 for s in self._running.values() if self.cache.blocks_for(s.feed_position + 2) > len(s.blocks)
         )
 
     def _fail(self, seq: EngineSequence, error: PdorchError, outputs: list[StepOutput]) -> None:
-        if self._running.get(seq.request_id) is seq:
-            del self._running[seq.request_id]
+        for table in (self._prefilling, self._running):
+            if table.get(seq.request_id) is seq:
+                del table[seq.request_id]
         if not seq.cancelled:
             outputs.append(StepOutput.failure(seq.request_id, error))
         self._finish(seq)
 
     def _finish(self, seq: EngineSequence) -> None:
         self._release(seq)
-        with self._lock:
-            if self._live.get(seq.request_id) is seq:
-                del self._live[seq.request_id]
+        self._inbox.forget(seq)
 
     def _release(self, seq: EngineSequence) -> None:
+        """Drop the sequence's block references; its cached prefix blocks stay cached."""
         blocks, seq.blocks = seq.blocks, []
         if blocks:
             self.allocator.free(blocks)
 
     def _publish_stats(self) -> None:
-        stats = _EngineStats(
-            running=len(self._running),
-            waiting=len(self._waiting) + len(self._pending_decode),
-            queued_prefill_tokens=sum(s.prompt_len for s in self._waiting),
+        uncomputed = sum(s.prompt_len - s.num_computed for s in self._prefilling.values())
+        self._inbox.publish(
+            EngineStats(
+                running=len(self._running) + len(self._prefilling),
+                waiting=len(self._waiting) + len(self._pending_decode),
+                queued_prefill_tokens=sum(s.prompt_len for s in self._waiting) + uncomputed,
+            )
         )
-        with self._lock:
-            self._stats = stats
-
-    # ------------------------------------------------------------------ validation
-
-    def _check_prompt(self, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> np.ndarray:
-        validate_sampling(sampling)
-        prompt = np.asarray(prompt_token_ids, dtype=np.intp)
-        if prompt.ndim != 1 or prompt.size == 0:
-            raise PdorchError(ErrorCode.INVALID_REQUEST, "prompt must be a non-empty list of token ids")
-        if prompt.size > self.config.max_model_len:
-            raise PdorchError(
-                ErrorCode.PROMPT_TOO_LONG,
-                f"prompt has {prompt.size} tokens, the model allows {self.config.max_model_len}",
-            )
-        if prompt.min() < 0 or prompt.max() >= self.config.vocab_size:
-            raise PdorchError(
-                ErrorCode.INVALID_REQUEST, f"token ids must be in [0, {self.config.vocab_size})"
-            )
-        return prompt
-
-    def _enqueue(self, seq: EngineSequence) -> None:
-        with self._lock:
-            self._check_new_id(seq.request_id)
-            self._live[seq.request_id] = seq
-            self._inbox.append(seq)
-
-    def _check_new_id(self, request_id: str) -> None:
-        if request_id in self._live or request_id in self._reserved:
-            raise PdorchError(ErrorCode.INVALID_REQUEST, f"request id {request_id!r} is already in use")
-
-
-def _as_pdorch_error(exc: Exception) -> PdorchError:
-    if isinstance(exc, PdorchError):
-        return exc
-    return PdorchError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -39,7 +39,9 @@ class _BlockSink:
 
     def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
         if not 0 <= layer < self._num_layers or row_offset < 0 or row_offset + len(rows) > self._rows:
-            raise PdorchError(ErrorCode.KV_CORRUPT, f"KV rows out of range: layer {layer} rows {row_offset}+{len(rows)}")
+            raise PdorchError(
+                ErrorCode.KV_CORRUPT, f"KV rows out of range: layer {layer} rows {row_offset}+{len(rows)}"
+            )
         self._core.cache.scatter(layer, self._blocks, row_offset, rows)
 
 
@@ -52,13 +54,22 @@ class ReferenceEngine:
         num_blocks: int = 4096,
         block_size: int = 16,
         max_batch: int = 64,
+        max_prefill_tokens_per_step: int = 512,
+        enable_prefix_caching: bool = True,
         kv_sender: KvSender | None = None,
         kv_receiver: KvReceiver | None = None,
         job_timeout_s: float = 600.0,
     ) -> None:
         self._cfg = cfg
         self._model_name = model_name
-        self._core = EngineCore(cfg, num_blocks, block_size, max_batch=max_batch)
+        self._core = EngineCore(
+            cfg,
+            num_blocks,
+            block_size,
+            max_batch=max_batch,
+            max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+            enable_prefix_caching=enable_prefix_caching,
+        )
         self._sender = kv_sender
         self._receiver = kv_receiver
         self._job_timeout_s = job_timeout_s
@@ -125,7 +136,7 @@ class ReferenceEngine:
             if out.failed:
                 raise out.as_error()
             # The first token goes out at once, while the KV may still be on the wire.
-            self._emit(TokenOutput(rid, [out.token_id], out.finish_reason))
+            self._emit(TokenOutput(rid, [out.token_id], out.finish_reason, out.cached_tokens))
             if stream_task is not None:
                 if out.finish_reason is not None:
                     stream_task.cancel()
@@ -133,7 +144,9 @@ class ReferenceEngine:
                     stream = await stream_task
                     await stream.finish({"first_token": out.token_id})
         except TimeoutError:
-            raise PdorchError(ErrorCode.DEADLINE_EXCEEDED, f"prefill of {rid} did not finish in time") from None
+            raise PdorchError(
+                ErrorCode.DEADLINE_EXCEEDED, f"prefill of {rid} did not finish in time"
+            ) from None
         finally:
             self._handlers.pop(rid, None)
             if stream_task is not None and not stream_task.done():
@@ -180,7 +193,12 @@ class ReferenceEngine:
             if not isinstance(first, int):
                 raise PdorchError(ErrorCode.KV_CORRUPT, "KV trailer carries no first token")
             self._emit(KvLoaded(rid, first))
-            await self._run_until_finished(rid, lambda: self._core.add_decode(rid, prompt_len, first, job.sampling))
+            await self._run_until_finished(
+                rid,
+                lambda: self._core.add_decode(
+                    rid, prompt_len, first, job.sampling, prompt_token_ids=job.prompt_token_ids
+                ),
+            )
         finally:
             self._core.cancel(rid)
 
@@ -204,7 +222,7 @@ class ReferenceEngine:
             if out.failed:
                 done.set_exception(out.as_error())
                 return
-            self._emit(TokenOutput(rid, [out.token_id], out.finish_reason))
+            self._emit(TokenOutput(rid, [out.token_id], out.finish_reason, out.cached_tokens))
             if out.finish_reason is not None:
                 done.set_result(None)
 
@@ -214,7 +232,9 @@ class ReferenceEngine:
             self._wake.set()
             await asyncio.wait_for(done, self._job_timeout_s)
         except TimeoutError:
-            raise PdorchError(ErrorCode.DEADLINE_EXCEEDED, f"{rid} did not finish in {self._job_timeout_s}s") from None
+            raise PdorchError(
+                ErrorCode.DEADLINE_EXCEEDED, f"{rid} did not finish in {self._job_timeout_s}s"
+            ) from None
         finally:
             self._handlers.pop(rid, None)
 
@@ -235,7 +255,7 @@ class ReferenceEngine:
                 outputs = self._core.step()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
-                else:
+                elif self._core.last_step_computed_tokens == 0:
                     # Work that cannot progress (prompts waiting for blocks): wait, do not spin.
                     self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()

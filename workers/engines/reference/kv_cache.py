@@ -5,6 +5,9 @@ token-major, so a sequence's KV for one layer is simply its blocks' rows laid en
 plane moves it as ``[num_tokens, 2, kv_heads, head_dim]`` arrays via :meth:`gather` and
 :meth:`scatter`.
 
+A block may sit in several sequences' tables at once: a cached prompt prefix shared through the
+prefix cache. Such a block is only ever read; the allocator decides who shares what.
+
 Every value in the cache is finite (``scatter`` refuses anything else). The batched decode
 attention relies on that: it pads block tables with arbitrary blocks and masks them out, and a
 masked-out NaN would still poison ``0 * NaN``.

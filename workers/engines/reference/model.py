@@ -3,14 +3,18 @@
 Per layer: RMSNorm -> grouped-query attention with RoPE (causal) -> residual -> RMSNorm -> SwiGLU
 MLP -> residual; then a final RMSNorm and the unembedding. Three entry points:
 
-- :meth:`ReferenceModel.prefill` runs a whole prompt, writes its KV into the paged cache and hands
-  each layer's KV to a callback as soon as that layer's projections are done, so the KV plane can
-  ship layer ``i`` while layers ``i+1..`` compute;
+- :meth:`ReferenceModel.prefill` runs a prompt, or one chunk of it that starts at a position whose
+  predecessors' KV already sits in the blocks (computed by earlier chunks or served from the prefix
+  cache). It writes the new KV into the paged cache and hands each layer's KV of the whole sequence
+  so far to a callback as soon as that layer's projections are done, so the KV plane can ship
+  layer ``i`` while layers ``i+1..`` compute;
 - :meth:`ReferenceModel.decode_step` advances a batch of sequences by one token each;
 - :meth:`ReferenceModel.forward_full` recomputes everything without a cache (the test oracle).
 
-A prompt is always computed on its own (never batched with other prompts), so its KV and first
-token are bit-identical on whichever worker computes them.
+A prompt chunk is always computed on its own (never batched with other prompts), so a prompt's KV
+and first token are bit-identical on whichever worker computes them with the same chunking. Other
+chunk boundaries (or a prefix taken from the cache) change results only at the ~1e-13 level in
+float64: BLAS rounding depends on how many rows a matrix product has.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from workers.engines.reference.weights import LayerWeights, init_weights
 
 # on_layer(layer_index, kv_rows[T, 2, kv_heads, head_dim]); the callee may keep kv_rows.
 LayerKvCallback = Callable[[int, np.ndarray], None]
+# Per layer: the new rows' KV in, the KV of every position attended over out.
+_LayerContext = Callable[[int, np.ndarray], np.ndarray]
 # One decode-batch entry: (token fed, its position, the sequence's block table).
 DecodeEntry = tuple[int, int, Sequence[int]]
 
@@ -49,33 +55,44 @@ class ReferenceModel:
         cache: PagedKvCache,
         block_ids: Sequence[int],
         on_layer: LayerKvCallback | None = None,
+        start: int = 0,
     ) -> np.ndarray:
-        """Run a prompt, store its KV in ``block_ids``; returns the last position's logits [vocab]."""
+        """Run prompt positions ``[start, start + len(token_ids))``; returns the last one's logits [vocab].
 
-        def keep(layer: int, kv_rows: np.ndarray) -> None:
-            cache.scatter(layer, block_ids, 0, kv_rows)
+        Their KV is stored in ``block_ids``, which must already hold the KV of positions
+        ``[0, start)``. ``on_layer`` gets each layer's KV rows of ALL positions
+        ``[0, start + len(token_ids))`` (earlier ones gathered from the blocks) as a fresh array.
+        """
+        tokens = self._check_prompt(token_ids, start)
+
+        def store_and_read(layer: int, new_rows: np.ndarray) -> np.ndarray:
+            cache.scatter(layer, block_ids, start, new_rows)
+            if start == 0:
+                rows = new_rows  # attend over the very arrays that were stored
+            else:
+                rows = np.concatenate([cache.gather(layer, block_ids, start), new_rows])
             if on_layer is not None:
-                on_layer(layer, kv_rows)
+                on_layer(layer, rows)
+            return rows
 
-        hidden = self._forward_sequence(token_ids, keep)
+        hidden = self._forward_sequence(tokens, start, store_and_read)
         return self._logits(hidden[-1:])[0]
 
     def forward_full(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits for every position [T, vocab], recomputed from scratch without a cache."""
-        return self._logits(self._forward_sequence(token_ids, None))
+        return self._logits(self._forward_sequence(self._check_prompt(token_ids, 0), 0, None))
 
-    def _forward_sequence(self, token_ids: Sequence[int], on_layer: LayerKvCallback | None) -> np.ndarray:
-        tokens = self._check_prompt(token_ids)
-        positions = np.arange(len(tokens))
+    def _forward_sequence(self, tokens: np.ndarray, start: int, context: _LayerContext | None) -> np.ndarray:
+        positions = np.arange(start, start + len(tokens))
         x = self.weights.embed[tokens]
         for index, layer in enumerate(self.weights.layers):
             q, k, v = self._qkv(layer, x, positions)
             kv_rows = np.empty((len(tokens), *self.cfg.kv_row_shape), dtype=x.dtype)
             kv_rows[:, 0] = k
             kv_rows[:, 1] = v
-            if on_layer is not None:
-                on_layer(index, kv_rows)
-            # Attend over the very arrays that were stored, so cached decode reads identical KV.
+            if context is not None:
+                kv_rows = context(index, kv_rows)
+            # Attend over the KV as stored, so later chunks and cached decode read identical values.
             x = x + causal_attention(q, kv_rows[:, 0], kv_rows[:, 1]) @ layer.wo
             x = self._mlp(layer, x)
         return x
@@ -127,14 +144,16 @@ class ReferenceModel:
     def _logits(self, x: np.ndarray) -> np.ndarray:
         return rms_norm(x, self.weights.final_norm) @ self.weights.unembed
 
-    def _check_prompt(self, token_ids: Sequence[int]) -> np.ndarray:
+    def _check_prompt(self, token_ids: Sequence[int], start: int) -> np.ndarray:
         tokens = np.asarray(token_ids, dtype=np.intp)
         if tokens.ndim != 1 or tokens.size == 0:
             raise PdorchError(ErrorCode.INVALID_REQUEST, "prompt must be a non-empty list of token ids")
-        if tokens.size > self.cfg.max_model_len:
+        if start < 0:
+            raise PdorchError(ErrorCode.INTERNAL, f"prefill cannot start at negative position {start}")
+        if start + tokens.size > self.cfg.max_model_len:
             raise PdorchError(
                 ErrorCode.PROMPT_TOO_LONG,
-                f"prompt has {tokens.size} tokens, the model allows {self.cfg.max_model_len}",
+                f"prompt has {start + tokens.size} tokens, the model allows {self.cfg.max_model_len}",
             )
         self._check_token_range(tokens)
         return tokens

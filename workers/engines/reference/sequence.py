@@ -1,4 +1,9 @@
-"""Per-request state inside the engine core, and the rules that end a request."""
+"""Per-request state inside the engine core, and the rules that end a request.
+
+A prompt's life: waiting (no blocks) -> prefilling (blocks for the whole prompt held; its KV is
+filled chunk by chunk, the first ``num_cached`` positions straight from the prefix cache) ->
+running (decoding one token per step) -> finished. Handed-off DECODE sequences start running.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +27,15 @@ class EngineSequence:
 
     __slots__ = (
         "admitted_at",
+        "block_hashes",
         "blocks",
         "cancelled",
         "kind",
         "last_token",
+        "num_cached",
+        "num_computed",
         "num_generated",
+        "num_registered",
         "on_layer",
         "prompt",
         "prompt_len",
@@ -42,6 +51,7 @@ class EngineSequence:
         sampling: SamplingParams,
         prompt: np.ndarray | None = None,
         on_layer: LayerKvCallback | None = None,
+        block_hashes: list[int] | None = None,
     ) -> None:
         self.request_id = request_id
         self.kind = kind
@@ -49,7 +59,12 @@ class EngineSequence:
         self.prompt = prompt  # None for DECODE: its prompt lives in the cache already
         self.sampling = sampling
         self.on_layer = on_layer
+        # Chained hashes of the prompt's full blocks; empty when prefix caching is off.
+        self.block_hashes: list[int] = block_hashes or []
         self.blocks: list[int] = []
+        self.num_computed = 0  # prompt positions whose KV is in the blocks (cached or computed)
+        self.num_cached = 0  # of those, how many came from the prefix cache
+        self.num_registered = 0  # leading full prompt blocks already offered to the prefix cache
         self.num_generated = 0
         self.last_token = -1
         self.admitted_at = -1

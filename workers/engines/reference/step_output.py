@@ -12,7 +12,8 @@ class StepOutput(msgspec.Struct, frozen=True, gc=False):
     """A new token (``token_id``, with ``finish_reason`` on the last one) or a request failure.
 
     A failed request has ``error`` set and ``token_id == -1``; the core has already released
-    everything the request held.
+    everything the request held. A request's first output (token 0, from its prefill) carries
+    ``cached_tokens``: how many prompt tokens were served from the prefix cache, not computed.
     """
 
     request_id: str
@@ -20,6 +21,7 @@ class StepOutput(msgspec.Struct, frozen=True, gc=False):
     finish_reason: FinishReason | None = None
     error: ErrorCode | None = None
     message: str = ""
+    cached_tokens: int = 0
 
     @property
     def failed(self) -> bool:
