@@ -42,6 +42,9 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     first_token_timeout_s: float = 60.0
     token_timeout_s: float = 30.0
     request_timeout_s: float = 600.0
+    # Once prefill has answered, its KV is computed and on the wire: the handoff must complete
+    # within this, plus one second per GB of KV.
+    kv_handoff_timeout_s: float = 10.0
     # Bearer tokens accepted on /v1 (empty: no auth). The key also names the tenant.
     api_keys: list[str] = []
     # Pod discovery and autoscaling of LeaderWorkerSet pools (both off unless enabled).
@@ -59,7 +62,13 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "default_max_tokens",
         ):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("queue_timeout_s", "first_token_timeout_s", "token_timeout_s", "request_timeout_s"):
+        for name in (
+            "queue_timeout_s",
+            "first_token_timeout_s",
+            "token_timeout_s",
+            "request_timeout_s",
+            "kv_handoff_timeout_s",
+        ):
             _check(getattr(self, name) > 0, name, "must be > 0")
         _check(
             self.kv_mode != "centralized" or bool(self.kv_broker),

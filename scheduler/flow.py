@@ -38,9 +38,6 @@ log = logging.getLogger("pdorch.flow")
 
 Placer = Callable[[ClusterSnapshot, PlacementRequest], Placement]
 
-# Extra wait for a handoff beyond the workers' own deadline, so their precise error arrives first.
-_HANDOFF_GRACE_S = 5.0
-
 
 @dataclass
 class GenerationRequest:
@@ -106,15 +103,14 @@ class Orchestrator:
             route = self._dispatch(req)
             generated = 0
             while True:
-                timeout = self._next_timeout(route, generated)
+                timeout, code, what = self._next_timeout(req, route, generated)
                 remaining = self._cfg.request_timeout_s - (time.monotonic() - req.arrival)
                 try:
                     worker_id, event = await asyncio.wait_for(queue.get(), max(0.0, min(timeout, remaining)))
                 except TimeoutError:
-                    what = "first token" if generated == 0 else "next token"
-                    raise PdorchError(
-                        ErrorCode.DEADLINE_EXCEEDED, f"no {what} within {timeout:.0f}s"
-                    ) from None
+                    if remaining < timeout:
+                        code, what = ErrorCode.DEADLINE_EXCEEDED, "request did not finish"
+                    raise PdorchError(code, f"{what} within {min(timeout, remaining):.0f}s") from None
                 if isinstance(event, TokenOutput):
                     if worker_id == route.prefill and route.prefill != route.decode:
                         if not route.prefill_pending:
@@ -150,14 +146,22 @@ class Orchestrator:
             if route is not None:
                 self._close(req, route)
 
-    def _next_timeout(self, route: _Route, generated: int) -> float:
+    def _next_timeout(
+        self, req: GenerationRequest, route: _Route, generated: int
+    ) -> tuple[float, ErrorCode, str]:
+        """How long to wait for the next event, and what it means if nothing comes."""
         if generated == 0:
-            return self._cfg.first_token_timeout_s
+            return self._cfg.first_token_timeout_s, ErrorCode.DEADLINE_EXCEEDED, "no first token"
         if route.prefill != route.decode and not route.kv_loaded:
-            # Until the handoff completes, the workers' own KV deadline (the job's deadline_s)
-            # should fire first: it says what went wrong, where a bare timeout here cannot.
-            return self._cfg.first_token_timeout_s + _HANDOFF_GRACE_S
-        return self._cfg.token_timeout_s
+            # Prefill has answered, so the KV is computed and on the wire: it must land soon.
+            worker = self._cluster.get(route.decode)
+            kv_bytes = len(req.prompt_token_ids) * (worker.hello.kv_bytes_per_token if worker else 0)
+            return (
+                self._cfg.kv_handoff_timeout_s + kv_bytes / 1e9,
+                ErrorCode.KV_TIMEOUT,
+                "the KV handoff did not complete after prefill finished",
+            )
+        return self._cfg.token_timeout_s, ErrorCode.DEADLINE_EXCEEDED, "no next token"
 
     def _close(self, req: GenerationRequest, route: _Route) -> None:
         """Unreserve everywhere and cancel whatever may still run for the request."""

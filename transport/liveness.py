@@ -31,7 +31,9 @@ class PeerLiveness:
 class Backoff:
     """Exponential back-off with full jitter, capped; ``reset`` after a success."""
 
-    def __init__(self, initial_s: float = 0.1, max_s: float = 5.0, factor: float = 2.0, seed: int | None = None):
+    def __init__(
+        self, initial_s: float = 0.1, max_s: float = 5.0, factor: float = 2.0, seed: int | None = None
+    ):
         self.initial_s = initial_s
         self.max_s = max_s
         self.factor = factor

@@ -75,8 +75,11 @@ class DamagingProxy:
 
 
 @pytest.fixture
-def proxied_cluster(tmp_path) -> Iterator[tuple[LocalCluster, int, int]]:
+def proxied_cluster(tmp_path, monkeypatch) -> Iterator[tuple[LocalCluster, int, int]]:
     kv_port, proxy_port = free_port(), free_port()
+    # A cut connection loses the transfer's first message; the scheduler's handoff deadline
+    # (counted from prefill's answer) is what notices. Keep it short for the test.
+    monkeypatch.setenv("PDORCH_KV_HANDOFF_TIMEOUT_S", "3")
     cluster = start_cluster(
         tmp_path,
         kv_mode="p2p",

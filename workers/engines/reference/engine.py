@@ -158,6 +158,9 @@ class ReferenceEngine:
 
     async def _stream_kv(self, job: PrefillJob, layers: asyncio.Queue[tuple[int, np.ndarray]]) -> KvOutStream:
         assert job.kv is not None and self._sender is not None
+        # Open when the first rows exist (the receiver treats an open transfer that goes quiet as
+        # dead); prefill may wait in the engine's queue for a long time before that.
+        first = await layers.get()
         stream = await self._sender.open(
             job.kv,
             num_layers=self._cfg.layers,
@@ -167,7 +170,8 @@ class ReferenceEngine:
             deadline_s=job.deadline_s,
         )
         try:
-            for _ in range(self._cfg.layers):
+            await stream.send_layer(*first)
+            for _ in range(self._cfg.layers - 1):
                 layer, rows = await layers.get()
                 await stream.send_layer(layer, rows)
         except BaseException:

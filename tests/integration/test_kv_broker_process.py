@@ -1,0 +1,73 @@
+"""The KV broker as a real OS process: started with ``python -m``, used, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq.asyncio
+
+from transport.kv import ArraySink, KvReceiver, KvSender
+from transport.messages import KvRoute
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.e2e
+async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "transport.kv.broker_cli",
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--capacity-mb",
+        "64",
+        "--ttl-s",
+        "30",
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    ctx = zmq.asyncio.Context()
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line.startswith("kv-broker listening on tcp://127.0.0.1:"), line
+        endpoint = line.rsplit(" ", 1)[1].strip()
+
+        layers = np.random.default_rng(5).standard_normal((4, 256, 2, 8, 128)).astype(np.float16)
+        sender = KvSender(ctx)
+        fetcher = KvReceiver(ctx, bind=None)
+        await fetcher.start()
+        stream = await sender.open(
+            KvRoute("centralized", endpoint, "proc"),
+            num_layers=4,
+            rows_per_layer=256,
+            row_shape=(2, 8, 128),
+            dtype="float16",
+            deadline_s=30,
+        )
+        for layer in range(4):
+            await stream.send_layer(layer, layers[layer])
+        await stream.finish({"first_token": 3})
+        sink = ArraySink(4, 256, (2, 8, 128), "float16")
+        assert await fetcher.fetch(endpoint, "proc", sink, deadline_s=30) == {"first_token": 3}
+        assert np.array_equal(sink.layers, layers)
+        await sender.close()
+        await fetcher.close()
+
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        ctx.destroy(linger=0)

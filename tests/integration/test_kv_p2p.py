@@ -1,0 +1,379 @@
+"""p2p KV handoff over real loopback sockets: a KvSender streams to a KvReceiver's endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from transport.errors import ErrorCode, PdorchError
+from transport.kv import ArraySink, KvReceiver, KvSender
+from transport.messages import KvRoute
+
+OK_DEADLINE_S = 30.0  # generous: a shared 2-core machine; success never waits for it
+
+
+@pytest.fixture
+async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
+    context = zmq.asyncio.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
+    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", park_s=1.0)
+    await rx.start()
+    yield rx
+    await rx.close()
+
+
+@pytest.fixture
+async def sender(ctx: zmq.asyncio.Context) -> AsyncIterator[KvSender]:
+    tx = KvSender(ctx)
+    yield tx
+    await tx.close()
+
+
+def make_layers(
+    num_layers: int, rows: int, row_shape: tuple[int, ...], dtype: str, seed: int = 0
+) -> np.ndarray:
+    values = np.random.default_rng(seed).standard_normal((num_layers, rows, *row_shape)) * 100
+    return values.astype(dtype)
+
+
+async def send_all(
+    sender: KvSender, route: KvRoute, layers: np.ndarray, trailer: dict[str, int | str], deadline_s: float
+) -> None:
+    stream = await sender.open(
+        route,
+        num_layers=layers.shape[0],
+        rows_per_layer=layers.shape[1],
+        row_shape=layers.shape[2:],
+        dtype=layers.dtype.name,
+        deadline_s=deadline_s,
+    )
+    for layer in range(layers.shape[0]):
+        await stream.send_layer(layer, layers[layer])
+    await stream.finish(trailer)
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "rows", "row_shape", "dtype"),
+    [
+        (2, 1, (2, 8, 128), "float16"),  # a one-token prompt
+        (4, 300, (2, 8, 128), "float16"),
+        (3, 77, (16, 2, 4, 64), "float32"),  # vLLM-like: rows are KV blocks
+        (2, 1000, (3,), "int32"),
+        (1, 2200, (2, 8, 128), "float32"),  # 18 MiB: a layer larger than one frame
+    ],
+)
+async def test_round_trip_delivers_every_row_and_the_trailer(
+    sender: KvSender,
+    receiver: KvReceiver,
+    num_layers: int,
+    rows: int,
+    row_shape: tuple[int, ...],
+    dtype: str,
+) -> None:
+    layers = make_layers(num_layers, rows, row_shape, dtype)
+    sink = ArraySink(num_layers, rows, row_shape, dtype)
+    receiving = asyncio.create_task(receiver.receive("t1", sink, deadline_s=OK_DEADLINE_S))
+    await send_all(
+        sender, KvRoute("p2p", receiver.endpoint, "t1"), layers, {"first_token": 42}, OK_DEADLINE_S
+    )
+    assert await receiving == {"first_token": 42}
+    assert np.array_equal(sink.layers, layers)
+    assert receiver.stats.completed == 1
+
+
+async def test_sender_may_begin_before_the_receiver_expects_the_transfer(
+    sender: KvSender, receiver: KvReceiver
+) -> None:
+    layers = make_layers(2, 50, (4,), "float16")
+    sending = asyncio.create_task(
+        send_all(sender, KvRoute("p2p", receiver.endpoint, "early"), layers, {"x": "y"}, OK_DEADLINE_S)
+    )
+    await wait_until(lambda: receiver.stats.parked == 1)
+    sink = ArraySink(2, 50, (4,), "float16")
+    assert await receiver.receive("early", sink, deadline_s=OK_DEADLINE_S) == {"x": "y"}
+    await sending
+    assert np.array_equal(sink.layers, layers)
+
+
+async def test_many_concurrent_transfers_to_one_receiver(ctx: zmq.asyncio.Context) -> None:
+    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", max_active=3, window_bytes=256 * 1024)
+    await receiver.start()
+    senders = [KvSender(ctx, max_chunk_bytes=64 * 1024) for _ in range(3)]
+    try:
+        count = 16
+        all_layers = [make_layers(3, 100 + i, (2, 4, 32), "float16", seed=i) for i in range(count)]
+        sinks = [ArraySink(3, 100 + i, (2, 4, 32), "float16") for i in range(count)]
+        receiving = [
+            asyncio.create_task(receiver.receive(f"c{i}", sinks[i], deadline_s=OK_DEADLINE_S))
+            for i in range(count)
+        ]
+        sending = [
+            send_all(senders[i % 3], KvRoute("p2p", receiver.endpoint, f"c{i}"), all_layers[i], {"i": i}, 60)
+            for i in range(count)
+        ]
+        await asyncio.gather(*sending)
+        trailers = await asyncio.gather(*receiving)
+        assert trailers == [{"i": i} for i in range(count)]
+        for sink, layers in zip(sinks, all_layers, strict=True):
+            assert np.array_equal(sink.layers, layers)
+    finally:
+        for tx in senders:
+            await tx.close()
+        await receiver.close()
+
+
+async def test_nothing_arriving_is_kv_timeout(receiver: KvReceiver) -> None:
+    with pytest.raises(PdorchError) as info:
+        await receiver.receive("never", ArraySink(1, 1, (1,), "uint8"), deadline_s=0.3)
+    assert info.value.code is ErrorCode.KV_TIMEOUT
+    assert receiver.stats.failed == 1
+
+
+async def test_unexpected_transfer_is_refused_after_parking(sender: KvSender, receiver: KvReceiver) -> None:
+    layers = make_layers(1, 10, (4,), "float16")
+    with pytest.raises(PdorchError) as info:
+        await send_all(sender, KvRoute("p2p", receiver.endpoint, "nobody"), layers, {}, OK_DEADLINE_S)
+    assert info.value.code is ErrorCode.KV_REJECTED
+    assert receiver.stats.refused_begins == 1
+
+
+async def test_missing_layer_fails_both_sides_as_truncated(sender: KvSender, receiver: KvReceiver) -> None:
+    layers = make_layers(3, 20, (4,), "float16")
+    sink = ArraySink(3, 20, (4,), "float16")
+    receiving = asyncio.create_task(receiver.receive("short", sink, deadline_s=OK_DEADLINE_S))
+    stream = await sender.open(
+        KvRoute("p2p", receiver.endpoint, "short"),
+        num_layers=3,
+        rows_per_layer=20,
+        row_shape=(4,),
+        dtype="float16",
+        deadline_s=OK_DEADLINE_S,
+    )
+    await stream.send_layer(0, layers[0])
+    await stream.send_layer(2, layers[2])
+    with pytest.raises(PdorchError) as sent:
+        await stream.finish({})
+    with pytest.raises(PdorchError) as received:
+        await receiving
+    assert sent.value.code is ErrorCode.KV_TRUNCATED
+    assert received.value.code is ErrorCode.KV_TRUNCATED
+
+
+async def test_sender_abort_fails_the_receiver(sender: KvSender, receiver: KvReceiver) -> None:
+    sink = ArraySink(2, 20, (4,), "float16")
+    receiving = asyncio.create_task(receiver.receive("gave-up", sink, deadline_s=OK_DEADLINE_S))
+    stream = await sender.open(
+        KvRoute("p2p", receiver.endpoint, "gave-up"),
+        num_layers=2,
+        rows_per_layer=20,
+        row_shape=(4,),
+        dtype="float16",
+        deadline_s=OK_DEADLINE_S,
+    )
+    await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
+    await stream.abort("prefill failed")
+    with pytest.raises(PdorchError) as info:
+        await receiving
+    assert info.value.code is ErrorCode.KV_TRUNCATED
+    assert "prefill failed" in info.value.message
+
+
+async def test_closing_sender_aborts_its_open_transfers(
+    ctx: zmq.asyncio.Context, receiver: KvReceiver
+) -> None:
+    sender = KvSender(ctx)
+    sink = ArraySink(2, 20, (4,), "float16")
+    receiving = asyncio.create_task(receiver.receive("closed", sink, deadline_s=OK_DEADLINE_S))
+    stream = await sender.open(
+        KvRoute("p2p", receiver.endpoint, "closed"),
+        num_layers=2,
+        rows_per_layer=20,
+        row_shape=(4,),
+        dtype="float16",
+        deadline_s=OK_DEADLINE_S,
+    )
+    await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
+    await sender.close()  # an orderly shutdown of the prefill agent
+    with pytest.raises(PdorchError) as info:
+        await asyncio.wait_for(receiving, 10)  # told at once, not at its deadline
+    assert info.value.code is ErrorCode.KV_TRUNCATED
+
+
+KILLED_SENDER = """
+import asyncio, sys
+import numpy as np, zmq.asyncio
+from transport.kv import KvSender
+from transport.messages import KvRoute
+
+async def main() -> None:
+    sender = KvSender(zmq.asyncio.Context())
+    stream = await sender.open(KvRoute("p2p", sys.argv[1], "killed"), num_layers=2, rows_per_layer=20,
+                               row_shape=(4,), dtype="float16", deadline_s=60)
+    await stream.send_layer(0, np.zeros((20, 4), np.float16))
+    print("sent", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.e2e
+async def test_killed_sender_is_kv_timeout_on_the_receiver(receiver: KvReceiver) -> None:
+    sink = ArraySink(2, 20, (4,), "float16")
+    receiving = asyncio.create_task(receiver.receive("killed", sink, deadline_s=10))
+    root = Path(__file__).resolve().parents[2]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        KILLED_SENDER,
+        receiver.endpoint,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == b"sent"
+    finally:
+        proc.kill()  # the prefill agent dies mid-transfer: no end, no abort
+        await proc.wait()
+    await wait_until(lambda: sink.bytes_written == 20 * 4 * 2)
+    with pytest.raises(PdorchError) as info:
+        await receiving
+    assert info.value.code is ErrorCode.KV_TIMEOUT
+
+
+async def test_absent_receiver_is_kv_timeout_on_the_sender(
+    ctx: zmq.asyncio.Context, sender: KvSender
+) -> None:
+    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0")
+    await rx.start()
+    endpoint = rx.endpoint
+    await rx.close()  # the decode agent is gone; nothing listens there any more
+    stream = await sender.open(
+        KvRoute("p2p", endpoint, "lost"),
+        num_layers=1,
+        rows_per_layer=4,
+        row_shape=(4,),
+        dtype="uint8",
+        deadline_s=0.5,
+    )
+    with pytest.raises(PdorchError) as info:
+        await stream.send_layer(0, np.zeros((4, 4), np.uint8))
+    assert info.value.code is ErrorCode.KV_TIMEOUT
+
+
+async def test_wrong_layer_shape_is_refused_locally(sender: KvSender, receiver: KvReceiver) -> None:
+    stream = await sender.open(
+        KvRoute("p2p", receiver.endpoint, "shape"),
+        num_layers=1,
+        rows_per_layer=4,
+        row_shape=(4,),
+        dtype="uint8",
+        deadline_s=OK_DEADLINE_S,
+    )
+    with pytest.raises(PdorchError):
+        await stream.send_layer(0, np.zeros((5, 4), np.uint8))
+    with pytest.raises(PdorchError):
+        await stream.send_layer(1, np.zeros((4, 4), np.uint8))
+    await stream.abort("test done")
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_transfer_waiting_for_a_busy_receiver_times_out_on_both_sides(ctx: zmq.asyncio.Context) -> None:
+    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", max_active=1)
+    await receiver.start()
+    sender = KvSender(ctx)
+    try:
+        busy = asyncio.create_task(receiver.receive("busy", ArraySink(1, 4, (4,), "uint8"), deadline_s=30))
+        stalled = await sender.open(
+            KvRoute("p2p", receiver.endpoint, "busy"),
+            num_layers=1,
+            rows_per_layer=4,
+            row_shape=(4,),
+            dtype="uint8",
+            deadline_s=30,
+        )  # accepted, then never sends: it holds the only slot
+        await wait_until(lambda: receiver.stats.active == 1)
+        waiting = asyncio.create_task(
+            receiver.receive("queued", ArraySink(1, 4, (4,), "uint8"), deadline_s=0.5)
+        )
+        queued = await sender.open(
+            KvRoute("p2p", receiver.endpoint, "queued"),
+            num_layers=1,
+            rows_per_layer=4,
+            row_shape=(4,),
+            dtype="uint8",
+            deadline_s=30,
+        )
+        with pytest.raises(PdorchError) as received:
+            await waiting
+        assert received.value.code is ErrorCode.KV_TIMEOUT
+        with pytest.raises(PdorchError) as sent:  # told at once, not at its own 30 s deadline
+            await asyncio.wait_for(queued.send_layer(0, np.zeros((4, 4), np.uint8)), 10)
+        assert sent.value.code is ErrorCode.KV_TIMEOUT
+        await stalled.send_layer(0, np.ones((4, 4), np.uint8))
+        await stalled.finish({})
+        assert await busy == {}
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+class BrokenSink:
+    def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
+        raise ValueError("engine bug")
+
+
+async def test_a_failing_sink_fails_the_transfer_on_both_sides(
+    sender: KvSender, receiver: KvReceiver
+) -> None:
+    receiving = asyncio.create_task(receiver.receive("broken", BrokenSink(), deadline_s=OK_DEADLINE_S))
+    with pytest.raises(PdorchError) as sent:
+        await send_all(
+            sender, KvRoute("p2p", receiver.endpoint, "broken"), make_layers(1, 8, (4,), "float16"), {}, 30
+        )
+    with pytest.raises(PdorchError) as received:
+        await receiving
+    assert sent.value.code is ErrorCode.INTERNAL and received.value.code is ErrorCode.INTERNAL
+    # The receiver goes on serving.
+    layers = make_layers(1, 8, (4,), "float16")
+    sink = ArraySink(1, 8, (4,), "float16")
+    receiving = asyncio.create_task(receiver.receive("after", sink, deadline_s=OK_DEADLINE_S))
+    await send_all(sender, KvRoute("p2p", receiver.endpoint, "after"), layers, {}, OK_DEADLINE_S)
+    await receiving
+    assert np.array_equal(sink.layers, layers)
+
+
+async def test_rows_too_large_for_a_frame_are_refused_at_open(sender: KvSender, receiver: KvReceiver) -> None:
+    with pytest.raises(PdorchError) as info:
+        await sender.open(
+            KvRoute("p2p", receiver.endpoint, "huge"),
+            num_layers=1,
+            rows_per_layer=1,
+            row_shape=(17, 1024, 1024),
+            dtype="uint8",
+            deadline_s=1,
+        )
+    assert info.value.code is ErrorCode.INVALID_REQUEST

@@ -1,0 +1,85 @@
+"""Credit accounting, chunk planning and the checksum, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from transport.codec import MAX_FRAME_BYTES
+from transport.errors import ErrorCode, PdorchError
+from transport.kv.checksum import checksum
+from transport.kv.chunking import chunk_spans, rows_per_chunk
+from transport.kv.deadline import Deadline
+from transport.kv.flow_control import ReceiveWindow, SendCredit
+
+
+def test_receive_window_regrants_in_quarters_and_detects_overrun() -> None:
+    window = ReceiveWindow(1000)
+    assert window.first_grant() == 1000
+    assert window.on_arrival(600)
+    assert window.on_consumed(200) == 0  # below a quarter: not worth a message yet
+    assert window.on_consumed(100) == 300
+    assert window.on_arrival(400)
+    assert not window.on_arrival(301)  # 1000 + 300 granted, 1000 arrived: 300 left
+    assert window.on_arrival(300)
+
+
+async def test_send_credit_waits_for_grants_and_never_exceeds_them() -> None:
+    credit = SendCredit(cap_bytes=1 << 30)
+    credit.grant(100)
+    await credit.take(60, Deadline(1.0))
+    waiter = asyncio.create_task(credit.take(60, Deadline(5.0)))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    credit.grant(20)
+    await asyncio.sleep(0.01)
+    assert waiter.done()
+    assert credit.peak_in_flight <= 100
+
+
+async def test_send_credit_times_out_and_fails_waiters() -> None:
+    credit = SendCredit(cap_bytes=1 << 30)
+    with pytest.raises(PdorchError) as info:
+        await credit.take(1, Deadline(0.05))
+    assert info.value.code is ErrorCode.KV_TIMEOUT
+    waiter = asyncio.create_task(credit.take(1, Deadline(5.0)))
+    await asyncio.sleep(0)
+    credit.fail(PdorchError(ErrorCode.KV_CORRUPT, "receiver said so"))
+    with pytest.raises(PdorchError) as info:
+        await waiter
+    assert info.value.code is ErrorCode.KV_CORRUPT
+
+
+async def test_sender_cap_bounds_in_flight_below_the_receivers_credit() -> None:
+    credit = SendCredit(cap_bytes=100)
+    credit.grant(1000)
+    await credit.take(80, Deadline(1.0))
+    with pytest.raises(PdorchError):
+        await credit.take(80, Deadline(0.05))
+    credit.grant(80)  # the receiver consumed the first 80
+    await credit.take(80, Deadline(1.0))
+    assert credit.peak_in_flight == 80
+
+
+def test_chunks_cover_every_row_once_within_the_size_limit() -> None:
+    per_chunk = rows_per_chunk(row_bytes=4096, max_chunk_bytes=1 << 20)
+    assert per_chunk == 256
+    spans = chunk_spans(1000, per_chunk)
+    assert spans == [(0, 256), (256, 256), (512, 256), (768, 232)]
+    assert rows_per_chunk(row_bytes=4096, max_chunk_bytes=1 << 30) * 4096 <= MAX_FRAME_BYTES
+    assert rows_per_chunk(row_bytes=3 << 20, max_chunk_bytes=1 << 20) == 1  # one row at least
+
+
+def test_a_row_larger_than_a_frame_is_refused() -> None:
+    with pytest.raises(PdorchError):
+        rows_per_chunk(row_bytes=MAX_FRAME_BYTES + 1, max_chunk_bytes=MAX_FRAME_BYTES)
+
+
+def test_checksum_sees_a_single_flipped_bit() -> None:
+    rows = np.random.default_rng(1).standard_normal((64, 2, 8, 128)).astype(np.float16)
+    flipped = rows.copy()
+    flipped.view(np.uint8).reshape(-1)[12345] ^= 1
+    assert checksum(rows) == checksum(rows.copy())
+    assert checksum(rows) != checksum(flipped)

@@ -1,0 +1,56 @@
+"""Socket helpers: options applied, port 0 resolved, wildcard hosts advertised."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from transport.codec import MAX_FRAME_BYTES
+from transport.sockets import advertised_endpoint, bound_endpoint, dealer, normalize_bind, router
+
+
+@pytest.fixture
+async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
+    context = zmq.asyncio.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.mark.parametrize("bind", ["tcp://127.0.0.1:0", "tcp://127.0.0.1:*"])
+async def test_router_binds_a_free_port_and_reports_it(ctx: zmq.asyncio.Context, bind: str) -> None:
+    sock = router(ctx, bind)
+    endpoint = bound_endpoint(sock)
+    host, _, port = endpoint.rpartition(":")
+    assert host == "tcp://127.0.0.1" and int(port) > 0
+    assert sock.getsockopt(zmq.LINGER) == 0
+    assert sock.getsockopt(zmq.MAXMSGSIZE) == MAX_FRAME_BYTES
+    assert sock.getsockopt(zmq.TCP_KEEPALIVE) == 1
+    sock.close()
+
+
+async def test_router_refuses_to_send_to_an_unknown_peer(ctx: zmq.asyncio.Context) -> None:
+    sock = router(ctx, "tcp://127.0.0.1:0")
+    with pytest.raises(zmq.ZMQError) as info:
+        await sock.send_multipart([b"nobody", b"x"], flags=zmq.NOBLOCK)
+    assert info.value.errno == zmq.EHOSTUNREACH
+    sock.close()
+
+
+async def test_dealer_with_identity_reaches_the_router(ctx: zmq.asyncio.Context) -> None:
+    server = router(ctx, "tcp://127.0.0.1:0", handover=True)
+    client = dealer(ctx, bound_endpoint(server), identity=b"worker-1")
+    await client.send(b"hello")
+    identity, payload = await server.recv_multipart()
+    assert (identity, payload) == (b"worker-1", b"hello")
+    client.close()
+    server.close()
+
+
+def test_endpoint_helpers() -> None:
+    assert normalize_bind("tcp://0.0.0.0:0") == "tcp://0.0.0.0:*"
+    assert normalize_bind("tcp://0.0.0.0:5700") == "tcp://0.0.0.0:5700"
+    assert advertised_endpoint("tcp://0.0.0.0:5700", "10.1.2.3") == "tcp://10.1.2.3:5700"
+    assert advertised_endpoint("tcp://127.0.0.1:5700", "10.1.2.3") == "tcp://127.0.0.1:5700"

@@ -1,0 +1,338 @@
+"""The KV broker (centralized mode): stores transfers from prefill agents, streams them to decode
+agents on request, and forgets them only once a decode agent confirmed it has the whole transfer.
+
+Toward prefill agents it is a receiver like a decode agent's (same messages, same checks); toward
+decode agents it is a sender like a prefill agent's, started by a :class:`KvFetch`. A fetch may
+come before the transfer began (it waits, up to its ``wait_ms``) or while it is arriving: chunks
+are forwarded as they come (cut-through), so the two hops overlap; if the inbound transfer then
+fails, the fetch is aborted (the decode side sees ``KV_TRUNCATED``). Several fetches of one
+transfer may run (e.g. a retry on another decode agent after the first died): each gets the whole
+transfer; the first to acknowledge deletes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from transport.codec import Decoder, Encoder
+from transport.errors import ErrorCode, PdorchError
+from transport.kv.deadline import Deadline
+from transport.kv.in_transfer import InTransfer, ReplyFn, validate_begin
+from transport.kv.messages import (
+    KV_PROTOCOL_VERSION,
+    KvAbort,
+    KvAccept,
+    KvAck,
+    KvBegin,
+    KvChunk,
+    KvCredit,
+    KvEnd,
+    KvFetch,
+    KvMessage,
+    KvNack,
+)
+from transport.kv.out_stream import KvOutStream, SendFn
+from transport.kv.receiver import DEFAULT_RECEIVER_WINDOW_BYTES
+from transport.kv.sender import DEFAULT_MAX_CHUNK_BYTES
+from transport.kv.store import KvEntry, KvStore
+from transport.sockets import bound_endpoint, router
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_INTERVAL_S = 0.25
+
+
+class KvBrokerStats(msgspec.Struct, gc=False):
+    entries: int = 0
+    bytes: int = 0
+    capacity_bytes: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    evicted: int = 0
+    delivered: int = 0
+    failed_inbound: int = 0
+    failed_fetches: int = 0
+    dropped_messages: int = 0
+    active_fetches: int = 0
+    waiting_fetches: int = 0
+
+
+class _Inbound(msgspec.Struct, gc=False):
+    identity: bytes
+    transfer: InTransfer
+    entry: KvEntry
+
+
+class KvBroker:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        *,
+        bind: str,
+        capacity_bytes: int,
+        ttl_s: float,
+        window_bytes: int = DEFAULT_RECEIVER_WINDOW_BYTES,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    ) -> None:
+        self._ctx = ctx
+        self._bind = bind
+        self._window_bytes = window_bytes
+        self._max_chunk_bytes = max_chunk_bytes
+        self._store = KvStore(capacity_bytes, ttl_s, clock=lambda: asyncio.get_running_loop().time())
+        self.endpoint = ""
+        self._router: zmq.asyncio.Socket | None = None
+        self._encoder = Encoder()
+        self._decoder: Decoder[KvMessage] = Decoder(KvMessage)
+        self._inbound: dict[str, _Inbound] = {}
+        self._fetches: dict[tuple[bytes, str], KvOutStream] = {}
+        self._waiting: dict[str, dict[bytes, Deadline]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stats = KvBrokerStats()
+
+    @property
+    def stats(self) -> KvBrokerStats:
+        return msgspec.structs.replace(
+            self._stats,
+            entries=len(self._store),
+            bytes=self._store.used_bytes,
+            capacity_bytes=self._store.capacity_bytes,
+            active_fetches=len(self._fetches),
+            waiting_fetches=sum(len(w) for w in self._waiting.values()),
+        )
+
+    async def start(self) -> None:
+        self._router = router(self._ctx, self._bind)
+        self.endpoint = bound_endpoint(self._router)
+        self._spawn(self._recv_loop(self._router), "kv-broker")
+        self._spawn(self._housekeeping(), "kv-broker-housekeeping")
+
+    async def close(self) -> None:
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._router is not None:
+            self._router.close(linger=0)
+            self._router = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----------------------------------------------------------------- wire
+
+    async def _recv_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            if len(frames) < 2:
+                self._stats.dropped_messages += 1
+                continue
+            identity = frames[0].bytes
+            try:
+                msg = self._decoder.decode(frames[1:])
+            except PdorchError:
+                self._stats.dropped_messages += 1
+                continue
+            try:
+                await self._dispatch(identity, msg)
+            except Exception:  # one transfer's bug must not stop the broker
+                log.exception("KV broker failed on a message for %s", msg.transfer_id)
+
+    async def _reply(self, identity: bytes, msg: KvMessage) -> None:
+        """A control reply: never waits; a peer that is gone or not reading loses it."""
+        assert self._router is not None
+        with contextlib.suppress(zmq.ZMQError):
+            frames = [identity, *self._encoder.encode(msg)]
+            await self._router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+
+    def _replier(self, identity: bytes) -> ReplyFn:
+        async def reply(msg: KvMessage) -> None:
+            await self._reply(identity, msg)
+
+        return reply
+
+    def _data_sender(self, identity: bytes) -> SendFn:
+        async def send(msg: KvMessage) -> None:
+            assert self._router is not None
+            try:
+                await self._router.send_multipart([identity, *self._encoder.encode(msg)], copy=False)
+            except zmq.ZMQError as e:  # EHOSTUNREACH: the fetcher disconnected
+                raise PdorchError(ErrorCode.WORKER_LOST, f"fetcher is gone: {e}") from None
+
+        return send
+
+    async def _nack(self, identity: bytes, tid: str, code: ErrorCode, message: str) -> None:
+        await self._reply(identity, KvNack(transfer_id=tid, code=str(code), message=message))
+
+    async def _dispatch(self, identity: bytes, msg: KvMessage) -> None:
+        tid = msg.transfer_id
+        if isinstance(msg, KvBegin):
+            await self._on_begin(identity, msg)
+        elif isinstance(msg, KvFetch):
+            await self._on_fetch(identity, msg)
+        elif isinstance(msg, KvChunk | KvEnd | KvAbort) and self._is_inbound_from(identity, tid):
+            inbound = self._inbound[tid]
+            await inbound.transfer.handle(msg)
+            if inbound.transfer.done.is_set():
+                await self._settle_inbound(tid)
+        elif isinstance(msg, KvAccept | KvCredit | KvAck | KvNack) and (identity, tid) in self._fetches:
+            await self._fetches[(identity, tid)].handle(msg)
+        elif isinstance(msg, KvNack | KvAbort) and identity in self._waiting.get(tid, {}):
+            self._drop_waiter(tid, identity)
+        else:
+            self._stats.dropped_messages += 1
+
+    def _is_inbound_from(self, identity: bytes, tid: str) -> bool:
+        inbound = self._inbound.get(tid)
+        return inbound is not None and inbound.identity == identity
+
+    # ----------------------------------------------------------------- from prefill agents
+
+    async def _on_begin(self, identity: bytes, begin: KvBegin) -> None:
+        tid = begin.transfer_id
+        if begin.version != KV_PROTOCOL_VERSION:
+            await self._nack(identity, tid, ErrorCode.PROTOCOL_MISMATCH, f"KV protocol {begin.version}")
+            return
+        try:
+            row_bytes = validate_begin(begin)
+            entry = self._store.reserve(begin, row_bytes * begin.rows_per_layer * begin.num_layers)
+        except PdorchError as e:
+            if e.code is ErrorCode.KV_REJECTED:
+                self._stats.rejected += 1
+            if self._store.get(tid) is None:  # never held: a fetch for it learns why
+                self._store.remember(tid, e.code, e.message)
+                await self._refuse_waiters(tid, e.code, e.message)
+            await self._nack(identity, tid, e.code, e.message)
+            return
+        transfer = InTransfer(begin, entry, self._window_bytes, self._replier(identity))
+        self._inbound[tid] = _Inbound(identity, transfer, entry)
+        self._stats.accepted += 1
+        await transfer.accept()
+        for waiter, deadline in self._waiting.pop(tid, {}).items():
+            self._start_serving(waiter, entry, deadline)
+
+    async def _settle_inbound(self, tid: str) -> None:
+        inbound = self._inbound.pop(tid)
+        error = inbound.transfer.error
+        if error is not None:
+            self._stats.failed_inbound += 1
+            inbound.entry.fail(error)
+            self._store.remove(tid, error.code, f"the prefill side's transfer failed: {error.message}")
+            return
+        inbound.entry.finish(inbound.transfer.trailer)
+
+    # ----------------------------------------------------------------- to decode agents
+
+    async def _on_fetch(self, identity: bytes, fetch: KvFetch) -> None:
+        tid = fetch.transfer_id
+        if fetch.version != KV_PROTOCOL_VERSION:
+            await self._nack(identity, tid, ErrorCode.PROTOCOL_MISMATCH, f"KV protocol {fetch.version}")
+            return
+        if (identity, tid) in self._fetches or identity in self._waiting.get(tid, {}):
+            self._stats.dropped_messages += 1  # a duplicate fetch from the same peer
+            return
+        deadline = Deadline(fetch.wait_ms / 1000)
+        entry = self._store.get(tid)
+        tombstone = self._store.tombstone(tid)
+        if entry is not None:  # complete, or still arriving: forwarded as it comes
+            self._start_serving(identity, entry, deadline)
+        elif tombstone is not None:
+            await self._nack(identity, tid, tombstone.code, tombstone.message)
+        else:  # not begun yet
+            self._waiting.setdefault(tid, {})[identity] = deadline
+
+    def _start_serving(self, identity: bytes, entry: KvEntry, deadline: Deadline) -> None:
+        begin = entry.begin
+        stream = KvOutStream(
+            transfer_id=begin.transfer_id,
+            num_layers=begin.num_layers,
+            rows_per_layer=begin.rows_per_layer,
+            row_shape=tuple(begin.row_shape),
+            dtype=begin.dtype,
+            deadline=deadline,
+            send=self._data_sender(identity),
+            max_chunk_bytes=self._max_chunk_bytes,
+            max_in_flight_bytes=self._window_bytes,
+        )
+        self._fetches[(identity, begin.transfer_id)] = stream
+        entry.active_fetches += 1
+        self._spawn(self._serve(identity, entry, stream, deadline), f"kv-broker fetch {begin.transfer_id}")
+
+    async def _serve(self, identity: bytes, entry: KvEntry, stream: KvOutStream, deadline: Deadline) -> None:
+        tid = entry.transfer_id
+        try:
+            await stream.begin()
+            sent = 0
+            while not (entry.complete and sent == len(entry.chunks)):
+                if sent < len(entry.chunks):
+                    chunk = entry.chunks[sent]
+                    await stream.send_rows(chunk.layer, chunk.row_offset, chunk.rows, chunk.checksum)
+                    sent += 1
+                elif entry.error is not None:
+                    await stream.abort(f"the prefill side's transfer failed: {entry.error.message}")
+                    raise entry.error
+                else:
+                    await entry.wait_for_change(deadline)
+            await stream.finish(entry.trailer)
+        except PdorchError as e:
+            # The entry stays: another decode agent (or a retry) may fetch it.
+            self._stats.failed_fetches += 1
+            log.info("fetch of %s failed, keeping it: %s", tid, e)
+        else:
+            self._stats.delivered += 1
+            self._store.remove(tid, ErrorCode.KV_REJECTED, "already delivered to a decode agent")
+        finally:
+            entry.active_fetches -= 1
+            self._fetches.pop((identity, tid), None)
+
+    def _drop_waiter(self, tid: str, identity: bytes) -> None:
+        waiters = self._waiting.get(tid, {})
+        waiters.pop(identity, None)
+        if not waiters:
+            self._waiting.pop(tid, None)
+
+    async def _refuse_waiters(self, tid: str, code: ErrorCode, message: str) -> None:
+        for identity in self._waiting.pop(tid, {}):
+            await self._nack(identity, tid, code, message)
+
+    # ----------------------------------------------------------------- time
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+            await self._evict_expired()
+            for tid, waiters in list(self._waiting.items()):
+                for identity, deadline in list(waiters.items()):
+                    if deadline.expired():
+                        self._drop_waiter(tid, identity)
+                        await self._nack(identity, tid, ErrorCode.KV_TIMEOUT, "transfer not complete in time")
+
+    async def _evict_expired(self) -> None:
+        for entry in self._store.expired():
+            tid = entry.transfer_id
+            message = f"evicted after {self._store.ttl_s:g} s unclaimed"
+            inbound = self._inbound.pop(tid, None)
+            if inbound is not None:
+                await inbound.transfer.fail(ErrorCode.KV_TIMEOUT, message)
+            entry.fail(PdorchError(ErrorCode.KV_TIMEOUT, message))
+            self._store.remove(tid, ErrorCode.KV_TIMEOUT, message)
+            self._stats.evicted += 1
+            await self._refuse_waiters(tid, ErrorCode.KV_TIMEOUT, message)
+
+
+def broker_main(argv: list[str] | None = None) -> int:
+    """``pdorch kv-broker``: the command line lives in ``broker_cli.py``."""
+    from transport.kv.broker_cli import broker_main as run  # late: broker_cli imports this module
+
+    return run(argv)

@@ -1,0 +1,76 @@
+"""One DEALER connection to a KV peer, carrying many transfers, each dispatched by its id.
+
+A prefill agent holds one link per destination (decode agent or broker); a decode agent holds one
+per broker it fetches from. Replies that do not decode, or that name a transfer nobody waits for,
+are dropped and counted; they never disturb the other transfers on the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+
+from transport.codec import Decoder, Encoder
+from transport.errors import PdorchError
+from transport.kv.messages import KvMessage
+from transport.sockets import dealer
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[KvMessage], Awaitable[None]]
+
+
+class DealerLink:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._sock = dealer(ctx, endpoint)
+        self._encoder = Encoder()
+        self._decoder: Decoder[KvMessage] = Decoder(KvMessage)
+        self._handlers: dict[str, Handler] = {}
+        self._task = asyncio.create_task(self._recv_loop(), name=f"kv-link {endpoint}")
+        self.dropped_messages = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self._handlers
+
+    def register(self, transfer_id: str, handler: Handler) -> None:
+        self._handlers[transfer_id] = handler
+
+    def unregister(self, transfer_id: str) -> None:
+        self._handlers.pop(transfer_id, None)
+
+    def has(self, transfer_id: str) -> bool:
+        return transfer_id in self._handlers
+
+    async def send(self, msg: KvMessage) -> None:
+        await self._sock.send_multipart(self._encoder.encode(msg), copy=False)
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                msg = self._decoder.decode(frames)
+            except PdorchError as e:
+                self.dropped_messages += 1
+                log.debug("dropped a malformed KV message from %s: %s", self.endpoint, e)
+                continue
+            handler = self._handlers.get(msg.transfer_id)
+            if handler is None:
+                self.dropped_messages += 1
+                continue
+            try:
+                await handler(msg)
+            except Exception:  # a bug in one transfer must not stop the link for the others
+                log.exception("KV handler for %s failed", msg.transfer_id)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._sock.close(linger=0)

@@ -1,0 +1,206 @@
+"""The receiving half of one transfer: checks every chunk before the sink sees it.
+
+Checks, in order, for each chunk: the sender held credit for it, it is the next in sequence (a gap
+means a lost chunk: ``KV_TRUNCATED``), its geometry matches the begin message and it continues its
+layer where the previous chunk stopped, and its checksum matches (else ``KV_CORRUPT``). Only then
+are its rows written to the sink. The end message's totals must match what arrived and cover every
+row of every layer (else ``KV_TRUNCATED``). Any failure is final and is told to the sender (nack).
+
+Used by the decode agent's receiver (p2p and fetch) and by the broker (storing a transfer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from transport.errors import ErrorCode, PdorchError
+from transport.kv.checksum import checksum
+from transport.kv.flow_control import ReceiveWindow
+from transport.kv.messages import (
+    KvAbort,
+    KvAccept,
+    KvAck,
+    KvBegin,
+    KvChunk,
+    KvCredit,
+    KvEnd,
+    KvMessage,
+    KvNack,
+    nack_error,
+)
+
+log = logging.getLogger(__name__)
+
+ReplyFn = Callable[[KvMessage], Awaitable[None]]
+# Geometry bounds for a begin message: refuse absurd announcements before acting on them.
+MAX_LAYERS = 4096
+MAX_ROW_DIMS = 7
+
+
+class KvSink(Protocol):
+    """Where verified rows go on the receiving side (e.g. the engine's paged KV cache).
+
+    ``rows`` is a read-only view over the received frame: copy it, or keep a reference to it."""
+
+    def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None: ...
+
+
+@runtime_checkable
+class ChecksummedKvSink(Protocol):
+    """A sink that keeps each chunk whole with its verified checksum (the broker: it re-sends chunks
+    as they came, so it need not hash them again)."""
+
+    def write_checksummed(self, layer: int, row_offset: int, rows: np.ndarray, checksum: int) -> None: ...
+
+
+def validate_begin(begin: KvBegin) -> int:
+    """Row size in bytes of a plausible begin message; ``BAD_MESSAGE`` otherwise."""
+    try:
+        dtype = np.dtype(begin.dtype)
+    except TypeError:
+        raise PdorchError(ErrorCode.BAD_MESSAGE, f"unknown dtype {begin.dtype!r}") from None
+    if (
+        dtype.hasobject
+        or dtype.itemsize == 0
+        or not 0 < begin.num_layers <= MAX_LAYERS
+        or begin.rows_per_layer <= 0
+        or len(begin.row_shape) > MAX_ROW_DIMS
+        or any(d <= 0 for d in begin.row_shape)
+    ):
+        raise PdorchError(ErrorCode.BAD_MESSAGE, f"implausible KV geometry in begin of {begin.transfer_id}")
+    return int(np.prod(begin.row_shape, dtype=np.int64)) * dtype.itemsize
+
+
+class InTransfer:
+    def __init__(self, begin: KvBegin, sink: KvSink, window_bytes: int, reply: ReplyFn) -> None:
+        """``begin`` must have passed :func:`validate_begin`."""
+        self.transfer_id = begin.transfer_id
+        self.begin = begin
+        self._sink = sink
+        # Decided once: a runtime Protocol check is far too slow to make per chunk.
+        self._checksummed_sink = sink if isinstance(sink, ChecksummedKvSink) else None
+        self._reply = reply
+        self._dtype = np.dtype(begin.dtype)
+        self._row_shape = tuple(begin.row_shape)
+        self.row_bytes = validate_begin(begin)
+        self.total_bytes = self.row_bytes * begin.rows_per_layer * begin.num_layers
+        # At least two rows of credit, so a chunk always fits however small the configured window.
+        self._window = ReceiveWindow(max(window_bytes, 2 * self.row_bytes))
+        self._next_seq = 0
+        self._layer_rows = [0] * begin.num_layers
+        self._payload_bytes = 0
+        self.done = asyncio.Event()
+        # Loop time of the last sign of life from the sender, from acceptance on. Senders open a
+        # transfer when its first rows exist, so an accepted transfer that goes quiet is dead.
+        self.last_activity: float | None = None
+        self.error: PdorchError | None = None
+        self.trailer: dict[str, int | str] = {}
+
+    @property
+    def window_bytes(self) -> int:
+        return self._window.window
+
+    async def accept(self) -> None:
+        self.last_activity = asyncio.get_running_loop().time()
+        await self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=self._window.first_grant()))
+
+    async def handle(self, msg: KvMessage) -> None:
+        if self.done.is_set():
+            return
+        if isinstance(msg, KvChunk | KvEnd):
+            self.last_activity = asyncio.get_running_loop().time()
+        if isinstance(msg, KvChunk):
+            await self._on_chunk(msg)
+        elif isinstance(msg, KvEnd):
+            await self._on_end(msg)
+        elif isinstance(msg, KvAbort):
+            await self.fail(ErrorCode.KV_TRUNCATED, f"sender aborted: {msg.reason}", tell_sender=False)
+        elif isinstance(msg, KvNack):  # the broker refusing a fetch
+            self._finish(nack_error(msg))
+
+    async def _on_chunk(self, chunk: KvChunk) -> None:
+        rows = chunk.rows
+        if not self._window.on_arrival(rows.nbytes):
+            await self.fail(ErrorCode.KV_CORRUPT, "sender exceeded its credit")
+            return
+        if chunk.seq != self._next_seq:
+            await self.fail(ErrorCode.KV_TRUNCATED, f"chunk {self._next_seq} is missing (got {chunk.seq})")
+            return
+        problem = self._geometry_problem(chunk)
+        if problem:
+            await self.fail(ErrorCode.KV_CORRUPT, problem)
+            return
+        if checksum(rows) != chunk.checksum:
+            await self.fail(ErrorCode.KV_CORRUPT, f"checksum mismatch in chunk {chunk.seq}")
+            return
+        try:
+            if self._checksummed_sink is not None:
+                self._checksummed_sink.write_checksummed(chunk.layer, chunk.row_offset, rows, chunk.checksum)
+            else:
+                self._sink.write(chunk.layer, chunk.row_offset, rows)
+        except PdorchError as e:
+            await self.fail(e.code, f"sink refused rows: {e.message}")
+            return
+        except Exception as e:  # a bug in the sink fails this transfer, not the receiver
+            log.exception("KV sink failed on transfer %s", self.transfer_id)
+            await self.fail(ErrorCode.INTERNAL, f"sink failed: {e!r}")
+            return
+        self._next_seq += 1
+        self._layer_rows[chunk.layer] += rows.shape[0]
+        self._payload_bytes += rows.nbytes
+        regrant = self._window.on_consumed(rows.nbytes)
+        if regrant:
+            await self._send(KvCredit(transfer_id=self.transfer_id, credit_bytes=regrant))
+
+    def _geometry_problem(self, chunk: KvChunk) -> str:
+        rows = chunk.rows
+        if rows.dtype != self._dtype or rows.ndim == 0 or rows.shape[1:] != self._row_shape:
+            expected = f"{self._dtype}[*, {self._row_shape}]"
+            return f"chunk {chunk.seq} is {rows.dtype}{rows.shape}, begin said {expected}"
+        if not 0 <= chunk.layer < len(self._layer_rows):
+            return f"chunk {chunk.seq} names layer {chunk.layer} of {len(self._layer_rows)}"
+        expected_offset = self._layer_rows[chunk.layer]
+        if chunk.row_offset != expected_offset or rows.shape[0] == 0:
+            return f"chunk {chunk.seq} starts at row {chunk.row_offset}, expected {expected_offset}"
+        if expected_offset + rows.shape[0] > self.begin.rows_per_layer:
+            return f"chunk {chunk.seq} runs past the end of layer {chunk.layer}"
+        return ""
+
+    async def _on_end(self, end: KvEnd) -> None:
+        complete = [self.begin.rows_per_layer] * self.begin.num_layers
+        if end.chunks != self._next_seq or end.payload_bytes != self._payload_bytes:
+            await self.fail(
+                ErrorCode.KV_TRUNCATED,
+                f"end says {end.chunks} chunks / {end.payload_bytes} bytes, "
+                f"received {self._next_seq} / {self._payload_bytes}",
+            )
+        elif end.layer_rows != self._layer_rows or self._layer_rows != complete:
+            await self.fail(ErrorCode.KV_TRUNCATED, "not every row of every layer arrived")
+        else:
+            self.trailer = dict(end.trailer)
+            self._finish(None)
+            await self._send(KvAck(transfer_id=self.transfer_id))
+
+    async def fail(self, code: ErrorCode, message: str, *, tell_sender: bool = True) -> None:
+        """End the transfer with an error; tell the sender unless it is the one who gave up."""
+        if self.done.is_set():
+            return
+        self._finish(PdorchError(code, f"transfer {self.transfer_id}: {message}"))
+        if tell_sender:
+            await self._send(KvNack(transfer_id=self.transfer_id, code=str(code), message=message))
+
+    def _finish(self, error: PdorchError | None) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+    async def _send(self, msg: KvMessage) -> None:
+        # The peer may be gone or stuck; the transfer's deadline deals with that, not the reply.
+        with contextlib.suppress(Exception):
+            await self._reply(msg)

@@ -1,0 +1,119 @@
+"""KV-plane messages: one tagged union, :data:`KvMessage`, used in both directions.
+
+A transfer moves the KV of one request, identified by its ``transfer_id``, from a sender (a
+prefill agent, or the KV broker serving a fetch) to a receiver (a decode agent, or the KV broker
+storing it). The order of messages and the failure rules are in ``transport/PROTOCOL.md``.
+
+The row payload of a :class:`KvChunk` is a numpy array; the codec carries it as a zero-copy aux
+frame. Structs are ``array_like``, ``omit_defaults`` and ``gc=False`` like the control plane's.
+Fields are only ever appended with defaults; anything an old peer cannot decode bumps
+:data:`KV_PROTOCOL_VERSION`, which travels in the first message of every transfer (``KvBegin``,
+``KvFetch``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+
+from transport.errors import ErrorCode, PdorchError
+
+KV_PROTOCOL_VERSION = 1
+# The checksum of protocol version 1 (see checksum.py).
+CHECKSUM_ALGORITHM = "xxh3_64"
+
+_STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "tag_field": "t"}
+
+
+class KvBegin(msgspec.Struct, tag="begin", **_STRUCT):
+    """Sender -> receiver, first message of a transfer: what will come. Nothing else is sent
+    until the receiver answers :class:`KvAccept`."""
+
+    version: int
+    transfer_id: str
+    num_layers: int
+    rows_per_layer: int
+    row_shape: list[int]
+    dtype: str
+
+
+class KvAccept(msgspec.Struct, tag="accept", **_STRUCT):
+    """Receiver -> sender: go ahead; the first grant of credit, in bytes of row payload."""
+
+    transfer_id: str
+    credit_bytes: int
+
+
+class KvCredit(msgspec.Struct, tag="credit", **_STRUCT):
+    """Receiver -> sender: ``credit_bytes`` more may be in flight (the receiver consumed them)."""
+
+    transfer_id: str
+    credit_bytes: int
+
+
+class KvChunk(msgspec.Struct, tag="chunk", **_STRUCT):
+    """Sender -> receiver: ``rows`` of ``layer`` starting at ``row_offset``.
+
+    ``seq`` counts chunks from 0 within the transfer (a gap means a lost chunk); ``checksum`` is
+    the xxh3-64 of the bytes of ``rows``."""
+
+    transfer_id: str
+    seq: int
+    layer: int
+    row_offset: int
+    checksum: int
+    rows: np.ndarray
+
+
+class KvEnd(msgspec.Struct, tag="end", **_STRUCT):
+    """Sender -> receiver, last message: the totals the receiver checks, and the trailer (e.g. the
+    first token) that the decode side needs."""
+
+    transfer_id: str
+    chunks: int
+    payload_bytes: int
+    layer_rows: list[int]
+    trailer: dict[str, int | str] = {}
+
+
+class KvAck(msgspec.Struct, tag="ack", **_STRUCT):
+    """Receiver -> sender: the whole transfer arrived and verified; the sender may forget it."""
+
+    transfer_id: str
+
+
+class KvNack(msgspec.Struct, tag="nack", **_STRUCT):
+    """Receiver -> sender (or broker -> fetcher): the transfer failed; ``code`` is an ErrorCode value."""
+
+    transfer_id: str
+    code: str
+    message: str = ""
+
+
+class KvAbort(msgspec.Struct, tag="abort", **_STRUCT):
+    """Sender -> receiver (or fetcher -> broker): give up this transfer, free what it holds."""
+
+    transfer_id: str
+    reason: str = ""
+
+
+class KvFetch(msgspec.Struct, tag="fetch", **_STRUCT):
+    """Decode side -> broker: stream ``transfer_id`` to me (as it arrives, if it is still arriving);
+    wait for it to begin at most ``wait_ms``. The broker answers with a :class:`KvBegin` (and then
+    acts as a sender) or a :class:`KvNack`."""
+
+    version: int
+    transfer_id: str
+    wait_ms: int
+
+
+KvMessage = KvBegin | KvAccept | KvCredit | KvChunk | KvEnd | KvAck | KvNack | KvAbort | KvFetch
+
+
+def nack_error(nack: KvNack) -> PdorchError:
+    """The error a nack stands for (``INTERNAL`` for a code this version does not know)."""
+    try:
+        code = ErrorCode(nack.code)
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    return PdorchError(code, f"transfer {nack.transfer_id} refused by the peer: {nack.message}")

@@ -1,0 +1,212 @@
+"""The sending half of one transfer: begin, chunks under credit, end, and the receiver's verdict.
+
+The same class serves a prefill agent sending to a decode agent or to the broker (over a DEALER),
+and the broker serving a fetch (over its ROUTER): only the ``send`` function differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from transport.errors import ErrorCode, PdorchError
+from transport.kv.checksum import checksum
+from transport.kv.chunking import chunk_spans, rows_per_chunk
+from transport.kv.deadline import Deadline
+from transport.kv.flow_control import SendCredit
+from transport.kv.messages import (
+    KV_PROTOCOL_VERSION,
+    KvAbort,
+    KvAccept,
+    KvAck,
+    KvBegin,
+    KvChunk,
+    KvCredit,
+    KvEnd,
+    KvMessage,
+    KvNack,
+    nack_error,
+)
+
+log = logging.getLogger(__name__)
+
+SendFn = Callable[[KvMessage], Awaitable[None]]
+
+
+class KvOutStream:
+    """One transfer being sent. Made by :meth:`KvSender.open`; not constructed by callers."""
+
+    def __init__(
+        self,
+        *,
+        transfer_id: str,
+        num_layers: int,
+        rows_per_layer: int,
+        row_shape: tuple[int, ...],
+        dtype: str,
+        deadline: Deadline,
+        send: SendFn,
+        max_chunk_bytes: int,
+        max_in_flight_bytes: int,
+        on_closed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.transfer_id = transfer_id
+        self.num_layers = num_layers
+        self.rows_per_layer = rows_per_layer
+        self.row_shape = tuple(row_shape)
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        rows_per_chunk(self.row_bytes, max_chunk_bytes)  # refuses rows that cannot fit in one frame
+        if num_layers <= 0 or rows_per_layer <= 0:
+            raise PdorchError(ErrorCode.INVALID_REQUEST, "a KV transfer needs at least one layer and one row")
+        self._deadline = deadline
+        self._send = send
+        self._max_chunk_bytes = max_chunk_bytes
+        self._on_closed = on_closed
+        self._credit = SendCredit(max_in_flight_bytes)
+        self._accepted = asyncio.Event()
+        self._settled = asyncio.Event()  # the receiver acked or nacked, or we gave up
+        self._error: PdorchError | None = None
+        self._closed = False
+        self._chunk_rows = 1
+        self._seq = 0
+        self._layer_rows = [0] * num_layers
+        self.bytes_sent = 0
+
+    @property
+    def peak_in_flight(self) -> int:
+        """Most bytes ever in flight unacknowledged by credit (never above the receiver's window)."""
+        return self._credit.peak_in_flight
+
+    # ----------------------------------------------------------------- from the receiver
+
+    async def handle(self, msg: KvMessage) -> None:
+        """A message from the receiver for this transfer."""
+        if isinstance(msg, KvAccept) and not self._accepted.is_set():
+            window_chunk = max(self.row_bytes, msg.credit_bytes // 2)
+            self._chunk_rows = rows_per_chunk(self.row_bytes, min(self._max_chunk_bytes, window_chunk))
+            self._credit.grant(msg.credit_bytes)
+            self._accepted.set()
+        elif isinstance(msg, KvCredit):
+            self._credit.grant(msg.credit_bytes)
+        elif isinstance(msg, KvAck):
+            self._settled.set()
+        elif isinstance(msg, KvNack):
+            self._fail(nack_error(msg))
+
+    def _fail(self, error: PdorchError) -> None:
+        if self._error is None and not self._settled.is_set():
+            self._error = error
+        self._credit.fail(self._error or error)
+        self._accepted.set()
+        self._settled.set()
+
+    # ----------------------------------------------------------------- the caller's side
+
+    async def begin(self) -> None:
+        await self._send(
+            KvBegin(
+                version=KV_PROTOCOL_VERSION,
+                transfer_id=self.transfer_id,
+                num_layers=self.num_layers,
+                rows_per_layer=self.rows_per_layer,
+                row_shape=list(self.row_shape),
+                dtype=self.dtype.name,
+            )
+        )
+
+    async def send_layer(self, layer: int, rows: np.ndarray) -> None:
+        """Send a whole layer (``rows.shape == (rows_per_layer, *row_shape)``), split into chunks, each
+        sent once credit allows. ``rows`` is sent without a copy: do not modify it afterwards."""
+        if not 0 <= layer < self.num_layers or self._layer_rows[layer]:
+            raise PdorchError(ErrorCode.INTERNAL, f"layer {layer} out of range or already sent")
+        if rows.shape != (self.rows_per_layer, *self.row_shape) or rows.dtype != self.dtype:
+            raise PdorchError(
+                ErrorCode.INTERNAL,
+                f"layer {layer} is {rows.dtype}{rows.shape}, transfer expects "
+                f"{self.dtype}{(self.rows_per_layer, *self.row_shape)}",
+            )
+        await self.send_rows(layer, 0, rows)
+
+    async def send_rows(
+        self, layer: int, row_offset: int, rows: np.ndarray, known_checksum: int | None = None
+    ) -> None:
+        """Send ``rows`` of ``layer`` starting at ``row_offset``. The broker re-sends stored chunks so,
+        with their ``known_checksum`` (used when they need no further split)."""
+        self._raise_if_over()
+        try:
+            await self._deadline.wait(self._accepted.wait(), f"the receiver to accept {self.transfer_id}")
+            self._raise_if_over()
+            rows = np.ascontiguousarray(rows)
+            spans = chunk_spans(rows.shape[0], self._chunk_rows)
+            for start, count in spans:
+                part = rows[start : start + count]
+                await self._credit.take(part.nbytes, self._deadline)
+                reuse = known_checksum is not None and len(spans) == 1
+                digest = known_checksum if reuse and known_checksum is not None else checksum(part)
+                chunk = KvChunk(
+                    transfer_id=self.transfer_id,
+                    seq=self._seq,
+                    layer=layer,
+                    row_offset=row_offset + start,
+                    checksum=digest,
+                    rows=part,
+                )
+                # Counted before the send suspends, so overlapping calls never reuse a sequence number.
+                self._seq += 1
+                self._layer_rows[layer] += count
+                self.bytes_sent += part.nbytes
+                await self._send(chunk)
+        except PdorchError as e:
+            await self._give_up(e)
+            raise
+
+    async def finish(self, trailer: dict[str, int | str]) -> None:
+        """Send the end of the transfer and wait for the receiver's verdict; raise if it refused."""
+        self._raise_if_over()
+        try:
+            end = KvEnd(
+                transfer_id=self.transfer_id,
+                chunks=self._seq,
+                payload_bytes=self.bytes_sent,
+                layer_rows=list(self._layer_rows),
+                trailer=dict(trailer),
+            )
+            await self._send(end)
+            await self._deadline.wait(self._settled.wait(), f"the receiver to confirm {self.transfer_id}")
+        except PdorchError as e:
+            await self._give_up(e)
+            raise
+        self._close()
+        if self._error is not None:
+            raise self._error
+
+    async def abort(self, reason: str) -> None:
+        """Give up the transfer and tell the receiver (best effort). Never raises."""
+        await self._give_up(PdorchError(ErrorCode.CANCELLED, f"sender aborted: {reason}"), reason)
+
+    async def _give_up(self, error: PdorchError, reason: str | None = None) -> None:
+        if self._closed:
+            return
+        told_by_receiver = self._error is not None
+        self._fail(error)
+        if not told_by_receiver:
+            with contextlib.suppress(Exception):
+                await self._send(KvAbort(transfer_id=self.transfer_id, reason=reason or error.message))
+        self._close()
+
+    def _raise_if_over(self) -> None:
+        if self._error is not None:
+            self._close()
+            raise self._error
+        if self._closed:
+            raise PdorchError(ErrorCode.INTERNAL, f"transfer {self.transfer_id} is already finished")
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._on_closed()

@@ -1,0 +1,113 @@
+"""The prefill side of the KV plane: opens transfers to decode agents (p2p) or to the broker.
+
+One :class:`KvSender` per prefill agent process. It keeps one DEALER per destination endpoint (a
+decode agent's KV endpoint or the broker), shared by every transfer to that destination; a
+destination with no transfer in progress is closed when more than ``max_links`` are open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+import zmq.asyncio
+
+from transport.errors import ErrorCode, PdorchError
+from transport.kv.deadline import Deadline
+from transport.kv.dealer_link import DealerLink
+from transport.kv.out_stream import KvOutStream
+from transport.messages import KvRoute
+
+KV_MODES = ("p2p", "centralized")
+DEFAULT_MAX_CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_SENDER_WINDOW_BYTES = 64 * 1024 * 1024
+
+
+class KvSender:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        *,
+        window_bytes: int = DEFAULT_SENDER_WINDOW_BYTES,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_links: int = 64,
+    ) -> None:
+        """``window_bytes`` caps this sender's bytes in flight per transfer, on top of the credit
+        the receiver grants (the smaller wins); ``max_chunk_bytes`` (<= 16 MiB) sizes the chunks."""
+        self._ctx = ctx
+        self._window_bytes = window_bytes
+        self._max_chunk_bytes = max_chunk_bytes
+        self._max_links = max_links
+        self._links: OrderedDict[str, DealerLink] = OrderedDict()
+        self._streams: set[KvOutStream] = set()
+        self._closed = False
+
+    async def open(
+        self,
+        route: KvRoute,
+        *,
+        num_layers: int,
+        rows_per_layer: int,
+        row_shape: tuple[int, ...],
+        dtype: str,
+        deadline_s: float,
+    ) -> KvOutStream:
+        """Announce a transfer to ``route.endpoint``; returns at once (the first ``send_layer``
+        waits until the receiver accepts). ``deadline_s`` bounds the whole transfer."""
+        if self._closed:
+            raise PdorchError(ErrorCode.INTERNAL, "KV sender is closed")
+        if route.mode not in KV_MODES:
+            raise PdorchError(ErrorCode.INVALID_REQUEST, f"unknown KV mode {route.mode!r}")
+        link = await self._link(route.endpoint)
+        if link.has(route.transfer_id):
+            raise PdorchError(ErrorCode.INTERNAL, f"transfer {route.transfer_id} is already open")
+        stream = KvOutStream(
+            transfer_id=route.transfer_id,
+            num_layers=num_layers,
+            rows_per_layer=rows_per_layer,
+            row_shape=tuple(row_shape),
+            dtype=dtype,
+            deadline=Deadline(deadline_s),
+            send=link.send,
+            max_chunk_bytes=self._max_chunk_bytes,
+            max_in_flight_bytes=self._window_bytes,
+            on_closed=lambda: self._forget(link, stream),
+        )
+        link.register(route.transfer_id, stream.handle)
+        self._streams.add(stream)
+        try:
+            await stream.begin()
+        except BaseException:
+            self._forget(link, stream)
+            raise
+        return stream
+
+    def _forget(self, link: DealerLink, stream: KvOutStream) -> None:
+        link.unregister(stream.transfer_id)
+        self._streams.discard(stream)
+
+    async def _link(self, endpoint: str) -> DealerLink:
+        link = self._links.get(endpoint)
+        if link is not None:
+            self._links.move_to_end(endpoint)
+            return link
+        link = self._links[endpoint] = DealerLink(self._ctx, endpoint)
+        for stale_endpoint, stale in list(self._links.items()):
+            if len(self._links) <= self._max_links:
+                break
+            if stale.idle and stale is not link:
+                del self._links[stale_endpoint]
+                await stale.close()
+        return link
+
+    @property
+    def dropped_messages(self) -> int:
+        return sum(link.dropped_messages for link in self._links.values())
+
+    async def close(self) -> None:
+        """Abort the transfers still open (their receivers are told) and close every connection."""
+        self._closed = True
+        for stream in list(self._streams):
+            await stream.abort("prefill side closed")
+        links, self._links = list(self._links.values()), OrderedDict()
+        await asyncio.gather(*(link.close() for link in links))

@@ -1,0 +1,106 @@
+"""The one place where ZeroMQ socket options and addresses are set.
+
+Every socket in pdorch is made here so that the same safety options hold everywhere:
+
+- ``LINGER 0``: closing a socket never blocks the process on undelivered messages; every protocol
+  that needs delivery confirms it with an explicit reply (ack) instead.
+- ``MAXMSGSIZE``: a peer that sends a frame larger than the codec ever produces is disconnected by
+  libzmq before the frame is allocated, so garbage cannot exhaust memory.
+- High-water marks: bounded queues, so a peer that stops reading cannot grow our memory without
+  limit. (The KV plane bounds bytes on top of this with its own credit-based flow control.)
+- TCP keepalive: a peer that vanished without closing its connection (power loss, a NAT or
+  conntrack entry that expired) is noticed by the kernel rather than kept forever.
+- ``ROUTER_MANDATORY`` on every ROUTER: sending to a peer that is gone raises ``EHOSTUNREACH``
+  instead of being dropped silently, so the caller can fail the request at once.
+- ``ROUTER_HANDOVER`` where peers reconnect with a fixed identity (the control plane's agents): the
+  new connection takes over the identity instead of being refused.
+"""
+
+from __future__ import annotations
+
+import zmq
+import zmq.asyncio
+
+from transport.codec import MAX_FRAME_BYTES
+
+# Messages (not bytes) queued per peer; libzmq's own default. Large enough never to throttle a
+# healthy peer, small enough to bound a stuck one.
+DEFAULT_HWM = 1000
+# Kernel keepalive: first probe after 30 s idle, then every 10 s, give up after 3 misses.
+TCP_KEEPALIVE_IDLE_S = 30
+TCP_KEEPALIVE_INTERVAL_S = 10
+TCP_KEEPALIVE_COUNT = 3
+# Reconnect back-off of libzmq for connecting sockets.
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 5000
+
+
+def _apply_common_options(sock: zmq.Socket, hwm: int) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_COUNT)
+
+
+def normalize_bind(endpoint: str) -> str:
+    """Accept ``:0`` as well as ``:*`` for "any free port" (libzmq's spelling is ``*``)."""
+    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+        return endpoint[:-2] + ":*"
+    return endpoint
+
+
+def bound_endpoint(sock: zmq.Socket) -> str:
+    """The address a bound socket really listens on, with the port resolved (``tcp://h:*`` -> ``tcp://h:N``)."""
+    last = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return last.decode() if isinstance(last, bytes) else str(last)
+
+
+def advertised_endpoint(bound: str, host: str) -> str:
+    """``bound`` with a wildcard host (``0.0.0.0``, ``*``, ``[::]``) replaced by ``host``, for dialing."""
+    prefix = "tcp://"
+    if not bound.startswith(prefix):
+        return bound
+    hostport = bound[len(prefix) :]
+    bound_host, _, port = hostport.rpartition(":")
+    if bound_host in ("0.0.0.0", "*", "[::]", "::"):
+        return f"{prefix}{host}:{port}"
+    return bound
+
+
+def router(
+    ctx: zmq.asyncio.Context, bind: str, *, handover: bool = False, hwm: int = DEFAULT_HWM
+) -> zmq.asyncio.Socket:
+    """A bound ROUTER. ``handover=True`` when peers reconnect under a fixed identity."""
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        _apply_common_options(sock, hwm)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if handover:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.bind(normalize_bind(bind))
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def dealer(
+    ctx: zmq.asyncio.Context, connect: str, identity: bytes | None = None, *, hwm: int = DEFAULT_HWM
+) -> zmq.asyncio.Socket:
+    """A DEALER connected to ``connect``; ``identity`` fixes its routing id (else libzmq picks one)."""
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        _apply_common_options(sock, hwm)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        if identity is not None:
+            sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(connect)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
