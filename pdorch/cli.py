@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return broker_main(argv[1:])
     if argv and argv[0] == "simulate":
-        from scheduler.simulate.cli import simulate_main
+        from simulate.cli import simulate_main
 
         return simulate_main(argv[1:])
     parser = _parser()

@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import zmq.asyncio
 from aiohttp import web
 
-from scheduler.admission_limit import AdmissionLimit
+from scheduler.admission.gate import AdmissionGate
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig, load_config
 from scheduler.control import ControlServer
@@ -21,7 +22,9 @@ from scheduler.http.errors import error_middleware
 from scheduler.inbox import Inbox
 from scheduler.kubernetes.runtime import kubernetes_runtime
 from scheduler.metrics import Metrics
-from scheduler.placement import simple
+from scheduler.placement.framework import Placer
+from scheduler.placement.predictor import OutputLengthPredictor
+from scheduler.planner import Planner
 from scheduler.pool_signals import pool_signals
 from scheduler.state import STATE, SchedulerState
 from scheduler.tokenizer.registry import TokenizerRegistry
@@ -44,11 +47,11 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
         ctx = zmq.asyncio.Context()
         metrics = Metrics()
         inbox = Inbox()
-        lost: list[Orchestrator] = []  # set below; the cluster needs the callback first
+        admission = AdmissionGate(cfg.admission)
         cluster = Cluster(
             heartbeat_interval_s=cfg.heartbeat_interval_s,
             heartbeat_liveness=cfg.heartbeat_liveness,
-            on_lost=lambda wid, rids, why: lost[0].on_workers_lost(wid, rids, why),
+            on_lost=inbox.workers_lost,
         )
         control = ControlServer(
             ctx,
@@ -57,12 +60,13 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
             inbox=inbox,
             heartbeat_interval_s=cfg.heartbeat_interval_s,
             heartbeat_liveness=cfg.heartbeat_liveness,
+            on_capacity=admission.notify,
         )
-        orchestrator = Orchestrator(cfg, cluster, control, inbox, simple.place, metrics)
-        lost.append(orchestrator)
-        admission = AdmissionLimit(cfg.max_running, cfg.max_queued, cfg.queue_timeout_s)
+        placer = Placer(cfg.placement, clock=time.perf_counter)
+        planner = Planner(cluster, placer, OutputLengthPredictor(cfg.predictor), colocated=cfg.colocated)
+        orchestrator = Orchestrator(cfg, cluster, control, inbox, planner, metrics, admission.notify)
         metrics.bind_gauge(
-            "pdorch_requests_running", "Requests admitted and not finished", lambda: admission.running
+            "pdorch_requests_running", "Requests admitted and not finished", lambda: admission.inflight
         )
         metrics.bind_gauge(
             "pdorch_requests_queued", "Requests waiting for admission", lambda: admission.queued
@@ -74,8 +78,9 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
         metrics.bind_gauge(
             "pdorch_control_bad_messages", "Malformed control messages dropped", lambda: control.bad_messages
         )
+        metrics.watch_placement(placer)
         app[STATE] = SchedulerState(
-            cfg, cluster, control, orchestrator, admission, TokenizerRegistry(), metrics
+            cfg, cluster, control, orchestrator, admission, planner, TokenizerRegistry(), metrics
         )
         await control.start()
         log.info("control plane on %s", control.endpoint)

@@ -8,9 +8,11 @@ requests the scheduler has placed on it, and the KV blocks reserved there for th
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from scheduler.placement.kv_budget import outstanding_blocks
 from scheduler.placement.types import ClusterSnapshot, NodeView
 from transport.liveness import PeerLiveness
 from transport.messages import Hello, Load, Role
@@ -22,16 +24,53 @@ class WorkerState(enum.StrEnum):
 
 
 @dataclass
+class Held:
+    """What one request holds on one worker, as the scheduler accounts it."""
+
+    reserved_blocks: int = 0  # KV blocks reserved (prompt + predicted output), 0 on a prefill node
+    tokens: int = 0  # tokens the request has there so far (prompt + generated)
+
+
+class PrefixMemory:
+    """The prompt-prefix block hashes the scheduler sent to a worker, most recent last (bounded).
+
+    It is what the scheduler *knows* a node has seen, not a copy of the engine's cache; the
+    prefix-affinity scorer only needs it to be mostly right (llm-d's approximate prefix scorer).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = max(1, capacity)
+        self._hashes: OrderedDict[int, None] = OrderedDict()
+        self._frozen: frozenset[int] | None = frozenset()
+
+    def add(self, hashes: Iterable[int]) -> None:
+        for h in hashes:
+            self._hashes[h] = None
+            self._hashes.move_to_end(h)
+        while len(self._hashes) > self._capacity:
+            self._hashes.popitem(last=False)
+        self._frozen = None
+
+    def frozen(self) -> frozenset[int]:
+        if self._frozen is None:
+            self._frozen = frozenset(self._hashes)
+        return self._frozen
+
+
+@dataclass
 class Worker:
     hello: Hello
     identity: bytes
     liveness: PeerLiveness
     state: WorkerState = WorkerState.READY
     load: Load = field(default_factory=Load)
-    # request id -> KV blocks reserved for it here (0 when the request only prefills here).
-    requests: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, Held] = field(default_factory=dict)
     # Prompt tokens sent here for prefill and not yet answered with a first token.
     pending_prefill_tokens: int = 0
+    prefixes: PrefixMemory = field(default_factory=lambda: PrefixMemory(0))
+
+    def __post_init__(self) -> None:
+        self.prefixes = PrefixMemory(self.hello.capacity_blocks)
 
     @property
     def worker_id(self) -> str:
@@ -39,7 +78,9 @@ class Worker:
 
     @property
     def reserved_blocks(self) -> int:
-        return sum(self.requests.values())
+        """Reservations not yet backed by blocks the worker reports as used (not counted twice)."""
+        bs = self.hello.block_size
+        return sum(outstanding_blocks(h.reserved_blocks, h.tokens, bs) for h in self.requests.values())
 
     def view(self) -> NodeView:
         h = self.hello
@@ -58,6 +99,7 @@ class Worker:
             waiting=self.load.waiting,
             queued_prefill_tokens=self.load.queued_prefill_tokens + self.pending_prefill_tokens,
             inflight=len(self.requests),
+            cached_block_hashes=self.prefixes.frozen(),
         )
 
 
@@ -132,15 +174,22 @@ class Cluster:
 
     # ------------------------------------------------------------------ requests on workers
 
-    def assign(self, worker_id: str, request_id: str, reserve_blocks: int = 0) -> None:
+    def assign(
+        self,
+        worker_id: str,
+        request_id: str,
+        reserve_blocks: int = 0,
+        tokens: int = 0,
+        prefix_hashes: Iterable[int] = (),
+    ) -> None:
+        """Record the request on the worker (Reserve ``reserve_blocks`` there)."""
         worker = self._by_id[worker_id]
-        worker.requests[request_id] = worker.requests.get(request_id, 0) + reserve_blocks
+        worker.requests[request_id] = Held(reserve_blocks, tokens)
+        worker.prefixes.add(prefix_hashes)
 
-    def reserve(self, worker_id: str, request_id: str, blocks: int) -> None:
-        """Set the request's reservation on a worker (re-reserve when it outgrows its prediction)."""
+    def held(self, worker_id: str, request_id: str) -> Held | None:
         worker = self._by_id.get(worker_id)
-        if worker is not None and request_id in worker.requests:
-            worker.requests[request_id] = blocks
+        return None if worker is None else worker.requests.get(request_id)
 
     def release(self, worker_id: str, request_id: str) -> None:
         """Unreserve and forget the request on that worker. Idempotent."""
@@ -166,6 +215,14 @@ class Cluster:
             role, (role,)
         )
         return any(w.hello.role in wanted and w.state is WorkerState.READY for w in self._by_id.values())
+
+    def can_serve(self, colocated: bool) -> bool:
+        """Is there any worker for each role a request needs (it may still be busy)?"""
+        if colocated:
+            return any(
+                w.hello.role is Role.BOTH and w.state is WorkerState.READY for w in self._by_id.values()
+            )
+        return self.has_role(Role.PREFILL) and self.has_role(Role.DECODE)
 
     def hello_for_model(self, model: str) -> Hello | None:
         for w in self._by_id.values():

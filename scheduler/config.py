@@ -12,8 +12,17 @@ from typing import Any, Literal
 
 import msgspec
 
+from scheduler.admission.policy import AdmissionPolicy
 from scheduler.kubernetes.config import KubernetesConfig
+from scheduler.placement.config import DeciderConfig, DeciderMode, PlacementConfig
+from scheduler.placement.predictor import PredictorConfig
 from transport.errors import ErrorCode, PdorchError
+
+
+def _live_placement() -> PlacementConfig:
+    # Every request is split by default (what a P/D deployment is for, and what `pdorch up` shows);
+    # `decider: {mode: conditional}` lets placement keep short or cache-hot prompts on the decode node.
+    return PlacementConfig(decider=DeciderConfig(mode=DeciderMode.ALWAYS))
 
 
 class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -29,9 +38,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     colocated: bool = False
     heartbeat_interval_s: float = 0.5
     heartbeat_liveness: int = 4
-    # Admission: requests running at once, and requests waiting for a slot (429 beyond).
-    max_running: int = 256
-    max_queued: int = 512
+    # Longest a request waits in the admission queue for room (then 429 with Retry-After).
     queue_timeout_s: float = 30.0
     # Limits on one request.
     max_prompt_tokens: int = 32768
@@ -47,6 +54,12 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_handoff_timeout_s: float = 10.0
     # Bearer tokens accepted on /v1 (empty: no auth). The key also names the tenant.
     api_keys: list[str] = []
+    # Where jobs go: filters, weighted scorers and pickers per pool, the P/D decider, reservations.
+    placement: PlacementConfig = msgspec.field(default_factory=_live_placement)
+    # The bounded fair-share queue in front of placement (tenant = API key).
+    admission: AdmissionPolicy = msgspec.field(default_factory=AdmissionPolicy)
+    # The online output-length predictor that sizes KV reservations.
+    predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
     # Pod discovery and autoscaling of LeaderWorkerSet pools (both off unless enabled).
     kubernetes: KubernetesConfig = msgspec.field(default_factory=KubernetesConfig)
 
@@ -54,13 +67,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check(0 < self.port < 65536, "port", "must be 1..65535")
         _check(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
         _check(self.heartbeat_liveness >= 2, "heartbeat_liveness", "must be >= 2")
-        for name in (
-            "max_running",
-            "max_queued",
-            "max_prompt_tokens",
-            "max_tokens_limit",
-            "default_max_tokens",
-        ):
+        for name in ("max_prompt_tokens", "max_tokens_limit", "default_max_tokens"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         for name in (
             "queue_timeout_s",
@@ -75,6 +82,12 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "kv_broker",
             "is required with kv_mode centralized",
         )
+        self.admission.validate()
+        self.predictor.validate()
+        # Building a placer checks plugin names, weights and parameters (pure and cheap).
+        from scheduler.placement.framework import Placer
+
+        Placer(self.placement)
 
 
 def _check(ok: bool, key: str, what: str) -> None:

@@ -51,7 +51,7 @@ class ControlServer:
         inbox: Inbox,
         heartbeat_interval_s: float,
         heartbeat_liveness: int,
-        on_registered: Callable[[Hello], None] = lambda hello: None,
+        on_capacity: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sock = sockets.router(ctx, bind, handover=True)
@@ -60,7 +60,8 @@ class ControlServer:
         self._inbox = inbox
         self._interval = heartbeat_interval_s
         self._liveness = heartbeat_liveness
-        self._on_registered = on_registered
+        # Called when a worker joins or reports load: requests waiting for room may fit now.
+        self._on_capacity = on_capacity
         self._clock = clock
         self._enc = Encoder()
         self._dec: Decoder[FromWorker] = Decoder(FromWorker)
@@ -137,6 +138,7 @@ class ControlServer:
         if isinstance(msg, Heartbeat):
             if msg.load is not None:
                 worker.load = msg.load
+                self._on_capacity()
         elif isinstance(msg, TokenOutput | KvLoaded | JobError):
             self._inbox.deliver(wid, msg.request_id, msg)
         elif isinstance(msg, Draining):
@@ -171,7 +173,7 @@ class ControlServer:
             hello.model,
             hello.engine,
         )
-        self._on_registered(hello)
+        self._on_capacity()
 
     async def _heartbeat_loop(self) -> None:
         beat = Heartbeat()

@@ -54,5 +54,10 @@ class Inbox:
         entry[0].put_nowait((worker_id, event))
         return True
 
+    def workers_lost(self, worker_id: str, request_ids: list[str], reason: str) -> None:
+        """A worker was dropped: tell every request that was on it."""
+        for rid in request_ids:
+            self.deliver(worker_id, rid, WorkerLost(worker_id, reason))
+
     def __len__(self) -> int:
         return len(self._queues)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from scheduler.placement.framework import Placer
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -41,3 +45,26 @@ class Metrics:
     def bind_gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
         """A gauge read at scrape time (worker counts, bad-message counters...)."""
         Gauge(name, doc, registry=self.registry).set_function(fn)
+
+    def watch_placement(self, placer: Placer) -> None:
+        """Export the placement framework's per-plugin decision latency at scrape time."""
+        self.registry.register(_PlacementLatency(placer))
+
+
+class _PlacementLatency(Collector):
+    def __init__(self, placer: Placer) -> None:
+        self._placer = placer
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        calls = CounterMetricFamily("pdorch_placement_plugin_calls", "Plugin invocations", labels=["plugin"])
+        total = CounterMetricFamily(
+            "pdorch_placement_plugin_seconds", "Time spent in each placement plugin", labels=["plugin"]
+        )
+        worst = GaugeMetricFamily(
+            "pdorch_placement_plugin_max_seconds", "Slowest single call of each plugin", labels=["plugin"]
+        )
+        for label, lat in sorted(self._placer.latency().items()):
+            calls.add_metric([label], lat.calls)
+            total.add_metric([label], lat.total_s)
+            worst.add_metric([label], lat.max_s)
+        yield from (calls, total, worst)

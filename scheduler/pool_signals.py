@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from scheduler.admission_limit import AdmissionLimit
+from scheduler.admission.gate import AdmissionGate
 from scheduler.cluster import Cluster, WorkerState
 from scheduler.kubernetes.signals import PoolSignals
 from transport.messages import Role
 
 
-def pool_signals(cluster: Cluster, admission: AdmissionLimit, pool: str) -> PoolSignals:
+def pool_signals(cluster: Cluster, admission: AdmissionGate, pool: str) -> PoolSignals:
     role = Role(pool)
     workers = [w for w in cluster.workers() if w.hello.role == role]
     serving = [w for w in workers if w.state is WorkerState.READY]

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from scheduler.admission_limit import AdmissionLimit
+from scheduler.admission.gate import AdmissionGate
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig
 from scheduler.control import ControlServer
 from scheduler.flow import Orchestrator
 from scheduler.kubernetes.runtime import KubernetesRuntime
 from scheduler.metrics import Metrics
+from scheduler.planner import Planner
 from scheduler.tokenizer.registry import TokenizerRegistry
 
 
@@ -22,7 +23,8 @@ class SchedulerState:
     cluster: Cluster
     control: ControlServer
     orchestrator: Orchestrator
-    admission: AdmissionLimit
+    admission: AdmissionGate
+    planner: Planner
     tokenizers: TokenizerRegistry
     metrics: Metrics
     kubernetes: KubernetesRuntime | None = None

@@ -40,7 +40,8 @@ def error_body(err: PdorchError) -> dict[str, Any]:
 
 def error_response(err: PdorchError) -> web.Response:
     status = status_of(err.code)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    retry_after = getattr(err, "retry_after_s", RETRY_AFTER_S)
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if status in (429, 503) else None
     return web.json_response(error_body(err), status=status, headers=headers)
 
 

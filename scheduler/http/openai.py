@@ -12,6 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
+from scheduler.admission.gate import Ticket
+from scheduler.admission.queue import QueueFull
 from scheduler.flow import GenerationRequest, TokenBatch
 from scheduler.http import sse
 from scheduler.http.errors import error_body
@@ -25,6 +27,7 @@ from scheduler.http.openai_schema import (
     parse_body,
     stop_strings,
 )
+from scheduler.placement.types import PlacementRequest
 from scheduler.state import STATE, SchedulerState
 from scheduler.stop_strings import TextStream
 from scheduler.tokenizer.base import Tokenizer
@@ -63,6 +66,23 @@ def _tokenizer_for(state: SchedulerState, model: str) -> tuple[Tokenizer, Hello]
         known = ", ".join(state.cluster.models()) or "none"
         raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} does not exist (served: {known})")
     return state.tokenizers.get(hello.tokenizer), hello
+
+
+# A client's guess of the output length, fed to the output-length predictor.
+HINT_HEADER = "X-Expected-Output-Tokens"
+
+
+def _hint(request: web.Request) -> int:
+    raw = request.headers.get(HINT_HEADER)
+    if raw is None:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad(f"header {HINT_HEADER} must be a whole number of tokens") from None
+    if value < 0:
+        raise bad(f"header {HINT_HEADER} must not be negative")
+    return value
 
 
 async def _read(request: web.Request, limit: int) -> bytes:
@@ -111,7 +131,9 @@ def _build(
         ignore_eos=req.ignore_eos,
     )
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    greq = GenerationRequest(rid, req.model, ids, sampling, tenant=tenant, priority=req.priority)
+    greq = GenerationRequest(
+        rid, req.model, ids, sampling, tenant=tenant, priority=req.priority, hint=_hint(request)
+    )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return _Job(greq, tokenizer, stop_strings(req), req.stream, include_usage, req.return_token_ids, chat)
 
@@ -205,8 +227,9 @@ async def _serve(request: web.Request, state: SchedulerState, job: _Job) -> web.
     progress = _Progress()
     first_at: float | None = None
     try:
-        async with state.admission.slot():
-            batches = state.orchestrator.generate(job.greq)
+        plan = state.orchestrator.plan(job.greq)
+        async with await _admit(state, job, plan[1]):
+            batches = state.orchestrator.generate(job.greq, plan)
             async with contextlib.aclosing(batches):
                 deltas = _text_deltas(job, batches, progress)
                 async with contextlib.aclosing(deltas):
@@ -230,6 +253,23 @@ async def _serve(request: web.Request, state: SchedulerState, job: _Job) -> web.
             metrics.e2e.observe(now - job.greq.arrival)
             if len(progress.token_ids) > 1:
                 metrics.tpot.observe((now - first_at) / (len(progress.token_ids) - 1))
+
+
+async def _admit(state: SchedulerState, job: _Job, preq: PlacementRequest) -> Ticket:
+    """Wait in the fair-share queue until placement finds room for the request (or give up)."""
+    if not state.cluster.can_serve(state.cfg.colocated):
+        raise PdorchError(ErrorCode.NO_WORKER, "no worker of a needed role is available")
+    try:
+        return await state.admission.acquire(
+            job.greq.tenant,
+            job.greq.priority,
+            state.cfg.queue_timeout_s,
+            has_room=lambda: state.planner.has_room(preq),
+        )
+    except PdorchError as e:
+        if e.code is ErrorCode.DEADLINE_EXCEEDED:
+            raise QueueFull(f"no capacity within {state.cfg.queue_timeout_s:g}s; retry later", 1.0) from None
+        raise
 
 
 def _complete(job: _Job, text: str, progress: _Progress) -> web.Response:

@@ -73,6 +73,6 @@ async def cluster(request: web.Request) -> web.Response:
             "workers": workers,
             "expected": expected,
             "autoscaler": scaling,
-            "admission": {"running": state.admission.running, "queued": state.admission.queued},
+            "admission": {"running": state.admission.inflight, "queued": state.admission.queued},
         }
     )

@@ -62,6 +62,11 @@ class PlacementRequest(msgspec.Struct, frozen=True, gc=False):
     predicted_output_len: int = 0  # 0 = no prediction; placement falls back to max_tokens
     # True when the deployment runs colocated (one 'both' worker does prefill and decode).
     colocated: bool = False
+    # Tokens covered by one entry of block_hashes (0 = the node's block_size).
+    prefix_block_tokens: int = 0
+    # The output-length predictor's distribution, (quantile level, tokens) ascending; placement
+    # picks the configured quantile from it (and falls back to predicted_output_len, then max_tokens).
+    predicted_output_quantiles: tuple[tuple[float, int], ...] = ()
 
 
 class Placement(msgspec.Struct, frozen=True, gc=False):

@@ -35,6 +35,7 @@ class FakeWorker:
         }
         fields.update(hello)
         self.hello = Hello(**fields)
+        self.load = Load(blocks_total=self.hello.capacity_blocks)
         self.enc = Encoder()
         self.dec: Decoder[ToWorker] = Decoder(ToWorker)
 
@@ -56,12 +57,18 @@ class FakeWorker:
             if isinstance(msg, kind):
                 return msg
             if isinstance(msg, Heartbeat):
-                self.send(Heartbeat(Load(blocks_total=self.hello.capacity_blocks)))
+                self.send(Heartbeat(self.load))
         raise TimeoutError(f"no {kind.__name__}")
 
     def register(self) -> Any:
         self.send(self.hello)
-        return self.recv()
+        reply = self.recv()
+        self.send(Heartbeat(self.load))
+        return reply
+
+    def report(self, load: Load) -> None:
+        self.load = load
+        self.send(Heartbeat(load))
 
     def close(self) -> None:
         self.sock.close(linger=0)

@@ -1,13 +1,11 @@
 """Table-driven tests of the scheduler's pure parts: config, stop strings, request validation,
-admission limits and the worker registry."""
+the worker registry and pool signals."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from scheduler.admission_limit import AdmissionLimit
+from scheduler.admission.gate import AdmissionGate
 from scheduler.cluster import Cluster
 from scheduler.config import load_config
 from scheduler.http.openai_schema import (
@@ -27,9 +25,9 @@ from transport.messages import Hello, Role
 
 def test_config_layers_file_env_and_overrides(tmp_path) -> None:
     f = tmp_path / "c.yaml"
-    f.write_text("port: 9001\nkv_mode: centralized\nkv_broker: tcp://127.0.0.1:5700\nmax_queued: 3\n")
-    cfg = load_config(f, env={"PDORCH_MAX_QUEUED": "7", "OTHER": "x"}, overrides={"port": 9002, "host": None})
-    assert (cfg.port, cfg.kv_mode, cfg.max_queued, cfg.host) == (9002, "centralized", 7, "127.0.0.1")
+    f.write_text("port: 9001\nkv_mode: centralized\nkv_broker: tcp://127.0.0.1:5700\nqueue_timeout_s: 3\n")
+    cfg = load_config(f, env={"PDORCH_QUEUE_TIMEOUT_S": "7", "OTHER": "x"}, overrides={"port": 9002, "host": None})
+    assert (cfg.port, cfg.kv_mode, cfg.queue_timeout_s, cfg.host) == (9002, "centralized", 7, "127.0.0.1")
 
 
 @pytest.mark.parametrize(
@@ -42,7 +40,9 @@ def test_config_layers_file_env_and_overrides(tmp_path) -> None:
         ("heartbeat_liveness: 1\n", "heartbeat_liveness"),
         ("- a list\n", "mapping"),
         ("port: [\n", "YAML"),
-        ("max_running: lots\n", "max_running"),
+        ("queue_timeout_s: lots\n", "queue_timeout_s"),
+        ("placement: {decode: {picker: {type: coin-flip}}}\n", "coin-flip"),
+        ("admission: {default_weight: 0}\n", "weight"),
     ],
 )
 def test_config_errors_name_the_bad_key(tmp_path, yaml_text: str, needle: str) -> None:
@@ -151,43 +151,6 @@ def test_chat_body_parses() -> None:
     assert req.messages[0].content[0].text == "hi"  # type: ignore[index,union-attr]
 
 
-# --------------------------------------------------------------------------------- admission
-
-
-async def test_admission_bounds_running_and_queued() -> None:
-    lim = AdmissionLimit(max_running=1, max_queued=1, timeout_s=5)
-    order: list[str] = []
-    gate = asyncio.Event()
-
-    async def hold(name: str) -> None:
-        async with lim.slot():
-            order.append(name)
-            await gate.wait()
-
-    first = asyncio.create_task(hold("a"))
-    await asyncio.sleep(0)
-    second = asyncio.create_task(hold("b"))
-    await asyncio.sleep(0)
-    assert lim.running == 1 and lim.queued == 1
-    with pytest.raises(PdorchError) as e:
-        async with lim.slot():
-            pass
-    assert e.value.code is ErrorCode.QUEUE_FULL
-    gate.set()
-    await asyncio.gather(first, second)
-    assert order == ["a", "b"] and lim.running == 0 and lim.queued == 0
-
-
-async def test_admission_wait_times_out() -> None:
-    lim = AdmissionLimit(max_running=1, max_queued=4, timeout_s=0.05)
-    async with lim.slot():
-        with pytest.raises(PdorchError) as e:
-            async with lim.slot():
-                pass
-        assert e.value.code is ErrorCode.QUEUE_FULL
-    assert lim.running == 0 and lim.queued == 0
-
-
 # ------------------------------------------------------------------------------------ cluster
 
 
@@ -234,7 +197,7 @@ def test_pool_signals_count_serving_workers_and_reserved_demand() -> None:
     c.assign("d0", "r1", reserve_blocks=50)  # capacity 100 -> half full
     c.set_draining("d1", True)
     c.add_pending_prefill("p0", 300)
-    lim = AdmissionLimit(1, 1, 1.0)
+    lim = AdmissionGate()
     decode = pool_signals(c, lim, "decode")
     assert (decode.replicas, decode.inflight_requests, decode.kv_occupancy) == (1, 1, 0.5)
     assert decode.predicted_tokens == 50 * 16

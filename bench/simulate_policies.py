@@ -1,0 +1,247 @@
+"""Placement policies compared in the simulator, plus the cost-model fit and the predictor's accuracy.
+
+Run from the repository root::
+
+    .venv/bin/python bench/simulate_policies.py                 # everything, prints markdown
+    .venv/bin/python bench/simulate_policies.py --only goodput --plots docs/img
+
+Sections:
+
+1. the cost model's fit to the Splitwise measurements (error per class and tensor-parallel size);
+2. the output-length predictor, online on each trace: MAE and Spearman rank correlation next to
+   naive baselines, and its cost per prediction (microseconds, measured here);
+3. the simulator's own speed: one full replay of the hour-long Azure trace on a 64-GPU cluster;
+4. goodput per policy on each trace at equal GPU count, and pdorch's ratio to the best baseline;
+5. an ablation: pdorch's goodput with one of its ideas switched off at a time.
+
+Traces are read from ``../shared/traces`` relative to the repository root (or ``--traces``); a
+section whose data is absent is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from a checkout, without installing the package
+
+from scheduler.placement.config import DeciderMode, PlacementConfig  # noqa: E402
+from scheduler.placement.policies import policies, policy  # noqa: E402
+from scheduler.placement.predictor import OutputLengthPredictor  # noqa: E402
+from simulate.cluster import parse_cluster  # noqa: E402
+from simulate.goodput import attainment_curve, find_goodput  # noqa: E402
+from simulate.plot import plot_attainment  # noqa: E402
+from simulate.predictor_eval import evaluate, features_of  # noqa: E402
+from simulate.runner import SimConfig, simulate  # noqa: E402
+from simulate.slo import SloSpec  # noqa: E402
+from simulate.trace import Trace, load_trace  # noqa: E402
+from workers.engines.sim_calibration import fit_all  # noqa: E402
+
+TRACES = {
+    "azure-code": "azure2023/AzureLLMInferenceTrace_code.csv",
+    "mooncake": "mooncake_fast25/synthetic_trace.jsonl",
+}
+PERF_MODEL = "splitwise_perf_model/perf_model.csv"
+# Splitwise's heterogeneous design: prefill on H100, decode on A100; 16 instances x 4 GPUs.
+SHAPES = {"8xH100x4 prefill + 8xA100x4 decode": (["8:h100x4"], ["8:a100x4"])}
+SLO = SloSpec()
+CONFIG = SimConfig()
+
+
+def section_fit(traces: Path) -> None:
+    path = traces / PERF_MODEL
+    print("## Cost model fit (Llama-2-70B, Splitwise perf_model.csv)\n")
+    if not path.exists():
+        print(f"skipped: {path} not found\n")
+        return
+    print(
+        "| class | TP | a ms | b ms/token | d0 ms | d1 ms/seq | prefill MAPE (max) | batched prefill MAPE | "
+        "decode MAPE (max) | excluded |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in fit_all(path):
+        c = r.coefficients
+        print(
+            f"| {r.accelerator} | {r.tp} | {c.prefill_fixed_ms:.1f} | {c.prefill_per_token_ms:.4f} | "
+            f"{c.decode_fixed_ms:.1f} | {c.decode_per_seq_ms:.3f} | "
+            f"{r.prefill_mape:.1%} ({r.prefill_max_error:.0%}) | "
+            f"{r.batched_prefill_mape:.1%} | {r.decode_mape:.1%} ({r.decode_max_error:.0%}) | "
+            f"{', '.join(f'{p}x{b}' for p, b, _ in r.excluded) or '-'} |"
+        )
+    print()
+
+
+def section_predictor(loaded: dict[str, Trace]) -> None:
+    print("## Output-length predictor (online: predict, then observe, in trace order)\n")
+    print("| trace | predictor | MAE (tokens) | Spearman |")
+    print("|---|---|---|---|")
+    for name, trace in loaded.items():
+        report = evaluate(trace)
+        for s in report.scores:
+            print(f"| {name} | {s.name} | {s.mae:.1f} | {s.spearman:.3f} |")
+        print(f"| {name} | (share of true lengths <= predicted p90) | {report.coverage_p90:.1%} | |")
+    for name, trace in loaded.items():
+        predictor = OutputLengthPredictor()
+        feats = [features_of(r) for r in trace.requests]
+        start = time.perf_counter()
+        for f, r in zip(feats, trace.requests, strict=True):
+            predictor.predict(f)
+            predictor.observe(f, r.output_len)
+        per = (time.perf_counter() - start) / len(feats) * 1e6
+        print(f"\n{name}: predict + observe = {per:.0f} us per request (this machine)")
+    print()
+
+
+def section_speed(loaded: dict[str, Trace]) -> None:
+    print("## Simulator speed\n")
+    trace = loaded.get("azure-code")
+    if trace is None:
+        print("skipped: Azure trace not found\n")
+        return
+    prefill, decode = next(iter(SHAPES.values()))
+    cluster = parse_cluster(prefill, decode)
+    for name in ("pdorch", "round-robin"):
+        start = time.perf_counter()
+        r = simulate(trace, cluster, _policy(name), SLO, CONFIG, policy_name=name)
+        wall = time.perf_counter() - start
+        print(
+            f"- {name}: {r.requests} requests, {trace.duration_s / 3600:.2f} h of trace on "
+            f"{cluster.gpus} GPUs in {wall:.1f} s wall ({r.attainment:.1%} attainment at 1x)"
+        )
+    print()
+
+
+def _policy(name: str):
+    return policy(name, tpot_target_s=SLO.tpot_s, kv_link_gbytes_per_s=CONFIG.link_gbytes_per_s)
+
+
+def section_goodput(loaded: dict[str, Trace], precision: float, plots: Path | None) -> None:
+    print("## Goodput per policy (highest rate scale with >= 90% of requests meeting both SLOs)\n")
+    print(
+        f"SLOs: {SLO.describe()}; KV link {CONFIG.link_gbytes_per_s:g} GB/s per instance; "
+        f"model {CONFIG.model}.\n"
+    )
+    for shape, (prefill, decode) in SHAPES.items():
+        cluster = parse_cluster(prefill, decode)
+        for name, trace in loaded.items():
+            print(f"### {name}, {shape} ({cluster.gpus} GPUs)\n")
+            print(
+                "| policy | goodput (x trace rate) | req/s | attainment | TTFT p90 s | TPOT p90 ms | KV GB | "
+                "preemptions | prefix hit | runs |"
+            )
+            print("|---|---|---|---|---|---|---|---|---|---|")
+            results = {}
+            for pname in policies():
+                g = find_goodput(
+                    trace, cluster, _policy(pname), SLO, CONFIG, policy_name=pname, precision=precision
+                )
+                results[pname] = g
+                r = g.at_goodput
+                if r is None:
+                    print(f"| {pname} | 0 | 0 | - | - | - | - | - | - | {g.runs} |")
+                    continue
+                print(
+                    f"| {pname} | {g.goodput_scale:.2f} | {g.goodput_rps:.2f} | {r.attainment:.1%} | "
+                    f"{r.ttft_p90_s:.2f} | {r.tpot_p90_s * 1e3:.0f} | {r.kv_transfer_gb:.0f} | "
+                    f"{r.preemptions} | "
+                    f"{r.prefix_hit_rate:.0%} | {g.runs} |"
+                )
+            best = max((g for n, g in results.items() if n != "pdorch"), key=lambda g: g.goodput_scale)
+            ours = results["pdorch"].goodput_scale
+            ratio = ours / best.goodput_scale if best.goodput_scale > 0 else float("inf")
+            print(f"\npdorch / best baseline ({best.policy}): **{ratio:.2f}x**\n")
+            if plots is not None:
+                anchor = max(g.goodput_scale for g in results.values())
+                scales = [anchor * f for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)]
+                curves = {
+                    pname: attainment_curve(
+                        trace, cluster, _policy(pname), scales, SLO, CONFIG, policy_name=pname
+                    )
+                    for pname in policies()
+                }
+                out = plot_attainment(
+                    curves, SLO.target, plots / f"attainment-{name}.png", f"{name}: {shape}\n{SLO.describe()}"
+                )
+                print(f"plot: {out}\n")
+
+
+def _ablations() -> dict[str, PlacementConfig]:
+    full = _policy("pdorch")
+    replace = msgspec.structs.replace
+    no_late_binding = replace(
+        full,
+        prefill=replace(
+            full.prefill, filters=tuple(f for f in full.prefill.filters if f.type != "prefill-backlog")
+        ),
+        decider=replace(full.decider, local_max_wait_s=0.0),
+    )
+    cache_blind_decode = replace(
+        full,
+        decode=replace(
+            full.decode,
+            scorers=tuple(
+                s for s in full.decode.scorers if s.type not in ("prefix-affinity", "prefill-delay")
+            ),
+        ),
+    )
+    return {
+        "pdorch (all)": full,
+        "- late binding": no_late_binding,
+        "- conditional P/D (always disaggregate)": replace(
+            full, decider=replace(full.decider, mode=DeciderMode.ALWAYS)
+        ),
+        "- short-answer colocation": replace(full, decider=replace(full.decider, tpot_target_s=0.0)),
+        "- cache-aware decode choice": cache_blind_decode,
+    }
+
+
+def section_ablation(loaded: dict[str, Trace], precision: float) -> None:
+    print("## Ablation: pdorch with one idea off (goodput, x trace rate)\n")
+    prefill, decode = next(iter(SHAPES.values()))
+    cluster = parse_cluster(prefill, decode)
+    variants = _ablations()
+    print("| variant | " + " | ".join(loaded) + " |")
+    print("|---|" + "---|" * len(loaded))
+    for label, config in variants.items():
+        cells = []
+        for trace in loaded.values():
+            g = find_goodput(trace, cluster, config, SLO, CONFIG, policy_name=label, precision=precision)
+            cells.append(f"{g.goodput_scale:.2f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--traces", type=Path, default=REPO / ".." / "shared" / "traces")
+    p.add_argument("--only", choices=["fit", "predictor", "speed", "goodput", "ablation"], default=None)
+    p.add_argument("--precision", type=float, default=0.02)
+    p.add_argument("--plots", type=Path, default=None, help="directory for attainment-vs-rate PNGs")
+    args = p.parse_args()
+    loaded = {}
+    for name, rel in TRACES.items():
+        path = args.traces / rel
+        if path.exists():
+            loaded[name] = load_trace(path)
+        else:
+            print(f"note: {name} trace not found at {path}; its sections are skipped\n")
+    if args.only in (None, "fit"):
+        section_fit(args.traces)
+    if args.only in (None, "predictor"):
+        section_predictor(loaded)
+    if args.only in (None, "speed"):
+        section_speed(loaded)
+    if args.only in (None, "goodput"):
+        section_goodput(loaded, args.precision, args.plots)
+    if args.only in (None, "ablation"):
+        section_ablation(loaded, args.precision)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

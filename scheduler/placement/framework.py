@@ -1,0 +1,124 @@
+"""The placement engine: per pool, filter -> score -> pick; the decider turns two picks into a Placement.
+
+Modelled on the Gateway API Inference Extension scheduler: a profile is filters, weighted scorers
+and one picker; the decode profile runs first, then the decider (``decider.py``) decides whether and
+where to prefill remotely. The framework, not the plugins, measures each plugin's decision latency,
+with a clock the caller injects (the live scheduler passes ``time.perf_counter``; without one
+nothing is measured and placement stays a pure function of its inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import msgspec
+
+from scheduler.placement.config import PlacementConfig, ProfileConfig, load_placement_config
+from scheduler.placement.context import Pool, RequestContext
+from scheduler.placement.decider import decide, validate_decider
+from scheduler.placement.registry import PluginKind, Registry, default_registry
+from scheduler.placement.types import ClusterSnapshot, NodeView, Placement, PlacementRequest
+from transport.errors import ErrorCode, PdorchError
+
+
+class PluginLatency(msgspec.Struct):
+    calls: int = 0
+    total_s: float = 0.0
+    max_s: float = 0.0
+
+
+class _Step(NamedTuple):
+    label: str  # "decode/scorer/kv-occupancy" (unique within the placer)
+    plugin: Any
+    weight: float
+
+
+class _Profile(NamedTuple):
+    filters: tuple[_Step, ...]
+    scorers: tuple[_Step, ...]
+    picker: _Step
+
+
+def _build_profile(pool: Pool, cfg: ProfileConfig, registry: Registry) -> _Profile:
+    where = f"placement.{pool}"
+    seen: set[str] = set()
+
+    def step(kind: PluginKind, i: int | None, spec: Any) -> _Step:
+        at = f"{where}.{kind}s[{i}]" if i is not None else f"{where}.{kind}"
+        plugin = registry.build(spec, kind, at)
+        label = f"{pool}/{kind}/{spec.type}"
+        if label in seen:
+            label = f"{label}#{i}"
+        seen.add(label)
+        return _Step(label, plugin, spec.weight)
+
+    filters = tuple(step(PluginKind.FILTER, i, s) for i, s in enumerate(cfg.filters))
+    scorers = tuple(step(PluginKind.SCORER, i, s) for i, s in enumerate(cfg.scorers))
+    return _Profile(filters, scorers, step(PluginKind.PICKER, None, cfg.picker))
+
+
+class Placer:
+    """``Placer(config).place(snapshot, request) -> Placement``; raises NO_WORKER when nothing qualifies."""
+
+    def __init__(
+        self,
+        config: PlacementConfig | Any = None,
+        *,
+        registry: Registry | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.config = load_placement_config(config) if config is not None else PlacementConfig()
+        validate_decider(self.config)
+        registry = registry or default_registry()
+        self._profiles = {
+            Pool.DECODE: _build_profile(Pool.DECODE, self.config.decode, registry),
+            Pool.PREFILL: _build_profile(Pool.PREFILL, self.config.prefill, registry),
+        }
+        self._clock = clock
+        self._latency: dict[str, PluginLatency] = {}
+
+    def place(self, snapshot: ClusterSnapshot, request: PlacementRequest) -> Placement:
+        nodes = [n for n in snapshot.nodes if n.model == request.model]
+        if not nodes:
+            raise PdorchError(ErrorCode.NO_WORKER, f"no worker serves model {request.model!r}")
+        return decide(self.select, RequestContext(request, self.config), nodes)
+
+    def select(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> NodeView | None:
+        """Run ``pool``'s profile over ``nodes``; None when the filters leave nothing."""
+        profile = self._profiles[pool]
+        ctx.pool = pool
+        candidates: Sequence[NodeView] = nodes
+        for f in profile.filters:
+            candidates = self._run(f.label, f.plugin.filter, ctx, candidates)
+            if not candidates:
+                return None
+        if len(candidates) == 1 and not profile.scorers:
+            return candidates[0]
+        totals = [0.0] * len(candidates)
+        for s in profile.scorers:
+            if s.weight == 0.0:
+                continue
+            scores = self._run(s.label, s.plugin.score, ctx, candidates)
+            w = s.weight
+            totals = [t + w * min(1.0, max(0.0, x)) for t, x in zip(totals, scores, strict=True)]
+        return self._run(profile.picker.label, profile.picker.plugin.pick, ctx, candidates, totals)
+
+    def latency(self) -> dict[str, PluginLatency]:
+        """Per-plugin decision latency so far (a copy), keyed ``pool/kind/type``."""
+        return {k: msgspec.structs.replace(v) for k, v in self._latency.items()}
+
+    def _run(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
+        clock = self._clock
+        if clock is None:
+            return fn(*args)
+        start = clock()
+        result = fn(*args)
+        elapsed = clock() - start
+        stat = self._latency.get(label)
+        if stat is None:
+            stat = self._latency[label] = PluginLatency()
+        stat.calls += 1
+        stat.total_s += elapsed
+        stat.max_s = max(stat.max_s, elapsed)
+        return result

@@ -1,0 +1,35 @@
+"""Drop nodes that should not take new work: draining ones, and decode nodes without KV room.
+
+With ``require_kv_room`` a decode candidate must have ``blocks_free`` (total - used - reserved) for the
+request's whole reservation (prompt + predicted output), so placement never puts a request on a node
+that would have to preempt for it; the request waits in admission instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+from scheduler.placement.context import Pool, RequestContext
+from scheduler.placement.types import NodeView
+
+
+class HealthFilterParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    require_kv_room: bool = False
+    # Drop nodes with more waiting requests than this (0 = no limit).
+    max_waiting: int = 0
+
+
+class HealthFilter:
+    def __init__(self, params: HealthFilterParams) -> None:
+        if params.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+        self.params = params
+
+    def filter(self, ctx: RequestContext, nodes: Sequence[NodeView]) -> list[NodeView]:
+        limit = self.params.max_waiting
+        out = [n for n in nodes if not n.draining and (limit == 0 or n.waiting <= limit)]
+        if self.params.require_kv_room and ctx.pool is Pool.DECODE:
+            out = [n for n in out if n.blocks_total > 0 and n.blocks_free >= ctx.reserve_blocks(n)]
+        return out

@@ -1,0 +1,128 @@
+"""Named placement policies: pdorch's default and the baselines it is measured against.
+
+Each is a :class:`PlacementConfig` in the same framework, so the simulator compares policies, not
+implementations. ``colocated`` also needs a cluster of "both" nodes (the simulator converts it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from scheduler.placement.config import (
+    DeciderConfig,
+    DeciderMode,
+    PlacementConfig,
+    PluginSpec,
+    ProfileConfig,
+    ReservationConfig,
+    ReservationMode,
+)
+from transport.errors import ErrorCode, PdorchError
+
+_PLAIN = (PluginSpec("role"), PluginSpec("health"))
+_PROMPT_ONLY = ReservationConfig(mode=ReservationMode.PROMPT)
+_ALWAYS = DeciderConfig(mode=DeciderMode.ALWAYS)
+
+
+def _both(profile: ProfileConfig, decider: DeciderConfig = _ALWAYS) -> PlacementConfig:
+    return PlacementConfig(prefill=profile, decode=profile, decider=decider, reservation=_PROMPT_ONLY)
+
+
+def pdorch(tpot_target_s: float = 0.0, kv_link_gbytes_per_s: float = 25.0) -> PlacementConfig:
+    """The default: KV-reserving, cache-aware decode choice; delay-estimating prefill; conditional P/D.
+
+    ``tpot_target_s`` and ``kv_link_gbytes_per_s`` describe the deployment (its TPOT objective and
+    the KV link speed); the decider uses them to weigh a KV handoff against staying colocated.
+    """
+    return PlacementConfig(
+        decode=ProfileConfig(
+            filters=(PluginSpec("role"), PluginSpec("health", params={"require_kv_room": True})),
+            scorers=(
+                PluginSpec("kv-occupancy", weight=2.0),
+                PluginSpec("active-requests", weight=1.0),
+                # The decode node may prefill the request itself (conditional disaggregation), and it
+                # caches the prompts it decodes: placing by prefix keeps that cache useful.
+                PluginSpec("prefix-affinity", weight=2.0),
+                PluginSpec("prefill-delay", weight=2.0),
+                PluginSpec("accelerator", weight=0.5),
+            ),
+        ),
+        prefill=ProfileConfig(
+            # Late binding: a request waits in admission (most urgent first) rather than join a
+            # prefill queue holding more than 0.1 s of work; it then goes where room appears first.
+            filters=(*_PLAIN, PluginSpec("prefill-backlog", params={"max_wait_s": 0.1})),
+            scorers=(
+                PluginSpec("prefill-delay", weight=1.0),
+                # Affinity on top of the delay estimate keeps each prefix on few nodes, so the
+                # caches hold more distinct prefixes between them.
+                PluginSpec("prefix-affinity", weight=1.0),
+                PluginSpec("accelerator", weight=0.1),
+            ),
+        ),
+        decider=DeciderConfig(
+            mode=DeciderMode.CONDITIONAL,
+            local_max_uncached_tokens=65536,
+            local_max_wait_s=0.1,
+            fallback_to_prefill_node=True,
+            tpot_target_s=tpot_target_s,
+            short_output_share=0.2,
+            kv_link_gbytes_per_s=kv_link_gbytes_per_s,
+        ),
+        reservation=ReservationConfig(mode=ReservationMode.PREDICTED, output_quantile=0.9),
+    )
+
+
+def round_robin(**_: float) -> PlacementConfig:
+    return _both(ProfileConfig(filters=_PLAIN, picker=PluginSpec("round-robin")))
+
+
+def random_choice(**_: float) -> PlacementConfig:
+    return _both(ProfileConfig(filters=_PLAIN, picker=PluginSpec("random")))
+
+
+def least_request(**_: float) -> PlacementConfig:
+    return _both(ProfileConfig(filters=_PLAIN, scorers=(PluginSpec("active-requests"),)))
+
+
+def least_kv(**_: float) -> PlacementConfig:
+    """AIBrix's least-kv-cache: the node with the lowest reported KV usage."""
+    scorer = PluginSpec("kv-occupancy", params={"include_reserved": False})
+    return _both(ProfileConfig(filters=_PLAIN, scorers=(scorer,)))
+
+
+def prefix_queue(**_: float) -> PlacementConfig:
+    """llm-d's P/D profile: prefix-cache scorer (weight 2) + queue scorer (weight 1), max-score picker."""
+    scorers = (PluginSpec("prefix-affinity", weight=2.0), PluginSpec("queue", weight=1.0))
+    return _both(ProfileConfig(filters=_PLAIN, scorers=scorers))
+
+
+def colocated(**_: float) -> PlacementConfig:
+    """No disaggregation: prefix + queue scoring over "both" nodes; each request stays on one node."""
+    scorers = (PluginSpec("prefix-affinity", weight=2.0), PluginSpec("queue", weight=1.0))
+    return _both(ProfileConfig(filters=_PLAIN, scorers=scorers), DeciderConfig(mode=DeciderMode.NEVER))
+
+
+def policies() -> dict[str, Callable[..., PlacementConfig]]:
+    return {
+        "pdorch": pdorch,
+        "round-robin": round_robin,
+        "random": random_choice,
+        "least-request": least_request,
+        "least-kv": least_kv,
+        "prefix-queue": prefix_queue,
+        "colocated": colocated,
+    }
+
+
+def policy(name: str, *, tpot_target_s: float = 0.0, kv_link_gbytes_per_s: float = 25.0) -> PlacementConfig:
+    """The named policy for a deployment with this TPOT objective and KV link (baselines ignore both)."""
+    factory = policies().get(name)
+    if factory is None:
+        raise PdorchError(
+            ErrorCode.CONFIG, f"unknown placement policy {name!r}; known: {', '.join(policies())}"
+        )
+    return factory(tpot_target_s=tpot_target_s, kv_link_gbytes_per_s=kv_link_gbytes_per_s)
+
+
+def is_colocated(config: PlacementConfig) -> bool:
+    return config.decider.mode is DeciderMode.NEVER

@@ -1,0 +1,177 @@
+"""Online output-length predictor: a distribution of output tokens per request, learnt from finished ones.
+
+Model: log-spaced histograms of observed output lengths, kept per feature bucket, from general to
+specific: everything; the model (or adapter); model + max_tokens range; model + prompt-length range;
+model + tenant (+ prompt range); model + prompt template (the first prefix-block hash; + tenant);
+model + client hint. A prediction starts from the global histogram and, level by level, mixes in the
+more specific one in proportion to its evidence (``p = (h + s * p_prev) / (n + s)``, hierarchical
+shrinkage with prior strength ``s``), so a new template starts at its tenant's or the global
+distribution and moves to its own as it is observed. Counts decay (``decay`` per observation) so the
+model follows drifting traffic. The result is clipped at ``max_tokens`` and returned as quantiles.
+
+Everything is a few dict lookups and numpy ops on ~140-bin vectors: tens of microseconds per call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import msgspec
+import numpy as np
+
+from scheduler.placement.kv_budget import quantile_from
+from transport.errors import ErrorCode, PdorchError
+
+
+class OutputFeatures(msgspec.Struct, frozen=True):
+    prompt_len: int
+    max_tokens: int = 0  # 0 = unknown
+    model: str = ""  # model or adapter name
+    tenant: str = ""  # API key / tenant
+    template_key: int = 0  # e.g. the first prefix-block hash (same template -> similar outputs); 0 = none
+    hint: int = 0  # client-supplied expected output length (a request header); 0 = none
+
+
+class OutputPrediction(msgspec.Struct, frozen=True):
+    quantiles: tuple[tuple[float, int], ...]  # (level, tokens), ascending
+    mean: float
+
+    def quantile(self, level: float) -> int:
+        return quantile_from(self.quantiles, level)
+
+
+class PredictorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    levels: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+    prior_strength: float = 4.0
+    decay: float = 0.999
+    bins_per_octave: int = 8
+    max_len: int = 1 << 17
+    # Weight of a client hint before anything has been learnt about hints of that size.
+    hint_strength: float = 8.0
+    # Bound on remembered feature buckets (least recently used are forgotten).
+    max_keys: int = 200_000
+
+    def validate(self) -> None:
+        if (
+            not self.levels
+            or any(not 0.0 < q < 1.0 for q in self.levels)
+            or list(self.levels) != sorted(self.levels)
+        ):
+            raise PdorchError(
+                ErrorCode.CONFIG, f"predictor.levels must be ascending in (0, 1), got {self.levels}"
+            )
+        if self.prior_strength <= 0 or not 0.0 < self.decay <= 1.0 or self.bins_per_octave <= 0:
+            raise PdorchError(
+                ErrorCode.CONFIG, "predictor: prior_strength > 0, 0 < decay <= 1, bins_per_octave > 0"
+            )
+        if self.max_len < 2 or self.max_keys < 8 or self.hint_strength < 0:
+            raise PdorchError(ErrorCode.CONFIG, "predictor: max_len >= 2, max_keys >= 8, hint_strength >= 0")
+
+
+class _Hist:
+    __slots__ = ("counts", "n")
+
+    def __init__(self, bins: int) -> None:
+        self.counts = np.zeros(bins)
+        self.n = 0.0
+
+
+class OutputLengthPredictor:
+    def __init__(self, config: PredictorConfig | None = None) -> None:
+        config = config or PredictorConfig()
+        config.validate()
+        self.config = config
+        self._bpo = config.bins_per_octave
+        self._bins = math.ceil(math.log2(config.max_len) * self._bpo) + 1
+        # Bin i holds lengths in [2^(i/bpo), 2^((i+1)/bpo)); its representative is the geometric middle.
+        self._mid = np.exp2((np.arange(self._bins) + 0.5) / self._bpo)
+        self._hists: OrderedDict[tuple, _Hist] = OrderedDict()
+        self._levels = np.array(config.levels)
+        self.observed = 0
+
+    # ------------------------------------------------------------------ public
+
+    def predict(self, f: OutputFeatures) -> OutputPrediction:
+        p = self._distribution(f)
+        cap = f.max_tokens if f.max_tokens > 0 else self.config.max_len
+        quantiles = tuple(
+            (float(q), max(1, min(cap, v)))
+            for q, v in zip(self.config.levels, self._quantiles(p), strict=True)
+        )
+        mean = float(np.minimum(self._mid, cap) @ p)
+        return OutputPrediction(quantiles, mean)
+
+    def observe(self, f: OutputFeatures, true_len: int) -> None:
+        b = self._bin(true_len)
+        decay = self.config.decay
+        for key in self._keys(f):
+            h = self._hists.get(key)
+            if h is None:
+                h = self._hists[key] = _Hist(self._bins)
+                if len(self._hists) > self.config.max_keys:
+                    self._hists.popitem(last=False)
+            else:
+                self._hists.move_to_end(key)
+            if decay < 1.0:
+                h.counts *= decay
+                h.n *= decay
+            h.counts[b] += 1.0
+            h.n += 1.0
+        self.observed += 1
+
+    # ------------------------------------------------------------------ internals
+
+    def _bin(self, length: int) -> int:
+        if length <= 1:
+            return 0
+        return min(self._bins - 1, int(math.log2(length) * self._bpo))
+
+    def _keys(self, f: OutputFeatures) -> list[tuple]:
+        m = f.model
+        plen = int(math.log2(f.prompt_len + 1) * 2)  # half-octave prompt-length buckets
+        keys: list[tuple] = [("g",), ("m", m)]
+        if f.max_tokens > 0:
+            keys.append(("mx", m, int(math.log2(f.max_tokens + 1))))
+        keys.append(("mp", m, plen))
+        if f.tenant:
+            keys += [("mt", m, f.tenant), ("mtp", m, f.tenant, plen)]
+        if f.template_key:
+            keys.append(("mk", m, f.template_key))
+            if f.tenant:
+                keys.append(("mtk", m, f.tenant, f.template_key))
+        if f.hint > 0:
+            keys.append(("mh", m, self._bin(f.hint)))
+        return keys
+
+    def _distribution(self, f: OutputFeatures) -> np.ndarray:
+        s = self.config.prior_strength
+        p: np.ndarray | None = None
+        for key in self._keys(f):
+            if key[0] == "mh" and p is not None:
+                # Before hints of this size have been observed, trust the hint itself a little.
+                point = np.zeros(self._bins)
+                point[key[2]] = 1.0
+                hs = self.config.hint_strength
+                p = (hs * point + s * p) / (hs + s)
+            h = self._hists.get(key)
+            if h is None or h.n <= 0:
+                continue
+            p = h.counts / h.n if p is None else (h.counts + s * p) / (h.n + s)
+        if p is None:
+            # Nothing learnt yet: fall back on max_tokens (or a small default) as the whole distribution.
+            p = np.zeros(self._bins)
+            p[self._bin(f.hint or f.max_tokens or 256)] = 1.0
+        return p
+
+    def _quantiles(self, p: np.ndarray) -> list[int]:
+        cum = np.cumsum(p)
+        total = cum[-1]
+        out = []
+        for q in self._levels * total:
+            i = int(np.searchsorted(cum, q))
+            i = min(i, self._bins - 1)
+            below = cum[i - 1] if i > 0 else 0.0
+            frac = (q - below) / p[i] if p[i] > 0 else 0.5
+            out.append(round(2.0 ** ((i + min(1.0, max(0.0, frac))) / self._bpo)))
+        return out

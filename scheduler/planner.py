@@ -1,0 +1,110 @@
+"""Placement for the live scheduler: a request's features -> predicted output -> placement decision.
+
+The pure placement framework (``scheduler/placement``) decides; this glue feeds it what the
+scheduler knows: a cluster snapshot, the prompt's prefix-block hashes, and the output-length
+predictor's quantiles. It also keeps reservations in step with a request's growth and teaches the
+predictor every finished request's true length.
+"""
+
+from __future__ import annotations
+
+from scheduler.cluster import Cluster
+from scheduler.placement.config import PlacementConfig, ReservationMode
+from scheduler.placement.framework import Placer
+from scheduler.placement.kv_budget import regrow
+from scheduler.placement.predictor import OutputFeatures, OutputLengthPredictor
+from scheduler.placement.prefix import prompt_block_hashes
+from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
+from transport.errors import ErrorCode, PdorchError
+
+# Granularity of the prefix hashes the scheduler keeps per node (tokens per hash).
+PREFIX_BLOCK_TOKENS = 16
+
+
+class Planner:
+    def __init__(
+        self,
+        cluster: Cluster,
+        placer: Placer,
+        predictor: OutputLengthPredictor,
+        *,
+        colocated: bool,
+    ) -> None:
+        self._cluster = cluster
+        self.placer = placer
+        self.predictor = predictor
+        self._colocated = colocated
+
+    @property
+    def config(self) -> PlacementConfig:
+        return self.placer.config
+
+    def features(
+        self, model: str, prompt: list[int], max_tokens: int, tenant: str, hint: int
+    ) -> OutputFeatures:
+        hashes = prompt_block_hashes(prompt[:PREFIX_BLOCK_TOKENS], PREFIX_BLOCK_TOKENS)
+        return OutputFeatures(
+            prompt_len=len(prompt),
+            max_tokens=max_tokens,
+            model=model,
+            tenant=tenant,
+            template_key=hashes[0] if hashes else 0,
+            hint=hint,
+        )
+
+    def request(
+        self,
+        request_id: str,
+        features: OutputFeatures,
+        prompt: list[int],
+        priority: int,
+    ) -> PlacementRequest:
+        prediction = self.predictor.predict(features)
+        return PlacementRequest(
+            request_id=request_id,
+            model=features.model,
+            prompt_len=len(prompt),
+            max_tokens=features.max_tokens,
+            tenant=features.tenant,
+            priority=priority,
+            block_hashes=prompt_block_hashes(prompt, PREFIX_BLOCK_TOKENS),
+            prefix_block_tokens=PREFIX_BLOCK_TOKENS,
+            predicted_output_len=round(prediction.mean),
+            predicted_output_quantiles=prediction.quantiles,
+            colocated=self._colocated,
+        )
+
+    def place(self, preq: PlacementRequest, exclude: frozenset[str] = frozenset()) -> Placement:
+        snapshot = self._cluster.snapshot()
+        if exclude:
+            snapshot = ClusterSnapshot(tuple(n for n in snapshot.nodes if n.worker_id not in exclude))
+        return self.placer.place(snapshot, preq)
+
+    def has_room(self, preq: PlacementRequest) -> bool:
+        """Would the request be placed right now? (Admission lets it in only then.)"""
+        try:
+            self.place(preq)
+        except PdorchError as e:
+            if e.code is ErrorCode.NO_WORKER:
+                return False
+            raise
+        return True
+
+    def grow(self, worker_id: str, request_id: str, tokens_so_far: int, max_total_tokens: int) -> None:
+        """Re-reserve when a request outgrows its predicted footprint on its decode node."""
+        held = self._cluster.held(worker_id, request_id)
+        worker = self._cluster.get(worker_id)
+        if held is None or worker is None:
+            return
+        held.tokens = tokens_so_far
+        if self.config.reservation.mode is ReservationMode.PREDICTED:
+            held.reserved_blocks = regrow(
+                held.reserved_blocks,
+                tokens_so_far,
+                worker.hello.block_size,
+                max_total_tokens=max_total_tokens,
+                factor=self.config.reservation.regrow_factor,
+            )
+
+    def observe(self, features: OutputFeatures, output_len: int) -> None:
+        self.predictor.observe(features, output_len)

@@ -1,0 +1,1 @@
+"""Discrete-event cluster simulator that runs the same placement code as the live scheduler."""

@@ -1,0 +1,158 @@
+"""Workload traces for the simulator: public trace files, a synthetic generator, rate scaling.
+
+* Azure LLM inference trace 2023, code (Splitwise): CSV ``TIMESTAMP, ContextTokens, GeneratedTokens``.
+* Mooncake FAST'25 synthetic trace: JSONL ``timestamp`` (ms), ``input_length``, ``output_length``,
+  ``hash_ids`` (one id per 512-token prefix block; equal ids = the same prefix, reusable).
+
+Neither trace records ``max_tokens``; we assume :data:`DEFAULT_MAX_TOKENS` for every request (above
+every output in both traces), which the predictor may use as a feature and a cap.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from transport.errors import ErrorCode, PdorchError
+
+DEFAULT_MAX_TOKENS = 4096
+MOONCAKE_BLOCK_TOKENS = 512
+
+
+class TraceRequest(msgspec.Struct, frozen=True, gc=False):
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    hash_ids: tuple[int, ...] = ()  # chained prefix-block ids (equal id = equal whole prefix)
+    tenant: str = ""
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+
+class Trace(msgspec.Struct, frozen=True):
+    name: str
+    requests: tuple[TraceRequest, ...]
+    prefix_block_tokens: int = 16  # tokens covered by one hash id
+
+    @property
+    def duration_s(self) -> float:
+        return self.requests[-1].arrival_s - self.requests[0].arrival_s if self.requests else 0.0
+
+    def head(self, n: int) -> Trace:
+        return Trace(self.name, self.requests[:n], self.prefix_block_tokens)
+
+    def scaled(self, rate_scale: float) -> Trace:
+        """The same requests arriving ``rate_scale`` times as fast (timestamps divided by it)."""
+        if not rate_scale > 0:
+            raise PdorchError(ErrorCode.CONFIG, f"rate scale must be > 0, got {rate_scale}")
+        reqs = tuple(msgspec.structs.replace(r, arrival_s=r.arrival_s / rate_scale) for r in self.requests)
+        return Trace(self.name, reqs, self.prefix_block_tokens)
+
+
+def _parse_azure_time(text: str) -> float:
+    # "2023-11-16 18:17:03.9799600": seven fractional digits, more than strptime's %f takes.
+    whole, _, frac = text.strip().partition(".")
+    base = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").timestamp()
+    return base + (float("0." + frac) if frac else 0.0)
+
+
+def load_azure_csv(path: Path, name: str = "azure-code") -> Trace:
+    rows: list[TraceRequest] = []
+    with Path(path).open(newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append(
+                TraceRequest(
+                    arrival_s=_parse_azure_time(row["TIMESTAMP"]),
+                    prompt_len=max(1, int(row["ContextTokens"])),
+                    output_len=max(1, int(row["GeneratedTokens"])),
+                )
+            )
+    return _normalised(name, rows, prefix_block_tokens=16)
+
+
+def load_mooncake_jsonl(path: Path, name: str = "mooncake") -> Trace:
+    rows: list[TraceRequest] = []
+    with Path(path).open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            rows.append(
+                TraceRequest(
+                    arrival_s=float(r["timestamp"]) / 1e3,
+                    prompt_len=max(1, int(r["input_length"])),
+                    output_len=max(1, int(r["output_length"])),
+                    # Offset by one so that no id is 0 (0 means "no template" to the predictor).
+                    hash_ids=tuple(int(h) + 1 for h in r.get("hash_ids", ())),
+                )
+            )
+    return _normalised(name, rows, prefix_block_tokens=MOONCAKE_BLOCK_TOKENS)
+
+
+def load_trace(path: Path) -> Trace:
+    p = Path(path)
+    if not p.exists():
+        raise PdorchError(ErrorCode.CONFIG, f"trace file {p} not found")
+    if p.suffix == ".csv":
+        return load_azure_csv(p, name=p.stem)
+    if p.suffix in (".jsonl", ".json"):
+        return load_mooncake_jsonl(p, name=p.stem)
+    raise PdorchError(ErrorCode.CONFIG, f"unknown trace format {p.suffix!r} (expected .csv or .jsonl)")
+
+
+def _normalised(name: str, rows: list[TraceRequest], prefix_block_tokens: int) -> Trace:
+    if not rows:
+        raise PdorchError(ErrorCode.CONFIG, f"trace {name} is empty")
+    rows.sort(key=lambda r: r.arrival_s)
+    t0 = rows[0].arrival_s
+    reqs = tuple(msgspec.structs.replace(r, arrival_s=r.arrival_s - t0) for r in rows)
+    return Trace(name, reqs, prefix_block_tokens)
+
+
+def synthetic_trace(
+    n: int,
+    *,
+    rate_per_s: float = 4.0,
+    seed: int = 0,
+    templates: int = 8,
+    block_tokens: int = 64,
+    prompt_median: int = 1024,
+    output_median: int = 64,
+    tenants: int = 2,
+) -> Trace:
+    """A small reproducible workload: Poisson arrivals, log-normal lengths, shared prompt templates.
+
+    Each request starts with one of ``templates`` shared prefixes (half its blocks) and ends with
+    unique blocks, so prefix caching matters; a template's outputs cluster around its own length.
+    """
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate_per_s, size=n)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    prompts = np.maximum(block_tokens, rng.lognormal(math.log(prompt_median), 0.6, size=n)).astype(int)
+    template_of = rng.integers(0, templates, size=n)
+    template_out = rng.lognormal(math.log(output_median), 0.8, size=templates)
+    outputs = np.maximum(1, rng.lognormal(np.log(template_out[template_of]), 0.3)).astype(int)
+    next_id = 1_000_000
+    reqs = []
+    for i in range(n):
+        blocks = int(prompts[i]) // block_tokens
+        shared = blocks // 2
+        t = int(template_of[i])
+        ids = [t * 10_000 + 1 + j for j in range(shared)]
+        ids += list(range(next_id, next_id + blocks - shared))
+        next_id += blocks - shared
+        reqs.append(
+            TraceRequest(
+                arrival_s=float(arrivals[i]),
+                prompt_len=int(prompts[i]),
+                output_len=int(min(outputs[i], DEFAULT_MAX_TOKENS)),
+                hash_ids=tuple(ids),
+                tenant=f"tenant-{i % tenants}",
+            )
+        )
+    return Trace("synthetic", tuple(reqs), prefix_block_tokens=block_tokens)

@@ -1,0 +1,100 @@
+"""The live scheduler places with the placement framework: KV occupancy and the predicted output
+length change which decode node a request goes to.
+
+A real scheduler process; hand-driven workers report the loads we choose and show where the
+scheduler sends each decode job. Decode node "small" has 64 free blocks and is otherwise idle;
+"big" has 10000 blocks, a fifth of them used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from pdorch.launcher import LocalCluster
+from tests.e2e.conftest import start_cluster
+from tests.e2e.helpers import MODEL
+from tests.support.fake_worker import FakeWorker
+from transport.messages import DecodeJob, Load, Role
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def scheduler_only(tmp_path) -> Iterator[LocalCluster]:
+    c = start_cluster(tmp_path, prefill=0, decode=0)
+    yield c
+    c.stop()
+
+
+def _first_decode_job(workers: list[FakeWorker], timeout_s: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for w in workers:
+            with contextlib.suppress(TimeoutError):
+                if isinstance(w.recv_until(DecodeJob, timeout_s=0.05), DecodeJob):
+                    return w.worker_id
+    raise TimeoutError("no decode job was sent")
+
+
+async def _where(
+    cluster: LocalCluster, decoders: list[FakeWorker], headers: dict[str, str] | None = None
+) -> str:
+    body = {"model": MODEL, "prompt": "placement", "max_tokens": 2000, "temperature": 0}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        request = asyncio.create_task(s.post(cluster.url + "/v1/completions", json=body, headers=headers))
+        try:
+            return await asyncio.to_thread(_first_decode_job, decoders)
+        finally:
+            request.cancel()
+            with contextlib.suppress(BaseException):
+                await request
+
+
+def _idle(cluster: LocalCluster) -> bool:
+    return all(w["inflight_requests"] == 0 for w in cluster.cluster_state()["workers"])
+
+
+async def test_occupancy_and_predicted_length_pick_the_decode_node(scheduler_only: LocalCluster) -> None:
+    cluster = scheduler_only
+    prefill = FakeWorker(cluster.control, "prefill", role=Role.PREFILL)
+    small = FakeWorker(cluster.control, "small", capacity_blocks=64)
+    big = FakeWorker(cluster.control, "big", capacity_blocks=10000)
+    workers = [prefill, small, big]
+    try:
+        for w in workers:
+            w.register()
+        big.report(Load(blocks_used=2000, blocks_total=10000))
+
+        # A short predicted output (the client's hint) fits the idle small node: lowest occupancy wins.
+        assert await _where(cluster, [small, big], {"X-Expected-Output-Tokens": "10"}) == "small"
+        await asyncio.to_thread(_wait, lambda: _idle(cluster))
+        # Nothing learnt and no hint: the prediction is max_tokens=2000, a reservation of ~126 blocks
+        # that the small node cannot hold, so the big one gets it.
+        assert await _where(cluster, [small, big]) == "big"
+        await asyncio.to_thread(_wait, lambda: _idle(cluster))
+        # Same short request as the first, but the small node is now nearly full.
+        small.report(Load(blocks_used=60, blocks_total=64))
+        await asyncio.to_thread(_wait, lambda: _blocks_used(cluster, "small") == 60)
+        assert await _where(cluster, [small, big], {"X-Expected-Output-Tokens": "10"}) == "big"
+    finally:
+        for w in workers:
+            w.close()
+
+
+def _blocks_used(cluster: LocalCluster, worker_id: str) -> int:
+    return next(
+        w["load"]["blocks_used"] for w in cluster.cluster_state()["workers"] if w["worker_id"] == worker_id
+    )
+
+
+def _wait(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)

@@ -1,0 +1,186 @@
+"""The cluster simulator on small synthetic traces: determinism, conservation, policy effects."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from scheduler.placement.config import DeciderConfig
+from scheduler.placement.policies import policies, policy
+from simulate.cluster import parse_cluster
+from simulate.goodput import find_goodput
+from simulate.runner import SimConfig, Simulation, chunk_tokens_for, simulate
+from simulate.slo import SloJudge, SloSpec
+from simulate.trace import load_trace, synthetic_trace
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import Role
+from workers.engines.sim_cost import CostModel
+
+TRACE = synthetic_trace(300, rate_per_s=6.0, seed=11)
+CLUSTER = parse_cluster(["2:h100"], ["2:a100"])
+
+
+def named(name: str):
+    return policy(name, tpot_target_s=0.1, kv_link_gbytes_per_s=100.0)
+
+
+@pytest.mark.parametrize("name", list(policies()))
+def test_every_request_finishes_exactly_once(name: str) -> None:
+    sim = Simulation(TRACE, CLUSTER, named(name), policy_name=name)
+    result = sim.run()
+    assert result.finished == result.requests == len(TRACE.requests)
+    assert result.failed == 0 and not result.aborted
+    done = [r.done for r in sim._reqs if r is not None]
+    assert all(math.isfinite(t) for t in done)
+    # Every request's first token precedes its finish, and follows its arrival.
+    for r, req in zip(sim.trace.requests, sim._reqs, strict=True):
+        assert req is not None and r.arrival_s <= req.first <= req.done
+    # Nothing left behind: every engine drained, every reservation released.
+    assert all(n.engine.idle and n.inflight == 0 and n.reserved_blocks == 0 for n in sim.nodes)
+
+
+def test_results_are_deterministic() -> None:
+    for name in ("pdorch", "random", "round-robin"):
+        a = simulate(TRACE, CLUSTER, named(name), policy_name=name)
+        b = simulate(TRACE, CLUSTER, named(name), policy_name=name)
+        assert a == b
+
+
+def test_colocated_moves_no_kv_and_disaggregated_does() -> None:
+    coloc = simulate(TRACE, CLUSTER, named("colocated"), policy_name="colocated")
+    disagg = simulate(TRACE, CLUSTER, named("round-robin"), policy_name="round-robin")
+    assert coloc.kv_transfer_gb == 0.0 and "both" in coloc.cluster
+    prompt_bytes = sum(r.prompt_len for r in TRACE.requests if r.output_len > 1) * 320 * 1024
+    assert disagg.kv_transfer_gb == pytest.approx(prompt_bytes / 1e9)
+
+
+def test_prefix_aware_policies_hit_the_cache_more() -> None:
+    aware = simulate(TRACE, CLUSTER, named("prefix-queue"), policy_name="prefix-queue")
+    blind = simulate(TRACE, CLUSTER, named("random"), policy_name="random")
+    assert aware.prefix_hit_rate > blind.prefix_hit_rate > 0.0
+
+
+def test_kv_reservations_prevent_preemption() -> None:
+    trace = synthetic_trace(150, rate_per_s=3.0, prompt_median=6000, output_median=800, seed=1)
+    small_decode = parse_cluster(["2:h100"], ["1:l40s"])  # ~100k KV tokens on the decode node
+    blind = simulate(trace, small_decode, named("round-robin"))
+    assert blind.preemptions > 0
+    ours = named("pdorch")
+    no_fallback = msgspec.structs.replace(
+        ours, decider=msgspec.structs.replace(ours.decider, fallback_to_prefill_node=False)
+    )
+    for config in (ours, no_fallback):
+        result = simulate(trace, small_decode, config)
+        assert result.preemptions == 0
+        assert result.finished == len(trace.requests)
+
+
+def test_rate_scale_compresses_arrivals() -> None:
+    fast = TRACE.scaled(2.0)
+    assert fast.duration_s == pytest.approx(TRACE.duration_s / 2)
+    r1 = simulate(TRACE, CLUSTER, named("least-request"))
+    r2 = simulate(TRACE, CLUSTER, named("least-request"), rate_scale=2.0)
+    assert r2.request_rate == pytest.approx(2 * r1.request_rate)
+    assert r2.ttft_p90_s >= r1.ttft_p90_s
+
+
+def test_early_stop_when_the_target_is_out_of_reach() -> None:
+    result = simulate(TRACE, CLUSTER, named("random"), rate_scale=50.0, max_misses=10)
+    assert result.aborted and result.finished < len(TRACE.requests)
+
+
+def test_goodput_search_brackets_the_target() -> None:
+    slo = SloSpec()
+    g = find_goodput(TRACE, CLUSTER, named("least-request"), slo, policy_name="least-request", precision=0.1)
+    assert g.goodput_scale > 0 and g.at_goodput is not None
+    assert g.at_goodput.attainment >= slo.target
+    assert g.goodput_rps == pytest.approx(g.goodput_scale * len(TRACE.requests) / TRACE.duration_s)
+    beyond = simulate(TRACE, CLUSTER, named("least-request"), slo, rate_scale=g.goodput_scale * 1.1 * 4)
+    assert beyond.attainment < slo.target
+
+
+def test_slo_judge() -> None:
+    ref = CostModel("h100", 4)
+    judge = SloJudge(SloSpec(ttft_base_s=1.0, ttft_scale=5.0, tpot_s=0.1), ref)
+    assert judge.ttft_limit_s(2048) == pytest.approx(1.0 + 5 * ref.prefill_ms(0, 2048) / 1e3)
+    assert judge.met(2048, 1.5, 0.05)
+    assert not judge.met(2048, judge.ttft_limit_s(2048) + 0.01, 0.05)
+    assert not judge.met(2048, 0.1, 0.11)
+
+
+def test_chunk_size_follows_the_tpot_slo() -> None:
+    h100, a100 = CostModel("h100", 4), CostModel("a100", 4)
+    assert chunk_tokens_for(h100, 0.1) > chunk_tokens_for(a100, 0.1) >= 128
+    assert chunk_tokens_for(h100, 0.2) > chunk_tokens_for(h100, 0.1)
+    c = chunk_tokens_for(h100, 0.1)
+    assert h100.prefill_ms(0, c) <= 60.0 < h100.prefill_ms(0, c + 1)
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode", "fragment"),
+    [
+        (["8"], [], "bad pool"),
+        (["x:h100"], [], "bad pool"),
+        (["2:tpu"], [], "unknown accelerator"),
+        ([], [], "no instances"),
+    ],
+)
+def test_bad_cluster(prefill: list[str], decode: list[str], fragment: str) -> None:
+    with pytest.raises(PdorchError) as info:
+        parse_cluster(prefill, decode)
+    assert info.value.code is ErrorCode.CONFIG and fragment in info.value.message
+
+
+def test_cluster_description_and_colocation() -> None:
+    c = parse_cluster(["2:h100x8"], ["3:a100"])
+    assert c.gpus == 2 * 8 + 3 * 4
+    assert {i.role for i in c.colocated().instances} == {Role.BOTH}
+    assert "2x prefill h100x8" in c.describe() and "(28 GPUs)" in c.describe()
+
+
+def test_trace_loaders(tmp_path: Path) -> None:
+    csv = tmp_path / "t.csv"
+    csv.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:17:04.0319600,3180,8\n"
+        "2023-11-16 18:17:03.9799600,4808,10\n"
+    )
+    t = load_trace(csv)
+    assert [r.prompt_len for r in t.requests] == [4808, 3180]  # sorted by time
+    assert t.requests[0].arrival_s == 0.0 and t.requests[1].arrival_s == pytest.approx(0.052)
+    jsonl = tmp_path / "t.jsonl"
+    rows = [
+        {"timestamp": 0, "input_length": 1100, "output_length": 5, "hash_ids": [0, 1]},
+        {"timestamp": 1500, "input_length": 600, "output_length": 9, "hash_ids": [0]},
+    ]
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    m = load_trace(jsonl)
+    assert m.prefix_block_tokens == 512
+    assert m.requests[1].arrival_s == 1.5 and m.requests[0].hash_ids == (1, 2)
+    assert m.head(1).requests == m.requests[:1]
+    with pytest.raises(PdorchError):
+        load_trace(tmp_path / "missing.csv")
+    with pytest.raises(PdorchError):
+        TRACE.scaled(0.0)
+
+
+def test_unknown_model_shape_is_a_config_error() -> None:
+    with pytest.raises(PdorchError) as info:
+        Simulation(TRACE, CLUSTER, named("pdorch"), config=SimConfig(model="gpt-5"))
+    assert info.value.code is ErrorCode.CONFIG
+
+
+def test_decider_config_reaches_the_simulated_cluster() -> None:
+    base = named("pdorch")
+    # Threshold above every prompt: each request is prefilled on its decode node, nothing moves.
+    local = msgspec.structs.replace(base, decider=DeciderConfig(mode="threshold", threshold_tokens=10**6))  # type: ignore[arg-type]
+    result = simulate(TRACE, CLUSTER, local)
+    assert result.kv_transfer_gb == 0.0 and result.local_prefills == len(TRACE.requests)
+    # "never" (colocated serving) turns every node into a "both" node.
+    never = msgspec.structs.replace(base, decider=DeciderConfig(mode="never"))  # type: ignore[arg-type]
+    result = simulate(TRACE, CLUSTER, never)
+    assert result.kv_transfer_gb == 0.0 and result.local_prefills == 0 and "decode" not in result.cluster
