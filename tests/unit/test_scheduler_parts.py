@@ -26,7 +26,9 @@ from transport.messages import Hello, Role
 def test_config_layers_file_env_and_overrides(tmp_path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("port: 9001\nkv_mode: centralized\nkv_broker: tcp://127.0.0.1:5700\nqueue_timeout_s: 3\n")
-    cfg = load_config(f, env={"PDORCH_QUEUE_TIMEOUT_S": "7", "OTHER": "x"}, overrides={"port": 9002, "host": None})
+    cfg = load_config(
+        f, env={"PDORCH_QUEUE_TIMEOUT_S": "7", "OTHER": "x"}, overrides={"port": 9002, "host": None}
+    )
     assert (cfg.port, cfg.kv_mode, cfg.queue_timeout_s, cfg.host) == (9002, "centralized", 7, "127.0.0.1")
 
 
