@@ -1,0 +1,50 @@
+"""Admission through a real scheduler: requests wait for room, and a full queue answers 429."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from pdorch.launcher import LocalCluster
+from tests.e2e.conftest import start_cluster
+from tests.e2e.helpers import MODEL, complete
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def tight(tmp_path, monkeypatch) -> Iterator[LocalCluster]:
+    # One request in flight, one waiting; anything more is refused at once.
+    monkeypatch.setenv("PDORCH_ADMISSION", "{max_inflight: 1, max_queued: 1}")
+    c = start_cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+async def test_queue_full_is_429_and_waiters_are_served(tight: LocalCluster) -> None:
+    long = {"prompt": "hold the slot", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        first = asyncio.create_task(complete(s, tight.url, **long))
+        await _until(lambda: tight.cluster_state()["admission"]["running"] == 1)
+        second = asyncio.create_task(complete(s, tight.url, **{**long, "max_tokens": 5}))
+        await _until(lambda: tight.cluster_state()["admission"]["queued"] == 1)
+        async with s.post(tight.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}) as r:
+            body = await r.json()
+            assert r.status == 429, body
+            assert body["error"]["code"] == "queue_full"
+            assert int(r.headers["Retry-After"]) >= 1
+        # The waiting request was not lost: it runs once the first one finishes.
+        a, b = await asyncio.gather(first, second)
+    assert len(a["choices"][0]["token_ids"]) == 400
+    assert len(b["choices"][0]["token_ids"]) == 5
+
+
+async def _until(predicate, timeout_s: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await asyncio.to_thread(predicate):
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
