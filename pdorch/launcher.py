@@ -21,6 +21,24 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transport.messages import Role
+
+
+def model_name(spec: ClusterSpec) -> str:
+    """The model name clients use: the reference model's, or the vLLM model directory's name."""
+    return Path(spec.model_dir).name if spec.engine == "vllm" else "pdorch-reference"
+
+
+def default_vllm_python() -> str:
+    """vLLM's interpreter: $PDORCH_VLLM_PYTHON, else the .venv-vllm that scripts/install_vllm.sh makes."""
+    configured = os.environ.get("PDORCH_VLLM_PYTHON")
+    if configured:
+        return configured
+    local = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    if not local.exists():
+        raise RuntimeError("vLLM is not installed: run scripts/install_vllm.sh (or set PDORCH_VLLM_PYTHON)")
+    return str(local)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -53,6 +71,10 @@ class ClusterSpec:
     per_worker_args: dict[str, list[str]] = field(default_factory=dict)
     scheduler_args: list[str] = field(default_factory=list)
     log_level: str = "INFO"
+    # "reference" (the built-in engine) or "vllm" (a vLLM server per worker, from model_dir).
+    engine: str = "reference"
+    model_dir: str = ""
+    vllm_python: str = ""
 
 
 class LocalCluster:
@@ -64,6 +86,7 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._args: dict[str, list[str]] = {}
+        self._envs: dict[str, dict[str, str]] = {}
         self.url = f"http://127.0.0.1:{spec.port}"
         self.control = f"tcp://127.0.0.1:{spec.control_port}"
         self.broker = f"tcp://127.0.0.1:{spec.broker_port}"
@@ -71,37 +94,59 @@ class LocalCluster:
     # ------------------------------------------------------------------ processes
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        self._args[name] = args
+        self._spawn_argv(name, [self.spec.python, "-m", "pdorch", *args], {})
+
+    def _spawn_argv(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self._args[name] = argv
+        self._envs[name] = env
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child's lifetime
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.procs[name] = subprocess.Popen(
-            [self.spec.python, "-m", "pdorch", *args],
+            argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop the children in order
         )
 
     def worker_names(self) -> list[str]:
+        # vLLM servers ("vllm-<worker>") are stopped after their agents, with the scheduler.
         return [n for n in self.procs if n.startswith(("prefill-", "decode-", "worker-"))]
 
     def start_worker(self, name: str, role: str) -> None:
-        self._spawn(
-            name,
-            [
-                "worker",
-                "--scheduler",
-                self.control,
-                "--role",
-                role,
-                "--worker-id",
-                name,
-                "--log-level",
-                self.spec.log_level,
-                *self.spec.worker_args,
-                *self.spec.per_worker_args.get(name, []),
-            ],
+        engine_args = self._start_vllm(name, role) if self.spec.engine == "vllm" else []
+        args = ["worker", "--scheduler", self.control, "--role", role, "--worker-id", name]
+        args += ["--log-level", self.spec.log_level, *engine_args, *self.spec.worker_args]
+        self._spawn(name, args + self.spec.per_worker_args.get(name, []))
+
+    def _start_vllm(self, name: str, role: str) -> list[str]:
+        """Start the vLLM server a worker sits beside; returns the worker's engine arguments."""
+        # Imported here: only this path needs it (and it never imports vLLM itself).
+        from workers.engines.vllm.launch import VllmLaunchSpec, vllm_command
+
+        port = free_port()
+        handoff = not self.spec.colocated
+        kv_bind = f"tcp://127.0.0.1:{free_port()}" if handoff and role in ("decode", "both") else ""
+        index = len([n for n in self.procs if n.startswith("vllm-")])
+        spec = VllmLaunchSpec(
+            model_dir=self.spec.model_dir,
+            port=port,
+            role=Role(role) if handoff else None,
+            kv_bind=kv_bind,
+            # One core per server (round robin), so two servers do not fight over the same one.
+            cpu_cores=str(index % max(1, os.cpu_count() or 1)),
+            served_model_name=model_name(self.spec),
         )
+        argv, env = vllm_command(spec, python=self.spec.vllm_python or default_vllm_python())
+        self._spawn_argv(f"vllm-{name}", argv, env)
+        args = [
+            "--engine",
+            "vllm",
+            "--vllm-url",
+            f"http://127.0.0.1:{port}",
+            "--model-dir",
+            self.spec.model_dir,
+        ]
+        return [*args, "--kv-advertise", kv_bind] if kv_bind else args
 
     def start(self, timeout_s: float = 60.0) -> None:
         s = self.spec
@@ -139,6 +184,8 @@ class LocalCluster:
         self.wait_ready(len(self.worker_names()), timeout_s)
 
     def wait_ready(self, workers: int, timeout_s: float) -> None:
+        if self.spec.engine == "vllm":
+            timeout_s = max(timeout_s, 300.0)  # vLLM servers take about a minute to load on CPU
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
@@ -162,7 +209,7 @@ class LocalCluster:
 
     def restart(self, name: str) -> None:
         """Start a stopped process again with the arguments it had."""
-        self._spawn(name, self._args[name])
+        self._spawn_argv(name, self._args[name], self._envs[name])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
@@ -218,13 +265,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--broker-port", type=int, default=5700, help="KV broker port, centralized mode (default 5700)"
     )
     p.add_argument(
+        "--engine",
+        choices=["reference", "vllm"],
+        default="reference",
+        help="reference (built in, default) or vllm (a vLLM server beside each worker; needs --model)",
+    )
+    p.add_argument("--model", default="", help="model directory (Hugging Face layout) for --engine vllm")
+    p.add_argument(
         "--log-dir", type=Path, default=None, help="where process logs go (default: a new temp dir)"
     )
     p.add_argument("--log-level", default="INFO")
 
 
-def _example(url: str) -> str:
-    body = json.dumps({"model": "pdorch-reference", "prompt": "Hello, pdorch", "max_tokens": 16})
+def _example(url: str, model: str) -> str:
+    body = json.dumps({"model": model, "prompt": "Hello, pdorch", "max_tokens": 16})
     return f"curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
 
 
@@ -239,7 +293,12 @@ def main(args: argparse.Namespace) -> int:
         broker_port=args.broker_port,
         log_dir=args.log_dir,
         log_level=args.log_level,
+        engine=args.engine,
+        model_dir=args.model,
     )
+    if spec.engine == "vllm" and not spec.model_dir:
+        print("error: --engine vllm needs --model DIR", file=sys.stderr)
+        return 2
     cluster = LocalCluster(spec)
     stopping = False
 
@@ -262,7 +321,8 @@ def main(args: argparse.Namespace) -> int:
             else f"{spec.prefill} prefill + {spec.decode} decode, {spec.kv_mode}"
         )
         print(
-            f"\npdorch is ready ({mode}): {cluster.url}\n\nTry:\n  {_example(cluster.url)}\n\n"
+            f"\npdorch is ready ({mode}): {cluster.url}\n\n"
+            f"Try:\n  {_example(cluster.url, model_name(spec))}\n\n"
             f"Cluster state: {cluster.url}/v1/cluster   Ctrl-C stops everything.",
             flush=True,
         )

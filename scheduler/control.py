@@ -8,11 +8,9 @@ Malformed frames are counted and dropped; the loop never dies on a peer's mistak
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -21,7 +19,6 @@ from scheduler.cluster import Cluster, WorkerState
 from scheduler.inbox import Inbox
 from transport import sockets
 from transport.codec import Decoder, Encoder
-from transport.errors import PdorchError
 from transport.messages import (
     PROTOCOL_VERSION,
     Disconnect,
@@ -37,6 +34,7 @@ from transport.messages import (
     Welcome,
     WorkerFatal,
 )
+from transport.routed import cancel_and_wait, receive_routed
 
 log = logging.getLogger("pdorch.control")
 
@@ -75,11 +73,7 @@ class ControlServer:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._sock.close(linger=0)
 
     # ------------------------------------------------------------------ sending
@@ -105,25 +99,18 @@ class ControlServer:
 
     # ------------------------------------------------------------------ receiving
 
+    def _drop(self, identity: bytes, why: str) -> None:
+        self.bad_messages += 1
+        log.warning("dropping a malformed control message from %r: %s", identity[:64], why)
+
     async def _receive_loop(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
+        async for identity, msg in receive_routed(self._sock, self._dec, self._drop):
             try:
-                self._handle(frames)
+                self._handle(identity, msg)
             except Exception:  # a bug must not take the control plane down with it
                 log.exception("error handling a control message")
 
-    def _handle(self, frames: list[Any]) -> None:
-        if len(frames) < 2:
-            self.bad_messages += 1
-            return
-        identity = bytes(frames[0].buffer)
-        try:
-            msg = self._dec.decode(frames[1:])
-        except PdorchError as e:
-            self.bad_messages += 1
-            log.warning("dropping a malformed control message from %r: %s", identity[:64], e.message)
-            return
+    def _handle(self, identity: bytes, msg: FromWorker) -> None:
         now = self._clock()
         if isinstance(msg, Hello):
             self._hello(identity, msg, now)

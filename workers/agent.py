@@ -40,6 +40,7 @@ from transport.messages import (
     Welcome,
     WorkerFatal,
 )
+from transport.routed import cancel_and_wait
 from workers.engines.base import Engine
 
 log = logging.getLogger("pdorch.agent")
@@ -97,11 +98,7 @@ class Agent:
                 await self._drain()
             return 0
         finally:
-            for task in (session, health, stopper):
-                task.cancel()
-            for task in (session, health, stopper):
-                with contextlib.suppress(BaseException):
-                    await task
+            await cancel_and_wait([session, health, stopper])
             await self._cancel_all()
             await self._engine.close()
             if self._sock is not None:

@@ -13,6 +13,7 @@ import asyncio
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ TEXTS = [
     "café naïve über 東京 こんにちは 🙂 " * 4,
     "prefill decode worker scheduler request latency throughput memory kernel tensor " * 6,
     "one two three four five six seven eight nine ten " * 14,
+    "please write a short story about a cat, a dog and a river. " * 26,  # 417 tokens, 14 blocks
 ]
 CHATS = [
     [("user", "hello, how are you today?")],
@@ -133,6 +135,7 @@ class Collector:
         self.tokens: dict[str, list[int]] = defaultdict(list)
         self.finish: dict[str, FinishReason | None] = {}
         self.kv_loaded: set[str] = set()
+        self.first_token: dict[str, int] = {}
         self.order: list[FromWorker] = []
 
     def __call__(self, msg: FromWorker) -> None:
@@ -144,6 +147,7 @@ class Collector:
                 self.finish[msg.request_id] = msg.finish_reason
         elif isinstance(msg, KvLoaded):
             self.kv_loaded.add(msg.request_id)
+            self.first_token[msg.request_id] = msg.first_token
 
 
 @dataclass
@@ -193,6 +197,7 @@ async def disaggregated(
     first = e.p_out.tokens[rid]
     assert len(first) == 1, "prefill emits exactly token 0"
     assert rid in e.d_out.kv_loaded
+    assert e.d_out.first_token[rid] == first[0], "decode's token 0 (from the loaded KV) equals prefill's"
     return first + e.d_out.tokens[rid]
 
 
@@ -237,7 +242,7 @@ async def test_corrupted_kv_transfer_fails_the_decode(cluster: Cluster, engines:
     proxy = DamagingProxy(free_port(), int(cluster.kv_endpoint.rsplit(":", 1)[1]))
     await proxy.start()
     try:
-        prompt = cluster.prompts[-4]  # several blocks: bulk frames to damage
+        prompt = max(cluster.prompts, key=len)  # many blocks: bulk frames to damage
         s = SamplingParams(max_tokens=8)
         # Through the proxy undamaged: the path itself works.
         route = KvRoute("p2p", proxy.endpoint, "proxy-ok")
@@ -288,19 +293,32 @@ async def test_prefill_blocks_are_leased_then_released_when_nobody_takes_the_kv(
     await _wait_for(lambda: engines.prefill.load().blocks_used == 0, 90, "the lease to end")
 
 
-async def test_cancel_stops_the_request_inside_vllm(cluster: Cluster, engines: Engines) -> None:
-    s = SamplingParams(max_tokens=400, ignore_eos=True)
-    job = asyncio.create_task(engines.decode.generate(GenerateJob("long", cluster.prompts[0], s)))
-    await _wait_for(lambda: len(engines.d_out.tokens["long"]) >= 2, 60, "the first tokens")
-    engines.decode.cancel("long")
+async def test_a_decode_waiting_for_its_kv_shows_in_the_load_and_cancels_cleanly(
+    cluster: Cluster, engines: Engines
+) -> None:
+    """A decode whose KV has not come is parked inside vLLM holding its blocks; cancelling the job
+    aborts it there, the connector ends the load, and vLLM frees the blocks."""
+    await _wait_for(lambda: engines.decode.load().blocks_used == 0, 60, "an idle decode instance")
+    route = KvRoute("p2p", cluster.kv_endpoint, "parked-never-sent")
+    s = SamplingParams(max_tokens=8)
+    job = asyncio.create_task(
+        engines.decode.decode(DecodeJob("parked", cluster.prompts[6], s, route, deadline_s=120))
+    )
+    load = engines.decode.load
+    await _wait_for(
+        lambda: load().waiting >= 1 and load().blocks_used > 0, 60, "the parked request in the load"
+    )
+    engines.decode.cancel("parked")
     with pytest.raises(PdorchError) as e:
         await job
     assert e.value.code is ErrorCode.CANCELLED
-    await _wait_for(lambda: engines.decode.load().running == 0, 60, "vLLM to drop the request")
-    assert len(engines.d_out.tokens["long"]) < 400
+    await _wait_for(
+        lambda: load().waiting == 0 and load().blocks_used == 0, 60, "vLLM to drop it and free its blocks"
+    )
+    assert engines.d_out.tokens["parked"] == []
 
 
-async def test_load_and_info_come_from_the_live_server(cluster: Cluster, engines: Engines) -> None:
+async def test_info_comes_from_the_live_server(cluster: Cluster, engines: Engines) -> None:
     info = engines.decode.info()
     assert info.engine == "vllm" and info.block_size == 32 and info.capacity_blocks > 0
     assert info.kv_endpoint == cluster.kv_endpoint
@@ -309,20 +327,9 @@ async def test_load_and_info_come_from_the_live_server(cluster: Cluster, engines
     assert info.kv_bytes_per_token == 2 * 2 * 2 * 32 * 4  # K+V x layers x kv heads x head dim x fp32
     assert info.max_model_len == 512
     assert info.vocab_size == HfTokenizer(cluster.model_dir).vocab_size
-    # A real page parses, and a running request shows in the load.
-    import urllib.request
-
     with urllib.request.urlopen(cluster.decode.url + "/metrics", timeout=10) as resp:
-        assert parse_metrics(resp.read().decode()).num_blocks == info.capacity_blocks
-    s = SamplingParams(max_tokens=200, ignore_eos=True)
-    job = asyncio.create_task(engines.decode.generate(GenerateJob("busy", cluster.prompts[6], s)))
-    try:
-        await _wait_for(lambda: engines.decode.load().running >= 1, 60, "a running request in the load")
-        assert engines.decode.load().blocks_used > 0
-    finally:
-        engines.decode.cancel("busy")
-        with pytest.raises(PdorchError):
-            await job
+        page = parse_metrics(resp.read().decode())
+    assert (page.num_blocks, page.block_size) == (info.capacity_blocks, 32)
 
 
 async def test_health() -> None:
@@ -366,6 +373,12 @@ def stack(
         stack.stop()
 
 
+def _text(text: str) -> str:
+    """The random tiny model can end on an incomplete UTF-8 sequence: vLLM drops it, pdorch ends
+    the stream with U+FFFD (as a one-shot decode does). Everything before it must agree."""
+    return text.rstrip("\ufffd")
+
+
 async def _post(session: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     async with session.post(url + path, json={"model": MODEL, **body}) as resp:
         data = await resp.json()
@@ -385,10 +398,10 @@ async def test_pdorch_serves_vllm_disaggregated_like_vllm_colocated(
             want = (await _post(session, cluster.prefill.url, "/v1/completions", body))["choices"][0]
             have = (await _post(session, stack.url, "/v1/completions", body))["choices"][0]
             assert have["token_ids"] == want["token_ids"], text
-            assert have["text"] == want["text"]
+            assert _text(have["text"]) == _text(want["text"])
         for chat in CHATS:
             body = {"messages": [{"role": r, "content": c} for r, c in chat], **greedy}
             want = (await _post(session, cluster.prefill.url, "/v1/chat/completions", body))["choices"][0]
             have = (await _post(session, stack.url, "/v1/chat/completions", body))["choices"][0]
-            assert have["message"]["content"] == want["message"]["content"], chat
+            assert _text(have["message"]["content"]) == _text(want["message"]["content"]), chat
             assert have["finish_reason"] == want["finish_reason"]

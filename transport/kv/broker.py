@@ -43,6 +43,7 @@ from transport.kv.out_stream import KvOutStream, SendFn
 from transport.kv.receiver import DEFAULT_RECEIVER_WINDOW_BYTES
 from transport.kv.sender import DEFAULT_MAX_CHUNK_BYTES
 from transport.kv.store import KvEntry, KvStore
+from transport.routed import cancel_and_wait, receive_routed
 from transport.sockets import bound_endpoint, router
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,7 @@ class KvBroker:
 
     async def close(self) -> None:
         tasks, self._tasks = list(self._tasks), set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
         if self._router is not None:
             self._router.close(linger=0)
             self._router = None
@@ -132,18 +129,11 @@ class KvBroker:
 
     # ----------------------------------------------------------------- wire
 
+    def _drop(self, identity: bytes, why: str) -> None:
+        self._stats.dropped_messages += 1
+
     async def _recv_loop(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            if len(frames) < 2:
-                self._stats.dropped_messages += 1
-                continue
-            identity = frames[0].bytes
-            try:
-                msg = self._decoder.decode(frames[1:])
-            except PdorchError:
-                self._stats.dropped_messages += 1
-                continue
+        async for identity, msg in receive_routed(sock, self._decoder, self._drop):
             try:
                 await self._dispatch(identity, msg)
             except Exception:  # one transfer's bug must not stop the broker

@@ -8,7 +8,6 @@ are dropped and counted; they never disturb the other transfers on the link.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -18,6 +17,7 @@ import zmq.asyncio
 from transport.codec import Decoder, Encoder
 from transport.errors import PdorchError
 from transport.kv.messages import KvMessage
+from transport.routed import cancel_and_wait
 from transport.sockets import dealer
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,5 @@ class DealerLink:
                 log.exception("KV handler for %s failed", msg.transfer_id)
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait([self._task])
         self._sock.close(linger=0)

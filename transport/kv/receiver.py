@@ -35,6 +35,7 @@ from transport.kv.messages import (
     KvMessage,
     KvNack,
 )
+from transport.routed import cancel_and_wait, receive_routed
 from transport.sockets import bound_endpoint, router
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,7 @@ class KvReceiver:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         for expected in self._expected.values():
             if expected.transfer is not None:
                 await expected.transfer.fail(ErrorCode.CANCELLED, "receiver closed")
@@ -179,18 +176,11 @@ class KvReceiver:
         self._stats.completed += 1
         return trailer
 
+    def _drop(self, identity: bytes, why: str) -> None:
+        self._stats.dropped_messages += 1
+
     async def _recv_loop(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            if len(frames) < 2:
-                self._stats.dropped_messages += 1
-                continue
-            identity = frames[0].bytes
-            try:
-                msg = self._decoder.decode(frames[1:])
-            except PdorchError:
-                self._stats.dropped_messages += 1
-                continue
+        async for identity, msg in receive_routed(sock, self._decoder, self._drop):
             try:
                 await self._dispatch(identity, msg)
             except Exception:  # one transfer's bug must not stop the receiver

@@ -1,0 +1,140 @@
+"""The connector's data path without vLLM: a producer and a consumer worker side, each with its KV
+plane thread, moving whole blocks between two paged caches over real ZeroMQ sockets on loopback.
+
+This is what runs inside vLLM's worker processes; here the "forward pass" is the test calling
+``save_kv_layer`` from its own thread, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from workers.engines.vllm.connector_metadata import RecvSpec, SendSpec, StepPlan
+from workers.engines.vllm.connector_worker import PdorchWorkerSide
+from workers.engines.vllm.transfer_params import RECV, SEND, PdorchKvParams
+
+pytestmark = pytest.mark.timeout(60)
+
+LAYERS, BLOCKS, ROW = 3, 64, (2, 32, 16)
+
+
+def _caches(seed: int | None) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        f"model.layers.{i}.attn": (
+            rng.standard_normal((BLOCKS, *ROW)).astype(np.float32)
+            if seed is not None
+            else np.zeros((BLOCKS, *ROW), np.float32)
+        )
+        for i in range(LAYERS)
+    }
+
+
+@pytest.fixture
+def sides() -> Iterator[tuple[PdorchWorkerSide, PdorchWorkerSide, dict, dict]]:
+    # vLLM hands the worker side torch tensors; numpy arrays are taken as they are.
+    src, dst = _caches(1), _caches(None)
+    producer = PdorchWorkerSide(bind=None)
+    consumer = PdorchWorkerSide(bind="tcp://127.0.0.1:0")
+    producer.register_kv_caches(src)
+    consumer.register_kv_caches(dst)
+    try:
+        yield producer, consumer, src, dst
+    finally:
+        producer.shutdown()
+        consumer.shutdown()
+
+
+def _params(direction: str, endpoint: str, tid: str, deadline_s: float = 10.0) -> PdorchKvParams:
+    return PdorchKvParams(direction, tid, "p2p", endpoint, deadline_s)
+
+
+def _wait(side: PdorchWorkerSide, finished: set[str], timeout_s: float = 20.0) -> tuple[set, set, set]:
+    sent: set[str] = set()
+    recvd: set[str] = set()
+    failed: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s, r, f = side.get_transfer_results(finished)
+        sent |= s
+        recvd |= r
+        failed |= f
+        if sent or recvd:
+            return sent, recvd, failed
+        time.sleep(0.01)
+    return sent, recvd, failed
+
+
+def _forward(producer: PdorchWorkerSide, plan: StepPlan, layers: int = LAYERS) -> None:
+    for i in range(layers):
+        producer.save_kv_layer(plan, f"model.layers.{i}.attn")
+    producer.wait_for_save(plan)
+
+
+def test_blocks_arrive_in_the_planned_blocks(sides) -> None:  # type: ignore[no-untyped-def]
+    producer, consumer, src, dst = sides
+    endpoint = consumer.kv.endpoint
+    src_ids, dst_ids = [5, 6, 7, 20], [40, 3, 9]  # the consumer holds the first block locally
+    consumer.start_load_kv(
+        StepPlan(recvs=[RecvSpec("d", _params(RECV, endpoint, "t1"), dst_ids, skip_rows=1, num_tokens=120)])
+    )
+    send = SendSpec("p", _params(SEND, endpoint, "t1"), src_ids, num_tokens=120, lease_s=10)
+    _forward(producer, StepPlan(sends=[send]))
+    _, recvd, failed = _wait(consumer, set())
+    assert recvd == {"d"} and failed == set()
+    for name in src:
+        np.testing.assert_array_equal(dst[name][dst_ids], src[name][src_ids[1:]])
+    # Not reported as sent until vLLM says the request finished; then exactly once.
+    sent, _, _ = _wait(producer, set(), timeout_s=0.5)
+    assert sent == set()
+    sent, _, _ = _wait(producer, {"p"})
+    assert sent == {"p"}
+    assert producer.get_transfer_results({"p"})[0] == set()
+
+
+def test_a_send_missing_layers_is_aborted_and_the_load_fails(sides) -> None:  # type: ignore[no-untyped-def]
+    producer, consumer, _, _ = sides
+    endpoint = consumer.kv.endpoint
+    consumer.start_load_kv(StepPlan(recvs=[RecvSpec("d", _params(RECV, endpoint, "t2"), [1, 2], 0, 50)]))
+    plan = StepPlan(sends=[SendSpec("p", _params(SEND, endpoint, "t2"), [5, 6], 50, 10)])
+    _forward(producer, plan, layers=LAYERS - 1)
+    _, recvd, failed = _wait(consumer, set())
+    assert recvd == {"d"} and failed == {"d"}
+    assert _wait(producer, {"p"})[0] == {"p"}, "the lease ends with the failed send"
+
+
+def test_a_send_nobody_takes_ends_with_its_lease(sides) -> None:  # type: ignore[no-untyped-def]
+    producer, _, _, _ = sides
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    plan = StepPlan(sends=[SendSpec("p", _params(SEND, dead, "t3"), [1], 10, lease_s=1.0)])
+    _forward(producer, plan)
+    assert _wait(producer, {"p"}, timeout_s=30)[0] == {"p"}
+    assert "p" in producer.kv.errors
+
+
+def test_a_load_whose_request_was_aborted_is_cancelled(sides) -> None:  # type: ignore[no-untyped-def]
+    _, consumer, _, _ = sides
+    endpoint = consumer.kv.endpoint
+    consumer.start_load_kv(StepPlan(recvs=[RecvSpec("d", _params(RECV, endpoint, "t4", 30), [1], 0, 10)]))
+    consumer.start_load_kv(StepPlan(cancel_recvs=["d"]))
+    _, recvd, failed = _wait(consumer, set())
+    assert recvd == {"d"} and failed == {"d"}
+
+
+def test_wrong_shaped_kv_is_rejected(sides) -> None:  # type: ignore[no-untyped-def]
+    producer, consumer, _, _ = sides
+    endpoint = consumer.kv.endpoint
+    consumer.start_load_kv(StepPlan(recvs=[RecvSpec("d", _params(RECV, endpoint, "t5"), [1, 2], 0, 40)]))
+    # The producer thinks the prompt has 3 blocks; the consumer planned 2.
+    plan = StepPlan(sends=[SendSpec("p", _params(SEND, endpoint, "t5"), [1, 2, 3], 40, 10)])
+    _forward(producer, plan)
+    _, recvd, failed = _wait(consumer, set())
+    assert recvd == {"d"} and failed == {"d"}

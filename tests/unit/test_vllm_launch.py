@@ -1,0 +1,66 @@
+"""The argv and environment of a vLLM server process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import Role
+from workers.engines.vllm.launch import SOURCE_ROOT, VllmLaunchSpec, vllm_command
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_decode_instance_consumes_kv_on_its_endpoint() -> None:
+    spec = VllmLaunchSpec(
+        model_dir="/m", port=8200, role=Role.DECODE, kv_bind="tcp://127.0.0.1:5601", cpu_cores="1"
+    )
+    argv, env = vllm_command(spec, python="/venv/bin/python", base_env={"PATH": "/bin", "PYTHONPATH": "/x"})
+    assert argv[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert _flag(argv, "--model") == "/m" and _flag(argv, "--port") == "8200"
+    assert _flag(argv, "--block-size") == "32" and _flag(argv, "--dtype") == "float32"
+    assert "--enforce-eager" in argv
+    cfg = json.loads(_flag(argv, "--kv-transfer-config"))
+    assert cfg["kv_connector"] == "PdorchConnector"
+    assert cfg["kv_connector_module_path"] == "workers.engines.vllm.connector"
+    assert cfg["kv_role"] == "kv_consumer"
+    assert cfg["kv_load_failure_policy"] == "fail"
+    assert cfg["kv_connector_extra_config"]["pdorch_kv_bind"] == "tcp://127.0.0.1:5601"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_NO_USAGE_STATS"] == "1"
+    assert env["PATH"] == "/bin"
+    assert env["PYTHONPATH"].split(":") == [str(SOURCE_ROOT), "/x"]
+
+
+def test_prefill_instance_produces_and_binds_nothing() -> None:
+    argv, _ = vllm_command(VllmLaunchSpec(model_dir="/m", port=1, role=Role.PREFILL), python="py")
+    cfg = json.loads(_flag(argv, "--kv-transfer-config"))
+    assert cfg["kv_role"] == "kv_producer"
+    assert "pdorch_kv_bind" not in cfg["kv_connector_extra_config"]
+
+
+def test_plain_instance_has_no_connector_and_base_env_is_not_mutated() -> None:
+    base = {"A": "b"}
+    argv, env = vllm_command(VllmLaunchSpec(model_dir="/m", port=1, role=None), python="py", base_env=base)
+    assert "--kv-transfer-config" not in argv
+    assert base == {"A": "b"} and env["A"] == "b"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        VllmLaunchSpec(model_dir="/m", port=1, role=Role.DECODE),  # consumer without an endpoint
+        VllmLaunchSpec(model_dir="/m", port=1, role=Role.BOTH),
+        VllmLaunchSpec(model_dir="/m", port=1, role=None, block_size=16),
+        VllmLaunchSpec(model_dir="/m", port=1, role=None, kv_load_failure_policy="ignore"),
+    ],
+)
+def test_bad_specs_are_config_errors(spec: VllmLaunchSpec) -> None:
+    with pytest.raises(PdorchError) as e:
+        vllm_command(spec, python="py")
+    assert e.value.code is ErrorCode.CONFIG

@@ -1,0 +1,98 @@
+"""The connector's worker side (runs in vLLM's worker process, beside the model and its KV cache).
+
+- ``register_kv_caches``: numpy views over vLLM's per-layer cache tensors (CPU memory, no copy)
+  and the KV plane thread (with a bound receiver on consumer instances).
+- prefill: ``save_kv_layer`` hands each layer's prompt blocks to the KV plane as soon as the
+  forward pass has written them, so the transfer of layer i overlaps the compute of layer i+1.
+- decode: ``start_load_kv`` starts loads straight into the request's allocated blocks.
+- ``get_transfer_results`` reports sends over (which ends their block lease) and loads over/failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from workers.engines.vllm.block_io import BlockSink, read_blocks
+from workers.engines.vllm.connector_metadata import StepPlan
+from workers.engines.vllm.kv_plane_thread import KvPlaneThread
+
+
+def as_numpy(tensor: Any) -> np.ndarray:
+    """A numpy view of a CPU torch tensor; dtypes numpy lacks (bfloat16, fp8) as raw integers."""
+    if isinstance(tensor, np.ndarray):
+        return tensor
+    import torch
+
+    if tensor.dtype in (torch.float32, torch.float16, torch.int8, torch.uint8):
+        return tensor.numpy()
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[tensor.element_size()]
+    return tensor.view(width).numpy()
+
+
+class PdorchWorkerSide:
+    def __init__(self, *, bind: str | None) -> None:
+        self._bind = bind
+        self._layers: list[np.ndarray] = []
+        self._index: dict[str, int] = {}
+        self._kv: KvPlaneThread | None = None
+        self._send_ids: set[str] = set()  # requests with a send in flight or over, not yet reported
+        self._sends_over: set[str] = set()
+        self._finished: set[str] = set()  # of those, the ones vLLM says have finished
+        # Sends whose step is over. vLLM may call wait_for_save (and even bind the same metadata)
+        # more than once; a send is streamed and ended exactly once.
+        self._closed: set[str] = set()
+
+    @property
+    def kv(self) -> KvPlaneThread:
+        assert self._kv is not None, "register_kv_caches was not called"
+        return self._kv
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self._index = {name: i for i, name in enumerate(kv_caches)}
+        self._layers = [as_numpy(t) for t in kv_caches.values()]
+        first = self._layers[0]
+        self._kv = KvPlaneThread(
+            bind=self._bind, num_layers=len(self._layers), row_shape=tuple(first.shape[1:]), dtype=first.dtype
+        )
+
+    def start_load_kv(self, plan: StepPlan) -> None:
+        for spec in plan.recvs:
+            self.kv.start_recv(spec, BlockSink(self._layers, spec.block_ids, spec.skip_rows))
+        for req_id in plan.cancel_recvs:
+            self.kv.cancel_recv(req_id)
+
+    def save_kv_layer(self, plan: StepPlan, layer_name: str) -> None:
+        if not plan.sends:
+            return
+        layer = self._index[layer_name]
+        for spec in plan.sends:
+            if spec.req_id in self._closed:
+                continue
+            self._send_ids.add(spec.req_id)
+            self.kv.send_layer(spec, layer, read_blocks(self._layers[layer], spec.block_ids))
+
+    def wait_for_save(self, plan: StepPlan) -> None:
+        for spec in plan.sends:
+            if spec.req_id in self._closed:
+                continue
+            self._closed.add(spec.req_id)
+            self._send_ids.add(spec.req_id)
+            self.kv.end_send(spec)
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        sends_over, recvs_over, recvs_failed = self.kv.take_finished()
+        self._sends_over |= sends_over
+        self._finished |= finished_req_ids & self._send_ids
+        # vLLM accepts a "finished sending" only for a request it has already told us finished.
+        ready = self._sends_over & self._finished
+        self._sends_over -= ready
+        self._finished -= ready
+        self._send_ids -= ready
+        self._closed -= ready
+        return ready, recvs_over, recvs_failed
+
+    def shutdown(self) -> None:
+        if self._kv is not None:
+            self._kv.close()

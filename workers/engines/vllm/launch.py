@@ -1,0 +1,120 @@
+"""How to start a vLLM server process that pdorch can drive: argv and environment, nothing run.
+
+``vllm_command(spec)`` is pure; launchers (``pdorch up --engine vllm``, tests, benchmarks) spawn
+the result with the vLLM environment's interpreter. Defaults suit a CPU host: eager mode (graph
+compilation is slow on few cores), float32, 32-token blocks, a small context and batch, an explicit
+KV cache size (vLLM's memory guard otherwise applies a GPU fraction to host RAM) and offline
+operation (no model hub, no usage reporting).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import Role
+
+CONNECTOR_CLASS = "PdorchConnector"
+CONNECTOR_MODULE = "workers.engines.vllm.connector"
+# The repository root, so the connector module imports in vLLM's spawned processes even when pdorch
+# is not installed into the vLLM environment.
+SOURCE_ROOT = Path(__file__).resolve().parents[3]
+
+_KV_ROLE = {Role.PREFILL: "kv_producer", Role.DECODE: "kv_consumer", Role.BOTH: "kv_both"}
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+class VllmLaunchSpec(msgspec.Struct, kw_only=True, frozen=True):
+    model_dir: str
+    port: int
+    # prefill -> KV producer, decode -> KV consumer, both -> either; None: no connector at all
+    # (a plain colocated vLLM).
+    role: Role | None = Role.BOTH
+    host: str = "127.0.0.1"
+    # Where a consuming instance's connector binds its KV receiver (it must equal the endpoint the
+    # agent advertises, modulo the host part behind NAT).
+    kv_bind: str = ""
+    kv_cache_gib: int = 1
+    # VLLM_CPU_OMP_THREADS_BIND: "auto", or the cores for this instance ("0", "1", "0-3").
+    cpu_cores: str = "auto"
+    block_size: int = 32
+    max_model_len: int = 512
+    max_num_seqs: int = 8
+    dtype: str = "float32"
+    enforce_eager: bool = True
+    served_model_name: str = ""
+    # "fail": a failed KV load fails the request (the scheduler sees it and may retry);
+    # "recompute": vLLM silently recomputes the prompt instead.
+    kv_load_failure_policy: str = "fail"
+    max_lease_s: float = 120.0
+    extra_args: list[str] = []
+
+
+def kv_transfer_config(spec: VllmLaunchSpec) -> dict[str, object]:
+    assert spec.role is not None
+    extra: dict[str, object] = {"pdorch_max_lease_s": spec.max_lease_s}
+    if spec.role in (Role.DECODE, Role.BOTH):
+        if not spec.kv_bind:
+            raise PdorchError(
+                ErrorCode.CONFIG, f"a {spec.role} vLLM needs kv_bind (its KV receiver endpoint)"
+            )
+        extra["pdorch_kv_bind"] = spec.kv_bind
+    return {
+        "kv_connector": CONNECTOR_CLASS,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": _KV_ROLE[spec.role],
+        "kv_load_failure_policy": spec.kv_load_failure_policy,
+        "kv_connector_extra_config": extra,
+    }
+
+
+def vllm_command(
+    spec: VllmLaunchSpec, *, python: str, base_env: Mapping[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) for one vLLM OpenAI server. ``base_env`` is extended, never mutated."""
+    if spec.kv_load_failure_policy not in ("fail", "recompute"):
+        raise PdorchError(
+            ErrorCode.CONFIG,
+            f"kv_load_failure_policy must be fail or recompute, not {spec.kv_load_failure_policy!r}",
+        )
+    if spec.block_size % 32:
+        raise PdorchError(
+            ErrorCode.CONFIG,
+            f"vLLM on CPU needs a block size that is a multiple of 32, not {spec.block_size}",
+        )
+    argv = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", spec.model_dir,
+        "--host", spec.host,
+        "--port", str(spec.port),
+        "--block-size", str(spec.block_size),
+        "--dtype", spec.dtype,
+        "--max-model-len", str(spec.max_model_len),
+        "--max-num-seqs", str(spec.max_num_seqs),
+    ]  # fmt: skip
+    if spec.enforce_eager:
+        argv.append("--enforce-eager")
+    if spec.served_model_name:
+        argv += ["--served-model-name", spec.served_model_name]
+    if spec.role is not None:
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(spec))]
+    argv += list(spec.extra_args)
+
+    env = dict(base_env or {})
+    env.update(OFFLINE_ENV)
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_cores
+    paths = [p for p in env.get("PYTHONPATH", "").split(":") if p]
+    if str(SOURCE_ROOT) not in paths:
+        env["PYTHONPATH"] = ":".join([str(SOURCE_ROOT), *paths])
+    return argv, env
