@@ -1,0 +1,147 @@
+"""Real clusters of simulated workers (``pdorch worker --engine sim``), started like ``pdorch up``.
+
+The simulated engine serves Llama-3-8B-like timing and KV sizes from an H100-class cost model, so
+these processes are what load tests run. Checked here: what the workers announce, disaggregated
+output equal to colocated output through the real KV plane, the KV occupancy the scheduler sees
+while requests run, and that abandoning requests frees it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from pdorch.launcher import ClusterSpec, LocalCluster
+from tests.e2e.helpers import MODEL, complete, gather_limited, stream_tokens
+
+pytestmark = pytest.mark.e2e
+
+# Real speed (time_scale 1): an 8B model on H100s is fast enough that short requests finish in
+# tenths of a second, and long ones last long enough to be watched through heartbeats.
+SIM_ARGS = ["--engine", "sim", "--sim-accelerator", "h100", "--sim-tp", "2", "--sim-mean-output-tokens", "24"]
+WAIT_S = 30.0
+
+
+def _start(log_dir: Path, **spec: object) -> LocalCluster:
+    cluster = LocalCluster(
+        ClusterSpec(port=0, log_dir=log_dir, log_level="WARNING", worker_args=SIM_ARGS, **spec)  # type: ignore[arg-type]
+    )
+    try:
+        cluster.start(timeout_s=90)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def sim_p2p(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = _start(tmp_path_factory.mktemp("sim-p2p"), kv_mode="p2p")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def sim_colocated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = _start(tmp_path_factory.mktemp("sim-colocated"), colocated=True)
+    yield cluster
+    cluster.stop()
+
+
+def _workers(cluster: LocalCluster) -> dict[str, dict]:
+    return {w["worker_id"]: w for w in cluster.cluster_state()["workers"]}
+
+
+def test_workers_announce_the_modeled_engine(sim_p2p: LocalCluster) -> None:
+    workers = _workers(sim_p2p)
+    assert set(workers) == {"prefill-0", "decode-0"}
+    # Llama-3-8B: 32 layers x 8 KV heads x 128 dims x 2 (K and V) x 2 bytes; 2 x 80 GB at 90% less weights.
+    capacity = int((2 * 80e9 * 0.9 - 8.03e9 * 2) // (128 * 1024)) // 16
+    for w in workers.values():
+        assert (w["engine"], w["model"], w["accelerator"]) == ("sim", MODEL, "h100")
+        assert w["kv_bytes_per_token"] == 32 * 8 * 128 * 2 * 2
+        assert w["block_size"] == 16
+        assert w["load"]["blocks_total"] == capacity
+
+
+async def test_disaggregated_equals_colocated(sim_p2p: LocalCluster, sim_colocated: LocalCluster) -> None:
+    bodies = [
+        {"prompt": f"simulated request {i}: " + "lorem ipsum " * (i * 7), "max_tokens": 4 + 3 * i}
+        | ({"temperature": 0.8, "seed": i} if i % 2 else {"temperature": 0.0})
+        for i in range(16)
+    ]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        streamed = await gather_limited([stream_tokens(s, sim_p2p.url, **b) for b in bodies], limit=16)
+        expected = await gather_limited([complete(s, sim_colocated.url, **b) for b in bodies], limit=16)
+    finishes = []
+    for i, ((ids, finish, _), want) in enumerate(zip(streamed, expected, strict=True)):
+        choice = want["choices"][0]
+        assert ids == choice["token_ids"], f"request {i}"
+        assert finish == choice["finish_reason"], f"request {i}"
+        assert 1 <= len(ids) <= bodies[i]["max_tokens"]
+        finishes.append(finish)
+    assert set(finishes) == {"stop", "length"}  # EOS drawn for some, max_tokens for others
+
+
+async def _first_token_then_hold(
+    session: aiohttp.ClientSession, url: str, body: dict, got: asyncio.Event
+) -> None:
+    """Stream a request, note its first token, then keep the connection open until cancelled."""
+    async with session.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for raw in r.content:
+            if raw.startswith(b"data: {"):
+                got.set()
+
+
+async def _wait_for(cluster: LocalCluster, worker: str, condition, what: str) -> dict:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        load = _workers(cluster)[worker]["load"]
+        if condition(load):
+            return load
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{worker}: {what} not seen; last load {load}")
+        await asyncio.sleep(0.1)
+
+
+async def test_running_requests_occupy_decode_kv_until_abandoned(sim_p2p: LocalCluster) -> None:
+    # Long answers (about 30 s each at real speed), so they are still running when we look.
+    # Distinct 600-byte prompts (a shared prefix would share cached blocks): 38 KV blocks each
+    # with token 0.
+    n = 6
+    bodies = [
+        {
+            "model": MODEL,
+            "prompt": f"{i:03d}" + "o" * 597,
+            "max_tokens": 7000,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        for i in range(n)
+    ]
+    events = [asyncio.Event() for _ in range(n)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        tasks = [
+            asyncio.create_task(_first_token_then_hold(s, sim_p2p.url, b, e))
+            for b, e in zip(bodies, events, strict=True)
+        ]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), WAIT_S)
+            load = await _wait_for(sim_p2p, "decode-0", lambda ld: ld["running"] == n, f"{n} running")
+            assert load["blocks_used"] >= n * 38
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+    # Disconnected clients: the scheduler cancels their jobs and the decode worker frees the KV
+    # (long before the answers would have finished on their own).
+    await _wait_for(sim_p2p, "decode-0", lambda ld: ld["blocks_used"] == 0 and ld["running"] == 0, "KV freed")

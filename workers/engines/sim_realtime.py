@@ -1,0 +1,285 @@
+"""The simulated engine as an :class:`Engine`, in real time: a worker that behaves like a GPU serving a
+real model, for load tests of the real processes (``pdorch worker --engine sim``).
+
+A :class:`SimBatcher` holds the requests and decides each iteration; its clock is
+``time.monotonic()`` divided by ``time_scale``, so an iteration takes the cost model's time (scaled).
+One asyncio task advances it to the clock, hands new tokens to the waiting jobs, and sleeps until
+the iteration in flight ends (at most ``_MAX_WAIT_S``; new work wakes it at once). Nothing computes,
+so no thread is needed: the agent's event loop keeps heartbeating and moving KV.
+
+Tokens are a pure function of the prompt and position (``sim_tokens``), so disaggregated output
+equals colocated output. The KV handoff moves a small stand-in through the real KV plane and takes
+the modeled transfer time of the real KV (``sim_kv_handoff``). ``load()`` reports the modeled KV pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from transport.errors import ErrorCode, PdorchError
+from transport.kv import KvReceiver, KvSender
+from transport.messages import DecodeJob, GenerateJob, KvLoaded, Load, PrefillJob, SamplingParams, TokenOutput
+from workers.engines.base import Emit, EngineInfo
+from workers.engines.reference.prefix_hash import prefix_block_hashes
+from workers.engines.sim_batcher import BatcherParams, BatcherStats, SimBatcher, SimOutput
+from workers.engines.sim_cost import CostModel
+from workers.engines.sim_kv_handoff import KvLink, receive_standin, send_standin
+from workers.engines.sim_realtime_config import SimEngineConfig, model_context_lengths, shape_of
+from workers.engines.sim_tokens import (
+    EOS_TOKEN_ID,
+    VOCAB_SIZE,
+    SimTokenStream,
+    check_prompt,
+    check_sampling,
+)
+
+# Longest sleep of the stepping task: a bound, so a missed wake-up costs at most this much.
+_MAX_WAIT_S = 0.25
+
+
+class SimulatedEngine:
+    def __init__(
+        self,
+        config: SimEngineConfig | None = None,
+        *,
+        kv_sender: KvSender | None = None,
+        kv_receiver: KvReceiver | None = None,
+    ) -> None:
+        self.config = cfg = config or SimEngineConfig()
+        self._shape = shape_of(cfg.model)
+        self.cost = CostModel(cfg.accelerator, cfg.tp, self._shape)
+        num_blocks = cfg.num_blocks or self.cost.kv_capacity_tokens // cfg.block_size
+        context = cfg.max_model_len or model_context_lengths()[cfg.model]
+        self.max_model_len = min(context, num_blocks * cfg.block_size)
+        params = BatcherParams(
+            num_blocks=num_blocks,
+            block_size=cfg.block_size,
+            max_batch=cfg.max_batch,
+            chunk_tokens=cfg.chunk_tokens,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+        )
+        self._core = SimBatcher(self.cost, params)
+        self.link = KvLink(cfg.kv_link_gbytes_per_s, cfg.time_scale)
+        self._sender = kv_sender
+        self._receiver = kv_receiver
+        self._t0 = time.monotonic()
+        self._emit: Emit = lambda msg: None
+        self._handlers: dict[str, Callable[[SimOutput], None]] = {}
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stepper: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------ Engine protocol
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            engine="sim",
+            model=self.config.served_name,
+            kv_bytes_per_token=self._shape.kv_bytes_per_token,
+            block_size=self.config.block_size,
+            capacity_blocks=self._core.pool.total,
+            max_model_len=self.max_model_len,
+            tokenizer="byte",
+            eos_token_id=EOS_TOKEN_ID,
+            vocab_size=VOCAB_SIZE,
+        )
+
+    def load(self) -> Load:
+        return self._core.load()
+
+    @property
+    def stats(self) -> BatcherStats:
+        return self._core.stats
+
+    async def start(self, emit: Emit) -> None:
+        self._emit = emit
+        self._stepper = asyncio.create_task(self._step_loop(), name="sim-engine")
+
+    async def close(self) -> None:
+        for task in list(self._jobs.values()):
+            task.cancel()
+        if self._stepper is not None:
+            self._stepper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._stepper
+
+    async def healthy(self) -> bool:
+        return self._stepper is not None and not self._stepper.done() and self._error is None
+
+    def cancel(self, request_id: str) -> None:
+        self._core.release(self._now(), request_id)
+        self._handlers.pop(request_id, None)
+        task = self._jobs.get(request_id)
+        if task is not None:
+            task.cancel()
+        self._wake.set()
+
+    async def prefill(self, job: PrefillJob) -> None:
+        if job.kv is not None and self._sender is None:
+            raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot send KV (no KV sender)")
+        await self._run_job(job.request_id, self._prefill(job))
+
+    async def decode(self, job: DecodeJob) -> None:
+        if self._receiver is None:
+            raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot receive KV (no KV receiver)")
+        await self._run_job(job.request_id, self._decode(job))
+
+    async def generate(self, job: GenerateJob) -> None:
+        await self._run_job(job.request_id, self._generate(job))
+
+    # ------------------------------------------------------------------ jobs
+
+    async def _run_job(self, rid: str, body: Coroutine[Any, Any, None]) -> None:
+        """Run ``body`` as its own task, so :meth:`cancel` can stop it wherever it waits."""
+        if rid in self._jobs or self._core.holds(rid):
+            body.close()
+            raise PdorchError(ErrorCode.INVALID_REQUEST, f"duplicate request id {rid}")
+        task = asyncio.ensure_future(body)
+        self._jobs[rid] = task
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # our caller is being cancelled
+            raise PdorchError(ErrorCode.CANCELLED, f"{rid} was cancelled") from None
+        finally:
+            if self._jobs.get(rid) is task:
+                del self._jobs[rid]
+
+    async def _prefill(self, job: PrefillJob) -> None:
+        rid = job.request_id
+        stream, hashes = self._request(job.prompt_token_ids, job.sampling)
+        first: asyncio.Future[SimOutput] = asyncio.get_running_loop().create_future()
+        self._handlers[rid] = lambda out: first.done() or first.set_result(out)
+        try:
+            self._core.add_prefill(self._now(), rid, stream, hashes, decode_here=False)
+            self._wake.set()
+            out = await self._within(first, job.deadline_s, f"prefill of {rid}")
+            token = out.token_ids[0]
+            # The first token goes out at once; the KV follows over the modeled link time.
+            self._emit(TokenOutput(rid, [token], out.finish_reason, out.cached_tokens))
+            if job.kv is not None and out.finish_reason is None:
+                assert self._sender is not None
+                await send_standin(
+                    self._sender,
+                    job.kv,
+                    job.prompt_token_ids,
+                    token,
+                    num_layers=self._shape.layers,
+                    block_size=self.config.block_size,
+                    modeled_bytes=len(job.prompt_token_ids) * self._shape.kv_bytes_per_token,
+                    link=self.link,
+                    deadline_s=job.deadline_s,
+                )
+        finally:
+            self._forget(rid)
+
+    async def _decode(self, job: DecodeJob) -> None:
+        rid = job.request_id
+        assert self._receiver is not None
+        stream, hashes = self._request(job.prompt_token_ids, job.sampling)
+        self._core.reserve_decode(self._now(), rid, stream, hashes)
+        try:
+            first = await receive_standin(
+                self._receiver,
+                job.kv,
+                job.prompt_token_ids,
+                num_layers=self._shape.layers,
+                block_size=self.config.block_size,
+                modeled_bytes=len(job.prompt_token_ids) * self._shape.kv_bytes_per_token,
+                link=self.link,
+                deadline_s=job.deadline_s,
+            )
+            self._emit(KvLoaded(rid, first))
+            await self._until_finished(rid, lambda: self._core.start_decode(self._now(), rid, first))
+        finally:
+            self._forget(rid)
+
+    async def _generate(self, job: GenerateJob) -> None:
+        rid = job.request_id
+        stream, hashes = self._request(job.prompt_token_ids, job.sampling)
+        try:
+            await self._until_finished(
+                rid, lambda: self._core.add_prefill(self._now(), rid, stream, hashes, decode_here=True)
+            )
+        finally:
+            self._forget(rid)
+
+    async def _until_finished(self, rid: str, submit: Callable[[], None]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_output(out: SimOutput) -> None:
+            if done.done():
+                return
+            self._emit(TokenOutput(rid, out.token_ids, out.finish_reason, out.cached_tokens))
+            if out.finish_reason is not None:
+                done.set_result(None)
+
+        self._handlers[rid] = on_output
+        submit()
+        self._wake.set()
+        await self._within(done, self.config.job_timeout_s, rid)
+
+    def _request(self, prompt: list[int], sampling: SamplingParams) -> tuple[SimTokenStream, list[int]]:
+        check_sampling(sampling)
+        check_prompt(prompt, self.max_model_len)
+        stream = SimTokenStream(
+            self.config.seed,
+            prompt,
+            sampling,
+            mean_output_tokens=self.config.mean_output_tokens,
+            max_model_len=self.max_model_len,
+        )
+        hashes = (
+            prefix_block_hashes(prompt, self.config.block_size) if self.config.enable_prefix_caching else []
+        )
+        return stream, hashes
+
+    async def _within(self, waiting: asyncio.Future[Any], timeout_s: float, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(waiting, timeout_s)
+        except TimeoutError:
+            raise PdorchError(
+                ErrorCode.DEADLINE_EXCEEDED, f"{what} did not finish in {timeout_s:g}s"
+            ) from None
+
+    def _forget(self, rid: str) -> None:
+        self._handlers.pop(rid, None)
+        self._core.release(self._now(), rid)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ stepping
+
+    def _now(self) -> float:
+        """The cost model's clock: real seconds since start, divided by ``time_scale``."""
+        return (time.monotonic() - self._t0) / self.config.time_scale
+
+    async def _step_loop(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                for out in self._core.advance(self._now()):
+                    handler = self._handlers.get(out.request_id)
+                    if handler is not None:
+                        handler(out)
+                wait_s = (self._core.next_event_time() - self._now()) * self.config.time_scale
+                wait_s = min(max(wait_s, 0.0), _MAX_WAIT_S)
+                if wait_s <= 0.0:
+                    await asyncio.sleep(0)
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await self._wake.wait()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the agent sees it through healthy() and reports the worker dead
+            self._error = e
+            for task in list(self._jobs.values()):
+                task.cancel()
+            raise

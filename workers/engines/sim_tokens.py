@@ -1,0 +1,98 @@
+"""Deterministic pseudo-random output of the simulated engine: which token comes at which position.
+
+The ``n``-th generated token of a request (``n = 0`` is the prefill's token) is a pure function of
+the engine seed, the prompt, ``n`` and, for sampled requests (``temperature > 0``), the request's
+seed: BLAKE2b over those values. A greedy request ignores its seed, as a real greedy sampler does.
+Because nothing depends on batching, timing or which worker computed what, a request prefilled on
+one worker and decoded on another yields exactly the tokens a single worker generates.
+
+Ids are printable ASCII bytes (32..126) of the byte tokenizer, so responses are readable text,
+or the byte tokenizer's EOS (257). Each position is EOS with probability ``1 / mean_output_tokens``
+(a geometric output length with that mean); the finish rules are the reference engine's: EOS ends
+the request unless ``ignore_eos``, a ``stop_token_ids`` hit ends it, ``max_tokens`` (counting token
+0) ends it, and so does reaching ``max_model_len``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import FinishReason, SamplingParams
+
+VOCAB_SIZE = 260  # the byte tokenizer: 0..255 bytes, 256 BOS, 257 EOS, 258..259 spare
+EOS_TOKEN_ID = 257
+_PRINTABLE_FIRST = 32
+_PRINTABLE_COUNT = 95  # 32..126
+_U32 = float(1 << 32)
+
+
+def check_sampling(sampling: SamplingParams) -> None:
+    """Raise INVALID_REQUEST for parameters no sampler could honour (the reference engine's rules)."""
+    if sampling.max_tokens < 1:
+        raise PdorchError(ErrorCode.INVALID_REQUEST, f"max_tokens must be >= 1, got {sampling.max_tokens}")
+    if not np.isfinite(sampling.temperature) or sampling.temperature < 0:
+        raise PdorchError(ErrorCode.INVALID_REQUEST, f"temperature must be >= 0, got {sampling.temperature}")
+    if not 0.0 < sampling.top_p <= 1.0:
+        raise PdorchError(ErrorCode.INVALID_REQUEST, f"top_p must be in (0, 1], got {sampling.top_p}")
+
+
+def check_prompt(prompt_token_ids: Sequence[int], max_model_len: int) -> None:
+    """A prompt must be non-empty, in the vocabulary, and leave room for one generated token."""
+    if not prompt_token_ids:
+        raise PdorchError(ErrorCode.INVALID_REQUEST, "prompt must be a non-empty list of token ids")
+    if len(prompt_token_ids) >= max_model_len:
+        raise PdorchError(
+            ErrorCode.PROMPT_TOO_LONG,
+            f"prompt has {len(prompt_token_ids)} tokens, the model allows {max_model_len - 1} "
+            f"(max_model_len {max_model_len})",
+        )
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= VOCAB_SIZE:
+        raise PdorchError(ErrorCode.INVALID_REQUEST, f"token ids must be in [0, {VOCAB_SIZE})")
+
+
+class SimTokenStream:
+    """The tokens one request generates (see the module docstring for the rule)."""
+
+    __slots__ = ("_eos_threshold", "_key", "_max_model_len", "prompt_len", "sampling")
+
+    def __init__(
+        self,
+        engine_seed: int,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        mean_output_tokens: float,
+        max_model_len: int,
+    ) -> None:
+        key = hashlib.blake2b(digest_size=16)
+        key.update(np.asarray(prompt_token_ids, dtype="<i8").tobytes())
+        request_seed = sampling.seed if sampling.temperature > 0 else 0
+        key.update(f"|{engine_seed}|{request_seed}|{sampling.temperature > 0}".encode())
+        self._key = key.digest()
+        self._eos_threshold = _U32 / mean_output_tokens
+        self._max_model_len = max_model_len
+        self.prompt_len = len(prompt_token_ids)
+        self.sampling = sampling
+
+    def token(self, index: int) -> int:
+        """Generated token ``index`` (0 = the prefill's token)."""
+        digest = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8, key=self._key).digest()
+        value = int.from_bytes(digest, "little")
+        if (value & 0xFFFFFFFF) < self._eos_threshold:
+            return EOS_TOKEN_ID
+        return _PRINTABLE_FIRST + (value >> 32) % _PRINTABLE_COUNT
+
+    def finish_reason(self, token: int, num_generated: int) -> FinishReason | None:
+        """Whether generating ``token`` (the ``num_generated``-th, counting from 1) ends the request."""
+        s = self.sampling
+        if token == EOS_TOKEN_ID and not s.ignore_eos:
+            return FinishReason.STOP
+        if token in s.stop_token_ids:
+            return FinishReason.STOP
+        if num_generated >= s.max_tokens or self.prompt_len + num_generated >= self._max_model_len:
+            return FinishReason.LENGTH
+        return None
