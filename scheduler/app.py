@@ -48,6 +48,7 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
         metrics = Metrics()
         inbox = Inbox()
         admission = AdmissionGate(cfg.admission)
+        tokenizers = TokenizerRegistry()
         cluster = Cluster(
             heartbeat_interval_s=cfg.heartbeat_interval_s,
             heartbeat_liveness=cfg.heartbeat_liveness,
@@ -61,6 +62,7 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
             heartbeat_interval_s=cfg.heartbeat_interval_s,
             heartbeat_liveness=cfg.heartbeat_liveness,
             on_capacity=admission.notify,
+            on_tokenizer=tokenizers.provide,
         )
         placer = Placer(cfg.placement, clock=time.perf_counter)
         planner = Planner(cluster, placer, OutputLengthPredictor(cfg.predictor), colocated=cfg.colocated)
@@ -80,7 +82,7 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
         )
         metrics.watch_placement(placer)
         app[STATE] = SchedulerState(
-            cfg, cluster, control, orchestrator, admission, planner, TokenizerRegistry(), metrics
+            cfg, cluster, control, orchestrator, admission, planner, tokenizers, metrics
         )
         await control.start()
         log.info("control plane on %s", control.endpoint)
@@ -93,6 +95,7 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
         finally:
             await control.close()
             ctx.term()
+            tokenizers.close()
 
     app.cleanup_ctx.append(wiring)
     return app

@@ -19,6 +19,7 @@ from scheduler.cluster import Cluster, WorkerState
 from scheduler.inbox import Inbox
 from transport import sockets
 from transport.codec import Decoder, Encoder
+from transport.errors import PdorchError
 from transport.messages import (
     PROTOCOL_VERSION,
     Disconnect,
@@ -29,6 +30,7 @@ from transport.messages import (
     Hello,
     JobError,
     KvLoaded,
+    TokenizerFiles,
     TokenOutput,
     ToWorker,
     Welcome,
@@ -50,6 +52,7 @@ class ControlServer:
         heartbeat_interval_s: float,
         heartbeat_liveness: int,
         on_capacity: Callable[[], None] = lambda: None,
+        on_tokenizer: Callable[[str, dict[str, bytes]], None] = lambda spec, files: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sock = sockets.router(ctx, bind, handover=True)
@@ -60,6 +63,7 @@ class ControlServer:
         self._liveness = heartbeat_liveness
         # Called when a worker joins or reports load: requests waiting for room may fit now.
         self._on_capacity = on_capacity
+        self._on_tokenizer = on_tokenizer
         self._clock = clock
         self._enc = Encoder()
         self._dec: Decoder[FromWorker] = Decoder(FromWorker)
@@ -128,6 +132,11 @@ class ControlServer:
                 self._on_capacity()
         elif isinstance(msg, TokenOutput | KvLoaded | JobError):
             self._inbox.deliver(wid, msg.request_id, msg)
+        elif isinstance(msg, TokenizerFiles):
+            try:
+                self._on_tokenizer(worker.hello.tokenizer, msg.files)
+            except PdorchError as e:
+                log.warning("worker %s sent an unusable tokenizer: %s", wid, e.message)
         elif isinstance(msg, Draining):
             worker.state = WorkerState.DRAINING
             log.info("worker %s is draining: %s", wid, msg.reason)

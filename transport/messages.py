@@ -142,13 +142,34 @@ class Draining(msgspec.Struct, tag="drain", **_STRUCT):
     reason: str = ""
 
 
+# The files of a Hugging Face tokenizer that a scheduler needs (all optional but tokenizer.json).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "config.json",
+)
+
+
+class TokenizerFiles(msgspec.Struct, tag="tokfiles", **_STRUCT):
+    """The worker's tokenizer (``Hello.tokenizer`` names it), sent right after ``Welcome`` so a
+    scheduler that cannot read the worker's disk (another pod) tokenizes exactly as the engine does.
+    Keys are names from :data:`TOKENIZER_FILES`."""
+
+    files: dict[str, bytes]
+
+
 class Goodbye(msgspec.Struct, tag="bye", **_STRUCT):
     """Graceful shutdown: no new jobs; in-flight ones were finished or reported."""
 
     reason: str = ""
 
 
-FromWorker = Hello | Heartbeat | TokenOutput | KvLoaded | JobError | WorkerFatal | Draining | Goodbye
+FromWorker = (
+    Hello | Heartbeat | TokenOutput | KvLoaded | JobError | WorkerFatal | Draining | TokenizerFiles | Goodbye
+)
 
 # --------------------------------------------------------------------------- scheduler -> agent
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,6 +25,7 @@ from transport.errors import ErrorCode, PdorchError
 from transport.liveness import Backoff, PeerLiveness
 from transport.messages import (
     PROTOCOL_VERSION,
+    TOKENIZER_FILES,
     Cancel,
     DecodeJob,
     Disconnect,
@@ -36,6 +38,7 @@ from transport.messages import (
     JobError,
     PrefillJob,
     Role,
+    TokenizerFiles,
     ToWorker,
     Welcome,
     WorkerFatal,
@@ -44,6 +47,9 @@ from transport.routed import cancel_and_wait
 from workers.engines.base import Engine
 
 log = logging.getLogger("pdorch.agent")
+
+# A control message is one frame, capped at 16 MiB by the sockets; leave room for the envelope.
+_MAX_TOKENIZER_BYTES = 15 * 1024 * 1024
 
 
 class AgentConfig(msgspec.Struct, kw_only=True):
@@ -168,6 +174,7 @@ class Agent:
         welcome = await self._await_welcome(sock)
         self._interval, self._liveness = welcome.heartbeat_interval_s, welcome.heartbeat_liveness
         backoff.reset()
+        self._send_tokenizer()
         self.registered.set()
         if self._draining:
             self._send(Draining("shutting down"))
@@ -185,6 +192,22 @@ class Agent:
                 self._handle(frames)
             elif peer.expired(time.monotonic()):
                 raise _Reconnect(f"scheduler silent for {peer.expiry_s:.1f}s")
+
+    def _send_tokenizer(self) -> None:
+        """Ship the tokenizer's files: the scheduler may run where the model directory is not."""
+        spec = self._engine.info().tokenizer
+        folder = Path(spec)
+        if spec == "byte" or not folder.is_dir():
+            return
+        files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+        if sum(len(b) for b in files.values()) > _MAX_TOKENIZER_BYTES:
+            log.warning(
+                "tokenizer files in %s exceed %d bytes; the scheduler must read them itself",
+                folder,
+                _MAX_TOKENIZER_BYTES,
+            )
+            return
+        self._send(TokenizerFiles(files))
 
     async def _await_welcome(self, sock: zmq.asyncio.Socket) -> Welcome:
         deadline = time.monotonic() + self._cfg.hello_timeout_s
