@@ -205,10 +205,10 @@ def _choice(
     job: _Job, text: str, finish: str | None, token_ids: list[int] | None, delta: bool
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-    if job.chat:
-        choice["delta" if delta else "message"] = (
-            {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
-        )
+    if job.chat and delta:
+        choice["delta"] = {"content": text} if text else {}
+    elif job.chat:
+        choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
     if token_ids is not None and job.return_token_ids:
