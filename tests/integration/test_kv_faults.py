@@ -35,13 +35,6 @@ Tamper = Callable[[list[bytes]], list[bytes] | None]
 
 
 @pytest.fixture
-async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
-    context = zmq.asyncio.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
     rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", window_bytes=64 * 1024)
     await rx.start()

@@ -21,25 +21,11 @@ OK_DEADLINE_S = 30.0  # generous: a shared 2-core machine; success never waits f
 
 
 @pytest.fixture
-async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
-    context = zmq.asyncio.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
     rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", park_s=1.0)
     await rx.start()
     yield rx
     await rx.close()
-
-
-@pytest.fixture
-async def sender(ctx: zmq.asyncio.Context) -> AsyncIterator[KvSender]:
-    tx = KvSender(ctx)
-    yield tx
-    await tx.close()
 
 
 def make_layers(

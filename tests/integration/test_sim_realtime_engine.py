@@ -53,33 +53,11 @@ class Running:
 
 
 @pytest.fixture
-async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
-    context = zmq.asyncio.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
     rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", park_s=5.0)
     await rx.start()
     yield rx
     await rx.close()
-
-
-@pytest.fixture
-async def sender(ctx: zmq.asyncio.Context) -> AsyncIterator[KvSender]:
-    tx = KvSender(ctx)
-    yield tx
-    await tx.close()
-
-
-@pytest.fixture
-async def broker(ctx: zmq.asyncio.Context) -> AsyncIterator[KvBroker]:
-    kv_broker = KvBroker(ctx, bind="tcp://127.0.0.1:0", capacity_bytes=64 * 1024 * 1024, ttl_s=60)
-    await kv_broker.start()
-    yield kv_broker
-    await kv_broker.close()
 
 
 @pytest.fixture
