@@ -17,7 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from pdorch.launcher import ClusterSpec, LocalCluster
+from pdorch.launcher import LocalCluster
+from tests.e2e.conftest import start_cluster
 from tests.e2e.helpers import MODEL, complete, gather_limited, stream_tokens
 
 pytestmark = pytest.mark.e2e
@@ -29,15 +30,7 @@ WAIT_S = 30.0
 
 
 def _start(log_dir: Path, **spec: object) -> LocalCluster:
-    cluster = LocalCluster(
-        ClusterSpec(port=0, log_dir=log_dir, log_level="WARNING", worker_args=SIM_ARGS, **spec)  # type: ignore[arg-type]
-    )
-    try:
-        cluster.start(timeout_s=90)
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
+    return start_cluster(log_dir, worker_args=SIM_ARGS, **spec)
 
 
 @pytest.fixture(scope="module")
