@@ -7,9 +7,9 @@ import pytest
 
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import SamplingParams
+from transport.prefix_hash import prefix_block_hashes
 from workers.engines.reference.config import ModelConfig
 from workers.engines.reference.core import EngineCore
-from workers.engines.reference.prefix_hash import prefix_block_hashes
 from workers.engines.reference.step_output import StepOutput
 
 CFG = ModelConfig()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from transport.errors import ErrorCode, PdorchError
-from workers.engines.reference.prefix_hash import prefix_block_hashes
+from transport.prefix_hash import prefix_block_hashes
 
 BLOCK = 4
 

@@ -8,7 +8,7 @@ import pytest
 
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import FinishReason, SamplingParams
-from workers.engines.reference.prefix_hash import prefix_block_hashes
+from transport.prefix_hash import prefix_block_hashes
 from workers.engines.sim_batcher import BatcherParams, SimBatcher, SimOutput
 from workers.engines.sim_cost import LLAMA3_8B, CostModel
 from workers.engines.sim_tokens import SimTokenStream

@@ -23,8 +23,8 @@ from typing import Any
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.messages import DecodeJob, GenerateJob, KvLoaded, Load, PrefillJob, SamplingParams, TokenOutput
+from transport.prefix_hash import prefix_block_hashes
 from workers.engines.base import Emit, EngineInfo
-from workers.engines.reference.prefix_hash import prefix_block_hashes
 from workers.engines.sim_batcher import BatcherParams, BatcherStats, SimBatcher, SimOutput
 from workers.engines.sim_cost import CostModel
 from workers.engines.sim_kv_handoff import KvLink, receive_standin, send_standin

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from transport.prefix_hash import prefix_block_hashes
 from workers.engines.reference.block_allocator import BlockAllocator
-from workers.engines.reference.prefix_hash import prefix_block_hashes
 from workers.engines.reference.sequence import EngineSequence
 
 

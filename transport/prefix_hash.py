@@ -1,4 +1,4 @@
-"""Chained hashes of a prompt's full KV blocks: the keys of the prefix cache.
+"""Chained hashes of a prompt's full KV blocks: the keys of prefix caches, shared by every process.
 
 Block ``i``'s hash covers the tokens of blocks ``0..i``: it is BLAKE2b (8-byte digest) over block
 ``i-1``'s digest followed by block ``i``'s token ids as little-endian int64. Equal hashes therefore
@@ -6,9 +6,9 @@ mean equal whole prefixes, and changing one token changes the hash of its block 
 block. A partial last block gets no hash: only full blocks are ever shared.
 
 The hash depends on nothing but the token ids and the block size (not on Python's per-process
-``hash()`` salt), so a scheduler can compute the same keys to find the workers that hold a prefix.
-The scheme is identical to the scheduler's ``prompt_block_hashes``; each value is the digest read as
-a little-endian integer and shifted right by one bit, so it fits a signed 64-bit field.
+``hash()`` salt), so the scheduler and the engines compute the same keys: it lives here, in the one
+package both import. Each value is the digest read as a little-endian integer and shifted right by
+one bit, so it fits a signed 64-bit field.
 """
 
 from __future__ import annotations
