@@ -56,3 +56,12 @@ async def gather_limited(coros: list[Any], limit: int) -> list[Any]:
             return await c
 
     return await asyncio.gather(*(run(c) for c in coros))
+
+
+async def eventually(predicate: Any, timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Poll ``predicate`` (run in a thread: it may call the cluster's HTTP API) until it holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await asyncio.to_thread(predicate):
+        assert loop.time() < deadline, f"{what} not reached within {timeout_s:g}s"
+        await asyncio.sleep(0.02)

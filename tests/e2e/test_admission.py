@@ -10,7 +10,7 @@ import pytest
 
 from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import MODEL, complete
+from tests.e2e.helpers import MODEL, complete, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -28,9 +28,9 @@ async def test_queue_full_is_429_and_waiters_are_served(tight: LocalCluster) -> 
     long = {"prompt": "hold the slot", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
         first = asyncio.create_task(complete(s, tight.url, **long))
-        await _until(lambda: tight.cluster_state()["admission"]["running"] == 1)
+        await eventually(lambda: tight.cluster_state()["admission"]["running"] == 1, 20)
         second = asyncio.create_task(complete(s, tight.url, **{**long, "max_tokens": 5}))
-        await _until(lambda: tight.cluster_state()["admission"]["queued"] == 1)
+        await eventually(lambda: tight.cluster_state()["admission"]["queued"] == 1, 20)
         async with s.post(tight.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}) as r:
             body = await r.json()
             assert r.status == 429, body
@@ -40,11 +40,3 @@ async def test_queue_full_is_429_and_waiters_are_served(tight: LocalCluster) -> 
         a, b = await asyncio.gather(first, second)
     assert len(a["choices"][0]["token_ids"]) == 400
     assert len(b["choices"][0]["token_ids"]) == 5
-
-
-async def _until(predicate, timeout_s: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await asyncio.to_thread(predicate):
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)

@@ -27,9 +27,10 @@ pytestmark = pytest.mark.e2e
     ],
 )
 async def test_bad_completion_bodies(p2p, body: bytes, status: int, needle: str) -> None:
-    async with aiohttp.ClientSession() as s, s.post(
-        p2p.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(p2p.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}) as r,
+    ):
         data = await r.json()
     assert r.status == status, data
     assert needle in data["error"]["message"]

@@ -18,7 +18,7 @@ import pytest
 
 from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import MODEL
+from tests.e2e.helpers import MODEL, eventually
 from tests.support.fake_worker import FakeWorker
 from transport.messages import DecodeJob, Load, Role
 
@@ -73,14 +73,14 @@ async def test_occupancy_and_predicted_length_pick_the_decode_node(scheduler_onl
 
         # A short predicted output (the client's hint) fits the idle small node: lowest occupancy wins.
         assert await _where(cluster, [small, big], {"X-Expected-Output-Tokens": "10"}) == "small"
-        await asyncio.to_thread(_wait, lambda: _idle(cluster))
+        await eventually(lambda: _idle(cluster), 10)
         # Nothing learnt and no hint: the prediction is max_tokens=2000, a reservation of ~126 blocks
         # that the small node cannot hold, so the big one gets it.
         assert await _where(cluster, [small, big]) == "big"
-        await asyncio.to_thread(_wait, lambda: _idle(cluster))
+        await eventually(lambda: _idle(cluster), 10)
         # Same short request as the first, but the small node is now nearly full.
         small.report(Load(blocks_used=60, blocks_total=64))
-        await asyncio.to_thread(_wait, lambda: _blocks_used(cluster, "small") == 60)
+        await eventually(lambda: _blocks_used(cluster, "small") == 60, 10)
         assert await _where(cluster, [small, big], {"X-Expected-Output-Tokens": "10"}) == "big"
     finally:
         for w in workers:
@@ -91,10 +91,3 @@ def _blocks_used(cluster: LocalCluster, worker_id: str) -> int:
     return next(
         w["load"]["blocks_used"] for w in cluster.cluster_state()["workers"] if w["worker_id"] == worker_id
     )
-
-
-def _wait(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from pdorch.launcher import LocalCluster
 from scheduler.tokenizer.hf import HfTokenizer
 from tests.e2e.conftest import start_cluster
+from tests.e2e.helpers import eventually
 from tests.support.fake_worker import FakeWorker
 from transport.messages import Load, PrefillJob, Role, TokenizerFiles
 
@@ -67,7 +67,7 @@ async def test_scheduler_tokenizes_with_the_files_a_worker_sent(
         prefill.send(TokenizerFiles(files))
         # Messages on one connection are handled in order: once this load shows, the files are in.
         prefill.report(Load(blocks_used=7, blocks_total=4096))
-        await asyncio.to_thread(_wait_load, scheduler_only, "p", 7)
+        await eventually(lambda: _blocks_used(scheduler_only, "p") == 7, 10)
         body = {
             "model": "tiny",
             "messages": [{"role": "user", "content": "ships the tokenizer"}],
@@ -89,11 +89,6 @@ async def test_scheduler_tokenizes_with_the_files_a_worker_sent(
     assert max(want) >= 256  # merged BPE tokens: not the byte tokenizer by accident
 
 
-def _wait_load(cluster: LocalCluster, worker_id: str, blocks_used: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        workers = {w["worker_id"]: w for w in cluster.cluster_state()["workers"]}
-        if workers.get(worker_id, {}).get("load", {}).get("blocks_used") == blocks_used:
-            return
-        time.sleep(0.02)
-    raise TimeoutError("the worker's load never showed")
+def _blocks_used(cluster: LocalCluster, worker_id: str) -> int | None:
+    workers = {w["worker_id"]: w for w in cluster.cluster_state()["workers"]}
+    return workers.get(worker_id, {}).get("load", {}).get("blocks_used")

@@ -12,7 +12,7 @@ import pytest
 
 from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import complete, stream_tokens
+from tests.e2e.helpers import complete, eventually, stream_tokens
 
 pytestmark = pytest.mark.e2e
 
@@ -35,13 +35,6 @@ async def _outcome(coro) -> str:
         return f"error: {e}"
 
 
-async def _wait_for(predicate, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_kill_decode_worker_mid_request(two_by_two: LocalCluster) -> None:
     cluster = two_by_two
     long = {"prompt": "a long story", "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
@@ -55,7 +48,7 @@ async def test_kill_decode_worker_mid_request(two_by_two: LocalCluster) -> None:
                 if w["role"] == "decode" and w["inflight_requests"]
             ]
 
-        await _wait_for(lambda: len(busy_decoders()) >= 1 and all(not t.done() for t in tasks))
+        await eventually(lambda: len(busy_decoders()) >= 1 and all(not t.done() for t in tasks))
         victim = busy_decoders()[0]
         killed_at = time.monotonic()
         cluster.kill(victim["worker_id"])
@@ -67,7 +60,7 @@ async def test_kill_decode_worker_mid_request(two_by_two: LocalCluster) -> None:
         assert time.monotonic() - killed_at < PROMPT_ERROR_BOUND_S
         for t in pending:
             assert (await t) == "ok"  # the others run to completion on the surviving decode worker
-        await _wait_for(
+        await eventually(
             lambda: victim["worker_id"] not in {w["worker_id"] for w in cluster.cluster_state()["workers"]}
         )
         for i in range(4):
@@ -89,7 +82,7 @@ async def test_kill_prefill_worker_mid_request(two_by_two: LocalCluster) -> None
                 if w["role"] == "prefill" and w["inflight_requests"] >= 2
             ]
 
-        await _wait_for(lambda: len(busy_prefill()) >= 1)
+        await eventually(lambda: len(busy_prefill()) >= 1)
         victim = busy_prefill()[0]["worker_id"]
         cluster.kill(victim)
         done, pending = await asyncio.wait(tasks, timeout=PROMPT_ERROR_BOUND_S * 3)
@@ -97,7 +90,7 @@ async def test_kill_prefill_worker_mid_request(two_by_two: LocalCluster) -> None
         outcomes = [t.result() for t in done]
         assert any(o != "ok" for o in outcomes), "no request was caught on the killed prefill worker"
         assert all(o == "ok" or "worker" in o for o in outcomes), outcomes
-        await _wait_for(lambda: victim not in {w["worker_id"] for w in cluster.cluster_state()["workers"]})
+        await eventually(lambda: victim not in {w["worker_id"] for w in cluster.cluster_state()["workers"]})
         for i in range(4):
             r = await complete(s, cluster.url, prompt=f"after the prefill crash {i}", max_tokens=6)
             assert r["choices"][0]["token_ids"]
