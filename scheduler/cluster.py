@@ -67,7 +67,8 @@ class Worker:
     requests: dict[str, Held] = field(default_factory=dict)
     # Prompt tokens sent here for prefill and not yet answered with a first token.
     pending_prefill_tokens: int = 0
-    prefixes: PrefixMemory = field(default_factory=lambda: PrefixMemory(0))
+    # Sized like the worker's KV cache: it cannot hold more distinct blocks than that.
+    prefixes: PrefixMemory = field(init=False)
 
     def __post_init__(self) -> None:
         self.prefixes = PrefixMemory(self.hello.capacity_blocks)
