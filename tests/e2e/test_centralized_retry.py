@@ -9,6 +9,7 @@ broker. The client sees no error and the right tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 
 import aiohttp
@@ -16,7 +17,7 @@ import pytest
 
 from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import complete
+from tests.e2e.helpers import complete, eventually, stream_tokens
 from tests.support.fake_worker import FakeWorker
 from transport.messages import DecodeJob
 
@@ -34,6 +35,11 @@ async def test_decode_retried_when_decode_worker_dies_before_fetching(cluster: L
     body = {"prompt": "survive me", "max_tokens": 12, "temperature": 0}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
         want = await complete(s, cluster.url, **body)
+        # Keep the real decode worker busy, so placement prefers the idle, roomy newcomer (on an
+        # exact tie the picker would choose at random).
+        busy = {"prompt": "keep decode-0 busy", "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
+        hold = asyncio.create_task(stream_tokens(s, cluster.url, **busy))
+        await eventually(lambda: _inflight(cluster, "decode-0") >= 1, 20)
         flaky = FakeWorker(cluster.control, "flaky-decode", capacity_blocks=10**6)
         flaky.register()
         try:
@@ -43,7 +49,15 @@ async def test_decode_retried_when_decode_worker_dies_before_fetching(cluster: L
         finally:
             flaky.close()  # dies silently: no fetch, no heartbeats
         got = await request
+        hold.cancel()
+        with contextlib.suppress(BaseException):
+            await hold
     assert got["choices"][0]["token_ids"] == want["choices"][0]["token_ids"]
     assert "flaky-decode" not in {w["worker_id"] for w in cluster.cluster_state()["workers"]}
     async with aiohttp.ClientSession() as s, s.get(cluster.url + "/metrics") as r:
         assert "pdorch_decode_retries_total 1.0" in await r.text()
+
+
+def _inflight(cluster: LocalCluster, worker_id: str) -> int:
+    workers = {w["worker_id"]: w for w in cluster.cluster_state()["workers"]}
+    return workers.get(worker_id, {}).get("inflight_requests", 0)
