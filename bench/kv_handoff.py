@@ -6,7 +6,10 @@ broker each in its own OS process, as in production. Baselines, measured in the 
 
 - memcpy: ``np.copyto`` of the same bytes, layer by layer (the floor of any handoff);
 - raw pyzmq: a PUSH process sending the same frames (chunks of ``--chunk-mb``) with ``copy=False``
-  to a PULL process over tcp loopback, which receives them and does nothing else.
+  to a PULL process over tcp loopback, which receives them and does nothing else;
+- raw+work: the same, plus the work any verified handoff into a KV cache does: the sender
+  checksums each frame's spans, the receiver checksums each span and copies it into a
+  preallocated destination. No protocol: what is left between it and p2p is pdorch's own cost.
 
 The p2p receiver writes every row into a preallocated destination (as an engine writes into its
 KV cache): one more memcpy than raw pyzmq does. ``p2p-discard`` is the same transfer into a sink
@@ -38,7 +41,8 @@ import zmq.asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from transport.kv import ArraySink, KvReceiver, KvSender
-from transport.kv.checksum import checksum
+from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
+from transport.kv.receive_buffers import keep_receive_buffers
 from transport.messages import KvRoute
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,17 +145,36 @@ def sender_process(conn: Connection, chunk_mb: int) -> None:
 # ----------------------------------------------------------------------------- raw pyzmq processes
 
 
+ROW_BYTES = 2 * 8 * 128 * 2
+SPAN_ROWS = checksum_rows_for(ROW_BYTES)
+
+
 def raw_receiver_process(conn: Connection) -> None:
+    keep_receive_buffers()  # as pdorch's receiver does: both sides get the same allocator
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     conn.send(f"tcp://127.0.0.1:{port}")
     sock.recv()  # warm-up: the connection exists before anything is timed
-    while (frames := conn.recv()) is not None:
+    destinations: dict[int, np.ndarray] = {}
+    while (cmd := conn.recv()) is not None:
+        frames, total_bytes, work = cmd
+        if work and total_bytes not in destinations:
+            destinations[total_bytes] = np.ones(total_bytes // 2, np.float16)  # paged in
+        dst = destinations.get(total_bytes)
         conn.send("ready")
+        offset = 0
         for _ in range(frames):
-            sock.recv(copy=False)
+            frame = sock.recv(copy=False)
+            if dst is None:
+                continue
+            rows = np.frombuffer(frame.buffer, np.float16).reshape(-1, ROW_BYTES // 2)
+            out = dst[offset : offset + rows.size].reshape(rows.shape)
+            for start in range(0, rows.shape[0], SPAN_ROWS):  # verify a span, then copy it
+                checksum(rows[start : start + SPAN_ROWS])
+                out[start : start + SPAN_ROWS] = rows[start : start + SPAN_ROWS]
+            offset += rows.size
         conn.send(time.perf_counter())
     ctx.destroy(linger=0)
 
@@ -162,18 +185,21 @@ def raw_sender_process(conn: Connection, endpoint: str, chunk_mb: int) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     sock.send(b"warm-up")
-    data: dict[int, list[memoryview]] = {}
+    data: dict[int, list[np.ndarray]] = {}
     conn.send("up")
-    while (tokens := conn.recv()) is not None:
+    while (cmd := conn.recv()) is not None:
+        tokens, work = cmd
         if tokens not in data:
             layers = make_layers(tokens)
             per = max(1, chunk_mb * MIB // (layers[0, 0].nbytes))
-            data[tokens] = [layers[i, s : s + per].data for i in range(LAYERS) for s in range(0, tokens, per)]
+            data[tokens] = [layers[i, s : s + per] for i in range(LAYERS) for s in range(0, tokens, per)]
         frames = data[tokens]
         conn.send(len(frames))
         conn.recv()  # go
         start = time.perf_counter()
         for frame in frames:
+            if work:
+                span_checksums(frame, SPAN_ROWS)
             sock.send(frame, copy=False)
         conn.send(start)
     ctx.destroy(linger=0)
@@ -233,10 +259,10 @@ def memcpy_run(src: np.ndarray, dst: np.ndarray) -> Sample:
     return Sample(time.perf_counter() - start, time.process_time() - cpu)
 
 
-def raw_run(raw: Pair, tokens: int) -> Sample:
-    raw.tx.send(tokens)
+def raw_run(raw: Pair, tokens: int, work: bool = False) -> Sample:
+    raw.tx.send((tokens, work))
     frames = raw.tx.recv()
-    raw.rx.send(frames)
+    raw.rx.send((frames, tokens * TOKEN_BYTES, work))
     assert raw.rx.recv() == "ready"
     cpu = cpu_seconds(raw.pids)
     raw.tx.send("go")
@@ -282,8 +308,8 @@ def start_broker(window_mb: int) -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" ", 1)[1].strip()
 
 
-METHODS = ("memcpy", "raw", "p2p", "p2p-discard", "central")
-WIDTHS = (6, 5, 7, 7, 13, 13, 13, 7, 7, 7, 7)
+METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central")
+WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 7, 7, 7, 7, 7)
 
 
 def measure_size(
@@ -296,11 +322,13 @@ def measure_size(
     # Warm-up (not counted): data built in every process, connections up, destinations paged in;
     # the first p2p and centralized handoffs are checked for content.
     raw_run(raw, tokens)
+    raw_run(raw, tokens, work=True)
     kv_run(kv, tokens, f"warm-p2p-{tokens}", "verify", kv_endpoint, "", kv.pids)
     kv_run(kv, tokens, f"warm-central-{tokens}", "verify", broker, broker, [*kv.pids, broker_pid])
     for r in range(repeats):
         samples["memcpy"].append(memcpy_run(src, dst))
         samples["raw"].append(raw_run(raw, tokens))
+        samples["raw+work"].append(raw_run(raw, tokens, work=True))
         samples["p2p"].append(kv_run(kv, tokens, f"p2p-{tokens}-{r}", "copy", kv_endpoint, "", kv.pids))
         samples["p2p-discard"].append(
             kv_run(kv, tokens, f"discard-{tokens}-{r}", "discard", kv_endpoint, "", kv.pids)
@@ -330,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     print("KV handoff of a Llama-3-8B-shaped request (32 layers x [T, 2, 8, 128] fp16, 128 KiB/token);")
     print(f"chunks of {args.chunk_mb} MiB, window {args.window_mb} MiB, best of {args.repeats} rounds.")
     print("GB/s (x = ratio to raw pyzmq); CPU seconds per GiB summed over the processes involved (median).")
-    head = ["tokens", "MiB", "memcpy", "raw zmq", "p2p", "p2p-discard", "central"]
-    head += ["cpu:raw", "p2p", "discard", "central"]
+    head = ["tokens", "MiB", "memcpy", "raw zmq", "raw+work", "p2p", "p2p-discard", "central"]
+    head += ["cpu:raw", "r+work", "p2p", "discard", "central"]
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS, strict=True)))
     try:
         for tokens in args.tokens:
@@ -346,9 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{rate['raw']:.2f}",
             ]
             cells += [
-                f"{rate[m]:.2f} ({rate[m] / rate['raw']:.2f}x)" for m in ("p2p", "p2p-discard", "central")
+                f"{rate[m]:.2f} ({rate[m] / rate['raw']:.2f}x)"
+                for m in ("raw+work", "p2p", "p2p-discard", "central")
             ]
-            cells += [f"{cpu[m]:.2f}" for m in ("raw", "p2p", "p2p-discard", "central")]
+            cells += [f"{cpu[m]:.2f}" for m in ("raw", "raw+work", "p2p", "p2p-discard", "central")]
             print(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS, strict=True)), flush=True)
     finally:
         raw.stop()

@@ -18,7 +18,7 @@ import zmq.asyncio
 from transport.codec import MAX_FRAME_BYTES, Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
-from transport.kv.checksum import checksum
+from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
 from transport.kv.messages import (
     KV_PROTOCOL_VERSION,
     KvAccept,
@@ -213,11 +213,83 @@ class RawPeer:
         frames = await asyncio.wait_for(self.sock.recv_multipart(), timeout_s)
         return self._decoder.decode(frames)
 
-    async def begin(self, tid: str, rows: int, row_shape: list[int]) -> KvAccept:
-        await self.send(KvBegin(KV_PROTOCOL_VERSION, tid, 1, rows, row_shape, "uint8"))
+    async def begin(
+        self, tid: str, rows: int, row_shape: list[int], checksum_rows: int | None = None
+    ) -> KvAccept:
+        span = checksum_rows or checksum_rows_for(row_shape[0])
+        await self.send(KvBegin(KV_PROTOCOL_VERSION, tid, 1, rows, row_shape, "uint8", span))
         accept = await self.recv()
         assert isinstance(accept, KvAccept)
         return accept
+
+
+@pytest.fixture
+async def wide_receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
+    """A receiver whose window takes a chunk of several checksum spans."""
+    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", window_bytes=1024 * 1024)
+    await rx.start()
+    yield rx
+    await rx.close()
+
+
+SPAN_ROWS = 64  # 64 rows of 1 KiB: the smallest span a receiver accepts (MIN_CHECKSUM_SPAN_BYTES)
+
+
+async def test_spans_before_a_corrupted_span_reach_the_sink_and_nothing_from_it_on(
+    ctx: zmq.asyncio.Context, wide_receiver: KvReceiver
+) -> None:
+    peer = RawPeer(ctx, wide_receiver.endpoint)
+    sink = RecordingSink()
+    receiving = asyncio.create_task(wide_receiver.receive("spans", sink, deadline_s=OK_DEADLINE_S))
+    await peer.begin("spans", 4 * SPAN_ROWS, [1024], checksum_rows=SPAN_ROWS)
+    rows = np.random.default_rng(3).integers(0, 256, (4 * SPAN_ROWS, 1024), dtype=np.uint8)
+    digests = span_checksums(rows, SPAN_ROWS)
+    bad = rows.copy()
+    bad[2 * SPAN_ROWS + 5, 7] ^= 0x10  # in the third span
+    await peer.send(KvChunk("spans", 0, 0, 0, digests, bad))
+    nack = await peer.recv()
+    assert isinstance(nack, KvNack) and nack.code == ErrorCode.KV_CORRUPT and "span 2" in nack.message
+    with pytest.raises(PdorchError) as info:
+        await receiving
+    assert info.value.code is ErrorCode.KV_CORRUPT
+    assert [(layer, offset, len(r)) for layer, offset, r in sink.writes] == [
+        (0, 0, SPAN_ROWS),
+        (0, SPAN_ROWS, SPAN_ROWS),
+    ]
+    assert np.array_equal(np.concatenate([r for _, _, r in sink.writes]), rows[: 2 * SPAN_ROWS])
+    peer.sock.close()
+
+
+async def test_a_chunk_with_the_wrong_number_of_checksums_is_nacked_corrupt(
+    ctx: zmq.asyncio.Context, wide_receiver: KvReceiver
+) -> None:
+    peer = RawPeer(ctx, wide_receiver.endpoint)
+    sink = RecordingSink()
+    receiving = asyncio.create_task(wide_receiver.receive("count", sink, deadline_s=OK_DEADLINE_S))
+    await peer.begin("count", 4 * SPAN_ROWS, [1024], checksum_rows=SPAN_ROWS)
+    rows = np.zeros((4 * SPAN_ROWS, 1024), np.uint8)
+    await peer.send(KvChunk("count", 0, 0, 0, [checksum(rows)], rows))  # one checksum for four spans
+    nack = await peer.recv()
+    assert isinstance(nack, KvNack) and nack.code == ErrorCode.KV_CORRUPT
+    with pytest.raises(PdorchError):
+        await receiving
+    assert sink.writes == []
+    peer.sock.close()
+
+
+async def test_a_begin_with_tiny_checksum_spans_is_refused(
+    ctx: zmq.asyncio.Context, wide_receiver: KvReceiver
+) -> None:
+    peer = RawPeer(ctx, wide_receiver.endpoint)
+    receiving = asyncio.create_task(wide_receiver.receive("tiny", RecordingSink(), deadline_s=OK_DEADLINE_S))
+    # One checksum per row of 1 KiB: a chunk would need a thousand checksums per MiB.
+    await peer.send(KvBegin(KV_PROTOCOL_VERSION, "tiny", 1, 4096, [1024], "uint8", 1))
+    nack = await peer.recv()
+    assert isinstance(nack, KvNack) and nack.code == ErrorCode.BAD_MESSAGE
+    receiving.cancel()
+    with contextlib.suppress(asyncio.CancelledError, PdorchError):
+        await receiving
+    peer.sock.close()
 
 
 async def test_raw_chunk_with_a_bad_checksum_is_nacked_corrupt(
@@ -230,7 +302,7 @@ async def test_raw_chunk_with_a_bad_checksum_is_nacked_corrupt(
     rows = np.arange(32, dtype=np.uint8).reshape(4, 8)
     bad = rows.copy()
     bad[1, 1] ^= 1
-    await peer.send(KvChunk("raw", 0, 0, 0, checksum(rows), bad))
+    await peer.send(KvChunk("raw", 0, 0, 0, [checksum(rows)], bad))
     nack = await peer.recv()
     assert isinstance(nack, KvNack) and nack.code == ErrorCode.KV_CORRUPT
     with pytest.raises(PdorchError) as info:
@@ -248,7 +320,7 @@ async def test_raw_sender_exceeding_its_credit_is_refused(
     receiving = asyncio.create_task(receiver.receive("greedy", sink, deadline_s=OK_DEADLINE_S))
     accept = await peer.begin("greedy", 4096, [1024])  # 4 MiB announced, far beyond the 64 KiB window
     rows = np.zeros((accept.credit_bytes // 1024 + 1, 1024), np.uint8)
-    await peer.send(KvChunk("greedy", 0, 0, 0, checksum(rows), rows))
+    await peer.send(KvChunk("greedy", 0, 0, 0, [checksum(rows)], rows))
     nack = await peer.recv()
     assert isinstance(nack, KvNack) and nack.code == ErrorCode.KV_CORRUPT
     with pytest.raises(PdorchError):
@@ -262,8 +334,9 @@ GARBAGE: list[list[bytes]] = [
     [b"\x00\x01\x02"],
     [b"\xc1"],
     [b"\x93\xa5chunk\x01\x02"],
-    [Encoder().encode(KvChunk("nobody", 0, 0, 0, 0, np.zeros((1, 1), np.uint8)))[0], b"\x00"],  # short frame
-    [bytes(f) for f in Encoder().encode(KvChunk("nobody", 0, 0, 0, 0, np.zeros((1, 1), np.uint8)))],
+    # a short frame
+    [Encoder().encode(KvChunk("nobody", 0, 0, 0, [0], np.zeros((1, 1), np.uint8)))[0], b"\x00"],
+    [bytes(f) for f in Encoder().encode(KvChunk("nobody", 0, 0, 0, [0], np.zeros((1, 1), np.uint8)))],
     [bytes(f) for f in Encoder().encode(KvEnd("nobody", 1, 1, [1]))],
     [bytes(f) for f in Encoder().encode(KvAccept("nobody", 1))],  # a sender-bound message, misdirected
 ]

@@ -9,7 +9,14 @@ import pytest
 
 from transport.codec import MAX_FRAME_BYTES
 from transport.errors import ErrorCode, PdorchError
-from transport.kv.checksum import checksum
+from transport.kv.checksum import (
+    CHECKSUM_SPAN_BYTES,
+    checksum,
+    checksum_rows_for,
+    min_checksum_rows,
+    span_checksums,
+    span_count,
+)
 from transport.kv.chunking import chunk_spans, rows_per_chunk
 from transport.kv.deadline import Deadline
 from transport.kv.flow_control import ReceiveWindow, SendCredit
@@ -83,3 +90,18 @@ def test_checksum_sees_a_single_flipped_bit() -> None:
     flipped.view(np.uint8).reshape(-1)[12345] ^= 1
     assert checksum(rows) == checksum(rows.copy())
     assert checksum(rows) != checksum(flipped)
+
+
+def test_span_checksums_cover_each_span_in_order() -> None:
+    rows = np.arange(10 * 4, dtype=np.uint8).reshape(10, 4)
+    assert span_checksums(rows, 4) == [checksum(rows[0:4]), checksum(rows[4:8]), checksum(rows[8:10])]
+    assert span_checksums(rows, 10) == span_checksums(rows, 64) == [checksum(rows)]
+    assert span_count(10, 4) == 3 and span_count(8, 4) == 2 and span_count(1, 4) == 1
+
+
+def test_spans_are_sized_for_the_cache_and_never_below_the_minimum() -> None:
+    row_bytes = 2 * 8 * 128 * 2  # one token of a Llama-3-8B layer
+    assert checksum_rows_for(row_bytes) * row_bytes == CHECKSUM_SPAN_BYTES
+    assert checksum_rows_for(row_bytes) >= min_checksum_rows(row_bytes)
+    huge_row = 4 * CHECKSUM_SPAN_BYTES
+    assert checksum_rows_for(huge_row) == min_checksum_rows(huge_row) == 1

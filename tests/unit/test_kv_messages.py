@@ -24,7 +24,7 @@ from transport.kv.messages import (
 )
 
 CONTROL_MESSAGES = [
-    KvBegin(KV_PROTOCOL_VERSION, "t1", 32, 512, [2, 8, 128], "float16"),
+    KvBegin(KV_PROTOCOL_VERSION, "t1", 32, 512, [2, 8, 128], "float16", 128),
     KvAccept("t1", 1 << 25),
     KvCredit("t1", 1 << 23),
     KvEnd("t1", 40, 123456, [512] * 32, {"first_token": 42, "note": "x"}),
@@ -45,12 +45,12 @@ def test_control_messages_round_trip_in_one_frame(msg: msgspec.Struct) -> None:
 
 def test_chunk_rows_travel_as_an_aux_frame_without_copy() -> None:
     rows = np.arange(4 * 2 * 8 * 128, dtype=np.float16).reshape(4, 2, 8, 128)
-    frames = Encoder().encode(KvChunk("t1", 3, 7, 128, 0xFFFF_FFFF_FFFF_FFFF, rows))
+    frames = Encoder().encode(KvChunk("t1", 3, 7, 128, [0xFFFF_FFFF_FFFF_FFFF, 0], rows))
     assert len(frames) == 2
     assert np.shares_memory(np.frombuffer(frames[1], dtype=np.uint8), rows)
     back = Decoder(KvMessage).decode([bytes(f) for f in frames])
     assert isinstance(back, KvChunk)
-    assert (back.seq, back.layer, back.row_offset, back.checksum) == (3, 7, 128, 0xFFFF_FFFF_FFFF_FFFF)
+    assert (back.seq, back.layer, back.row_offset, back.checksums) == (3, 7, 128, [0xFFFF_FFFF_FFFF_FFFF, 0])
     assert back.rows.dtype == rows.dtype and np.array_equal(back.rows, rows)
 
 

@@ -19,7 +19,7 @@ class FakeClock:
 
 
 def _begin(tid: str) -> KvBegin:
-    return KvBegin(KV_PROTOCOL_VERSION, tid, 1, 1, [1], "uint8")
+    return KvBegin(KV_PROTOCOL_VERSION, tid, 1, 1, [1], "uint8", 1 << 16)
 
 
 async def test_capacity_is_reserved_up_front_and_freed_on_removal() -> None:
@@ -56,10 +56,10 @@ async def test_expired_skips_entries_being_fetched() -> None:
 async def test_entry_keeps_written_rows_in_order() -> None:
     store = KvStore(capacity_bytes=100, ttl_s=10, clock=FakeClock())
     entry = store.reserve(_begin("a"), 2)
-    entry.write_checksummed(0, 0, np.zeros((1, 1), np.uint8), 11)
-    entry.write_checksummed(0, 1, np.ones((1, 1), np.uint8), 22)
-    stored = [(c.layer, c.row_offset, int(c.rows[0, 0]), c.checksum) for c in entry.chunks]
-    assert stored == [(0, 0, 0, 11), (0, 1, 1, 22)]
+    entry.write_checksummed(0, 0, np.zeros((1, 1), np.uint8), [11])
+    entry.write_checksummed(0, 1, np.ones((1, 1), np.uint8), [22])
+    stored = [(c.layer, c.row_offset, int(c.rows[0, 0]), c.checksums) for c in entry.chunks]
+    assert stored == [(0, 0, 0, [11]), (0, 1, 1, [22])]
 
 
 async def test_tombstones_are_bounded() -> None:

@@ -40,6 +40,7 @@ from transport.kv.messages import (
     KvNack,
 )
 from transport.kv.out_stream import KvOutStream, SendFn
+from transport.kv.receive_buffers import keep_receive_buffers
 from transport.kv.receiver import DEFAULT_RECEIVER_WINDOW_BYTES
 from transport.kv.sender import DEFAULT_MAX_CHUNK_BYTES
 from transport.kv.store import KvEntry, KvStore
@@ -110,6 +111,7 @@ class KvBroker:
         )
 
     async def start(self) -> None:
+        keep_receive_buffers()
         self._router = router(self._ctx, self._bind)
         self.endpoint = bound_endpoint(self._router)
         self._spawn(self._recv_loop(self._router), "kv-broker")
@@ -254,6 +256,7 @@ class KvBroker:
             send=self._data_sender(identity),
             max_chunk_bytes=self._max_chunk_bytes,
             max_in_flight_bytes=self._window_bytes,
+            checksum_rows=begin.checksum_rows,
         )
         self._fetches[(identity, begin.transfer_id)] = stream
         entry.active_fetches += 1
@@ -267,7 +270,7 @@ class KvBroker:
             while not (entry.complete and sent == len(entry.chunks)):
                 if sent < len(entry.chunks):
                     chunk = entry.chunks[sent]
-                    await stream.send_rows(chunk.layer, chunk.row_offset, chunk.rows, chunk.checksum)
+                    await stream.send_rows(chunk.layer, chunk.row_offset, chunk.rows, chunk.checksums)
                     sent += 1
                 elif entry.error is not None:
                     await stream.abort(f"the prefill side's transfer failed: {entry.error.message}")

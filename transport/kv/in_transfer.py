@@ -2,9 +2,11 @@
 
 Checks, in order, for each chunk: the sender held credit for it, it is the next in sequence (a gap
 means a lost chunk: ``KV_TRUNCATED``), its geometry matches the begin message and it continues its
-layer where the previous chunk stopped, and its checksum matches (else ``KV_CORRUPT``). Only then
-are its rows written to the sink. The end message's totals must match what arrived and cover every
-row of every layer (else ``KV_TRUNCATED``). Any failure is final and is told to the sender (nack).
+layer where the previous chunk stopped, it carries one checksum per span (else ``KV_CORRUPT``).
+Then, span by span: the span's checksum matches (else ``KV_CORRUPT``) and only then are its rows
+written to the sink, while they are still in cache (see checksum.py). The end message's totals
+must match what arrived and cover every row of every layer (else ``KV_TRUNCATED``). Any failure is
+final and is told to the sender (nack).
 
 Used by the decode agent's receiver (p2p and fetch) and by the broker (storing a transfer).
 """
@@ -20,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
-from transport.kv.checksum import checksum
+from transport.kv.checksum import checksum, min_checksum_rows, span_count
 from transport.kv.flow_control import ReceiveWindow
 from transport.kv.messages import (
     KvAbort,
@@ -53,10 +55,12 @@ class KvSink(Protocol):
 
 @runtime_checkable
 class ChecksummedKvSink(Protocol):
-    """A sink that keeps each chunk whole with its verified checksum (the broker: it re-sends chunks
-    as they came, so it need not hash them again)."""
+    """A sink that keeps each chunk whole with its verified checksums (the broker: it re-sends chunks
+    as they came, so it need not hash them again). It gets a chunk once all its spans verified."""
 
-    def write_checksummed(self, layer: int, row_offset: int, rows: np.ndarray, checksum: int) -> None: ...
+    def write_checksummed(
+        self, layer: int, row_offset: int, rows: np.ndarray, checksums: list[int]
+    ) -> None: ...
 
 
 def validate_begin(begin: KvBegin) -> int:
@@ -74,7 +78,12 @@ def validate_begin(begin: KvBegin) -> int:
         or any(d <= 0 for d in begin.row_shape)
     ):
         raise PdorchError(ErrorCode.BAD_MESSAGE, f"implausible KV geometry in begin of {begin.transfer_id}")
-    return int(np.prod(begin.row_shape, dtype=np.int64)) * dtype.itemsize
+    row_bytes = int(np.prod(begin.row_shape, dtype=np.int64)) * dtype.itemsize
+    if begin.checksum_rows < min_checksum_rows(row_bytes):
+        raise PdorchError(
+            ErrorCode.BAD_MESSAGE, f"{begin.checksum_rows} rows per checksum in begin of {begin.transfer_id}"
+        )
+    return row_bytes
 
 
 class InTransfer:
@@ -89,6 +98,7 @@ class InTransfer:
         self._dtype = np.dtype(begin.dtype)
         self._row_shape = tuple(begin.row_shape)
         self.row_bytes = validate_begin(begin)
+        self._checksum_rows = begin.checksum_rows
         self.total_bytes = self.row_bytes * begin.rows_per_layer * begin.num_layers
         # At least two rows of credit, so a chunk always fits however small the configured window.
         self._window = ReceiveWindow(max(window_bytes, 2 * self.row_bytes))
@@ -136,14 +146,8 @@ class InTransfer:
         if problem:
             await self.fail(ErrorCode.KV_CORRUPT, problem)
             return
-        if checksum(rows) != chunk.checksum:
-            await self.fail(ErrorCode.KV_CORRUPT, f"checksum mismatch in chunk {chunk.seq}")
-            return
         try:
-            if self._checksummed_sink is not None:
-                self._checksummed_sink.write_checksummed(chunk.layer, chunk.row_offset, rows, chunk.checksum)
-            else:
-                self._sink.write(chunk.layer, chunk.row_offset, rows)
+            problem = self._verify_and_write(chunk)
         except PdorchError as e:
             await self.fail(e.code, f"sink refused rows: {e.message}")
             return
@@ -151,12 +155,35 @@ class InTransfer:
             log.exception("KV sink failed on transfer %s", self.transfer_id)
             await self.fail(ErrorCode.INTERNAL, f"sink failed: {e!r}")
             return
+        if problem:
+            await self.fail(ErrorCode.KV_CORRUPT, problem)
+            return
         self._next_seq += 1
         self._layer_rows[chunk.layer] += rows.shape[0]
         self._payload_bytes += rows.nbytes
         regrant = self._window.on_consumed(rows.nbytes)
         if regrant:
             await self._send(KvCredit(transfer_id=self.transfer_id, credit_bytes=regrant))
+
+    def _verify_and_write(self, chunk: KvChunk) -> str:
+        """Verify each span and write it to the sink right after; stop at the first bad one.
+        Returns what was wrong ("" if nothing); the sink's exceptions propagate."""
+        rows, digests, per = chunk.rows, chunk.checksums, self._checksum_rows
+        n = rows.shape[0]
+        if len(digests) != span_count(n, per):
+            return f"chunk {chunk.seq} has {len(digests)} checksums for {span_count(n, per)} spans"
+        if self._checksummed_sink is not None:
+            for i, start in enumerate(range(0, n, per)):
+                if checksum(rows[start : start + per]) != digests[i]:
+                    return f"checksum mismatch in chunk {chunk.seq}, span {i}"
+            self._checksummed_sink.write_checksummed(chunk.layer, chunk.row_offset, rows, digests)
+            return ""
+        for i, start in enumerate(range(0, n, per)):
+            span = rows[start : start + per] if n > per else rows
+            if checksum(span) != digests[i]:
+                return f"checksum mismatch in chunk {chunk.seq}, span {i}"
+            self._sink.write(chunk.layer, chunk.row_offset + start, span)
+        return ""
 
     def _geometry_problem(self, chunk: KvChunk) -> str:
         rows = chunk.rows

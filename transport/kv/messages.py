@@ -18,8 +18,8 @@ import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
 
-KV_PROTOCOL_VERSION = 1
-# The checksum of protocol version 1 (see checksum.py).
+KV_PROTOCOL_VERSION = 2
+# The checksum of protocol version 2 (see checksum.py): one per span of a chunk's rows.
 CHECKSUM_ALGORITHM = "xxh3_64"
 
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "tag_field": "t"}
@@ -35,6 +35,8 @@ class KvBegin(msgspec.Struct, tag="begin", **_STRUCT):
     rows_per_layer: int
     row_shape: list[int]
     dtype: str
+    # Rows covered by each checksum of a chunk (see checksum.py); at least ``min_checksum_rows``.
+    checksum_rows: int
 
 
 class KvAccept(msgspec.Struct, tag="accept", **_STRUCT):
@@ -54,14 +56,15 @@ class KvCredit(msgspec.Struct, tag="credit", **_STRUCT):
 class KvChunk(msgspec.Struct, tag="chunk", **_STRUCT):
     """Sender -> receiver: ``rows`` of ``layer`` starting at ``row_offset``.
 
-    ``seq`` counts chunks from 0 within the transfer (a gap means a lost chunk); ``checksum`` is
-    the xxh3-64 of the bytes of ``rows``."""
+    ``seq`` counts chunks from 0 within the transfer (a gap means a lost chunk); ``checksums`` holds
+    the xxh3-64 of the bytes of each span of ``checksum_rows`` rows (from the begin message) of
+    ``rows``, in order; the last span may be shorter."""
 
     transfer_id: str
     seq: int
     layer: int
     row_offset: int
-    checksum: int
+    checksums: list[int]
     rows: np.ndarray
 
 

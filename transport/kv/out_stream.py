@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
-from transport.kv.checksum import checksum
+from transport.kv.checksum import checksum_rows_for, span_checksums
 from transport.kv.chunking import chunk_spans, rows_per_chunk
 from transport.kv.deadline import Deadline
 from transport.kv.flow_control import SendCredit
@@ -53,7 +53,10 @@ class KvOutStream:
         max_chunk_bytes: int,
         max_in_flight_bytes: int,
         on_closed: Callable[[], None] = lambda: None,
+        checksum_rows: int | None = None,
     ) -> None:
+        """``checksum_rows``: rows per checksum; the broker passes the inbound transfer's, so that
+        the checksums it stored stay valid when it forwards the chunks."""
         self.transfer_id = transfer_id
         self.num_layers = num_layers
         self.rows_per_layer = rows_per_layer
@@ -61,6 +64,7 @@ class KvOutStream:
         self.dtype = np.dtype(dtype)
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
         rows_per_chunk(self.row_bytes, max_chunk_bytes)  # refuses rows that cannot fit in one frame
+        self.checksum_rows = checksum_rows or checksum_rows_for(self.row_bytes)
         if num_layers <= 0 or rows_per_layer <= 0:
             raise PdorchError(ErrorCode.INVALID_REQUEST, "a KV transfer needs at least one layer and one row")
         self._deadline = deadline
@@ -116,6 +120,7 @@ class KvOutStream:
                 rows_per_layer=self.rows_per_layer,
                 row_shape=list(self.row_shape),
                 dtype=self.dtype.name,
+                checksum_rows=self.checksum_rows,
             )
         )
 
@@ -133,10 +138,10 @@ class KvOutStream:
         await self.send_rows(layer, 0, rows)
 
     async def send_rows(
-        self, layer: int, row_offset: int, rows: np.ndarray, known_checksum: int | None = None
+        self, layer: int, row_offset: int, rows: np.ndarray, known_checksums: list[int] | None = None
     ) -> None:
         """Send ``rows`` of ``layer`` starting at ``row_offset``. The broker re-sends stored chunks so,
-        with their ``known_checksum`` (used when they need no further split)."""
+        with their ``known_checksums`` (used when they need no further split)."""
         self._raise_if_over()
         try:
             await self._deadline.wait(self._accepted.wait(), f"the receiver to accept {self.transfer_id}")
@@ -146,14 +151,16 @@ class KvOutStream:
             for start, count in spans:
                 part = rows[start : start + count]
                 await self._credit.take(part.nbytes, self._deadline)
-                reuse = known_checksum is not None and len(spans) == 1
-                digest = known_checksum if reuse and known_checksum is not None else checksum(part)
+                if known_checksums is not None and len(spans) == 1:
+                    digests = known_checksums
+                else:
+                    digests = span_checksums(part, self.checksum_rows)
                 chunk = KvChunk(
                     transfer_id=self.transfer_id,
                     seq=self._seq,
                     layer=layer,
                     row_offset=row_offset + start,
-                    checksum=digest,
+                    checksums=digests,
                     rows=part,
                 )
                 # Counted before the send suspends, so overlapping calls never reuse a sequence number.

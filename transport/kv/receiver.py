@@ -35,6 +35,7 @@ from transport.kv.messages import (
     KvMessage,
     KvNack,
 )
+from transport.kv.receive_buffers import keep_receive_buffers
 from transport.routed import cancel_and_wait, receive_routed
 from transport.sockets import bound_endpoint, router
 
@@ -107,6 +108,7 @@ class KvReceiver:
         return msgspec.structs.replace(s, parked=len(self._parked), active=active, dropped_messages=dropped)
 
     async def start(self) -> None:
+        keep_receive_buffers()
         if self._bind is None:
             return
         self._router = router(self._ctx, self._bind)

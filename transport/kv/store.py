@@ -29,7 +29,7 @@ class StoredChunk(msgspec.Struct, gc=False, frozen=True):
     layer: int
     row_offset: int
     rows: np.ndarray
-    checksum: int
+    checksums: list[int]
 
 
 class Tombstone(msgspec.Struct, gc=False, frozen=True):
@@ -56,8 +56,8 @@ class KvEntry:
     def transfer_id(self) -> str:
         return self.begin.transfer_id
 
-    def write_checksummed(self, layer: int, row_offset: int, rows: np.ndarray, checksum: int) -> None:
-        self.chunks.append(StoredChunk(layer, row_offset, rows, checksum))
+    def write_checksummed(self, layer: int, row_offset: int, rows: np.ndarray, checksums: list[int]) -> None:
+        self.chunks.append(StoredChunk(layer, row_offset, rows, checksums))
         self._notify()
 
     def finish(self, trailer: dict[str, int | str]) -> None:
