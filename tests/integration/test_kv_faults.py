@@ -235,46 +235,60 @@ async def wide_receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
 SPAN_ROWS = 64  # 64 rows of 1 KiB: the smallest span a receiver accepts (MIN_CHECKSUM_SPAN_BYTES)
 
 
+async def nacked_chunk(
+    ctx: zmq.asyncio.Context,
+    receiver: KvReceiver,
+    begin: tuple[int, list[int], int | None],
+    make_chunk: Callable[[KvAccept], KvChunk],
+) -> tuple[KvNack, RecordingSink]:
+    """Begin a transfer of ``begin = (rows, row_shape, checksum_rows)`` by hand, send the one chunk
+    ``make_chunk`` builds, and return the receiver's nack (both sides must agree on its code)."""
+    peer = RawPeer(ctx, receiver.endpoint)
+    sink = RecordingSink()
+    tid = "hand-made"
+    receiving = asyncio.create_task(receiver.receive(tid, sink, deadline_s=OK_DEADLINE_S))
+    rows, row_shape, checksum_rows = begin
+    accept = await peer.begin(tid, rows, row_shape, checksum_rows)
+    await peer.send(make_chunk(accept))
+    nack = await peer.recv()
+    assert isinstance(nack, KvNack)
+    with pytest.raises(PdorchError) as info:
+        await receiving
+    assert info.value.code == nack.code
+    peer.sock.close()
+    return nack, sink
+
+
 async def test_spans_before_a_corrupted_span_reach_the_sink_and_nothing_from_it_on(
     ctx: zmq.asyncio.Context, wide_receiver: KvReceiver
 ) -> None:
-    peer = RawPeer(ctx, wide_receiver.endpoint)
-    sink = RecordingSink()
-    receiving = asyncio.create_task(wide_receiver.receive("spans", sink, deadline_s=OK_DEADLINE_S))
-    await peer.begin("spans", 4 * SPAN_ROWS, [1024], checksum_rows=SPAN_ROWS)
     rows = np.random.default_rng(3).integers(0, 256, (4 * SPAN_ROWS, 1024), dtype=np.uint8)
-    digests = span_checksums(rows, SPAN_ROWS)
     bad = rows.copy()
     bad[2 * SPAN_ROWS + 5, 7] ^= 0x10  # in the third span
-    await peer.send(KvChunk("spans", 0, 0, 0, digests, bad))
-    nack = await peer.recv()
-    assert isinstance(nack, KvNack) and nack.code == ErrorCode.KV_CORRUPT and "span 2" in nack.message
-    with pytest.raises(PdorchError) as info:
-        await receiving
-    assert info.value.code is ErrorCode.KV_CORRUPT
-    assert [(layer, offset, len(r)) for layer, offset, r in sink.writes] == [
-        (0, 0, SPAN_ROWS),
-        (0, SPAN_ROWS, SPAN_ROWS),
-    ]
+    nack, sink = await nacked_chunk(
+        ctx,
+        wide_receiver,
+        (4 * SPAN_ROWS, [1024], SPAN_ROWS),
+        lambda _: KvChunk("hand-made", 0, 0, 0, span_checksums(rows, SPAN_ROWS), bad),
+    )
+    assert nack.code == ErrorCode.KV_CORRUPT and "span 2" in nack.message
+    written = [(layer, offset, len(r)) for layer, offset, r in sink.writes]
+    assert written == [(0, 0, SPAN_ROWS), (0, SPAN_ROWS, SPAN_ROWS)]
     assert np.array_equal(np.concatenate([r for _, _, r in sink.writes]), rows[: 2 * SPAN_ROWS])
-    peer.sock.close()
 
 
 async def test_a_chunk_with_the_wrong_number_of_checksums_is_nacked_corrupt(
     ctx: zmq.asyncio.Context, wide_receiver: KvReceiver
 ) -> None:
-    peer = RawPeer(ctx, wide_receiver.endpoint)
-    sink = RecordingSink()
-    receiving = asyncio.create_task(wide_receiver.receive("count", sink, deadline_s=OK_DEADLINE_S))
-    await peer.begin("count", 4 * SPAN_ROWS, [1024], checksum_rows=SPAN_ROWS)
     rows = np.zeros((4 * SPAN_ROWS, 1024), np.uint8)
-    await peer.send(KvChunk("count", 0, 0, 0, [checksum(rows)], rows))  # one checksum for four spans
-    nack = await peer.recv()
-    assert isinstance(nack, KvNack) and nack.code == ErrorCode.KV_CORRUPT
-    with pytest.raises(PdorchError):
-        await receiving
-    assert sink.writes == []
-    peer.sock.close()
+    one_for_four_spans = [checksum(rows)]
+    nack, sink = await nacked_chunk(
+        ctx,
+        wide_receiver,
+        (4 * SPAN_ROWS, [1024], SPAN_ROWS),
+        lambda _: KvChunk("hand-made", 0, 0, 0, one_for_four_spans, rows),
+    )
+    assert nack.code == ErrorCode.KV_CORRUPT and sink.writes == []
 
 
 async def test_a_begin_with_tiny_checksum_spans_is_refused(
@@ -295,38 +309,25 @@ async def test_a_begin_with_tiny_checksum_spans_is_refused(
 async def test_raw_chunk_with_a_bad_checksum_is_nacked_corrupt(
     ctx: zmq.asyncio.Context, receiver: KvReceiver
 ) -> None:
-    peer = RawPeer(ctx, receiver.endpoint)
-    sink = RecordingSink()
-    receiving = asyncio.create_task(receiver.receive("raw", sink, deadline_s=OK_DEADLINE_S))
-    await peer.begin("raw", 4, [8])
     rows = np.arange(32, dtype=np.uint8).reshape(4, 8)
     bad = rows.copy()
     bad[1, 1] ^= 1
-    await peer.send(KvChunk("raw", 0, 0, 0, [checksum(rows)], bad))
-    nack = await peer.recv()
-    assert isinstance(nack, KvNack) and nack.code == ErrorCode.KV_CORRUPT
-    with pytest.raises(PdorchError) as info:
-        await receiving
-    assert info.value.code is ErrorCode.KV_CORRUPT
-    assert sink.writes == []
-    peer.sock.close()
+    nack, sink = await nacked_chunk(
+        ctx, receiver, (4, [8], None), lambda _: KvChunk("hand-made", 0, 0, 0, [checksum(rows)], bad)
+    )
+    assert nack.code == ErrorCode.KV_CORRUPT and sink.writes == []
 
 
 async def test_raw_sender_exceeding_its_credit_is_refused(
     ctx: zmq.asyncio.Context, receiver: KvReceiver
 ) -> None:
-    peer = RawPeer(ctx, receiver.endpoint)
-    sink = RecordingSink()
-    receiving = asyncio.create_task(receiver.receive("greedy", sink, deadline_s=OK_DEADLINE_S))
-    accept = await peer.begin("greedy", 4096, [1024])  # 4 MiB announced, far beyond the 64 KiB window
-    rows = np.zeros((accept.credit_bytes // 1024 + 1, 1024), np.uint8)
-    await peer.send(KvChunk("greedy", 0, 0, 0, [checksum(rows)], rows))
-    nack = await peer.recv()
-    assert isinstance(nack, KvNack) and nack.code == ErrorCode.KV_CORRUPT
-    with pytest.raises(PdorchError):
-        await receiving
-    assert sink.writes == []
-    peer.sock.close()
+    def beyond_the_credit(accept: KvAccept) -> KvChunk:
+        rows = np.zeros((accept.credit_bytes // 1024 + 1, 1024), np.uint8)
+        return KvChunk("hand-made", 0, 0, 0, [checksum(rows)], rows)
+
+    # 4 MiB announced, far beyond the 64 KiB window
+    nack, sink = await nacked_chunk(ctx, receiver, (4096, [1024], None), beyond_the_credit)
+    assert nack.code == ErrorCode.KV_CORRUPT and sink.writes == []
 
 
 GARBAGE: list[list[bytes]] = [
