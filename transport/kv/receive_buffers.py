@@ -7,7 +7,9 @@ largest recently freed block: ~8 MiB) lies free there. A receiver holding a wind
 frees more than that at once, so the next chunks land in fresh pages: a page fault and a kernel
 page clear per 4 KiB, which measured here as much CPU as the kernel's copy of the bytes (the I/O
 thread's time doubled). Fixing both thresholds keeps frames up to 32 MiB on the heap and lets up
-to :data:`TRIM_THRESHOLD_BYTES` of free memory stay for the next transfer.
+to :data:`TRIM_THRESHOLD_BYTES` of free memory stay for the next transfer: twice the default
+window, so a whole window's frames are reused, while a process with many malloc arenas (e.g. a
+vLLM worker's threads) keeps at most that much unreturned per arena.
 
 A process-wide setting, made by the components that receive KV (decode agents' receivers, the
 broker) when they start; a no-op where the C library has no ``mallopt`` (not glibc).
@@ -24,7 +26,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # glibc's largest allowed mmap threshold on 64-bit (HEAP_MAX_SIZE / 2); every KV frame is below it.
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
-TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
+TRIM_THRESHOLD_BYTES = 64 * 1024 * 1024
 
 _done = False
 
