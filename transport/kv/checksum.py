@@ -46,7 +46,4 @@ def span_count(rows: int, checksum_rows: int) -> int:
 
 def span_checksums(rows: np.ndarray, checksum_rows: int) -> list[int]:
     """The checksum of each span of ``checksum_rows`` rows of the C-contiguous ``rows``, in order."""
-    n = rows.shape[0]
-    if n <= checksum_rows:
-        return [checksum(rows)]
-    return [checksum(rows[start : start + checksum_rows]) for start in range(0, n, checksum_rows)]
+    return [checksum(rows[start : start + checksum_rows]) for start in range(0, rows.shape[0], checksum_rows)]

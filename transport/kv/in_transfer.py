@@ -166,23 +166,22 @@ class InTransfer:
             await self._send(KvCredit(transfer_id=self.transfer_id, credit_bytes=regrant))
 
     def _verify_and_write(self, chunk: KvChunk) -> str:
-        """Verify each span and write it to the sink right after; stop at the first bad one.
-        Returns what was wrong ("" if nothing); the sink's exceptions propagate."""
+        """Verify each span and write it to the sink right after; stop at the first bad one. A
+        checksummed sink gets the whole chunk once every span verified. Returns what was wrong
+        ("" if nothing); the sink's exceptions propagate."""
         rows, digests, per = chunk.rows, chunk.checksums, self._checksum_rows
         n = rows.shape[0]
         if len(digests) != span_count(n, per):
             return f"chunk {chunk.seq} has {len(digests)} checksums for {span_count(n, per)} spans"
-        if self._checksummed_sink is not None:
-            for i, start in enumerate(range(0, n, per)):
-                if checksum(rows[start : start + per]) != digests[i]:
-                    return f"checksum mismatch in chunk {chunk.seq}, span {i}"
-            self._checksummed_sink.write_checksummed(chunk.layer, chunk.row_offset, rows, digests)
-            return ""
+        plain_sink = None if self._checksummed_sink is not None else self._sink
         for i, start in enumerate(range(0, n, per)):
-            span = rows[start : start + per] if n > per else rows
+            span = rows[start : start + per]
             if checksum(span) != digests[i]:
                 return f"checksum mismatch in chunk {chunk.seq}, span {i}"
-            self._sink.write(chunk.layer, chunk.row_offset + start, span)
+            if plain_sink is not None:
+                plain_sink.write(chunk.layer, chunk.row_offset + start, span)
+        if self._checksummed_sink is not None:
+            self._checksummed_sink.write_checksummed(chunk.layer, chunk.row_offset, rows, digests)
         return ""
 
     def _geometry_problem(self, chunk: KvChunk) -> str:
