@@ -12,6 +12,7 @@ Decoding validates strictly: a frame that is not a valid message of the expected
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
@@ -24,6 +25,20 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 # Refuse absurd metadata before allocating anything for it.
 MAX_DIMS = 8
 _ALLOWED_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64", "uint8", "int8", "int32", "int64"})
+# Wire dtype string -> dtype, for the strings seen so far (bounded: one entry per allowed dtype and
+# byte order). Looking a dtype up by name per chunk is measurable on the KV plane.
+_dtypes: dict[str, np.dtype] = {}
+
+
+def _wire_dtype(dtype_str: Any) -> np.dtype:
+    dtype = _dtypes.get(dtype_str) if isinstance(dtype_str, str) else None
+    if dtype is None:
+        dtype = np.dtype(dtype_str)
+        if dtype.name not in _ALLOWED_DTYPES:
+            raise PdorchError(ErrorCode.BAD_MESSAGE, f"unsupported array dtype {dtype_str}")
+        _dtypes[dtype_str] = dtype
+    return dtype
+
 
 Frame = bytes | memoryview | Any  # Any: zmq.Frame, which exposes the buffer protocol
 T = TypeVar("T")
@@ -45,11 +60,11 @@ def _encode_array(arr: np.ndarray, aux: list[Any]) -> list[Any]:
 def _decode_array(obj: Any, aux: Sequence[Any]) -> np.ndarray:
     try:
         dtype_str, shape, first, count = obj
-        dtype = np.dtype(dtype_str)
+        dtype = _wire_dtype(dtype_str)
         shape = tuple(int(d) for d in shape)
     except (TypeError, ValueError) as e:
         raise PdorchError(ErrorCode.BAD_MESSAGE, f"bad array header: {e}") from None
-    if dtype.name not in _ALLOWED_DTYPES or len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
         raise PdorchError(ErrorCode.BAD_MESSAGE, f"unsupported array {dtype_str}{shape}")
     if not (isinstance(first, int) and isinstance(count, int)) or first < 0 or count < 1:
         raise PdorchError(ErrorCode.BAD_MESSAGE, "bad array frame reference")
@@ -57,7 +72,7 @@ def _decode_array(obj: Any, aux: Sequence[Any]) -> np.ndarray:
         raise PdorchError(ErrorCode.BAD_MESSAGE, "array refers to a missing frame")
     parts = [memoryview(aux[i]) for i in range(first, first + count)]
     buf: Any = parts[0] if count == 1 else b"".join(parts)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(buf) != expected:
         raise PdorchError(
             ErrorCode.BAD_MESSAGE, f"array frame holds {len(buf)} bytes, header says {expected}"

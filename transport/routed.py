@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TypeVar
-
-import zmq.asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 from transport.codec import Decoder
 from transport.errors import PdorchError
@@ -16,8 +14,14 @@ from transport.errors import PdorchError
 T = TypeVar("T")
 
 
+class ReceivingSocket(Protocol):
+    """A ``zmq.asyncio`` socket or a :class:`transport.loop_socket.LoopSocket`."""
+
+    def recv_multipart(self, copy: bool = ...) -> Awaitable[list[Any]]: ...
+
+
 async def receive_routed(
-    sock: zmq.asyncio.Socket, decoder: Decoder[T], on_bad: Callable[[bytes, str], None]
+    sock: ReceivingSocket, decoder: Decoder[T], on_bad: Callable[[bytes, str], None]
 ) -> AsyncIterator[tuple[bytes, T]]:
     """(identity, message) for every well-formed message on a ROUTER; malformed ones go to
     ``on_bad(identity, why)`` and are dropped, so a peer's garbage never stops the loop."""

@@ -18,10 +18,13 @@ Every socket in pdorch is made here so that the same safety options hold everywh
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import zmq
-import zmq.asyncio
 
 from transport.codec import MAX_FRAME_BYTES
+
+S = TypeVar("S", bound=zmq.Socket)
 
 # Messages (not bytes) queued per peer; libzmq's own default. Large enough never to throttle a
 # healthy peer, small enough to bound a stuck one.
@@ -71,9 +74,13 @@ def advertised_endpoint(bound: str, host: str) -> str:
     return bound
 
 
-def router(
-    ctx: zmq.asyncio.Context, bind: str, *, handover: bool = False, hwm: int = DEFAULT_HWM
-) -> zmq.asyncio.Socket:
+def plain_context(ctx: zmq.Context) -> zmq.Context:
+    """A blocking-API view of ``ctx`` (e.g. of a ``zmq.asyncio.Context``): same I/O threads, and
+    closing it leaves ``ctx`` alone. For sockets driven by :class:`transport.loop_socket.LoopSocket`."""
+    return zmq.Context.shadow(ctx.underlying)
+
+
+def router(ctx: zmq.Context[S], bind: str, *, handover: bool = False, hwm: int = DEFAULT_HWM) -> S:
     """A bound ROUTER. ``handover=True`` when peers reconnect under a fixed identity."""
     sock = ctx.socket(zmq.ROUTER)
     try:
@@ -88,9 +95,7 @@ def router(
     return sock
 
 
-def dealer(
-    ctx: zmq.asyncio.Context, connect: str, identity: bytes | None = None, *, hwm: int = DEFAULT_HWM
-) -> zmq.asyncio.Socket:
+def dealer(ctx: zmq.Context[S], connect: str, identity: bytes | None = None, *, hwm: int = DEFAULT_HWM) -> S:
     """A DEALER connected to ``connect``; ``identity`` fixes its routing id (else libzmq picks one)."""
     sock = ctx.socket(zmq.DEALER)
     try:

@@ -44,8 +44,9 @@ from transport.kv.receive_buffers import keep_receive_buffers
 from transport.kv.receiver import DEFAULT_RECEIVER_WINDOW_BYTES
 from transport.kv.sender import DEFAULT_MAX_CHUNK_BYTES
 from transport.kv.store import KvEntry, KvStore
+from transport.loop_socket import LoopSocket
 from transport.routed import cancel_and_wait, receive_routed
-from transport.sockets import bound_endpoint, router
+from transport.sockets import bound_endpoint, plain_context, router
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class KvBroker:
         self._max_chunk_bytes = max_chunk_bytes
         self._store = KvStore(capacity_bytes, ttl_s, clock=lambda: asyncio.get_running_loop().time())
         self.endpoint = ""
-        self._router: zmq.asyncio.Socket | None = None
+        self._router: LoopSocket | None = None
         self._encoder = Encoder()
         self._decoder: Decoder[KvMessage] = Decoder(KvMessage)
         self._inbound: dict[str, _Inbound] = {}
@@ -112,8 +113,8 @@ class KvBroker:
 
     async def start(self) -> None:
         keep_receive_buffers()
-        self._router = router(self._ctx, self._bind)
-        self.endpoint = bound_endpoint(self._router)
+        self._router = LoopSocket(router(plain_context(self._ctx), self._bind))
+        self.endpoint = bound_endpoint(self._router.raw)
         self._spawn(self._recv_loop(self._router), "kv-broker")
         self._spawn(self._housekeeping(), "kv-broker-housekeeping")
 
@@ -121,7 +122,7 @@ class KvBroker:
         tasks, self._tasks = list(self._tasks), set()
         await cancel_and_wait(tasks)
         if self._router is not None:
-            self._router.close(linger=0)
+            self._router.close()
             self._router = None
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -134,7 +135,7 @@ class KvBroker:
     def _drop(self, identity: bytes, why: str) -> None:
         self._stats.dropped_messages += 1
 
-    async def _recv_loop(self, sock: zmq.asyncio.Socket) -> None:
+    async def _recv_loop(self, sock: LoopSocket) -> None:
         async for identity, msg in receive_routed(sock, self._decoder, self._drop):
             try:
                 await self._dispatch(identity, msg)
@@ -145,8 +146,7 @@ class KvBroker:
         """A control reply: never waits; a peer that is gone or not reading loses it."""
         assert self._router is not None
         with contextlib.suppress(zmq.ZMQError):
-            frames = [identity, *self._encoder.encode(msg)]
-            await self._router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self._router.send_now([identity, *self._encoder.encode(msg)])
 
     def _replier(self, identity: bytes) -> ReplyFn:
         async def reply(msg: KvMessage) -> None:
@@ -158,7 +158,7 @@ class KvBroker:
         async def send(msg: KvMessage) -> None:
             assert self._router is not None
             try:
-                await self._router.send_multipart([identity, *self._encoder.encode(msg)], copy=False)
+                await self._router.send([identity, *self._encoder.encode(msg)])
             except zmq.ZMQError as e:  # EHOSTUNREACH: the fetcher disconnected
                 raise PdorchError(ErrorCode.WORKER_LOST, f"fetcher is gone: {e}") from None
 

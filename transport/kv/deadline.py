@@ -25,6 +25,8 @@ class Deadline:
     async def wait(self, aw: Awaitable[T], what: str) -> T:
         """Await ``aw`` until the deadline; past it, raise ``KV_TIMEOUT`` naming ``what`` we waited for."""
         try:
-            return await asyncio.wait_for(aw, self.remaining())
+            # Not wait_for: that wraps ``aw`` in a new task, on the KV plane's per-chunk path.
+            async with asyncio.timeout_at(self.at):
+                return await aw
         except TimeoutError:
             raise PdorchError(ErrorCode.KV_TIMEOUT, f"timed out waiting for {what}") from None

@@ -12,13 +12,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import zmq
-import zmq.asyncio
 
 from transport.codec import Decoder, Encoder
 from transport.errors import PdorchError
 from transport.kv.messages import KvMessage
+from transport.loop_socket import LoopSocket
 from transport.routed import cancel_and_wait
-from transport.sockets import dealer
+from transport.sockets import dealer, plain_context
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ Handler = Callable[[KvMessage], Awaitable[None]]
 
 
 class DealerLink:
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
         self.endpoint = endpoint
-        self._sock = dealer(ctx, endpoint)
+        self._sock = LoopSocket(dealer(plain_context(ctx), endpoint))
         self._encoder = Encoder()
         self._decoder: Decoder[KvMessage] = Decoder(KvMessage)
         self._handlers: dict[str, Handler] = {}
@@ -49,7 +49,8 @@ class DealerLink:
         return transfer_id in self._handlers
 
     async def send(self, msg: KvMessage) -> None:
-        await self._sock.send_multipart(self._encoder.encode(msg), copy=False)
+        """Send, waiting while the socket cannot take it (not connected yet, high-water mark)."""
+        await self._sock.send(self._encoder.encode(msg))
 
     async def _recv_loop(self) -> None:
         while True:
@@ -71,4 +72,4 @@ class DealerLink:
 
     async def close(self) -> None:
         await cancel_and_wait([self._task])
-        self._sock.close(linger=0)
+        self._sock.close()

@@ -36,8 +36,9 @@ from transport.kv.messages import (
     KvNack,
 )
 from transport.kv.receive_buffers import keep_receive_buffers
+from transport.loop_socket import LoopSocket
 from transport.routed import cancel_and_wait, receive_routed
-from transport.sockets import bound_endpoint, router
+from transport.sockets import bound_endpoint, plain_context, router
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class KvReceiver:
         self._park_s = park_s
         self._idle_s = idle_s
         self.endpoint = ""
-        self._router: zmq.asyncio.Socket | None = None
+        self._router: LoopSocket | None = None
         self._encoder = Encoder()
         self._decoder: Decoder[KvMessage] = Decoder(KvMessage)
         self._expected: dict[str, _Expected] = {}
@@ -111,8 +112,8 @@ class KvReceiver:
         keep_receive_buffers()
         if self._bind is None:
             return
-        self._router = router(self._ctx, self._bind)
-        self.endpoint = bound_endpoint(self._router)
+        self._router = LoopSocket(router(plain_context(self._ctx), self._bind))
+        self.endpoint = bound_endpoint(self._router.raw)
         self._tasks = [
             asyncio.create_task(self._recv_loop(self._router), name="kv-receiver"),
             asyncio.create_task(self._housekeeping(), name="kv-receiver-housekeeping"),
@@ -132,7 +133,7 @@ class KvReceiver:
             await link.close()
         self._links.clear()
         if self._router is not None:
-            self._router.close(linger=0)
+            self._router.close()
             self._router = None
 
     # ----------------------------------------------------------------- p2p
@@ -181,7 +182,7 @@ class KvReceiver:
     def _drop(self, identity: bytes, why: str) -> None:
         self._stats.dropped_messages += 1
 
-    async def _recv_loop(self, sock: zmq.asyncio.Socket) -> None:
+    async def _recv_loop(self, sock: LoopSocket) -> None:
         async for identity, msg in receive_routed(sock, self._decoder, self._drop):
             try:
                 await self._dispatch(identity, msg)
@@ -267,9 +268,7 @@ class KvReceiver:
     async def _send_to(self, identity: bytes, msg: KvMessage) -> None:
         # Replies never wait: a peer that is gone or not reading loses them and times out.
         assert self._router is not None
-        await self._router.send_multipart(
-            [identity, *self._encoder.encode(msg)], flags=zmq.NOBLOCK, copy=False
-        )
+        self._router.send_now([identity, *self._encoder.encode(msg)])
 
     async def _refuse(self, identity: bytes, tid: str, code: ErrorCode, message: str) -> None:
         self._stats.refused_begins += 1
