@@ -142,15 +142,15 @@ class KvBroker:
             except Exception:  # one transfer's bug must not stop the broker
                 log.exception("KV broker failed on a message for %s", msg.transfer_id)
 
-    async def _reply(self, identity: bytes, msg: KvMessage) -> None:
+    def _reply(self, identity: bytes, msg: KvMessage) -> None:
         """A control reply: never waits; a peer that is gone or not reading loses it."""
-        assert self._router is not None
-        with contextlib.suppress(zmq.ZMQError):
-            self._router.send_now([identity, *self._encoder.encode(msg)])
+        if self._router is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._router.send_now([identity, *self._encoder.encode(msg)])
 
     def _replier(self, identity: bytes) -> ReplyFn:
-        async def reply(msg: KvMessage) -> None:
-            await self._reply(identity, msg)
+        def reply(msg: KvMessage) -> None:
+            self._reply(identity, msg)
 
         return reply
 
@@ -165,7 +165,7 @@ class KvBroker:
         return send
 
     async def _nack(self, identity: bytes, tid: str, code: ErrorCode, message: str) -> None:
-        await self._reply(identity, KvNack(transfer_id=tid, code=str(code), message=message))
+        self._reply(identity, KvNack(transfer_id=tid, code=str(code), message=message))
 
     async def _dispatch(self, identity: bytes, msg: KvMessage) -> None:
         tid = msg.transfer_id
@@ -175,11 +175,11 @@ class KvBroker:
             await self._on_fetch(identity, msg)
         elif isinstance(msg, KvChunk | KvEnd | KvAbort) and self._is_inbound_from(identity, tid):
             inbound = self._inbound[tid]
-            await inbound.transfer.handle(msg)
+            inbound.transfer.handle(msg)
             if inbound.transfer.done.is_set():
                 await self._settle_inbound(tid)
         elif isinstance(msg, KvAccept | KvCredit | KvAck | KvNack) and (identity, tid) in self._fetches:
-            await self._fetches[(identity, tid)].handle(msg)
+            self._fetches[(identity, tid)].handle(msg)
         elif isinstance(msg, KvNack | KvAbort) and identity in self._waiting.get(tid, {}):
             self._drop_waiter(tid, identity)
         else:
@@ -210,7 +210,7 @@ class KvBroker:
         transfer = InTransfer(begin, entry, self._window_bytes, self._replier(identity))
         self._inbound[tid] = _Inbound(identity, transfer, entry)
         self._stats.accepted += 1
-        await transfer.accept()
+        transfer.accept()
         for waiter, deadline in self._waiting.pop(tid, {}).items():
             self._start_serving(waiter, entry, deadline)
 
@@ -317,7 +317,7 @@ class KvBroker:
             message = f"evicted after {self._store.ttl_s:g} s unclaimed"
             inbound = self._inbound.pop(tid, None)
             if inbound is not None:
-                await inbound.transfer.fail(ErrorCode.KV_TIMEOUT, message)
+                inbound.transfer.fail(ErrorCode.KV_TIMEOUT, message)
             entry.fail(PdorchError(ErrorCode.KV_TIMEOUT, message))
             self._store.remove(tid, ErrorCode.KV_TIMEOUT, message)
             self._stats.evicted += 1

@@ -8,8 +8,9 @@ are dropped and counted; they never disturb the other transfers on the link.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import zmq
 
@@ -22,7 +23,7 @@ from transport.sockets import dealer, plain_context
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[KvMessage], Awaitable[None]]
+Handler = Callable[[KvMessage], None]
 
 
 class DealerLink:
@@ -52,6 +53,12 @@ class DealerLink:
         """Send, waiting while the socket cannot take it (not connected yet, high-water mark)."""
         await self._sock.send(self._encoder.encode(msg))
 
+    def reply(self, msg: KvMessage) -> None:
+        """Send a reply (accept, credit, ack, nack) without waiting; lost if the socket cannot take it
+        now (the transfer's deadline deals with a peer that is gone)."""
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.send_now(self._encoder.encode(msg))
+
     async def _recv_loop(self) -> None:
         while True:
             frames = await self._sock.recv_multipart(copy=False)
@@ -66,7 +73,7 @@ class DealerLink:
                 self.dropped_messages += 1
                 continue
             try:
-                await handler(msg)
+                handler(msg)
             except Exception:  # a bug in one transfer must not stop the link for the others
                 log.exception("KV handler for %s failed", msg.transfer_id)
 

@@ -4,7 +4,6 @@ receives like any receiver (same checks, same sink, same ack/nack)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv.dealer_link import DealerLink
@@ -28,41 +27,39 @@ class FetchTransfer:
     def trailer(self) -> dict[str, int | str]:
         return self._transfer.trailer if self._transfer is not None else {}
 
-    async def handle(self, msg: KvMessage) -> None:
+    def handle(self, msg: KvMessage) -> None:
         if self.done.is_set():
             return
         if self._transfer is not None:
-            await self._transfer.handle(msg)
+            self._transfer.handle(msg)
             if self._transfer.done.is_set():
                 self.error = self._transfer.error
                 self.done.set()
         elif isinstance(msg, KvBegin):
-            await self._on_begin(msg)
+            self._on_begin(msg)
         elif isinstance(msg, KvNack):
             self.error = nack_error(msg)
             self.done.set()
 
-    async def _on_begin(self, begin: KvBegin) -> None:
+    def _on_begin(self, begin: KvBegin) -> None:
         try:
             if begin.version != KV_PROTOCOL_VERSION:
                 raise PdorchError(ErrorCode.PROTOCOL_MISMATCH, f"broker speaks KV protocol {begin.version}")
             validate_begin(begin)
         except PdorchError as e:
-            await self.fail(e)
+            self.fail(e)
             return
-        self._transfer = InTransfer(begin, self._sink, self._window_bytes, self._link.send)
-        await self._transfer.accept()
+        self._transfer = InTransfer(begin, self._sink, self._window_bytes, self._link.reply)
+        self._transfer.accept()
 
-    async def fail(self, error: PdorchError) -> None:
+    def fail(self, error: PdorchError) -> None:
         """Give up (deadline, bad begin) and tell the broker, which stops streaming or waiting."""
         if self.done.is_set():
             return
         self.error = error
         self.done.set()
         if self._transfer is not None:
-            await self._transfer.fail(error.code, error.message)
+            self._transfer.fail(error.code, error.message)
         else:
-            with contextlib.suppress(Exception):
-                await self._link.send(
-                    KvNack(transfer_id=self._transfer_id, code=str(error.code), message=error.message)
-                )
+            code, message = str(error.code), error.message
+            self._link.reply(KvNack(transfer_id=self._transfer_id, code=code, message=message))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -39,7 +39,8 @@ from transport.kv.messages import (
 
 log = logging.getLogger(__name__)
 
-ReplyFn = Callable[[KvMessage], Awaitable[None]]
+# Sends a reply without waiting (a peer that is gone or not reading loses it); may raise.
+ReplyFn = Callable[[KvMessage], None]
 # Geometry bounds for a begin message: refuse absurd announcements before acting on them.
 MAX_LAYERS = 4096
 MAX_ROW_DIMS = 7
@@ -116,54 +117,54 @@ class InTransfer:
     def window_bytes(self) -> int:
         return self._window.window
 
-    async def accept(self) -> None:
+    def accept(self) -> None:
         self.last_activity = asyncio.get_running_loop().time()
-        await self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=self._window.first_grant()))
+        self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=self._window.first_grant()))
 
-    async def handle(self, msg: KvMessage) -> None:
+    def handle(self, msg: KvMessage) -> None:
         if self.done.is_set():
             return
         if isinstance(msg, KvChunk | KvEnd):
             self.last_activity = asyncio.get_running_loop().time()
         if isinstance(msg, KvChunk):
-            await self._on_chunk(msg)
+            self._on_chunk(msg)
         elif isinstance(msg, KvEnd):
-            await self._on_end(msg)
+            self._on_end(msg)
         elif isinstance(msg, KvAbort):
-            await self.fail(ErrorCode.KV_TRUNCATED, f"sender aborted: {msg.reason}", tell_sender=False)
+            self.fail(ErrorCode.KV_TRUNCATED, f"sender aborted: {msg.reason}", tell_sender=False)
         elif isinstance(msg, KvNack):  # the broker refusing a fetch
             self._finish(nack_error(msg))
 
-    async def _on_chunk(self, chunk: KvChunk) -> None:
+    def _on_chunk(self, chunk: KvChunk) -> None:
         rows = chunk.rows
         if not self._window.on_arrival(rows.nbytes):
-            await self.fail(ErrorCode.KV_CORRUPT, "sender exceeded its credit")
+            self.fail(ErrorCode.KV_CORRUPT, "sender exceeded its credit")
             return
         if chunk.seq != self._next_seq:
-            await self.fail(ErrorCode.KV_TRUNCATED, f"chunk {self._next_seq} is missing (got {chunk.seq})")
+            self.fail(ErrorCode.KV_TRUNCATED, f"chunk {self._next_seq} is missing (got {chunk.seq})")
             return
         problem = self._geometry_problem(chunk)
         if problem:
-            await self.fail(ErrorCode.KV_CORRUPT, problem)
+            self.fail(ErrorCode.KV_CORRUPT, problem)
             return
         try:
             problem = self._verify_and_write(chunk)
         except PdorchError as e:
-            await self.fail(e.code, f"sink refused rows: {e.message}")
+            self.fail(e.code, f"sink refused rows: {e.message}")
             return
         except Exception as e:  # a bug in the sink fails this transfer, not the receiver
             log.exception("KV sink failed on transfer %s", self.transfer_id)
-            await self.fail(ErrorCode.INTERNAL, f"sink failed: {e!r}")
+            self.fail(ErrorCode.INTERNAL, f"sink failed: {e!r}")
             return
         if problem:
-            await self.fail(ErrorCode.KV_CORRUPT, problem)
+            self.fail(ErrorCode.KV_CORRUPT, problem)
             return
         self._next_seq += 1
         self._layer_rows[chunk.layer] += rows.shape[0]
         self._payload_bytes += rows.nbytes
         regrant = self._window.on_consumed(rows.nbytes)
         if regrant:
-            await self._send(KvCredit(transfer_id=self.transfer_id, credit_bytes=regrant))
+            self._send(KvCredit(transfer_id=self.transfer_id, credit_bytes=regrant))
 
     def _verify_and_write(self, chunk: KvChunk) -> str:
         """Verify each span and write it to the sink right after; stop at the first bad one. A
@@ -198,35 +199,35 @@ class InTransfer:
             return f"chunk {chunk.seq} runs past the end of layer {chunk.layer}"
         return ""
 
-    async def _on_end(self, end: KvEnd) -> None:
+    def _on_end(self, end: KvEnd) -> None:
         complete = [self.begin.rows_per_layer] * self.begin.num_layers
         if end.chunks != self._next_seq or end.payload_bytes != self._payload_bytes:
-            await self.fail(
+            self.fail(
                 ErrorCode.KV_TRUNCATED,
                 f"end says {end.chunks} chunks / {end.payload_bytes} bytes, "
                 f"received {self._next_seq} / {self._payload_bytes}",
             )
         elif end.layer_rows != self._layer_rows or self._layer_rows != complete:
-            await self.fail(ErrorCode.KV_TRUNCATED, "not every row of every layer arrived")
+            self.fail(ErrorCode.KV_TRUNCATED, "not every row of every layer arrived")
         else:
             self.trailer = dict(end.trailer)
             self._finish(None)
-            await self._send(KvAck(transfer_id=self.transfer_id))
+            self._send(KvAck(transfer_id=self.transfer_id))
 
-    async def fail(self, code: ErrorCode, message: str, *, tell_sender: bool = True) -> None:
+    def fail(self, code: ErrorCode, message: str, *, tell_sender: bool = True) -> None:
         """End the transfer with an error; tell the sender unless it is the one who gave up."""
         if self.done.is_set():
             return
         self._finish(PdorchError(code, f"transfer {self.transfer_id}: {message}"))
         if tell_sender:
-            await self._send(KvNack(transfer_id=self.transfer_id, code=str(code), message=message))
+            self._send(KvNack(transfer_id=self.transfer_id, code=str(code), message=message))
 
     def _finish(self, error: PdorchError | None) -> None:
         if not self.done.is_set():
             self.error = error
             self.done.set()
 
-    async def _send(self, msg: KvMessage) -> None:
+    def _send(self, msg: KvMessage) -> None:
         # The peer may be gone or stuck; the transfer's deadline deals with that, not the reply.
         with contextlib.suppress(Exception):
-            await self._reply(msg)
+            self._reply(msg)

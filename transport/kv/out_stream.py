@@ -88,7 +88,7 @@ class KvOutStream:
 
     # ----------------------------------------------------------------- from the receiver
 
-    async def handle(self, msg: KvMessage) -> None:
+    def handle(self, msg: KvMessage) -> None:
         """A message from the receiver for this transfer."""
         if isinstance(msg, KvAccept) and not self._accepted.is_set():
             window_chunk = max(self.row_bytes, msg.credit_bytes // 2)

@@ -123,12 +123,12 @@ class KvReceiver:
         await cancel_and_wait(self._tasks)
         for expected in self._expected.values():
             if expected.transfer is not None:
-                await expected.transfer.fail(ErrorCode.CANCELLED, "receiver closed")
+                expected.transfer.fail(ErrorCode.CANCELLED, "receiver closed")
             expected.activated.set()  # a receive() still waiting for a sender ends now
         self._parked.clear()
         for fetch in list(self._fetches):
             # Tell the broker at once (best effort); it keeps the transfer for another fetch.
-            await fetch.fail(PdorchError(ErrorCode.CANCELLED, "KV receiver closed"))
+            fetch.fail(PdorchError(ErrorCode.CANCELLED, "KV receiver closed"))
         for link in self._links.values():
             await link.close()
         self._links.clear()
@@ -161,7 +161,7 @@ class KvReceiver:
             try:
                 await deadline.wait(transfer.done.wait(), f"the rest of transfer {transfer_id}")
             except PdorchError as e:
-                await transfer.fail(e.code, e.message)
+                transfer.fail(e.code, e.message)
             return self._outcome(transfer.error, transfer.trailer)
         finally:
             del self._expected[transfer_id]
@@ -202,7 +202,7 @@ class KvReceiver:
         ):
             # The sender's connection dropped and came back under a new routing id: whatever was
             # in flight on the old one is lost, so the stream can no longer be complete.
-            await expected.transfer.fail(
+            expected.transfer.fail(
                 ErrorCode.KV_TRUNCATED, "the sender's connection changed mid-transfer; chunks were lost"
             )
             return
@@ -212,7 +212,7 @@ class KvReceiver:
             and expected.transfer is not None
             and expected.identity == identity
         ):
-            await expected.transfer.handle(msg)
+            expected.transfer.handle(msg)
         elif isinstance(msg, KvAbort) and msg.transfer_id in self._parked:
             del self._parked[msg.transfer_id]
             if expected is not None:  # expected but still waiting for a slot
@@ -257,25 +257,23 @@ class KvReceiver:
             expected.transfer, expected.identity = transfer, reply_to
             expected.activated.set()
             active += 1
-            await transfer.accept()
+            transfer.accept()
 
     def _replier(self, identity: bytes) -> ReplyFn:
-        async def reply(msg: KvMessage) -> None:
-            await self._send_to(identity, msg)
+        def reply(msg: KvMessage) -> None:
+            self._send_to(identity, msg)
 
         return reply
 
-    async def _send_to(self, identity: bytes, msg: KvMessage) -> None:
+    def _send_to(self, identity: bytes, msg: KvMessage) -> None:
         # Replies never wait: a peer that is gone or not reading loses them and times out.
-        assert self._router is not None
-        self._router.send_now([identity, *self._encoder.encode(msg)])
+        if self._router is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._router.send_now([identity, *self._encoder.encode(msg)])
 
     async def _refuse(self, identity: bytes, tid: str, code: ErrorCode, message: str) -> None:
         self._stats.refused_begins += 1
-        if self._router is None:
-            return
-        with contextlib.suppress(zmq.ZMQError):
-            await self._send_to(identity, KvNack(transfer_id=tid, code=str(code), message=message))
+        self._send_to(identity, KvNack(transfer_id=tid, code=str(code), message=message))
 
     async def _housekeeping(self) -> None:
         loop = asyncio.get_running_loop()
@@ -289,7 +287,7 @@ class KvReceiver:
                     and transfer.last_activity is not None
                     and now - transfer.last_activity > self._idle_s
                 ):
-                    await transfer.fail(
+                    transfer.fail(
                         ErrorCode.KV_TRUNCATED, f"the sender went quiet for {self._idle_s:.0f}s mid-transfer"
                     )
             for tid, parked in list(self._parked.items()):
@@ -321,7 +319,7 @@ class KvReceiver:
             try:
                 await deadline.wait(state.done.wait(), f"the broker to deliver transfer {transfer_id}")
             except PdorchError as e:
-                await state.fail(e)
+                state.fail(e)
             return self._outcome(state.error, state.trailer)
         finally:
             link.unregister(transfer_id)
