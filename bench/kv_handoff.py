@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--repeats", type=int, default=5, help="rounds per size; the best run is reported")
-    parser.add_argument("--chunk-mb", type=int, default=4, help="KV chunk size (and raw pyzmq frame size)")
+    parser.add_argument("--chunk-mb", type=int, default=1, help="KV chunk size (and raw pyzmq frame size)")
     parser.add_argument("--window-mb", type=int, default=32, help="receiver credit window per transfer")
     args = parser.parse_args(argv)
 

@@ -19,7 +19,7 @@ from transport.kv.out_stream import KvOutStream
 from transport.messages import KvRoute
 
 KV_MODES = ("p2p", "centralized")
-DEFAULT_MAX_CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_SENDER_WINDOW_BYTES = 64 * 1024 * 1024
 
 
