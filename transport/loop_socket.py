@@ -34,6 +34,7 @@ class LoopSocket:
         # One future per waiting task: a task cancelled while waiting cancels only its own.
         self._readers: list[asyncio.Future[None]] = []
         self._writers: list[asyncio.Future[None]] = []
+        self._recheck_pending = False
         self._loop.add_reader(self._fd, self._on_state_change)
 
     @property
@@ -52,9 +53,15 @@ class LoopSocket:
             _resolve(self._writers)
 
     def _recheck(self) -> None:
-        """After an operation that may have consumed the descriptor's signal."""
-        if self._readers or self._writers:
-            self._wake(self.raw.getsockopt(zmq.EVENTS))
+        """After an operation that may have consumed the descriptor's signal: look at the socket's
+        events once the current callback is done (one look for a burst of sends, not one each)."""
+        if (self._readers or self._writers) and not self._recheck_pending:
+            self._recheck_pending = True
+            self._loop.call_soon(self._deferred_recheck)
+
+    def _deferred_recheck(self) -> None:
+        self._recheck_pending = False
+        self._on_state_change()
 
     async def _wait(self, waiters: list[asyncio.Future[None]]) -> None:
         waiter = self._loop.create_future()
