@@ -176,7 +176,7 @@ class KvBroker:
         elif isinstance(msg, KvChunk | KvEnd | KvAbort) and self._is_inbound_from(identity, tid):
             inbound = self._inbound[tid]
             inbound.transfer.handle(msg)
-            if inbound.transfer.done.is_set():
+            if inbound.transfer.finished:
                 await self._settle_inbound(tid)
         elif isinstance(msg, KvAccept | KvCredit | KvAck | KvNack) and (identity, tid) in self._fetches:
             self._fetches[(identity, tid)].handle(msg)

@@ -32,7 +32,7 @@ class FetchTransfer:
             return
         if self._transfer is not None:
             self._transfer.handle(msg)
-            if self._transfer.done.is_set():
+            if self._transfer.finished:
                 self.error = self._transfer.error
                 self.done.set()
         elif isinstance(msg, KvBegin):

@@ -13,9 +13,9 @@ Used by the decode agent's receiver (p2p and fetch) and by the broker (storing a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -88,8 +88,17 @@ def validate_begin(begin: KvBegin) -> int:
 
 
 class InTransfer:
-    def __init__(self, begin: KvBegin, sink: KvSink, window_bytes: int, reply: ReplyFn) -> None:
-        """``begin`` must have passed :func:`validate_begin`."""
+    def __init__(
+        self,
+        begin: KvBegin,
+        sink: KvSink,
+        window_bytes: int,
+        reply: ReplyFn,
+        on_finish: Callable[[InTransfer], None] | None = None,
+    ) -> None:
+        """``begin`` must have passed :func:`validate_begin`. ``on_finish`` is called once, when the
+        transfer completed or failed. Not tied to an event loop: the p2p receiver runs it on its
+        own thread."""
         self.transfer_id = begin.transfer_id
         self.begin = begin
         self._sink = sink
@@ -106,9 +115,10 @@ class InTransfer:
         self._next_seq = 0
         self._layer_rows = [0] * begin.num_layers
         self._payload_bytes = 0
-        self.done = asyncio.Event()
-        # Loop time of the last sign of life from the sender, from acceptance on. Senders open a
-        # transfer when its first rows exist, so an accepted transfer that goes quiet is dead.
+        self.finished = False
+        self._on_finish = on_finish
+        # time.monotonic() of the last sign of life from the sender, from acceptance on. Senders
+        # open a transfer when its first rows exist, so an accepted transfer that goes quiet is dead.
         self.last_activity: float | None = None
         self.error: PdorchError | None = None
         self.trailer: dict[str, int | str] = {}
@@ -118,14 +128,14 @@ class InTransfer:
         return self._window.window
 
     def accept(self) -> None:
-        self.last_activity = asyncio.get_running_loop().time()
+        self.last_activity = time.monotonic()
         self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=self._window.first_grant()))
 
     def handle(self, msg: KvMessage) -> None:
-        if self.done.is_set():
+        if self.finished:
             return
         if isinstance(msg, KvChunk | KvEnd):
-            self.last_activity = asyncio.get_running_loop().time()
+            self.last_activity = time.monotonic()
         if isinstance(msg, KvChunk):
             self._on_chunk(msg)
         elif isinstance(msg, KvEnd):
@@ -216,16 +226,18 @@ class InTransfer:
 
     def fail(self, code: ErrorCode, message: str, *, tell_sender: bool = True) -> None:
         """End the transfer with an error; tell the sender unless it is the one who gave up."""
-        if self.done.is_set():
+        if self.finished:
             return
         self._finish(PdorchError(code, f"transfer {self.transfer_id}: {message}"))
         if tell_sender:
             self._send(KvNack(transfer_id=self.transfer_id, code=str(code), message=message))
 
     def _finish(self, error: PdorchError | None) -> None:
-        if not self.done.is_set():
+        if not self.finished:
             self.error = error
-            self.done.set()
+            self.finished = True
+            if self._on_finish is not None:
+                self._on_finish(self)
 
     def _send(self, msg: KvMessage) -> None:
         # The peer may be gone or stuck; the transfer's deadline deals with that, not the reply.
