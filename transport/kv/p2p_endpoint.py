@@ -2,7 +2,7 @@
 
 Every chunk of every p2p transfer is received, verified, written to its sink and acknowledged with
 credit on this thread, on a blocking socket: the event loop (which runs the engine and the agent)
-is not woken per chunk, and libzmq's own poll replaces the loop's. On a 2-core host this is worth
+is not woken per chunk, and a blocking receive replaces the loop's poll. On a 2-core host this is worth
 ~5-10% of the KV rate (bench/kv_handoff.py). The loop side talks to the thread through
 :meth:`P2pEndpoint.expect` / :meth:`P2pEndpoint.give_up` (a command queue plus a wake-up socket)
 and learns each outcome through a future resolved with ``call_soon_threadsafe``.
@@ -40,8 +40,10 @@ from transport.sockets import bound_endpoint, router
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL_S = 0.25
-# Messages handled between two looks at the command queue while data keeps arriving.
-_BURST = 64
+# The routing id of the loop side's wake-up socket, connected to the endpoint's own ROUTER over
+# inproc: the thread then blocks on that one socket. Not a shape libzmq gives to peers (5 bytes).
+# A peer that claimed it could only make the thread look at its command queue early.
+_WAKE_ID = b"\x00pdorch-kv-wake"
 _wake_ids = itertools.count()
 
 Outcome = tuple[PdorchError | None, dict[str, int | str]]
@@ -92,11 +94,14 @@ class P2pEndpoint:
         self._idle_s = idle_s
         self._router = router(ctx, bind)
         self.endpoint = bound_endpoint(self._router)
-        wake_endpoint = f"inproc://pdorch-kv-p2p-wake-{id(self)}-{next(_wake_ids)}"
-        self._wake_rx = ctx.socket(zmq.PAIR)
-        self._wake_rx.bind(wake_endpoint)
-        self._wake_tx = ctx.socket(zmq.PAIR)  # used by the loop side only
-        self._wake_tx.connect(wake_endpoint)
+        # Blocking receives wake up at least this often, for housekeeping.
+        self._router.setsockopt(zmq.RCVTIMEO, int(self._housekeeping_interval() * 1000))
+        wake_endpoint = f"inproc://pdorch-kv-p2p-wake-{next(_wake_ids)}"
+        self._router.bind(wake_endpoint)
+        self._wake = ctx.socket(zmq.DEALER)  # the loop side's
+        self._wake.setsockopt(zmq.LINGER, 0)
+        self._wake.setsockopt(zmq.IDENTITY, _WAKE_ID)
+        self._wake.connect(wake_endpoint)
         self._wake_lock = threading.Lock()  # expect() may be called from more than one thread
         self._commands: deque[tuple[str, str, Expected | PdorchError | None]] = deque()
         self._encoder = Encoder()
@@ -134,28 +139,29 @@ class P2pEndpoint:
         if self._thread.is_alive():
             self._command("stop", "", None)
             await asyncio.to_thread(self._thread.join, 10.0)
-        if not self._thread.is_alive():  # else it still owns the sockets: leave them to it
+        if not self._thread.is_alive():  # else it still owns its socket: leave it to it
             self._router.close(linger=0)
-            self._wake_rx.close(linger=0)
-        self._wake_tx.close(linger=0)
+        self._wake.close(linger=0)
 
     def _command(self, kind: str, transfer_id: str, arg: Expected | PdorchError | None) -> None:
         self._commands.append((kind, transfer_id, arg))
         with self._wake_lock, contextlib.suppress(zmq.ZMQError):
-            self._wake_tx.send(b"", zmq.NOBLOCK)
+            self._wake.send(b"", zmq.NOBLOCK)
 
     # ----------------------------------------------------------------- the thread
 
     def _run(self) -> None:
-        poll = [(self._router, zmq.POLLIN), (self._wake_rx, zmq.POLLIN)]
         next_housekeeping = time.monotonic() + self._housekeeping_interval()
         try:
             while True:
-                timeout_ms = max(0, int((next_housekeeping - time.monotonic()) * 1000))
-                if zmq.zmq_poll(poll, timeout_ms):
-                    if not self._run_commands():
-                        return
-                    self._receive_burst()
+                try:
+                    frames = self._router.recv_multipart(copy=False)  # up to RCVTIMEO
+                except zmq.Again:
+                    frames = []
+                if self._commands and not self._run_commands():
+                    return
+                if frames and frames[0].bytes != _WAKE_ID:
+                    self._on_message(frames)
                 now = time.monotonic()
                 if now >= next_housekeeping:
                     self._housekeeping(now)
@@ -165,16 +171,12 @@ class P2pEndpoint:
             self._stop(PdorchError(ErrorCode.INTERNAL, "the KV receiver failed"))
         finally:
             self._router.close(linger=0)
-            self._wake_rx.close(linger=0)
 
     def _housekeeping_interval(self) -> float:
         return min(HOUSEKEEPING_INTERVAL_S, self._park_s / 4)
 
     def _run_commands(self) -> bool:
         """Handle queued commands; False once told to stop."""
-        with contextlib.suppress(zmq.Again):
-            while True:
-                self._wake_rx.recv(zmq.NOBLOCK)
         while self._commands:
             kind, tid, arg = self._commands.popleft()
             if kind == "stop":
@@ -188,25 +190,20 @@ class P2pEndpoint:
                 self._on_give_up(tid, arg)
         return True
 
-    def _receive_burst(self) -> None:
-        for _ in range(_BURST):
-            try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            if len(frames) < 2:
-                self.stats.dropped_messages += 1
-                continue
-            identity = frames[0].bytes
-            try:
-                msg = self._decoder.decode(frames[1:])
-            except PdorchError:
-                self.stats.dropped_messages += 1
-                continue
-            try:
-                self._dispatch(identity, msg)
-            except Exception:  # one transfer's bug must not stop the receiver
-                log.exception("KV receiver failed on a message for %s", msg.transfer_id)
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            self.stats.dropped_messages += 1
+            return
+        identity = frames[0].bytes
+        try:
+            msg = self._decoder.decode(frames[1:])
+        except PdorchError:
+            self.stats.dropped_messages += 1
+            return
+        try:
+            self._dispatch(identity, msg)
+        except Exception:  # one transfer's bug must not stop the receiver
+            log.exception("KV receiver failed on a message for %s", msg.transfer_id)
 
     def _dispatch(self, identity: bytes, msg: KvMessage) -> None:
         if isinstance(msg, KvBegin):
