@@ -2,8 +2,8 @@
 
 ``zmq.asyncio`` pays for its generality on every message: a Future per call, enum flag
 arithmetic, and a re-check of the socket's events after every send while a receive is pending.
-For the KV plane's 4 MiB chunks in both directions that is ~0.1-0.3 CPU-seconds per GiB moved
-(bench/kv_handoff.py), a quarter of the rate on a 2-core host. This class calls the socket
+For the KV plane's chunks one way and credit the other, that was ~0.1 CPU-second per GiB moved
+on each side (bench/kv_handoff.py), a large share of the rate on a 2-core host. This class calls the socket
 non-blocking and only waits, on the socket's file descriptor, when a call would block.
 
 The descriptor (``ZMQ_FD``) signals that the socket's *state changed*, not that a message is

@@ -1,9 +1,9 @@
 """Keep freed receive buffers in the process instead of handing them back to the kernel.
 
-libzmq's I/O thread allocates a fresh buffer for every frame it receives (a 4 MiB chunk: 4 MiB),
+libzmq's I/O thread allocates a fresh buffer for every frame it receives (a 1 MiB chunk: 1 MiB),
 and the frame is freed once its rows are in the sink. glibc returns freed memory at the top of a
 heap to the kernel once more than its trim threshold (by default, adaptively, about twice the
-largest recently freed block: ~8 MiB) lies free there. A receiver holding a window of chunks
+largest recently freed block) lies free there. A receiver holding a window of chunks
 frees more than that at once, so the next chunks land in fresh pages: a page fault and a kernel
 page clear per 4 KiB, which measured here as much CPU as the kernel's copy of the bytes (the I/O
 thread's time doubled). Fixing both thresholds keeps frames up to 32 MiB on the heap and lets up
