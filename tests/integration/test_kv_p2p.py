@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -363,3 +364,60 @@ async def test_rows_too_large_for_a_frame_are_refused_at_open(sender: KvSender, 
             deadline_s=1,
         )
     assert info.value.code is ErrorCode.INVALID_REQUEST
+
+
+class _ThreadRecordingSink(ArraySink):
+    def __init__(self) -> None:
+        super().__init__(2, 20, (4,), "float16")
+        self.threads: set[int] = set()
+
+    def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
+        self.threads.add(threading.get_ident())
+        super().write(layer, row_offset, rows)
+
+
+async def test_p2p_sinks_are_written_off_the_event_loop(sender: KvSender, receiver: KvReceiver) -> None:
+    """The per-chunk path runs on the receiver's own thread: the loop is not woken per chunk."""
+    layers = make_layers(2, 20, (4,), "float16")
+    sink = _ThreadRecordingSink()
+    receiving = asyncio.create_task(receiver.receive("threaded", sink, deadline_s=OK_DEADLINE_S))
+    await send_all(sender, KvRoute("p2p", receiver.endpoint, "threaded"), layers, {}, OK_DEADLINE_S)
+    await receiving
+    assert np.array_equal(sink.layers, layers)
+    assert sink.threads and threading.get_ident() not in sink.threads
+
+
+async def test_a_cancelled_receive_tells_its_sender(sender: KvSender, receiver: KvReceiver) -> None:
+    sink = ArraySink(2, 20, (4,), "float16")
+    receiving = asyncio.create_task(receiver.receive("dropped", sink, deadline_s=OK_DEADLINE_S))
+    stream = await sender.open(
+        KvRoute("p2p", receiver.endpoint, "dropped"),
+        num_layers=2,
+        rows_per_layer=20,
+        row_shape=(4,),
+        dtype="float16",
+        deadline_s=OK_DEADLINE_S,
+    )
+    await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
+    await wait_until(lambda: receiver.stats.active == 1)
+    receiving.cancel()  # e.g. the decode job was aborted
+    with pytest.raises(PdorchError) as info:
+        # Told at once (nack), not at its deadline.
+        await asyncio.wait_for(stream.finish({}), 10)
+    assert info.value.code is ErrorCode.CANCELLED
+    await wait_until(lambda: receiver.stats.active == 0)
+
+
+async def test_closing_the_receiver_ends_its_waiting_receives(ctx: zmq.asyncio.Context) -> None:
+    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0")
+    await receiver.start()
+    sink = ArraySink(1, 1, (4,), "float16")
+    waiting = asyncio.create_task(receiver.receive("never", sink, deadline_s=OK_DEADLINE_S))
+    await asyncio.sleep(0.05)
+    await receiver.close()
+    with pytest.raises(PdorchError) as info:
+        await asyncio.wait_for(waiting, 10)
+    assert info.value.code is ErrorCode.CANCELLED
+    with pytest.raises(PdorchError) as late:
+        await receiver.receive("after", sink, deadline_s=OK_DEADLINE_S)
+    assert late.value.code is ErrorCode.CANCELLED
