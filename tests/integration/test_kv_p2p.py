@@ -421,3 +421,20 @@ async def test_closing_the_receiver_ends_its_waiting_receives(ctx: zmq.asyncio.C
     with pytest.raises(PdorchError) as late:
         await receiver.receive("after", sink, deadline_s=OK_DEADLINE_S)
     assert late.value.code is ErrorCode.CANCELLED
+
+
+async def test_terminating_the_context_ends_waiting_receives() -> None:
+    """A process shutting down without closing the receiver first: no hang, no traceback."""
+    context = zmq.asyncio.Context()
+    receiver = KvReceiver(context, bind="tcp://127.0.0.1:0")
+    await receiver.start()
+    waiting = asyncio.create_task(
+        receiver.receive("never", ArraySink(1, 1, (4,), "float16"), deadline_s=OK_DEADLINE_S)
+    )
+    await asyncio.sleep(0.05)
+    terminating = asyncio.create_task(asyncio.to_thread(context.term))  # waits for open sockets
+    with pytest.raises(PdorchError) as info:
+        await asyncio.wait_for(waiting, 10)
+    assert info.value.code is ErrorCode.CANCELLED
+    await receiver.close()  # closes what the loop side still holds; term() can finish
+    await asyncio.wait_for(terminating, 10)

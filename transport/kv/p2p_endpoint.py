@@ -121,6 +121,10 @@ class P2pEndpoint:
     def parked(self) -> int:
         return len(self._parked)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def start(self) -> None:
         self._thread.start()
 
@@ -166,6 +170,8 @@ class P2pEndpoint:
                 if now >= next_housekeeping:
                     self._housekeeping(now)
                     next_housekeeping = now + self._housekeeping_interval()
+        except zmq.ContextTerminated:  # the process is shutting down without closing us first
+            self._stop(PdorchError(ErrorCode.CANCELLED, "KV receiver closed"))
         except Exception:  # a bug here must not leave decode jobs waiting for their deadline
             log.exception("KV p2p endpoint failed; failing its transfers")
             self._stop(PdorchError(ErrorCode.INTERNAL, "the KV receiver failed"))

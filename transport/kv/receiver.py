@@ -118,6 +118,8 @@ class KvReceiver:
             raise PdorchError(ErrorCode.CONFIG, "this KV receiver has no p2p endpoint")
         if self._closed:
             raise PdorchError(ErrorCode.CANCELLED, "KV receiver closed")
+        if not self._p2p.alive:
+            raise PdorchError(ErrorCode.INTERNAL, "the KV receiver's p2p endpoint has stopped (see the log)")
         deadline = Deadline(deadline_s)
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Outcome] = loop.create_future()
