@@ -15,7 +15,7 @@ import zmq
 import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
-from transport.kv import ArraySink, KvReceiver, KvSender
+from transport.kv import ArraySink, KvOutStream, KvReceiver, KvSender
 from transport.messages import KvRoute
 
 OK_DEADLINE_S = 30.0  # generous: a shared 2-core machine; success never waits for it
@@ -50,6 +50,18 @@ async def send_all(
     for layer in range(layers.shape[0]):
         await stream.send_layer(layer, layers[layer])
     await stream.finish(trailer)
+
+
+async def open_small(sender: KvSender, receiver: KvReceiver, transfer_id: str) -> KvOutStream:
+    """A transfer of two layers of 20 float16 rows of 4."""
+    return await sender.open(
+        KvRoute("p2p", receiver.endpoint, transfer_id),
+        num_layers=2,
+        rows_per_layer=20,
+        row_shape=(4,),
+        dtype="float16",
+        deadline_s=OK_DEADLINE_S,
+    )
 
 
 @pytest.mark.parametrize(
@@ -162,14 +174,7 @@ async def test_missing_layer_fails_both_sides_as_truncated(sender: KvSender, rec
 async def test_sender_abort_fails_the_receiver(sender: KvSender, receiver: KvReceiver) -> None:
     sink = ArraySink(2, 20, (4,), "float16")
     receiving = asyncio.create_task(receiver.receive("gave-up", sink, deadline_s=OK_DEADLINE_S))
-    stream = await sender.open(
-        KvRoute("p2p", receiver.endpoint, "gave-up"),
-        num_layers=2,
-        rows_per_layer=20,
-        row_shape=(4,),
-        dtype="float16",
-        deadline_s=OK_DEADLINE_S,
-    )
+    stream = await open_small(sender, receiver, "gave-up")
     await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
     await stream.abort("prefill failed")
     with pytest.raises(PdorchError) as info:
@@ -184,14 +189,7 @@ async def test_closing_sender_aborts_its_open_transfers(
     sender = KvSender(ctx)
     sink = ArraySink(2, 20, (4,), "float16")
     receiving = asyncio.create_task(receiver.receive("closed", sink, deadline_s=OK_DEADLINE_S))
-    stream = await sender.open(
-        KvRoute("p2p", receiver.endpoint, "closed"),
-        num_layers=2,
-        rows_per_layer=20,
-        row_shape=(4,),
-        dtype="float16",
-        deadline_s=OK_DEADLINE_S,
-    )
+    stream = await open_small(sender, receiver, "closed")
     await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
     await sender.close()  # an orderly shutdown of the prefill agent
     with pytest.raises(PdorchError) as info:
@@ -390,14 +388,7 @@ async def test_p2p_sinks_are_written_off_the_event_loop(sender: KvSender, receiv
 async def test_a_cancelled_receive_tells_its_sender(sender: KvSender, receiver: KvReceiver) -> None:
     sink = ArraySink(2, 20, (4,), "float16")
     receiving = asyncio.create_task(receiver.receive("dropped", sink, deadline_s=OK_DEADLINE_S))
-    stream = await sender.open(
-        KvRoute("p2p", receiver.endpoint, "dropped"),
-        num_layers=2,
-        rows_per_layer=20,
-        row_shape=(4,),
-        dtype="float16",
-        deadline_s=OK_DEADLINE_S,
-    )
+    stream = await open_small(sender, receiver, "dropped")
     await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
     await wait_until(lambda: receiver.stats.active == 1)
     receiving.cancel()  # e.g. the decode job was aborted
