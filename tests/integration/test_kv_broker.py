@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
 
+from tests.support.kv import make_layers, wait_until
+from tests.support.kv import send_all as send_layers
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvBroker, KvReceiver, KvSender
 from transport.messages import KvRoute
@@ -26,33 +28,9 @@ async def fetcher(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
     await rx.close()
 
 
-def make_layers(
-    num_layers: int, rows: int, row_shape: tuple[int, ...], dtype: str, seed: int = 0
-) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal((num_layers, rows, *row_shape)) * 10).astype(dtype)
-
-
 async def send_all(sender: KvSender, endpoint: str, tid: str, layers: np.ndarray, deadline_s: float) -> None:
-    stream = await sender.open(
-        KvRoute("centralized", endpoint, tid),
-        num_layers=layers.shape[0],
-        rows_per_layer=layers.shape[1],
-        row_shape=layers.shape[2:],
-        dtype=layers.dtype.name,
-        deadline_s=deadline_s,
-    )
-    for layer in range(layers.shape[0]):
-        await stream.send_layer(layer, layers[layer])
-    await stream.finish({"first_token": 7, "tid": tid})
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
+    route = KvRoute("centralized", endpoint, tid)
+    await send_layers(sender, route, layers, {"first_token": 7, "tid": tid}, deadline_s)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from tests.support.kv import make_layers, send_all, wait_until
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvOutStream, KvReceiver, KvSender
 from transport.messages import KvRoute
@@ -27,29 +28,6 @@ async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
     await rx.start()
     yield rx
     await rx.close()
-
-
-def make_layers(
-    num_layers: int, rows: int, row_shape: tuple[int, ...], dtype: str, seed: int = 0
-) -> np.ndarray:
-    values = np.random.default_rng(seed).standard_normal((num_layers, rows, *row_shape)) * 100
-    return values.astype(dtype)
-
-
-async def send_all(
-    sender: KvSender, route: KvRoute, layers: np.ndarray, trailer: dict[str, int | str], deadline_s: float
-) -> None:
-    stream = await sender.open(
-        route,
-        num_layers=layers.shape[0],
-        rows_per_layer=layers.shape[1],
-        row_shape=layers.shape[2:],
-        dtype=layers.dtype.name,
-        deadline_s=deadline_s,
-    )
-    for layer in range(layers.shape[0]):
-        await stream.send_layer(layer, layers[layer])
-    await stream.finish(trailer)
 
 
 async def open_small(sender: KvSender, receiver: KvReceiver, transfer_id: str) -> KvOutStream:
@@ -275,15 +253,6 @@ async def test_wrong_layer_shape_is_refused_locally(sender: KvSender, receiver: 
     with pytest.raises(PdorchError):
         await stream.send_layer(1, np.zeros((4, 4), np.uint8))
     await stream.abort("test done")
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def test_transfer_waiting_for_a_busy_receiver_times_out_on_both_sides(ctx: zmq.asyncio.Context) -> None:

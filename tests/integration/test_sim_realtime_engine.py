@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
+from tests.support.kv import wait_until
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvBroker, KvReceiver, KvSender
 from transport.messages import (
@@ -74,15 +75,6 @@ async def start() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     yield make
     for engine in engines:
         await engine.close()
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 def cases() -> list[tuple[list[int], SamplingParams]]:
@@ -193,7 +185,7 @@ async def test_load_reports_running_requests_and_cancel_frees_their_blocks(
         )
         for rid, p in prompts.items()
     }
-    await wait_until(lambda: all(len(g.tokens(rid)) >= 2 for rid in prompts))  # all three decode
+    await wait_until(lambda: all(len(g.tokens(rid)) >= 2 for rid in prompts), WAIT_S)  # all three decode
     load = g.engine.load()
     assert load.running == 3
     prompt_blocks = sum(-(-len(p) // 16) for p in prompts.values())
@@ -222,7 +214,7 @@ async def test_a_cancelled_decode_reservation_makes_room_for_the_next(
             DecodeJob("a", prompt, SamplingParams(max_tokens=9), KvRoute("p2p", "", "ta"), WAIT_S)
         )
     )
-    await wait_until(lambda: d.engine.load().blocks_used == 13)
+    await wait_until(lambda: d.engine.load().blocks_used == 13, WAIT_S)
     with pytest.raises(PdorchError) as e:
         await d.engine.decode(
             DecodeJob("b", prompt, SamplingParams(max_tokens=9), KvRoute("p2p", "", "tb"), WAIT_S)
@@ -238,7 +230,7 @@ async def test_a_cancelled_decode_reservation_makes_room_for_the_next(
             DecodeJob("b", prompt, SamplingParams(max_tokens=9), KvRoute("p2p", "", "tb"), WAIT_S)
         )
     )
-    await wait_until(lambda: d.engine.load().blocks_used == 13)
+    await wait_until(lambda: d.engine.load().blocks_used == 13, WAIT_S)
     d.engine.cancel("b")
     with pytest.raises(PdorchError):
         await asyncio.wait_for(second, WAIT_S)

@@ -1,0 +1,44 @@
+"""Helpers shared by the KV-plane tests: layer data, a whole-transfer send, polling a condition."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+
+from transport.kv import KvSender
+from transport.messages import KvRoute
+
+
+def make_layers(
+    num_layers: int, rows: int, row_shape: tuple[int, ...], dtype: str, seed: int = 0
+) -> np.ndarray:
+    values = np.random.default_rng(seed).standard_normal((num_layers, rows, *row_shape)) * 10
+    return values.astype(dtype)
+
+
+async def send_all(
+    sender: KvSender, route: KvRoute, layers: np.ndarray, trailer: dict[str, int | str], deadline_s: float
+) -> None:
+    """Open a transfer for ``layers``, send every layer, finish with ``trailer``."""
+    stream = await sender.open(
+        route,
+        num_layers=layers.shape[0],
+        rows_per_layer=layers.shape[1],
+        row_shape=layers.shape[2:],
+        dtype=layers.dtype.name,
+        deadline_s=deadline_s,
+    )
+    for layer in range(layers.shape[0]):
+        await stream.send_layer(layer, layers[layer])
+    await stream.finish(trailer)
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0, poll_s: float = 0.01) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(poll_s)
