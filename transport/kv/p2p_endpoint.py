@@ -2,8 +2,8 @@
 
 Every chunk of every p2p transfer is received, verified, written to its sink and acknowledged with
 credit on this thread, on a blocking socket: the event loop (which runs the engine and the agent)
-is not woken per chunk, and a blocking receive replaces the loop's poll. On a 2-core host this is worth
-~5-10% of the KV rate (bench/kv_handoff.py). The loop side talks to the thread through
+is not woken per chunk, and a blocking receive replaces the loop's poll (~5% of the KV rate on a
+2-core host, bench/kv_handoff.py). The loop side talks to the thread through
 :meth:`P2pEndpoint.expect` / :meth:`P2pEndpoint.give_up` (a command queue plus a wake-up socket)
 and learns each outcome through a future resolved with ``call_soon_threadsafe``.
 
@@ -61,7 +61,6 @@ class Expected:
     transfer_id: str
     sink: KvSink
     outcome: asyncio.Future[Outcome]
-    loop: asyncio.AbstractEventLoop
     transfer: InTransfer | None = None  # set once accepted (read by the loop only for messages)
     identity: bytes = b""
     settled: bool = False
@@ -358,4 +357,4 @@ def _resolve(expected: Expected, outcome: Outcome) -> None:
             expected.outcome.set_result(outcome)
 
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-        expected.loop.call_soon_threadsafe(set_outcome)
+        expected.outcome.get_loop().call_soon_threadsafe(set_outcome)

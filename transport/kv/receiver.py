@@ -121,9 +121,8 @@ class KvReceiver:
         if not self._p2p.alive:
             raise PdorchError(ErrorCode.INTERNAL, "the KV receiver's p2p endpoint has stopped (see the log)")
         deadline = Deadline(deadline_s)
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[Outcome] = loop.create_future()
-        expected = Expected(transfer_id, sink, outcome, loop)
+        outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        expected = Expected(transfer_id, sink, outcome)
         self._p2p.expect(expected)
         try:
             error, trailer = await deadline.wait(asyncio.shield(outcome), f"transfer {transfer_id}")
