@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -149,10 +150,7 @@ class KvBroker:
                 self._router.send_now([identity, *self._encoder.encode(msg)])
 
     def _replier(self, identity: bytes) -> ReplyFn:
-        def reply(msg: KvMessage) -> None:
-            self._reply(identity, msg)
-
-        return reply
+        return functools.partial(self._reply, identity)
 
     def _data_sender(self, identity: bytes) -> SendFn:
         async def send(msg: KvMessage) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -315,10 +316,7 @@ class P2pEndpoint:
         self._promote()
 
     def _replier(self, identity: bytes) -> ReplyFn:
-        def reply(msg: KvMessage) -> None:
-            self._send_to(identity, msg)
-
-        return reply
+        return functools.partial(self._send_to, identity)
 
     def _send_to(self, identity: bytes, msg: KvMessage) -> None:
         # Replies never wait: a peer that is gone or not reading loses them and times out.

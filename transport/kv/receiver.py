@@ -9,10 +9,8 @@ loop, one :class:`FetchTransfer` per fetch over a :class:`DealerLink` per broker
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import msgspec
-import zmq
 import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
@@ -24,8 +22,6 @@ from transport.kv.messages import KV_PROTOCOL_VERSION, KvFetch
 from transport.kv.p2p_endpoint import Expected, Outcome, P2pEndpoint
 from transport.kv.receive_buffers import keep_receive_buffers
 from transport.sockets import plain_context
-
-log = logging.getLogger(__name__)
 
 DEFAULT_RECEIVER_WINDOW_BYTES = 32 * 1024 * 1024
 
