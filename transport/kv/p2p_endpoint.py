@@ -330,8 +330,8 @@ class P2pEndpoint:
     def _housekeeping(self, now: float) -> None:
         for expected in list(self._expected.values()):
             transfer = expected.transfer
-            quiet_s = now - transfer.last_activity if transfer and transfer.last_activity else 0.0
-            if transfer is not None and quiet_s > self._idle_s:
+            last = transfer.last_activity if transfer is not None else None
+            if transfer is not None and last is not None and now - last > self._idle_s:
                 transfer.fail(
                     ErrorCode.KV_TRUNCATED, f"the sender went quiet for {self._idle_s:.0f}s mid-transfer"
                 )
