@@ -30,6 +30,7 @@ run: install
 ## Install test dependencies (vLLM's CPU build included) and run the whole suite.
 test: install vllm
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install

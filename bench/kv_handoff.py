@@ -14,7 +14,7 @@ broker each in its own OS process, as in production. Baselines, measured in the 
 The p2p receiver writes every row into a preallocated destination (as an engine writes into its
 KV cache): one more memcpy than raw pyzmq does. ``p2p-discard`` is the same transfer into a sink
 that drops the rows, i.e. the transport alone. Centralized is end to end: the decode side asks the
-broker as the prefill side starts sending; the broker streams once it holds the whole transfer.
+broker as the prefill side starts sending; the broker forwards chunks as they arrive (cut-through).
 
 Run: ``.venv/bin/python bench/kv_handoff.py`` (``--help`` for options; ``make bench`` runs it).
 """
