@@ -398,3 +398,44 @@ async def test_terminating_the_context_ends_waiting_receives() -> None:
     assert info.value.code is ErrorCode.CANCELLED
     await receiver.close()  # closes what the loop side still holds; term() can finish
     await asyncio.wait_for(terminating, 10)
+
+
+async def test_a_failed_endpoint_thread_fails_its_receives_and_refuses_new_ones(
+    ctx: zmq.asyncio.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug on the endpoint's thread: waiting decode jobs learn at once, later ones are refused."""
+    from transport.kv import p2p_endpoint
+
+    def injected_bug(self: p2p_endpoint.P2pEndpoint, now: float) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(p2p_endpoint.P2pEndpoint, "_housekeeping", injected_bug)
+    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", park_s=0.2)  # housekeeping every 50 ms
+    await receiver.start()
+    sink = ArraySink(1, 1, (4,), "float16")
+    try:
+        with pytest.raises(PdorchError) as waiting:
+            await asyncio.wait_for(receiver.receive("waiting", sink, deadline_s=OK_DEADLINE_S), 10)
+        assert waiting.value.code is ErrorCode.INTERNAL
+        with pytest.raises(PdorchError) as late:
+            await asyncio.wait_for(receiver.receive("late", sink, deadline_s=OK_DEADLINE_S), 1)
+        assert late.value.code is ErrorCode.INTERNAL
+    finally:
+        await receiver.close()
+
+
+async def test_an_expectation_queued_after_the_endpoint_stopped_is_answered() -> None:
+    """The window between the thread stopping and the loop side noticing: nothing waits in vain."""
+    from transport.kv.p2p_endpoint import Expected, P2pEndpoint
+
+    context = zmq.Context()
+    endpoint = P2pEndpoint(
+        context, "tcp://127.0.0.1:0", window_bytes=1 << 20, max_active=1, max_parked=1, park_s=1, idle_s=1
+    )
+    endpoint.start()
+    await endpoint.close()
+    outcome = asyncio.get_running_loop().create_future()
+    endpoint.expect(Expected("late", ArraySink(1, 1, (4,), "float16"), outcome))
+    error, _ = await asyncio.wait_for(outcome, 10)
+    assert error is not None and error.code is ErrorCode.CANCELLED
+    context.term()

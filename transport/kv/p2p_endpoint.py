@@ -110,6 +110,8 @@ class P2pEndpoint:
         self._expected: dict[str, Expected] = {}
         self._parked: OrderedDict[str, _Parked] = OrderedDict()
         self._active = 0
+        # Why the thread stopped, once it has: expectations queued after that fail with it.
+        self._stopped_with: PdorchError | None = None
         self.stats = P2pStats()
         self._thread = threading.Thread(target=self._run, name="kv-p2p-endpoint", daemon=True)
 
@@ -133,6 +135,8 @@ class P2pEndpoint:
     def expect(self, expected: Expected) -> None:
         """Start waiting for ``expected``; its ``outcome`` future gets the result."""
         self._command("expect", expected.transfer_id, expected)
+        if self._stopped_with is not None:  # the thread is gone or going: nobody else will answer
+            self._fail_queued()
 
     def give_up(self, transfer_id: str, error: PdorchError) -> None:
         """The decode side stopped waiting (deadline, cancellation): fail the transfer, tell its sender."""
@@ -177,6 +181,21 @@ class P2pEndpoint:
             self._stop(PdorchError(ErrorCode.INTERNAL, "the KV receiver failed"))
         finally:
             self._router.close(linger=0)
+            self._stopped_with = self._stopped_with or PdorchError(ErrorCode.CANCELLED, "KV receiver closed")
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Answer the expectations still queued once the thread stopped. Run by the thread on its
+        way out and by :meth:`expect` after it: each queued command is popped exactly once."""
+        assert self._stopped_with is not None
+        while True:
+            try:
+                kind, _, arg = self._commands.popleft()
+            except IndexError:
+                return
+            if kind == "expect":
+                assert isinstance(arg, Expected)
+                _resolve(arg, (self._stopped_with, {}))
 
     def _housekeeping_interval(self) -> float:
         return min(HOUSEKEEPING_INTERVAL_S, self._park_s / 4)
@@ -341,6 +360,7 @@ class P2pEndpoint:
                 self._refuse(parked.identity, tid, ErrorCode.KV_REJECTED, "no decode job expects it")
 
     def _stop(self, error: PdorchError) -> None:
+        self._stopped_with = error
         self._parked.clear()  # their senders time out (the receiver is going away)
         for expected in list(self._expected.values()):
             if expected.transfer is not None:
