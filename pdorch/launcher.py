@@ -308,7 +308,10 @@ def main(args: argparse.Namespace) -> int:
             stopping = True
             raise KeyboardInterrupt
 
+    # SIGINT explicitly too: a shell without job control starts background commands with SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler; `kill -INT` must still stop us.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         print(
             f"starting pdorch ({'colocated' if spec.colocated else spec.kv_mode}); logs in {cluster.log_dir}",
