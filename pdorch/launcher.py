@@ -308,10 +308,11 @@ def main(args: argparse.Namespace) -> int:
             stopping = True
             raise KeyboardInterrupt
 
-    # SIGINT explicitly too: a shell without job control starts background commands with SIGINT
-    # ignored, and Python then installs no KeyboardInterrupt handler; `kill -INT` must still stop us.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # The children run in sessions of their own (so that Ctrl-C reaches only us and we stop them in
+    # order): every signal that ends us must stop them. SIGINT explicitly too, as a shell without
+    # job control starts background commands with SIGINT ignored; SIGHUP: the terminal was closed.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     try:
         print(
             f"starting pdorch ({'colocated' if spec.colocated else spec.kv_mode}); logs in {cluster.log_dir}",

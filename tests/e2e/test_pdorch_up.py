@@ -74,6 +74,7 @@ def _read_until_ready(proc: subprocess.Popen[str], lines: list[str]) -> str:
         pytest.param(signal.SIGTERM, False, id="sigterm"),
         # What a script without job control does to a background command: SIGINT arrives ignored.
         pytest.param(signal.SIGINT, True, id="sigint-inherited-ignored"),
+        pytest.param(signal.SIGHUP, False, id="sighup"),  # its terminal was closed
     ],
 )
 def test_pdorch_up_serves_then_stops_every_process_on_a_signal(
@@ -91,6 +92,7 @@ def test_pdorch_up_serves_then_stops_every_process_on_a_signal(
         command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec
     )
     lines: list[str] = []
+    children: list[int] = []
     try:
         url = _read_until_ready(proc, lines)
         children = _children(proc.pid)
@@ -108,9 +110,11 @@ def test_pdorch_up_serves_then_stops_every_process_on_a_signal(
             time.sleep(0.1)
         assert not [pid for pid in children if _alive(pid)], "pdorch up left processes behind"
         assert "stopping" in "".join(lines)
-    finally:
+    finally:  # whatever failed, leave nothing running
         if proc.poll() is None:
-            for pid in _children(proc.pid):
-                os.kill(pid, signal.SIGKILL)
+            children += _children(proc.pid)
             proc.kill()
             proc.wait()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
