@@ -8,6 +8,7 @@ workers' internals. The end-to-end tests use :class:`LocalCluster` too, so what 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -15,9 +16,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +47,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_launcher_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when the launcher dies (even by
+    SIGKILL), so no orphaned cluster keeps its ports; Linux only. The kernel ties that signal to
+    the *thread* that forks, so only children spawned from the main thread get it."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: the child must not load anything
+    launcher = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != launcher:  # the launcher died before the request took effect
+            os._exit(1)
+
+    return hook
 
 
 def port_is_free(port: int) -> bool:
@@ -106,6 +129,7 @@ class LocalCluster:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop the children in order
+            preexec_fn=_stop_with_launcher_hook(),  # one syscall in the child, before exec
         )
 
     def worker_names(self) -> list[str]:

@@ -118,3 +118,34 @@ def test_pdorch_up_serves_then_stops_every_process_on_a_signal(
         for pid in children:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the kernel's parent-death signal")
+def test_a_killed_pdorch_up_leaves_no_process_behind(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer, kill -9) gives the launcher no chance to stop anything: the kernel
+    tells its children, which shut down, instead of keeping the cluster's ports."""
+    command = [sys.executable, "-m", "pdorch", "up", "--port", str(free_port())]
+    command += ["--control-port", str(free_port()), "--log-dir", str(tmp_path), "--log-level", "WARNING"]
+    proc = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    children: list[int] = []
+    try:
+        _read_until_ready(proc, lines)
+        children = _children(proc.pid)
+        assert len(children) == 3, children
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if _alive(pid)], "children outlived a killed pdorch up"
+    finally:
+        if proc.poll() is None:
+            children += _children(proc.pid)
+            proc.kill()
+            proc.wait()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
