@@ -283,7 +283,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="one worker with role 'both' serves each request whole (no KV handoff), for comparison",
     )
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument(
+        "--port", type=int, default=8000, help="HTTP port (default 8000; 0: free ports for everything)"
+    )
     p.add_argument("--control-port", type=int, default=5555, help="ZeroMQ control port (default 5555)")
     p.add_argument(
         "--broker-port", type=int, default=5700, help="KV broker port, centralized mode (default 5700)"
@@ -306,6 +308,26 @@ def _example(url: str, model: str) -> str:
     return f"curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
 
 
+def _spec_problem(spec: ClusterSpec) -> str:
+    """What is wrong with a cluster asked for on the command line ("" if nothing)."""
+    if spec.engine == "vllm" and not spec.model_dir:
+        return "--engine vllm needs --model DIR"
+    if spec.prefill < 1 or (spec.decode < 1 and not spec.colocated):
+        return "a cluster needs at least one prefill and one decode worker (--prefill, --decode)"
+    if not 0 <= spec.port <= 65535:
+        return f"--port {spec.port}: ports are 1..65535 (0: free ports for everything)"
+    if spec.port:
+        ports = {"--port": spec.port, "--control-port": spec.control_port}
+        if spec.kv_mode == "centralized" and not spec.colocated:
+            ports["--broker-port"] = spec.broker_port
+        for flag, port in ports.items():
+            if not 1 <= port <= 65535:
+                return f"{flag} {port}: ports are 1..65535"
+        if len(set(ports.values())) < len(ports):
+            return f"{', '.join(ports)} must differ"
+    return ""
+
+
 def main(args: argparse.Namespace) -> int:
     spec = ClusterSpec(
         prefill=args.prefill,
@@ -320,8 +342,9 @@ def main(args: argparse.Namespace) -> int:
         engine=args.engine,
         model_dir=args.model,
     )
-    if spec.engine == "vllm" and not spec.model_dir:
-        print("error: --engine vllm needs --model DIR", file=sys.stderr)
+    problem = _spec_problem(spec)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     cluster = LocalCluster(spec)
     stopping = False

@@ -1,0 +1,34 @@
+"""`pdorch up` refuses a cluster it cannot start, before starting anything: a message and exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdorch.cli import main
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prefill", "0"], "at least one prefill and one decode worker"),
+        (["--decode", "-1"], "at least one prefill and one decode worker"),
+        (["--port", "99999"], "--port 99999: ports are 1..65535"),
+        (["--port", "-1"], "--port -1: ports are 1..65535"),
+        (["--control-port", "8000"], "--port, --control-port must differ"),
+        (["--control-port", "70000"], "--control-port 70000: ports are 1..65535"),
+        (["--kv-mode", "centralized", "--broker-port", "5555"], "--broker-port must differ"),
+        (["--engine", "vllm"], "--engine vllm needs --model DIR"),
+    ],
+)
+def test_a_cluster_that_cannot_start_is_refused_up_front(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["up", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_colocated_needs_no_decode_worker(capsys: pytest.CaptureFixture[str]) -> None:
+    """With --colocated the workers serve whole requests: --decode does not count. (Refused here only
+    for its port, so nothing starts.)"""
+    assert main(["up", "--colocated", "--decode", "0", "--port", "70000"]) == 2
+    assert "--port 70000" in capsys.readouterr().err
