@@ -1,7 +1,9 @@
 """OpenAI request bodies as msgspec Structs, and their validation into one internal request.
 
-Unknown fields are ignored (clients send many); fields we cannot honour (n > 1, logprobs, best_of)
-are refused with a clear 400 rather than silently ignored.
+Unknown fields are ignored (clients send many); fields we cannot honour (n > 1, logprobs, best_of,
+penalties, logit_bias, echo, suffix, tools, structured output) are refused with a clear 400 when
+set to anything but their neutral value, rather than silently ignored: the client asked for
+something that would change the output.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class _Sampling(msgspec.Struct, kw_only=True):
     n: int = 1
     best_of: int | None = None
     logprobs: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
     user: str | None = None
     # Extensions (vLLM-compatible): return the generated token ids, keep going past EOS.
     return_token_ids: bool = False
@@ -41,6 +46,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | list[Any]
     echo: bool = False
+    suffix: str | None = None
 
 
 class ContentPart(msgspec.Struct):
@@ -58,6 +64,8 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: Any = False
     top_logprobs: Any = None
+    tools: list[Any] | None = None
+    response_format: Any = None
 
 
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
@@ -136,6 +144,23 @@ def check_common(req: _Sampling, max_tokens: int | None, *, default_max: int, li
         raise bad("best_of is not supported")
     if req.logprobs not in (None, False):
         raise bad("logprobs are not supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) not in (None, 0):
+            raise bad(f"'{name}' is not supported (only 0)")
+    if req.logit_bias:
+        raise bad("'logit_bias' is not supported")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise bad("'echo' is not supported")
+        if req.suffix:
+            raise bad("'suffix' is not supported")
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs not in (None, 0):
+            raise bad("logprobs are not supported")
+        if req.tools:
+            raise bad("'tools' (function calling) are not supported")
+        if req.response_format is not None and req.response_format != {"type": "text"}:
+            raise bad('\'response_format\' is not supported (only {"type": "text"})')
     if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
         raise bad("'temperature' must be between 0 and 2")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:

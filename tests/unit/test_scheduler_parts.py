@@ -10,6 +10,7 @@ from scheduler.cluster import Cluster
 from scheduler.config import load_config
 from scheduler.http.openai_schema import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     check_common,
     completion_prompt,
@@ -136,6 +137,11 @@ def test_bad_prompts(prompt: object) -> None:
         ({"temperature": 3.0}, 5, "temperature"),
         ({"top_p": 0.0}, 5, "top_p"),
         ({"logprobs": 3}, 5, "logprobs"),
+        ({"presence_penalty": 0.5}, 5, "presence_penalty"),
+        ({"frequency_penalty": -1.0}, 5, "frequency_penalty"),
+        ({"logit_bias": {"50256": -100}}, 5, "logit_bias"),
+        ({"echo": True}, 5, "echo"),
+        ({"suffix": "tail"}, 5, "suffix"),
     ],
 )
 def test_bad_sampling(fields: dict, max_tokens: int, needle: str) -> None:
@@ -143,6 +149,41 @@ def test_bad_sampling(fields: dict, max_tokens: int, needle: str) -> None:
     with pytest.raises(PdorchError) as e:
         check_common(req, max_tokens, default_max=16, limit=4096)
     assert needle in e.value.message
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"top_logprobs": 2}, "logprobs"),
+    ],
+)
+def test_chat_fields_we_cannot_honour_are_refused(fields: dict, needle: str) -> None:
+    req = ChatCompletionRequest(model="m", messages=[ChatMessage("user", "hi")], **fields)
+    with pytest.raises(PdorchError) as e:
+        check_common(req, 5, default_max=16, limit=4096)
+    assert needle in e.value.message
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "echo": False, "suffix": ""},
+        {"presence_penalty": None, "logit_bias": None, "suffix": None},
+    ],
+)
+def test_neutral_values_of_unsupported_fields_are_accepted(fields: dict) -> None:
+    """Many clients send these with their defaults on every request."""
+    req = CompletionRequest(model="m", prompt="x", **fields)
+    assert check_common(req, 5, default_max=16, limit=4096) == 5
+
+
+def test_neutral_chat_fields_are_accepted() -> None:
+    req = ChatCompletionRequest(
+        model="m", messages=[ChatMessage("user", "hi")], tools=[], response_format={"type": "text"}
+    )
+    assert check_common(req, 5, default_max=16, limit=4096) == 5
 
 
 def test_chat_body_parses() -> None:
