@@ -86,6 +86,51 @@ def test_everything_lives_in_one_namespace(objects: list[Obj]) -> None:
     assert k8s_config(objects).namespace == NAMESPACE
 
 
+def _ingress_allowed(
+    policies: list[Obj], pod_labels: dict[str, str], source_labels: dict[str, str], port: dict[str, Any]
+) -> bool:
+    """Whether a pod of this namespace with ``source_labels`` may reach ``port`` (a container port)
+    of a pod with ``pod_labels``: some rule of some policy selecting that pod allows both."""
+    for policy in policies:
+        if not selector_matches(policy["spec"]["podSelector"]["matchLabels"], pod_labels):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            # Only same-namespace pod selectors are understood here; anything else counts as no match.
+            source_ok = peers is None or any(
+                set(peer) == {"podSelector"}
+                and selector_matches(peer["podSelector"]["matchLabels"], source_labels)
+                for peer in peers
+            )
+            ports = rule.get("ports")
+            port_ok = ports is None or any(p["port"] in (port["name"], port["containerPort"]) for p in ports)
+            if source_ok and port_ok:
+                return True
+    return False
+
+
+def test_only_the_scheduler_http_port_is_reachable_from_outside(objects: list[Obj]) -> None:
+    """Control plane, KV endpoints, KV broker, Ray and the engines' servers carry prompts and KV
+    without authentication: other pods may reach only the scheduler's HTTP port (API, metrics)."""
+    policies = by_kind(objects, "NetworkPolicy")
+    assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
+    outsider = {"app.kubernetes.io/name": "other"}
+    checked = set()
+    for obj in [*by_kind(objects, "Deployment"), *by_kind(objects, "LeaderWorkerSet")]:
+        is_scheduler = obj["kind"] == "Deployment" and obj["metadata"]["name"] == "pdorch-scheduler"
+        for _, template in pod_templates(obj):
+            labels = template["metadata"]["labels"]
+            assert any(selector_matches(p["spec"]["podSelector"]["matchLabels"], labels) for p in policies)
+            for c in template["spec"]["containers"]:
+                for port in c.get("ports", []):
+                    where = (obj["metadata"]["name"], c["name"], port["name"])
+                    assert _ingress_allowed(policies, labels, labels, port), where
+                    public = is_scheduler and port["name"] == "http"
+                    assert _ingress_allowed(policies, labels, outsider, port) == public, where
+                    checked.add(port["name"])
+    assert {"control", "kv-broker", "kv", "http"} <= checked
+
+
 # ------------------------------------------------------------------------------ what discovery relies on
 
 

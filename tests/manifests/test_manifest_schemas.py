@@ -29,6 +29,7 @@ BUILTIN_KINDS = {
     "Service",
     "Deployment",
     "PodDisruptionBudget",
+    "NetworkPolicy",
 }
 
 
