@@ -63,6 +63,7 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
             heartbeat_liveness=cfg.heartbeat_liveness,
             on_capacity=admission.notify,
             on_tokenizer=tokenizers.provide,
+            token=cfg.control_token,
         )
         placer = Placer(cfg.placement, clock=time.perf_counter)
         planner = Planner(cluster, placer, OutputLengthPredictor(cfg.predictor), colocated=cfg.colocated)

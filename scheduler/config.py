@@ -54,6 +54,10 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_handoff_timeout_s: float = 10.0
     # Bearer tokens accepted on /v1 (empty: no auth). The key also names the tenant.
     api_keys: list[str] = []
+    # A shared secret every worker must present to register (empty: any worker may). Set it from a
+    # secret store through PDORCH_CONTROL_TOKEN, not in a config file; workers read the same
+    # variable. Sent in the clear: it keeps strangers out, the network must still be private.
+    control_token: str = ""
     # Where jobs go: filters, weighted scorers and pickers per pool, the P/D decider, reservations.
     placement: PlacementConfig = msgspec.field(default_factory=_live_placement)
     # The bounded fair-share queue in front of placement (tenant = API key).
@@ -123,9 +127,12 @@ def load_config(
             raise PdorchError(ErrorCode.CONFIG, f"config file {path} must hold a mapping")
         data.update(loaded)
     fields = set(SchedulerConfig.__struct_fields__)
+    # A string setting is taken as written (a token of digits must not turn into a number).
+    text_fields = {f.name for f in msgspec.structs.fields(SchedulerConfig) if f.type is str}
     for key, value in (os.environ if env is None else env).items():
-        if key.startswith("PDORCH_") and key[7:].lower() in fields:
-            data[key[7:].lower()] = _parse_env_value(value)
+        name = key[7:].lower()
+        if key.startswith("PDORCH_") and name in fields:
+            data[name] = value if name in text_fields else _parse_env_value(value)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return msgspec.convert(data, SchedulerConfig, strict=False)

@@ -8,6 +8,7 @@ Malformed frames are counted and dropped; the loop never dies on a peer's mistak
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -54,7 +55,9 @@ class ControlServer:
         on_capacity: Callable[[], None] = lambda: None,
         on_tokenizer: Callable[[str, dict[str, bytes]], None] = lambda spec, files: None,
         clock: Callable[[], float] = time.monotonic,
+        token: str = "",
     ) -> None:
+        """``token``: when set, a Hello must carry it to register."""
         self._sock = sockets.router(ctx, bind, handover=True)
         self.endpoint = sockets.bound_endpoint(self._sock)
         self._cluster = cluster
@@ -65,6 +68,7 @@ class ControlServer:
         self._on_capacity = on_capacity
         self._on_tokenizer = on_tokenizer
         self._clock = clock
+        self._token = token.encode()
         self._enc = Encoder()
         self._dec: Decoder[FromWorker] = Decoder(FromWorker)
         self._tasks: list[asyncio.Task[None]] = []
@@ -156,6 +160,10 @@ class ControlServer:
                     f"scheduler speaks {PROTOCOL_VERSION}"
                 ),
             )
+            return
+        if self._token and not hmac.compare_digest(hello.token.encode(), self._token):
+            log.warning("refused worker %r: wrong or missing control token", hello.worker_id)
+            self._send_to(identity, Disconnect("wrong or missing control token", code="unauthorized"))
             return
         if identity != hello.worker_id.encode():
             self._send_to(identity, Disconnect("socket identity must equal worker_id", code="bad_identity"))

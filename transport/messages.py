@@ -93,6 +93,9 @@ class Hello(msgspec.Struct, tag="hello", **_STRUCT):
     vocab_size: int = 0  # 0 = unknown; else prompt token ids are checked against it
     # Free-form labels (e.g. the Kubernetes pod name and LWS group index).
     labels: dict[str, str] = {}
+    # The shared secret a scheduler may require (its ``control_token``). Sent in the clear: it
+    # keeps strangers from registering, it does not protect a network that others can read.
+    token: str = ""
 
 
 class Heartbeat(msgspec.Struct, tag="hb", **_STRUCT):

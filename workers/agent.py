@@ -59,6 +59,8 @@ class AgentConfig(msgspec.Struct, kw_only=True):
     accelerator: str = "cpu"
     kv_endpoint: str = ""
     labels: dict[str, str] = {}
+    # The scheduler's control_token, if it requires one.
+    token: str = ""
     # Until the scheduler's Welcome tells us its own values.
     heartbeat_interval_s: float = 0.5
     heartbeat_liveness: int = 4
@@ -166,6 +168,7 @@ class Agent:
             eos_token_id=info.eos_token_id,
             vocab_size=info.vocab_size,
             labels=self._cfg.labels,
+            token=self._cfg.token,
         )
 
     async def _session(self, backoff: Backoff) -> None:

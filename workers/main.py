@@ -20,9 +20,16 @@ from workers.engines.base import Engine
 
 log = logging.getLogger("pdorch.worker")
 
+# The scheduler's control_token, when it requires one (the scheduler reads the same variable).
+CONTROL_TOKEN_ENV = "PDORCH_CONTROL_TOKEN"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", default="tcp://127.0.0.1:5555", help="scheduler control endpoint")
+    p.add_argument(
+        "--scheduler",
+        default="tcp://127.0.0.1:5555",
+        help=f"scheduler control endpoint (the token it may require is read from ${CONTROL_TOKEN_ENV})",
+    )
     p.add_argument(
         "--role", choices=[r.value for r in Role], default="both", help="what jobs this worker takes"
     )
@@ -177,6 +184,8 @@ async def _serve(args: argparse.Namespace) -> int:
             accelerator=args.accelerator,
             kv_endpoint=kv_endpoint,
             labels=_labels(args.label),
+            # Only from the environment: a command line is visible to every local user.
+            token=os.environ.get(CONTROL_TOKEN_ENV, ""),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -13,7 +13,7 @@ from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster
 from tests.e2e.helpers import complete
 from tests.support.fake_worker import FakeWorker
-from transport.messages import Disconnect, Heartbeat, Role, Welcome
+from transport.messages import Disconnect, Goodbye, Heartbeat, Role, Welcome
 
 pytestmark = pytest.mark.e2e
 
@@ -80,3 +80,41 @@ def test_silent_worker_is_dropped(cluster: LocalCluster) -> None:
             time.sleep(0.1)
     finally:
         w.close()
+
+
+def test_a_control_token_keeps_strangers_out(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scheduler and workers read PDORCH_CONTROL_TOKEN: the cluster's own workers register and
+    serve; a worker without the token, or with another, is refused and never placed on."""
+    monkeypatch.setenv("PDORCH_CONTROL_TOKEN", "0123456789")  # digits: must stay a string
+    cluster = start_cluster(tmp_path, kv_mode="p2p")
+    try:
+        registered = {x["worker_id"] for x in cluster.cluster_state()["workers"]}
+        assert registered == {"prefill-0", "decode-0"}
+        for name, token in (("no-token", ""), ("wrong-token", "9876543210")):
+            w = FakeWorker(cluster.control, name, token=token)
+            try:
+                reply = w.register()
+                assert isinstance(reply, Disconnect) and reply.code == "unauthorized", reply
+            finally:
+                w.close()
+        w = FakeWorker(cluster.control, "insider", token="0123456789")
+        try:
+            assert isinstance(w.register(), Welcome)
+            workers = {x["worker_id"] for x in cluster.cluster_state()["workers"]}
+            assert workers == {"prefill-0", "decode-0", "insider"}
+            w.send(Goodbye("done"))  # it serves nothing: leave before a request is placed on it
+        finally:
+            w.close()
+        deadline = time.monotonic() + 10
+        while "insider" in {x["worker_id"] for x in cluster.cluster_state()["workers"]}:
+            assert time.monotonic() < deadline, "the Goodbye was not processed"
+            time.sleep(0.05)
+        asyncio.run(_one_request(cluster))
+    finally:
+        cluster.stop()
+
+
+async def _one_request(cluster: LocalCluster) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        out = await complete(s, cluster.url, prompt="with a token", max_tokens=4, temperature=0)
+    assert len(out["choices"][0]["token_ids"]) == 4

@@ -131,6 +131,23 @@ def test_only_the_scheduler_http_port_is_reachable_from_outside(objects: list[Ob
     assert {"control", "kv-broker", "kv", "http"} <= checked
 
 
+def test_scheduler_and_agents_share_the_control_token(objects: list[Obj]) -> None:
+    """One optional Secret: without it nothing changes; with it, only agents holding it register."""
+    expected = {
+        "secretKeyRef": {"name": "pdorch-control-token", "key": "token", "optional": True},
+    }
+
+    def token_source(c: Obj) -> Any:
+        found = [e for e in c.get("env", []) if e["name"] == "PDORCH_CONTROL_TOKEN"]
+        assert len(found) == 1, c["name"]
+        return found[0]["valueFrom"]
+
+    scheduler = container(one(objects, "Deployment", "pdorch-scheduler")["spec"]["template"], "scheduler")
+    assert token_source(scheduler) == expected
+    for lws in by_kind(objects, "LeaderWorkerSet"):
+        assert token_source(container(leader_template(lws), "agent")) == expected, lws["metadata"]["name"]
+
+
 # ------------------------------------------------------------------------------ what discovery relies on
 
 

@@ -33,6 +33,13 @@ def test_config_layers_file_env_and_overrides(tmp_path) -> None:
     assert (cfg.port, cfg.kv_mode, cfg.queue_timeout_s, cfg.host) == (9002, "centralized", 7, "127.0.0.1")
 
 
+def test_string_settings_from_the_environment_are_taken_as_written() -> None:
+    """A token of digits (or 'yes', or 'null') must not become a number, a bool or nothing."""
+    for token in ("0123456789", "yes", "null", "[a, b]"):
+        assert load_config(env={"PDORCH_CONTROL_TOKEN": token}).control_token == token
+    assert load_config(env={"PDORCH_PORT": "9000"}).port == 9000  # other settings still parse
+
+
 @pytest.mark.parametrize(
     "yaml_text, needle",
     [
