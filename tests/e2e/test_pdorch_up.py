@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,8 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,51 @@ def _read_until_ready(proc: subprocess.Popen[str], lines: list[str]) -> str:
     return match.group(0)
 
 
+@dataclass
+class _Up:
+    proc: subprocess.Popen[str]
+    lines: list[str]
+    url: str
+    children: list[int]
+
+    def left_behind(self, timeout_s: float) -> list[int]:
+        """The children still alive once they had ``timeout_s`` to exit."""
+        deadline = time.monotonic() + timeout_s
+        while any(_alive(pid) for pid in self.children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [pid for pid in self.children if _alive(pid)]
+
+
+@contextlib.contextmanager
+def _ready_cluster(log_dir: Path, *, sigint_ignored: bool = False) -> Iterator[_Up]:
+    """`pdorch up` on free ports, once ready; whatever happens after, nothing is left running."""
+    command = [sys.executable, "-m", "pdorch", "up", "--port", str(free_port())]
+    command += ["--control-port", str(free_port()), "--log-dir", str(log_dir), "--log-level", "WARNING"]
+
+    def preexec() -> None:
+        if sigint_ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    out = subprocess.PIPE
+    proc = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec
+    )
+    up = _Up(proc, [], "", [])
+    try:
+        up.url = _read_until_ready(proc, up.lines)
+        up.children = _children(proc.pid)
+        assert len(up.children) == 3, up.children  # scheduler, one prefill and one decode worker
+        yield up
+    finally:
+        if proc.poll() is None:
+            up.children += _children(proc.pid)
+            proc.kill()
+            proc.wait()
+        for pid in up.children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 @pytest.mark.parametrize(
     ("stop_signal", "sigint_ignored"),
@@ -80,72 +128,25 @@ def _read_until_ready(proc: subprocess.Popen[str], lines: list[str]) -> str:
 def test_pdorch_up_serves_then_stops_every_process_on_a_signal(
     tmp_path: Path, stop_signal: signal.Signals, sigint_ignored: bool
 ) -> None:
-    command = [sys.executable, "-m", "pdorch", "up", "--port", str(free_port())]
-    command += ["--control-port", str(free_port()), "--log-dir", str(tmp_path), "--log-level", "WARNING"]
-
-    def preexec() -> None:
-        if sigint_ignored:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    out = subprocess.PIPE
-    proc = subprocess.Popen(
-        command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec
-    )
-    lines: list[str] = []
-    children: list[int] = []
-    try:
-        url = _read_until_ready(proc, lines)
-        children = _children(proc.pid)
-        assert len(children) == 3, children  # scheduler, one prefill and one decode worker
+    with _ready_cluster(tmp_path, sigint_ignored=sigint_ignored) as up:
         body = json.dumps({"model": "pdorch-reference", "prompt": "Hello", "max_tokens": 4}).encode()
-        request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        request = urllib.request.Request(f"{up.url}/v1/completions", body, headers)
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200
             assert json.load(response)["usage"]["completion_tokens"] == 4
 
-        proc.send_signal(stop_signal)
-        assert proc.wait(STOP_TIMEOUT_S) == 0, "".join(lines)
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [pid for pid in children if _alive(pid)], "pdorch up left processes behind"
-        assert "stopping" in "".join(lines)
-    finally:  # whatever failed, leave nothing running
-        if proc.poll() is None:
-            children += _children(proc.pid)
-            proc.kill()
-            proc.wait()
-        for pid in children:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        up.proc.send_signal(stop_signal)
+        assert up.proc.wait(STOP_TIMEOUT_S) == 0, "".join(up.lines)
+        assert not up.left_behind(10), "pdorch up left processes behind"
+        assert "stopping" in "".join(up.lines)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the kernel's parent-death signal")
 def test_a_killed_pdorch_up_leaves_no_process_behind(tmp_path: Path) -> None:
     """SIGKILL (the OOM killer, kill -9) gives the launcher no chance to stop anything: the kernel
     tells its children, which shut down, instead of keeping the cluster's ports."""
-    command = [sys.executable, "-m", "pdorch", "up", "--port", str(free_port())]
-    command += ["--control-port", str(free_port()), "--log-dir", str(tmp_path), "--log-level", "WARNING"]
-    proc = subprocess.Popen(
-        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: list[str] = []
-    children: list[int] = []
-    try:
-        _read_until_ready(proc, lines)
-        children = _children(proc.pid)
-        assert len(children) == 3, children
-        proc.kill()
-        proc.wait()
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [pid for pid in children if _alive(pid)], "children outlived a killed pdorch up"
-    finally:
-        if proc.poll() is None:
-            children += _children(proc.pid)
-            proc.kill()
-            proc.wait()
-        for pid in children:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    with _ready_cluster(tmp_path) as up:
+        up.proc.kill()
+        up.proc.wait()
+        assert not up.left_behind(STOP_TIMEOUT_S), "children outlived a killed pdorch up"
