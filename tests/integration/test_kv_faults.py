@@ -34,12 +34,20 @@ OK_DEADLINE_S = 30.0
 Tamper = Callable[[list[bytes]], list[bytes] | None]
 
 
+@contextlib.asynccontextmanager
+async def started_receiver(ctx: zmq.asyncio.Context, window_bytes: int) -> AsyncIterator[KvReceiver]:
+    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", window_bytes=window_bytes)
+    await rx.start()
+    try:
+        yield rx
+    finally:
+        await rx.close()
+
+
 @pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", window_bytes=64 * 1024)
-    await rx.start()
-    yield rx
-    await rx.close()
+    async with started_receiver(ctx, 64 * 1024) as rx:
+        yield rx
 
 
 class RecordingSink:
@@ -226,10 +234,8 @@ class RawPeer:
 @pytest.fixture
 async def wide_receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
     """A receiver whose window takes a chunk of several checksum spans."""
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", window_bytes=1024 * 1024)
-    await rx.start()
-    yield rx
-    await rx.close()
+    async with started_receiver(ctx, 1024 * 1024) as rx:
+        yield rx
 
 
 SPAN_ROWS = 64  # 64 rows of 1 KiB: the smallest span a receiver accepts (MIN_CHECKSUM_SPAN_BYTES)
