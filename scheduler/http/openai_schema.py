@@ -42,11 +42,33 @@ class _Sampling(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     priority: int = 0
 
+    def unsupported(self) -> str:
+        """Why a field is set to something we cannot honour ("" if none is)."""
+        if self.n != 1:
+            return "only n=1 is supported"
+        if self.best_of not in (None, 1):
+            return "best_of is not supported"
+        if self.logprobs not in (None, False):
+            return "logprobs are not supported"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                return f"'{name}' is not supported (only 0)"
+        if self.logit_bias:
+            return "'logit_bias' is not supported"
+        return ""
+
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | list[Any]
     echo: bool = False
     suffix: str | None = None
+
+    def unsupported(self) -> str:
+        if self.echo:
+            return "'echo' is not supported"
+        if self.suffix:
+            return "'suffix' is not supported"
+        return super().unsupported()
 
 
 class ContentPart(msgspec.Struct):
@@ -66,6 +88,15 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     top_logprobs: Any = None
     tools: list[Any] | None = None
     response_format: Any = None
+
+    def unsupported(self) -> str:
+        if self.top_logprobs not in (None, 0):
+            return "logprobs are not supported"
+        if self.tools:
+            return "'tools' (function calling) are not supported"
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            return '\'response_format\' is not supported (only {"type": "text"})'
+        return super().unsupported()
 
 
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
@@ -138,29 +169,9 @@ def stop_strings(req: _Sampling) -> list[str]:
 
 def check_common(req: _Sampling, max_tokens: int | None, *, default_max: int, limit: int) -> int:
     """Validate sampling fields; returns the effective max_tokens."""
-    if req.n != 1:
-        raise bad("only n=1 is supported")
-    if req.best_of not in (None, 1):
-        raise bad("best_of is not supported")
-    if req.logprobs not in (None, False):
-        raise bad("logprobs are not supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0):
-            raise bad(f"'{name}' is not supported (only 0)")
-    if req.logit_bias:
-        raise bad("'logit_bias' is not supported")
-    if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise bad("'echo' is not supported")
-        if req.suffix:
-            raise bad("'suffix' is not supported")
-    if isinstance(req, ChatCompletionRequest):
-        if req.top_logprobs not in (None, 0):
-            raise bad("logprobs are not supported")
-        if req.tools:
-            raise bad("'tools' (function calling) are not supported")
-        if req.response_format is not None and req.response_format != {"type": "text"}:
-            raise bad('\'response_format\' is not supported (only {"type": "text"})')
+    problem = req.unsupported()
+    if problem:
+        raise bad(problem)
     if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
         raise bad("'temperature' must be between 0 and 2")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
