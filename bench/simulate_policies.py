@@ -40,7 +40,7 @@ from simulate.predictor_eval import evaluate, features_of  # noqa: E402
 from simulate.runner import SimConfig, simulate  # noqa: E402
 from simulate.slo import SloSpec  # noqa: E402
 from simulate.trace import Trace, load_trace  # noqa: E402
-from workers.engines.sim_calibration import fit_all  # noqa: E402
+from workers.engines.sim.calibration import fit_all  # noqa: E402
 
 TRACES = {
     "azure-code": "azure2023/AzureLLMInferenceTrace_code.csv",

@@ -6,7 +6,7 @@ import msgspec
 
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role
-from workers.engines.sim_cost import accelerator_classes, parse_instance_class
+from workers.engines.sim.cost import accelerator_classes, parse_instance_class
 
 
 class InstanceSpec(msgspec.Struct, frozen=True):

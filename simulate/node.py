@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from scheduler.placement.types import NodeView
 from simulate.cluster import InstanceSpec
-from workers.engines.sim import EngineParams, SimEngine
-from workers.engines.sim_cost import CostModel, ModelShape
+from simulate.fluid import EngineParams, SimEngine
+from workers.engines.sim.cost import CostModel, ModelShape
 
 
 class SimNode:

@@ -13,8 +13,8 @@ One run replays a trace against a cluster under one placement policy:
 4. **Finish** releases the reservation (Unreserve), teaches the predictor the true length and may
    let waiting requests in. A request that outgrows its reservation gets a bigger one (``regrow``).
 
-The engines (``workers.engines.sim``) model continuous batching, chunked prefill, KV capacity,
-preemption and prefix caching; this module only moves requests between them.
+The engines (``simulate.fluid``, timed by ``workers.engines.sim.cost``) model continuous batching,
+chunked prefill, KV capacity, preemption and prefix caching; this module only moves requests between them.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ from scheduler.placement.policies import is_colocated
 from scheduler.placement.predictor import OutputFeatures, OutputLengthPredictor, PredictorConfig
 from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
 from simulate.cluster import ClusterSpec
+from simulate.fluid import EngineEvent, EngineParams, EventKind
 from simulate.metrics import SimResult, percentile
 from simulate.node import SimNode
 from simulate.predictor_eval import features_of
 from simulate.slo import SloJudge, SloSpec
 from simulate.trace import Trace
 from transport.errors import ErrorCode, PdorchError
-from workers.engines.sim import EngineEvent, EngineParams, EventKind
-from workers.engines.sim_cost import CostModel, model_shapes
+from workers.engines.sim.cost import CostModel, model_shapes
 
 _ARRIVAL, _ENGINE, _TRANSFER = 0, 1, 2
 MIN_CHUNK_TOKENS = 128

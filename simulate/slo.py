@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import msgspec
 
-from workers.engines.sim_cost import CostModel
+from workers.engines.sim.cost import CostModel
 
 
 class SloSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

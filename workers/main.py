@@ -125,8 +125,8 @@ def _make_engine(args: argparse.Namespace, sender: KvSender | None, receiver: Kv
         # vLLM's KV moves inside vLLM, through pdorch's connector, not through this process.
         return VllmEngine(args.vllm_url, model_dir=args.model_dir)
     if args.engine == "sim":
-        from workers.engines.sim_realtime import SimulatedEngine
-        from workers.engines.sim_realtime_config import SimEngineConfig
+        from workers.engines.sim.config import SimEngineConfig
+        from workers.engines.sim.engine import SimulatedEngine
 
         config = SimEngineConfig(
             accelerator=args.sim_accelerator,

@@ -29,8 +29,8 @@ from transport.messages import (
     SamplingParams,
     TokenOutput,
 )
-from workers.engines.sim_realtime import SimulatedEngine
-from workers.engines.sim_realtime_config import SimEngineConfig
+from workers.engines.sim.config import SimEngineConfig
+from workers.engines.sim.engine import SimulatedEngine
 
 WAIT_S = 30.0  # generous: a shared 2-core machine; success never waits for it
 FAST = SimEngineConfig(time_scale=0.001, mean_output_tokens=20)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from transport.errors import ErrorCode, PdorchError
-from workers.engines.sim_calibration import anomalous, fit_all, load_medians
-from workers.engines.sim_cost import (
+from workers.engines.sim.calibration import anomalous, fit_all, load_medians
+from workers.engines.sim.cost import (
     LLAMA2_70B,
     LLAMA3_8B,
     CostModel,

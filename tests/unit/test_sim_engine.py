@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from workers.engines.sim import EngineParams, EventKind, SimEngine
-from workers.engines.sim_cost import CostModel
+from simulate.fluid import EngineParams, EventKind, SimEngine
+from workers.engines.sim.cost import CostModel
 
 COST = CostModel("h100", 4)
 

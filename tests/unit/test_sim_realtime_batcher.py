@@ -9,9 +9,9 @@ import pytest
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import FinishReason, SamplingParams
 from transport.prefix_hash import prefix_block_hashes
-from workers.engines.sim_batcher import BatcherParams, SimBatcher, SimOutput
-from workers.engines.sim_cost import LLAMA3_8B, CostModel
-from workers.engines.sim_tokens import SimTokenStream
+from workers.engines.sim.batcher import BatcherParams, SimBatcher, SimOutput
+from workers.engines.sim.cost import LLAMA3_8B, CostModel
+from workers.engines.sim.tokens import SimTokenStream
 
 COST = CostModel("h100", 2, LLAMA3_8B)
 BLOCK = 16

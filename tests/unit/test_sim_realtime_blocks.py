@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from transport.errors import PdorchError
-from workers.engines.sim_blocks import SimBlockPool
+from workers.engines.sim.blocks import SimBlockPool
 
 
 def counts(pool: SimBlockPool) -> tuple[int, int, int]:

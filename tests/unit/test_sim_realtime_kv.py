@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from transport.errors import ErrorCode, PdorchError
-from workers.engines.sim_kv_handoff import KvLink, StandInSink, standin_layer, standin_rows
+from workers.engines.sim.kv_handoff import KvLink, StandInSink, standin_layer, standin_rows
 
 PROMPT = list(range(40))
 

@@ -6,7 +6,7 @@ import pytest
 
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import FinishReason, SamplingParams
-from workers.engines.sim_tokens import (
+from workers.engines.sim.tokens import (
     EOS_TOKEN_ID,
     VOCAB_SIZE,
     SimTokenStream,

@@ -18,7 +18,7 @@ from simulate.slo import SloJudge, SloSpec
 from simulate.trace import load_trace, synthetic_trace
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role
-from workers.engines.sim_cost import CostModel
+from workers.engines.sim.cost import CostModel
 
 TRACE = synthetic_trace(300, rate_per_s=6.0, seed=11)
 CLUSTER = parse_cluster(["2:h100"], ["2:a100"])

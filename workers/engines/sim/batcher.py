@@ -3,7 +3,7 @@
 :class:`SimBatcher` is driven like the virtual-time ``SimEngine`` (every call takes the time ``t``
 in model seconds; nothing sleeps), but it steps discretely, one token per decode step, because a
 real-time worker streams each token, and it can cancel any request at any moment and free its KV.
-The real-time engine (``sim_realtime``) drives one with a scaled monotonic clock; tests drive it
+The real-time engine (``engine.py``) drives one with a scaled monotonic clock; tests drive it
 directly and count steps.
 
 One iteration, like vLLM's scheduler step and ``SimEngine``'s:
@@ -37,9 +37,9 @@ import msgspec
 
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import FinishReason, Load
-from workers.engines.sim_blocks import SimBlockPool
-from workers.engines.sim_cost import CostModel
-from workers.engines.sim_tokens import VOCAB_SIZE, SimTokenStream
+from workers.engines.sim.blocks import SimBlockPool
+from workers.engines.sim.cost import CostModel
+from workers.engines.sim.tokens import VOCAB_SIZE, SimTokenStream
 
 
 class BatcherParams(msgspec.Struct, frozen=True):

@@ -12,7 +12,7 @@ runs that did not fit in memory and were truncated, so they are excluded.
 Prefill is fitted on batch-1 rows (the engine prefills one sequence per iteration, chunked); the
 batched rows are reported as an out-of-sample check. Fits minimise relative squared error.
 
-Run ``python -m workers.engines.sim_calibration PATH/perf_model.csv`` to print the fit and its error.
+Run ``python -m workers.engines.sim.calibration PATH/perf_model.csv`` to print the fit and its error.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from types import MappingProxyType
 import msgspec
 import numpy as np
 
-from workers.engines.sim_cost import HBM_EFFICIENCY, LLAMA2_70B, CostCoefficients, accelerator_classes
+from workers.engines.sim.cost import HBM_EFFICIENCY, LLAMA2_70B, CostCoefficients, accelerator_classes
 
 _HARDWARE = MappingProxyType({"a100-80gb": "a100", "h100-80gb": "h100"})
 _MODEL = "llama2-70b"
@@ -139,7 +139,7 @@ def fit_all(path: Path) -> list[FitReport]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m workers.engines.sim_calibration PATH/perf_model.csv", file=sys.stderr)
+        print("usage: python -m workers.engines.sim.calibration PATH/perf_model.csv", file=sys.stderr)
         return 2
     print(
         "class tp |   a ms    b ms/tok |  d0 ms   d1 ms/seq | prefill MAPE (max) | batched "

@@ -7,9 +7,9 @@ One asyncio task advances it to the clock, hands new tokens to the waiting jobs,
 the iteration in flight ends (at most ``_MAX_WAIT_S``; new work wakes it at once). Nothing computes,
 so no thread is needed: the agent's event loop keeps heartbeating and moving KV.
 
-Tokens are a pure function of the prompt and position (``sim_tokens``), so disaggregated output
+Tokens are a pure function of the prompt and position (``tokens.py``), so disaggregated output
 equals colocated output. The KV handoff moves a small stand-in through the real KV plane and takes
-the modeled transfer time of the real KV (``sim_kv_handoff``). ``load()`` reports the modeled KV pool.
+the modeled transfer time of the real KV (``kv_handoff.py``). ``load()`` reports the modeled KV pool.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from transport.kv import KvReceiver, KvSender
 from transport.messages import DecodeJob, GenerateJob, KvLoaded, Load, PrefillJob, SamplingParams, TokenOutput
 from transport.prefix_hash import prefix_block_hashes
 from workers.engines.base import Emit, EngineInfo
-from workers.engines.sim_batcher import BatcherParams, BatcherStats, SimBatcher, SimOutput
-from workers.engines.sim_cost import CostModel
-from workers.engines.sim_kv_handoff import KvLink, receive_standin, send_standin
-from workers.engines.sim_realtime_config import SimEngineConfig, model_context_lengths, shape_of
-from workers.engines.sim_tokens import (
+from workers.engines.sim.batcher import BatcherParams, BatcherStats, SimBatcher, SimOutput
+from workers.engines.sim.config import SimEngineConfig, model_context_lengths, shape_of
+from workers.engines.sim.cost import CostModel
+from workers.engines.sim.kv_handoff import KvLink, receive_standin, send_standin
+from workers.engines.sim.tokens import (
     EOS_TOKEN_ID,
     VOCAB_SIZE,
     SimTokenStream,

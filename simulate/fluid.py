@@ -1,8 +1,8 @@
 """A simulated LLM engine in virtual time: continuous batching, paged-KV capacity, preemption, prefix cache.
 
 :class:`SimEngine` is a pure state machine over a caller-supplied clock value (seconds): no sleeping,
-no sockets. The cluster simulator drives many of them in virtual time; a real-time ``sim`` worker can
-drive one with ``time.monotonic()``. Timing comes from :class:`~workers.engines.sim_cost.CostModel`.
+no sockets. The cluster simulator drives many of them in virtual time. Timing comes from
+:class:`~workers.engines.sim.cost.CostModel`.
 
 How one engine behaves (the same for every role; a prefill-only node simply never gets decode work):
 
@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from workers.engines.sim_cost import CostModel
+from workers.engines.sim.cost import CostModel
 
 REFRESH_STEPS = 128
 # Share of KV kept free when admitting, so a just-admitted sequence is not preempted at once (vLLM's

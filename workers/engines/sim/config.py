@@ -8,7 +8,7 @@ from types import MappingProxyType
 import msgspec
 
 from transport.errors import ErrorCode, PdorchError
-from workers.engines.sim_cost import ModelShape, model_shapes
+from workers.engines.sim.cost import ModelShape, model_shapes
 
 
 def model_context_lengths() -> MappingProxyType[str, int]:

@@ -2,7 +2,7 @@
 
 Every function here is pure arithmetic, so the same model drives the virtual-time simulator and a
 real-time ``sim`` worker. Coefficients for Llama-2-70B on A100 and H100 (tensor parallel 2/4/8) were
-fitted on public measurements (Splitwise's ``perf_model.csv``, see ``sim_calibration.py``, which
+fitted on public measurements (Splitwise's ``perf_model.csv``, see ``calibration.py``, which
 refits them and reports the error); the L40S-like class is derived from the A100 fit by compute and
 memory-bandwidth ratios; other model shapes are scaled from the 70B fit by parameter count.
 
@@ -95,8 +95,8 @@ def accelerator_classes() -> MappingProxyType[str, AcceleratorClass]:
     )
 
 
-# Fitted by sim_calibration.fit_all() on perf_model.csv (Llama-2-70B rows, anomalies removed).
-# Regenerate with: python -m workers.engines.sim_calibration <perf_model.csv>
+# Fitted by calibration.fit_all() on perf_model.csv (Llama-2-70B rows, anomalies removed).
+# Regenerate with: python -m workers.engines.sim.calibration <perf_model.csv>
 _FITTED: MappingProxyType[tuple[str, int], CostCoefficients] = MappingProxyType(
     {
         ("a100", 2): CostCoefficients(34.330, 0.32017, 56.765, 0.44430),
