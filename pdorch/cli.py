@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # These own their argument parsing; hand them the rest of the line.
     if argv and argv[0] == "kv-broker":
-        from transport.kv.broker import broker_main
+        from transport.kv.broker_cli import broker_main
 
         return broker_main(argv[1:])
     if argv and argv[0] == "simulate":

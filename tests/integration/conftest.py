@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 import zmq.asyncio
 
-from transport.kv import KvBroker, KvSender
+from transport.kv import KvSender
+from transport.kv.broker import KvBroker
 
 
 @pytest.fixture

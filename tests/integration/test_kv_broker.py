@@ -13,7 +13,8 @@ import zmq.asyncio
 from tests.support.kv import make_layers, wait_until
 from tests.support.kv import send_all as send_layers
 from transport.errors import ErrorCode, PdorchError
-from transport.kv import ArraySink, KvBroker, KvReceiver, KvSender
+from transport.kv import ArraySink, KvReceiver, KvSender
+from transport.kv.broker import KvBroker
 from transport.messages import KvRoute
 
 OK_DEADLINE_S = 30.0

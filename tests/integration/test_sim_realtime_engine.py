@@ -18,7 +18,8 @@ import zmq.asyncio
 
 from tests.support.kv import wait_until
 from transport.errors import ErrorCode, PdorchError
-from transport.kv import KvBroker, KvReceiver, KvSender
+from transport.kv import KvReceiver, KvSender
+from transport.kv.broker import KvBroker
 from transport.messages import (
     DecodeJob,
     FromWorker,

@@ -320,10 +320,3 @@ class KvBroker:
             self._store.remove(tid, ErrorCode.KV_TIMEOUT, message)
             self._stats.evicted += 1
             await self._refuse_waiters(tid, ErrorCode.KV_TIMEOUT, message)
-
-
-def broker_main(argv: list[str] | None = None) -> int:
-    """``pdorch kv-broker``: the command line lives in ``broker_cli.py``."""
-    from transport.kv.broker_cli import broker_main as run  # late: broker_cli imports this module
-
-    return run(argv)

@@ -1,0 +1,40 @@
+"""The house's dependency rules, checked on what each entry point really loads.
+
+``transport`` imports neither ``scheduler`` nor ``workers``; ``scheduler`` never imports
+``workers``; an agent (and so every vLLM worker process, which loads the KV plane) does not load
+the KV broker server.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _loaded(module: str) -> set[str]:
+    code = f"import json, sys; import {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return set(json.loads(out.stdout))
+
+
+def _top(modules: set[str], package: str) -> set[str]:
+    return {m for m in modules if m == package or m.startswith(package + ".")}
+
+
+@pytest.mark.parametrize("module", ["transport.kv", "transport.messages", "transport.kv.broker_cli"])
+def test_transport_loads_neither_scheduler_nor_workers(module: str) -> None:
+    loaded = _loaded(module)
+    assert not _top(loaded, "scheduler") and not _top(loaded, "workers")
+
+
+def test_scheduler_does_not_load_workers() -> None:
+    assert not _top(_loaded("scheduler.app"), "workers")
+
+
+def test_agent_does_not_load_the_broker_server() -> None:
+    loaded = _loaded("workers.main")
+    assert "transport.kv.broker" not in loaded
+    assert "transport.kv" in loaded  # the check is meaningful: the KV plane itself is loaded
