@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
 from transport.kv.receive_buffers import keep_receive_buffers
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 32
@@ -97,10 +97,8 @@ def receiver_process(conn: Connection, window_mb: int) -> None:
                     sink = sinks[tokens] = ArraySink(LAYERS, tokens, ROW_SHAPE, DTYPE)
                     sink.layers.fill(0)
             conn.send("ready")
-            if broker:
-                await receiver.fetch(broker, tid, sink, deadline_s=120)
-            else:
-                await receiver.receive(tid, sink, deadline_s=120)
+            mode = KvMode.CENTRALIZED if broker else KvMode.P2P
+            await receiver.receive(KvRoute(mode, broker, tid), sink, deadline_s=120)
             done = time.perf_counter()
             digest = checksum(sink.layers) if kind == "verify" else 0
             conn.send((done, digest))

@@ -33,6 +33,7 @@ from transport.messages import (
     FromWorker,
     GenerateJob,
     KvLoaded,
+    KvMode,
     KvRoute,
     PrefillJob,
     Role,
@@ -105,7 +106,7 @@ async def _run_vllm(args: argparse.Namespace) -> None:
                 c = (p_clock.first[rid] - t0, p_clock.done[rid] - t0)
                 prompt = [int(t) for t in rng.integers(10, vocab, n)]
                 rid = f"d{n}-{i}"
-                route = KvRoute("p2p", kv, rid)
+                route = KvRoute(KvMode.P2P, kv, rid)
                 t0 = time.perf_counter()
                 dec = asyncio.create_task(d_eng.decode(DecodeJob(rid, prompt, s, route)))
                 await p_eng.prefill(PrefillJob(rid, prompt, s, route))
@@ -221,9 +222,11 @@ def _bench_raw(layers: int, blocks: int, row: tuple[int, ...], rounds: int) -> f
             for r in range(rounds):
                 tid = f"raw-{r}"
                 t0 = time.perf_counter()
-                got = asyncio.run_coroutine_threadsafe(receiver.receive(tid, sink, deadline_s=60), rx_loop)
+                got = asyncio.run_coroutine_threadsafe(
+                    receiver.receive(KvRoute(KvMode.P2P, "", tid), sink, deadline_s=60), rx_loop
+                )
                 stream = await sender.open(
-                    KvRoute("p2p", receiver.endpoint, tid),
+                    KvRoute(KvMode.P2P, receiver.endpoint, tid),
                     num_layers=layers,
                     rows_per_layer=blocks,
                     row_shape=row,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -17,6 +17,7 @@ from scheduler.kubernetes.config import KubernetesConfig
 from scheduler.placement.config import DeciderConfig, DeciderMode, PlacementConfig
 from scheduler.placement.predictor import PredictorConfig
 from transport.errors import ErrorCode, PdorchError
+from transport.messages import KvMode
 
 
 def _live_placement() -> PlacementConfig:
@@ -32,7 +33,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # ZeroMQ control plane: the scheduler binds a ROUTER here; agents connect DEALERs.
     control_bind: str = "tcp://127.0.0.1:5555"
     # KV handoff: "p2p" (prefill agent -> decode agent) or "centralized" (through kv_broker).
-    kv_mode: Literal["p2p", "centralized"] = "p2p"
+    kv_mode: KvMode = KvMode.P2P
     kv_broker: str = ""
     # Serve each request on one 'both' worker without a KV handoff (for comparison).
     colocated: bool = False

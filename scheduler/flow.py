@@ -30,6 +30,7 @@ from transport.messages import (
     GenerateJob,
     JobError,
     KvLoaded,
+    KvMode,
     KvRoute,
     PrefillJob,
     SamplingParams,
@@ -173,14 +174,14 @@ class Orchestrator:
 
     def _kv_route(self, decode_worker: str, transfer_id: str) -> tuple[KvRoute, KvRoute]:
         """(route for the prefill side, route for the decode side)."""
-        if self._cfg.kv_mode == "centralized":
-            r = KvRoute("centralized", self._cfg.kv_broker, transfer_id)
+        if self._cfg.kv_mode is KvMode.CENTRALIZED:
+            r = KvRoute(KvMode.CENTRALIZED, self._cfg.kv_broker, transfer_id)
             return r, r
         worker = self._cluster.get(decode_worker)
         endpoint = worker.hello.kv_endpoint if worker is not None else ""
         if not endpoint:
             raise PdorchError(ErrorCode.NO_WORKER, f"decode worker {decode_worker} advertises no KV endpoint")
-        return KvRoute("p2p", endpoint, transfer_id), KvRoute("p2p", "", transfer_id)
+        return KvRoute(KvMode.P2P, endpoint, transfer_id), KvRoute(KvMode.P2P, "", transfer_id)
 
     def _dispatch(self, req: GenerationRequest, preq: PlacementRequest, placement: Placement) -> _Route:
         rid = req.request_id
@@ -264,7 +265,7 @@ class Orchestrator:
     def _can_retry_decode(self, route: _Route, lost: str) -> bool:
         # Only the broker keeps the KV when its receiver dies before taking it.
         return (
-            self._cfg.kv_mode == "centralized"
+            self._cfg.kv_mode is KvMode.CENTRALIZED
             and lost == route.decode
             and route.split
             and not route.kv_loaded

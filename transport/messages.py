@@ -46,15 +46,19 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     ignore_eos: bool = False
 
 
+class KvMode(enum.StrEnum):
+    P2P = "p2p"  # prefill agent -> decode agent's own KV endpoint
+    CENTRALIZED = "centralized"  # prefill agent -> KV broker -> decode agent
+
+
 class KvRoute(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """Where a request's KV goes (prefill side) or comes from (decode side).
 
-    ``mode`` is ``"p2p"`` (endpoint = the decode agent's KV endpoint; the decode side receives on
-    its own endpoint and ignores ``endpoint``) or ``"centralized"`` (endpoint = the KV broker, for
-    both sides).
+    ``P2P``: endpoint = the decode agent's KV endpoint; the decode side receives on its own
+    endpoint and ignores ``endpoint``. ``CENTRALIZED``: endpoint = the KV broker, for both sides.
     """
 
-    mode: str
+    mode: KvMode
     endpoint: str
     transfer_id: str
 

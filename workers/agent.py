@@ -275,7 +275,7 @@ class Agent:
             self._jobs.pop(rid, None)
 
     def _cancel(self, rid: str) -> None:
-        self._engine.cancel(rid)
+        # The job's own ``finally`` frees what it holds in the engine.
         task = self._jobs.pop(rid, None)
         if task is not None:
             task.cancel()

@@ -10,12 +10,12 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from tests.support.kv import make_layers, wait_until
+from tests.support.kv import make_layers, via_broker, wait_until
 from tests.support.kv import send_all as send_layers
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.broker import KvBroker
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 
 OK_DEADLINE_S = 30.0
 MIB = 1024 * 1024
@@ -30,7 +30,7 @@ async def fetcher(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
 
 
 async def send_all(sender: KvSender, endpoint: str, tid: str, layers: np.ndarray, deadline_s: float) -> None:
-    route = KvRoute("centralized", endpoint, tid)
+    route = KvRoute(KvMode.CENTRALIZED, endpoint, tid)
     await send_layers(sender, route, layers, {"first_token": 7, "tid": tid}, deadline_s)
 
 
@@ -51,7 +51,7 @@ async def test_round_trip_through_the_broker_then_it_forgets(
     await send_all(sender, broker.endpoint, "t1", layers, OK_DEADLINE_S)
     assert broker.stats.entries == 1 and broker.stats.bytes == layers.nbytes
     sink = ArraySink(num_layers, rows, row_shape, dtype)
-    assert await fetcher.fetch(broker.endpoint, "t1", sink, deadline_s=OK_DEADLINE_S) == {
+    assert await fetcher.receive(via_broker(broker.endpoint, "t1"), sink, deadline_s=OK_DEADLINE_S) == {
         "first_token": 7,
         "tid": "t1",
     }
@@ -65,7 +65,9 @@ async def test_fetch_may_come_before_the_prefill_side_sends(
 ) -> None:
     layers = make_layers(3, 100, (4, 16), "float16")
     sink = ArraySink(3, 100, (4, 16), "float16")
-    fetching = asyncio.create_task(fetcher.fetch(broker.endpoint, "early", sink, deadline_s=OK_DEADLINE_S))
+    fetching = asyncio.create_task(
+        fetcher.receive(via_broker(broker.endpoint, "early"), sink, deadline_s=OK_DEADLINE_S)
+    )
     await wait_until(lambda: broker.stats.waiting_fetches == 1)
     await send_all(sender, broker.endpoint, "early", layers, OK_DEADLINE_S)
     assert (await fetching)["tid"] == "early"
@@ -86,7 +88,9 @@ async def test_full_broker_rejects_the_transfer_and_tells_the_fetcher(
         assert info.value.code is ErrorCode.KV_REJECTED
         assert small.stats.rejected == 1 and small.stats.entries == 1
         with pytest.raises(PdorchError) as fetched:
-            await fetcher.fetch(small.endpoint, "too-big", ArraySink(1, 1, (1,), "uint8"), deadline_s=30)
+            await fetcher.receive(
+                via_broker(small.endpoint, "too-big"), ArraySink(1, 1, (1,), "uint8"), deadline_s=30
+            )
         assert fetched.value.code is ErrorCode.KV_REJECTED  # told at once, not after the deadline
     finally:
         await small.close()
@@ -109,7 +113,9 @@ async def test_unclaimed_transfer_is_evicted_after_its_ttl(
         await wait_until(lambda: short.stats.evicted == 1)
         assert short.stats.entries == 0 and short.stats.bytes == 0
         with pytest.raises(PdorchError) as info:
-            await fetcher.fetch(short.endpoint, "stale", ArraySink(2, 64, (4,), "float16"), deadline_s=30)
+            await fetcher.receive(
+                via_broker(short.endpoint, "stale"), ArraySink(2, 64, (4,), "float16"), deadline_s=30
+            )
         assert info.value.code is ErrorCode.KV_TIMEOUT
         assert "evicted" in info.value.message
     finally:
@@ -120,7 +126,9 @@ async def test_fetch_of_a_transfer_that_never_comes_is_kv_timeout(
     broker: KvBroker, fetcher: KvReceiver
 ) -> None:
     with pytest.raises(PdorchError) as info:
-        await fetcher.fetch(broker.endpoint, "ghost", ArraySink(1, 1, (1,), "uint8"), deadline_s=0.5)
+        await fetcher.receive(
+            via_broker(broker.endpoint, "ghost"), ArraySink(1, 1, (1,), "uint8"), deadline_s=0.5
+        )
     assert info.value.code is ErrorCode.KV_TIMEOUT
     await wait_until(lambda: broker.stats.waiting_fetches == 0)
 
@@ -129,11 +137,13 @@ async def test_prefill_abort_is_told_to_a_waiting_fetcher(
     broker: KvBroker, sender: KvSender, fetcher: KvReceiver
 ) -> None:
     fetching = asyncio.create_task(
-        fetcher.fetch(broker.endpoint, "aborted", ArraySink(2, 8, (4,), "float16"), deadline_s=OK_DEADLINE_S)
+        fetcher.receive(
+            via_broker(broker.endpoint, "aborted"), ArraySink(2, 8, (4,), "float16"), deadline_s=OK_DEADLINE_S
+        )
     )
     await wait_until(lambda: broker.stats.waiting_fetches == 1)
     stream = await sender.open(
-        KvRoute("centralized", broker.endpoint, "aborted"),
+        KvRoute(KvMode.CENTRALIZED, broker.endpoint, "aborted"),
         num_layers=2,
         rows_per_layer=8,
         row_shape=(4,),
@@ -168,7 +178,9 @@ async def test_fetcher_dying_mid_fetch_leaves_the_transfer_for_another(
     doomed = KvReceiver(ctx, bind=None, window_bytes=256 * 1024)
     await doomed.start()
     dying_sink = DyingSink(4, 512, (2, 8, 128), "float16")
-    fetching = asyncio.create_task(doomed.fetch(broker.endpoint, "survivor", dying_sink, deadline_s=30))
+    fetching = asyncio.create_task(
+        doomed.receive(via_broker(broker.endpoint, "survivor"), dying_sink, deadline_s=30)
+    )
     await asyncio.wait_for(dying_sink.first_write.wait(), 10)
     await doomed.close()  # the decode agent dies with the transfer half taken
     with pytest.raises(PdorchError):
@@ -180,7 +192,9 @@ async def test_fetcher_dying_mid_fetch_leaves_the_transfer_for_another(
     await second.start()
     try:
         sink = ArraySink(4, 512, (2, 8, 128), "float16")
-        trailer = await second.fetch(broker.endpoint, "survivor", sink, deadline_s=OK_DEADLINE_S)
+        trailer = await second.receive(
+            via_broker(broker.endpoint, "survivor"), sink, deadline_s=OK_DEADLINE_S
+        )
         assert trailer["tid"] == "survivor"
         assert np.array_equal(sink.layers, layers)
         await wait_until(lambda: broker.stats.delivered == 1 and broker.stats.entries == 0)
@@ -208,6 +222,6 @@ async def test_garbage_to_the_broker_is_dropped_and_later_transfers_are_fine(
     layers = make_layers(2, 40, (8,), "float32")
     await send_all(sender, broker.endpoint, "after-junk", layers, OK_DEADLINE_S)
     sink = ArraySink(2, 40, (8,), "float32")
-    await fetcher.fetch(broker.endpoint, "after-junk", sink, deadline_s=OK_DEADLINE_S)
+    await fetcher.receive(via_broker(broker.endpoint, "after-junk"), sink, deadline_s=OK_DEADLINE_S)
     assert np.array_equal(sink.layers, layers)
     garbage.close()

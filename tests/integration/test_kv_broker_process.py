@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import zmq.asyncio
 
+from tests.support.kv import via_broker
 from transport.kv import ArraySink, KvReceiver, KvSender
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +49,7 @@ async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm() ->
         fetcher = KvReceiver(ctx, bind=None)
         await fetcher.start()
         stream = await sender.open(
-            KvRoute("centralized", endpoint, "proc"),
+            KvRoute(KvMode.CENTRALIZED, endpoint, "proc"),
             num_layers=4,
             rows_per_layer=256,
             row_shape=(2, 8, 128),
@@ -59,7 +60,7 @@ async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm() ->
             await stream.send_layer(layer, layers[layer])
         await stream.finish({"first_token": 3})
         sink = ArraySink(4, 256, (2, 8, 128), "float16")
-        assert await fetcher.fetch(endpoint, "proc", sink, deadline_s=30) == {"first_token": 3}
+        assert await fetcher.receive(via_broker(endpoint, "proc"), sink, deadline_s=30) == {"first_token": 3}
         assert np.array_equal(sink.layers, layers)
         await sender.close()
         await fetcher.close()

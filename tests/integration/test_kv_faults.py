@@ -15,6 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from tests.support.kv import p2p
 from transport.codec import MAX_FRAME_BYTES, Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
@@ -28,7 +29,7 @@ from transport.kv.messages import (
     KvMessage,
     KvNack,
 )
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 
 OK_DEADLINE_S = 30.0
 Tamper = Callable[[list[bytes]], list[bytes] | None]
@@ -130,7 +131,7 @@ async def run_through_proxy(
 
     async def send() -> None:
         stream = await sender.open(
-            KvRoute("p2p", proxy.endpoint, "t"),
+            KvRoute(KvMode.P2P, proxy.endpoint, "t"),
             num_layers=2,
             rows_per_layer=64,
             row_shape=(2, 4, 32),
@@ -144,7 +145,7 @@ async def run_through_proxy(
     try:
         results = await asyncio.gather(
             send(),
-            receiver.receive("t", sink, deadline_s=receive_deadline_s or deadline_s),
+            receiver.receive(p2p("t"), sink, deadline_s=receive_deadline_s or deadline_s),
             return_exceptions=True,
         )
     finally:
@@ -252,7 +253,7 @@ async def nacked_chunk(
     peer = RawPeer(ctx, receiver.endpoint)
     sink = RecordingSink()
     tid = "hand-made"
-    receiving = asyncio.create_task(receiver.receive(tid, sink, deadline_s=OK_DEADLINE_S))
+    receiving = asyncio.create_task(receiver.receive(p2p(tid), sink, deadline_s=OK_DEADLINE_S))
     rows, row_shape, checksum_rows = begin
     accept = await peer.begin(tid, rows, row_shape, checksum_rows)
     await peer.send(make_chunk(accept))
@@ -301,7 +302,9 @@ async def test_a_begin_with_tiny_checksum_spans_is_refused(
     ctx: zmq.asyncio.Context, wide_receiver: KvReceiver
 ) -> None:
     peer = RawPeer(ctx, wide_receiver.endpoint)
-    receiving = asyncio.create_task(wide_receiver.receive("tiny", RecordingSink(), deadline_s=OK_DEADLINE_S))
+    receiving = asyncio.create_task(
+        wide_receiver.receive(p2p("tiny"), RecordingSink(), deadline_s=OK_DEADLINE_S)
+    )
     # One checksum per row of 1 KiB: a chunk would need a thousand checksums per MiB.
     await peer.send(KvBegin(KV_PROTOCOL_VERSION, "tiny", 1, 4096, [1024], "uint8", 1))
     nack = await peer.recv()

@@ -14,9 +14,10 @@ import time
 import numpy as np
 import zmq.asyncio
 
+from tests.support.kv import p2p
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.out_stream import KvOutStream
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 
 WINDOW = 256 * 1024
 ROWS, ROW_SHAPE = 512, (2, 8, 128)  # 4 KiB rows, 2 MiB per layer
@@ -42,7 +43,7 @@ class SenderThread(threading.Thread):
         sender = KvSender(ctx, max_chunk_bytes=32 * 1024)
         try:
             stream = await sender.open(
-                KvRoute("p2p", self._endpoint, "slow"),
+                KvRoute(KvMode.P2P, self._endpoint, "slow"),
                 num_layers=NUM_LAYERS,
                 rows_per_layer=ROWS,
                 row_shape=ROW_SHAPE,
@@ -81,7 +82,7 @@ async def test_slow_sink_never_has_more_than_the_window_unconsumed() -> None:
     try:
         sender = SenderThread(receiver.endpoint, layers)
         sink = SlowSink(sender)
-        receiving = asyncio.create_task(receiver.receive("slow", sink, deadline_s=60))
+        receiving = asyncio.create_task(receiver.receive(p2p("slow"), sink, deadline_s=60))
         sender.start()
         assert await receiving == {"done": 1}
         await asyncio.to_thread(sender.join, 30)

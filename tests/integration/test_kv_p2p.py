@@ -14,10 +14,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from tests.support.kv import make_layers, send_all, wait_until
+from tests.support.kv import make_layers, p2p, send_all, wait_until
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvOutStream, KvReceiver, KvSender
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 
 OK_DEADLINE_S = 30.0  # generous: a shared 2-core machine; success never waits for it
 
@@ -33,7 +33,7 @@ async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
 async def open_small(sender: KvSender, receiver: KvReceiver, transfer_id: str) -> KvOutStream:
     """A transfer of two layers of 20 float16 rows of 4."""
     return await sender.open(
-        KvRoute("p2p", receiver.endpoint, transfer_id),
+        KvRoute(KvMode.P2P, receiver.endpoint, transfer_id),
         num_layers=2,
         rows_per_layer=20,
         row_shape=(4,),
@@ -62,9 +62,9 @@ async def test_round_trip_delivers_every_row_and_the_trailer(
 ) -> None:
     layers = make_layers(num_layers, rows, row_shape, dtype)
     sink = ArraySink(num_layers, rows, row_shape, dtype)
-    receiving = asyncio.create_task(receiver.receive("t1", sink, deadline_s=OK_DEADLINE_S))
+    receiving = asyncio.create_task(receiver.receive(p2p("t1"), sink, deadline_s=OK_DEADLINE_S))
     await send_all(
-        sender, KvRoute("p2p", receiver.endpoint, "t1"), layers, {"first_token": 42}, OK_DEADLINE_S
+        sender, KvRoute(KvMode.P2P, receiver.endpoint, "t1"), layers, {"first_token": 42}, OK_DEADLINE_S
     )
     assert await receiving == {"first_token": 42}
     assert np.array_equal(sink.layers, layers)
@@ -76,11 +76,11 @@ async def test_sender_may_begin_before_the_receiver_expects_the_transfer(
 ) -> None:
     layers = make_layers(2, 50, (4,), "float16")
     sending = asyncio.create_task(
-        send_all(sender, KvRoute("p2p", receiver.endpoint, "early"), layers, {"x": "y"}, OK_DEADLINE_S)
+        send_all(sender, KvRoute(KvMode.P2P, receiver.endpoint, "early"), layers, {"x": "y"}, OK_DEADLINE_S)
     )
     await wait_until(lambda: receiver.stats.parked == 1)
     sink = ArraySink(2, 50, (4,), "float16")
-    assert await receiver.receive("early", sink, deadline_s=OK_DEADLINE_S) == {"x": "y"}
+    assert await receiver.receive(p2p("early"), sink, deadline_s=OK_DEADLINE_S) == {"x": "y"}
     await sending
     assert np.array_equal(sink.layers, layers)
 
@@ -94,11 +94,13 @@ async def test_many_concurrent_transfers_to_one_receiver(ctx: zmq.asyncio.Contex
         all_layers = [make_layers(3, 100 + i, (2, 4, 32), "float16", seed=i) for i in range(count)]
         sinks = [ArraySink(3, 100 + i, (2, 4, 32), "float16") for i in range(count)]
         receiving = [
-            asyncio.create_task(receiver.receive(f"c{i}", sinks[i], deadline_s=OK_DEADLINE_S))
+            asyncio.create_task(receiver.receive(p2p(f"c{i}"), sinks[i], deadline_s=OK_DEADLINE_S))
             for i in range(count)
         ]
         sending = [
-            send_all(senders[i % 3], KvRoute("p2p", receiver.endpoint, f"c{i}"), all_layers[i], {"i": i}, 60)
+            send_all(
+                senders[i % 3], KvRoute(KvMode.P2P, receiver.endpoint, f"c{i}"), all_layers[i], {"i": i}, 60
+            )
             for i in range(count)
         ]
         await asyncio.gather(*sending)
@@ -114,7 +116,7 @@ async def test_many_concurrent_transfers_to_one_receiver(ctx: zmq.asyncio.Contex
 
 async def test_nothing_arriving_is_kv_timeout(receiver: KvReceiver) -> None:
     with pytest.raises(PdorchError) as info:
-        await receiver.receive("never", ArraySink(1, 1, (1,), "uint8"), deadline_s=0.3)
+        await receiver.receive(p2p("never"), ArraySink(1, 1, (1,), "uint8"), deadline_s=0.3)
     assert info.value.code is ErrorCode.KV_TIMEOUT
     assert receiver.stats.failed == 1
 
@@ -122,7 +124,7 @@ async def test_nothing_arriving_is_kv_timeout(receiver: KvReceiver) -> None:
 async def test_unexpected_transfer_is_refused_after_parking(sender: KvSender, receiver: KvReceiver) -> None:
     layers = make_layers(1, 10, (4,), "float16")
     with pytest.raises(PdorchError) as info:
-        await send_all(sender, KvRoute("p2p", receiver.endpoint, "nobody"), layers, {}, OK_DEADLINE_S)
+        await send_all(sender, KvRoute(KvMode.P2P, receiver.endpoint, "nobody"), layers, {}, OK_DEADLINE_S)
     assert info.value.code is ErrorCode.KV_REJECTED
     assert receiver.stats.refused_begins == 1
 
@@ -130,9 +132,9 @@ async def test_unexpected_transfer_is_refused_after_parking(sender: KvSender, re
 async def test_missing_layer_fails_both_sides_as_truncated(sender: KvSender, receiver: KvReceiver) -> None:
     layers = make_layers(3, 20, (4,), "float16")
     sink = ArraySink(3, 20, (4,), "float16")
-    receiving = asyncio.create_task(receiver.receive("short", sink, deadline_s=OK_DEADLINE_S))
+    receiving = asyncio.create_task(receiver.receive(p2p("short"), sink, deadline_s=OK_DEADLINE_S))
     stream = await sender.open(
-        KvRoute("p2p", receiver.endpoint, "short"),
+        KvRoute(KvMode.P2P, receiver.endpoint, "short"),
         num_layers=3,
         rows_per_layer=20,
         row_shape=(4,),
@@ -151,7 +153,7 @@ async def test_missing_layer_fails_both_sides_as_truncated(sender: KvSender, rec
 
 async def test_sender_abort_fails_the_receiver(sender: KvSender, receiver: KvReceiver) -> None:
     sink = ArraySink(2, 20, (4,), "float16")
-    receiving = asyncio.create_task(receiver.receive("gave-up", sink, deadline_s=OK_DEADLINE_S))
+    receiving = asyncio.create_task(receiver.receive(p2p("gave-up"), sink, deadline_s=OK_DEADLINE_S))
     stream = await open_small(sender, receiver, "gave-up")
     await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
     await stream.abort("prefill failed")
@@ -166,7 +168,7 @@ async def test_closing_sender_aborts_its_open_transfers(
 ) -> None:
     sender = KvSender(ctx)
     sink = ArraySink(2, 20, (4,), "float16")
-    receiving = asyncio.create_task(receiver.receive("closed", sink, deadline_s=OK_DEADLINE_S))
+    receiving = asyncio.create_task(receiver.receive(p2p("closed"), sink, deadline_s=OK_DEADLINE_S))
     stream = await open_small(sender, receiver, "closed")
     await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
     await sender.close()  # an orderly shutdown of the prefill agent
@@ -179,11 +181,11 @@ KILLED_SENDER = """
 import asyncio, sys
 import numpy as np, zmq.asyncio
 from transport.kv import KvSender
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 
 async def main() -> None:
     sender = KvSender(zmq.asyncio.Context())
-    stream = await sender.open(KvRoute("p2p", sys.argv[1], "killed"), num_layers=2, rows_per_layer=20,
+    stream = await sender.open(KvRoute(KvMode.P2P, sys.argv[1], "killed"), num_layers=2, rows_per_layer=20,
                                row_shape=(4,), dtype="float16", deadline_s=60)
     await stream.send_layer(0, np.zeros((20, 4), np.float16))
     print("sent", flush=True)
@@ -196,7 +198,7 @@ asyncio.run(main())
 @pytest.mark.e2e
 async def test_killed_sender_is_kv_timeout_on_the_receiver(receiver: KvReceiver) -> None:
     sink = ArraySink(2, 20, (4,), "float16")
-    receiving = asyncio.create_task(receiver.receive("killed", sink, deadline_s=10))
+    receiving = asyncio.create_task(receiver.receive(p2p("killed"), sink, deadline_s=10))
     root = Path(__file__).resolve().parents[2]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -227,7 +229,7 @@ async def test_absent_receiver_is_kv_timeout_on_the_sender(
     endpoint = rx.endpoint
     await rx.close()  # the decode agent is gone; nothing listens there any more
     stream = await sender.open(
-        KvRoute("p2p", endpoint, "lost"),
+        KvRoute(KvMode.P2P, endpoint, "lost"),
         num_layers=1,
         rows_per_layer=4,
         row_shape=(4,),
@@ -241,7 +243,7 @@ async def test_absent_receiver_is_kv_timeout_on_the_sender(
 
 async def test_wrong_layer_shape_is_refused_locally(sender: KvSender, receiver: KvReceiver) -> None:
     stream = await sender.open(
-        KvRoute("p2p", receiver.endpoint, "shape"),
+        KvRoute(KvMode.P2P, receiver.endpoint, "shape"),
         num_layers=1,
         rows_per_layer=4,
         row_shape=(4,),
@@ -260,9 +262,11 @@ async def test_transfer_waiting_for_a_busy_receiver_times_out_on_both_sides(ctx:
     await receiver.start()
     sender = KvSender(ctx)
     try:
-        busy = asyncio.create_task(receiver.receive("busy", ArraySink(1, 4, (4,), "uint8"), deadline_s=30))
+        busy = asyncio.create_task(
+            receiver.receive(p2p("busy"), ArraySink(1, 4, (4,), "uint8"), deadline_s=30)
+        )
         stalled = await sender.open(
-            KvRoute("p2p", receiver.endpoint, "busy"),
+            KvRoute(KvMode.P2P, receiver.endpoint, "busy"),
             num_layers=1,
             rows_per_layer=4,
             row_shape=(4,),
@@ -271,10 +275,10 @@ async def test_transfer_waiting_for_a_busy_receiver_times_out_on_both_sides(ctx:
         )  # accepted, then never sends: it holds the only slot
         await wait_until(lambda: receiver.stats.active == 1)
         waiting = asyncio.create_task(
-            receiver.receive("queued", ArraySink(1, 4, (4,), "uint8"), deadline_s=0.5)
+            receiver.receive(p2p("queued"), ArraySink(1, 4, (4,), "uint8"), deadline_s=0.5)
         )
         queued = await sender.open(
-            KvRoute("p2p", receiver.endpoint, "queued"),
+            KvRoute(KvMode.P2P, receiver.endpoint, "queued"),
             num_layers=1,
             rows_per_layer=4,
             row_shape=(4,),
@@ -303,10 +307,14 @@ class BrokenSink:
 async def test_a_failing_sink_fails_the_transfer_on_both_sides(
     sender: KvSender, receiver: KvReceiver
 ) -> None:
-    receiving = asyncio.create_task(receiver.receive("broken", BrokenSink(), deadline_s=OK_DEADLINE_S))
+    receiving = asyncio.create_task(receiver.receive(p2p("broken"), BrokenSink(), deadline_s=OK_DEADLINE_S))
     with pytest.raises(PdorchError) as sent:
         await send_all(
-            sender, KvRoute("p2p", receiver.endpoint, "broken"), make_layers(1, 8, (4,), "float16"), {}, 30
+            sender,
+            KvRoute(KvMode.P2P, receiver.endpoint, "broken"),
+            make_layers(1, 8, (4,), "float16"),
+            {},
+            30,
         )
     with pytest.raises(PdorchError) as received:
         await receiving
@@ -314,8 +322,8 @@ async def test_a_failing_sink_fails_the_transfer_on_both_sides(
     # The receiver goes on serving.
     layers = make_layers(1, 8, (4,), "float16")
     sink = ArraySink(1, 8, (4,), "float16")
-    receiving = asyncio.create_task(receiver.receive("after", sink, deadline_s=OK_DEADLINE_S))
-    await send_all(sender, KvRoute("p2p", receiver.endpoint, "after"), layers, {}, OK_DEADLINE_S)
+    receiving = asyncio.create_task(receiver.receive(p2p("after"), sink, deadline_s=OK_DEADLINE_S))
+    await send_all(sender, KvRoute(KvMode.P2P, receiver.endpoint, "after"), layers, {}, OK_DEADLINE_S)
     await receiving
     assert np.array_equal(sink.layers, layers)
 
@@ -323,7 +331,7 @@ async def test_a_failing_sink_fails_the_transfer_on_both_sides(
 async def test_rows_too_large_for_a_frame_are_refused_at_open(sender: KvSender, receiver: KvReceiver) -> None:
     with pytest.raises(PdorchError) as info:
         await sender.open(
-            KvRoute("p2p", receiver.endpoint, "huge"),
+            KvRoute(KvMode.P2P, receiver.endpoint, "huge"),
             num_layers=1,
             rows_per_layer=1,
             row_shape=(17, 1024, 1024),
@@ -347,8 +355,8 @@ async def test_p2p_sinks_are_written_off_the_event_loop(sender: KvSender, receiv
     """The per-chunk path runs on the receiver's own thread: the loop is not woken per chunk."""
     layers = make_layers(2, 20, (4,), "float16")
     sink = _ThreadRecordingSink()
-    receiving = asyncio.create_task(receiver.receive("threaded", sink, deadline_s=OK_DEADLINE_S))
-    await send_all(sender, KvRoute("p2p", receiver.endpoint, "threaded"), layers, {}, OK_DEADLINE_S)
+    receiving = asyncio.create_task(receiver.receive(p2p("threaded"), sink, deadline_s=OK_DEADLINE_S))
+    await send_all(sender, KvRoute(KvMode.P2P, receiver.endpoint, "threaded"), layers, {}, OK_DEADLINE_S)
     await receiving
     assert np.array_equal(sink.layers, layers)
     assert sink.threads and threading.get_ident() not in sink.threads
@@ -356,7 +364,7 @@ async def test_p2p_sinks_are_written_off_the_event_loop(sender: KvSender, receiv
 
 async def test_a_cancelled_receive_tells_its_sender(sender: KvSender, receiver: KvReceiver) -> None:
     sink = ArraySink(2, 20, (4,), "float16")
-    receiving = asyncio.create_task(receiver.receive("dropped", sink, deadline_s=OK_DEADLINE_S))
+    receiving = asyncio.create_task(receiver.receive(p2p("dropped"), sink, deadline_s=OK_DEADLINE_S))
     stream = await open_small(sender, receiver, "dropped")
     await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
     await wait_until(lambda: receiver.stats.active == 1)
@@ -372,14 +380,14 @@ async def test_closing_the_receiver_ends_its_waiting_receives(ctx: zmq.asyncio.C
     receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0")
     await receiver.start()
     sink = ArraySink(1, 1, (4,), "float16")
-    waiting = asyncio.create_task(receiver.receive("never", sink, deadline_s=OK_DEADLINE_S))
+    waiting = asyncio.create_task(receiver.receive(p2p("never"), sink, deadline_s=OK_DEADLINE_S))
     await asyncio.sleep(0.05)
     await receiver.close()
     with pytest.raises(PdorchError) as info:
         await asyncio.wait_for(waiting, 10)
     assert info.value.code is ErrorCode.CANCELLED
     with pytest.raises(PdorchError) as late:
-        await receiver.receive("after", sink, deadline_s=OK_DEADLINE_S)
+        await receiver.receive(p2p("after"), sink, deadline_s=OK_DEADLINE_S)
     assert late.value.code is ErrorCode.CANCELLED
 
 
@@ -389,7 +397,7 @@ async def test_terminating_the_context_ends_waiting_receives() -> None:
     receiver = KvReceiver(context, bind="tcp://127.0.0.1:0")
     await receiver.start()
     waiting = asyncio.create_task(
-        receiver.receive("never", ArraySink(1, 1, (4,), "float16"), deadline_s=OK_DEADLINE_S)
+        receiver.receive(p2p("never"), ArraySink(1, 1, (4,), "float16"), deadline_s=OK_DEADLINE_S)
     )
     await asyncio.sleep(0.05)
     terminating = asyncio.create_task(asyncio.to_thread(context.term))  # waits for open sockets
@@ -415,10 +423,10 @@ async def test_a_failed_endpoint_thread_fails_its_receives_and_refuses_new_ones(
     sink = ArraySink(1, 1, (4,), "float16")
     try:
         with pytest.raises(PdorchError) as waiting:
-            await asyncio.wait_for(receiver.receive("waiting", sink, deadline_s=OK_DEADLINE_S), 10)
+            await asyncio.wait_for(receiver.receive(p2p("waiting"), sink, deadline_s=OK_DEADLINE_S), 10)
         assert waiting.value.code is ErrorCode.INTERNAL
         with pytest.raises(PdorchError) as late:
-            await asyncio.wait_for(receiver.receive("late", sink, deadline_s=OK_DEADLINE_S), 1)
+            await asyncio.wait_for(receiver.receive(p2p("late"), sink, deadline_s=OK_DEADLINE_S), 1)
         assert late.value.code is ErrorCode.INTERNAL
     finally:
         await receiver.close()

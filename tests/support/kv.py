@@ -8,7 +8,16 @@ from collections.abc import Callable
 import numpy as np
 
 from transport.kv import KvSender
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
+
+
+def p2p(transfer_id: str) -> KvRoute:
+    """The decode side's route of a p2p transfer (it receives on its own endpoint)."""
+    return KvRoute(KvMode.P2P, "", transfer_id)
+
+
+def via_broker(broker: str, transfer_id: str) -> KvRoute:
+    return KvRoute(KvMode.CENTRALIZED, broker, transfer_id)
 
 
 def make_layers(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 from workers.engines.vllm.connector_scheduler import PdorchSchedulerSide
 from workers.engines.vllm.transfer_params import RECV, SEND, kv_transfer_params
 
@@ -51,7 +51,7 @@ class SchedOut:
 
 
 def _req(req_id: str, n: int, direction: str | None, tid: str = "t1") -> Req:
-    params = kv_transfer_params(direction, KvRoute("p2p", "tcp://d:1", tid), 30.0) if direction else None
+    params = kv_transfer_params(direction, KvRoute(KvMode.P2P, "tcp://d:1", tid), 30.0) if direction else None
     return Req(req_id, list(range(n)), params)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from transport.errors import PdorchError
-from transport.messages import FinishReason, KvRoute, SamplingParams
+from transport.messages import FinishReason, KvMode, KvRoute, SamplingParams
 from workers.engines.vllm.engine import _event_tokens, sampling_body
 from workers.engines.vllm.transfer_params import RECV, SEND, kv_transfer_params, parse_kv_transfer_params
 
@@ -41,7 +41,7 @@ def test_stream_events() -> None:
 
 
 def test_transfer_params_round_trip_and_validation() -> None:
-    params = kv_transfer_params(SEND, KvRoute("centralized", "tcp://broker:1", "t9"), 12.5)
+    params = kv_transfer_params(SEND, KvRoute(KvMode.CENTRALIZED, "tcp://broker:1", "t9"), 12.5)
     parsed = parse_kv_transfer_params(params)
     assert parsed is not None
     assert (parsed.direction, parsed.transfer_id, parsed.mode, parsed.deadline_s) == (
@@ -50,7 +50,7 @@ def test_transfer_params_round_trip_and_validation() -> None:
         "centralized",
         12.5,
     )
-    assert parsed.route == KvRoute("centralized", "tcp://broker:1", "t9")
+    assert parsed.route == KvRoute(KvMode.CENTRALIZED, "tcp://broker:1", "t9")
     assert parse_kv_transfer_params(None) is None
     assert parse_kv_transfer_params({"do_remote_decode": True}) is None
     bad = kv_transfer_params(RECV, KvRoute("carrier-pigeon", "x", "t"), 1.0)

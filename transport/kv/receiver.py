@@ -21,6 +21,7 @@ from transport.kv.in_transfer import KvSink
 from transport.kv.messages import KV_PROTOCOL_VERSION, KvFetch
 from transport.kv.p2p_endpoint import Expected, Outcome, P2pEndpoint
 from transport.kv.receive_buffers import keep_receive_buffers
+from transport.messages import KvMode, KvRoute
 from transport.sockets import plain_context
 
 DEFAULT_RECEIVER_WINDOW_BYTES = 32 * 1024 * 1024
@@ -104,12 +105,20 @@ class KvReceiver:
             await link.close()
         self._links.clear()
 
+    async def receive(self, route: KvRoute, sink: KvSink, *, deadline_s: float) -> dict[str, int | str]:
+        """Take the transfer ``route`` names and write its verified rows to ``sink``; return the
+        trailer. p2p: wait for its sender on this receiver's own endpoint (``sink`` is then called
+        on the endpoint's thread); centralized: fetch it from the broker at ``route.endpoint``.
+        Raises PdorchError: KV_TIMEOUT (nothing or not all in time), KV_CORRUPT, KV_TRUNCATED."""
+        if route.mode == KvMode.CENTRALIZED:
+            return await self._fetch(route.endpoint, route.transfer_id, sink, deadline_s=deadline_s)
+        return await self._receive_p2p(route.transfer_id, sink, deadline_s=deadline_s)
+
     # ----------------------------------------------------------------- p2p
 
-    async def receive(self, transfer_id: str, sink: KvSink, *, deadline_s: float) -> dict[str, int | str]:
-        """Wait for the sender of ``transfer_id`` and write its verified rows to ``sink``; return the
-        trailer. Raises PdorchError: KV_TIMEOUT (nothing or not all in time), KV_CORRUPT,
-        KV_TRUNCATED. ``sink`` is called on the receiver's own thread."""
+    async def _receive_p2p(
+        self, transfer_id: str, sink: KvSink, *, deadline_s: float
+    ) -> dict[str, int | str]:
         if self._p2p is None:
             raise PdorchError(ErrorCode.CONFIG, "this KV receiver has no p2p endpoint")
         if self._closed:
@@ -141,11 +150,11 @@ class KvReceiver:
 
     # ----------------------------------------------------------------- centralized
 
-    async def fetch(
+    async def _fetch(
         self, broker: str, transfer_id: str, sink: KvSink, *, deadline_s: float
     ) -> dict[str, int | str]:
-        """Ask the broker at ``broker`` for ``transfer_id`` and write its verified rows to ``sink``;
-        return the trailer. The broker deletes its copy only after this side acknowledged it."""
+        """Ask the broker at ``broker`` for ``transfer_id`` (it deletes its copy only after this
+        side acknowledged the whole transfer)."""
         link = self._links.get(broker)
         if link is None:
             link = self._links[broker] = DealerLink(self._ctx, broker)

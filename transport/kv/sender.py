@@ -18,7 +18,6 @@ from transport.kv.dealer_link import DealerLink
 from transport.kv.out_stream import KvOutStream
 from transport.messages import KvRoute
 
-KV_MODES = ("p2p", "centralized")
 DEFAULT_MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_SENDER_WINDOW_BYTES = 64 * 1024 * 1024
 
@@ -56,8 +55,6 @@ class KvSender:
         waits until the receiver accepts). ``deadline_s`` bounds the whole transfer."""
         if self._closed:
             raise PdorchError(ErrorCode.INTERNAL, "KV sender is closed")
-        if route.mode not in KV_MODES:
-            raise PdorchError(ErrorCode.INVALID_REQUEST, f"unknown KV mode {route.mode!r}")
         link = await self._link(route.endpoint)
         if link.has(route.transfer_id):
             raise PdorchError(ErrorCode.INTERNAL, f"transfer {route.transfer_id} is already open")

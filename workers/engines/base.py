@@ -1,7 +1,10 @@
 """The Engine protocol: what the worker agent needs from whatever computes tokens.
 
-The agent owns the control-plane socket and the job lifecycle; an engine owns compute and moving
-its KV (the reference engine through pdorch's KV plane in-process, vLLM through its KV connector).
+The agent owns the control-plane socket and the job lifecycle: it runs each job as a task of its
+own and cancels a job by cancelling that task. An engine owns compute and moving its KV (the
+reference engine through pdorch's KV plane in-process, vLLM through its KV connector), and a job
+method frees whatever the job holds (blocks, reservations, transfers) in its own ``finally``,
+whether it finishes, fails or is cancelled.
 Engines report progress through the ``emit`` callable given to ``start``: ``TokenOutput`` for
 tokens (the first one from prefill, then decode's) and ``KvLoaded`` once a decode job holds the
 whole KV. A job method returns when the job is over and raises :class:`PdorchError` on failure;
@@ -55,7 +58,3 @@ class Engine(Protocol):
     async def decode(self, job: DecodeJob) -> None: ...
 
     async def generate(self, job: GenerateJob) -> None: ...
-
-    def cancel(self, request_id: str) -> None:
-        """Stop a job and free what it holds. Idempotent; unknown ids are ignored."""
-        ...

@@ -114,11 +114,6 @@ class ReferenceEngine:
     async def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._thread_error is None
 
-    def cancel(self, request_id: str) -> None:
-        self._core.cancel(request_id)
-        self._handlers.pop(request_id, None)
-        self._wake.set()
-
     async def prefill(self, job: PrefillJob) -> None:
         rid = job.request_id
         loop = asyncio.get_running_loop()
@@ -154,7 +149,7 @@ class ReferenceEngine:
             if stream_task is not None:
                 with contextlib.suppress(BaseException):
                     await stream_task
-            self._core.cancel(rid)
+            self._release(rid)
 
     async def _stream_kv(self, job: PrefillJob, layers: asyncio.Queue[tuple[int, np.ndarray]]) -> KvOutStream:
         assert job.kv is not None and self._sender is not None
@@ -188,11 +183,7 @@ class ReferenceEngine:
         blocks = self._core.reserve_decode(rid, prompt_len)
         try:
             sink = _BlockSink(self._core, blocks, self._cfg.layers, prompt_len)
-            tid = job.kv.transfer_id
-            if job.kv.mode == "centralized":
-                trailer = await self._receiver.fetch(job.kv.endpoint, tid, sink, deadline_s=job.deadline_s)
-            else:
-                trailer = await self._receiver.receive(tid, sink, deadline_s=job.deadline_s)
+            trailer = await self._receiver.receive(job.kv, sink, deadline_s=job.deadline_s)
             first = trailer.get("first_token")
             if not isinstance(first, int):
                 raise PdorchError(ErrorCode.KV_CORRUPT, "KV trailer carries no first token")
@@ -204,7 +195,7 @@ class ReferenceEngine:
                 ),
             )
         finally:
-            self._core.cancel(rid)
+            self._release(rid)
 
     async def generate(self, job: GenerateJob) -> None:
         rid = job.request_id
@@ -213,7 +204,7 @@ class ReferenceEngine:
                 rid, lambda: self._core.add_generate(rid, job.prompt_token_ids, job.sampling)
             )
         finally:
-            self._core.cancel(rid)
+            self._release(rid)
 
     # ------------------------------------------------------------------ internals
 
@@ -241,6 +232,11 @@ class ReferenceEngine:
             ) from None
         finally:
             self._handlers.pop(rid, None)
+
+    def _release(self, rid: str) -> None:
+        """The job is over: the core frees its blocks (woken, so it does so now)."""
+        self._core.cancel(rid)
+        self._wake.set()
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for out in outputs:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from transport.errors import ErrorCode, PdorchError
@@ -69,7 +69,6 @@ class SimulatedEngine:
         self._t0 = time.monotonic()
         self._emit: Emit = lambda msg: None
         self._handlers: dict[str, Callable[[SimOutput], None]] = {}
-        self._jobs: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stepper: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
@@ -101,8 +100,6 @@ class SimulatedEngine:
         self._stepper = asyncio.create_task(self._step_loop(), name="sim-engine")
 
     async def close(self) -> None:
-        for task in list(self._jobs.values()):
-            task.cancel()
         if self._stepper is not None:
             self._stepper.cancel()
             with contextlib.suppress(BaseException):
@@ -111,48 +108,11 @@ class SimulatedEngine:
     async def healthy(self) -> bool:
         return self._stepper is not None and not self._stepper.done() and self._error is None
 
-    def cancel(self, request_id: str) -> None:
-        self._core.release(self._now(), request_id)
-        self._handlers.pop(request_id, None)
-        task = self._jobs.get(request_id)
-        if task is not None:
-            task.cancel()
-        self._wake.set()
+    # ------------------------------------------------------------------ jobs (each frees what it holds)
 
     async def prefill(self, job: PrefillJob) -> None:
         if job.kv is not None and self._sender is None:
             raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot send KV (no KV sender)")
-        await self._run_job(job.request_id, self._prefill(job))
-
-    async def decode(self, job: DecodeJob) -> None:
-        if self._receiver is None:
-            raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot receive KV (no KV receiver)")
-        await self._run_job(job.request_id, self._decode(job))
-
-    async def generate(self, job: GenerateJob) -> None:
-        await self._run_job(job.request_id, self._generate(job))
-
-    # ------------------------------------------------------------------ jobs
-
-    async def _run_job(self, rid: str, body: Coroutine[Any, Any, None]) -> None:
-        """Run ``body`` as its own task, so :meth:`cancel` can stop it wherever it waits."""
-        if rid in self._jobs or self._core.holds(rid):
-            body.close()
-            raise PdorchError(ErrorCode.INVALID_REQUEST, f"duplicate request id {rid}")
-        task = asyncio.ensure_future(body)
-        self._jobs[rid] = task
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # our caller is being cancelled
-            raise PdorchError(ErrorCode.CANCELLED, f"{rid} was cancelled") from None
-        finally:
-            if self._jobs.get(rid) is task:
-                del self._jobs[rid]
-
-    async def _prefill(self, job: PrefillJob) -> None:
         rid = job.request_id
         stream, hashes = self._request(job.prompt_token_ids, job.sampling)
         first: asyncio.Future[SimOutput] = asyncio.get_running_loop().create_future()
@@ -180,9 +140,10 @@ class SimulatedEngine:
         finally:
             self._forget(rid)
 
-    async def _decode(self, job: DecodeJob) -> None:
+    async def decode(self, job: DecodeJob) -> None:
+        if self._receiver is None:
+            raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot receive KV (no KV receiver)")
         rid = job.request_id
-        assert self._receiver is not None
         stream, hashes = self._request(job.prompt_token_ids, job.sampling)
         self._core.reserve_decode(self._now(), rid, stream, hashes)
         try:
@@ -201,7 +162,7 @@ class SimulatedEngine:
         finally:
             self._forget(rid)
 
-    async def _generate(self, job: GenerateJob) -> None:
+    async def generate(self, job: GenerateJob) -> None:
         rid = job.request_id
         stream, hashes = self._request(job.prompt_token_ids, job.sampling)
         try:
@@ -280,6 +241,4 @@ class SimulatedEngine:
             raise
         except BaseException as e:  # the agent sees it through healthy() and reports the worker dead
             self._error = e
-            for task in list(self._jobs.values()):
-                task.cancel()
             raise

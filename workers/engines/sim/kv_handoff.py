@@ -25,7 +25,7 @@ import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 
 STANDIN_DTYPE = "int32"
 _LAYER_SHIFT = 16
@@ -147,12 +147,10 @@ async def receive_standin(
     tid = route.transfer_id
     try:
         async with asyncio.timeout(deadline_s):
-            if route.mode == "centralized":
-                trailer = await receiver.fetch(route.endpoint, tid, sink, deadline_s=deadline_s)
+            trailer = await receiver.receive(route, sink, deadline_s=deadline_s)
+            if route.mode == KvMode.CENTRALIZED:
                 start, duration = link.book(time.monotonic(), modeled_bytes)  # the broker's second hop
                 await _sleep_until(start + duration)
-            else:
-                trailer = await receiver.receive(tid, sink, deadline_s=deadline_s)
     except TimeoutError:
         raise PdorchError(ErrorCode.KV_TIMEOUT, f"KV of {tid} not received in time") from None
     first = trailer.get("first_token")

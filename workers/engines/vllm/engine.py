@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +141,6 @@ class VllmEngine:
         self._model = ""
         self._metrics = VllmMetrics()
         self._poller: asyncio.Task[None] | None = None
-        self._jobs: dict[str, asyncio.Task[Any]] = {}
         self._health_timeouts = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -187,8 +185,6 @@ class VllmEngine:
             await asyncio.sleep(0.5)
 
     async def close(self) -> None:
-        for task in list(self._jobs.values()):
-            task.cancel()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -230,28 +226,8 @@ class VllmEngine:
         return status == 200
 
     # ------------------------------------------------------------------ jobs
-
-    def cancel(self, request_id: str) -> None:
-        task = self._jobs.get(request_id)
-        if task is not None:
-            task.cancel()
-
-    async def _run(self, request_id: str, work: Awaitable[None]) -> None:
-        """Run one job as its own task so ``cancel`` can stop it (closing its HTTP request makes
-        vLLM abort the request and free its blocks)."""
-        if request_id in self._jobs:
-            raise PdorchError(ErrorCode.INVALID_REQUEST, f"job {request_id} is already running here")
-        task = asyncio.ensure_future(work)
-        self._jobs[request_id] = task
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.cancelled() and not _current_task_cancelling():
-                raise PdorchError(ErrorCode.CANCELLED, f"job {request_id} cancelled") from None
-            task.cancel()
-            raise
-        finally:
-            self._jobs.pop(request_id, None)
+    # The agent cancels a job by cancelling its task: the HTTP request closes and vLLM aborts the
+    # request and frees its blocks.
 
     def _body(self, prompt: list[int], sampling: SamplingParams, max_tokens: int) -> dict[str, Any]:
         return {"model": self._model, "prompt": prompt, **sampling_body(sampling, max_tokens)}
@@ -261,9 +237,6 @@ class VllmEngine:
         self._emit(TokenOutput(request_id=request_id, token_ids=token_ids, finish_reason=finish))
 
     async def prefill(self, job: PrefillJob) -> None:
-        await self._run(job.request_id, self._prefill(job))
-
-    async def _prefill(self, job: PrefillJob) -> None:
         assert self._client is not None
         body = self._body(job.prompt_token_ids, job.sampling, 1)
         if job.kv is not None:
@@ -279,9 +252,6 @@ class VllmEngine:
         self._emit_tokens(job.request_id, tokens, finish)
 
     async def decode(self, job: DecodeJob) -> None:
-        await self._run(job.request_id, self._decode(job))
-
-    async def _decode(self, job: DecodeJob) -> None:
         assert self._client is not None and self._emit is not None
         body = self._body(job.prompt_token_ids, job.sampling, job.sampling.max_tokens)
         body["kv_transfer_params"] = kv_transfer_params(RECV, job.kv, job.deadline_s)
@@ -312,9 +282,6 @@ class VllmEngine:
         raise PdorchError(ErrorCode.JOB_FAILED, f"vLLM stream for {job.request_id} ended without a finish")
 
     async def generate(self, job: GenerateJob) -> None:
-        await self._run(job.request_id, self._generate(job))
-
-    async def _generate(self, job: GenerateJob) -> None:
         assert self._client is not None
         body = self._body(job.prompt_token_ids, job.sampling, job.sampling.max_tokens)
         async for event in self._client.stream(body, request_id=job.request_id, timeout_s=job.deadline_s):
@@ -332,11 +299,6 @@ def _event_tokens(event: dict[str, Any]) -> tuple[list[int], FinishReason | None
     if not choices:
         return [], None
     return list(choices[0].get("token_ids") or []), _finish_reason(choices[0].get("finish_reason"))
-
-
-def _current_task_cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 def _only_choice(resp: dict[str, Any]) -> dict[str, Any]:

@@ -205,14 +205,7 @@ class KvPlaneThread:
         params = spec.params
         error = ""
         try:
-            if params.mode == "centralized":
-                trailer = await self._receiver_for(spec).fetch(
-                    params.endpoint, params.transfer_id, sink, deadline_s=params.deadline_s
-                )
-            else:
-                trailer = await self._receiver_for(spec).receive(
-                    params.transfer_id, sink, deadline_s=params.deadline_s
-                )
+            trailer = await self._receiver_for(spec).receive(params.route, sink, deadline_s=params.deadline_s)
             if not sink.complete():
                 error = f"KV {params.transfer_id} incomplete: rows per layer {sink.rows_written}"
             elif int((trailer or {}).get("num_tokens", -1)) != spec.num_tokens:

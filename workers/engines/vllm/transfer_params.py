@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from transport.errors import ErrorCode, PdorchError
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 
 PARAMS_KEY = "pdorch"
 SEND = "send"  # prefill side: push this request's prompt KV along ``route``
@@ -23,7 +23,7 @@ RECV = "recv"  # decode side: load this request's prompt KV from ``route`` befor
 class PdorchKvParams(msgspec.Struct, frozen=True):
     direction: str
     transfer_id: str
-    mode: str
+    mode: KvMode
     endpoint: str
     deadline_s: float = 60.0
 
@@ -45,6 +45,6 @@ def parse_kv_transfer_params(params: dict[str, Any] | None) -> PdorchKvParams | 
         parsed = msgspec.convert(params[PARAMS_KEY], PdorchKvParams)
     except msgspec.ValidationError as e:
         raise PdorchError(ErrorCode.BAD_MESSAGE, f"bad pdorch kv_transfer_params: {e}") from None
-    if parsed.direction not in (SEND, RECV) or parsed.mode not in ("p2p", "centralized"):
+    if parsed.direction not in (SEND, RECV):
         raise PdorchError(ErrorCode.BAD_MESSAGE, f"bad pdorch kv_transfer_params: {parsed}")
     return parsed
