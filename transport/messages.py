@@ -195,6 +195,15 @@ class Disconnect(msgspec.Struct, tag="disconnect", **_STRUCT):
     code: str = "protocol_mismatch"
 
 
+# Jobs are addressed by ``request_id``, which is the scheduler's id of one *attempt* at a request
+# (a request moved to other workers after a failure gets a new one), so a late message of an
+# abandoned attempt is never taken for the current one.
+#
+# ``generated`` > 0 resumes a request: the last ``generated`` prompt tokens are its own output so
+# far, the first token the job samples has output index ``generated`` (seeded sampling draws it as
+# an uninterrupted run would), and ``sampling.max_tokens`` still counts the whole output.
+
+
 class PrefillJob(msgspec.Struct, tag="prefill", **_STRUCT):
     """Compute the prompt's KV and the first token. ``kv`` None means no handoff (finish here)."""
 
@@ -203,6 +212,7 @@ class PrefillJob(msgspec.Struct, tag="prefill", **_STRUCT):
     sampling: SamplingParams
     kv: KvRoute | None = None
     deadline_s: float = 60.0
+    generated: int = 0
 
 
 class DecodeJob(msgspec.Struct, tag="decode", **_STRUCT):
@@ -213,6 +223,7 @@ class DecodeJob(msgspec.Struct, tag="decode", **_STRUCT):
     sampling: SamplingParams
     kv: KvRoute
     deadline_s: float = 60.0
+    generated: int = 0
 
 
 class GenerateJob(msgspec.Struct, tag="generate", **_STRUCT):
@@ -222,6 +233,7 @@ class GenerateJob(msgspec.Struct, tag="generate", **_STRUCT):
     prompt_token_ids: list[int]
     sampling: SamplingParams
     deadline_s: float = 60.0
+    generated: int = 0
 
 
 class Cancel(msgspec.Struct, tag="cancel", **_STRUCT):

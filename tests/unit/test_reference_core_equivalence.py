@@ -2,7 +2,9 @@
 
 Colocated (``add_generate``) output must equal disaggregated output (``add_prefill`` on one core,
 its KV scattered into another core's reserved blocks, ``add_decode`` there), token for token,
-greedy and seeded, and a request alone must equal the same request inside a busy batch.
+greedy and seeded; a request alone must equal the same request inside a busy batch; and a request
+resumed from any point (its prompt plus the tokens it had produced, ``generated`` = their number)
+continues with exactly the tokens the uninterrupted run produced, colocated or disaggregated.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 
+import msgspec
 import numpy as np
 import pytest
 
+from transport.errors import PdorchError
 from transport.messages import FinishReason, SamplingParams
 from workers.engines.reference.config import ModelConfig
 from workers.engines.reference.core import EngineCore
@@ -46,11 +50,13 @@ def _drain(core: EngineCore, tokens: dict[str, list[int]], done: set[str]) -> No
     raise AssertionError("core did not drain")
 
 
-def run_colocated(core: EngineCore, requests: dict[str, Request]) -> dict[str, list[int]]:
+def run_colocated(
+    core: EngineCore, requests: dict[str, Request], generated: dict[str, int] | None = None
+) -> dict[str, list[int]]:
     tokens: dict[str, list[int]] = {}
     done: set[str] = set()
     for rid, (prompt, sampling) in requests.items():
-        core.add_generate(rid, prompt, sampling)
+        core.add_generate(rid, prompt, sampling, generated=(generated or {}).get(rid, 0))
     _drain(core, tokens, done)
     assert done == set(requests)
     assert core.load().blocks_used == 0
@@ -58,16 +64,21 @@ def run_colocated(core: EngineCore, requests: dict[str, Request]) -> dict[str, l
 
 
 def run_disaggregated(
-    prefill_core: EngineCore, decode_core: EngineCore, requests: dict[str, Request], chunk: int
+    prefill_core: EngineCore,
+    decode_core: EngineCore,
+    requests: dict[str, Request],
+    chunk: int,
+    generated: dict[str, int] | None = None,
 ) -> dict[str, list[int]]:
     """Prefill everything on one core, move the KV row chunk by row chunk, decode on the other."""
     kv: dict[str, dict[int, np.ndarray]] = {rid: {} for rid in requests}
+    resumed = generated or {}
 
     def keeper(rid: str) -> Callable[[int, np.ndarray], None]:
         return lambda layer, rows: kv[rid].__setitem__(layer, rows)
 
     for rid, (prompt, sampling) in requests.items():
-        prefill_core.add_prefill(rid, prompt, sampling, on_layer=keeper(rid))
+        prefill_core.add_prefill(rid, prompt, sampling, on_layer=keeper(rid), generated=resumed.get(rid, 0))
     first: dict[str, list[int]] = {}
     prefilled: set[str] = set()
     _drain(prefill_core, first, prefilled)
@@ -83,7 +94,7 @@ def run_disaggregated(
         for layer, rows in kv[rid].items():
             for start in range(0, len(prompt), chunk):
                 decode_core.cache.scatter(layer, blocks, start, rows[start : start + chunk])
-        decode_core.add_decode(rid, len(prompt), first[rid][0], sampling)
+        decode_core.add_decode(rid, len(prompt), first[rid][0], sampling, generated=resumed.get(rid, 0))
     _drain(decode_core, tokens, done)
     assert done == set(requests)
     assert decode_core.load().blocks_used == 0
@@ -121,6 +132,37 @@ def test_disaggregated_equals_colocated(seeded: bool) -> None:
     for rid, (_, sampling) in requests.items():
         assert 1 <= len(colocated[rid]) <= sampling.max_tokens
     assert any(len(t) == 40 for t in colocated.values())
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_a_resumed_request_continues_with_the_uninterrupted_tokens(seeded: bool) -> None:
+    """What the scheduler does when a worker dies mid-request: prompt + the tokens already streamed,
+    ``generated`` = how many; the rest must be the tokens the lost worker would have produced."""
+    requests = {
+        rid: (
+            prompt,
+            msgspec.structs.replace(sampling, ignore_eos=True, max_tokens=max(sampling.max_tokens, 9)),
+        )
+        for rid, (prompt, sampling) in _mixed_requests(seeded).items()
+    }
+    full = run_colocated(EngineCore(CFG, num_blocks=1024), requests)
+    for cut in (1, 2, 5, 8):
+        resumed = {f"{rid}@{cut}": (prompt + full[rid][:cut], s) for rid, (prompt, s) in requests.items()}
+        offsets = dict.fromkeys(resumed, cut)
+        want = {f"{rid}@{cut}": full[rid][cut:] for rid in requests}
+        assert run_colocated(EngineCore(CFG, num_blocks=1024), resumed, offsets) == want
+        split = run_disaggregated(
+            EngineCore(CFG, num_blocks=1024), EngineCore(CFG, num_blocks=1024), resumed, 11, offsets
+        )
+        assert split == want
+        assert all(len(t) == requests[rid.split("@")[0]][1].max_tokens - cut for rid, t in split.items())
+
+
+def test_a_resume_point_must_leave_something_to_generate() -> None:
+    core = EngineCore(CFG, num_blocks=64)
+    for generated in (-1, 4, 5, 9):
+        with pytest.raises(PdorchError):
+            core.add_generate("r", _prompt(5, seed=1), SamplingParams(max_tokens=4), generated=generated)
 
 
 def test_seeded_runs_differ_from_greedy() -> None:

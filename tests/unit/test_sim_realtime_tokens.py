@@ -106,3 +106,26 @@ def test_bad_sampling_is_refused(sampling: SamplingParams) -> None:
     with pytest.raises(PdorchError) as e:
         check_sampling(sampling)
     assert e.value.code is ErrorCode.INVALID_REQUEST
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_resumed_stream_continues_where_the_uninterrupted_one_was(temperature: float) -> None:
+    sampling = SamplingParams(max_tokens=40, temperature=temperature, seed=3, ignore_eos=True)
+    full = stream(sampling=sampling, max_model_len=len(PROMPT) + 30)
+    want = tokens(full, 30)
+    cut = 7
+    resumed = SimTokenStream(
+        0,
+        PROMPT + want[:cut],
+        sampling,
+        mean_output_tokens=256.0,
+        max_model_len=len(PROMPT) + 30,
+        generated=cut,
+    )
+    assert tokens(resumed, 30 - cut) == want[cut:]
+    # The finish rules count the whole output and the whole context: max_model_len ends it where
+    # the uninterrupted run would have ended.
+    assert resumed.finish_reason(want[29], 30 - cut) is FinishReason.LENGTH
+    assert resumed.finish_reason(want[28], 29 - cut) is None
+    with pytest.raises(PdorchError):
+        check_prompt(PROMPT, 8192, generated=len(PROMPT))

@@ -108,26 +108,40 @@ class EngineCore:
         prompt_token_ids: Sequence[int],
         sampling: SamplingParams,
         on_layer: LayerKvCallback | None = None,
+        *,
+        generated: int = 0,
     ) -> None:
-        """Prefill only: KV per layer to ``on_layer``, emit token 0, then release the blocks.
+        """Prefill only: KV per layer to ``on_layer``, emit the first token, then release the blocks.
 
         ``on_layer(layer, rows)`` is called once per layer, in layer order, during the prompt's
         last chunk, with that layer's KV of ALL prompt positions (rows served from the prefix
-        cache or computed by earlier chunks are gathered from the blocks).
+        cache or computed by earlier chunks are gathered from the blocks). ``generated``: a resumed
+        request, whose last ``generated`` prompt tokens are its own earlier output; the token
+        emitted is then its output token ``generated`` (drawn as an uninterrupted run would).
         """
-        prompt = check_prompt(self.config, prompt_token_ids, sampling)
+        prompt = check_prompt(self.config, prompt_token_ids, sampling, generated)
         hashes = self.prefix_cache.hashes(prompt)
         kind = SequenceKind.PREFILL_ONLY
-        self._inbox.submit(EngineSequence(request_id, kind, len(prompt), sampling, prompt, on_layer, hashes))
+        self._inbox.submit(
+            EngineSequence(request_id, kind, len(prompt), sampling, prompt, on_layer, hashes, generated)
+        )
 
     def add_generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        generated: int = 0,
     ) -> None:
-        """Colocated: prefill, then decode here until the request finishes."""
-        prompt = check_prompt(self.config, prompt_token_ids, sampling)
+        """Colocated: prefill, then decode here until the request finishes (``generated`` as in
+        :meth:`add_prefill`)."""
+        prompt = check_prompt(self.config, prompt_token_ids, sampling, generated)
         hashes = self.prefix_cache.hashes(prompt)
         kind = SequenceKind.GENERATE
-        self._inbox.submit(EngineSequence(request_id, kind, len(prompt), sampling, prompt, None, hashes))
+        self._inbox.submit(
+            EngineSequence(request_id, kind, len(prompt), sampling, prompt, None, hashes, generated)
+        )
 
     def reserve_decode(self, request_id: str, num_prompt_tokens: int) -> list[int]:
         """Allocate blocks for a handed-off prompt's KV plus the first fed token.
@@ -148,20 +162,23 @@ class EngineCore:
         first_token: int,
         sampling: SamplingParams,
         prompt_token_ids: Sequence[int] | None = None,
+        *,
+        generated: int = 0,
     ) -> None:
         """Start decoding from reserved blocks that hold the KV of positions [0, prompt_len).
 
-        ``first_token`` is generated token 0 (from the prefill worker); it is fed at position
-        ``prompt_len`` and the next sampled token has generated index 1. With
+        ``first_token`` is the prefill worker's token (output index ``generated``: 0 unless the
+        request was resumed, see :meth:`add_prefill`); it is fed at position ``prompt_len`` and the
+        next sampled token has output index ``generated + 1``. With
         ``prompt_token_ids`` (the prompt whose KV the blocks hold) and prefix caching on, the
         prompt's full blocks join the prefix cache, so later prompts here can reuse them. On error
         the reservation stays in place for :meth:`cancel`.
         """
         prompt = check_decode_start(
-            self.config, request_id, prompt_len, first_token, sampling, prompt_token_ids
+            self.config, request_id, prompt_len, first_token, sampling, prompt_token_ids, generated
         )
         hashes = self.prefix_cache.hashes(prompt) if prompt is not None else []
-        seq = EngineSequence(request_id, SequenceKind.DECODE, prompt_len, sampling)
+        seq = EngineSequence(request_id, SequenceKind.DECODE, prompt_len, sampling, output_offset=generated)
         seq.num_computed = prompt_len
         seq.num_generated = 1
         seq.last_token = first_token
@@ -319,10 +336,10 @@ class EngineCore:
         return stop - start
 
     def _emit_first_token(self, seq: EngineSequence, logits: np.ndarray, outputs: list[StepOutput]) -> None:
-        token = sample(logits, seq.sampling, 0)
+        token = sample(logits, seq.sampling, seq.next_output_index)
         seq.num_generated = 1
         seq.last_token = token
-        reason = finish_reason(self.config, seq.sampling, seq.prompt_len, token, 1)
+        reason = finish_reason(self.config, seq.sampling, seq.prompt_len, token, 1, seq.output_offset)
         if seq.cancelled:
             self._release(seq)
             return
@@ -343,10 +360,12 @@ class EngineCore:
         for seq, row in zip(ready, logits, strict=True):
             if seq.cancelled:
                 continue  # released when the cancellation is taken from the inbox
-            token = sample(row, seq.sampling, seq.num_generated)
+            token = sample(row, seq.sampling, seq.next_output_index)
             seq.num_generated += 1
             seq.last_token = token
-            reason = finish_reason(self.config, seq.sampling, seq.prompt_len, token, seq.num_generated)
+            reason = finish_reason(
+                self.config, seq.sampling, seq.prompt_len, token, seq.num_generated, seq.output_offset
+            )
             outputs.append(StepOutput(seq.request_id, token, reason))
             if reason is not None:
                 del self._running[seq.request_id]

@@ -125,7 +125,7 @@ class ReferenceEngine:
             on_layer = lambda i, rows: loop.call_soon_threadsafe(layers.put_nowait, (i, rows))  # noqa: E731
         stream_task = asyncio.create_task(self._stream_kv(job, layers)) if job.kv is not None else None
         try:
-            self._core.add_prefill(rid, job.prompt_token_ids, job.sampling, on_layer)
+            self._core.add_prefill(rid, job.prompt_token_ids, job.sampling, on_layer, generated=job.generated)
             self._wake.set()
             out = await asyncio.wait_for(first, job.deadline_s)
             if out.failed:
@@ -191,7 +191,12 @@ class ReferenceEngine:
             await self._run_until_finished(
                 rid,
                 lambda: self._core.add_decode(
-                    rid, prompt_len, first, job.sampling, prompt_token_ids=job.prompt_token_ids
+                    rid,
+                    prompt_len,
+                    first,
+                    job.sampling,
+                    prompt_token_ids=job.prompt_token_ids,
+                    generated=job.generated,
                 ),
             )
         finally:
@@ -201,7 +206,10 @@ class ReferenceEngine:
         rid = job.request_id
         try:
             await self._run_until_finished(
-                rid, lambda: self._core.add_generate(rid, job.prompt_token_ids, job.sampling)
+                rid,
+                lambda: self._core.add_generate(
+                    rid, job.prompt_token_ids, job.sampling, generated=job.generated
+                ),
             )
         finally:
             self._release(rid)

@@ -17,9 +17,18 @@ from workers.engines.reference.sampler import validate_sampling
 from workers.engines.reference.sequence import finish_reason
 
 
-def check_prompt(cfg: ModelConfig, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> np.ndarray:
-    """The prompt as an index array; raises INVALID_REQUEST or PROMPT_TOO_LONG."""
+def check_prompt(
+    cfg: ModelConfig, prompt_token_ids: Sequence[int], sampling: SamplingParams, generated: int = 0
+) -> np.ndarray:
+    """The prompt as an index array; raises INVALID_REQUEST or PROMPT_TOO_LONG. ``generated``: how
+    many of its last tokens are a resumed request's earlier output (fewer than ``max_tokens``)."""
     validate_sampling(sampling)
+    if not 0 <= generated < min(sampling.max_tokens, len(prompt_token_ids)):
+        raise PdorchError(
+            ErrorCode.INVALID_REQUEST,
+            f"a resumed request must have generated fewer than max_tokens ({sampling.max_tokens}) "
+            f"tokens and keep a prompt; got {generated} of {len(prompt_token_ids)} prompt tokens",
+        )
     prompt = np.asarray(prompt_token_ids, dtype=np.intp)
     if prompt.ndim != 1 or prompt.size == 0:
         raise PdorchError(ErrorCode.INVALID_REQUEST, "prompt must be a non-empty list of token ids")
@@ -49,16 +58,19 @@ def check_decode_start(
     first_token: int,
     sampling: SamplingParams,
     prompt_token_ids: Sequence[int] | None,
+    generated: int = 0,
 ) -> np.ndarray | None:
     """Validate a handoff's continuation; returns the prompt as an index array when given."""
     validate_sampling(sampling)
+    if not 0 <= generated < min(sampling.max_tokens, prompt_len):
+        raise PdorchError(ErrorCode.INVALID_REQUEST, f"{request_id}: bad resume point {generated}")
     if not 0 <= first_token < cfg.vocab_size:
         raise PdorchError(ErrorCode.INVALID_REQUEST, f"first token {first_token} outside the vocabulary")
-    if finish_reason(cfg, sampling, prompt_len, first_token, 1) is not None:
+    if finish_reason(cfg, sampling, prompt_len, first_token, 1, generated) is not None:
         raise PdorchError(ErrorCode.INVALID_REQUEST, f"request {request_id} already finished at token 0")
     if prompt_token_ids is None:
         return None
-    prompt = check_prompt(cfg, prompt_token_ids, sampling)
+    prompt = check_prompt(cfg, prompt_token_ids, sampling, generated)
     if len(prompt) != prompt_len:
         raise PdorchError(
             ErrorCode.INVALID_REQUEST,

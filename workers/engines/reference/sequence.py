@@ -37,6 +37,7 @@ class EngineSequence:
         "num_generated",
         "num_registered",
         "on_layer",
+        "output_offset",
         "prompt",
         "prompt_len",
         "request_id",
@@ -52,6 +53,7 @@ class EngineSequence:
         prompt: np.ndarray | None = None,
         on_layer: LayerKvCallback | None = None,
         block_hashes: list[int] | None = None,
+        output_offset: int = 0,
     ) -> None:
         self.request_id = request_id
         self.kind = kind
@@ -65,7 +67,10 @@ class EngineSequence:
         self.num_computed = 0  # prompt positions whose KV is in the blocks (cached or computed)
         self.num_cached = 0  # of those, how many came from the prefix cache
         self.num_registered = 0  # leading full prompt blocks already offered to the prefix cache
-        self.num_generated = 0
+        self.num_generated = 0  # tokens generated here
+        # A resumed request: the last ``output_offset`` prompt tokens are its own earlier output,
+        # so the first token generated here has output index ``output_offset``.
+        self.output_offset = output_offset
         self.last_token = -1
         self.admitted_at = -1
         self.cancelled = False
@@ -75,16 +80,29 @@ class EngineSequence:
         """Where the last generated token goes when it is fed back in."""
         return self.prompt_len + self.num_generated - 1
 
+    @property
+    def next_output_index(self) -> int:
+        """The request's output index of the next token sampled here (seeds its RNG draw)."""
+        return self.output_offset + self.num_generated
+
 
 def finish_reason(
-    cfg: ModelConfig, sampling: SamplingParams, prompt_len: int, token: int, num_generated: int
+    cfg: ModelConfig,
+    sampling: SamplingParams,
+    prompt_len: int,
+    token: int,
+    num_generated: int,
+    output_offset: int = 0,
 ) -> FinishReason | None:
-    """Whether generating ``token`` (the ``num_generated``-th, counting from 1) ends the request."""
+    """Whether generating ``token`` (the ``num_generated``-th here, counting from 1) ends the request.
+
+    ``prompt_len`` includes a resumed request's earlier output; ``output_offset`` is its length.
+    """
     if token == cfg.eos_token_id and not sampling.ignore_eos:
         return FinishReason.STOP
     if token in sampling.stop_token_ids:
         return FinishReason.STOP
-    if num_generated >= sampling.max_tokens:
+    if output_offset + num_generated >= sampling.max_tokens:
         return FinishReason.LENGTH
     if prompt_len + num_generated >= cfg.max_model_len:
         return FinishReason.LENGTH

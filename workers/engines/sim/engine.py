@@ -22,7 +22,7 @@ from typing import Any
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
-from transport.messages import DecodeJob, GenerateJob, KvLoaded, Load, PrefillJob, SamplingParams, TokenOutput
+from transport.messages import DecodeJob, GenerateJob, KvLoaded, Load, PrefillJob, TokenOutput
 from transport.prefix_hash import prefix_block_hashes
 from workers.engines.base import Emit, EngineInfo
 from workers.engines.sim.batcher import BatcherParams, BatcherStats, SimBatcher, SimOutput
@@ -114,7 +114,7 @@ class SimulatedEngine:
         if job.kv is not None and self._sender is None:
             raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot send KV (no KV sender)")
         rid = job.request_id
-        stream, hashes = self._request(job.prompt_token_ids, job.sampling)
+        stream, hashes = self._request(job)
         first: asyncio.Future[SimOutput] = asyncio.get_running_loop().create_future()
         self._handlers[rid] = lambda out: first.done() or first.set_result(out)
         try:
@@ -144,7 +144,7 @@ class SimulatedEngine:
         if self._receiver is None:
             raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot receive KV (no KV receiver)")
         rid = job.request_id
-        stream, hashes = self._request(job.prompt_token_ids, job.sampling)
+        stream, hashes = self._request(job)
         self._core.reserve_decode(self._now(), rid, stream, hashes)
         try:
             first = await receive_standin(
@@ -164,7 +164,7 @@ class SimulatedEngine:
 
     async def generate(self, job: GenerateJob) -> None:
         rid = job.request_id
-        stream, hashes = self._request(job.prompt_token_ids, job.sampling)
+        stream, hashes = self._request(job)
         try:
             await self._until_finished(
                 rid, lambda: self._core.add_prefill(self._now(), rid, stream, hashes, decode_here=True)
@@ -187,15 +187,17 @@ class SimulatedEngine:
         self._wake.set()
         await self._within(done, self.config.job_timeout_s, rid)
 
-    def _request(self, prompt: list[int], sampling: SamplingParams) -> tuple[SimTokenStream, list[int]]:
+    def _request(self, job: PrefillJob | DecodeJob | GenerateJob) -> tuple[SimTokenStream, list[int]]:
+        prompt, sampling = job.prompt_token_ids, job.sampling
         check_sampling(sampling)
-        check_prompt(prompt, self.max_model_len)
+        check_prompt(prompt, self.max_model_len, job.generated)
         stream = SimTokenStream(
             self.config.seed,
             prompt,
             sampling,
             mean_output_tokens=self.config.mean_output_tokens,
             max_model_len=self.max_model_len,
+            generated=job.generated,
         )
         hashes = (
             prefix_block_hashes(prompt, self.config.block_size) if self.config.enable_prefix_caching else []

@@ -4,7 +4,9 @@ The ``n``-th generated token of a request (``n = 0`` is the prefill's token) is 
 the engine seed, the prompt, ``n`` and, for sampled requests (``temperature > 0``), the request's
 seed: BLAKE2b over those values. A greedy request ignores its seed, as a real greedy sampler does.
 Because nothing depends on batching, timing or which worker computed what, a request prefilled on
-one worker and decoded on another yields exactly the tokens a single worker generates.
+one worker and decoded on another yields exactly the tokens a single worker generates, and so does
+a resumed request (its prompt followed by the ``generated`` tokens it had produced: the stream is
+keyed by the original prompt and continues at index ``generated``).
 
 Ids are printable ASCII bytes (32..126) of the byte tokenizer, so responses are readable text,
 or the byte tokenizer's EOS (257). Each position is EOS with probability ``1 / mean_output_tokens``
@@ -40,10 +42,13 @@ def check_sampling(sampling: SamplingParams) -> None:
         raise PdorchError(ErrorCode.INVALID_REQUEST, f"top_p must be in (0, 1], got {sampling.top_p}")
 
 
-def check_prompt(prompt_token_ids: Sequence[int], max_model_len: int) -> None:
-    """A prompt must be non-empty, in the vocabulary, and leave room for one generated token."""
+def check_prompt(prompt_token_ids: Sequence[int], max_model_len: int, generated: int = 0) -> None:
+    """A prompt must be non-empty, in the vocabulary, and leave room for one generated token;
+    a resumed request's ``generated`` tokens (the prompt's tail) must leave a prompt before them."""
     if not prompt_token_ids:
         raise PdorchError(ErrorCode.INVALID_REQUEST, "prompt must be a non-empty list of token ids")
+    if not 0 <= generated < len(prompt_token_ids):
+        raise PdorchError(ErrorCode.INVALID_REQUEST, f"bad resume point {generated}")
     if len(prompt_token_ids) >= max_model_len:
         raise PdorchError(
             ErrorCode.PROMPT_TOO_LONG,
@@ -57,7 +62,7 @@ def check_prompt(prompt_token_ids: Sequence[int], max_model_len: int) -> None:
 class SimTokenStream:
     """The tokens one request generates (see the module docstring for the rule)."""
 
-    __slots__ = ("_eos_threshold", "_key", "_max_model_len", "prompt_len", "sampling")
+    __slots__ = ("_eos_threshold", "_key", "_max_model_len", "generated", "prompt_len", "sampling")
 
     def __init__(
         self,
@@ -67,32 +72,39 @@ class SimTokenStream:
         *,
         mean_output_tokens: float,
         max_model_len: int,
+        generated: int = 0,
     ) -> None:
         key = hashlib.blake2b(digest_size=16)
-        key.update(np.asarray(prompt_token_ids, dtype="<i8").tobytes())
+        original = prompt_token_ids[: len(prompt_token_ids) - generated]
+        key.update(np.asarray(original, dtype="<i8").tobytes())
         request_seed = sampling.seed if sampling.temperature > 0 else 0
         key.update(f"|{engine_seed}|{request_seed}|{sampling.temperature > 0}".encode())
         self._key = key.digest()
         self._eos_threshold = _U32 / mean_output_tokens
         self._max_model_len = max_model_len
-        self.prompt_len = len(prompt_token_ids)
+        self.prompt_len = len(prompt_token_ids)  # a resumed request's earlier output included
+        self.generated = generated
         self.sampling = sampling
 
     def token(self, index: int) -> int:
-        """Generated token ``index`` (0 = the prefill's token)."""
-        digest = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8, key=self._key).digest()
+        """Token ``index`` generated here (0 = this job's first: output index ``generated``)."""
+        output_index = self.generated + index
+        digest = hashlib.blake2b(output_index.to_bytes(8, "little"), digest_size=8, key=self._key).digest()
         value = int.from_bytes(digest, "little")
         if (value & 0xFFFFFFFF) < self._eos_threshold:
             return EOS_TOKEN_ID
         return _PRINTABLE_FIRST + (value >> 32) % _PRINTABLE_COUNT
 
     def finish_reason(self, token: int, num_generated: int) -> FinishReason | None:
-        """Whether generating ``token`` (the ``num_generated``-th, counting from 1) ends the request."""
+        """Whether generating ``token`` (the ``num_generated``-th here, from 1) ends the request."""
         s = self.sampling
         if token == EOS_TOKEN_ID and not s.ignore_eos:
             return FinishReason.STOP
         if token in s.stop_token_ids:
             return FinishReason.STOP
-        if num_generated >= s.max_tokens or self.prompt_len + num_generated >= self._max_model_len:
+        if (
+            self.generated + num_generated >= s.max_tokens
+            or self.prompt_len + num_generated >= self._max_model_len
+        ):
             return FinishReason.LENGTH
         return None

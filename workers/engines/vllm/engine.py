@@ -11,6 +11,12 @@ pdorch connector inside vLLM moves it, steered by ``kv_transfer_params`` on each
   same generator state). The first token to arrive proves the KV is in place, so ``KvLoaded`` is
   sent then, carrying that token 0 for a scheduler that has not yet heard from the prefill side.
 - generate: colocated, no KV transfer.
+
+A resumed job (``generated`` > 0: the prompt ends with the request's own earlier output) is the
+same request with that longer prompt and ``max_tokens`` reduced by ``generated``. vLLM cannot
+start a seeded request's random stream at an offset (one generator per request, advanced token by
+token), so a resumed *seeded* request continues with valid samples but not the tokens an
+uninterrupted run would have drawn; greedy requests continue exactly.
 """
 
 from __future__ import annotations
@@ -247,13 +253,13 @@ class VllmEngine:
         if len(tokens) != 1:
             raise PdorchError(ErrorCode.JOB_FAILED, f"vLLM prefill returned {len(tokens)} tokens, expected 1")
         finish = _finish_reason(choice.get("finish_reason"))
-        if finish is FinishReason.LENGTH and job.sampling.max_tokens > 1:
+        if finish is FinishReason.LENGTH and job.sampling.max_tokens - job.generated > 1:
             finish = None  # only our max_tokens=1 cap stopped it; decode goes on
         self._emit_tokens(job.request_id, tokens, finish)
 
     async def decode(self, job: DecodeJob) -> None:
         assert self._client is not None and self._emit is not None
-        body = self._body(job.prompt_token_ids, job.sampling, job.sampling.max_tokens)
+        body = self._body(job.prompt_token_ids, job.sampling, job.sampling.max_tokens - job.generated)
         body["kv_transfer_params"] = kv_transfer_params(RECV, job.kv, job.deadline_s)
         # The KV load's own deadline (job.deadline_s, inside vLLM) must fire before the HTTP one,
         # so a lost transfer surfaces as vLLM's failure rather than a bare client timeout.
@@ -283,7 +289,7 @@ class VllmEngine:
 
     async def generate(self, job: GenerateJob) -> None:
         assert self._client is not None
-        body = self._body(job.prompt_token_ids, job.sampling, job.sampling.max_tokens)
+        body = self._body(job.prompt_token_ids, job.sampling, job.sampling.max_tokens - job.generated)
         async for event in self._client.stream(body, request_id=job.request_id, timeout_s=job.deadline_s):
             tokens, finish = _event_tokens(event)
             if tokens or finish is not None:
