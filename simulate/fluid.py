@@ -337,7 +337,9 @@ class SimEngine:
             self._p += 1.0
             self._fire_thresholds()
         if work.done >= work.total:
-            self._queue.popleft()
+            # Not always the head: a preempted sequence admitted since the iteration started (by a
+            # finish above or a release) was put in front of it to be recomputed next.
+            self._queue.remove(work)
             self._complete(work)
         self._admit()
 
