@@ -248,15 +248,6 @@ class SimEngine:
             return 0
         return int(seq.ctx_join + self._p_at(t) - seq.p_join)
 
-    def cached_prefix_blocks(self, hashes: Sequence[int]) -> int:
-        n = 0
-        cache = self.cache
-        for h in hashes:
-            if h not in cache:
-                break
-            n += 1
-        return n
-
     @property
     def decoding(self) -> bool:
         """True while sequences decode (then KV use grows with time, between events too)."""
