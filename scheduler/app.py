@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +27,7 @@ from scheduler.pool_signals import pool_signals
 from scheduler.state import STATE, SchedulerState
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import PdorchError
+from transport.process_setup import setup_process
 
 log = logging.getLogger("pdorch.scheduler")
 
@@ -114,9 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_process(args.log_level)
     try:
         cfg = load_config(
             args.config,
@@ -132,10 +129,6 @@ def main(args: argparse.Namespace) -> int:
     except PdorchError as e:
         log.error("%s", e.message)
         return 2
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # handler_cancellation: a client that hangs up cancels its request, which cancels its jobs.
     web.run_app(
         build_app(cfg), host=cfg.host, port=cfg.port, handler_cancellation=True, print=None, access_log=None

@@ -18,6 +18,7 @@ import zmq.asyncio
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.messages import Role
+from transport.process_setup import setup_process
 from workers.agent import Agent, AgentConfig
 from workers.engines import in_process_cli
 from workers.engines.engine_cli import DEFAULT_ACCELERATOR, EngineCli
@@ -137,13 +138,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    setup_process(args.log_level)
     try:
         return asyncio.run(_serve(args))
     except PdorchError as e:
