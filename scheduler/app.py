@@ -1,10 +1,16 @@
-"""Composition root: builds the scheduler's aiohttp app and runs it."""
+"""Composition root: builds the scheduler's aiohttp app and runs it.
+
+The pure parts (config, metrics, request inboxes, cluster state, admission, planner) are built with
+the app. Each resource that must be started and stopped has a cleanup context of its own, added in
+dependency order: the tokenizer registry (a temporary directory), the ZeroMQ context, the control
+plane (with the orchestrator, which sends through it), the Kubernetes runtime. aiohttp stops them in
+reverse order, and only those that started. Everything is reached through the typed keys of
+``app_keys.py``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +19,18 @@ import zmq.asyncio
 from aiohttp import web
 
 from scheduler.admission.gate import AdmissionGate
+from scheduler.app_keys import (
+    ADMISSION,
+    CLUSTER,
+    CONFIG,
+    INBOX,
+    KUBERNETES,
+    METRICS,
+    ORCHESTRATOR,
+    PLANNER,
+    TOKENIZERS,
+    ZMQ_CONTEXT,
+)
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig, load_config
 from scheduler.control import ControlServer
@@ -26,9 +44,9 @@ from scheduler.placement.framework import Placer
 from scheduler.placement.predictor import OutputLengthPredictor
 from scheduler.planner import Planner
 from scheduler.pool_signals import pool_signals
-from scheduler.state import STATE, SchedulerState
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import PdorchError
+from transport.process_setup import setup_process
 
 log = logging.getLogger("pdorch.scheduler")
 
@@ -42,64 +60,92 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
     app.router.add_get("/health", ops.health)
     app.router.add_get("/ready", ops.ready)
     app.router.add_get("/metrics", ops.metrics)
+    _add_pure_parts(app, cfg)
+    app.cleanup_ctx.extend([tokenizer_registry, zmq_context, control_plane, kubernetes])
+    return app
 
-    async def wiring(app: web.Application) -> AsyncIterator[None]:
-        ctx = zmq.asyncio.Context()
-        metrics = Metrics()
-        inbox = Inbox()
-        admission = AdmissionGate(cfg.admission)
-        tokenizers = TokenizerRegistry()
-        cluster = Cluster(
-            heartbeat_interval_s=cfg.heartbeat_interval_s,
-            heartbeat_liveness=cfg.heartbeat_liveness,
-            on_lost=inbox.workers_lost,
-        )
-        control = ControlServer(
-            ctx,
-            bind=cfg.control_bind,
-            cluster=cluster,
-            inbox=inbox,
-            heartbeat_interval_s=cfg.heartbeat_interval_s,
-            heartbeat_liveness=cfg.heartbeat_liveness,
-            on_capacity=admission.notify,
-            on_tokenizer=tokenizers.provide,
-            token=cfg.control_token,
-        )
-        placer = Placer(cfg.placement, clock=time.perf_counter)
-        planner = Planner(cluster, placer, OutputLengthPredictor(cfg.predictor), colocated=cfg.colocated)
-        orchestrator = Orchestrator(cfg, cluster, control, inbox, planner, metrics, admission.notify)
-        metrics.bind_gauge(
-            "pdorch_requests_running", "Requests admitted and not finished", lambda: admission.inflight
-        )
-        metrics.bind_gauge(
-            "pdorch_requests_queued", "Requests waiting for admission", lambda: admission.queued
-        )
-        metrics.bind_gauge("pdorch_workers", "Registered workers", lambda: len(cluster.workers()))
-        metrics.bind_gauge(
-            "pdorch_workers_dropped", "Workers dropped since start", lambda: cluster.dropped_total
-        )
+
+def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
+    """What holds no socket, task or file: built once, before the app starts."""
+    inbox = Inbox()
+    admission = AdmissionGate(cfg.admission)
+    cluster = Cluster(
+        heartbeat_interval_s=cfg.heartbeat_interval_s,
+        heartbeat_liveness=cfg.heartbeat_liveness,
+        on_lost=inbox.workers_lost,
+    )
+    placer = Placer(cfg.placement, clock=time.perf_counter)
+    metrics = Metrics()
+    metrics.bind_gauge(
+        "pdorch_requests_running", "Requests admitted and not finished", lambda: admission.inflight
+    )
+    metrics.bind_gauge("pdorch_requests_queued", "Requests waiting for admission", lambda: admission.queued)
+    metrics.bind_gauge("pdorch_workers", "Registered workers", lambda: len(cluster.workers()))
+    metrics.bind_gauge("pdorch_workers_dropped", "Workers dropped since start", lambda: cluster.dropped_total)
+    metrics.watch_placement(placer)
+    app[CONFIG] = cfg
+    app[METRICS] = metrics
+    app[INBOX] = inbox
+    app[CLUSTER] = cluster
+    app[ADMISSION] = admission
+    app[PLANNER] = Planner(cluster, placer, OutputLengthPredictor(cfg.predictor), colocated=cfg.colocated)
+
+
+async def tokenizer_registry(app: web.Application) -> AsyncIterator[None]:
+    """The tokenizers requests are encoded with, and the temporary directory of the files workers ship."""
+    app[TOKENIZERS] = tokenizers = TokenizerRegistry()
+    yield
+    tokenizers.close()
+
+
+async def zmq_context(app: web.Application) -> AsyncIterator[None]:
+    app[ZMQ_CONTEXT] = ctx = zmq.asyncio.Context()
+    yield
+    ctx.term()  # returns once every socket of the context is closed
+
+
+async def control_plane(app: web.Application) -> AsyncIterator[None]:
+    """The workers' ROUTER socket and its tasks, and the orchestrator that sends jobs through it."""
+    cfg, cluster, inbox, admission, metrics = (
+        app[CONFIG],
+        app[CLUSTER],
+        app[INBOX],
+        app[ADMISSION],
+        app[METRICS],
+    )
+    control = ControlServer(
+        app[ZMQ_CONTEXT],
+        bind=cfg.control_bind,
+        cluster=cluster,
+        inbox=inbox,
+        heartbeat_interval_s=cfg.heartbeat_interval_s,
+        heartbeat_liveness=cfg.heartbeat_liveness,
+        on_capacity=admission.notify,
+        on_tokenizer=app[TOKENIZERS].provide,
+        token=cfg.control_token,
+    )
+    try:  # the socket is bound: close it even if starting fails, or the ZeroMQ context never ends
         metrics.bind_gauge(
             "pdorch_control_bad_messages", "Malformed control messages dropped", lambda: control.bad_messages
         )
-        metrics.watch_placement(placer)
-        app[STATE] = SchedulerState(
-            cfg, cluster, control, orchestrator, admission, planner, tokenizers, metrics
+        app[ORCHESTRATOR] = Orchestrator(
+            cfg, cluster, control, inbox, app[PLANNER], metrics, admission.notify
         )
         await control.start()
         log.info("control plane on %s", control.endpoint)
-        try:
-            async with kubernetes_runtime(
-                cfg.kubernetes, cluster, lambda pool: pool_signals(cluster, admission, pool)
-            ) as k8s:
-                app[STATE].kubernetes = k8s
-                yield
-        finally:
-            await control.close()
-            ctx.term()
-            tokenizers.close()
+        yield
+    finally:
+        await control.close()
 
-    app.cleanup_ctx.append(wiring)
-    return app
+
+async def kubernetes(app: web.Application) -> AsyncIterator[None]:
+    """Pod discovery and the autoscaler, when the config enables them."""
+    cfg, cluster, admission = app[CONFIG], app[CLUSTER], app[ADMISSION]
+    async with kubernetes_runtime(
+        cfg.kubernetes, cluster, lambda pool: pool_signals(cluster, admission, pool)
+    ) as runtime:
+        app[KUBERNETES] = runtime
+        yield
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,9 +160,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_process(args.log_level)
     try:
         cfg = load_config(
             args.config,
@@ -132,10 +176,6 @@ def main(args: argparse.Namespace) -> int:
     except PdorchError as e:
         log.error("%s", e.message)
         return 2
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # handler_cancellation: a client that hangs up cancels its request, which cancels its jobs.
     web.run_app(
         build_app(cfg), host=cfg.host, port=cfg.port, handler_cancellation=True, print=None, access_log=None

@@ -5,23 +5,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
 import socket
+from types import MappingProxyType
+from typing import cast
 
 import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.messages import Role
+from transport.process_setup import setup_process
 from workers.agent import Agent, AgentConfig
-from workers.engines.base import Engine
+from workers.engines import in_process_cli
+from workers.engines.engine_cli import DEFAULT_ACCELERATOR, EngineCli
 
 log = logging.getLogger("pdorch.worker")
 
 # The scheduler's control_token, when it requires one (the scheduler reads the same variable).
 CONTROL_TOKEN_ENV = "PDORCH_CONTROL_TOKEN"
+
+# --engine NAME -> the engine package's cli module (its flags and its build; see engine_cli.py).
+ENGINES = MappingProxyType(
+    {
+        "reference": "workers.engines.reference.cli",
+        "vllm": "workers.engines.vllm.cli",
+        "sim": "workers.engines.sim.cli",
+    }
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,17 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--role", choices=[r.value for r in Role], default="both", help="what jobs this worker takes"
     )
-    p.add_argument("--engine", choices=["reference", "vllm", "sim"], default="reference")
+    p.add_argument("--engine", choices=list(ENGINES), default="reference")
     p.add_argument(
         "--worker-id",
         default=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
         help="unique worker id (default: $POD_NAME, else host-pid)",
     )
     p.add_argument(
-        "--model", default="pdorch-reference", help="model name the worker serves (reference engine)"
-    )
-    p.add_argument(
-        "--accelerator", default="cpu", help="accelerator class label (e.g. H100, A100, L40S, cpu)"
+        "--accelerator",
+        default=DEFAULT_ACCELERATOR,
+        help="accelerator class label (e.g. H100, A100, L40S, cpu; sim: the class modeled)",
     )
     p.add_argument(
         "--kv-bind",
@@ -58,54 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE", help="label reported to the scheduler"
     )
-    # Reference engine.
-    p.add_argument("--num-blocks", type=int, default=4096, help="KV cache size in blocks (reference engine)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (reference engine)")
-    p.add_argument(
-        "--max-batch", type=int, default=64, help="max sequences per decode step (reference engine)"
-    )
-    p.add_argument(
-        "--max-prefill-tokens",
-        type=int,
-        default=512,
-        help="prompt tokens prefilled per engine step; longer prompts are chunked (reference engine)",
-    )
-    p.add_argument(
-        "--no-prefix-caching", action="store_true", help="disable prefix caching (reference engine)"
-    )
-    p.add_argument("--model-seed", type=int, default=0, help="weight seed of the reference model")
-    # vLLM engine.
-    p.add_argument("--vllm-url", default="http://127.0.0.1:8100", help="the vLLM server beside this agent")
-    p.add_argument(
-        "--model-dir", default=None, help="model directory (vLLM engine: tokenizer for the scheduler)"
-    )
-    # Simulated engine (load tests: timing and KV sizes of a real model on a real accelerator class).
-    p.add_argument(
-        "--sim-accelerator", default="h100", help="accelerator class modeled: a100, h100, l40s (sim)"
-    )
-    p.add_argument("--sim-tp", type=int, default=2, help="tensor-parallel devices modeled: 2, 4 or 8 (sim)")
-    p.add_argument(
-        "--sim-model", default="llama-3-8b", help="model shape modeled: llama-3-8b, llama-2-70b (sim)"
-    )
-    p.add_argument(
-        "--sim-time-scale",
-        type=float,
-        default=1.0,
-        help="multiplies modeled durations; 0.1 = 10x faster (sim)",
-    )
-    p.add_argument(
-        "--sim-kv-link-gbytes-per-s",
-        type=float,
-        default=25.0,
-        help="modeled KV link bandwidth per worker (sim)",
-    )
-    p.add_argument("--sim-num-blocks", type=int, default=0, help="KV blocks; 0 = from device memory (sim)")
-    p.add_argument("--sim-max-model-len", type=int, default=0, help="context length; 0 = the model's (sim)")
-    p.add_argument(
-        "--sim-mean-output-tokens", type=float, default=256.0, help="mean output length (EOS draw rate) (sim)"
-    )
-    p.add_argument("--sim-seed", type=int, default=0, help="seed of the simulated outputs (sim)")
     p.add_argument("--log-level", default="INFO")
+    in_process_cli.add_arguments(p.add_argument_group(in_process_cli.TITLE))
+    for name in ENGINES:
+        _engine_cli(name).add_arguments(p.add_argument_group(f"{name} engine"))
+
+
+def _engine_cli(name: str) -> EngineCli:
+    return cast(EngineCli, importlib.import_module(ENGINES[name]))
 
 
 def _labels(raw: list[str]) -> dict[str, str]:
@@ -118,70 +91,26 @@ def _labels(raw: list[str]) -> dict[str, str]:
     return labels
 
 
-def _make_engine(args: argparse.Namespace, sender: KvSender | None, receiver: KvReceiver | None) -> Engine:
-    if args.engine == "vllm":
-        from workers.engines.vllm.engine import VllmEngine
-
-        # vLLM's KV moves inside vLLM, through pdorch's connector, not through this process.
-        return VllmEngine(args.vllm_url, model_dir=args.model_dir)
-    if args.engine == "sim":
-        from workers.engines.sim.config import SimEngineConfig
-        from workers.engines.sim.engine import SimulatedEngine
-
-        config = SimEngineConfig(
-            accelerator=args.sim_accelerator,
-            model=args.sim_model,
-            tp=args.sim_tp,
-            model_name=args.model,
-            time_scale=args.sim_time_scale,
-            kv_link_gbytes_per_s=args.sim_kv_link_gbytes_per_s,
-            max_batch=args.max_batch,
-            chunk_tokens=args.max_prefill_tokens,
-            num_blocks=args.sim_num_blocks,
-            block_size=args.block_size,
-            max_model_len=args.sim_max_model_len,
-            mean_output_tokens=args.sim_mean_output_tokens,
-            enable_prefix_caching=not args.no_prefix_caching,
-            seed=args.sim_seed,
-        )
-        return SimulatedEngine(config, kv_sender=sender, kv_receiver=receiver)
-    from workers.engines.reference.config import ModelConfig
-    from workers.engines.reference.engine import ReferenceEngine
-
-    return ReferenceEngine(
-        ModelConfig(seed=args.model_seed),
-        model_name=args.model,
-        num_blocks=args.num_blocks,
-        block_size=args.block_size,
-        max_batch=args.max_batch,
-        max_prefill_tokens_per_step=args.max_prefill_tokens,
-        enable_prefix_caching=not args.no_prefix_caching,
-        kv_sender=sender,
-        kv_receiver=receiver,
-    )
-
-
 async def _serve(args: argparse.Namespace) -> int:
     ctx = zmq.asyncio.Context()
     role = Role(args.role)
     sender = receiver = None
+    engine_cli = _engine_cli(args.engine)
     try:
-        if args.engine != "vllm":
+        if engine_cli.MOVES_KV:
             # Engines that move their KV in this process get the KV plane for their role.
             if role in (Role.PREFILL, Role.BOTH):
                 sender = KvSender(ctx)
             if role in (Role.DECODE, Role.BOTH):
                 receiver = KvReceiver(ctx, bind=args.kv_bind)
                 await receiver.start()
-        engine = _make_engine(args, sender, receiver)
+        engine = engine_cli.build(args, sender, receiver)
         kv_endpoint = args.kv_advertise or (receiver.endpoint if receiver is not None else "")
-        if args.engine == "sim" and args.accelerator == "cpu":
-            args.accelerator = args.sim_accelerator  # the label placement scores: the class modeled
         cfg = AgentConfig(
             scheduler=args.scheduler,
             worker_id=args.worker_id,
             role=role,
-            accelerator=args.accelerator,
+            accelerator=engine_cli.accelerator(args),
             kv_endpoint=kv_endpoint,
             labels=_labels(args.label),
             # Only from the environment: a command line is visible to every local user.
@@ -209,13 +138,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    setup_process(args.log_level)
     try:
         return asyncio.run(_serve(args))
     except PdorchError as e:

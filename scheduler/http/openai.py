@@ -14,6 +14,9 @@ from aiohttp import web
 
 from scheduler.admission.gate import Ticket
 from scheduler.admission.queue import QueueFull
+from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, METRICS, ORCHESTRATOR, PLANNER, TOKENIZERS
+from scheduler.cluster import Cluster
+from scheduler.config import SchedulerConfig
 from scheduler.flow import GenerationRequest, TokenBatch
 from scheduler.http import sse
 from scheduler.http.errors import error_body
@@ -28,9 +31,9 @@ from scheduler.http.openai_schema import (
     stop_strings,
 )
 from scheduler.placement.types import PlacementRequest
-from scheduler.state import STATE, SchedulerState
 from scheduler.stop_strings import TextStream
 from scheduler.tokenizer.base import Tokenizer
+from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import FinishReason, Hello, SamplingParams
 
@@ -49,8 +52,8 @@ class _Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def _tenant(request: web.Request, state: SchedulerState) -> str:
-    keys = state.cfg.api_keys
+def _tenant(request: web.Request, cfg: SchedulerConfig) -> str:
+    keys = cfg.api_keys
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header.lower().startswith("bearer ") else ""
     if keys and token not in keys:
@@ -58,14 +61,14 @@ def _tenant(request: web.Request, state: SchedulerState) -> str:
     return token[:12] if keys else ""
 
 
-def _tokenizer_for(state: SchedulerState, model: str) -> tuple[Tokenizer, Hello]:
-    hello = state.cluster.hello_for_model(model)
+def _tokenizer_for(cluster: Cluster, tokenizers: TokenizerRegistry, model: str) -> tuple[Tokenizer, Hello]:
+    hello = cluster.hello_for_model(model)
     if hello is None:
-        if not state.cluster.workers():
+        if not cluster.workers():
             raise PdorchError(ErrorCode.NO_WORKER, "no worker is registered yet")
-        known = ", ".join(state.cluster.models()) or "none"
+        known = ", ".join(cluster.models()) or "none"
         raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} does not exist (served: {known})")
-    return state.tokenizers.get(hello.tokenizer), hello
+    return tokenizers.get(hello.tokenizer), hello
 
 
 # A client's guess of the output length, fed to the output-length predictor.
@@ -96,16 +99,14 @@ async def _read(request: web.Request, limit: int) -> bytes:
         raise bad(f"cannot read request body: {e}") from None
 
 
-def _build(
-    request: web.Request, state: SchedulerState, req: CompletionRequest | ChatCompletionRequest, chat: bool
-) -> _Job:
-    cfg = state.cfg
-    tenant = _tenant(request, state)
+def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> _Job:
+    cfg = request.app[CONFIG]
+    tenant = _tenant(request, cfg)
     max_tokens = (
         req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
     )
     max_tokens = check_common(req, max_tokens, default_max=cfg.default_max_tokens, limit=cfg.max_tokens_limit)
-    tokenizer, hello = _tokenizer_for(state, req.model)
+    tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     max_model_len = hello.max_model_len
     if chat:
         ids = tokenizer.apply_chat_template(chat_messages(req))
@@ -139,20 +140,18 @@ def _build(
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    req = parse_body(await _read(request, state.cfg.max_body_bytes), CompletionRequest)
-    return await _serve(request, state, _build(request, state, req, chat=False))
+    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), CompletionRequest)
+    return await _serve(request, _build(request, req, chat=False))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    req = parse_body(await _read(request, state.cfg.max_body_bytes), ChatCompletionRequest)
-    return await _serve(request, state, _build(request, state, req, chat=True))
+    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), ChatCompletionRequest)
+    return await _serve(request, _build(request, req, chat=True))
 
 
 async def models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdorch"} for m in state.cluster.models()]
+    served = request.app[CLUSTER].models()
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdorch"} for m in served]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -221,15 +220,15 @@ def _envelope(job: _Job, chunk: bool) -> dict[str, Any]:
     return {"id": job.greq.request_id, "object": kind, "created": job.created, "model": job.greq.model}
 
 
-async def _serve(request: web.Request, state: SchedulerState, job: _Job) -> web.StreamResponse:
-    metrics = state.metrics
+async def _serve(request: web.Request, job: _Job) -> web.StreamResponse:
+    metrics, orchestrator = request.app[METRICS], request.app[ORCHESTRATOR]
     metrics.prompt_tokens.inc(len(job.greq.prompt_token_ids))
     progress = _Progress()
     first_at: float | None = None
     try:
-        plan = state.orchestrator.plan(job.greq)
-        async with await _admit(state, job, plan[1]):
-            batches = state.orchestrator.generate(job.greq, plan)
+        plan = orchestrator.plan(job.greq)
+        async with await _admit(request.app, job, plan[1]):
+            batches = orchestrator.generate(job.greq, plan)
             async with contextlib.aclosing(batches):
                 deltas = _text_deltas(job, batches, progress)
                 async with contextlib.aclosing(deltas):
@@ -255,20 +254,21 @@ async def _serve(request: web.Request, state: SchedulerState, job: _Job) -> web.
                 metrics.tpot.observe((now - first_at) / (len(progress.token_ids) - 1))
 
 
-async def _admit(state: SchedulerState, job: _Job, preq: PlacementRequest) -> Ticket:
+async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Ticket:
     """Wait in the fair-share queue until placement finds room for the request (or give up)."""
-    if not state.cluster.can_serve(state.cfg.colocated):
+    cfg, planner = app[CONFIG], app[PLANNER]
+    if not app[CLUSTER].can_serve(cfg.colocated):
         raise PdorchError(ErrorCode.NO_WORKER, "no worker of a needed role is available")
     try:
-        return await state.admission.acquire(
+        return await app[ADMISSION].acquire(
             job.greq.tenant,
             job.greq.priority,
-            state.cfg.queue_timeout_s,
-            has_room=lambda: state.planner.has_room(preq),
+            cfg.queue_timeout_s,
+            has_room=lambda: planner.has_room(preq),
         )
     except PdorchError as e:
         if e.code is ErrorCode.DEADLINE_EXCEEDED:
-            raise QueueFull(f"no capacity within {state.cfg.queue_timeout_s:g}s; retry later", 1.0) from None
+            raise QueueFull(f"no capacity within {cfg.queue_timeout_s:g}s; retry later", 1.0) from None
         raise
 
 

@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from scheduler.state import STATE
+from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, KUBERNETES, METRICS
 from transport.messages import Role
 
 
@@ -16,22 +16,22 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    cluster = request.app[STATE].cluster
+    cluster = request.app[CLUSTER]
     prefill, decode = cluster.has_role(Role.PREFILL), cluster.has_role(Role.DECODE)
     body = {"ready": prefill and decode, "prefill_workers": prefill, "decode_workers": decode}
     return web.json_response(body, status=200 if prefill and decode else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    payload = generate_latest(request.app[STATE].metrics.registry)
+    payload = generate_latest(request.app[METRICS].registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def cluster(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+    cfg, admission, directory = request.app[CONFIG], request.app[ADMISSION], request.app[CLUSTER]
     now = time.monotonic()
     workers = []
-    for w in state.cluster.workers():
+    for w in directory.workers():
         h = w.hello
         workers.append(
             {
@@ -57,8 +57,8 @@ async def cluster(request: web.Request) -> web.Response:
                 "labels": h.labels,
             }
         )
-    expected = {pool: sorted(ids) for pool, ids in state.cluster.expected().items()}
-    autoscaler = state.kubernetes.autoscaler if state.kubernetes is not None else None
+    expected = {pool: sorted(ids) for pool, ids in directory.expected().items()}
+    autoscaler = request.app[KUBERNETES].autoscaler
     scaling = (
         {}
         if autoscaler is None
@@ -69,10 +69,10 @@ async def cluster(request: web.Request) -> web.Response:
     )
     return web.json_response(
         {
-            "kv_mode": "colocated" if state.cfg.colocated else state.cfg.kv_mode,
+            "kv_mode": "colocated" if cfg.colocated else cfg.kv_mode,
             "workers": workers,
             "expected": expected,
             "autoscaler": scaling,
-            "admission": {"running": state.admission.inflight, "queued": state.admission.queued},
+            "admission": {"running": admission.inflight, "queued": admission.queued},
         }
     )

@@ -2,7 +2,7 @@
 
 ``transport`` imports neither ``scheduler`` nor ``workers``; ``scheduler`` never imports
 ``workers``; an agent (and so every vLLM worker process, which loads the KV plane) does not load
-the KV broker server.
+the KV broker server, nor any engine but its own.
 """
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ import pytest
 
 
 def _loaded(module: str) -> set[str]:
-    code = f"import json, sys; import {module}; print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return _loaded_by(f"import {module}")
+
+
+def _loaded_by(code: str) -> set[str]:
+    """The modules loaded after running ``code`` in a fresh interpreter."""
+    script = f"{code}\nimport json, sys; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
     return set(json.loads(out.stdout))
 
 
@@ -38,3 +43,24 @@ def test_agent_does_not_load_the_broker_server() -> None:
     loaded = _loaded("workers.main")
     assert "transport.kv.broker" not in loaded
     assert "transport.kv" in loaded  # the check is meaningful: the KV plane itself is loaded
+
+
+ENGINES = ("reference", "vllm", "sim")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_worker_loads_only_the_engine_it_builds(engine: str) -> None:
+    loaded = _loaded_by(
+        "import argparse\n"
+        "from workers import main\n"
+        "p = argparse.ArgumentParser()\n"
+        "main.add_arguments(p)\n"
+        f"args = p.parse_args(['--engine', '{engine}'])\n"
+        f"main._engine_cli('{engine}').build(args, None, None)"
+    )
+    assert f"workers.engines.{engine}.engine" in loaded  # the check is meaningful: it was built
+    for other in ENGINES:
+        if other != engine:
+            package = f"workers.engines.{other}"
+            # Its flags are on the command line; nothing else of it is loaded.
+            assert _top(loaded, package) == {package, f"{package}.cli"}

@@ -99,6 +99,25 @@ def test_kv_full_preempts_the_newest_and_recomputes_it() -> None:
     assert e.idle
 
 
+def test_a_recompute_admitted_while_a_prompt_runs_is_not_lost() -> None:
+    e = SimEngine(COST)
+    e.capacity = 1000
+    e.submit_prefill(0.0, 1, 400, (), decode_here=False, output_len=2)  # its KV held until released
+    e.submit_prefill(0.0, 2, 200, (), decode_here=True, output_len=150)
+    e.submit_prefill(0.0, 3, 200, (), decode_here=True, output_len=150)
+    events: list = []
+    while EventKind.PREEMPTED not in kinds(events, 3):
+        events += e.advance(e.next_event_time())
+    t = events[-1].time
+    e.submit_prefill(t, 4, 100, (), decode_here=True, output_len=5)
+    # Freeing the handoff's KV while request 4's prefill runs re-admits request 3 in front of it.
+    e.release(t, 1)
+    events += run(e)
+    assert kinds(events, 4) == [EventKind.PREFILL_DONE, EventKind.FINISHED]
+    assert kinds(events, 3) == [EventKind.PREFILL_DONE, EventKind.PREEMPTED, EventKind.FINISHED]
+    assert e.idle
+
+
 def test_prefill_is_chunked_while_sequences_decode() -> None:
     chunked = SimEngine(COST, EngineParams(chunk_tokens=256))
     chunked.submit_prefill(0.0, 1, 100, (), decode_here=True, output_len=2000)

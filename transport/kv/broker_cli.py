@@ -17,6 +17,7 @@ import sys
 import zmq.asyncio
 
 from transport.kv.broker import KvBroker
+from transport.process_setup import setup_process
 
 log = logging.getLogger("pdorch.kv_broker")
 MIB = 1024 * 1024
@@ -63,13 +64,8 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def broker_main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        import uvloop  # the faster event loop, when installed
-    except ImportError:
-        asyncio.run(_serve(args))
-    else:
-        uvloop.run(_serve(args))
+    setup_process(args.log_level)
+    asyncio.run(_serve(args))
     return 0
 
 

@@ -1,12 +1,13 @@
 """The simulated engine's batching loop, as a pure state machine over a caller-supplied clock.
 
-:class:`SimBatcher` is driven like the virtual-time ``SimEngine`` (every call takes the time ``t``
-in model seconds; nothing sleeps), but it steps discretely, one token per decode step, because a
-real-time worker streams each token, and it can cancel any request at any moment and free its KV.
-The real-time engine (``engine.py``) drives one with a scaled monotonic clock; tests drive it
-directly and count steps.
+Every call of :class:`SimBatcher` takes the time ``t`` in model seconds; nothing sleeps. It steps
+discretely, one token per decode step, because a real-time worker streams each token, and it can
+cancel any request at any moment and free its KV. The real-time engine (``engine.py``) drives one
+with a scaled monotonic clock; tests drive it directly and count steps. The trace simulator uses a
+faster fluid model of the same engine instead (``simulate/fluid.py``, whose docstring lists where
+the two differ; a test checks that they agree).
 
-One iteration, like vLLM's scheduler step and ``SimEngine``'s:
+One iteration, like vLLM's scheduler step:
 
 * sequences whose KV has arrived or whose prompt is done join the running batch while it has a
   free slot (``max_batch``);
