@@ -1,7 +1,9 @@
 """``pdorch up``: a whole pdorch cluster as separate OS processes on 127.0.0.1.
 
-It only spawns processes (``python -m pdorch ...``); it imports neither the scheduler's nor the
-workers' internals. The end-to-end tests use :class:`LocalCluster` too, so what they test is what
+It only spawns processes (``python -m pdorch ...``) and supervises them (``supervisor.py``: a child
+that dies is restarted, the cluster stays whole). It imports none of the scheduler's internals and
+of the workers' only ``workers.engines.vllm.launch``, which builds a vLLM server's command line
+(it imports no vLLM). The end-to-end tests use :class:`LocalCluster` too, so what they test is what
 ``make run`` starts.
 """
 
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdorch.supervisor import Supervisor
 from transport.messages import Role
 
 
@@ -122,15 +125,17 @@ class LocalCluster:
     def _spawn_argv(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self._args[name] = argv
         self._envs[name] = env
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child's lifetime
-        self.procs[name] = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop the children in order
-            preexec_fn=_stop_with_launcher_hook(),  # one syscall in the child, before exec
-        )
+        # The child gets its own copy of the log's descriptor; ours closes at once (restarts of a
+        # crashing child must not pile up open files here).
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop the children in order
+                preexec_fn=_stop_with_launcher_hook(),  # one syscall in the child, before exec
+            )
 
     def worker_names(self) -> list[str]:
         # vLLM servers ("vllm-<worker>") are stopped after their agents, with the scheduler.
@@ -377,15 +382,14 @@ def main(args: argparse.Namespace) -> int:
             f"Cluster state: {cluster.url}/v1/cluster   Ctrl-C stops everything.",
             flush=True,
         )
+
+        def say(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        supervisor = Supervisor(cluster.restart, say=say)
         while True:
-            for name, proc in cluster.procs.items():
-                if proc.poll() is not None:
-                    print(
-                        f"{name} exited with {proc.returncode}; stopping. Last lines:\n{cluster.tail(name)}",
-                        file=sys.stderr,
-                    )
-                    return 1
-            time.sleep(0.5)
+            supervisor.check(cluster.procs)
+            time.sleep(0.2)
     except KeyboardInterrupt:
         print("\nstopping...", flush=True)
         return 0

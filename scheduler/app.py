@@ -128,6 +128,11 @@ async def control_plane(app: web.Application) -> AsyncIterator[None]:
         metrics.bind_gauge(
             "pdorch_control_bad_messages", "Malformed control messages dropped", lambda: control.bad_messages
         )
+        metrics.bind_gauge(
+            "pdorch_control_late_messages",
+            "Worker messages for jobs that were over (finished, cancelled, or moved to other workers)",
+            lambda: inbox.dropped,
+        )
         app[ORCHESTRATOR] = Orchestrator(
             cfg, cluster, control, inbox, app[PLANNER], metrics, admission.notify
         )

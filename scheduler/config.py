@@ -53,6 +53,12 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Once prefill has answered, its KV is computed and on the wire: the handoff must complete
     # within this, plus one second per GB of KV.
     kv_handoff_timeout_s: float = 10.0
+    # Attempts at one request: when a worker it depends on dies, stalls (no progress within the
+    # deadlines above) or fails it, the request moves to other workers from the tokens it has.
+    max_attempts: int = 4
+    # Centralized mode: after a handoff through the broker fails, handoffs go peer to peer for
+    # this long (doubling while failures repeat, up to 30 s), then the broker is tried again.
+    kv_broker_backoff_s: float = 1.0
     # Bearer tokens accepted on /v1 (empty: no auth). The key also names the tenant.
     api_keys: list[str] = []
     # A shared secret every worker must present to register (empty: any worker may). Set it from a
@@ -72,6 +78,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check(0 < self.port < 65536, "port", "must be 1..65535")
         _check(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
         _check(self.heartbeat_liveness >= 2, "heartbeat_liveness", "must be >= 2")
+        _check(self.max_attempts >= 1, "max_attempts", "must be >= 1")
         for name in ("max_prompt_tokens", "max_tokens_limit", "default_max_tokens"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         for name in (
@@ -80,6 +87,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "token_timeout_s",
             "request_timeout_s",
             "kv_handoff_timeout_s",
+            "kv_broker_backoff_s",
         ):
             _check(getattr(self, name) > 0, name, "must be > 0")
         _check(

@@ -1,8 +1,13 @@
 """The scheduler's end of the control plane: one ROUTER socket, every agent a DEALER peer.
 
 It registers workers (Hello -> Welcome, version checked), treats any message as a heartbeat,
-sends heartbeats, expires silent workers, and hands request-scoped messages to the inbox.
+sends heartbeats, expires silent workers, and hands job-scoped messages to the inbox.
 Malformed frames are counted and dropped; the loop never dies on a peer's mistake.
+
+The socket is a plain one driven by the event loop (:class:`LoopSocket`), so a send fails at once
+when its peer is gone (``EHOSTUNREACH``: the ROUTER no longer has a connection with that identity,
+e.g. the agent's process died) or stuck (``EAGAIN``: its queue is full). Such a worker is dropped
+then, its requests told at once, instead of at the next heartbeat expiry.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from scheduler.inbox import Inbox
 from transport import sockets
 from transport.codec import Decoder, Encoder
 from transport.errors import PdorchError
+from transport.loop_socket import LoopSocket
 from transport.messages import (
     PROTOCOL_VERSION,
     Disconnect,
@@ -58,8 +64,8 @@ class ControlServer:
         token: str = "",
     ) -> None:
         """``token``: when set, a Hello must carry it to register."""
-        self._sock = sockets.router(ctx, bind, handover=True)
-        self.endpoint = sockets.bound_endpoint(self._sock)
+        self._sock = LoopSocket(sockets.router(sockets.plain_context(ctx), bind, handover=True))
+        self.endpoint = sockets.bound_endpoint(self._sock.raw)
         self._cluster = cluster
         self._inbox = inbox
         self._interval = heartbeat_interval_s
@@ -82,7 +88,7 @@ class ControlServer:
 
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)
-        self._sock.close(linger=0)
+        self._sock.close()
 
     # ------------------------------------------------------------------ sending
 
@@ -98,11 +104,11 @@ class ControlServer:
 
     def _send_to(self, identity: bytes, msg: ToWorker) -> bool:
         try:
-            self._sock.send_multipart([identity, *self._enc.encode(msg)], flags=zmq.NOBLOCK, copy=False)
+            self._sock.send_now([identity, *self._enc.encode(msg)])
             return True
         except zmq.ZMQError as e:
             # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY); EAGAIN: its queue is full (stuck peer).
-            log.warning("cannot send %s to %r: %s", type(msg).__name__, identity, e)
+            log.warning("cannot send %s to %r: %s", type(msg).__name__, identity[:64], e)
             return False
 
     # ------------------------------------------------------------------ receiving
@@ -135,7 +141,7 @@ class ControlServer:
                 worker.load = msg.load
                 self._on_capacity()
         elif isinstance(msg, TokenOutput | KvLoaded | JobError):
-            self._inbox.deliver(wid, msg.request_id, msg)
+            self._inbox.deliver(wid, msg.request_id, msg)  # request_id: the job's (attempt's) id
         elif isinstance(msg, TokenizerFiles):
             try:
                 self._on_tokenizer(worker.hello.tokenizer, msg.files)
@@ -184,6 +190,6 @@ class ControlServer:
         while True:
             await asyncio.sleep(self._interval)
             for worker in self._cluster.workers():
-                self._send_to(worker.identity, beat)
+                self.send(worker.worker_id, beat)
             for wid in self._cluster.expire(self._clock()):
                 log.warning("worker %s dropped: no heartbeat for %.1fs", wid, self._interval * self._liveness)

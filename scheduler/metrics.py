@@ -38,8 +38,25 @@ class Metrics:
         self.handoffs = Counter(
             "pdorch_kv_handoffs", "KV handoffs by mode and outcome", ["mode", "outcome"], registry=r
         )
-        self.decode_retries = Counter(
-            "pdorch_decode_retries", "Decode jobs re-placed after a lost decode worker", registry=r
+        self.migrations = Counter(
+            "pdorch_migrations",
+            "Requests moved on after a worker failed them, by the phase they were in, the kind of "
+            "failure (lost, stalled, error) and the recovery (resume from the tokens so far, "
+            "new_decode: another decode worker takes the broker's KV, give_up)",
+            ["phase", "cause", "recovery"],
+            registry=r,
+        )
+        self.attempts = Histogram(
+            "pdorch_request_attempts",
+            "Attempts per request (1 = no migration)",
+            buckets=(1, 2, 3, 4, 6, 8),
+            registry=r,
+        )
+        self.migration_seconds = Histogram(
+            "pdorch_migration_seconds",
+            "Time a migration cost a request: its last progress before the failure to the next",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
 
     def bind_gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:

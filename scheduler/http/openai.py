@@ -170,7 +170,9 @@ class _Progress:
 async def _text_deltas(
     job: _Job, batches: AsyncIterator[TokenBatch], progress: _Progress
 ) -> AsyncIterator[str]:
-    """Text deltas until the request finishes or a stop string shows up (which ends generation)."""
+    """Text deltas, one per batch of tokens (empty while the text is held back: an incomplete UTF-8
+    sequence, a possible stop string), until the request finishes or a stop string shows up
+    (which ends generation)."""
     text = TextStream(job.tokenizer.decoder(), job.stop)
     async for batch in batches:
         progress.token_ids.extend(batch.token_ids)
@@ -184,8 +186,7 @@ async def _text_deltas(
             progress.finish_reason = str(batch.finish_reason)
             yield delta + text.finish()
             return
-        if delta:
-            yield delta
+        yield delta
 
 
 def _usage(job: _Job, progress: _Progress) -> dict[str, Any]:
@@ -302,11 +303,14 @@ async def _stream(
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
             ]
             await sse.send_event(resp, role)
-        pending = first
+        # Each piece goes out as soon as it exists (with its token ids, when asked for them);
+        # the finish reason follows in a last chunk of its own, as vLLM and OpenAI send it.
+        if first or job.return_token_ids:
+            await emit(first, None)
         async for delta in deltas:
-            await emit(pending, None)
-            pending = delta
-        await emit(pending, progress.finish_reason)
+            if delta or (job.return_token_ids and len(progress.token_ids) > sent_ids):
+                await emit(delta, None)
+        await emit("", progress.finish_reason)
         if job.include_usage:
             tail = _envelope(job, chunk=True)
             tail["choices"] = []

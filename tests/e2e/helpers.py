@@ -22,12 +22,13 @@ async def complete(session: aiohttp.ClientSession, url: str, **body: Any) -> dic
 
 
 async def stream_tokens(
-    session: aiohttp.ClientSession, url: str, **body: Any
+    session: aiohttp.ClientSession, url: str, *, seen: list[int] | None = None, **body: Any
 ) -> tuple[list[int], str, list[dict]]:
-    """Streams a completion; returns (token ids, finish reason, all events)."""
+    """Streams a completion; returns (token ids, finish reason, all events). Token ids are also
+    appended to ``seen`` as they arrive, for a test that acts on a stream's progress."""
     body.setdefault("model", MODEL)
     body.update(stream=True, return_token_ids=True)
-    ids: list[int] = []
+    ids: list[int] = seen if seen is not None else []
     finish = ""
     events: list[dict] = []
     async with session.post(url + "/v1/completions", json=body) as r:
@@ -46,6 +47,32 @@ async def stream_tokens(
                 ids.extend(choice.get("token_ids") or [])
                 finish = choice.get("finish_reason") or finish
     return ids, finish, events
+
+
+async def generate(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], seen: list[int] | None = None
+) -> tuple[list[int], str]:
+    """(token ids, finish reason) of a completion, streamed if ``body["stream"]``."""
+    body = dict(body)
+    if body.pop("stream", False):
+        ids, finish, _ = await stream_tokens(session, url, seen=seen, **body)
+        return ids, finish
+    choice = (await complete(session, url, **body))["choices"][0]
+    return choice["token_ids"], choice["finish_reason"]
+
+
+async def metric(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus sample over every series whose labels include ``labels``."""
+    async with session.get(url + "/metrics") as r:
+        text = await r.text()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        series, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 async def gather_limited(coros: list[Any], limit: int) -> list[Any]:

@@ -7,8 +7,6 @@ stream; the client must get an error, not tokens decoded from damaged KV.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -17,61 +15,9 @@ import pytest
 from pdorch.launcher import LocalCluster, free_port
 from tests.e2e.conftest import start_cluster
 from tests.e2e.helpers import MODEL, complete
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
-
-
-class DamagingProxy:
-    """Forwards TCP both ways; in 'corrupt' mode flips one byte per 256 KiB sender->receiver, in
-    'truncate' mode closes a connection after 300 KB."""
-
-    def __init__(self, listen_port: int, target_port: int) -> None:
-        self.listen_port = listen_port
-        self.target_port = target_port
-        self.mode = "pass"
-        self.damaged = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.listen_port)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(
-            self._pipe(reader, up_writer, damage=True),
-            self._pipe(up_reader, writer, damage=False),
-            return_exceptions=True,
-        )
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, damage: bool) -> None:
-        seen = 0
-        try:
-            while data := await reader.read(65536):
-                if damage and self.mode == "corrupt":
-                    buf = bytearray(data)
-                    for pos in range(len(buf)):
-                        if (seen + pos) % 262144 == 131072:
-                            buf[pos] ^= 0x5A
-                            self.damaged += 1
-                    data = bytes(buf)
-                if damage and self.mode == "truncate" and seen + len(data) > 300_000:
-                    writer.write(data[: max(0, 300_000 - seen)])
-                    self.damaged += 1
-                    break
-                seen += len(data)
-                writer.write(data)
-                await writer.drain()
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
 
 
 @pytest.fixture
@@ -98,9 +44,9 @@ def proxied_cluster(tmp_path, monkeypatch) -> Iterator[tuple[LocalCluster, int, 
 
 
 @pytest.fixture
-async def proxy(proxied_cluster) -> AsyncIterator[DamagingProxy]:
+async def proxy(proxied_cluster) -> AsyncIterator[TcpProxy]:
     _, kv_port, proxy_port = proxied_cluster
-    p = DamagingProxy(proxy_port, kv_port)
+    p = TcpProxy(proxy_port, kv_port)
     await p.start()
     yield p
     await p.close()
@@ -116,9 +62,7 @@ async def _attempt(url: str, prompt: list[int]) -> tuple[int, dict]:
 @pytest.mark.parametrize(
     "mode, codes", [("corrupt", {"kv_corrupt"}), ("truncate", {"kv_truncated", "kv_timeout"})]
 )
-async def test_damaged_kv_is_detected(
-    proxied_cluster, proxy: DamagingProxy, mode: str, codes: set[str]
-) -> None:
+async def test_damaged_kv_is_detected(proxied_cluster, proxy: TcpProxy, mode: str, codes: set[str]) -> None:
     cluster, _, _ = proxied_cluster
     prompt = [(i * 7) % 256 for i in range(400)]  # 400 tokens: ~1.6 MB of KV, several damaged spots
     status, good = await _attempt(cluster.url, prompt)

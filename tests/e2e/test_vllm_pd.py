@@ -25,7 +25,7 @@ import pytest
 
 from pdorch.launcher import ClusterSpec, LocalCluster
 from scheduler.tokenizer.hf import HfTokenizer
-from tests.vllm_support.damaging_proxy import DamagingProxy
+from tests.support.tcp_proxy import TcpProxy
 from tests.vllm_support.environment import build_tiny_model, free_port, vllm_python
 from tests.vllm_support.processes import VllmServer, wait_healthy
 from transport.errors import PdorchError
@@ -240,7 +240,7 @@ async def test_seeded_sampling_disaggregated_equals_colocated(cluster: Cluster, 
 
 
 async def test_corrupted_kv_transfer_fails_the_decode(cluster: Cluster, engines: Engines) -> None:
-    proxy = DamagingProxy(free_port(), int(cluster.kv_endpoint.rsplit(":", 1)[1]))
+    proxy = TcpProxy(free_port(), int(cluster.kv_endpoint.rsplit(":", 1)[1]))
     await proxy.start()
     try:
         prompt = max(cluster.prompts, key=len)  # many blocks: bulk frames to damage
@@ -249,11 +249,11 @@ async def test_corrupted_kv_transfer_fails_the_decode(cluster: Cluster, engines:
         route = KvRoute(KvMode.P2P, proxy.endpoint, "proxy-ok")
         ok = await disaggregated(engines, "proxy-ok", prompt, s, route, decode_first=True)
         assert len(ok) == 8
-        proxy.corrupt = True
+        proxy.mode = "corrupt"
         route = KvRoute(KvMode.P2P, proxy.endpoint, "proxy-bad")
         with pytest.raises(PdorchError):
             await disaggregated(engines, "proxy-bad", prompt, s, route, decode_first=True)
-        assert proxy.flipped > 0
+        assert proxy.damaged > 0
         assert engines.d_out.tokens["proxy-bad"] == [], "no token may come from damaged KV"
         assert "proxy-bad" not in engines.d_out.kv_loaded
     finally:

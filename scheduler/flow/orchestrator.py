@@ -1,0 +1,427 @@
+"""One request's lifecycle: place -> reserve -> prefill -> handoff -> decode -> finish, and migrate.
+
+``Orchestrator.generate`` is an async generator of token batches. A request runs as a sequence of
+attempts (``attempt.py``): when a worker it depends on dies, stalls or fails it, ``recovery.py``
+decides what to redo, and the request goes on from the tokens it already has on other workers; the
+client sees a pause, never an error or a repeated token. Only the request's own faults, running
+out of attempts (``max_attempts``) or of time (``request_timeout_s``), or finding no worker to
+move to within ``queue_timeout_s`` end it with an error.
+
+Every wait has a deadline, and every exit path (finish, error, client gone) releases what the
+request holds: reservations (Unreserve), inbox entries, and jobs still running (Cancel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from scheduler.cluster import Cluster
+from scheduler.config import SchedulerConfig
+from scheduler.control import ControlServer
+from scheduler.flow.attempt import Attempt, Failure, Phase
+from scheduler.flow.broker_health import BrokerHealth
+from scheduler.flow.recovery import KV_PLANE_FAULTS, Recovery, recovery
+from scheduler.flow.request import GenerationRequest, TokenBatch
+from scheduler.inbox import Delivery, Inbox, WorkerLost
+from scheduler.metrics import Metrics
+from scheduler.placement.predictor import OutputFeatures
+from scheduler.placement.types import Placement, PlacementRequest
+from scheduler.planner import Planner
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import (
+    Cancel,
+    DecodeJob,
+    GenerateJob,
+    JobError,
+    KvLoaded,
+    KvMode,
+    KvRoute,
+    PrefillJob,
+    TokenOutput,
+)
+
+log = logging.getLogger("pdorch.flow")
+
+# How often a request that is moving to other workers looks for room when none is free.
+_PLACE_RETRY_S = 0.05
+
+
+@dataclass
+class _Run:
+    """A request's progress across its attempts."""
+
+    req: GenerationRequest
+    preq: PlacementRequest  # what the current attempt was placed as
+    attempt: Attempt | None = None
+    tokens: list[int] = field(default_factory=list)  # every token given to the client so far
+    progress_at: float = field(default_factory=time.monotonic)  # the last sign of progress
+    # Workers that failed the request while staying registered: placed elsewhere when possible.
+    avoid: set[str] = field(default_factory=set)
+    lost_since: float | None = None  # when the progress a migration has to make up was made
+    prefill_tokens_pending: int = 0  # prompt tokens the current attempt's prefill owes an answer
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        cluster: Cluster,
+        control: ControlServer,
+        inbox: Inbox,
+        planner: Planner,
+        metrics: Metrics,
+        on_capacity: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._cfg = cfg
+        self._cluster = cluster
+        self._control = control
+        self._inbox = inbox
+        self._planner = planner
+        self._metrics = metrics
+        self._on_capacity = on_capacity
+        self.broker = BrokerHealth(cfg.kv_broker_backoff_s)
+
+    def plan(self, req: GenerationRequest) -> tuple[OutputFeatures, PlacementRequest]:
+        return self._plan(req, req.request_id, req.prompt_token_ids, req.sampling.max_tokens)
+
+    def _plan(
+        self, req: GenerationRequest, job_id: str, prompt: list[int], max_tokens: int
+    ) -> tuple[OutputFeatures, PlacementRequest]:
+        features = self._planner.features(req.model, prompt, max_tokens, req.tenant, req.hint)
+        return features, self._planner.request(job_id, features, prompt, req.priority)
+
+    # ------------------------------------------------------------------ the lifecycle
+
+    async def generate(
+        self, req: GenerationRequest, plan: tuple[OutputFeatures, PlacementRequest] | None = None
+    ) -> AsyncIterator[TokenBatch]:
+        rid = req.request_id
+        features, preq = plan or self.plan(req)
+        queue = self._inbox.open(rid)
+        run = _Run(req, preq)
+        finished = False
+        try:
+            run.attempt = self._dispatch(run, preq, self._planner.place(preq), 0)
+            while True:
+                attempt = run.attempt
+                item = await self._next(run, attempt, queue)
+                batch, failure = item if isinstance(item, tuple) else (None, item)
+                if batch is not None:
+                    yield batch
+                    if batch.finish_reason is not None:
+                        finished = True
+                        return
+                if failure is not None:
+                    await self._recover(run, attempt, failure)
+        finally:
+            self._inbox.close(rid)
+            if run.attempt is not None:
+                self._abandon(run, run.attempt)
+                self._metrics.attempts.observe(run.attempt.number + 1)
+            if finished:
+                self._planner.observe(features, len(run.tokens))
+
+    async def _next(
+        self, run: _Run, attempt: Attempt, queue: asyncio.Queue[Delivery]
+    ) -> tuple[TokenBatch | None, Failure | None] | Failure:
+        """The next batch for the client and/or failure of the attempt (waiting as long as allowed)."""
+        while True:
+            timeout, code, what = self._phase_timeout(run, attempt)
+            phase_end = run.progress_at + timeout
+            request_end = run.req.arrival + self._cfg.request_timeout_s
+            try:
+                worker_id, job_id, event = await asyncio.wait_for(
+                    queue.get(), max(0.0, min(phase_end, request_end) - time.monotonic())
+                )
+            except TimeoutError:
+                if request_end <= phase_end:
+                    raise PdorchError(
+                        ErrorCode.DEADLINE_EXCEEDED,
+                        f"request did not finish within {self._cfg.request_timeout_s:g}s",
+                    ) from None
+                return Failure(attempt.progress_worker(), code, f"{what} within {timeout:g}s", "stalled")
+            if job_id != attempt.job_id:
+                continue  # queued by an attempt that was abandoned since
+            batch, failure = self._on_event(run, attempt, worker_id, event)
+            if batch is not None or failure is not None:
+                return batch, failure
+
+    def _on_event(
+        self, run: _Run, a: Attempt, worker_id: str, event: TokenOutput | KvLoaded | JobError | WorkerLost
+    ) -> tuple[TokenBatch | None, Failure | None]:
+        if isinstance(event, TokenOutput):
+            if a.split and worker_id == a.prefill:
+                if a.first_token_in:
+                    return None, None  # token 0 already came with KvLoaded
+                self._first_token(run, a)
+                held, a.held = a.held, None
+                batch = self._accept(run, a, worker_id, event)
+                # The prefill's token stands; a decode failure held for it counts only if the
+                # request goes on (the decode side saw "prefill stopped" when it ended there).
+                return batch, held if event.finish_reason is None else None
+            if not a.first_token_in:
+                self._first_token(run, a)
+            return self._accept(run, a, worker_id, event), None
+        if isinstance(event, KvLoaded):
+            self._kv_loaded(run, a)
+            if not a.first_token_in and event.first_token >= 0:
+                # The prefill worker's token is still on its way; decode's copy wins.
+                self._first_token(run, a)
+                return self._accept(run, a, worker_id, TokenOutput(a.job_id, [event.first_token])), None
+            return None, None
+        if isinstance(event, JobError):
+            code = _code(event.code)
+            if code in KV_PLANE_FAULTS:
+                self._metrics.handoffs.labels(self._handoff_mode(a), str(code)).inc()
+            return None, Failure(worker_id, code, f"worker {worker_id}: {event.message}", "error")
+        return None, Failure(
+            worker_id, ErrorCode.WORKER_LOST, f"worker {worker_id} was lost: {event.reason}", "lost"
+        )
+
+    def _accept(self, run: _Run, a: Attempt, worker_id: str, event: TokenOutput) -> TokenBatch:
+        run.tokens.extend(event.token_ids)
+        self._progress(run)
+        if worker_id == a.decode:
+            prompt_len = len(run.req.prompt_token_ids)
+            self._planner.grow(
+                worker_id, a.job_id, prompt_len + len(run.tokens), prompt_len + run.req.sampling.max_tokens
+            )
+        if event.finish_reason is not None:
+            a.open.discard(worker_id)
+        return TokenBatch(list(event.token_ids), event.finish_reason, event.cached_tokens)
+
+    def _progress(self, run: _Run) -> None:
+        run.progress_at = time.monotonic()
+        if run.lost_since is not None:
+            self._metrics.migration_seconds.observe(run.progress_at - run.lost_since)
+            run.lost_since = None
+
+    def _first_token(self, run: _Run, a: Attempt) -> None:
+        a.first_token_in = True
+        self._progress(run)
+        if run.prefill_tokens_pending:
+            self._cluster.add_pending_prefill(a.prefill, -run.prefill_tokens_pending)
+            run.prefill_tokens_pending = 0
+            self._on_capacity()
+
+    def _kv_loaded(self, run: _Run, a: Attempt) -> None:
+        a.kv_loaded = True
+        self._progress(run)
+        self._metrics.handoffs.labels(self._handoff_mode(a), "ok").inc()
+        if a.kv_mode is KvMode.CENTRALIZED:
+            self.broker.succeeded()
+        # The prefill side's part is over; its node no longer holds anything for this attempt.
+        a.open.discard(a.prefill)
+        self._inbox.stop_expecting(a.job_id, a.prefill)
+        self._cluster.release(a.prefill, a.job_id)
+        self._on_capacity()
+
+    def _phase_timeout(self, run: _Run, a: Attempt) -> tuple[float, ErrorCode, str]:
+        """How long the attempt may go without progress now, and what it means if it does."""
+        phase = a.phase
+        if phase is Phase.PREFILL:
+            return self._cfg.first_token_timeout_s, ErrorCode.DEADLINE_EXCEEDED, "no first token"
+        if phase is Phase.HANDOFF:
+            # Prefill has answered, so the KV is computed and on the wire: it must land soon.
+            worker = self._cluster.get(a.decode)
+            kv_bytes = (len(run.req.prompt_token_ids) + a.generated) * (
+                worker.hello.kv_bytes_per_token if worker else 0
+            )
+            return (
+                self._cfg.kv_handoff_timeout_s + kv_bytes / 1e9,
+                ErrorCode.KV_TIMEOUT,
+                "the KV handoff did not complete after prefill finished",
+            )
+        return self._cfg.token_timeout_s, ErrorCode.DEADLINE_EXCEEDED, "no next token"
+
+    # ------------------------------------------------------------------ placing an attempt
+
+    def _dispatch(self, run: _Run, preq: PlacementRequest, placement: Placement, number: int) -> Attempt:
+        """Reserve and send the jobs of a new attempt. A worker that cannot be reached is dropped
+        by the control server, which delivers ``WorkerLost`` to this job like any other loss."""
+        req = run.req
+        generated = len(run.tokens)
+        job_id = req.request_id if number == 0 else f"{req.request_id}.{number}"
+        prompt = req.prompt_token_ids + run.tokens if generated else req.prompt_token_ids
+        deadline = self._cfg.first_token_timeout_s
+        p, d = placement.prefill, placement.decode
+        run.preq = preq
+        run.progress_at = time.monotonic()
+        if placement.colocated:
+            a = Attempt(number, job_id, p, p, generated)
+            self._expect(run, a, p, placement.reserve_blocks, len(prompt))
+            self._control.send(p, GenerateJob(job_id, prompt, req.sampling, deadline, generated))
+            return a
+        a = Attempt(number, job_id, p, d, generated)
+        self._expect(run, a, p, 0, 0)
+        if req.sampling.max_tokens - generated == 1:
+            # Prefill produces the only token left: nothing to hand off.
+            a.decode = p
+            self._send_prefill(run, a, PrefillJob(job_id, prompt, req.sampling, None, deadline, generated))
+            return a
+        a.kv_mode = self._route_mode(d)
+        a.transfer_id = uuid.uuid4().hex
+        p_route, d_route = self._kv_routes(a.kv_mode, d, a.transfer_id)
+        a.decode_tried.add(d)
+        self._expect(run, a, d, placement.reserve_blocks, len(prompt))
+        # Decode first, so its receiver expects the transfer by the time prefill streams it.
+        self._control.send(d, DecodeJob(job_id, prompt, req.sampling, d_route, deadline, generated))
+        self._send_prefill(run, a, PrefillJob(job_id, prompt, req.sampling, p_route, deadline, generated))
+        return a
+
+    def _expect(self, run: _Run, a: Attempt, worker_id: str, reserve_blocks: int, tokens: int) -> None:
+        self._cluster.assign(worker_id, a.job_id, reserve_blocks, tokens, run.preq.block_hashes)
+        self._inbox.expect(run.req.request_id, a.job_id, worker_id)
+        a.open.add(worker_id)
+
+    def _send_prefill(self, run: _Run, a: Attempt, job: PrefillJob) -> None:
+        run.prefill_tokens_pending = len(job.prompt_token_ids)
+        self._cluster.add_pending_prefill(a.prefill, run.prefill_tokens_pending)
+        self._control.send(a.prefill, job)
+
+    def _route_mode(self, decode_worker: str) -> KvMode:
+        """Through the broker in centralized mode while it works; peer to peer otherwise."""
+        if self._cfg.kv_mode is KvMode.CENTRALIZED and (
+            self.broker.usable() or not self._kv_endpoint(decode_worker)
+        ):
+            return KvMode.CENTRALIZED
+        return KvMode.P2P
+
+    def _handoff_mode(self, a: Attempt) -> str:
+        return str(a.kv_mode or self._cfg.kv_mode)
+
+    def _kv_endpoint(self, worker_id: str) -> str:
+        worker = self._cluster.get(worker_id)
+        return worker.hello.kv_endpoint if worker is not None else ""
+
+    def _kv_routes(self, mode: KvMode, decode_worker: str, transfer_id: str) -> tuple[KvRoute, KvRoute]:
+        """(route for the prefill side, route for the decode side)."""
+        if mode is KvMode.CENTRALIZED:
+            r = KvRoute(KvMode.CENTRALIZED, self._cfg.kv_broker, transfer_id)
+            return r, r
+        endpoint = self._kv_endpoint(decode_worker)
+        if not endpoint:
+            raise PdorchError(ErrorCode.NO_WORKER, f"decode worker {decode_worker} advertises no KV endpoint")
+        return KvRoute(KvMode.P2P, endpoint, transfer_id), KvRoute(KvMode.P2P, "", transfer_id)
+
+    # ------------------------------------------------------------------ failures
+
+    async def _recover(self, run: _Run, a: Attempt, failure: Failure) -> None:
+        decision = recovery(failure, a)
+        if decision is Recovery.HOLD:
+            a.held = failure
+            return
+        phase = a.phase
+        if (
+            a.kv_mode is KvMode.CENTRALIZED
+            and phase is not Phase.DECODE
+            and (failure.code in KV_PLANE_FAULTS or (failure.kind == "stalled" and phase is Phase.HANDOFF))
+        ):
+            self.broker.failed(failure.message)
+        if decision is not Recovery.GIVE_UP and a.number + 1 >= self._cfg.max_attempts:
+            decision = Recovery.GIVE_UP
+        self._metrics.migrations.labels(str(phase), failure.kind, str(decision)).inc()
+        if decision is Recovery.GIVE_UP:
+            raise PdorchError(failure.code, failure.message)
+        log.warning(
+            "request %s (%s phase, %d tokens out): %s; %s",
+            run.req.request_id,
+            phase,
+            len(run.tokens),
+            failure.message,
+            "another decode worker takes the KV" if decision is Recovery.NEW_DECODE else "resuming elsewhere",
+        )
+        if failure.worker_id and not failure.worker_gone:
+            run.avoid.add(failure.worker_id)
+        if run.lost_since is None:
+            run.lost_since = run.progress_at
+        if decision is Recovery.NEW_DECODE and self._new_decode(run, a, failure):
+            return
+        self._abandon(run, a)
+        run.attempt = None
+        _, preq = self._plan(
+            run.req,
+            f"{run.req.request_id}.{a.number + 1}",
+            run.req.prompt_token_ids + run.tokens,
+            run.req.sampling.max_tokens - len(run.tokens),
+        )
+        run.attempt = self._dispatch(run, preq, await self._place(run, preq), a.number + 1)
+
+    async def _place(self, run: _Run, preq: PlacementRequest) -> Placement:
+        """Where to move the request; waits (bounded) while no worker has room."""
+        end = min(time.monotonic() + self._cfg.queue_timeout_s, run.req.arrival + self._cfg.request_timeout_s)
+        while True:
+            last: PdorchError | None = None
+            for exclude in (frozenset(run.avoid), frozenset()) if run.avoid else (frozenset(),):
+                try:
+                    return self._planner.place(preq, exclude=exclude)
+                except PdorchError as e:
+                    if e.code is not ErrorCode.NO_WORKER:
+                        raise
+                    last = e
+            if time.monotonic() >= end:
+                assert last is not None
+                raise PdorchError(ErrorCode.NO_WORKER, f"no worker to move the request to: {last.message}")
+            await asyncio.sleep(_PLACE_RETRY_S)
+
+    def _new_decode(self, run: _Run, a: Attempt, failure: Failure) -> bool:
+        """Centralized: the broker keeps the KV, so another decode worker fetches the same transfer
+        (same job id). False if there is none to take it."""
+        try:
+            placement = self._planner.place(run.preq, exclude=frozenset(a.decode_tried | run.avoid))
+        except PdorchError as e:
+            if e.code is not ErrorCode.NO_WORKER:
+                raise
+            return False
+        d = placement.decode
+        if d == a.prefill or d in a.decode_tried:
+            return False
+        old = a.decode
+        self._release_worker(a, old, cancel=not failure.worker_gone)
+        a.decode = d
+        a.decode_tried.add(d)
+        a.held = None
+        self._expect(run, a, d, placement.reserve_blocks, len(run.req.prompt_token_ids) + a.generated)
+        _, d_route = self._kv_routes(KvMode.CENTRALIZED, d, a.transfer_id)
+        prompt = run.req.prompt_token_ids + run.tokens[: a.generated]
+        job = DecodeJob(
+            a.job_id, prompt, run.req.sampling, d_route, self._cfg.first_token_timeout_s, a.generated
+        )
+        self._control.send(d, job)
+        return True
+
+    def _release_worker(self, a: Attempt, worker_id: str, *, cancel: bool) -> None:
+        self._cluster.release(worker_id, a.job_id)
+        self._inbox.stop_expecting(a.job_id, worker_id)
+        if worker_id in a.open:
+            a.open.discard(worker_id)
+            if cancel:
+                self._control.send(worker_id, Cancel(a.job_id))
+
+    def _abandon(self, run: _Run, a: Attempt) -> None:
+        """Unreserve everywhere and cancel whatever may still run for the attempt."""
+        if run.prefill_tokens_pending:
+            self._cluster.add_pending_prefill(a.prefill, -run.prefill_tokens_pending)
+            run.prefill_tokens_pending = 0
+        self._inbox.forget_job(a.job_id)
+        # Released before the Cancels go out: a Cancel that finds its worker gone drops it, and
+        # this job must not be reported lost again.
+        open_workers = list(a.open)
+        a.open.clear()
+        for wid in {a.prefill, a.decode, *a.decode_tried}:
+            self._cluster.release(wid, a.job_id)
+        for wid in open_workers:
+            self._control.send(wid, Cancel(a.job_id))
+        self._on_capacity()
+
+
+def _code(raw: str) -> ErrorCode:
+    try:
+        return ErrorCode(raw)
+    except ValueError:
+        return ErrorCode.JOB_FAILED

@@ -1,0 +1,57 @@
+"""What to do when an attempt fails: the request's failure edges as one pure decision.
+
+- The request's own fault (invalid, too long...), which would fail on any worker: give up.
+- On the decode side before its KV landed, through the broker, and not a KV-plane error: another
+  decode worker fetches the same transfer from the broker.
+- On the decode side before the prefill's first token: hold it until that token comes. If the
+  token ends the request (EOS at prefill), nothing failed: the decode side only saw the prefill
+  stop sending.
+- Anything else (a lost, stalled or failing worker in any phase, a broken handoff): resume from
+  the tokens so far on new workers.
+
+Resuming covers every phase the same way: the new attempt's prompt is the request's prompt plus
+the tokens already streamed, and its jobs continue at that output index, so the client never sees
+a token twice or a token the lost worker would not have produced.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from scheduler.flow.attempt import Attempt, Failure
+from transport.errors import ErrorCode
+from transport.messages import KvMode
+
+# The request itself is wrong: it would fail the same way on any worker.
+REQUEST_FAULTS = frozenset(
+    {ErrorCode.INVALID_REQUEST, ErrorCode.PROMPT_TOO_LONG, ErrorCode.MODEL_NOT_FOUND, ErrorCode.UNAUTHORIZED}
+)
+# Failures of the KV plane itself: a copy the broker holds is not to be trusted after one.
+KV_PLANE_FAULTS = frozenset(
+    {ErrorCode.KV_CORRUPT, ErrorCode.KV_TRUNCATED, ErrorCode.KV_TIMEOUT, ErrorCode.KV_REJECTED}
+)
+# Decode workers one attempt may try for the same broker transfer before resuming afresh.
+MAX_DECODE_TRIES = 3
+
+
+class Recovery(enum.StrEnum):
+    GIVE_UP = "give_up"
+    HOLD = "hold"
+    NEW_DECODE = "new_decode"
+    RESUME = "resume"
+
+
+def recovery(failure: Failure, attempt: Attempt) -> Recovery:
+    if failure.code in REQUEST_FAULTS:
+        return Recovery.GIVE_UP
+    decode_side = attempt.split and failure.worker_id == attempt.decode and not attempt.kv_loaded
+    if decode_side:
+        if (
+            attempt.kv_mode is KvMode.CENTRALIZED
+            and failure.code not in KV_PLANE_FAULTS
+            and len(attempt.decode_tried) < MAX_DECODE_TRIES
+        ):
+            return Recovery.NEW_DECODE
+        if not attempt.first_token_in:
+            return Recovery.HOLD
+    return Recovery.RESUME

@@ -1,0 +1,219 @@
+"""Nothing lost: requests survive the death of the workers they run on, in every phase.
+
+Real processes (2 prefill + 2 decode workers, p2p). Each decode worker's KV endpoint sits behind a
+TCP proxy that the tests can hold, so a handoff stays in flight for as long as a test needs. A
+worker is killed with SIGKILL (or stopped with SIGSTOP) while its requests are in a chosen phase:
+before the prefill's answer, between the first token and the KV landing, or after the decode side
+streamed tokens. Every client must get the output a colocated worker produces, token for token,
+greedy and seeded, streaming and not; the scheduler's metrics must show the migration happened in
+that phase. The killed worker is started again after each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pdorch.launcher import LocalCluster, free_port
+from tests.e2e.conftest import start_cluster
+from tests.e2e.helpers import eventually, generate, metric
+from tests.support.fake_worker import FakeWorker
+from tests.support.tcp_proxy import ProxyThread
+from transport.messages import DecodeJob, Heartbeat, Load
+
+pytestmark = pytest.mark.e2e
+
+DECODERS = ("decode-0", "decode-1")
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=180)
+
+
+@pytest.fixture(scope="module")
+def proxies() -> Iterator[tuple[ProxyThread, dict[str, tuple[int, int]]]]:
+    thread = ProxyThread()
+    ports = {name: (free_port(), free_port()) for name in DECODERS}  # (bound, advertised)
+    for bound, advertised in ports.values():
+        thread.add(advertised, bound)
+    yield thread, ports
+    thread.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, proxies: tuple[ProxyThread, dict[str, tuple[int, int]]]
+) -> Iterator[LocalCluster]:
+    _, ports = proxies
+    per_worker = {
+        name: ["--kv-bind", f"tcp://127.0.0.1:{bound}", "--kv-advertise", f"tcp://127.0.0.1:{advertised}"]
+        for name, (bound, advertised) in ports.items()
+    }
+    c = start_cluster(
+        tmp_path_factory.mktemp("migration"), prefill=2, decode=2, kv_mode="p2p", per_worker_args=per_worker
+    )
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def healed(cluster: LocalCluster, proxies: tuple[ProxyThread, Any]) -> Iterator[LocalCluster]:
+    """The cluster, whole again after the test: stopped workers continued, killed ones restarted."""
+    yield cluster
+    proxies[0].set_mode("pass")
+    for name in cluster.worker_names():
+        proc = cluster.procs[name]
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+        else:
+            cluster.restart(name)
+    deadline = time.monotonic() + 60
+    while {w["worker_id"] for w in cluster.cluster_state()["workers"]} != set(cluster.worker_names()):
+        assert time.monotonic() < deadline, "the cluster did not heal"
+        time.sleep(0.1)
+
+
+def _bodies(seed: int, count: int, prompt_len: int, max_tokens: int) -> list[dict[str, Any]]:
+    """A mix of greedy and seeded, streaming and not."""
+    rng = random.Random(seed)
+    bodies = []
+    for i in range(count):
+        body: dict[str, Any] = {
+            "prompt": [rng.randrange(256) for _ in range(prompt_len + rng.randrange(8))],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": i % 2 == 0,
+        }
+        body.update({"temperature": 0.8, "seed": 100 + i} if i % 4 >= 2 else {"temperature": 0.0})
+        bodies.append(body)
+    return bodies
+
+
+async def _run(
+    url: str, bodies: list[dict[str, Any]], seen: list[list[int]] | None = None
+) -> list[list[int]]:
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as s:
+        results = await asyncio.gather(
+            *(generate(s, url, b, None if seen is None else seen[i]) for i, b in enumerate(bodies))
+        )
+    return [ids for ids, _ in results]
+
+
+def _busy(cluster: LocalCluster, role: str, at_least: int = 1) -> list[str]:
+    return [
+        w["worker_id"]
+        for w in cluster.cluster_state()["workers"]
+        if w["role"] == role and w["inflight_requests"] >= at_least
+    ]
+
+
+async def _migrations(url: str, **labels: str) -> float:
+    async with aiohttp.ClientSession() as s:
+        return await metric(s, url, "pdorch_migrations_total", **labels)
+
+
+async def test_prefill_killed_before_its_answer(healed: LocalCluster, colocated: LocalCluster) -> None:
+    # Long prompts queue up on the prefill workers, so a kill catches requests before their answer.
+    bodies = _bodies(seed=1, count=16, prompt_len=1500, max_tokens=6)
+    want = await _run(colocated.url, bodies)
+    before = await _migrations(healed.url, phase="prefill", cause="lost", recovery="resume")
+    running = asyncio.create_task(_run(healed.url, bodies))
+    await eventually(lambda: len(_busy(healed, "prefill", at_least=3)) >= 1, 30, "a busy prefill worker")
+    healed.kill(_busy(healed, "prefill", at_least=3)[0])
+    assert await running == want
+    assert await _migrations(healed.url, phase="prefill", cause="lost", recovery="resume") > before
+
+
+@pytest.mark.parametrize("victim_role", ["prefill", "decode"])
+async def test_killed_between_the_first_token_and_the_kv_landing(
+    healed: LocalCluster, colocated: LocalCluster, proxies: tuple[ProxyThread, Any], victim_role: str
+) -> None:
+    bodies = [{**b, "stream": True} for b in _bodies(seed=2, count=4, prompt_len=40, max_tokens=24)]
+    want = await _run(colocated.url, bodies)
+    before = await _migrations(healed.url, phase="handoff", cause="lost")
+    proxies[0].set_mode("hold")  # the KV stays on its way to the decode workers
+    seen: list[list[int]] = [[] for _ in bodies]
+    running = asyncio.create_task(_run(healed.url, bodies, seen))
+    # Every client has its first token (from the prefill side) and no more: the KV is held.
+    await eventually(lambda: all(len(s) == 1 for s in seen), 30, "every first token")
+    healed.kill(_busy(healed, victim_role)[0])
+    proxies[0].set_mode("pass")
+    assert await running == want
+    assert await _migrations(healed.url, phase="handoff", cause="lost") > before
+
+
+async def test_decode_killed_after_streaming_tokens(healed: LocalCluster, colocated: LocalCluster) -> None:
+    bodies = _bodies(seed=3, count=6, prompt_len=30, max_tokens=300)
+    want = await _run(colocated.url, bodies)
+    before = await _migrations(healed.url, phase="decode", cause="lost", recovery="resume")
+    seen: list[list[int]] = [[] for _ in bodies]
+    running = asyncio.create_task(_run(healed.url, bodies, seen))
+    streamed = [s for s, b in zip(seen, bodies, strict=True) if b["stream"]]
+    await eventually(lambda: all(len(s) >= 10 for s in streamed), 60, "ten tokens on every stream")
+    healed.kill(_busy(healed, "decode")[0])
+    got = await running
+    assert got == want
+    assert await _migrations(healed.url, phase="decode", cause="lost", recovery="resume") > before
+
+
+async def test_a_stopped_worker_is_as_dead_as_a_killed_one(
+    healed: LocalCluster, colocated: LocalCluster
+) -> None:
+    """SIGSTOP: alive but silent. It is dropped when its heartbeats stop, its requests move on, and
+    what it sends once continued (tokens of jobs that moved) is ignored, not streamed twice."""
+    bodies = _bodies(seed=4, count=6, prompt_len=20, max_tokens=300)
+    want = await _run(colocated.url, bodies)
+    seen: list[list[int]] = [[] for _ in bodies]
+    running = asyncio.create_task(_run(healed.url, bodies, seen))
+    streamed = [s for s, b in zip(seen, bodies, strict=True) if b["stream"]]
+    await eventually(lambda: all(len(s) >= 5 for s in streamed), 60, "five tokens on every stream")
+    victim = _busy(healed, "decode")[0]
+    os.kill(healed.procs[victim].pid, signal.SIGSTOP)
+    await eventually(
+        lambda: victim not in {w["worker_id"] for w in healed.cluster_state()["workers"]}, 30, "its drop"
+    )
+    os.kill(healed.procs[victim].pid, signal.SIGCONT)  # what it had computed meanwhile arrives late
+    assert await running == want
+    assert await _migrations(healed.url, cause="lost") > 0
+
+
+async def test_a_worker_that_takes_jobs_but_makes_no_progress_is_left(
+    healed: LocalCluster, colocated: LocalCluster
+) -> None:
+    """A decode worker that registers, heartbeats and accepts jobs, and never delivers anything: the
+    handoff deadline notices, and the request moves to a worker that works."""
+    body = {"prompt": "stuck somewhere", "max_tokens": 12, "temperature": 0.0}
+    want = await _run(colocated.url, [body])
+    stuck = FakeWorker(healed.control, "stuck-decode", capacity_blocks=10**6)
+    stuck.register()
+    alive = threading.Event()
+    alive.set()
+
+    def heartbeat() -> None:
+        while alive.is_set():
+            try:
+                msg = stuck.recv(0.2)
+            except TimeoutError:
+                continue
+            if isinstance(msg, DecodeJob):
+                jobs.append(msg)
+            stuck.send(Heartbeat(Load(blocks_total=10**6)))
+
+    jobs: list[DecodeJob] = []
+    beating = threading.Thread(target=heartbeat, daemon=True)
+    beating.start()
+    try:
+        # The roomiest decode node by far: placement sends the request there first.
+        assert await _run(healed.url, [body] * 3) == want * 3
+        assert jobs, "the stuck worker was never tried"
+        assert await _migrations(healed.url, cause="stalled") >= 1
+    finally:
+        alive.clear()
+        beating.join(5)
+        stuck.close()
