@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout, without instal
 
 from scheduler.placement.config import DeciderMode, PlacementConfig  # noqa: E402
 from scheduler.placement.policies import policies, policy  # noqa: E402
-from scheduler.placement.predictor import OutputLengthPredictor  # noqa: E402
+from scheduler.prediction.output_length import OutputLengthPredictor  # noqa: E402
 from simulate.cluster import parse_cluster  # noqa: E402
 from simulate.goodput import attainment_curve, find_goodput  # noqa: E402
 from simulate.plot import plot_attainment  # noqa: E402

@@ -23,9 +23,9 @@ from scheduler.inbox import Inbox
 from scheduler.kubernetes.runtime import kubernetes_runtime
 from scheduler.metrics import Metrics
 from scheduler.placement.framework import Placer
-from scheduler.placement.predictor import OutputLengthPredictor
 from scheduler.planner import Planner
 from scheduler.pool_signals import pool_signals
+from scheduler.prediction.output_length import OutputLengthPredictor
 from scheduler.state import STATE, SchedulerState
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import PdorchError

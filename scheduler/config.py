@@ -15,7 +15,7 @@ import msgspec
 from scheduler.admission.policy import AdmissionPolicy
 from scheduler.kubernetes.config import KubernetesConfig
 from scheduler.placement.config import DeciderConfig, DeciderMode, PlacementConfig
-from scheduler.placement.predictor import PredictorConfig
+from scheduler.prediction.output_length import PredictorConfig
 from transport.errors import ErrorCode, PdorchError
 
 

@@ -19,9 +19,9 @@ from scheduler.config import SchedulerConfig
 from scheduler.control import ControlServer
 from scheduler.inbox import Inbox, WorkerLost
 from scheduler.metrics import Metrics
-from scheduler.placement.predictor import OutputFeatures
 from scheduler.placement.types import Placement, PlacementRequest
 from scheduler.planner import Planner
+from scheduler.prediction.output_length import OutputFeatures
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import (
     Cancel,
