@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from scheduler.placement.config import DeciderMode, PlacementConfig
 from scheduler.placement.context import Pool, RequestContext
 from scheduler.placement.kv_budget import quantile_from
-from scheduler.placement.plugins.prefill_backlog_filter import backlog_ok
+from scheduler.placement.prefill_backlog import backlog_ok
 from scheduler.placement.prefill_cost import kv_transfer_s
 from scheduler.placement.types import NodeView, Placement
 from transport.errors import ErrorCode, PdorchError
