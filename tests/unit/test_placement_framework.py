@@ -22,8 +22,11 @@ from scheduler.placement.kv_budget import (
     quantile_from,
     regrow,
 )
+from scheduler.placement.plugin import Filter, Picker, Scorer
+from scheduler.placement.plugins.scorers.kv_occupancy_scorer import KvOccupancyParams, KvOccupancyScorer
 from scheduler.placement.policies import policies, policy
 from scheduler.placement.prefix import matched_prefix_blocks, prompt_block_hashes
+from scheduler.placement.registry import PluginKind, default_registry
 from scheduler.placement.types import ClusterSnapshot, NodeView, PlacementRequest
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role
@@ -105,6 +108,26 @@ def test_config_from_plain_data_round_trips() -> None:
     assert config.decode.scorers[0].weight == 3
     assert config.reservation.mode is ReservationMode.MAX_TOKENS
     assert Placer(config).config.seed == 4
+
+
+def test_every_registered_plugin_implements_its_kind() -> None:
+    registry = default_registry()
+    kinds = [
+        (PluginKind.FILTER, registry.build_filter, Filter),
+        (PluginKind.SCORER, registry.build_scorer, Scorer),
+        (PluginKind.PICKER, registry.build_picker, Picker),
+    ]
+    for kind, build, protocol in kinds:
+        assert registry.names(kind)
+        for name in registry.names(kind):
+            assert isinstance(build(PluginSpec(name), "test"), protocol), name
+
+
+def test_a_plugin_name_is_registered_once_across_kinds() -> None:
+    registry = default_registry()
+    with pytest.raises(PdorchError) as info:
+        registry.register_scorer("role", KvOccupancyParams, KvOccupancyScorer)
+    assert "registered twice" in info.value.message
 
 
 def test_every_named_policy_builds() -> None:
