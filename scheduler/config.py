@@ -14,15 +14,15 @@ import msgspec
 
 from scheduler.admission.policy import AdmissionPolicy
 from scheduler.kubernetes.config import KubernetesConfig
-from scheduler.placement.config import DeciderConfig, DeciderMode, PlacementConfig
+from scheduler.placement.config import PlacementConfig, PluginSpec
 from scheduler.prediction.output_length import PredictorConfig
 from transport.errors import ErrorCode, PdorchError
 
 
 def _live_placement() -> PlacementConfig:
     # Every request is split by default (what a P/D deployment is for, and what `pdorch up` shows);
-    # `decider: {mode: conditional}` lets placement keep short or cache-hot prompts on the decode node.
-    return PlacementConfig(decider=DeciderConfig(mode=DeciderMode.ALWAYS))
+    # `decider: {type: conditional}` lets placement keep short or cache-hot prompts on the decode node.
+    return PlacementConfig(decider=PluginSpec("always"))
 
 
 class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

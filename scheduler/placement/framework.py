@@ -1,10 +1,11 @@
-"""The placement engine: per pool, filter -> score -> pick; the decider turns two picks into a Placement.
+"""The placement engine: per pool, filter -> score -> pick; a decider turns the picks into a Placement.
 
 Modelled on the Gateway API Inference Extension scheduler: a profile is filters, weighted scorers
-and one picker; the decode profile runs first, then the decider (``decider.py``) decides whether and
-where to prefill remotely. The framework, not the plugins, measures each plugin's decision latency,
-with a clock the caller injects (the live scheduler passes ``time.perf_counter``; without one
-nothing is measured and placement stays a pure function of its inputs).
+and one picker; the P/D profile handler (``pd_profile_handler.py``) runs the decode profile first,
+then the configured decider plugin says whether and where to prefill remotely. The framework, not
+the plugins, measures each plugin's decision latency, with a clock the caller injects (the live
+scheduler passes ``time.perf_counter``; without one nothing is measured and placement stays a pure
+function of its inputs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import msgspec
 
 from scheduler.placement.config import PlacementConfig, PluginSpec, ProfileConfig, load_placement_config
 from scheduler.placement.context import Pool, RequestContext
-from scheduler.placement.decider import decide, validate_decider
+from scheduler.placement.pd_profile_handler import place_pd
 from scheduler.placement.plugin import Filter, Picker, Scorer
 from scheduler.placement.registry import PluginKind, Registry, default_registry
 from scheduler.placement.types import ClusterSnapshot, NodeView, Placement, PlacementRequest
@@ -91,12 +92,14 @@ class Placer:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = load_placement_config(config) if config is not None else PlacementConfig()
-        validate_decider(self.config)
+        self.config.reservation.validate()
         registry = registry or default_registry()
         self._profiles = {
             Pool.DECODE: _build_profile(Pool.DECODE, self.config.decode, registry),
             Pool.PREFILL: _build_profile(Pool.PREFILL, self.config.prefill, registry),
         }
+        # Not timed as a plugin: its time would include the prefill profile's, which is timed.
+        self._decider = registry.build_decider(self.config.decider, "placement.decider")
         self._clock = clock
         self._latency: dict[str, PluginLatency] = {}
 
@@ -104,7 +107,7 @@ class Placer:
         nodes = [n for n in snapshot.nodes if n.model == request.model]
         if not nodes:
             raise PdorchError(ErrorCode.NO_WORKER, f"no worker serves model {request.model!r}")
-        return decide(self.select, RequestContext(request, self.config), nodes)
+        return place_pd(self.select, self._decider, RequestContext(request, self.config), nodes)
 
     def select(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> NodeView | None:
         """Run ``pool``'s profile over ``nodes``; None when the filters leave nothing."""

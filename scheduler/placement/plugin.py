@@ -4,15 +4,20 @@ Inference Extension's ``plugins.go``).
 A plugin is a small object built by the registry from its params Struct. It reads the candidates and
 the :class:`~scheduler.placement.context.RequestContext`, and never does I/O or reads a clock. Each
 kind lives in its own folder under ``plugins/``; the registry types every plugin by its protocol.
+Filters, scorers and a picker make a profile; a decider turns the decode profile's pick into a
+:class:`~scheduler.placement.types.Placement`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from scheduler.placement.context import RequestContext
-from scheduler.placement.types import NodeView
+from scheduler.placement.types import NodeView, Placement
+
+# Runs the prefill profile over every node but the decode pick; None when its filters leave nothing.
+PickPrefill = Callable[[], NodeView | None]
 
 
 @runtime_checkable
@@ -33,4 +38,15 @@ class Scorer(Protocol):
 class Picker(Protocol):
     def pick(self, ctx: RequestContext, nodes: Sequence[NodeView], scores: Sequence[float]) -> NodeView:
         """Choose one of ``nodes`` (non-empty) given their weighted total ``scores``."""
+        ...
+
+
+@runtime_checkable
+class Decider(Protocol):
+    def decide(self, ctx: RequestContext, decode: NodeView, pick_prefill: PickPrefill) -> Placement:
+        """Whether and where to prefill, given the decode profile's pick (llm-d's P/D decider).
+
+        ``pick_prefill`` runs the prefill profile only when called. Raising ``PdorchError(NO_WORKER)``
+        makes the request wait in admission.
+        """
         ...

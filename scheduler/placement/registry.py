@@ -16,7 +16,14 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from scheduler.placement.config import PluginSpec
-from scheduler.placement.plugin import Filter, Picker, Scorer
+from scheduler.placement.plugin import Decider, Filter, Picker, Scorer
+from scheduler.placement.plugins.deciders.always_decider import AlwaysDecider, AlwaysDeciderParams
+from scheduler.placement.plugins.deciders.conditional_decider import (
+    ConditionalDecider,
+    ConditionalDeciderParams,
+)
+from scheduler.placement.plugins.deciders.never_decider import NeverDecider, NeverDeciderParams
+from scheduler.placement.plugins.deciders.threshold_decider import ThresholdDecider, ThresholdDeciderParams
 from scheduler.placement.plugins.filters.health_filter import HealthFilter, HealthFilterParams
 from scheduler.placement.plugins.filters.prefill_backlog_filter import (
     PrefillBacklogFilter,
@@ -52,6 +59,7 @@ class PluginKind(enum.StrEnum):
     FILTER = "filter"
     SCORER = "scorer"
     PICKER = "picker"
+    DECIDER = "decider"
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Registry:
         self._filters: dict[str, _Entry[Filter]] = {}
         self._scorers: dict[str, _Entry[Scorer]] = {}
         self._pickers: dict[str, _Entry[Picker]] = {}
+        self._deciders: dict[str, _Entry[Decider]] = {}
 
     def register_filter(self, name: str, params_type: type[P], factory: Callable[[P], Filter]) -> None:
         self._add(self._filters, name, params_type, factory)
@@ -74,6 +83,9 @@ class Registry:
 
     def register_picker(self, name: str, params_type: type[P], factory: Callable[[P], Picker]) -> None:
         self._add(self._pickers, name, params_type, factory)
+
+    def register_decider(self, name: str, params_type: type[P], factory: Callable[[P], Decider]) -> None:
+        self._add(self._deciders, name, params_type, factory)
 
     def build_filter(self, spec: PluginSpec, where: str) -> Filter:
         """Build the filter ``spec`` names; ``where`` says where it sits in the config (for errors)."""
@@ -85,6 +97,9 @@ class Registry:
     def build_picker(self, spec: PluginSpec, where: str) -> Picker:
         return self._build(self._pickers, PluginKind.PICKER, spec, where)
 
+    def build_decider(self, spec: PluginSpec, where: str) -> Decider:
+        return self._build(self._deciders, PluginKind.DECIDER, spec, where)
+
     def names(self, kind: PluginKind) -> list[str]:
         return sorted(self._table(kind))
 
@@ -93,6 +108,7 @@ class Registry:
             PluginKind.FILTER: self._filters,
             PluginKind.SCORER: self._scorers,
             PluginKind.PICKER: self._pickers,
+            PluginKind.DECIDER: self._deciders,
         }
         return tables[kind]
 
@@ -149,4 +165,8 @@ def default_registry() -> Registry:
     r.register_picker("weighted-random", WeightedRandomParams, WeightedRandomPicker)
     r.register_picker("random", RandomParams, RandomPicker)
     r.register_picker("round-robin", RoundRobinParams, RoundRobinPicker)
+    r.register_decider("always", AlwaysDeciderParams, AlwaysDecider)
+    r.register_decider("never", NeverDeciderParams, NeverDecider)
+    r.register_decider("threshold", ThresholdDeciderParams, ThresholdDecider)
+    r.register_decider("conditional", ConditionalDeciderParams, ConditionalDecider)
     return r

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from scheduler.placement.config import DeciderConfig, PlacementConfig, ReservationConfig, ReservationMode
+from scheduler.placement.config import PlacementConfig, ReservationConfig, ReservationMode
 from scheduler.placement.context import Pool, RequestContext
 from scheduler.placement.plugin import Scorer
 from scheduler.placement.plugins.filters.health_filter import HealthFilter, HealthFilterParams
@@ -84,7 +84,7 @@ def test_role_filter(pool: Pool, dedicated: bool, roles: dict[str, Role], expect
 def test_role_filter_in_colocated_fallback(
     allow_prefill: bool, roles: dict[str, Role], expected: list[str]
 ) -> None:
-    config = PlacementConfig(decider=DeciderConfig(fallback_to_prefill_node=allow_prefill))
+    config = PlacementConfig(fallback_to_prefill_node=allow_prefill)
     c = ctx(Pool.DECODE, config)
     c.fallback = True
     nodes = [node(n, r) for n, r in roles.items()]
