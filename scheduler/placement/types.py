@@ -41,10 +41,6 @@ class NodeView(msgspec.Struct, frozen=True, gc=False):
         return self.role in (Role.PREFILL, Role.BOTH)
 
     @property
-    def can_decode(self) -> bool:
-        return self.role in (Role.DECODE, Role.BOTH)
-
-    @property
     def blocks_free(self) -> int:
         return max(0, self.blocks_total - self.blocks_used - self.blocks_reserved)
 
