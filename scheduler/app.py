@@ -45,7 +45,7 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
 
     async def wiring(app: web.Application) -> AsyncIterator[None]:
         ctx = zmq.asyncio.Context()
-        metrics = Metrics()
+        metrics = Metrics(cfg.slo)
         inbox = Inbox()
         admission = AdmissionGate(cfg.admission)
         tokenizers = TokenizerRegistry()
@@ -89,7 +89,7 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
         log.info("control plane on %s", control.endpoint)
         try:
             async with kubernetes_runtime(
-                cfg.kubernetes, cluster, lambda pool: pool_signals(cluster, admission, pool)
+                cfg.kubernetes, cluster, lambda pool: pool_signals(cluster, admission, metrics.slo, pool)
             ) as k8s:
                 app[STATE].kubernetes = k8s
                 yield
