@@ -30,9 +30,9 @@ import msgspec
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, without installing the package
 
-from scheduler.placement.config import DeciderMode, PlacementConfig  # noqa: E402
+from scheduler.placement.config import PlacementConfig, PluginSpec  # noqa: E402
 from scheduler.placement.policies import policies, policy  # noqa: E402
-from scheduler.placement.predictor import OutputLengthPredictor  # noqa: E402
+from scheduler.prediction.output_length import OutputLengthPredictor  # noqa: E402
 from simulate.cluster import parse_cluster  # noqa: E402
 from simulate.goodput import attainment_curve, find_goodput  # noqa: E402
 from simulate.plot import plot_attainment  # noqa: E402
@@ -170,6 +170,10 @@ def section_goodput(loaded: dict[str, Trace], precision: float, plots: Path | No
                 print(f"plot: {out}\n")
 
 
+def _with_params(spec: PluginSpec, **params: float) -> PluginSpec:
+    return msgspec.structs.replace(spec, params={**spec.params, **params})
+
+
 def _ablations() -> dict[str, PlacementConfig]:
     full = _policy("pdorch")
     replace = msgspec.structs.replace
@@ -178,7 +182,7 @@ def _ablations() -> dict[str, PlacementConfig]:
         prefill=replace(
             full.prefill, filters=tuple(f for f in full.prefill.filters if f.type != "prefill-backlog")
         ),
-        decider=replace(full.decider, local_max_wait_s=0.0),
+        decider=_with_params(full.decider, local_max_wait_s=0.0),
     )
     cache_blind_decode = replace(
         full,
@@ -192,10 +196,8 @@ def _ablations() -> dict[str, PlacementConfig]:
     return {
         "pdorch (all)": full,
         "- late binding": no_late_binding,
-        "- conditional P/D (always disaggregate)": replace(
-            full, decider=replace(full.decider, mode=DeciderMode.ALWAYS)
-        ),
-        "- short-answer colocation": replace(full, decider=replace(full.decider, tpot_target_s=0.0)),
+        "- conditional P/D (always disaggregate)": replace(full, decider=PluginSpec("always")),
+        "- short-answer colocation": replace(full, decider=_with_params(full.decider, tpot_target_s=0.0)),
         "- cache-aware decode choice": cache_blind_decode,
     }
 

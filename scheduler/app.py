@@ -41,9 +41,9 @@ from scheduler.inbox import Inbox
 from scheduler.kubernetes.runtime import kubernetes_runtime
 from scheduler.metrics import Metrics
 from scheduler.placement.framework import Placer
-from scheduler.placement.predictor import OutputLengthPredictor
 from scheduler.planner import Planner
 from scheduler.pool_signals import pool_signals
+from scheduler.prediction.output_length import OutputLengthPredictor
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import PdorchError
 from transport.process_setup import setup_process
@@ -75,7 +75,7 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
         on_lost=inbox.workers_lost,
     )
     placer = Placer(cfg.placement, clock=time.perf_counter)
-    metrics = Metrics()
+    metrics = Metrics(cfg.slo)
     metrics.bind_gauge(
         "pdorch_requests_running", "Requests admitted and not finished", lambda: admission.inflight
     )
@@ -147,7 +147,7 @@ async def kubernetes(app: web.Application) -> AsyncIterator[None]:
     """Pod discovery and the autoscaler, when the config enables them."""
     cfg, cluster, admission = app[CONFIG], app[CLUSTER], app[ADMISSION]
     async with kubernetes_runtime(
-        cfg.kubernetes, cluster, lambda pool: pool_signals(cluster, admission, pool)
+        cfg.kubernetes, cluster, lambda pool: pool_signals(cluster, admission, app[METRICS].slo, pool)
     ) as runtime:
         app[KUBERNETES] = runtime
         yield

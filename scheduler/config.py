@@ -14,16 +14,17 @@ import msgspec
 
 from scheduler.admission.policy import AdmissionPolicy
 from scheduler.kubernetes.config import KubernetesConfig
-from scheduler.placement.config import DeciderConfig, DeciderMode, PlacementConfig
-from scheduler.placement.predictor import PredictorConfig
+from scheduler.placement.config import PlacementConfig, PluginSpec
+from scheduler.prediction.output_length import PredictorConfig
+from scheduler.slo_window import POOL_PHASE, SloConfig, SloPhase, target_key
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import KvMode
 
 
 def _live_placement() -> PlacementConfig:
     # Every request is split by default (what a P/D deployment is for, and what `pdorch up` shows);
-    # `decider: {mode: conditional}` lets placement keep short or cache-hot prompts on the decode node.
-    return PlacementConfig(decider=DeciderConfig(mode=DeciderMode.ALWAYS))
+    # `decider: {type: conditional}` lets placement keep short or cache-hot prompts on the decode node.
+    return PlacementConfig(decider=PluginSpec("always"))
 
 
 class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -71,6 +72,9 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     admission: AdmissionPolicy = msgspec.field(default_factory=AdmissionPolicy)
     # The online output-length predictor that sizes KV reservations.
     predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
+    # Latency objectives: finished requests are judged against them (the share that met them is the
+    # autoscaler's SLO signal and the pdorch_slo_attainment metric).
+    slo: SloConfig = msgspec.field(default_factory=SloConfig)
     # Pod discovery and autoscaling of LeaderWorkerSet pools (both off unless enabled).
     kubernetes: KubernetesConfig = msgspec.field(default_factory=KubernetesConfig)
 
@@ -95,12 +99,32 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "kv_broker",
             "is required with kv_mode centralized",
         )
+        self._check_slo()
         self.admission.validate()
         self.predictor.validate()
         # Building a placer checks plugin names, weights and parameters (pure and cheap).
         from scheduler.placement.framework import Placer
 
         Placer(self.placement)
+
+    def _check_slo(self) -> None:
+        slo = self.slo
+        for phase in SloPhase:
+            key = target_key(phase)
+            _check(getattr(slo, key) >= 0, f"slo.{key}", "must be >= 0 (0 = not measured)")
+        _check(slo.window_s > 0, "slo.window_s", "must be > 0")
+        _check(slo.min_requests >= 1, "slo.min_requests", "must be >= 1")
+        # A pool's SLO guard reads the attainment of its own phase; without that phase's target it
+        # would never see one and silently do nothing.
+        for pool, cfg in self.kubernetes.pools().items():
+            key = target_key(POOL_PHASE[pool])
+            if cfg.autoscaling.min_slo_attainment > 0:
+                _check(
+                    getattr(slo, key) > 0,
+                    f"slo.{key}",
+                    f"must be > 0 when kubernetes.{pool}.autoscaling.min_slo_attainment is set "
+                    f"(the {pool} pool's SLO guard is judged on it)",
+                )
 
 
 def _check(ok: bool, key: str, what: str) -> None:

@@ -9,14 +9,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from scheduler.placement.framework import Placer
+from scheduler.slo_window import SloConfig, SloPhase, SloWindow
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, slo: SloConfig) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Finished requests judged against the SLO targets; the autoscaler reads it too.
+        self.slo = SloWindow(slo)
+        r.register(_SloAttainment(self.slo))
         self.requests = Counter("pdorch_requests", "Finished requests by outcome", ["outcome"], registry=r)
         self.tokens_generated = Counter("pdorch_generated_tokens", "Generated tokens", registry=r)
         self.prompt_tokens = Counter("pdorch_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
@@ -85,3 +89,20 @@ class _PlacementLatency(Collector):
             total.add_metric([label], lat.total_s)
             worst.add_metric([label], lat.max_s)
         yield from (calls, total, worst)
+
+
+class _SloAttainment(Collector):
+    def __init__(self, window: SloWindow) -> None:
+        self._window = window
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "pdorch_slo_attainment",
+            "Share of recently finished requests that met the SLO target of each phase (when known)",
+            labels=["phase"],
+        )
+        for phase in SloPhase:
+            value = self._window.attainment(phase)
+            if value is not None:
+                gauge.add_metric([phase.value], value)
+        yield gauge

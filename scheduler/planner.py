@@ -12,9 +12,9 @@ from scheduler.cluster import Cluster
 from scheduler.placement.config import PlacementConfig, ReservationMode
 from scheduler.placement.framework import Placer
 from scheduler.placement.kv_budget import regrow
-from scheduler.placement.predictor import OutputFeatures, OutputLengthPredictor
 from scheduler.placement.prefix import prompt_block_hashes
 from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
+from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor
 from transport.errors import ErrorCode, PdorchError
 
 # Granularity of the prefix hashes the scheduler keeps per node (tokens per hash).

@@ -5,10 +5,11 @@ from __future__ import annotations
 from scheduler.admission.gate import AdmissionGate
 from scheduler.cluster import Cluster, WorkerState
 from scheduler.kubernetes.signals import PoolSignals
+from scheduler.slo_window import POOL_PHASE, SloWindow
 from transport.messages import Role
 
 
-def pool_signals(cluster: Cluster, admission: AdmissionGate, pool: str) -> PoolSignals:
+def pool_signals(cluster: Cluster, admission: AdmissionGate, slo: SloWindow, pool: str) -> PoolSignals:
     role = Role(pool)
     workers = [w for w in cluster.workers() if w.hello.role == role]
     serving = [w for w in workers if w.state is WorkerState.READY]
@@ -29,4 +30,5 @@ def pool_signals(cluster: Cluster, admission: AdmissionGate, pool: str) -> PoolS
         kv_occupancy=sum(occupancy) / len(occupancy) if occupancy else 0.0,
         inflight_requests=sum(len(w.requests) for w in workers),
         predicted_tokens=demand,
+        slo_attainment=slo.attainment(POOL_PHASE[pool]),
     )

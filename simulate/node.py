@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from scheduler.placement.types import NodeView
+from simulate.cache_view import CacheView
 from simulate.cluster import InstanceSpec
 from simulate.fluid import EngineParams, SimEngine
 from workers.engines.sim.cost import CostModel, ModelShape
@@ -65,8 +66,7 @@ class SimNode:
             queued_prefill_tokens=load.queued_prefill_tokens,
             inflight=self.inflight,
             prefill_tokens_per_s=self.rate,
-            # The engine's live LRU: placement only tests membership, at this instant.
-            cached_block_hashes=engine.cache,  # type: ignore[arg-type]
+            cached_block_hashes=CacheView(engine),
         )
         self._view_key = key
         return self._view

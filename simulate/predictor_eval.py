@@ -13,7 +13,7 @@ from collections.abc import Callable
 import msgspec
 import numpy as np
 
-from scheduler.placement.predictor import OutputFeatures, OutputLengthPredictor, PredictorConfig
+from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor, PredictorConfig
 from simulate.trace import Trace, TraceRequest
 
 

@@ -31,8 +31,8 @@ from scheduler.placement.config import PlacementConfig, ReservationMode
 from scheduler.placement.framework import Placer
 from scheduler.placement.kv_budget import regrow
 from scheduler.placement.policies import is_colocated
-from scheduler.placement.predictor import OutputFeatures, OutputLengthPredictor, PredictorConfig
 from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
+from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor, PredictorConfig
 from simulate.cluster import ClusterSpec
 from simulate.fluid import EngineEvent, EngineParams, EventKind
 from simulate.metrics import SimResult, percentile

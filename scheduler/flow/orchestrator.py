@@ -29,9 +29,9 @@ from scheduler.flow.recovery import KV_PLANE_FAULTS, Recovery, recovery
 from scheduler.flow.request import GenerationRequest, TokenBatch
 from scheduler.inbox import Delivery, Inbox, WorkerLost
 from scheduler.metrics import Metrics
-from scheduler.placement.predictor import OutputFeatures
 from scheduler.placement.types import Placement, PlacementRequest
 from scheduler.planner import Planner
+from scheduler.prediction.output_length import OutputFeatures
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import (
     Cancel,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 import uuid
@@ -249,10 +250,21 @@ async def _serve(request: web.Request, job: _Job) -> web.StreamResponse:
         metrics.tokens_generated.inc(len(progress.token_ids))
         if first_at is not None:
             now = time.monotonic()
-            metrics.ttft.observe(first_at - job.greq.arrival)
+            ttft = first_at - job.greq.arrival
+            tpot = (now - first_at) / (len(progress.token_ids) - 1) if len(progress.token_ids) > 1 else None
+            metrics.ttft.observe(ttft)
             metrics.e2e.observe(now - job.greq.arrival)
-            if len(progress.token_ids) > 1:
-                metrics.tpot.observe((now - first_at) / (len(progress.token_ids) - 1))
+            if tpot is not None:
+                metrics.tpot.observe(tpot)
+            metrics.slo.record(ttft, tpot)
+        elif progress.error in _NO_CAPACITY:
+            # Turned away or timed out before a first token: a TTFT miss, or overload would look healthy.
+            metrics.slo.record(math.inf, None)
+
+
+# Failures before the first token that mean "no capacity in time" (not a bad request, not a lost
+# worker): they count against the TTFT objective.
+_NO_CAPACITY = frozenset({ErrorCode.QUEUE_FULL, ErrorCode.DEADLINE_EXCEEDED})
 
 
 async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Ticket:

@@ -50,7 +50,9 @@ class PoolAutoscalingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     target_inflight_per_replica: float = 0.0
     # Predicted demand in tokens (tokens in flight plus predicted output tokens), per replica.
     target_tokens_per_replica: float = 0.0
-    # Fraction of recent requests that met their latency SLO; below this the pool grows, never shrinks.
+    # Share of recent requests that met this pool's SLO target (the scheduler's `slo` section: prefill
+    # is judged on time to first token, decode on time per output token); below this the pool grows
+    # and never shrinks. 0 = off.
     min_slo_attainment: float = 0.0
 
 

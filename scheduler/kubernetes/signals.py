@@ -19,7 +19,8 @@ class PoolSignals(msgspec.Struct, frozen=True, kw_only=True):
     inflight_requests: int = 0
     # Predicted demand in tokens: tokens in flight plus predicted output tokens still to come.
     predicted_tokens: int = 0
-    # Fraction of recent requests that met their latency SLO, 0..1; None = no recent requests.
+    # Share of recently finished requests that met this pool's latency target (prefill: time to first
+    # token, decode: time per output token), 0..1; None = unknown (too few requests, or no target).
     slo_attainment: float | None = None
 
 

@@ -13,17 +13,18 @@ Nested in the scheduler's YAML under ``placement:``. Example::
         filters: [{type: role}, {type: health}]
         scorers: [{type: prefill-delay, weight: 1}]
         picker: {type: max-score}
-      decider: {mode: conditional}
+      decider: {type: conditional, params: {threshold_tokens: 256}}
       reservation: {mode: predicted, output_quantile: 0.9}
 
 The defaults are pdorch's policy (``policies.pdorch``) minus three switches that need support from
-the live flow and the deployment: late binding (the ``prefill-backlog`` filter and
-``decider.local_max_wait_s``: placement answers NO_WORKER and admission must make the request
-wait), ``decider.fallback_to_prefill_node`` (prefill workers must accept whole requests) and
-``decider.tpot_target_s`` (the deployment's TPOT objective).
+the live flow and the deployment: late binding (the ``prefill-backlog`` filter and the conditional
+decider's ``local_max_wait_s``: placement answers NO_WORKER and admission must make the request
+wait), ``fallback_to_prefill_node`` (prefill workers must accept whole requests) and the
+conditional decider's ``tpot_target_s`` (the deployment's TPOT objective).
 
 Weights live here, in the profile, never in a scorer (a scorer only says how good each node is, in
-[0, 1]). Plugin ``params`` are checked by the plugin's own params Struct when the placer is built.
+[0, 1]). Plugin ``params`` (the decider's too) are checked by the plugin's own params Struct when
+the placer is built.
 """
 
 from __future__ import annotations
@@ -48,44 +49,6 @@ class ProfileConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     picker: PluginSpec = PluginSpec("max-score")
 
 
-class DeciderMode(enum.StrEnum):
-    ALWAYS = "always"  # always disaggregate: prefill profile, then decode profile
-    NEVER = "never"  # colocated: prefill where the decode profile picked
-    THRESHOLD = "threshold"  # disaggregate when uncached prompt tokens exceed threshold_tokens (llm-d)
-    CONDITIONAL = "conditional"  # compare estimated time to first token, remote vs local
-
-
-class DeciderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    mode: DeciderMode = DeciderMode.CONDITIONAL
-    # threshold mode; conditional mode always prefills this few uncached tokens locally.
-    threshold_tokens: int = 256
-    # conditional: never prefill more uncached tokens than this on a decode node (protects its TPOT).
-    local_max_uncached_tokens: int = 65536
-    # conditional: prefill locally only when it is estimated at least this much faster (ratio < 1).
-    local_speedup: float = 0.8
-    # conditional: a decode node's own prefill counts as slower by this factor (it shares the GPU
-    # with the decode batch, which it also slows down).
-    local_slowdown: float = 1.5
-    # KV link speed used to estimate the handoff's cost (bytes / bandwidth).
-    kv_link_gbytes_per_s: float = 25.0
-    # conditional: when the prefill pool is filtered out (e.g. every node's backlog is too long), the
-    # decode node prefills only if its own prefill backlog is at most this (seconds; 0 = no limit);
-    # otherwise placement answers NO_WORKER and the request waits in admission.
-    local_max_wait_s: float = 0.0
-    local_max_wait_relative: float = 0.0  # ... or this times its own uncached prefill time there
-    # When no decode node has room: run the request colocated on a node that can prefill and has
-    # room for the whole reservation (role "both" first, then "prefill" when this is true).
-    fallback_to_prefill_node: bool = False
-    # conditional: the time per output token the deployment aims for (0 = ignore). A request whose KV
-    # transfer alone, spread over its predicted output, would take more than short_output_share of
-    # it (a long prompt with a short answer) stays on its prefill node, colocated, when that node has
-    # room for its reservation.
-    tpot_target_s: float = 0.0
-    short_output_share: float = 0.2
-    # Which quantile of the predicted output length that judgement uses.
-    short_output_quantile: float = 0.5
-
-
 class ReservationMode(enum.StrEnum):
     PREDICTED = "predicted"  # prompt + predicted output (quantile below), regrown as it is outgrown
     MAX_TOKENS = "max_tokens"  # prompt + max_tokens: never outgrown, wasteful
@@ -98,6 +61,15 @@ class ReservationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     min_output_tokens: int = 16
     # regrow(): a request that outgrows its reservation gets this share of its tokens so far on top.
     regrow_factor: float = 0.5
+
+    def validate(self) -> None:
+        where = "placement.reservation"
+        if not 0.0 < self.output_quantile < 1.0:
+            raise PdorchError(
+                ErrorCode.CONFIG, f"{where}.output_quantile must be in (0, 1), got {self.output_quantile}"
+            )
+        if self.regrow_factor < 0 or self.min_output_tokens < 0:
+            raise PdorchError(ErrorCode.CONFIG, f"{where}.regrow_factor and min_output_tokens must be >= 0")
 
 
 class AcceleratorProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -147,7 +119,12 @@ def _default_prefill() -> ProfileConfig:
 class PlacementConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefill: ProfileConfig = msgspec.field(default_factory=_default_prefill)
     decode: ProfileConfig = msgspec.field(default_factory=_default_decode)
-    decider: DeciderConfig = DeciderConfig()
+    # Whether and where to prefill, given the decode pick: a decider plugin and its own parameters.
+    decider: PluginSpec = PluginSpec("conditional")
+    # When no decode node has room, the request runs colocated on a node that can prefill and has
+    # room for its whole reservation: role "both" first, then "prefill" when this is true (prefill
+    # workers must then accept whole requests).
+    fallback_to_prefill_node: bool = False
     reservation: ReservationConfig = ReservationConfig()
     accelerators: dict[str, AcceleratorProfile] = msgspec.field(default_factory=default_accelerators)
     # Seeds the random pickers (with the request id), so a decision is reproducible.

@@ -10,7 +10,7 @@ from scheduler.placement.config import PlacementConfig
 from scheduler.placement.kv_budget import blocks_for, predicted_output_tokens
 from scheduler.placement.prefill_cost import estimate_prefill_s, prefill_rate
 from scheduler.placement.prefix import matched_prefix_blocks
-from scheduler.placement.types import NodeView, PlacementRequest
+from scheduler.placement.types import NodeView, Placement, PlacementRequest
 
 
 class Pool(enum.StrEnum):
@@ -27,7 +27,7 @@ class RequestContext:
         self.request = request
         self.config = config
         self.pool = Pool.DECODE
-        # True while the decider looks for a colocated fallback node (no decode node had room).
+        # True while the profile handler looks for a colocated fallback node (no decode node had room).
         self.fallback = False
         self.output_tokens = predicted_output_tokens(request, config.reservation)
         self.reserve_tokens = request.prompt_len + self.output_tokens
@@ -50,6 +50,10 @@ class RequestContext:
 
     def reserve_blocks(self, node: NodeView) -> int:
         return blocks_for(self.reserve_tokens, node.block_size)
+
+    def placement(self, prefill: NodeView, decode: NodeView) -> Placement:
+        """Prefill on one node, decode (and reserve the KV) on the other; the same node = colocated."""
+        return Placement(prefill.worker_id, decode.worker_id, self.reserve_blocks(decode))
 
     def prefill_rate(self, node: NodeView) -> float:
         if node.prefill_tokens_per_s > 0:

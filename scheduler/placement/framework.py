@@ -1,25 +1,29 @@
-"""The placement engine: per pool, filter -> score -> pick; the decider turns two picks into a Placement.
+"""The placement engine: per pool, filter -> score -> pick; a decider turns the picks into a Placement.
 
 Modelled on the Gateway API Inference Extension scheduler: a profile is filters, weighted scorers
-and one picker; the decode profile runs first, then the decider (``decider.py``) decides whether and
-where to prefill remotely. The framework, not the plugins, measures each plugin's decision latency,
-with a clock the caller injects (the live scheduler passes ``time.perf_counter``; without one
-nothing is measured and placement stays a pure function of its inputs).
+and one picker; the P/D profile handler (``pd_profile_handler.py``) runs the decode profile first,
+then the configured decider plugin says whether and where to prefill remotely. The framework, not
+the plugins, measures each plugin's decision latency, with a clock the caller injects (the live
+scheduler passes ``time.perf_counter``; without one nothing is measured and placement stays a pure
+function of its inputs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
-from scheduler.placement.config import PlacementConfig, ProfileConfig, load_placement_config
+from scheduler.placement.config import PlacementConfig, PluginSpec, ProfileConfig, load_placement_config
 from scheduler.placement.context import Pool, RequestContext
-from scheduler.placement.decider import decide, validate_decider
+from scheduler.placement.pd_profile_handler import place_pd
+from scheduler.placement.plugin import Filter, Picker, Scorer
 from scheduler.placement.registry import PluginKind, Registry, default_registry
 from scheduler.placement.types import ClusterSnapshot, NodeView, Placement, PlacementRequest
 from transport.errors import ErrorCode, PdorchError
+
+R = TypeVar("R")
 
 
 class PluginLatency(msgspec.Struct):
@@ -28,34 +32,53 @@ class PluginLatency(msgspec.Struct):
     max_s: float = 0.0
 
 
-class _Step(NamedTuple):
-    label: str  # "decode/scorer/kv-occupancy" (unique within the placer)
-    plugin: Any
+class _FilterStep(NamedTuple):
+    label: str  # "decode/filter/role" (unique within the placer)
+    plugin: Filter
+
+
+class _ScorerStep(NamedTuple):
+    label: str
+    plugin: Scorer
     weight: float
 
 
+class _PickerStep(NamedTuple):
+    label: str
+    plugin: Picker
+
+
 class _Profile(NamedTuple):
-    filters: tuple[_Step, ...]
-    scorers: tuple[_Step, ...]
-    picker: _Step
+    filters: tuple[_FilterStep, ...]
+    scorers: tuple[_ScorerStep, ...]
+    picker: _PickerStep
 
 
 def _build_profile(pool: Pool, cfg: ProfileConfig, registry: Registry) -> _Profile:
     where = f"placement.{pool}"
     seen: set[str] = set()
 
-    def step(kind: PluginKind, i: int | None, spec: Any) -> _Step:
-        at = f"{where}.{kind}s[{i}]" if i is not None else f"{where}.{kind}"
-        plugin = registry.build(spec, kind, at)
-        label = f"{pool}/{kind}/{spec.type}"
-        if label in seen:
-            label = f"{label}#{i}"
-        seen.add(label)
-        return _Step(label, plugin, spec.weight)
+    def label(kind: PluginKind, i: int | None, spec: PluginSpec) -> str:
+        out = f"{pool}/{kind}/{spec.type}"
+        if out in seen:
+            out = f"{out}#{i}"
+        seen.add(out)
+        return out
 
-    filters = tuple(step(PluginKind.FILTER, i, s) for i, s in enumerate(cfg.filters))
-    scorers = tuple(step(PluginKind.SCORER, i, s) for i, s in enumerate(cfg.scorers))
-    return _Profile(filters, scorers, step(PluginKind.PICKER, None, cfg.picker))
+    filters = tuple(
+        _FilterStep(label(PluginKind.FILTER, i, s), registry.build_filter(s, f"{where}.filters[{i}]"))
+        for i, s in enumerate(cfg.filters)
+    )
+    scorers = tuple(
+        _ScorerStep(
+            label(PluginKind.SCORER, i, s), registry.build_scorer(s, f"{where}.scorers[{i}]"), s.weight
+        )
+        for i, s in enumerate(cfg.scorers)
+    )
+    picker = _PickerStep(
+        label(PluginKind.PICKER, None, cfg.picker), registry.build_picker(cfg.picker, f"{where}.picker")
+    )
+    return _Profile(filters, scorers, picker)
 
 
 class Placer:
@@ -69,12 +92,14 @@ class Placer:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = load_placement_config(config) if config is not None else PlacementConfig()
-        validate_decider(self.config)
+        self.config.reservation.validate()
         registry = registry or default_registry()
         self._profiles = {
             Pool.DECODE: _build_profile(Pool.DECODE, self.config.decode, registry),
             Pool.PREFILL: _build_profile(Pool.PREFILL, self.config.prefill, registry),
         }
+        # Not timed as a plugin: its time would include the prefill profile's, which is timed.
+        self._decider = registry.build_decider(self.config.decider, "placement.decider")
         self._clock = clock
         self._latency: dict[str, PluginLatency] = {}
 
@@ -82,7 +107,7 @@ class Placer:
         nodes = [n for n in snapshot.nodes if n.model == request.model]
         if not nodes:
             raise PdorchError(ErrorCode.NO_WORKER, f"no worker serves model {request.model!r}")
-        return decide(self.select, RequestContext(request, self.config), nodes)
+        return place_pd(self.select, self._decider, RequestContext(request, self.config), nodes)
 
     def select(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> NodeView | None:
         """Run ``pool``'s profile over ``nodes``; None when the filters leave nothing."""
@@ -108,7 +133,7 @@ class Placer:
         """Per-plugin decision latency so far (a copy), keyed ``pool/kind/type``."""
         return {k: msgspec.structs.replace(v) for k, v in self._latency.items()}
 
-    def _run(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def _run(self, label: str, fn: Callable[..., R], *args: Any) -> R:
         clock = self._clock
         if clock is None:
             return fn(*args)

@@ -45,10 +45,6 @@ def predicted_output_tokens(req: PlacementRequest, cfg: ReservationConfig) -> in
     return min(guess, req.max_tokens) if req.max_tokens > 0 else guess
 
 
-def reserve_tokens(req: PlacementRequest, cfg: ReservationConfig) -> int:
-    return req.prompt_len + predicted_output_tokens(req, cfg)
-
-
 def regrow(
     current_reserved_blocks: int,
     tokens_so_far: int,

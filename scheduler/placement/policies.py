@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from scheduler.placement.config import (
-    DeciderConfig,
-    DeciderMode,
     PlacementConfig,
     PluginSpec,
     ProfileConfig,
@@ -21,10 +19,12 @@ from transport.errors import ErrorCode, PdorchError
 
 _PLAIN = (PluginSpec("role"), PluginSpec("health"))
 _PROMPT_ONLY = ReservationConfig(mode=ReservationMode.PROMPT)
-_ALWAYS = DeciderConfig(mode=DeciderMode.ALWAYS)
+_ALWAYS = PluginSpec("always")
+# The decider of colocated serving: every node does both prefill and decode.
+_NEVER = PluginSpec("never")
 
 
-def _both(profile: ProfileConfig, decider: DeciderConfig = _ALWAYS) -> PlacementConfig:
+def _both(profile: ProfileConfig, decider: PluginSpec = _ALWAYS) -> PlacementConfig:
     return PlacementConfig(prefill=profile, decode=profile, decider=decider, reservation=_PROMPT_ONLY)
 
 
@@ -59,15 +59,17 @@ def pdorch(tpot_target_s: float = 0.0, kv_link_gbytes_per_s: float = 25.0) -> Pl
                 PluginSpec("accelerator", weight=0.1),
             ),
         ),
-        decider=DeciderConfig(
-            mode=DeciderMode.CONDITIONAL,
-            local_max_uncached_tokens=65536,
-            local_max_wait_s=0.1,
-            fallback_to_prefill_node=True,
-            tpot_target_s=tpot_target_s,
-            short_output_share=0.2,
-            kv_link_gbytes_per_s=kv_link_gbytes_per_s,
+        decider=PluginSpec(
+            "conditional",
+            params={
+                "local_max_uncached_tokens": 65536,
+                "local_max_wait_s": 0.1,
+                "tpot_target_s": tpot_target_s,
+                "short_output_share": 0.2,
+                "kv_link_gbytes_per_s": kv_link_gbytes_per_s,
+            },
         ),
+        fallback_to_prefill_node=True,
         reservation=ReservationConfig(mode=ReservationMode.PREDICTED, output_quantile=0.9),
     )
 
@@ -99,7 +101,7 @@ def prefix_queue(**_: float) -> PlacementConfig:
 def colocated(**_: float) -> PlacementConfig:
     """No disaggregation: prefix + queue scoring over "both" nodes; each request stays on one node."""
     scorers = (PluginSpec("prefix-affinity", weight=2.0), PluginSpec("queue", weight=1.0))
-    return _both(ProfileConfig(filters=_PLAIN, scorers=scorers), DeciderConfig(mode=DeciderMode.NEVER))
+    return _both(ProfileConfig(filters=_PLAIN, scorers=scorers), _NEVER)
 
 
 def policies() -> dict[str, Callable[..., PlacementConfig]]:
@@ -125,4 +127,4 @@ def policy(name: str, *, tpot_target_s: float = 0.0, kv_link_gbytes_per_s: float
 
 
 def is_colocated(config: PlacementConfig) -> bool:
-    return config.decider.mode is DeciderMode.NEVER
+    return config.decider.type == _NEVER.type

@@ -1,6 +1,8 @@
 """Plugins by name: builds each configured plugin from its params Struct, with errors naming the entry.
 
-A new plugin is one file in ``plugins/`` and one ``register`` line in :func:`default_registry`.
+A new plugin is one file in its kind's folder under ``plugins/`` and one ``register_*`` line in
+:func:`default_registry`. Each kind has its own table, so a plugin comes back typed by its protocol
+(:mod:`scheduler.placement.plugin`), and a factory that does not build one is a type error.
 """
 
 from __future__ import annotations
@@ -8,63 +10,129 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from scheduler.placement.config import PluginSpec
-from scheduler.placement.plugins.accelerator_scorer import AcceleratorScorer, AcceleratorScorerParams
-from scheduler.placement.plugins.active_requests_scorer import ActiveRequestsParams, ActiveRequestsScorer
-from scheduler.placement.plugins.health_filter import HealthFilter, HealthFilterParams
-from scheduler.placement.plugins.kv_occupancy_scorer import KvOccupancyParams, KvOccupancyScorer
-from scheduler.placement.plugins.max_score_picker import MaxScoreParams, MaxScorePicker
-from scheduler.placement.plugins.prefill_backlog_filter import PrefillBacklogFilter, PrefillBacklogParams
-from scheduler.placement.plugins.prefill_delay_scorer import PrefillDelayParams, PrefillDelayScorer
-from scheduler.placement.plugins.prefix_affinity_scorer import PrefixAffinityParams, PrefixAffinityScorer
-from scheduler.placement.plugins.queue_scorer import QueueScorer, QueueScorerParams
-from scheduler.placement.plugins.random_picker import RandomParams, RandomPicker
-from scheduler.placement.plugins.role_filter import RoleFilter, RoleFilterParams
-from scheduler.placement.plugins.round_robin_picker import RoundRobinParams, RoundRobinPicker
-from scheduler.placement.plugins.weighted_random_picker import WeightedRandomParams, WeightedRandomPicker
+from scheduler.placement.plugin import Decider, Filter, Picker, Scorer
+from scheduler.placement.plugins.deciders.always_decider import AlwaysDecider, AlwaysDeciderParams
+from scheduler.placement.plugins.deciders.conditional_decider import (
+    ConditionalDecider,
+    ConditionalDeciderParams,
+)
+from scheduler.placement.plugins.deciders.never_decider import NeverDecider, NeverDeciderParams
+from scheduler.placement.plugins.deciders.threshold_decider import ThresholdDecider, ThresholdDeciderParams
+from scheduler.placement.plugins.filters.health_filter import HealthFilter, HealthFilterParams
+from scheduler.placement.plugins.filters.prefill_backlog_filter import (
+    PrefillBacklogFilter,
+    PrefillBacklogParams,
+)
+from scheduler.placement.plugins.filters.role_filter import RoleFilter, RoleFilterParams
+from scheduler.placement.plugins.pickers.max_score_picker import MaxScoreParams, MaxScorePicker
+from scheduler.placement.plugins.pickers.random_picker import RandomParams, RandomPicker
+from scheduler.placement.plugins.pickers.round_robin_picker import RoundRobinParams, RoundRobinPicker
+from scheduler.placement.plugins.pickers.weighted_random_picker import (
+    WeightedRandomParams,
+    WeightedRandomPicker,
+)
+from scheduler.placement.plugins.scorers.accelerator_scorer import AcceleratorScorer, AcceleratorScorerParams
+from scheduler.placement.plugins.scorers.active_requests_scorer import (
+    ActiveRequestsParams,
+    ActiveRequestsScorer,
+)
+from scheduler.placement.plugins.scorers.kv_occupancy_scorer import KvOccupancyParams, KvOccupancyScorer
+from scheduler.placement.plugins.scorers.prefill_delay_scorer import PrefillDelayParams, PrefillDelayScorer
+from scheduler.placement.plugins.scorers.prefix_affinity_scorer import (
+    PrefixAffinityParams,
+    PrefixAffinityScorer,
+)
+from scheduler.placement.plugins.scorers.queue_scorer import QueueScorer, QueueScorerParams
 from transport.errors import ErrorCode, PdorchError
+
+P = TypeVar("P", bound=msgspec.Struct)
+T = TypeVar("T")
 
 
 class PluginKind(enum.StrEnum):
     FILTER = "filter"
     SCORER = "scorer"
     PICKER = "picker"
+    DECIDER = "decider"
 
 
-class _Entry(NamedTuple):
-    kind: PluginKind
+@dataclass(frozen=True)
+class _Entry(Generic[T]):
     params_type: type[msgspec.Struct]
-    factory: Callable[[Any], Any]
+    factory: Callable[[Any], T]
 
 
 class Registry:
     def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
+        self._filters: dict[str, _Entry[Filter]] = {}
+        self._scorers: dict[str, _Entry[Scorer]] = {}
+        self._pickers: dict[str, _Entry[Picker]] = {}
+        self._deciders: dict[str, _Entry[Decider]] = {}
 
-    def register(
-        self, name: str, kind: PluginKind, params_type: type[msgspec.Struct], factory: Callable[[Any], Any]
-    ) -> None:
-        if name in self._entries:
-            raise PdorchError(ErrorCode.CONFIG, f"placement plugin {name!r} registered twice")
-        self._entries[name] = _Entry(kind, params_type, factory)
+    def register_filter(self, name: str, params_type: type[P], factory: Callable[[P], Filter]) -> None:
+        self._add(self._filters, name, params_type, factory)
+
+    def register_scorer(self, name: str, params_type: type[P], factory: Callable[[P], Scorer]) -> None:
+        self._add(self._scorers, name, params_type, factory)
+
+    def register_picker(self, name: str, params_type: type[P], factory: Callable[[P], Picker]) -> None:
+        self._add(self._pickers, name, params_type, factory)
+
+    def register_decider(self, name: str, params_type: type[P], factory: Callable[[P], Decider]) -> None:
+        self._add(self._deciders, name, params_type, factory)
+
+    def build_filter(self, spec: PluginSpec, where: str) -> Filter:
+        """Build the filter ``spec`` names; ``where`` says where it sits in the config (for errors)."""
+        return self._build(self._filters, PluginKind.FILTER, spec, where)
+
+    def build_scorer(self, spec: PluginSpec, where: str) -> Scorer:
+        return self._build(self._scorers, PluginKind.SCORER, spec, where)
+
+    def build_picker(self, spec: PluginSpec, where: str) -> Picker:
+        return self._build(self._pickers, PluginKind.PICKER, spec, where)
+
+    def build_decider(self, spec: PluginSpec, where: str) -> Decider:
+        return self._build(self._deciders, PluginKind.DECIDER, spec, where)
 
     def names(self, kind: PluginKind) -> list[str]:
-        return sorted(n for n, e in self._entries.items() if e.kind is kind)
+        return sorted(self._table(kind))
 
-    def build(self, spec: PluginSpec, kind: PluginKind, where: str) -> Any:
-        """Build the plugin ``spec`` names; ``where`` says where it sits in the config (for errors)."""
-        entry = self._entries.get(spec.type)
+    def _table(self, kind: PluginKind) -> dict[str, _Entry[Any]]:
+        tables: dict[PluginKind, dict[str, _Entry[Any]]] = {
+            PluginKind.FILTER: self._filters,
+            PluginKind.SCORER: self._scorers,
+            PluginKind.PICKER: self._pickers,
+            PluginKind.DECIDER: self._deciders,
+        }
+        return tables[kind]
+
+    def _kind_of(self, name: str) -> PluginKind | None:
+        return next((kind for kind in PluginKind if name in self._table(kind)), None)
+
+    def _add(
+        self, table: dict[str, _Entry[T]], name: str, params_type: type[P], factory: Callable[[P], T]
+    ) -> None:
+        # One namespace for every kind, so a plugin named in the wrong place can be reported as such.
+        if self._kind_of(name) is not None:
+            raise PdorchError(ErrorCode.CONFIG, f"placement plugin {name!r} registered twice")
+        table[name] = _Entry(params_type, factory)
+
+    def _build(self, table: dict[str, _Entry[T]], kind: PluginKind, spec: PluginSpec, where: str) -> T:
+        entry = table.get(spec.type)
         if entry is None:
+            actual = self._kind_of(spec.type)
+            if actual is not None:
+                raise PdorchError(ErrorCode.CONFIG, f"{where}: {spec.type!r} is a {actual}, not a {kind}")
             raise PdorchError(
                 ErrorCode.CONFIG,
                 f"{where}: unknown {kind} {spec.type!r}; known: {', '.join(self.names(kind))}",
             )
-        if entry.kind is not kind:
-            raise PdorchError(ErrorCode.CONFIG, f"{where}: {spec.type!r} is a {entry.kind}, not a {kind}")
         if kind is PluginKind.SCORER:
             if not math.isfinite(spec.weight) or spec.weight < 0:
                 raise PdorchError(
@@ -84,17 +152,21 @@ class Registry:
 
 def default_registry() -> Registry:
     r = Registry()
-    r.register("role", PluginKind.FILTER, RoleFilterParams, RoleFilter)
-    r.register("health", PluginKind.FILTER, HealthFilterParams, HealthFilter)
-    r.register("prefill-backlog", PluginKind.FILTER, PrefillBacklogParams, PrefillBacklogFilter)
-    r.register("kv-occupancy", PluginKind.SCORER, KvOccupancyParams, KvOccupancyScorer)
-    r.register("queue", PluginKind.SCORER, QueueScorerParams, QueueScorer)
-    r.register("active-requests", PluginKind.SCORER, ActiveRequestsParams, ActiveRequestsScorer)
-    r.register("prefix-affinity", PluginKind.SCORER, PrefixAffinityParams, PrefixAffinityScorer)
-    r.register("accelerator", PluginKind.SCORER, AcceleratorScorerParams, AcceleratorScorer)
-    r.register("prefill-delay", PluginKind.SCORER, PrefillDelayParams, PrefillDelayScorer)
-    r.register("max-score", PluginKind.PICKER, MaxScoreParams, MaxScorePicker)
-    r.register("weighted-random", PluginKind.PICKER, WeightedRandomParams, WeightedRandomPicker)
-    r.register("random", PluginKind.PICKER, RandomParams, RandomPicker)
-    r.register("round-robin", PluginKind.PICKER, RoundRobinParams, RoundRobinPicker)
+    r.register_filter("role", RoleFilterParams, RoleFilter)
+    r.register_filter("health", HealthFilterParams, HealthFilter)
+    r.register_filter("prefill-backlog", PrefillBacklogParams, PrefillBacklogFilter)
+    r.register_scorer("kv-occupancy", KvOccupancyParams, KvOccupancyScorer)
+    r.register_scorer("queue", QueueScorerParams, QueueScorer)
+    r.register_scorer("active-requests", ActiveRequestsParams, ActiveRequestsScorer)
+    r.register_scorer("prefix-affinity", PrefixAffinityParams, PrefixAffinityScorer)
+    r.register_scorer("accelerator", AcceleratorScorerParams, AcceleratorScorer)
+    r.register_scorer("prefill-delay", PrefillDelayParams, PrefillDelayScorer)
+    r.register_picker("max-score", MaxScoreParams, MaxScorePicker)
+    r.register_picker("weighted-random", WeightedRandomParams, WeightedRandomPicker)
+    r.register_picker("random", RandomParams, RandomPicker)
+    r.register_picker("round-robin", RoundRobinParams, RoundRobinPicker)
+    r.register_decider("always", AlwaysDeciderParams, AlwaysDecider)
+    r.register_decider("never", NeverDeciderParams, NeverDecider)
+    r.register_decider("threshold", ThresholdDeciderParams, ThresholdDecider)
+    r.register_decider("conditional", ConditionalDeciderParams, ConditionalDecider)
     return r

@@ -7,6 +7,8 @@ code, which returns a :class:`Placement`.
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 import msgspec
 
 from transport.messages import Role
@@ -30,16 +32,13 @@ class NodeView(msgspec.Struct, frozen=True, gc=False):
     queued_prefill_tokens: int = 0  # reported by the worker plus sent by us and not yet prefilled
     inflight: int = 0  # requests the scheduler has on this node
     prefill_tokens_per_s: float = 0.0  # 0 = unknown
-    # Hashes of prompt prefix blocks this node is believed to hold (prefix affinity).
-    cached_block_hashes: frozenset[int] = frozenset()
+    # Hashes of prompt prefix blocks this node is believed to hold (prefix affinity): a read-only
+    # set as of this instant (the live scheduler's is a frozenset; the simulator's a checked view).
+    cached_block_hashes: AbstractSet[int] = frozenset()
 
     @property
     def can_prefill(self) -> bool:
         return self.role in (Role.PREFILL, Role.BOTH)
-
-    @property
-    def can_decode(self) -> bool:
-        return self.role in (Role.DECODE, Role.BOTH)
 
     @property
     def blocks_free(self) -> int:

@@ -9,13 +9,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
+import msgspec
 import pytest
 from kubernetes import client
 
+from scheduler.admission.gate import AdmissionGate
+from scheduler.cluster import Cluster
 from scheduler.kubernetes.autoscaler import Autoscaler
 from scheduler.kubernetes.config import AutoscalerConfig, KubernetesConfig, PoolAutoscalingConfig, PoolConfig
 from scheduler.kubernetes.lws_api import LwsScaleApi
-from scheduler.kubernetes.signals import PoolSignals
+from scheduler.kubernetes.signals import PoolSignals, SignalSource
+from scheduler.pool_signals import pool_signals
+from scheduler.slo_window import SloConfig, SloWindow
 from tests.integration.test_k8s_fake_api import (
     NAMESPACE,
     FakeKube,
@@ -25,6 +30,7 @@ from tests.integration.test_k8s_fake_api import (
     lws_object,
     running_fake_api,
 )
+from transport.messages import PROTOCOL_VERSION, Hello, Role
 
 
 @pytest.fixture
@@ -122,7 +128,7 @@ def directory(kube: FakeKube) -> RecordingDirectory:
 def make_autoscaler(
     api: client.ApiClient,
     directory: RecordingDirectory,
-    load: Load,
+    load: SignalSource,
     time_: FakeTime,
     config: KubernetesConfig | None = None,
 ) -> Autoscaler:
@@ -351,3 +357,55 @@ async def test_run_loops_every_interval(
 async def _until(predicate: Callable[[], bool]) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+def idle_cluster(decode: int) -> Cluster:
+    """A scheduler's registry with one prefill and ``decode`` decode workers, all idle."""
+    cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *_: None)
+    roles = [("pdorch-prefill-0", Role.PREFILL)] + [
+        (f"pdorch-decode-{i}", Role.DECODE) for i in range(decode)
+    ]
+    for worker_id, role in roles:
+        hello = Hello(
+            PROTOCOL_VERSION, worker_id, role, "reference", "m", 4096, 16, 1000, kv_endpoint="tcp://x:1"
+        )
+        cluster.register(worker_id.encode(), hello, now=0.0)
+    return cluster
+
+
+async def test_low_slo_attainment_holds_a_scale_down(
+    kube: FakeKube,
+    directory: RecordingDirectory,
+    time_: FakeTime,
+) -> None:
+    """The scheduler's measured attainment reaches the autoscaler through the pool signals: an idle
+    decode pool whose requests miss their TPOT target is not shrunk until the misses age out."""
+    await make_lws(kube.client, "pdorch-prefill", 1)
+    await make_lws(kube.client, "pdorch-decode", 2)
+    cluster, admission = idle_cluster(decode=2), AdmissionGate()
+    slo = SloWindow(SloConfig(ttft_s=1.0, tpot_s=0.1, window_s=60, min_requests=5), clock=time_.clock)
+    guarded = msgspec.structs.replace(POLICY, max_replicas=2, min_slo_attainment=0.9)
+    scaler = make_autoscaler(
+        kube.client,
+        directory,
+        lambda pool: pool_signals(cluster, admission, slo, pool),
+        time_,
+        make_config(guarded),
+    )
+    for _ in range(10):
+        slo.record(ttft_s=0.2, tpot_s=0.5)  # first tokens in time, decoding too slow
+
+    decisions = await scaler.step()
+
+    # Idle (pressure 0 < scale_down_at) yet held: the decode pool's TPOT attainment is 0.
+    decode = decisions["decode"]
+    assert decode.desired == 2 and decode.pressure < guarded.scale_down_at
+    assert "SLO attainment 0.00 < 0.9" in decode.reason
+    assert patches(kube.api, "pdorch-decode") == [] and directory.draining == set()
+
+    # Once the misses are older than the window and requests meet the target, the pool shrinks.
+    time_.now += 61
+    for _ in range(10):
+        slo.record(ttft_s=0.2, tpot_s=0.05)
+    await scaler.step()
+    assert patches(kube.api, "pdorch-decode") == [1]

@@ -1,7 +1,8 @@
 """The house's dependency rules, checked on what each entry point really loads.
 
 ``transport`` imports neither ``scheduler`` nor ``workers``; ``scheduler`` never imports
-``workers``; an agent (and so every vLLM worker process, which loads the KV plane) does not load
+``workers``; placement loads nothing of the scheduler but itself (no predictor, no cluster state, no
+sockets or event loop); an agent (and so every vLLM worker process, which loads the KV plane) does not load
 the KV broker server, nor any engine but its own.
 """
 
@@ -37,6 +38,13 @@ def test_transport_loads_neither_scheduler_nor_workers(module: str) -> None:
 
 def test_scheduler_does_not_load_workers() -> None:
     assert not _top(_loaded("scheduler.app"), "workers")
+
+
+def test_placement_loads_nothing_of_the_scheduler_but_itself() -> None:
+    loaded = _loaded("scheduler.placement.framework")
+    assert _top(loaded, "scheduler") - _top(loaded, "scheduler.placement") == {"scheduler"}
+    assert not (_top(loaded, "asyncio") | _top(loaded, "zmq") | _top(loaded, "aiohttp"))
+    assert "scheduler.placement.plugins" in loaded  # the check is meaningful: the plugins are loaded
 
 
 def test_agent_does_not_load_the_broker_server() -> None:

@@ -1,11 +1,12 @@
-"""The decider: disaggregate or not, where, and the colocated fallbacks (table-driven)."""
+"""The deciders and the P/D profile handler: disaggregate or not, where, and the colocated fallbacks
+(table-driven)."""
 
 from __future__ import annotations
 
 import msgspec
 import pytest
 
-from scheduler.placement.config import DeciderConfig, DeciderMode, PlacementConfig, PluginSpec, ProfileConfig
+from scheduler.placement.config import PlacementConfig, PluginSpec, ProfileConfig
 from scheduler.placement.framework import Placer
 from scheduler.placement.types import ClusterSnapshot, NodeView, PlacementRequest
 from transport.errors import ErrorCode, PdorchError
@@ -40,7 +41,7 @@ def decode(name: str = "d", queued: int = 0, rate: float = 4_000.0, **kw: object
     )  # type: ignore[arg-type]
 
 
-def placer(**decider: object) -> Placer:
+def placer(type: str = "conditional", fallback_to_prefill_node: bool = False, **params: object) -> Placer:
     decode_profile = ProfileConfig(
         filters=(PluginSpec("role"), PluginSpec("health", params={"require_kv_room": True})),
         scorers=(PluginSpec("kv-occupancy"),),
@@ -53,7 +54,12 @@ def placer(**decider: object) -> Placer:
         ),
         scorers=(PluginSpec("prefill-delay"),),
     )
-    config = PlacementConfig(prefill=prefill_profile, decode=decode_profile, decider=DeciderConfig(**decider))  # type: ignore[arg-type]
+    config = PlacementConfig(
+        prefill=prefill_profile,
+        decode=decode_profile,
+        decider=PluginSpec(type, params=params),
+        fallback_to_prefill_node=fallback_to_prefill_node,
+    )
     return Placer(config)
 
 
@@ -72,25 +78,25 @@ def req(
 
 
 CASES = [
-    # (label, decider config, nodes, request, expected (prefill, decode))
-    ("always: remote prefill", {"mode": DeciderMode.ALWAYS}, [prefill(), decode()], req(), ("p", "d")),
+    # (label, decider type and params, nodes, request, expected (prefill, decode))
+    ("always: remote prefill", {"type": "always"}, [prefill(), decode()], req(), ("p", "d")),
     (
         "never: colocated on the decode pick",
-        {"mode": DeciderMode.NEVER},
+        {"type": "never"},
         [prefill(), decode()],
         req(),
         ("d", "d"),
     ),
     (
         "threshold: few uncached tokens -> local",
-        {"mode": DeciderMode.THRESHOLD, "threshold_tokens": 512},
+        {"type": "threshold", "threshold_tokens": 512},
         [prefill(), decode(cached_block_hashes=frozenset({1, 2, 3}))],
         req(prompt=2000, hashes=(1, 2, 3, 4), block=512),
         ("d", "d"),
     ),
     (
         "threshold: many uncached tokens -> remote",
-        {"mode": DeciderMode.THRESHOLD, "threshold_tokens": 512},
+        {"type": "threshold", "threshold_tokens": 512},
         [prefill(), decode(cached_block_hashes=frozenset({1}))],
         req(prompt=2000, hashes=(1, 2, 3, 4), block=512),
         ("p", "d"),
@@ -185,7 +191,7 @@ def test_decider(
             {"local_max_wait_s": 0.5},
             [prefill(queued=50_000), decode(queued=50_000)],
         ),
-        ("always mode without any prefill node", {"mode": DeciderMode.ALWAYS}, [decode()]),
+        ("always mode without any prefill node", {"type": "always"}, [decode()]),
     ],
 )
 def test_decider_answers_no_worker(label: str, decider: dict, nodes: list[NodeView]) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 
 from scheduler.placement.config import (
-    DeciderConfig,
-    DeciderMode,
     PlacementConfig,
     PluginSpec,
     ProfileConfig,
@@ -22,8 +20,11 @@ from scheduler.placement.kv_budget import (
     quantile_from,
     regrow,
 )
+from scheduler.placement.plugin import Decider, Filter, Picker, Scorer
+from scheduler.placement.plugins.scorers.kv_occupancy_scorer import KvOccupancyParams, KvOccupancyScorer
 from scheduler.placement.policies import policies, policy
 from scheduler.placement.prefix import matched_prefix_blocks, prompt_block_hashes
+from scheduler.placement.registry import PluginKind, default_registry
 from scheduler.placement.types import ClusterSnapshot, NodeView, PlacementRequest
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role
@@ -77,7 +78,18 @@ CONFIG_ERRORS = [
         "(weighted-random): power",
     ),
     ({"decider": {"mode": "sometimes"}}, "placement:"),
-    ({"decider": {"local_speedup": 0}}, "local_speedup must be > 0"),
+    ({"decider": {"type": "sometimes"}}, "placement.decider: unknown decider 'sometimes'; known: always"),
+    (
+        {"decider": {"type": "conditional", "params": {"local_speedup": 0}}},
+        "placement.decider (conditional): local_speedup must be > 0",
+    ),
+    # Each decider has its own parameters: the threshold decider has no local_speedup.
+    (
+        {"decider": {"type": "threshold", "params": {"local_speedup": 1}}},
+        "placement.decider (threshold): bad parameter: Object contains unknown field `local_speedup`",
+    ),
+    ({"decider": {"type": "max-score"}}, "placement.decider: 'max-score' is a picker, not a decider"),
+    ({"decider": {"type": "never", "weight": 2}}, "placement.decider (never): only scorers take a weight"),
     ({"reservation": {"output_quantile": 1.5}}, "output_quantile must be in (0, 1)"),
     ({"decoder": {}}, "placement:"),
 ]
@@ -107,6 +119,27 @@ def test_config_from_plain_data_round_trips() -> None:
     assert Placer(config).config.seed == 4
 
 
+def test_every_registered_plugin_implements_its_kind() -> None:
+    registry = default_registry()
+    kinds = [
+        (PluginKind.FILTER, registry.build_filter, Filter),
+        (PluginKind.SCORER, registry.build_scorer, Scorer),
+        (PluginKind.PICKER, registry.build_picker, Picker),
+        (PluginKind.DECIDER, registry.build_decider, Decider),
+    ]
+    for kind, build, protocol in kinds:
+        assert registry.names(kind)
+        for name in registry.names(kind):
+            assert isinstance(build(PluginSpec(name), "test"), protocol), name
+
+
+def test_a_plugin_name_is_registered_once_across_kinds() -> None:
+    registry = default_registry()
+    with pytest.raises(PdorchError) as info:
+        registry.register_scorer("role", KvOccupancyParams, KvOccupancyScorer)
+    assert "registered twice" in info.value.message
+
+
 def test_every_named_policy_builds() -> None:
     for name in policies():
         Placer(policy(name))
@@ -134,7 +167,7 @@ def test_weights_come_from_the_profile() -> None:
                 PluginSpec("active-requests", weight=active_weight),
             )
         )
-        return Placer(PlacementConfig(decode=decode, decider=DeciderConfig(mode=DeciderMode.ALWAYS)))
+        return Placer(PlacementConfig(decode=decode, decider=PluginSpec("always")))
 
     snap = ClusterSnapshot(
         (

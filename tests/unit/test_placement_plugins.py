@@ -5,21 +5,34 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from scheduler.placement.config import DeciderConfig, PlacementConfig, ReservationConfig, ReservationMode
+from scheduler.placement.config import PlacementConfig, ReservationConfig, ReservationMode
 from scheduler.placement.context import Pool, RequestContext
-from scheduler.placement.plugins.accelerator_scorer import AcceleratorScorer, AcceleratorScorerParams
-from scheduler.placement.plugins.active_requests_scorer import ActiveRequestsParams, ActiveRequestsScorer
-from scheduler.placement.plugins.health_filter import HealthFilter, HealthFilterParams
-from scheduler.placement.plugins.kv_occupancy_scorer import KvOccupancyParams, KvOccupancyScorer
-from scheduler.placement.plugins.max_score_picker import MaxScoreParams, MaxScorePicker
-from scheduler.placement.plugins.prefill_backlog_filter import PrefillBacklogFilter, PrefillBacklogParams
-from scheduler.placement.plugins.prefill_delay_scorer import PrefillDelayParams, PrefillDelayScorer
-from scheduler.placement.plugins.prefix_affinity_scorer import PrefixAffinityParams, PrefixAffinityScorer
-from scheduler.placement.plugins.queue_scorer import QueueScorer, QueueScorerParams
-from scheduler.placement.plugins.random_picker import RandomParams, RandomPicker
-from scheduler.placement.plugins.role_filter import RoleFilter, RoleFilterParams
-from scheduler.placement.plugins.round_robin_picker import RoundRobinParams, RoundRobinPicker
-from scheduler.placement.plugins.weighted_random_picker import WeightedRandomParams, WeightedRandomPicker
+from scheduler.placement.plugin import Scorer
+from scheduler.placement.plugins.filters.health_filter import HealthFilter, HealthFilterParams
+from scheduler.placement.plugins.filters.prefill_backlog_filter import (
+    PrefillBacklogFilter,
+    PrefillBacklogParams,
+)
+from scheduler.placement.plugins.filters.role_filter import RoleFilter, RoleFilterParams
+from scheduler.placement.plugins.pickers.max_score_picker import MaxScoreParams, MaxScorePicker
+from scheduler.placement.plugins.pickers.random_picker import RandomParams, RandomPicker
+from scheduler.placement.plugins.pickers.round_robin_picker import RoundRobinParams, RoundRobinPicker
+from scheduler.placement.plugins.pickers.weighted_random_picker import (
+    WeightedRandomParams,
+    WeightedRandomPicker,
+)
+from scheduler.placement.plugins.scorers.accelerator_scorer import AcceleratorScorer, AcceleratorScorerParams
+from scheduler.placement.plugins.scorers.active_requests_scorer import (
+    ActiveRequestsParams,
+    ActiveRequestsScorer,
+)
+from scheduler.placement.plugins.scorers.kv_occupancy_scorer import KvOccupancyParams, KvOccupancyScorer
+from scheduler.placement.plugins.scorers.prefill_delay_scorer import PrefillDelayParams, PrefillDelayScorer
+from scheduler.placement.plugins.scorers.prefix_affinity_scorer import (
+    PrefixAffinityParams,
+    PrefixAffinityScorer,
+)
+from scheduler.placement.plugins.scorers.queue_scorer import QueueScorer, QueueScorerParams
 from scheduler.placement.types import NodeView, PlacementRequest
 from transport.messages import Role
 
@@ -71,7 +84,7 @@ def test_role_filter(pool: Pool, dedicated: bool, roles: dict[str, Role], expect
 def test_role_filter_in_colocated_fallback(
     allow_prefill: bool, roles: dict[str, Role], expected: list[str]
 ) -> None:
-    config = PlacementConfig(decider=DeciderConfig(fallback_to_prefill_node=allow_prefill))
+    config = PlacementConfig(fallback_to_prefill_node=allow_prefill)
     c = ctx(Pool.DECODE, config)
     c.fallback = True
     nodes = [node(n, r) for n, r in roles.items()]
@@ -252,8 +265,8 @@ SCORER_CASES = [
 @pytest.mark.parametrize(
     ("label", "scorer", "nodes", "req", "expected"), SCORER_CASES, ids=[c[0] for c in SCORER_CASES]
 )
-def test_scorers(label: str, scorer: object, nodes: list[NodeView], req: dict, expected: list[float]) -> None:
-    scores = scorer.score(ctx(Pool.DECODE, **req), nodes)  # type: ignore[attr-defined]
+def test_scorers(label: str, scorer: Scorer, nodes: list[NodeView], req: dict, expected: list[float]) -> None:
+    scores = scorer.score(ctx(Pool.DECODE, **req), nodes)
     assert scores == pytest.approx(expected)
     assert all(0.0 <= s <= 1.0 for s in scores)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler.placement.predictor import OutputFeatures, OutputLengthPredictor, PredictorConfig
+from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor, PredictorConfig
 from simulate.predictor_eval import evaluate, rankdata, spearman
 from simulate.trace import synthetic_trace
 from transport.errors import ErrorCode, PdorchError

@@ -16,6 +16,7 @@ from scheduler.http.openai_schema import (
     completion_prompt,
     parse_body,
 )
+from scheduler.slo_window import SloConfig, SloWindow
 from scheduler.stop_strings import TextStream
 from scheduler.tokenizer.byte_level import ByteTokenizer
 from transport.errors import ErrorCode, PdorchError
@@ -53,6 +54,18 @@ def test_string_settings_from_the_environment_are_taken_as_written() -> None:
         ("queue_timeout_s: lots\n", "queue_timeout_s"),
         ("placement: {decode: {picker: {type: coin-flip}}}\n", "coin-flip"),
         ("admission: {default_weight: 0}\n", "weight"),
+        ("slo: {window_s: 0}\n", "'slo.window_s'"),
+        ("slo: {tpot_s: -1}\n", "'slo.tpot_s'"),
+        ("slo: {ttft: 1}\n", "ttft"),
+        # A pool's SLO guard without the target it is judged on would never act: refused.
+        (
+            "kubernetes: {decode: {lws_name: d, pod_labels: {a: b}, autoscaling: {min_slo_attainment: 1}}}",
+            "'slo.tpot_s' must be > 0 when kubernetes.decode.autoscaling.min_slo_attainment is set",
+        ),
+        (
+            "kubernetes: {prefill: {lws_name: p, pod_labels: {a: b}, autoscaling: {min_slo_attainment: 1}}}",
+            "'slo.ttft_s'",
+        ),
     ],
 )
 def test_config_errors_name_the_bad_key(tmp_path, yaml_text: str, needle: str) -> None:
@@ -248,8 +261,15 @@ def test_pool_signals_count_serving_workers_and_reserved_demand() -> None:
     c.set_draining("d1", True)
     c.add_pending_prefill("p0", 300)
     lim = AdmissionGate()
-    decode = pool_signals(c, lim, "decode")
+    slo = SloWindow(SloConfig(ttft_s=1.0, tpot_s=0.1, min_requests=2))
+    decode = pool_signals(c, lim, slo, "decode")
     assert (decode.replicas, decode.inflight_requests, decode.kv_occupancy) == (1, 1, 0.5)
     assert decode.predicted_tokens == 50 * 16
-    prefill = pool_signals(c, lim, "prefill")
+    assert decode.slo_attainment is None  # nothing finished yet
+    prefill = pool_signals(c, lim, slo, "prefill")
     assert (prefill.replicas, prefill.predicted_tokens) == (1, 300)
+    # Each pool reads its own phase: prefill the first token, decode the tokens after it.
+    slo.record(0.5, 0.5)
+    slo.record(0.5, 0.05)
+    assert pool_signals(c, lim, slo, "prefill").slo_attainment == 1.0
+    assert pool_signals(c, lim, slo, "decode").slo_attainment == 0.5

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from scheduler.placement.config import DeciderConfig
+from scheduler.placement.config import PluginSpec
 from scheduler.placement.policies import policies, policy
 from simulate.cluster import parse_cluster
 from simulate.goodput import find_goodput
@@ -70,9 +70,7 @@ def test_kv_reservations_prevent_preemption() -> None:
     blind = simulate(trace, small_decode, named("round-robin"))
     assert blind.preemptions > 0
     ours = named("pdorch")
-    no_fallback = msgspec.structs.replace(
-        ours, decider=msgspec.structs.replace(ours.decider, fallback_to_prefill_node=False)
-    )
+    no_fallback = msgspec.structs.replace(ours, fallback_to_prefill_node=False)
     for config in (ours, no_fallback):
         result = simulate(trace, small_decode, config)
         assert result.preemptions == 0
@@ -177,10 +175,10 @@ def test_unknown_model_shape_is_a_config_error() -> None:
 def test_decider_config_reaches_the_simulated_cluster() -> None:
     base = named("pdorch")
     # Threshold above every prompt: each request is prefilled on its decode node, nothing moves.
-    local = msgspec.structs.replace(base, decider=DeciderConfig(mode="threshold", threshold_tokens=10**6))  # type: ignore[arg-type]
+    local = msgspec.structs.replace(base, decider=PluginSpec("threshold", params={"threshold_tokens": 10**6}))
     result = simulate(TRACE, CLUSTER, local)
     assert result.kv_transfer_gb == 0.0 and result.local_prefills == len(TRACE.requests)
     # "never" (colocated serving) turns every node into a "both" node.
-    never = msgspec.structs.replace(base, decider=DeciderConfig(mode="never"))  # type: ignore[arg-type]
+    never = msgspec.structs.replace(base, decider=PluginSpec("never"))
     result = simulate(TRACE, CLUSTER, never)
     assert result.kv_transfer_gb == 0.0 and result.local_prefills == 0 and "decode" not in result.cluster

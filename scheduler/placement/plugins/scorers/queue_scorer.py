@@ -8,7 +8,7 @@ from typing import Literal
 import msgspec
 
 from scheduler.placement.context import RequestContext
-from scheduler.placement.plugin import lower_is_better
+from scheduler.placement.plugins.scorers.normalize import lower_is_better
 from scheduler.placement.types import NodeView
 
 

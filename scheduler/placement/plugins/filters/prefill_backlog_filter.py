@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import msgspec
 
 from scheduler.placement.context import Pool, RequestContext
+from scheduler.placement.prefill_backlog import backlog_ok
 from scheduler.placement.types import NodeView
 
 
@@ -36,10 +37,3 @@ class PrefillBacklogFilter:
             return list(nodes)
         p = self.params
         return [n for n in nodes if backlog_ok(ctx, n, p.max_wait_s, p.relative)]
-
-
-def backlog_ok(ctx: RequestContext, node: NodeView, max_wait_s: float, relative: float) -> bool:
-    """Is ``node``'s prefill queue short enough to join, for this request?"""
-    rate = ctx.prefill_rate(node)
-    wait = (node.queued_prefill_tokens - ctx.cached_tokens(node)) / rate
-    return wait <= max(max_wait_s, relative * ctx.uncached_tokens(node) / rate)

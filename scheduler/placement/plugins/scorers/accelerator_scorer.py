@@ -14,7 +14,7 @@ import msgspec
 
 from scheduler.placement.config import AcceleratorProfile
 from scheduler.placement.context import Pool, RequestContext
-from scheduler.placement.plugin import share_of_max
+from scheduler.placement.plugins.scorers.normalize import share_of_max
 from scheduler.placement.types import NodeView
 
 Metric = Literal["tflops", "hbm-bandwidth", "bytes-per-flop", "memory"]

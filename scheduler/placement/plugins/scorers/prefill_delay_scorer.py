@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import msgspec
 
 from scheduler.placement.context import RequestContext
-from scheduler.placement.plugin import ratio_to_best
+from scheduler.placement.plugins.scorers.normalize import ratio_to_best
 from scheduler.placement.types import NodeView
 
 

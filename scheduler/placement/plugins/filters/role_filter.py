@@ -24,7 +24,7 @@ class RoleFilter:
         if ctx.fallback:
             # Colocated fallback: a node that prefills will decode too ("both" first, then "prefill").
             both = [n for n in nodes if n.role == Role.BOTH]
-            allowed = ctx.config.decider.fallback_to_prefill_node
+            allowed = ctx.config.fallback_to_prefill_node
             return both or ([n for n in nodes if n.role == Role.PREFILL] if allowed else [])
         dedicated_role = Role.PREFILL if ctx.pool is Pool.PREFILL else Role.DECODE
         capable = [n for n in nodes if n.role in (dedicated_role, Role.BOTH)]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import msgspec
 
 from scheduler.placement.context import RequestContext
-from scheduler.placement.plugin import lower_is_better
+from scheduler.placement.plugins.scorers.normalize import lower_is_better
 from scheduler.placement.types import NodeView
 
 

@@ -1,0 +1,49 @@
+"""The P/D profile handler: the decode profile first, then the decider; the colocated fallback.
+
+As in llm-d's P/D profile handler, the decode profile runs first: its node must hold the request's
+KV reservation. The configured decider then says whether and where to prefill, running the prefill
+profile (over every other node) only if it wants a remote prefill. A request of a colocated
+deployment stays on the decode pick.
+
+When no decode node qualifies (no KV room anywhere), the request runs colocated on a node that can
+prefill and has room for the whole reservation ("both" nodes, and "prefill" nodes with
+``fallback_to_prefill_node``); otherwise NO_WORKER, and the caller's admission queue waits for room.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from scheduler.placement.context import Pool, RequestContext
+from scheduler.placement.plugin import Decider
+from scheduler.placement.types import NodeView, Placement
+from transport.errors import ErrorCode, PdorchError
+
+# Runs one pool's profile over the given nodes: the pick, or None when the filters leave nothing.
+Select = Callable[[Pool, RequestContext, Sequence[NodeView]], NodeView | None]
+
+
+def place_pd(select: Select, decider: Decider, ctx: RequestContext, nodes: Sequence[NodeView]) -> Placement:
+    decode = select(Pool.DECODE, ctx, nodes)
+    if decode is None:
+        return _fallback(select, ctx, nodes)
+    if ctx.request.colocated:
+        return ctx.placement(decode, decode)
+
+    def pick_prefill() -> NodeView | None:
+        return select(Pool.PREFILL, ctx, [n for n in nodes if n.worker_id != decode.worker_id])
+
+    return decider.decide(ctx, decode, pick_prefill)
+
+
+def _fallback(select: Select, ctx: RequestContext, nodes: Sequence[NodeView]) -> Placement:
+    ctx.fallback = True
+    try:
+        node = select(Pool.DECODE, ctx, nodes)
+    finally:
+        ctx.fallback = False
+    if node is None:
+        raise PdorchError(
+            ErrorCode.NO_WORKER, f"no decode worker for model {ctx.request.model!r} has room for the request"
+        )
+    return ctx.placement(node, node)
