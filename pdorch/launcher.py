@@ -120,9 +120,9 @@ class LocalCluster:
     # ------------------------------------------------------------------ processes
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        self._spawn_argv(name, [self.spec.python, "-m", "pdorch", *args], {})
+        self.spawn(name, [self.spec.python, "-m", "pdorch", *args], {})
 
-    def _spawn_argv(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self._args[name] = argv
         self._envs[name] = env
         # The child gets its own copy of the log's descriptor; ours closes at once (restarts of a
@@ -166,7 +166,7 @@ class LocalCluster:
             served_model_name=model_name(self.spec),
         )
         argv, env = vllm_command(spec, python=self.spec.vllm_python or default_vllm_python())
-        self._spawn_argv(f"vllm-{name}", argv, env)
+        self.spawn(f"vllm-{name}", argv, env)
         args = [
             "--engine",
             "vllm",
@@ -238,7 +238,7 @@ class LocalCluster:
 
     def restart(self, name: str) -> None:
         """Start a stopped process again with the arguments it had."""
-        self._spawn_argv(name, self._args[name], self._envs[name])
+        self.spawn(name, self._args[name], self._envs[name])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]

@@ -39,6 +39,7 @@ from scheduler.http import openai, ops
 from scheduler.http.errors import error_middleware
 from scheduler.inbox import Inbox
 from scheduler.kubernetes.runtime import kubernetes_runtime
+from scheduler.kv_broker_monitor import KvBrokerMonitor
 from scheduler.metrics import Metrics
 from scheduler.placement.framework import Placer
 from scheduler.planner import Planner
@@ -46,6 +47,7 @@ from scheduler.pool_signals import pool_signals
 from scheduler.prediction.output_length import OutputLengthPredictor
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import PdorchError
+from transport.messages import KvMode
 from transport.process_setup import setup_process
 
 log = logging.getLogger("pdorch.scheduler")
@@ -61,7 +63,7 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
     app.router.add_get("/ready", ops.ready)
     app.router.add_get("/metrics", ops.metrics)
     _add_pure_parts(app, cfg)
-    app.cleanup_ctx.extend([tokenizer_registry, zmq_context, control_plane, kubernetes])
+    app.cleanup_ctx.extend([tokenizer_registry, zmq_context, control_plane, kv_broker_monitor, kubernetes])
     return app
 
 
@@ -141,6 +143,33 @@ async def control_plane(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await control.close()
+
+
+async def kv_broker_monitor(app: web.Application) -> AsyncIterator[None]:
+    """Centralized mode: the watch on the KV broker, which tells the orchestrator when handoffs
+    through it are lost and whether to send new ones there."""
+    cfg, orchestrator = app[CONFIG], app[ORCHESTRATOR]
+    if cfg.kv_mode is not KvMode.CENTRALIZED or cfg.colocated:
+        yield
+        return
+    monitor = KvBrokerMonitor(
+        app[ZMQ_CONTEXT],
+        cfg.kv_broker,
+        interval_s=cfg.heartbeat_interval_s,
+        liveness=cfg.heartbeat_liveness,
+        on_lost=orchestrator.broker_lost,
+    )
+    orchestrator.broker.reachable = lambda: monitor.reachable
+    app[METRICS].bind_gauge(
+        "pdorch_kv_broker_losses",
+        "Times the KV broker stopped answering or restarted",
+        lambda: monitor.losses,
+    )
+    await monitor.start()
+    try:
+        yield
+    finally:
+        await monitor.close()
 
 
 async def kubernetes(app: web.Application) -> AsyncIterator[None]:

@@ -22,8 +22,15 @@ class WorkerLost:
     reason: str
 
 
-Event = TokenOutput | KvLoaded | JobError | WorkerLost
-# What a request's queue holds: (worker id, job id, event).
+@dataclass(frozen=True)
+class KvBrokerLost:
+    """The KV broker died or restarted while the job's handoff went through it."""
+
+    reason: str
+
+
+Event = TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost
+# What a request's queue holds: (worker id, job id, event); worker id "" for KvBrokerLost.
 Delivery = tuple[str, str, Event]
 
 
@@ -79,6 +86,13 @@ class Inbox:
             return False
         queue.put_nowait((worker_id, job_id, event))
         return True
+
+    def notify(self, job_id: str, event: KvBrokerLost) -> None:
+        """An event about the job that no worker sent."""
+        job = self._jobs.get(job_id)
+        queue = self._queues.get(job.request_id) if job is not None else None
+        if queue is not None:
+            queue.put_nowait(("", job_id, event))
 
     def workers_lost(self, worker_id: str, job_ids: list[str], reason: str) -> None:
         """A worker was dropped: tell the request of every job that was on it."""

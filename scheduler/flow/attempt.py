@@ -44,6 +44,7 @@ class Attempt:
     prefill: str  # computes the attempt's first token (the only worker when colocated)
     decode: str  # generates the rest; == prefill when colocated or when no decode is needed
     generated: int  # the request's tokens when the attempt started (its jobs' ``generated``)
+    started_at: float
     kv_mode: KvMode | None = None  # the handoff's route; None without a handoff
     transfer_id: str = ""
     first_token_in: bool = False

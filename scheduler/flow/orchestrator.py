@@ -27,7 +27,7 @@ from scheduler.flow.attempt import Attempt, Failure, Phase
 from scheduler.flow.broker_health import BrokerHealth
 from scheduler.flow.recovery import KV_PLANE_FAULTS, Recovery, recovery
 from scheduler.flow.request import GenerationRequest, TokenBatch
-from scheduler.inbox import Delivery, Inbox, WorkerLost
+from scheduler.inbox import Delivery, Inbox, KvBrokerLost, WorkerLost
 from scheduler.metrics import Metrics
 from scheduler.placement.types import Placement, PlacementRequest
 from scheduler.planner import Planner
@@ -85,6 +85,13 @@ class Orchestrator:
         self._metrics = metrics
         self._on_capacity = on_capacity
         self.broker = BrokerHealth(cfg.kv_broker_backoff_s)
+        # Attempts whose handoff goes through the broker and has not landed: job id -> request id.
+        self._through_broker: dict[str, str] = {}
+
+    def broker_lost(self, reason: str) -> None:
+        """The KV broker died or restarted: every handoff going through it is lost."""
+        for job_id in list(self._through_broker):
+            self._inbox.notify(job_id, KvBrokerLost(reason))
 
     def plan(self, req: GenerationRequest) -> tuple[OutputFeatures, PlacementRequest]:
         return self._plan(req, req.request_id, req.prompt_token_ids, req.sampling.max_tokens)
@@ -152,7 +159,11 @@ class Orchestrator:
                 return batch, failure
 
     def _on_event(
-        self, run: _Run, a: Attempt, worker_id: str, event: TokenOutput | KvLoaded | JobError | WorkerLost
+        self,
+        run: _Run,
+        a: Attempt,
+        worker_id: str,
+        event: TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost,
     ) -> tuple[TokenBatch | None, Failure | None]:
         if isinstance(event, TokenOutput):
             if a.split and worker_id == a.prefill:
@@ -179,6 +190,10 @@ class Orchestrator:
             if code in KV_PLANE_FAULTS:
                 self._metrics.handoffs.labels(self._handoff_mode(a), str(code)).inc()
             return None, Failure(worker_id, code, f"worker {worker_id}: {event.message}", "error")
+        if isinstance(event, KvBrokerLost):
+            if a.kv_loaded:
+                return None, None  # came after the KV landed: nothing of this attempt was lost
+            return None, Failure("", ErrorCode.KV_TRUNCATED, f"the KV broker {event.reason}", "lost")
         return None, Failure(
             worker_id, ErrorCode.WORKER_LOST, f"worker {worker_id} was lost: {event.reason}", "lost"
         )
@@ -215,6 +230,7 @@ class Orchestrator:
         self._metrics.handoffs.labels(self._handoff_mode(a), "ok").inc()
         if a.kv_mode is KvMode.CENTRALIZED:
             self.broker.succeeded()
+            self._through_broker.pop(a.job_id, None)
         # The prefill side's part is over; its node no longer holds anything for this attempt.
         a.open.discard(a.prefill)
         self._inbox.stop_expecting(a.job_id, a.prefill)
@@ -251,13 +267,13 @@ class Orchestrator:
         deadline = self._cfg.first_token_timeout_s
         p, d = placement.prefill, placement.decode
         run.preq = preq
-        run.progress_at = time.monotonic()
+        now = run.progress_at = time.monotonic()
         if placement.colocated:
-            a = Attempt(number, job_id, p, p, generated)
+            a = Attempt(number, job_id, p, p, generated, now)
             self._expect(run, a, p, placement.reserve_blocks, len(prompt))
             self._control.send(p, GenerateJob(job_id, prompt, req.sampling, deadline, generated))
             return a
-        a = Attempt(number, job_id, p, d, generated)
+        a = Attempt(number, job_id, p, d, generated, now)
         self._expect(run, a, p, 0, 0)
         if req.sampling.max_tokens - generated == 1:
             # Prefill produces the only token left: nothing to hand off.
@@ -265,6 +281,8 @@ class Orchestrator:
             self._send_prefill(run, a, PrefillJob(job_id, prompt, req.sampling, None, deadline, generated))
             return a
         a.kv_mode = self._route_mode(d)
+        if a.kv_mode is KvMode.CENTRALIZED:
+            self._through_broker[job_id] = req.request_id
         a.transfer_id = uuid.uuid4().hex
         p_route, d_route = self._kv_routes(a.kv_mode, d, a.transfer_id)
         a.decode_tried.add(d)
@@ -322,7 +340,7 @@ class Orchestrator:
             and phase is not Phase.DECODE
             and (failure.code in KV_PLANE_FAULTS or (failure.kind == "stalled" and phase is Phase.HANDOFF))
         ):
-            self.broker.failed(failure.message)
+            self.broker.failed(failure.message, a.started_at)
         if decision is not Recovery.GIVE_UP and a.number + 1 >= self._cfg.max_attempts:
             decision = Recovery.GIVE_UP
         self._metrics.migrations.labels(str(phase), failure.kind, str(decision)).inc()
@@ -409,6 +427,7 @@ class Orchestrator:
             self._cluster.add_pending_prefill(a.prefill, -run.prefill_tokens_pending)
             run.prefill_tokens_pending = 0
         self._inbox.forget_job(a.job_id)
+        self._through_broker.pop(a.job_id, None)
         # Released before the Cancels go out: a Cancel that finds its worker gone drops it, and
         # this job must not be reported lost again.
         open_workers = list(a.open)

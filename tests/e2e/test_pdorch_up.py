@@ -150,3 +150,45 @@ def test_a_killed_pdorch_up_leaves_no_process_behind(tmp_path: Path) -> None:
         up.proc.kill()
         up.proc.wait()
         assert not up.left_behind(STOP_TIMEOUT_S), "children outlived a killed pdorch up"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _workers(url: str) -> set[str]:
+    with urllib.request.urlopen(f"{url}/v1/cluster", timeout=5) as r:
+        return {w["worker_id"] for w in json.load(r)["workers"]}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_pdorch_up_restarts_a_child_that_dies(tmp_path: Path) -> None:
+    """A worker killed with SIGKILL comes back (the cluster stays whole) instead of the launcher
+    tearing everything down; Ctrl-C still stops everything."""
+    with _ready_cluster(tmp_path) as up:
+        decode = next(pid for pid in up.children if "--worker-id decode-0" in _cmdline(pid))
+        os.kill(decode, signal.SIGKILL)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            fresh = [pid for pid in _children(up.proc.pid) if "--worker-id decode-0" in _cmdline(pid)]
+            if fresh and fresh[0] != decode and "decode-0" in _workers(up.url):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"decode-0 was not restarted; output:\n{''.join(up.lines)}")
+        up.children += fresh
+        assert up.proc.poll() is None, "pdorch up stopped when a child died"
+        assert "decode-0 exited with -9; restarting it" in "".join(up.lines)
+        body = json.dumps({"model": "pdorch-reference", "prompt": "again", "max_tokens": 4}).encode()
+        request = urllib.request.Request(
+            f"{up.url}/v1/completions", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.load(response)["usage"]["completion_tokens"] == 4
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(STOP_TIMEOUT_S) == 0, "".join(up.lines)
+        assert not up.left_behind(10), "pdorch up left processes behind"

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import uuid
 from collections.abc import Coroutine
 from typing import Any
 
@@ -39,6 +40,8 @@ from transport.kv.messages import (
     KvFetch,
     KvMessage,
     KvNack,
+    KvPing,
+    KvPong,
 )
 from transport.kv.out_stream import KvOutStream, SendFn
 from transport.kv.receive_buffers import keep_receive_buffers
@@ -100,6 +103,8 @@ class KvBroker:
         self._waiting: dict[str, dict[bytes, Deadline]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stats = KvBrokerStats()
+        # Answers every ping: a peer that sees it change knows the broker restarted (empty).
+        self.instance = uuid.uuid4().hex
 
     @property
     def stats(self) -> KvBrokerStats:
@@ -167,7 +172,9 @@ class KvBroker:
 
     async def _dispatch(self, identity: bytes, msg: KvMessage) -> None:
         tid = msg.transfer_id
-        if isinstance(msg, KvBegin):
+        if isinstance(msg, KvPing):
+            self._reply(identity, KvPong(nonce=msg.nonce, instance=self.instance))
+        elif isinstance(msg, KvBegin):
             await self._on_begin(identity, msg)
         elif isinstance(msg, KvFetch):
             await self._on_fetch(identity, msg)

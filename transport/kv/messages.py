@@ -18,8 +18,8 @@ import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
 
-KV_PROTOCOL_VERSION = 2
-# The checksum of protocol version 2 (see checksum.py): one per span of a chunk's rows.
+KV_PROTOCOL_VERSION = 3
+# The checksum of protocol versions 2 and 3 (see checksum.py): one per span of a chunk's rows.
 CHECKSUM_ALGORITHM = "xxh3_64"
 
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "tag_field": "t"}
@@ -110,7 +110,27 @@ class KvFetch(msgspec.Struct, tag="fetch", **_STRUCT):
     wait_ms: int
 
 
-KvMessage = KvBegin | KvAccept | KvCredit | KvChunk | KvEnd | KvAck | KvNack | KvAbort | KvFetch
+class KvPing(msgspec.Struct, tag="ping", **_STRUCT):
+    """Anyone -> broker: are you there? The broker answers :class:`KvPong` at once. (Every KV message
+    names a transfer; a ping names none, so whoever gets one by mistake drops it as unknown.)"""
+
+    version: int
+    nonce: int
+    transfer_id: str = ""
+
+
+class KvPong(msgspec.Struct, tag="pong", **_STRUCT):
+    """Broker -> pinger. ``instance`` is drawn at the broker's start: when it changes, the broker
+    restarted and whatever it held or was receiving is gone."""
+
+    nonce: int
+    instance: str
+    transfer_id: str = ""
+
+
+KvMessage = (
+    KvBegin | KvAccept | KvCredit | KvChunk | KvEnd | KvAck | KvNack | KvAbort | KvFetch | KvPing | KvPong
+)
 
 
 def nack_error(nack: KvNack) -> PdorchError:

@@ -1,0 +1,106 @@
+"""The scheduler's watch on the KV broker (centralized mode): is it there, and is it the same one?
+
+It pings the broker every heartbeat interval over a DEALER of its own. No answer for ``liveness``
+intervals means the broker is gone; an answer from another ``instance`` means it restarted, empty.
+Either way the handoffs that were going through it are lost, and ``on_lost`` says so at once, so
+their requests move on in about a second instead of waiting for their handoff deadline.
+``reachable`` tells placement whether to send new handoffs through the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from transport import sockets
+from transport.codec import Decoder, Encoder
+from transport.errors import PdorchError
+from transport.kv.messages import KV_PROTOCOL_VERSION, KvMessage, KvPing, KvPong
+from transport.loop_socket import LoopSocket
+from transport.routed import cancel_and_wait
+
+log = logging.getLogger("pdorch.kv_broker_monitor")
+
+
+class KvBrokerMonitor:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        endpoint: str,
+        *,
+        interval_s: float,
+        liveness: int,
+        on_lost: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ctx = ctx
+        self._endpoint = endpoint
+        self._interval_s = interval_s
+        self._liveness = liveness
+        self._on_lost = on_lost
+        self._clock = clock
+        self._enc = Encoder()
+        self._dec: Decoder[KvMessage] = Decoder(KvMessage)
+        self._task: asyncio.Task[None] | None = None
+        self.reachable = False
+        self.instance = ""
+        self.losses = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kv-broker-monitor")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+
+    async def _run(self) -> None:
+        sock = LoopSocket(sockets.dealer(sockets.plain_context(self._ctx), self._endpoint))
+        nonce = 0
+        last_pong = self._clock()
+        try:
+            while True:
+                nonce += 1
+                # A full queue while the broker is away: the silence speaks for itself.
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.send_now(self._enc.encode(KvPing(KV_PROTOCOL_VERSION, nonce)))
+                next_ping = self._clock() + self._interval_s
+                while (left := next_ping - self._clock()) > 0:
+                    try:
+                        frames = await asyncio.wait_for(sock.recv_multipart(), left)
+                    except TimeoutError:
+                        break
+                    pong = self._pong(frames)
+                    if pong is not None:
+                        last_pong = self._clock()
+                        self._answered(pong)
+                if self.reachable and self._clock() - last_pong > self._interval_s * self._liveness:
+                    self._lost(f"silent for {self._interval_s * self._liveness:g}s")
+        finally:
+            sock.close()
+
+    def _pong(self, frames: list[zmq.Frame]) -> KvPong | None:
+        try:
+            msg = self._dec.decode(frames)
+        except PdorchError:
+            return None
+        return msg if isinstance(msg, KvPong) else None
+
+    def _answered(self, pong: KvPong) -> None:
+        if self.instance and pong.instance != self.instance:
+            self._lost("restarted (its transfers are gone)")
+        if not self.reachable:
+            log.info("KV broker %s is reachable (instance %s)", self._endpoint, pong.instance[:8])
+        self.instance = pong.instance
+        self.reachable = True
+
+    def _lost(self, why: str) -> None:
+        self.losses += 1
+        self.reachable = False
+        log.warning("KV broker %s %s", self._endpoint, why)
+        self._on_lost(why)

@@ -1,0 +1,57 @@
+"""The scheduler's watch on the KV broker, against a real broker on loopback: it sees the broker,
+notices when it goes silent, and notices a restart (a new instance on the same address)."""
+
+from __future__ import annotations
+
+import zmq.asyncio
+
+from scheduler.kv_broker_monitor import KvBrokerMonitor
+from tests.support.kv import wait_until
+from transport.kv.broker import KvBroker
+
+INTERVAL_S = 0.05
+
+
+async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyncio.Context) -> None:
+    first = KvBroker(ctx, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
+    await first.start()
+    endpoint = first.endpoint
+    lost: list[str] = []
+    monitor = KvBrokerMonitor(ctx, endpoint, interval_s=INTERVAL_S, liveness=4, on_lost=lost.append)
+    await monitor.start()
+    try:
+        await wait_until(lambda: monitor.reachable)
+        assert monitor.instance == first.instance and not lost
+        await first.close()  # silent: no answers
+        await wait_until(lambda: not monitor.reachable)
+        assert len(lost) == 1 and "silent" in lost[0]
+        second = KvBroker(ctx, bind=endpoint, capacity_bytes=1 << 20, ttl_s=60)
+        await second.start()
+        try:
+            await wait_until(lambda: monitor.reachable)
+            assert monitor.instance == second.instance != first.instance
+            assert len(lost) == 2 and "restarted" in lost[1]
+        finally:
+            await second.close()
+    finally:
+        await monitor.close()
+
+
+async def test_a_restart_between_two_pings_is_noticed(ctx: zmq.asyncio.Context) -> None:
+    first = KvBroker(ctx, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
+    await first.start()
+    lost: list[str] = []
+    monitor = KvBrokerMonitor(ctx, first.endpoint, interval_s=INTERVAL_S, liveness=1000, on_lost=lost.append)
+    await monitor.start()
+    try:
+        await wait_until(lambda: monitor.reachable)
+        await first.close()
+        second = KvBroker(ctx, bind=first.endpoint, capacity_bytes=1 << 20, ttl_s=60)
+        await second.start()
+        try:
+            await wait_until(lambda: monitor.instance == second.instance)
+            assert lost == ["restarted (its transfers are gone)"] and monitor.reachable
+        finally:
+            await second.close()
+    finally:
+        await monitor.close()
