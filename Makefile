@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 VLLM_STAMP := .venv-vllm/.pdorch-installed
 
-.PHONY: install vllm run test lint bench clean
+.PHONY: install vllm run test lint bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: install
 
 bench: install
 	$(PY) bench/kv_handoff.py
+
+## Kill workers (and the KV broker) under load; every answer checked against colocated (~8 minutes).
+chaos: install
+	$(PY) bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .venv-vllm .pytest_cache .ruff_cache
