@@ -186,10 +186,17 @@ async def colocated(
 
 
 async def disaggregated(
-    e: Engines, rid: str, prompt: list[int], s: SamplingParams, route: KvRoute, *, decode_first: bool
+    e: Engines,
+    rid: str,
+    prompt: list[int],
+    s: SamplingParams,
+    route: KvRoute,
+    *,
+    decode_first: bool,
+    generated: int = 0,
 ) -> list[int]:
-    prefill = PrefillJob(rid, prompt, s, route, deadline_s=60)
-    decode = DecodeJob(rid, prompt, s, route, deadline_s=60)
+    prefill = PrefillJob(rid, prompt, s, route, deadline_s=60, generated=generated)
+    decode = DecodeJob(rid, prompt, s, route, deadline_s=60, generated=generated)
     if decode_first:
         await asyncio.gather(e.decode.decode(decode), e.prefill.prefill(prefill))
     else:  # the decode job arrives after the KV was pushed
@@ -227,6 +234,30 @@ async def _check_equality(cluster: Cluster, e: Engines, s: SamplingParams, tag: 
     assert max(len(p) for p in cluster.prompts) > 3 * 32, "prompts spanning several KV blocks"
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert have == want, f"prompt {i} ({len(cluster.prompts[i])} tokens): {have} != {want}"
+
+
+async def test_a_resumed_greedy_request_continues_with_the_uninterrupted_tokens(
+    cluster: Cluster, engines: Engines
+) -> None:
+    """What the scheduler sends when a worker died mid-request: the prompt plus the tokens already
+    streamed, ``generated`` = their number. Greedy, vLLM continues exactly (docs/vllm.md says why a
+    seeded request cannot)."""
+    s = SamplingParams(max_tokens=20, ignore_eos=True)
+    for i, prompt in enumerate(cluster.prompts[:4]):
+        full = await colocated(engines.prefill, engines.p_out, f"resume-c{i}", prompt, s)
+        assert len(full) == 20
+        for cut in (1, 7):
+            rid = f"resume-{i}-{cut}"
+            rest = await disaggregated(
+                engines,
+                rid,
+                prompt + full[:cut],
+                s,
+                _route("p2p", cluster, rid),
+                decode_first=True,
+                generated=cut,
+            )
+            assert rest == full[cut:], f"prompt {i} resumed at {cut}"
 
 
 @pytest.mark.parametrize("mode", ["p2p", "centralized"])
