@@ -110,8 +110,14 @@ def start_systems(log_dir: Path, only: list[str]) -> list[System]:
         systems.append(System("direct", url, {"backend": proc}))
     python = peers_python() if {"vllm-router", "sglang-router"} & set(only) else Path("python")
     for name, command in (
-        ("vllm-router", [str(python.with_name("vllm-router")), "--vllm-pd-disaggregation"]),
-        ("sglang-router", [str(python), "-m", "sglang_router.launch_router", "--pd-disaggregation"]),
+        (
+            "vllm-router",
+            [str(python.with_name("vllm-router")), "--vllm-pd-disaggregation", "--log-level", "warning"],
+        ),
+        (
+            "sglang-router",
+            [str(python), "-m", "sglang_router.launch_router", "--pd-disaggregation", "--log-level", "warn"],
+        ),
     ):
         if name not in only:
             continue
@@ -119,7 +125,7 @@ def start_systems(log_dir: Path, only: list[str]) -> list[System]:
         d_url, d_proc = zero_server(log_dir, f"{name}-decode")
         port = free_port()
         argv = [*command, "--host", "127.0.0.1", "--port", str(port), "--prefill", p_url, "--decode", d_url]
-        argv += ["--prometheus-port", str(free_port()), "--log-level", "warning"]
+        argv += ["--prometheus-port", str(free_port())]
         router = spawn(argv, log_dir / f"{name}.log")
         procs = {"router": router, "prefill": p_proc, "decode": d_proc}
         systems.append(System(name, f"http://127.0.0.1:{port}", procs))

@@ -69,6 +69,9 @@ class SimulatedEngine:
         self._receiver = kv_receiver
         self._t0 = time.monotonic()
         self._zero_cost = cfg.time_scale == 0
+        # The stand-in KV has a layer per modeled layer, paced over the modeled transfer time;
+        # with no modeled time, one layer: the KV plane's whole handshake, nothing more.
+        self._standin_layers = 1 if self._zero_cost else self._shape.layers
         self._virtual_now = 0.0
         self._emit: Emit = lambda msg: None
         self._handlers: dict[str, Callable[[SimOutput], None]] = {}
@@ -134,7 +137,7 @@ class SimulatedEngine:
                     job.kv,
                     job.prompt_token_ids,
                     token,
-                    num_layers=self._shape.layers,
+                    num_layers=self._standin_layers,
                     block_size=self.config.block_size,
                     modeled_bytes=len(job.prompt_token_ids) * self._shape.kv_bytes_per_token,
                     link=self.link,
@@ -154,7 +157,7 @@ class SimulatedEngine:
                 self._receiver,
                 job.kv,
                 job.prompt_token_ids,
-                num_layers=self._shape.layers,
+                num_layers=self._standin_layers,
                 block_size=self.config.block_size,
                 modeled_bytes=len(job.prompt_token_ids) * self._shape.kv_bytes_per_token,
                 link=self.link,
