@@ -38,11 +38,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
-from transport.messages import Load, SamplingParams
+from transport.messages import Load, SamplingParams, TokenLogprobs
 from workers.engines.reference.block_allocator import BlockAllocator
 from workers.engines.reference.config import ModelConfig
 from workers.engines.reference.inbox import EngineStats, RequestInbox
 from workers.engines.reference.kv_cache import PagedKvCache
+from workers.engines.reference.logits_processors import TokenHistory, needs_processing, process_logits
+from workers.engines.reference.logprobs import token_logprobs
 from workers.engines.reference.model import LayerKvCallback, ReferenceModel
 from workers.engines.reference.prefix_cache import PrefixCache
 from workers.engines.reference.request_checks import (
@@ -179,6 +181,13 @@ class EngineCore:
         )
         hashes = self.prefix_cache.hashes(prompt) if prompt is not None else []
         seq = EngineSequence(request_id, SequenceKind.DECODE, prompt_len, sampling, output_offset=generated)
+        if sampling.penalized:
+            if prompt is None:
+                raise PdorchError(
+                    ErrorCode.INVALID_REQUEST, f"{request_id}: penalties need the prompt's token ids"
+                )
+            seq.history = TokenHistory.of_resumed(prompt.tolist(), generated)
+            seq.history.add(first_token)
         seq.num_computed = prompt_len
         seq.num_generated = 1
         seq.last_token = first_token
@@ -336,14 +345,16 @@ class EngineCore:
         return stop - start
 
     def _emit_first_token(self, seq: EngineSequence, logits: np.ndarray, outputs: list[StepOutput]) -> None:
-        token = sample(logits, seq.sampling, seq.next_output_index)
+        token, logprobs = self._draw(seq, logits)
         seq.num_generated = 1
         seq.last_token = token
         reason = finish_reason(self.config, seq.sampling, seq.prompt_len, token, 1, seq.output_offset)
         if seq.cancelled:
             self._release(seq)
             return
-        outputs.append(StepOutput(seq.request_id, token, reason, cached_tokens=seq.num_cached))
+        outputs.append(
+            StepOutput(seq.request_id, token, reason, cached_tokens=seq.num_cached, logprobs=logprobs)
+        )
         if reason is not None or seq.kind is SequenceKind.PREFILL_ONLY:
             self._finish(seq)
         else:
@@ -360,16 +371,29 @@ class EngineCore:
         for seq, row in zip(ready, logits, strict=True):
             if seq.cancelled:
                 continue  # released when the cancellation is taken from the inbox
-            token = sample(row, seq.sampling, seq.next_output_index)
+            token, logprobs = self._draw(seq, row)
             seq.num_generated += 1
             seq.last_token = token
             reason = finish_reason(
                 self.config, seq.sampling, seq.prompt_len, token, seq.num_generated, seq.output_offset
             )
-            outputs.append(StepOutput(seq.request_id, token, reason))
+            outputs.append(StepOutput(seq.request_id, token, reason, logprobs=logprobs))
             if reason is not None:
                 del self._running[seq.request_id]
                 self._finish(seq)
+
+    def _draw(self, seq: EngineSequence, logits: np.ndarray) -> tuple[int, TokenLogprobs | None]:
+        """The sequence's next token from the model's ``logits``, and its logprobs if asked for."""
+        params, index = seq.sampling, seq.next_output_index
+        drawn = (
+            process_logits(logits, params, index, seq.history, self.config.eos_token_id)
+            if needs_processing(params)
+            else logits
+        )
+        token = sample(drawn, params, index)
+        if seq.history is not None:
+            seq.history.add(token)
+        return token, token_logprobs(logits, token, params.logprobs) if params.logprobs >= 0 else None
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from transport.messages import FinishReason, SamplingParams
 from workers.engines.reference.config import ModelConfig
+from workers.engines.reference.logits_processors import TokenHistory
 from workers.engines.reference.model import LayerKvCallback
 
 
@@ -30,6 +31,7 @@ class EngineSequence:
         "block_hashes",
         "blocks",
         "cancelled",
+        "history",
         "kind",
         "last_token",
         "num_cached",
@@ -74,6 +76,10 @@ class EngineSequence:
         self.last_token = -1
         self.admitted_at = -1
         self.cancelled = False
+        # The tokens seen so far, kept only when penalties depend on them.
+        self.history: TokenHistory | None = None
+        if sampling.penalized and prompt is not None:
+            self.history = TokenHistory.of_resumed(prompt.tolist(), output_offset)
 
     @property
     def feed_position(self) -> int:
