@@ -122,3 +122,19 @@ def test_a_frequency_penalty_breaks_a_greedy_loop() -> None:
     loop = token_ids(run_colocated(EngineCore(CFG, num_blocks=64), {"r": (prompt, plain)}))["r"]
     varied = token_ids(run_colocated(EngineCore(CFG, num_blocks=64), {"r": (prompt, penalized)}))["r"]
     assert len(set(varied)) > len(set(loop))
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_prompt_logprobs_are_every_prompt_tokens_under_the_model_chunked_or_not(chunk: int) -> None:
+    prompt = random_prompt(30, seed=6)
+    sampling = SamplingParams(max_tokens=2, prompt_logprobs=2)
+    core = EngineCore(CFG, num_blocks=64, max_prefill_tokens_per_step=chunk)
+    # The same prompt cached first: prompt logprobs must not take positions from the prefix cache.
+    run_colocated(core, {"warm": (prompt, SamplingParams(max_tokens=1))})
+    first = run_colocated(core, {"r": (prompt, sampling)})["r"][0]
+    lp = log_softmax(ReferenceModel(CFG).forward_full(prompt))
+    assert first.cached_tokens == 0
+    assert first.prompt_logprobs is not None and len(first.prompt_logprobs) == len(prompt) - 1
+    for i, got in enumerate(first.prompt_logprobs):
+        assert got.logprob == pytest.approx(lp[i][prompt[i + 1]], abs=1e-9)
+        assert got.top_ids == sorted(range(CFG.vocab_size), key=lambda t: (-lp[i][t], t))[:2]

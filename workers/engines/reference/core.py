@@ -122,7 +122,7 @@ class EngineCore:
         emitted is then its output token ``generated`` (drawn as an uninterrupted run would).
         """
         prompt = check_prompt(self.config, prompt_token_ids, sampling, generated)
-        hashes = self.prefix_cache.hashes(prompt)
+        hashes = self._prefix_hashes(prompt, sampling)
         kind = SequenceKind.PREFILL_ONLY
         self._inbox.submit(
             EngineSequence(request_id, kind, len(prompt), sampling, prompt, on_layer, hashes, generated)
@@ -139,11 +139,15 @@ class EngineCore:
         """Colocated: prefill, then decode here until the request finishes (``generated`` as in
         :meth:`add_prefill`)."""
         prompt = check_prompt(self.config, prompt_token_ids, sampling, generated)
-        hashes = self.prefix_cache.hashes(prompt)
+        hashes = self._prefix_hashes(prompt, sampling)
         kind = SequenceKind.GENERATE
         self._inbox.submit(
             EngineSequence(request_id, kind, len(prompt), sampling, prompt, None, hashes, generated)
         )
+
+    def _prefix_hashes(self, prompt: np.ndarray, sampling: SamplingParams) -> list[int]:
+        # Prompt logprobs need every position computed: no prefix served from the cache.
+        return [] if sampling.prompt_logprobs >= 0 else self.prefix_cache.hashes(prompt)
 
     def reserve_decode(self, request_id: str, num_prompt_tokens: int) -> list[int]:
         """Allocate blocks for a handed-off prompt's KV plus the first fed token.
@@ -332,11 +336,22 @@ class EngineCore:
         try:
             # The KV callback runs in the last chunk only, with every prompt row of each layer.
             logits = self.model.prefill(
-                seq.prompt[start:stop], self.cache, seq.blocks, seq.on_layer if last else None, start
+                seq.prompt[start:stop],
+                self.cache,
+                seq.blocks,
+                seq.on_layer if last else None,
+                start,
+                all_logits=seq.prompt_logprobs is not None,
             )
         except Exception as exc:  # a failing KV callback fails this request, not the engine
             self._fail(seq, as_pdorch_error(exc), outputs)
             return stop - start
+        if seq.prompt_logprobs is not None:
+            # Row i predicts prompt position start + i + 1; the last row predicts the output.
+            top = seq.sampling.prompt_logprobs
+            for i, token in enumerate(seq.prompt[start + 1 : stop + 1]):
+                seq.prompt_logprobs.append(token_logprobs(logits[i], int(token), top))
+            logits = logits[-1]
         seq.num_computed = stop
         self.prefix_cache.publish_computed(seq)
         if last:
@@ -353,7 +368,14 @@ class EngineCore:
             self._release(seq)
             return
         outputs.append(
-            StepOutput(seq.request_id, token, reason, cached_tokens=seq.num_cached, logprobs=logprobs)
+            StepOutput(
+                seq.request_id,
+                token,
+                reason,
+                cached_tokens=seq.num_cached,
+                logprobs=logprobs,
+                prompt_logprobs=seq.prompt_logprobs,
+            )
         )
         if reason is not None or seq.kind is SequenceKind.PREFILL_ONLY:
             self._finish(seq)

@@ -47,7 +47,9 @@ class _BlockSink:
 
 def _token_output(rid: str, out: StepOutput) -> TokenOutput:
     logprobs = [out.logprobs] if out.logprobs is not None else []
-    return TokenOutput(rid, [out.token_id], out.finish_reason, out.cached_tokens, logprobs)
+    return TokenOutput(
+        rid, [out.token_id], out.finish_reason, out.cached_tokens, logprobs, out.prompt_logprobs or []
+    )
 
 
 class ReferenceEngine:

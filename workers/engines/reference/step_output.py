@@ -23,6 +23,7 @@ class StepOutput(msgspec.Struct, frozen=True, gc=False):
     message: str = ""
     cached_tokens: int = 0
     logprobs: TokenLogprobs | None = None  # when the request asked for them
+    prompt_logprobs: list[TokenLogprobs] | None = None  # on the first output, when asked for
 
     @property
     def failed(self) -> bool:
