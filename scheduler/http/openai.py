@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import random
@@ -25,6 +26,8 @@ from scheduler.http.logprobs_format import chat_logprobs, completion_logprobs
 from scheduler.http.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     bad,
     chat_messages,
     check_common,
@@ -165,19 +168,51 @@ def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest,
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), CompletionRequest)
-    return await _serve(request, _build(request, req, chat=False))
+    return await _generate(request, chat=False)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), ChatCompletionRequest)
-    return await _serve(request, _build(request, req, chat=True))
+    return await _generate(request, chat=True)
+
+
+# The outcome of a request whose client went away before its answer was complete.
+CLIENT_GONE = "client_gone"
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    """Every generation request is counted once in ``pdorch_requests_total``, by its outcome:
+    ``ok``, an error code (a 400 or 404 included), or ``client_gone``."""
+    progress = _Progress()
+    try:
+        body = await _read(request, request.app[CONFIG].max_body_bytes)
+        req = parse_body(body, ChatCompletionRequest if chat else CompletionRequest)
+        return await _serve(request, _build(request, req, chat=chat), progress)
+    except PdorchError as e:
+        progress.error = str(e.code)
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        progress.error = CLIENT_GONE
+        raise
+    finally:
+        request.app[METRICS].requests.labels(progress.error or "ok").inc()
+
+
+def _model_card(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "pdorch"}
 
 
 async def models(request: web.Request) -> web.Response:
-    served = request.app[CLUSTER].models()
-    data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdorch"} for m in served]
+    _tenant(request, request.app[CONFIG])
+    data = [_model_card(m) for m in request.app[CLUSTER].models()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def model(request: web.Request) -> web.Response:
+    _tenant(request, request.app[CONFIG])
+    name = request.match_info["model_id"]
+    if name not in request.app[CLUSTER].models():
+        raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"model {name!r} does not exist")
+    return web.json_response(_model_card(name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,10 +325,9 @@ def _envelope(job: _Job, chunk: bool) -> dict[str, Any]:
     return {"id": job.greq.request_id, "object": kind, "created": job.created, "model": job.greq.model}
 
 
-async def _serve(request: web.Request, job: _Job) -> web.StreamResponse:
+async def _serve(request: web.Request, job: _Job, progress: _Progress) -> web.StreamResponse:
     metrics, orchestrator = request.app[METRICS], request.app[ORCHESTRATOR]
     metrics.prompt_tokens.inc(len(job.greq.prompt_token_ids))
-    progress = _Progress()
     first_at: float | None = None
     try:
         plan = orchestrator.plan(job.greq)
@@ -314,7 +348,6 @@ async def _serve(request: web.Request, job: _Job) -> web.StreamResponse:
         progress.error = str(e.code)
         raise
     finally:
-        metrics.requests.labels(progress.error or "ok").inc()
         metrics.tokens_generated.inc(len(progress.token_ids))
         if first_at is not None:
             now = time.monotonic()
@@ -418,5 +451,37 @@ async def _stream(
         # Headers are gone; the error travels as an event, which OpenAI clients raise.
         progress.error = str(e.code)
         tail.append(error_body(e))
-    await sse.finish(resp, *tail)
+    except ConnectionResetError:
+        # The client hung up mid-stream: stop here (closing the generator cancels its jobs).
+        progress.error = CLIENT_GONE
+        return resp
+    try:
+        await sse.finish(resp, *tail)
+    except ConnectionResetError:
+        progress.error = progress.error or CLIENT_GONE
     return resp
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /tokenize``: the token ids a prompt (or chat) is sent to the model as."""
+    _tenant(request, request.app[CONFIG])
+    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), TokenizeRequest)
+    tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise bad("give either 'prompt' or 'messages'")
+    if req.messages is not None:
+        messages = ChatCompletionRequest(model=req.model, messages=req.messages)
+        ids = tokenizer.apply_chat_template(chat_messages(messages))
+    else:
+        ids = tokenizer.encode(req.prompt or "")
+    return web.json_response({"count": len(ids), "max_model_len": hello.max_model_len, "tokens": ids})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /detokenize``: the text of token ids."""
+    _tenant(request, request.app[CONFIG])
+    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), DetokenizeRequest)
+    tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
+    if hello.vocab_size and (wrong := next((t for t in req.tokens if not 0 <= t < hello.vocab_size), None)):
+        raise bad(f"token id {wrong} is outside the model's vocabulary (size {hello.vocab_size})")
+    return web.json_response({"prompt": tokenizer.decode(req.tokens)})

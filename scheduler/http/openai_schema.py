@@ -122,9 +122,22 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         return super().unsupported()
 
 
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``/tokenize``: a prompt, or chat messages (rendered with the model's template)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str
+    tokens: list[int]
+
+
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
-    CompletionRequest: msgspec.json.Decoder(CompletionRequest),
-    ChatCompletionRequest: msgspec.json.Decoder(ChatCompletionRequest),
+    kind: msgspec.json.Decoder(kind)
+    for kind in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 }
 
 
