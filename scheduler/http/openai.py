@@ -296,6 +296,8 @@ def _logprobs(
         return None
     ids = progress.token_ids[start:end]
     lps: list[TokenLogprobs | None] = list(progress.logprobs[start:end]) if wanted else [None] * len(ids)
+    if len(lps) != len(ids):
+        raise PdorchError(ErrorCode.JOB_FAILED, "the engine did not report the logprobs asked for")
     if job.chat:
         return chat_logprobs(ids, [lp for lp in lps if lp is not None], job.token_text)
     if echo:
