@@ -66,6 +66,8 @@ class _Run:
     avoid: set[str] = field(default_factory=set)
     lost_since: float | None = None  # when the progress a migration has to make up was made
     prefill_tokens_pending: int = 0  # prompt tokens the current attempt's prefill owes an answer
+    # Told once where the prompt's KV is resident (see ``Orchestrator.generate``), then None.
+    on_resident: Callable[[str], None] | None = None
 
 
 class Orchestrator:
@@ -107,15 +109,26 @@ class Orchestrator:
     # ------------------------------------------------------------------ the lifecycle
 
     async def generate(
-        self, req: GenerationRequest, plan: tuple[OutputFeatures, PlacementRequest] | None = None
+        self,
+        req: GenerationRequest,
+        plan: tuple[OutputFeatures, PlacementRequest] | None = None,
+        *,
+        follow: str = "",
+        on_resident: Callable[[str], None] | None = None,
     ) -> AsyncIterator[TokenBatch]:
+        """The request's tokens as they come. ``on_resident(worker_id)`` is called once, when the
+        prompt's KV is complete on the worker that generates the rest (the decode worker once the
+        handoff landed; the prefill worker if the request ended at its first token). ``follow``
+        starts the request colocated on that worker instead of placing it, when it is still there:
+        the other choices of an ``n`` > 1 request share the prompt's cached blocks there."""
         rid = req.request_id
         features, preq = plan or self.plan(req)
         queue = self._inbox.open(rid)
-        run = _Run(req, preq)
+        run = _Run(req, preq, on_resident=on_resident)
         finished = False
         try:
-            run.attempt = self._dispatch(run, preq, self._planner.place(preq), 0)
+            placement = (self._planner.follow(preq, follow) if follow else None) or self._planner.place(preq)
+            run.attempt = self._dispatch(run, preq, placement, 0)
             while True:
                 attempt = run.attempt
                 item = await self._next(run, attempt, queue)
@@ -130,6 +143,8 @@ class Orchestrator:
         finally:
             self._inbox.close(rid)
             if run.attempt is not None:
+                if finished:
+                    _resident(run, run.attempt.prefill)
                 self._abandon(run, run.attempt)
                 self._metrics.attempts.observe(run.attempt.number + 1)
             if finished:
@@ -235,6 +250,8 @@ class Orchestrator:
     def _first_token(self, run: _Run, a: Attempt) -> None:
         a.first_token_in = True
         self._progress(run)
+        if not a.split:
+            _resident(run, a.prefill)
         if run.prefill_tokens_pending:
             self._cluster.add_pending_prefill(a.prefill, -run.prefill_tokens_pending)
             run.prefill_tokens_pending = 0
@@ -243,6 +260,7 @@ class Orchestrator:
     def _kv_loaded(self, run: _Run, a: Attempt) -> None:
         a.kv_loaded = True
         self._progress(run)
+        _resident(run, a.decode)
         self._metrics.handoffs.labels(self._handoff_mode(a), "ok").inc()
         if a.kv_mode is KvMode.CENTRALIZED:
             self.broker.succeeded()
@@ -456,6 +474,12 @@ class Orchestrator:
         for wid in open_workers:
             self._control.send(wid, Cancel(a.job_id))
         self._on_capacity()
+
+
+def _resident(run: _Run, worker_id: str) -> None:
+    if run.on_resident is not None:
+        tell, run.on_resident = run.on_resident, None
+        tell(worker_id)
 
 
 def _prefill_reports(req: GenerationRequest) -> bool:

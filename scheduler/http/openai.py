@@ -19,8 +19,9 @@ from scheduler.admission.queue import QueueFull
 from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, METRICS, ORCHESTRATOR, PLANNER, TOKENIZERS
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig
-from scheduler.flow import GenerationRequest, TokenBatch
+from scheduler.flow import GenerationRequest
 from scheduler.http import sse
+from scheduler.http.choices import Choice, Item, Progress, choices, generate
 from scheduler.http.errors import error_body
 from scheduler.http.logprobs_format import chat_logprobs, completion_logprobs
 from scheduler.http.openai_schema import (
@@ -36,11 +37,10 @@ from scheduler.http.openai_schema import (
     stop_strings,
 )
 from scheduler.placement.types import PlacementRequest
-from scheduler.stop_strings import TextStream
 from scheduler.tokenizer.base import Tokenizer
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import ErrorCode, PdorchError
-from transport.messages import FinishReason, Hello, SamplingParams, TokenLogprobs
+from transport.messages import Hello, SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -55,6 +55,8 @@ class _Job:
     return_token_ids: bool
     chat: bool
     echo: bool = False  # completions: the prompt's text (and logprobs, when asked for) come first
+    n: int = 1  # choices
+    seeded: bool = False  # the client gave the seed (choice i samples with seed + i)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def token_text(self, token: int) -> str:
@@ -163,7 +165,16 @@ def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest,
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     echo = not chat and req.echo
     return _Job(
-        greq, tokenizer, stop_strings(req), req.stream, include_usage, req.return_token_ids, chat, echo
+        greq,
+        tokenizer,
+        stop_strings(req),
+        req.stream,
+        include_usage,
+        req.return_token_ids,
+        chat,
+        echo,
+        n=req.n,
+        seeded=req.seed is not None,
     )
 
 
@@ -182,7 +193,7 @@ CLIENT_GONE = "client_gone"
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     """Every generation request is counted once in ``pdorch_requests_total``, by its outcome:
     ``ok``, an error code (a 400 or 404 included), or ``client_gone``."""
-    progress = _Progress()
+    progress = Progress()
     try:
         body = await _read(request, request.app[CONFIG].max_body_bytes)
         req = parse_body(body, ChatCompletionRequest if chat else CompletionRequest)
@@ -218,63 +229,30 @@ async def model(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Progress:
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    cached_tokens: int = 0
-    error: str = ""
-    chars: int = 0  # text sent so far in a stream (completions logprobs' text_offset)
-
-
-async def _text_deltas(
-    job: _Job, batches: AsyncIterator[TokenBatch], progress: _Progress
-) -> AsyncIterator[str]:
-    """Text deltas, one per batch of tokens (empty while the text is held back: an incomplete UTF-8
-    sequence, a possible stop string), until the request finishes or a stop string shows up
-    (which ends generation)."""
-    text = TextStream(job.tokenizer.decoder(), job.stop)
-    async for batch in batches:
-        progress.token_ids.extend(batch.token_ids)
-        progress.logprobs.extend(batch.logprobs)
-        progress.prompt_logprobs = progress.prompt_logprobs or batch.prompt_logprobs
-        progress.cached_tokens = max(progress.cached_tokens, batch.cached_tokens)
-        delta = text.feed(batch.token_ids)
-        if text.stopped:
-            progress.finish_reason = FinishReason.STOP
-            yield delta
-            return
-        if batch.finish_reason is not None:
-            progress.finish_reason = str(batch.finish_reason)
-            yield delta + text.finish()
-            return
-        yield delta
-
-
-def _usage(job: _Job, progress: _Progress) -> dict[str, Any]:
+def _usage(job: _Job, all_choices: list[Choice]) -> dict[str, Any]:
     prompt = len(job.greq.prompt_token_ids)
+    completion = sum(len(c.progress.token_ids) for c in all_choices)
     usage: dict[str, Any] = {
         "prompt_tokens": prompt,
-        "completion_tokens": len(progress.token_ids),
-        "total_tokens": prompt + len(progress.token_ids),
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
-    if progress.cached_tokens:
-        usage["prompt_tokens_details"] = {"cached_tokens": progress.cached_tokens}
+    # The prompt's cache hit where it was prefilled (the other choices share its blocks anyway).
+    if cached := all_choices[0].progress.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return usage
 
 
 def _choice(
     job: _Job,
+    index: int,
     text: str,
     finish: str | None,
     token_ids: list[int] | None,
     delta: bool,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
     if job.chat and delta:
         choice["delta"] = {"content": text} if text else {}
     elif job.chat:
@@ -287,7 +265,7 @@ def _choice(
 
 
 def _logprobs(
-    job: _Job, progress: _Progress, start: int, end: int, *, offset: int, echo: bool
+    job: _Job, progress: Progress, start: int, end: int, *, offset: int, echo: bool
 ) -> dict[str, Any] | None:
     """The logprobs of output tokens ``[start, end)`` in the request's shape (with ``echo``, the
     prompt's first), or None when the client asked for none."""
@@ -306,7 +284,7 @@ def _logprobs(
     return completion_logprobs(ids, lps, job.token_text, offset)
 
 
-def _prompt_logprobs(job: _Job, progress: _Progress) -> list[dict[str, Any] | None] | None:
+def _prompt_logprobs(job: _Job, progress: Progress) -> list[dict[str, Any] | None] | None:
     """vLLM's ``prompt_logprobs`` of a choice: None for the first prompt token, then each token's
     entry and the most likely ones', keyed by token id."""
     if job.greq.sampling.prompt_logprobs < 0 or job.echo or not progress.prompt_logprobs:
@@ -327,34 +305,38 @@ def _envelope(job: _Job, chunk: bool) -> dict[str, Any]:
     return {"id": job.greq.request_id, "object": kind, "created": job.created, "model": job.greq.model}
 
 
-async def _serve(request: web.Request, job: _Job, progress: _Progress) -> web.StreamResponse:
-    metrics, orchestrator = request.app[METRICS], request.app[ORCHESTRATOR]
+async def _serve(request: web.Request, job: _Job, progress: Progress) -> web.StreamResponse:
+    app = request.app
+    metrics, orchestrator = app[METRICS], app[ORCHESTRATOR]
     metrics.prompt_tokens.inc(len(job.greq.prompt_token_ids))
+    all_choices = choices(job.greq, job.n, job.seeded, progress)
     first_at: float | None = None
     try:
         plan = orchestrator.plan(job.greq)
-        async with await _admit(request.app, job, plan[1]):
-            batches = orchestrator.generate(job.greq, plan)
-            async with contextlib.aclosing(batches):
-                deltas = _text_deltas(job, batches, progress)
-                async with contextlib.aclosing(deltas):
-                    # Wait for the first token before answering, so that failures before it
-                    # (no worker, overload, a lost worker) get a proper HTTP status.
-                    first = await anext(deltas, "")
-                    first_at = time.monotonic()
-                    if job.stream:
-                        return await _stream(request, job, first, deltas, progress)
-                    text = first + "".join([d async for d in deltas])
-                    return _complete(job, text, progress)
+        async with await _admit(app, job, plan[1]):
+            timeout_s = app[CONFIG].request_timeout_s
+            items = generate(orchestrator, plan, all_choices, job.tokenizer, job.stop, timeout_s)
+            async with contextlib.aclosing(items):
+                # Wait for the first token before answering, so that failures before it
+                # (no worker, overload, a lost worker) get a proper HTTP status.
+                first = await anext(items)
+                first_at = time.monotonic()
+                if job.stream:
+                    return await _stream(request, job, all_choices, first, items)
+                texts = ["" for _ in all_choices]
+                for choice, delta in [first, *[item async for item in items]]:
+                    texts[choice.index] += delta or ""
+                return _complete(job, all_choices, texts)
     except PdorchError as e:
         progress.error = str(e.code)
         raise
     finally:
-        metrics.tokens_generated.inc(len(progress.token_ids))
+        tokens = len(progress.token_ids)
+        metrics.tokens_generated.inc(sum(len(c.progress.token_ids) for c in all_choices))
         if first_at is not None:
             now = time.monotonic()
             ttft = first_at - job.greq.arrival
-            tpot = (now - first_at) / (len(progress.token_ids) - 1) if len(progress.token_ids) > 1 else None
+            tpot = (now - first_at) / (tokens - 1) if tokens > 1 else None
             metrics.ttft.observe(ttft)
             metrics.e2e.observe(now - job.greq.arrival)
             if tpot is not None:
@@ -388,15 +370,18 @@ async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Tic
         raise
 
 
-def _complete(job: _Job, text: str, progress: _Progress) -> web.Response:
+def _complete(job: _Job, all_choices: list[Choice], texts: list[str]) -> web.Response:
     body = _envelope(job, chunk=False)
     prompt_text = _prompt_text(job) if job.echo else ""
-    logprobs = _logprobs(job, progress, 0, len(progress.token_ids), offset=0, echo=job.echo)
-    choice = _choice(job, prompt_text + text, progress.finish_reason, progress.token_ids, False, logprobs)
-    if (prompt_logprobs := _prompt_logprobs(job, progress)) is not None:
-        choice["prompt_logprobs"] = prompt_logprobs
-    body["choices"] = [choice]
-    body["usage"] = _usage(job, progress)
+    body["choices"] = []
+    for c, text in zip(all_choices, texts, strict=True):
+        p = c.progress
+        logprobs = _logprobs(job, p, 0, len(p.token_ids), offset=0, echo=job.echo)
+        choice = _choice(job, c.index, prompt_text + text, p.finish_reason, p.token_ids, False, logprobs)
+        if (prompt_logprobs := _prompt_logprobs(job, p)) is not None:
+            choice["prompt_logprobs"] = prompt_logprobs
+        body["choices"].append(choice)
+    body["usage"] = _usage(job, all_choices)
     return web.json_response(body)
 
 
@@ -405,49 +390,64 @@ def _prompt_text(job: _Job) -> str:
 
 
 async def _stream(
-    request: web.Request, job: _Job, first: str, deltas: AsyncIterator[str], progress: _Progress
+    request: web.Request, job: _Job, all_choices: list[Choice], first: Item, items: AsyncIterator[Item]
 ) -> web.StreamResponse:
     resp = await sse.open_stream(request)
-    sent_ids = 0
 
-    def chunk(text: str, finish: str | None, echo: bool = False) -> dict[str, Any]:
-        nonlocal sent_ids
+    def chunk(c: Choice, text: str, finish: str | None, echo: bool = False) -> dict[str, Any]:
+        p = c.progress
         body = _envelope(job, chunk=True)
-        start, sent_ids = sent_ids, len(progress.token_ids)
+        start, p.sent_ids = p.sent_ids, len(p.token_ids)
         text = _prompt_text(job) + text if echo else text
-        logprobs = _logprobs(job, progress, start, sent_ids, offset=progress.chars, echo=echo)
-        progress.chars += len(text)
-        body["choices"] = [_choice(job, text, finish, progress.token_ids[start:sent_ids], True, logprobs)]
+        logprobs = _logprobs(job, p, start, p.sent_ids, offset=p.chars, echo=echo)
+        p.chars += len(text)
+        body["choices"] = [
+            _choice(job, c.index, text, finish, p.token_ids[start : p.sent_ids], True, logprobs)
+        ]
         if job.include_usage:
             body["usage"] = None
         return body
 
+    def role(c: Choice) -> dict[str, Any]:
+        body = _envelope(job, chunk=True)
+        body["choices"] = [
+            {"index": c.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        ]
+        return body
+
     # With token ids or logprobs asked for, every batch of tokens is news, even without text yet.
     per_token = job.return_token_ids or job.greq.sampling.logprobs >= 0
+    started: set[int] = set()  # choices whose first chunk (role, echo) went out
+
+    def events(item: Item) -> list[dict[str, Any]]:
+        """What one item sends: each piece as soon as it exists (with its token ids, when asked
+        for them); the finish reason in a last chunk of its own, as vLLM and OpenAI send it."""
+        c, delta = item
+        out = []
+        if c.index not in started:
+            started.add(c.index)
+            if job.chat:
+                out.append(role(c))
+            if job.echo:
+                out.append(chunk(c, delta or "", None, echo=True))
+                delta = ""
+        if delta is None:
+            out.append(chunk(c, "", c.progress.finish_reason))
+        elif delta or (per_token and len(c.progress.token_ids) > c.progress.sent_ids):
+            out.append(chunk(c, delta, None))
+        return out
 
     tail: list[dict[str, Any]] = []
+    progress = all_choices[0].progress
     try:
-        head = []
-        if job.chat:
-            role = _envelope(job, chunk=True)
-            role["choices"] = [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            ]
-            head.append(role)
-        # Each piece goes out as soon as it exists (with its token ids, when asked for them);
-        # the finish reason follows in a last chunk of its own, as vLLM and OpenAI send it.
-        if first or per_token or job.echo:
-            head.append(chunk(first, None, echo=job.echo))
-        if head:
-            await sse.send_events(resp, *head)
-        async for delta in deltas:
-            if delta or (per_token and len(progress.token_ids) > sent_ids):
-                await sse.send_events(resp, chunk(delta, None))
-        tail.append(chunk("", progress.finish_reason))
+        await sse.send_events(resp, *events(first))
+        async for item in items:
+            if sent := events(item):
+                await sse.send_events(resp, *sent)
         if job.include_usage:
             usage = _envelope(job, chunk=True)
             usage["choices"] = []
-            usage["usage"] = _usage(job, progress)
+            usage["usage"] = _usage(job, all_choices)
             tail.append(usage)
     except PdorchError as e:
         # Headers are gone; the error travels as an event, which OpenAI clients raise.

@@ -18,6 +18,8 @@ from transport.errors import ErrorCode, PdorchError
 _T = TypeVar("_T")
 # The most top log-probabilities one may ask for (OpenAI allows 20 for chat, vLLM by default 20).
 MAX_TOP_LOGPROBS = 20
+# The most choices one may ask for (OpenAI's limit on 'n').
+MAX_CHOICES = 128
 
 
 class StreamOptions(msgspec.Struct):
@@ -50,10 +52,10 @@ class _Sampling(msgspec.Struct, kw_only=True):
 
     def unsupported(self) -> str:
         """Why a field is set to something we cannot honour ("" if none is)."""
-        if self.n != 1:
-            return "only n=1 is supported"
-        if self.best_of not in (None, 1):
-            return "best_of is not supported"
+        if not 1 <= self.n <= MAX_CHOICES:
+            return f"'n' must be between 1 and {MAX_CHOICES}"
+        if self.best_of not in (None, 1, self.n):
+            return "'best_of' other than n is not supported"
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             return f"'prompt_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}"
         return ""

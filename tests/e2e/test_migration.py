@@ -27,7 +27,7 @@ import zmq
 
 from pdorch.launcher import LocalCluster, free_port
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import eventually, generate, metric
+from tests.e2e.helpers import complete, eventually, generate, metric
 from tests.support.fake_worker import FakeWorker
 from tests.support.tcp_proxy import ProxyThread
 from transport.messages import DecodeJob, Heartbeat, Load
@@ -234,3 +234,24 @@ async def test_a_worker_that_takes_jobs_but_makes_no_progress_is_left(
             beating.join(5)
         stuck.close()
         black_hole.close()
+
+
+async def test_the_choices_of_an_n_request_move_on_their_own(
+    healed: LocalCluster, colocated: LocalCluster
+) -> None:
+    """All n choices decode on the worker where the prompt's KV landed; when it dies, each
+    resumes elsewhere and the client gets every choice whole."""
+    body: dict[str, Any] = {
+        "prompt": [random.Random(6).randrange(256) for _ in range(70)],
+        "max_tokens": 300,
+        "ignore_eos": True,
+        "temperature": 0.8,
+        "return_token_ids": True,
+    }
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as s:
+        want = [(await complete(s, colocated.url, **body, seed=40 + i))["choices"][0] for i in range(3)]
+        running = asyncio.create_task(complete(s, healed.url, **body, seed=40, n=3))
+        await eventually(lambda: len(_busy(healed, "decode", at_least=3)) == 1, 60, "3 choices decoding")
+        healed.kill(_busy(healed, "decode", at_least=3)[0])
+        got = (await running)["choices"]
+    assert [c["token_ids"] for c in got] == [c["token_ids"] for c in want]

@@ -5,12 +5,14 @@ worker gives (logprobs included), streamed or not."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
-from tests.e2e.helpers import MODEL
+from tests.e2e.helpers import MODEL, metric
 
 pytestmark = pytest.mark.e2e
 
@@ -135,3 +137,87 @@ def test_max_tokens_beyond_the_context_is_refused_and_chat_defaults_to_the_rest(
         stop=["x" * 30],
     )
     assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens >= 30
+
+
+def _handoffs(cluster: Any, mode: str) -> float:
+    async def read() -> float:
+        async with aiohttp.ClientSession() as s:
+            return await metric(s, cluster.url, "pdorch_kv_handoffs_total", mode=mode, outcome="ok")
+
+    return asyncio.run(read())
+
+
+# Long enough that the prompt has full KV blocks for the other choices to share.
+LONG_PROMPT = PROMPT + ", there lived a fox who counted the stars every night and never slept."
+
+
+@pytest.mark.parametrize("mode", ["p2p", "centralized"])
+def test_n_choices_prefill_once_and_each_equals_a_single_seeded_request(
+    mode: str, colocated: Any, request: pytest.FixtureRequest
+) -> None:
+    cluster = request.getfixturevalue(mode)
+    body = {"prompt": LONG_PROMPT, "max_tokens": 10, "temperature": 0.9, "extra_body": {"ignore_eos": True}}
+    before = _handoffs(cluster, mode)
+    got = _completion(cluster, n=3, seed=11, **body)
+    # One prompt, one KV handoff: the other two choices decode next to the first one's KV.
+    assert _handoffs(cluster, mode) == before + 1
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    for i, choice in enumerate(got.choices):
+        alone = _completion(colocated, seed=11 + i, **body).choices[0]
+        assert (choice.text, choice.finish_reason) == (alone.text, alone.finish_reason), i
+    assert len({c.text for c in got.choices}) == 3  # seeds differ, so do the answers
+    assert got.usage is not None
+    assert got.usage.completion_tokens == 30
+    assert got.usage.prompt_tokens == _completion(colocated, **body).usage.prompt_tokens  # counted once
+
+
+def test_n_choices_stream_each_with_its_own_index_role_and_finish(p2p: Any) -> None:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": LONG_PROMPT}],
+        "max_tokens": 8,
+        "temperature": 0.8,
+        "seed": 3,
+        "n": 2,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "extra_body": {"ignore_eos": True},
+    }
+    client = _client(p2p)
+    whole = client.chat.completions.create(**body)
+    text = {0: "", 1: ""}
+    roles, finishes, logprobs = [], [], {0: 0, 1: 0}
+    for chunk in client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.role:
+                roles.append(c.index)
+            text[c.index] += c.delta.content or ""
+            if c.logprobs and c.logprobs.content:
+                logprobs[c.index] += len(c.logprobs.content)
+            if c.finish_reason:
+                finishes.append(c.index)
+    assert sorted(roles) == [0, 1] and sorted(finishes) == [0, 1]
+    assert [text[0], text[1]] == [c.message.content for c in whole.choices]
+    assert logprobs == {0: 8, 1: 8}
+    assert usage.completion_tokens == whole.usage.completion_tokens == 16  # type: ignore[union-attr]
+
+
+def test_n_choices_echo_the_prompt_and_its_logprobs_in_each(p2p: Any) -> None:
+    body = {
+        "max_tokens": 4,
+        "temperature": 1.0,
+        "echo": True,
+        "logprobs": 1,
+        "extra_body": {"ignore_eos": True},
+    }
+    got = _completion(p2p, n=2, seed=5, **body)
+    for choice in got.choices:
+        assert choice.text.startswith(PROMPT)
+        lp = choice.logprobs
+        assert lp is not None and lp.token_logprobs is not None
+        assert lp.token_logprobs[0] is None  # the prompt's first token has none
+        assert all(v is not None for v in lp.token_logprobs[1:])
+    prompt_part = [c.logprobs.token_logprobs[:-4] for c in got.choices]  # type: ignore[union-attr]
+    assert prompt_part[0] == prompt_part[1]
