@@ -107,7 +107,7 @@ def test_the_reference_engine_serves_the_export(exported: tuple[Path, dict[str, 
     out, _ = exported
     cfg, weights = load_checkpoint(out, max_model_len=128)
     assert (cfg.layers, cfg.heads, cfg.kv_heads, cfg.max_model_len, cfg.rms_norm_eps) == (2, 4, 2, 128, 1e-5)
-    assert weights.unembed.base is weights.embed, "a tied head is a view of the embedding"
+    assert weights.embed.base is weights.unembed, "a tied embedding and head share one array"
     model = ReferenceModel(cfg, weights)
     prompt = HfTokenizer(out).encode("the theme")
     cache = PagedKvCache(cfg, 8, 16)

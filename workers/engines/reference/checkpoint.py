@@ -2,8 +2,8 @@
 ``model.safetensors``), such as the one ``workers/models/hf_export.py`` makes from a GGUF file.
 
 The weights are read once, cast to the compute dtype and laid out as the model multiplies them
-(``x @ W``, with Q/K/V and gate/up fused); a tied output head is the embedding's transpose (a view,
-no copy). Rotate-half RoPE, as in Hugging Face's Llama, which is also the reference model's.
+(``x @ W``, with Q/K/V and gate/up fused); a tied embedding and output head share one array.
+Rotate-half RoPE, as in Hugging Face's Llama, which is also the reference model's.
 """
 
 from __future__ import annotations
@@ -122,12 +122,15 @@ def load_weights(model_dir: Path, cfg: ModelConfig) -> ModelWeights:
                 w_down=dense(get(p + "mlp.down_proj.weight", cfg.hidden, cfg.ffn)),
             )
         )
-    embed = np.ascontiguousarray(get("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden), dtype=dtype)
-    # Tied models have no lm_head: the output head is the embedding, read transposed by BLAS.
-    head = tensors.get("lm_head.weight")
-    unembed = (
-        embed.T if head is None else dense(_tensor(tensors, "lm_head.weight", (cfg.vocab_size, cfg.hidden)))
-    )
+    embedding = get("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden)
+    if "lm_head.weight" in tensors:
+        embed = np.ascontiguousarray(embedding, dtype=dtype)
+        unembed = dense(_tensor(tensors, "lm_head.weight", (cfg.vocab_size, cfg.hidden)))
+    else:
+        # Tied: one copy, laid out for the output head (a contiguous [hidden, vocab] multiplies
+        # ~20% faster than a transposed view); the embedding looks rows up through its transpose.
+        unembed = dense(embedding)
+        embed = unembed.T
     return ModelWeights(
         embed=embed, layers=tuple(layers), final_norm=norm("model.norm.weight"), unembed=unembed
     )

@@ -29,7 +29,7 @@ class ModelWeights:
     embed: np.ndarray  # [vocab, hidden]
     layers: tuple[LayerWeights, ...]
     final_norm: np.ndarray  # [hidden]
-    unembed: np.ndarray  # [hidden, vocab]; a tied head is embed.T (a view)
+    unembed: np.ndarray  # [hidden, vocab]; tied to the embedding: embed is unembed.T (a view)
 
 
 def init_weights(cfg: ModelConfig) -> ModelWeights:
