@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pdorch.supervisor import Supervisor
 from transport.errors import PdorchError
@@ -33,6 +34,13 @@ from transport.messages import Role
 from workers.models.catalog import CATALOG, DEFAULT_MODEL, RANDOM_MODEL
 from workers.models.fetch import is_fetched
 from workers.models.local_model import is_model_path, model_dir, not_fetched_message, served_name
+
+if TYPE_CHECKING:
+    from workers.engines.vllm.launch import VllmLaunchSpec
+
+# Context given to each vLLM server (at most the model's): room for real chats, while vLLM's KV
+# cache (1 GiB by default) holds many such requests at once.
+VLLM_MAX_MODEL_LEN = 2048
 
 
 def model_name(spec: ClusterSpec) -> str:
@@ -149,35 +157,42 @@ class LocalCluster:
         # vLLM servers ("vllm-<worker>") are stopped after their agents, with the scheduler.
         return [n for n in self.procs if n.startswith(("prefill-", "decode-", "worker-"))]
 
-    def _model_args(self) -> list[str]:
+    def model_args(self) -> list[str]:
         """How a reference worker finds the model: by name, or the converted directory of a path."""
         args = ["--model", model_name(self.spec)]
         return [*args, "--weights", self.model_dir] if is_model_path(self.spec.model) else args
 
     def start_worker(self, name: str, role: str) -> None:
-        engine_args = self._start_vllm(name, role) if self.spec.engine == "vllm" else self._model_args()
+        engine_args = self._start_vllm(name, role) if self.spec.engine == "vllm" else self.model_args()
         args = ["worker", "--scheduler", self.control, "--role", role, "--worker-id", name]
         args += ["--log-level", self.spec.log_level, *engine_args, *self.spec.worker_args]
         self._spawn(name, args + self.spec.per_worker_args.get(name, []))
 
+    def vllm_spec(self, role: str, port: int, kv_bind: str, index: int) -> VllmLaunchSpec:
+        """The vLLM server beside the ``index``-th worker (of ``role``), serving the cluster's model."""
+        from workers.engines.vllm.launch import VllmLaunchSpec, context_length
+
+        return VllmLaunchSpec(
+            model_dir=self.model_dir,
+            port=port,
+            role=Role(role) if not self.spec.colocated else None,
+            kv_bind=kv_bind,
+            # One core per server (round robin), so two servers do not fight over the same one.
+            cpu_cores=str(index % max(1, os.cpu_count() or 1)),
+            served_model_name=model_name(self.spec),
+            max_model_len=min(VLLM_MAX_MODEL_LEN, context_length(self.model_dir)),
+        )
+
     def _start_vllm(self, name: str, role: str) -> list[str]:
         """Start the vLLM server a worker sits beside; returns the worker's engine arguments."""
         # Imported here: only this path needs it (and it never imports vLLM itself).
-        from workers.engines.vllm.launch import VllmLaunchSpec, vllm_command
+        from workers.engines.vllm.launch import vllm_command
 
         port = free_port()
         handoff = not self.spec.colocated
         kv_bind = f"tcp://127.0.0.1:{free_port()}" if handoff and role in ("decode", "both") else ""
         index = len([n for n in self.procs if n.startswith("vllm-")])
-        spec = VllmLaunchSpec(
-            model_dir=self.model_dir,
-            port=port,
-            role=Role(role) if handoff else None,
-            kv_bind=kv_bind,
-            # One core per server (round robin), so two servers do not fight over the same one.
-            cpu_cores=str(index % max(1, os.cpu_count() or 1)),
-            served_model_name=model_name(self.spec),
-        )
+        spec = self.vllm_spec(role, port, kv_bind, index)
         argv, env = vllm_command(spec, python=self.spec.vllm_python or default_vllm_python())
         self.spawn(f"vllm-{name}", argv, env)
         args = [
@@ -190,14 +205,18 @@ class LocalCluster:
         ]
         return [*args, "--kv-advertise", kv_bind] if kv_bind else args
 
-    def start(self, timeout_s: float = 60.0) -> None:
-        s = self.spec
-        if s.model != RANDOM_MODEL:
-            # Converted here, once, rather than by every worker at the same time.
+    def resolve_model(self) -> None:
+        """Find (converting it once, here rather than in every worker at the same time) the model
+        directory the workers serve; no network."""
+        if self.spec.model != RANDOM_MODEL:
             try:
-                self.model_dir = str(model_dir(s.model))
+                self.model_dir = str(model_dir(self.spec.model))
             except PdorchError as e:
                 raise RuntimeError(e.message) from None
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        s = self.spec
+        self.resolve_model()
         for port in (s.port, s.control_port) + ((s.broker_port,) if s.kv_mode == "centralized" else ()):
             if not port_is_free(port):
                 raise RuntimeError(
