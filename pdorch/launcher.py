@@ -357,7 +357,7 @@ def _example(url: str, model: str) -> str:
         body = json.dumps({"model": model, "prompt": "Hello, pdorch", "max_tokens": 16})
         return f"curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    body = json.dumps({"model": model, "messages": question, "max_tokens": 32})
+    body = json.dumps({"model": model, "messages": question, "max_tokens": 32, "temperature": 0})
     return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
 
 

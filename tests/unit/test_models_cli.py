@@ -48,3 +48,13 @@ def test_a_catalogued_model_that_is_not_downloaded_says_how_to_get_it(
 def test_nonsense_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["model", "path", "no-such-model"]) == 1
     assert "neither a known model" in capsys.readouterr().err
+
+
+def test_fetch_makes_any_model_ready_and_the_random_one_needs_nothing(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert main(["model", "fetch", "pdorch-reference", str(tmp_path / "tiny.gguf")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "pdorch-reference: seeded random weights, nothing to fetch"
+    assert out[1].endswith("/hf") and str(cache) in out[1]

