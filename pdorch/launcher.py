@@ -44,8 +44,25 @@ VLLM_MAX_MODEL_LEN = 2048
 
 
 def model_name(spec: ClusterSpec) -> str:
-    """The model name clients use: a catalogued model's name, or its file or directory name."""
+    """The model name clients use: a catalogued model's name, its file or directory name, or (sim)
+    the simulated model's (as ``--model``, else ``--sim-model``, in the workers' arguments)."""
+    if spec.engine == "sim":
+        return _flag(spec.worker_args, "--model") or _flag(spec.worker_args, "--sim-model") or SIM_MODEL
     return served_name(spec.model)
+
+
+# The model a simulated cluster times by default (the sim engine's own default).
+SIM_MODEL = "llama-3-8b"
+
+
+def _flag(args: list[str], name: str) -> str:
+    """The value of ``name`` in an argument list (``--x v`` or ``--x=v``), "" if absent."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return ""
 
 
 def default_vllm_python() -> str:
@@ -110,10 +127,11 @@ class ClusterSpec:
     per_worker_args: dict[str, list[str]] = field(default_factory=dict)
     scheduler_args: list[str] = field(default_factory=list)
     log_level: str = "INFO"
-    # "reference" (the built-in engine) or "vllm" (a vLLM server beside each worker).
+    # "reference" (the built-in engine), "vllm" (a vLLM server beside each worker) or "sim" (an
+    # accelerator's timing and KV sizes modeled; worker_args may carry --sim-* flags).
     engine: str = "reference"
     # A catalogued model's name, a .gguf file or a Hugging Face directory; the reference engine
-    # also serves RANDOM_MODEL (seeded random weights, nothing to download).
+    # also serves RANDOM_MODEL (seeded random weights, nothing to download). Not read by "sim".
     model: str = DEFAULT_MODEL
     vllm_python: str = ""
 
@@ -163,7 +181,12 @@ class LocalCluster:
         return [*args, "--weights", self.model_dir] if is_model_path(self.spec.model) else args
 
     def start_worker(self, name: str, role: str) -> None:
-        engine_args = self._start_vllm(name, role) if self.spec.engine == "vllm" else self.model_args()
+        if self.spec.engine == "vllm":
+            engine_args = self._start_vllm(name, role)
+        elif self.spec.engine == "sim":
+            engine_args = ["--engine", "sim", "--model", model_name(self.spec)]
+        else:
+            engine_args = self.model_args()
         args = ["worker", "--scheduler", self.control, "--role", role, "--worker-id", name]
         args += ["--log-level", self.spec.log_level, *engine_args, *self.spec.worker_args]
         self._spawn(name, args + self.spec.per_worker_args.get(name, []))
@@ -208,7 +231,7 @@ class LocalCluster:
     def resolve_model(self) -> None:
         """Find (converting it once, here rather than in every worker at the same time) the model
         directory the workers serve; no network."""
-        if self.spec.model != RANDOM_MODEL:
+        if self.spec.engine != "sim" and self.spec.model != RANDOM_MODEL:
             try:
                 self.model_dir = str(model_dir(self.spec.model))
             except PdorchError as e:
@@ -335,21 +358,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--engine",
-        choices=["reference", "vllm"],
+        choices=["reference", "vllm", "sim"],
         default="reference",
-        help="reference (built in, default) or vllm (a vLLM server beside each worker)",
+        help="reference (built in, default), vllm (a vLLM server beside each worker, same model) or "
+        "sim (a GPU-timed model without a GPU: for load tests of gateways and autoscalers)",
     )
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"a known model ({', '.join(sorted(CATALOG))}; default {DEFAULT_MODEL}, fetched by "
         f"`make model`), a Llama .gguf file, a Hugging Face Llama directory, or {RANDOM_MODEL} "
-        "(reference engine: seeded random weights, nothing to download)",
+        "(reference engine: seeded random weights, nothing to download); sim: the modeled model comes "
+        "from the worker flags (-- --sim-model ...)",
     )
     p.add_argument(
         "--log-dir", type=Path, default=None, help="where process logs go (default: a new temp dir)"
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "worker_args",
+        nargs=argparse.REMAINDER,
+        help="after --: more arguments for every worker, e.g. -- --sim-time-scale 0 --sim-accelerator a100",
+    )
 
 
 def _example(url: str, model: str) -> str:
@@ -363,16 +393,15 @@ def _example(url: str, model: str) -> str:
 
 def _spec_problem(spec: ClusterSpec) -> str:
     """What is wrong with a cluster asked for on the command line ("" if nothing)."""
-    if spec.model == RANDOM_MODEL and spec.engine != "reference":
-        return f"--model {RANDOM_MODEL} (random weights) runs on the reference engine only"
-    if spec.model in CATALOG:
-        if not is_fetched(CATALOG[spec.model]):
-            return not_fetched_message(spec.model)
-    elif spec.model != RANDOM_MODEL and not Path(spec.model).expanduser().exists():
-        known = ", ".join(sorted(CATALOG))
-        return (
-            f"--model {spec.model}: not a known model ({known}, {RANDOM_MODEL}), a .gguf file or a directory"
-        )
+    if spec.engine != "sim":  # a simulated model is named by the sim flags, and needs no weights
+        if spec.model == RANDOM_MODEL and spec.engine != "reference":
+            return f"--model {RANDOM_MODEL} (random weights) runs on the reference engine only"
+        if spec.model in CATALOG:
+            if not is_fetched(CATALOG[spec.model]):
+                return not_fetched_message(spec.model)
+        elif spec.model != RANDOM_MODEL and not Path(spec.model).expanduser().exists():
+            known = f"{', '.join(sorted(CATALOG))}, {RANDOM_MODEL}"
+            return f"--model {spec.model}: not a known model ({known}), a .gguf file or a directory"
     if spec.prefill < 1 or (spec.decode < 1 and not spec.colocated):
         return "a cluster needs at least one prefill and one decode worker (--prefill, --decode)"
     if not 0 <= spec.port <= 65535:
@@ -402,6 +431,7 @@ def main(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         engine=args.engine,
         model=args.model,
+        worker_args=[a for a in args.worker_args if a != "--"],
     )
     problem = _spec_problem(spec)
     if problem:

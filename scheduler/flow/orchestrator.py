@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -142,9 +142,12 @@ class Orchestrator:
             phase_end = run.progress_at + timeout
             request_end = run.req.arrival + self._cfg.request_timeout_s
             try:
-                worker_id, job_id, event = await asyncio.wait_for(
-                    queue.get(), max(0.0, min(phase_end, request_end) - time.monotonic())
-                )
+                if queue.empty():
+                    # A timeout scope, not wait_for: that would wrap the get in a task per event.
+                    async with asyncio.timeout(max(0.0, min(phase_end, request_end) - time.monotonic())):
+                        worker_id, job_id, event = await queue.get()
+                else:
+                    worker_id, job_id, event = queue.get_nowait()
             except TimeoutError:
                 if request_end <= phase_end:
                     raise PdorchError(
@@ -283,7 +286,7 @@ class Orchestrator:
         a.kv_mode = self._route_mode(d)
         if a.kv_mode is KvMode.CENTRALIZED:
             self._through_broker[job_id] = req.request_id
-        a.transfer_id = uuid.uuid4().hex
+        a.transfer_id = os.urandom(16).hex()
         p_route, d_route = self._kv_routes(a.kv_mode, d, a.transfer_id)
         a.decode_tried.add(d)
         self._expect(run, a, d, placement.reserve_blocks, len(prompt))

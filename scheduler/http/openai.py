@@ -298,39 +298,43 @@ async def _stream(
     resp = await sse.open_stream(request)
     sent_ids = 0
 
-    async def emit(text: str, finish: str | None) -> None:
+    def chunk(text: str, finish: str | None) -> dict[str, Any]:
         nonlocal sent_ids
-        chunk = _envelope(job, chunk=True)
+        body = _envelope(job, chunk=True)
         ids = progress.token_ids[sent_ids:]
         sent_ids = len(progress.token_ids)
-        chunk["choices"] = [_choice(job, text, finish, ids, delta=True)]
+        body["choices"] = [_choice(job, text, finish, ids, delta=True)]
         if job.include_usage:
-            chunk["usage"] = None
-        await sse.send_event(resp, chunk)
+            body["usage"] = None
+        return body
 
+    tail: list[dict[str, Any]] = []
     try:
+        head = []
         if job.chat:
             role = _envelope(job, chunk=True)
             role["choices"] = [
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
             ]
-            await sse.send_event(resp, role)
+            head.append(role)
         # Each piece goes out as soon as it exists (with its token ids, when asked for them);
         # the finish reason follows in a last chunk of its own, as vLLM and OpenAI send it.
         if first or job.return_token_ids:
-            await emit(first, None)
+            head.append(chunk(first, None))
+        if head:
+            await sse.send_events(resp, *head)
         async for delta in deltas:
             if delta or (job.return_token_ids and len(progress.token_ids) > sent_ids):
-                await emit(delta, None)
-        await emit("", progress.finish_reason)
+                await sse.send_events(resp, chunk(delta, None))
+        tail.append(chunk("", progress.finish_reason))
         if job.include_usage:
-            tail = _envelope(job, chunk=True)
-            tail["choices"] = []
-            tail["usage"] = _usage(job, progress)
-            await sse.send_event(resp, tail)
+            usage = _envelope(job, chunk=True)
+            usage["choices"] = []
+            usage["usage"] = _usage(job, progress)
+            tail.append(usage)
     except PdorchError as e:
         # Headers are gone; the error travels as an event, which OpenAI clients raise.
         progress.error = str(e.code)
-        await sse.send_event(resp, error_body(e))
-    await sse.send_done(resp)
+        tail.append(error_body(e))
+    await sse.finish(resp, *tail)
     return resp
