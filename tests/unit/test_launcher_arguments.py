@@ -46,3 +46,13 @@ def test_colocated_needs_no_decode_worker(capsys: pytest.CaptureFixture[str]) ->
     for its port, so nothing starts.)"""
     assert main(["up", "--colocated", "--decode", "0", "--port", "70000"]) == 2
     assert "--port 70000" in capsys.readouterr().err
+
+
+def test_a_simulated_cluster_needs_no_model_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(Refused here only for its port, so nothing starts.)"""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
+    assert main(["up", "--engine", "sim", "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "--port 70000" in err and "make model" not in err
