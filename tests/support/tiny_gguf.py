@@ -78,7 +78,9 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{index}.{_GGUF_NAMES[rest]}"
 
 
-def write_tiny_gguf(path: Path, *, architecture: str = "llama", seed: int = 0) -> dict[str, np.ndarray]:
+def write_tiny_gguf(
+    path: Path, *, architecture: str = "llama", seed: int = 0, add_bos: bool = False
+) -> dict[str, np.ndarray]:
     """Write the file; returns the Hugging Face-layout weights it encodes (before quantization)."""
     weights = hf_weights(seed)
     tokens = vocabulary()
@@ -102,7 +104,7 @@ def write_tiny_gguf(path: Path, *, architecture: str = "llama", seed: int = 0) -
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
     writer.add_pad_token_id(2)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHAT_TEMPLATE)
     for name, weight in weights.items():
         if name.endswith("q_proj.weight"):

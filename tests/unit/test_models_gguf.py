@@ -103,6 +103,16 @@ def test_exported_tokenizer_and_chat_template(exported: tuple[Path, dict[str, np
     assert tok.decode(ids) == "the theme 12"
 
 
+def test_a_model_that_wants_a_bos_gets_one_on_plain_text(tmp_path: Path) -> None:
+    tiny_gguf.write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True)
+    tok = HfTokenizer(export_hf(tmp_path / "bos.gguf", tmp_path / "hf", source_sha256="bos"))
+    assert (
+        tok.encode("the")[0] == 1 and tok.encode("the")[1:] == HfTokenizer(tmp_path / "hf").encode("the")[1:]
+    )
+    assert tok.apply_chat_template([("user", "the")]).count(1) == 2, "the template's markup, no extra BOS"
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["add_bos_token"] is True
+
+
 def test_the_reference_engine_serves_the_export(exported: tuple[Path, dict[str, np.ndarray]]) -> None:
     out, _ = exported
     cfg, weights = load_checkpoint(out, max_model_len=128)
