@@ -20,6 +20,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig
 from scheduler.control import ControlServer
@@ -174,16 +176,20 @@ class Orchestrator:
                     return None, None  # token 0 already came with KvLoaded
                 self._first_token(run, a)
                 held, a.held = a.held, None
-                batch = self._accept(run, a, worker_id, event)
+                batch = self._accept(run, a, worker_id, _joined(event, a.early))
+                a.early.clear()
                 # The prefill's token stands; a decode failure held for it counts only if the
                 # request goes on (the decode side saw "prefill stopped" when it ended there).
                 return batch, held if event.finish_reason is None else None
             if not a.first_token_in:
+                if a.split:
+                    a.early.append(event)  # decode ran ahead of the prefill's token (see KvLoaded)
+                    return None, None
                 self._first_token(run, a)
             return self._accept(run, a, worker_id, event), None
         if isinstance(event, KvLoaded):
             self._kv_loaded(run, a)
-            if not a.first_token_in and event.first_token >= 0:
+            if not a.first_token_in and event.first_token >= 0 and not _prefill_reports(run.req):
                 # The prefill worker's token is still on its way; decode's copy wins.
                 self._first_token(run, a)
                 return self._accept(run, a, worker_id, TokenOutput(a.job_id, [event.first_token])), None
@@ -202,6 +208,7 @@ class Orchestrator:
         )
 
     def _accept(self, run: _Run, a: Attempt, worker_id: str, event: TokenOutput) -> TokenBatch:
+        """Take an attempt's tokens as the request's (``worker_id``: who sent the last of them)."""
         run.tokens.extend(event.token_ids)
         self._progress(run)
         if worker_id == a.decode:
@@ -211,7 +218,13 @@ class Orchestrator:
             )
         if event.finish_reason is not None:
             a.open.discard(worker_id)
-        return TokenBatch(list(event.token_ids), event.finish_reason, event.cached_tokens)
+        return TokenBatch(
+            list(event.token_ids),
+            event.finish_reason,
+            event.cached_tokens,
+            list(event.logprobs),
+            list(event.prompt_logprobs),
+        )
 
     def _progress(self, run: _Run) -> None:
         run.progress_at = time.monotonic()
@@ -267,6 +280,9 @@ class Orchestrator:
         generated = len(run.tokens)
         job_id = req.request_id if number == 0 else f"{req.request_id}.{number}"
         prompt = req.prompt_token_ids + run.tokens if generated else req.prompt_token_ids
+        sampling = req.sampling
+        if generated and sampling.prompt_logprobs >= 0:  # the client has them from the first attempt
+            sampling = msgspec.structs.replace(sampling, prompt_logprobs=-1)
         deadline = self._cfg.first_token_timeout_s
         p, d = placement.prefill, placement.decode
         run.preq = preq
@@ -274,14 +290,14 @@ class Orchestrator:
         if placement.colocated:
             a = Attempt(number, job_id, p, p, generated, now)
             self._expect(run, a, p, placement.reserve_blocks, len(prompt))
-            self._control.send(p, GenerateJob(job_id, prompt, req.sampling, deadline, generated))
+            self._control.send(p, GenerateJob(job_id, prompt, sampling, deadline, generated))
             return a
         a = Attempt(number, job_id, p, d, generated, now)
         self._expect(run, a, p, 0, 0)
         if req.sampling.max_tokens - generated == 1:
             # Prefill produces the only token left: nothing to hand off.
             a.decode = p
-            self._send_prefill(run, a, PrefillJob(job_id, prompt, req.sampling, None, deadline, generated))
+            self._send_prefill(run, a, PrefillJob(job_id, prompt, sampling, None, deadline, generated))
             return a
         a.kv_mode = self._route_mode(d)
         if a.kv_mode is KvMode.CENTRALIZED:
@@ -291,8 +307,8 @@ class Orchestrator:
         a.decode_tried.add(d)
         self._expect(run, a, d, placement.reserve_blocks, len(prompt))
         # Decode first, so its receiver expects the transfer by the time prefill streams it.
-        self._control.send(d, DecodeJob(job_id, prompt, req.sampling, d_route, deadline, generated))
-        self._send_prefill(run, a, PrefillJob(job_id, prompt, req.sampling, p_route, deadline, generated))
+        self._control.send(d, DecodeJob(job_id, prompt, sampling, d_route, deadline, generated))
+        self._send_prefill(run, a, PrefillJob(job_id, prompt, sampling, p_route, deadline, generated))
         return a
 
     def _expect(self, run: _Run, a: Attempt, worker_id: str, reserve_blocks: int, tokens: int) -> None:
@@ -440,6 +456,26 @@ class Orchestrator:
         for wid in open_workers:
             self._control.send(wid, Cancel(a.job_id))
         self._on_capacity()
+
+
+def _prefill_reports(req: GenerationRequest) -> bool:
+    """Only the prefill worker's message has what the client asked for with token 0 (its
+    logprobs, the prompt's): decode's copy of the token (``KvLoaded``) cannot stand in for it."""
+    return req.sampling.logprobs >= 0 or req.sampling.prompt_logprobs >= 0
+
+
+def _joined(first: TokenOutput, later: list[TokenOutput]) -> TokenOutput:
+    """The prefill's token followed by what the decode side sent before it arrived."""
+    if not later:
+        return first
+    return TokenOutput(
+        first.request_id,
+        [t for m in (first, *later) for t in m.token_ids],
+        later[-1].finish_reason,
+        first.cached_tokens,
+        [lp for m in (first, *later) for lp in m.logprobs],
+        first.prompt_logprobs,
+    )
 
 
 def _code(raw: str) -> ErrorCode:

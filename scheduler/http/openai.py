@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import random
@@ -21,9 +22,12 @@ from scheduler.config import SchedulerConfig
 from scheduler.flow import GenerationRequest, TokenBatch
 from scheduler.http import sse
 from scheduler.http.errors import error_body
+from scheduler.http.logprobs_format import chat_logprobs, completion_logprobs
 from scheduler.http.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     bad,
     chat_messages,
     check_common,
@@ -36,7 +40,7 @@ from scheduler.stop_strings import TextStream
 from scheduler.tokenizer.base import Tokenizer
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import ErrorCode, PdorchError
-from transport.messages import FinishReason, Hello, SamplingParams
+from transport.messages import FinishReason, Hello, SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -50,7 +54,11 @@ class _Job:
     include_usage: bool
     return_token_ids: bool
     chat: bool
+    echo: bool = False  # completions: the prompt's text (and logprobs, when asked for) come first
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
 
 def _tenant(request: web.Request, cfg: SchedulerConfig) -> str:
@@ -103,10 +111,7 @@ async def _read(request: web.Request, limit: int) -> bytes:
 def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> _Job:
     cfg = request.app[CONFIG]
     tenant = _tenant(request, cfg)
-    max_tokens = (
-        req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
-    )
-    max_tokens = check_common(req, max_tokens, default_max=cfg.default_max_tokens, limit=cfg.max_tokens_limit)
+    asked = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
     tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     max_model_len = hello.max_model_len
     if chat:
@@ -114,14 +119,25 @@ def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest,
     else:
         prompt = completion_prompt(req)
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        if (
-            hello.vocab_size
-            and (bad_id := next((t for t in ids if not 0 <= t < hello.vocab_size), None)) is not None
-        ):
-            raise bad(f"token id {bad_id} is outside the model's vocabulary (size {hello.vocab_size})")
+    vocab = hello.vocab_size
+    if vocab and (bad_id := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+        raise bad(f"token id {bad_id} is outside the model's vocabulary (size {vocab})")
     limit = min(cfg.max_prompt_tokens, max_model_len - 1) if max_model_len > 1 else cfg.max_prompt_tokens
     if len(ids) > limit:
         raise PdorchError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens; the limit is {limit}")
+    room = max_model_len - len(ids) if max_model_len > 1 else cfg.max_tokens_limit
+    # As vLLM and OpenAI: chat takes the rest of the context unless told; completions take 16.
+    default = min(room, cfg.max_tokens_limit) if chat else cfg.default_max_tokens
+    max_tokens = check_common(req, asked, default_max=default, limit=cfg.max_tokens_limit)
+    if asked is not None and max_tokens > room:
+        raise bad(
+            f"this model's context is {max_model_len} tokens; the prompt has {len(ids)} and "
+            f"max_tokens asks for {max_tokens} more (at most {room})"
+        )
+    bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+    for token in [*bias, *(req.stop_token_ids or [])]:
+        if not 0 <= token < (vocab or token + 1):
+            raise bad(f"token id {token} is outside the model's vocabulary (size {vocab})")
     temperature = 1.0 if req.temperature is None else req.temperature
     # Seeded sampling with a seed we draw keeps prefill and decode workers on the same random stream.
     seed = req.seed if req.seed is not None else random.getrandbits(63)
@@ -130,30 +146,73 @@ def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest,
         temperature=temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=seed,
+        stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=req.ignore_eos,
+        logprobs=req.token_logprobs(),
+        prompt_logprobs=req.wanted_prompt_logprobs(),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=bias,
+        min_tokens=req.min_tokens,
     )
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     greq = GenerationRequest(
         rid, req.model, ids, sampling, tenant=tenant, priority=req.priority, hint=_hint(request)
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return _Job(greq, tokenizer, stop_strings(req), req.stream, include_usage, req.return_token_ids, chat)
+    echo = not chat and req.echo
+    return _Job(
+        greq, tokenizer, stop_strings(req), req.stream, include_usage, req.return_token_ids, chat, echo
+    )
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), CompletionRequest)
-    return await _serve(request, _build(request, req, chat=False))
+    return await _generate(request, chat=False)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), ChatCompletionRequest)
-    return await _serve(request, _build(request, req, chat=True))
+    return await _generate(request, chat=True)
+
+
+# The outcome of a request whose client went away before its answer was complete.
+CLIENT_GONE = "client_gone"
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    """Every generation request is counted once in ``pdorch_requests_total``, by its outcome:
+    ``ok``, an error code (a 400 or 404 included), or ``client_gone``."""
+    progress = _Progress()
+    try:
+        body = await _read(request, request.app[CONFIG].max_body_bytes)
+        req = parse_body(body, ChatCompletionRequest if chat else CompletionRequest)
+        return await _serve(request, _build(request, req, chat=chat), progress)
+    except PdorchError as e:
+        progress.error = str(e.code)
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        progress.error = CLIENT_GONE
+        raise
+    finally:
+        request.app[METRICS].requests.labels(progress.error or "ok").inc()
+
+
+def _model_card(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "pdorch"}
 
 
 async def models(request: web.Request) -> web.Response:
-    served = request.app[CLUSTER].models()
-    data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdorch"} for m in served]
+    _tenant(request, request.app[CONFIG])
+    data = [_model_card(m) for m in request.app[CLUSTER].models()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def model(request: web.Request) -> web.Response:
+    _tenant(request, request.app[CONFIG])
+    name = request.match_info["model_id"]
+    if name not in request.app[CLUSTER].models():
+        raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"model {name!r} does not exist")
+    return web.json_response(_model_card(name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,9 +222,12 @@ async def models(request: web.Request) -> web.Response:
 class _Progress:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0
     error: str = ""
+    chars: int = 0  # text sent so far in a stream (completions logprobs' text_offset)
 
 
 async def _text_deltas(
@@ -177,6 +239,8 @@ async def _text_deltas(
     text = TextStream(job.tokenizer.decoder(), job.stop)
     async for batch in batches:
         progress.token_ids.extend(batch.token_ids)
+        progress.logprobs.extend(batch.logprobs)
+        progress.prompt_logprobs = progress.prompt_logprobs or batch.prompt_logprobs
         progress.cached_tokens = max(progress.cached_tokens, batch.cached_tokens)
         delta = text.feed(batch.token_ids)
         if text.stopped:
@@ -203,9 +267,14 @@ def _usage(job: _Job, progress: _Progress) -> dict[str, Any]:
 
 
 def _choice(
-    job: _Job, text: str, finish: str | None, token_ids: list[int] | None, delta: bool
+    job: _Job,
+    text: str,
+    finish: str | None,
+    token_ids: list[int] | None,
+    delta: bool,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
     if job.chat and delta:
         choice["delta"] = {"content": text} if text else {}
     elif job.chat:
@@ -217,15 +286,50 @@ def _choice(
     return choice
 
 
+def _logprobs(
+    job: _Job, progress: _Progress, start: int, end: int, *, offset: int, echo: bool
+) -> dict[str, Any] | None:
+    """The logprobs of output tokens ``[start, end)`` in the request's shape (with ``echo``, the
+    prompt's first), or None when the client asked for none."""
+    wanted = job.greq.sampling.logprobs >= 0
+    if not wanted and not (echo and progress.prompt_logprobs):
+        return None
+    ids = progress.token_ids[start:end]
+    lps: list[TokenLogprobs | None] = list(progress.logprobs[start:end]) if wanted else [None] * len(ids)
+    if len(lps) != len(ids):
+        raise PdorchError(ErrorCode.JOB_FAILED, "the engine did not report the logprobs asked for")
+    if job.chat:
+        return chat_logprobs(ids, [lp for lp in lps if lp is not None], job.token_text)
+    if echo:
+        ids = job.greq.prompt_token_ids + ids
+        lps = [None, *progress.prompt_logprobs, *lps]
+    return completion_logprobs(ids, lps, job.token_text, offset)
+
+
+def _prompt_logprobs(job: _Job, progress: _Progress) -> list[dict[str, Any] | None] | None:
+    """vLLM's ``prompt_logprobs`` of a choice: None for the first prompt token, then each token's
+    entry and the most likely ones', keyed by token id."""
+    if job.greq.sampling.prompt_logprobs < 0 or job.echo or not progress.prompt_logprobs:
+        return None
+    out: list[dict[str, Any] | None] = [None]
+    for token, lp in zip(job.greq.prompt_token_ids[1:], progress.prompt_logprobs, strict=True):
+        entry = {
+            str(t): {"logprob": v, "decoded_token": job.token_text(t)}
+            for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)
+        }
+        entry.setdefault(str(token), {"logprob": lp.logprob, "decoded_token": job.token_text(token)})
+        out.append(entry)
+    return out
+
+
 def _envelope(job: _Job, chunk: bool) -> dict[str, Any]:
     kind = ("chat.completion" if job.chat else "text_completion") + (".chunk" if chunk and job.chat else "")
     return {"id": job.greq.request_id, "object": kind, "created": job.created, "model": job.greq.model}
 
 
-async def _serve(request: web.Request, job: _Job) -> web.StreamResponse:
+async def _serve(request: web.Request, job: _Job, progress: _Progress) -> web.StreamResponse:
     metrics, orchestrator = request.app[METRICS], request.app[ORCHESTRATOR]
     metrics.prompt_tokens.inc(len(job.greq.prompt_token_ids))
-    progress = _Progress()
     first_at: float | None = None
     try:
         plan = orchestrator.plan(job.greq)
@@ -246,7 +350,6 @@ async def _serve(request: web.Request, job: _Job) -> web.StreamResponse:
         progress.error = str(e.code)
         raise
     finally:
-        metrics.requests.labels(progress.error or "ok").inc()
         metrics.tokens_generated.inc(len(progress.token_ids))
         if first_at is not None:
             now = time.monotonic()
@@ -287,9 +390,18 @@ async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Tic
 
 def _complete(job: _Job, text: str, progress: _Progress) -> web.Response:
     body = _envelope(job, chunk=False)
-    body["choices"] = [_choice(job, text, progress.finish_reason, progress.token_ids, delta=False)]
+    prompt_text = _prompt_text(job) if job.echo else ""
+    logprobs = _logprobs(job, progress, 0, len(progress.token_ids), offset=0, echo=job.echo)
+    choice = _choice(job, prompt_text + text, progress.finish_reason, progress.token_ids, False, logprobs)
+    if (prompt_logprobs := _prompt_logprobs(job, progress)) is not None:
+        choice["prompt_logprobs"] = prompt_logprobs
+    body["choices"] = [choice]
     body["usage"] = _usage(job, progress)
     return web.json_response(body)
+
+
+def _prompt_text(job: _Job) -> str:
+    return job.tokenizer.decode(job.greq.prompt_token_ids)
 
 
 async def _stream(
@@ -298,15 +410,20 @@ async def _stream(
     resp = await sse.open_stream(request)
     sent_ids = 0
 
-    def chunk(text: str, finish: str | None) -> dict[str, Any]:
+    def chunk(text: str, finish: str | None, echo: bool = False) -> dict[str, Any]:
         nonlocal sent_ids
         body = _envelope(job, chunk=True)
-        ids = progress.token_ids[sent_ids:]
-        sent_ids = len(progress.token_ids)
-        body["choices"] = [_choice(job, text, finish, ids, delta=True)]
+        start, sent_ids = sent_ids, len(progress.token_ids)
+        text = _prompt_text(job) + text if echo else text
+        logprobs = _logprobs(job, progress, start, sent_ids, offset=progress.chars, echo=echo)
+        progress.chars += len(text)
+        body["choices"] = [_choice(job, text, finish, progress.token_ids[start:sent_ids], True, logprobs)]
         if job.include_usage:
             body["usage"] = None
         return body
+
+    # With token ids or logprobs asked for, every batch of tokens is news, even without text yet.
+    per_token = job.return_token_ids or job.greq.sampling.logprobs >= 0
 
     tail: list[dict[str, Any]] = []
     try:
@@ -319,12 +436,12 @@ async def _stream(
             head.append(role)
         # Each piece goes out as soon as it exists (with its token ids, when asked for them);
         # the finish reason follows in a last chunk of its own, as vLLM and OpenAI send it.
-        if first or job.return_token_ids:
-            head.append(chunk(first, None))
+        if first or per_token or job.echo:
+            head.append(chunk(first, None, echo=job.echo))
         if head:
             await sse.send_events(resp, *head)
         async for delta in deltas:
-            if delta or (job.return_token_ids and len(progress.token_ids) > sent_ids):
+            if delta or (per_token and len(progress.token_ids) > sent_ids):
                 await sse.send_events(resp, chunk(delta, None))
         tail.append(chunk("", progress.finish_reason))
         if job.include_usage:
@@ -336,5 +453,37 @@ async def _stream(
         # Headers are gone; the error travels as an event, which OpenAI clients raise.
         progress.error = str(e.code)
         tail.append(error_body(e))
-    await sse.finish(resp, *tail)
+    except ConnectionResetError:
+        # The client hung up mid-stream: stop here (closing the generator cancels its jobs).
+        progress.error = CLIENT_GONE
+        return resp
+    try:
+        await sse.finish(resp, *tail)
+    except ConnectionResetError:
+        progress.error = progress.error or CLIENT_GONE
     return resp
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /tokenize``: the token ids a prompt (or chat) is sent to the model as."""
+    _tenant(request, request.app[CONFIG])
+    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), TokenizeRequest)
+    tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise bad("give either 'prompt' or 'messages'")
+    if req.messages is not None:
+        messages = ChatCompletionRequest(model=req.model, messages=req.messages)
+        ids = tokenizer.apply_chat_template(chat_messages(messages))
+    else:
+        ids = tokenizer.encode(req.prompt or "")
+    return web.json_response({"count": len(ids), "max_model_len": hello.max_model_len, "tokens": ids})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /detokenize``: the text of token ids."""
+    _tenant(request, request.app[CONFIG])
+    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), DetokenizeRequest)
+    tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
+    if hello.vocab_size and (wrong := next((t for t in req.tokens if not 0 <= t < hello.vocab_size), None)):
+        raise bad(f"token id {wrong} is outside the model's vocabulary (size {hello.vocab_size})")
+    return web.json_response({"prompt": tokenizer.decode(req.tokens)})

@@ -194,7 +194,7 @@ async def test_a_worker_that_takes_jobs_but_makes_no_progress_is_left(
     want = await _run(colocated.url, [body])
     # Both real decode workers busy with a long stream each, before the stuck one joins: then the
     # idle, roomy stuck one is the decode node placement prefers (on a tie it would pick at random).
-    busy = {"prompt": "keep them busy", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    busy = {"prompt": "keep them busy", "max_tokens": 1500, "ignore_eos": True, "stream": True}
     holding = asyncio.create_task(_run(healed.url, [busy, busy]))
     # Its KV endpoint takes connections and never answers: the prefill side's transfer just waits.
     black_hole = zmq.Context.instance().socket(zmq.ROUTER)
