@@ -19,6 +19,7 @@ pdorch: prefill/decode disaggregation for LLM serving.
   pdorch worker      run a worker agent beside an engine (reference or vLLM)
   pdorch kv-broker   run the KV broker for centralized KV handoff
   pdorch simulate    replay a trace through the placement code in virtual time
+  pdorch model       fetch (once) and list the models pdorch serves by name
 """
 
 
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_arguments(wrk)
     sub.add_parser("kv-broker", help="run the KV broker (centralized mode)", add_help=False)
     sub.add_parser("simulate", help="simulate placement policies on a trace", add_help=False)
+    sub.add_parser("model", help="fetch and list models", add_help=False)
     return p
 
 
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from transport.kv.broker_cli import broker_main
 
         return broker_main(argv[1:])
+    if argv and argv[0] == "model":
+        from workers.models.cli import model_main
+
+        return model_main(argv[1:])
     if argv and argv[0] == "simulate":
         from simulate.cli import simulate_main
 

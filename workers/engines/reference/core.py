@@ -56,6 +56,7 @@ from workers.engines.reference.request_checks import (
 from workers.engines.reference.sampler import sample
 from workers.engines.reference.sequence import EngineSequence, SequenceKind, finish_reason
 from workers.engines.reference.step_output import StepOutput
+from workers.engines.reference.weights import ModelWeights
 
 
 class EngineCore:
@@ -75,6 +76,7 @@ class EngineCore:
         max_batch: int = 64,
         max_prefill_tokens_per_step: int = 512,
         enable_prefix_caching: bool = True,
+        weights: ModelWeights | None = None,
     ) -> None:
         if max_batch <= 0 or max_prefill_tokens_per_step <= 0:
             raise PdorchError(
@@ -86,7 +88,7 @@ class EngineCore:
         self.block_size = block_size
         self.max_batch = max_batch
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
-        self.model = ReferenceModel(cfg)
+        self.model = ReferenceModel(cfg, weights)
         self.cache = PagedKvCache(cfg, num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks)
         self.prefix_cache = PrefixCache(self.allocator, block_size, enable_prefix_caching)

@@ -23,6 +23,7 @@ from workers.engines.base import Emit, EngineInfo
 from workers.engines.reference.config import ModelConfig
 from workers.engines.reference.core import EngineCore
 from workers.engines.reference.step_output import StepOutput
+from workers.engines.reference.weights import ModelWeights
 
 # How long the engine thread sleeps when idle before looking again (it is woken on new work).
 _IDLE_WAIT_S = 0.05
@@ -57,6 +58,8 @@ class ReferenceEngine:
         self,
         cfg: ModelConfig,
         *,
+        weights: ModelWeights | None = None,
+        tokenizer: str = "byte",
         model_name: str = "pdorch-reference",
         num_blocks: int = 4096,
         block_size: int = 16,
@@ -68,6 +71,7 @@ class ReferenceEngine:
         job_timeout_s: float = 600.0,
     ) -> None:
         self._cfg = cfg
+        self._tokenizer = tokenizer
         self._model_name = model_name
         self._core = EngineCore(
             cfg,
@@ -76,6 +80,7 @@ class ReferenceEngine:
             max_batch=max_batch,
             max_prefill_tokens_per_step=max_prefill_tokens_per_step,
             enable_prefix_caching=enable_prefix_caching,
+            weights=weights,
         )
         self._sender = kv_sender
         self._receiver = kv_receiver
@@ -98,7 +103,7 @@ class ReferenceEngine:
             block_size=self._core.block_size,
             capacity_blocks=self._core.allocator.num_total,
             max_model_len=self._cfg.max_model_len,
-            tokenizer="byte",
+            tokenizer=self._tokenizer,
             eos_token_id=self._cfg.eos_token_id,
             vocab_size=self._cfg.vocab_size,
         )
