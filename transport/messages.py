@@ -126,6 +126,8 @@ class Hello(msgspec.Struct, tag="hello", **_STRUCT):
     # The shared secret a scheduler may require (its ``control_token``). Sent in the clear: it
     # keeps strangers from registering, it does not protect a network that others can read.
     token: str = ""
+    # The LoRA adapters this worker serves (by name; each job may ask for one).
+    adapters: list[str] = []
 
 
 class Heartbeat(msgspec.Struct, tag="hb", **_STRUCT):
@@ -244,6 +246,8 @@ class PrefillJob(msgspec.Struct, tag="prefill", **_STRUCT):
     kv: KvRoute | None = None
     deadline_s: float = 60.0
     generated: int = 0
+    # A LoRA adapter the worker has loaded ("" = the base model); prefill and decode use the same.
+    adapter: str = ""
 
 
 class DecodeJob(msgspec.Struct, tag="decode", **_STRUCT):
@@ -255,6 +259,8 @@ class DecodeJob(msgspec.Struct, tag="decode", **_STRUCT):
     kv: KvRoute
     deadline_s: float = 60.0
     generated: int = 0
+    # A LoRA adapter the worker has loaded ("" = the base model); prefill and decode use the same.
+    adapter: str = ""
 
 
 class GenerateJob(msgspec.Struct, tag="generate", **_STRUCT):
@@ -265,6 +271,8 @@ class GenerateJob(msgspec.Struct, tag="generate", **_STRUCT):
     sampling: SamplingParams
     deadline_s: float = 60.0
     generated: int = 0
+    # A LoRA adapter the worker has loaded ("" = the base model); prefill and decode use the same.
+    adapter: str = ""
 
 
 class Cancel(msgspec.Struct, tag="cancel", **_STRUCT):

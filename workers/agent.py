@@ -173,6 +173,7 @@ class Agent:
             vocab_size=info.vocab_size,
             labels=self._cfg.labels,
             token=self._cfg.token,
+            adapters=list(info.adapters),
         )
 
     async def _session(self, backoff: Backoff) -> None:
@@ -268,6 +269,11 @@ class Agent:
             return
         if rid in self._jobs:
             self._send(JobError(rid, ErrorCode.INVALID_REQUEST, "duplicate request id"))
+            return
+        if job.adapter and job.adapter not in self._engine.info().adapters:
+            self._send(
+                JobError(rid, ErrorCode.MODEL_NOT_FOUND, f"adapter {job.adapter!r} is not served here")
+            )
             return
         if isinstance(job, PrefillJob):
             coro = self._engine.prefill(job)

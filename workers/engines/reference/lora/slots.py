@@ -27,6 +27,7 @@ class AdapterSlots:
         self._paths: dict[str, Path] = {}
         self._resident: OrderedDict[str, LoraAdapter] = OrderedDict()  # least recently used first
         self._users: dict[str, int] = {}
+        self._salts: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
     def register(self, name: str, path: str | Path) -> None:
@@ -40,6 +41,7 @@ class AdapterSlots:
             if self._users.get(name):
                 raise PdorchError(ErrorCode.INVALID_REQUEST, f"adapter {name!r} is in use; unload it first")
             self._paths[name] = Path(path)
+            self._salts[name] = adapter.salt
             self._resident.pop(name, None)
             if self._make_room():
                 self._resident[name] = adapter
@@ -51,11 +53,21 @@ class AdapterSlots:
             if self._users.get(name):
                 raise PdorchError(ErrorCode.INVALID_REQUEST, f"adapter {name!r} is in use")
             del self._paths[name]
+            del self._salts[name]
             self._resident.pop(name, None)
 
     def known(self) -> list[str]:
         with self._lock:
             return sorted(self._paths)
+
+    def salt(self, name: str) -> bytes:
+        """The registered adapter's identity (its name and weights): equal on every worker that
+        registered the same file under the same name."""
+        with self._lock:
+            salt = self._salts.get(name)
+        if salt is None:
+            raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"adapter {name!r} is not loaded here")
+        return salt
 
     def resident(self) -> list[str]:
         with self._lock:
@@ -76,6 +88,11 @@ class AdapterSlots:
                     )
                 # Read under the lock: a second request for the same adapter waits for this one.
                 adapter = load_adapter(name, path, self._cfg)
+                if adapter.salt != self._salts[name]:
+                    raise PdorchError(
+                        ErrorCode.CONFIG,
+                        f"adapter {name!r} changed on disk since it was loaded; load it again",
+                    )
                 self._resident[name] = adapter
             self._resident.move_to_end(name)
             self._users[name] = self._users.get(name, 0) + 1
