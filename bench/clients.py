@@ -8,8 +8,8 @@ each run it scrapes pdorch's ``/metrics`` (and polls it while the run lasts, to 
 was busy), so pdorch's TTFT, TPOT, req/s and token counts cover exactly that run's requests.
 
 Prints one table: per run, the client's figures and pdorch's, and whether the token totals agree.
-pdorch's means are exact (histogram sums); its quantiles are interpolated within the histogram's
-buckets. Every process started here is stopped (by PID) on exit, Ctrl-C and failures included.
+pdorch's means are exact (histogram sums); of its quantiles only the bucket is known, so the
+table shows the bucket. Every process started here is stopped (by PID) on exit, Ctrl-C and failures included.
 
 Run: ``.venv/bin/python bench/clients.py`` (``--help``; ``make bench-clients``; ~15 minutes on two
 busy cores, plus guidellm's installation into ``bench/out/clients/venv`` the first time).
@@ -95,6 +95,7 @@ class Server:
     prompt_tokens: float
     generated_tokens: float
     span_s: float
+    migrations: float  # requests moved to another worker mid-way (a worker failed or stalled)
 
 
 @dataclass
@@ -122,6 +123,7 @@ def server_figures(
         prompt_tokens=delta("pdorch_prompt_tokens_total"),
         generated_tokens=delta("pdorch_generated_tokens_total"),
         span_s=prom.active_span(points),
+        migrations=delta("pdorch_migrations_total"),
     )
 
 
@@ -147,6 +149,8 @@ def run_client(
         stop(proc)
     after = prom.scrape(up.url)
     points.append((time.monotonic(), activity(after)))
+    scrapes = {"before": before, "after": after, "activity": points}
+    out.with_name(out.stem + "-pdorch.json").write_text(json.dumps(scrapes))  # to re-read the run later
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     client_s = children1.ru_utime + children1.ru_stime - children0.ru_utime - children0.ru_stime
     cpu = Cpu(client_s, cpu_seconds(up.proc.pid) - pdorch0, points[-1][0] - points[0][0])
@@ -167,7 +171,9 @@ def rows(label: str, fig: Figures, srv: Server) -> list[str]:
         return " / ".join(ms(x) for x in t)
 
     def hist(h: prom.Histogram) -> str:
-        return f"{ms(h.mean)} / ≈{ms(h.quantile(0.5))} / ≈{ms(h.quantile(0.99))}"
+        # The bucket a quantile is in, not a point within it: the buckets are wide (up to 20 s).
+        ranges = [f"{ms(lo)}-{ms(hi)}" for lo, hi in (h.bucket(0.5), h.bucket(0.99))]
+        return " / ".join([ms(h.mean), *ranges])
 
     span = srv.span_s
     return [
@@ -199,7 +205,8 @@ def agreement(label: str, fig: Figures, srv: Server, w: Workload) -> str:
         if diffs
         else "client, pdorch and the asked-for shape agree on requests and token totals"
     )
-    return f"{label}: {agree}; client TTFT mean - pdorch TTFT mean = {gap:.0f} ms"
+    moved = f"; pdorch moved {srv.migrations:.0f} requests to another worker" if srv.migrations else ""
+    return f"{label}: {agree}; client TTFT mean - pdorch TTFT mean = {gap:.0f} ms{moved}"
 
 
 HEADER = [
@@ -262,7 +269,8 @@ def main() -> None:
                 table += rows(label, fig, srv)
                 notes.append(
                     f"{agreement(label, fig, srv, w)}; CPU over the client's {cpu.wall_s:.0f} s: "
-                    f"client {cpu.client_s:.0f} s, pdorch {cpu.pdorch_s:.0f} s"
+                    f"client {cpu.client_s:.0f} s, pdorch {cpu.pdorch_s:.0f} s "
+                    f"({srv.generated_tokens / cpu.pdorch_s:.1f} output tokens per pdorch CPU second)"
                 )
                 print("\n".join([*table[-2:], notes[-1]]), flush=True)
     finally:

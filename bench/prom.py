@@ -59,16 +59,26 @@ class Histogram:
 
     def quantile(self, q: float) -> float:
         """As Prometheus' histogram_quantile: linear within the bucket the rank falls in."""
+        low, high, rank, below, count = self._find(q)
+        if math.isnan(high) or math.isinf(high):
+            return low  # past the last finite bound: all that can be said is "above it"
+        return low + (high - low) * (rank - below) / max(count - below, 1e-12)
+
+    def bucket(self, q: float) -> tuple[float, float]:
+        """The bucket (low, high] the q-quantile is in: all that the histogram really knows."""
+        low, high, *_ = self._find(q)
+        return low, high
+
+    def _find(self, q: float) -> tuple[float, float, float, float, float]:
+        """(low, high, rank, count below low, count up to high) of the bucket holding rank q."""
         if not self.count or not self.buckets:
-            return math.nan
+            return math.nan, math.nan, math.nan, math.nan, math.nan
         rank, low, below = q * self.count, 0.0, 0.0
         for bound, count in self.buckets:
             if count >= rank:
-                if math.isinf(bound):
-                    return low  # past the last finite bound: all that can be said is "above it"
-                return low + (bound - low) * (rank - below) / max(count - below, 1e-12)
+                return low, bound, rank, below, count
             low, below = bound, count
-        return low
+        return low, math.inf, rank, below, below
 
 
 def histogram(samples: dict[str, float], name: str) -> Histogram:

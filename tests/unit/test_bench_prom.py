@@ -47,7 +47,7 @@ def test_histogram_delta_keeps_only_what_the_window_observed() -> None:
     # 3 of 4 in (0.1, 0.5], 1 in (0.5, 1]: the median's rank 2 is 2/3 of the way through (0.1, 0.5].
     assert h.quantile(0.5) == pytest.approx(0.1 + 0.4 * 2 / 3)
     assert h.quantile(0.99) == pytest.approx(0.5 + 0.5 * (3.96 - 3))
-    assert 0.5 < h.quantile(0.99) <= 1.0
+    assert h.bucket(0.5) == (0.1, 0.5) and h.bucket(0.99) == (0.5, 1.0)
 
 
 def test_an_empty_window_has_no_figures_and_past_the_last_bucket_reads_as_its_bound() -> None:
@@ -57,7 +57,7 @@ def test_an_empty_window_has_no_figures_and_past_the_last_bucket_reads_as_its_bo
     assert empty.count == 0 and math.isnan(empty.mean) and math.isnan(empty.quantile(0.5))
     ttft.observe(10.0)
     h = prom.histogram_delta(before, _scrape(r), "pdorch_time_to_first_token_seconds")
-    assert h.quantile(0.5) == 2.5
+    assert h.quantile(0.5) == 2.5 and h.bucket(0.5) == (2.5, math.inf)
 
 
 def test_active_span_runs_from_the_first_change_to_the_last_to_within_a_poll() -> None:
@@ -85,10 +85,11 @@ def test_the_bench_reads_pdorchs_own_metrics_by_their_real_names() -> None:
         m.tpot.observe(0.05)
         m.e2e.observe(ttft + 31 * 0.05)
         m.requests.labels("ok").inc()
+    m.migrations.labels("handoff", "stalled", "resume").inc()
     srv = server_figures(before, _scrape(m.registry), [(0.0, 0), (1.0, 1), (8.0, 1), (9.0, 2), (10.0, 2)])
     assert (srv.requests, srv.ok, srv.prompt_tokens, srv.generated_tokens) == (2, 2, 256, 64)
     assert srv.ttft.mean == pytest.approx(0.3) and srv.tpot.mean == pytest.approx(0.05)
-    assert srv.latency.count == 2 and srv.span_s == pytest.approx(8.0)
+    assert srv.latency.count == 2 and srv.span_s == pytest.approx(8.0) and srv.migrations == 1
     client = Figures(2, 0, 8.0, (0.31, 0.31, 0.4), (0.05, 0.05, 0.05), 0.25, 8.0, 256, 64)
     shape = Workload(input_tokens=128, output_tokens=32, prompts=2, concurrency=2)
     assert agreement("c", client, srv, shape).startswith("c: client, pdorch and the asked-for shape agree")
