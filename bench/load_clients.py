@@ -1,7 +1,8 @@
 """The load generators users point at an OpenAI server, as this bench runs and reads them.
 
 Each builds the command line of one run of a given workload shape and reads the figures that run
-wrote (its own JSON), as the tool itself computed them: nothing is recomputed here.
+wrote (its own JSON), as the tool itself computed them (only guidellm's duration is derived: its
+request count over its request rate).
 
 - ``vllm bench serve``, from vLLM's virtualenv (``bench/vllm_bench_serve.py``): random prompts of
   exactly ``input_tokens`` tokens (by the model's tokenizer), ``ignore_eos`` so every answer has
