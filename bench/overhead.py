@@ -28,7 +28,6 @@ import os
 import subprocess
 import sys
 import time
-import venv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.bench_venv import bench_venv
 from pdorch.launcher import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,16 +49,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def peers_python() -> Path:
     """The bench's own virtualenv with the peer routers (made once)."""
-    env = WORK / "peers"
-    python = env / "bin" / "python"
-    stamp = env / ("installed-" + "-".join(f"{k}{v}" for k, v in PEERS.items()))
-    if not stamp.exists():
-        print(f"installing {', '.join(f'{k}=={v}' for k, v in PEERS.items())} into {env}", flush=True)
-        venv.create(env, with_pip=True)
-        pins = [f"{k}=={v}" for k, v in PEERS.items()]
-        subprocess.run([python, "-m", "pip", "install", "-q", *pins], check=True)
-        stamp.touch()
-    return python
+    return bench_venv(WORK / "peers", PEERS)
 
 
 @dataclass
