@@ -58,7 +58,7 @@ bench-engines: install vllm model
 	$(PY) bench/engines.py
 
 ## `vllm bench serve` and guidellm (installed into bench/out/clients/venv) against `pdorch up`, their
-## TTFT, TPOT and req/s next to pdorch's own metrics for the same requests (~15 minutes).
+## TTFT, TPOT and req/s next to pdorch's own metrics for the same requests (15-25 minutes).
 bench-clients: install vllm model
 	$(PY) bench/clients.py
 

@@ -11,7 +11,7 @@ Prints one table: per run, the client's figures and pdorch's, and whether the to
 pdorch's means are exact (histogram sums); of its quantiles only the bucket is known, so the
 table shows the bucket. Every process started here is stopped (by PID) on exit, Ctrl-C and failures included.
 
-Run: ``.venv/bin/python bench/clients.py`` (``--help``; ``make bench-clients``; ~15 minutes on two
+Run: ``.venv/bin/python bench/clients.py`` (``--help``; ``make bench-clients``; 15-25 minutes on two
 busy cores, plus guidellm's installation into ``bench/out/clients/venv`` the first time).
 """
 
