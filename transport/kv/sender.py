@@ -18,7 +18,7 @@ from transport.kv.dealer_link import DealerLink
 from transport.kv.out_stream import KvOutStream
 from transport.kv.same_host import SameHostMode
 from transport.kv.same_host.attached import AttachedRings
-from transport.messages import KvRoute
+from transport.messages import KvMode, KvRoute
 
 DEFAULT_MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_SENDER_WINDOW_BYTES = 64 * 1024 * 1024
@@ -77,7 +77,8 @@ class KvSender:
             max_chunk_bytes=self._max_chunk_bytes,
             max_in_flight_bytes=self._window_bytes,
             on_closed=lambda: self._forget(link, stream),
-            same_host=self._same_host,
+            # Only a decode agent's own endpoint lends rings; the broker keeps what it receives.
+            same_host=self._same_host if route.mode == KvMode.P2P else SameHostMode.OFF,
             rings=self._rings,
         )
         link.register(route.transfer_id, stream.handle)
