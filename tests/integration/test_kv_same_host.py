@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,59 +14,14 @@ import zmq
 import zmq.asyncio
 
 from tests.support.kv import make_layers, p2p, send_all, wait_until
+from tests.support.same_host import WAIT_S, dev_shm, kill, line_from, peer, rings_mapped, rings_open
 from tests.support.same_host_peer import NUM_LAYERS, ROW_SHAPE, ROWS, kv_layers
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.messages import KV_PROTOCOL_VERSION, KvAccept, KvBegin, KvMessage
 from transport.kv.same_host import SameHostMode, host_identity
-from transport.kv.same_host.ring import MEMFD_NAME
 from transport.messages import KvMode, KvRoute
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-WAIT_S = 60.0  # bounds a wait for another process on a shared machine; success never waits for it
-
-
-def rings_open(pid: int | str = "self") -> dict[int, str]:
-    """The shared KV rings a process holds an fd of: inode -> one such fd (mmap keeps a dup)."""
-    found = {}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        path = f"/proc/{pid}/fd/{fd}"
-        try:
-            if os.readlink(path).startswith(f"/memfd:{MEMFD_NAME}"):
-                found[os.stat(path).st_ino] = fd
-        except OSError:
-            continue
-    return found
-
-
-def rings_mapped(pid: int | str = "self") -> list[str]:
-    with open(f"/proc/{pid}/maps") as f:
-        return [line for line in f if f"memfd:{MEMFD_NAME}" in line]
-
-
-def dev_shm() -> set[str]:
-    """pdorch's entries in /dev/shm (other programs on the machine have theirs)."""
-    return {n for n in os.listdir("/dev/shm") if "pdorch" in n} if os.path.isdir("/dev/shm") else set()
-
-
-def peer(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.support.same_host_peer", *args],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-
-async def line_from(proc: subprocess.Popen[str]) -> str:
-    assert proc.stdout is not None
-    return (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), WAIT_S)).strip()
-
-
-def kill(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(WAIT_S)
 
 
 def sink() -> ArraySink:

@@ -1,8 +1,9 @@
 """One side of a KV transfer in a process of its own, for the same-host tests (kill it mid-transfer).
 
-``send ENDPOINT TRANSFER_ID MODE SEED [--hold-after N]``: send ``kv_layers(SEED)`` with a KvSender
-in same-host mode MODE and print the outcome (``ok`` or the error code); with ``--hold-after N``,
-print ``holding`` after N layers and wait to be killed.
+``send ENDPOINT TRANSFER_ID MODE SEED [--hold-after N] [--layers L --rows R --row-shape A,B,C
+--dtype D]``: send ``kv_layers(SEED)`` (or layers of that geometry) with a KvSender in same-host
+mode MODE and print the outcome (``ok`` or the error code); with ``--hold-after N``, print
+``holding`` after N layers and wait to be killed.
 ``receive MODE``: bind a KvReceiver, print its endpoint, take transfer ``t`` into a sink that prints
 ``writing`` at its first rows and then never returns.
 """
@@ -33,21 +34,20 @@ def kv_layers(seed: int) -> np.ndarray:
 
 
 async def send(
-    endpoint: str, transfer_id: str, mode: SameHostMode, seed: int, hold_after: int | None
+    endpoint: str, transfer_id: str, mode: SameHostMode, layers: np.ndarray, hold_after: int | None
 ) -> None:
     ctx = zmq.asyncio.Context()
     sender = KvSender(ctx, same_host=mode)
-    layers = kv_layers(seed)
     try:
         stream = await sender.open(
             KvRoute(KvMode.P2P, endpoint, transfer_id),
-            num_layers=NUM_LAYERS,
-            rows_per_layer=ROWS,
-            row_shape=ROW_SHAPE,
-            dtype="float16",
+            num_layers=layers.shape[0],
+            rows_per_layer=layers.shape[1],
+            row_shape=layers.shape[2:],
+            dtype=layers.dtype.name,
             deadline_s=60,
         )
-        for layer in range(NUM_LAYERS):
+        for layer in range(layers.shape[0]):
             if layer == hold_after:
                 print("holding", flush=True)
                 await asyncio.Event().wait()
@@ -84,11 +84,17 @@ def main() -> None:
     s.add_argument("mode", type=SameHostMode)
     s.add_argument("seed", type=int)
     s.add_argument("--hold-after", type=int, default=None)
+    s.add_argument("--layers", type=int, default=NUM_LAYERS)
+    s.add_argument("--rows", type=int, default=ROWS)
+    s.add_argument("--row-shape", default=",".join(map(str, ROW_SHAPE)))
+    s.add_argument("--dtype", default="float16")
     r = sub.add_parser("receive")
     r.add_argument("mode", type=SameHostMode)
     args = parser.parse_args()
     if args.command == "send":
-        asyncio.run(send(args.endpoint, args.transfer_id, args.mode, args.seed, args.hold_after))
+        shape = tuple(int(d) for d in args.row_shape.split(","))
+        layers = make_layers(args.layers, args.rows, shape, args.dtype, args.seed)
+        asyncio.run(send(args.endpoint, args.transfer_id, args.mode, layers, args.hold_after))
     else:
         asyncio.run(receive(args.mode))
 
