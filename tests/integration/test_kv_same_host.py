@@ -14,7 +14,16 @@ import zmq
 import zmq.asyncio
 
 from tests.support.kv import make_layers, p2p, send_all, wait_until
-from tests.support.same_host import WAIT_S, dev_shm, kill, line_from, peer, rings_mapped, rings_open
+from tests.support.same_host import (
+    WAIT_S,
+    dev_shm,
+    kill,
+    line_from,
+    peer,
+    rings_mapped,
+    rings_open,
+    scribble_over_rings,
+)
 from tests.support.same_host_peer import NUM_LAYERS, ROW_SHAPE, ROWS, kv_layers
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
@@ -74,9 +83,7 @@ async def test_a_corrupted_ring_is_detected(receiver: KvReceiver) -> None:
         receiving = asyncio.create_task(receiver.receive(p2p("t"), held, deadline_s=WAIT_S))
         assert await asyncio.to_thread(held.entered.wait, WAIT_S)
         # The first span of the first chunk is verified; scribble over the whole ring.
-        (fd,) = rings_open().values()
-        size = os.fstat(int(fd)).st_size
-        os.pwrite(int(fd), np.random.default_rng(0).bytes(size), 0)
+        assert scribble_over_rings() == 1
         held.release.set()
         with pytest.raises(PdorchError) as e:
             await receiving
@@ -93,7 +100,9 @@ async def test_a_sender_killed_mid_transfer_leaves_nothing(receiver: KvReceiver)
     try:
         receiving = asyncio.create_task(receiver.receive(p2p("t"), sink(), deadline_s=WAIT_S))
         assert await line_from(proc) == "holding"
-        assert rings_mapped(proc.pid) and len(rings_open()) == 1  # the ring is in use by both sides
+        # Both sides map the ring, and neither holds an fd of it: no other process can open it.
+        assert rings_mapped(proc.pid) and len(rings_mapped()) == 1
+        assert rings_open(proc.pid) == {} and rings_open() == {}
         kill(proc)
         with pytest.raises(PdorchError) as e:
             await receiving  # the sender went quiet (idle_s)

@@ -61,3 +61,33 @@ def test_what_the_sender_writes_the_receiver_reads_with_its_checksums() -> None:
 def test_a_slot_holds_at_least_one_row_in_whole_pages() -> None:
     assert slot_bytes_for(4 * 1024 * 1024, 4096) == 4 * 1024 * 1024
     assert slot_bytes_for(1000, 5000) == 2 * PAGE_BYTES
+
+
+def _fds_of(inode: int) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.stat(f"/proc/self/fd/{fd}").st_ino == inode:
+                found.append(fd)
+        except OSError:
+            continue
+    return found
+
+
+def test_a_sealed_ring_cannot_be_opened_and_still_carries_data() -> None:
+    receiver_side = Ring.create(2, PAGE_BYTES)
+    inode = receiver_side.offer.inode
+    sender_side = Ring.attach(receiver_side.offer)
+    try:
+        assert len(_fds_of(inode)) == 2  # the receiver's fd and the one its mmap keeps; none for the sender
+        receiver_side.seal()
+        assert _fds_of(inode) == [] and receiver_side.offer.fd == -1
+        with pytest.raises(PdorchError) as e:
+            Ring.attach(receiver_side.offer)  # nobody can map it any more
+        assert e.value.code == ErrorCode.CONFIG
+        rows = np.full((4, 256), 7.0, np.float32)
+        sender_side.write(0, rows, checksum_rows=4)
+        assert np.array_equal(receiver_side.rows(0, 4, np.dtype(np.float32), (256,), 1024), rows)
+    finally:
+        sender_side.close()
+        receiver_side.close()

@@ -51,7 +51,9 @@ MAX_ROW_DIMS = 7
 class KvSink(Protocol):
     """Where verified rows go on the receiving side (e.g. the engine's paged KV cache).
 
-    ``rows`` is a read-only view over the received frame: copy it, or keep a reference to it."""
+    ``rows`` is a read-only view over the received frame, or over a slot of a same-host ring that
+    is reused once ``write`` returns: copy what you keep. (The broker's :class:`ChecksummedKvSink`
+    keeps frames; it is never lent a ring.)"""
 
     def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None: ...
 
@@ -168,7 +170,9 @@ class InTransfer:
         if not 0 < msg.rows * self.row_bytes <= ring.slot_bytes:
             self.fail(ErrorCode.KV_CORRUPT, f"shared chunk {msg.seq} of {msg.rows} rows does not fit a slot")
             return
-        self.ring_used = True
+        if not self.ring_used:  # the sender has mapped it: nobody else may open it from now on
+            ring.seal()
+            self.ring_used = True
         rows = ring.rows(msg.seq, msg.rows, self._dtype, self._row_shape, self.row_bytes)
         chunk = KvChunk(self.transfer_id, msg.seq, msg.layer, msg.row_offset, msg.checksums, rows)
         self._on_chunk(chunk, charge=ring.slot_bytes)

@@ -207,7 +207,10 @@ class KvOutStream:
         except PdorchError as e:
             if self._same_host == SameHostMode.ON:
                 raise
-            log.warning("transfer %s goes through the socket: %s", self.transfer_id, e.message)
+            # Once per sender: with auto, every transfer to that receiver would say the same.
+            level = logging.DEBUG if self._rings.fell_back else logging.WARNING
+            self._rings.fell_back = True
+            log.log(level, "transfer %s goes through the socket: %s", self.transfer_id, e.message)
             return None
         self.used_ring = True
         return self._ring

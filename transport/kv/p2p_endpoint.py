@@ -361,7 +361,10 @@ class P2pEndpoint:
         transfer = expected.transfer
         if transfer is not None and transfer.ring is not None and self._rings is not None:
             # A failed transfer's sender may still be writing into its ring: never lend that one again.
-            self._rings.give_back(expected.identity, transfer.ring, reuse=error is None)
+            # Nor one the sender did not use (it could not map it, and a sealed ring stays unmappable).
+            self._rings.give_back(
+                expected.identity, transfer.ring, reuse=error is None and transfer.ring_used
+            )
             self.stats.same_host += transfer.ring_used
         if self._expected.get(expected.transfer_id) is expected:
             del self._expected[expected.transfer_id]

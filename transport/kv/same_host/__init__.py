@@ -11,9 +11,12 @@ it into its sink, then returns credit, which frees the slot: the credit window i
 accept, credit, end, ack/nack, abort, deadlines and the transfer ids are those of the TCP path;
 only the bytes move differently. See ``transport/PROTOCOL.md``.
 
-Who may see what: a ring is lent to one transfer at a time and, once that transfer succeeded,
-only ever again to the same sender connection, so a sender only sees bytes it wrote itself; a
-ring whose transfer failed is closed, never reused. Neither the receiver's KV cache nor another
+Who may see what: the ring can be opened only between the offer and the sender's first chunk
+(the sender keeps no fd of it, and the receiver drops its own once that chunk arrives: the ring
+is *sealed*, reachable only through the two mappings). A ring is lent to one transfer at a time
+and, once that transfer succeeded, only ever again to the same sender connection, which still
+maps it, so a sender only sees bytes it wrote itself; a ring whose transfer failed is closed,
+never reused. Neither the receiver's KV cache nor another
 sender's data is ever in a segment. Rings live in memfds, so a crash of either side leaves
 nothing behind: the kernel frees a ring with the last process that maps it.
 """

@@ -2,8 +2,9 @@
 
 Mapping a ring costs a page-table entry per page (about as much as copying the ring once), so a
 sender keeps a ring mapped after a successful transfer: the receiver lends it again to this
-connection. A ring whose transfer failed is unmapped at once (the receiver closes it too, and a
-dead receiver's pages are freed with the last mapping); rings unused for ``idle_s``, or beyond
+connection, sealed (no process can open it any more, the two mappings are all that reach it). A
+ring whose transfer failed is unmapped at once (the receiver closes it too, and a dead
+receiver's pages are freed with the last mapping); rings unused for ``idle_s``, or beyond
 ``max_idle``, are unmapped when the sender next opens or closes a transfer. Event-loop owned.
 """
 
@@ -14,20 +15,24 @@ import time
 from transport.kv.messages import KvShmRing
 from transport.kv.same_host.ring import Closing, Ring
 
-_Key = tuple[int, int, int]
+_Key = tuple[int, int]
 
 
 def _key(offer: KvShmRing) -> _Key:
-    return offer.pid, offer.fd, offer.inode
+    # Not the fd: a ring offered again after it was sealed names none.
+    return offer.pid, offer.inode
 
 
 class AttachedRings:
-    def __init__(self, *, idle_s: float = 30.0, max_idle: int = 16) -> None:
+    def __init__(self, *, idle_s: float = 60.0, max_idle: int = 64) -> None:
+        """Kept longer than a receiver keeps an idle ring (30 s): a ring it lends again (sealed, so
+        reachable through this mapping only) is still mapped here."""
         self._idle_s = idle_s
         self._max_idle = max_idle
         self._idle: dict[_Key, tuple[Ring, float]] = {}  # oldest first
         self._in_use: dict[_Key, Ring] = {}
         self._closing = Closing()
+        self.fell_back = False  # a ring could not be mapped once (logged then)
 
     @property
     def mapped(self) -> int:
@@ -38,7 +43,7 @@ class AttachedRings:
         self._evict(time.monotonic())
         key = _key(offer)
         held = self._idle.pop(key, None)
-        if held is not None and held[0].offer == offer:
+        if held is not None and (held[0].slots, held[0].slot_bytes) == (offer.slots, offer.slot_bytes):
             ring = held[0]
         else:
             if held is not None:

@@ -1,8 +1,11 @@
 """A ring of fixed-size slots in a memfd, shared by the receiver that created it and one sender.
 
 The receiver creates it (:meth:`Ring.create`) and offers it in its ``KvAccept``; the sender maps
-the same pages (:meth:`Ring.attach`). Chunk ``seq`` of a transfer lives in slot ``seq % slots``:
-credit (one slot per chunk) keeps the sender from writing a slot the receiver has not emptied.
+the same pages (:meth:`Ring.attach`) and keeps no fd of it. Once the sender's first chunk shows it
+mapped the ring, the receiver drops its fds too (:meth:`Ring.seal`): from then on no process can
+open the ring, only the two mappings reach it. Chunk ``seq`` of a transfer lives in slot
+``seq % slots``: credit (one slot per chunk) keeps the sender from writing a slot the receiver
+has not emptied.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import mmap
 import os
 import stat
 
+import msgspec
 import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
@@ -22,6 +26,39 @@ PAGE_BYTES = 4096
 MEMFD_NAME = "pdorch-kv"
 
 
+def _fds_of(target: os.stat_result) -> set[int]:
+    """This process's fds open on the file ``target`` describes."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(name))
+        except OSError:
+            continue
+        if (st.st_ino, st.st_dev) == (target.st_ino, target.st_dev):
+            found.add(int(name))
+    return found
+
+
+def _map(fd: int, size: int) -> tuple[mmap.mmap, int | None]:
+    """Map ``fd`` whole; also return the fd Python's mmap keeps for itself (a dup it does not
+    expose before Python 3.13), found as the one that appeared, so it can be dropped later."""
+    target = os.fstat(fd)
+    before = _fds_of(target)
+    mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+    new = _fds_of(target) - before
+    return mm, (new.pop() if len(new) == 1 else None)
+
+
+def _point_at_null(fd: int) -> None:
+    """Make ``fd`` refer to /dev/null: whoever owns the number (the mmap object) may still close it,
+    but it no longer reaches the ring."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
 def slot_bytes_for(configured: int, row_bytes: int) -> int:
     """A slot of about ``configured`` bytes that holds at least one row, in whole pages (so every
     slot is aligned for any dtype)."""
@@ -30,13 +67,14 @@ def slot_bytes_for(configured: int, row_bytes: int) -> int:
 
 
 class Ring:
-    def __init__(self, mm: mmap.mmap, offer: KvShmRing, fd: int | None) -> None:
+    def __init__(self, mm: mmap.mmap, offer: KvShmRing, fd: int | None, mmap_fd: int | None) -> None:
         self.offer = offer
         self.slots = offer.slots
         self.slot_bytes = offer.slot_bytes
         self.size = offer.slots * offer.slot_bytes
         self._mm = mm
-        self._fd = fd  # the receiver keeps its fd open: the sender reaches the ring through it
+        self._fd = fd  # the receiver keeps its fd open until sealed: the sender reaches the ring through it
+        self._mmap_fd = mmap_fd
         self._bytes: np.ndarray = np.frombuffer(mm, dtype=np.uint8)
         self.closed = False
 
@@ -49,21 +87,23 @@ class Ring:
         try:
             os.fchmod(fd, 0o600)  # memfds start at 0777; only the owner may open it anyway
             os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            mm, mmap_fd = _map(fd, size)
             inode = os.fstat(fd).st_ino
             offer = KvShmRing(pid=os.getpid(), fd=fd, inode=inode, slots=slots, slot_bytes=slot_bytes)
         except BaseException:
             os.close(fd)
             raise
-        return cls(mm, offer, fd)
+        return cls(mm, offer, fd, mmap_fd)
 
     @classmethod
     def attach(cls, offer: KvShmRing) -> Ring:
         """Map the ring a receiver offered; ``CONFIG`` if it cannot be reached or is not what the
-        offer says (another host, another user, a recycled fd number)."""
+        offer says (another host, another user, a recycled fd number, a sealed ring)."""
         size = offer.slots * offer.slot_bytes
         if offer.slots <= 0 or offer.slot_bytes <= 0 or offer.slot_bytes % PAGE_BYTES:
             raise PdorchError(ErrorCode.BAD_MESSAGE, f"implausible shared KV ring {offer}")
+        if offer.fd < 0:
+            raise PdorchError(ErrorCode.CONFIG, "the shared KV ring is sealed and not mapped here any more")
         try:
             fd = os.open(f"/proc/{offer.pid}/fd/{offer.fd}", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -78,12 +118,26 @@ class Ring:
                 or stat.S_IMODE(st.st_mode) & 0o077
             ):
                 raise PdorchError(ErrorCode.CONFIG, "the receiver's shared KV ring is not the one offered")
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            mm, mmap_fd = _map(fd, size)
+            if mmap_fd is not None:
+                _point_at_null(mmap_fd)
         except OSError as e:
             raise PdorchError(ErrorCode.CONFIG, f"cannot map the receiver's shared KV ring: {e}") from None
         finally:
             os.close(fd)  # the mapping keeps the pages; no fd is left behind
-        return cls(mm, offer, None)
+        return cls(mm, offer, None, None)
+
+    def seal(self) -> None:
+        """Receiver, once the sender mapped the ring: close every fd of it here, so that no other
+        process can open it any more. Offered again (to the same sender), it names no fd."""
+        if self._fd is None:
+            return
+        if self._mmap_fd is not None:
+            _point_at_null(self._mmap_fd)
+            self._mmap_fd = None
+        os.close(self._fd)
+        self._fd = None
+        self.offer = msgspec.structs.replace(self.offer, fd=-1)
 
     def _slot(self, seq: int, nbytes: int) -> np.ndarray:
         start = (seq % self.slots) * self.slot_bytes
