@@ -11,6 +11,11 @@ broker each in its own OS process, as in production. Baselines, measured in the 
   checksums each frame's spans, the receiver checksums each span and copies it into a
   preallocated destination. No protocol: what is left between it and p2p is pdorch's own cost.
 
+``same-host`` is pdorch's p2p handoff between the same two processes with the same-host path
+forced on: the sender writes each chunk into the receiver's shared ring (no socket on the data
+path), the receiver verifies it and copies it into the same preallocated destination. The ``p2p``
+column forces the path off, so it stays the TCP handoff.
+
 The p2p receiver writes every row into a preallocated destination (as an engine writes into its
 KV cache): one more memcpy than raw pyzmq does. ``p2p-discard`` is the same transfer into a sink
 that drops the rows, i.e. the transport alone. Centralized is end to end: the decode side asks the
@@ -43,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
 from transport.kv.receive_buffers import keep_receive_buffers
+from transport.kv.same_host import SameHostMode
 from transport.messages import KvMode, KvRoute
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +86,16 @@ class DiscardSink:
         pass
 
 
-def receiver_process(conn: Connection, window_mb: int) -> None:
+def receiver_process(conn: Connection, window_mb: int, ring_slots: int, ring_slot_mb: int) -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
-        receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", window_bytes=window_mb * MIB)
+        receiver = KvReceiver(
+            ctx,
+            bind="tcp://127.0.0.1:0",
+            window_bytes=window_mb * MIB,
+            ring_slots=ring_slots,
+            ring_slot_bytes=ring_slot_mb * MIB,
+        )
         await receiver.start()
         conn.send(receiver.endpoint)
         sinks: dict[int, ArraySink] = {}
@@ -111,11 +123,19 @@ def receiver_process(conn: Connection, window_mb: int) -> None:
 def sender_process(conn: Connection, chunk_mb: int) -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
-        sender = KvSender(ctx, max_chunk_bytes=chunk_mb * MIB)
+        senders = {
+            shared: KvSender(
+                ctx,
+                max_chunk_bytes=chunk_mb * MIB,
+                same_host=SameHostMode.ON if shared else SameHostMode.OFF,
+            )
+            for shared in (False, True)
+        }
         data: dict[int, np.ndarray] = {}
         conn.send("up")
         while (cmd := await recv_command(conn)) is not None:
-            tid, tokens, mode, endpoint, verify = cmd
+            tid, tokens, mode, endpoint, verify, shared = cmd
+            sender = senders[shared]
             if tokens not in data:
                 data[tokens] = make_layers(tokens)
             layers = data[tokens]
@@ -134,7 +154,8 @@ def sender_process(conn: Connection, chunk_mb: int) -> None:
                 await stream.send_layer(layer, layers[layer])
             await stream.finish({"first_token": 1})
             conn.send((start, time.perf_counter()))
-        await sender.close()
+        for sender in senders.values():
+            await sender.close()
         ctx.destroy(linger=0)
 
     run_loop(main)
@@ -269,9 +290,19 @@ def raw_run(raw: Pair, tokens: int, work: bool = False) -> Sample:
     return Sample(end - start, cpu_seconds(raw.pids) - cpu)
 
 
-def kv_run(kv: Pair, tokens: int, tid: str, kind: str, endpoint: str, broker: str, pids: list[int]) -> Sample:
-    """One handoff; ``kind`` "verify" also checks that the receiver holds exactly what was sent."""
-    kv.tx.send((tid, tokens, "centralized" if broker else "p2p", endpoint, kind == "verify"))
+def kv_run(
+    kv: Pair,
+    tokens: int,
+    tid: str,
+    kind: str,
+    endpoint: str,
+    broker: str,
+    pids: list[int],
+    shared: bool = False,
+) -> Sample:
+    """One handoff; ``kind`` "verify" also checks that the receiver holds exactly what was sent;
+    ``shared``: through the same-host path (p2p only)."""
+    kv.tx.send((tid, tokens, "centralized" if broker else "p2p", endpoint, kind == "verify", shared))
     sent_digest = kv.tx.recv()
     kv.rx.send((kind, tid, tokens, broker))
     assert kv.rx.recv() == "ready"
@@ -306,8 +337,8 @@ def start_broker(window_mb: int) -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" ", 1)[1].strip()
 
 
-METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central")
-WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 7, 7, 7, 7, 7)
+METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central", "same-host")
+WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 17, 7, 7, 7, 7, 7, 9)
 
 
 def measure_size(
@@ -323,6 +354,7 @@ def measure_size(
     raw_run(raw, tokens, work=True)
     kv_run(kv, tokens, f"warm-p2p-{tokens}", "verify", kv_endpoint, "", kv.pids)
     kv_run(kv, tokens, f"warm-central-{tokens}", "verify", broker, broker, [*kv.pids, broker_pid])
+    kv_run(kv, tokens, f"warm-shared-{tokens}", "verify", kv_endpoint, "", kv.pids, shared=True)
     for r in range(repeats):
         samples["memcpy"].append(memcpy_run(src, dst))
         samples["raw"].append(raw_run(raw, tokens))
@@ -333,6 +365,9 @@ def measure_size(
         )
         central_pids = [*kv.pids, broker_pid]
         samples["central"].append(kv_run(kv, tokens, f"c-{tokens}-{r}", "copy", broker, broker, central_pids))
+        samples["same-host"].append(
+            kv_run(kv, tokens, f"s-{tokens}-{r}", "copy", kv_endpoint, "", kv.pids, shared=True)
+        )
     return samples
 
 
@@ -342,22 +377,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="rounds per size; the best run is reported")
     parser.add_argument("--chunk-mb", type=int, default=1, help="KV chunk size (and raw pyzmq frame size)")
     parser.add_argument("--window-mb", type=int, default=32, help="receiver credit window per transfer")
+    parser.add_argument("--ring-slots", type=int, default=4, help="slots of a same-host ring")
+    parser.add_argument("--ring-slot-mb", type=int, default=4, help="size of a same-host ring's slot")
     args = parser.parse_args(argv)
 
     proc, conn = spawn(raw_receiver_process)
     raw = Pair((proc, conn), spawn(raw_sender_process, conn.recv(), args.chunk_mb))
     assert raw.tx.recv() == "up"
-    proc, conn = spawn(receiver_process, args.window_mb)
+    proc, conn = spawn(receiver_process, args.window_mb, args.ring_slots, args.ring_slot_mb)
     kv_endpoint = conn.recv()
     kv = Pair((proc, conn), spawn(sender_process, args.chunk_mb))
     assert kv.tx.recv() == "up"
     broker_proc, broker = start_broker(args.window_mb)
 
     print("KV handoff of a Llama-3-8B-shaped request (32 layers x [T, 2, 8, 128] fp16, 128 KiB/token);")
-    print(f"chunks of {args.chunk_mb} MiB, window {args.window_mb} MiB, best of {args.repeats} rounds.")
-    print("GB/s (x = ratio to raw pyzmq); CPU seconds per GiB summed over the processes involved (median).")
-    head = ["tokens", "MiB", "memcpy", "raw zmq", "raw+work", "p2p", "p2p-discard", "central"]
-    head += ["cpu:raw", "r+work", "p2p", "discard", "central"]
+    print(f"chunks of {args.chunk_mb} MiB, window {args.window_mb} MiB, best of {args.repeats} rounds;")
+    print(f"same-host rings of {args.ring_slots} x {args.ring_slot_mb} MiB.")
+    print("GB/s (x = ratio to raw pyzmq, m = ratio to memcpy); CPU seconds per GiB summed over the")
+    print("processes involved (median).")
+    head = ["tokens", "MiB", "memcpy", "raw zmq", "raw+work", "p2p", "p2p-discard", "central", "same-host"]
+    head += ["cpu:raw", "r+work", "p2p", "discard", "central", "same-host"]
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS, strict=True)))
     try:
         for tokens in args.tokens:
@@ -375,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{rate[m]:.2f} ({rate[m] / rate['raw']:.2f}x)"
                 for m in ("raw+work", "p2p", "p2p-discard", "central")
             ]
-            cells += [f"{cpu[m]:.2f}" for m in ("raw", "raw+work", "p2p", "p2p-discard", "central")]
+            shared = rate["same-host"]
+            cells.append(f"{shared:.2f} ({shared / rate['memcpy']:.2f}m {shared / rate['raw']:.2f}x)")
+            cells += [
+                f"{cpu[m]:.2f}" for m in ("raw", "raw+work", "p2p", "p2p-discard", "central", "same-host")
+            ]
             print(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS, strict=True)), flush=True)
     finally:
         raw.stop()

@@ -38,6 +38,8 @@ def proxied_cluster(tmp_path, monkeypatch) -> Iterator[tuple[LocalCluster, int, 
             ]
         },
         scheduler_args=[],
+        # The proxy damages the TCP stream: keep the KV on it although both workers share this host.
+        worker_args=["--kv-same-host", "off"],
     )
     yield cluster, kv_port, proxy_port
     cluster.stop()

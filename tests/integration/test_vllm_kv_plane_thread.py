@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from transport.kv.same_host import SameHostMode
 from workers.engines.vllm.connector_metadata import RecvSpec, SendSpec, StepPlan
 from workers.engines.vllm.connector_worker import PdorchWorkerSide
 from workers.engines.vllm.transfer_params import RECV, SEND, PdorchKvParams
@@ -34,12 +35,13 @@ def _caches(seed: int | None) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.fixture
-def sides() -> Iterator[tuple[PdorchWorkerSide, PdorchWorkerSide, dict, dict]]:
+@pytest.fixture(params=[SameHostMode.OFF, SameHostMode.ON])
+def sides(request: pytest.FixtureRequest) -> Iterator[tuple[PdorchWorkerSide, PdorchWorkerSide, dict, dict]]:
+    """Over TCP, and through shared memory (vLLM's CPU KV cache is plain memory)."""
     # vLLM hands the worker side torch tensors; numpy arrays are taken as they are.
     src, dst = _caches(1), _caches(None)
-    producer = PdorchWorkerSide(bind=None)
-    consumer = PdorchWorkerSide(bind="tcp://127.0.0.1:0")
+    producer = PdorchWorkerSide(bind=None, same_host=request.param)
+    consumer = PdorchWorkerSide(bind="tcp://127.0.0.1:0", same_host=request.param)
     producer.register_kv_caches(src)
     consumer.register_kv_caches(dst)
     try:
