@@ -119,7 +119,10 @@ def _default_prefill() -> ProfileConfig:
 class PlacementConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefill: ProfileConfig = msgspec.field(default_factory=_default_prefill)
     decode: ProfileConfig = msgspec.field(default_factory=_default_decode)
-    # Whether and where to prefill, given the decode pick: a decider plugin and its own parameters.
+    # Runs the profiles and returns the placement: "pd" (the decode pick, then the decider) or "slo"
+    # (the pair with the most headroom on predicted TTFT and TPOT), with its own parameters.
+    handler: PluginSpec = PluginSpec("slo")
+    # The "pd" handler's decider: whether and where to prefill, given the decode pick.
     decider: PluginSpec = PluginSpec("conditional")
     # When no decode node has room, the request runs colocated on a node that can prefill and has
     # room for its whole reservation: role "both" first, then "prefill" when this is true (prefill
