@@ -17,6 +17,9 @@ class GenerationRequest:
     tenant: str = ""
     priority: int = 0
     hint: int = 0  # the client's expected output length (a header), 0 = none
+    # The client's own objectives (headers), 0 = the scheduler's configured ``slo``.
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
     arrival: float = field(default_factory=time.monotonic)
 
 
