@@ -315,11 +315,13 @@ class Orchestrator:
         run.preq = preq
         now = run.progress_at = time.monotonic()
         if placement.colocated:
-            a = Attempt(number, job_id, p, p, generated, now)
+            a = run.attempt = Attempt(number, job_id, p, p, generated, now)
             self._expect(run, a, p)
             self._control.send(p, GenerateJob(job_id, prompt, req.sampling, deadline, generated))
             return a
-        a = Attempt(number, job_id, p, d, generated, now)
+        # The attempt is the request's from here: whatever fails below, the request's exit releases
+        # its booking and cancels what was sent.
+        a = run.attempt = Attempt(number, job_id, p, d, generated, now)
         self._expect(run, a, p)
         if req.sampling.max_tokens - generated == 1:
             # Prefill produces the only token left: nothing to hand off, nothing held on d.
