@@ -166,6 +166,17 @@ def test_trace_loaders(tmp_path: Path) -> None:
     assert m.prefix_block_tokens == 512
     assert m.requests[1].arrival_s == 1.5 and m.requests[0].hash_ids == (1, 2)
     assert m.head(1).requests == m.requests[:1]
+    sharegpt = tmp_path / "sharegpt.csv"
+    sharegpt.write_text(
+        "num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n"
+        + "".join(f"{100 + i},{10 + i},{110 + 2 * i},0.5\n" for i in range(500))
+    )
+    g = load_trace(sharegpt, requests=400, rate_per_s=8.0, seed=1)
+    assert g.name == "sharegpt" and len(g.requests) == 400 and g.requests[0].arrival_s == 0.0
+    assert len({(r.prompt_len, r.output_len) for r in g.requests}) == 400  # drawn without replacement
+    assert all(r.output_len == r.prompt_len - 90 for r in g.requests)  # rows stay whole
+    assert 400 / g.duration_s == pytest.approx(8.0, rel=0.15)  # Poisson arrivals at the rate asked
+    assert load_trace(sharegpt, requests=400, rate_per_s=8.0, seed=1) == g  # seeded
     with pytest.raises(PdorchError):
         load_trace(tmp_path / "missing.csv")
     with pytest.raises(PdorchError):
