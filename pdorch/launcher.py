@@ -31,8 +31,27 @@ from transport.messages import Role
 
 
 def model_name(spec: ClusterSpec) -> str:
-    """The model name clients use: the reference model's, or the vLLM model directory's name."""
-    return Path(spec.model_dir).name if spec.engine == "vllm" else "pdorch-reference"
+    """The model name clients use: the reference model's, the vLLM model directory's name, or the
+    simulated model's (as ``--model``, else ``--sim-model``, in the workers' arguments)."""
+    if spec.engine == "vllm":
+        return Path(spec.model_dir).name
+    if spec.engine == "sim":
+        return _flag(spec.worker_args, "--model") or _flag(spec.worker_args, "--sim-model") or SIM_MODEL
+    return "pdorch-reference"
+
+
+# The model a simulated cluster times by default (the sim engine's own default).
+SIM_MODEL = "llama-3-8b"
+
+
+def _flag(args: list[str], name: str) -> str:
+    """The value of ``name`` in an argument list (``--x v`` or ``--x=v``), "" if absent."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return ""
 
 
 def default_vllm_python() -> str:
@@ -97,7 +116,8 @@ class ClusterSpec:
     per_worker_args: dict[str, list[str]] = field(default_factory=dict)
     scheduler_args: list[str] = field(default_factory=list)
     log_level: str = "INFO"
-    # "reference" (the built-in engine) or "vllm" (a vLLM server per worker, from model_dir).
+    # "reference" (the built-in engine), "vllm" (a vLLM server per worker, from model_dir) or "sim"
+    # (an accelerator's timing and KV sizes modeled; worker_args may carry --sim-* flags).
     engine: str = "reference"
     model_dir: str = ""
     vllm_python: str = ""
@@ -142,7 +162,12 @@ class LocalCluster:
         return [n for n in self.procs if n.startswith(("prefill-", "decode-", "worker-"))]
 
     def start_worker(self, name: str, role: str) -> None:
-        engine_args = self._start_vllm(name, role) if self.spec.engine == "vllm" else []
+        if self.spec.engine == "vllm":
+            engine_args = self._start_vllm(name, role)
+        elif self.spec.engine == "sim":
+            engine_args = ["--engine", "sim", "--model", model_name(self.spec)]
+        else:
+            engine_args = []
         args = ["worker", "--scheduler", self.control, "--role", role, "--worker-id", name]
         args += ["--log-level", self.spec.log_level, *engine_args, *self.spec.worker_args]
         self._spawn(name, args + self.spec.per_worker_args.get(name, []))
@@ -297,15 +322,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--engine",
-        choices=["reference", "vllm"],
+        choices=["reference", "vllm", "sim"],
         default="reference",
-        help="reference (built in, default) or vllm (a vLLM server beside each worker; needs --model)",
+        help="reference (built in, default), vllm (a vLLM server beside each worker; needs --model) or "
+        "sim (a GPU-timed model without a GPU: for load tests of gateways and autoscalers)",
     )
     p.add_argument("--model", default="", help="model directory (Hugging Face layout) for --engine vllm")
     p.add_argument(
         "--log-dir", type=Path, default=None, help="where process logs go (default: a new temp dir)"
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "worker_args",
+        nargs=argparse.REMAINDER,
+        help="after --: more arguments for every worker, e.g. -- --sim-time-scale 0 --sim-accelerator a100",
+    )
 
 
 def _example(url: str, model: str) -> str:
@@ -346,6 +377,7 @@ def main(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         engine=args.engine,
         model_dir=args.model,
+        worker_args=[a for a in args.worker_args if a != "--"],
     )
     problem = _spec_problem(spec)
     if problem:

@@ -28,7 +28,7 @@ from scheduler.ledger.prefix_memory import PREFIX_BLOCK_TOKENS
 from scheduler.node_view import NodeState, node_view
 from scheduler.placement.config import PlacementConfig, ReservationMode
 from scheduler.placement.framework import Placer
-from scheduler.placement.kv_budget import regrow
+from scheduler.placement.kv_budget import blocks_for, predicted_output_tokens, regrow
 from scheduler.placement.prefix import matched_prefix_blocks, prompt_block_hashes
 from scheduler.placement.slo_estimate import decode_steps
 from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
@@ -142,6 +142,19 @@ class Planner:
             if e.code is ErrorCode.NO_WORKER:
                 return None
             raise
+        self.book(placement, preq, now)
+        return placement
+
+    def follow(self, preq: PlacementRequest, worker_id: str, now: float) -> Placement | None:
+        """Colocated on ``worker_id``, which holds the prompt's KV already, and booked: the other
+        choices of a request with ``n`` > 1 go where the first one's KV landed, to share its prompt
+        blocks (placement decided once for all of them). None if that worker is gone or draining."""
+        state = next((s for s in self._nodes.node_states() if s.hello.worker_id == worker_id), None)
+        node = self.ledger.node(worker_id)
+        if state is None or state.draining or node is None:
+            return None
+        tokens = preq.prompt_len + predicted_output_tokens(preq, self.config.reservation)
+        placement = Placement(worker_id, worker_id, blocks_for(tokens, node.block_size))
         self.book(placement, preq, now)
         return placement
 

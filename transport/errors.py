@@ -16,6 +16,8 @@ class ErrorCode(enum.StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     PROMPT_TOO_LONG = "prompt_too_long"
     UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"  # no such route
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     # Capacity (request-scoped, retryable).
     QUEUE_FULL = "queue_full"
     NO_WORKER = "no_worker"

@@ -14,6 +14,8 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.PROMPT_TOO_LONG: (400, "invalid_request_error"),
     ErrorCode.MODEL_NOT_FOUND: (404, "invalid_request_error"),
     ErrorCode.UNAUTHORIZED: (401, "authentication_error"),
+    ErrorCode.NOT_FOUND: (404, "invalid_request_error"),
+    ErrorCode.METHOD_NOT_ALLOWED: (405, "invalid_request_error"),
     ErrorCode.QUEUE_FULL: (429, "rate_limit_error"),
     ErrorCode.NO_WORKER: (503, "service_unavailable"),
     ErrorCode.WORKER_LOST: (503, "service_unavailable"),
@@ -51,3 +53,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return await handler(request)
     except PdorchError as e:
         return error_response(e)
+    except web.HTTPNotFound:
+        return error_response(PdorchError(ErrorCode.NOT_FOUND, f"no route {request.method} {request.path}"))
+    except web.HTTPMethodNotAllowed as e:
+        allowed = ", ".join(sorted(e.allowed_methods))
+        message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+        return error_response(PdorchError(ErrorCode.METHOD_NOT_ALLOWED, message))

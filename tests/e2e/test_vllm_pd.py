@@ -436,3 +436,34 @@ async def test_pdorch_serves_vllm_disaggregated_like_vllm_colocated(
             have = (await _post(session, stack.url, "/v1/chat/completions", body))["choices"][0]
             assert _text(have["message"]["content"]) == _text(want["message"]["content"]), chat
             assert have["finish_reason"] == want["finish_reason"]
+
+
+@pytest.mark.parametrize("mode", ["p2p", "centralized"])
+async def test_logprobs_penalties_and_bias_pass_through_and_agree(
+    cluster: Cluster, engines: Engines, mode: str
+) -> None:
+    """vLLM computes them; pdorch passes the parameters and reads the logprobs back by token id.
+    Disaggregated equals colocated: the same tokens, logprobs within float32 noise."""
+    s = SamplingParams(
+        max_tokens=10,
+        logprobs=2,
+        prompt_logprobs=1,
+        presence_penalty=0.8,
+        repetition_penalty=1.2,
+        logit_bias={7: -100.0},
+    )
+    for i, prompt in enumerate(cluster.prompts[:3]):
+        want = await colocated(engines.prefill, engines.p_out, f"lp-c{i}", prompt, s)
+        rid = f"lp-{mode}{i}"
+        got = await disaggregated(engines, rid, prompt, s, _route(mode, cluster, rid), decode_first=True)
+        assert got == want and 7 not in got
+        c_msgs = [m for m in engines.p_out.order if isinstance(m, TokenOutput) and m.request_id == f"lp-c{i}"]
+        p_msgs = [m for m in engines.p_out.order if isinstance(m, TokenOutput) and m.request_id == rid]
+        d_msgs = [m for m in engines.d_out.order if isinstance(m, TokenOutput) and m.request_id == rid]
+        want_lps = [lp for m in c_msgs for lp in m.logprobs]
+        got_lps = [lp for m in p_msgs + d_msgs for lp in m.logprobs]
+        assert len(want_lps) == len(got_lps) == len(want)
+        for a, b in zip(want_lps, got_lps, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-3) and len(b.top_ids) == 2
+        prompt_lps = [lp for m in p_msgs for lp in m.prompt_logprobs]
+        assert len(prompt_lps) == len(prompt) - 1 and all(lp.logprob <= 0 for lp in prompt_lps)

@@ -3,6 +3,9 @@ notices when it goes silent, and notices a restart (a new instance on the same a
 
 from __future__ import annotations
 
+import asyncio
+
+import zmq
 import zmq.asyncio
 
 from scheduler.kv_broker_monitor import KvBrokerMonitor
@@ -10,6 +13,19 @@ from tests.support.kv import wait_until
 from transport.kv.broker import KvBroker
 
 INTERVAL_S = 0.05
+
+
+async def _broker_on(ctx: zmq.asyncio.Context, endpoint: str) -> KvBroker:
+    """A broker on the address another one just left (libzmq releases a port asynchronously)."""
+    for _ in range(100):
+        broker = KvBroker(ctx, bind=endpoint, capacity_bytes=1 << 20, ttl_s=60)
+        try:
+            await broker.start()
+            return broker
+        except zmq.ZMQError:
+            await broker.close()
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{endpoint} stayed in use")
 
 
 async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyncio.Context) -> None:
@@ -25,8 +41,7 @@ async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyn
         await first.close()  # silent: no answers
         await wait_until(lambda: not monitor.reachable)
         assert len(lost) == 1 and "silent" in lost[0]
-        second = KvBroker(ctx, bind=endpoint, capacity_bytes=1 << 20, ttl_s=60)
-        await second.start()
+        second = await _broker_on(ctx, endpoint)
         try:
             await wait_until(lambda: monitor.reachable)
             assert monitor.instance == second.instance != first.instance
@@ -46,8 +61,7 @@ async def test_a_restart_between_two_pings_is_noticed(ctx: zmq.asyncio.Context) 
     try:
         await wait_until(lambda: monitor.reachable)
         await first.close()
-        second = KvBroker(ctx, bind=first.endpoint, capacity_bytes=1 << 20, ttl_s=60)
-        await second.start()
+        second = await _broker_on(ctx, first.endpoint)
         try:
             await wait_until(lambda: monitor.instance == second.instance)
             assert lost == ["restarted (its transfers are gone)"] and monitor.reachable

@@ -45,6 +45,13 @@ class _BlockSink:
         self._core.cache.scatter(layer, self._blocks, row_offset, rows)
 
 
+def _token_output(rid: str, out: StepOutput) -> TokenOutput:
+    logprobs = [out.logprobs] if out.logprobs is not None else []
+    return TokenOutput(
+        rid, [out.token_id], out.finish_reason, out.cached_tokens, logprobs, out.prompt_logprobs or []
+    )
+
+
 class ReferenceEngine:
     def __init__(
         self,
@@ -131,7 +138,7 @@ class ReferenceEngine:
             if out.failed:
                 raise out.as_error()
             # The first token goes out at once, while the KV may still be on the wire.
-            self._emit(TokenOutput(rid, [out.token_id], out.finish_reason, out.cached_tokens))
+            self._emit(_token_output(rid, out))
             if stream_task is not None:
                 if out.finish_reason is not None:
                     stream_task.cancel()
@@ -225,7 +232,7 @@ class ReferenceEngine:
             if out.failed:
                 done.set_exception(out.as_error())
                 return
-            self._emit(TokenOutput(rid, [out.token_id], out.finish_reason, out.cached_tokens))
+            self._emit(_token_output(rid, out))
             if out.finish_reason is not None:
                 done.set_result(None)
 

@@ -56,8 +56,10 @@ class ReferenceModel:
         block_ids: Sequence[int],
         on_layer: LayerKvCallback | None = None,
         start: int = 0,
+        all_logits: bool = False,
     ) -> np.ndarray:
-        """Run prompt positions ``[start, start + len(token_ids))``; returns the last one's logits [vocab].
+        """Run prompt positions ``[start, start + len(token_ids))``; returns the last one's logits
+        [vocab], or every one's [len(token_ids), vocab] with ``all_logits`` (prompt logprobs).
 
         Their KV is stored in ``block_ids``, which must already hold the KV of positions
         ``[0, start)``. ``on_layer`` gets each layer's KV rows of ALL positions
@@ -76,7 +78,7 @@ class ReferenceModel:
             return rows
 
         hidden = self._forward_sequence(tokens, start, store_and_read)
-        return self._logits(hidden[-1:])[0]
+        return self._logits(hidden) if all_logits else self._logits(hidden[-1:])[0]
 
     def forward_full(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits for every position [T, vocab], recomputed from scratch without a cache."""
