@@ -354,3 +354,32 @@ def test_objectives_come_from_the_request_else_from_config_and_a_moved_request_i
         0.05,
         True,
     )
+
+
+def test_a_following_choice_is_booked_colocated_where_the_prompt_is() -> None:
+    """The other choices of an n > 1 request go where choice 0's KV is, booked in the one ledger like
+    any placement (so later decisions see them), never onto a draining or unknown worker."""
+    cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
+    for wid, role in (("p", Role.PREFILL), ("d", Role.DECODE)):
+        cluster.register(wid.encode(), _hello(wid, role), now=0.0)
+    placer = Placer(SchedulerConfig().placement)
+    planner = Planner(
+        cluster,
+        cluster.ledger,
+        placer,
+        OutputLengthPredictor(),
+        LatencyLearner(placer.config.accelerators),
+        colocated=False,
+    )
+    flow = Orchestrator(SchedulerConfig(), cluster, None, Inbox(), planner, Metrics(SloConfig()))  # type: ignore[arg-type]
+    greq = GenerationRequest("r-1", "m", list(range(40)), SamplingParams(max_tokens=8))
+    _, preq = flow.plan(greq)
+    placement = planner.follow(preq, "d", now=0.0)
+    assert placement is not None and (placement.prefill, placement.decode) == ("d", "d")
+    assert placement.reserve_blocks > 0
+    assert cluster.get("d").reserved_blocks == placement.reserve_blocks  # type: ignore[union-attr]
+    planner.release("r-1", now=0.0)
+    assert cluster.get("d").reserved_blocks == 0  # type: ignore[union-attr]
+    assert planner.follow(preq, "gone", now=0.0) is None
+    cluster.set_draining("d", True)
+    assert planner.follow(preq, "d", now=0.0) is None
