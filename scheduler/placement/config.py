@@ -13,14 +13,13 @@ Nested in the scheduler's YAML under ``placement:``. Example::
         filters: [{type: role}, {type: health}]
         scorers: [{type: prefill-delay, weight: 1}]
         picker: {type: max-score}
-      decider: {type: conditional, params: {threshold_tokens: 256}}
+      handler: {type: slo}
       reservation: {mode: predicted, output_quantile: 0.9}
 
-The defaults are pdorch's policy (``policies.pdorch``) minus three switches that need support from
-the live flow and the deployment: late binding (the ``prefill-backlog`` filter and the conditional
-decider's ``local_max_wait_s``: placement answers NO_WORKER and admission must make the request
-wait), ``fallback_to_prefill_node`` (prefill workers must accept whole requests) and the
-conditional decider's ``tpot_target_s`` (the deployment's TPOT objective).
+The defaults are the ``slo`` profile handler (the pair with the most headroom on predicted TTFT
+and TPOT): the profiles' filters choose its candidates and their scorers break ties; the
+``pdorch`` preset (``policies.pdorch``) also lets prefill nodes run whole requests
+(``fallback_to_prefill_node``, which needs prefill workers that accept them).
 
 Weights live here, in the profile, never in a scorer (a scorer only says how good each node is, in
 [0, 1]). Plugin ``params`` (the decider's too) are checked by the plugin's own params Struct when
