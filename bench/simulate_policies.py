@@ -133,7 +133,7 @@ def _policy(name: str):
 
 
 def section_goodput(
-    loaded: dict[str, Trace], precision: float, plots: Path | None, shapes: list[str]
+    loaded: dict[str, Trace], precision: float, plots: Path | None, shapes: list[str], names: list[str]
 ) -> None:
     print("## Goodput per policy (highest rate scale with >= 90% of requests meeting both SLOs)\n")
     print(
@@ -152,7 +152,7 @@ def section_goodput(
             )
             print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             results = {}
-            for pname in policies():
+            for pname in names:
                 g = find_goodput(
                     trace, cluster, _policy(pname), SLO, CONFIG, policy_name=pname, precision=precision
                 )
@@ -183,7 +183,7 @@ def section_goodput(
                     pname: attainment_curve(
                         trace, cluster, _policy(pname), scales, SLO, CONFIG, policy_name=pname
                     )
-                    for pname in policies()
+                    for pname in names
                 }
                 out = plot_attainment(
                     curves,
@@ -201,13 +201,12 @@ def section_goodput(
     print()
 
 
-def section_rates(loaded: dict[str, Trace], shapes: list[str]) -> None:
+def section_rates(loaded: dict[str, Trace], shapes: list[str], names: list[str]) -> None:
     print("## ShareGPT lengths at fixed Poisson arrival rates (share of requests meeting both SLOs)\n")
     trace = loaded.get("sharegpt")
     if trace is None:
         print("skipped: ShareGPT lengths not found\n")
         return
-    names = list(policies())
     for shape in shapes:
         prefill, decode = SHAPES[shape]
         cluster = parse_cluster(prefill, decode)
@@ -268,10 +267,15 @@ def main() -> int:
     )
     p.add_argument("--precision", type=float, default=0.03)
     p.add_argument("--shape", choices=list(SHAPES), action="append", help="cluster size (default: all)")
+    p.add_argument("--trace", choices=list(TRACES), action="append", help="trace (default: all)")
+    p.add_argument("--policy", choices=list(policies()), action="append", help="policy (default: all)")
     p.add_argument("--plots", type=Path, default=None, help="directory for attainment-vs-rate PNGs")
     args = p.parse_args()
+    names = args.policy or list(policies())
     loaded = {}
     for name, rel in TRACES.items():
+        if args.trace and name not in args.trace:
+            continue
         path = args.traces / rel
         if path.exists():
             loaded[name] = load_trace(path, requests=SHAREGPT_REQUESTS, rate_per_s=1.0, seed=0)
@@ -284,9 +288,9 @@ def main() -> int:
     if args.only in (None, "speed"):
         section_speed(loaded)
     if args.only in (None, "goodput"):
-        section_goodput(loaded, args.precision, args.plots, args.shape or list(SHAPES))
+        section_goodput(loaded, args.precision, args.plots, args.shape or list(SHAPES), names)
     if args.only in (None, "rates"):
-        section_rates(loaded, args.shape or list(SHAPES))
+        section_rates(loaded, args.shape or list(SHAPES), names)
     if args.only in (None, "ablation"):
         section_ablation(loaded, args.precision)
     return 0
