@@ -171,11 +171,13 @@ def section_goodput(
                     f"{r.ttft_p90_s:.2f} | {r.tpot_p90_s * 1e3:.0f} | {r.kv_transfer_gb:.0f} | "
                     f"{r.prefix_hit_rate:.0%} | {r.local_prefills} | {r.shed} | {errors} | {g.runs} |"
                 )
-            best = max((g for n, g in results.items() if n not in OURS), key=lambda g: g.goodput_scale)
-            ours = results["pdorch"].goodput_scale
-            ratio = ours / best.goodput_scale if best.goodput_scale > 0 else float("inf")
-            summary.append((name, shape, ours, best.policy, best.goodput_scale))
-            print(f"\npdorch / best baseline ({best.policy}): **{ratio:.2f}x**\n")
+            baselines = [g for n, g in results.items() if n not in OURS]
+            if "pdorch" in results and baselines:  # a --policy subset may lack either
+                best = max(baselines, key=lambda g: g.goodput_scale)
+                ours = results["pdorch"].goodput_scale
+                ratio = ours / best.goodput_scale if best.goodput_scale > 0 else float("inf")
+                summary.append((name, shape, ours, best.policy, best.goodput_scale))
+                print(f"\npdorch / best baseline ({best.policy}): **{ratio:.2f}x**\n")
             if plots is not None:
                 anchor = max(g.goodput_scale for g in results.values())
                 scales = [anchor * f for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)]
