@@ -11,11 +11,14 @@ Sections:
 2. the output-length predictor, online on each trace: MAE and Spearman rank correlation next to
    naive baselines, and its cost per prediction (microseconds, measured here);
 3. the simulator's own speed: one full replay of the hour-long Azure trace on a 64-GPU cluster;
-4. goodput per policy on each trace at equal GPU count, and pdorch's ratio to the best baseline;
-5. an ablation: pdorch's goodput with one of its ideas switched off at a time.
+4. goodput per policy on each trace at two cluster sizes (4 + 4 and 8 + 8 instances), pdorch's
+   ratio to the best baseline, and a summary table;
+5. ShareGPT lengths at fixed Poisson arrival rates: attainment per policy;
+6. an ablation: pdorch's goodput with one of its ideas switched off at a time.
 
 Traces are read from ``../shared/traces`` relative to the repository root (or ``--traces``); a
-section whose data is absent is skipped with a message.
+trace that is absent is skipped with a message. ShareGPT has no timestamps: 4,000 rows drawn with
+seed 0, arriving as a Poisson process at 1 request/s (so its goodput scale reads as requests/s).
 """
 
 from __future__ import annotations
@@ -45,10 +48,19 @@ from workers.engines.sim.calibration import fit_all  # noqa: E402
 TRACES = {
     "azure-code": "azure2023/AzureLLMInferenceTrace_code.csv",
     "mooncake": "mooncake_fast25/synthetic_trace.jsonl",
+    "sharegpt": "sharegpt_lengths/sharegpt_8k_filtered_stats_llama2_tokenizer.csv",
 }
+SHAREGPT_REQUESTS = 4000
 PERF_MODEL = "splitwise_perf_model/perf_model.csv"
-# Splitwise's heterogeneous design: prefill on H100, decode on A100; 16 instances x 4 GPUs.
-SHAPES = {"8xH100x4 prefill + 8xA100x4 decode": (["8:h100x4"], ["8:a100x4"])}
+# Splitwise's heterogeneous design: prefill on H100, decode on A100; instances of 4 GPUs.
+SHAPES = {
+    "4+4": (["4:h100x4"], ["4:a100x4"]),
+    "8+8": (["8:h100x4"], ["8:a100x4"]),
+}
+# Policies that are pdorch's own (the rest are the baselines it is measured against).
+OURS = ("pdorch", "pdorch-pd")
+# ShareGPT at fixed Poisson rates (requests/s) per cluster size.
+SHAREGPT_RATES = {"4+4": (6.0, 8.0, 10.0, 12.0, 14.0), "8+8": (12.0, 16.0, 20.0, 24.0, 28.0)}
 SLO = SloSpec()
 CONFIG = SimConfig()
 
@@ -103,7 +115,7 @@ def section_speed(loaded: dict[str, Trace]) -> None:
     if trace is None:
         print("skipped: Azure trace not found\n")
         return
-    prefill, decode = next(iter(SHAPES.values()))
+    prefill, decode = SHAPES["8+8"]
     cluster = parse_cluster(prefill, decode)
     for name in ("pdorch", "round-robin"):
         start = time.perf_counter()
@@ -120,41 +132,52 @@ def _policy(name: str):
     return policy(name, tpot_target_s=SLO.tpot_s, kv_link_gbytes_per_s=CONFIG.link_gbytes_per_s)
 
 
-def section_goodput(loaded: dict[str, Trace], precision: float, plots: Path | None) -> None:
+def section_goodput(
+    loaded: dict[str, Trace], precision: float, plots: Path | None, shapes: list[str], names: list[str]
+) -> None:
     print("## Goodput per policy (highest rate scale with >= 90% of requests meeting both SLOs)\n")
     print(
         f"SLOs: {SLO.describe()}; KV link {CONFIG.link_gbytes_per_s:g} GB/s per instance; "
         f"model {CONFIG.model}.\n"
     )
-    for shape, (prefill, decode) in SHAPES.items():
+    summary: list[tuple[str, str, float, str, float]] = []
+    for shape in shapes:
+        prefill, decode = SHAPES[shape]
         cluster = parse_cluster(prefill, decode)
         for name, trace in loaded.items():
-            print(f"### {name}, {shape} ({cluster.gpus} GPUs)\n")
+            print(f"### {name}, {shape} ({cluster.gpus} GPUs)\n", flush=True)
             print(
                 "| policy | goodput (x trace rate) | req/s | attainment | TTFT p90 s | TPOT p90 ms | KV GB | "
-                "preemptions | prefix hit | runs |"
+                "prefix hit | colocated | shed | TTFT / TPOT prediction error | runs |"
             )
-            print("|---|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             results = {}
-            for pname in policies():
+            for pname in names:
                 g = find_goodput(
                     trace, cluster, _policy(pname), SLO, CONFIG, policy_name=pname, precision=precision
                 )
                 results[pname] = g
                 r = g.at_goodput
                 if r is None:
-                    print(f"| {pname} | 0 | 0 | - | - | - | - | - | - | {g.runs} |")
+                    print(f"| {pname} | 0 | 0 | - | - | - | - | - | - | - | - | {g.runs} |")
                     continue
+                errors = (
+                    f"{r.ttft_prediction_error:.0%} / {r.tpot_prediction_error:.0%}"
+                    if r.ttft_prediction_error == r.ttft_prediction_error  # not nan
+                    else "-"
+                )
                 print(
                     f"| {pname} | {g.goodput_scale:.2f} | {g.goodput_rps:.2f} | {r.attainment:.1%} | "
                     f"{r.ttft_p90_s:.2f} | {r.tpot_p90_s * 1e3:.0f} | {r.kv_transfer_gb:.0f} | "
-                    f"{r.preemptions} | "
-                    f"{r.prefix_hit_rate:.0%} | {g.runs} |"
+                    f"{r.prefix_hit_rate:.0%} | {r.local_prefills} | {r.shed} | {errors} | {g.runs} |"
                 )
-            best = max((g for n, g in results.items() if n != "pdorch"), key=lambda g: g.goodput_scale)
-            ours = results["pdorch"].goodput_scale
-            ratio = ours / best.goodput_scale if best.goodput_scale > 0 else float("inf")
-            print(f"\npdorch / best baseline ({best.policy}): **{ratio:.2f}x**\n")
+            baselines = [g for n, g in results.items() if n not in OURS]
+            if "pdorch" in results and baselines:  # a --policy subset may lack either
+                best = max(baselines, key=lambda g: g.goodput_scale)
+                ours = results["pdorch"].goodput_scale
+                ratio = ours / best.goodput_scale if best.goodput_scale > 0 else float("inf")
+                summary.append((name, shape, ours, best.policy, best.goodput_scale))
+                print(f"\npdorch / best baseline ({best.policy}): **{ratio:.2f}x**\n")
             if plots is not None:
                 anchor = max(g.goodput_scale for g in results.values())
                 scales = [anchor * f for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)]
@@ -162,49 +185,69 @@ def section_goodput(loaded: dict[str, Trace], precision: float, plots: Path | No
                     pname: attainment_curve(
                         trace, cluster, _policy(pname), scales, SLO, CONFIG, policy_name=pname
                     )
-                    for pname in policies()
+                    for pname in names
                 }
                 out = plot_attainment(
-                    curves, SLO.target, plots / f"attainment-{name}.png", f"{name}: {shape}\n{SLO.describe()}"
+                    curves,
+                    SLO.target,
+                    plots / f"attainment-{name}-{shape.replace('+', 'p')}.png",
+                    f"{name}: {cluster.describe()}\n{SLO.describe()}",
                 )
                 print(f"plot: {out}\n")
+    print("### Summary\n")
+    print("| trace | cluster | pdorch | best baseline | its goodput | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, shape, ours, best_name, best_scale in summary:
+        ratio = ours / best_scale if best_scale > 0 else float("inf")
+        print(f"| {name} | {shape} | {ours:.2f} | {best_name} | {best_scale:.2f} | **{ratio:.2f}x** |")
+    print()
 
 
-def _with_params(spec: PluginSpec, **params: float) -> PluginSpec:
+def section_rates(loaded: dict[str, Trace], shapes: list[str], names: list[str]) -> None:
+    print("## ShareGPT lengths at fixed Poisson arrival rates (share of requests meeting both SLOs)\n")
+    trace = loaded.get("sharegpt")
+    if trace is None:
+        print("skipped: ShareGPT lengths not found\n")
+        return
+    for shape in shapes:
+        prefill, decode = SHAPES[shape]
+        cluster = parse_cluster(prefill, decode)
+        rates = SHAREGPT_RATES[shape]
+        print(f"### {shape} ({cluster.gpus} GPUs)\n")
+        print("| policy | " + " | ".join(f"{r:g} req/s" for r in rates) + " |")
+        print("|---|" + "---|" * len(rates))
+        for pname in names:
+            cells = []
+            for rate in rates:
+                r = simulate(trace, cluster, _policy(pname), SLO, CONFIG, policy_name=pname, rate_scale=rate)
+                cells.append(f"{r.attainment:.1%}")
+            print(f"| {pname} | " + " | ".join(cells) + " |")
+        print()
+
+
+def _with_params(spec: PluginSpec, **params: object) -> PluginSpec:
     return msgspec.structs.replace(spec, params={**spec.params, **params})
 
 
 def _ablations() -> dict[str, PlacementConfig]:
     full = _policy("pdorch")
     replace = msgspec.structs.replace
-    no_late_binding = replace(
-        full,
-        prefill=replace(
-            full.prefill, filters=tuple(f for f in full.prefill.filters if f.type != "prefill-backlog")
-        ),
-        decider=_with_params(full.decider, local_max_wait_s=0.0),
-    )
-    cache_blind_decode = replace(
-        full,
-        decode=replace(
-            full.decode,
-            scorers=tuple(
-                s for s in full.decode.scorers if s.type not in ("prefix-affinity", "prefill-delay")
-            ),
-        ),
-    )
     return {
         "pdorch (all)": full,
-        "- late binding": no_late_binding,
-        "- conditional P/D (always disaggregate)": replace(full, decider=PluginSpec("always")),
-        "- short-answer colocation": replace(full, decider=_with_params(full.decider, tpot_target_s=0.0)),
-        "- cache-aware decode choice": cache_blind_decode,
+        "- tiers (most headroom wherever it is)": replace(
+            full, handler=_with_params(full.handler, tiers=False)
+        ),
+        "- shedding (place what cannot meet its TTFT)": replace(
+            full, handler=_with_params(full.handler, shed=False)
+        ),
+        "- decode nodes prefilling": replace(full, handler=_with_params(full.handler, colocate=False)),
+        "- prefill nodes decoding": replace(full, fallback_to_prefill_node=False),
     }
 
 
 def section_ablation(loaded: dict[str, Trace], precision: float) -> None:
-    print("## Ablation: pdorch with one idea off (goodput, x trace rate)\n")
-    prefill, decode = next(iter(SHAPES.values()))
+    print("## Ablation: pdorch with one idea off (goodput, x trace rate, 4+4)\n")
+    prefill, decode = SHAPES["4+4"]
     cluster = parse_cluster(prefill, decode)
     variants = _ablations()
     print("| variant | " + " | ".join(loaded) + " |")
@@ -221,15 +264,23 @@ def section_ablation(loaded: dict[str, Trace], precision: float) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--traces", type=Path, default=REPO / ".." / "shared" / "traces")
-    p.add_argument("--only", choices=["fit", "predictor", "speed", "goodput", "ablation"], default=None)
-    p.add_argument("--precision", type=float, default=0.02)
+    p.add_argument(
+        "--only", choices=["fit", "predictor", "speed", "goodput", "rates", "ablation"], default=None
+    )
+    p.add_argument("--precision", type=float, default=0.03)
+    p.add_argument("--shape", choices=list(SHAPES), action="append", help="cluster size (default: all)")
+    p.add_argument("--trace", choices=list(TRACES), action="append", help="trace (default: all)")
+    p.add_argument("--policy", choices=list(policies()), action="append", help="policy (default: all)")
     p.add_argument("--plots", type=Path, default=None, help="directory for attainment-vs-rate PNGs")
     args = p.parse_args()
+    names = args.policy or list(policies())
     loaded = {}
     for name, rel in TRACES.items():
+        if args.trace and name not in args.trace:
+            continue
         path = args.traces / rel
         if path.exists():
-            loaded[name] = load_trace(path)
+            loaded[name] = load_trace(path, requests=SHAREGPT_REQUESTS, rate_per_s=1.0, seed=0)
         else:
             print(f"note: {name} trace not found at {path}; its sections are skipped\n")
     if args.only in (None, "fit"):
@@ -239,7 +290,9 @@ def main() -> int:
     if args.only in (None, "speed"):
         section_speed(loaded)
     if args.only in (None, "goodput"):
-        section_goodput(loaded, args.precision, args.plots)
+        section_goodput(loaded, args.precision, args.plots, args.shape or list(SHAPES), names)
+    if args.only in (None, "rates"):
+        section_rates(loaded, args.shape or list(SHAPES), names)
     if args.only in (None, "ablation"):
         section_ablation(loaded, args.precision)
     return 0

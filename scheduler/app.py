@@ -44,6 +44,7 @@ from scheduler.metrics import Metrics
 from scheduler.placement.framework import Placer
 from scheduler.planner import Planner
 from scheduler.pool_signals import pool_signals
+from scheduler.prediction.latency import LatencyLearner
 from scheduler.prediction.output_length import OutputLengthPredictor
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import PdorchError
@@ -93,7 +94,14 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
     app[INBOX] = inbox
     app[CLUSTER] = cluster
     app[ADMISSION] = admission
-    app[PLANNER] = Planner(cluster, placer, OutputLengthPredictor(cfg.predictor), colocated=cfg.colocated)
+    app[PLANNER] = Planner(
+        cluster,
+        cluster.ledger,
+        placer,
+        OutputLengthPredictor(cfg.predictor),
+        LatencyLearner(placer.config.accelerators),
+        colocated=cfg.colocated,
+    )
 
 
 async def tokenizer_registry(app: web.Application) -> AsyncIterator[None]:

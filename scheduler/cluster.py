@@ -1,19 +1,20 @@
 """The worker registry: the only mutable cluster state in the scheduler.
 
-It knows every registered worker (from its ``Hello``), its liveness and last reported load, the
-requests the scheduler has placed on it, and the KV blocks reserved there for those requests
-(Reserve/Unreserve). Placement never reads it directly: it reads an immutable snapshot.
+It knows every registered worker (from its ``Hello``), its liveness and last reported load. What the
+scheduler placed on each (jobs, KV reservations, prefills sent) is in its :class:`Ledger`, the one
+the planner books decisions in and the simulator uses too. Placement never reads either: the planner
+builds it an immutable snapshot (``scheduler/node_view.py``).
 """
 
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scheduler.placement.kv_budget import outstanding_blocks
-from scheduler.placement.types import ClusterSnapshot, NodeView
+from scheduler.ledger.ledger import Ledger
+from scheduler.ledger.node_ledger import Held, NodeLedger
+from scheduler.node_view import NodeState
 from transport.liveness import PeerLiveness
 from transport.messages import Hello, Load, Role
 
@@ -24,84 +25,36 @@ class WorkerState(enum.StrEnum):
 
 
 @dataclass
-class Held:
-    """What one request holds on one worker, as the scheduler accounts it."""
-
-    reserved_blocks: int = 0  # KV blocks reserved (prompt + predicted output), 0 on a prefill node
-    tokens: int = 0  # tokens the request has there so far (prompt + generated)
-
-
-class PrefixMemory:
-    """The prompt-prefix block hashes the scheduler sent to a worker, most recent last (bounded).
-
-    It is what the scheduler *knows* a node has seen, not a copy of the engine's cache; the
-    prefix-affinity scorer only needs it to be mostly right (llm-d's approximate prefix scorer).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = max(1, capacity)
-        self._hashes: OrderedDict[int, None] = OrderedDict()
-        self._frozen: frozenset[int] | None = frozenset()
-
-    def add(self, hashes: Iterable[int]) -> None:
-        for h in hashes:
-            self._hashes[h] = None
-            self._hashes.move_to_end(h)
-        while len(self._hashes) > self._capacity:
-            self._hashes.popitem(last=False)
-        self._frozen = None
-
-    def frozen(self) -> frozenset[int]:
-        if self._frozen is None:
-            self._frozen = frozenset(self._hashes)
-        return self._frozen
-
-
-@dataclass
 class Worker:
     hello: Hello
     identity: bytes
     liveness: PeerLiveness
+    # What the scheduler booked on it (shared with the planner through the cluster's ledger).
+    ledger: NodeLedger
     state: WorkerState = WorkerState.READY
     load: Load = field(default_factory=Load)
-    requests: dict[str, Held] = field(default_factory=dict)
-    # Prompt tokens sent here for prefill and not yet answered with a first token.
-    pending_prefill_tokens: int = 0
-    # Sized like the worker's KV cache: it cannot hold more distinct blocks than that.
-    prefixes: PrefixMemory = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.prefixes = PrefixMemory(self.hello.capacity_blocks)
 
     @property
     def worker_id(self) -> str:
         return self.hello.worker_id
 
     @property
+    def requests(self) -> dict[str, Held]:
+        """The jobs placed on it and what each holds there."""
+        return self.ledger.held
+
+    @property
     def reserved_blocks(self) -> int:
         """Reservations not yet backed by blocks the worker reports as used (not counted twice)."""
-        bs = self.hello.block_size
-        return sum(outstanding_blocks(h.reserved_blocks, h.tokens, bs) for h in self.requests.values())
+        return self.ledger.reserved_blocks
 
-    def view(self) -> NodeView:
-        h = self.hello
-        return NodeView(
-            worker_id=h.worker_id,
-            role=h.role,
-            model=h.model,
-            accelerator=h.accelerator,
-            draining=self.state is WorkerState.DRAINING,
-            block_size=h.block_size,
-            kv_bytes_per_token=h.kv_bytes_per_token,
-            blocks_total=self.load.blocks_total or h.capacity_blocks,
-            blocks_used=self.load.blocks_used,
-            blocks_reserved=self.reserved_blocks,
-            running=self.load.running,
-            waiting=self.load.waiting,
-            queued_prefill_tokens=self.load.queued_prefill_tokens + self.pending_prefill_tokens,
-            inflight=len(self.requests),
-            cached_block_hashes=self.prefixes.frozen(),
-        )
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens sent here for prefill and not yet answered with a first token."""
+        return self.ledger.pending_tokens
+
+    def state_for_placement(self) -> NodeState:
+        return NodeState(self.hello, self.load, self.state is WorkerState.DRAINING)
 
 
 # Called with (worker_id, request ids that were placed on it, reason) when a worker is dropped.
@@ -117,6 +70,7 @@ class Cluster:
         self._by_identity: dict[bytes, Worker] = {}
         self._expected: dict[str, set[str]] = {}
         self.dropped_total = 0
+        self.ledger = Ledger()
 
     # ------------------------------------------------------------------ registration and liveness
 
@@ -125,7 +79,15 @@ class Cluster:
         if old is not None:
             # A re-Hello means the agent restarted or reconnected: whatever we placed there is gone.
             self.drop_worker(hello.worker_id, "worker re-registered")
-        worker = Worker(hello, identity, PeerLiveness(self._interval, self._liveness, now))
+        node = self.ledger.add_node(
+            hello.worker_id,
+            hello.model,
+            hello.accelerator,
+            block_size=hello.block_size,
+            kv_bytes_per_token=hello.kv_bytes_per_token,
+            capacity_tokens=hello.capacity_blocks * hello.block_size,
+        )
+        worker = Worker(hello, identity, PeerLiveness(self._interval, self._liveness, now), node)
         self._by_id[hello.worker_id] = worker
         self._by_identity[identity] = worker
         return worker
@@ -151,8 +113,7 @@ class Cluster:
             return
         self._by_identity.pop(worker.identity, None)
         self.dropped_total += 1
-        lost = list(worker.requests)
-        worker.requests.clear()
+        lost = self.ledger.drop_node(worker_id)
         if lost:
             self._on_lost(worker_id, lost, reason)
 
@@ -173,40 +134,11 @@ class Cluster:
         worker = self._by_id.get(worker_id)
         return 0 if worker is None else len(worker.requests)
 
-    # ------------------------------------------------------------------ requests on workers
-
-    def assign(
-        self,
-        worker_id: str,
-        request_id: str,
-        reserve_blocks: int = 0,
-        tokens: int = 0,
-        prefix_hashes: Iterable[int] = (),
-    ) -> None:
-        """Record the request on the worker (Reserve ``reserve_blocks`` there)."""
-        worker = self._by_id[worker_id]
-        worker.requests[request_id] = Held(reserve_blocks, tokens)
-        worker.prefixes.add(prefix_hashes)
-
-    def held(self, worker_id: str, request_id: str) -> Held | None:
-        worker = self._by_id.get(worker_id)
-        return None if worker is None else worker.requests.get(request_id)
-
-    def release(self, worker_id: str, request_id: str) -> None:
-        """Unreserve and forget the request on that worker. Idempotent."""
-        worker = self._by_id.get(worker_id)
-        if worker is not None:
-            worker.requests.pop(request_id, None)
-
-    def add_pending_prefill(self, worker_id: str, tokens: int) -> None:
-        worker = self._by_id.get(worker_id)
-        if worker is not None:
-            worker.pending_prefill_tokens = max(0, worker.pending_prefill_tokens + tokens)
+    def node_states(self) -> list[NodeState]:
+        """Every registered worker as placement needs it (the planner's node source)."""
+        return [w.state_for_placement() for w in self._by_id.values()]
 
     # ------------------------------------------------------------------ reading
-
-    def snapshot(self) -> ClusterSnapshot:
-        return ClusterSnapshot(tuple(w.view() for w in self._by_id.values()))
 
     def models(self) -> list[str]:
         return sorted({w.hello.model for w in self._by_id.values()})
@@ -236,7 +168,3 @@ class Cluster:
     def adapters(self) -> dict[str, str]:
         """The LoRA adapters some worker serves -> their base model."""
         return {a: w.hello.model for w in self._by_id.values() for a in w.hello.adapters}
-
-    def without_adapter(self, adapter: str) -> frozenset[str]:
-        """The workers that cannot run a request for ``adapter`` (placement leaves them out)."""
-        return frozenset(wid for wid, w in self._by_id.items() if adapter not in w.hello.adapters)

@@ -14,7 +14,7 @@ import msgspec
 
 from scheduler.admission.policy import AdmissionPolicy
 from scheduler.kubernetes.config import KubernetesConfig
-from scheduler.placement.config import PlacementConfig, PluginSpec
+from scheduler.placement.config import PlacementConfig
 from scheduler.prediction.output_length import PredictorConfig
 from scheduler.slo_window import POOL_PHASE, SloConfig, SloPhase, target_key
 from transport.errors import ErrorCode, PdorchError
@@ -22,9 +22,11 @@ from transport.messages import KvMode
 
 
 def _live_placement() -> PlacementConfig:
-    # Every request is split by default (what a P/D deployment is for, and what `pdorch up` shows);
-    # `decider: {type: conditional}` lets placement keep short or cache-hot prompts on the decode node.
-    return PlacementConfig(decider=PluginSpec("always"))
+    # The SLO handler: each request goes to the (prefill, decode) pair with the most headroom on its
+    # predicted TTFT and TPOT (objectives from `slo` or the request's headers). Without objectives it
+    # splits every request onto the pair predicted fastest (what a P/D deployment is for, and what
+    # `pdorch up` shows); with them it keeps a request on one node only when no split meets them.
+    return PlacementConfig()
 
 
 class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

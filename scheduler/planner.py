@@ -1,47 +1,76 @@
-"""Placement for the live scheduler: a request's features -> predicted output -> placement decision.
+"""Placement as the scheduler does it, live and simulated: one request builder, one decision per
+attempt, booked at once in the one ledger, and what is learnt from every request's lifecycle.
 
-The pure placement framework (``scheduler/placement``) decides; this glue feeds it what the
-scheduler knows: a cluster snapshot, the prompt's prefix-block hashes, and the output-length
-predictor's quantiles. It also keeps reservations in step with a request's growth and teaches the
-predictor every finished request's true length.
+The pure placement framework (``scheduler/placement``) decides; the planner feeds it what the
+scheduler knows and keeps what it learns:
+
+* :meth:`Planner.request` builds the ``PlacementRequest`` (the output-length predictor's quantiles,
+  the request's objectives, prefix hashes): the live flow and the simulator both call it;
+* :meth:`Planner.decide` takes the decision on a snapshot of every node (the worker's report + the
+  ledger + the learnt latency models, ``scheduler/node_view.py``) and books it in the ledger before
+  returning, so the next decision sees it; admission's room check *is* this decision;
+* the lifecycle calls (:meth:`first_token`, :meth:`kv_loaded`, :meth:`grow`, :meth:`finished`,
+  :meth:`release`) move the booking along, and the ledger's observations teach the latency models.
+
+Times are the caller's (live: ``time.monotonic()``; simulator: virtual seconds), never read here.
+The nodes come from a :class:`NodeSource`: the live worker registry or the simulator's engines.
 """
 
 from __future__ import annotations
 
-from scheduler.cluster import Cluster, WorkerState
+from collections.abc import Iterable
+from typing import Protocol
+
+import msgspec
+
+from scheduler.ledger.ledger import BookingFacts, Ledger
+from scheduler.ledger.prefix_memory import PREFIX_BLOCK_TOKENS
+from scheduler.node_view import NodeState, node_view
 from scheduler.placement.config import PlacementConfig, ReservationMode
 from scheduler.placement.framework import Placer
 from scheduler.placement.kv_budget import blocks_for, predicted_output_tokens, regrow
-from scheduler.placement.prefix import prompt_block_hashes
+from scheduler.placement.prefix import matched_prefix_blocks, prompt_block_hashes
+from scheduler.placement.slo_estimate import decode_steps
 from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
+from scheduler.prediction.latency import LatencyLearner
 from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor
 from transport.errors import ErrorCode, PdorchError
 
-# Granularity of the prefix hashes the scheduler keeps per node (tokens per hash).
-PREFIX_BLOCK_TOKENS = 16
+
+class NodeSource(Protocol):
+    def node_states(self) -> Iterable[NodeState]:
+        """Every node placement may use: its Hello, its last reported Load, whether it drains."""
+        ...
 
 
 class Planner:
     def __init__(
         self,
-        cluster: Cluster,
+        nodes: NodeSource,
+        ledger: Ledger,
         placer: Placer,
         predictor: OutputLengthPredictor,
+        latency: LatencyLearner,
         *,
         colocated: bool,
     ) -> None:
-        self._cluster = cluster
+        self._nodes = nodes
+        self.ledger = ledger
         self.placer = placer
         self.predictor = predictor
+        self.latency = latency
         self._colocated = colocated
 
     @property
     def config(self) -> PlacementConfig:
         return self.placer.config
 
+    # ------------------------------------------------------------------ the request
+
     def features(
         self, model: str, prompt: list[int], max_tokens: int, tenant: str, hint: int
     ) -> OutputFeatures:
+        """The output-length predictor's features of a tokenized prompt."""
         hashes = prompt_block_hashes(prompt[:PREFIX_BLOCK_TOKENS], PREFIX_BLOCK_TOKENS)
         return OutputFeatures(
             prompt_len=len(prompt),
@@ -56,71 +85,146 @@ class Planner:
         self,
         request_id: str,
         features: OutputFeatures,
-        prompt: list[int],
-        priority: int,
+        *,
+        block_hashes: tuple[int, ...],
+        prefix_block_tokens: int,
+        priority: int = 0,
+        ttft_slo_s: float = 0.0,
+        tpot_slo_s: float = 0.0,
+        best_effort: bool = False,
         adapter: str = "",
     ) -> PlacementRequest:
+        """The one builder of what placement is asked to place."""
         prediction = self.predictor.predict(features)
         return PlacementRequest(
             request_id=request_id,
             model=features.model,
-            prompt_len=len(prompt),
+            prompt_len=features.prompt_len,
             max_tokens=features.max_tokens,
             tenant=features.tenant,
             priority=priority,
-            # An adapter's cached blocks are keyed by its weights, which the scheduler does not
-            # know: no prefix match is claimed for it (and none with the base model's blocks).
-            block_hashes=() if adapter else prompt_block_hashes(prompt, PREFIX_BLOCK_TOKENS),
-            prefix_block_tokens=PREFIX_BLOCK_TOKENS,
+            block_hashes=block_hashes,
+            prefix_block_tokens=prefix_block_tokens,
             predicted_output_len=round(prediction.mean),
             predicted_output_quantiles=prediction.quantiles,
             colocated=self._colocated,
+            ttft_slo_s=ttft_slo_s,
+            tpot_slo_s=tpot_slo_s,
+            best_effort=best_effort,
             adapter=adapter,
         )
 
-    def place(self, preq: PlacementRequest, exclude: frozenset[str] = frozenset()) -> Placement:
-        snapshot = self._cluster.snapshot()
+    # ------------------------------------------------------------------ deciding
+
+    def snapshot(self, now: float, exclude: frozenset[str] = frozenset()) -> ClusterSnapshot:
+        states = [s for s in self._nodes.node_states() if s.hello.worker_id not in exclude]
+        table = self.latency.table(now, {(s.hello.model, s.hello.accelerator) for s in states})
+        accelerators = self.config.accelerators
+        views = []
+        for s in states:
+            node = self.ledger.node(s.hello.worker_id)
+            if node is not None:
+                views.append(node_view(s, node, table, accelerators, now))
+        return ClusterSnapshot(tuple(views), table)
+
+    def place(
+        self, preq: PlacementRequest, now: float, *, arrived_at: float, exclude: frozenset[str] = frozenset()
+    ) -> Placement:
+        """One decision, not booked. NO_WORKER: nothing has room yet; QUEUE_FULL: shed. A LoRA
+        request sees only the nodes that serve its adapter."""
+        preq = msgspec.structs.replace(preq, waited_s=max(0.0, now - arrived_at))
         if preq.adapter:
-            exclude = exclude | self._cluster.without_adapter(preq.adapter)
-        if exclude:
-            snapshot = ClusterSnapshot(tuple(n for n in snapshot.nodes if n.worker_id not in exclude))
-        return self.placer.place(snapshot, preq)
+            exclude = exclude | frozenset(
+                s.hello.worker_id for s in self._nodes.node_states() if preq.adapter not in s.hello.adapters
+            )
+        return self.placer.place(self.snapshot(now, exclude), preq)
 
-    def follow(self, preq: PlacementRequest, worker_id: str) -> Placement | None:
-        """Colocated on ``worker_id``, which holds the prompt's KV already: the other choices of a
-        request with ``n`` > 1 go where the first one's KV landed, to share its prompt blocks
-        (placement decided once for all of them). None if that worker is gone or draining."""
-        worker = self._cluster.get(worker_id)
-        if worker is None or worker.state is not WorkerState.READY:
-            return None
-        tokens = preq.prompt_len + predicted_output_tokens(preq, self.config.reservation)
-        return Placement(worker_id, worker_id, blocks_for(tokens, worker.hello.block_size))
-
-    def has_room(self, preq: PlacementRequest) -> bool:
-        """Would the request be placed right now? (Admission lets it in only then.)"""
+    def decide(
+        self, preq: PlacementRequest, now: float, *, arrived_at: float, exclude: frozenset[str] = frozenset()
+    ) -> Placement | None:
+        """One decision, booked at once under the request's id (its job id); None: wait for room."""
         try:
-            self.place(preq)
+            placement = self.place(preq, now, arrived_at=arrived_at, exclude=exclude)
         except PdorchError as e:
             if e.code is ErrorCode.NO_WORKER:
-                return False
+                return None
             raise
-        return True
+        self.book(placement, preq, now)
+        return placement
 
-    def grow(self, worker_id: str, request_id: str, tokens_so_far: int, max_total_tokens: int) -> None:
-        """Re-reserve when a request outgrows its predicted footprint on its decode node."""
-        held = self._cluster.held(worker_id, request_id)
-        worker = self._cluster.get(worker_id)
-        if held is None or worker is None:
+    def follow(self, preq: PlacementRequest, worker_id: str, now: float) -> Placement | None:
+        """Colocated on ``worker_id``, which holds the prompt's KV already, and booked: the other
+        choices of a request with ``n`` > 1 go where the first one's KV landed, to share its prompt
+        blocks (placement decided once for all of them). None if that worker is gone or draining."""
+        state = next((s for s in self._nodes.node_states() if s.hello.worker_id == worker_id), None)
+        node = self.ledger.node(worker_id)
+        if state is None or state.draining or node is None:
+            return None
+        tokens = preq.prompt_len + predicted_output_tokens(preq, self.config.reservation)
+        placement = Placement(worker_id, worker_id, blocks_for(tokens, node.block_size))
+        self.book(placement, preq, now)
+        return placement
+
+    def book(self, placement: Placement, preq: PlacementRequest, now: float) -> None:
+        prefill = self.ledger.node(placement.prefill)
+        cached = 0
+        if prefill is not None and preq.block_hashes:
+            per_block = preq.prefix_block_tokens or prefill.block_size
+            cached = matched_prefix_blocks(preq.block_hashes, prefill.prefixes.view()) * per_block
+        self.ledger.book(preq.request_id, placement, _facts(preq), cached=cached, now=now)
+
+    def book_decode(self, job_id: str, worker_id: str, reserve_blocks: int, preq: PlacementRequest) -> None:
+        """The job's KV goes to another decode node (the broker still holds it)."""
+        self.ledger.book_decode(job_id, worker_id, reserve_blocks, _facts(preq))
+
+    # ------------------------------------------------------------------ the lifecycle
+
+    def first_token(self, job_id: str, now: float, cached: int | None = None) -> None:
+        sample = self.ledger.first_token(job_id, now, cached)
+        if sample is not None:
+            self.latency.observe_prefill(sample)
+
+    def kv_loaded(self, job_id: str, now: float) -> None:
+        sample = self.ledger.kv_loaded(job_id, now)
+        if sample is not None:
+            self.latency.observe_handoff(sample)
+
+    def grow(self, job_id: str, tokens_so_far: int, max_total_tokens: int) -> None:
+        """The job holds ``tokens_so_far`` on its decode node: re-reserve once it outgrows its
+        predicted footprint."""
+        found = self.ledger.held_on_decode(job_id)
+        if found is None:
             return
-        held.tokens = tokens_so_far
+        node, held = found
+        reserved = None
         if self.config.reservation.mode is ReservationMode.PREDICTED:
-            held.reserved_blocks = regrow(
+            reserved = regrow(
                 held.reserved_blocks,
                 tokens_so_far,
-                worker.hello.block_size,
+                node.block_size,
                 max_total_tokens=max_total_tokens,
                 factor=self.config.reservation.regrow_factor,
             )
+        node.grow(job_id, tokens_so_far, reserved)
+
+    def finished(self, job_id: str, now: float, decoded: int) -> None:
+        """The job's decode ended after ``decoded`` tokens on its decode node; Unreserve everywhere."""
+        sample = self.ledger.finish(job_id, now, decoded)
+        if sample is not None:
+            self.latency.observe_decode(sample)
+
+    def release(self, job_id: str, now: float, worker_id: str | None = None) -> None:
+        self.ledger.release(job_id, now, worker_id)
 
     def observe(self, features: OutputFeatures, output_len: int) -> None:
         self.predictor.observe(features, output_len)
+
+
+def _facts(preq: PlacementRequest) -> BookingFacts:
+    return BookingFacts(
+        prompt_tokens=preq.prompt_len,
+        block_hashes=preq.block_hashes,
+        prefix_block_tokens=preq.prefix_block_tokens,
+        decode_steps=decode_steps(preq),
+        tpot_slo_s=preq.tpot_slo_s,
+    )

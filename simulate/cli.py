@@ -36,7 +36,9 @@ PLOT_POINTS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdorch simulate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--trace", required=True, type=Path, help="Azure CSV or Mooncake JSONL trace")
+    p.add_argument(
+        "--trace", required=True, type=Path, help="Azure CSV, Mooncake JSONL or ShareGPT lengths CSV"
+    )
     p.add_argument("--prefill", action="append", default=[], metavar="N:CLASS[xTP]", help="prefill pool")
     p.add_argument("--decode", action="append", default=[], metavar="N:CLASS[xTP]", help="decode pool")
     p.add_argument("--both", action="append", default=[], metavar="N:CLASS[xTP]", help="colocated nodes")
@@ -47,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=4, help="tensor-parallel size when a class has no xTP")
     p.add_argument("--model", default="llama-2-70b", help="model shape (llama-2-70b, llama-3-8b)")
     p.add_argument("--limit", type=int, default=0, help="replay only the first N requests")
+    p.add_argument(
+        "--requests", type=int, default=4000, help="traces without timestamps (ShareGPT): requests to draw"
+    )
+    p.add_argument(
+        "--arrival-rate",
+        type=float,
+        default=1.0,
+        help="traces without timestamps: Poisson arrivals per second",
+    )
+    p.add_argument("--seed", type=int, default=0, help="traces without timestamps: sample and arrival seed")
     p.add_argument("--ttft-base-s", type=float, default=SloSpec().ttft_base_s)
     p.add_argument("--ttft-scale", type=float, default=SloSpec().ttft_scale)
     p.add_argument("--tpot-ms", type=float, default=SloSpec().tpot_s * 1e3)
@@ -67,7 +79,7 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    trace = load_trace(args.trace)
+    trace = load_trace(args.trace, requests=args.requests, rate_per_s=args.arrival_rate, seed=args.seed)
     if args.limit > 0:
         trace = trace.head(args.limit)
     cluster = parse_cluster(args.prefill, args.decode, args.both, default_tp=args.tp)

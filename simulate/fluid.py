@@ -149,6 +149,9 @@ class SimEngine:
         self.changes = 0  # bumps on every state change (lets observers cache what they derive)
         self.prompt_tokens = 0  # prompt tokens of prefills started here (recomputes excluded)
         self.cached_tokens = 0  # of which served from the prefix cache
+        # Per request whose prefill started here: its prompt tokens served from the cache (the
+        # engine's report with its first token; the caller pops it).
+        self.prefill_hits: dict[int, int] = {}
         # Prefix cache: hash -> None, least recently used first.
         self.cache: OrderedDict[int, None] = OrderedDict()
         self._queue: deque[_Work] = deque()
@@ -332,6 +335,7 @@ class SimEngine:
             if work.mode is not _Mode.RECOMPUTE:
                 self.prompt_tokens += work.total
                 self.cached_tokens += work.done
+                self.prefill_hits[work.rid] = work.done
         mixed = bool(self._batch)
         end = work.total
         if mixed and self.params.chunk_tokens > 0:

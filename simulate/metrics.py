@@ -31,6 +31,10 @@ class SimResult(msgspec.Struct, frozen=True):
     preemptions: int
     prefix_hit_rate: float  # share of prompt tokens served from prefix caches
     local_prefills: int  # requests a disaggregating policy ran colocated (decider or fallback)
+    shed: int  # requests placement refused because their TTFT objective could no longer be met
+    # Median |actual / predicted - 1| of the placements' predicted TTFT and TPOT (nan: none predicted).
+    ttft_prediction_error: float
+    tpot_prediction_error: float
     makespan_s: float  # virtual time from first arrival to last finish
 
 

@@ -2,11 +2,18 @@
 
 One run replays a trace against a cluster under one placement policy:
 
-1. **Arrival**: the output-length predictor predicts; the request joins the fair admission queue
-   and is placed when it reaches the head (``Placer.place`` on a snapshot of every node). A policy
-   that finds no node with room (NO_WORKER) leaves it waiting; it is retried when capacity frees.
-2. **Placement** reserves the KV blocks on the decode node (Reserve) and submits the prompt to the
-   prefill node (or, colocated, to the one node, which then decodes too).
+The scheduler side is the live scheduler's own :class:`~scheduler.planner.Planner`: the same
+request builder, the same decision per request booked in the same
+:class:`~scheduler.ledger.ledger.Ledger`, the same learnt latency models fed the same lifecycle
+events, the same node views (each node's ``Hello`` and ``Load`` are what a live worker would send).
+
+1. **Arrival**: the planner builds the request (output-length prediction, the SLO judge's
+   objectives); it joins the fair admission queue (earliest TTFT deadline first) and is placed when
+   it reaches the head (``Planner.decide``, booked at once). A policy that finds no node with room
+   (NO_WORKER) leaves it waiting; it is retried when capacity frees. One that sheds it
+   (QUEUE_FULL) fails it.
+2. **Placement** submits the prompt to the prefill node (or, colocated, to the one node, which then
+   decodes too); the booking holds the KV reservation on the decode node (Reserve).
 3. **Prefill done** = first token (TTFT). A handoff asks the decode node for KV room; when admitted,
    the KV moves over the link (prompt tokens x KV bytes/token / link bandwidth, one transfer at a
    time per node NIC), the prefill node frees it and the decode node starts generating.
@@ -27,11 +34,14 @@ import numpy as np
 
 from scheduler.admission.policy import AdmissionPolicy, QueueOrder
 from scheduler.admission.queue import FairQueue
+from scheduler.ledger.ledger import Ledger
+from scheduler.node_view import NodeState
 from scheduler.placement.config import PlacementConfig, ReservationMode
 from scheduler.placement.framework import Placer
-from scheduler.placement.kv_budget import regrow
 from scheduler.placement.policies import is_colocated
-from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
+from scheduler.placement.types import Placement, PlacementRequest
+from scheduler.planner import Planner
+from scheduler.prediction.latency import LatencyLearner
 from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor, PredictorConfig
 from simulate.cluster import ClusterSpec
 from simulate.fluid import EngineEvent, EngineParams, EventKind
@@ -72,15 +82,27 @@ def chunk_tokens_for(cost: CostModel, tpot_s: float) -> int:
 
 
 class _Req:
-    __slots__ = ("colocated", "decode", "done", "failed", "features", "first", "prefill", "preq", "reserved")
+    __slots__ = (
+        "colocated",
+        "decode",
+        "done",
+        "failed",
+        "features",
+        "first",
+        "job",
+        "predicted",
+        "prefill",
+        "preq",
+    )
 
     def __init__(self, preq: PlacementRequest, features: OutputFeatures) -> None:
         self.preq = preq
+        self.job = preq.request_id
         self.features = features
         self.prefill = -1
         self.decode = -1
-        self.reserved = 0
         self.colocated = False
+        self.predicted = (0.0, 0.0)  # the placement's predicted TTFT and TPOT (0: none)
         self.first = math.nan
         self.done = math.nan
         self.failed = False
@@ -109,14 +131,22 @@ class Simulation:
         self.trace = trace.scaled(rate_scale) if rate_scale != 1.0 else trace
         self.rate_scale = rate_scale
         self.policy_name = policy_name
-        self.placer = Placer(placement)
-        placement = self.placer.config  # validated
-        self.cluster = cluster.colocated() if is_colocated(placement) else cluster
+        placer = Placer(placement)
+        placement = placer.config  # validated
+        colocated = is_colocated(placement)
+        self.cluster = cluster.colocated() if colocated else cluster
         self.config = config
         self._watermarks = placement.reservation.mode is ReservationMode.PREDICTED
-        self._regrow_factor = placement.reservation.regrow_factor
         self.judge = SloJudge(slo, CostModel(slo.reference_class, slo.reference_tp, shape))
-        self.predictor = OutputLengthPredictor(config.predictor)
+        self.ledger = Ledger()
+        self.planner = Planner(
+            self,
+            self.ledger,
+            placer,
+            OutputLengthPredictor(config.predictor),
+            LatencyLearner(placement.accelerators),
+            colocated=colocated,
+        )
         self.nodes: list[SimNode] = []
         for i, spec in enumerate(self.cluster.instances):
             cost = CostModel(spec.accelerator, spec.tp, shape)
@@ -127,8 +157,18 @@ class Simulation:
                 max_batch=config.max_batch,
                 prefix_block_tokens=trace.prefix_block_tokens,
             )
-            self.nodes.append(SimNode(i, spec, shape, params, config.model))
+            node = SimNode(i, spec, shape, params, config.model)
+            self.nodes.append(node)
+            self.ledger.add_node(
+                node.worker_id,
+                config.model,
+                spec.accelerator,
+                block_size=config.block_size,
+                kv_bytes_per_token=shape.kv_bytes_per_token,
+                capacity_tokens=node.hello.capacity_blocks * node.hello.block_size,
+            )
         self._by_id = {n.worker_id: n for n in self.nodes}
+        self._now = 0.0
         # Requests that found no room wait here; the most urgent (earliest TTFT deadline) goes first.
         self._queue = FairQueue(
             AdmissionPolicy(max_queued=len(trace.requests) + 1, order=QueueOrder.DEADLINE)
@@ -142,8 +182,14 @@ class Simulation:
         self._aborted = False
         self._kv_bytes = 0.0
         self._local = 0
+        self._shed = 0
         self._link_bps = config.link_gbytes_per_s * 1e9
         self._finished = 0
+
+    def node_states(self) -> list[NodeState]:
+        """What every node reports now (the planner's node source)."""
+        t = self._now
+        return [n.state(t) for n in self.nodes]
 
     # ------------------------------------------------------------------ the loop
 
@@ -186,19 +232,17 @@ class Simulation:
             self._push(reqs[i + 1].arrival_s, _ARRIVAL, i + 1)
         r = reqs[i]
         features = features_of(r, self.config.model)
-        prediction = self.predictor.predict(features)
-        preq = PlacementRequest(
-            request_id=str(i),
-            model=self.config.model,
-            prompt_len=r.prompt_len,
-            max_tokens=r.max_tokens,
-            tenant=r.tenant,
+        ttft_slo = self.judge.ttft_limit_s(r.prompt_len)
+        preq = self.planner.request(
+            str(i),
+            features,
             block_hashes=r.hash_ids,
             prefix_block_tokens=self.trace.prefix_block_tokens,
-            predicted_output_quantiles=prediction.quantiles,
+            ttft_slo_s=ttft_slo,
+            tpot_slo_s=self.judge.slo.tpot_s,
         )
         self._reqs[i] = _Req(preq, features)
-        entry = self._queue.push(r.tenant, 0, t, deadline_at=t + self.judge.ttft_limit_s(r.prompt_len))
+        entry = self._queue.push(r.tenant, 0, t, deadline_at=t + ttft_slo)
         self._queued[entry.ticket] = i
         self._pump(t)
 
@@ -206,7 +250,20 @@ class Simulation:
         """Place waiting requests in admission order until the head finds no room."""
         while True:
             head = self._queue.peek()
-            if head is None or not self._try_place(self._queued[head.ticket], t):
+            if head is None:
+                return
+            i = self._queued[head.ticket]
+            try:
+                placed = self._try_place(i, t)
+            except PdorchError as e:
+                if e.code is not ErrorCode.QUEUE_FULL:
+                    raise
+                self._shed += 1
+                self._queue.remove(head.ticket)
+                del self._queued[head.ticket]
+                self._fail(i, None)
+                continue
+            if not placed:
                 return
             self._queue.pop(t)
             del self._queued[head.ticket]
@@ -214,27 +271,20 @@ class Simulation:
     def _try_place(self, i: int, t: float) -> bool:
         req = self._reqs[i]
         assert req is not None
-        snapshot = ClusterSnapshot(tuple(n.view(t) for n in self.nodes))
-        try:
-            placement = self.placer.place(snapshot, req.preq)
-        except PdorchError as e:
-            if e.code is ErrorCode.NO_WORKER:
-                return False
-            raise
+        self._now = t
+        placement = self.planner.decide(req.preq, t, arrived_at=self.trace.requests[i].arrival_s)
+        if placement is None:
+            return False
         self._dispatch(i, req, placement, t)
         return True
 
     def _dispatch(self, i: int, req: _Req, placement: Placement, t: float) -> None:
         p, d = self._by_id[placement.prefill], self._by_id[placement.decode]
-        req.prefill, req.decode, req.reserved = p.index, d.index, placement.reserve_blocks
+        req.prefill, req.decode = p.index, d.index
         req.colocated = p is d
-        d.reserved_blocks += placement.reserve_blocks
-        d.inflight += 1
-        if req.colocated:
-            if self.cluster.instances[d.index].role != "both":
-                self._local += 1
-        else:
-            p.inflight += 1
+        req.predicted = (placement.predicted_ttft_s, placement.predicted_tpot_s)
+        if req.colocated and self.cluster.instances[d.index].role != "both":
+            self._local += 1
         r = self.trace.requests[i]
         if self._watermarks:
             d.engine.set_watermark(t, i, placement.reserve_blocks * self.config.block_size)
@@ -252,6 +302,7 @@ class Simulation:
         if kind == EventKind.PREFILL_DONE:
             if math.isnan(req.first):
                 req.first = t
+            self.planner.first_token(req.job, t, node.engine.prefill_hits.pop(i, None))
             if not req.colocated:
                 self._handoff(i, req, node, t)
             if self._queued:  # a prefill queue got shorter: a waiting request may fit now
@@ -266,7 +317,6 @@ class Simulation:
             if not req.colocated:  # the prefill node still holds the KV that found no home
                 prefill = self.nodes[req.prefill]
                 prefill.engine.release(t, i)
-                prefill.inflight -= 1
                 self._touch(prefill, t)
             self._fail(i, t)
 
@@ -274,7 +324,6 @@ class Simulation:
         r = self.trace.requests[i]
         if r.output_len <= 1:  # the first token was the whole answer
             prefill.engine.release(t, i)
-            prefill.inflight -= 1
             self._finish(i, req, t)
             return
         decode = self.nodes[req.decode]
@@ -294,32 +343,28 @@ class Simulation:
         req = self._reqs[i]
         assert req is not None
         decode, prefill = self.nodes[req.decode], self.nodes[req.prefill]
+        self.planner.kv_loaded(req.job, t)
         decode.engine.join(t, i)
         self._touch(decode, t)
         prefill.engine.release(t, i)
-        prefill.inflight -= 1
         self._touch(prefill, t)
 
     def _regrow(self, i: int, req: _Req, node: SimNode, t: float) -> None:
         r = self.trace.requests[i]
         tokens = node.engine.context_at(t, i)
-        bs = self.config.block_size
-        new = regrow(
-            req.reserved, tokens, bs, max_total_tokens=r.prompt_len + r.max_tokens, factor=self._regrow_factor
-        )
-        node.reserved_blocks += new - req.reserved
-        req.reserved = new
-        if new * bs > tokens:
-            node.engine.set_watermark(t, i, new * bs)
+        self.planner.grow(req.job, tokens, r.prompt_len + r.max_tokens)
+        held = self.ledger.node(node.worker_id).held.get(req.job)  # type: ignore[union-attr]
+        if held is not None and held.reserved_blocks * self.config.block_size > tokens:
+            node.engine.set_watermark(t, i, held.reserved_blocks * self.config.block_size)
 
     def _finish(self, i: int, req: _Req, t: float) -> None:
         if not math.isnan(req.done):
             raise PdorchError(ErrorCode.INTERNAL, f"request {i} finished twice")
         req.done = t
         self._finished += 1
-        self._release(req)
         r = self.trace.requests[i]
-        self.predictor.observe(req.features, r.output_len)
+        self.planner.finished(req.job, t, r.output_len - 1)
+        self.planner.observe(req.features, r.output_len)
         if not self.judge.met(r.prompt_len, req.first - r.arrival_s, self._tpot(req, r.output_len)):
             self._miss()
         self._pump(t)
@@ -328,16 +373,10 @@ class Simulation:
         req = self._reqs[i]
         assert req is not None
         req.failed = True
-        if req.decode >= 0:
-            self._release(req)
+        self.planner.release(req.job, self._now if t is None else t)
         self._miss()
         if t is not None:
             self._pump(t)
-
-    def _release(self, req: _Req) -> None:
-        decode = self.nodes[req.decode]
-        decode.reserved_blocks -= req.reserved
-        decode.inflight -= 1
 
     def _miss(self) -> None:
         self._misses += 1
@@ -369,6 +408,16 @@ class Simulation:
         done = np.isfinite(tpot)
         finished_ttft = ttft[done]
         finished_tpot = tpot[done]
+        ttft_err = [
+            abs(ttft[i] / q.predicted[0] - 1.0)
+            for i, q in enumerate(self._reqs)
+            if q is not None and q.predicted[0] > 0 and math.isfinite(ttft[i])
+        ]
+        tpot_err = [
+            abs(tpot[i] / q.predicted[1] - 1.0)
+            for i, q in enumerate(self._reqs)
+            if q is not None and q.predicted[1] > 0 and math.isfinite(tpot[i]) and reqs[i].output_len > 1
+        ]
         last_done = max((q.done for q in self._reqs if q is not None and not math.isnan(q.done)), default=0.0)
         return SimResult(
             policy=self.policy_name,
@@ -394,6 +443,9 @@ class Simulation:
             prefix_hit_rate=sum(n.engine.cached_tokens for n in self.nodes)
             / max(1, sum(n.engine.prompt_tokens for n in self.nodes)),
             local_prefills=self._local,
+            shed=self._shed,
+            ttft_prediction_error=percentile(np.array(ttft_err), 50),
+            tpot_prediction_error=percentile(np.array(tpot_err), 50),
             makespan_s=last_done - (reqs[0].arrival_s if reqs else 0.0),
         )
 

@@ -3,9 +3,12 @@
 * Azure LLM inference trace 2023, code (Splitwise): CSV ``TIMESTAMP, ContextTokens, GeneratedTokens``.
 * Mooncake FAST'25 synthetic trace: JSONL ``timestamp`` (ms), ``input_length``, ``output_length``,
   ``hash_ids`` (one id per 512-token prefix block; equal ids = the same prefix, reusable).
+* ShareGPT conversation lengths (Sarathi-Serve's processed stats): CSV ``num_prefill_tokens``,
+  ``num_decode_tokens``, no timestamps and no prompt contents: a seeded sample of rows arriving as a
+  Poisson process at a chosen rate.
 
-Neither trace records ``max_tokens``; we assume :data:`DEFAULT_MAX_TOKENS` for every request (above
-every output in both traces), which the predictor may use as a feature and a cap.
+None records ``max_tokens``; we assume :data:`DEFAULT_MAX_TOKENS` for every request (above every
+output in all three), which the predictor may use as a feature and a cap.
 """
 
 from __future__ import annotations
@@ -94,11 +97,43 @@ def load_mooncake_jsonl(path: Path, name: str = "mooncake") -> Trace:
     return _normalised(name, rows, prefix_block_tokens=MOONCAKE_BLOCK_TOKENS)
 
 
-def load_trace(path: Path) -> Trace:
+def load_sharegpt_csv(
+    path: Path, name: str = "sharegpt", *, requests: int = 4000, rate_per_s: float = 1.0, seed: int = 0
+) -> Trace:
+    """``requests`` rows drawn without replacement (seeded), arriving as a Poisson process."""
+    if requests < 1 or not rate_per_s > 0:
+        raise PdorchError(ErrorCode.CONFIG, "a ShareGPT workload needs requests >= 1 and a rate > 0")
+    with Path(path).open(newline="") as f:
+        rows = [
+            (int(float(r["num_prefill_tokens"])), int(float(r["num_decode_tokens"])))
+            for r in csv.DictReader(f)
+        ]
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(rows), size=min(requests, len(rows)), replace=False)
+    gaps = rng.exponential(1.0 / rate_per_s, size=len(picked))
+    arrivals = np.cumsum(gaps) - gaps[0]
+    reqs = [
+        TraceRequest(
+            arrival_s=float(t),
+            prompt_len=max(1, rows[j][0]),
+            output_len=max(1, min(rows[j][1], DEFAULT_MAX_TOKENS)),
+        )
+        for t, j in zip(arrivals, picked, strict=True)
+    ]
+    return _normalised(name, reqs, prefix_block_tokens=16)
+
+
+def load_trace(path: Path, *, requests: int = 4000, rate_per_s: float = 1.0, seed: int = 0) -> Trace:
+    """A trace file by its format. ``requests``, ``rate_per_s`` and ``seed`` shape the arrivals of a
+    trace that has no timestamps (ShareGPT lengths)."""
     p = Path(path)
     if not p.exists():
         raise PdorchError(ErrorCode.CONFIG, f"trace file {p} not found")
     if p.suffix == ".csv":
+        with p.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if "num_prefill_tokens" in header:
+            return load_sharegpt_csv(p, "sharegpt", requests=requests, rate_per_s=rate_per_s, seed=seed)
         return load_azure_csv(p, name=p.stem)
     if p.suffix in (".jsonl", ".json"):
         return load_mooncake_jsonl(p, name=p.stem)

@@ -7,6 +7,11 @@ caller's ("is there a node with room for this request now?"); it is re-evaluated
 may have changed: a ticket is released, or the caller calls :meth:`AdmissionGate.notify` (e.g. a
 worker reported freed KV). The head blocks the queue while its check fails (no overtaking, so big
 requests are not starved by small ones). A waiter whose deadline passes gets ``DEADLINE_EXCEEDED``.
+
+The check may *be* the decision: whatever truthy value it returns (the scheduler's booked
+placement) is handed to the admitted request as ``ticket.grant``, so a request is placed once, at
+the instant it is admitted. A check that raises ``PdorchError`` (placement shed the request) fails
+that request's ``acquire`` with it; the queue goes on with the next.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from scheduler.admission.policy import AdmissionPolicy
 from scheduler.admission.queue import FairQueue
 from transport.errors import ErrorCode, PdorchError
 
-RoomCheck = Callable[[], bool]
+# Falsy: no room yet. Anything else admits the request and is handed to it as ``ticket.grant``.
+RoomCheck = Callable[[], object]
 
 
 def _always() -> bool:
@@ -29,10 +35,11 @@ def _always() -> bool:
 class Ticket:
     """Admission held by one request; release it exactly once when the request ends (idempotent)."""
 
-    def __init__(self, gate: AdmissionGate, tenant: str, priority: int) -> None:
+    def __init__(self, gate: AdmissionGate, tenant: str, priority: int, grant: object = True) -> None:
         self._gate = gate
         self.tenant = tenant
         self.priority = priority
+        self.grant = grant  # what the room check returned when it admitted the request
         self.released = False
 
     def release(self) -> None:
@@ -71,8 +78,8 @@ class AdmissionGate:
     ) -> Ticket:
         check = has_room or self._has_room
         now = self._clock()
-        if not len(self._queue) and self._slot_free() and check():
-            return self._grant(tenant, priority, now)
+        if not len(self._queue) and self._slot_free() and (grant := check()):
+            return self._grant(tenant, priority, now, grant)
         entry = self._queue.push(tenant, priority, now, now + deadline_s)  # may raise QueueFull
         fut: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
         self._waiters[entry.ticket] = (fut, check)
@@ -96,10 +103,10 @@ class AdmissionGate:
     def _slot_free(self) -> bool:
         return not self.policy.max_inflight or self.inflight < self.policy.max_inflight
 
-    def _grant(self, tenant: str, priority: int, now: float) -> Ticket:
+    def _grant(self, tenant: str, priority: int, now: float, grant: object) -> Ticket:
         self.inflight += 1
         self._queue.note_admitted(now)
-        return Ticket(self, tenant, priority)
+        return Ticket(self, tenant, priority, grant)
 
     def _pump(self) -> None:
         while True:
@@ -111,16 +118,23 @@ class AdmissionGate:
                 self._queue.remove(head.ticket)
                 del self._waiters[head.ticket]
                 continue
-            if not check():
+            try:
+                grant = check()
+            except PdorchError as e:
+                self._queue.remove(head.ticket)
+                del self._waiters[head.ticket]
+                fut.set_exception(e)
+                continue
+            if not grant:
                 return
             self._queue.pop()
             del self._waiters[head.ticket]
-            fut.set_result(self._grant(head.tenant, head.priority, self._clock()))
+            fut.set_result(self._grant(head.tenant, head.priority, self._clock(), grant))
 
     def _abandon(self, ticket: int, fut: asyncio.Future[Ticket]) -> None:
         self._waiters.pop(ticket, None)
         self._queue.remove(ticket)
-        if fut.done() and not fut.cancelled():
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
             fut.result().release()  # granted just as we gave up: hand the capacity back
         else:
             fut.cancel()

@@ -30,7 +30,9 @@ from scheduler.flow.broker_health import BrokerHealth
 from scheduler.flow.recovery import KV_PLANE_FAULTS, Recovery, recovery
 from scheduler.flow.request import GenerationRequest, TokenBatch
 from scheduler.inbox import Delivery, Inbox, KvBrokerLost, WorkerLost
+from scheduler.ledger.prefix_memory import PREFIX_BLOCK_TOKENS
 from scheduler.metrics import Metrics
+from scheduler.placement.prefix import prompt_block_hashes
 from scheduler.placement.types import Placement, PlacementRequest
 from scheduler.planner import Planner
 from scheduler.prediction.output_length import OutputFeatures
@@ -65,7 +67,6 @@ class _Run:
     # Workers that failed the request while staying registered: placed elsewhere when possible.
     avoid: set[str] = field(default_factory=set)
     lost_since: float | None = None  # when the progress a migration has to make up was made
-    prefill_tokens_pending: int = 0  # prompt tokens the current attempt's prefill owes an answer
     # Told once where the prompt's KV is resident (see ``Orchestrator.generate``), then None.
     on_resident: Callable[[str], None] | None = None
 
@@ -101,10 +102,40 @@ class Orchestrator:
         return self._plan(req, req.request_id, req.prompt_token_ids, req.sampling.max_tokens)
 
     def _plan(
-        self, req: GenerationRequest, job_id: str, prompt: list[int], max_tokens: int
+        self,
+        req: GenerationRequest,
+        job_id: str,
+        prompt: list[int],
+        max_tokens: int,
+        *,
+        resumed: bool = False,
     ) -> tuple[OutputFeatures, PlacementRequest]:
         features = self._planner.features(req.model, prompt, max_tokens, req.tenant, req.hint)
-        return features, self._planner.request(job_id, features, prompt, req.priority, req.adapter)
+        slo = self._cfg.slo
+        preq = self._planner.request(
+            job_id,
+            features,
+            # An adapter's cached blocks are keyed by its weights, which the scheduler does not
+            # know: no prefix match is claimed for it (nor one with the base model's blocks).
+            block_hashes=() if req.adapter else prompt_block_hashes(prompt, PREFIX_BLOCK_TOKENS),
+            prefix_block_tokens=PREFIX_BLOCK_TOKENS,
+            priority=req.priority,
+            # A resumed request's first token is long out: its next one should come as soon as it can.
+            ttft_slo_s=0.0 if resumed else req.ttft_slo_s or slo.ttft_s,
+            tpot_slo_s=req.tpot_slo_s or slo.tpot_s,
+            best_effort=resumed,
+            adapter=req.adapter,
+        )
+        return features, preq
+
+    def decide(self, req: GenerationRequest, preq: PlacementRequest) -> Placement | None:
+        """Admission's room check: the request's one placement, booked at once; None = no room yet.
+        Raises ``QUEUE_FULL`` when placement sheds it."""
+        return self._planner.decide(preq, time.monotonic(), arrived_at=req.arrival)
+
+    def forget(self, req: GenerationRequest) -> None:
+        """Unreserve whatever the request's first attempt booked (a no-op once ``generate`` ran)."""
+        self._planner.release(req.request_id, time.monotonic())
 
     # ------------------------------------------------------------------ the lifecycle
 
@@ -112,28 +143,38 @@ class Orchestrator:
         self,
         req: GenerationRequest,
         plan: tuple[OutputFeatures, PlacementRequest] | None = None,
+        placement: Placement | None = None,
         *,
         follow: str = "",
         on_resident: Callable[[str], None] | None = None,
     ) -> AsyncIterator[TokenBatch]:
-        """The request's tokens as they come. ``on_resident(worker_id)`` is called once, when the
-        prompt's KV is complete on the worker that generates the rest (the decode worker once the
-        handoff landed; the prefill worker if the request ended at its first token). ``follow``
-        starts the request colocated on that worker instead of placing it, when it is still there:
-        the other choices of an ``n`` > 1 request share the prompt's cached blocks there."""
+        """The request's tokens as they come. ``placement``: its decision, booked by :meth:`decide`
+        at admission (without one, it is decided here, once). ``on_resident(worker_id)`` is called
+        once, when the prompt's KV is complete on the worker that generates the rest (the decode
+        worker once the handoff landed; the prefill worker if the request ended at its first
+        token). ``follow`` starts the request colocated on that worker instead of placing it, when
+        it is still there: the other choices of an ``n`` > 1 request share the prompt's cached
+        blocks there."""
         rid = req.request_id
         features, preq = plan or self.plan(req)
         queue = self._inbox.open(rid)
         run = _Run(req, preq, on_resident=on_resident)
         finished = False
         try:
-            placement = (self._planner.follow(preq, follow) if follow else None) or self._planner.place(preq)
+            if placement is None and follow:
+                placement = self._planner.follow(preq, follow, time.monotonic())
+            if placement is None:
+                placement = self.decide(req, preq)
+                if placement is None:
+                    raise PdorchError(ErrorCode.NO_WORKER, "no worker has room for the request")
             run.attempt = self._dispatch(run, preq, placement, 0)
             while True:
                 attempt = run.attempt
                 item = await self._next(run, attempt, queue)
                 batch, failure = item if isinstance(item, tuple) else (None, item)
                 if batch is not None:
+                    if batch.finish_reason is not None:
+                        self._finished(run, attempt)
                     yield batch
                     if batch.finish_reason is not None:
                         finished = True
@@ -147,8 +188,15 @@ class Orchestrator:
                     _resident(run, run.attempt.prefill)
                 self._abandon(run, run.attempt)
                 self._metrics.attempts.observe(run.attempt.number + 1)
+            else:
+                self.forget(req)
             if finished:
                 self._planner.observe(features, len(run.tokens))
+
+    def _finished(self, run: _Run, a: Attempt) -> None:
+        # Tokens the attempt's decode side produced after its first (which came from prefill).
+        decoded = len(run.tokens) - a.generated - 1
+        self._planner.finished(a.job_id, time.monotonic(), decoded)
 
     async def _next(
         self, run: _Run, attempt: Attempt, queue: asyncio.Queue[Delivery]
@@ -189,7 +237,7 @@ class Orchestrator:
             if a.split and worker_id == a.prefill:
                 if a.first_token_in:
                     return None, None  # token 0 already came with KvLoaded
-                self._first_token(run, a)
+                self._first_token(run, a, event.cached_tokens)
                 held, a.held = a.held, None
                 batch = self._accept(run, a, worker_id, _joined(event, a.early))
                 a.early.clear()
@@ -200,7 +248,7 @@ class Orchestrator:
                 if a.split:
                     a.early.append(event)  # decode ran ahead of the prefill's token (see KvLoaded)
                     return None, None
-                self._first_token(run, a)
+                self._first_token(run, a, event.cached_tokens)
             return self._accept(run, a, worker_id, event), None
         if isinstance(event, KvLoaded):
             self._kv_loaded(run, a)
@@ -229,7 +277,7 @@ class Orchestrator:
         if worker_id == a.decode:
             prompt_len = len(run.req.prompt_token_ids)
             self._planner.grow(
-                worker_id, a.job_id, prompt_len + len(run.tokens), prompt_len + run.req.sampling.max_tokens
+                a.job_id, prompt_len + len(run.tokens), prompt_len + run.req.sampling.max_tokens
             )
         if event.finish_reason is not None:
             a.open.discard(worker_id)
@@ -247,15 +295,14 @@ class Orchestrator:
             self._metrics.migration_seconds.observe(run.progress_at - run.lost_since)
             run.lost_since = None
 
-    def _first_token(self, run: _Run, a: Attempt) -> None:
+    def _first_token(self, run: _Run, a: Attempt, cached_tokens: int | None = None) -> None:
         a.first_token_in = True
         self._progress(run)
         if not a.split:
             _resident(run, a.prefill)
-        if run.prefill_tokens_pending:
-            self._cluster.add_pending_prefill(a.prefill, -run.prefill_tokens_pending)
-            run.prefill_tokens_pending = 0
-            self._on_capacity()
+        # A prefill queue got shorter: a waiting request may fit now.
+        self._planner.first_token(a.job_id, run.progress_at, cached_tokens)
+        self._on_capacity()
 
     def _kv_loaded(self, run: _Run, a: Attempt) -> None:
         a.kv_loaded = True
@@ -268,7 +315,7 @@ class Orchestrator:
         # The prefill side's part is over; its node no longer holds anything for this attempt.
         a.open.discard(a.prefill)
         self._inbox.stop_expecting(a.job_id, a.prefill)
-        self._cluster.release(a.prefill, a.job_id)
+        self._planner.kv_loaded(a.job_id, run.progress_at)
         self._on_capacity()
 
     def _phase_timeout(self, run: _Run, a: Attempt) -> tuple[float, ErrorCode, str]:
@@ -292,8 +339,9 @@ class Orchestrator:
     # ------------------------------------------------------------------ placing an attempt
 
     def _dispatch(self, run: _Run, preq: PlacementRequest, placement: Placement, number: int) -> Attempt:
-        """Reserve and send the jobs of a new attempt. A worker that cannot be reached is dropped
-        by the control server, which delivers ``WorkerLost`` to this job like any other loss."""
+        """Send the jobs of a new attempt, whose placement the planner has booked. A worker that
+        cannot be reached is dropped by the control server, which delivers ``WorkerLost`` to this
+        job like any other loss."""
         req = run.req
         generated = len(run.tokens)
         job_id = req.request_id if number == 0 else f"{req.request_id}.{number}"
@@ -306,17 +354,20 @@ class Orchestrator:
         run.preq = preq
         now = run.progress_at = time.monotonic()
         if placement.colocated:
-            a = Attempt(number, job_id, p, p, generated, now)
-            self._expect(run, a, p, placement.reserve_blocks, len(prompt))
+            a = run.attempt = Attempt(number, job_id, p, p, generated, now)
+            self._expect(run, a, p)
             self._control.send(p, GenerateJob(job_id, prompt, sampling, deadline, generated, req.adapter))
             return a
-        a = Attempt(number, job_id, p, d, generated, now)
-        self._expect(run, a, p, 0, 0)
+        # The attempt is the request's from here: whatever fails below, the request's exit releases
+        # its booking and cancels what was sent.
+        a = run.attempt = Attempt(number, job_id, p, d, generated, now)
+        self._expect(run, a, p)
         if req.sampling.max_tokens - generated == 1:
-            # Prefill produces the only token left: nothing to hand off.
+            # Prefill produces the only token left: nothing to hand off, nothing held on d.
+            self._planner.release(job_id, now, d)
             a.decode = p
-            self._send_prefill(
-                run, a, PrefillJob(job_id, prompt, sampling, None, deadline, generated, req.adapter)
+            self._control.send(
+                p, PrefillJob(job_id, prompt, sampling, None, deadline, generated, req.adapter)
             )
             return a
         a.kv_mode = self._route_mode(d)
@@ -325,23 +376,15 @@ class Orchestrator:
         a.transfer_id = os.urandom(16).hex()
         p_route, d_route = self._kv_routes(a.kv_mode, d, a.transfer_id)
         a.decode_tried.add(d)
-        self._expect(run, a, d, placement.reserve_blocks, len(prompt))
+        self._expect(run, a, d)
         # Decode first, so its receiver expects the transfer by the time prefill streams it.
         self._control.send(d, DecodeJob(job_id, prompt, sampling, d_route, deadline, generated, req.adapter))
-        self._send_prefill(
-            run, a, PrefillJob(job_id, prompt, sampling, p_route, deadline, generated, req.adapter)
-        )
+        self._control.send(p, PrefillJob(job_id, prompt, sampling, p_route, deadline, generated, req.adapter))
         return a
 
-    def _expect(self, run: _Run, a: Attempt, worker_id: str, reserve_blocks: int, tokens: int) -> None:
-        self._cluster.assign(worker_id, a.job_id, reserve_blocks, tokens, run.preq.block_hashes)
+    def _expect(self, run: _Run, a: Attempt, worker_id: str) -> None:
         self._inbox.expect(run.req.request_id, a.job_id, worker_id)
         a.open.add(worker_id)
-
-    def _send_prefill(self, run: _Run, a: Attempt, job: PrefillJob) -> None:
-        run.prefill_tokens_pending = len(job.prompt_token_ids)
-        self._cluster.add_pending_prefill(a.prefill, run.prefill_tokens_pending)
-        self._control.send(a.prefill, job)
 
     def _route_mode(self, decode_worker: str) -> KvMode:
         """Through the broker in centralized mode while it works; peer to peer otherwise."""
@@ -408,31 +451,34 @@ class Orchestrator:
             f"{run.req.request_id}.{a.number + 1}",
             run.req.prompt_token_ids + run.tokens,
             run.req.sampling.max_tokens - len(run.tokens),
+            resumed=True,
         )
         run.attempt = self._dispatch(run, preq, await self._place(run, preq), a.number + 1)
 
     async def _place(self, run: _Run, preq: PlacementRequest) -> Placement:
-        """Where to move the request; waits (bounded) while no worker has room."""
+        """Where to move the request (one decision, booked); waits (bounded) while no worker has room."""
         end = min(time.monotonic() + self._cfg.queue_timeout_s, run.req.arrival + self._cfg.request_timeout_s)
         while True:
-            last: PdorchError | None = None
             for exclude in (frozenset(run.avoid), frozenset()) if run.avoid else (frozenset(),):
-                try:
-                    return self._planner.place(preq, exclude=exclude)
-                except PdorchError as e:
-                    if e.code is not ErrorCode.NO_WORKER:
-                        raise
-                    last = e
+                placement = self._planner.decide(
+                    preq, time.monotonic(), arrived_at=run.req.arrival, exclude=exclude
+                )
+                if placement is not None:
+                    return placement
             if time.monotonic() >= end:
-                assert last is not None
-                raise PdorchError(ErrorCode.NO_WORKER, f"no worker to move the request to: {last.message}")
+                raise PdorchError(ErrorCode.NO_WORKER, "no worker has room to move the request to")
             await asyncio.sleep(_PLACE_RETRY_S)
 
     def _new_decode(self, run: _Run, a: Attempt, failure: Failure) -> bool:
         """Centralized: the broker keeps the KV, so another decode worker fetches the same transfer
         (same job id). False if there is none to take it."""
         try:
-            placement = self._planner.place(run.preq, exclude=frozenset(a.decode_tried | run.avoid))
+            placement = self._planner.place(
+                run.preq,
+                time.monotonic(),
+                arrived_at=run.req.arrival,
+                exclude=frozenset(a.decode_tried | run.avoid),
+            )
         except PdorchError as e:
             if e.code is not ErrorCode.NO_WORKER:
                 raise
@@ -445,7 +491,8 @@ class Orchestrator:
         a.decode = d
         a.decode_tried.add(d)
         a.held = None
-        self._expect(run, a, d, placement.reserve_blocks, len(run.req.prompt_token_ids) + a.generated)
+        self._planner.book_decode(a.job_id, d, placement.reserve_blocks, run.preq)
+        self._expect(run, a, d)
         _, d_route = self._kv_routes(KvMode.CENTRALIZED, d, a.transfer_id)
         prompt = run.req.prompt_token_ids + run.tokens[: a.generated]
         job = DecodeJob(
@@ -461,7 +508,7 @@ class Orchestrator:
         return True
 
     def _release_worker(self, a: Attempt, worker_id: str, *, cancel: bool) -> None:
-        self._cluster.release(worker_id, a.job_id)
+        self._planner.release(a.job_id, time.monotonic(), worker_id)
         self._inbox.stop_expecting(a.job_id, worker_id)
         if worker_id in a.open:
             a.open.discard(worker_id)
@@ -470,17 +517,16 @@ class Orchestrator:
 
     def _abandon(self, run: _Run, a: Attempt) -> None:
         """Unreserve everywhere and cancel whatever may still run for the attempt."""
-        if run.prefill_tokens_pending:
-            self._cluster.add_pending_prefill(a.prefill, -run.prefill_tokens_pending)
-            run.prefill_tokens_pending = 0
         self._inbox.forget_job(a.job_id)
         self._through_broker.pop(a.job_id, None)
         # Released before the Cancels go out: a Cancel that finds its worker gone drops it, and
         # this job must not be reported lost again.
         open_workers = list(a.open)
         a.open.clear()
-        for wid in {a.prefill, a.decode, *a.decode_tried}:
-            self._cluster.release(wid, a.job_id)
+        now = time.monotonic()
+        for wid in a.decode_tried:
+            self._planner.release(a.job_id, now, wid)
+        self._planner.release(a.job_id, now)
         for wid in open_workers:
             self._control.send(wid, Cancel(a.job_id))
         self._on_capacity()

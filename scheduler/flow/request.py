@@ -19,6 +19,9 @@ class GenerationRequest:
     hint: int = 0  # the client's expected output length (a header), 0 = none
     # A LoRA adapter of ``model`` (the client named it as its model), "" = the base model itself.
     adapter: str = ""
+    # The client's own objectives (headers), 0 = the scheduler's configured ``slo``.
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
     arrival: float = field(default_factory=time.monotonic)
 
 

@@ -22,7 +22,7 @@ import msgspec
 
 from scheduler.flow import GenerationRequest, TokenBatch
 from scheduler.flow.orchestrator import Orchestrator
-from scheduler.placement.types import PlacementRequest
+from scheduler.placement.types import Placement, PlacementRequest
 from scheduler.prediction.output_length import OutputFeatures
 from scheduler.stop_strings import TextStream
 from scheduler.tokenizer.base import Tokenizer
@@ -96,17 +96,19 @@ Item = tuple[Choice, str | None]
 async def generate(
     orchestrator: Orchestrator,
     plan: tuple[OutputFeatures, PlacementRequest],
+    placement: Placement | None,
     all_choices: list[Choice],
     tokenizer: Tokenizer,
     stop: list[str],
     timeout_s: float,
 ) -> AsyncIterator[Item]:
-    """Every choice's text deltas, interleaved as they come. A choice's failure ends them all (the
-    client asked for n answers); closing this stops every choice's jobs."""
+    """Every choice's text deltas, interleaved as they come (``placement``: choice 0's, booked at
+    admission). A choice's failure ends them all (the client asked for n answers); closing this
+    stops every choice's jobs."""
     first = all_choices[0]
     if len(all_choices) == 1:
         # One choice: no task, no queue on the hot path.
-        batches = orchestrator.generate(first.greq, plan)
+        batches = orchestrator.generate(first.greq, plan, placement)
         async with contextlib.aclosing(batches):
             deltas = text_deltas(tokenizer, stop, batches, first.progress)
             async with contextlib.aclosing(deltas):
@@ -127,7 +129,7 @@ async def generate(
     async def run(choice: Choice) -> None:
         try:
             if choice.index == 0:
-                batches = orchestrator.generate(choice.greq, plan, on_resident=on_resident)
+                batches = orchestrator.generate(choice.greq, plan, placement, on_resident=on_resident)
             else:
                 try:
                     async with asyncio.timeout(timeout_s):

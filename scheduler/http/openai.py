@@ -16,7 +16,7 @@ from aiohttp import web
 
 from scheduler.admission.gate import Ticket
 from scheduler.admission.queue import QueueFull
-from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, METRICS, ORCHESTRATOR, PLANNER, TOKENIZERS
+from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, METRICS, ORCHESTRATOR, TOKENIZERS
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig
 from scheduler.flow import GenerationRequest
@@ -331,10 +331,13 @@ async def _serve(request: web.Request, job: _Job, progress: Progress) -> web.Str
     all_choices = choices(job.greq, job.n, job.seeded, progress)
     first_at: float | None = None
     try:
+        _objectives(request, job.greq)
         plan = orchestrator.plan(job.greq)
-        async with await _admit(app, job, plan[1]):
+        async with await _admit(app, job, plan[1]) as ticket:
             timeout_s = app[CONFIG].request_timeout_s
-            items = generate(orchestrator, plan, all_choices, job.tokenizer, job.stop, timeout_s)
+            items = generate(
+                orchestrator, plan, ticket.grant, all_choices, job.tokenizer, job.stop, timeout_s
+            )
             async with contextlib.aclosing(items):
                 # Wait for the first token before answering, so that failures before it
                 # (no worker, overload, a lost worker) get a proper HTTP status.
@@ -350,6 +353,7 @@ async def _serve(request: web.Request, job: _Job, progress: Progress) -> web.Str
         progress.error = str(e.code)
         raise
     finally:
+        orchestrator.forget(job.greq)  # a placement booked for a request that never started
         tokens = len(progress.token_ids)
         metrics.tokens_generated.inc(sum(len(c.progress.token_ids) for c in all_choices))
         if first_at is not None:
@@ -371,9 +375,29 @@ async def _serve(request: web.Request, job: _Job, progress: Progress) -> web.Str
 _NO_CAPACITY = frozenset({ErrorCode.QUEUE_FULL, ErrorCode.DEADLINE_EXCEEDED})
 
 
+# The client's own objectives, in milliseconds (llm-d's SLO headers); the config's ``slo`` otherwise.
+TTFT_HEADER = "X-SLO-TTFT-Ms"
+TPOT_HEADER = "X-SLO-TPOT-Ms"
+
+
+def _objectives(request: web.Request, greq: GenerationRequest) -> None:
+    for header, field_name in ((TTFT_HEADER, "ttft_slo_s"), (TPOT_HEADER, "tpot_slo_s")):
+        raw = request.headers.get(header)
+        if raw is None:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise bad(f"header {header} must be a number of milliseconds") from None
+        if not (math.isfinite(value) and value > 0):
+            raise bad(f"header {header} must be a positive number of milliseconds")
+        setattr(greq, field_name, value / 1e3)
+
+
 async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Ticket:
-    """Wait in the fair-share queue until placement finds room for the request (or give up)."""
-    cfg, planner = app[CONFIG], app[PLANNER]
+    """Wait in the fair-share queue until placement finds room for the request (or give up). The
+    room check is the request's placement, booked when it succeeds: ``ticket.grant``."""
+    cfg, orchestrator = app[CONFIG], app[ORCHESTRATOR]
     if not app[CLUSTER].can_serve(cfg.colocated):
         raise PdorchError(ErrorCode.NO_WORKER, "no worker of a needed role is available")
     try:
@@ -381,7 +405,7 @@ async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Tic
             job.greq.tenant,
             job.greq.priority,
             cfg.queue_timeout_s,
-            has_room=lambda: planner.has_room(preq),
+            has_room=lambda: orchestrator.decide(job.greq, preq),
         )
     except PdorchError as e:
         if e.code is ErrorCode.DEADLINE_EXCEEDED:

@@ -13,14 +13,13 @@ Nested in the scheduler's YAML under ``placement:``. Example::
         filters: [{type: role}, {type: health}]
         scorers: [{type: prefill-delay, weight: 1}]
         picker: {type: max-score}
-      decider: {type: conditional, params: {threshold_tokens: 256}}
+      handler: {type: slo}
       reservation: {mode: predicted, output_quantile: 0.9}
 
-The defaults are pdorch's policy (``policies.pdorch``) minus three switches that need support from
-the live flow and the deployment: late binding (the ``prefill-backlog`` filter and the conditional
-decider's ``local_max_wait_s``: placement answers NO_WORKER and admission must make the request
-wait), ``fallback_to_prefill_node`` (prefill workers must accept whole requests) and the
-conditional decider's ``tpot_target_s`` (the deployment's TPOT objective).
+The defaults are the ``slo`` profile handler (the pair with the most headroom on predicted TTFT
+and TPOT): the profiles' filters choose its candidates and their scorers break ties; the
+``pdorch`` preset (``policies.pdorch``) also lets prefill nodes run whole requests
+(``fallback_to_prefill_node``, which needs prefill workers that accept them).
 
 Weights live here, in the profile, never in a scorer (a scorer only says how good each node is, in
 [0, 1]). Plugin ``params`` (the decider's too) are checked by the plugin's own params Struct when
@@ -119,7 +118,10 @@ def _default_prefill() -> ProfileConfig:
 class PlacementConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefill: ProfileConfig = msgspec.field(default_factory=_default_prefill)
     decode: ProfileConfig = msgspec.field(default_factory=_default_decode)
-    # Whether and where to prefill, given the decode pick: a decider plugin and its own parameters.
+    # Runs the profiles and returns the placement: "pd" (the decode pick, then the decider) or "slo"
+    # (the pair with the most headroom on predicted TTFT and TPOT), with its own parameters.
+    handler: PluginSpec = PluginSpec("slo")
+    # The "pd" handler's decider: whether and where to prefill, given the decode pick.
     decider: PluginSpec = PluginSpec("conditional")
     # When no decode node has room, the request runs colocated on a node that can prefill and has
     # room for its whole reservation: role "both" first, then "prefill" when this is true (prefill

@@ -51,9 +51,11 @@ class RequestContext:
     def reserve_blocks(self, node: NodeView) -> int:
         return blocks_for(self.reserve_tokens, node.block_size)
 
-    def placement(self, prefill: NodeView, decode: NodeView) -> Placement:
+    def placement(
+        self, prefill: NodeView, decode: NodeView, *, ttft_s: float = 0.0, tpot_s: float = 0.0
+    ) -> Placement:
         """Prefill on one node, decode (and reserve the KV) on the other; the same node = colocated."""
-        return Placement(prefill.worker_id, decode.worker_id, self.reserve_blocks(decode))
+        return Placement(prefill.worker_id, decode.worker_id, self.reserve_blocks(decode), ttft_s, tpot_s)
 
     def prefill_rate(self, node: NodeView) -> float:
         if node.prefill_tokens_per_s > 0:

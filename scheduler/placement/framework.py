@@ -1,9 +1,11 @@
 """The placement engine: per pool, filter -> score -> pick; a decider turns the picks into a Placement.
 
 Modelled on the Gateway API Inference Extension scheduler: a profile is filters, weighted scorers
-and one picker; the P/D profile handler (``pd_profile_handler.py``) runs the decode profile first,
-then the configured decider plugin says whether and where to prefill remotely. The framework, not
-the plugins, measures each plugin's decision latency, with a clock the caller injects (the live
+and one picker; a profile handler plugin runs the profiles: the P/D handler
+(``plugins/handlers/pd_profile_handler.py``) runs the decode profile first, then the configured
+decider plugin says whether and where to prefill remotely; the SLO handler
+(``plugins/handlers/slo_profile_handler.py``) chooses the pair jointly on predicted latencies. The
+framework, not the plugins, measures each plugin's decision latency, with a clock the caller injects (the live
 scheduler passes ``time.perf_counter``; without one nothing is measured and placement stays a pure
 function of its inputs).
 """
@@ -17,8 +19,7 @@ import msgspec
 
 from scheduler.placement.config import PlacementConfig, PluginSpec, ProfileConfig, load_placement_config
 from scheduler.placement.context import Pool, RequestContext
-from scheduler.placement.pd_profile_handler import place_pd
-from scheduler.placement.plugin import Filter, Picker, Scorer
+from scheduler.placement.plugin import Decider, Filter, Picker, Scorer
 from scheduler.placement.registry import PluginKind, Registry, default_registry
 from scheduler.placement.types import ClusterSnapshot, NodeView, Placement, PlacementRequest
 from transport.errors import ErrorCode, PdorchError
@@ -98,8 +99,9 @@ class Placer:
             Pool.DECODE: _build_profile(Pool.DECODE, self.config.decode, registry),
             Pool.PREFILL: _build_profile(Pool.PREFILL, self.config.prefill, registry),
         }
-        # Not timed as a plugin: its time would include the prefill profile's, which is timed.
+        # Neither is timed as a plugin: their time includes the profiles', which are timed.
         self._decider = registry.build_decider(self.config.decider, "placement.decider")
+        self._handler = registry.build_handler(self.config.handler, "placement.handler")
         self._clock = clock
         self._latency: dict[str, PluginLatency] = {}
 
@@ -107,27 +109,46 @@ class Placer:
         nodes = [n for n in snapshot.nodes if n.model == request.model]
         if not nodes:
             raise PdorchError(ErrorCode.NO_WORKER, f"no worker serves model {request.model!r}")
-        return place_pd(self.select, self._decider, RequestContext(request, self.config), nodes)
+        ctx = RequestContext(request, self.config)
+        return self._handler.place(self, ctx, nodes, snapshot.latency)
 
-    def select(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> NodeView | None:
-        """Run ``pool``'s profile over ``nodes``; None when the filters leave nothing."""
+    @property
+    def decider(self) -> Decider:
+        return self._decider
+
+    def candidates(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> Sequence[NodeView]:
+        """Run only ``pool``'s filters."""
         profile = self._profiles[pool]
         ctx.pool = pool
         candidates: Sequence[NodeView] = nodes
         for f in profile.filters:
             candidates = self._run(f.label, f.plugin.filter, ctx, candidates)
             if not candidates:
-                return None
+                break
+        return candidates
+
+    def select(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> NodeView | None:
+        """Run ``pool``'s profile over ``nodes``; None when the filters leave nothing."""
+        profile = self._profiles[pool]
+        candidates = self.candidates(pool, ctx, nodes)
+        if not candidates:
+            return None
         if len(candidates) == 1 and not profile.scorers:
             return candidates[0]
-        totals = [0.0] * len(candidates)
-        for s in profile.scorers:
+        totals = self.scores(pool, ctx, candidates)
+        return self._run(profile.picker.label, profile.picker.plugin.pick, ctx, candidates, totals)
+
+    def scores(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> list[float]:
+        """Run only ``pool``'s scorers: each node's weighted total."""
+        ctx.pool = pool
+        totals = [0.0] * len(nodes)
+        for s in self._profiles[pool].scorers:
             if s.weight == 0.0:
                 continue
-            scores = self._run(s.label, s.plugin.score, ctx, candidates)
+            scores = self._run(s.label, s.plugin.score, ctx, nodes)
             w = s.weight
             totals = [t + w * min(1.0, max(0.0, x)) for t, x in zip(totals, scores, strict=True)]
-        return self._run(profile.picker.label, profile.picker.plugin.pick, ctx, candidates, totals)
+        return totals
 
     def latency(self) -> dict[str, PluginLatency]:
         """Per-plugin decision latency so far (a copy), keyed ``pool/kind/type``."""

@@ -4,8 +4,9 @@ Inference Extension's ``plugins.go``).
 A plugin is a small object built by the registry from its params Struct. It reads the candidates and
 the :class:`~scheduler.placement.context.RequestContext`, and never does I/O or reads a clock. Each
 kind lives in its own folder under ``plugins/``; the registry types every plugin by its protocol.
-Filters, scorers and a picker make a profile; a decider turns the decode profile's pick into a
-:class:`~scheduler.placement.types.Placement`.
+Filters, scorers and a picker make a profile; a profile handler runs the profiles and returns the
+:class:`~scheduler.placement.types.Placement` (the ``pd`` handler asks a decider whether to prefill
+remotely; the ``slo`` handler chooses the pair on predicted latencies).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from scheduler.placement.context import RequestContext
+from scheduler.placement.context import Pool, RequestContext
+from scheduler.placement.latency_model import LatencyTable
 from scheduler.placement.types import NodeView, Placement
 
 # Runs the prefill profile over every node but the decode pick; None when its filters leave nothing.
@@ -49,4 +51,34 @@ class Decider(Protocol):
         ``pick_prefill`` runs the prefill profile only when called. Raising ``PdorchError(NO_WORKER)``
         makes the request wait in admission.
         """
+        ...
+
+
+@runtime_checkable
+class Profiles(Protocol):
+    """What a profile handler may run: the configured profiles and decider (the placer provides it)."""
+
+    @property
+    def decider(self) -> Decider: ...
+
+    def select(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> NodeView | None:
+        """Run ``pool``'s whole profile (filters, scorers, picker); None when the filters leave nothing."""
+        ...
+
+    def candidates(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> Sequence[NodeView]:
+        """Run only ``pool``'s filters."""
+        ...
+
+    def scores(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> list[float]:
+        """Run only ``pool``'s scorers: each node's weighted total."""
+        ...
+
+
+@runtime_checkable
+class ProfileHandler(Protocol):
+    def place(
+        self, profiles: Profiles, ctx: RequestContext, nodes: Sequence[NodeView], latency: LatencyTable
+    ) -> Placement:
+        """Where the request runs (llm-d's profile handler). ``PdorchError(NO_WORKER)`` makes it wait
+        in admission; ``PdorchError(QUEUE_FULL)`` sheds it."""
         ...

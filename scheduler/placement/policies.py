@@ -20,21 +20,48 @@ from transport.errors import ErrorCode, PdorchError
 _PLAIN = (PluginSpec("role"), PluginSpec("health"))
 _PROMPT_ONLY = ReservationConfig(mode=ReservationMode.PROMPT)
 _ALWAYS = PluginSpec("always")
+# The baselines run the llm-d way: the decode profile's pick, then a decider.
+_PD = PluginSpec("pd")
 # The decider of colocated serving: every node does both prefill and decode.
 _NEVER = PluginSpec("never")
 
 
 def _both(profile: ProfileConfig, decider: PluginSpec = _ALWAYS) -> PlacementConfig:
-    return PlacementConfig(prefill=profile, decode=profile, decider=decider, reservation=_PROMPT_ONLY)
+    return PlacementConfig(
+        handler=_PD, prefill=profile, decode=profile, decider=decider, reservation=_PROMPT_ONLY
+    )
 
 
 def pdorch(tpot_target_s: float = 0.0, kv_link_gbytes_per_s: float = 25.0) -> PlacementConfig:
-    """The default: KV-reserving, cache-aware decode choice; delay-estimating prefill; conditional P/D.
+    """The default: the SLO handler chooses the (prefill, decode) pair, or one node for both, with the
+    most headroom on the request's predicted TTFT and TPOT and those of the requests already decoding,
+    from latency models learnt online; it queues what cannot meet its objectives yet and sheds what
+    never will. The profiles only filter: roles, draining nodes, KV room for the reservation.
+
+    The arguments are accepted for symmetry with :func:`pdorch_pd` and ignored: the objectives come
+    with each request and the handoff's cost is learnt.
+    """
+    return PlacementConfig(
+        handler=PluginSpec("slo"),
+        decode=ProfileConfig(
+            filters=(PluginSpec("role"), PluginSpec("health", params={"require_kv_room": True})),
+        ),
+        prefill=ProfileConfig(filters=_PLAIN),
+        fallback_to_prefill_node=True,
+        reservation=ReservationConfig(mode=ReservationMode.PREDICTED, output_quantile=0.9),
+    )
+
+
+def pdorch_pd(tpot_target_s: float = 0.0, kv_link_gbytes_per_s: float = 25.0) -> PlacementConfig:
+    """pdorch's previous policy, kept for comparison: KV-reserving, cache-aware decode choice;
+    delay-estimating prefill with late binding; the conditional decider (weights and thresholds
+    chosen by hand on the Azure code and Mooncake traces).
 
     ``tpot_target_s`` and ``kv_link_gbytes_per_s`` describe the deployment (its TPOT objective and
     the KV link speed); the decider uses them to weigh a KV handoff against staying colocated.
     """
     return PlacementConfig(
+        handler=_PD,
         decode=ProfileConfig(
             filters=(PluginSpec("role"), PluginSpec("health", params={"require_kv_room": True})),
             scorers=(
@@ -107,6 +134,7 @@ def colocated(**_: float) -> PlacementConfig:
 def policies() -> dict[str, Callable[..., PlacementConfig]]:
     return {
         "pdorch": pdorch,
+        "pdorch-pd": pdorch_pd,
         "round-robin": round_robin,
         "random": random_choice,
         "least-request": least_request,

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from scheduler.placement.config import PluginSpec
-from scheduler.placement.plugin import Decider, Filter, Picker, Scorer
+from scheduler.placement.plugin import Decider, Filter, Picker, ProfileHandler, Scorer
 from scheduler.placement.plugins.deciders.always_decider import AlwaysDecider, AlwaysDeciderParams
 from scheduler.placement.plugins.deciders.conditional_decider import (
     ConditionalDecider,
@@ -30,6 +30,11 @@ from scheduler.placement.plugins.filters.prefill_backlog_filter import (
     PrefillBacklogParams,
 )
 from scheduler.placement.plugins.filters.role_filter import RoleFilter, RoleFilterParams
+from scheduler.placement.plugins.handlers.pd_profile_handler import PdProfileHandler, PdProfileHandlerParams
+from scheduler.placement.plugins.handlers.slo_profile_handler import (
+    SloProfileHandler,
+    SloProfileHandlerParams,
+)
 from scheduler.placement.plugins.pickers.max_score_picker import MaxScoreParams, MaxScorePicker
 from scheduler.placement.plugins.pickers.random_picker import RandomParams, RandomPicker
 from scheduler.placement.plugins.pickers.round_robin_picker import RoundRobinParams, RoundRobinPicker
@@ -60,6 +65,7 @@ class PluginKind(enum.StrEnum):
     SCORER = "scorer"
     PICKER = "picker"
     DECIDER = "decider"
+    HANDLER = "handler"
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class Registry:
         self._scorers: dict[str, _Entry[Scorer]] = {}
         self._pickers: dict[str, _Entry[Picker]] = {}
         self._deciders: dict[str, _Entry[Decider]] = {}
+        self._handlers: dict[str, _Entry[ProfileHandler]] = {}
 
     def register_filter(self, name: str, params_type: type[P], factory: Callable[[P], Filter]) -> None:
         self._add(self._filters, name, params_type, factory)
@@ -86,6 +93,11 @@ class Registry:
 
     def register_decider(self, name: str, params_type: type[P], factory: Callable[[P], Decider]) -> None:
         self._add(self._deciders, name, params_type, factory)
+
+    def register_handler(
+        self, name: str, params_type: type[P], factory: Callable[[P], ProfileHandler]
+    ) -> None:
+        self._add(self._handlers, name, params_type, factory)
 
     def build_filter(self, spec: PluginSpec, where: str) -> Filter:
         """Build the filter ``spec`` names; ``where`` says where it sits in the config (for errors)."""
@@ -100,6 +112,9 @@ class Registry:
     def build_decider(self, spec: PluginSpec, where: str) -> Decider:
         return self._build(self._deciders, PluginKind.DECIDER, spec, where)
 
+    def build_handler(self, spec: PluginSpec, where: str) -> ProfileHandler:
+        return self._build(self._handlers, PluginKind.HANDLER, spec, where)
+
     def names(self, kind: PluginKind) -> list[str]:
         return sorted(self._table(kind))
 
@@ -109,6 +124,7 @@ class Registry:
             PluginKind.SCORER: self._scorers,
             PluginKind.PICKER: self._pickers,
             PluginKind.DECIDER: self._deciders,
+            PluginKind.HANDLER: self._handlers,
         }
         return tables[kind]
 
@@ -169,4 +185,6 @@ def default_registry() -> Registry:
     r.register_decider("never", NeverDeciderParams, NeverDecider)
     r.register_decider("threshold", ThresholdDeciderParams, ThresholdDecider)
     r.register_decider("conditional", ConditionalDeciderParams, ConditionalDecider)
+    r.register_handler("pd", PdProfileHandlerParams, PdProfileHandler)
+    r.register_handler("slo", SloProfileHandlerParams, SloProfileHandler)
     return r

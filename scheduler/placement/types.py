@@ -7,10 +7,12 @@ code, which returns a :class:`Placement`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Set as AbstractSet
 
 import msgspec
 
+from scheduler.placement.latency_model import LatencyTable
 from transport.messages import Role
 
 
@@ -35,6 +37,17 @@ class NodeView(msgspec.Struct, frozen=True, gc=False):
     # Hashes of prompt prefix blocks this node is believed to hold (prefix affinity): a read-only
     # set as of this instant (the live scheduler's is a frozenset; the simulator's a checked view).
     cached_block_hashes: AbstractSet[int] = frozenset()
+    # What the scheduler's ledger and its learnt latency models say about the node (see
+    # scheduler/node_view.py): seconds before a prefill sent now would start here; the requests
+    # decoding here or on their way (booked) and their prompt tokens; and the tightest of them: the
+    # extra delay (s) it can still absorb at the current step time and keep its TPOT objective,
+    # spread over how many decode steps, and that objective (inf / 0 / 0: none has one).
+    prefill_wait_s: float = 0.0
+    decode_batch: int = 0
+    decode_context_tokens: int = 0
+    stall_tolerance_s: float = math.inf
+    tolerance_steps: int = 0
+    tolerance_tpot_s: float = 0.0
 
     @property
     def can_prefill(self) -> bool:
@@ -47,6 +60,8 @@ class NodeView(msgspec.Struct, frozen=True, gc=False):
 
 class ClusterSnapshot(msgspec.Struct, frozen=True, gc=False):
     nodes: tuple[NodeView, ...]
+    # The latency models learnt so far (per node class), frozen for this decision.
+    latency: LatencyTable = LatencyTable()
 
 
 class PlacementRequest(msgspec.Struct, frozen=True, gc=False):
@@ -68,6 +83,15 @@ class PlacementRequest(msgspec.Struct, frozen=True, gc=False):
     predicted_output_quantiles: tuple[tuple[float, int], ...] = ()
     # The LoRA adapter the request runs with ("" = the base model): only nodes serving it qualify.
     adapter: str = ""
+    # The request's objectives (from config or its headers; 0 = none): time to first token, counted
+    # from its arrival, and mean time per output token after the first.
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
+    # Seconds since the request arrived, when this decision is taken (its TTFT has used that much).
+    waited_s: float = 0.0
+    # Place it even where its objectives will be missed (a request that is already streaming and
+    # moves after a worker failure must go somewhere); never shed.
+    best_effort: bool = False
 
 
 class Placement(msgspec.Struct, frozen=True, gc=False):
@@ -76,6 +100,9 @@ class Placement(msgspec.Struct, frozen=True, gc=False):
     prefill: str
     decode: str
     reserve_blocks: int = 0  # KV blocks to reserve on the decode node (Reserve)
+    # What the deciding handler predicted for the request there (0 = no prediction).
+    predicted_ttft_s: float = 0.0
+    predicted_tpot_s: float = 0.0
 
     @property
     def colocated(self) -> bool:

@@ -91,3 +91,41 @@ def _blocks_used(cluster: LocalCluster, worker_id: str) -> int:
     return next(
         w["load"]["blocks_used"] for w in cluster.cluster_state()["workers"] if w["worker_id"] == worker_id
     )
+
+
+ROUND_ROBIN = """
+placement:
+  handler: {type: pd}
+  decider: {type: always}
+  prefill: {filters: [{type: role}], picker: {type: round-robin}}
+  decode: {filters: [{type: role}], picker: {type: round-robin}}
+"""
+
+
+@pytest.fixture
+def round_robin_scheduler(tmp_path) -> Iterator[LocalCluster]:
+    config = tmp_path / "scheduler.yaml"
+    config.write_text(ROUND_ROBIN)
+    c = start_cluster(tmp_path, prefill=0, decode=0, scheduler_args=["--config", str(config)])
+    yield c
+    c.stop()
+
+
+async def test_each_request_is_placed_once(round_robin_scheduler: LocalCluster) -> None:
+    """Admission's room check is the request's placement, not a rehearsal of it: a round-robin
+    decode picker moves on once per request (placing twice, it would come back to the same node)."""
+    cluster = round_robin_scheduler
+    prefill = FakeWorker(cluster.control, "prefill", role=Role.PREFILL)
+    decoders = [FakeWorker(cluster.control, name, capacity_blocks=10_000) for name in ("d0", "d1")]
+    workers = [prefill, *decoders]
+    try:
+        for w in workers:
+            w.register()
+        seen = []
+        for _ in range(4):
+            seen.append(await _where(cluster, decoders))
+            await eventually(lambda: _idle(cluster), 10)
+        assert seen in (["d0", "d1", "d0", "d1"], ["d1", "d0", "d1", "d0"])
+    finally:
+        for w in workers:
+            w.close()

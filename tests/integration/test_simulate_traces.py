@@ -26,6 +26,11 @@ needs_mooncake = pytest.mark.skipif(
 CLUSTER = parse_cluster(["4:h100"], ["4:a100"])
 
 
+def _books_nothing(sim: Simulation, worker_id: str) -> bool:
+    node = sim.ledger.node(worker_id)
+    return node is not None and not (node.held or node.pending or node.members)
+
+
 def run_slice(path: Path, n: int, name: str, scale: float = 1.0) -> Simulation:
     trace = load_trace(path).head(n)
     sim = Simulation(
@@ -40,10 +45,11 @@ def run_slice(path: Path, n: int, name: str, scale: float = 1.0) -> Simulation:
 def test_azure_slice_conserves_requests(name: str) -> None:
     sim = run_slice(AZURE, 800, name, scale=2.0)
     r = sim.result  # type: ignore[attr-defined]
-    assert r.finished == r.requests == 800 and r.failed == 0
+    # Nothing lost: what did not finish was shed on purpose (its TTFT objective was out of reach).
+    assert r.finished + r.shed == r.requests == 800 and r.failed == r.shed
     assert r.prefix_hit_rate == 0.0  # the Azure trace has no prompt contents, so no prefix reuse
     assert 0.0 < r.attainment <= 1.0
-    assert all(n.engine.idle and n.reserved_blocks == 0 for n in sim.nodes)
+    assert all(n.engine.idle and _books_nothing(sim, n.worker_id) for n in sim.nodes)
 
 
 @needs_mooncake
@@ -51,9 +57,9 @@ def test_azure_slice_conserves_requests(name: str) -> None:
 def test_mooncake_slice_conserves_requests_and_reuses_prefixes(name: str) -> None:
     sim = run_slice(MOONCAKE, 500, name)
     r = sim.result  # type: ignore[attr-defined]
-    assert r.finished == r.requests == 500 and r.failed == 0
+    assert r.finished + r.shed == r.requests == 500 and r.failed == r.shed
     assert r.prefix_hit_rate > 0.0
-    assert all(n.engine.idle and n.reserved_blocks == 0 for n in sim.nodes)
+    assert all(n.engine.idle and _books_nothing(sim, n.worker_id) for n in sim.nodes)
 
 
 @needs_mooncake

@@ -126,3 +126,45 @@ async def test_ticket_as_context_manager() -> None:
     async with await gate.acquire("a") as ticket:
         assert gate.inflight == 1
     assert ticket.released and gate.inflight == 0
+
+
+async def test_the_room_check_is_the_decision_and_its_result_goes_with_the_ticket() -> None:
+    """Admission's check places the request: what it returns is the admitted request's placement."""
+    decisions = iter([None, "placed on p0+d1"])
+    gate = AdmissionGate()
+    waiter = asyncio.create_task(gate.acquire("a", deadline_s=WAIT, has_room=lambda: next(decisions)))
+    await asyncio.sleep(0)
+    assert not waiter.done()  # the first decision found no room
+    gate.notify()
+    ticket = await asyncio.wait_for(waiter, WAIT)
+    assert ticket.grant == "placed on p0+d1"
+    ticket.release()
+
+
+async def test_a_check_that_sheds_fails_that_request_and_the_queue_goes_on() -> None:
+    room = Room(0)
+    shed = PdorchError(ErrorCode.QUEUE_FULL, "cannot meet its TTFT objective")
+    state = {"shed": False}
+
+    def doomed() -> bool:
+        if state["shed"]:
+            raise shed
+        return False
+
+    gate = AdmissionGate(has_room=room)
+    first = asyncio.create_task(gate.acquire("a", deadline_s=WAIT, has_room=doomed))
+    second = asyncio.create_task(gate.acquire("b", deadline_s=WAIT))
+    await asyncio.sleep(0)
+    assert gate.queued == 2
+    state["shed"], room.free = True, 1
+    gate.notify()
+    with pytest.raises(PdorchError) as info:
+        await asyncio.wait_for(first, WAIT)
+    assert info.value is shed
+    ticket = await asyncio.wait_for(second, WAIT)
+    assert gate.queued == 0 and gate.inflight == 1
+    ticket.release()
+    # Refused at once, without queueing, when nobody waits.
+    with pytest.raises(PdorchError):
+        await gate.acquire("c", has_room=doomed)
+    assert gate.queued == 0 and gate.inflight == 0

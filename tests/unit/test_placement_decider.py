@@ -55,6 +55,7 @@ def placer(type: str = "conditional", fallback_to_prefill_node: bool = False, **
         scorers=(PluginSpec("prefill-delay"),),
     )
     config = PlacementConfig(
+        handler=PluginSpec("pd"),
         prefill=prefill_profile,
         decode=decode_profile,
         decider=PluginSpec(type, params=params),

@@ -20,7 +20,7 @@ from scheduler.placement.kv_budget import (
     quantile_from,
     regrow,
 )
-from scheduler.placement.plugin import Decider, Filter, Picker, Scorer
+from scheduler.placement.plugin import Decider, Filter, Picker, ProfileHandler, Scorer
 from scheduler.placement.plugins.scorers.kv_occupancy_scorer import KvOccupancyParams, KvOccupancyScorer
 from scheduler.placement.policies import policies, policy
 from scheduler.placement.prefix import matched_prefix_blocks, prompt_block_hashes
@@ -40,6 +40,7 @@ def cluster() -> ClusterSnapshot:
                 blocks_total=1000,
                 queued_prefill_tokens=5000,
                 prefill_tokens_per_s=1e4,
+                prefill_wait_s=0.5,
             ),
             NodeView("p1", Role.PREFILL, "m", blocks_total=1000, prefill_tokens_per_s=1e4),
             NodeView("d0", Role.DECODE, "m", blocks_total=1000, blocks_used=900, prefill_tokens_per_s=5e3),
@@ -90,6 +91,12 @@ CONFIG_ERRORS = [
     ),
     ({"decider": {"type": "max-score"}}, "placement.decider: 'max-score' is a picker, not a decider"),
     ({"decider": {"type": "never", "weight": 2}}, "placement.decider (never): only scorers take a weight"),
+    ({"handler": {"type": "joint"}}, "placement.handler: unknown handler 'joint'; known: pd, slo"),
+    (
+        {"handler": {"type": "slo", "params": {"headroom": 0.2}}},
+        "placement.handler (slo): bad parameter: Object contains unknown field `headroom`",
+    ),
+    ({"handler": {"type": "conditional"}}, "placement.handler: 'conditional' is a decider, not a handler"),
     ({"reservation": {"output_quantile": 1.5}}, "output_quantile must be in (0, 1)"),
     ({"decoder": {}}, "placement:"),
 ]
@@ -126,6 +133,7 @@ def test_every_registered_plugin_implements_its_kind() -> None:
         (PluginKind.SCORER, registry.build_scorer, Scorer),
         (PluginKind.PICKER, registry.build_picker, Picker),
         (PluginKind.DECIDER, registry.build_decider, Decider),
+        (PluginKind.HANDLER, registry.build_handler, ProfileHandler),
     ]
     for kind, build, protocol in kinds:
         assert registry.names(kind)
@@ -167,7 +175,7 @@ def test_weights_come_from_the_profile() -> None:
                 PluginSpec("active-requests", weight=active_weight),
             )
         )
-        return Placer(PlacementConfig(decode=decode, decider=PluginSpec("always")))
+        return Placer(PlacementConfig(handler=PluginSpec("pd"), decode=decode, decider=PluginSpec("always")))
 
     snap = ClusterSnapshot(
         (
@@ -208,7 +216,7 @@ def test_latency_is_recorded_per_plugin_with_the_injected_clock() -> None:
     def fake_clock() -> float:
         return float(next(ticks))
 
-    placer = Placer(clock=fake_clock)
+    placer = Placer(PlacementConfig(handler=PluginSpec("pd")), clock=fake_clock)
     for _ in range(3):
         placer.place(cluster(), request())
     stats = placer.latency()

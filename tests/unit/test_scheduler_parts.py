@@ -4,10 +4,14 @@ the worker registry and pool signals."""
 from __future__ import annotations
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from scheduler.admission.gate import AdmissionGate
 from scheduler.cluster import Cluster
-from scheduler.config import load_config
+from scheduler.config import SchedulerConfig, load_config
+from scheduler.flow import Orchestrator
+from scheduler.flow.request import GenerationRequest
+from scheduler.http.openai import _objectives
 from scheduler.http.openai_schema import (
     ChatCompletionRequest,
     ChatMessage,
@@ -16,11 +20,19 @@ from scheduler.http.openai_schema import (
     completion_prompt,
     parse_body,
 )
+from scheduler.inbox import Inbox
+from scheduler.ledger.ledger import BookingFacts
+from scheduler.metrics import Metrics
+from scheduler.placement.framework import Placer
+from scheduler.placement.types import Placement
+from scheduler.planner import Planner
+from scheduler.prediction.latency import LatencyLearner
+from scheduler.prediction.output_length import OutputLengthPredictor
 from scheduler.slo_window import SloConfig, SloWindow
 from scheduler.stop_strings import TextStream
 from scheduler.tokenizer.byte_level import ByteTokenizer
 from transport.errors import ErrorCode, PdorchError
-from transport.messages import Hello, Role
+from transport.messages import Hello, Role, SamplingParams
 
 # ------------------------------------------------------------------------------------- config
 
@@ -232,6 +244,11 @@ def _hello(wid: str, role: Role) -> Hello:
     return Hello(1, wid, role, "reference", "m", 4096, 16, 100, kv_endpoint="tcp://127.0.0.1:1")
 
 
+def _book(c: Cluster, job: str, prefill: str, decode: str, reserve: int, prompt: int = 10) -> None:
+    facts = BookingFacts(prompt, (), 0, decode_steps=0, tpot_slo_s=0.0)
+    c.ledger.book(job, Placement(prefill, decode, reserve), facts, cached=0, now=0.0)
+
+
 def test_cluster_expiry_and_drop_report_lost_requests() -> None:
     lost: list[tuple[str, list[str], str]] = []
     c = Cluster(
@@ -239,11 +256,12 @@ def test_cluster_expiry_and_drop_report_lost_requests() -> None:
     )
     c.register(b"p", _hello("p", Role.PREFILL), now=0.0)
     c.register(b"d", _hello("d", Role.DECODE), now=0.0)
-    c.assign("d", "req-1", reserve_blocks=5)
-    assert c.snapshot().nodes[1].blocks_reserved == 5
+    _book(c, "req-1", "p", "d", reserve=5)
+    assert c.get("d").reserved_blocks == 5  # type: ignore[union-attr]
     c.get("p").liveness.seen(2.5)  # type: ignore[union-attr]
     assert c.expire(now=3.5) == ["d"]
     assert lost == [("d", ["req-1"], "heartbeat expired")]
+    assert c.get("p").requests.keys() == {"req-1"}  # type: ignore[union-attr]
     assert [w.worker_id for w in c.workers()] == ["p"]
 
 
@@ -251,9 +269,9 @@ def test_cluster_release_unreserves_and_reregister_drops_old_requests() -> None:
     lost: list[str] = []
     c = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda w, r, why: lost.extend(r))
     c.register(b"d", _hello("d", Role.DECODE), now=0.0)
-    c.assign("d", "a", 4)
-    c.assign("d", "b", 2)
-    c.release("d", "a")
+    _book(c, "a", "d", "d", 4)
+    _book(c, "b", "d", "d", 2)
+    c.ledger.release("a", now=0.0)
     assert c.get("d").reserved_blocks == 2  # type: ignore[union-attr]
     c.register(b"d", _hello("d", Role.DECODE), now=1.0)
     assert lost == ["b"] and c.get("d").reserved_blocks == 0  # type: ignore[union-attr]
@@ -268,9 +286,8 @@ def test_pool_signals_count_serving_workers_and_reserved_demand() -> None:
     c = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
     for wid, role in (("p0", Role.PREFILL), ("d0", Role.DECODE), ("d1", Role.DECODE)):
         c.register(wid.encode(), _hello(wid, role), now=0.0)
-    c.assign("d0", "r1", reserve_blocks=50)  # capacity 100 -> half full
+    _book(c, "r1", "p0", "d0", 50, prompt=300)  # capacity 100 -> half full; 300 tokens to prefill
     c.set_draining("d1", True)
-    c.add_pending_prefill("p0", 300)
     lim = AdmissionGate()
     slo = SloWindow(SloConfig(ttft_s=1.0, tpot_s=0.1, min_requests=2))
     decode = pool_signals(c, lim, slo, "decode")
@@ -278,9 +295,91 @@ def test_pool_signals_count_serving_workers_and_reserved_demand() -> None:
     assert decode.predicted_tokens == 50 * 16
     assert decode.slo_attainment is None  # nothing finished yet
     prefill = pool_signals(c, lim, slo, "prefill")
-    assert (prefill.replicas, prefill.predicted_tokens) == (1, 300)
+    assert (prefill.replicas, prefill.predicted_tokens, prefill.inflight_requests) == (1, 300, 1)
     # Each pool reads its own phase: prefill the first token, decode the tokens after it.
     slo.record(0.5, 0.5)
     slo.record(0.5, 0.05)
     assert pool_signals(c, lim, slo, "prefill").slo_attainment == 1.0
     assert pool_signals(c, lim, slo, "decode").slo_attainment == 0.5
+
+
+# ------------------------------------------------------------------------------- SLO headers
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, (0.0, 0.0)),
+        ({"X-SLO-TTFT-Ms": "1500"}, (1.5, 0.0)),
+        ({"x-slo-ttft-ms": "250.5", "X-SLO-TPOT-Ms": "40"}, (0.2505, 0.04)),
+    ],
+)
+def test_a_request_brings_its_own_objectives(headers: dict[str, str], expected: tuple[float, float]) -> None:
+    greq = GenerationRequest("r", "m", [1, 2], SamplingParams(max_tokens=4))
+    _objectives(make_mocked_request("POST", "/v1/completions", headers=headers), greq)
+    assert (greq.ttft_slo_s, greq.tpot_slo_s) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "0", "inf"])
+def test_bad_objective_headers_are_refused(value: str) -> None:
+    greq = GenerationRequest("r", "m", [1], SamplingParams(max_tokens=4))
+    with pytest.raises(PdorchError) as info:
+        _objectives(make_mocked_request("POST", "/", headers={"X-SLO-TPOT-Ms": value}), greq)
+    assert info.value.code is ErrorCode.INVALID_REQUEST and "X-SLO-TPOT-Ms" in info.value.message
+
+
+def test_objectives_come_from_the_request_else_from_config_and_a_moved_request_is_best_effort() -> None:
+    cfg = SchedulerConfig(slo=SloConfig(ttft_s=2.0, tpot_s=0.05))
+    cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
+    placer = Placer(cfg.placement)
+    planner = Planner(
+        cluster,
+        cluster.ledger,
+        placer,
+        OutputLengthPredictor(),
+        LatencyLearner(placer.config.accelerators),
+        colocated=False,
+    )
+    flow = Orchestrator(cfg, cluster, None, Inbox(), planner, Metrics(cfg.slo))  # type: ignore[arg-type]
+    greq = GenerationRequest("r", "m", list(range(40)), SamplingParams(max_tokens=8))
+    _, preq = flow.plan(greq)
+    assert (preq.ttft_slo_s, preq.tpot_slo_s, preq.best_effort) == (2.0, 0.05, False)
+    assert preq.prompt_len == 40 and len(preq.block_hashes) == 2  # 16-token prefix blocks
+    greq.ttft_slo_s = 0.5
+    assert flow.plan(greq)[1].ttft_slo_s == 0.5
+    _, moved = flow._plan(greq, "r.1", list(range(45)), 3, resumed=True)
+    assert (moved.request_id, moved.ttft_slo_s, moved.tpot_slo_s, moved.best_effort) == (
+        "r.1",
+        0.0,
+        0.05,
+        True,
+    )
+
+
+def test_a_following_choice_is_booked_colocated_where_the_prompt_is() -> None:
+    """The other choices of an n > 1 request go where choice 0's KV is, booked in the one ledger like
+    any placement (so later decisions see them), never onto a draining or unknown worker."""
+    cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
+    for wid, role in (("p", Role.PREFILL), ("d", Role.DECODE)):
+        cluster.register(wid.encode(), _hello(wid, role), now=0.0)
+    placer = Placer(SchedulerConfig().placement)
+    planner = Planner(
+        cluster,
+        cluster.ledger,
+        placer,
+        OutputLengthPredictor(),
+        LatencyLearner(placer.config.accelerators),
+        colocated=False,
+    )
+    flow = Orchestrator(SchedulerConfig(), cluster, None, Inbox(), planner, Metrics(SloConfig()))  # type: ignore[arg-type]
+    greq = GenerationRequest("r-1", "m", list(range(40)), SamplingParams(max_tokens=8))
+    _, preq = flow.plan(greq)
+    placement = planner.follow(preq, "d", now=0.0)
+    assert placement is not None and (placement.prefill, placement.decode) == ("d", "d")
+    assert placement.reserve_blocks > 0
+    assert cluster.get("d").reserved_blocks == placement.reserve_blocks  # type: ignore[union-attr]
+    planner.release("r-1", now=0.0)
+    assert cluster.get("d").reserved_blocks == 0  # type: ignore[union-attr]
+    assert planner.follow(preq, "gone", now=0.0) is None
+    cluster.set_draining("d", True)
+    assert planner.follow(preq, "d", now=0.0) is None

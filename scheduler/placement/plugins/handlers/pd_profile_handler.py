@@ -12,34 +12,44 @@ prefill and has room for the whole reservation ("both" nodes, and "prefill" node
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+import msgspec
 
 from scheduler.placement.context import Pool, RequestContext
-from scheduler.placement.plugin import Decider
+from scheduler.placement.latency_model import LatencyTable
+from scheduler.placement.plugin import Profiles
 from scheduler.placement.types import NodeView, Placement
 from transport.errors import ErrorCode, PdorchError
 
-# Runs one pool's profile over the given nodes: the pick, or None when the filters leave nothing.
-Select = Callable[[Pool, RequestContext, Sequence[NodeView]], NodeView | None]
+
+class PdProfileHandlerParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
 
 
-def place_pd(select: Select, decider: Decider, ctx: RequestContext, nodes: Sequence[NodeView]) -> Placement:
-    decode = select(Pool.DECODE, ctx, nodes)
-    if decode is None:
-        return _fallback(select, ctx, nodes)
-    if ctx.request.colocated:
-        return ctx.placement(decode, decode)
+class PdProfileHandler:
+    def __init__(self, params: PdProfileHandlerParams) -> None:
+        self.params = params
 
-    def pick_prefill() -> NodeView | None:
-        return select(Pool.PREFILL, ctx, [n for n in nodes if n.worker_id != decode.worker_id])
+    def place(
+        self, profiles: Profiles, ctx: RequestContext, nodes: Sequence[NodeView], latency: LatencyTable
+    ) -> Placement:
+        decode = profiles.select(Pool.DECODE, ctx, nodes)
+        if decode is None:
+            return _fallback(profiles, ctx, nodes)
+        if ctx.request.colocated:
+            return ctx.placement(decode, decode)
 
-    return decider.decide(ctx, decode, pick_prefill)
+        def pick_prefill() -> NodeView | None:
+            return profiles.select(Pool.PREFILL, ctx, [n for n in nodes if n.worker_id != decode.worker_id])
+
+        return profiles.decider.decide(ctx, decode, pick_prefill)
 
 
-def _fallback(select: Select, ctx: RequestContext, nodes: Sequence[NodeView]) -> Placement:
+def _fallback(profiles: Profiles, ctx: RequestContext, nodes: Sequence[NodeView]) -> Placement:
     ctx.fallback = True
     try:
-        node = select(Pool.DECODE, ctx, nodes)
+        node = profiles.select(Pool.DECODE, ctx, nodes)
     finally:
         ctx.fallback = False
     if node is None:

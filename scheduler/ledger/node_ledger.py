@@ -1,0 +1,230 @@
+"""What the scheduler has booked on one node, and what it has seen the node do.
+
+* **held**: every job placed here (either side) and the KV blocks reserved for it (Reserve);
+* **pending**: prefills sent here and not answered with a first token yet, in the order sent
+  (engines prefill first come, first served);
+* **members**: requests decoding here, or booked to once their KV lands, with what placement needs
+  to protect their TPOT (their predicted decode steps and objective, the delays they have had);
+* **prefixes**: the prompt-prefix hashes sent here;
+* running integrals of the decode batch and its prompt tokens over time, and the prefill time the
+  node has spent, from which the lifecycle events become latency observations.
+
+Times are numbers the caller passes (live: a monotonic clock; simulator: virtual seconds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler.ledger.prefix_memory import PrefixMemory
+from scheduler.placement.kv_budget import outstanding_blocks
+from scheduler.prediction.latency import DecodeSample, PrefillSample
+
+
+@dataclass
+class Held:
+    """What one job holds on this node."""
+
+    reserved_blocks: int = 0  # KV blocks reserved (prompt + predicted output), 0 on a prefill node
+    tokens: int = 0  # tokens it has here (prompt + generated); 0 until its KV is here
+
+
+@dataclass
+class Pending:
+    tokens: int  # prompt tokens
+    cached: int  # of which the scheduler expects the node to have cached
+    sent_at: float
+    batch_s: float  # the node's integrals when it was sent
+    context_s: float
+
+
+@dataclass
+class Member:
+    prompt_tokens: int
+    steps: int  # decode steps predicted for it (0 = none)
+    tpot_slo_s: float  # 0 = no objective
+    joined_at: float | None = None  # when its decode began here
+    delay_s: float = 0.0  # time between its first token and that (the KV handoff)
+    busy_at_join: float = 0.0  # the node's prefill time when it joined
+    batch_s: float = 0.0
+    context_s: float = 0.0
+
+
+class NodeLedger:
+    def __init__(
+        self,
+        worker_id: str,
+        model: str,
+        accelerator: str,
+        block_size: int,
+        kv_bytes_per_token: int,
+        capacity_tokens: int,
+    ) -> None:
+        self.worker_id = worker_id
+        self.model = model
+        self.accelerator = accelerator
+        self.block_size = block_size
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.held: dict[str, Held] = {}
+        self.pending: dict[str, Pending] = {}
+        self.members: dict[str, Member] = {}
+        self.prefixes = PrefixMemory(capacity_tokens)
+        self.last_departure = -float("inf")  # the last first token this node produced
+        self.busy_s = 0.0  # prefill time spent here (observed)
+        self.version = 0  # bumps on every change (views built from it may be cached)
+        self._reserved = (-1, 0)
+        self.view_cache: object = None  # what a view builder keeps between versions
+        self.last_view: tuple[tuple[object, ...], object] | None = None
+        self._t = 0.0
+        self._batch_s = 0.0
+        self._context_s = 0.0
+        self._departure_integrals = (0.0, 0.0)
+        self.joined = 0  # members decoding now
+        self.joined_tokens = 0  # their prompt tokens
+        self.booked_tokens = 0  # prompt tokens of every member, joined or not
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def reserved_blocks(self) -> int:
+        """Reservations not yet backed by blocks the worker reports as used (not counted twice)."""
+        if self._reserved[0] != self.version:
+            bs = self.block_size
+            total = sum(outstanding_blocks(h.reserved_blocks, h.tokens, bs) for h in self.held.values())
+            self._reserved = (self.version, total)
+        return self._reserved[1]
+
+    @property
+    def pending_tokens(self) -> int:
+        return sum(p.tokens - p.cached for p in self.pending.values())
+
+    # ------------------------------------------------------------------ booking
+
+    def hold(self, job_id: str, reserve_blocks: int) -> None:
+        self.held[job_id] = Held(reserve_blocks)
+        self._changed()
+
+    def send_prefill(self, job_id: str, tokens: int, cached: int, now: float) -> None:
+        self._advance(now)
+        self.pending[job_id] = Pending(tokens, cached, now, self._batch_s, self._context_s)
+        self._changed()
+
+    def remember(self, block_hashes: tuple[int, ...], block_tokens: int) -> None:
+        """The node has seen this prompt prefix (prefix affinity); each hash covers ``block_tokens``."""
+        if block_hashes:
+            self.prefixes.add(block_hashes, block_tokens or self.block_size)
+            self._changed()
+
+    def add_member(self, job_id: str, prompt_tokens: int, steps: int, tpot_slo_s: float) -> None:
+        self.members[job_id] = Member(prompt_tokens, steps, tpot_slo_s)
+        self.booked_tokens += prompt_tokens
+        self._changed()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def answer_prefill(self, job_id: str, now: float, cached: int | None) -> PrefillSample | None:
+        """The job's first token came from here; a prefill observation if it was the queue's head."""
+        pending = self.pending.get(job_id)
+        if pending is None:
+            return None
+        head = next(iter(self.pending)) == job_id
+        del self.pending[job_id]
+        self._advance(now)
+        if self.last_departure >= pending.sent_at:
+            start, (batch_s, context_s) = self.last_departure, self._departure_integrals
+        else:
+            start, batch_s, context_s = pending.sent_at, pending.batch_s, pending.context_s
+        seconds = max(0.0, now - start)
+        self.busy_s += seconds
+        self.last_departure = now
+        self._departure_integrals = (self._batch_s, self._context_s)
+        self._changed()
+        if not head or seconds <= 0.0:
+            return None  # it did not simply wait for the one before it: its own time is unknown
+        hit = pending.cached if cached is None else min(cached, pending.tokens)
+        return PrefillSample(
+            model=self.model,
+            accelerator=self.accelerator,
+            uncached=pending.tokens - hit,
+            cached=hit,
+            batch=(self._batch_s - batch_s) / seconds,
+            context=(self._context_s - context_s) / seconds,
+            seconds=seconds,
+        )
+
+    def join(self, job_id: str, now: float, delay_s: float, tokens: int) -> None:
+        """The member's decode begins here (its KV is here, ``tokens`` of it)."""
+        held = self.held.get(job_id)
+        if held is not None:
+            held.tokens = max(held.tokens, tokens)
+        member = self.members.get(job_id)
+        if member is None or member.joined_at is not None:
+            return
+        self._advance(now)
+        member.joined_at = now
+        member.delay_s = delay_s
+        member.busy_at_join = self.busy_s
+        member.batch_s, member.context_s = self._batch_s, self._context_s
+        self.joined += 1
+        self.joined_tokens += member.prompt_tokens
+        self._changed()
+
+    def leave(self, job_id: str, now: float, steps: int) -> DecodeSample | None:
+        """The member finished after decoding ``steps`` tokens here; a decode observation."""
+        member = self._drop_member(job_id, now)
+        if member is None or member.joined_at is None or steps < 1:
+            return None
+        seconds = now - member.joined_at
+        if seconds <= 0.0:
+            return None
+        return DecodeSample(
+            model=self.model,
+            accelerator=self.accelerator,
+            steps=steps,
+            # The integrals since it joined count it too.
+            batch=(self._batch_s - member.batch_s) / seconds,
+            context=(self._context_s - member.context_s) / seconds,
+            stall_s=self.busy_s - member.busy_at_join,
+            seconds=seconds,
+        )
+
+    def grow(self, job_id: str, tokens: int, reserved_blocks: int | None = None) -> None:
+        """The job now has ``tokens`` here (and, when given, a new reservation)."""
+        held = self.held.get(job_id)
+        if held is not None:
+            held.tokens = tokens
+            if reserved_blocks is not None:
+                held.reserved_blocks = reserved_blocks
+            self._changed()
+
+    def release(self, job_id: str, now: float) -> None:
+        """Forget the job here (Unreserve). Idempotent."""
+        changed = self.held.pop(job_id, None) is not None
+        changed |= self.pending.pop(job_id, None) is not None
+        changed |= self._drop_member(job_id, now) is not None
+        if changed:
+            self._changed()
+
+    # ------------------------------------------------------------------ internals
+
+    def _drop_member(self, job_id: str, now: float) -> Member | None:
+        member = self.members.pop(job_id, None)
+        if member is None:
+            return None
+        self._advance(now)
+        self.booked_tokens -= member.prompt_tokens
+        if member.joined_at is not None:
+            self.joined -= 1
+            self.joined_tokens -= member.prompt_tokens
+        self._changed()
+        return member
+
+    def _advance(self, now: float) -> None:
+        dt = now - self._t
+        if dt > 0:
+            self._batch_s += self.joined * dt
+            self._context_s += self.joined_tokens * dt
+            self._t = now
+
+    def _changed(self) -> None:
+        self.version += 1

@@ -1,0 +1,203 @@
+"""The SLO profile handler: choose the (prefill node, decode node) pair jointly on predicted latencies.
+
+The candidates are every pair the profiles' filters allow: a prefill node and another decode node
+(split, with a KV handoff), or one node doing both (a decode node prefilling locally, a "both"
+node, and a prefill node with room for the reservation when ``fallback_to_prefill_node``). For each
+the :class:`~scheduler.placement.slo_estimate.Estimator` predicts the request's TTFT, its own TPOT
+and what it does to the requests already decoding on the nodes it uses, from latency models learnt
+from the cluster.
+
+Each pool does its own phase first. The candidates come in three tiers: split (each pool its
+phase), then a decode node prefilling too (the decode pool lends prefill capacity), then a prefill
+node decoding too (the prefill pool lends decode capacity). The first tier holding a candidate
+predicted to meet every objective wins, and in it the candidate with the most headroom (ties: the
+larger sum of headrooms, then the profiles' scorers, then a draw seeded by the request). Headroom
+alone would take whichever node is idlest now, and a node lent to the other phase slows its own
+(a prefill node that decodes prefills slower for every later request, which no one request's
+prediction shows); the tiers lend a node only when its own pool cannot meet the objectives.
+``tiers: false`` drops the tiers (most headroom wherever it is; for comparison).
+
+When no candidate is predicted to meet them ("the best candidate" below is the one with the most
+headroom in the first tier that has any: no node is lent to the other phase for a late request):
+
+* a request that could not meet them even on an idle cluster is placed on the best candidate (no
+  amount of waiting or capacity would help it; it is served, late);
+* a request whose TTFT objective can no longer be met anywhere is shed (``QUEUE_FULL``; with
+  ``shed: false`` it is placed on the best candidate instead): waiting only makes it later, and
+  running it would take capacity from requests that can still make it;
+* otherwise it waits (``NO_WORKER``): the admission queue retries it as capacity frees.
+
+A ``best_effort`` request (one that is already streaming and moves after a worker failure) goes to
+the best candidate with room whatever its prediction. Without any objective (none configured, none
+in the request's headers), every candidate meets them: the split pair with the lowest predicted
+latency is taken. Split candidates are scored for the best prefill node of each accelerator class
+only (the handoff depends on the pair of classes, the rest on each node), so a decision costs time
+linear in the number of nodes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import msgspec
+
+from scheduler.placement.context import Pool, RequestContext
+from scheduler.placement.latency_model import LatencyTable
+from scheduler.placement.plugin import Profiles
+from scheduler.placement.slo_estimate import Estimator, Option
+from scheduler.placement.types import NodeView, Placement
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import Role
+
+# Candidates whose headroom and sum differ by less than this are tied.
+_TIE = 1e-9
+
+
+class Tier(enum.IntEnum):
+    SPLIT = 0  # prefill on a prefill node, decode on a decode node
+    DECODE_NODE_PREFILLS = 1  # a decode (or "both") node does the whole request
+    PREFILL_NODE_DECODES = 2  # a prefill node does the whole request
+
+
+class SloProfileHandlerParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Refuse a request whose TTFT objective can no longer be met (false: place it anyway, late).
+    shed: bool = True
+    # Consider a decode node prefilling the request itself (no KV handoff).
+    colocate: bool = True
+    # Lend a node to the other phase only when its own pool cannot meet the objectives.
+    tiers: bool = True
+
+
+class SloProfileHandler:
+    def __init__(self, params: SloProfileHandlerParams) -> None:
+        self.params = params
+
+    def place(
+        self, profiles: Profiles, ctx: RequestContext, nodes: Sequence[NodeView], latency: LatencyTable
+    ) -> Placement:
+        est = Estimator(ctx, latency)
+        decode = profiles.candidates(Pool.DECODE, ctx, nodes)
+        prefill = () if ctx.request.colocated else profiles.candidates(Pool.PREFILL, ctx, nodes)
+        # Every candidate, tier by tier; stop at the first tier with one meeting every objective.
+        tiers: list[list[Option]] = []
+        for tier in Tier:
+            tiers.append(self._options(tier, profiles, ctx, est, prefill, decode))
+            if self.params.tiers:
+                best = _best(profiles, ctx, [o for o in tiers[-1] if o.headroom >= 0])
+                if best is not None:
+                    return _placed(ctx, best)
+        options = [o for tier_options in tiers for o in tier_options]
+        if not self.params.tiers:
+            best = _best(profiles, ctx, [o for o in options if o.headroom >= 0])
+            if best is not None:
+                return _placed(ctx, best)
+        req = ctx.request
+        # Served late, if at all: the best of the first tier with any candidate (lend no node for it).
+        best = next((_best(profiles, ctx, t) for t in tiers if t), None) if self.params.tiers else None
+        best = best or _best(profiles, ctx, options)
+        if best is None:
+            if not req.best_effort and self._deadline_passed(ctx):
+                raise _shed(f"it waited {req.waited_s:.2f}s for room")
+            raise PdorchError(ErrorCode.NO_WORKER, f"no worker for model {req.model!r} has room for it")
+        if req.best_effort or not _feasible_when_idle(ctx, nodes, latency, self.params.colocate):
+            return _placed(ctx, best)
+        ttft = min(o.ttft_s for o in options)
+        if req.ttft_slo_s > 0 and ttft > req.ttft_slo_s:
+            if not self.params.shed:
+                return _placed(ctx, best)
+            raise _shed(f"its first token is predicted at {ttft:.2f}s > {req.ttft_slo_s:.2f}s")
+        raise PdorchError(ErrorCode.NO_WORKER, "no candidate meets the request's objectives yet; waiting")
+
+    def _deadline_passed(self, ctx: RequestContext) -> bool:
+        slo = ctx.request.ttft_slo_s
+        return self.params.shed and slo > 0 and ctx.request.waited_s >= slo
+
+    def _options(
+        self,
+        tier: Tier,
+        profiles: Profiles,
+        ctx: RequestContext,
+        est: Estimator,
+        prefill: Sequence[NodeView],
+        decode: Sequence[NodeView],
+    ) -> list[Option]:
+        """The candidates of one tier (a colocated deployment has only decode nodes doing both)."""
+        if tier is Tier.DECODE_NODE_PREFILLS:
+            return [est.option(d, d) for d in decode] if self.params.colocate or ctx.request.colocated else []
+        if tier is Tier.PREFILL_NODE_DECODES:
+            if not ctx.config.fallback_to_prefill_node:
+                return []
+            return [est.option(p, p) for p in prefill if p.role is Role.PREFILL and _has_room(ctx, p)]
+        if not prefill:
+            return []
+        # The best prefill node of each class: headroom, then the prefill profile's scorers.
+        scores = profiles.scores(Pool.PREFILL, ctx, prefill) if len(prefill) > 1 else [0.0]
+        by_class: dict[str, tuple[tuple[float, float, float], NodeView]] = {}
+        for p, score in zip(prefill, scores, strict=True):
+            rank = (*est.prefill_rank(p), score)
+            held = by_class.get(p.accelerator)
+            if held is None or rank > held[0]:
+                by_class[p.accelerator] = (rank, p)
+        return [est.option(p, d) for d in decode for _, p in by_class.values() if p.worker_id != d.worker_id]
+
+
+def _placed(ctx: RequestContext, o: Option) -> Placement:
+    return ctx.placement(o.prefill, o.decode, ttft_s=o.ttft_s, tpot_s=o.tpot_s)
+
+
+def tier_of(o: Option) -> Tier:
+    if o.prefill.worker_id != o.decode.worker_id:
+        return Tier.SPLIT
+    return Tier.PREFILL_NODE_DECODES if o.decode.role is Role.PREFILL else Tier.DECODE_NODE_PREFILLS
+
+
+def _has_room(ctx: RequestContext, node: NodeView) -> bool:
+    return node.blocks_total > 0 and node.blocks_free >= ctx.reserve_blocks(node)
+
+
+def _best(profiles: Profiles, ctx: RequestContext, options: list[Option]) -> Option | None:
+    if not options:
+        return None
+    top = max(options, key=lambda o: (o.headroom, o.total))
+    tied = [o for o in options if top.headroom - o.headroom <= _TIE and top.total - o.total <= _TIE]
+    if len(tied) == 1:
+        return tied[0]
+    # Predictions do not tell them apart (e.g. idle nodes, nothing learnt yet): the profiles' scorers.
+    decode = profiles.scores(Pool.DECODE, ctx, [o.decode for o in tied])
+    prefill = profiles.scores(Pool.PREFILL, ctx, [o.prefill for o in tied])
+    totals = [
+        d + (p if o.prefill.worker_id != o.decode.worker_id else 0.0)
+        for o, d, p in zip(tied, decode, prefill, strict=True)
+    ]
+    best = max(totals)
+    tied = [o for o, t in zip(tied, totals, strict=True) if t >= best - _TIE]
+    return tied[0] if len(tied) == 1 else ctx.rng("slo").choice(tied)
+
+
+def _feasible_when_idle(
+    ctx: RequestContext, nodes: Sequence[NodeView], latency: LatencyTable, colocate: bool
+) -> bool:
+    """Could any pair of node classes meet the request's objectives if they were idle?"""
+    idle: dict[tuple[Role, str], NodeView] = {}
+    for n in nodes:
+        idle.setdefault(
+            (n.role, n.accelerator),
+            msgspec.structs.replace(
+                n, prefill_wait_s=0.0, decode_batch=0, decode_context_tokens=0, tolerance_steps=0
+            ),
+        )
+    est = Estimator(ctx, latency, waited_s=0.0)
+    prefills = [n for n in idle.values() if n.can_prefill]
+    decodes = [n for n in idle.values() if n.role in (Role.DECODE, Role.BOTH)]
+    for d in decodes:
+        if colocate and est.option(d, d).headroom >= 0:
+            return True
+        if any(est.option(p, d).headroom >= 0 for p in prefills if p.worker_id != d.worker_id):
+            return True
+    allowed = ctx.config.fallback_to_prefill_node
+    return allowed and any(est.option(p, p).headroom >= 0 for p in prefills if p.role is Role.PREFILL)
+
+
+def _shed(why: str) -> PdorchError:
+    return PdorchError(ErrorCode.QUEUE_FULL, f"request cannot meet its TTFT objective: {why}; retry later")

@@ -1,0 +1,162 @@
+"""Latency models learnt online per node class from what the cluster observes.
+
+Three observations come from the request lifecycle (the ledger turns events into them, the same
+way in the live scheduler and in the simulator):
+
+* a **prefill**: the time from the moment a node could start a prompt (sent to it, and the prompt
+  before it answered) to its first token, with the uncached and cached tokens and the node's decode
+  batch meanwhile;
+* a **decode**: a request's time from its first decode step to its last over the steps it took,
+  with the node's average batch and context meanwhile and the prefill time the node spent in
+  between (chunked prefills stall the batch);
+* a **handoff**: the time from the first token to the KV landing on the decode node, with its size.
+
+Each fits a non-negative linear model on the features of :mod:`scheduler.placement.latency_model`
+(:class:`~scheduler.prediction.online_regression.OnlineRegression`), per node class
+(model + accelerator) and, for handoffs, per pair of classes. Nothing is set by hand: a class
+starts from the prior (prefill throughput from the accelerator table) and the data takes over
+within a few observations. Placement reads the models frozen in a
+:class:`~scheduler.placement.latency_model.LatencyTable`, republished at most once per
+``publish_interval_s`` of the caller's clock (live: seconds; simulator: virtual seconds), so a
+burst of observations does not rebuild every node's view each time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from scheduler.placement.config import AcceleratorProfile
+from scheduler.placement.latency_model import (
+    ClassLatency,
+    LatencyTable,
+    LinearModel,
+    class_key,
+    decode_x,
+    handoff_x,
+    link_key,
+    prefill_x,
+    prior_decode,
+    prior_handoff,
+    prior_prefill,
+)
+from scheduler.prediction.online_regression import OnlineRegression
+
+# Per observation, the weight of everything seen before (the output-length predictor's decay).
+DECAY = 0.999
+# The prior counts as one observation.
+PRIOR_WEIGHT = 1.0
+PUBLISH_INTERVAL_S = 1.0
+
+
+class PrefillSample(msgspec.Struct, frozen=True, gc=False):
+    model: str
+    accelerator: str
+    uncached: int
+    cached: int
+    batch: float  # the node's decoding requests, averaged over the prefill
+    context: float  # their prompt tokens, averaged likewise
+    seconds: float
+
+
+class DecodeSample(msgspec.Struct, frozen=True, gc=False):
+    model: str
+    accelerator: str
+    steps: int
+    batch: float
+    context: float
+    stall_s: float  # prefill time the node spent while the request decoded
+    seconds: float
+
+
+class HandoffSample(msgspec.Struct, frozen=True, gc=False):
+    model: str
+    prefill_accelerator: str
+    decode_accelerator: str
+    kv_bytes: int
+    seconds: float
+
+
+class _Class:
+    __slots__ = ("decode", "prefill")
+
+    def __init__(self, profile: AcceleratorProfile | None) -> None:
+        self.prefill = OnlineRegression(prior_prefill(profile).coef, prior_weight=PRIOR_WEIGHT, decay=DECAY)
+        self.decode = OnlineRegression(prior_decode().coef, prior_weight=PRIOR_WEIGHT, decay=DECAY)
+
+
+class LatencyLearner:
+    def __init__(
+        self,
+        accelerators: dict[str, AcceleratorProfile],
+        *,
+        publish_interval_s: float = PUBLISH_INTERVAL_S,
+    ) -> None:
+        self._accelerators = accelerators
+        self._interval = publish_interval_s
+        self._classes: dict[str, _Class] = {}
+        self._links: dict[str, OnlineRegression] = {}
+        self._table = LatencyTable()
+        self._published_at = -float("inf")
+        self._changed = True
+        self.observed = 0
+
+    # ------------------------------------------------------------------ learning
+
+    def observe_prefill(self, s: PrefillSample) -> None:
+        x = prefill_x(s.uncached, s.cached, s.batch, s.context)
+        self._class(s.model, s.accelerator).prefill.observe(x, s.seconds)
+        self._learnt()
+
+    def observe_decode(self, s: DecodeSample) -> None:
+        if s.steps < 1:
+            return
+        x = decode_x(s.batch, s.context, s.stall_s / s.steps)
+        self._class(s.model, s.accelerator).decode.observe(x, s.seconds / s.steps)
+        self._learnt()
+
+    def observe_handoff(self, s: HandoffSample) -> None:
+        key = link_key(s.model, s.prefill_accelerator, s.decode_accelerator)
+        link = self._links.get(key)
+        if link is None:
+            link = self._links[key] = OnlineRegression(
+                prior_handoff().coef, prior_weight=PRIOR_WEIGHT, decay=DECAY
+            )
+        link.observe(handoff_x(s.kv_bytes), s.seconds)
+        self._learnt()
+
+    # ------------------------------------------------------------------ reading
+
+    def table(self, now: float, classes: Iterable[tuple[str, str]] = ()) -> LatencyTable:
+        """The models as placement sees them now; ``classes`` (model, accelerator) get at least a prior."""
+        for model, accelerator in classes:
+            if class_key(model, accelerator) not in self._classes:
+                self._class(model, accelerator)
+        if self._changed and now - self._published_at >= self._interval:
+            self._table = LatencyTable(
+                classes={
+                    k: ClassLatency(LinearModel(c.prefill.coef()), LinearModel(c.decode.coef()))
+                    for k, c in self._classes.items()
+                },
+                handoffs={k: LinearModel(r.coef()) for k, r in self._links.items()},
+                version=self._table.version + 1,
+            )
+            self._published_at = now
+            self._changed = False
+        return self._table
+
+    # ------------------------------------------------------------------ internals
+
+    def _class(self, model: str, accelerator: str) -> _Class:
+        key = class_key(model, accelerator)
+        found = self._classes.get(key)
+        if found is None:
+            found = self._classes[key] = _Class(self._accelerators.get(accelerator))
+            self._changed = True
+            self._published_at = -float("inf")  # a new class is published at once
+        return found
+
+    def _learnt(self) -> None:
+        self.observed += 1
+        self._changed = True

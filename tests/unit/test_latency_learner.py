@@ -1,0 +1,136 @@
+"""The latency models learn known cost functions from observations, per node class."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scheduler.placement.config import default_accelerators
+from scheduler.placement.latency_model import (
+    class_key,
+    decode_x,
+    handoff_x,
+    link_key,
+    prefill_x,
+    prior_prefill,
+)
+from scheduler.prediction.latency import DecodeSample, HandoffSample, LatencyLearner, PrefillSample
+from scheduler.prediction.online_regression import OnlineRegression
+from workers.engines.sim.cost import CostModel
+
+MODEL = "llama-2-70b"
+
+
+def test_online_regression_recovers_a_linear_function() -> None:
+    rng = random.Random(1)
+    reg = OnlineRegression((0.0, 0.0, 0.0), decay=1.0)
+    for _ in range(500):
+        x = (1.0, rng.uniform(0, 5), rng.uniform(0, 2))
+        reg.observe(x, 0.3 + 0.7 * x[1] + 0.2 * x[2] + rng.gauss(0, 0.01))
+    assert reg.coef() == pytest.approx((0.3, 0.7, 0.2), abs=0.01)
+
+
+def test_online_regression_keeps_coefficients_non_negative_and_unseen_features_at_their_prior() -> None:
+    rng = random.Random(2)
+    reg = OnlineRegression((0.5, 0.0, 0.25))
+    for _ in range(300):
+        u = rng.uniform(0, 4)
+        # The third feature never varies from 0: its coefficient stays at the prior. The data pull
+        # the constant below zero; it is pinned at zero and the slope refitted through the origin.
+        reg.observe((1.0, u, 0.0), 1.2 * u - 0.3)
+    coef = reg.coef()
+    assert coef[0] == 0.0 and coef[2] == pytest.approx(0.25)
+    assert 1.0 < coef[1] < 1.2
+
+
+def test_online_regression_forgets_to_follow_a_change() -> None:
+    reg = OnlineRegression((0.0, 0.0), decay=0.99)
+    for u in range(400):
+        reg.observe((1.0, u % 7), 1.0 * (u % 7))
+    for u in range(400):
+        reg.observe((1.0, u % 7), 2.0 * (u % 7))  # the node got twice as slow
+    assert reg.coef()[1] == pytest.approx(2.0, rel=0.02)
+
+
+def test_prefill_model_learns_the_cost_model_of_each_class() -> None:
+    """Observations timed by the simulator's cost model (Llama-2-70B, tensor parallel 4): a node class
+    is predicted within 2% on prompts it has not seen, with and without a cached prefix."""
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
+    rng = random.Random(3)
+    costs = {acc: CostModel(acc, 4) for acc in ("h100", "a100")}
+    for _ in range(400):
+        for acc, cost in costs.items():
+            cached = rng.choice((0, 0, 512 * rng.randrange(1, 20)))
+            uncached = rng.randrange(100, 30_000)
+            seconds = cost.prefill_ms(cached, cached + uncached) / 1e3
+            learner.observe_prefill(PrefillSample(MODEL, acc, uncached, cached, 0.0, 0.0, seconds))
+    table = learner.table(now=1.0)
+    for acc, cost in costs.items():
+        model = table.classes[class_key(MODEL, acc)].prefill
+        for cached, uncached in ((0, 777), (0, 12_345), (4096, 40_000), (1024, 3000)):
+            want = cost.prefill_ms(cached, cached + uncached) / 1e3
+            assert model.predict(prefill_x(uncached, cached, 0, 0)) == pytest.approx(want, rel=0.02)
+    # The H100 was learnt to be the faster prefill node.
+    h100, a100 = (table.classes[class_key(MODEL, a)].prefill for a in ("h100", "a100"))
+    assert h100.predict(prefill_x(4000, 0, 0, 0)) < a100.predict(prefill_x(4000, 0, 0, 0))
+
+
+def test_prefill_model_learns_what_a_decode_batch_costs_a_chunked_prefill() -> None:
+    """On a node that decodes, each prefill chunk shares an iteration with the batch: the known cost
+    adds the decode step's marginal part once per chunk."""
+    cost, chunk = CostModel("a100", 4), 512
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
+    rng = random.Random(4)
+
+    def timed(uncached: int, batch: int, context: int) -> float:
+        chunks = -(-uncached // chunk)
+        return (cost.prefill_ms(0, uncached) + chunks * cost.decode_marginal_ms(batch, context)) / 1e3
+
+    for _ in range(800):
+        u, b = rng.randrange(chunk, 16_000), rng.randrange(0, 120)
+        ctx = b * rng.randrange(500, 4000)
+        learner.observe_prefill(PrefillSample(MODEL, "a100", u, 0, b, ctx, timed(u, b, ctx)))
+    model = learner.table(now=1.0).classes[class_key(MODEL, "a100")].prefill
+    for u, b in ((2048, 0), (2048, 80), (9000, 40)):
+        ctx = b * 2000
+        assert model.predict(prefill_x(u, 0, b, ctx)) == pytest.approx(timed(u, b, ctx), rel=0.05)
+
+
+def test_decode_model_learns_the_step_time_and_the_stalls() -> None:
+    cost = CostModel("a100", 4)
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
+    rng = random.Random(5)
+    for _ in range(600):
+        batch = rng.uniform(1, 150)
+        context = batch * rng.uniform(500, 3000)
+        steps = rng.randrange(2, 800)
+        stall = rng.choice((0.0, rng.uniform(0, 3)))  # prefill time the node spent meanwhile
+        seconds = steps * cost.decode_step_ms(batch, context) / 1e3 + stall
+        learner.observe_decode(DecodeSample(MODEL, "a100", steps, batch, context, stall, seconds))
+    model = learner.table(now=1.0).classes[class_key(MODEL, "a100")].decode
+    for batch in (1, 40, 120):
+        want = cost.decode_step_ms(batch, batch * 2000) / 1e3
+        assert model.predict(decode_x(batch, batch * 2000)) == pytest.approx(want, rel=0.03)
+    assert model.coef[3] == pytest.approx(1.0, rel=0.05)  # a stall second delays decoding a second
+
+
+def test_handoff_model_learns_the_link() -> None:
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
+    for tokens in range(100, 60_000, 997):
+        kv = tokens * 320 * 1024
+        learner.observe_handoff(HandoffSample(MODEL, "h100", "a100", kv, 0.002 + kv / 100e9))
+    link = learner.table(now=1.0).handoffs[link_key(MODEL, "h100", "a100")]
+    assert link.predict(handoff_x(20e9)) == pytest.approx(0.202, rel=0.01)
+
+
+def test_a_new_class_starts_from_the_prior_and_tables_are_republished_at_most_once_per_interval() -> None:
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=1.0)
+    first = learner.table(now=0.0, classes=[(MODEL, "h100")])
+    assert first.classes[class_key(MODEL, "h100")].prefill == prior_prefill(default_accelerators()["h100"])
+    sample = PrefillSample(MODEL, "h100", 1000, 0, 0.0, 0.0, 5.0)
+    learner.observe_prefill(sample)
+    assert learner.table(now=0.5) is first  # learnt, not yet republished
+    later = learner.table(now=1.0)
+    assert later is not first and later.version > first.version
+    assert learner.table(now=1.5) is later  # nothing new since

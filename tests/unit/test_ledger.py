@@ -1,0 +1,181 @@
+"""The reservation ledger: bookings, their lifecycle, the latency observations it derives, and the
+node views built from it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from scheduler.ledger.ledger import BookingFacts, Ledger
+from scheduler.ledger.prefix_memory import PrefixMemory, StalePrefixView
+from scheduler.node_view import NodeState, node_view
+from scheduler.placement.config import default_accelerators
+from scheduler.placement.latency_model import ClassLatency, LatencyTable, LinearModel, class_key
+from scheduler.placement.types import Placement
+from transport.messages import Hello, Load, Role
+
+KV = 1000  # bytes per token
+
+
+def ledger() -> Ledger:
+    led = Ledger()
+    for wid, acc in (("p", "h100"), ("d", "a100")):
+        led.add_node(wid, "m", acc, block_size=16, kv_bytes_per_token=KV, capacity_tokens=1600)
+    return led
+
+
+def facts(
+    prompt: int = 160, steps: int = 10, tpot: float = 0.1, hashes: tuple[int, ...] = ()
+) -> BookingFacts:
+    return BookingFacts(prompt, hashes, 16, decode_steps=steps, tpot_slo_s=tpot)
+
+
+def test_a_split_booking_moves_through_its_lifecycle() -> None:
+    led = ledger()
+    p, d = led.node("p"), led.node("d")
+    assert p is not None and d is not None
+    led.book("j", Placement("p", "d", reserve_blocks=20), facts(hashes=(7, 8)), cached=32, now=1.0)
+    # Reserve on d (nothing of it there yet), the prompt queued on p (less what p should have cached).
+    assert (d.reserved_blocks, p.reserved_blocks) == (20, 0)
+    assert p.pending_tokens == 160 - 32 and set(p.held) == set(d.held) == {"j"}
+    assert 7 in p.prefixes.view() and 8 in d.prefixes.view()
+    sample = led.first_token("j", now=1.5, cached=64)  # the engine says 64 were cached
+    assert sample is not None and (sample.uncached, sample.cached, sample.seconds) == (96, 64, 0.5)
+    assert (sample.model, sample.accelerator) == ("m", "h100") and p.pending_tokens == 0
+    handoff = led.kv_loaded("j", now=1.75)
+    assert handoff is not None and handoff.seconds == 0.25 and handoff.kv_bytes == 160 * KV
+    assert not p.held  # the prefill side holds nothing more
+    assert d.reserved_blocks == 20 - 10  # the prompt's 10 blocks are now backed by the worker's used ones
+    decoded = led.finish("j", now=2.75, steps=10)
+    assert decoded is not None and (decoded.steps, decoded.seconds, decoded.batch) == (10, 1.0, 1.0)
+    assert decoded.context == 160 and decoded.stall_s == 0.0
+    assert not d.held and not d.members and led.booking("j") is None
+
+
+def test_prefill_time_is_measured_from_when_the_node_could_start() -> None:
+    """A prompt queued behind another starts when that one answers (engines prefill in order)."""
+    led = ledger()
+    led.book("a", Placement("p", "d", 1), facts(), cached=0, now=0.0)
+    led.book("b", Placement("p", "d", 1), facts(), cached=0, now=0.1)
+    first = led.first_token("a", now=1.0)
+    second = led.first_token("b", now=1.6)
+    assert first is not None and first.seconds == 1.0
+    assert second is not None and second.seconds == pytest.approx(0.6)
+    # Answered out of order: the other was not done, so this one's own time is unknown.
+    led.book("c", Placement("p", "d", 1), facts(), cached=0, now=2.0)
+    led.book("e", Placement("p", "d", 1), facts(), cached=0, now=2.0)
+    assert led.first_token("e", now=3.0) is None
+    assert led.node("p").busy_s == pytest.approx(1.0 + 0.6 + 1.0)  # type: ignore[union-attr]
+
+
+def test_a_decode_observation_averages_the_batch_and_counts_the_prefill_stalls() -> None:
+    led = ledger()
+    d = led.node("d")
+    assert d is not None
+    led.book("long", Placement("d", "d", 10), facts(prompt=100), cached=0, now=0.0)
+    led.first_token("long", now=1.0)  # colocated: it decodes from its first token
+    led.book("short", Placement("d", "d", 10), facts(prompt=300), cached=0, now=1.0)
+    led.first_token("short", now=2.0)  # its prefill on d stalled "long" for a second
+    led.finish("short", now=3.0, steps=5)
+    sample = led.finish("long", now=5.0, steps=20)
+    assert sample is not None and sample.seconds == 4.0
+    assert sample.batch == pytest.approx((1 * 1 + 2 * 1 + 1 * 2) / 4)  # 1, then 2 (1 s), then 1
+    assert sample.context == pytest.approx((100 * 1 + 400 * 1 + 100 * 2) / 4)
+    assert sample.stall_s == pytest.approx(1.0)
+
+
+def test_release_is_idempotent_and_a_dropped_node_reports_its_jobs() -> None:
+    led = ledger()
+    led.book("j", Placement("p", "d", 5), facts(), cached=0, now=0.0)
+    led.release("j", now=0.5, worker_id="d")
+    assert not led.node("d").held and "j" in led.node("p").held  # type: ignore[union-attr]
+    assert led.drop_node("p") == ["j"]
+    led.release("j", now=0.6)
+    led.release("j", now=0.7)
+    assert led.booking("j") is None and led.node("p") is None
+
+
+# ---------------------------------------------------------------------------------------- views
+
+TABLE = LatencyTable(
+    classes={
+        class_key("m", "h100"): ClassLatency(
+            LinearModel((0.0, 1.0, 0.0, 0.0, 0.0)), LinearModel((0.02, 0.0, 0.0, 1.0))
+        ),
+        class_key("m", "a100"): ClassLatency(
+            LinearModel((0.0, 1.0, 0.0, 0.0, 0.0)), LinearModel((0.05, 0.0, 0.0, 1.0))
+        ),
+    },
+    version=1,
+)
+
+
+def state(wid: str, role: Role, accelerator: str, load: Load | None = None) -> NodeState:
+    hello = Hello(1, wid, role, "sim", "m", KV, 16, 1000, accelerator=accelerator)
+    return NodeState(hello, load or Load())
+
+
+def view(led: Ledger, wid: str, now: float, load: Load | None = None):  # type: ignore[no-untyped-def]
+    role, acc = (Role.PREFILL, "h100") if wid == "p" else (Role.DECODE, "a100")
+    node = led.node(wid)
+    assert node is not None
+    return node_view(state(wid, role, acc, load), node, TABLE, default_accelerators(), now)
+
+
+def test_the_prefill_backlog_is_the_learnt_time_of_what_is_queued_less_what_the_head_has_run() -> None:
+    led = ledger()
+    # 1 s per 1k uncached tokens: two prompts of 1,000 and 500 tokens queued at t=0.
+    led.book("a", Placement("p", "d", 1), facts(prompt=1000), cached=0, now=0.0)
+    led.book("b", Placement("p", "d", 1), facts(prompt=500), cached=0, now=0.0)
+    assert view(led, "p", now=0.0).prefill_wait_s == pytest.approx(1.5)
+    assert view(led, "p", now=0.4).prefill_wait_s == pytest.approx(1.1)
+    led.first_token("a", now=1.0)
+    assert view(led, "p", now=1.2).prefill_wait_s == pytest.approx(0.3)
+    # A worker reporting more queued work than the ledger knows of wins (e.g. another scheduler's).
+    busy = Load(queued_prefill_tokens=4000)
+    assert view(led, "p", now=1.2, load=busy).prefill_wait_s == pytest.approx(4.0, rel=0.02)
+
+
+def test_the_tightest_decoding_request_sets_the_node_tolerance() -> None:
+    led = ledger()
+    # The a100 decode step is 50 ms whatever the batch (its batch coefficient is 0 here).
+    led.book("loose", Placement("d", "d", 1), facts(steps=100, tpot=0.1), cached=0, now=0.0)
+    led.book("tight", Placement("p", "d", 1), facts(steps=10, tpot=0.1), cached=0, now=0.0)
+    led.first_token("loose", now=0.2)
+    led.first_token("tight", now=0.2)
+    led.kv_loaded("tight", now=0.3)  # a 0.1 s handoff
+    v = view(led, "d", now=0.3)
+    # tight: 10 x (0.1 - 0.05) - 0.1 handoff = 0.4 s left over 10 steps; loose: 100 x 0.05 = 5 s.
+    assert (v.stall_tolerance_s, v.tolerance_steps, v.tolerance_tpot_s) == pytest.approx((0.4, 10, 0.1))
+    assert v.decode_batch == 2 and v.decode_context_tokens == 320
+    # A local prefill queued on d will stall them: it comes off the tolerance (0.16 s at 1 s/1k).
+    led.book("local", Placement("d", "d", 1), facts(prompt=160, steps=0), cached=0, now=0.3)
+    assert view(led, "d", now=0.3).stall_tolerance_s == pytest.approx(0.4 - 0.16)
+    # A request already past saving (negative tolerance) is not protected.
+    led.book("lost", Placement("p", "d", 1), facts(steps=2, tpot=0.1), cached=0, now=0.3)
+    led.first_token("lost", now=0.4)
+    led.kv_loaded("lost", now=1.4)  # a one-second handoff: 2 x 0.05 - 1 < 0
+    assert view(led, "d", now=1.4).tolerance_steps == 10
+
+
+def test_views_are_rebuilt_only_when_something_they_show_changed() -> None:
+    led = ledger()
+    load = Load(blocks_used=3)
+    first = view(led, "d", now=0.0, load=load)
+    assert view(led, "d", now=5.0, load=load) is first  # nothing queued: time changes nothing
+    assert view(led, "d", now=5.0, load=Load(blocks_used=4)) is not first
+    led.book("j", Placement("p", "d", 4), facts(), cached=0, now=5.0)
+    assert view(led, "d", now=5.0, load=load).blocks_reserved == 4
+    assert math.isinf(view(led, "p", now=5.0).stall_tolerance_s)
+
+
+def test_a_prefix_view_never_shows_newer_contents() -> None:
+    memory = PrefixMemory(capacity_tokens=32)  # two blocks of 16
+    memory.add((1, 2))
+    seen = memory.view()
+    assert 1 in seen and len(seen) == 2
+    memory.add((3,))  # evicts 1
+    with pytest.raises(StalePrefixView):
+        _ = 1 in seen
+    assert 1 not in memory.view() and set(memory.view()) == {2, 3}

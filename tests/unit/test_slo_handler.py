@@ -1,0 +1,264 @@
+"""The SLO profile handler's joint choice, table-driven: where the candidate best for one objective
+breaks another (TPOT, its own or of requests already decoding), it must not be taken.
+
+Latency models are fixed here (as if learnt), so every prediction can be checked by hand:
+
+* prefill: H100 0.1 s, A100 0.25 s per 1k uncached tokens;
+* decode step: H100 30 ms + 30 ms per 100 requests, A100 40 ms + 50 ms per 100 requests;
+* handoff: 10 ms per GB (KV of 320 KiB per token: 6.6 ms for 2,000 tokens).
+
+The request: 2,000 tokens; its predicted output has median 101 tokens (100 decode steps) and 0.1
+quantile 21 (20 steps: the handoff is judged over those); TTFT objective 2 s, TPOT 100 ms.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+import pytest
+
+from scheduler.placement.config import PlacementConfig, PluginSpec, ProfileConfig
+from scheduler.placement.framework import Placer
+from scheduler.placement.latency_model import ClassLatency, LatencyTable, LinearModel, class_key, link_key
+from scheduler.placement.types import ClusterSnapshot, NodeView, PlacementRequest
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import Role
+
+M = "m"
+KV = 320 * 1024
+TABLE = LatencyTable(
+    classes={
+        class_key(M, "h100"): ClassLatency(
+            LinearModel((0.0, 0.1, 0.0, 0.0, 0.0)), LinearModel((0.03, 0.03, 0.0, 1.0))
+        ),
+        class_key(M, "a100"): ClassLatency(
+            LinearModel((0.0, 0.25, 0.0, 0.0, 0.0)), LinearModel((0.04, 0.05, 0.0, 1.0))
+        ),
+    },
+    handoffs={link_key(M, "h100", "a100"): LinearModel((0.0, 0.01))},
+)
+
+
+def p(name: str = "p", **kw: Any) -> NodeView:
+    kw = {"accelerator": "h100", "blocks_total": 100_000, "kv_bytes_per_token": KV, **kw}
+    return NodeView(name, Role.PREFILL, M, **kw)
+
+
+def d(name: str = "d", **kw: Any) -> NodeView:
+    kw = {"accelerator": "a100", "blocks_total": 100_000, "kv_bytes_per_token": KV, **kw}
+    return NodeView(name, Role.DECODE, M, **kw)
+
+
+def members(tolerance_s: float, steps: int = 50) -> dict[str, Any]:
+    """A node whose tightest decoding request can absorb ``tolerance_s`` more over ``steps`` steps."""
+    return {"stall_tolerance_s": tolerance_s, "tolerance_steps": steps, "tolerance_tpot_s": 0.1}
+
+
+def request(**kw: Any) -> PlacementRequest:
+    base: dict[str, Any] = {
+        "prompt_len": 2000,
+        "max_tokens": 1000,
+        "predicted_output_quantiles": ((0.1, 21), (0.5, 101), (0.9, 300)),
+        "ttft_slo_s": 2.0,
+        "tpot_slo_s": 0.1,
+    }
+    return PlacementRequest("r", M, **{**base, **kw})
+
+
+def placer(**handler: Any) -> Placer:
+    fallback = handler.pop("fallback", True)
+    return Placer(
+        PlacementConfig(
+            handler=PluginSpec("slo", params=handler),
+            decode=ProfileConfig(
+                filters=(PluginSpec("role"), PluginSpec("health", params={"require_kv_room": True}))
+            ),
+            prefill=ProfileConfig(),
+            fallback_to_prefill_node=fallback,
+        )
+    )
+
+
+CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str, str] | ErrorCode]] = [
+    (
+        "idle cluster: split, on the prefill node and the decode node",
+        [p(), d()],
+        {},
+        {},
+        ("p", "d"),
+    ),
+    (
+        "the prefill node with the best TTFT is decoding requests its prefill would stall past their "
+        "TPOT: the queued one",
+        [p("fast", decode_batch=4, **members(0.1)), p("queued", prefill_wait_s=1.0), d()],
+        {},
+        {},
+        ("queued", "d"),
+    ),
+    (
+        "the decode node whose batch would slow every step past the TPOT objective is not taken",
+        [p(), d("crowded", decode_batch=150, decode_context_tokens=300_000), d("light", decode_batch=20)],
+        {},
+        {},
+        ("p", "light"),
+    ),
+    (
+        "adding the request to a batch would push its tightest member past its TPOT: the other node",
+        [p(), d("tight", decode_batch=40, **members(0.2, steps=100)), d("loose", decode_batch=40)],
+        {},
+        {},
+        ("p", "loose"),
+    ),
+    (
+        "prefilling on the idle decode node has the best TTFT, but split meets both objectives: split",
+        [p(prefill_wait_s=1.0), d()],
+        {},
+        {},
+        ("p", "d"),
+    ),
+    (
+        "split misses TTFT; a decode node's local prefill meets it but stalls its decoding requests "
+        "past their TPOT: the other decode node prefills",
+        [p(prefill_wait_s=3.0), d("busy", decode_batch=10, **members(0.3)), d("free")],
+        {},
+        {},
+        ("free", "free"),
+    ),
+    (
+        "every candidate that meets TTFT breaks someone's TPOT, and TTFT can still be met: wait",
+        [p(prefill_wait_s=3.0, decode_batch=5, **members(0.1)), d("a", decode_batch=10, **members(0.3))],
+        {},
+        {},
+        ErrorCode.NO_WORKER,
+    ),
+    (
+        "long prompt, short answer: the KV handoff alone breaks its TPOT, the prefill node serves it all",
+        [p(), d()],
+        {
+            "prompt_len": 60_000,
+            "ttft_slo_s": 10.0,
+            "predicted_output_quantiles": ((0.1, 3), (0.5, 5), (0.9, 9)),
+        },
+        {},
+        ("p", "p"),
+    ),
+    (
+        "the same without prefill nodes decoding: no candidate could meet both even on an idle "
+        "cluster: served anyway, split",
+        [p(), d()],
+        {
+            "prompt_len": 60_000,
+            "ttft_slo_s": 10.0,
+            "predicted_output_quantiles": ((0.1, 3), (0.5, 5), (0.9, 9)),
+        },
+        {"fallback": False},
+        ("p", "d"),
+    ),
+    (
+        "TTFT cannot be met anywhere any more: shed",
+        [p(prefill_wait_s=5.0), d(prefill_wait_s=4.0)],
+        {},
+        {},
+        ErrorCode.QUEUE_FULL,
+    ),
+    (
+        "the same with shedding off: served late, split (no node lent to the other phase for it)",
+        [p(prefill_wait_s=5.0), d(prefill_wait_s=4.0)],
+        {},
+        {"shed": False},
+        ("p", "d"),
+    ),
+    (
+        "objectives no idle cluster could meet: served anyway, split",
+        [p(), d()],
+        {"ttft_slo_s": 0.05},
+        {},
+        ("p", "d"),
+    ),
+    (
+        "a request that moves after a worker failure (best effort) is placed even when it will miss",
+        [p(prefill_wait_s=3.0, decode_batch=5, **members(0.1)), d("a", decode_batch=10, **members(0.3))],
+        {"best_effort": True},
+        {},
+        ("p", "a"),
+    ),
+    (
+        "no objectives: the split pair predicted fastest",
+        [p("slow", prefill_wait_s=0.5), p("quick"), d()],
+        {"ttft_slo_s": 0.0, "tpot_slo_s": 0.0},
+        {},
+        ("quick", "d"),
+    ),
+    (
+        "no decode node has room and the request has waited past its TTFT objective: shed",
+        [p(blocks_total=0), d(blocks_used=100_000)],
+        {"waited_s": 2.5},
+        {},
+        ErrorCode.QUEUE_FULL,
+    ),
+    (
+        "no decode node has room yet: wait",
+        [p(blocks_total=0), d(blocks_used=100_000)],
+        {"waited_s": 0.5},
+        {},
+        ErrorCode.NO_WORKER,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "req", "params", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_joint_choice(
+    nodes: list[NodeView], req: dict[str, Any], params: dict[str, Any], expected: tuple[str, str] | ErrorCode
+) -> None:
+    snapshot = ClusterSnapshot(tuple(nodes), TABLE)
+    if isinstance(expected, ErrorCode):
+        with pytest.raises(PdorchError) as info:
+            placer(**params).place(snapshot, request(**req))
+        assert info.value.code is expected
+        return
+    placement = placer(**params).place(snapshot, request(**req))
+    assert (placement.prefill, placement.decode) == expected
+
+
+def test_the_placement_carries_its_predictions() -> None:
+    placement = placer().place(ClusterSnapshot((p(prefill_wait_s=0.4), d()), TABLE), request())
+    # TTFT: 0.4 s queued + 2,000 tokens at 0.1 s per 1k. TPOT at the median output: A100 step with one
+    # request (40 ms + 0.5 ms) + the 6.6 ms handoff over its 100 steps.
+    assert placement.predicted_ttft_s == pytest.approx(0.6)
+    handoff = 2000 * KV / 1e9 * 0.01
+    assert placement.predicted_tpot_s == pytest.approx(0.0405 + handoff / 100)
+
+
+def test_the_request_has_waited_so_its_ttft_is_shorter_by_that_much() -> None:
+    snap = ClusterSnapshot((p(prefill_wait_s=1.0), d()), TABLE)
+    assert placer().place(snap, request(waited_s=0.7)).prefill == "p"  # 0.7 + 1.0 + 0.2 <= 2
+    with pytest.raises(PdorchError) as info:
+        placer(colocate=False).place(snap, request(waited_s=0.9))  # 2.1 > 2: nowhere else to go
+    assert info.value.code is ErrorCode.QUEUE_FULL
+
+
+def test_ties_go_to_the_profiles_scorers() -> None:
+    config = msgspec.structs.replace(
+        placer().config,
+        decode=ProfileConfig(
+            filters=(PluginSpec("role"), PluginSpec("health", params={"require_kv_room": True})),
+            scorers=(PluginSpec("kv-occupancy"),),
+        ),
+    )
+    nodes = (p(), d("fuller", blocks_used=50_000), d("emptier", blocks_used=10_000))
+    placement = Placer(config).place(ClusterSnapshot(nodes, TABLE), request(ttft_slo_s=0.0, tpot_slo_s=0.0))
+    assert placement.decode == "emptier"
+
+
+def test_an_unlearnt_class_uses_the_prior() -> None:
+    nodes = (p(accelerator="l40s"), d(accelerator="l40s"))
+    placement = placer().place(ClusterSnapshot(nodes), request())
+    assert (
+        placement.prefill == "p"
+        and math.isfinite(placement.predicted_ttft_s)
+        and placement.predicted_ttft_s > 0
+    )
