@@ -44,6 +44,7 @@ from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
 from transport.kv.receive_buffers import keep_receive_buffers
 from transport.messages import KvMode, KvRoute
+from transport.security import Security
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 32
@@ -83,7 +84,9 @@ class DiscardSink:
 def receiver_process(conn: Connection, window_mb: int) -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
-        receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", window_bytes=window_mb * MIB)
+        receiver = KvReceiver(
+            ctx, security=Security.insecure(), bind="tcp://127.0.0.1:0", window_bytes=window_mb * MIB
+        )
         await receiver.start()
         conn.send(receiver.endpoint)
         sinks: dict[int, ArraySink] = {}
@@ -111,7 +114,7 @@ def receiver_process(conn: Connection, window_mb: int) -> None:
 def sender_process(conn: Connection, chunk_mb: int) -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
-        sender = KvSender(ctx, max_chunk_bytes=chunk_mb * MIB)
+        sender = KvSender(ctx, security=Security.insecure(), max_chunk_bytes=chunk_mb * MIB)
         data: dict[int, np.ndarray] = {}
         conn.send("up")
         while (cmd := await recv_command(conn)) is not None:

@@ -40,6 +40,7 @@ from transport.messages import (
     SamplingParams,
     TokenOutput,
 )
+from transport.security import Security
 
 # ----------------------------------------------------------------------------- part 1: vLLM
 
@@ -208,14 +209,14 @@ def _bench_raw(layers: int, blocks: int, row: tuple[int, ...], rounds: int) -> f
     rx_thread.start()
 
     async def make_receiver() -> KvReceiver:
-        receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0")
+        receiver = KvReceiver(ctx, security=Security.insecure(), bind="tcp://127.0.0.1:0")
         await receiver.start()
         return receiver
 
     receiver = asyncio.run_coroutine_threadsafe(make_receiver(), rx_loop).result()
 
     async def run() -> float:
-        sender = KvSender(ctx)
+        sender = KvSender(ctx, security=Security.insecure())
         best = float("inf")
         sink = Sink()  # reused, like the engine's cache: no first-touch page faults after round one
         try:

@@ -5,6 +5,10 @@ that dies is restarted, the cluster stays whole). It imports none of the schedul
 of the workers' only ``workers.engines.vllm.launch``, which builds a vLLM server's command line
 (it imports no vLLM). The end-to-end tests use :class:`LocalCluster` too, so what they test is what
 ``make run`` starts.
+
+The cluster is authenticated like any other: it makes a throwaway key set in its log directory (a
+key per process, each process given its own through the environment), so a restarted child
+registers again with the same key, and nothing else on the machine can join.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +33,8 @@ from pathlib import Path
 
 from pdorch.supervisor import Supervisor
 from transport.messages import Role
+from transport.security.key_set import KeySet
+from transport.security.keys import KeyKind
 
 
 def model_name(spec: ClusterSpec) -> str:
@@ -96,11 +103,17 @@ class ClusterSpec:
     # Extra arguments for one worker by name (e.g. "decode-0").
     per_worker_args: dict[str, list[str]] = field(default_factory=dict)
     scheduler_args: list[str] = field(default_factory=list)
+    broker_args: list[str] = field(default_factory=list)
     log_level: str = "INFO"
     # "reference" (the built-in engine) or "vllm" (a vLLM server per worker, from model_dir).
     engine: str = "reference"
     model_dir: str = ""
     vllm_python: str = ""
+    # "encrypted" or "plaintext": how the KV plane protects what it carries (both authenticate).
+    kv_payload: str = "encrypted"
+    # A key set to use (`pdorch keys generate` layout) instead of a throwaway one; keys missing
+    # from it (a worker's) are added.
+    keys_dir: Path | None = None
 
 
 class LocalCluster:
@@ -116,11 +129,23 @@ class LocalCluster:
         self.url = f"http://127.0.0.1:{spec.port}"
         self.control = f"tcp://127.0.0.1:{spec.control_port}"
         self.broker = f"tcp://127.0.0.1:{spec.broker_port}"
+        if spec.keys_dir is not None:
+            self.keys = KeySet(spec.keys_dir)
+        else:  # throwaway: a new set for every cluster (a --log-dir used before gets a fresh one)
+            shutil.rmtree(self.log_dir / "keys", ignore_errors=True)
+            self.keys = KeySet.create(self.log_dir / "keys", {})
+
+    def party_env(self, name: str) -> dict[str, str]:
+        """The environment that authenticates process ``name`` (a key of its own, made on first use;
+        a worker's key may claim its name only)."""
+        if not self.keys.key_file(name).exists():
+            self.keys.add(name, KeyKind.WORKER)
+        return {**self.keys.env(name), "PDORCH_KV_PAYLOAD": self.spec.kv_payload}
 
     # ------------------------------------------------------------------ processes
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        self.spawn(name, [self.spec.python, "-m", "pdorch", *args], {})
+        self.spawn(name, [self.spec.python, "-m", "pdorch", *args], self.party_env(name))
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self._args[name] = argv
@@ -166,7 +191,8 @@ class LocalCluster:
             served_model_name=model_name(self.spec),
         )
         argv, env = vllm_command(spec, python=self.spec.vllm_python or default_vllm_python())
-        self.spawn(f"vllm-{name}", argv, env)
+        # Its KV connector is the worker's KV endpoint: it authenticates with the worker's key.
+        self.spawn(f"vllm-{name}", argv, {**env, **self.party_env(name)})
         args = [
             "--engine",
             "vllm",
@@ -197,7 +223,7 @@ class LocalCluster:
             *s.scheduler_args,
         ]
         if s.kv_mode == "centralized" and not s.colocated:
-            self._spawn("kv-broker", ["kv-broker", "--bind", self.broker])
+            self._spawn("kv-broker", ["kv-broker", "--bind", self.broker, *s.broker_args])
             sched += ["--kv-broker", self.broker]
         if s.colocated:
             sched.append("--colocated")
@@ -284,6 +310,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--kv-mode", choices=["p2p", "centralized"], default="p2p", help="KV handoff mode (default p2p)"
     )
     p.add_argument(
+        "--kv-payload",
+        choices=["encrypted", "plaintext"],
+        default="encrypted",
+        help="KV plane: encrypted (CURVE, default) or plaintext (authenticated only, faster)",
+    )
+    p.add_argument(
         "--colocated",
         action="store_true",
         help="one worker with role 'both' serves each request whole (no KV handoff), for comparison",
@@ -346,6 +378,7 @@ def main(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         engine=args.engine,
         model_dir=args.model,
+        kv_payload=args.kv_payload,
     )
     problem = _spec_problem(spec)
     if problem:
@@ -379,7 +412,8 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"\npdorch is ready ({mode}): {cluster.url}\n\n"
             f"Try:\n  {_example(cluster.url, model_name(spec))}\n\n"
-            f"Cluster state: {cluster.url}/v1/cluster   Ctrl-C stops everything.",
+            f"Cluster state: {cluster.url}/v1/cluster   Ctrl-C stops everything.\n"
+            f"Its processes authenticate with throwaway CURVE keys in {cluster.keys.directory}.",
             flush=True,
         )
 

@@ -60,13 +60,17 @@ class PrefixMemory:
 @dataclass
 class Worker:
     hello: Hello
-    identity: bytes
+    identity: bytes  # the control connection's routing id (the scheduler's ROUTER names it)
     liveness: PeerLiveness
     state: WorkerState = WorkerState.READY
     load: Load = field(default_factory=Load)
     requests: dict[str, Held] = field(default_factory=dict)
     # Prompt tokens sent here for prefill and not yet answered with a first token.
     pending_prefill_tokens: int = 0
+    # The key its control connection authenticated with ("" without authentication); its KV
+    # endpoint serves with the same key, which senders pin (``KvRoute.server_key``).
+    key_name: str = ""
+    public_key: str = ""
     # Sized like the worker's KV cache: it cannot hold more distinct blocks than that.
     prefixes: PrefixMemory = field(init=False)
 
@@ -100,6 +104,7 @@ class Worker:
             waiting=self.load.waiting,
             queued_prefill_tokens=self.load.queued_prefill_tokens + self.pending_prefill_tokens,
             inflight=len(self.requests),
+            kv_refusing=self.load.kv_refusing,
             cached_block_hashes=self.prefixes.frozen(),
         )
 
@@ -120,12 +125,15 @@ class Cluster:
 
     # ------------------------------------------------------------------ registration and liveness
 
-    def register(self, identity: bytes, hello: Hello, now: float) -> Worker:
+    def register(
+        self, identity: bytes, hello: Hello, now: float, *, key_name: str = "", public_key: str = ""
+    ) -> Worker:
         old = self._by_id.get(hello.worker_id)
         if old is not None:
             # A re-Hello means the agent restarted or reconnected: whatever we placed there is gone.
             self.drop_worker(hello.worker_id, "worker re-registered")
-        worker = Worker(hello, identity, PeerLiveness(self._interval, self._liveness, now))
+        liveness = PeerLiveness(self._interval, self._liveness, now)
+        worker = Worker(hello, identity, liveness, key_name=key_name, public_key=public_key)
         self._by_id[hello.worker_id] = worker
         self._by_identity[identity] = worker
         return worker

@@ -16,6 +16,7 @@ class ErrorCode(enum.StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     PROMPT_TOO_LONG = "prompt_too_long"
     UNAUTHORIZED = "unauthorized"
+    REQUEST_TIMEOUT = "request_timeout"  # the client did not send its request in time
     # Capacity (request-scoped, retryable).
     QUEUE_FULL = "queue_full"
     NO_WORKER = "no_worker"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import random
@@ -9,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -37,6 +38,8 @@ from scheduler.tokenizer.base import Tokenizer
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import FinishReason, Hello, SamplingParams
+
+_Req = TypeVar("_Req", CompletionRequest, ChatCompletionRequest)
 
 
 @dataclass
@@ -89,15 +92,26 @@ def _hint(request: web.Request) -> int:
     return value
 
 
-async def _read(request: web.Request, limit: int) -> bytes:
+async def _read(request: web.Request, limit: int, timeout_s: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise bad(f"request body exceeds {limit} bytes")
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise PdorchError(
+            ErrorCode.REQUEST_TIMEOUT, f"request body not received within {timeout_s:g}s"
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise bad(f"request body exceeds {limit} bytes") from None
     except Exception as e:  # truncated upload, body over aiohttp's client_max_size
         raise bad(f"cannot read request body: {e}") from None
+
+
+async def _body(request: web.Request, kind: type[_Req]) -> _Req:
+    cfg = request.app[CONFIG]
+    raw = await _read(request, cfg.max_body_bytes, cfg.http.body_timeout_s)
+    return parse_body(raw, kind, cfg.http.max_json_depth)
 
 
 def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> _Job:
@@ -141,12 +155,12 @@ def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest,
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), CompletionRequest)
+    req = await _body(request, CompletionRequest)
     return await _serve(request, _build(request, req, chat=False))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), ChatCompletionRequest)
+    req = await _body(request, ChatCompletionRequest)
     return await _serve(request, _build(request, req, chat=True))
 
 

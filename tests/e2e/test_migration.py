@@ -190,7 +190,7 @@ async def test_a_worker_that_takes_jobs_but_makes_no_progress_is_left(
     handoff deadline notices, and the request moves to a worker that works."""
     body = {"prompt": "stuck somewhere", "max_tokens": 12, "temperature": 0.0}
     want = await _run(colocated.url, [body])
-    stuck = FakeWorker(healed.control, "stuck-decode", capacity_blocks=10**6)
+    stuck = FakeWorker(healed, "stuck-decode", capacity_blocks=10**6)
     stuck.register()
     alive = threading.Event()
     alive.set()

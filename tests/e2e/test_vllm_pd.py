@@ -1,15 +1,18 @@
 """Real vLLM on CPU, disaggregated through pdorch's KV connector, equals colocated vLLM.
 
 Two vLLM server processes (a tiny Llama built here): a KV producer (prefill) and a KV consumer
-(decode) with the pdorch connector, plus a pdorch KV broker for centralized mode. The engine
-adapter drives them exactly as a worker agent does. Colocated reference outputs come from the
-prefill instance serving plain requests (it is an ordinary vLLM for requests without pdorch
-``kv_transfer_params``), run before any disaggregated request.
+(decode) with the pdorch connector, plus a pdorch KV broker for centralized mode, each with the
+CURVE keys of the party it stands for. The engine adapter drives them exactly as a worker agent
+does, with routes as the scheduler makes them (transfer ids in the sender's scope, server keys).
+Colocated reference outputs come from the prefill instance serving plain requests (it is an
+ordinary vLLM for requests without pdorch ``kv_transfer_params``), run before any disaggregated
+request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -42,6 +45,8 @@ from transport.messages import (
     SamplingParams,
     TokenOutput,
 )
+from transport.security.key_set import KV_BROKER, KeySet
+from transport.security.keys import read_public
 from workers.engines.vllm.engine import VllmEngine
 from workers.engines.vllm.launch import VllmLaunchSpec
 from workers.engines.vllm.metrics import parse_metrics
@@ -77,14 +82,24 @@ class Cluster:
     kv_endpoint: str
     broker: str
     prompts: list[list[int]]
+    keys: KeySet
+
+    def route(self, mode: str, tid: str, endpoint: str = "") -> KvRoute:
+        """As the scheduler names it: in the prefill side's scope, pinning the server's key."""
+        p2p = mode == KvMode.P2P
+        server = "decode-0" if p2p else KV_BROKER
+        key = read_public(self.keys.trusted_dir / f"{server}.pub").public
+        endpoint = endpoint or (self.kv_endpoint if p2p else self.broker)
+        return KvRoute(KvMode(mode), endpoint, f"prefill-0/{tid}", key)
 
 
-def _start_broker(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
+def _start_broker(port: int, log_dir: Path, keys: KeySet) -> subprocess.Popen[bytes]:
     log = (log_dir / "kv-broker.log").open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "pdorch", "kv-broker", "--bind", f"tcp://127.0.0.1:{port}"],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **keys.env(KV_BROKER)},
     )
 
 
@@ -94,12 +109,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     work = tmp_path_factory.mktemp("vllm")
     model_dir = build_tiny_model(python, work)
     kv_port, broker_port = free_port(), free_port()
+    # Named as the agents in front of them in the stack below: the same keys serve both.
+    keys = KeySet.create(work / "keys", {"prefill-0": (), "decode-0": ()})
     common = {"model_dir": str(model_dir), "max_num_seqs": 16, "served_model_name": MODEL}
     prefill = VllmServer(
         "prefill",
         VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common),
         python=python,
         log_dir=work,
+        env=keys.env("prefill-0"),
     )
     decode = VllmServer(
         "decode",
@@ -108,8 +126,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         ),
         python=python,
         log_dir=work,
+        env=keys.env("decode-0"),
     )
-    broker = _start_broker(broker_port, work)
+    broker = _start_broker(broker_port, work, keys)
     try:
         wait_healthy([prefill, decode], timeout_s=420)
         tok = HfTokenizer(model_dir)
@@ -121,6 +140,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             f"tcp://127.0.0.1:{kv_port}",
             f"tcp://127.0.0.1:{broker_port}",
             prompts,
+            keys,
         )
     finally:
         for server in (prefill, decode):
@@ -210,7 +230,7 @@ async def disaggregated(
 
 
 def _route(mode: str, cluster: Cluster, tid: str) -> KvRoute:
-    return KvRoute(mode, cluster.kv_endpoint if mode == "p2p" else cluster.broker, tid)
+    return cluster.route(mode, tid)
 
 
 async def _check_equality(cluster: Cluster, e: Engines, s: SamplingParams, tag: str, mode: str) -> None:
@@ -277,11 +297,11 @@ async def test_corrupted_kv_transfer_fails_the_decode(cluster: Cluster, engines:
         prompt = max(cluster.prompts, key=len)  # many blocks: bulk frames to damage
         s = SamplingParams(max_tokens=8)
         # Through the proxy undamaged: the path itself works.
-        route = KvRoute(KvMode.P2P, proxy.endpoint, "proxy-ok")
+        route = cluster.route(KvMode.P2P, "proxy-ok", proxy.endpoint)
         ok = await disaggregated(engines, "proxy-ok", prompt, s, route, decode_first=True)
         assert len(ok) == 8
         proxy.mode = "corrupt"
-        route = KvRoute(KvMode.P2P, proxy.endpoint, "proxy-bad")
+        route = cluster.route(KvMode.P2P, "proxy-bad", proxy.endpoint)
         with pytest.raises(PdorchError):
             await disaggregated(engines, "proxy-bad", prompt, s, route, decode_first=True)
         assert proxy.damaged > 0
@@ -293,7 +313,7 @@ async def test_corrupted_kv_transfer_fails_the_decode(cluster: Cluster, engines:
 
 async def test_missing_kv_fails_the_decode_instead_of_recomputing(cluster: Cluster, engines: Engines) -> None:
     prompt = cluster.prompts[3]
-    route = KvRoute(KvMode.P2P, cluster.kv_endpoint, "never-sent")
+    route = cluster.route(KvMode.P2P, "never-sent")
     with pytest.raises(PdorchError):
         await engines.decode.decode(
             DecodeJob("lost", prompt, SamplingParams(max_tokens=4), route, deadline_s=5)
@@ -313,7 +333,7 @@ async def test_prefill_blocks_are_leased_then_released_when_nobody_takes_the_kv(
     cluster: Cluster, engines: Engines
 ) -> None:
     await _wait_for(lambda: engines.prefill.load().blocks_used == 0, 60, "an idle prefill instance")
-    dead_end = KvRoute(KvMode.P2P, f"tcp://127.0.0.1:{free_port()}", "nobody-listens")
+    dead_end = cluster.route(KvMode.P2P, "nobody-listens", f"tcp://127.0.0.1:{free_port()}")
     prompt = cluster.prompts[5]
     await engines.prefill.prefill(
         PrefillJob("orphan", prompt, SamplingParams(max_tokens=4), dead_end, deadline_s=15)
@@ -331,7 +351,7 @@ async def test_a_decode_waiting_for_its_kv_shows_in_the_load_and_cancels_cleanly
     """A decode whose KV has not come is parked inside vLLM holding its blocks; cancelling the job
     aborts it there, the connector ends the load, and vLLM frees the blocks."""
     await _wait_for(lambda: engines.decode.load().blocks_used == 0, 60, "an idle decode instance")
-    route = KvRoute(KvMode.P2P, cluster.kv_endpoint, "parked-never-sent")
+    route = cluster.route(KvMode.P2P, "parked-never-sent")
     s = SamplingParams(max_tokens=8)
     job = asyncio.create_task(
         engines.decode.decode(DecodeJob("parked", cluster.prompts[6], s, route, deadline_s=120))
@@ -391,6 +411,7 @@ def stack(
         kv_mode=request.param,
         log_dir=tmp_path_factory.mktemp(f"stack-{request.param}"),
         log_level="WARNING",
+        keys_dir=cluster.keys.directory,
         per_worker_args={
             "prefill-0": [*model, "--vllm-url", cluster.prefill.url],
             "decode-0": [*model, "--vllm-url", cluster.decode.url, "--kv-advertise", cluster.kv_endpoint],

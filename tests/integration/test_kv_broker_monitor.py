@@ -3,21 +3,43 @@ notices when it goes silent, and notices a restart (a new instance on the same a
 
 from __future__ import annotations
 
+import asyncio
+
+import zmq
 import zmq.asyncio
 
 from scheduler.kv_broker_monitor import KvBrokerMonitor
 from tests.support.kv import wait_until
+from tests.support.security import INSECURE
 from transport.kv.broker import KvBroker
+from transport.security import NO_CLIENT_AUTH
 
 INTERVAL_S = 0.05
 
 
+async def start_on(ctx: zmq.asyncio.Context, endpoint: str) -> KvBroker:
+    """A broker on the address another just left: libzmq releases a closed listener's port on its
+    I/O thread, a moment after close() returns."""
+    broker = KvBroker(ctx, security=INSECURE, bind=endpoint, capacity_bytes=1 << 20, ttl_s=60)
+    for _ in range(100):
+        try:
+            await broker.start()
+            return broker
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE:
+                raise
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"{endpoint} stayed in use")
+
+
 async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyncio.Context) -> None:
-    first = KvBroker(ctx, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
+    first = KvBroker(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
     await first.start()
     endpoint = first.endpoint
     lost: list[str] = []
-    monitor = KvBrokerMonitor(ctx, endpoint, interval_s=INTERVAL_S, liveness=4, on_lost=lost.append)
+    monitor = KvBrokerMonitor(
+        ctx, endpoint, auth=NO_CLIENT_AUTH, interval_s=INTERVAL_S, liveness=4, on_lost=lost.append
+    )
     await monitor.start()
     try:
         await wait_until(lambda: monitor.reachable)
@@ -25,8 +47,7 @@ async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyn
         await first.close()  # silent: no answers
         await wait_until(lambda: not monitor.reachable)
         assert len(lost) == 1 and "silent" in lost[0]
-        second = KvBroker(ctx, bind=endpoint, capacity_bytes=1 << 20, ttl_s=60)
-        await second.start()
+        second = await start_on(ctx, endpoint)
         try:
             await wait_until(lambda: monitor.reachable)
             assert monitor.instance == second.instance != first.instance
@@ -38,16 +59,17 @@ async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyn
 
 
 async def test_a_restart_between_two_pings_is_noticed(ctx: zmq.asyncio.Context) -> None:
-    first = KvBroker(ctx, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
+    first = KvBroker(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
     await first.start()
     lost: list[str] = []
-    monitor = KvBrokerMonitor(ctx, first.endpoint, interval_s=INTERVAL_S, liveness=1000, on_lost=lost.append)
+    monitor = KvBrokerMonitor(
+        ctx, first.endpoint, auth=NO_CLIENT_AUTH, interval_s=INTERVAL_S, liveness=1000, on_lost=lost.append
+    )
     await monitor.start()
     try:
         await wait_until(lambda: monitor.reachable)
         await first.close()
-        second = KvBroker(ctx, bind=first.endpoint, capacity_bytes=1 << 20, ttl_s=60)
-        await second.start()
+        second = await start_on(ctx, first.endpoint)
         try:
             await wait_until(lambda: monitor.instance == second.instance)
             assert lost == ["restarted (its transfers are gone)"] and monitor.reachable

@@ -114,6 +114,7 @@ class InTransfer:
         self._window = ReceiveWindow(max(window_bytes, 2 * self.row_bytes))
         self._next_seq = 0
         self._layer_rows = [0] * begin.num_layers
+        self.accepted_at: float | None = None
         self._payload_bytes = 0
         self.finished = False
         self._on_finish = on_finish
@@ -127,8 +128,12 @@ class InTransfer:
     def window_bytes(self) -> int:
         return self._window.window
 
+    @property
+    def chunks_received(self) -> int:
+        return self._next_seq
+
     def accept(self) -> None:
-        self.last_activity = time.monotonic()
+        self.accepted_at = self.last_activity = time.monotonic()
         self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=self._window.first_grant()))
 
     def handle(self, msg: KvMessage) -> None:

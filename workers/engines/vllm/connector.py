@@ -28,6 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from transport.security import config as security_config
 from workers.engines.vllm.connector_metadata import StepPlan
 from workers.engines.vllm.connector_scheduler import PdorchSchedulerSide
 from workers.engines.vllm.connector_worker import PdorchWorkerSide
@@ -69,7 +70,9 @@ class PdorchConnector(KVConnectorBase_V1):
             bind = transfer.get_from_extra_config("pdorch_kv_bind", "") if transfer.is_kv_consumer else ""
             if transfer.is_kv_consumer and not bind:
                 raise ValueError("a consuming PdorchConnector needs kv_connector_extra_config.pdorch_kv_bind")
-            self._worker = PdorchWorkerSide(bind=bind or None)
+            # The agent's launcher gives this vLLM server the worker's keys through the environment.
+            security = security_config.build(security_config.from_env())
+            self._worker = PdorchWorkerSide(bind=bind or None, security=security)
         logger.info("PdorchConnector %s side, role %s", role.name, transfer.kv_role)
 
     def _plan(self) -> StepPlan:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from transport.security import SecurityConfig
 from workers.engines.vllm.block_io import BlockSink, read_blocks
 from workers.engines.vllm.connector_metadata import StepPlan
 from workers.engines.vllm.kv_plane_thread import KvPlaneThread
@@ -32,8 +33,11 @@ def as_numpy(tensor: Any) -> np.ndarray:
 
 
 class PdorchWorkerSide:
-    def __init__(self, *, bind: str | None) -> None:
+    def __init__(self, *, bind: str | None, security: SecurityConfig) -> None:
+        """``security``: this instance's keys, the same as its agent's (the decode worker's KV
+        endpoint is this instance's, and senders pin the agent's key)."""
         self._bind = bind
+        self._security = security
         self._layers: list[np.ndarray] = []
         self._index: dict[str, int] = {}
         self._kv: KvPlaneThread | None = None
@@ -54,7 +58,11 @@ class PdorchWorkerSide:
         self._layers = [as_numpy(t) for t in kv_caches.values()]
         first = self._layers[0]
         self._kv = KvPlaneThread(
-            bind=self._bind, num_layers=len(self._layers), row_shape=tuple(first.shape[1:]), dtype=first.dtype
+            bind=self._bind,
+            num_layers=len(self._layers),
+            row_shape=tuple(first.shape[1:]),
+            dtype=first.dtype,
+            security=self._security,
         )
 
     def start_load_kv(self, plan: StepPlan) -> None:

@@ -19,6 +19,7 @@ import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
+from transport.security import Security, SecurityConfig
 from workers.engines.vllm.block_io import BlockSink
 from workers.engines.vllm.connector_metadata import RecvSpec, SendSpec
 
@@ -38,7 +39,13 @@ class KvPlaneThread:
     """Sends and loads of one vLLM worker. All public methods are safe to call from any thread."""
 
     def __init__(
-        self, *, bind: str | None, num_layers: int, row_shape: tuple[int, ...], dtype: np.dtype
+        self,
+        *,
+        bind: str | None,
+        num_layers: int,
+        row_shape: tuple[int, ...],
+        dtype: np.dtype,
+        security: SecurityConfig,
     ) -> None:
         self.num_layers = num_layers
         self.row_shape = row_shape
@@ -57,6 +64,7 @@ class KvPlaneThread:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self.endpoint = ""
+        self._security_cfg = security
         self._thread = threading.Thread(target=self._main, args=(bind,), name="pdorch-kv-plane", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -77,11 +85,12 @@ class KvPlaneThread:
         self._loop.run_forever()
 
     async def _open(self, bind: str | None) -> None:
+        self._security = Security.load(self._security_cfg)
         self._ctx = zmq.asyncio.Context()
-        self._sender = KvSender(self._ctx)
+        self._sender = KvSender(self._ctx, security=self._security)
         self._receiver: KvReceiver | None = None
         if bind:
-            self._receiver = KvReceiver(self._ctx, bind=bind)
+            self._receiver = KvReceiver(self._ctx, bind=bind, security=self._security)
             await self._receiver.start()
             self.endpoint = self._receiver.endpoint
 
@@ -93,6 +102,7 @@ class KvPlaneThread:
                 if part is not None:
                     with contextlib.suppress(Exception):
                         await part.close()
+            self._security.close()
             self._ctx.destroy(linger=0)
             self._loop.stop()
 
