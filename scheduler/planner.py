@@ -8,10 +8,10 @@ predictor every finished request's true length.
 
 from __future__ import annotations
 
-from scheduler.cluster import Cluster
+from scheduler.cluster import Cluster, WorkerState
 from scheduler.placement.config import PlacementConfig, ReservationMode
 from scheduler.placement.framework import Placer
-from scheduler.placement.kv_budget import regrow
+from scheduler.placement.kv_budget import blocks_for, predicted_output_tokens, regrow
 from scheduler.placement.prefix import prompt_block_hashes
 from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
 from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor
@@ -79,6 +79,16 @@ class Planner:
         if exclude:
             snapshot = ClusterSnapshot(tuple(n for n in snapshot.nodes if n.worker_id not in exclude))
         return self.placer.place(snapshot, preq)
+
+    def follow(self, preq: PlacementRequest, worker_id: str) -> Placement | None:
+        """Colocated on ``worker_id``, which holds the prompt's KV already: the other choices of a
+        request with ``n`` > 1 go where the first one's KV landed, to share its prompt blocks
+        (placement decided once for all of them). None if that worker is gone or draining."""
+        worker = self._cluster.get(worker_id)
+        if worker is None or worker.state is not WorkerState.READY:
+            return None
+        tokens = preq.prompt_len + predicted_output_tokens(preq, self.config.reservation)
+        return Placement(worker_id, worker_id, blocks_for(tokens, worker.hello.block_size))
 
     def has_room(self, preq: PlacementRequest) -> bool:
         """Would the request be placed right now? (Admission lets it in only then.)"""

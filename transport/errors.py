@@ -17,6 +17,8 @@ class ErrorCode(enum.StrEnum):
     PROMPT_TOO_LONG = "prompt_too_long"
     UNAUTHORIZED = "unauthorized"
     REQUEST_TIMEOUT = "request_timeout"  # the client did not send its request in time
+    NOT_FOUND = "not_found"  # no such route
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     # Capacity (request-scoped, retryable).
     QUEUE_FULL = "queue_full"
     NO_WORKER = "no_worker"

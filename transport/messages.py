@@ -44,6 +44,32 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     seed: int = 0
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
+    # Log-probabilities of each generated token (-1: none; k >= 0: the token's and the k most
+    # likely), and of each prompt token after the first (prompt_logprobs, from the prefill side).
+    # They are the model's own (log-softmax of its logits), before penalties and temperature.
+    logprobs: int = -1
+    prompt_logprobs: int = -1
+    # OpenAI's presence and frequency penalties count the request's output tokens; vLLM's
+    # repetition penalty divides the logits of every token seen in the prompt or the output.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
+    # EOS and stop_token_ids cannot end the output before it has this many tokens.
+    min_tokens: int = 0
+
+    @property
+    def penalized(self) -> bool:
+        """Does sampling depend on the tokens seen so far (not only on the logits)?"""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One token's log-probability and, when asked for, the most likely tokens' at its position."""
+
+    logprob: float
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
 
 
 class KvMode(enum.StrEnum):
@@ -124,6 +150,11 @@ class TokenOutput(msgspec.Struct, tag="tok", **_STRUCT):
     finish_reason: FinishReason | None = None
     # Prompt tokens served from a prefix cache (for usage accounting and the predictor).
     cached_tokens: int = 0
+    # With ``sampling.logprobs`` >= 0: one entry per token of ``token_ids``.
+    logprobs: list[TokenLogprobs] = []
+    # With ``sampling.prompt_logprobs`` >= 0, on the prefill side's first message: one entry per
+    # prompt token after the first (the first has none).
+    prompt_logprobs: list[TokenLogprobs] = []
 
 
 class KvLoaded(msgspec.Struct, tag="kvok", **_STRUCT):

@@ -26,6 +26,7 @@ from transport import sockets
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
 from transport.liveness import Backoff, PeerLiveness
+from transport.loop_socket import LoopSocket
 from transport.messages import (
     PROTOCOL_VERSION,
     TOKENIZER_FILES,
@@ -96,7 +97,7 @@ class Agent:
         self._kv_refusing = kv_refusing
         self._enc = Encoder()
         self._dec: Decoder[ToWorker] = Decoder(ToWorker)
-        self._sock: zmq.asyncio.Socket | None = None
+        self._sock: LoopSocket | None = None
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._interval = cfg.heartbeat_interval_s
         self._liveness = cfg.heartbeat_liveness
@@ -127,7 +128,7 @@ class Agent:
             await self._cancel_all()
             await self._engine.close()
             if self._sock is not None:
-                self._sock.close(linger=0)
+                self._sock.close()
 
     async def _drain(self) -> None:
         """Stop taking jobs, let in-flight ones finish (bounded), then say Goodbye."""
@@ -162,12 +163,14 @@ class Agent:
             await self._cancel_all()
             await asyncio.sleep(backoff.next_delay())
 
-    def _connect(self) -> zmq.asyncio.Socket:
+    def _connect(self) -> LoopSocket:
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close()
         auth = self._security.client(Plane.CONTROL, self._security.server_key(KeyKind.SCHEDULER))
         # No fixed routing id: the scheduler names the connection; Hello says which worker it is.
-        self._sock = sockets.dealer(self._ctx, self._cfg.scheduler, auth=auth)
+        self._sock = LoopSocket(
+            sockets.dealer(sockets.plain_context(self._ctx), self._cfg.scheduler, auth=auth)
+        )
         return self._sock
 
     def _hello(self) -> Hello:
@@ -203,17 +206,29 @@ class Agent:
             self._send(Draining("shutting down"))
         log.info("registered with %s as %s (%s)", self._cfg.scheduler, self._cfg.worker_id, self._cfg.role)
         peer = PeerLiveness(self._interval, self._liveness, time.monotonic())
-        next_beat = time.monotonic()
+        # Receiving and beating are two tasks, so a message costs one wake-up, not a poll too.
+        tasks = {
+            asyncio.create_task(self._receive(sock, peer), name="agent-recv"),
+            asyncio.create_task(self._beat(peer), name="agent-heartbeat"),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises the _Reconnect that ended the session
+        finally:
+            await cancel_and_wait(tasks)
+
+    async def _receive(self, sock: LoopSocket, peer: PeerLiveness) -> None:
         while True:
-            now = time.monotonic()
-            if now >= next_beat:
-                self._send(Heartbeat(self._load()))
-                next_beat = now + self._interval
-            if await sock.poll(timeout=max(1, int((next_beat - now) * 1000)), flags=zmq.POLLIN):
-                frames = await sock.recv_multipart(copy=False)
-                peer.seen(time.monotonic())
-                self._handle(frames)
-            elif peer.expired(time.monotonic()):
+            frames = await sock.recv_multipart()
+            peer.seen(time.monotonic())
+            self._handle(frames)
+
+    async def _beat(self, peer: PeerLiveness) -> None:
+        while True:
+            self._send(Heartbeat(self._load()))
+            await asyncio.sleep(self._interval)
+            if peer.expired(time.monotonic()):
                 raise _Reconnect(f"scheduler silent for {peer.expiry_s:.1f}s")
 
     def _load(self) -> Load:
@@ -236,12 +251,14 @@ class Agent:
             return
         self._send(TokenizerFiles(files))
 
-    async def _await_welcome(self, sock: zmq.asyncio.Socket) -> Welcome:
+    async def _await_welcome(self, sock: LoopSocket) -> Welcome:
         deadline = time.monotonic() + self._cfg.hello_timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            if not await sock.poll(timeout=int(left * 1000) + 1, flags=zmq.POLLIN):
+            try:
+                frames = await asyncio.wait_for(sock.recv_multipart(), left)
+            except TimeoutError:
                 break
-            msg = self._decode(await sock.recv_multipart(copy=False))
+            msg = self._decode(frames)
             if isinstance(msg, Welcome):
                 return msg
             if isinstance(msg, Disconnect):
@@ -317,7 +334,7 @@ class Agent:
         if sock is None:
             return
         try:
-            sock.send_multipart(self._enc.encode(msg), flags=zmq.NOBLOCK, copy=False)
+            sock.send_now(self._enc.encode(msg))
         except zmq.ZMQError as e:
             # Not connected / queue full: the scheduler will notice through liveness.
             log.debug("dropping %s: %s", type(msg).__name__, e)

@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass, field
 
 from transport.errors import ErrorCode
-from transport.messages import KvMode
+from transport.messages import KvMode, TokenOutput
 
 
 class Phase(enum.StrEnum):
@@ -56,6 +56,9 @@ class Attempt:
     # A decode-side failure that waits for the prefill's first token: if that token ends the
     # request (EOS at prefill), the decode side's "prefill stopped sending" is no failure at all.
     held: Failure | None = None
+    # Decode's tokens that came before the prefill's first token (when only the prefill's message
+    # may carry it: the client asked for logprobs); they follow it.
+    early: list[TokenOutput] = field(default_factory=list)
 
     @property
     def split(self) -> bool:

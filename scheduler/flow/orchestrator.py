@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+import msgspec
 
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig
@@ -64,6 +66,8 @@ class _Run:
     avoid: set[str] = field(default_factory=set)
     lost_since: float | None = None  # when the progress a migration has to make up was made
     prefill_tokens_pending: int = 0  # prompt tokens the current attempt's prefill owes an answer
+    # Told once where the prompt's KV is resident (see ``Orchestrator.generate``), then None.
+    on_resident: Callable[[str], None] | None = None
 
 
 class Orchestrator:
@@ -108,15 +112,26 @@ class Orchestrator:
     # ------------------------------------------------------------------ the lifecycle
 
     async def generate(
-        self, req: GenerationRequest, plan: tuple[OutputFeatures, PlacementRequest] | None = None
+        self,
+        req: GenerationRequest,
+        plan: tuple[OutputFeatures, PlacementRequest] | None = None,
+        *,
+        follow: str = "",
+        on_resident: Callable[[str], None] | None = None,
     ) -> AsyncIterator[TokenBatch]:
+        """The request's tokens as they come. ``on_resident(worker_id)`` is called once, when the
+        prompt's KV is complete on the worker that generates the rest (the decode worker once the
+        handoff landed; the prefill worker if the request ended at its first token). ``follow``
+        starts the request colocated on that worker instead of placing it, when it is still there:
+        the other choices of an ``n`` > 1 request share the prompt's cached blocks there."""
         rid = req.request_id
         features, preq = plan or self.plan(req)
         queue = self._inbox.open(rid)
-        run = _Run(req, preq)
+        run = _Run(req, preq, on_resident=on_resident)
         finished = False
         try:
-            run.attempt = self._dispatch(run, preq, self._planner.place(preq), 0)
+            placement = (self._planner.follow(preq, follow) if follow else None) or self._planner.place(preq)
+            run.attempt = self._dispatch(run, preq, placement, 0)
             while True:
                 attempt = run.attempt
                 item = await self._next(run, attempt, queue)
@@ -131,6 +146,8 @@ class Orchestrator:
         finally:
             self._inbox.close(rid)
             if run.attempt is not None:
+                if finished:
+                    _resident(run, run.attempt.prefill)
                 self._abandon(run, run.attempt)
                 self._metrics.attempts.observe(run.attempt.number + 1)
             if finished:
@@ -145,9 +162,12 @@ class Orchestrator:
             phase_end = run.progress_at + timeout
             request_end = run.req.arrival + self._cfg.request_timeout_s
             try:
-                worker_id, job_id, event = await asyncio.wait_for(
-                    queue.get(), max(0.0, min(phase_end, request_end) - time.monotonic())
-                )
+                if queue.empty():
+                    # A timeout scope, not wait_for: that would wrap the get in a task per event.
+                    async with asyncio.timeout(max(0.0, min(phase_end, request_end) - time.monotonic())):
+                        worker_id, job_id, event = await queue.get()
+                else:
+                    worker_id, job_id, event = queue.get_nowait()
             except TimeoutError:
                 if request_end <= phase_end:
                     raise PdorchError(
@@ -174,16 +194,20 @@ class Orchestrator:
                     return None, None  # token 0 already came with KvLoaded
                 self._first_token(run, a)
                 held, a.held = a.held, None
-                batch = self._accept(run, a, worker_id, event)
+                batch = self._accept(run, a, worker_id, _joined(event, a.early))
+                a.early.clear()
                 # The prefill's token stands; a decode failure held for it counts only if the
                 # request goes on (the decode side saw "prefill stopped" when it ended there).
                 return batch, held if event.finish_reason is None else None
             if not a.first_token_in:
+                if a.split:
+                    a.early.append(event)  # decode ran ahead of the prefill's token (see KvLoaded)
+                    return None, None
                 self._first_token(run, a)
             return self._accept(run, a, worker_id, event), None
         if isinstance(event, KvLoaded):
             self._kv_loaded(run, a)
-            if not a.first_token_in and event.first_token >= 0:
+            if not a.first_token_in and event.first_token >= 0 and not _prefill_reports(run.req):
                 # The prefill worker's token is still on its way; decode's copy wins.
                 self._first_token(run, a)
                 return self._accept(run, a, worker_id, TokenOutput(a.job_id, [event.first_token])), None
@@ -202,6 +226,7 @@ class Orchestrator:
         )
 
     def _accept(self, run: _Run, a: Attempt, worker_id: str, event: TokenOutput) -> TokenBatch:
+        """Take an attempt's tokens as the request's (``worker_id``: who sent the last of them)."""
         run.tokens.extend(event.token_ids)
         self._progress(run)
         if worker_id == a.decode:
@@ -211,7 +236,13 @@ class Orchestrator:
             )
         if event.finish_reason is not None:
             a.open.discard(worker_id)
-        return TokenBatch(list(event.token_ids), event.finish_reason, event.cached_tokens)
+        return TokenBatch(
+            list(event.token_ids),
+            event.finish_reason,
+            event.cached_tokens,
+            list(event.logprobs),
+            list(event.prompt_logprobs),
+        )
 
     def _progress(self, run: _Run) -> None:
         run.progress_at = time.monotonic()
@@ -222,6 +253,8 @@ class Orchestrator:
     def _first_token(self, run: _Run, a: Attempt) -> None:
         a.first_token_in = True
         self._progress(run)
+        if not a.split:
+            _resident(run, a.prefill)
         if run.prefill_tokens_pending:
             self._cluster.add_pending_prefill(a.prefill, -run.prefill_tokens_pending)
             run.prefill_tokens_pending = 0
@@ -230,6 +263,7 @@ class Orchestrator:
     def _kv_loaded(self, run: _Run, a: Attempt) -> None:
         a.kv_loaded = True
         self._progress(run)
+        _resident(run, a.decode)
         self._metrics.handoffs.labels(self._handoff_mode(a), "ok").inc()
         if a.kv_mode is KvMode.CENTRALIZED:
             self.broker.succeeded()
@@ -267,6 +301,9 @@ class Orchestrator:
         generated = len(run.tokens)
         job_id = req.request_id if number == 0 else f"{req.request_id}.{number}"
         prompt = req.prompt_token_ids + run.tokens if generated else req.prompt_token_ids
+        sampling = req.sampling
+        if generated and sampling.prompt_logprobs >= 0:  # the client has them from the first attempt
+            sampling = msgspec.structs.replace(sampling, prompt_logprobs=-1)
         deadline = self._cfg.first_token_timeout_s
         p, d = placement.prefill, placement.decode
         run.preq = preq
@@ -274,14 +311,14 @@ class Orchestrator:
         if placement.colocated:
             a = Attempt(number, job_id, p, p, generated, now)
             self._expect(run, a, p, placement.reserve_blocks, len(prompt))
-            self._control.send(p, GenerateJob(job_id, prompt, req.sampling, deadline, generated))
+            self._control.send(p, GenerateJob(job_id, prompt, sampling, deadline, generated))
             return a
         a = Attempt(number, job_id, p, d, generated, now)
         self._expect(run, a, p, 0, 0)
         if req.sampling.max_tokens - generated == 1:
             # Prefill produces the only token left: nothing to hand off.
             a.decode = p
-            self._send_prefill(run, a, PrefillJob(job_id, prompt, req.sampling, None, deadline, generated))
+            self._send_prefill(run, a, PrefillJob(job_id, prompt, sampling, None, deadline, generated))
             return a
         a.kv_mode = self._route_mode(d)
         if a.kv_mode is KvMode.CENTRALIZED:
@@ -291,8 +328,8 @@ class Orchestrator:
         a.decode_tried.add(d)
         self._expect(run, a, d, placement.reserve_blocks, len(prompt))
         # Decode first, so its receiver expects the transfer by the time prefill streams it.
-        self._control.send(d, DecodeJob(job_id, prompt, req.sampling, d_route, deadline, generated))
-        self._send_prefill(run, a, PrefillJob(job_id, prompt, req.sampling, p_route, deadline, generated))
+        self._control.send(d, DecodeJob(job_id, prompt, sampling, d_route, deadline, generated))
+        self._send_prefill(run, a, PrefillJob(job_id, prompt, sampling, p_route, deadline, generated))
         return a
 
     def _expect(self, run: _Run, a: Attempt, worker_id: str, reserve_blocks: int, tokens: int) -> None:
@@ -325,7 +362,8 @@ class Orchestrator:
         a peer authenticated under that name."""
         worker = self._cluster.get(prefill_worker)
         scope = worker.key_name if worker is not None else ""
-        return f"{scope}/{uuid.uuid4().hex}" if scope else uuid.uuid4().hex
+        random = os.urandom(16).hex()
+        return f"{scope}/{random}" if scope else random
 
     def _kv_routes(self, mode: KvMode, decode_worker: str, transfer_id: str) -> tuple[KvRoute, KvRoute]:
         """(route for the prefill side, route for the decode side), each naming the key of the
@@ -452,6 +490,32 @@ class Orchestrator:
         for wid in open_workers:
             self._control.send(wid, Cancel(a.job_id))
         self._on_capacity()
+
+
+def _resident(run: _Run, worker_id: str) -> None:
+    if run.on_resident is not None:
+        tell, run.on_resident = run.on_resident, None
+        tell(worker_id)
+
+
+def _prefill_reports(req: GenerationRequest) -> bool:
+    """Only the prefill worker's message has what the client asked for with token 0 (its
+    logprobs, the prompt's): decode's copy of the token (``KvLoaded``) cannot stand in for it."""
+    return req.sampling.logprobs >= 0 or req.sampling.prompt_logprobs >= 0
+
+
+def _joined(first: TokenOutput, later: list[TokenOutput]) -> TokenOutput:
+    """The prefill's token followed by what the decode side sent before it arrived."""
+    if not later:
+        return first
+    return TokenOutput(
+        first.request_id,
+        [t for m in (first, *later) for t in m.token_ids],
+        later[-1].finish_reason,
+        first.cached_tokens,
+        [lp for m in (first, *later) for lp in m.logprobs],
+        first.prompt_logprobs,
+    )
 
 
 def _code(raw: str) -> ErrorCode:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from transport.messages import FinishReason, SamplingParams
+from transport.messages import FinishReason, SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -25,3 +25,5 @@ class TokenBatch:
     token_ids: list[int]
     finish_reason: FinishReason | None
     cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when asked for
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # on the first batch

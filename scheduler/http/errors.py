@@ -26,6 +26,8 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.MODEL_NOT_FOUND: (404, "invalid_request_error"),
     ErrorCode.UNAUTHORIZED: (401, "authentication_error"),
     ErrorCode.REQUEST_TIMEOUT: (408, "timeout_error"),
+    ErrorCode.NOT_FOUND: (404, "invalid_request_error"),
+    ErrorCode.METHOD_NOT_ALLOWED: (405, "invalid_request_error"),
     ErrorCode.QUEUE_FULL: (429, "rate_limit_error"),
     ErrorCode.NO_WORKER: (503, "service_unavailable"),
     ErrorCode.WORKER_LOST: (503, "service_unavailable"),
@@ -57,16 +59,14 @@ def error_response(err: PdorchError) -> web.Response:
     return web.json_response(error_body(err), status=status, headers=headers)
 
 
-# aiohttp's own errors (routing, methods) in the same shape, by status.
-_HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+# aiohttp's other errors (a body over client_max_size...) in the same shape, by status.
+_HTTP_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
 
 
 def _http_error(e: web.HTTPException) -> web.Response:
     kind = _HTTP_TYPES.get(e.status, "invalid_request_error" if e.status < 500 else "server_error")
     body = {"error": {"message": e.reason, "type": kind, "code": str(e.status), "param": None}}
-    return web.json_response(
-        body, status=e.status, headers={k: v for k, v in e.headers.items() if k == "Allow"}
-    )
+    return web.json_response(body, status=e.status)
 
 
 @web.middleware
@@ -76,6 +76,16 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except PdorchError as e:
         request.app[METRICS].http_errors.labels(str(e.code)).inc()
         return error_response(e)
+    except web.HTTPNotFound:
+        request.app[METRICS].http_errors.labels(str(ErrorCode.NOT_FOUND)).inc()
+        return error_response(PdorchError(ErrorCode.NOT_FOUND, f"no route {request.method} {request.path}"))
+    except web.HTTPMethodNotAllowed as e:
+        request.app[METRICS].http_errors.labels(str(ErrorCode.METHOD_NOT_ALLOWED)).inc()
+        allowed = ", ".join(sorted(e.allowed_methods))
+        message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+        response = error_response(PdorchError(ErrorCode.METHOD_NOT_ALLOWED, message))
+        response.headers["Allow"] = allowed
+        return response
     except web.HTTPException as e:
         if e.status < 400:
             raise

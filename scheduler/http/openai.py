@@ -19,12 +19,16 @@ from scheduler.admission.queue import QueueFull
 from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, METRICS, ORCHESTRATOR, PLANNER, TOKENIZERS
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig
-from scheduler.flow import GenerationRequest, TokenBatch
+from scheduler.flow import GenerationRequest
 from scheduler.http import sse
+from scheduler.http.choices import Choice, Item, Progress, choices, generate
 from scheduler.http.errors import error_body
+from scheduler.http.logprobs_format import chat_logprobs, completion_logprobs
 from scheduler.http.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     bad,
     chat_messages,
     check_common,
@@ -33,13 +37,12 @@ from scheduler.http.openai_schema import (
     stop_strings,
 )
 from scheduler.placement.types import PlacementRequest
-from scheduler.stop_strings import TextStream
 from scheduler.tokenizer.base import Tokenizer
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import ErrorCode, PdorchError
-from transport.messages import FinishReason, Hello, SamplingParams
+from transport.messages import Hello, SamplingParams, TokenLogprobs
 
-_Req = TypeVar("_Req", CompletionRequest, ChatCompletionRequest)
+_Req = TypeVar("_Req", CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
 @dataclass
@@ -53,7 +56,13 @@ class _Job:
     include_usage: bool
     return_token_ids: bool
     chat: bool
+    echo: bool = False  # completions: the prompt's text (and logprobs, when asked for) come first
+    n: int = 1  # choices
+    seeded: bool = False  # the client gave the seed (choice i samples with seed + i)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
 
 def _tenant(request: web.Request, cfg: SchedulerConfig) -> str:
@@ -117,10 +126,7 @@ async def _body(request: web.Request, kind: type[_Req]) -> _Req:
 def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> _Job:
     cfg = request.app[CONFIG]
     tenant = _tenant(request, cfg)
-    max_tokens = (
-        req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
-    )
-    max_tokens = check_common(req, max_tokens, default_max=cfg.default_max_tokens, limit=cfg.max_tokens_limit)
+    asked = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
     tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     max_model_len = hello.max_model_len
     if chat:
@@ -128,14 +134,25 @@ def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest,
     else:
         prompt = completion_prompt(req)
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        if (
-            hello.vocab_size
-            and (bad_id := next((t for t in ids if not 0 <= t < hello.vocab_size), None)) is not None
-        ):
-            raise bad(f"token id {bad_id} is outside the model's vocabulary (size {hello.vocab_size})")
+    vocab = hello.vocab_size
+    if vocab and (bad_id := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+        raise bad(f"token id {bad_id} is outside the model's vocabulary (size {vocab})")
     limit = min(cfg.max_prompt_tokens, max_model_len - 1) if max_model_len > 1 else cfg.max_prompt_tokens
     if len(ids) > limit:
         raise PdorchError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens; the limit is {limit}")
+    room = max_model_len - len(ids) if max_model_len > 1 else cfg.max_tokens_limit
+    # As vLLM and OpenAI: chat takes the rest of the context unless told; completions take 16.
+    default = min(room, cfg.max_tokens_limit) if chat else cfg.default_max_tokens
+    max_tokens = check_common(req, asked, default_max=default, limit=cfg.max_tokens_limit)
+    if asked is not None and max_tokens > room:
+        raise bad(
+            f"this model's context is {max_model_len} tokens; the prompt has {len(ids)} and "
+            f"max_tokens asks for {max_tokens} more (at most {room})"
+        )
+    bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+    for token in [*bias, *(req.stop_token_ids or [])]:
+        if not 0 <= token < (vocab or token + 1):
+            raise bad(f"token id {token} is outside the model's vocabulary (size {vocab})")
     temperature = 1.0 if req.temperature is None else req.temperature
     # Seeded sampling with a seed we draw keeps prefill and decode workers on the same random stream.
     seed = req.seed if req.seed is not None else random.getrandbits(63)
@@ -144,82 +161,110 @@ def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest,
         temperature=temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=seed,
+        stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=req.ignore_eos,
+        logprobs=req.token_logprobs(),
+        prompt_logprobs=req.wanted_prompt_logprobs(),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=bias,
+        min_tokens=req.min_tokens,
     )
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     greq = GenerationRequest(
         rid, req.model, ids, sampling, tenant=tenant, priority=req.priority, hint=_hint(request)
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return _Job(greq, tokenizer, stop_strings(req), req.stream, include_usage, req.return_token_ids, chat)
+    echo = not chat and req.echo
+    return _Job(
+        greq,
+        tokenizer,
+        stop_strings(req),
+        req.stream,
+        include_usage,
+        req.return_token_ids,
+        chat,
+        echo,
+        n=req.n,
+        seeded=req.seed is not None,
+    )
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = await _body(request, CompletionRequest)
-    return await _serve(request, _build(request, req, chat=False))
+    return await _generate(request, chat=False)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = await _body(request, ChatCompletionRequest)
-    return await _serve(request, _build(request, req, chat=True))
+    return await _generate(request, chat=True)
+
+
+# The outcome of a request whose client went away before its answer was complete.
+CLIENT_GONE = "client_gone"
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    """Every generation request is counted once in ``pdorch_requests_total``, by its outcome:
+    ``ok``, an error code (a 400 or 404 included), or ``client_gone``."""
+    progress = Progress()
+    try:
+        req = await _body(request, ChatCompletionRequest if chat else CompletionRequest)
+        return await _serve(request, _build(request, req, chat=chat), progress)
+    except PdorchError as e:
+        progress.error = str(e.code)
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        progress.error = CLIENT_GONE
+        raise
+    finally:
+        request.app[METRICS].requests.labels(progress.error or "ok").inc()
+
+
+def _model_card(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "pdorch"}
 
 
 async def models(request: web.Request) -> web.Response:
-    served = request.app[CLUSTER].models()
-    data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdorch"} for m in served]
+    _tenant(request, request.app[CONFIG])
+    data = [_model_card(m) for m in request.app[CLUSTER].models()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def model(request: web.Request) -> web.Response:
+    _tenant(request, request.app[CONFIG])
+    name = request.match_info["model_id"]
+    if name not in request.app[CLUSTER].models():
+        raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"model {name!r} does not exist")
+    return web.json_response(_model_card(name))
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Progress:
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    cached_tokens: int = 0
-    error: str = ""
-
-
-async def _text_deltas(
-    job: _Job, batches: AsyncIterator[TokenBatch], progress: _Progress
-) -> AsyncIterator[str]:
-    """Text deltas, one per batch of tokens (empty while the text is held back: an incomplete UTF-8
-    sequence, a possible stop string), until the request finishes or a stop string shows up
-    (which ends generation)."""
-    text = TextStream(job.tokenizer.decoder(), job.stop)
-    async for batch in batches:
-        progress.token_ids.extend(batch.token_ids)
-        progress.cached_tokens = max(progress.cached_tokens, batch.cached_tokens)
-        delta = text.feed(batch.token_ids)
-        if text.stopped:
-            progress.finish_reason = FinishReason.STOP
-            yield delta
-            return
-        if batch.finish_reason is not None:
-            progress.finish_reason = str(batch.finish_reason)
-            yield delta + text.finish()
-            return
-        yield delta
-
-
-def _usage(job: _Job, progress: _Progress) -> dict[str, Any]:
+def _usage(job: _Job, all_choices: list[Choice]) -> dict[str, Any]:
     prompt = len(job.greq.prompt_token_ids)
+    completion = sum(len(c.progress.token_ids) for c in all_choices)
     usage: dict[str, Any] = {
         "prompt_tokens": prompt,
-        "completion_tokens": len(progress.token_ids),
-        "total_tokens": prompt + len(progress.token_ids),
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
-    if progress.cached_tokens:
-        usage["prompt_tokens_details"] = {"cached_tokens": progress.cached_tokens}
+    # The prompt's cache hit where it was prefilled (the other choices share its blocks anyway).
+    if cached := all_choices[0].progress.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return usage
 
 
 def _choice(
-    job: _Job, text: str, finish: str | None, token_ids: list[int] | None, delta: bool
+    job: _Job,
+    index: int,
+    text: str,
+    finish: str | None,
+    token_ids: list[int] | None,
+    delta: bool,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
     if job.chat and delta:
         choice["delta"] = {"content": text} if text else {}
     elif job.chat:
@@ -231,41 +276,79 @@ def _choice(
     return choice
 
 
+def _logprobs(
+    job: _Job, progress: Progress, start: int, end: int, *, offset: int, echo: bool
+) -> dict[str, Any] | None:
+    """The logprobs of output tokens ``[start, end)`` in the request's shape (with ``echo``, the
+    prompt's first), or None when the client asked for none."""
+    wanted = job.greq.sampling.logprobs >= 0
+    if not wanted and not (echo and progress.prompt_logprobs):
+        return None
+    ids = progress.token_ids[start:end]
+    lps: list[TokenLogprobs | None] = list(progress.logprobs[start:end]) if wanted else [None] * len(ids)
+    if len(lps) != len(ids):
+        raise PdorchError(ErrorCode.JOB_FAILED, "the engine did not report the logprobs asked for")
+    if job.chat:
+        return chat_logprobs(ids, [lp for lp in lps if lp is not None], job.token_text)
+    if echo:
+        ids = job.greq.prompt_token_ids + ids
+        lps = [None, *progress.prompt_logprobs, *lps]
+    return completion_logprobs(ids, lps, job.token_text, offset)
+
+
+def _prompt_logprobs(job: _Job, progress: Progress) -> list[dict[str, Any] | None] | None:
+    """vLLM's ``prompt_logprobs`` of a choice: None for the first prompt token, then each token's
+    entry and the most likely ones', keyed by token id."""
+    if job.greq.sampling.prompt_logprobs < 0 or job.echo or not progress.prompt_logprobs:
+        return None
+    out: list[dict[str, Any] | None] = [None]
+    for token, lp in zip(job.greq.prompt_token_ids[1:], progress.prompt_logprobs, strict=True):
+        entry = {
+            str(t): {"logprob": v, "decoded_token": job.token_text(t)}
+            for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)
+        }
+        entry.setdefault(str(token), {"logprob": lp.logprob, "decoded_token": job.token_text(token)})
+        out.append(entry)
+    return out
+
+
 def _envelope(job: _Job, chunk: bool) -> dict[str, Any]:
     kind = ("chat.completion" if job.chat else "text_completion") + (".chunk" if chunk and job.chat else "")
     return {"id": job.greq.request_id, "object": kind, "created": job.created, "model": job.greq.model}
 
 
-async def _serve(request: web.Request, job: _Job) -> web.StreamResponse:
-    metrics, orchestrator = request.app[METRICS], request.app[ORCHESTRATOR]
+async def _serve(request: web.Request, job: _Job, progress: Progress) -> web.StreamResponse:
+    app = request.app
+    metrics, orchestrator = app[METRICS], app[ORCHESTRATOR]
     metrics.prompt_tokens.inc(len(job.greq.prompt_token_ids))
-    progress = _Progress()
+    all_choices = choices(job.greq, job.n, job.seeded, progress)
     first_at: float | None = None
     try:
         plan = orchestrator.plan(job.greq)
-        async with await _admit(request.app, job, plan[1]):
-            batches = orchestrator.generate(job.greq, plan)
-            async with contextlib.aclosing(batches):
-                deltas = _text_deltas(job, batches, progress)
-                async with contextlib.aclosing(deltas):
-                    # Wait for the first token before answering, so that failures before it
-                    # (no worker, overload, a lost worker) get a proper HTTP status.
-                    first = await anext(deltas, "")
-                    first_at = time.monotonic()
-                    if job.stream:
-                        return await _stream(request, job, first, deltas, progress)
-                    text = first + "".join([d async for d in deltas])
-                    return _complete(job, text, progress)
+        async with await _admit(app, job, plan[1]):
+            timeout_s = app[CONFIG].request_timeout_s
+            items = generate(orchestrator, plan, all_choices, job.tokenizer, job.stop, timeout_s)
+            async with contextlib.aclosing(items):
+                # Wait for the first token before answering, so that failures before it
+                # (no worker, overload, a lost worker) get a proper HTTP status.
+                first = await anext(items)
+                first_at = time.monotonic()
+                if job.stream:
+                    return await _stream(request, job, all_choices, first, items)
+                texts = ["" for _ in all_choices]
+                for choice, delta in [first, *[item async for item in items]]:
+                    texts[choice.index] += delta or ""
+                return _complete(job, all_choices, texts)
     except PdorchError as e:
         progress.error = str(e.code)
         raise
     finally:
-        metrics.requests.labels(progress.error or "ok").inc()
-        metrics.tokens_generated.inc(len(progress.token_ids))
+        tokens = len(progress.token_ids)
+        metrics.tokens_generated.inc(sum(len(c.progress.token_ids) for c in all_choices))
         if first_at is not None:
             now = time.monotonic()
             ttft = first_at - job.greq.arrival
-            tpot = (now - first_at) / (len(progress.token_ids) - 1) if len(progress.token_ids) > 1 else None
+            tpot = (now - first_at) / (tokens - 1) if tokens > 1 else None
             metrics.ttft.observe(ttft)
             metrics.e2e.observe(now - job.greq.arrival)
             if tpot is not None:
@@ -299,52 +382,120 @@ async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Tic
         raise
 
 
-def _complete(job: _Job, text: str, progress: _Progress) -> web.Response:
+def _complete(job: _Job, all_choices: list[Choice], texts: list[str]) -> web.Response:
     body = _envelope(job, chunk=False)
-    body["choices"] = [_choice(job, text, progress.finish_reason, progress.token_ids, delta=False)]
-    body["usage"] = _usage(job, progress)
+    prompt_text = _prompt_text(job) if job.echo else ""
+    body["choices"] = []
+    for c, text in zip(all_choices, texts, strict=True):
+        p = c.progress
+        logprobs = _logprobs(job, p, 0, len(p.token_ids), offset=0, echo=job.echo)
+        choice = _choice(job, c.index, prompt_text + text, p.finish_reason, p.token_ids, False, logprobs)
+        if (prompt_logprobs := _prompt_logprobs(job, p)) is not None:
+            choice["prompt_logprobs"] = prompt_logprobs
+        body["choices"].append(choice)
+    body["usage"] = _usage(job, all_choices)
     return web.json_response(body)
 
 
+def _prompt_text(job: _Job) -> str:
+    return job.tokenizer.decode(job.greq.prompt_token_ids)
+
+
 async def _stream(
-    request: web.Request, job: _Job, first: str, deltas: AsyncIterator[str], progress: _Progress
+    request: web.Request, job: _Job, all_choices: list[Choice], first: Item, items: AsyncIterator[Item]
 ) -> web.StreamResponse:
     resp = await sse.open_stream(request)
-    sent_ids = 0
 
-    async def emit(text: str, finish: str | None) -> None:
-        nonlocal sent_ids
-        chunk = _envelope(job, chunk=True)
-        ids = progress.token_ids[sent_ids:]
-        sent_ids = len(progress.token_ids)
-        chunk["choices"] = [_choice(job, text, finish, ids, delta=True)]
+    def chunk(c: Choice, text: str, finish: str | None, echo: bool = False) -> dict[str, Any]:
+        p = c.progress
+        body = _envelope(job, chunk=True)
+        start, p.sent_ids = p.sent_ids, len(p.token_ids)
+        text = _prompt_text(job) + text if echo else text
+        logprobs = _logprobs(job, p, start, p.sent_ids, offset=p.chars, echo=echo)
+        p.chars += len(text)
+        body["choices"] = [
+            _choice(job, c.index, text, finish, p.token_ids[start : p.sent_ids], True, logprobs)
+        ]
         if job.include_usage:
-            chunk["usage"] = None
-        await sse.send_event(resp, chunk)
+            body["usage"] = None
+        return body
 
+    def role(c: Choice) -> dict[str, Any]:
+        body = _envelope(job, chunk=True)
+        body["choices"] = [
+            {"index": c.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        ]
+        return body
+
+    # With token ids or logprobs asked for, every batch of tokens is news, even without text yet.
+    per_token = job.return_token_ids or job.greq.sampling.logprobs >= 0
+    started: set[int] = set()  # choices whose first chunk (role, echo) went out
+
+    def events(item: Item) -> list[dict[str, Any]]:
+        """What one item sends: each piece as soon as it exists (with its token ids, when asked
+        for them); the finish reason in a last chunk of its own, as vLLM and OpenAI send it."""
+        c, delta = item
+        out = []
+        if c.index not in started:
+            started.add(c.index)
+            if job.chat:
+                out.append(role(c))
+            if job.echo:
+                out.append(chunk(c, delta or "", None, echo=True))
+                delta = ""
+        if delta is None:
+            out.append(chunk(c, "", c.progress.finish_reason))
+        elif delta or (per_token and len(c.progress.token_ids) > c.progress.sent_ids):
+            out.append(chunk(c, delta, None))
+        return out
+
+    tail: list[dict[str, Any]] = []
+    progress = all_choices[0].progress
     try:
-        if job.chat:
-            role = _envelope(job, chunk=True)
-            role["choices"] = [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            ]
-            await sse.send_event(resp, role)
-        # Each piece goes out as soon as it exists (with its token ids, when asked for them);
-        # the finish reason follows in a last chunk of its own, as vLLM and OpenAI send it.
-        if first or job.return_token_ids:
-            await emit(first, None)
-        async for delta in deltas:
-            if delta or (job.return_token_ids and len(progress.token_ids) > sent_ids):
-                await emit(delta, None)
-        await emit("", progress.finish_reason)
+        await sse.send_events(resp, *events(first))
+        async for item in items:
+            if sent := events(item):
+                await sse.send_events(resp, *sent)
         if job.include_usage:
-            tail = _envelope(job, chunk=True)
-            tail["choices"] = []
-            tail["usage"] = _usage(job, progress)
-            await sse.send_event(resp, tail)
+            usage = _envelope(job, chunk=True)
+            usage["choices"] = []
+            usage["usage"] = _usage(job, all_choices)
+            tail.append(usage)
     except PdorchError as e:
         # Headers are gone; the error travels as an event, which OpenAI clients raise.
         progress.error = str(e.code)
-        await sse.send_event(resp, error_body(e))
-    await sse.send_done(resp)
+        tail.append(error_body(e))
+    except ConnectionResetError:
+        # The client hung up mid-stream: stop here (closing the generator cancels its jobs).
+        progress.error = CLIENT_GONE
+        return resp
+    try:
+        await sse.finish(resp, *tail)
+    except ConnectionResetError:
+        progress.error = progress.error or CLIENT_GONE
     return resp
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /tokenize``: the token ids a prompt (or chat) is sent to the model as."""
+    _tenant(request, request.app[CONFIG])
+    req = await _body(request, TokenizeRequest)
+    tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise bad("give either 'prompt' or 'messages'")
+    if req.messages is not None:
+        messages = ChatCompletionRequest(model=req.model, messages=req.messages)
+        ids = tokenizer.apply_chat_template(chat_messages(messages))
+    else:
+        ids = tokenizer.encode(req.prompt or "")
+    return web.json_response({"count": len(ids), "max_model_len": hello.max_model_len, "tokens": ids})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /detokenize``: the text of token ids."""
+    _tenant(request, request.app[CONFIG])
+    req = await _body(request, DetokenizeRequest)
+    tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
+    if hello.vocab_size and (wrong := next((t for t in req.tokens if not 0 <= t < hello.vocab_size), None)):
+        raise bad(f"token id {wrong} is outside the model's vocabulary (size {hello.vocab_size})")
+    return web.json_response({"prompt": tokenizer.decode(req.tokens)})

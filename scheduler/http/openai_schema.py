@@ -1,9 +1,10 @@
 """OpenAI request bodies as msgspec Structs, and their validation into one internal request.
 
-Unknown fields are ignored (clients send many); fields we cannot honour (n > 1, logprobs, best_of,
-penalties, logit_bias, echo, suffix, tools, structured output) are refused with a clear 400 when
-set to anything but their neutral value, rather than silently ignored: the client asked for
-something that would change the output.
+Unknown fields are ignored (clients send many); fields we cannot honour (best_of, suffix, tools,
+structured output) are refused with a clear 400 when set to anything but their neutral value,
+rather than silently ignored: the client asked for something that would change the output.
+vLLM's extensions are accepted: ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
+``prompt_logprobs``, ``ignore_eos``, ``return_token_ids``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from scheduler.http.json_depth import nested_deeper_than
 from transport.errors import ErrorCode, PdorchError
 
 _T = TypeVar("_T")
+# The most top log-probabilities one may ask for (OpenAI allows 20 for chat, vLLM by default 20).
+MAX_TOP_LOGPROBS = 20
+# The most choices one may ask for (OpenAI's limit on 'n').
+MAX_CHOICES = 128
 
 
 class StreamOptions(msgspec.Struct):
@@ -33,43 +38,58 @@ class _Sampling(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     n: int = 1
     best_of: int | None = None
-    logprobs: Any = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # Extensions (vLLM-compatible): return the generated token ids, keep going past EOS.
+    # Extensions (vLLM-compatible): return the generated token ids, keep going past EOS, ...
     return_token_ids: bool = False
     ignore_eos: bool = False
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
     priority: int = 0
 
     def unsupported(self) -> str:
         """Why a field is set to something we cannot honour ("" if none is)."""
-        if self.n != 1:
-            return "only n=1 is supported"
-        if self.best_of not in (None, 1):
-            return "best_of is not supported"
-        if self.logprobs not in (None, False):
-            return "logprobs are not supported"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                return f"'{name}' is not supported (only 0)"
-        if self.logit_bias:
-            return "'logit_bias' is not supported"
+        if not 1 <= self.n <= MAX_CHOICES:
+            return f"'n' must be between 1 and {MAX_CHOICES}"
+        if self.best_of not in (None, 1, self.n):
+            return "'best_of' other than n is not supported"
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            return f"'prompt_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}"
         return ""
+
+    def token_logprobs(self) -> int:
+        """How many top log-probabilities per generated token (-1: none)."""
+        raise NotImplementedError
+
+    def wanted_prompt_logprobs(self) -> int:
+        return -1 if self.prompt_logprobs is None else self.prompt_logprobs
 
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | list[Any]
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = None
 
     def unsupported(self) -> str:
-        if self.echo:
-            return "'echo' is not supported"
         if self.suffix:
             return "'suffix' is not supported"
+        if self.logprobs is not None and self.logprobs < 0:
+            return f"'logprobs' must be between 0 and {MAX_TOP_LOGPROBS}"
         return super().unsupported()
+
+    def token_logprobs(self) -> int:
+        return -1 if self.logprobs is None else self.logprobs
+
+    def wanted_prompt_logprobs(self) -> int:
+        # echo with logprobs: the prompt's tokens get them too (what log-likelihood evaluations send).
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, super().wanted_prompt_logprobs())
+        return super().wanted_prompt_logprobs()
 
 
 class ContentPart(msgspec.Struct):
@@ -85,14 +105,19 @@ class ChatMessage(msgspec.Struct):
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
-    logprobs: Any = False
-    top_logprobs: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
     response_format: Any = None
 
+    def token_logprobs(self) -> int:
+        if not self.logprobs:
+            return -1
+        return 0 if self.top_logprobs is None else self.top_logprobs
+
     def unsupported(self) -> str:
-        if self.top_logprobs not in (None, 0):
-            return "logprobs are not supported"
+        if self.top_logprobs and not self.logprobs:
+            return "'top_logprobs' needs 'logprobs': true"
         if self.tools:
             return "'tools' (function calling) are not supported"
         if self.response_format is not None and self.response_format != {"type": "text"}:
@@ -100,9 +125,22 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         return super().unsupported()
 
 
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``/tokenize``: a prompt, or chat messages (rendered with the model's template)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str
+    tokens: list[int]
+
+
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
-    CompletionRequest: msgspec.json.Decoder(CompletionRequest),
-    ChatCompletionRequest: msgspec.json.Decoder(ChatCompletionRequest),
+    kind: msgspec.json.Decoder(kind)
+    for kind in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 }
 
 
@@ -180,6 +218,25 @@ def check_common(req: _Sampling, max_tokens: int | None, *, default_max: int, li
     problem = req.unsupported()
     if problem:
         raise bad(problem)
+    for name, value in (
+        ("logprobs", req.token_logprobs()),
+        ("prompt_logprobs", req.wanted_prompt_logprobs()),
+    ):
+        if not -1 <= value <= MAX_TOP_LOGPROBS:
+            raise bad(f"'{name}' must be between 0 and {MAX_TOP_LOGPROBS}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise bad(f"'{name}' must be between -2 and 2")
+    if req.repetition_penalty is not None and not 0.0 < req.repetition_penalty <= 10.0:
+        raise bad("'repetition_penalty' must be in (0, 10]")
+    if req.min_tokens < 0:
+        raise bad("'min_tokens' must not be negative")
+    for key, bias in (req.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise bad(f"'logit_bias' keys are token ids; got {key!r}")
+        if not -100.0 <= bias <= 100.0:
+            raise bad(f"'logit_bias' values must be between -100 and 100; got {bias} for {key}")
     if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
         raise bad("'temperature' must be between 0 and 2")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
@@ -191,4 +248,6 @@ def check_common(req: _Sampling, max_tokens: int | None, *, default_max: int, li
         raise bad("'max_tokens' must be at least 1")
     if effective > limit:
         raise bad(f"'max_tokens' must be at most {limit}")
+    if req.min_tokens > effective:
+        raise bad(f"'min_tokens' ({req.min_tokens}) must not exceed 'max_tokens' ({effective})")
     return effective

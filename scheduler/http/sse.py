@@ -24,10 +24,15 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def send_event(resp: web.StreamResponse, payload: Any) -> None:
-    await resp.write(b"data: " + _ENCODE(payload) + b"\n\n")
+def _events(payloads: tuple[Any, ...]) -> bytes:
+    return b"".join(b"data: " + _ENCODE(p) + b"\n\n" for p in payloads)
 
 
-async def send_done(resp: web.StreamResponse) -> None:
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+async def send_events(resp: web.StreamResponse, *payloads: Any) -> None:
+    """Events that go out together in one write."""
+    await resp.write(_events(payloads))
+
+
+async def finish(resp: web.StreamResponse, *payloads: Any) -> None:
+    """The last events, ``[DONE]`` and the end of the response, in one write."""
+    await resp.write_eof(_events(payloads) + b"data: [DONE]\n\n")

@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 
 from pdorch.launcher import ClusterSpec, LocalCluster
+from workers.models.catalog import RANDOM_MODEL
 
 
 def start_cluster(log_dir: Path, **spec: object) -> LocalCluster:
+    """A cluster of the random-weight model unless ``model`` says otherwise (it needs no download
+    and keeps the many end-to-end tests fast)."""
+    spec.setdefault("model", RANDOM_MODEL)
     cluster = LocalCluster(ClusterSpec(port=0, log_dir=log_dir, log_level="WARNING", **spec))  # type: ignore[arg-type]
     try:
         cluster.start(timeout_s=90)

@@ -37,7 +37,7 @@ async def test_decode_retried_when_decode_worker_dies_before_fetching(cluster: L
         want = await complete(s, cluster.url, **body)
         # Keep the real decode worker busy, so placement prefers the idle, roomy newcomer (on an
         # exact tie the picker would choose at random).
-        busy = {"prompt": "keep decode-0 busy", "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
+        busy = {"prompt": "keep decode-0 busy", "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
         hold = asyncio.create_task(stream_tokens(s, cluster.url, **busy))
         await eventually(lambda: _inflight(cluster, "decode-0") >= 1, 20)
         flaky = FakeWorker(cluster, "flaky-decode", capacity_blocks=10**6)

@@ -12,6 +12,7 @@ that phase. The killed worker is started again after each test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -22,10 +23,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import zmq
 
 from pdorch.launcher import LocalCluster, free_port
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import eventually, generate, metric
+from tests.e2e.helpers import complete, eventually, generate, metric
 from tests.support.fake_worker import FakeWorker
 from tests.support.tcp_proxy import ProxyThread
 from transport.messages import DecodeJob, Heartbeat, Load
@@ -190,10 +192,20 @@ async def test_a_worker_that_takes_jobs_but_makes_no_progress_is_left(
     handoff deadline notices, and the request moves to a worker that works."""
     body = {"prompt": "stuck somewhere", "max_tokens": 12, "temperature": 0.0}
     want = await _run(colocated.url, [body])
-    stuck = FakeWorker(healed, "stuck-decode", capacity_blocks=10**6)
-    stuck.register()
+    # Both real decode workers busy with a long stream each, before the stuck one joins: then the
+    # idle, roomy stuck one is the decode node placement prefers (on a tie it would pick at random).
+    busy = {"prompt": "keep them busy", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    holding = asyncio.create_task(_run(healed.url, [busy, busy]))
+    # Its KV endpoint takes connections and never completes a handshake: the prefill side's
+    # transfer just waits.
+    black_hole = zmq.Context.instance().socket(zmq.ROUTER)
+    black_hole.setsockopt(zmq.LINGER, 0)
+    kv_port = black_hole.bind_to_random_port("tcp://127.0.0.1")
+    stuck = FakeWorker(
+        healed, "stuck-decode", capacity_blocks=10**6, kv_endpoint=f"tcp://127.0.0.1:{kv_port}"
+    )
     alive = threading.Event()
-    alive.set()
+    jobs: list[DecodeJob] = []
 
     def heartbeat() -> None:
         while alive.is_set():
@@ -205,15 +217,42 @@ async def test_a_worker_that_takes_jobs_but_makes_no_progress_is_left(
                 jobs.append(msg)
             stuck.send(Heartbeat(Load(blocks_total=10**6)))
 
-    jobs: list[DecodeJob] = []
     beating = threading.Thread(target=heartbeat, daemon=True)
-    beating.start()
     try:
-        # The roomiest decode node by far: placement sends the request there first.
+        await eventually(lambda: len(_busy(healed, "decode")) == 2, 30, "both real decode workers busy")
+        stuck.register()
+        alive.set()
+        beating.start()
         assert await _run(healed.url, [body] * 3) == want * 3
-        assert jobs, "the stuck worker was never tried"
+        assert [j.request_id for j in jobs], "the stuck worker was never tried"
         assert await _migrations(healed.url, cause="stalled") >= 1
     finally:
+        holding.cancel()
+        with contextlib.suppress(BaseException):
+            await holding
         alive.clear()
-        beating.join(5)
+        if beating.is_alive():
+            beating.join(5)
         stuck.close()
+        black_hole.close()
+
+
+async def test_the_choices_of_an_n_request_move_on_their_own(
+    healed: LocalCluster, colocated: LocalCluster
+) -> None:
+    """All n choices decode on the worker where the prompt's KV landed; when it dies, each
+    resumes elsewhere and the client gets every choice whole."""
+    body: dict[str, Any] = {
+        "prompt": [random.Random(6).randrange(256) for _ in range(70)],
+        "max_tokens": 300,
+        "ignore_eos": True,
+        "temperature": 0.8,
+        "return_token_ids": True,
+    }
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as s:
+        want = [(await complete(s, colocated.url, **body, seed=40 + i))["choices"][0] for i in range(3)]
+        running = asyncio.create_task(complete(s, healed.url, **body, seed=40, n=3))
+        await eventually(lambda: len(_busy(healed, "decode", at_least=3)) == 1, 60, "3 choices decoding")
+        healed.kill(_busy(healed, "decode", at_least=3)[0])
+        got = (await running)["choices"]
+    assert [c["token_ids"] for c in got] == [c["token_ids"] for c in want]

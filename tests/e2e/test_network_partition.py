@@ -23,6 +23,7 @@ import pytest
 from pdorch.launcher import ClusterSpec, LocalCluster, free_port
 from tests.e2e.helpers import eventually, generate, metric
 from tests.e2e.test_migration import _bodies
+from workers.models.catalog import RANDOM_MODEL
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +79,7 @@ def namespace() -> Iterator[Namespace]:
 
 @pytest.fixture
 def cluster(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
-    spec = ClusterSpec(prefill=1, decode=1, port=0, log_dir=tmp_path, log_level="WARNING")
+    spec = ClusterSpec(prefill=1, decode=1, port=0, log_dir=tmp_path, log_level="WARNING", model=RANDOM_MODEL)
     c = LocalCluster(spec)
     # The scheduler listens on every address, so the namespaced worker reaches it over the veth.
     spec.scheduler_args = ["--control-bind", f"tcp://0.0.0.0:{spec.control_port}"]

@@ -1,4 +1,5 @@
-"""`pdorch up`, the command behind `make run`: ready banner, a working URL, and a clean stop on a signal."""
+"""`pdorch up`, the command behind `make run`: ready banner, a working URL serving the default model
+(a real one), and a clean stop on a signal."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from pdorch.launcher import free_port
+from tests.support.real_model import default_model_dir
+from workers.models.catalog import DEFAULT_MODEL
 
 pytestmark = pytest.mark.e2e
 
@@ -85,6 +88,20 @@ class _Up:
         return [pid for pid in self.children if _alive(pid)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _default_model() -> None:
+    default_model_dir()  # what `make run` fetches before `pdorch up`
+
+
+def _post(url: str, path: str, body: dict[str, object]) -> dict:
+    request = urllib.request.Request(
+        url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+        return json.load(response)
+
+
 @contextlib.contextmanager
 def _ready_cluster(log_dir: Path, *, sigint_ignored: bool = False) -> Iterator[_Up]:
     """`pdorch up` on free ports, once ready; whatever happens after, nothing is left running."""
@@ -129,12 +146,11 @@ def test_pdorch_up_serves_then_stops_every_process_on_a_signal(
     tmp_path: Path, stop_signal: signal.Signals, sigint_ignored: bool
 ) -> None:
     with _ready_cluster(tmp_path, sigint_ignored=sigint_ignored) as up:
-        body = json.dumps({"model": "pdorch-reference", "prompt": "Hello", "max_tokens": 4}).encode()
-        headers = {"Content-Type": "application/json"}
-        request = urllib.request.Request(f"{up.url}/v1/completions", body, headers)
-        with urllib.request.urlopen(request, timeout=60) as response:
-            assert response.status == 200
-            assert json.load(response)["usage"]["completion_tokens"] == 4
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        body = {"model": DEFAULT_MODEL, "messages": question, "max_tokens": 16, "temperature": 0}
+        answer = _post(up.url, "/v1/chat/completions", body)["choices"][0]
+        assert "Paris" in answer["message"]["content"], answer
+        assert answer["finish_reason"] == "stop"
 
         up.proc.send_signal(stop_signal)
         assert up.proc.wait(STOP_TIMEOUT_S) == 0, "".join(up.lines)
@@ -183,12 +199,8 @@ def test_pdorch_up_restarts_a_child_that_dies(tmp_path: Path) -> None:
         up.children += fresh
         assert up.proc.poll() is None, "pdorch up stopped when a child died"
         assert "decode-0 exited with -9; restarting it" in "".join(up.lines)
-        body = json.dumps({"model": "pdorch-reference", "prompt": "again", "max_tokens": 4}).encode()
-        request = urllib.request.Request(
-            f"{up.url}/v1/completions", body, {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            assert json.load(response)["usage"]["completion_tokens"] == 4
+        body = {"model": DEFAULT_MODEL, "prompt": "Once upon a time", "max_tokens": 4}
+        assert _post(up.url, "/v1/completions", body)["usage"]["completion_tokens"] == 4
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(STOP_TIMEOUT_S) == 0, "".join(up.lines)
         assert not up.left_behind(10), "pdorch up left processes behind"

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from pdorch.launcher import LocalCluster
+from pdorch.launcher import ClusterSpec, LocalCluster, model_name
 from tests.e2e.conftest import start_cluster
 from tests.e2e.helpers import MODEL, complete, gather_limited, stream_tokens
 
@@ -138,3 +138,26 @@ async def test_running_requests_occupy_decode_kv_until_abandoned(sim_p2p: LocalC
     # Disconnected clients: the scheduler cancels their jobs and the decode worker frees the KV
     # (long before the answers would have finished on their own).
     await _wait_for(sim_p2p, "decode-0", lambda ld: ld["blocks_used"] == 0 and ld["running"] == 0, "KV freed")
+
+
+async def test_pdorch_up_engine_sim_with_no_modeled_time(tmp_path: Path) -> None:
+    """`pdorch up --engine sim -- --sim-time-scale 0`: a zero-cost cluster for load tests of
+    everything but the engine; it serves the modeled model's name and every token asked for."""
+    with LocalCluster(
+        ClusterSpec(
+            engine="sim", worker_args=["--sim-time-scale", "0"], port=0, log_dir=tmp_path, log_level="WARNING"
+        )
+    ) as cluster:
+        assert model_name(cluster.spec) == "llama-3-8b"
+        body = {
+            "model": "llama-3-8b",
+            "prompt": "zero cost",
+            "max_tokens": 256,
+            "ignore_eos": True,
+            "seed": 7,
+        }
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+            ids, finish, _ = await stream_tokens(s, cluster.url, **body)
+            whole = await complete(s, cluster.url, **body)
+        assert len(ids) == 256 and finish == "length"
+        assert whole["choices"][0]["token_ids"] == ids

@@ -1,54 +1,47 @@
 """Real vLLM on CPU, disaggregated through pdorch's KV connector, equals colocated vLLM.
 
 Two vLLM server processes (a tiny Llama built here): a KV producer (prefill) and a KV consumer
-(decode) with the pdorch connector, plus a pdorch KV broker for centralized mode, each with the
-CURVE keys of the party it stands for. The engine adapter drives them exactly as a worker agent
-does, with routes as the scheduler makes them (transfer ids in the sender's scope, server keys).
-Colocated reference outputs come from the prefill instance serving plain requests (it is an
-ordinary vLLM for requests without pdorch ``kv_transfer_params``), run before any disaggregated
-request.
+(decode) with the pdorch connector, plus a pdorch KV broker for centralized mode. The engine
+adapter drives them exactly as a worker agent does. Colocated reference outputs come from the
+prefill instance serving plain requests (it is an ordinary vLLM for requests without pdorch
+``kv_transfer_params``), run before any disaggregated request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import urllib.request
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from pdorch.launcher import ClusterSpec, LocalCluster
+from pdorch.launcher import LocalCluster
 from scheduler.tokenizer.hf import HfTokenizer
 from tests.support.tcp_proxy import TcpProxy
 from tests.vllm_support.environment import build_tiny_model, free_port, vllm_python
-from tests.vllm_support.processes import VllmServer, wait_healthy
+from tests.vllm_support.pd_pair import (
+    Cluster,
+    Engines,
+    check_equality,
+    colocated,
+    disaggregated,
+    pd_engines,
+    pd_servers,
+    pdorch_in_front,
+    route,
+)
 from transport.errors import PdorchError
 from transport.messages import (
     DecodeJob,
-    FinishReason,
-    FromWorker,
-    GenerateJob,
-    KvLoaded,
     KvMode,
-    KvRoute,
     PrefillJob,
-    Role,
     SamplingParams,
     TokenOutput,
 )
-from transport.security.key_set import KV_BROKER, KeySet
-from transport.security.keys import read_public
 from workers.engines.vllm.engine import VllmEngine
-from workers.engines.vllm.launch import VllmLaunchSpec
 from workers.engines.vllm.metrics import parse_metrics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -74,186 +67,27 @@ CHATS = [
 MODEL = "tiny-llama"
 
 
-@dataclass
-class Cluster:
-    prefill: VllmServer
-    decode: VllmServer
-    model_dir: Path
-    kv_endpoint: str
-    broker: str
-    prompts: list[list[int]]
-    keys: KeySet
-
-    def route(self, mode: str, tid: str, endpoint: str = "") -> KvRoute:
-        """As the scheduler names it: in the prefill side's scope, pinning the server's key."""
-        p2p = mode == KvMode.P2P
-        server = "decode-0" if p2p else KV_BROKER
-        key = read_public(self.keys.trusted_dir / f"{server}.pub").public
-        endpoint = endpoint or (self.kv_endpoint if p2p else self.broker)
-        return KvRoute(KvMode(mode), endpoint, f"prefill-0/{tid}", key)
-
-
-def _start_broker(port: int, log_dir: Path, keys: KeySet) -> subprocess.Popen[bytes]:
-    log = (log_dir / "kv-broker.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "pdorch", "kv-broker", "--bind", f"tcp://127.0.0.1:{port}"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **keys.env(KV_BROKER)},
-    )
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     python = vllm_python()
     work = tmp_path_factory.mktemp("vllm")
     model_dir = build_tiny_model(python, work)
-    kv_port, broker_port = free_port(), free_port()
-    # Named as the agents in front of them in the stack below: the same keys serve both.
-    keys = KeySet.create(work / "keys", {"prefill-0": (), "decode-0": ()})
-    common = {"model_dir": str(model_dir), "max_num_seqs": 16, "served_model_name": MODEL}
-    prefill = VllmServer(
-        "prefill",
-        VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common),
-        python=python,
-        log_dir=work,
-        env=keys.env("prefill-0"),
-    )
-    decode = VllmServer(
-        "decode",
-        VllmLaunchSpec(
-            port=free_port(), role=Role.DECODE, cpu_cores="1", kv_bind=f"tcp://127.0.0.1:{kv_port}", **common
-        ),
-        python=python,
-        log_dir=work,
-        env=keys.env("decode-0"),
-    )
-    broker = _start_broker(broker_port, work, keys)
-    try:
-        wait_healthy([prefill, decode], timeout_s=420)
+    with pd_servers(python, model_dir, work, max_num_seqs=16, served_model_name=MODEL) as pair:
         tok = HfTokenizer(model_dir)
-        prompts = [tok.encode(t) for t in TEXTS] + [tok.apply_chat_template(c) for c in CHATS]
-        yield Cluster(
-            prefill,
-            decode,
-            model_dir,
-            f"tcp://127.0.0.1:{kv_port}",
-            f"tcp://127.0.0.1:{broker_port}",
-            prompts,
-            keys,
-        )
-    finally:
-        for server in (prefill, decode):
-            server.stop()
-        broker.terminate()
-        broker.wait(timeout=10)
-
-
-class Collector:
-    """The ``emit`` side of an engine: everything it reported, per request."""
-
-    def __init__(self) -> None:
-        self.tokens: dict[str, list[int]] = defaultdict(list)
-        self.finish: dict[str, FinishReason | None] = {}
-        self.kv_loaded: set[str] = set()
-        self.first_token: dict[str, int] = {}
-        self.order: list[FromWorker] = []
-
-    def __call__(self, msg: FromWorker) -> None:
-        self.order.append(msg)
-        if isinstance(msg, TokenOutput):
-            assert msg.request_id not in self.finish, "tokens after the finish"
-            self.tokens[msg.request_id] += msg.token_ids
-            if msg.finish_reason is not None:
-                self.finish[msg.request_id] = msg.finish_reason
-        elif isinstance(msg, KvLoaded):
-            self.kv_loaded.add(msg.request_id)
-            self.first_token[msg.request_id] = msg.first_token
-
-
-@dataclass
-class Engines:
-    prefill: VllmEngine
-    decode: VllmEngine
-    p_out: Collector
-    d_out: Collector
+        pair.prompts = [tok.encode(t) for t in TEXTS] + [tok.apply_chat_template(c) for c in CHATS]
+        yield pair
 
 
 @pytest.fixture
 async def engines(cluster: Cluster) -> AsyncIterator[Engines]:
-    p_out, d_out = Collector(), Collector()
-    prefill = VllmEngine(cluster.prefill.url, model_dir=str(cluster.model_dir), metrics_interval_s=0.2)
-    decode = VllmEngine(
-        cluster.decode.url,
-        model_dir=str(cluster.model_dir),
-        metrics_interval_s=0.2,
-        kv_endpoint=cluster.kv_endpoint,
-    )
-    await prefill.start(p_out)
-    await decode.start(d_out)
-    try:
-        yield Engines(prefill, decode, p_out, d_out)
-    finally:
-        await prefill.close()
-        await decode.close()
-
-
-async def colocated(
-    engine: VllmEngine, out: Collector, rid: str, prompt: list[int], s: SamplingParams
-) -> list[int]:
-    await engine.generate(GenerateJob(rid, prompt, s))
-    return out.tokens[rid]
-
-
-async def disaggregated(
-    e: Engines,
-    rid: str,
-    prompt: list[int],
-    s: SamplingParams,
-    route: KvRoute,
-    *,
-    decode_first: bool,
-    generated: int = 0,
-) -> list[int]:
-    prefill = PrefillJob(rid, prompt, s, route, deadline_s=60, generated=generated)
-    decode = DecodeJob(rid, prompt, s, route, deadline_s=60, generated=generated)
-    if decode_first:
-        await asyncio.gather(e.decode.decode(decode), e.prefill.prefill(prefill))
-    else:  # the decode job arrives after the KV was pushed
-        await e.prefill.prefill(prefill)
-        await e.decode.decode(decode)
-    first = e.p_out.tokens[rid]
-    assert len(first) == 1, "prefill emits exactly token 0"
-    assert rid in e.d_out.kv_loaded
-    assert e.d_out.first_token[rid] == first[0], "decode's token 0 (from the loaded KV) equals prefill's"
-    return first + e.d_out.tokens[rid]
-
-
-def _route(mode: str, cluster: Cluster, tid: str) -> KvRoute:
-    return cluster.route(mode, tid)
+    async with pd_engines(cluster) as e:
+        yield e
 
 
 async def _check_equality(cluster: Cluster, e: Engines, s: SamplingParams, tag: str, mode: str) -> None:
-    expected = [
-        await colocated(e.prefill, e.p_out, f"{tag}-c{i}", p, s) for i, p in enumerate(cluster.prompts)
-    ]
-    got = await asyncio.gather(
-        *(
-            disaggregated(
-                e,
-                f"{tag}-{mode}{i}",
-                p,
-                s,
-                _route(mode, cluster, f"{tag}-{mode}-{i}"),
-                decode_first=i % 2 == 0,
-            )
-            for i, p in enumerate(cluster.prompts)
-        )
-    )
     assert len({len(p) for p in cluster.prompts}) >= 10, "prompts of varied lengths"
     assert max(len(p) for p in cluster.prompts) > 3 * 32, "prompts spanning several KV blocks"
-    for i, (want, have) in enumerate(zip(expected, got, strict=True)):
-        assert have == want, f"prompt {i} ({len(cluster.prompts[i])} tokens): {have} != {want}"
+    await check_equality(cluster, e, s, tag, mode)
 
 
 async def test_a_resumed_greedy_request_continues_with_the_uninterrupted_tokens(
@@ -273,7 +107,7 @@ async def test_a_resumed_greedy_request_continues_with_the_uninterrupted_tokens(
                 rid,
                 prompt + full[:cut],
                 s,
-                _route("p2p", cluster, rid),
+                route("p2p", cluster, rid),
                 decode_first=True,
                 generated=cut,
             )
@@ -405,24 +239,8 @@ def stack(
 ) -> Iterator[LocalCluster]:
     """pdorch's scheduler and two worker agents (``pdorch worker --engine vllm``) in front of the
     two vLLM servers, in one KV mode."""
-    model = ["--engine", "vllm", "--model-dir", str(cluster.model_dir)]
-    spec = ClusterSpec(
-        port=0,
-        kv_mode=request.param,
-        log_dir=tmp_path_factory.mktemp(f"stack-{request.param}"),
-        log_level="WARNING",
-        keys_dir=cluster.keys.directory,
-        per_worker_args={
-            "prefill-0": [*model, "--vllm-url", cluster.prefill.url],
-            "decode-0": [*model, "--vllm-url", cluster.decode.url, "--kv-advertise", cluster.kv_endpoint],
-        },
-    )
-    stack = LocalCluster(spec)
-    try:
-        stack.start(timeout_s=120)
+    with pdorch_in_front(cluster, request.param, tmp_path_factory.mktemp(f"stack-{request.param}")) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def _text(text: str) -> str:
@@ -457,3 +275,34 @@ async def test_pdorch_serves_vllm_disaggregated_like_vllm_colocated(
             have = (await _post(session, stack.url, "/v1/chat/completions", body))["choices"][0]
             assert _text(have["message"]["content"]) == _text(want["message"]["content"]), chat
             assert have["finish_reason"] == want["finish_reason"]
+
+
+@pytest.mark.parametrize("mode", ["p2p", "centralized"])
+async def test_logprobs_penalties_and_bias_pass_through_and_agree(
+    cluster: Cluster, engines: Engines, mode: str
+) -> None:
+    """vLLM computes them; pdorch passes the parameters and reads the logprobs back by token id.
+    Disaggregated equals colocated: the same tokens, logprobs within float32 noise."""
+    s = SamplingParams(
+        max_tokens=10,
+        logprobs=2,
+        prompt_logprobs=1,
+        presence_penalty=0.8,
+        repetition_penalty=1.2,
+        logit_bias={7: -100.0},
+    )
+    for i, prompt in enumerate(cluster.prompts[:3]):
+        want = await colocated(engines.prefill, engines.p_out, f"lp-c{i}", prompt, s)
+        rid = f"lp-{mode}{i}"
+        got = await disaggregated(engines, rid, prompt, s, route(mode, cluster, rid), decode_first=True)
+        assert got == want and 7 not in got
+        c_msgs = [m for m in engines.p_out.order if isinstance(m, TokenOutput) and m.request_id == f"lp-c{i}"]
+        p_msgs = [m for m in engines.p_out.order if isinstance(m, TokenOutput) and m.request_id == rid]
+        d_msgs = [m for m in engines.d_out.order if isinstance(m, TokenOutput) and m.request_id == rid]
+        want_lps = [lp for m in c_msgs for lp in m.logprobs]
+        got_lps = [lp for m in p_msgs + d_msgs for lp in m.logprobs]
+        assert len(want_lps) == len(got_lps) == len(want)
+        for a, b in zip(want_lps, got_lps, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-3) and len(b.top_ids) == 2
+        prompt_lps = [lp for m in p_msgs for lp in m.prompt_logprobs]
+        assert len(prompt_lps) == len(prompt) - 1 and all(lp.logprob <= 0 for lp in prompt_lps)

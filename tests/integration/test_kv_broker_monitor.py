@@ -17,18 +17,16 @@ from transport.security import NO_CLIENT_AUTH
 INTERVAL_S = 0.05
 
 
-async def start_on(ctx: zmq.asyncio.Context, endpoint: str) -> KvBroker:
-    """A broker on the address another just left: libzmq releases a closed listener's port on its
-    I/O thread, a moment after close() returns."""
-    broker = KvBroker(ctx, security=INSECURE, bind=endpoint, capacity_bytes=1 << 20, ttl_s=60)
+async def _broker_on(ctx: zmq.asyncio.Context, endpoint: str) -> KvBroker:
+    """A broker on the address another one just left (libzmq releases a port asynchronously)."""
     for _ in range(100):
+        broker = KvBroker(ctx, security=INSECURE, bind=endpoint, capacity_bytes=1 << 20, ttl_s=60)
         try:
             await broker.start()
             return broker
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EADDRINUSE:
-                raise
-            await asyncio.sleep(0.02)
+        except zmq.ZMQError:
+            await broker.close()
+            await asyncio.sleep(0.05)
     raise AssertionError(f"{endpoint} stayed in use")
 
 
@@ -47,7 +45,7 @@ async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyn
         await first.close()  # silent: no answers
         await wait_until(lambda: not monitor.reachable)
         assert len(lost) == 1 and "silent" in lost[0]
-        second = await start_on(ctx, endpoint)
+        second = await _broker_on(ctx, endpoint)
         try:
             await wait_until(lambda: monitor.reachable)
             assert monitor.instance == second.instance != first.instance
@@ -69,7 +67,7 @@ async def test_a_restart_between_two_pings_is_noticed(ctx: zmq.asyncio.Context) 
     try:
         await wait_until(lambda: monitor.reachable)
         await first.close()
-        second = await start_on(ctx, first.endpoint)
+        second = await _broker_on(ctx, first.endpoint)
         try:
             await wait_until(lambda: monitor.instance == second.instance)
             assert lost == ["restarted (its transfers are gone)"] and monitor.reachable

@@ -161,6 +161,37 @@ async def test_disaggregated_equals_colocated_token_for_token(
         assert engine.engine.load().blocks_used == 0
 
 
+@pytest.mark.parametrize("mode", ["p2p", "centralized"])
+async def test_a_zero_cost_engine_streams_every_token_at_once_and_equal_to_colocated(
+    start: Callable[..., Awaitable[Running]],
+    sender: KvSender,
+    receiver: KvReceiver,
+    broker: KvBroker,
+    mode: str,
+) -> None:
+    """``time_scale`` 0: no modeled time. Each job's tokens come as soon as it runs, in one
+    message, and they are the tokens a timed engine produces."""
+    zero = SimEngineConfig(time_scale=0.0, mean_output_tokens=1e12)
+    timed = SimEngineConfig(time_scale=0.001, mean_output_tokens=1e12)
+    prefill, decode = await start(zero, kv_sender=sender), await start(zero, kv_receiver=receiver)
+    reference = await start(timed)
+    endpoint = receiver.endpoint if mode == "p2p" else broker.endpoint
+    sampling = SamplingParams(max_tokens=256, temperature=0.7, seed=3)
+    prompts = {f"z{i}": list(range(i, i + 40 + 7 * i)) for i in range(4)}
+    await asyncio.wait_for(
+        asyncio.gather(
+            *(disaggregated(prefill, decode, rid, p, sampling, mode, endpoint) for rid, p in prompts.items()),
+            *(reference.engine.generate(GenerateJob(rid, p, sampling, WAIT_S)) for rid, p in prompts.items()),
+        ),
+        WAIT_S,
+    )
+    for rid in prompts:
+        assert prefill.tokens(rid) + decode.tokens(rid) == reference.tokens(rid)
+        assert len(decode.tokens(rid)) == 255
+        batches = [m for m in decode.sent if isinstance(m, TokenOutput) and m.request_id == rid]
+        assert len(batches) == 1  # all 255 at once: nothing to wait for
+
+
 async def test_the_handoff_moves_a_stand_in_and_models_the_real_kv_bytes(
     start: Callable[..., Awaitable[Running]], sender: KvSender, receiver: KvReceiver
 ) -> None:
@@ -328,7 +359,8 @@ async def test_info_health_and_missing_kv_plane(start: Callable[..., Awaitable[R
 
 async def test_bad_settings_are_config_errors() -> None:
     for bad in (
-        {"time_scale": 0.0},
+        {"time_scale": -1.0},
+        {"time_scale": float("inf")},
         {"model": "gpt-9"},
         {"kv_link_gbytes_per_s": -1.0},
         {"mean_output_tokens": 0.5},

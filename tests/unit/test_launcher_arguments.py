@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pdorch.cli import main
+from workers.models.cache_dir import CACHE_DIR_ENV
 
 
 @pytest.mark.parametrize(
@@ -17,7 +20,8 @@ from pdorch.cli import main
         (["--control-port", "8000"], "--port, --control-port must differ"),
         (["--control-port", "70000"], "--control-port 70000: ports are 1..65535"),
         (["--kv-mode", "centralized", "--broker-port", "5555"], "--broker-port must differ"),
-        (["--engine", "vllm"], "--engine vllm needs --model DIR"),
+        (["--model", "no-such-model"], "--model no-such-model: not a known model"),
+        (["--engine", "vllm", "--model", "pdorch-reference"], "runs on the reference engine only"),
     ],
 )
 def test_a_cluster_that_cannot_start_is_refused_up_front(
@@ -27,8 +31,28 @@ def test_a_cluster_that_cannot_start_is_refused_up_front(
     assert message in capsys.readouterr().err
 
 
+def test_a_model_that_is_not_downloaded_is_refused_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
+    assert main(["up", "--model", "smollm2-135m-instruct"]) == 2
+    assert (
+        "the model smollm2-135m-instruct is not downloaded yet: run `make model`" in capsys.readouterr().err
+    )
+
+
 def test_colocated_needs_no_decode_worker(capsys: pytest.CaptureFixture[str]) -> None:
     """With --colocated the workers serve whole requests: --decode does not count. (Refused here only
     for its port, so nothing starts.)"""
     assert main(["up", "--colocated", "--decode", "0", "--port", "70000"]) == 2
     assert "--port 70000" in capsys.readouterr().err
+
+
+def test_a_simulated_cluster_needs_no_model_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(Refused here only for its port, so nothing starts.)"""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
+    assert main(["up", "--engine", "sim", "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "--port 70000" in err and "make model" not in err

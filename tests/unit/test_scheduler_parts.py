@@ -184,14 +184,21 @@ def test_bad_prompts(prompt: object) -> None:
         ({}, 0, "at least 1"),
         ({}, -5, "at least 1"),
         ({}, 10**9, "at most"),
-        ({"n": 2}, 5, "n=1"),
+        ({"n": 0}, 5, "'n' must be between 1 and 128"),
+        ({"n": 129}, 5, "'n' must be between 1 and 128"),
+        ({"n": 2, "best_of": 3}, 5, "best_of"),
         ({"temperature": 3.0}, 5, "temperature"),
         ({"top_p": 0.0}, 5, "top_p"),
-        ({"logprobs": 3}, 5, "logprobs"),
-        ({"presence_penalty": 0.5}, 5, "presence_penalty"),
-        ({"frequency_penalty": -1.0}, 5, "frequency_penalty"),
-        ({"logit_bias": {"50256": -100}}, 5, "logit_bias"),
-        ({"echo": True}, 5, "echo"),
+        ({"logprobs": 21}, 5, "logprobs"),
+        ({"logprobs": -1}, 5, "logprobs"),
+        ({"prompt_logprobs": 30}, 5, "prompt_logprobs"),
+        ({"presence_penalty": 2.5}, 5, "presence_penalty"),
+        ({"frequency_penalty": -3.0}, 5, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, 5, "repetition_penalty"),
+        ({"logit_bias": {"hello": 1.0}}, 5, "logit_bias"),
+        ({"logit_bias": {"5": -101.0}}, 5, "logit_bias"),
+        ({"min_tokens": 6}, 5, "min_tokens"),
+        ({"min_tokens": -1}, 5, "min_tokens"),
         ({"suffix": "tail"}, 5, "suffix"),
     ],
 )
@@ -207,7 +214,8 @@ def test_bad_sampling(fields: dict, max_tokens: int, needle: str) -> None:
     [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"top_logprobs": 2}, "logprobs"),
+        ({"top_logprobs": 2}, "needs 'logprobs'"),
+        ({"logprobs": True, "top_logprobs": 21}, "logprobs"),
     ],
 )
 def test_chat_fields_we_cannot_honour_are_refused(fields: dict, needle: str) -> None:
@@ -222,6 +230,9 @@ def test_chat_fields_we_cannot_honour_are_refused(fields: dict, needle: str) -> 
     [
         {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "echo": False, "suffix": ""},
         {"presence_penalty": None, "logit_bias": None, "suffix": None},
+        # What used to be refused, now honoured: the values are valid.
+        {"logprobs": 5, "echo": True, "presence_penalty": 1.5, "frequency_penalty": -2.0},
+        {"logit_bias": {"42": 100, "7": -100}, "min_tokens": 5, "repetition_penalty": 1.2},
     ],
 )
 def test_neutral_values_of_unsupported_fields_are_accepted(fields: dict) -> None:

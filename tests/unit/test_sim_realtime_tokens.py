@@ -129,3 +129,20 @@ def test_a_resumed_stream_continues_where_the_uninterrupted_one_was(temperature:
     assert resumed.finish_reason(want[28], 29 - cut) is None
     with pytest.raises(PdorchError):
         check_prompt(PROMPT, 8192, generated=len(PROMPT))
+
+
+def test_what_a_model_without_logits_cannot_honour_is_refused_and_min_tokens_holds() -> None:
+    for asked in (
+        {"logprobs": 0},
+        {"prompt_logprobs": 1},
+        {"frequency_penalty": 0.5},
+        {"logit_bias": {1: 2.0}},
+    ):
+        with pytest.raises(PdorchError) as e:
+            check_sampling(SamplingParams(**asked))  # type: ignore[arg-type]
+        assert e.value.code is ErrorCode.INVALID_REQUEST
+    # EOS every other token on average: min_tokens keeps it (and the stop ids) back until then.
+    eager = stream(sampling=SamplingParams(max_tokens=50, min_tokens=10, stop_token_ids=[65, 66]), mean=2.0)
+    first = tokens(eager, 10)
+    assert EOS_TOKEN_ID not in first and not {65, 66} & set(first)
+    assert EOS_TOKEN_ID in tokens(eager, 50)[10:]

@@ -24,7 +24,7 @@ from workers.engines.reference.layers import softmax_inplace
 # Contexts up to this many tokens are attended in padded batches, longer ones one by one.
 MAX_BATCHED_TOKENS = 256
 # Prompt attention is computed in chunks of query rows to bound the [heads, rows, S] scores.
-PREFILL_QUERY_CHUNK = 512
+PREFILL_QUERY_CHUNK = 128
 
 
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:

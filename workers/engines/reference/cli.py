@@ -14,18 +14,41 @@ MOVES_KV = True
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--num-blocks", type=int, default=4096, help="KV cache size in blocks")
-    group.add_argument("--model-seed", type=int, default=0, help="weight seed of the reference model")
+    group.add_argument(
+        "--weights",
+        default="",
+        help="serve this Llama GGUF file or Hugging Face Llama directory as --model "
+        "(default: the weights --model names; pdorch-reference: seeded random weights)",
+    )
+    group.add_argument(
+        "--dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="compute dtype; float64 keeps a request's tokens independent of batching (default)",
+    )
+    group.add_argument("--max-model-len", type=int, default=0, help="context length cap (0: the model's)")
+    group.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default 1)")
+    group.add_argument(
+        "--num-blocks", type=int, default=0, help="KV cache size in blocks (overrides the GiB)"
+    )
+    group.add_argument("--model-seed", type=int, default=0, help="weight seed of the random-weight model")
 
 
 def build(args: argparse.Namespace, kv_sender: KvSender | None, kv_receiver: KvReceiver | None) -> Engine:
-    from workers.engines.reference.config import ModelConfig
     from workers.engines.reference.engine import ReferenceEngine
+    from workers.engines.reference.model_choice import choose_model
 
+    chosen = choose_model(
+        args.model, args.weights, dtype=args.dtype, seed=args.model_seed, max_model_len=args.max_model_len
+    )
+    bytes_per_block = args.block_size * chosen.config.kv_bytes_per_token
+    num_blocks = args.num_blocks or max(1, int(args.kv_cache_gib * (1 << 30)) // bytes_per_block)
     return ReferenceEngine(
-        ModelConfig(seed=args.model_seed),
+        chosen.config,
+        weights=chosen.weights,
+        tokenizer=chosen.tokenizer,
         model_name=args.model,
-        num_blocks=args.num_blocks,
+        num_blocks=num_blocks,
         block_size=args.block_size,
         max_batch=args.max_batch,
         max_prefill_tokens_per_step=args.max_prefill_tokens,

@@ -1,10 +1,12 @@
 """Shape and numerics of the reference model.
 
-The defaults describe a tiny byte-level model: ids 0..255 are raw bytes, 256 is BOS, 257 is EOS,
-258 and 259 are spare. It computes in float64 on purpose: BLAS results for one row depend very
-slightly on how many rows are in the batch, and float64 keeps those differences around 1e-14, so
-continuous batching yields the same tokens as running alone and disaggregated output equals
-colocated output.
+The defaults describe a tiny byte-level model with seeded random weights: ids 0..255 are raw bytes,
+256 is BOS, 257 is EOS, 258 and 259 are spare. A real checkpoint (``checkpoint.py``) fills in its
+own shape. Either computes in float64 by default, on purpose: BLAS results for one row depend
+slightly on how many rows are in the batch and where the row sits in it (float32 differences reach
+~1e-6 of a logit here, enough to flip near-ties), and float64 keeps them around 1e-14, so continuous
+batching yields the same tokens as running alone and disaggregated output equals colocated output.
+``docs/benchmarks.md`` has the measurements behind that choice.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     ffn: int = 256
     max_model_len: int = 2048
     rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
     seed: int = 0
     dtype: str = "float64"
     eos_token_id: int = 257
@@ -56,6 +59,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise PdorchError(ErrorCode.CONFIG, f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_theta <= 1.0:
             raise PdorchError(ErrorCode.CONFIG, f"rope_theta must be > 1, got {self.rope_theta}")
+        if not 0.0 < self.rms_norm_eps < 1.0:
+            raise PdorchError(ErrorCode.CONFIG, f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
         if self.seed < 0:
             raise PdorchError(ErrorCode.CONFIG, f"weight seed must be >= 0, got {self.seed}")
         if self.dtype not in SUPPORTED_DTYPES:

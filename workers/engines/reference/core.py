@@ -38,11 +38,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
-from transport.messages import Load, SamplingParams
+from transport.messages import Load, SamplingParams, TokenLogprobs
 from workers.engines.reference.block_allocator import BlockAllocator
 from workers.engines.reference.config import ModelConfig
 from workers.engines.reference.inbox import EngineStats, RequestInbox
 from workers.engines.reference.kv_cache import PagedKvCache
+from workers.engines.reference.logits_processors import TokenHistory, needs_processing, process_logits
+from workers.engines.reference.logprobs import token_logprobs
 from workers.engines.reference.model import LayerKvCallback, ReferenceModel
 from workers.engines.reference.prefix_cache import PrefixCache
 from workers.engines.reference.request_checks import (
@@ -54,6 +56,7 @@ from workers.engines.reference.request_checks import (
 from workers.engines.reference.sampler import sample
 from workers.engines.reference.sequence import EngineSequence, SequenceKind, finish_reason
 from workers.engines.reference.step_output import StepOutput
+from workers.engines.reference.weights import ModelWeights
 
 
 class EngineCore:
@@ -73,6 +76,7 @@ class EngineCore:
         max_batch: int = 64,
         max_prefill_tokens_per_step: int = 512,
         enable_prefix_caching: bool = True,
+        weights: ModelWeights | None = None,
     ) -> None:
         if max_batch <= 0 or max_prefill_tokens_per_step <= 0:
             raise PdorchError(
@@ -84,7 +88,7 @@ class EngineCore:
         self.block_size = block_size
         self.max_batch = max_batch
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
-        self.model = ReferenceModel(cfg)
+        self.model = ReferenceModel(cfg, weights)
         self.cache = PagedKvCache(cfg, num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks)
         self.prefix_cache = PrefixCache(self.allocator, block_size, enable_prefix_caching)
@@ -120,7 +124,7 @@ class EngineCore:
         emitted is then its output token ``generated`` (drawn as an uninterrupted run would).
         """
         prompt = check_prompt(self.config, prompt_token_ids, sampling, generated)
-        hashes = self.prefix_cache.hashes(prompt)
+        hashes = self._prefix_hashes(prompt, sampling)
         kind = SequenceKind.PREFILL_ONLY
         self._inbox.submit(
             EngineSequence(request_id, kind, len(prompt), sampling, prompt, on_layer, hashes, generated)
@@ -137,11 +141,15 @@ class EngineCore:
         """Colocated: prefill, then decode here until the request finishes (``generated`` as in
         :meth:`add_prefill`)."""
         prompt = check_prompt(self.config, prompt_token_ids, sampling, generated)
-        hashes = self.prefix_cache.hashes(prompt)
+        hashes = self._prefix_hashes(prompt, sampling)
         kind = SequenceKind.GENERATE
         self._inbox.submit(
             EngineSequence(request_id, kind, len(prompt), sampling, prompt, None, hashes, generated)
         )
+
+    def _prefix_hashes(self, prompt: np.ndarray, sampling: SamplingParams) -> list[int]:
+        # Prompt logprobs need every position computed: no prefix served from the cache.
+        return [] if sampling.prompt_logprobs >= 0 else self.prefix_cache.hashes(prompt)
 
     def reserve_decode(self, request_id: str, num_prompt_tokens: int) -> list[int]:
         """Allocate blocks for a handed-off prompt's KV plus the first fed token.
@@ -179,6 +187,13 @@ class EngineCore:
         )
         hashes = self.prefix_cache.hashes(prompt) if prompt is not None else []
         seq = EngineSequence(request_id, SequenceKind.DECODE, prompt_len, sampling, output_offset=generated)
+        if sampling.penalized:
+            if prompt is None:
+                raise PdorchError(
+                    ErrorCode.INVALID_REQUEST, f"{request_id}: penalties need the prompt's token ids"
+                )
+            seq.history = TokenHistory.of_resumed(prompt.tolist(), generated)
+            seq.history.add(first_token)
         seq.num_computed = prompt_len
         seq.num_generated = 1
         seq.last_token = first_token
@@ -323,11 +338,22 @@ class EngineCore:
         try:
             # The KV callback runs in the last chunk only, with every prompt row of each layer.
             logits = self.model.prefill(
-                seq.prompt[start:stop], self.cache, seq.blocks, seq.on_layer if last else None, start
+                seq.prompt[start:stop],
+                self.cache,
+                seq.blocks,
+                seq.on_layer if last else None,
+                start,
+                all_logits=seq.prompt_logprobs is not None,
             )
         except Exception as exc:  # a failing KV callback fails this request, not the engine
             self._fail(seq, as_pdorch_error(exc), outputs)
             return stop - start
+        if seq.prompt_logprobs is not None:
+            # Row i predicts prompt position start + i + 1; the last row predicts the output.
+            top = seq.sampling.prompt_logprobs
+            for i, token in enumerate(seq.prompt[start + 1 : stop + 1]):
+                seq.prompt_logprobs.append(token_logprobs(logits[i], int(token), top))
+            logits = logits[-1]
         seq.num_computed = stop
         self.prefix_cache.publish_computed(seq)
         if last:
@@ -336,14 +362,23 @@ class EngineCore:
         return stop - start
 
     def _emit_first_token(self, seq: EngineSequence, logits: np.ndarray, outputs: list[StepOutput]) -> None:
-        token = sample(logits, seq.sampling, seq.next_output_index)
+        token, logprobs = self._draw(seq, logits)
         seq.num_generated = 1
         seq.last_token = token
         reason = finish_reason(self.config, seq.sampling, seq.prompt_len, token, 1, seq.output_offset)
         if seq.cancelled:
             self._release(seq)
             return
-        outputs.append(StepOutput(seq.request_id, token, reason, cached_tokens=seq.num_cached))
+        outputs.append(
+            StepOutput(
+                seq.request_id,
+                token,
+                reason,
+                cached_tokens=seq.num_cached,
+                logprobs=logprobs,
+                prompt_logprobs=seq.prompt_logprobs,
+            )
+        )
         if reason is not None or seq.kind is SequenceKind.PREFILL_ONLY:
             self._finish(seq)
         else:
@@ -360,16 +395,29 @@ class EngineCore:
         for seq, row in zip(ready, logits, strict=True):
             if seq.cancelled:
                 continue  # released when the cancellation is taken from the inbox
-            token = sample(row, seq.sampling, seq.next_output_index)
+            token, logprobs = self._draw(seq, row)
             seq.num_generated += 1
             seq.last_token = token
             reason = finish_reason(
                 self.config, seq.sampling, seq.prompt_len, token, seq.num_generated, seq.output_offset
             )
-            outputs.append(StepOutput(seq.request_id, token, reason))
+            outputs.append(StepOutput(seq.request_id, token, reason, logprobs=logprobs))
             if reason is not None:
                 del self._running[seq.request_id]
                 self._finish(seq)
+
+    def _draw(self, seq: EngineSequence, logits: np.ndarray) -> tuple[int, TokenLogprobs | None]:
+        """The sequence's next token from the model's ``logits``, and its logprobs if asked for."""
+        params, index = seq.sampling, seq.next_output_index
+        drawn = (
+            process_logits(logits, params, index, seq.history, self.config.eos_token_id)
+            if needs_processing(params)
+            else logits
+        )
+        token = sample(drawn, params, index)
+        if seq.history is not None:
+            seq.history.add(token)
+        return token, token_logprobs(logits, token, params.logprobs) if params.logprobs >= 0 else None
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -23,6 +23,7 @@ from workers.engines.base import Emit, EngineInfo
 from workers.engines.reference.config import ModelConfig
 from workers.engines.reference.core import EngineCore
 from workers.engines.reference.step_output import StepOutput
+from workers.engines.reference.weights import ModelWeights
 
 # How long the engine thread sleeps when idle before looking again (it is woken on new work).
 _IDLE_WAIT_S = 0.05
@@ -45,11 +46,20 @@ class _BlockSink:
         self._core.cache.scatter(layer, self._blocks, row_offset, rows)
 
 
+def _token_output(rid: str, out: StepOutput) -> TokenOutput:
+    logprobs = [out.logprobs] if out.logprobs is not None else []
+    return TokenOutput(
+        rid, [out.token_id], out.finish_reason, out.cached_tokens, logprobs, out.prompt_logprobs or []
+    )
+
+
 class ReferenceEngine:
     def __init__(
         self,
         cfg: ModelConfig,
         *,
+        weights: ModelWeights | None = None,
+        tokenizer: str = "byte",
         model_name: str = "pdorch-reference",
         num_blocks: int = 4096,
         block_size: int = 16,
@@ -61,6 +71,7 @@ class ReferenceEngine:
         job_timeout_s: float = 600.0,
     ) -> None:
         self._cfg = cfg
+        self._tokenizer = tokenizer
         self._model_name = model_name
         self._core = EngineCore(
             cfg,
@@ -69,6 +80,7 @@ class ReferenceEngine:
             max_batch=max_batch,
             max_prefill_tokens_per_step=max_prefill_tokens_per_step,
             enable_prefix_caching=enable_prefix_caching,
+            weights=weights,
         )
         self._sender = kv_sender
         self._receiver = kv_receiver
@@ -91,7 +103,7 @@ class ReferenceEngine:
             block_size=self._core.block_size,
             capacity_blocks=self._core.allocator.num_total,
             max_model_len=self._cfg.max_model_len,
-            tokenizer="byte",
+            tokenizer=self._tokenizer,
             eos_token_id=self._cfg.eos_token_id,
             vocab_size=self._cfg.vocab_size,
         )
@@ -131,7 +143,7 @@ class ReferenceEngine:
             if out.failed:
                 raise out.as_error()
             # The first token goes out at once, while the KV may still be on the wire.
-            self._emit(TokenOutput(rid, [out.token_id], out.finish_reason, out.cached_tokens))
+            self._emit(_token_output(rid, out))
             if stream_task is not None:
                 if out.finish_reason is not None:
                     stream_task.cancel()
@@ -225,7 +237,7 @@ class ReferenceEngine:
             if out.failed:
                 done.set_exception(out.as_error())
                 return
-            self._emit(TokenOutput(rid, [out.token_id], out.finish_reason, out.cached_tokens))
+            self._emit(_token_output(rid, out))
             if out.finish_reason is not None:
                 done.set_result(None)
 

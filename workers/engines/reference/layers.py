@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-RMS_NORM_EPS = 1e-6
 
-
-def rms_norm(x: np.ndarray, gain: np.ndarray) -> np.ndarray:
+def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm over the last axis."""
-    inv_rms = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + RMS_NORM_EPS)
+    inv_rms = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
     return (x * inv_rms) * gain
 
 

@@ -29,7 +29,7 @@ from workers.engines.reference.config import ModelConfig
 from workers.engines.reference.kv_cache import PagedKvCache
 from workers.engines.reference.layers import rms_norm, swiglu
 from workers.engines.reference.rope import RotaryEmbedding
-from workers.engines.reference.weights import LayerWeights, init_weights
+from workers.engines.reference.weights import LayerWeights, ModelWeights, init_weights
 
 # on_layer(layer_index, kv_rows[T, 2, kv_heads, head_dim]); the callee may keep kv_rows.
 LayerKvCallback = Callable[[int, np.ndarray], None]
@@ -40,9 +40,10 @@ DecodeEntry = tuple[int, int, Sequence[int]]
 
 
 class ReferenceModel:
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights | None = None) -> None:
+        """``weights`` from a checkpoint (``checkpoint.py``), or seeded random ones by default."""
         self.cfg = cfg
-        self.weights = init_weights(cfg)
+        self.weights = init_weights(cfg) if weights is None else weights
         self.rope = RotaryEmbedding(cfg)
         self._q_width = cfg.heads * cfg.head_dim
         self._kv_width = cfg.kv_heads * cfg.head_dim
@@ -56,8 +57,10 @@ class ReferenceModel:
         block_ids: Sequence[int],
         on_layer: LayerKvCallback | None = None,
         start: int = 0,
+        all_logits: bool = False,
     ) -> np.ndarray:
-        """Run prompt positions ``[start, start + len(token_ids))``; returns the last one's logits [vocab].
+        """Run prompt positions ``[start, start + len(token_ids))``; returns the last one's logits
+        [vocab], or every one's [len(token_ids), vocab] with ``all_logits`` (prompt logprobs).
 
         Their KV is stored in ``block_ids``, which must already hold the KV of positions
         ``[0, start)``. ``on_layer`` gets each layer's KV rows of ALL positions
@@ -76,7 +79,7 @@ class ReferenceModel:
             return rows
 
         hidden = self._forward_sequence(tokens, start, store_and_read)
-        return self._logits(hidden[-1:])[0]
+        return self._logits(hidden) if all_logits else self._logits(hidden[-1:])[0]
 
     def forward_full(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits for every position [T, vocab], recomputed from scratch without a cache."""
@@ -132,17 +135,17 @@ class ReferenceModel:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = x.shape[0]
         head_dim = self.cfg.head_dim
-        qkv = rms_norm(x, layer.attn_norm) @ layer.wqkv
+        qkv = rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps) @ layer.wqkv
         q = qkv[:, : self._q_width].reshape(n, self.cfg.heads, head_dim)
         k = qkv[:, self._q_width : self._q_width + self._kv_width].reshape(n, self.cfg.kv_heads, head_dim)
         v = qkv[:, self._q_width + self._kv_width :].reshape(n, self.cfg.kv_heads, head_dim)
         return self.rope.apply(q, positions), self.rope.apply(k, positions), v
 
     def _mlp(self, layer: LayerWeights, x: np.ndarray) -> np.ndarray:
-        return x + swiglu(rms_norm(x, layer.mlp_norm) @ layer.w_gate_up) @ layer.w_down
+        return x + swiglu(rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps) @ layer.w_gate_up) @ layer.w_down
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        return rms_norm(x, self.weights.final_norm) @ self.weights.unembed
+        return rms_norm(x, self.weights.final_norm, self.cfg.rms_norm_eps) @ self.weights.unembed
 
     def _check_prompt(self, token_ids: Sequence[int], start: int) -> np.ndarray:
         tokens = np.asarray(token_ids, dtype=np.intp)

@@ -11,8 +11,9 @@ import enum
 
 import numpy as np
 
-from transport.messages import FinishReason, SamplingParams
+from transport.messages import FinishReason, SamplingParams, TokenLogprobs
 from workers.engines.reference.config import ModelConfig
+from workers.engines.reference.logits_processors import TokenHistory
 from workers.engines.reference.model import LayerKvCallback
 
 
@@ -30,6 +31,7 @@ class EngineSequence:
         "block_hashes",
         "blocks",
         "cancelled",
+        "history",
         "kind",
         "last_token",
         "num_cached",
@@ -40,6 +42,7 @@ class EngineSequence:
         "output_offset",
         "prompt",
         "prompt_len",
+        "prompt_logprobs",
         "request_id",
         "sampling",
     )
@@ -74,6 +77,12 @@ class EngineSequence:
         self.last_token = -1
         self.admitted_at = -1
         self.cancelled = False
+        # Prompt positions 1.. with their log-probabilities, filled chunk by chunk when asked for.
+        self.prompt_logprobs: list[TokenLogprobs] | None = [] if sampling.prompt_logprobs >= 0 else None
+        # The tokens seen so far, kept only when penalties depend on them.
+        self.history: TokenHistory | None = None
+        if sampling.penalized and prompt is not None:
+            self.history = TokenHistory.of_resumed(prompt.tolist(), output_offset)
 
     @property
     def feed_position(self) -> int:

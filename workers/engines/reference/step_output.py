@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from transport.errors import ErrorCode, PdorchError
-from transport.messages import FinishReason
+from transport.messages import FinishReason, TokenLogprobs
 
 
 class StepOutput(msgspec.Struct, frozen=True, gc=False):
@@ -22,6 +22,8 @@ class StepOutput(msgspec.Struct, frozen=True, gc=False):
     error: ErrorCode | None = None
     message: str = ""
     cached_tokens: int = 0
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
+    prompt_logprobs: list[TokenLogprobs] | None = None  # on the first output, when asked for
 
     @property
     def failed(self) -> bool:

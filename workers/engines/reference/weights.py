@@ -1,6 +1,6 @@
-"""Seeded random weights for the reference model.
+"""The reference model's weights, and seeded random ones (real ones come from ``checkpoint.py``).
 
-Matrices are drawn from N(0, 1/fan_in) so every projection keeps activations O(1); the embedding is
+Random matrices are drawn from N(0, 1/fan_in) so every projection keeps activations O(1); the embedding is
 N(0, 1) and norm gains are 1. The same config (and seed) gives bit-identical weights on every
 worker, which is what lets a prefill worker and a decode worker continue each other's work.
 """
@@ -29,7 +29,7 @@ class ModelWeights:
     embed: np.ndarray  # [vocab, hidden]
     layers: tuple[LayerWeights, ...]
     final_norm: np.ndarray  # [hidden]
-    unembed: np.ndarray  # [hidden, vocab]
+    unembed: np.ndarray  # [hidden, vocab]; tied to the embedding: embed is unembed.T (a view)
 
 
 def init_weights(cfg: ModelConfig) -> ModelWeights:

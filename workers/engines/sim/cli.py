@@ -25,7 +25,10 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         "--sim-model", default="llama-3-8b", help="model shape modeled: llama-3-8b, llama-2-70b"
     )
     group.add_argument(
-        "--sim-time-scale", type=float, default=1.0, help="multiplies modeled durations; 0.1 = 10x faster"
+        "--sim-time-scale",
+        type=float,
+        default=1.0,
+        help="multiplies modeled durations; 0.1 = 10x faster; 0 = no modeled time (a zero-cost engine)",
     )
     group.add_argument(
         "--sim-kv-link-gbytes-per-s", type=float, default=25.0, help="modeled KV link bandwidth per worker"

@@ -20,7 +20,9 @@ class SimEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     """What the simulated engine models and how fast it runs.
 
     ``time_scale`` multiplies every modeled duration (compute and KV transfer): 1.0 is real speed,
-    0.1 runs ten times faster. ``num_blocks`` 0 sizes the KV pool from device memory (as vLLM does:
+    0.1 runs ten times faster, 0 models no time at all (a zero-cost engine: each job's tokens are
+    there as soon as it is submitted, for load tests of everything but the engine). ``num_blocks``
+    0 sizes the KV pool from device memory (as vLLM does:
     90% of ``tp`` devices' memory minus the weights); ``max_model_len`` 0 takes the model's context
     window (never more than the pool holds). ``mean_output_tokens`` sets how often EOS is drawn.
     """
@@ -44,7 +46,7 @@ class SimEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         checks = {
-            "time_scale": self.time_scale > 0 and math.isfinite(self.time_scale),
+            "time_scale": self.time_scale >= 0 and math.isfinite(self.time_scale),
             "kv_link_gbytes_per_s": self.kv_link_gbytes_per_s > 0,
             "max_batch": self.max_batch > 0,
             "chunk_tokens": self.chunk_tokens >= 0,

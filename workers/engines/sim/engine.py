@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +68,11 @@ class SimulatedEngine:
         self._sender = kv_sender
         self._receiver = kv_receiver
         self._t0 = time.monotonic()
+        self._zero_cost = cfg.time_scale == 0
+        # The stand-in KV has a layer per modeled layer, paced over the modeled transfer time;
+        # with no modeled time, one layer: the KV plane's whole handshake, nothing more.
+        self._standin_layers = 1 if self._zero_cost else self._shape.layers
+        self._virtual_now = 0.0
         self._emit: Emit = lambda msg: None
         self._handlers: dict[str, Callable[[SimOutput], None]] = {}
         self._wake = asyncio.Event()
@@ -131,7 +137,7 @@ class SimulatedEngine:
                     job.kv,
                     job.prompt_token_ids,
                     token,
-                    num_layers=self._shape.layers,
+                    num_layers=self._standin_layers,
                     block_size=self.config.block_size,
                     modeled_bytes=len(job.prompt_token_ids) * self._shape.kv_bytes_per_token,
                     link=self.link,
@@ -151,7 +157,7 @@ class SimulatedEngine:
                 self._receiver,
                 job.kv,
                 job.prompt_token_ids,
-                num_layers=self._shape.layers,
+                num_layers=self._standin_layers,
                 block_size=self.config.block_size,
                 modeled_bytes=len(job.prompt_token_ids) * self._shape.kv_bytes_per_token,
                 link=self.link,
@@ -220,18 +226,38 @@ class SimulatedEngine:
     # ------------------------------------------------------------------ stepping
 
     def _now(self) -> float:
-        """The cost model's clock: real seconds since start, divided by ``time_scale``."""
+        """The cost model's clock: real seconds since start, divided by ``time_scale``; with no
+        modeled time (``time_scale`` 0), the end of the last iteration run."""
+        if self._zero_cost:
+            return self._virtual_now
         return (time.monotonic() - self._t0) / self.config.time_scale
+
+    def _advance(self) -> list[SimOutput]:
+        if not self._zero_cost:
+            return self._core.advance(self._now())
+        # No modeled time: run every iteration there is work for, at once, one output a request.
+        merged: dict[str, SimOutput] = {}
+        while (end := self._core.next_event_time()) != math.inf:
+            self._virtual_now = end
+            for out in self._core.advance(end):
+                seen = merged.setdefault(out.request_id, out)
+                if seen is not out:
+                    seen.token_ids.extend(out.token_ids)
+                    seen.finish_reason = out.finish_reason
+        return list(merged.values())
 
     async def _step_loop(self) -> None:
         try:
             while True:
                 self._wake.clear()
-                for out in self._core.advance(self._now()):
+                for out in self._advance():
                     handler = self._handlers.get(out.request_id)
                     if handler is not None:
                         handler(out)
-                wait_s = (self._core.next_event_time() - self._now()) * self.config.time_scale
+                if self._zero_cost:  # nothing to wait for but new work
+                    wait_s = _MAX_WAIT_S
+                else:
+                    wait_s = (self._core.next_event_time() - self._now()) * self.config.time_scale
                 wait_s = min(max(wait_s, 0.0), _MAX_WAIT_S)
                 if wait_s <= 0.0:
                     await asyncio.sleep(0)

@@ -33,7 +33,22 @@ _U32 = float(1 << 32)
 
 
 def check_sampling(sampling: SamplingParams) -> None:
-    """Raise INVALID_REQUEST for parameters no sampler could honour (the reference engine's rules)."""
+    """Raise INVALID_REQUEST for parameters no sampler could honour (the reference engine's rules),
+    and for what a model with no logits cannot do (logprobs, penalties, logit bias)."""
+    unmodeled = [
+        name
+        for name, asked in (
+            ("logprobs", sampling.logprobs >= 0 or sampling.prompt_logprobs >= 0),
+            ("penalties", sampling.penalized),
+            ("logit_bias", bool(sampling.logit_bias)),
+        )
+        if asked
+    ]
+    if unmodeled:
+        raise PdorchError(
+            ErrorCode.INVALID_REQUEST,
+            f"the simulated engine has no logits: {', '.join(unmodeled)} cannot be honoured",
+        )
     if sampling.max_tokens < 1:
         raise PdorchError(ErrorCode.INVALID_REQUEST, f"max_tokens must be >= 1, got {sampling.max_tokens}")
     if not np.isfinite(sampling.temperature) or sampling.temperature < 0:
@@ -91,9 +106,14 @@ class SimTokenStream:
         output_index = self.generated + index
         digest = hashlib.blake2b(output_index.to_bytes(8, "little"), digest_size=8, key=self._key).digest()
         value = int.from_bytes(digest, "little")
-        if (value & 0xFFFFFFFF) < self._eos_threshold:
+        # EOS, drawn at its rate, but not before min_tokens (nor stop_token_ids, all printable ids
+        # that the draw below may give: those are skipped to the next printable one).
+        if (value & 0xFFFFFFFF) < self._eos_threshold and output_index >= self.sampling.min_tokens:
             return EOS_TOKEN_ID
-        return _PRINTABLE_FIRST + (value >> 32) % _PRINTABLE_COUNT
+        token = _PRINTABLE_FIRST + (value >> 32) % _PRINTABLE_COUNT
+        if output_index < self.sampling.min_tokens and token in self.sampling.stop_token_ids:
+            token = _PRINTABLE_FIRST + (token - _PRINTABLE_FIRST + 1) % _PRINTABLE_COUNT
+        return token
 
     def finish_reason(self, token: int, num_generated: int) -> FinishReason | None:
         """Whether generating ``token`` (the ``num_generated``-th here, from 1) ends the request."""

@@ -37,10 +37,12 @@ from transport.messages import (
     Load,
     PrefillJob,
     SamplingParams,
+    TokenLogprobs,
     TokenOutput,
 )
 from workers.engines.base import Emit, EngineInfo
 from workers.engines.vllm.client import VllmClient
+from workers.engines.vllm.logprobs import prompt_logprobs, token_logprobs
 from workers.engines.vllm.metrics import VllmMetrics, parse_metrics
 from workers.engines.vllm.transfer_params import RECV, SEND, kv_transfer_params
 
@@ -63,7 +65,8 @@ def _finish_reason(value: str | None) -> FinishReason | None:
     raise PdorchError(ErrorCode.JOB_FAILED, f"vLLM finished the request with {value!r}")
 
 
-def sampling_body(sampling: SamplingParams, max_tokens: int) -> dict[str, Any]:
+def sampling_body(sampling: SamplingParams, max_tokens: int, generated: int = 0) -> dict[str, Any]:
+    """vLLM's completion parameters for a job that has ``max_tokens`` left after ``generated``."""
     body: dict[str, Any] = {
         "max_tokens": max_tokens,
         "temperature": sampling.temperature,
@@ -74,6 +77,20 @@ def sampling_body(sampling: SamplingParams, max_tokens: int) -> dict[str, Any]:
     }
     if sampling.stop_token_ids:
         body["stop_token_ids"] = list(sampling.stop_token_ids)
+    if sampling.logprobs >= 0:
+        body["logprobs"] = sampling.logprobs
+        body["return_tokens_as_token_ids"] = True
+    if sampling.prompt_logprobs >= 0:
+        body["prompt_logprobs"] = sampling.prompt_logprobs
+    if sampling.presence_penalty or sampling.frequency_penalty:
+        body["presence_penalty"] = sampling.presence_penalty
+        body["frequency_penalty"] = sampling.frequency_penalty
+    if sampling.repetition_penalty != 1.0:
+        body["repetition_penalty"] = sampling.repetition_penalty
+    if sampling.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in sampling.logit_bias.items()}
+    if sampling.min_tokens > generated:
+        body["min_tokens"] = sampling.min_tokens - generated
     return body
 
 
@@ -235,16 +252,24 @@ class VllmEngine:
     # The agent cancels a job by cancelling its task: the HTTP request closes and vLLM aborts the
     # request and frees its blocks.
 
-    def _body(self, prompt: list[int], sampling: SamplingParams, max_tokens: int) -> dict[str, Any]:
-        return {"model": self._model, "prompt": prompt, **sampling_body(sampling, max_tokens)}
+    def _body(self, job: PrefillJob | DecodeJob | GenerateJob, max_tokens: int) -> dict[str, Any]:
+        body = sampling_body(job.sampling, max_tokens, job.generated)
+        return {"model": self._model, "prompt": job.prompt_token_ids, **body}
 
-    def _emit_tokens(self, request_id: str, token_ids: list[int], finish: FinishReason | None) -> None:
+    def _emit_tokens(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        finish: FinishReason | None,
+        logprobs: list[TokenLogprobs] | None = None,
+        prompt: list[TokenLogprobs] | None = None,
+    ) -> None:
         assert self._emit is not None
-        self._emit(TokenOutput(request_id=request_id, token_ids=token_ids, finish_reason=finish))
+        self._emit(TokenOutput(request_id, token_ids, finish, 0, logprobs or [], prompt or []))
 
     async def prefill(self, job: PrefillJob) -> None:
         assert self._client is not None
-        body = self._body(job.prompt_token_ids, job.sampling, 1)
+        body = self._body(job, 1)
         if job.kv is not None:
             body["kv_transfer_params"] = kv_transfer_params(SEND, job.kv, job.deadline_s)
         resp = await self._client.complete(body, request_id=job.request_id, timeout_s=job.deadline_s)
@@ -255,11 +280,15 @@ class VllmEngine:
         finish = _finish_reason(choice.get("finish_reason"))
         if finish is FinishReason.LENGTH and job.sampling.max_tokens - job.generated > 1:
             finish = None  # only our max_tokens=1 cap stopped it; decode goes on
-        self._emit_tokens(job.request_id, tokens, finish)
+        s = job.sampling
+        logprobs = token_logprobs(choice, s.logprobs)
+        prompt = prompt_logprobs(choice, job.prompt_token_ids, s.prompt_logprobs)
+        self._emit_tokens(job.request_id, tokens, finish, logprobs, prompt)
 
     async def decode(self, job: DecodeJob) -> None:
         assert self._client is not None and self._emit is not None
-        body = self._body(job.prompt_token_ids, job.sampling, job.sampling.max_tokens - job.generated)
+        body = self._body(job, job.sampling.max_tokens - job.generated)
+        body.pop("prompt_logprobs", None)  # the prefill side's to report (and vLLM streams none)
         body["kv_transfer_params"] = kv_transfer_params(RECV, job.kv, job.deadline_s)
         # The KV load's own deadline (job.deadline_s, inside vLLM) must fire before the HTTP one,
         # so a lost transfer surfaces as vLLM's failure rather than a bare client timeout.
@@ -267,15 +296,15 @@ class VllmEngine:
         kv_loaded = False
         try:
             async for event in self._client.stream(body, request_id=job.request_id, timeout_s=timeout_s):
-                tokens, finish = _event_tokens(event)
+                tokens, finish, logprobs = _event_tokens(event, job.sampling.logprobs)
                 if tokens and not kv_loaded:
                     # vLLM regenerated token 0 from the loaded KV: the KV is in place. Token 0 rides
                     # on KvLoaded (the prefill worker's copy may arrive later), not in the stream.
                     self._emit(KvLoaded(request_id=job.request_id, first_token=tokens[0]))
-                    tokens = tokens[1:]
+                    tokens, logprobs = tokens[1:], logprobs[1:]
                     kv_loaded = True
                 if tokens or finish is not None:
-                    self._emit_tokens(job.request_id, tokens, finish)
+                    self._emit_tokens(job.request_id, tokens, finish, logprobs)
                 if finish is not None:
                     return
         except PdorchError as e:
@@ -289,22 +318,39 @@ class VllmEngine:
 
     async def generate(self, job: GenerateJob) -> None:
         assert self._client is not None
-        body = self._body(job.prompt_token_ids, job.sampling, job.sampling.max_tokens - job.generated)
+        body = self._body(job, job.sampling.max_tokens - job.generated)
+        if job.sampling.prompt_logprobs >= 0:
+            # vLLM gives prompt logprobs only unstreamed: the whole answer in one message.
+            resp = await self._client.complete(body, request_id=job.request_id, timeout_s=job.deadline_s)
+            choice = _only_choice(resp)
+            self._emit_tokens(
+                job.request_id,
+                list(choice.get("token_ids") or []),
+                _finish_reason(choice.get("finish_reason")),
+                token_logprobs(choice, job.sampling.logprobs),
+                prompt_logprobs(choice, job.prompt_token_ids, job.sampling.prompt_logprobs),
+            )
+            return
         async for event in self._client.stream(body, request_id=job.request_id, timeout_s=job.deadline_s):
-            tokens, finish = _event_tokens(event)
+            tokens, finish, logprobs = _event_tokens(event, job.sampling.logprobs)
             if tokens or finish is not None:
-                self._emit_tokens(job.request_id, tokens, finish)
+                self._emit_tokens(job.request_id, tokens, finish, logprobs)
             if finish is not None:
                 return
         raise PdorchError(ErrorCode.JOB_FAILED, f"vLLM stream for {job.request_id} ended without a finish")
 
 
-def _event_tokens(event: dict[str, Any]) -> tuple[list[int], FinishReason | None]:
-    """Token ids and finish reason of one streamed completion event (the usage event has neither)."""
+def _event_tokens(
+    event: dict[str, Any], top: int
+) -> tuple[list[int], FinishReason | None, list[TokenLogprobs]]:
+    """Token ids, finish reason and logprobs of one streamed completion event (the usage event
+    has none of them)."""
     choices = event.get("choices") or []
     if not choices:
-        return [], None
-    return list(choices[0].get("token_ids") or []), _finish_reason(choices[0].get("finish_reason"))
+        return [], None, []
+    choice = choices[0]
+    tokens = list(choice.get("token_ids") or [])
+    return tokens, _finish_reason(choice.get("finish_reason")), token_logprobs(choice, top)
 
 
 def _only_choice(resp: dict[str, Any]) -> dict[str, Any]:

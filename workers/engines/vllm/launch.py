@@ -60,6 +60,15 @@ class VllmLaunchSpec(msgspec.Struct, kw_only=True, frozen=True):
     extra_args: list[str] = []
 
 
+def context_length(model_dir: str) -> int:
+    """The model's own context length (``max_position_embeddings``), 512 if its config lacks it."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        return int(config["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
+
+
 def kv_transfer_config(spec: VllmLaunchSpec) -> dict[str, object]:
     assert spec.role is not None
     extra: dict[str, object] = {"pdorch_max_lease_s": spec.max_lease_s}

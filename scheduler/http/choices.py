@@ -1,0 +1,168 @@
+"""The ``n`` choices of one request: how each is asked for and how their text comes back.
+
+Choice 0 is placed like any request (prefill, KV handoff, decode). Choices 1..n-1 start once its
+prompt's KV is resident on the worker that generates the rest, and run colocated there: that
+worker's prefix cache already holds the prompt's blocks, so they share them (never copied, never
+handed off again) and compute only the prompt's last, partial block. The prompt is prefilled once.
+Each choice is then a request of its own: it migrates on its own if its worker is lost.
+
+Choice ``i`` samples with ``seed + i`` when the client gave a seed (as vLLM does), so each choice
+is what a single request with that seed gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+import msgspec
+
+from scheduler.flow import GenerationRequest, TokenBatch
+from scheduler.flow.orchestrator import Orchestrator
+from scheduler.placement.types import PlacementRequest
+from scheduler.prediction.output_length import OutputFeatures
+from scheduler.stop_strings import TextStream
+from scheduler.tokenizer.base import Tokenizer
+from transport.errors import ErrorCode, PdorchError
+from transport.messages import FinishReason, TokenLogprobs
+
+
+@dataclass
+class Progress:
+    """What one choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    cached_tokens: int = 0
+    error: str = ""
+    chars: int = 0  # text sent so far in a stream (completions logprobs' text_offset)
+    sent_ids: int = 0  # tokens sent so far in a stream
+
+
+@dataclass
+class Choice:
+    index: int
+    greq: GenerationRequest
+    progress: Progress
+
+
+def choices(greq: GenerationRequest, n: int, seeded: bool, first: Progress) -> list[Choice]:
+    """The request's ``n`` choices (``first``: choice 0's progress). The others do not ask for
+    prompt logprobs again (choice 0's are theirs) and sample with their own seeds."""
+    out = [Choice(0, greq, first)]
+    for i in range(1, n):
+        seed = (greq.sampling.seed + i) % 2**64 if seeded else random.getrandbits(63)
+        sampling = msgspec.structs.replace(greq.sampling, seed=seed, prompt_logprobs=-1)
+        out.append(
+            Choice(i, replace(greq, request_id=f"{greq.request_id}-{i}", sampling=sampling), Progress())
+        )
+    return out
+
+
+async def text_deltas(
+    tokenizer: Tokenizer, stop: list[str], batches: AsyncIterator[TokenBatch], progress: Progress
+) -> AsyncIterator[str]:
+    """Text deltas, one per batch of tokens (empty while the text is held back: an incomplete UTF-8
+    sequence, a possible stop string), until the request finishes or a stop string shows up
+    (which ends generation)."""
+    text = TextStream(tokenizer.decoder(), stop)
+    async for batch in batches:
+        progress.token_ids.extend(batch.token_ids)
+        progress.logprobs.extend(batch.logprobs)
+        progress.prompt_logprobs = progress.prompt_logprobs or batch.prompt_logprobs
+        progress.cached_tokens = max(progress.cached_tokens, batch.cached_tokens)
+        delta = text.feed(batch.token_ids)
+        if text.stopped:
+            progress.finish_reason = FinishReason.STOP
+            yield delta
+            return
+        if batch.finish_reason is not None:
+            progress.finish_reason = str(batch.finish_reason)
+            yield delta + text.finish()
+            return
+        yield delta
+
+
+# (choice, text delta), or (choice, None) once that choice is complete.
+Item = tuple[Choice, str | None]
+
+
+async def generate(
+    orchestrator: Orchestrator,
+    plan: tuple[OutputFeatures, PlacementRequest],
+    all_choices: list[Choice],
+    tokenizer: Tokenizer,
+    stop: list[str],
+    timeout_s: float,
+) -> AsyncIterator[Item]:
+    """Every choice's text deltas, interleaved as they come. A choice's failure ends them all (the
+    client asked for n answers); closing this stops every choice's jobs."""
+    first = all_choices[0]
+    if len(all_choices) == 1:
+        # One choice: no task, no queue on the hot path.
+        batches = orchestrator.generate(first.greq, plan)
+        async with contextlib.aclosing(batches):
+            deltas = text_deltas(tokenizer, stop, batches, first.progress)
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    yield first, delta
+        yield first, None
+        return
+
+    loop = asyncio.get_running_loop()
+    resident: asyncio.Future[str] = loop.create_future()
+    first_in = asyncio.Event()  # choice 0's first batch is in (its prompt logprobs with it)
+    items: asyncio.Queue[Item | BaseException] = asyncio.Queue()
+
+    def on_resident(worker_id: str) -> None:
+        if not resident.done():
+            resident.set_result(worker_id)
+
+    async def run(choice: Choice) -> None:
+        try:
+            if choice.index == 0:
+                batches = orchestrator.generate(choice.greq, plan, on_resident=on_resident)
+            else:
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        worker_id = await resident
+                        await first_in.wait()
+                except TimeoutError:
+                    raise PdorchError(
+                        ErrorCode.DEADLINE_EXCEEDED, f"choice 0 did not get going within {timeout_s:g}s"
+                    ) from None
+                choice.progress.prompt_logprobs = first.progress.prompt_logprobs
+                batches = orchestrator.generate(choice.greq, follow=worker_id)
+            async with contextlib.aclosing(batches):
+                deltas = text_deltas(tokenizer, stop, batches, choice.progress)
+                async with contextlib.aclosing(deltas):
+                    async for delta in deltas:
+                        first_in.set()
+                        items.put_nowait((choice, delta))
+            first_in.set()
+            items.put_nowait((choice, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # handed to the consumer, which ends the request with it
+            items.put_nowait(e)
+
+    tasks = [asyncio.create_task(run(c)) for c in all_choices]
+    try:
+        for _ in all_choices:
+            while True:
+                item = await items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item[1] is None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

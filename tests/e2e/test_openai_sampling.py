@@ -1,0 +1,223 @@
+"""What real clients and evaluation harnesses ask for, through the official `openai` client:
+logprobs, echo with prompt logprobs, penalties, logit bias, min_tokens, stop_token_ids, max_tokens
+against the context. Each must give, disaggregated in both KV modes, exactly what a colocated
+worker gives (logprobs included), streamed or not."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.e2e.helpers import MODEL, metric
+
+pytestmark = pytest.mark.e2e
+
+EOS = 257  # the reference model's
+PROMPT = "Once upon a time, in a land far away"
+
+
+def _client(cluster: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _completion(cluster: Any, **body: Any) -> Any:
+    return _client(cluster).completions.create(**{"model": MODEL, "prompt": PROMPT, **body})
+
+
+CASES = {
+    "logprobs-greedy": {"max_tokens": 12, "temperature": 0, "logprobs": 3},
+    "logprobs-seeded": {"max_tokens": 12, "temperature": 0.9, "seed": 4, "logprobs": 2},
+    "penalties": {
+        "max_tokens": 24,
+        "temperature": 0.7,
+        "seed": 9,
+        "presence_penalty": 1.2,
+        "frequency_penalty": 0.6,
+        "extra_body": {"repetition_penalty": 1.3, "ignore_eos": True},
+    },
+    "bias-min-tokens": {
+        "max_tokens": 16,
+        "temperature": 0,
+        "logit_bias": {"101": 4.0, str(EOS): 100.0},  # EOS at once, were it not for min_tokens
+        "extra_body": {"min_tokens": 5, "stop_token_ids": [102], "return_token_ids": True},
+    },
+}
+
+
+@pytest.mark.parametrize("mode", ["p2p", "centralized"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_disaggregated_equals_colocated_with_every_option(
+    case: str, mode: str, colocated: Any, request: pytest.FixtureRequest
+) -> None:
+    body = CASES[case]
+    body = {**body, "extra_body": {"return_token_ids": True, **body.get("extra_body", {})}}
+    want = _completion(colocated, **body).model_dump()
+    got = _completion(request.getfixturevalue(mode), **body).model_dump()
+    for key in ("text", "finish_reason", "token_ids", "logprobs"):
+        assert got["choices"][0][key] == want["choices"][0][key], key
+    if "logprobs" in body:
+        lp = got["choices"][0]["logprobs"]
+        assert len(lp["tokens"]) == len(got["choices"][0]["token_ids"]) >= 1
+        assert all(v <= 0 for v in lp["token_logprobs"])
+        # Keyed by text: bytes that are pieces of a UTF-8 sequence all read U+FFFD and share a key.
+        assert all(1 <= len(top) <= body["logprobs"] + 1 for top in lp["top_logprobs"])
+        assert all(t in top for t, top in zip(lp["tokens"], lp["top_logprobs"], strict=True))
+        offsets = lp["text_offset"]
+        assert offsets == sorted(offsets) and offsets[0] == 0
+    if case == "bias-min-tokens":
+        ids = got["choices"][0]["token_ids"]
+        assert len(ids) == 6 and ids[-1] == EOS  # 5 tokens first (min_tokens), then the bias wins
+
+
+def test_the_options_change_the_output(p2p: Any) -> None:
+    plain = _completion(p2p, max_tokens=24, temperature=0.7, seed=9, extra_body={"ignore_eos": True})
+    penalized = _completion(p2p, **CASES["penalties"])
+    assert plain.choices[0].text != penalized.choices[0].text
+    forced = _completion(p2p, max_tokens=4, temperature=0, logit_bias={"120": 100.0})
+    assert forced.choices[0].text == "xxxx"
+
+
+def test_echo_with_logprobs_scores_the_prompt(p2p: Any, colocated: Any) -> None:
+    """What log-likelihood evaluations send: the prompt's own logprobs, one token of output."""
+    body = {"max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    got = _completion(p2p, **body).choices[0]
+    assert got.text.startswith(PROMPT)
+    lp = got.logprobs
+    prompt_tokens = len(PROMPT) + 1  # BOS + one byte each
+    assert len(lp.tokens) == prompt_tokens + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[1:prompt_tokens]) == PROMPT
+    assert _completion(colocated, **body).choices[0].logprobs == lp
+
+
+def test_streamed_logprobs_are_the_same_as_whole(p2p: Any) -> None:
+    body = {"max_tokens": 10, "temperature": 0.8, "seed": 3, "logprobs": 2}
+    whole = _completion(p2p, **body).choices[0].logprobs
+    tokens, values = [], []
+    for chunk in _completion(p2p, stream=True, **body):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                values += choice.logprobs.token_logprobs
+    assert tokens == whole.tokens and values == whole.token_logprobs
+
+
+def test_chat_logprobs(p2p: Any, colocated: Any) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi there"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    got = _client(p2p).chat.completions.create(**body).choices[0]
+    assert got.logprobs is not None and len(got.logprobs.content) >= 1
+    first = got.logprobs.content[0]
+    assert first.logprob <= 0 and len(first.top_logprobs) == 3
+    assert first.top_logprobs[0].logprob >= first.top_logprobs[1].logprob
+    assert first.bytes == list(first.token.encode())
+    assert _client(colocated).chat.completions.create(**body).choices[0].logprobs == got.logprobs
+
+
+def test_max_tokens_beyond_the_context_is_refused_and_chat_defaults_to_the_rest(p2p: Any) -> None:
+    with pytest.raises(openai.BadRequestError, match="context"):
+        _completion(p2p, prompt=[7] * 2000, max_tokens=500)
+    # No max_tokens: chat goes on past 16 tokens, here until the stop string (a forced token).
+    reply = _client(p2p).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "go"}],
+        temperature=0,
+        logit_bias={"120": 100.0},
+        stop=["x" * 30],
+    )
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens >= 30
+
+
+def _handoffs(cluster: Any, mode: str) -> float:
+    async def read() -> float:
+        async with aiohttp.ClientSession() as s:
+            return await metric(s, cluster.url, "pdorch_kv_handoffs_total", mode=mode, outcome="ok")
+
+    return asyncio.run(read())
+
+
+# Long enough that the prompt has full KV blocks for the other choices to share.
+LONG_PROMPT = PROMPT + ", there lived a fox who counted the stars every night and never slept."
+
+
+@pytest.mark.parametrize("mode", ["p2p", "centralized"])
+def test_n_choices_prefill_once_and_each_equals_a_single_seeded_request(
+    mode: str, colocated: Any, request: pytest.FixtureRequest
+) -> None:
+    cluster = request.getfixturevalue(mode)
+    body = {"prompt": LONG_PROMPT, "max_tokens": 10, "temperature": 0.9, "extra_body": {"ignore_eos": True}}
+    before = _handoffs(cluster, mode)
+    got = _completion(cluster, n=3, seed=11, **body)
+    # One prompt, one KV handoff: the other two choices decode next to the first one's KV.
+    assert _handoffs(cluster, mode) == before + 1
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    for i, choice in enumerate(got.choices):
+        alone = _completion(colocated, seed=11 + i, **body).choices[0]
+        assert (choice.text, choice.finish_reason) == (alone.text, alone.finish_reason), i
+    assert len({c.text for c in got.choices}) == 3  # seeds differ, so do the answers
+    assert got.usage is not None
+    assert got.usage.completion_tokens == 30
+    assert got.usage.prompt_tokens == _completion(colocated, **body).usage.prompt_tokens  # counted once
+
+
+def test_n_choices_stream_each_with_its_own_index_role_and_finish(p2p: Any) -> None:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": LONG_PROMPT}],
+        "max_tokens": 8,
+        "temperature": 0.8,
+        "seed": 3,
+        "n": 2,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "extra_body": {"ignore_eos": True},
+    }
+    client = _client(p2p)
+    whole = client.chat.completions.create(**body)
+    text = {0: "", 1: ""}
+    roles, finishes, logprobs = [], [], {0: 0, 1: 0}
+    for chunk in client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.role:
+                roles.append(c.index)
+            text[c.index] += c.delta.content or ""
+            if c.logprobs and c.logprobs.content:
+                logprobs[c.index] += len(c.logprobs.content)
+            if c.finish_reason:
+                finishes.append(c.index)
+    assert sorted(roles) == [0, 1] and sorted(finishes) == [0, 1]
+    assert [text[0], text[1]] == [c.message.content for c in whole.choices]
+    assert logprobs == {0: 8, 1: 8}
+    assert usage.completion_tokens == whole.usage.completion_tokens == 16  # type: ignore[union-attr]
+
+
+def test_n_choices_echo_the_prompt_and_its_logprobs_in_each(p2p: Any) -> None:
+    body = {
+        "max_tokens": 4,
+        "temperature": 1.0,
+        "echo": True,
+        "logprobs": 1,
+        "extra_body": {"ignore_eos": True},
+    }
+    got = _completion(p2p, n=2, seed=5, **body)
+    for choice in got.choices:
+        assert choice.text.startswith(PROMPT)
+        lp = choice.logprobs
+        assert lp is not None and lp.token_logprobs is not None
+        assert lp.token_logprobs[0] is None  # the prompt's first token has none
+        assert all(v is not None for v in lp.token_logprobs[1:])
+    prompt_part = [c.logprobs.token_logprobs[:-4] for c in got.choices]  # type: ignore[union-attr]
+    assert prompt_part[0] == prompt_part[1]

@@ -1,0 +1,236 @@
+"""A prefill and a decode vLLM server with pdorch's connector (plus a KV broker), and the engine
+adapters that drive them exactly as worker agents do: what the vLLM P/D tests share."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pdorch.launcher import ClusterSpec, LocalCluster
+from tests.vllm_support.environment import free_port
+from tests.vllm_support.processes import VllmServer, wait_healthy
+from transport.messages import (
+    DecodeJob,
+    FinishReason,
+    FromWorker,
+    GenerateJob,
+    KvLoaded,
+    KvMode,
+    KvRoute,
+    PrefillJob,
+    Role,
+    SamplingParams,
+    TokenOutput,
+)
+from transport.security.key_set import KV_BROKER, KeySet
+from transport.security.keys import read_public
+from workers.engines.vllm.engine import VllmEngine
+from workers.engines.vllm.launch import VllmLaunchSpec
+from workers.models.catalog import RANDOM_MODEL
+
+
+@dataclass
+class Cluster:
+    prefill: VllmServer
+    decode: VllmServer
+    model_dir: Path
+    kv_endpoint: str
+    broker: str
+    keys: KeySet
+    prompts: list[list[int]] = field(default_factory=list)
+
+    def route(self, mode: str, tid: str, endpoint: str = "") -> KvRoute:
+        """As the scheduler names it: in the prefill side's scope, pinning the server's key."""
+        p2p = mode == KvMode.P2P
+        server = "decode-0" if p2p else KV_BROKER
+        key = read_public(self.keys.trusted_dir / f"{server}.pub").public
+        endpoint = endpoint or (self.kv_endpoint if p2p else self.broker)
+        return KvRoute(KvMode(mode), endpoint, f"prefill-0/{tid}", key)
+
+
+def _start_broker(port: int, log_dir: Path, keys: KeySet) -> subprocess.Popen[bytes]:
+    log = (log_dir / "kv-broker.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pdorch", "kv-broker", "--bind", f"tcp://127.0.0.1:{port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **keys.env(KV_BROKER)},
+    )
+
+
+@contextmanager
+def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Iterator[Cluster]:
+    """Both servers (one core each) and a broker, healthy; stopped by PID on the way out. Each
+    has the CURVE keys of the party it stands for (named as the agents pdorch_in_front puts in
+    front of them: the same keys serve both)."""
+    kv_port, broker_port = free_port(), free_port()
+    keys = KeySet.create(work / "keys", {"prefill-0": (), "decode-0": ()})
+    common: dict = {"model_dir": str(model_dir), **spec}
+    prefill = VllmServer(
+        "prefill",
+        VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common),
+        python=python,
+        log_dir=work,
+        env=keys.env("prefill-0"),
+    )
+    decode = VllmServer(
+        "decode",
+        VllmLaunchSpec(
+            port=free_port(), role=Role.DECODE, cpu_cores="1", kv_bind=f"tcp://127.0.0.1:{kv_port}", **common
+        ),
+        python=python,
+        log_dir=work,
+        env=keys.env("decode-0"),
+    )
+    broker = _start_broker(broker_port, work, keys)
+    try:
+        wait_healthy([prefill, decode], timeout_s=420)
+        yield Cluster(
+            prefill, decode, model_dir, f"tcp://127.0.0.1:{kv_port}", f"tcp://127.0.0.1:{broker_port}", keys
+        )
+    finally:
+        for server in (prefill, decode):
+            server.stop()
+        broker.terminate()
+        broker.wait(timeout=10)
+
+
+class Collector:
+    """The ``emit`` side of an engine: everything it reported, per request."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = defaultdict(list)
+        self.finish: dict[str, FinishReason | None] = {}
+        self.kv_loaded: set[str] = set()
+        self.first_token: dict[str, int] = {}
+        self.order: list[FromWorker] = []
+
+    def __call__(self, msg: FromWorker) -> None:
+        self.order.append(msg)
+        if isinstance(msg, TokenOutput):
+            assert msg.request_id not in self.finish, "tokens after the finish"
+            self.tokens[msg.request_id] += msg.token_ids
+            if msg.finish_reason is not None:
+                self.finish[msg.request_id] = msg.finish_reason
+        elif isinstance(msg, KvLoaded):
+            self.kv_loaded.add(msg.request_id)
+            self.first_token[msg.request_id] = msg.first_token
+
+
+@dataclass
+class Engines:
+    prefill: VllmEngine
+    decode: VllmEngine
+    p_out: Collector
+    d_out: Collector
+
+
+@asynccontextmanager
+async def pd_engines(cluster: Cluster) -> AsyncIterator[Engines]:
+    p_out, d_out = Collector(), Collector()
+    prefill = VllmEngine(cluster.prefill.url, model_dir=str(cluster.model_dir), metrics_interval_s=0.2)
+    decode = VllmEngine(
+        cluster.decode.url,
+        model_dir=str(cluster.model_dir),
+        metrics_interval_s=0.2,
+        kv_endpoint=cluster.kv_endpoint,
+    )
+    await prefill.start(p_out)
+    await decode.start(d_out)
+    try:
+        yield Engines(prefill, decode, p_out, d_out)
+    finally:
+        await prefill.close()
+        await decode.close()
+
+
+async def colocated(
+    engine: VllmEngine, out: Collector, rid: str, prompt: list[int], s: SamplingParams
+) -> list[int]:
+    await engine.generate(GenerateJob(rid, prompt, s))
+    return out.tokens[rid]
+
+
+async def disaggregated(
+    e: Engines,
+    rid: str,
+    prompt: list[int],
+    s: SamplingParams,
+    route: KvRoute,
+    *,
+    decode_first: bool,
+    generated: int = 0,
+) -> list[int]:
+    prefill = PrefillJob(rid, prompt, s, route, deadline_s=60, generated=generated)
+    decode = DecodeJob(rid, prompt, s, route, deadline_s=60, generated=generated)
+    if decode_first:
+        await asyncio.gather(e.decode.decode(decode), e.prefill.prefill(prefill))
+    else:  # the decode job arrives after the KV was pushed
+        await e.prefill.prefill(prefill)
+        await e.decode.decode(decode)
+    first = e.p_out.tokens[rid]
+    assert len(first) == 1, "prefill emits exactly token 0"
+    assert rid in e.d_out.kv_loaded
+    assert e.d_out.first_token[rid] == first[0], "decode's token 0 (from the loaded KV) equals prefill's"
+    return first + e.d_out.tokens[rid]
+
+
+def route(mode: str, cluster: Cluster, tid: str) -> KvRoute:
+    return cluster.route(mode, tid)
+
+
+async def check_equality(cluster: Cluster, e: Engines, s: SamplingParams, tag: str, mode: str) -> None:
+    """Every prompt of ``cluster``: disaggregated (in ``mode``, all at once) == colocated."""
+    expected = [
+        await colocated(e.prefill, e.p_out, f"{tag}-c{i}", p, s) for i, p in enumerate(cluster.prompts)
+    ]
+    got = await asyncio.gather(
+        *(
+            disaggregated(
+                e,
+                f"{tag}-{mode}{i}",
+                p,
+                s,
+                route(mode, cluster, f"{tag}-{mode}-{i}"),
+                decode_first=i % 2 == 0,
+            )
+            for i, p in enumerate(cluster.prompts)
+        )
+    )
+    for i, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert have == want, f"prompt {i} ({len(cluster.prompts[i])} tokens): {have} != {want}"
+
+
+@contextmanager
+def pdorch_in_front(cluster: Cluster, kv_mode: str, log_dir: Path) -> Iterator[LocalCluster]:
+    """pdorch's scheduler and two worker agents (``pdorch worker --engine vllm``) in front of the
+    pair's servers, in one KV mode."""
+    model = ["--engine", "vllm", "--model-dir", str(cluster.model_dir)]
+    spec = ClusterSpec(
+        port=0,
+        kv_mode=kv_mode,
+        log_dir=log_dir,
+        log_level="WARNING",
+        keys_dir=cluster.keys.directory,
+        # The workers' engine and model come from their own arguments: the launcher only spawns
+        # agents here (the vLLM servers already run), so its model choice is left at the one that
+        # needs nothing.
+        model=RANDOM_MODEL,
+        per_worker_args={
+            "prefill-0": [*model, "--vllm-url", cluster.prefill.url],
+            "decode-0": [*model, "--vllm-url", cluster.decode.url, "--kv-advertise", cluster.kv_endpoint],
+        },
+    )
+    stack = LocalCluster(spec)
+    try:
+        stack.start(timeout_s=120)
+        yield stack
+    finally:
+        stack.stop()
