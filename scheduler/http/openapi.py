@@ -15,7 +15,12 @@ from aiohttp import web
 
 from scheduler.http import response_shapes as r
 from scheduler.http.openai import HINT_HEADER
-from scheduler.http.openai_schema import ChatCompletionRequest, CompletionRequest
+from scheduler.http.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 _REF = "#/components/schemas/{name}"
 
@@ -72,8 +77,39 @@ def _generation(summary: str, request: type, response: type, example: dict[str, 
     }
 
 
-def _get(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
-    return {"get": {"summary": summary, "responses": responses}}
+# The error statuses of /tokenize and /detokenize.
+_TOKENIZER_ERRORS = {
+    "400": "malformed request (neither or both of prompt and messages; a token outside the vocabulary)",
+    "401": "missing or wrong API key (when the scheduler has api_keys)",
+    "404": "unknown model",
+    "408": "the request body did not arrive in time",
+    "503": "no worker is registered yet",
+}
+
+
+def _tokenizer(summary: str, request: type, response: type, example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request), "example": example}},
+            },
+            "responses": {
+                "200": _ok(response),
+                **{code: _error(why) for code, why in _TOKENIZER_ERRORS.items()},
+            },
+        }
+    }
+
+
+def _get(
+    summary: str, responses: dict[str, Any], parameters: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if parameters:
+        operation["parameters"] = parameters
+    return {"get": operation}
 
 
 @functools.cache
@@ -84,7 +120,12 @@ def document() -> dict[str, Any]:
         r.ErrorResponse,
         r.Completion,
         r.ChatCompletion,
+        TokenizeRequest,
+        DetokenizeRequest,
         r.ModelList,
+        r.Model,
+        r.Tokens,
+        r.Text,
         r.ClusterState,
         r.Health,
         r.Readiness,
@@ -117,7 +158,31 @@ def document() -> dict[str, Any]:
                 r.ChatCompletion,
                 {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
             ),
-            "/v1/models": _get("The models the registered workers serve", {"200": _ok(r.ModelList)}),
+            "/v1/models": _get(
+                "The models the registered workers serve",
+                {"200": _ok(r.ModelList), "401": _error(_GENERATION_ERRORS["401"])},
+            ),
+            "/v1/models/{model_id}": _get(
+                "One model the registered workers serve",
+                {
+                    "200": _ok(r.Model),
+                    "401": _error(_GENERATION_ERRORS["401"]),
+                    "404": _error("no registered worker serves it"),
+                },
+                [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            ),
+            "/tokenize": _tokenizer(
+                "vLLM's /tokenize: the token ids a prompt or chat is sent to the model as",
+                TokenizeRequest,
+                r.Tokens,
+                {"model": model, "prompt": "Hello, pdorch"},
+            ),
+            "/detokenize": _tokenizer(
+                "vLLM's /detokenize: the text of token ids",
+                DetokenizeRequest,
+                r.Text,
+                {"model": model, "tokens": [72, 105]},
+            ),
             "/v1/cluster": _get("Workers, their load, admission", {"200": _ok(r.ClusterState)}),
             "/health": _get("The scheduler process serves HTTP", {"200": _ok(r.Health)}),
             "/ready": _get(

@@ -35,12 +35,48 @@ class Usage(msgspec.Struct):
     prompt_tokens_details: CachedTokens | None = None
 
 
+class CompletionLogprobs(msgspec.Struct):
+    """One entry per token (with echo, the prompt's first; its very first has None)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    content: list[ChatLogprob]
+
+
+class PromptLogprob(msgspec.Struct):
+    logprob: float
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: None for the first prompt token, then token id -> its log-probability.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     token_ids: list[int] | None = None  # with return_token_ids
+    prompt_logprobs: PromptLogprobs | None = None  # with prompt_logprobs (and no echo)
 
 
 class Completion(msgspec.Struct):
@@ -61,8 +97,9 @@ class ChatChoice(msgspec.Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None
+    logprobs: ChatLogprobs | None
     token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct):
@@ -84,6 +121,20 @@ class Model(msgspec.Struct):
 class ModelList(msgspec.Struct):
     object: Literal["list"]
     data: list[Model]
+
+
+class Tokens(msgspec.Struct):
+    """vLLM's /tokenize answer."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class Text(msgspec.Struct):
+    """vLLM's /detokenize answer."""
+
+    prompt: str
 
 
 class Health(msgspec.Struct):

@@ -52,12 +52,21 @@ def _response_schema(path: str, method: str, status: int, content_type: str) -> 
 
 
 async def _check(
-    s: aiohttp.ClientSession, cluster: LocalCluster, method: str, path: str, expect: int, **kwargs: Any
+    s: aiohttp.ClientSession,
+    cluster: LocalCluster,
+    method: str,
+    path: str,
+    expect: int,
+    *,
+    template: str = "",
+    **kwargs: Any,
 ) -> Any:
+    """``template``: the documented path ``path`` is an instance of (default: ``path`` itself)."""
     async with s.request(method, cluster.url + path, **kwargs) as r:
         body = await (r.json() if r.content_type == "application/json" else r.text())
         assert r.status == expect, body
-        _validator(_response_schema(path, method.lower(), r.status, r.content_type)).validate(body)
+        schema = _response_schema(template or path, method.lower(), r.status, r.content_type)
+        _validator(schema).validate(body)
         return body
 
 
@@ -67,12 +76,26 @@ async def test_real_answers_match_the_document(p2p: LocalCluster) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
         served = await _check(s, p2p, "GET", "/openapi.json", 200)
         assert served == document()
-        await _check(s, p2p, "POST", "/v1/completions", 200, json=completion)
-        await _check(s, p2p, "POST", "/v1/completions", 200, json={**completion, "return_token_ids": True})
-        await _check(s, p2p, "POST", "/v1/chat/completions", 200, json=chat)
-        await _check(s, p2p, "POST", "/v1/completions", 200, json={**completion, "stream": True})
-        await _check(s, p2p, "POST", "/v1/completions", 400, json={**completion, "n": 2})
+        for body in (
+            completion,
+            {**completion, "return_token_ids": True, "n": 2, "seed": 1},
+            {**completion, "logprobs": 2},
+            {**completion, "logprobs": 1, "echo": True, "max_tokens": 1},
+            {**completion, "prompt_logprobs": 1, "presence_penalty": 0.5, "logit_bias": {"7": -1.0}},
+            {**completion, "stream": True},
+        ):
+            await _check(s, p2p, "POST", "/v1/completions", 200, json=body)
+        for body in (chat, {**chat, "logprobs": True, "top_logprobs": 2}, {**chat, "prompt_logprobs": 0}):
+            await _check(s, p2p, "POST", "/v1/chat/completions", 200, json=body)
+        await _check(s, p2p, "POST", "/v1/completions", 400, json={**completion, "suffix": "x"})
         await _check(s, p2p, "POST", "/v1/completions", 400, data=b"[" * 100 + b"]" * 100)
         await _check(s, p2p, "POST", "/v1/chat/completions", 404, json={**chat, "model": "nope"})
+        tokens = await _check(s, p2p, "POST", "/tokenize", 200, json={"model": MODEL, "prompt": "Hello"})
+        await _check(s, p2p, "POST", "/tokenize", 200, json={"model": MODEL, "messages": chat["messages"]})
+        await _check(s, p2p, "POST", "/tokenize", 400, json={"model": MODEL})
+        await _check(s, p2p, "POST", "/detokenize", 200, json={"model": MODEL, "tokens": tokens["tokens"]})
+        await _check(s, p2p, "POST", "/detokenize", 404, json={"model": "nope", "tokens": [1]})
+        await _check(s, p2p, "GET", f"/v1/models/{MODEL}", 200, template="/v1/models/{model_id}")
+        await _check(s, p2p, "GET", "/v1/models/nope", 404, template="/v1/models/{model_id}")
         for path in ("/v1/models", "/v1/cluster", "/health", "/ready", "/metrics"):
             await _check(s, p2p, "GET", path, 200)
