@@ -50,12 +50,18 @@ def test_rbac_is_least_privilege(objects: list[Obj]) -> None:
     assert by_kind(objects, "ClusterRole") == [] and by_kind(objects, "ClusterRoleBinding") == []
     (role,) = by_kind(objects, "Role")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): sorted(r["verbs"]) for r in role["rules"]}
+    # Exactly the calls the scheduler makes: list_namespaced_pod (and its watch), the LWS scale
+    # subresource's get and patch. Nothing else, nothing wider.
     assert rules == {
-        (("",), ("pods",)): ["get", "list", "watch"],
-        (("leaderworkerset.x-k8s.io",), ("leaderworkersets",)): ["get", "list", "watch"],
-        (("leaderworkerset.x-k8s.io",), ("leaderworkersets/scale",)): ["get", "patch", "update"],
+        (("",), ("pods",)): ["list", "watch"],
+        (("leaderworkerset.x-k8s.io",), ("leaderworkersets/scale",)): ["get", "patch"],
     }
     assert all("resourceNames" not in r and "nonResourceURLs" not in r for r in role["rules"])
+    assert _kubernetes_calls() == {
+        "list_namespaced_pod",
+        "get_namespaced_custom_object_scale",
+        "patch_namespaced_custom_object_scale",
+    }, "the scheduler calls another Kubernetes API: grant it in rbac.yaml (and nothing more)"
 
     (binding,) = by_kind(objects, "RoleBinding")
     assert binding["roleRef"] == {
@@ -66,6 +72,18 @@ def test_rbac_is_least_privilege(objects: list[Obj]) -> None:
     deployment = one(objects, "Deployment", "pdorch-scheduler")
     account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+
+
+def _kubernetes_calls() -> set[str]:
+    """The Kubernetes client methods the scheduler's code calls (``<verb>_namespaced_...``)."""
+    root = Path(__file__).resolve().parents[2] / "scheduler"
+    pattern = re.compile(
+        r"\.((?:list|get|watch|patch|replace|create|delete|read)_[a-z_]*namespaced[a-z_]*)\("
+    )
+    calls: set[str] = set()
+    for path in root.rglob("*.py"):
+        calls.update(pattern.findall(path.read_text()))
+    return calls
 
 
 def test_worker_pods_get_no_api_credentials(objects: list[Obj]) -> None:
