@@ -2,7 +2,11 @@
 
 Hands off the KV of a Llama-3-8B-shaped request (32 layers of ``[T, 2, 8, 128]`` fp16: 128 KiB
 per token) at several prompt lengths, with the sender, the receiver and (centralized mode) the
-broker each in its own OS process, as in production. Baselines, measured in the same run:
+broker each in its own OS process, as in production. pdorch's KV plane runs as configured in
+production too: ``p2p`` and ``central`` with no authentication (the transport alone), ``p2p+auth``
+authenticated by ZAP without encrypting the payload (``kv_payload: plaintext``) and ``p2p+curve``
+CURVE-encrypted (``kv_payload: encrypted``), which is what authentication costs. Baselines, measured
+in the same run:
 
 - memcpy: ``np.copyto`` of the same bytes, layer by layer (the floor of any handoff);
 - raw pyzmq: a PUSH process sending the same frames (chunks of ``--chunk-mb``) with ``copy=False``
@@ -28,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -44,7 +49,8 @@ from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
 from transport.kv.receive_buffers import keep_receive_buffers
 from transport.messages import KvMode, KvRoute
-from transport.security import Security
+from transport.security import KvPayload, Security, SecurityConfig
+from transport.security.key_set import KeySet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 32
@@ -76,17 +82,36 @@ async def recv_command(conn: Connection) -> Any:
 # ----------------------------------------------------------------------------- pdorch processes
 
 
+class Party(NamedTuple):
+    """Who a bench process is on the KV plane: a key of a key set, and the payload mode."""
+
+    keys_dir: str
+    name: str
+    payload: str
+
+
+def security_of(party: Party | None) -> Security:
+    if party is None:
+        return Security.insecure()
+    keys = KeySet(Path(party.keys_dir))
+    cfg = SecurityConfig(
+        key_file=str(keys.key_file(party.name)),
+        trusted_keys=str(keys.trusted_dir),
+        kv_payload=KvPayload(party.payload),
+    )
+    return Security.load(cfg)
+
+
 class DiscardSink:
     def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
         pass
 
 
-def receiver_process(conn: Connection, window_mb: int) -> None:
+def receiver_process(conn: Connection, window_mb: int, party: Party | None) -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
-        receiver = KvReceiver(
-            ctx, security=Security.insecure(), bind="tcp://127.0.0.1:0", window_bytes=window_mb * MIB
-        )
+        security = security_of(party)
+        receiver = KvReceiver(ctx, security=security, bind="tcp://127.0.0.1:0", window_bytes=window_mb * MIB)
         await receiver.start()
         conn.send(receiver.endpoint)
         sinks: dict[int, ArraySink] = {}
@@ -106,15 +131,19 @@ def receiver_process(conn: Connection, window_mb: int) -> None:
             digest = checksum(sink.layers) if kind == "verify" else 0
             conn.send((done, digest))
         await receiver.close()
+        security.close()
         ctx.destroy(linger=0)
 
     run_loop(main)
 
 
-def sender_process(conn: Connection, chunk_mb: int) -> None:
+def sender_process(conn: Connection, chunk_mb: int, party: Party | None, server_key: str) -> None:
+    """``server_key``: the receiver's public key, pinned as the scheduler's routes do."""
+
     async def main() -> None:
         ctx = zmq.asyncio.Context()
-        sender = KvSender(ctx, security=Security.insecure(), max_chunk_bytes=chunk_mb * MIB)
+        security = security_of(party)
+        sender = KvSender(ctx, security=security, max_chunk_bytes=chunk_mb * MIB)
         data: dict[int, np.ndarray] = {}
         conn.send("up")
         while (cmd := await recv_command(conn)) is not None:
@@ -126,7 +155,7 @@ def sender_process(conn: Connection, chunk_mb: int) -> None:
             await recv_command(conn)  # go
             start = time.perf_counter()
             stream = await sender.open(
-                KvRoute(mode, endpoint, tid),
+                KvRoute(mode, endpoint, tid, server_key if mode == "p2p" else ""),
                 num_layers=LAYERS,
                 rows_per_layer=tokens,
                 row_shape=ROW_SHAPE,
@@ -138,6 +167,7 @@ def sender_process(conn: Connection, chunk_mb: int) -> None:
             await stream.finish({"first_token": 1})
             conn.send((start, time.perf_counter()))
         await sender.close()
+        security.close()
         ctx.destroy(linger=0)
 
     run_loop(main)
@@ -289,7 +319,8 @@ def kv_run(kv: Pair, tokens: int, tid: str, kind: str, endpoint: str, broker: st
 
 
 def start_broker(window_mb: int) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "transport.kv.broker_cli", "--bind", "tcp://127.0.0.1:0"]
+    # The transport alone (the authenticated modes are measured p2p).
+    command = [sys.executable, "-m", "transport.kv.broker_cli", "--bind", "tcp://127.0.0.1:0", "--insecure"]
     command += [
         "--capacity-mb",
         "4096",
@@ -309,12 +340,38 @@ def start_broker(window_mb: int) -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" ", 1)[1].strip()
 
 
-METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central")
-WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 7, 7, 7, 7, 7)
+METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central", "p2p+auth", "p2p+curve")
+WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 13, 13, 7, 7, 7, 7, 7, 7, 7)
+SENDER, RECEIVER = "bench-prefill", "bench-decode"
+
+
+class Secured(NamedTuple):
+    """A sending and receiving pair authenticated on the KV plane, and the receiver's endpoint."""
+
+    pair: Pair
+    endpoint: str
+    scope: str  # transfer ids start with it: the sender's key name
+
+
+def secured_pair(keys: KeySet, payload: KvPayload, window_mb: int, chunk_mb: int) -> Secured:
+    proc, conn = spawn(receiver_process, window_mb, Party(str(keys.directory), RECEIVER, payload.value))
+    endpoint = conn.recv()
+    server_key = keys.public_key(RECEIVER)
+    sender = spawn(sender_process, chunk_mb, Party(str(keys.directory), SENDER, payload.value), server_key)
+    pair = Pair((proc, conn), sender)
+    assert pair.tx.recv() == "up"
+    return Secured(pair, endpoint, SENDER + "/")
 
 
 def measure_size(
-    tokens: int, repeats: int, raw: Pair, kv: Pair, kv_endpoint: str, broker: str, broker_pid: int
+    tokens: int,
+    repeats: int,
+    raw: Pair,
+    kv: Pair,
+    kv_endpoint: str,
+    broker: str,
+    broker_pid: int,
+    secured: dict[str, Secured],
 ) -> dict[str, list[Sample]]:
     """Every method once per round, rounds repeated: a burst of load elsewhere hits all methods alike."""
     src = make_layers(tokens)
@@ -326,6 +383,8 @@ def measure_size(
     raw_run(raw, tokens, work=True)
     kv_run(kv, tokens, f"warm-p2p-{tokens}", "verify", kv_endpoint, "", kv.pids)
     kv_run(kv, tokens, f"warm-central-{tokens}", "verify", broker, broker, [*kv.pids, broker_pid])
+    for m, sec in secured.items():
+        kv_run(sec.pair, tokens, f"{sec.scope}warm-{m}-{tokens}", "verify", sec.endpoint, "", sec.pair.pids)
     for r in range(repeats):
         samples["memcpy"].append(memcpy_run(src, dst))
         samples["raw"].append(raw_run(raw, tokens))
@@ -336,6 +395,9 @@ def measure_size(
         )
         central_pids = [*kv.pids, broker_pid]
         samples["central"].append(kv_run(kv, tokens, f"c-{tokens}-{r}", "copy", broker, broker, central_pids))
+        for m, sec in secured.items():
+            tid = f"{sec.scope}{m}-{tokens}-{r}"
+            samples[m].append(kv_run(sec.pair, tokens, tid, "copy", sec.endpoint, "", sec.pair.pids))
     return samples
 
 
@@ -350,21 +412,29 @@ def main(argv: list[str] | None = None) -> int:
     proc, conn = spawn(raw_receiver_process)
     raw = Pair((proc, conn), spawn(raw_sender_process, conn.recv(), args.chunk_mb))
     assert raw.tx.recv() == "up"
-    proc, conn = spawn(receiver_process, args.window_mb)
+    proc, conn = spawn(receiver_process, args.window_mb, None)
     kv_endpoint = conn.recv()
-    kv = Pair((proc, conn), spawn(sender_process, args.chunk_mb))
+    kv = Pair((proc, conn), spawn(sender_process, args.chunk_mb, None, ""))
     assert kv.tx.recv() == "up"
     broker_proc, broker = start_broker(args.window_mb)
+    keys_dir = tempfile.TemporaryDirectory(prefix="pdorch-bench-keys-")
+    keys = KeySet.create(Path(keys_dir.name) / "keys", {SENDER: (), RECEIVER: ()})
+    secured = {
+        "p2p+auth": secured_pair(keys, KvPayload.PLAINTEXT, args.window_mb, args.chunk_mb),
+        "p2p+curve": secured_pair(keys, KvPayload.ENCRYPTED, args.window_mb, args.chunk_mb),
+    }
 
     print("KV handoff of a Llama-3-8B-shaped request (32 layers x [T, 2, 8, 128] fp16, 128 KiB/token);")
     print(f"chunks of {args.chunk_mb} MiB, window {args.window_mb} MiB, best of {args.repeats} rounds.")
     print("GB/s (x = ratio to raw pyzmq); CPU seconds per GiB summed over the processes involved (median).")
     head = ["tokens", "MiB", "memcpy", "raw zmq", "raw+work", "p2p", "p2p-discard", "central"]
-    head += ["cpu:raw", "r+work", "p2p", "discard", "central"]
+    head += ["p2p+auth", "p2p+curve", "cpu:raw", "r+work", "p2p", "discard", "central", "+auth", "+curve"]
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS, strict=True)))
     try:
         for tokens in args.tokens:
-            samples = measure_size(tokens, args.repeats, raw, kv, kv_endpoint, broker, broker_proc.pid)
+            samples = measure_size(
+                tokens, args.repeats, raw, kv, kv_endpoint, broker, broker_proc.pid, secured
+            )
             gib = tokens * TOKEN_BYTES / 2**30
             rate = {m: tokens * TOKEN_BYTES / min(s.seconds for s in samples[m]) / 1e9 for m in METHODS}
             cpu = {m: statistics.median(s.cpu_seconds for s in samples[m]) / gib for m in METHODS}
@@ -376,13 +446,19 @@ def main(argv: list[str] | None = None) -> int:
             ]
             cells += [
                 f"{rate[m]:.2f} ({rate[m] / rate['raw']:.2f}x)"
-                for m in ("raw+work", "p2p", "p2p-discard", "central")
+                for m in ("raw+work", "p2p", "p2p-discard", "central", "p2p+auth", "p2p+curve")
             ]
-            cells += [f"{cpu[m]:.2f}" for m in ("raw", "raw+work", "p2p", "p2p-discard", "central")]
+            cells += [
+                f"{cpu[m]:.2f}"
+                for m in ("raw", "raw+work", "p2p", "p2p-discard", "central", "p2p+auth", "p2p+curve")
+            ]
             print(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS, strict=True)), flush=True)
     finally:
         raw.stop()
         kv.stop()
+        for sec in secured.values():
+            sec.pair.stop()
+        keys_dir.cleanup()
         broker_proc.terminate()
         broker_proc.wait(30)
     return 0

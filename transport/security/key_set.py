@@ -15,7 +15,15 @@ import secrets
 from pathlib import Path
 
 from transport.security.config import ENV
-from transport.security.keys import PUBLIC_SUFFIX, SECRET_SUFFIX, KeyKind, KeyPair, generate, write_keypair
+from transport.security.keys import (
+    PUBLIC_SUFFIX,
+    SECRET_SUFFIX,
+    KeyKind,
+    KeyPair,
+    generate,
+    read_public,
+    write_keypair,
+)
 from transport.security.trusted import KV_PASSWORD_FILE
 
 SCHEDULER = "scheduler"
@@ -54,6 +62,10 @@ class KeySet:
         """Remove a party's public key from the trusted set: its new connections are refused, and
         the scheduler drops its workers."""
         (self.trusted_dir / f"{name}{PUBLIC_SUFFIX}").unlink(missing_ok=True)
+
+    def public_key(self, name: str) -> str:
+        """Party ``name``'s public key (Z85), as its clients pin it."""
+        return read_public(self.trusted_dir / f"{name}{PUBLIC_SUFFIX}").public
 
     def key_file(self, name: str) -> Path:
         return self.directory / f"{name}{SECRET_SUFFIX}"
