@@ -82,6 +82,9 @@ def _open_fds(pid: int) -> int:
 
 
 async def test_connections_that_never_finish_their_headers(guarded: LocalCluster) -> None:
+    """500 connections from one address that never finish their headers: its share is held (until
+    the header timeout, then closed by the server), the rest refused at once; everyone else is
+    served meanwhile."""
     port = int(guarded.url.rsplit(":", 1)[1])
     scheduler = guarded.procs["scheduler"].pid
     baseline = _open_fds(scheduler)
@@ -91,42 +94,32 @@ async def test_connections_that_never_finish_their_headers(guarded: LocalCluster
         writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: pdorch\r\nContent-Type: application/json\r\n")
         held.append((reader, writer))
 
-    async def first_answer(reader: asyncio.StreamReader) -> bytes | None:
+    async def outcome(reader: asyncio.StreamReader) -> bytes:
+        """What the server did: answered (refused), reset, or closed without a word (b"")."""
         try:
-            return await asyncio.wait_for(reader.read(1000), 0.5)
-        except TimeoutError:
-            return None  # held open, waiting for the rest of its headers
+            return await asyncio.wait_for(reader.read(), HEADER_TIMEOUT_S + 60)
         except ConnectionResetError:
             return b"reset"  # refused while many refusals were already waiting to be read
 
-    answers = await asyncio.gather(*(first_answer(reader) for reader, _ in held))
-    answered = [a for a in answers if a is not None and a.startswith(b"HTTP/1.1 429")]
-    assert len(answered) + answers.count(b"reset") == 500 - PER_CLIENT
-    assert answers.count(None) == PER_CLIENT
-    assert answered and all(b'"code":"too_many_connections"' in a for a in answered)
-    await asyncio.sleep(0.5)  # refused connections linger a moment, so that their answer arrives
-    assert _open_fds(scheduler) <= baseline + PER_CLIENT + 8
-    pending = [held[i] for i, a in enumerate(answers) if a is None]
-    # Everyone else is served meanwhile.
-    started = time.monotonic()
-    results = await _legitimate(guarded, 12)
+    # Everyone else is served while the attacker's connections are open.
+    outcomes, results = await asyncio.gather(
+        asyncio.gather(*(outcome(reader) for reader, _ in held)), _legitimate(guarded, 12)
+    )
     assert all(r["choices"][0]["token_ids"] for r in results)
-
-    # The held connections are closed by the server at the header timeout, not kept.
-    async def closed_by_server(reader: asyncio.StreamReader) -> bool:
-        try:
-            return await asyncio.wait_for(reader.read(), HEADER_TIMEOUT_S + 10) == b""
-        except (TimeoutError, ConnectionError):
-            return False
-
-    assert all(await asyncio.gather(*(closed_by_server(reader) for reader, _ in pending)))
-    assert time.monotonic() - started < HEADER_TIMEOUT_S + 10
+    refused = [a for a in outcomes if a.startswith(b"HTTP/1.1 429")]
+    assert refused and all(b'"code":"too_many_connections"' in a for a in refused)
+    assert len(refused) + outcomes.count(b"reset") == 500 - PER_CLIENT
+    # Its share was held, and closed by the server at the header timeout (not kept).
+    assert outcomes.count(b"") == PER_CLIENT
     for _, writer in held:
         writer.close()
-    assert _open_fds(scheduler) <= baseline + 4
+    deadline = time.monotonic() + 30
+    while _open_fds(scheduler) > baseline + 4:
+        assert time.monotonic() < deadline, "the scheduler kept the attacker's descriptors"
+        await asyncio.sleep(0.1)
     async with aiohttp.ClientSession() as s:
-        refused = await metric(s, guarded.url, "pdorch_http_connections_refused_total", limit="per_client")
-    assert refused >= 500 - PER_CLIENT
+        count = await metric(s, guarded.url, "pdorch_http_connections_refused_total", limit="per_client")
+    assert count >= 500 - PER_CLIENT
 
 
 async def test_a_body_that_never_arrives_is_a_408(guarded: LocalCluster) -> None:
