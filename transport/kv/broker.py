@@ -12,8 +12,8 @@ transfer; the first to acknowledge deletes it.
 Every peer's share is bounded (a peer is one connection; with authentication, only holders of a
 trusted key get one): a sender may hold ``max_sender_bytes`` of the store, a transfer it began must
 bring its first chunk within ``first_chunk_s`` and never go quiet for ``idle_s`` (else it is failed
-and its bytes freed at once, not at the TTL), a fetch waits at most ``max_fetch_wait_s`` whatever it
-asks, and a peer may have ``max_fetches_per_peer`` fetches waiting or running
+and its bytes freed at once, not at the TTL), a fetch takes at most ``max_fetch_wait_s`` (waiting and
+streaming) whatever it asks, and a peer may have ``max_fetches_per_peer`` fetches waiting or running
 (``max_waiting_fetches`` waiting in all). With authentication a sender may only begin transfers in
 its own scope (``<its key name>/...``).
 """

@@ -49,7 +49,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--idle-s", type=float, default=10.0, help="free a transfer whose sender goes quiet this long"
     )
     parser.add_argument(
-        "--max-fetch-wait-s", type=float, default=60.0, help="longest a fetch waits for its transfer to begin"
+        "--max-fetch-wait-s",
+        type=float,
+        default=60.0,
+        help="longest a fetch may take (waiting for its transfer, then streaming it), whatever it asks",
     )
     parser.add_argument(
         "--max-fetches-per-peer", type=int, default=64, help="fetches one peer may have waiting or running"
