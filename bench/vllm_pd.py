@@ -84,8 +84,11 @@ async def _run_vllm(args: argparse.Namespace) -> None:
     common = {"model_dir": str(model_dir)}
     p_spec = VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common)
     d_spec = VllmLaunchSpec(port=free_port(), role=Role.DECODE, cpu_cores="1", kv_bind=kv, **common)
-    prefill = VllmServer("prefill", p_spec, python=python, log_dir=work)
-    decode = VllmServer("decode", d_spec, python=python, log_dir=work)
+    # The KV plane without authentication: what is measured is the transport (docs/benchmarks.md
+    # has what CURVE adds).
+    insecure = {"PDORCH_INSECURE": "1"}
+    prefill = VllmServer("prefill", p_spec, python=python, log_dir=work, env=insecure)
+    decode = VllmServer("decode", d_spec, python=python, log_dir=work, env=insecure)
     try:
         wait_healthy([prefill, decode], timeout_s=600)
         p_clock, d_clock = Clock(), Clock()

@@ -134,6 +134,8 @@ class Hello(msgspec.Struct, tag="hello", **_STRUCT):
     # Unused: it carried a shared control token before the planes were authenticated with CURVE
     # keys. Kept so that the fields after it (none yet) keep their positions.
     token: str = ""
+    # The LoRA adapters this worker serves (by name; each job may ask for one).
+    adapters: list[str] = []
 
 
 class Heartbeat(msgspec.Struct, tag="hb", **_STRUCT):
@@ -252,6 +254,8 @@ class PrefillJob(msgspec.Struct, tag="prefill", **_STRUCT):
     kv: KvRoute | None = None
     deadline_s: float = 60.0
     generated: int = 0
+    # A LoRA adapter the worker has loaded ("" = the base model); prefill and decode use the same.
+    adapter: str = ""
 
 
 class DecodeJob(msgspec.Struct, tag="decode", **_STRUCT):
@@ -263,6 +267,8 @@ class DecodeJob(msgspec.Struct, tag="decode", **_STRUCT):
     kv: KvRoute
     deadline_s: float = 60.0
     generated: int = 0
+    # A LoRA adapter the worker has loaded ("" = the base model); prefill and decode use the same.
+    adapter: str = ""
 
 
 class GenerateJob(msgspec.Struct, tag="generate", **_STRUCT):
@@ -273,6 +279,8 @@ class GenerateJob(msgspec.Struct, tag="generate", **_STRUCT):
     sampling: SamplingParams
     deadline_s: float = 60.0
     generated: int = 0
+    # A LoRA adapter the worker has loaded ("" = the base model); prefill and decode use the same.
+    adapter: str = ""
 
 
 class Cancel(msgspec.Struct, tag="cancel", **_STRUCT):

@@ -7,8 +7,9 @@ block. A partial last block gets no hash: only full blocks are ever shared.
 
 The hash depends on nothing but the token ids and the block size (not on Python's per-process
 ``hash()`` salt), so the scheduler and the engines compute the same keys: it lives here, in the one
-package both import. Each value is the digest read as a little-endian integer and shifted right by
-one bit, so it fits a signed 64-bit field.
+package both import. A ``salt`` (e.g. a LoRA adapter's identity) starts the chain elsewhere, so
+the same tokens under different salts never share a key. Each value is the digest read as a
+little-endian integer and shifted right by one bit, so it fits a signed 64-bit field.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import numpy as np
 from transport.errors import ErrorCode, PdorchError
 
 
-def prefix_block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int) -> list[int]:
+def prefix_block_hashes(
+    token_ids: Sequence[int] | np.ndarray, block_size: int, salt: bytes = b""
+) -> list[int]:
     """The chained hash of every full block of ``token_ids`` (``len(token_ids) // block_size`` of them)."""
     if block_size <= 0:
         raise PdorchError(ErrorCode.INTERNAL, f"block_size must be positive, got {block_size}")
     ids = np.asarray(token_ids, dtype="<i8")
     hashes: list[int] = []
-    parent = b""
+    parent = hashlib.blake2b(salt, digest_size=8).digest() if salt else b""
     for start in range(0, len(ids) - block_size + 1, block_size):
         digest = hashlib.blake2b(parent, digest_size=8)
         digest.update(ids[start : start + block_size].tobytes())

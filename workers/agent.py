@@ -192,6 +192,7 @@ class Agent:
             eos_token_id=info.eos_token_id,
             vocab_size=info.vocab_size,
             labels=self._cfg.labels,
+            adapters=list(info.adapters),
         )
 
     async def _session(self, backoff: Backoff) -> None:
@@ -291,6 +292,11 @@ class Agent:
             return
         if rid in self._jobs:
             self._send(JobError(rid, ErrorCode.INVALID_REQUEST, "duplicate request id"))
+            return
+        if job.adapter and job.adapter not in self._engine.info().adapters:
+            self._send(
+                JobError(rid, ErrorCode.MODEL_NOT_FOUND, f"adapter {job.adapter!r} is not served here")
+            )
             return
         if isinstance(job, PrefillJob):
             coro = self._engine.prefill(job)

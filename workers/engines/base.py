@@ -38,6 +38,8 @@ class EngineInfo(msgspec.Struct, frozen=True):
     # Set by engines that receive KV themselves (vLLM's connector); otherwise the agent's own
     # KV receiver endpoint is advertised.
     kv_endpoint: str = ""
+    # The LoRA adapters it can serve (a job naming another is refused by the agent).
+    adapters: tuple[str, ...] = ()
 
 
 class Engine(Protocol):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from workers.engines.base import Engine
 
@@ -32,6 +33,16 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         "--num-blocks", type=int, default=0, help="KV cache size in blocks (overrides the GiB)"
     )
     group.add_argument("--model-seed", type=int, default=0, help="weight seed of the random-weight model")
+    group.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve the LoRA adapter in PEFT directory DIR as NAME (repeatable)",
+    )
+    group.add_argument(
+        "--max-loras", type=int, default=4, help="LoRA adapters resident at once (LRU beyond; default 4)"
+    )
 
 
 def build(args: argparse.Namespace, kv_sender: KvSender | None, kv_receiver: KvReceiver | None) -> Engine:
@@ -55,7 +66,19 @@ def build(args: argparse.Namespace, kv_sender: KvSender | None, kv_receiver: KvR
         enable_prefix_caching=not args.no_prefix_caching,
         kv_sender=kv_sender,
         kv_receiver=kv_receiver,
+        adapters=_adapters(args.lora),
+        max_loras=args.max_loras,
     )
+
+
+def _adapters(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise PdorchError(ErrorCode.CONFIG, f"--lora takes NAME=DIR, got {spec!r}")
+        out[name] = path
+    return out
 
 
 def accelerator(args: argparse.Namespace) -> str:

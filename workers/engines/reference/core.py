@@ -45,6 +45,8 @@ from workers.engines.reference.inbox import EngineStats, RequestInbox
 from workers.engines.reference.kv_cache import PagedKvCache
 from workers.engines.reference.logits_processors import TokenHistory, needs_processing, process_logits
 from workers.engines.reference.logprobs import token_logprobs
+from workers.engines.reference.lora.adapter import LoraAdapter
+from workers.engines.reference.lora.slots import AdapterSlots
 from workers.engines.reference.model import LayerKvCallback, ReferenceModel
 from workers.engines.reference.prefix_cache import PrefixCache
 from workers.engines.reference.request_checks import (
@@ -77,6 +79,7 @@ class EngineCore:
         max_prefill_tokens_per_step: int = 512,
         enable_prefix_caching: bool = True,
         weights: ModelWeights | None = None,
+        max_loras: int = 4,
     ) -> None:
         if max_batch <= 0 or max_prefill_tokens_per_step <= 0:
             raise PdorchError(
@@ -92,6 +95,8 @@ class EngineCore:
         self.cache = PagedKvCache(cfg, num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks)
         self.prefix_cache = PrefixCache(self.allocator, block_size, enable_prefix_caching)
+        # LoRA adapters: known by name, at most ``max_loras`` resident (thread-safe).
+        self.adapters = AdapterSlots(cfg, max_loras)
         self._inbox = RequestInbox(self.prefix_cache)  # shared with other threads
         # Engine-thread state.
         self._waiting: deque[EngineSequence] = deque()
@@ -114,6 +119,7 @@ class EngineCore:
         on_layer: LayerKvCallback | None = None,
         *,
         generated: int = 0,
+        adapter: str = "",
     ) -> None:
         """Prefill only: KV per layer to ``on_layer``, emit the first token, then release the blocks.
 
@@ -122,13 +128,10 @@ class EngineCore:
         cache or computed by earlier chunks are gathered from the blocks). ``generated``: a resumed
         request, whose last ``generated`` prompt tokens are its own earlier output; the token
         emitted is then its output token ``generated`` (drawn as an uninterrupted run would).
+        ``adapter``: the name of a registered LoRA adapter the request runs with ("" = none).
         """
         prompt = check_prompt(self.config, prompt_token_ids, sampling, generated)
-        hashes = self._prefix_hashes(prompt, sampling)
-        kind = SequenceKind.PREFILL_ONLY
-        self._inbox.submit(
-            EngineSequence(request_id, kind, len(prompt), sampling, prompt, on_layer, hashes, generated)
-        )
+        self._submit(request_id, SequenceKind.PREFILL_ONLY, prompt, sampling, on_layer, generated, adapter)
 
     def add_generate(
         self,
@@ -137,19 +140,34 @@ class EngineCore:
         sampling: SamplingParams,
         *,
         generated: int = 0,
+        adapter: str = "",
     ) -> None:
-        """Colocated: prefill, then decode here until the request finishes (``generated`` as in
-        :meth:`add_prefill`)."""
+        """Colocated: prefill, then decode here until the request finishes (``generated`` and
+        ``adapter`` as in :meth:`add_prefill`)."""
         prompt = check_prompt(self.config, prompt_token_ids, sampling, generated)
-        hashes = self._prefix_hashes(prompt, sampling)
-        kind = SequenceKind.GENERATE
-        self._inbox.submit(
-            EngineSequence(request_id, kind, len(prompt), sampling, prompt, None, hashes, generated)
-        )
+        self._submit(request_id, SequenceKind.GENERATE, prompt, sampling, None, generated, adapter)
 
-    def _prefix_hashes(self, prompt: np.ndarray, sampling: SamplingParams) -> list[int]:
+    def _submit(
+        self,
+        request_id: str,
+        kind: SequenceKind,
+        prompt: np.ndarray,
+        sampling: SamplingParams,
+        on_layer: LayerKvCallback | None,
+        generated: int,
+        adapter_name: str,
+    ) -> None:
+        adapter = self.adapters.acquire(adapter_name) if adapter_name else None
         # Prompt logprobs need every position computed: no prefix served from the cache.
-        return [] if sampling.prompt_logprobs >= 0 else self.prefix_cache.hashes(prompt)
+        hashes = [] if sampling.prompt_logprobs >= 0 else self.prefix_cache.hashes(prompt, _salt(adapter))
+        seq = EngineSequence(
+            request_id, kind, len(prompt), sampling, prompt, on_layer, hashes, generated, adapter
+        )
+        try:
+            self._inbox.submit(seq)
+        except BaseException:
+            self._release(seq)
+            raise
 
     def reserve_decode(self, request_id: str, num_prompt_tokens: int) -> list[int]:
         """Allocate blocks for a handed-off prompt's KV plus the first fed token.
@@ -172,6 +190,7 @@ class EngineCore:
         prompt_token_ids: Sequence[int] | None = None,
         *,
         generated: int = 0,
+        adapter: str = "",
     ) -> None:
         """Start decoding from reserved blocks that hold the KV of positions [0, prompt_len).
 
@@ -180,24 +199,32 @@ class EngineCore:
         next sampled token has output index ``generated + 1``. With
         ``prompt_token_ids`` (the prompt whose KV the blocks hold) and prefix caching on, the
         prompt's full blocks join the prefix cache, so later prompts here can reuse them. On error
-        the reservation stays in place for :meth:`cancel`.
+        the reservation stays in place for :meth:`cancel`. ``adapter``: the LoRA adapter the
+        prefill side computed the KV with (the decode side must run the same one).
         """
         prompt = check_decode_start(
             self.config, request_id, prompt_len, first_token, sampling, prompt_token_ids, generated
         )
-        hashes = self.prefix_cache.hashes(prompt) if prompt is not None else []
-        seq = EngineSequence(request_id, SequenceKind.DECODE, prompt_len, sampling, output_offset=generated)
-        if sampling.penalized:
-            if prompt is None:
-                raise PdorchError(
-                    ErrorCode.INVALID_REQUEST, f"{request_id}: penalties need the prompt's token ids"
-                )
+        if sampling.penalized and prompt is None:
+            raise PdorchError(
+                ErrorCode.INVALID_REQUEST, f"{request_id}: penalties need the prompt's token ids"
+            )
+        lora = self.adapters.acquire(adapter) if adapter else None
+        hashes = self.prefix_cache.hashes(prompt, _salt(lora)) if prompt is not None else []
+        seq = EngineSequence(
+            request_id, SequenceKind.DECODE, prompt_len, sampling, output_offset=generated, adapter=lora
+        )
+        if sampling.penalized and prompt is not None:
             seq.history = TokenHistory.of_resumed(prompt.tolist(), generated)
             seq.history.add(first_token)
         seq.num_computed = prompt_len
         seq.num_generated = 1
         seq.last_token = first_token
-        self._inbox.start_decode(seq, hashes)
+        try:
+            self._inbox.start_decode(seq, hashes)
+        except BaseException:
+            self._release(seq)  # the adapter only: the reservation stays for cancel()
+            raise
 
     def cancel(self, request_id: str) -> None:
         """Forget a request; its blocks are released now (reserved) or by the end of the next step.
@@ -344,6 +371,7 @@ class EngineCore:
                 seq.on_layer if last else None,
                 start,
                 all_logits=seq.prompt_logprobs is not None,
+                adapter=seq.adapter,
             )
         except Exception as exc:  # a failing KV callback fails this request, not the engine
             self._fail(seq, as_pdorch_error(exc), outputs)
@@ -387,7 +415,7 @@ class EngineCore:
     def _run_decode(self, ready: list[EngineSequence], outputs: list[StepOutput]) -> None:
         batch = [(seq.last_token, seq.feed_position, seq.blocks) for seq in ready]
         try:
-            logits = self.model.decode_step(batch, self.cache)
+            logits = self.model.decode_step(batch, self.cache, [seq.adapter for seq in ready])
         except Exception as exc:  # never leave requests hanging on an engine bug
             for seq in ready:
                 self._fail(seq, as_pdorch_error(exc), outputs)
@@ -452,6 +480,9 @@ class EngineCore:
         blocks, seq.blocks = seq.blocks, []
         if blocks:
             self.allocator.free(blocks)
+        adapter, seq.adapter = seq.adapter, None
+        if adapter is not None:
+            self.adapters.release(adapter)
 
     def _publish_stats(self) -> None:
         uncomputed = sum(s.prompt_len - s.num_computed for s in self._prefilling.values())
@@ -462,3 +493,7 @@ class EngineCore:
                 queued_prefill_tokens=sum(s.prompt_len for s in self._waiting) + uncomputed,
             )
         )
+
+
+def _salt(adapter: LoraAdapter | None) -> bytes:
+    return adapter.salt if adapter is not None else b""

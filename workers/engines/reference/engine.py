@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -69,7 +69,10 @@ class ReferenceEngine:
         kv_sender: KvSender | None = None,
         kv_receiver: KvReceiver | None = None,
         job_timeout_s: float = 600.0,
+        adapters: Mapping[str, str] | None = None,
+        max_loras: int = 4,
     ) -> None:
+        """``adapters``: LoRA adapters to serve, name -> PEFT directory (read and checked now)."""
         self._cfg = cfg
         self._tokenizer = tokenizer
         self._model_name = model_name
@@ -81,7 +84,10 @@ class ReferenceEngine:
             max_prefill_tokens_per_step=max_prefill_tokens_per_step,
             enable_prefix_caching=enable_prefix_caching,
             weights=weights,
+            max_loras=max_loras,
         )
+        for name, path in (adapters or {}).items():
+            self._core.adapters.register(name, path)
         self._sender = kv_sender
         self._receiver = kv_receiver
         self._job_timeout_s = job_timeout_s
@@ -106,6 +112,7 @@ class ReferenceEngine:
             tokenizer=self._tokenizer,
             eos_token_id=self._cfg.eos_token_id,
             vocab_size=self._cfg.vocab_size,
+            adapters=tuple(self._core.adapters.known()),
         )
 
     def load(self) -> Load:
@@ -137,7 +144,14 @@ class ReferenceEngine:
             on_layer = lambda i, rows: loop.call_soon_threadsafe(layers.put_nowait, (i, rows))  # noqa: E731
         stream_task = asyncio.create_task(self._stream_kv(job, layers)) if job.kv is not None else None
         try:
-            self._core.add_prefill(rid, job.prompt_token_ids, job.sampling, on_layer, generated=job.generated)
+            self._core.add_prefill(
+                rid,
+                job.prompt_token_ids,
+                job.sampling,
+                on_layer,
+                generated=job.generated,
+                adapter=job.adapter,
+            )
             self._wake.set()
             out = await asyncio.wait_for(first, job.deadline_s)
             if out.failed:
@@ -149,7 +163,10 @@ class ReferenceEngine:
                     stream_task.cancel()
                 else:
                     stream = await stream_task
-                    await stream.finish({"first_token": out.token_id})
+                    # The decode side checks it runs the adapter this KV was computed with.
+                    await stream.finish(
+                        {"first_token": out.token_id, "adapter": self._adapter_id(job.adapter)}
+                    )
         except TimeoutError:
             raise PdorchError(
                 ErrorCode.DEADLINE_EXCEEDED, f"prefill of {rid} did not finish in time"
@@ -199,6 +216,11 @@ class ReferenceEngine:
             first = trailer.get("first_token")
             if not isinstance(first, int):
                 raise PdorchError(ErrorCode.KV_CORRUPT, "KV trailer carries no first token")
+            if trailer.get("adapter", "") != self._adapter_id(job.adapter):
+                raise PdorchError(
+                    ErrorCode.KV_REJECTED,
+                    f"the KV was computed with another adapter than {job.adapter or 'none'!r} here",
+                )
             self._emit(KvLoaded(rid, first))
             await self._run_until_finished(
                 rid,
@@ -209,6 +231,7 @@ class ReferenceEngine:
                     job.sampling,
                     prompt_token_ids=job.prompt_token_ids,
                     generated=job.generated,
+                    adapter=job.adapter,
                 ),
             )
         finally:
@@ -220,13 +243,17 @@ class ReferenceEngine:
             await self._run_until_finished(
                 rid,
                 lambda: self._core.add_generate(
-                    rid, job.prompt_token_ids, job.sampling, generated=job.generated
+                    rid, job.prompt_token_ids, job.sampling, generated=job.generated, adapter=job.adapter
                 ),
             )
         finally:
             self._release(rid)
 
     # ------------------------------------------------------------------ internals
+
+    def _adapter_id(self, name: str) -> str:
+        """What names an adapter's exact weights across workers ("" for the base model)."""
+        return self._core.adapters.salt(name).hex() if name else ""
 
     async def _run_until_finished(self, rid: str, submit: Callable[[], None]) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

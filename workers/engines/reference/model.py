@@ -28,6 +28,8 @@ from workers.engines.reference.attention import DecodeAttentionPlan, causal_atte
 from workers.engines.reference.config import ModelConfig
 from workers.engines.reference.kv_cache import PagedKvCache
 from workers.engines.reference.layers import rms_norm, swiglu
+from workers.engines.reference.lora.adapter import LoraAdapter
+from workers.engines.reference.lora.apply import LoraGroups, add_update, groups_of
 from workers.engines.reference.rope import RotaryEmbedding
 from workers.engines.reference.weights import LayerWeights, ModelWeights, init_weights
 
@@ -58,6 +60,7 @@ class ReferenceModel:
         on_layer: LayerKvCallback | None = None,
         start: int = 0,
         all_logits: bool = False,
+        adapter: LoraAdapter | None = None,
     ) -> np.ndarray:
         """Run prompt positions ``[start, start + len(token_ids))``; returns the last one's logits
         [vocab], or every one's [len(token_ids), vocab] with ``all_logits`` (prompt logprobs).
@@ -78,35 +81,45 @@ class ReferenceModel:
                 on_layer(layer, rows)
             return rows
 
-        hidden = self._forward_sequence(tokens, start, store_and_read)
+        lora: LoraGroups = [] if adapter is None else [(adapter, slice(None))]
+        hidden = self._forward_sequence(tokens, start, store_and_read, lora)
         return self._logits(hidden) if all_logits else self._logits(hidden[-1:])[0]
 
-    def forward_full(self, token_ids: Sequence[int]) -> np.ndarray:
+    def forward_full(self, token_ids: Sequence[int], adapter: LoraAdapter | None = None) -> np.ndarray:
         """Logits for every position [T, vocab], recomputed from scratch without a cache."""
-        return self._logits(self._forward_sequence(self._check_prompt(token_ids, 0), 0, None))
+        lora: LoraGroups = [] if adapter is None else [(adapter, slice(None))]
+        return self._logits(self._forward_sequence(self._check_prompt(token_ids, 0), 0, None, lora))
 
-    def _forward_sequence(self, tokens: np.ndarray, start: int, context: _LayerContext | None) -> np.ndarray:
+    def _forward_sequence(
+        self, tokens: np.ndarray, start: int, context: _LayerContext | None, lora: LoraGroups
+    ) -> np.ndarray:
         positions = np.arange(start, start + len(tokens))
         x = self.weights.embed[tokens]
         for index, layer in enumerate(self.weights.layers):
-            q, k, v = self._qkv(layer, x, positions)
+            q, k, v = self._qkv(index, layer, x, positions, lora)
             kv_rows = np.empty((len(tokens), *self.cfg.kv_row_shape), dtype=x.dtype)
             kv_rows[:, 0] = k
             kv_rows[:, 1] = v
             if context is not None:
                 kv_rows = context(index, kv_rows)
             # Attend over the KV as stored, so later chunks and cached decode read identical values.
-            x = x + causal_attention(q, kv_rows[:, 0], kv_rows[:, 1]) @ layer.wo
-            x = self._mlp(layer, x)
+            x = x + self._out(index, layer, causal_attention(q, kv_rows[:, 0], kv_rows[:, 1]), lora)
+            x = self._mlp(index, layer, x, lora)
         return x
 
     # ------------------------------------------------------------------ one token per sequence
 
-    def decode_step(self, batch: Sequence[DecodeEntry], cache: PagedKvCache) -> np.ndarray:
+    def decode_step(
+        self,
+        batch: Sequence[DecodeEntry],
+        cache: PagedKvCache,
+        adapters: Sequence[LoraAdapter | None] = (),
+    ) -> np.ndarray:
         """Feed one token per sequence at its position; returns next-token logits [B, vocab].
 
         Writes each new token's KV at its position, then attends over positions 0..position of
-        that sequence's own blocks.
+        that sequence's own blocks. ``adapters``: each sequence's LoRA adapter (None: the base
+        model); sequences of different adapters share the batch.
         """
         if not batch:
             return np.empty((0, self.cfg.vocab_size), dtype=self.cfg.np_dtype)
@@ -118,31 +131,55 @@ class ReferenceModel:
         write_blocks = np.asarray([table[-1] for table in used_tables], dtype=np.intp)
         write_offsets = positions % block_size
         plan = DecodeAttentionPlan(used_tables, (positions + 1).tolist(), block_size, self.cfg.kv_heads)
+        lora = groups_of(adapters)
         x = self.weights.embed[tokens]
         for index, layer in enumerate(self.weights.layers):
-            q, k, v = self._qkv(layer, x, positions)
+            q, k, v = self._qkv(index, layer, x, positions, lora)
             storage = cache.layer_array(index)
             storage[write_blocks, write_offsets, 0] = k
             storage[write_blocks, write_offsets, 1] = v
-            x = x + plan.run(q, storage) @ layer.wo
-            x = self._mlp(layer, x)
+            x = x + self._out(index, layer, plan.run(q, storage), lora)
+            x = self._mlp(index, layer, x, lora)
         return self._logits(x)
 
     # ------------------------------------------------------------------ shared pieces
 
     def _qkv(
-        self, layer: LayerWeights, x: np.ndarray, positions: np.ndarray
+        self, index: int, layer: LayerWeights, x: np.ndarray, positions: np.ndarray, lora: LoraGroups
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = x.shape[0]
         head_dim = self.cfg.head_dim
-        qkv = rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps) @ layer.wqkv
+        normed = rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps)
+        qkv = normed @ layer.wqkv
+        if lora:
+            q_end = self._q_width
+            k_end = q_end + self._kv_width
+            add_update(qkv, normed, lora, index, "q_proj", slice(0, q_end))
+            add_update(qkv, normed, lora, index, "k_proj", slice(q_end, k_end))
+            add_update(qkv, normed, lora, index, "v_proj", slice(k_end, None))
         q = qkv[:, : self._q_width].reshape(n, self.cfg.heads, head_dim)
         k = qkv[:, self._q_width : self._q_width + self._kv_width].reshape(n, self.cfg.kv_heads, head_dim)
         v = qkv[:, self._q_width + self._kv_width :].reshape(n, self.cfg.kv_heads, head_dim)
         return self.rope.apply(q, positions), self.rope.apply(k, positions), v
 
-    def _mlp(self, layer: LayerWeights, x: np.ndarray) -> np.ndarray:
-        return x + swiglu(rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps) @ layer.w_gate_up) @ layer.w_down
+    def _out(self, index: int, layer: LayerWeights, attended: np.ndarray, lora: LoraGroups) -> np.ndarray:
+        out = attended @ layer.wo
+        if lora:
+            add_update(out, attended, lora, index, "o_proj")
+        return out
+
+    def _mlp(self, index: int, layer: LayerWeights, x: np.ndarray, lora: LoraGroups) -> np.ndarray:
+        normed = rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps)
+        gate_up = normed @ layer.w_gate_up
+        if lora:
+            ffn = self.cfg.ffn
+            add_update(gate_up, normed, lora, index, "gate_proj", slice(0, ffn))
+            add_update(gate_up, normed, lora, index, "up_proj", slice(ffn, None))
+        mixed = swiglu(gate_up)
+        down = mixed @ layer.w_down
+        if lora:
+            add_update(down, mixed, lora, index, "down_proj")
+        return x + down
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         return rms_norm(x, self.weights.final_norm, self.cfg.rms_norm_eps) @ self.weights.unembed

@@ -28,9 +28,10 @@ class PrefixCache:
         self.block_size = block_size
         self.enabled = enabled
 
-    def hashes(self, token_ids: Sequence[int] | np.ndarray) -> list[int]:
-        """The cache keys of a prompt's full blocks (none when caching is off)."""
-        return prefix_block_hashes(token_ids, self.block_size) if self.enabled else []
+    def hashes(self, token_ids: Sequence[int] | np.ndarray, salt: bytes = b"") -> list[int]:
+        """The cache keys of a prompt's full blocks (none when caching is off); ``salt``: the
+        LoRA adapter's, whose KV is its own."""
+        return prefix_block_hashes(token_ids, self.block_size, salt) if self.enabled else []
 
     def admit(self, seq: EngineSequence, keep_available: int) -> bool:
         """Give ``seq`` blocks for its whole prompt, reusing cached leading blocks.

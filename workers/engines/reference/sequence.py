@@ -14,6 +14,7 @@ import numpy as np
 from transport.messages import FinishReason, SamplingParams, TokenLogprobs
 from workers.engines.reference.config import ModelConfig
 from workers.engines.reference.logits_processors import TokenHistory
+from workers.engines.reference.lora.adapter import LoraAdapter
 from workers.engines.reference.model import LayerKvCallback
 
 
@@ -27,6 +28,7 @@ class EngineSequence:
     """One request's progress. Only the engine thread mutates it, except ``cancelled``."""
 
     __slots__ = (
+        "adapter",
         "admitted_at",
         "block_hashes",
         "blocks",
@@ -57,8 +59,10 @@ class EngineSequence:
         on_layer: LayerKvCallback | None = None,
         block_hashes: list[int] | None = None,
         output_offset: int = 0,
+        adapter: LoraAdapter | None = None,
     ) -> None:
         self.request_id = request_id
+        self.adapter = adapter  # referenced in the engine's adapter slots until released
         self.kind = kind
         self.prompt_len = prompt_len
         self.prompt = prompt  # None for DECODE: its prompt lives in the cache already
