@@ -9,7 +9,7 @@ VLLM_STAMP := .venv-vllm/.pdorch-installed
 # weights, nothing to fetch), a Llama .gguf file or a Hugging Face directory.
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: install vllm model run test lint bench bench-engines chaos fuzz clean
+.PHONY: install vllm model run test lint bench bench-engines bench-clients chaos fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ bench: install
 ## The reference engine next to vLLM CPU on the default model: prefill and decode tok/s (~10 minutes).
 bench-engines: install vllm model
 	$(PY) bench/engines.py
+
+## `vllm bench serve` and guidellm (installed into bench/out/clients/venv) against `pdorch up`, their
+## TTFT, TPOT and req/s next to pdorch's own metrics for the same requests (15-25 minutes).
+bench-clients: install vllm model
+	$(PY) bench/clients.py
 
 ## Kill workers (and the KV broker) under load; every answer checked against colocated (~8 minutes).
 chaos: install

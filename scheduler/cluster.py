@@ -234,7 +234,17 @@ class Cluster:
         return self.has_role(Role.PREFILL) and self.has_role(Role.DECODE)
 
     def hello_for_model(self, model: str) -> Hello | None:
+        """A worker's hello for a model, or for a LoRA adapter a worker serves (whose base model
+        is then ``hello.model``)."""
         for w in self._by_id.values():
-            if w.hello.model == model:
+            if w.hello.model == model or model in w.hello.adapters:
                 return w.hello
         return None
+
+    def adapters(self) -> dict[str, str]:
+        """The LoRA adapters some worker serves -> their base model."""
+        return {a: w.hello.model for w in self._by_id.values() for a in w.hello.adapters}
+
+    def without_adapter(self, adapter: str) -> frozenset[str]:
+        """The workers that cannot run a request for ``adapter`` (placement leaves them out)."""
+        return frozenset(wid for wid, w in self._by_id.items() if adapter not in w.hello.adapters)

@@ -58,6 +58,7 @@ class Planner:
         features: OutputFeatures,
         prompt: list[int],
         priority: int,
+        adapter: str = "",
     ) -> PlacementRequest:
         prediction = self.predictor.predict(features)
         return PlacementRequest(
@@ -67,15 +68,20 @@ class Planner:
             max_tokens=features.max_tokens,
             tenant=features.tenant,
             priority=priority,
-            block_hashes=prompt_block_hashes(prompt, PREFIX_BLOCK_TOKENS),
+            # An adapter's cached blocks are keyed by its weights, which the scheduler does not
+            # know: no prefix match is claimed for it (and none with the base model's blocks).
+            block_hashes=() if adapter else prompt_block_hashes(prompt, PREFIX_BLOCK_TOKENS),
             prefix_block_tokens=PREFIX_BLOCK_TOKENS,
             predicted_output_len=round(prediction.mean),
             predicted_output_quantiles=prediction.quantiles,
             colocated=self._colocated,
+            adapter=adapter,
         )
 
     def place(self, preq: PlacementRequest, exclude: frozenset[str] = frozenset()) -> Placement:
         snapshot = self._cluster.snapshot()
+        if preq.adapter:
+            exclude = exclude | self._cluster.without_adapter(preq.adapter)
         if exclude:
             snapshot = ClusterSnapshot(tuple(n for n in snapshot.nodes if n.worker_id not in exclude))
         return self.placer.place(snapshot, preq)

@@ -107,7 +107,7 @@ class Orchestrator:
         self, req: GenerationRequest, job_id: str, prompt: list[int], max_tokens: int
     ) -> tuple[OutputFeatures, PlacementRequest]:
         features = self._planner.features(req.model, prompt, max_tokens, req.tenant, req.hint)
-        return features, self._planner.request(job_id, features, prompt, req.priority)
+        return features, self._planner.request(job_id, features, prompt, req.priority, req.adapter)
 
     # ------------------------------------------------------------------ the lifecycle
 
@@ -311,14 +311,16 @@ class Orchestrator:
         if placement.colocated:
             a = Attempt(number, job_id, p, p, generated, now)
             self._expect(run, a, p, placement.reserve_blocks, len(prompt))
-            self._control.send(p, GenerateJob(job_id, prompt, sampling, deadline, generated))
+            self._control.send(p, GenerateJob(job_id, prompt, sampling, deadline, generated, req.adapter))
             return a
         a = Attempt(number, job_id, p, d, generated, now)
         self._expect(run, a, p, 0, 0)
         if req.sampling.max_tokens - generated == 1:
             # Prefill produces the only token left: nothing to hand off.
             a.decode = p
-            self._send_prefill(run, a, PrefillJob(job_id, prompt, sampling, None, deadline, generated))
+            self._send_prefill(
+                run, a, PrefillJob(job_id, prompt, sampling, None, deadline, generated, req.adapter)
+            )
             return a
         a.kv_mode = self._route_mode(d)
         if a.kv_mode is KvMode.CENTRALIZED:
@@ -328,8 +330,10 @@ class Orchestrator:
         a.decode_tried.add(d)
         self._expect(run, a, d, placement.reserve_blocks, len(prompt))
         # Decode first, so its receiver expects the transfer by the time prefill streams it.
-        self._control.send(d, DecodeJob(job_id, prompt, sampling, d_route, deadline, generated))
-        self._send_prefill(run, a, PrefillJob(job_id, prompt, sampling, p_route, deadline, generated))
+        self._control.send(d, DecodeJob(job_id, prompt, sampling, d_route, deadline, generated, req.adapter))
+        self._send_prefill(
+            run, a, PrefillJob(job_id, prompt, sampling, p_route, deadline, generated, req.adapter)
+        )
         return a
 
     def _expect(self, run: _Run, a: Attempt, worker_id: str, reserve_blocks: int, tokens: int) -> None:
@@ -461,7 +465,13 @@ class Orchestrator:
         _, d_route = self._kv_routes(KvMode.CENTRALIZED, d, a.transfer_id)
         prompt = run.req.prompt_token_ids + run.tokens[: a.generated]
         job = DecodeJob(
-            a.job_id, prompt, run.req.sampling, d_route, self._cfg.first_token_timeout_s, a.generated
+            a.job_id,
+            prompt,
+            run.req.sampling,
+            d_route,
+            self._cfg.first_token_timeout_s,
+            a.generated,
+            run.req.adapter,
         )
         self._control.send(d, job)
         return True

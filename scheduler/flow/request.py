@@ -17,6 +17,8 @@ class GenerationRequest:
     tenant: str = ""
     priority: int = 0
     hint: int = 0  # the client's expected output length (a header), 0 = none
+    # A LoRA adapter of ``model`` (the client named it as its model), "" = the base model itself.
+    adapter: str = ""
     arrival: float = field(default_factory=time.monotonic)
 
 

@@ -172,8 +172,16 @@ def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest,
         min_tokens=req.min_tokens,
     )
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    adapter = req.model if req.model != hello.model else ""
     greq = GenerationRequest(
-        rid, req.model, ids, sampling, tenant=tenant, priority=req.priority, hint=_hint(request)
+        rid,
+        hello.model,  # what serves it (placement matches nodes on it); the adapter is separate
+        ids,
+        sampling,
+        tenant=tenant,
+        priority=req.priority,
+        hint=_hint(request),
+        adapter=adapter,
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     echo = not chat and req.echo
@@ -220,22 +228,28 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         request.app[METRICS].requests.labels(progress.error or "ok").inc()
 
 
-def _model_card(model: str) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": 0, "owned_by": "pdorch"}
+def _model_cards(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    """Every model served, and every LoRA adapter with its base model as ``parent`` (as vLLM)."""
+    cards = {m: {"id": m, "object": "model", "created": 0, "owned_by": "pdorch"} for m in cluster.models()}
+    for adapter, base in sorted(cluster.adapters().items()):
+        cards.setdefault(
+            adapter, {"id": adapter, "object": "model", "created": 0, "owned_by": "pdorch", "parent": base}
+        )
+    return cards
 
 
 async def models(request: web.Request) -> web.Response:
     _tenant(request, request.app[CONFIG])
-    data = [_model_card(m) for m in request.app[CLUSTER].models()]
-    return web.json_response({"object": "list", "data": data})
+    return web.json_response({"object": "list", "data": list(_model_cards(request.app[CLUSTER]).values())})
 
 
 async def model(request: web.Request) -> web.Response:
     _tenant(request, request.app[CONFIG])
     name = request.match_info["model_id"]
-    if name not in request.app[CLUSTER].models():
+    card = _model_cards(request.app[CLUSTER]).get(name)
+    if card is None:
         raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"model {name!r} does not exist")
-    return web.json_response(_model_card(name))
+    return web.json_response(card)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +328,12 @@ def _prompt_logprobs(job: _Job, progress: Progress) -> list[dict[str, Any] | Non
 
 def _envelope(job: _Job, chunk: bool) -> dict[str, Any]:
     kind = ("chat.completion" if job.chat else "text_completion") + (".chunk" if chunk and job.chat else "")
-    return {"id": job.greq.request_id, "object": kind, "created": job.created, "model": job.greq.model}
+    return {
+        "id": job.greq.request_id,
+        "object": kind,
+        "created": job.created,
+        "model": job.greq.adapter or job.greq.model,
+    }
 
 
 async def _serve(request: web.Request, job: _Job, progress: Progress) -> web.StreamResponse:

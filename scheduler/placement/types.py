@@ -67,6 +67,8 @@ class PlacementRequest(msgspec.Struct, frozen=True, gc=False):
     # The output-length predictor's distribution, (quantile level, tokens) ascending; placement
     # picks the configured quantile from it (and falls back to predicted_output_len, then max_tokens).
     predicted_output_quantiles: tuple[tuple[float, int], ...] = ()
+    # The LoRA adapter the request runs with ("" = the base model): only nodes serving it qualify.
+    adapter: str = ""
 
 
 class Placement(msgspec.Struct, frozen=True, gc=False):

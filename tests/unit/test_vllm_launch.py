@@ -64,3 +64,16 @@ def test_bad_specs_are_config_errors(spec: VllmLaunchSpec) -> None:
     with pytest.raises(PdorchError) as e:
         vllm_command(spec, python="py")
     assert e.value.code is ErrorCode.CONFIG
+
+
+def test_lora_adapters_enable_lora_with_their_modules() -> None:
+    spec = VllmLaunchSpec(
+        model_dir="/m", port=1, role=None, loras={"sql": "/a/sql", "poem": "/a/poem"}, max_lora_rank=8
+    )
+    argv, _ = vllm_command(spec, python="py")
+    assert "--enable-lora" in argv
+    assert argv[argv.index("--max-lora-rank") + 1] == "8"
+    modules = argv[argv.index("--lora-modules") + 1 :]
+    assert modules[:2] == ["sql=/a/sql", "poem=/a/poem"]
+    plain, _ = vllm_command(VllmLaunchSpec(model_dir="/m", port=1, role=None), python="py")
+    assert "--enable-lora" not in plain

@@ -152,9 +152,9 @@ async def pd_engines(cluster: Cluster) -> AsyncIterator[Engines]:
 
 
 async def colocated(
-    engine: VllmEngine, out: Collector, rid: str, prompt: list[int], s: SamplingParams
+    engine: VllmEngine, out: Collector, rid: str, prompt: list[int], s: SamplingParams, adapter: str = ""
 ) -> list[int]:
-    await engine.generate(GenerateJob(rid, prompt, s))
+    await engine.generate(GenerateJob(rid, prompt, s, adapter=adapter))
     return out.tokens[rid]
 
 
@@ -167,9 +167,10 @@ async def disaggregated(
     *,
     decode_first: bool,
     generated: int = 0,
+    adapter: str = "",
 ) -> list[int]:
-    prefill = PrefillJob(rid, prompt, s, route, deadline_s=60, generated=generated)
-    decode = DecodeJob(rid, prompt, s, route, deadline_s=60, generated=generated)
+    prefill = PrefillJob(rid, prompt, s, route, deadline_s=60, generated=generated, adapter=adapter)
+    decode = DecodeJob(rid, prompt, s, route, deadline_s=60, generated=generated, adapter=adapter)
     if decode_first:
         await asyncio.gather(e.decode.decode(decode), e.prefill.prefill(prefill))
     else:  # the decode job arrives after the KV was pushed

@@ -175,7 +175,10 @@ class VllmEngine:
         models = await self._client.models()
         if not models:
             raise PdorchError(ErrorCode.CONFIG, f"vLLM at {self.url} serves no model")
-        self._model = str(models[0]["id"])
+        # The base model, and the LoRA adapters vLLM lists with it as their parent.
+        base = next((m for m in models if not m.get("parent")), models[0])
+        self._model = str(base["id"])
+        adapters = tuple(str(m["id"]) for m in models if m.get("parent") == self._model)
         text = await self._client.metrics_text()
         self._metrics = parse_metrics(text)
         labels = _cache_config_labels(text)
@@ -190,6 +193,7 @@ class VllmEngine:
             eos_token_id=eos_token_id(self.model_dir),
             kv_endpoint=self.kv_endpoint,
             vocab_size=vocab_size(self.model_dir),
+            adapters=adapters,
         )
         self._poller = asyncio.create_task(self._poll_metrics(), name="vllm-metrics")
 
@@ -254,7 +258,8 @@ class VllmEngine:
 
     def _body(self, job: PrefillJob | DecodeJob | GenerateJob, max_tokens: int) -> dict[str, Any]:
         body = sampling_body(job.sampling, max_tokens, job.generated)
-        return {"model": self._model, "prompt": job.prompt_token_ids, **body}
+        # vLLM serves a LoRA adapter under its name (its prefix cache keeps adapters apart).
+        return {"model": job.adapter or self._model, "prompt": job.prompt_token_ids, **body}
 
     def _emit_tokens(
         self,

@@ -57,6 +57,11 @@ class VllmLaunchSpec(msgspec.Struct, kw_only=True, frozen=True):
     # "recompute": vLLM silently recomputes the prompt instead.
     kv_load_failure_policy: str = "fail"
     max_lease_s: float = 120.0
+    # LoRA adapters to serve, name -> PEFT directory (vLLM's --enable-lora --lora-modules), and
+    # the largest rank and the number resident at once.
+    loras: dict[str, str] = {}
+    max_lora_rank: int = 16
+    max_loras: int = 4
     extra_args: list[str] = []
 
 
@@ -117,6 +122,15 @@ def vllm_command(
         argv += ["--served-model-name", spec.served_model_name]
     if spec.role is not None:
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(spec))]
+    if spec.loras:
+        argv += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(spec.max_lora_rank),
+            "--max-loras",
+            str(spec.max_loras),
+        ]
+        argv += ["--lora-modules", *(f"{name}={path}" for name, path in spec.loras.items())]
     argv += list(spec.extra_args)
 
     env = dict(base_env or {})
