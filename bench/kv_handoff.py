@@ -15,6 +15,11 @@ in the same run:
   checksums each frame's spans, the receiver checksums each span and copies it into a
   preallocated destination. No protocol: what is left between it and p2p is pdorch's own cost.
 
+``same-host`` is pdorch's p2p handoff between the same two processes with the same-host path
+forced on: the sender writes each chunk into the receiver's shared ring (no socket on the data
+path), the receiver verifies it and copies it into the same preallocated destination. The ``p2p``
+column forces the path off, so it stays the TCP handoff.
+
 The p2p receiver writes every row into a preallocated destination (as an engine writes into its
 KV cache): one more memcpy than raw pyzmq does. ``p2p-discard`` is the same transfer into a sink
 that drops the rows, i.e. the transport alone. Centralized is end to end: the decode side asks the
@@ -48,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
 from transport.kv.receive_buffers import keep_receive_buffers
+from transport.kv.same_host import SameHostMode
 from transport.messages import KvMode, KvRoute
 from transport.security import KvPayload, Security, SecurityConfig
 from transport.security.key_set import KeySet
@@ -107,11 +113,20 @@ class DiscardSink:
         pass
 
 
-def receiver_process(conn: Connection, window_mb: int, party: Party | None) -> None:
+def receiver_process(
+    conn: Connection, window_mb: int, ring_slots: int, ring_slot_mb: int, party: Party | None
+) -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
         security = security_of(party)
-        receiver = KvReceiver(ctx, security=security, bind="tcp://127.0.0.1:0", window_bytes=window_mb * MIB)
+        receiver = KvReceiver(
+            ctx,
+            security=security,
+            bind="tcp://127.0.0.1:0",
+            window_bytes=window_mb * MIB,
+            ring_slots=ring_slots,
+            ring_slot_bytes=ring_slot_mb * MIB,
+        )
         await receiver.start()
         conn.send(receiver.endpoint)
         sinks: dict[int, ArraySink] = {}
@@ -143,11 +158,20 @@ def sender_process(conn: Connection, chunk_mb: int, party: Party | None, server_
     async def main() -> None:
         ctx = zmq.asyncio.Context()
         security = security_of(party)
-        sender = KvSender(ctx, security=security, max_chunk_bytes=chunk_mb * MIB)
+        senders = {
+            shared: KvSender(
+                ctx,
+                security=security,
+                max_chunk_bytes=chunk_mb * MIB,
+                same_host=SameHostMode.ON if shared else SameHostMode.OFF,
+            )
+            for shared in (False, True)
+        }
         data: dict[int, np.ndarray] = {}
         conn.send("up")
         while (cmd := await recv_command(conn)) is not None:
-            tid, tokens, mode, endpoint, verify = cmd
+            tid, tokens, mode, endpoint, verify, shared = cmd
+            sender = senders[shared]
             if tokens not in data:
                 data[tokens] = make_layers(tokens)
             layers = data[tokens]
@@ -166,7 +190,8 @@ def sender_process(conn: Connection, chunk_mb: int, party: Party | None, server_
                 await stream.send_layer(layer, layers[layer])
             await stream.finish({"first_token": 1})
             conn.send((start, time.perf_counter()))
-        await sender.close()
+        for sender in senders.values():
+            await sender.close()
         security.close()
         ctx.destroy(linger=0)
 
@@ -302,9 +327,19 @@ def raw_run(raw: Pair, tokens: int, work: bool = False) -> Sample:
     return Sample(end - start, cpu_seconds(raw.pids) - cpu)
 
 
-def kv_run(kv: Pair, tokens: int, tid: str, kind: str, endpoint: str, broker: str, pids: list[int]) -> Sample:
-    """One handoff; ``kind`` "verify" also checks that the receiver holds exactly what was sent."""
-    kv.tx.send((tid, tokens, "centralized" if broker else "p2p", endpoint, kind == "verify"))
+def kv_run(
+    kv: Pair,
+    tokens: int,
+    tid: str,
+    kind: str,
+    endpoint: str,
+    broker: str,
+    pids: list[int],
+    shared: bool = False,
+) -> Sample:
+    """One handoff; ``kind`` "verify" also checks that the receiver holds exactly what was sent;
+    ``shared``: through the same-host path (p2p only)."""
+    kv.tx.send((tid, tokens, "centralized" if broker else "p2p", endpoint, kind == "verify", shared))
     sent_digest = kv.tx.recv()
     kv.rx.send((kind, tid, tokens, broker))
     assert kv.rx.recv() == "ready"
@@ -340,8 +375,8 @@ def start_broker(window_mb: int) -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" ", 1)[1].strip()
 
 
-METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central", "p2p+auth", "p2p+curve")
-WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 13, 13, 7, 7, 7, 7, 7, 7, 7)
+METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central", "same-host", "p2p+auth", "p2p+curve")
+WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 17, 13, 13, 7, 7, 7, 7, 7, 9, 7, 7)
 SENDER, RECEIVER = "bench-prefill", "bench-decode"
 
 
@@ -353,11 +388,14 @@ class Secured(NamedTuple):
     scope: str  # transfer ids start with it: the sender's key name
 
 
-def secured_pair(keys: KeySet, payload: KvPayload, window_mb: int, chunk_mb: int) -> Secured:
-    proc, conn = spawn(receiver_process, window_mb, Party(str(keys.directory), RECEIVER, payload.value))
+def secured_pair(keys: KeySet, payload: KvPayload, args: argparse.Namespace) -> Secured:
+    party = Party(str(keys.directory), RECEIVER, payload.value)
+    proc, conn = spawn(receiver_process, args.window_mb, args.ring_slots, args.ring_slot_mb, party)
     endpoint = conn.recv()
     server_key = keys.public_key(RECEIVER)
-    sender = spawn(sender_process, chunk_mb, Party(str(keys.directory), SENDER, payload.value), server_key)
+    sender = spawn(
+        sender_process, args.chunk_mb, Party(str(keys.directory), SENDER, payload.value), server_key
+    )
     pair = Pair((proc, conn), sender)
     assert pair.tx.recv() == "up"
     return Secured(pair, endpoint, SENDER + "/")
@@ -383,6 +421,7 @@ def measure_size(
     raw_run(raw, tokens, work=True)
     kv_run(kv, tokens, f"warm-p2p-{tokens}", "verify", kv_endpoint, "", kv.pids)
     kv_run(kv, tokens, f"warm-central-{tokens}", "verify", broker, broker, [*kv.pids, broker_pid])
+    kv_run(kv, tokens, f"warm-shared-{tokens}", "verify", kv_endpoint, "", kv.pids, shared=True)
     for m, sec in secured.items():
         kv_run(sec.pair, tokens, f"{sec.scope}warm-{m}-{tokens}", "verify", sec.endpoint, "", sec.pair.pids)
     for r in range(repeats):
@@ -395,6 +434,9 @@ def measure_size(
         )
         central_pids = [*kv.pids, broker_pid]
         samples["central"].append(kv_run(kv, tokens, f"c-{tokens}-{r}", "copy", broker, broker, central_pids))
+        samples["same-host"].append(
+            kv_run(kv, tokens, f"s-{tokens}-{r}", "copy", kv_endpoint, "", kv.pids, shared=True)
+        )
         for m, sec in secured.items():
             tid = f"{sec.scope}{m}-{tokens}-{r}"
             samples[m].append(kv_run(sec.pair, tokens, tid, "copy", sec.endpoint, "", sec.pair.pids))
@@ -407,12 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="rounds per size; the best run is reported")
     parser.add_argument("--chunk-mb", type=int, default=1, help="KV chunk size (and raw pyzmq frame size)")
     parser.add_argument("--window-mb", type=int, default=32, help="receiver credit window per transfer")
+    parser.add_argument("--ring-slots", type=int, default=4, help="slots of a same-host ring")
+    parser.add_argument("--ring-slot-mb", type=int, default=4, help="size of a same-host ring's slot")
     args = parser.parse_args(argv)
 
     proc, conn = spawn(raw_receiver_process)
     raw = Pair((proc, conn), spawn(raw_sender_process, conn.recv(), args.chunk_mb))
     assert raw.tx.recv() == "up"
-    proc, conn = spawn(receiver_process, args.window_mb, None)
+    proc, conn = spawn(receiver_process, args.window_mb, args.ring_slots, args.ring_slot_mb, None)
     kv_endpoint = conn.recv()
     kv = Pair((proc, conn), spawn(sender_process, args.chunk_mb, None, ""))
     assert kv.tx.recv() == "up"
@@ -420,15 +464,18 @@ def main(argv: list[str] | None = None) -> int:
     keys_dir = tempfile.TemporaryDirectory(prefix="pdorch-bench-keys-")
     keys = KeySet.create(Path(keys_dir.name) / "keys", {SENDER: (), RECEIVER: ()})
     secured = {
-        "p2p+auth": secured_pair(keys, KvPayload.PLAINTEXT, args.window_mb, args.chunk_mb),
-        "p2p+curve": secured_pair(keys, KvPayload.ENCRYPTED, args.window_mb, args.chunk_mb),
+        "p2p+auth": secured_pair(keys, KvPayload.PLAINTEXT, args),
+        "p2p+curve": secured_pair(keys, KvPayload.ENCRYPTED, args),
     }
 
     print("KV handoff of a Llama-3-8B-shaped request (32 layers x [T, 2, 8, 128] fp16, 128 KiB/token);")
-    print(f"chunks of {args.chunk_mb} MiB, window {args.window_mb} MiB, best of {args.repeats} rounds.")
-    print("GB/s (x = ratio to raw pyzmq); CPU seconds per GiB summed over the processes involved (median).")
-    head = ["tokens", "MiB", "memcpy", "raw zmq", "raw+work", "p2p", "p2p-discard", "central"]
-    head += ["p2p+auth", "p2p+curve", "cpu:raw", "r+work", "p2p", "discard", "central", "+auth", "+curve"]
+    print(f"chunks of {args.chunk_mb} MiB, window {args.window_mb} MiB, best of {args.repeats} rounds;")
+    print(f"same-host rings of {args.ring_slots} x {args.ring_slot_mb} MiB.")
+    print("GB/s (x = ratio to raw pyzmq, m = ratio to memcpy); CPU seconds per GiB summed over the")
+    print("processes involved (median).")
+    head = ["tokens", "MiB", "memcpy", "raw zmq", "raw+work", "p2p", "p2p-discard", "central", "same-host"]
+    head += ["p2p+auth", "p2p+curve", "cpu:raw", "r+work", "p2p", "discard", "central", "same-host"]
+    head += ["+auth", "+curve"]
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS, strict=True)))
     try:
         for tokens in args.tokens:
@@ -446,11 +493,23 @@ def main(argv: list[str] | None = None) -> int:
             ]
             cells += [
                 f"{rate[m]:.2f} ({rate[m] / rate['raw']:.2f}x)"
-                for m in ("raw+work", "p2p", "p2p-discard", "central", "p2p+auth", "p2p+curve")
+                for m in ("raw+work", "p2p", "p2p-discard", "central")
             ]
+            shared = rate["same-host"]
+            cells.append(f"{shared:.2f} ({shared / rate['memcpy']:.2f}m {shared / rate['raw']:.2f}x)")
+            cells += [f"{rate[m]:.2f} ({rate[m] / rate['raw']:.2f}x)" for m in ("p2p+auth", "p2p+curve")]
             cells += [
                 f"{cpu[m]:.2f}"
-                for m in ("raw", "raw+work", "p2p", "p2p-discard", "central", "p2p+auth", "p2p+curve")
+                for m in (
+                    "raw",
+                    "raw+work",
+                    "p2p",
+                    "p2p-discard",
+                    "central",
+                    "same-host",
+                    "p2p+auth",
+                    "p2p+curve",
+                )
             ]
             print(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS, strict=True)), flush=True)
     finally:

@@ -40,7 +40,7 @@ from transport.messages import (
     SamplingParams,
     TokenOutput,
 )
-from transport.security import Security
+from transport.security import Security, SecurityConfig
 
 # ----------------------------------------------------------------------------- part 1: vLLM
 
@@ -155,7 +155,9 @@ def _bench_connector(layers: int, blocks: int, row: tuple[int, ...], rounds: int
     rng = np.random.default_rng(0)
     src = {f"l{i}": rng.standard_normal((blocks * 2, *row)).astype(np.float32) for i in range(layers)}
     dst = {f"l{i}": np.zeros((blocks * 2, *row), np.float32) for i in range(layers)}
-    producer, consumer = PdorchWorkerSide(bind=None), PdorchWorkerSide(bind="tcp://127.0.0.1:0")
+    insecure = SecurityConfig(insecure=True)  # the data path alone (kv_handoff.py measures authentication)
+    producer = PdorchWorkerSide(bind=None, security=insecure)
+    consumer = PdorchWorkerSide(bind="tcp://127.0.0.1:0", security=insecure)
     producer.register_kv_caches(src)
     consumer.register_kv_caches(dst)
     ids = list(range(blocks))

@@ -229,6 +229,8 @@ class LocalCluster:
             cpu_cores=str(index % max(1, os.cpu_count() or 1)),
             served_model_name=model_name(self.spec),
             max_model_len=min(VLLM_MAX_MODEL_LEN, context_length(self.model_dir)),
+            # The workers' flag, for the connector that moves the KV inside vLLM.
+            kv_same_host=_flag(self.spec.worker_args, "--kv-same-host") or "auto",
         )
 
     def _start_vllm(self, name: str, role: str) -> list[str]:

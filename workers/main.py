@@ -17,6 +17,7 @@ import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
+from transport.kv.same_host import SameHostMode
 from transport.messages import Role
 from transport.process_setup import setup_process
 from transport.security import Security, SecurityConfig
@@ -64,6 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="KV endpoint to tell the scheduler (default: the bound one; set it behind NAT/pods)",
     )
     p.add_argument(
+        "--kv-same-host",
+        type=SameHostMode,
+        choices=list(SameHostMode),
+        default=SameHostMode.AUTO,
+        help="p2p KV through shared memory when prefill and decode share a host: auto (when both "
+        "report the same host), on (always; a handoff that cannot fails), off (always TCP)",
+    )
+    p.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE", help="label reported to the scheduler"
     )
     p.add_argument("--log-level", default="INFO")
@@ -97,9 +106,9 @@ async def _serve(args: argparse.Namespace, security_cfg: SecurityConfig) -> int:
         if engine_cli.MOVES_KV:
             # Engines that move their KV in this process get the KV plane for their role.
             if role in (Role.PREFILL, Role.BOTH):
-                sender = KvSender(ctx, security=security)
+                sender = KvSender(ctx, security=security, same_host=args.kv_same_host)
             if role in (Role.DECODE, Role.BOTH):
-                receiver = KvReceiver(ctx, bind=args.kv_bind, security=security)
+                receiver = KvReceiver(ctx, bind=args.kv_bind, security=security, same_host=args.kv_same_host)
                 await receiver.start()
         engine = engine_cli.build(args, sender, receiver)
         kv_endpoint = args.kv_advertise or (receiver.endpoint if receiver is not None else "")

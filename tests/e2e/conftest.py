@@ -33,7 +33,20 @@ def colocated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
 
 @pytest.fixture(scope="module")
 def p2p(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = start_cluster(tmp_path_factory.mktemp("p2p"), kv_mode="p2p")
+    """p2p handoffs through shared memory: forced on, so a handoff that cannot use it fails."""
+    cluster = start_cluster(
+        tmp_path_factory.mktemp("p2p"), kv_mode="p2p", worker_args=["--kv-same-host", "on"]
+    )
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def p2p_tcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """p2p handoffs over TCP although both workers share this host."""
+    cluster = start_cluster(
+        tmp_path_factory.mktemp("p2p-tcp"), kv_mode="p2p", worker_args=["--kv-same-host", "off"]
+    )
     yield cluster
     cluster.stop()
 

@@ -1,4 +1,5 @@
-"""Disaggregated output equals colocated output, token for token, in both KV modes.
+"""Disaggregated output equals colocated output, token for token, in both KV modes (p2p through
+shared memory and through TCP).
 
 The main correctness check of pdorch: the KV computed by a prefill worker, handed to a decode
 worker over the KV plane (directly, or through the broker), must continue exactly as if one worker
@@ -81,9 +82,12 @@ def expected(colocated) -> list[tuple[list[int], str, str]]:
     return asyncio.run(_run_all(colocated.url))
 
 
-@pytest.mark.parametrize("mode", ["p2p", "centralized"])
-async def test_disaggregated_equals_colocated(mode: str, expected, request: pytest.FixtureRequest) -> None:
-    cluster = request.getfixturevalue(mode)
+@pytest.mark.parametrize("fixture", ["p2p", "p2p_tcp", "centralized"])
+async def test_disaggregated_equals_colocated(fixture: str, expected, request: pytest.FixtureRequest) -> None:
+    """p2p hands the KV over through shared memory (both workers are on this host), p2p_tcp over
+    the socket, centralized through the broker."""
+    cluster = request.getfixturevalue(fixture)
+    mode = fixture.removesuffix("_tcp")
     got = await _run_all(cluster.url)
     assert len(got) == len(CASES) >= 20
     for case, want, have in zip(CASES, expected, got, strict=True):

@@ -46,6 +46,8 @@ def proxied_cluster(tmp_path, monkeypatch, kv_payload: str) -> Iterator[tuple[Lo
         },
         scheduler_args=[],
         kv_payload=kv_payload,
+        # The proxy damages the TCP stream: keep the KV on it although both workers share this host.
+        worker_args=["--kv-same-host", "off"],
     )
     yield cluster, kv_port, proxy_port
     cluster.stop()

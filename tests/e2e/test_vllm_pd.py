@@ -72,7 +72,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     python = vllm_python()
     work = tmp_path_factory.mktemp("vllm")
     model_dir = build_tiny_model(python, work)
-    with pd_servers(python, model_dir, work, max_num_seqs=16, served_model_name=MODEL) as pair:
+    # These tests put a proxy on the TCP KV path (and test_vllm_real_model covers the same-host one).
+    spec = {"max_num_seqs": 16, "served_model_name": MODEL, "kv_same_host": "off"}
+    with pd_servers(python, model_dir, work, **spec) as pair:
         tok = HfTokenizer(model_dir)
         pair.prompts = [tok.encode(t) for t in TEXTS] + [tok.apply_chat_template(c) for c in CHATS]
         yield pair

@@ -30,6 +30,7 @@ from transport.kv.messages import (
     KvMessage,
     KvNack,
 )
+from transport.kv.same_host import SameHostMode
 from transport.messages import KvMode, KvRoute
 
 OK_DEADLINE_S = 30.0
@@ -128,7 +129,8 @@ async def run_through_proxy(
 ) -> tuple[BaseException | None, BaseException | None]:
     """Hand LAYERS over through a tampering proxy in 4 KiB chunks; return (sender error, receiver error)."""
     proxy = TamperingProxy(ctx, receiver.endpoint, tamper)
-    sender = KvSender(ctx, security=INSECURE, max_chunk_bytes=4096)
+    # The proxy tampers with what goes through the socket: keep every chunk on it.
+    sender = KvSender(ctx, security=INSECURE, max_chunk_bytes=4096, same_host=SameHostMode.OFF)
 
     async def send() -> None:
         stream = await sender.open(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from transport.kv.same_host import SameHostMode
 from transport.security import SecurityConfig
 from transport.security.key_set import KeySet
 from transport.security.keys import read_keypair
@@ -43,8 +44,12 @@ def _caches(seed: int | None) -> dict[str, np.ndarray]:
 _DECODE_KEY: dict[str, str] = {}
 
 
-@pytest.fixture
-def sides(tmp_path: Path) -> Iterator[tuple[PdorchWorkerSide, PdorchWorkerSide, dict, dict]]:
+@pytest.fixture(params=[SameHostMode.OFF, SameHostMode.ON])
+def sides(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[PdorchWorkerSide, PdorchWorkerSide, dict, dict]]:
+    """Over TCP, and through shared memory (vLLM's CPU KV cache is plain memory), both on
+    authenticated sockets."""
     keys = KeySet.create(tmp_path, {"prefill": (), "decode": ()})
     _DECODE_KEY["public"] = read_keypair(keys.key_file("decode")).public
 
@@ -53,8 +58,10 @@ def sides(tmp_path: Path) -> Iterator[tuple[PdorchWorkerSide, PdorchWorkerSide, 
 
     # vLLM hands the worker side torch tensors; numpy arrays are taken as they are.
     src, dst = _caches(1), _caches(None)
-    producer = PdorchWorkerSide(bind=None, security=security("prefill"))
-    consumer = PdorchWorkerSide(bind="tcp://127.0.0.1:0", security=security("decode"))
+    producer = PdorchWorkerSide(bind=None, security=security("prefill"), same_host=request.param)
+    consumer = PdorchWorkerSide(
+        bind="tcp://127.0.0.1:0", security=security("decode"), same_host=request.param
+    )
     producer.register_kv_caches(src)
     consumer.register_kv_caches(dst)
     try:

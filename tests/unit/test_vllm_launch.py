@@ -30,6 +30,7 @@ def test_decode_instance_consumes_kv_on_its_endpoint() -> None:
     assert cfg["kv_role"] == "kv_consumer"
     assert cfg["kv_load_failure_policy"] == "fail"
     assert cfg["kv_connector_extra_config"]["pdorch_kv_bind"] == "tcp://127.0.0.1:5601"
+    assert cfg["kv_connector_extra_config"]["pdorch_kv_same_host"] == "auto"  # shared memory on one host
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_NO_USAGE_STATS"] == "1"
@@ -58,6 +59,7 @@ def test_plain_instance_has_no_connector_and_base_env_is_not_mutated() -> None:
         VllmLaunchSpec(model_dir="/m", port=1, role=Role.BOTH),
         VllmLaunchSpec(model_dir="/m", port=1, role=None, block_size=16),
         VllmLaunchSpec(model_dir="/m", port=1, role=None, kv_load_failure_policy="ignore"),
+        VllmLaunchSpec(model_dir="/m", port=1, role=Role.PREFILL, kv_same_host="sometimes"),
     ],
 )
 def test_bad_specs_are_config_errors(spec: VllmLaunchSpec) -> None:

@@ -34,8 +34,10 @@ from transport.kv.messages import (
     KvEnd,
     KvMessage,
     KvNack,
+    KvShmChunk,
     nack_error,
 )
+from transport.kv.same_host.ring import Ring
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,9 @@ MAX_ROW_DIMS = 7
 class KvSink(Protocol):
     """Where verified rows go on the receiving side (e.g. the engine's paged KV cache).
 
-    ``rows`` is a read-only view over the received frame: copy it, or keep a reference to it."""
+    ``rows`` is a read-only view over the received frame, or over a slot of a same-host ring that
+    is reused once ``write`` returns: copy what you keep. (The broker's :class:`ChecksummedKvSink`
+    keeps frames; it is never lent a ring.)"""
 
     def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None: ...
 
@@ -94,10 +98,12 @@ class InTransfer:
         window_bytes: int,
         reply: ReplyFn,
         on_finish: Callable[[InTransfer], None] | None = None,
+        ring: Ring | None = None,
     ) -> None:
         """``begin`` must have passed :func:`validate_begin`. ``on_finish`` is called once, when the
-        transfer completed or failed. Not tied to an event loop: the p2p receiver runs it on its
-        own thread."""
+        transfer completed or failed. ``ring``: a shared ring offered to a same-host sender (the
+        window is then the ring; the sink must copy what it keeps). Not tied to an event loop: the
+        p2p receiver runs it on its own thread."""
         self.transfer_id = begin.transfer_id
         self.begin = begin
         self._sink = sink
@@ -114,7 +120,9 @@ class InTransfer:
         self._checksum_rows = begin.checksum_rows
         self.total_bytes = self.row_bytes * begin.rows_per_layer * begin.num_layers
         # At least two rows of credit, so a chunk always fits however small the configured window.
-        self._window = ReceiveWindow(max(window_bytes, 2 * self.row_bytes))
+        self._window = ReceiveWindow(max(window_bytes, 2 * self.row_bytes) if ring is None else ring.size)
+        self.ring = ring
+        self.ring_used = False
         self._next_seq = 0
         self._layer_rows = [0] * begin.num_layers
         self.accepted_at: float | None = None
@@ -137,15 +145,19 @@ class InTransfer:
 
     def accept(self) -> None:
         self.accepted_at = self.last_activity = time.monotonic()
-        self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=self._window.first_grant()))
+        offer = self.ring.offer if self.ring is not None else None
+        credit = self._window.first_grant()
+        self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=credit, ring=offer))
 
     def handle(self, msg: KvMessage) -> None:
         if self.finished:
             return
-        if isinstance(msg, KvChunk | KvEnd):
+        if isinstance(msg, KvChunk | KvShmChunk | KvEnd):
             self.last_activity = time.monotonic()
         if isinstance(msg, KvChunk):
             self._on_chunk(msg)
+        elif isinstance(msg, KvShmChunk):
+            self._on_shm_chunk(msg)
         elif isinstance(msg, KvEnd):
             self._on_end(msg)
         elif isinstance(msg, KvAbort):
@@ -153,9 +165,28 @@ class InTransfer:
         elif isinstance(msg, KvNack):  # the broker refusing a fetch
             self._finish(nack_error(msg))
 
-    def _on_chunk(self, chunk: KvChunk) -> None:
+    def _on_shm_chunk(self, msg: KvShmChunk) -> None:
+        """A chunk the sender wrote into the ring: checked exactly as a sent one, and charged a
+        whole slot of credit, so the sender never writes a slot that was not emptied yet."""
+        ring = self.ring
+        if ring is None:
+            self.fail(ErrorCode.KV_CORRUPT, "a shared-memory chunk, but no ring was offered")
+            return
+        if not 0 < msg.rows * self.row_bytes <= ring.slot_bytes:
+            self.fail(ErrorCode.KV_CORRUPT, f"shared chunk {msg.seq} of {msg.rows} rows does not fit a slot")
+            return
+        if not self.ring_used:  # the sender has mapped it: nobody else may open it from now on
+            ring.seal()
+            self.ring_used = True
+        rows = ring.rows(msg.seq, msg.rows, self._dtype, self._row_shape, self.row_bytes)
+        chunk = KvChunk(self.transfer_id, msg.seq, msg.layer, msg.row_offset, msg.checksums, rows)
+        self._on_chunk(chunk, charge=ring.slot_bytes)
+
+    def _on_chunk(self, chunk: KvChunk, charge: int = 0) -> None:
+        """``charge``: the credit the chunk takes (default: its bytes)."""
         rows = chunk.rows
-        if not self._window.on_arrival(rows.nbytes):
+        charge = charge or rows.nbytes
+        if not self._window.on_arrival(charge):
             self.fail(ErrorCode.KV_CORRUPT, "sender exceeded its credit")
             return
         if chunk.seq != self._next_seq:
@@ -180,7 +211,7 @@ class InTransfer:
         self._next_seq += 1
         self._layer_rows[chunk.layer] += rows.shape[0]
         self._payload_bytes += rows.nbytes
-        regrant = self._window.on_consumed(rows.nbytes)
+        regrant = self._window.on_consumed(charge)
         if regrant:
             self._send(KvCredit(transfer_id=self.transfer_id, credit_bytes=regrant))
 

@@ -37,13 +37,29 @@ class KvBegin(msgspec.Struct, tag="begin", **_STRUCT):
     dtype: str
     # Rows covered by each checksum of a chunk (see checksum.py); at least ``min_checksum_rows``.
     checksum_rows: int
+    # The sender's host identity (same_host/identity.py) when it can take a shared-memory ring; "" not.
+    host: str = ""
+
+
+class KvShmRing(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A receiver's shared-memory ring, offered to a sender on its host: the memfd ``fd`` of process
+    ``pid`` (inode ``inode``), ``slots`` slots of ``slot_bytes`` each. See ``same_host/``."""
+
+    pid: int
+    fd: int
+    inode: int
+    slots: int
+    slot_bytes: int
 
 
 class KvAccept(msgspec.Struct, tag="accept", **_STRUCT):
-    """Receiver -> sender: go ahead; the first grant of credit, in bytes of row payload."""
+    """Receiver -> sender: go ahead; the first grant of credit, in bytes of row payload. ``ring``:
+    the sender may write its chunks into this shared ring (:class:`KvShmChunk`) instead of sending
+    them; credit then counts one whole slot per chunk, and the window is the ring."""
 
     transfer_id: str
     credit_bytes: int
+    ring: KvShmRing | None = None
 
 
 class KvCredit(msgspec.Struct, tag="credit", **_STRUCT):
@@ -66,6 +82,18 @@ class KvChunk(msgspec.Struct, tag="chunk", **_STRUCT):
     row_offset: int
     checksums: list[int]
     rows: np.ndarray
+
+
+class KvShmChunk(msgspec.Struct, tag="shm_chunk", **_STRUCT):
+    """Sender -> receiver: a :class:`KvChunk` whose ``rows`` rows were written into slot
+    ``seq % slots`` of the ring the receiver offered, rather than sent."""
+
+    transfer_id: str
+    seq: int
+    layer: int
+    row_offset: int
+    checksums: list[int]
+    rows: int
 
 
 class KvEnd(msgspec.Struct, tag="end", **_STRUCT):
@@ -129,7 +157,18 @@ class KvPong(msgspec.Struct, tag="pong", **_STRUCT):
 
 
 KvMessage = (
-    KvBegin | KvAccept | KvCredit | KvChunk | KvEnd | KvAck | KvNack | KvAbort | KvFetch | KvPing | KvPong
+    KvBegin
+    | KvAccept
+    | KvCredit
+    | KvChunk
+    | KvShmChunk
+    | KvEnd
+    | KvAck
+    | KvNack
+    | KvAbort
+    | KvFetch
+    | KvPing
+    | KvPong
 )
 
 

@@ -1,7 +1,9 @@
 """The sending half of one transfer: begin, chunks under credit, end, and the receiver's verdict.
 
 The same class serves a prefill agent sending to a decode agent or to the broker (over a DEALER),
-and the broker serving a fetch (over its ROUTER): only the ``send`` function differs.
+and the broker serving a fetch (over its ROUTER): only the ``send`` function differs. When the
+receiver offers a shared ring (a same-host p2p transfer, ``same_host/``), chunks are written into
+it and announced with ``KvShmChunk`` instead of being sent.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ from transport.kv.messages import (
     KvEnd,
     KvMessage,
     KvNack,
+    KvShmChunk,
+    KvShmRing,
     nack_error,
 )
+from transport.kv.same_host import SameHostMode, host_identity
+from transport.kv.same_host.attached import AttachedRings
+from transport.kv.same_host.ring import Ring
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +61,12 @@ class KvOutStream:
         max_in_flight_bytes: int,
         on_closed: Callable[[], None] = lambda: None,
         checksum_rows: int | None = None,
+        same_host: SameHostMode = SameHostMode.OFF,
+        rings: AttachedRings | None = None,
     ) -> None:
         """``checksum_rows``: rows per checksum; the broker passes the inbound transfer's, so that
-        the checksums it stored stay valid when it forwards the chunks."""
+        the checksums it stored stay valid when it forwards the chunks. ``same_host``: whether to
+        ask for a shared ring and write chunks into it (mapped through ``rings``)."""
         self.transfer_id = transfer_id
         self.num_layers = num_layers
         self.rows_per_layer = rows_per_layer
@@ -80,6 +90,12 @@ class KvOutStream:
         self._seq = 0
         self._layer_rows = [0] * num_layers
         self.bytes_sent = 0
+        self._same_host = same_host if rings is not None else SameHostMode.OFF
+        self._rings = rings
+        self._ring_offer: KvShmRing | None = None
+        self._ring: Ring | None = None
+        self._ring_decided = False
+        self.used_ring = False  # chunks went through the receiver's shared ring
 
     @property
     def peak_in_flight(self) -> int:
@@ -94,6 +110,7 @@ class KvOutStream:
             window_chunk = max(self.row_bytes, msg.credit_bytes // 2)
             self._chunk_rows = rows_per_chunk(self.row_bytes, min(self._max_chunk_bytes, window_chunk))
             self._credit.grant(msg.credit_bytes)
+            self._ring_offer = msg.ring
             self._accepted.set()
         elif isinstance(msg, KvCredit):
             self._credit.grant(msg.credit_bytes)
@@ -121,6 +138,7 @@ class KvOutStream:
                 row_shape=list(self.row_shape),
                 dtype=self.dtype.name,
                 checksum_rows=self.checksum_rows,
+                host=host_identity() if self._same_host != SameHostMode.OFF else "",
             )
         )
 
@@ -147,6 +165,9 @@ class KvOutStream:
             await self._deadline.wait(self._accepted.wait(), f"the receiver to accept {self.transfer_id}")
             self._raise_if_over()
             rows = np.ascontiguousarray(rows)
+            if self._take_ring() is not None:
+                await self._write_rows(layer, row_offset, rows)
+                return
             spans = chunk_spans(rows.shape[0], self._chunk_rows)
             for start, count in spans:
                 part = rows[start : start + count]
@@ -171,6 +192,52 @@ class KvOutStream:
         except PdorchError as e:
             await self._give_up(e)
             raise
+
+    def _take_ring(self) -> Ring | None:
+        """The receiver's shared ring, mapped on first use after acceptance; None: use the socket."""
+        if self._ring_decided or self._same_host == SameHostMode.OFF or self._rings is None:
+            return self._ring
+        self._ring_decided = True
+        if self._ring_offer is None:
+            if self._same_host == SameHostMode.ON:
+                raise PdorchError(ErrorCode.CONFIG, "same-host KV is forced on; the receiver offered no ring")
+            return None
+        try:
+            self._ring = self._rings.take(self._ring_offer)
+        except PdorchError as e:
+            if self._same_host == SameHostMode.ON:
+                raise
+            # Once per sender: with auto, every transfer to that receiver would say the same.
+            level = logging.DEBUG if self._rings.fell_back else logging.WARNING
+            self._rings.fell_back = True
+            log.log(level, "transfer %s goes through the socket: %s", self.transfer_id, e.message)
+            return None
+        self.used_ring = True
+        return self._ring
+
+    async def _write_rows(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
+        """The same-host path of :meth:`send_rows`: each chunk (a slot's worth of rows) is written
+        into its slot, then announced; a slot is written only under credit, i.e. once emptied."""
+        ring = self._ring
+        assert ring is not None
+        for start, count in chunk_spans(rows.shape[0], max(1, ring.slot_bytes // self.row_bytes)):
+            part = rows[start : start + count]
+            await self._credit.take(ring.slot_bytes, self._deadline)
+            seq = self._seq
+            digests = ring.write(seq, part, self.checksum_rows)
+            self._seq += 1
+            self._layer_rows[layer] += count
+            self.bytes_sent += part.nbytes
+            await self._send(
+                KvShmChunk(
+                    transfer_id=self.transfer_id,
+                    seq=seq,
+                    layer=layer,
+                    row_offset=row_offset + start,
+                    checksums=digests,
+                    rows=count,
+                )
+            )
 
     async def finish(self, trailer: dict[str, int | str]) -> None:
         """Send the end of the transfer and wait for the receiver's verdict; raise if it refused."""
@@ -216,4 +283,7 @@ class KvOutStream:
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._ring is not None and self._rings is not None:
+                # Kept mapped only after an acknowledged transfer: the receiver lends it again.
+                self._rings.release(self._ring, ok=self._error is None and self._settled.is_set())
             self._on_closed()

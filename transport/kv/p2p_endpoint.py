@@ -23,6 +23,9 @@ begin away for lack of room in all (not for one peer's excess): the agent report
 load, and placement leaves the worker out until it passes.
 
 Sinks are called on this thread: they must not rely on running on the event loop.
+
+Same-host transfers (``same_host/``): a sender on this host is lent a shared ring from
+:class:`RingPool` at acceptance, given back when the transfer ends (closed if it failed).
 """
 
 from __future__ import annotations
@@ -43,7 +46,19 @@ import zmq
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
 from transport.kv.in_transfer import InTransfer, KvSink, ReplyFn, validate_begin
-from transport.kv.messages import KV_PROTOCOL_VERSION, KvAbort, KvBegin, KvChunk, KvEnd, KvMessage, KvNack
+from transport.kv.messages import (
+    KV_PROTOCOL_VERSION,
+    KvAbort,
+    KvBegin,
+    KvChunk,
+    KvEnd,
+    KvMessage,
+    KvNack,
+    KvShmChunk,
+)
+from transport.kv.same_host import SameHostMode, host_identity
+from transport.kv.same_host.ring import Ring
+from transport.kv.same_host.ring_pool import RingPool
 from transport.security import ServerAuth, peer_name
 from transport.sockets import bound_endpoint, router
 
@@ -64,6 +79,7 @@ class P2pStats(msgspec.Struct, gc=False):
     refused_begins: int = 0
     # Of those: refused because every slot was taken (what makes the endpoint "refusing").
     refused_full: int = 0
+    same_host: int = 0  # transfers whose chunks came through a shared ring
 
 
 @dataclass(eq=False)
@@ -103,8 +119,11 @@ class P2pEndpoint:
         idle_s: float,
         refusing_s: float,
         auth: ServerAuth,
+        same_host: SameHostMode = SameHostMode.AUTO,
+        rings: RingPool | None = None,
     ) -> None:
-        """``ctx``: a plain (not ``zmq.asyncio``) context. Binds at once; :meth:`start` serves."""
+        """``ctx``: a plain (not ``zmq.asyncio``) context. Binds at once; :meth:`start` serves.
+        ``same_host``: when to lend senders a shared ring from ``rings``."""
         self._window_bytes = window_bytes
         self._max_active = max_active
         self._max_parked = max_parked
@@ -136,6 +155,8 @@ class P2pEndpoint:
         self._active = 0
         # time.monotonic() of the last refusal for lack of room (read by the loop side).
         self._full_at = float("-inf")
+        self._same_host = same_host if rings is not None else SameHostMode.OFF
+        self._rings = rings
         # Why the thread stopped, once it has: expectations queued after that fail with it.
         self._stopped_with: PdorchError | None = None
         self.stats = P2pStats()
@@ -201,6 +222,8 @@ class P2pEndpoint:
                     return
                 if frames and frames[0].bytes != _WAKE_ID:
                     self._on_message(frames)
+                    if self._rings is not None:
+                        self._rings.retry_closing()
                 now = time.monotonic()
                 if now >= next_housekeeping:
                     self._housekeeping(now)
@@ -212,6 +235,8 @@ class P2pEndpoint:
             self._stop(PdorchError(ErrorCode.INTERNAL, "the KV receiver failed"))
         finally:
             self._router.close(linger=0)
+            if self._rings is not None:
+                self._rings.close()
             self._stopped_with = self._stopped_with or PdorchError(ErrorCode.CANCELLED, "KV receiver closed")
             self._fail_queued()
 
@@ -267,11 +292,11 @@ class P2pEndpoint:
             return
         expected = self._expected.get(msg.transfer_id)
         transfer = expected.transfer if expected is not None else None
-        if transfer is not None and isinstance(msg, KvChunk | KvEnd | KvAbort):
+        if transfer is not None and isinstance(msg, KvChunk | KvShmChunk | KvEnd | KvAbort):
             assert expected is not None
             if expected.identity == identity:
                 transfer.handle(msg)
-            elif isinstance(msg, KvChunk | KvEnd):
+            elif isinstance(msg, KvChunk | KvShmChunk | KvEnd):
                 # The sender's connection dropped and came back under a new routing id: whatever
                 # was in flight on the old one is lost, so the stream can no longer be complete.
                 transfer.fail(
@@ -396,9 +421,20 @@ class P2pEndpoint:
                 on_finish=lambda transfer, expected=expected: self._settle(
                     expected, transfer.error, transfer.trailer
                 ),
+                ring=self._ring_for(parked),
             )
             self._active += 1
             expected.transfer.accept()
+
+    def _ring_for(self, parked: _Parked) -> Ring | None:
+        """A shared ring for this transfer, if its sender is on this host (or the mode forces it)."""
+        host = parked.begin.host
+        if self._rings is None or not host or self._same_host == SameHostMode.OFF:
+            return None
+        if self._same_host == SameHostMode.AUTO and host != host_identity():
+            return None
+        row_bytes = validate_begin(parked.begin)  # validated before it was parked
+        return self._rings.lend(parked.identity, row_bytes)
 
     def _settle(
         self, expected: Expected, error: PdorchError | None, trailer: dict[str, int | str] | None = None
@@ -407,6 +443,14 @@ class P2pEndpoint:
         if expected.settled:
             return
         expected.settled = True
+        transfer = expected.transfer
+        if transfer is not None and transfer.ring is not None and self._rings is not None:
+            # A failed transfer's sender may still be writing into its ring: never lend that one again.
+            # Nor one the sender did not use (it could not map it, and a sealed ring stays unmappable).
+            self._rings.give_back(
+                expected.identity, transfer.ring, reuse=error is None and transfer.ring_used
+            )
+            self.stats.same_host += transfer.ring_used
         if self._expected.get(expected.transfer_id) is expected:
             del self._expected[expected.transfer_id]
         if expected.transfer is not None:
@@ -433,6 +477,8 @@ class P2pEndpoint:
         self._send_to(identity, KvNack(transfer_id=tid, code=str(code), message=message))
 
     def _housekeeping(self, now: float) -> None:
+        if self._rings is not None:
+            self._rings.housekeeping(now)
         for expected in list(self._expected.values()):
             transfer = expected.transfer
             last = transfer.last_activity if transfer is not None else None

@@ -21,11 +21,18 @@ from transport.kv.in_transfer import KvSink
 from transport.kv.messages import KV_PROTOCOL_VERSION, KvFetch
 from transport.kv.p2p_endpoint import Expected, Outcome, P2pEndpoint
 from transport.kv.receive_buffers import keep_receive_buffers
+from transport.kv.same_host import SameHostMode
+from transport.kv.same_host.ring_pool import RingPool
 from transport.messages import KvMode, KvRoute
 from transport.security import Plane, Security
 from transport.sockets import plain_context
 
 DEFAULT_RECEIVER_WINDOW_BYTES = 32 * 1024 * 1024
+# A same-host transfer's ring: 4 slots of 4 MiB. 16 MiB stays in a server's last-level cache, so
+# the receiver reads back what the sender just wrote from there; 4 MiB chunks keep the per-chunk
+# messages few (a 1 GiB transfer: 256).
+DEFAULT_RING_SLOTS = 4
+DEFAULT_RING_SLOT_BYTES = 4 * 1024 * 1024
 
 
 class KvReceiverStats(msgspec.Struct, gc=False):
@@ -35,6 +42,8 @@ class KvReceiverStats(msgspec.Struct, gc=False):
     refused_begins: int = 0
     parked: int = 0
     active: int = 0
+    same_host: int = 0  # p2p transfers whose chunks came through shared memory
+    shared_rings: int = 0  # shared rings open now (lent or kept for their sender)
 
 
 class KvReceiver:
@@ -52,9 +61,14 @@ class KvReceiver:
         park_s: float = 30.0,
         idle_s: float = 10.0,
         refusing_s: float = 5.0,
+        same_host: SameHostMode = SameHostMode.AUTO,
+        ring_slots: int = DEFAULT_RING_SLOTS,
+        ring_slot_bytes: int = DEFAULT_RING_SLOT_BYTES,
     ) -> None:
         """``bind=None``: no p2p endpoint (fetch only). ``window_bytes``: credit per transfer;
-        ``max_parked*``: begins nobody expects yet, in all, per connection, per authenticated name."""
+        ``max_parked*``: begins nobody expects yet, in all, per connection, per authenticated name
+        (same-host begins included). ``same_host``: when p2p senders on this host get a shared ring
+        (``same_host/``) of ``ring_slots`` slots of ``ring_slot_bytes``."""
         self._ctx = ctx
         self._bind = bind
         self._security = security
@@ -66,6 +80,10 @@ class KvReceiver:
         self._park_s = park_s
         self._idle_s = idle_s
         self._refusing_s = refusing_s
+        self._same_host = same_host
+        self._ring_slots = ring_slots
+        self._ring_slot_bytes = ring_slot_bytes
+        self._rings: RingPool | None = None
         self.endpoint = ""
         self._p2p: P2pEndpoint | None = None
         self._closed = False
@@ -87,6 +105,8 @@ class KvReceiver:
             active=p2p.active,
             dropped_messages=dropped + p2p.stats.dropped_messages,
             refused_begins=p2p.stats.refused_begins,
+            same_host=p2p.stats.same_host,
+            shared_rings=self._rings.open_rings if self._rings is not None else 0,
         )
 
     @property
@@ -98,6 +118,14 @@ class KvReceiver:
         keep_receive_buffers()
         if self._bind is None:
             return
+        if self._same_host != SameHostMode.OFF:
+            self._rings = RingPool(
+                slots=self._ring_slots,
+                slot_bytes=self._ring_slot_bytes,
+                window_bytes=self._window_bytes,
+                idle_s=max(self._idle_s, 30.0),
+                max_idle=2 * self._max_active,
+            )
         self._p2p = P2pEndpoint(
             plain_context(self._ctx),
             self._bind,
@@ -110,6 +138,8 @@ class KvReceiver:
             idle_s=self._idle_s,
             refusing_s=self._refusing_s,
             auth=self._security.server(self._ctx, Plane.KV),
+            same_host=self._same_host,
+            rings=self._rings,
         )
         self.endpoint = self._p2p.endpoint
         self._p2p.start()

@@ -18,7 +18,9 @@ from transport.errors import ErrorCode, PdorchError
 from transport.kv.deadline import Deadline
 from transport.kv.dealer_link import DealerLink
 from transport.kv.out_stream import KvOutStream
-from transport.messages import KvRoute
+from transport.kv.same_host import SameHostMode
+from transport.kv.same_host.attached import AttachedRings
+from transport.messages import KvMode, KvRoute
 from transport.security import Plane, Security
 
 DEFAULT_MAX_CHUNK_BYTES = 1024 * 1024
@@ -34,9 +36,12 @@ class KvSender:
         window_bytes: int = DEFAULT_SENDER_WINDOW_BYTES,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         max_links: int = 64,
+        same_host: SameHostMode = SameHostMode.AUTO,
     ) -> None:
         """``window_bytes`` caps this sender's bytes in flight per transfer, on top of the credit
-        the receiver grants (the smaller wins); ``max_chunk_bytes`` (<= 16 MiB) sizes the chunks."""
+        the receiver grants (the smaller wins); ``max_chunk_bytes`` (<= 16 MiB) sizes the chunks.
+        ``same_host``: whether to write into a receiver's shared ring when it offers one (auto),
+        insist on one (on: a transfer without fails with ``CONFIG``) or never ask (off)."""
         self._ctx = ctx
         self._security = security
         self._window_bytes = window_bytes
@@ -46,6 +51,9 @@ class KvSender:
         self._retired: list[DealerLink] = []
         self._streams: set[KvOutStream] = set()
         self._closed = False
+        self._same_host = same_host
+        self._rings = AttachedRings() if same_host != SameHostMode.OFF else None
+        self.same_host_transfers = 0
 
     async def open(
         self,
@@ -75,6 +83,9 @@ class KvSender:
             max_chunk_bytes=self._max_chunk_bytes,
             max_in_flight_bytes=self._window_bytes,
             on_closed=lambda: self._forget(link, stream),
+            # Only a decode agent's own endpoint lends rings; the broker keeps what it receives.
+            same_host=self._same_host if route.mode == KvMode.P2P else SameHostMode.OFF,
+            rings=self._rings,
         )
         link.register(route.transfer_id, stream.handle)
         self._streams.add(stream)
@@ -88,6 +99,7 @@ class KvSender:
     def _forget(self, link: DealerLink, stream: KvOutStream) -> None:
         link.unregister(stream.transfer_id)
         self._streams.discard(stream)
+        self.same_host_transfers += stream.used_ring
 
     async def _link(self, endpoint: str, server_key: str) -> DealerLink:
         # Keyed by the server key too: a worker restarted with another key at the same address
@@ -126,3 +138,10 @@ class KvSender:
         links, self._links = [*self._links.values(), *self._retired], OrderedDict()
         self._retired = []
         await asyncio.gather(*(link.close() for link in links))
+        if self._rings is not None:
+            self._rings.close()
+
+    @property
+    def mapped_rings(self) -> int:
+        """Receivers' shared rings this sender maps now (in use, or kept for the next transfer)."""
+        return self._rings.mapped if self._rings is not None else 0

@@ -7,7 +7,8 @@ Load it into a vLLM server with::
         "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
         "kv_load_failure_policy": "fail" | "recompute",
         "kv_connector_extra_config": {"pdorch_kv_bind": "tcp://127.0.0.1:5601",
-                                      "pdorch_max_lease_s": 120}}'
+                                      "pdorch_max_lease_s": 120,
+                                      "pdorch_kv_same_host": "auto" | "on" | "off"}}'
 
 vLLM builds one instance per process: role SCHEDULER in the EngineCore (bookkeeping, see
 ``connector_scheduler.py``) and role WORKER next to the model (data movement, see
@@ -28,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from transport.kv.same_host import SameHostMode
 from transport.security import config as security_config
 from workers.engines.vllm.connector_metadata import StepPlan
 from workers.engines.vllm.connector_scheduler import PdorchSchedulerSide
@@ -72,7 +74,8 @@ class PdorchConnector(KVConnectorBase_V1):
                 raise ValueError("a consuming PdorchConnector needs kv_connector_extra_config.pdorch_kv_bind")
             # The agent's launcher gives this vLLM server the worker's keys through the environment.
             security = security_config.build(security_config.from_env())
-            self._worker = PdorchWorkerSide(bind=bind or None, security=security)
+            same_host = SameHostMode(transfer.get_from_extra_config("pdorch_kv_same_host", "auto"))
+            self._worker = PdorchWorkerSide(bind=bind or None, security=security, same_host=same_host)
         logger.info("PdorchConnector %s side, role %s", role.name, transfer.kv_role)
 
     def _plan(self) -> StepPlan:

@@ -19,6 +19,7 @@ import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
+from transport.kv.same_host import SameHostMode
 from transport.security import Security, SecurityConfig
 from workers.engines.vllm.block_io import BlockSink
 from workers.engines.vllm.connector_metadata import RecvSpec, SendSpec
@@ -46,7 +47,12 @@ class KvPlaneThread:
         row_shape: tuple[int, ...],
         dtype: np.dtype,
         security: SecurityConfig,
+        same_host: SameHostMode = SameHostMode.AUTO,
     ) -> None:
+        """``same_host``: whether KV to and from vLLM instances on this host goes through shared
+        memory (vLLM's CPU KV cache is plain memory, so its blocks are copied in and out of the
+        ring like any sink's)."""
+        self._same_host = same_host
         self.num_layers = num_layers
         self.row_shape = row_shape
         self.dtype = dtype
@@ -87,10 +93,12 @@ class KvPlaneThread:
     async def _open(self, bind: str | None) -> None:
         self._security = Security.load(self._security_cfg)
         self._ctx = zmq.asyncio.Context()
-        self._sender = KvSender(self._ctx, security=self._security)
+        self._sender = KvSender(self._ctx, security=self._security, same_host=self._same_host)
         self._receiver: KvReceiver | None = None
         if bind:
-            self._receiver = KvReceiver(self._ctx, bind=bind, security=self._security)
+            self._receiver = KvReceiver(
+                self._ctx, bind=bind, security=self._security, same_host=self._same_host
+            )
             await self._receiver.start()
             self.endpoint = self._receiver.endpoint
 

@@ -62,6 +62,8 @@ class VllmLaunchSpec(msgspec.Struct, kw_only=True, frozen=True):
     loras: dict[str, str] = {}
     max_lora_rank: int = 16
     max_loras: int = 4
+    # The connector's same-host KV path (auto, on, off), as ``pdorch worker --kv-same-host``.
+    kv_same_host: str = "auto"
     extra_args: list[str] = []
 
 
@@ -76,7 +78,10 @@ def context_length(model_dir: str) -> int:
 
 def kv_transfer_config(spec: VllmLaunchSpec) -> dict[str, object]:
     assert spec.role is not None
-    extra: dict[str, object] = {"pdorch_max_lease_s": spec.max_lease_s}
+    extra: dict[str, object] = {
+        "pdorch_max_lease_s": spec.max_lease_s,
+        "pdorch_kv_same_host": spec.kv_same_host,
+    }
     if spec.role in (Role.DECODE, Role.BOTH):
         if not spec.kv_bind:
             raise PdorchError(
@@ -100,6 +105,10 @@ def vllm_command(
         raise PdorchError(
             ErrorCode.CONFIG,
             f"kv_load_failure_policy must be fail or recompute, not {spec.kv_load_failure_policy!r}",
+        )
+    if spec.kv_same_host not in ("auto", "on", "off"):
+        raise PdorchError(
+            ErrorCode.CONFIG, f"kv_same_host must be auto, on or off, not {spec.kv_same_host!r}"
         )
     if spec.block_size % 32:
         raise PdorchError(
