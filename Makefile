@@ -9,7 +9,7 @@ VLLM_STAMP := .venv-vllm/.pdorch-installed
 # weights, nothing to fetch), a Llama .gguf file or a Hugging Face directory.
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: install vllm model run test lint bench bench-engines bench-clients chaos clean
+.PHONY: install vllm model run test lint bench bench-engines bench-clients chaos fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,5 +66,9 @@ bench-clients: install vllm model
 chaos: install
 	$(PY) bench/chaos.py
 
+## Fuzz the HTTP API with schemathesis against its /openapi.json (its own virtualenv, .venv-fuzz); fails on any 5xx.
+fuzz: install
+	$(PY) scripts/fuzz_http.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) .venv-vllm .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm .venv-fuzz .pytest_cache .ruff_cache

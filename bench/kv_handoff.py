@@ -2,7 +2,11 @@
 
 Hands off the KV of a Llama-3-8B-shaped request (32 layers of ``[T, 2, 8, 128]`` fp16: 128 KiB
 per token) at several prompt lengths, with the sender, the receiver and (centralized mode) the
-broker each in its own OS process, as in production. Baselines, measured in the same run:
+broker each in its own OS process, as in production. pdorch's KV plane runs as configured in
+production too: ``p2p`` and ``central`` with no authentication (the transport alone), ``p2p+auth``
+authenticated by ZAP without encrypting the payload (``kv_payload: plaintext``) and ``p2p+curve``
+CURVE-encrypted (``kv_payload: encrypted``), which is what authentication costs. Baselines, measured
+in the same run:
 
 - memcpy: ``np.copyto`` of the same bytes, layer by layer (the floor of any handoff);
 - raw pyzmq: a PUSH process sending the same frames (chunks of ``--chunk-mb``) with ``copy=False``
@@ -33,6 +37,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -50,6 +55,8 @@ from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
 from transport.kv.receive_buffers import keep_receive_buffers
 from transport.kv.same_host import SameHostMode
 from transport.messages import KvMode, KvRoute
+from transport.security import KvPayload, Security, SecurityConfig
+from transport.security.key_set import KeySet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 32
@@ -81,16 +88,40 @@ async def recv_command(conn: Connection) -> Any:
 # ----------------------------------------------------------------------------- pdorch processes
 
 
+class Party(NamedTuple):
+    """Who a bench process is on the KV plane: a key of a key set, and the payload mode."""
+
+    keys_dir: str
+    name: str
+    payload: str
+
+
+def security_of(party: Party | None) -> Security:
+    if party is None:
+        return Security.insecure()
+    keys = KeySet(Path(party.keys_dir))
+    cfg = SecurityConfig(
+        key_file=str(keys.key_file(party.name)),
+        trusted_keys=str(keys.trusted_dir),
+        kv_payload=KvPayload(party.payload),
+    )
+    return Security.load(cfg)
+
+
 class DiscardSink:
     def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
         pass
 
 
-def receiver_process(conn: Connection, window_mb: int, ring_slots: int, ring_slot_mb: int) -> None:
+def receiver_process(
+    conn: Connection, window_mb: int, ring_slots: int, ring_slot_mb: int, party: Party | None
+) -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
+        security = security_of(party)
         receiver = KvReceiver(
             ctx,
+            security=security,
             bind="tcp://127.0.0.1:0",
             window_bytes=window_mb * MIB,
             ring_slots=ring_slots,
@@ -115,17 +146,22 @@ def receiver_process(conn: Connection, window_mb: int, ring_slots: int, ring_slo
             digest = checksum(sink.layers) if kind == "verify" else 0
             conn.send((done, digest))
         await receiver.close()
+        security.close()
         ctx.destroy(linger=0)
 
     run_loop(main)
 
 
-def sender_process(conn: Connection, chunk_mb: int) -> None:
+def sender_process(conn: Connection, chunk_mb: int, party: Party | None, server_key: str) -> None:
+    """``server_key``: the receiver's public key, pinned as the scheduler's routes do."""
+
     async def main() -> None:
         ctx = zmq.asyncio.Context()
+        security = security_of(party)
         senders = {
             shared: KvSender(
                 ctx,
+                security=security,
                 max_chunk_bytes=chunk_mb * MIB,
                 same_host=SameHostMode.ON if shared else SameHostMode.OFF,
             )
@@ -143,7 +179,7 @@ def sender_process(conn: Connection, chunk_mb: int) -> None:
             await recv_command(conn)  # go
             start = time.perf_counter()
             stream = await sender.open(
-                KvRoute(mode, endpoint, tid),
+                KvRoute(mode, endpoint, tid, server_key if mode == "p2p" else ""),
                 num_layers=LAYERS,
                 rows_per_layer=tokens,
                 row_shape=ROW_SHAPE,
@@ -156,6 +192,7 @@ def sender_process(conn: Connection, chunk_mb: int) -> None:
             conn.send((start, time.perf_counter()))
         for sender in senders.values():
             await sender.close()
+        security.close()
         ctx.destroy(linger=0)
 
     run_loop(main)
@@ -317,7 +354,8 @@ def kv_run(
 
 
 def start_broker(window_mb: int) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "transport.kv.broker_cli", "--bind", "tcp://127.0.0.1:0"]
+    # The transport alone (the authenticated modes are measured p2p).
+    command = [sys.executable, "-m", "transport.kv.broker_cli", "--bind", "tcp://127.0.0.1:0", "--insecure"]
     command += [
         "--capacity-mb",
         "4096",
@@ -337,12 +375,41 @@ def start_broker(window_mb: int) -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" ", 1)[1].strip()
 
 
-METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central", "same-host")
-WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 17, 7, 7, 7, 7, 7, 9)
+METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central", "same-host", "p2p+auth", "p2p+curve")
+WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 17, 13, 13, 7, 7, 7, 7, 7, 9, 7, 7)
+SENDER, RECEIVER = "bench-prefill", "bench-decode"
+
+
+class Secured(NamedTuple):
+    """A sending and receiving pair authenticated on the KV plane, and the receiver's endpoint."""
+
+    pair: Pair
+    endpoint: str
+    scope: str  # transfer ids start with it: the sender's key name
+
+
+def secured_pair(keys: KeySet, payload: KvPayload, args: argparse.Namespace) -> Secured:
+    party = Party(str(keys.directory), RECEIVER, payload.value)
+    proc, conn = spawn(receiver_process, args.window_mb, args.ring_slots, args.ring_slot_mb, party)
+    endpoint = conn.recv()
+    server_key = keys.public_key(RECEIVER)
+    sender = spawn(
+        sender_process, args.chunk_mb, Party(str(keys.directory), SENDER, payload.value), server_key
+    )
+    pair = Pair((proc, conn), sender)
+    assert pair.tx.recv() == "up"
+    return Secured(pair, endpoint, SENDER + "/")
 
 
 def measure_size(
-    tokens: int, repeats: int, raw: Pair, kv: Pair, kv_endpoint: str, broker: str, broker_pid: int
+    tokens: int,
+    repeats: int,
+    raw: Pair,
+    kv: Pair,
+    kv_endpoint: str,
+    broker: str,
+    broker_pid: int,
+    secured: dict[str, Secured],
 ) -> dict[str, list[Sample]]:
     """Every method once per round, rounds repeated: a burst of load elsewhere hits all methods alike."""
     src = make_layers(tokens)
@@ -355,6 +422,8 @@ def measure_size(
     kv_run(kv, tokens, f"warm-p2p-{tokens}", "verify", kv_endpoint, "", kv.pids)
     kv_run(kv, tokens, f"warm-central-{tokens}", "verify", broker, broker, [*kv.pids, broker_pid])
     kv_run(kv, tokens, f"warm-shared-{tokens}", "verify", kv_endpoint, "", kv.pids, shared=True)
+    for m, sec in secured.items():
+        kv_run(sec.pair, tokens, f"{sec.scope}warm-{m}-{tokens}", "verify", sec.endpoint, "", sec.pair.pids)
     for r in range(repeats):
         samples["memcpy"].append(memcpy_run(src, dst))
         samples["raw"].append(raw_run(raw, tokens))
@@ -368,6 +437,9 @@ def measure_size(
         samples["same-host"].append(
             kv_run(kv, tokens, f"s-{tokens}-{r}", "copy", kv_endpoint, "", kv.pids, shared=True)
         )
+        for m, sec in secured.items():
+            tid = f"{sec.scope}{m}-{tokens}-{r}"
+            samples[m].append(kv_run(sec.pair, tokens, tid, "copy", sec.endpoint, "", sec.pair.pids))
     return samples
 
 
@@ -384,11 +456,17 @@ def main(argv: list[str] | None = None) -> int:
     proc, conn = spawn(raw_receiver_process)
     raw = Pair((proc, conn), spawn(raw_sender_process, conn.recv(), args.chunk_mb))
     assert raw.tx.recv() == "up"
-    proc, conn = spawn(receiver_process, args.window_mb, args.ring_slots, args.ring_slot_mb)
+    proc, conn = spawn(receiver_process, args.window_mb, args.ring_slots, args.ring_slot_mb, None)
     kv_endpoint = conn.recv()
-    kv = Pair((proc, conn), spawn(sender_process, args.chunk_mb))
+    kv = Pair((proc, conn), spawn(sender_process, args.chunk_mb, None, ""))
     assert kv.tx.recv() == "up"
     broker_proc, broker = start_broker(args.window_mb)
+    keys_dir = tempfile.TemporaryDirectory(prefix="pdorch-bench-keys-")
+    keys = KeySet.create(Path(keys_dir.name) / "keys", {SENDER: (), RECEIVER: ()})
+    secured = {
+        "p2p+auth": secured_pair(keys, KvPayload.PLAINTEXT, args),
+        "p2p+curve": secured_pair(keys, KvPayload.ENCRYPTED, args),
+    }
 
     print("KV handoff of a Llama-3-8B-shaped request (32 layers x [T, 2, 8, 128] fp16, 128 KiB/token);")
     print(f"chunks of {args.chunk_mb} MiB, window {args.window_mb} MiB, best of {args.repeats} rounds;")
@@ -396,11 +474,14 @@ def main(argv: list[str] | None = None) -> int:
     print("GB/s (x = ratio to raw pyzmq, m = ratio to memcpy); CPU seconds per GiB summed over the")
     print("processes involved (median).")
     head = ["tokens", "MiB", "memcpy", "raw zmq", "raw+work", "p2p", "p2p-discard", "central", "same-host"]
-    head += ["cpu:raw", "r+work", "p2p", "discard", "central", "same-host"]
+    head += ["p2p+auth", "p2p+curve", "cpu:raw", "r+work", "p2p", "discard", "central", "same-host"]
+    head += ["+auth", "+curve"]
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS, strict=True)))
     try:
         for tokens in args.tokens:
-            samples = measure_size(tokens, args.repeats, raw, kv, kv_endpoint, broker, broker_proc.pid)
+            samples = measure_size(
+                tokens, args.repeats, raw, kv, kv_endpoint, broker, broker_proc.pid, secured
+            )
             gib = tokens * TOKEN_BYTES / 2**30
             rate = {m: tokens * TOKEN_BYTES / min(s.seconds for s in samples[m]) / 1e9 for m in METHODS}
             cpu = {m: statistics.median(s.cpu_seconds for s in samples[m]) / gib for m in METHODS}
@@ -416,13 +497,27 @@ def main(argv: list[str] | None = None) -> int:
             ]
             shared = rate["same-host"]
             cells.append(f"{shared:.2f} ({shared / rate['memcpy']:.2f}m {shared / rate['raw']:.2f}x)")
+            cells += [f"{rate[m]:.2f} ({rate[m] / rate['raw']:.2f}x)" for m in ("p2p+auth", "p2p+curve")]
             cells += [
-                f"{cpu[m]:.2f}" for m in ("raw", "raw+work", "p2p", "p2p-discard", "central", "same-host")
+                f"{cpu[m]:.2f}"
+                for m in (
+                    "raw",
+                    "raw+work",
+                    "p2p",
+                    "p2p-discard",
+                    "central",
+                    "same-host",
+                    "p2p+auth",
+                    "p2p+curve",
+                )
             ]
             print(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS, strict=True)), flush=True)
     finally:
         raw.stop()
         kv.stop()
+        for sec in secured.values():
+            sec.pair.stop()
+        keys_dir.cleanup()
         broker_proc.terminate()
         broker_proc.wait(30)
     return 0

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench.bench_venv import bench_venv
 from pdorch.launcher import free_port
+from transport.security.key_set import SCHEDULER, KeySet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORK = REPO_ROOT / "bench" / "out" / "overhead"
@@ -122,10 +123,13 @@ def start_systems(log_dir: Path, only: list[str]) -> list[System]:
         systems.append(System(name, f"http://127.0.0.1:{port}", procs))
     if "pdorch" in only:
         port, control = free_port(), free_port()
+        # Authenticated as a deployment is: a throwaway key per process.
+        keys = KeySet.create(log_dir / "pdorch-keys", {"prefill-0": (), "decode-0": ()})
         scheduler = spawn(
             [sys.executable, "-m", "pdorch", "scheduler", "--port", str(port), "--control-bind",
              f"tcp://127.0.0.1:{control}", "--log-level", "WARNING"],
             log_dir / "pdorch-scheduler.log",
+            keys.env(SCHEDULER),
         )  # fmt: skip
         agents = {}
         for role in ("prefill", "decode"):
@@ -134,7 +138,7 @@ def start_systems(log_dir: Path, only: list[str]) -> list[System]:
                  "--role", role, "--worker-id", f"{role}-0", "--engine", "sim", "--sim-time-scale", "0",
                  "--model", "zero", "--log-level", "WARNING"],
                 log_dir / f"pdorch-{role}.log",
-                {"OPENBLAS_NUM_THREADS": "1"},
+                {"OPENBLAS_NUM_THREADS": "1", **keys.env(f"{role}-0")},
             )  # fmt: skip
         systems.append(System("pdorch", f"http://127.0.0.1:{port}", {"scheduler": scheduler, **agents}))
     return systems

@@ -40,6 +40,7 @@ from transport.messages import (
     SamplingParams,
     TokenOutput,
 )
+from transport.security import Security, SecurityConfig
 
 # ----------------------------------------------------------------------------- part 1: vLLM
 
@@ -83,8 +84,11 @@ async def _run_vllm(args: argparse.Namespace) -> None:
     common = {"model_dir": str(model_dir)}
     p_spec = VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common)
     d_spec = VllmLaunchSpec(port=free_port(), role=Role.DECODE, cpu_cores="1", kv_bind=kv, **common)
-    prefill = VllmServer("prefill", p_spec, python=python, log_dir=work)
-    decode = VllmServer("decode", d_spec, python=python, log_dir=work)
+    # The KV plane without authentication: what is measured is the transport (docs/benchmarks.md
+    # has what CURVE adds).
+    insecure = {"PDORCH_INSECURE": "1"}
+    prefill = VllmServer("prefill", p_spec, python=python, log_dir=work, env=insecure)
+    decode = VllmServer("decode", d_spec, python=python, log_dir=work, env=insecure)
     try:
         wait_healthy([prefill, decode], timeout_s=600)
         p_clock, d_clock = Clock(), Clock()
@@ -151,7 +155,9 @@ def _bench_connector(layers: int, blocks: int, row: tuple[int, ...], rounds: int
     rng = np.random.default_rng(0)
     src = {f"l{i}": rng.standard_normal((blocks * 2, *row)).astype(np.float32) for i in range(layers)}
     dst = {f"l{i}": np.zeros((blocks * 2, *row), np.float32) for i in range(layers)}
-    producer, consumer = PdorchWorkerSide(bind=None), PdorchWorkerSide(bind="tcp://127.0.0.1:0")
+    insecure = SecurityConfig(insecure=True)  # the data path alone (kv_handoff.py measures authentication)
+    producer = PdorchWorkerSide(bind=None, security=insecure)
+    consumer = PdorchWorkerSide(bind="tcp://127.0.0.1:0", security=insecure)
     producer.register_kv_caches(src)
     consumer.register_kv_caches(dst)
     ids = list(range(blocks))
@@ -208,14 +214,14 @@ def _bench_raw(layers: int, blocks: int, row: tuple[int, ...], rounds: int) -> f
     rx_thread.start()
 
     async def make_receiver() -> KvReceiver:
-        receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0")
+        receiver = KvReceiver(ctx, security=Security.insecure(), bind="tcp://127.0.0.1:0")
         await receiver.start()
         return receiver
 
     receiver = asyncio.run_coroutine_threadsafe(make_receiver(), rx_loop).result()
 
     async def run() -> float:
-        sender = KvSender(ctx)
+        sender = KvSender(ctx, security=Security.insecure())
         best = float("inf")
         sink = Sink()  # reused, like the engine's cache: no first-touch page faults after round one
         try:

@@ -18,6 +18,7 @@ pdorch: prefill/decode disaggregation for LLM serving.
   pdorch scheduler   run the scheduler (OpenAI-compatible HTTP + ZeroMQ control plane)
   pdorch worker      run a worker agent beside an engine (reference or vLLM)
   pdorch kv-broker   run the KV broker for centralized KV handoff
+  pdorch keys        make the CURVE keys of a cluster (pdorch keys generate DIR)
   pdorch simulate    replay a trace through the placement code in virtual time
   pdorch model       fetch (once) and list the models pdorch serves by name
 """
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     wrk = sub.add_parser("worker", help="run a worker agent")
     worker.add_arguments(wrk)
     sub.add_parser("kv-broker", help="run the KV broker (centralized mode)", add_help=False)
+    sub.add_parser("keys", help="make the CURVE keys of a cluster", add_help=False)
     sub.add_parser("simulate", help="simulate placement policies on a trace", add_help=False)
     sub.add_parser("model", help="fetch and list models", add_help=False)
     return p
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from transport.kv.broker_cli import broker_main
 
         return broker_main(argv[1:])
+    if argv and argv[0] == "keys":
+        from pdorch.keys_cli import keys_main
+
+        return keys_main(argv[1:])
     if argv and argv[0] == "model":
         from workers.models.cli import model_main
 

@@ -6,6 +6,10 @@ of the workers' only ``workers.models`` (which model directory to serve; convert
 workers start) and ``workers.engines.vllm.launch``, which builds a vLLM server's command line (it
 imports no vLLM). The end-to-end tests use :class:`LocalCluster` too, so what they test is what
 ``make run`` starts.
+
+The cluster is authenticated like any other: it makes a throwaway key set in its log directory (a
+key per process, each process given its own through the environment), so a restarted child
+registers again with the same key, and nothing else on the machine can join.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +36,8 @@ from typing import TYPE_CHECKING
 from pdorch.supervisor import Supervisor
 from transport.errors import PdorchError
 from transport.messages import Role
+from transport.security.key_set import KeySet
+from transport.security.keys import KeyKind
 from workers.models.catalog import CATALOG, DEFAULT_MODEL, RANDOM_MODEL
 from workers.models.fetch import is_fetched
 from workers.models.local_model import is_model_path, model_dir, not_fetched_message, served_name
@@ -126,6 +133,7 @@ class ClusterSpec:
     # Extra arguments for one worker by name (e.g. "decode-0").
     per_worker_args: dict[str, list[str]] = field(default_factory=dict)
     scheduler_args: list[str] = field(default_factory=list)
+    broker_args: list[str] = field(default_factory=list)
     log_level: str = "INFO"
     # "reference" (the built-in engine), "vllm" (a vLLM server beside each worker) or "sim" (an
     # accelerator's timing and KV sizes modeled; worker_args may carry --sim-* flags).
@@ -134,6 +142,11 @@ class ClusterSpec:
     # also serves RANDOM_MODEL (seeded random weights, nothing to download). Not read by "sim".
     model: str = DEFAULT_MODEL
     vllm_python: str = ""
+    # "encrypted" or "plaintext": how the KV plane protects what it carries (both authenticate).
+    kv_payload: str = "encrypted"
+    # A key set to use (`pdorch keys generate` layout) instead of a throwaway one; keys missing
+    # from it (a worker's) are added.
+    keys_dir: Path | None = None
 
 
 class LocalCluster:
@@ -150,11 +163,23 @@ class LocalCluster:
         self.model_dir = ""  # the Hugging Face directory served, once resolved by start()
         self.control = f"tcp://127.0.0.1:{spec.control_port}"
         self.broker = f"tcp://127.0.0.1:{spec.broker_port}"
+        if spec.keys_dir is not None:
+            self.keys = KeySet(spec.keys_dir)
+        else:  # throwaway: a new set for every cluster (a --log-dir used before gets a fresh one)
+            shutil.rmtree(self.log_dir / "keys", ignore_errors=True)
+            self.keys = KeySet.create(self.log_dir / "keys", {})
+
+    def party_env(self, name: str) -> dict[str, str]:
+        """The environment that authenticates process ``name`` (a key of its own, made on first use;
+        a worker's key may claim its name only)."""
+        if not self.keys.key_file(name).exists():
+            self.keys.add(name, KeyKind.WORKER)
+        return {**self.keys.env(name), "PDORCH_KV_PAYLOAD": self.spec.kv_payload}
 
     # ------------------------------------------------------------------ processes
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        self.spawn(name, [self.spec.python, "-m", "pdorch", *args], {})
+        self.spawn(name, [self.spec.python, "-m", "pdorch", *args], self.party_env(name))
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self._args[name] = argv
@@ -219,7 +244,8 @@ class LocalCluster:
         index = len([n for n in self.procs if n.startswith("vllm-")])
         spec = self.vllm_spec(role, port, kv_bind, index)
         argv, env = vllm_command(spec, python=self.spec.vllm_python or default_vllm_python())
-        self.spawn(f"vllm-{name}", argv, env)
+        # Its KV connector is the worker's KV endpoint: it authenticates with the worker's key.
+        self.spawn(f"vllm-{name}", argv, {**env, **self.party_env(name)})
         args = [
             "--engine",
             "vllm",
@@ -260,7 +286,7 @@ class LocalCluster:
             *s.scheduler_args,
         ]
         if s.kv_mode == "centralized" and not s.colocated:
-            self._spawn("kv-broker", ["kv-broker", "--bind", self.broker])
+            self._spawn("kv-broker", ["kv-broker", "--bind", self.broker, *s.broker_args])
             sched += ["--kv-broker", self.broker]
         if s.colocated:
             sched.append("--colocated")
@@ -345,6 +371,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     p.add_argument(
         "--kv-mode", choices=["p2p", "centralized"], default="p2p", help="KV handoff mode (default p2p)"
+    )
+    p.add_argument(
+        "--kv-payload",
+        choices=["encrypted", "plaintext"],
+        default="encrypted",
+        help="KV plane: encrypted (CURVE, default) or plaintext (authenticated only, faster)",
     )
     p.add_argument(
         "--colocated",
@@ -434,6 +466,7 @@ def main(args: argparse.Namespace) -> int:
         engine=args.engine,
         model=args.model,
         worker_args=[a for a in args.worker_args if a != "--"],
+        kv_payload=args.kv_payload,
     )
     problem = _spec_problem(spec)
     if problem:
@@ -467,7 +500,8 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"\npdorch is ready ({mode}): {cluster.url}\n\n"
             f"Try:\n  {_example(cluster.url, model_name(spec))}\n\n"
-            f"Cluster state: {cluster.url}/v1/cluster   Ctrl-C stops everything.",
+            f"Cluster state: {cluster.url}/v1/cluster   Ctrl-C stops everything.\n"
+            f"Its processes authenticate with throwaway CURVE keys in {cluster.keys.directory}.",
             flush=True,
         )
 

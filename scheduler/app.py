@@ -11,6 +11,7 @@ reverse order, and only those that started. Everything is reached through the ty
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,11 +24,13 @@ from scheduler.app_keys import (
     ADMISSION,
     CLUSTER,
     CONFIG,
+    CONNECTIONS,
     INBOX,
     KUBERNETES,
     METRICS,
     ORCHESTRATOR,
     PLANNER,
+    SECURITY,
     TOKENIZERS,
     ZMQ_CONTEXT,
 )
@@ -35,8 +38,10 @@ from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig, load_config
 from scheduler.control import ControlServer
 from scheduler.flow import Orchestrator
-from scheduler.http import openai, ops
+from scheduler.http import openai, openapi, ops
+from scheduler.http.connection_limits import ConnectionLimits
 from scheduler.http.errors import error_middleware
+from scheduler.http.server import serve
 from scheduler.inbox import Inbox
 from scheduler.kubernetes.runtime import kubernetes_runtime
 from scheduler.kv_broker_monitor import KvBrokerMonitor
@@ -50,6 +55,7 @@ from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import PdorchError
 from transport.messages import KvMode
 from transport.process_setup import setup_process
+from transport.security import KeyKind, Plane, Security
 
 log = logging.getLogger("pdorch.scheduler")
 
@@ -66,8 +72,11 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
     app.router.add_get("/health", ops.health)
     app.router.add_get("/ready", ops.ready)
     app.router.add_get("/metrics", ops.metrics)
+    app.router.add_get("/openapi.json", openapi.openapi)
     _add_pure_parts(app, cfg)
-    app.cleanup_ctx.extend([tokenizer_registry, zmq_context, control_plane, kv_broker_monitor, kubernetes])
+    app.cleanup_ctx.extend(
+        [tokenizer_registry, zmq_context, security, control_plane, kv_broker_monitor, kubernetes]
+    )
     return app
 
 
@@ -89,6 +98,15 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
     metrics.bind_gauge("pdorch_workers", "Registered workers", lambda: len(cluster.workers()))
     metrics.bind_gauge("pdorch_workers_dropped", "Workers dropped since start", lambda: cluster.dropped_total)
     metrics.watch_placement(placer)
+    connections = ConnectionLimits(cfg.http.max_connections_per_client, cfg.http.max_connections)
+    metrics.bind_gauge("pdorch_http_connections", "Open HTTP connections", lambda: connections.open)
+    metrics.bind_counts(
+        "pdorch_http_connections_refused",
+        "HTTP connections refused at once: per_client (too many from one address) or total",
+        "limit",
+        lambda: connections.refused,
+    )
+    app[CONNECTIONS] = connections
     app[CONFIG] = cfg
     app[METRICS] = metrics
     app[INBOX] = inbox
@@ -117,6 +135,21 @@ async def zmq_context(app: web.Application) -> AsyncIterator[None]:
     ctx.term()  # returns once every socket of the context is closed
 
 
+async def security(app: web.Application) -> AsyncIterator[None]:
+    """The keys of the ZeroMQ planes, and the ZAP handler that admits peers (stopped before the
+    ZeroMQ context ends, which waits for its socket)."""
+    app[SECURITY] = keys = Security.load(app[CONFIG].security)
+    app[METRICS].bind_gauge(
+        "pdorch_zmq_refused_handshakes",
+        "ZeroMQ handshakes refused: unknown or unauthorized keys",
+        lambda: keys.refused_handshakes,
+    )
+    try:
+        yield
+    finally:
+        keys.close()
+
+
 async def control_plane(app: web.Application) -> AsyncIterator[None]:
     """The workers' ROUTER socket and its tasks, and the orchestrator that sends jobs through it."""
     cfg, cluster, inbox, admission, metrics = (
@@ -129,17 +162,24 @@ async def control_plane(app: web.Application) -> AsyncIterator[None]:
     control = ControlServer(
         app[ZMQ_CONTEXT],
         bind=cfg.control_bind,
+        security=app[SECURITY],
         cluster=cluster,
         inbox=inbox,
         heartbeat_interval_s=cfg.heartbeat_interval_s,
         heartbeat_liveness=cfg.heartbeat_liveness,
         on_capacity=admission.notify,
         on_tokenizer=app[TOKENIZERS].provide,
-        token=cfg.control_token,
     )
     try:  # the socket is bound: close it even if starting fails, or the ZeroMQ context never ends
         metrics.bind_gauge(
             "pdorch_control_bad_messages", "Malformed control messages dropped", lambda: control.bad_messages
+        )
+        metrics.bind_counts(
+            "pdorch_control_refused_registrations",
+            "Hellos refused, by code (unauthorized: the key may not claim the worker id; "
+            "identity_in_use: another live connection holds it)",
+            "code",
+            lambda: control.refused,
         )
         metrics.bind_gauge(
             "pdorch_control_late_messages",
@@ -147,7 +187,14 @@ async def control_plane(app: web.Application) -> AsyncIterator[None]:
             lambda: inbox.dropped,
         )
         app[ORCHESTRATOR] = Orchestrator(
-            cfg, cluster, control, inbox, app[PLANNER], metrics, admission.notify
+            cfg,
+            cluster,
+            control,
+            inbox,
+            app[PLANNER],
+            metrics,
+            admission.notify,
+            kv_broker_key=_broker_key(app[SECURITY], cfg),
         )
         await control.start()
         log.info("control plane on %s", control.endpoint)
@@ -163,9 +210,11 @@ async def kv_broker_monitor(app: web.Application) -> AsyncIterator[None]:
     if cfg.kv_mode is not KvMode.CENTRALIZED or cfg.colocated:
         yield
         return
+    keys = app[SECURITY]
     monitor = KvBrokerMonitor(
         app[ZMQ_CONTEXT],
         cfg.kv_broker,
+        auth=keys.client(Plane.KV, keys.server_key(KeyKind.KV_BROKER)),
         interval_s=cfg.heartbeat_interval_s,
         liveness=cfg.heartbeat_liveness,
         on_lost=orchestrator.broker_lost,
@@ -181,6 +230,13 @@ async def kv_broker_monitor(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await monitor.close()
+
+
+def _broker_key(keys: Security, cfg: SchedulerConfig) -> str:
+    """The broker's public key, which every KV connection to it pins ("" when not needed)."""
+    if cfg.kv_mode is not KvMode.CENTRALIZED or cfg.colocated:
+        return ""
+    return keys.server_key(KeyKind.KV_BROKER)
 
 
 async def kubernetes(app: web.Application) -> AsyncIterator[None]:
@@ -221,8 +277,10 @@ def main(args: argparse.Namespace) -> int:
     except PdorchError as e:
         log.error("%s", e.message)
         return 2
-    # handler_cancellation: a client that hangs up cancels its request, which cancels its jobs.
-    web.run_app(
-        build_app(cfg), host=cfg.host, port=cfg.port, handler_cancellation=True, print=None, access_log=None
-    )
+    # A client that hangs up cancels its request (handler_cancellation), which cancels its jobs.
+    try:
+        asyncio.run(serve(build_app(cfg), cfg))
+    except PdorchError as e:  # keys that do not load
+        log.error("%s", e.message)
+        return 2
     return 0

@@ -14,11 +14,13 @@ from scheduler.admission.gate import AdmissionGate
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig
 from scheduler.flow import Orchestrator
+from scheduler.http.connection_limits import ConnectionLimits
 from scheduler.inbox import Inbox
 from scheduler.kubernetes.runtime import KubernetesRuntime
 from scheduler.metrics import Metrics
 from scheduler.planner import Planner
 from scheduler.tokenizer.registry import TokenizerRegistry
+from transport.security import Security
 
 # Set by build_app.
 CONFIG = web.AppKey("config", SchedulerConfig)
@@ -27,8 +29,10 @@ INBOX = web.AppKey("inbox", Inbox)
 CLUSTER = web.AppKey("cluster", Cluster)
 ADMISSION = web.AppKey("admission", AdmissionGate)
 PLANNER = web.AppKey("planner", Planner)
+CONNECTIONS = web.AppKey("connections", ConnectionLimits)
 # Set by the cleanup context that owns each.
 TOKENIZERS = web.AppKey("tokenizers", TokenizerRegistry)
 ZMQ_CONTEXT = web.AppKey("zmq_context", zmq.asyncio.Context)
+SECURITY = web.AppKey("security", Security)
 ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
 KUBERNETES = web.AppKey("kubernetes", KubernetesRuntime)

@@ -27,12 +27,16 @@ class WorkerState(enum.StrEnum):
 @dataclass
 class Worker:
     hello: Hello
-    identity: bytes
+    identity: bytes  # the control connection's routing id (the scheduler's ROUTER names it)
     liveness: PeerLiveness
     # What the scheduler booked on it (shared with the planner through the cluster's ledger).
     ledger: NodeLedger
     state: WorkerState = WorkerState.READY
     load: Load = field(default_factory=Load)
+    # The key its control connection authenticated with ("" without authentication); its KV
+    # endpoint serves with the same key, which senders pin (``KvRoute.server_key``).
+    key_name: str = ""
+    public_key: str = ""
 
     @property
     def worker_id(self) -> str:
@@ -74,7 +78,9 @@ class Cluster:
 
     # ------------------------------------------------------------------ registration and liveness
 
-    def register(self, identity: bytes, hello: Hello, now: float) -> Worker:
+    def register(
+        self, identity: bytes, hello: Hello, now: float, *, key_name: str = "", public_key: str = ""
+    ) -> Worker:
         old = self._by_id.get(hello.worker_id)
         if old is not None:
             # A re-Hello means the agent restarted or reconnected: whatever we placed there is gone.
@@ -87,7 +93,8 @@ class Cluster:
             kv_bytes_per_token=hello.kv_bytes_per_token,
             capacity_tokens=hello.capacity_blocks * hello.block_size,
         )
-        worker = Worker(hello, identity, PeerLiveness(self._interval, self._liveness, now), node)
+        liveness = PeerLiveness(self._interval, self._liveness, now)
+        worker = Worker(hello, identity, liveness, node, key_name=key_name, public_key=public_key)
         self._by_id[hello.worker_id] = worker
         self._by_identity[identity] = worker
         return worker

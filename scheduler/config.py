@@ -19,6 +19,8 @@ from scheduler.prediction.output_length import PredictorConfig
 from scheduler.slo_window import POOL_PHASE, SloConfig, SloPhase, target_key
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import KvMode
+from transport.security import SecurityConfig
+from transport.security import config as security_config
 
 
 def _live_placement() -> PlacementConfig:
@@ -27,6 +29,23 @@ def _live_placement() -> PlacementConfig:
     # splits every request onto the pair predicted fastest (what a P/D deployment is for, and what
     # `pdorch up` shows); with them it keeps a request on one node only when no split meets them.
     return PlacementConfig()
+
+
+class HttpLimits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What one HTTP client can hold of the scheduler (``http:`` in the config file)."""
+
+    # A connection must deliver a request's headers within this; an idle keep-alive connection is
+    # closed after it too.
+    header_timeout_s: float = 15.0
+    # A request's body must arrive within this of its headers (else 408).
+    body_timeout_s: float = 30.0
+    # Open connections from one client address (0: no limit; behind a proxy every client has its
+    # address, so raise it there or limit at the proxy).
+    max_connections_per_client: int = 256
+    # Open connections in all; more are answered 503 and closed.
+    max_connections: int = 2048
+    # Nesting of arrays and objects in a request body.
+    max_json_depth: int = 32
 
 
 class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -64,10 +83,10 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_broker_backoff_s: float = 1.0
     # Bearer tokens accepted on /v1 (empty: no auth). The key also names the tenant.
     api_keys: list[str] = []
-    # A shared secret every worker must present to register (empty: any worker may). Set it from a
-    # secret store through PDORCH_CONTROL_TOKEN, not in a config file; workers read the same
-    # variable. Sent in the clear: it keeps strangers out, the network must still be private.
-    control_token: str = ""
+    # CURVE keys of the ZeroMQ planes (also from PDORCH_KEY_FILE, PDORCH_TRUSTED_KEYS,
+    # PDORCH_KV_PAYLOAD, PDORCH_INSECURE, which workers and the broker read too).
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    http: HttpLimits = msgspec.field(default_factory=HttpLimits)
     # Where jobs go: filters, weighted scorers and pickers per pool, the P/D decider, reservations.
     placement: PlacementConfig = msgspec.field(default_factory=_live_placement)
     # The bounded fair-share queue in front of placement (tenant = API key).
@@ -101,6 +120,8 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "kv_broker",
             "is required with kv_mode centralized",
         )
+        self._check_http()
+        self.security.validate()
         self._check_slo()
         self.admission.validate()
         self.predictor.validate()
@@ -108,6 +129,15 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         from scheduler.placement.framework import Placer
 
         Placer(self.placement)
+
+    def _check_http(self) -> None:
+        http = self.http
+        for name in ("header_timeout_s", "body_timeout_s"):
+            _check(getattr(http, name) > 0, f"http.{name}", "must be > 0")
+        _check(http.max_connections_per_client >= 0, "http.max_connections_per_client", "must be >= 0")
+        _check(http.max_connections >= 1, "http.max_connections", "must be >= 1")
+        _check(http.max_json_depth >= 4, "http.max_json_depth", "must be >= 4 (requests nest that deep)")
+        _check(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
 
     def _check_slo(self) -> None:
         slo = self.slo
@@ -168,6 +198,10 @@ def load_config(
         name = key[7:].lower()
         if key.startswith("PDORCH_") and name in fields:
             data[name] = value if name in text_fields else _parse_env_value(value)
+    env_security = security_config.from_env(os.environ if env is None else env)
+    if env_security:
+        file_security = data.get("security")
+        data["security"] = {**(file_security if isinstance(file_security, dict) else {}), **env_security}
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return msgspec.convert(data, SchedulerConfig, strict=False)

@@ -2,7 +2,15 @@
 
 It registers workers (Hello -> Welcome, version checked), treats any message as a heartbeat,
 sends heartbeats, expires silent workers, and hands job-scoped messages to the inbox.
-Malformed frames are counted and dropped; the loop never dies on a peer's mistake.
+Malformed frames are counted and dropped (and logged at most once per interval); the loop never
+dies on a peer's mistake.
+
+Who may register as what: the ROUTER names each connection itself, and a worker id belongs to the
+connection that registered it. With authentication, the connection's key must be allowed to claim
+the id (``claims`` of its key file), and a key removed from the trusted set loses its workers.
+Another connection claiming a registered id is refused (``identity_in_use``) while the first is
+alive; it gets the id once the first connection is gone (a restarted worker: its old connection
+closed when its process died).
 
 The socket is a plain one driven by the event loop (:class:`LoopSocket`), so a send fails at once
 when its peer is gone (``EHOSTUNREACH``: the ROUTER no longer has a connection with that identity,
@@ -13,9 +21,9 @@ then, its requests told at once, instead of at the next heartbeat expiry.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import zmq
@@ -43,7 +51,9 @@ from transport.messages import (
     Welcome,
     WorkerFatal,
 )
+from transport.rate_limited_log import RateLimitedLog
 from transport.routed import cancel_and_wait, receive_routed
+from transport.security import Plane, Security, peer_name
 
 log = logging.getLogger("pdorch.control")
 
@@ -54,6 +64,7 @@ class ControlServer:
         ctx: zmq.asyncio.Context,
         *,
         bind: str,
+        security: Security,
         cluster: Cluster,
         inbox: Inbox,
         heartbeat_interval_s: float,
@@ -61,10 +72,10 @@ class ControlServer:
         on_capacity: Callable[[], None] = lambda: None,
         on_tokenizer: Callable[[str, dict[str, bytes]], None] = lambda spec, files: None,
         clock: Callable[[], float] = time.monotonic,
-        token: str = "",
     ) -> None:
-        """``token``: when set, a Hello must carry it to register."""
-        self._sock = LoopSocket(sockets.router(sockets.plain_context(ctx), bind, handover=True))
+        self._security = security
+        auth = security.server(ctx, Plane.CONTROL)
+        self._sock = LoopSocket(sockets.router(sockets.plain_context(ctx), bind, auth=auth))
         self.endpoint = sockets.bound_endpoint(self._sock.raw)
         self._cluster = cluster
         self._inbox = inbox
@@ -74,11 +85,14 @@ class ControlServer:
         self._on_capacity = on_capacity
         self._on_tokenizer = on_tokenizer
         self._clock = clock
-        self._token = token.encode()
         self._enc = Encoder()
         self._dec: Decoder[FromWorker] = Decoder(FromWorker)
         self._tasks: list[asyncio.Task[None]] = []
         self.bad_messages = 0
+        # Registrations refused, by the Disconnect code they got.
+        self.refused: Counter[str] = Counter()
+        self._bad_log = RateLimitedLog(log)
+        self._refusal_log = RateLimitedLog(log)
 
     async def start(self) -> None:
         self._tasks = [
@@ -115,19 +129,19 @@ class ControlServer:
 
     def _drop(self, identity: bytes, why: str) -> None:
         self.bad_messages += 1
-        log.warning("dropping a malformed control message from %r: %s", identity[:64], why)
+        self._bad_log("dropping a malformed control message from %r: %s", identity[:64], why)
 
     async def _receive_loop(self) -> None:
-        async for identity, msg in receive_routed(self._sock, self._dec, self._drop):
+        async for identity, msg, frame in receive_routed(self._sock, self._dec, self._drop):
             try:
-                self._handle(identity, msg)
+                self._handle(identity, msg, frame)
             except Exception:  # a bug must not take the control plane down with it
                 log.exception("error handling a control message")
 
-    def _handle(self, identity: bytes, msg: FromWorker) -> None:
+    def _handle(self, identity: bytes, msg: FromWorker, frame: zmq.Frame) -> None:
         now = self._clock()
         if isinstance(msg, Hello):
-            self._hello(identity, msg, now)
+            self._hello(identity, peer_name(frame), msg, now)
             return
         worker = self._cluster.by_identity(identity)
         if worker is None:
@@ -157,7 +171,7 @@ class ControlServer:
             log.info("worker %s left: %s", wid, msg.reason)
             self._cluster.drop_worker(wid, f"worker left: {msg.reason}")
 
-    def _hello(self, identity: bytes, hello: Hello, now: float) -> None:
+    def _hello(self, identity: bytes, key_name: str, hello: Hello, now: float) -> None:
         if hello.protocol_version != PROTOCOL_VERSION:
             self._send_to(
                 identity,
@@ -167,14 +181,15 @@ class ControlServer:
                 ),
             )
             return
-        if self._token and not hmac.compare_digest(hello.token.encode(), self._token):
-            log.warning("refused worker %r: wrong or missing control token", hello.worker_id)
-            self._send_to(identity, Disconnect("wrong or missing control token", code="unauthorized"))
+        refusal = self._claim_problem(identity, key_name, hello.worker_id)
+        if refusal is not None:
+            code, reason = refusal
+            self.refused[code] += 1
+            self._refusal_log("refused a worker registering as %r: %s", hello.worker_id[:64], reason)
+            self._send_to(identity, Disconnect(reason, code=code))
             return
-        if identity != hello.worker_id.encode():
-            self._send_to(identity, Disconnect("socket identity must equal worker_id", code="bad_identity"))
-            return
-        self._cluster.register(identity, hello, now)
+        key = self._security.trusted(key_name)
+        self._cluster.register(identity, hello, now, key_name=key_name, public_key=key.public if key else "")
         self._send_to(identity, Welcome(PROTOCOL_VERSION, hello.worker_id, self._interval, self._liveness))
         log.info(
             "worker %s registered: role=%s model=%s engine=%s",
@@ -185,10 +200,51 @@ class ControlServer:
         )
         self._on_capacity()
 
+    def _claim_problem(self, identity: bytes, key_name: str, worker_id: str) -> tuple[str, str] | None:
+        """Why this connection may not register as ``worker_id`` (code, reason), or None."""
+        if self._security.enabled:
+            key = self._security.trusted(key_name)
+            if key is None or not key.may_claim(worker_id):
+                return "unauthorized", f"key {key_name!r} may not register as worker {worker_id!r}"
+        mine = self._cluster.by_identity(identity)
+        if mine is not None and mine.worker_id != worker_id:
+            return "bad_identity", f"this connection is registered as {mine.worker_id!r}"
+        holder = self._cluster.get(worker_id)
+        if holder is not None and holder.identity != identity:
+            if self._connected(holder.identity):
+                return "identity_in_use", f"worker {worker_id!r} is registered on another live connection"
+            self._cluster.drop_worker(worker_id, "its connection is gone (it registered again)")
+        return None
+
+    def _connected(self, identity: bytes) -> bool:
+        """Does the ROUTER still have a connection under ``identity``? (A heartbeat is harmless.)"""
+        try:
+            self._sock.send_now([identity, *self._enc.encode(Heartbeat())])
+        except zmq.ZMQError as e:
+            return e.errno != zmq.EHOSTUNREACH  # EAGAIN: there, but not reading
+        return True
+
+    def _revoked(self) -> list[str]:
+        """Workers whose key is no longer trusted (removed, or replaced by another)."""
+        if not self._security.enabled:
+            return []
+        gone = []
+        for worker in self._cluster.workers():
+            key = self._security.trusted(worker.key_name)
+            if key is None or key.public != worker.public_key:
+                gone.append(worker.worker_id)
+        return gone
+
     async def _heartbeat_loop(self) -> None:
         beat = Heartbeat()
         while True:
             await asyncio.sleep(self._interval)
+            for wid in self._revoked():
+                worker = self._cluster.get(wid)
+                if worker is not None:
+                    log.warning("worker %s dropped: its key %r is no longer trusted", wid, worker.key_name)
+                    self._send_to(worker.identity, Disconnect("key no longer trusted", code="unauthorized"))
+                    self._cluster.drop_worker(wid, "its key is no longer trusted")
             for worker in self._cluster.workers():
                 self.send(worker.worker_id, beat)
             for wid in self._cluster.expire(self._clock()):

@@ -1,6 +1,7 @@
 """The scheduler's watch on the KV broker (centralized mode): is it there, and is it the same one?
 
-It pings the broker every heartbeat interval over a DEALER of its own. No answer for ``liveness``
+It pings the broker every heartbeat interval over a DEALER of its own (authenticated with the
+scheduler's key, pinning the broker's). No answer for ``liveness``
 intervals means the broker is gone; an answer from another ``instance`` means it restarted, empty.
 Either way the handoffs that were going through it are lost, and ``on_lost`` says so at once, so
 their requests move on in about a second instead of waiting for their handoff deadline.
@@ -24,6 +25,7 @@ from transport.errors import PdorchError
 from transport.kv.messages import KV_PROTOCOL_VERSION, KvMessage, KvPing, KvPong
 from transport.loop_socket import LoopSocket
 from transport.routed import cancel_and_wait
+from transport.security import ClientAuth
 
 log = logging.getLogger("pdorch.kv_broker_monitor")
 
@@ -34,6 +36,7 @@ class KvBrokerMonitor:
         ctx: zmq.asyncio.Context,
         endpoint: str,
         *,
+        auth: ClientAuth,
         interval_s: float,
         liveness: int,
         on_lost: Callable[[str], None],
@@ -41,6 +44,7 @@ class KvBrokerMonitor:
     ) -> None:
         self._ctx = ctx
         self._endpoint = endpoint
+        self._auth = auth
         self._interval_s = interval_s
         self._liveness = liveness
         self._on_lost = on_lost
@@ -60,7 +64,7 @@ class KvBrokerMonitor:
             await cancel_and_wait([self._task])
 
     async def _run(self) -> None:
-        sock = LoopSocket(sockets.dealer(sockets.plain_context(self._ctx), self._endpoint))
+        sock = LoopSocket(sockets.dealer(sockets.plain_context(self._ctx), self._endpoint, auth=self._auth))
         nonce = 0
         last_pong = self._clock()
         try:

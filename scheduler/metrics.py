@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -39,6 +39,13 @@ class Metrics:
         self.e2e = Histogram(
             "pdorch_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.http_errors = Counter(
+            "pdorch_http_errors",
+            "HTTP error responses by code (malformed or refused input among them: it is counted here, "
+            "not logged line by line)",
+            ["code"],
+            registry=r,
+        )
         self.handoffs = Counter(
             "pdorch_kv_handoffs", "KV handoffs by mode and outcome", ["mode", "outcome"], registry=r
         )
@@ -67,9 +74,24 @@ class Metrics:
         """A gauge read at scrape time (worker counts, bad-message counters...)."""
         Gauge(name, doc, registry=self.registry).set_function(fn)
 
+    def bind_counts(self, name: str, doc: str, label: str, fn: Callable[[], Mapping[str, int]]) -> None:
+        """A counter per label value, read at scrape time from ``fn`` (e.g. refusals by reason)."""
+        self.registry.register(_Counts(name, doc, label, fn))
+
     def watch_placement(self, placer: Placer) -> None:
         """Export the placement framework's per-plugin decision latency at scrape time."""
         self.registry.register(_PlacementLatency(placer))
+
+
+class _Counts(Collector):
+    def __init__(self, name: str, doc: str, label: str, fn: Callable[[], Mapping[str, int]]) -> None:
+        self._name, self._doc, self._label, self._fn = name, doc, label, fn
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._doc, labels=[self._label])
+        for value, count in sorted(self._fn().items()):
+            family.add_metric([value], count)
+        yield family
 
 
 class _PlacementLatency(Collector):

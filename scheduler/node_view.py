@@ -83,6 +83,7 @@ def node_view(
         waiting=load.waiting,
         queued_prefill_tokens=max(load.queued_prefill_tokens, ledger.pending_tokens),
         inflight=len(ledger.held),
+        kv_refusing=load.kv_refusing,
         prefill_tokens_per_s=d.rate,
         cached_block_hashes=ledger.prefixes.view(),
         prefill_wait_s=wait,

@@ -16,6 +16,7 @@ class ErrorCode(enum.StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     PROMPT_TOO_LONG = "prompt_too_long"
     UNAUTHORIZED = "unauthorized"
+    REQUEST_TIMEOUT = "request_timeout"  # the client did not send its request in time
     NOT_FOUND = "not_found"  # no such route
     METHOD_NOT_ALLOWED = "method_not_allowed"
     # Capacity (request-scoped, retryable).

@@ -82,11 +82,16 @@ class KvRoute(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
 
     ``P2P``: endpoint = the decode agent's KV endpoint; the decode side receives on its own
     endpoint and ignores ``endpoint``. ``CENTRALIZED``: endpoint = the KV broker, for both sides.
+    ``transfer_id`` is ``<sender's key name>/<random>`` when the planes are authenticated: a KV
+    server accepts a transfer only from a peer authenticated under the name it starts with.
     """
 
     mode: KvMode
     endpoint: str
     transfer_id: str
+    # The CURVE public key (Z85) of the server at ``endpoint`` (the decode worker's, the broker's),
+    # which the connecting side pins; "" when the KV plane does not run CURVE.
+    server_key: str = ""
 
 
 class Load(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -98,6 +103,9 @@ class Load(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     # Blocks holding cached prefixes that no request uses now: reusable free space, NOT counted in
     # blocks_used (blocks_used + free + cached_blocks == blocks_total).
     cached_blocks: int = 0
+    # The worker's KV endpoint refused a transfer for lack of room lately (every slot busy): it
+    # cannot take new handoffs until that passes (placement leaves it out meanwhile).
+    kv_refusing: bool = False
 
 
 # --------------------------------------------------------------------------- agent -> scheduler
@@ -123,8 +131,8 @@ class Hello(msgspec.Struct, tag="hello", **_STRUCT):
     vocab_size: int = 0  # 0 = unknown; else prompt token ids are checked against it
     # Free-form labels (e.g. the Kubernetes pod name and LWS group index).
     labels: dict[str, str] = {}
-    # The shared secret a scheduler may require (its ``control_token``). Sent in the clear: it
-    # keeps strangers from registering, it does not protect a network that others can read.
+    # Unused: it carried a shared control token before the planes were authenticated with CURVE
+    # keys. Kept so that the fields after it (none yet) keep their positions.
     token: str = ""
     # The LoRA adapters this worker serves (by name; each job may ask for one).
     adapters: list[str] = []

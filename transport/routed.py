@@ -22,9 +22,10 @@ class ReceivingSocket(Protocol):
 
 async def receive_routed(
     sock: ReceivingSocket, decoder: Decoder[T], on_bad: Callable[[bytes, str], None]
-) -> AsyncIterator[tuple[bytes, T]]:
-    """(identity, message) for every well-formed message on a ROUTER; malformed ones go to
-    ``on_bad(identity, why)`` and are dropped, so a peer's garbage never stops the loop."""
+) -> AsyncIterator[tuple[bytes, T, Any]]:
+    """(identity, message, first body frame) for every well-formed message on a ROUTER (the frame
+    tells who the connection authenticated as: :func:`transport.security.peer_name`); malformed
+    ones go to ``on_bad(identity, why)`` and are dropped, so a peer's garbage never stops the loop."""
     while True:
         frames = await sock.recv_multipart(copy=False)
         if len(frames) < 2:
@@ -36,7 +37,7 @@ async def receive_routed(
         except PdorchError as e:
             on_bad(identity, e.message)
             continue
-        yield identity, msg
+        yield identity, msg, frames[1]
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[object]]) -> None:

@@ -12,8 +12,14 @@ Every socket in pdorch is made here so that the same safety options hold everywh
   conntrack entry that expired) is noticed by the kernel rather than kept forever.
 - ``ROUTER_MANDATORY`` on every ROUTER: sending to a peer that is gone raises ``EHOSTUNREACH``
   instead of being dropped silently, so the caller can fail the request at once.
-- ``ROUTER_HANDOVER`` where peers reconnect with a fixed identity (the control plane's agents): the
-  new connection takes over the identity instead of being refused.
+- Never ``ROUTER_HANDOVER``: a second connection never takes over an identity (and its traffic).
+  ROUTERs name their connections themselves; what a connection may claim is decided by who it
+  authenticated as.
+- Authentication (``transport/security``): a server socket is a CURVE (or, for a plaintext KV
+  plane, PLAIN) server in a ZAP domain, with ``ZAP_ENFORCE_DOMAIN`` so that no handshake succeeds
+  unless the process's ZAP handler admits it; a client pins its server's public key.
+- ``HANDSHAKE_IVL``: a connection that does not complete its handshake within 5 s is dropped, so
+  idle TCP connections to a ZeroMQ port cannot pile up.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import TypeVar
 import zmq
 
 from transport.codec import MAX_FRAME_BYTES
+from transport.security import ClientAuth, Mechanism, ServerAuth
 
 S = TypeVar("S", bound=zmq.Socket)
 
@@ -36,6 +43,7 @@ TCP_KEEPALIVE_COUNT = 3
 # Reconnect back-off of libzmq for connecting sockets.
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 5000
+HANDSHAKE_IVL_MS = 5000
 
 
 def _apply_common_options(sock: zmq.Socket, hwm: int) -> None:
@@ -47,6 +55,30 @@ def _apply_common_options(sock: zmq.Socket, hwm: int) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTERVAL_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_COUNT)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+
+
+def _apply_server_auth(sock: zmq.Socket, auth: ServerAuth) -> None:
+    if auth.mechanism is Mechanism.NULL:
+        return
+    if auth.mechanism is Mechanism.CURVE:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, auth.secret_key.encode())
+    else:
+        sock.setsockopt(zmq.PLAIN_SERVER, 1)
+    sock.setsockopt(zmq.ZAP_DOMAIN, auth.domain.encode())
+    # Without a ZAP handler, libzmq would admit every handshake: make it refuse them all instead.
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+
+def _apply_client_auth(sock: zmq.Socket, auth: ClientAuth) -> None:
+    if auth.mechanism is Mechanism.CURVE:
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, auth.public_key.encode())
+        sock.setsockopt(zmq.CURVE_SECRETKEY, auth.secret_key.encode())
+        sock.setsockopt(zmq.CURVE_SERVERKEY, auth.server_key.encode())
+    elif auth.mechanism is Mechanism.PLAIN:
+        sock.setsockopt(zmq.PLAIN_USERNAME, auth.username.encode())
+        sock.setsockopt(zmq.PLAIN_PASSWORD, auth.password.encode())
 
 
 def normalize_bind(endpoint: str) -> str:
@@ -80,14 +112,13 @@ def plain_context(ctx: zmq.Context) -> zmq.Context:
     return zmq.Context.shadow(ctx.underlying)
 
 
-def router(ctx: zmq.Context[S], bind: str, *, handover: bool = False, hwm: int = DEFAULT_HWM) -> S:
-    """A bound ROUTER. ``handover=True`` when peers reconnect under a fixed identity."""
+def router(ctx: zmq.Context[S], bind: str, *, auth: ServerAuth, hwm: int = DEFAULT_HWM) -> S:
+    """A bound ROUTER that admits the peers ``auth`` says (``NO_SERVER_AUTH``: anyone)."""
     sock = ctx.socket(zmq.ROUTER)
     try:
         _apply_common_options(sock, hwm)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if handover:
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        _apply_server_auth(sock, auth)
         sock.bind(normalize_bind(bind))
     except BaseException:
         sock.close(linger=0)
@@ -95,16 +126,27 @@ def router(ctx: zmq.Context[S], bind: str, *, handover: bool = False, hwm: int =
     return sock
 
 
-def dealer(ctx: zmq.Context[S], connect: str, identity: bytes | None = None, *, hwm: int = DEFAULT_HWM) -> S:
-    """A DEALER connected to ``connect``; ``identity`` fixes its routing id (else libzmq picks one)."""
+def dealer(
+    ctx: zmq.Context[S],
+    connect: str,
+    *,
+    auth: ClientAuth,
+    identity: bytes | None = None,
+    hwm: int = DEFAULT_HWM,
+) -> S:
+    """A DEALER connected to ``connect`` ("": not yet, e.g. to watch its handshakes first),
+    authenticating as ``auth`` says (``NO_CLIENT_AUTH``: not at all); ``identity`` fixes its routing
+    id (else the server's ROUTER names the connection)."""
     sock = ctx.socket(zmq.DEALER)
     try:
         _apply_common_options(sock, hwm)
+        _apply_client_auth(sock, auth)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         if identity is not None:
             sock.setsockopt(zmq.IDENTITY, identity)
-        sock.connect(connect)
+        if connect:
+            sock.connect(connect)
     except BaseException:
         sock.close(linger=0)
         raise

@@ -1,9 +1,11 @@
 """The worker agent: registers with the scheduler, heartbeats, runs jobs on its engine.
 
-One DEALER socket to the scheduler's ROUTER (identity = worker id). The agent says Hello, waits
-for Welcome, then every message either way counts as a heartbeat. If the scheduler goes silent for
-``liveness`` intervals, or tells us it does not know us, we cancel everything we run for it (it
-has failed those requests already) and register again with jittered back-off.
+One DEALER socket to the scheduler's ROUTER, authenticated with the worker's key and pinning the
+scheduler's (re-read from the trusted keys at every connection, so a rotated scheduler key is
+picked up). The agent says Hello, waits for Welcome, then every message either way counts as a
+heartbeat. If the scheduler goes silent for ``liveness`` intervals, or tells us it does not know
+us (or refuses us), we cancel everything we run for it (it has failed those requests already) and
+register again with jittered back-off.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from transport.messages import (
     Heartbeat,
     Hello,
     JobError,
+    Load,
     PrefillJob,
     Role,
     TokenizerFiles,
@@ -44,7 +48,9 @@ from transport.messages import (
     Welcome,
     WorkerFatal,
 )
+from transport.rate_limited_log import RateLimitedLog
 from transport.routed import cancel_and_wait
+from transport.security import KeyKind, Plane, Security
 from workers.engines.base import Engine
 
 log = logging.getLogger("pdorch.agent")
@@ -60,8 +66,6 @@ class AgentConfig(msgspec.Struct, kw_only=True):
     accelerator: str = "cpu"
     kv_endpoint: str = ""
     labels: dict[str, str] = {}
-    # The scheduler's control_token, if it requires one.
-    token: str = ""
     # Until the scheduler's Welcome tells us its own values.
     heartbeat_interval_s: float = 0.5
     heartbeat_liveness: int = 4
@@ -75,10 +79,22 @@ class _Reconnect(Exception):
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, engine: Engine, ctx: zmq.asyncio.Context) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        engine: Engine,
+        ctx: zmq.asyncio.Context,
+        *,
+        security: Security,
+        kv_refusing: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """``kv_refusing``: whether this worker's KV endpoint turns transfers away for lack of room
+        now (reported in every heartbeat's load)."""
         self._cfg = cfg
         self._engine = engine
         self._ctx = ctx
+        self._security = security
+        self._kv_refusing = kv_refusing
         self._enc = Encoder()
         self._dec: Decoder[ToWorker] = Decoder(ToWorker)
         self._sock: LoopSocket | None = None
@@ -88,6 +104,7 @@ class Agent:
         self._draining = False
         self.registered = asyncio.Event()
         self.bad_messages = 0
+        self._bad_log = RateLimitedLog(log)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -140,6 +157,8 @@ class Agent:
                 await self._session(backoff)
             except _Reconnect as e:
                 log.warning("re-registering with the scheduler: %s", e)
+            except PdorchError as e:  # e.g. no scheduler key among the trusted ones (yet)
+                log.error("cannot connect to the scheduler: %s", e.message)
             self.registered.clear()
             await self._cancel_all()
             await asyncio.sleep(backoff.next_delay())
@@ -147,9 +166,10 @@ class Agent:
     def _connect(self) -> LoopSocket:
         if self._sock is not None:
             self._sock.close()
-        identity = self._cfg.worker_id.encode()
+        auth = self._security.client(Plane.CONTROL, self._security.server_key(KeyKind.SCHEDULER))
+        # No fixed routing id: the scheduler names the connection; Hello says which worker it is.
         self._sock = LoopSocket(
-            sockets.dealer(sockets.plain_context(self._ctx), self._cfg.scheduler, identity)
+            sockets.dealer(sockets.plain_context(self._ctx), self._cfg.scheduler, auth=auth)
         )
         return self._sock
 
@@ -172,7 +192,6 @@ class Agent:
             eos_token_id=info.eos_token_id,
             vocab_size=info.vocab_size,
             labels=self._cfg.labels,
-            token=self._cfg.token,
             adapters=list(info.adapters),
         )
 
@@ -208,10 +227,14 @@ class Agent:
 
     async def _beat(self, peer: PeerLiveness) -> None:
         while True:
-            self._send(Heartbeat(self._engine.load()))
+            self._send(Heartbeat(self._load()))
             await asyncio.sleep(self._interval)
             if peer.expired(time.monotonic()):
                 raise _Reconnect(f"scheduler silent for {peer.expiry_s:.1f}s")
+
+    def _load(self) -> Load:
+        load = self._engine.load()
+        return msgspec.structs.replace(load, kv_refusing=True) if self._kv_refusing() else load
 
     def _send_tokenizer(self) -> None:
         """Ship the tokenizer's files: the scheduler may run where the model directory is not."""
@@ -248,7 +271,7 @@ class Agent:
             return self._dec.decode(frames)
         except PdorchError as e:
             self.bad_messages += 1
-            log.warning("dropping a malformed message from the scheduler: %s", e.message)
+            self._bad_log("dropping a malformed message from the scheduler: %s", e.message)
             return None
 
     def _handle(self, frames: list[Any]) -> None:

@@ -20,14 +20,13 @@ from transport.kv import KvReceiver, KvSender
 from transport.kv.same_host import SameHostMode
 from transport.messages import Role
 from transport.process_setup import setup_process
+from transport.security import Security, SecurityConfig
+from transport.security import config as security_config
 from workers.agent import Agent, AgentConfig
 from workers.engines import in_process_cli
 from workers.engines.engine_cli import DEFAULT_ACCELERATOR, EngineCli
 
 log = logging.getLogger("pdorch.worker")
-
-# The scheduler's control_token, when it requires one (the scheduler reads the same variable).
-CONTROL_TOKEN_ENV = "PDORCH_CONTROL_TOKEN"
 
 # --engine NAME -> the engine package's cli module (its flags and its build; see engine_cli.py).
 ENGINES = MappingProxyType(
@@ -40,11 +39,7 @@ ENGINES = MappingProxyType(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--scheduler",
-        default="tcp://127.0.0.1:5555",
-        help=f"scheduler control endpoint (the token it may require is read from ${CONTROL_TOKEN_ENV})",
-    )
+    p.add_argument("--scheduler", default="tcp://127.0.0.1:5555", help="scheduler control endpoint")
     p.add_argument(
         "--role", choices=[r.value for r in Role], default="both", help="what jobs this worker takes"
     )
@@ -81,6 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--label", action="append", default=[], metavar="KEY=VALUE", help="label reported to the scheduler"
     )
     p.add_argument("--log-level", default="INFO")
+    security_config.add_arguments(p)
     in_process_cli.add_arguments(p.add_argument_group(in_process_cli.TITLE))
     for name in ENGINES:
         _engine_cli(name).add_arguments(p.add_argument_group(f"{name} engine"))
@@ -100,7 +96,8 @@ def _labels(raw: list[str]) -> dict[str, str]:
     return labels
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, security_cfg: SecurityConfig) -> int:
+    security = Security.load(security_cfg)
     ctx = zmq.asyncio.Context()
     role = Role(args.role)
     sender = receiver = None
@@ -109,9 +106,9 @@ async def _serve(args: argparse.Namespace) -> int:
         if engine_cli.MOVES_KV:
             # Engines that move their KV in this process get the KV plane for their role.
             if role in (Role.PREFILL, Role.BOTH):
-                sender = KvSender(ctx, same_host=args.kv_same_host)
+                sender = KvSender(ctx, security=security, same_host=args.kv_same_host)
             if role in (Role.DECODE, Role.BOTH):
-                receiver = KvReceiver(ctx, bind=args.kv_bind, same_host=args.kv_same_host)
+                receiver = KvReceiver(ctx, bind=args.kv_bind, security=security, same_host=args.kv_same_host)
                 await receiver.start()
         engine = engine_cli.build(args, sender, receiver)
         kv_endpoint = args.kv_advertise or (receiver.endpoint if receiver is not None else "")
@@ -122,8 +119,6 @@ async def _serve(args: argparse.Namespace) -> int:
             accelerator=engine_cli.accelerator(args),
             kv_endpoint=kv_endpoint,
             labels=_labels(args.label),
-            # Only from the environment: a command line is visible to every local user.
-            token=os.environ.get(CONTROL_TOKEN_ENV, ""),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -137,19 +132,26 @@ async def _serve(args: argparse.Namespace) -> int:
             args.scheduler,
             kv_endpoint or "-",
         )
-        return await Agent(cfg, engine, ctx).run(stop)
+        kv_receiver = receiver
+
+        def kv_refusing() -> bool:
+            return kv_receiver is not None and kv_receiver.refusing
+
+        return await Agent(cfg, engine, ctx, security=security, kv_refusing=kv_refusing).run(stop)
     finally:
         for part in (sender, receiver):
             if part is not None:
                 with contextlib.suppress(Exception):
                     await part.close()
+        security.close()
         ctx.term()
 
 
 def main(args: argparse.Namespace) -> int:
     setup_process(args.log_level)
     try:
-        return asyncio.run(_serve(args))
+        security_cfg = security_config.from_args(args)
+        return asyncio.run(_serve(args, security_cfg))
     except PdorchError as e:
         log.error("%s", e.message)
         return 2

@@ -81,8 +81,11 @@ class Orchestrator:
         planner: Planner,
         metrics: Metrics,
         on_capacity: Callable[[], None] = lambda: None,
+        kv_broker_key: str = "",
     ) -> None:
+        """``kv_broker_key``: the broker's public key, pinned by KV connections to it."""
         self._cfg = cfg
+        self._kv_broker_key = kv_broker_key
         self._cluster = cluster
         self._control = control
         self._inbox = inbox
@@ -373,7 +376,7 @@ class Orchestrator:
         a.kv_mode = self._route_mode(d)
         if a.kv_mode is KvMode.CENTRALIZED:
             self._through_broker[job_id] = req.request_id
-        a.transfer_id = os.urandom(16).hex()
+        a.transfer_id = self._transfer_id(p)
         p_route, d_route = self._kv_routes(a.kv_mode, d, a.transfer_id)
         a.decode_tried.add(d)
         self._expect(run, a, d)
@@ -401,15 +404,28 @@ class Orchestrator:
         worker = self._cluster.get(worker_id)
         return worker.hello.kv_endpoint if worker is not None else ""
 
+    def _transfer_id(self, prefill_worker: str) -> str:
+        """In the sending worker's scope (``<its key name>/``): KV servers take a transfer only from
+        a peer authenticated under that name."""
+        worker = self._cluster.get(prefill_worker)
+        scope = worker.key_name if worker is not None else ""
+        random = os.urandom(16).hex()
+        return f"{scope}/{random}" if scope else random
+
     def _kv_routes(self, mode: KvMode, decode_worker: str, transfer_id: str) -> tuple[KvRoute, KvRoute]:
-        """(route for the prefill side, route for the decode side)."""
+        """(route for the prefill side, route for the decode side), each naming the key of the
+        server it reaches."""
         if mode is KvMode.CENTRALIZED:
-            r = KvRoute(KvMode.CENTRALIZED, self._cfg.kv_broker, transfer_id)
+            r = KvRoute(KvMode.CENTRALIZED, self._cfg.kv_broker, transfer_id, self._kv_broker_key)
             return r, r
-        endpoint = self._kv_endpoint(decode_worker)
-        if not endpoint:
+        worker = self._cluster.get(decode_worker)
+        endpoint = worker.hello.kv_endpoint if worker is not None else ""
+        if worker is None or not endpoint:
             raise PdorchError(ErrorCode.NO_WORKER, f"decode worker {decode_worker} advertises no KV endpoint")
-        return KvRoute(KvMode.P2P, endpoint, transfer_id), KvRoute(KvMode.P2P, "", transfer_id)
+        return (
+            KvRoute(KvMode.P2P, endpoint, transfer_id, worker.public_key),
+            KvRoute(KvMode.P2P, "", transfer_id),
+        )
 
     # ------------------------------------------------------------------ failures
 

@@ -1,12 +1,23 @@
-"""The one place where pdorch error codes become HTTP statuses and OpenAI-shaped error JSON."""
+"""The one place where pdorch error codes become HTTP statuses and OpenAI-shaped error JSON.
+
+Every error response has that shape, whatever raised it: a :class:`PdorchError`, aiohttp's own
+HTTP errors (an unknown path, a wrong method) and anything unexpected (a 500, logged at most once
+per interval with its traceback, counted in ``pdorch_http_errors_total`` like the others).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
 
+from scheduler.app_keys import METRICS
 from transport.errors import ErrorCode, PdorchError
+from transport.rate_limited_log import RateLimitedLog
+
+log = logging.getLogger("pdorch.http")
+_unexpected_log = RateLimitedLog(log, level=logging.ERROR)
 
 # code -> (HTTP status, OpenAI error "type")
 _STATUS: dict[ErrorCode, tuple[int, str]] = {
@@ -14,6 +25,7 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.PROMPT_TOO_LONG: (400, "invalid_request_error"),
     ErrorCode.MODEL_NOT_FOUND: (404, "invalid_request_error"),
     ErrorCode.UNAUTHORIZED: (401, "authentication_error"),
+    ErrorCode.REQUEST_TIMEOUT: (408, "timeout_error"),
     ErrorCode.NOT_FOUND: (404, "invalid_request_error"),
     ErrorCode.METHOD_NOT_ALLOWED: (405, "invalid_request_error"),
     ErrorCode.QUEUE_FULL: (429, "rate_limit_error"),
@@ -47,15 +59,39 @@ def error_response(err: PdorchError) -> web.Response:
     return web.json_response(error_body(err), status=status, headers=headers)
 
 
+# aiohttp's other errors (a body over client_max_size...) in the same shape, by status.
+_HTTP_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+
+
+def _http_error(e: web.HTTPException) -> web.Response:
+    kind = _HTTP_TYPES.get(e.status, "invalid_request_error" if e.status < 500 else "server_error")
+    body = {"error": {"message": e.reason, "type": kind, "code": str(e.status), "param": None}}
+    return web.json_response(body, status=e.status)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
     except PdorchError as e:
+        request.app[METRICS].http_errors.labels(str(e.code)).inc()
         return error_response(e)
     except web.HTTPNotFound:
+        request.app[METRICS].http_errors.labels(str(ErrorCode.NOT_FOUND)).inc()
         return error_response(PdorchError(ErrorCode.NOT_FOUND, f"no route {request.method} {request.path}"))
     except web.HTTPMethodNotAllowed as e:
+        request.app[METRICS].http_errors.labels(str(ErrorCode.METHOD_NOT_ALLOWED)).inc()
         allowed = ", ".join(sorted(e.allowed_methods))
         message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
-        return error_response(PdorchError(ErrorCode.METHOD_NOT_ALLOWED, message))
+        response = error_response(PdorchError(ErrorCode.METHOD_NOT_ALLOWED, message))
+        response.headers["Allow"] = allowed
+        return response
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        request.app[METRICS].http_errors.labels(str(e.status)).inc()
+        return _http_error(e)
+    except Exception:
+        request.app[METRICS].http_errors.labels(str(ErrorCode.INTERNAL)).inc()
+        _unexpected_log("unexpected error serving %s %s", request.method, request.path, exc_info=True)
+        return error_response(PdorchError(ErrorCode.INTERNAL, "internal error"))

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -41,6 +41,8 @@ from scheduler.tokenizer.base import Tokenizer
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Hello, SamplingParams, TokenLogprobs
+
+_Req = TypeVar("_Req", CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
 @dataclass
@@ -99,15 +101,26 @@ def _hint(request: web.Request) -> int:
     return value
 
 
-async def _read(request: web.Request, limit: int) -> bytes:
+async def _read(request: web.Request, limit: int, timeout_s: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise bad(f"request body exceeds {limit} bytes")
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise PdorchError(
+            ErrorCode.REQUEST_TIMEOUT, f"request body not received within {timeout_s:g}s"
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise bad(f"request body exceeds {limit} bytes") from None
     except Exception as e:  # truncated upload, body over aiohttp's client_max_size
         raise bad(f"cannot read request body: {e}") from None
+
+
+async def _body(request: web.Request, kind: type[_Req]) -> _Req:
+    cfg = request.app[CONFIG]
+    raw = await _read(request, cfg.max_body_bytes, cfg.http.body_timeout_s)
+    return parse_body(raw, kind, cfg.http.max_json_depth)
 
 
 def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> _Job:
@@ -203,8 +216,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     ``ok``, an error code (a 400 or 404 included), or ``client_gone``."""
     progress = Progress()
     try:
-        body = await _read(request, request.app[CONFIG].max_body_bytes)
-        req = parse_body(body, ChatCompletionRequest if chat else CompletionRequest)
+        req = await _body(request, ChatCompletionRequest if chat else CompletionRequest)
         return await _serve(request, _build(request, req, chat=chat), progress)
     except PdorchError as e:
         progress.error = str(e.code)
@@ -510,7 +522,7 @@ async def _stream(
 async def tokenize(request: web.Request) -> web.Response:
     """vLLM's ``POST /tokenize``: the token ids a prompt (or chat) is sent to the model as."""
     _tenant(request, request.app[CONFIG])
-    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), TokenizeRequest)
+    req = await _body(request, TokenizeRequest)
     tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     if (req.prompt is None) == (req.messages is None):
         raise bad("give either 'prompt' or 'messages'")
@@ -525,7 +537,7 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     """vLLM's ``POST /detokenize``: the text of token ids."""
     _tenant(request, request.app[CONFIG])
-    req = parse_body(await _read(request, request.app[CONFIG].max_body_bytes), DetokenizeRequest)
+    req = await _body(request, DetokenizeRequest)
     tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     if hello.vocab_size and (wrong := next((t for t in req.tokens if not 0 <= t < hello.vocab_size), None)):
         raise bad(f"token id {wrong} is outside the model's vocabulary (size {hello.vocab_size})")

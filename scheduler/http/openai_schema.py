@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from scheduler.http.json_depth import nested_deeper_than
 from transport.errors import ErrorCode, PdorchError
 
 _T = TypeVar("_T")
@@ -147,15 +148,22 @@ def bad(message: str) -> PdorchError:
     return PdorchError(ErrorCode.INVALID_REQUEST, message)
 
 
-def parse_body(body: bytes, kind: type[_T]) -> _T:
+def parse_body(body: bytes, kind: type[_T], max_depth: int = 32) -> _T:
+    """The request in ``body``; INVALID_REQUEST if it is not one, or nests deeper than ``max_depth``
+    (anywhere, unknown fields included: the decoder would recurse into them)."""
     if not body.strip():
         raise bad("request body is empty; expected a JSON object")
+    too_deep = bad(f"request body nests arrays and objects deeper than {max_depth} levels")
+    if nested_deeper_than(body, max_depth):
+        raise too_deep
     try:
         return _DECODERS[kind].decode(body)
     except msgspec.ValidationError as e:
         raise bad(f"invalid request: {e}") from None
     except msgspec.DecodeError as e:
         raise bad(f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # the interpreter's limit, lower than ours in a deep call stack
+        raise too_deep from None
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:

@@ -42,6 +42,8 @@ async def cluster(request: web.Request) -> web.Response:
                 "model": h.model,
                 "accelerator": h.accelerator,
                 "kv_endpoint": h.kv_endpoint,
+                "kv_refusing": w.load.kv_refusing,
+                "key": w.key_name,
                 "block_size": h.block_size,
                 "kv_bytes_per_token": h.kv_bytes_per_token,
                 "last_seen_s": round(now - w.liveness.last_seen, 3),

@@ -40,7 +40,7 @@ async def test_decode_retried_when_decode_worker_dies_before_fetching(cluster: L
         busy = {"prompt": "keep decode-0 busy", "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
         hold = asyncio.create_task(stream_tokens(s, cluster.url, **busy))
         await eventually(lambda: _inflight(cluster, "decode-0") >= 1, 20)
-        flaky = FakeWorker(cluster.control, "flaky-decode", capacity_blocks=10**6)
+        flaky = FakeWorker(cluster, "flaky-decode", capacity_blocks=10**6)
         flaky.register()
         try:
             request = asyncio.create_task(complete(s, cluster.url, **body))

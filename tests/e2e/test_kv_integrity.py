@@ -2,7 +2,9 @@
 
 A byte-level TCP proxy sits between the prefill worker and the decode worker's KV endpoint (the
 decode worker advertises the proxy's address). It flips bytes or cuts connections in the KV
-stream; the client must get an error, not tokens decoded from damaged KV.
+stream; the client must get an error, not tokens decoded from damaged KV. On an encrypted KV
+plane CURVE authenticates every message, so a changed byte breaks the connection before any
+checksum sees it; with ``kv_payload: plaintext`` the chunk checksums catch it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def proxied_cluster(tmp_path, monkeypatch) -> Iterator[tuple[LocalCluster, int, int]]:
+def kv_payload() -> str:
+    return "encrypted"
+
+
+@pytest.fixture
+def proxied_cluster(tmp_path, monkeypatch, kv_payload: str) -> Iterator[tuple[LocalCluster, int, int]]:
     kv_port, proxy_port = free_port(), free_port()
     # A cut connection loses the transfer's first message; the scheduler's handoff deadline
     # (counted from prefill's answer) is what notices. Keep it short for the test.
@@ -38,6 +45,7 @@ def proxied_cluster(tmp_path, monkeypatch) -> Iterator[tuple[LocalCluster, int, 
             ]
         },
         scheduler_args=[],
+        kv_payload=kv_payload,
         # The proxy damages the TCP stream: keep the KV on it although both workers share this host.
         worker_args=["--kv-same-host", "off"],
     )
@@ -62,7 +70,13 @@ async def _attempt(url: str, prompt: list[int]) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize(
-    "mode, codes", [("corrupt", {"kv_corrupt"}), ("truncate", {"kv_truncated", "kv_timeout"})]
+    "mode, kv_payload, codes",
+    [
+        ("corrupt", "plaintext", {"kv_corrupt"}),
+        # The message fails CURVE's authentication: the connection drops, the handoff never lands.
+        ("corrupt", "encrypted", {"kv_timeout", "kv_truncated"}),
+        ("truncate", "encrypted", {"kv_truncated", "kv_timeout"}),
+    ],
 )
 async def test_damaged_kv_is_detected(proxied_cluster, proxy: TcpProxy, mode: str, codes: set[str]) -> None:
     cluster, _, _ = proxied_cluster

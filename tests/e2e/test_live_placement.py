@@ -62,9 +62,9 @@ def _idle(cluster: LocalCluster) -> bool:
 
 async def test_occupancy_and_predicted_length_pick_the_decode_node(scheduler_only: LocalCluster) -> None:
     cluster = scheduler_only
-    prefill = FakeWorker(cluster.control, "prefill", role=Role.PREFILL)
-    small = FakeWorker(cluster.control, "small", capacity_blocks=64)
-    big = FakeWorker(cluster.control, "big", capacity_blocks=10000)
+    prefill = FakeWorker(cluster, "prefill", role=Role.PREFILL)
+    small = FakeWorker(cluster, "small", capacity_blocks=64)
+    big = FakeWorker(cluster, "big", capacity_blocks=10000)
     workers = [prefill, small, big]
     try:
         for w in workers:

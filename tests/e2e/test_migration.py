@@ -196,12 +196,13 @@ async def test_a_worker_that_takes_jobs_but_makes_no_progress_is_left(
     # idle, roomy stuck one is the decode node placement prefers (on a tie it would pick at random).
     busy = {"prompt": "keep them busy", "max_tokens": 1500, "ignore_eos": True, "stream": True}
     holding = asyncio.create_task(_run(healed.url, [busy, busy]))
-    # Its KV endpoint takes connections and never answers: the prefill side's transfer just waits.
+    # Its KV endpoint takes connections and never completes a handshake: the prefill side's
+    # transfer just waits.
     black_hole = zmq.Context.instance().socket(zmq.ROUTER)
     black_hole.setsockopt(zmq.LINGER, 0)
     kv_port = black_hole.bind_to_random_port("tcp://127.0.0.1")
     stuck = FakeWorker(
-        healed.control, "stuck-decode", capacity_blocks=10**6, kv_endpoint=f"tcp://127.0.0.1:{kv_port}"
+        healed, "stuck-decode", capacity_blocks=10**6, kv_endpoint=f"tcp://127.0.0.1:{kv_port}"
     )
     alive = threading.Event()
     jobs: list[DecodeJob] = []

@@ -88,7 +88,8 @@ def cluster(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
         argv = ["ip", "netns", "exec", namespace.name, sys.executable, "-m", "pdorch", "worker"]
         argv += ["--scheduler", f"tcp://{namespace.host_ip}:{spec.control_port}", "--role", "decode"]
         argv += ["--worker-id", "decode-cut", "--kv-bind", f"tcp://{namespace.ns_ip}:{free_port()}"]
-        c.spawn("decode-cut", [*argv, "--log-level", "WARNING"], {"PYTHONPATH": str(REPO)})
+        env = {**c.party_env("decode-cut"), "PYTHONPATH": str(REPO)}
+        c.spawn("decode-cut", [*argv, "--log-level", "WARNING"], env)
         c.wait_ready(3, 60)
     except BaseException:
         c.stop()

@@ -58,8 +58,8 @@ async def test_scheduler_tokenizes_with_the_files_a_worker_sent(
     _build_tokenizer(folder)
     spec = "/models/on/another/pod/tiny"  # what the worker announces; not on the scheduler's disk
     hello = {"model": "tiny", "tokenizer": spec, "vocab_size": 400, "eos_token_id": 1, "engine": "vllm"}
-    prefill = FakeWorker(scheduler_only.control, "p", role=Role.PREFILL, **hello)
-    decode = FakeWorker(scheduler_only.control, "d", role=Role.DECODE, **hello)
+    prefill = FakeWorker(scheduler_only, "p", role=Role.PREFILL, **hello)
+    decode = FakeWorker(scheduler_only, "d", role=Role.DECODE, **hello)
     try:
         for w in (prefill, decode):
             w.register()

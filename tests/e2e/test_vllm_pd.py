@@ -37,7 +37,6 @@ from transport.errors import PdorchError
 from transport.messages import (
     DecodeJob,
     KvMode,
-    KvRoute,
     PrefillJob,
     SamplingParams,
     TokenOutput,
@@ -134,11 +133,11 @@ async def test_corrupted_kv_transfer_fails_the_decode(cluster: Cluster, engines:
         prompt = max(cluster.prompts, key=len)  # many blocks: bulk frames to damage
         s = SamplingParams(max_tokens=8)
         # Through the proxy undamaged: the path itself works.
-        route = KvRoute(KvMode.P2P, proxy.endpoint, "proxy-ok")
+        route = cluster.route(KvMode.P2P, "proxy-ok", proxy.endpoint)
         ok = await disaggregated(engines, "proxy-ok", prompt, s, route, decode_first=True)
         assert len(ok) == 8
         proxy.mode = "corrupt"
-        route = KvRoute(KvMode.P2P, proxy.endpoint, "proxy-bad")
+        route = cluster.route(KvMode.P2P, "proxy-bad", proxy.endpoint)
         with pytest.raises(PdorchError):
             await disaggregated(engines, "proxy-bad", prompt, s, route, decode_first=True)
         assert proxy.damaged > 0
@@ -150,7 +149,7 @@ async def test_corrupted_kv_transfer_fails_the_decode(cluster: Cluster, engines:
 
 async def test_missing_kv_fails_the_decode_instead_of_recomputing(cluster: Cluster, engines: Engines) -> None:
     prompt = cluster.prompts[3]
-    route = KvRoute(KvMode.P2P, cluster.kv_endpoint, "never-sent")
+    route = cluster.route(KvMode.P2P, "never-sent")
     with pytest.raises(PdorchError):
         await engines.decode.decode(
             DecodeJob("lost", prompt, SamplingParams(max_tokens=4), route, deadline_s=5)
@@ -170,7 +169,7 @@ async def test_prefill_blocks_are_leased_then_released_when_nobody_takes_the_kv(
     cluster: Cluster, engines: Engines
 ) -> None:
     await _wait_for(lambda: engines.prefill.load().blocks_used == 0, 60, "an idle prefill instance")
-    dead_end = KvRoute(KvMode.P2P, f"tcp://127.0.0.1:{free_port()}", "nobody-listens")
+    dead_end = cluster.route(KvMode.P2P, "nobody-listens", f"tcp://127.0.0.1:{free_port()}")
     prompt = cluster.prompts[5]
     await engines.prefill.prefill(
         PrefillJob("orphan", prompt, SamplingParams(max_tokens=4), dead_end, deadline_s=15)
@@ -188,7 +187,7 @@ async def test_a_decode_waiting_for_its_kv_shows_in_the_load_and_cancels_cleanly
     """A decode whose KV has not come is parked inside vLLM holding its blocks; cancelling the job
     aborts it there, the connector ends the load, and vLLM frees the blocks."""
     await _wait_for(lambda: engines.decode.load().blocks_used == 0, 60, "an idle decode instance")
-    route = KvRoute(KvMode.P2P, cluster.kv_endpoint, "parked-never-sent")
+    route = cluster.route(KvMode.P2P, "parked-never-sent")
     s = SamplingParams(max_tokens=8)
     job = asyncio.create_task(
         engines.decode.decode(DecodeJob("parked", cluster.prompts[6], s, route, deadline_s=120))

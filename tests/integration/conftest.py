@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 import zmq.asyncio
 
+from tests.support.security import INSECURE
 from transport.kv import KvSender
 from transport.kv.broker import KvBroker
 
@@ -20,14 +21,16 @@ async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
 
 @pytest.fixture
 async def sender(ctx: zmq.asyncio.Context) -> AsyncIterator[KvSender]:
-    tx = KvSender(ctx)
+    tx = KvSender(ctx, security=INSECURE)
     yield tx
     await tx.close()
 
 
 @pytest.fixture
 async def broker(ctx: zmq.asyncio.Context) -> AsyncIterator[KvBroker]:
-    kv_broker = KvBroker(ctx, bind="tcp://127.0.0.1:0", capacity_bytes=64 * 1024 * 1024, ttl_s=60)
+    kv_broker = KvBroker(
+        ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=64 * 1024 * 1024, ttl_s=60
+    )
     await kv_broker.start()
     yield kv_broker
     await kv_broker.close()

@@ -12,6 +12,7 @@ import zmq.asyncio
 
 from tests.support.kv import make_layers, via_broker, wait_until
 from tests.support.kv import send_all as send_layers
+from tests.support.security import INSECURE
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.broker import KvBroker
@@ -23,7 +24,7 @@ MIB = 1024 * 1024
 
 @pytest.fixture
 async def fetcher(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
-    rx = KvReceiver(ctx, bind=None)
+    rx = KvReceiver(ctx, security=INSECURE, bind=None)
     await rx.start()
     yield rx
     await rx.close()
@@ -77,7 +78,15 @@ async def test_fetch_may_come_before_the_prefill_side_sends(
 async def test_full_broker_rejects_the_transfer_and_tells_the_fetcher(
     ctx: zmq.asyncio.Context, sender: KvSender, fetcher: KvReceiver
 ) -> None:
-    small = KvBroker(ctx, bind="tcp://127.0.0.1:0", capacity_bytes=768 * 1024, ttl_s=60)
+    # One sender may fill it here (by default one holds at most half).
+    small = KvBroker(
+        ctx,
+        security=INSECURE,
+        bind="tcp://127.0.0.1:0",
+        capacity_bytes=768 * 1024,
+        ttl_s=60,
+        max_sender_bytes=768 * 1024,
+    )
     await small.start()
     try:
         await send_all(
@@ -106,7 +115,7 @@ async def test_duplicate_transfer_id_is_rejected(broker: KvBroker, sender: KvSen
 async def test_unclaimed_transfer_is_evicted_after_its_ttl(
     ctx: zmq.asyncio.Context, sender: KvSender, fetcher: KvReceiver
 ) -> None:
-    short = KvBroker(ctx, bind="tcp://127.0.0.1:0", capacity_bytes=8 * MIB, ttl_s=0.3)
+    short = KvBroker(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=8 * MIB, ttl_s=0.3)
     await short.start()
     try:
         await send_all(sender, short.endpoint, "stale", make_layers(2, 64, (4,), "float16"), OK_DEADLINE_S)
@@ -175,7 +184,7 @@ async def test_fetcher_dying_mid_fetch_leaves_the_transfer_for_another(
 ) -> None:
     layers = make_layers(4, 512, (2, 8, 128), "float16")  # 8 MiB: many windows of 256 KiB
     await send_all(sender, broker.endpoint, "survivor", layers, OK_DEADLINE_S)
-    doomed = KvReceiver(ctx, bind=None, window_bytes=256 * 1024)
+    doomed = KvReceiver(ctx, security=INSECURE, bind=None, window_bytes=256 * 1024)
     await doomed.start()
     dying_sink = DyingSink(4, 512, (2, 8, 128), "float16")
     fetching = asyncio.create_task(
@@ -188,7 +197,7 @@ async def test_fetcher_dying_mid_fetch_leaves_the_transfer_for_another(
     assert dying_sink.bytes_written < layers.nbytes
     assert broker.stats.entries == 1
 
-    second = KvReceiver(ctx, bind=None)
+    second = KvReceiver(ctx, security=INSECURE, bind=None)
     await second.start()
     try:
         sink = ArraySink(4, 512, (2, 8, 128), "float16")

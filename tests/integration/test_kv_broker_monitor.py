@@ -10,7 +10,9 @@ import zmq.asyncio
 
 from scheduler.kv_broker_monitor import KvBrokerMonitor
 from tests.support.kv import wait_until
+from tests.support.security import INSECURE
 from transport.kv.broker import KvBroker
+from transport.security import NO_CLIENT_AUTH
 
 INTERVAL_S = 0.05
 
@@ -18,7 +20,7 @@ INTERVAL_S = 0.05
 async def _broker_on(ctx: zmq.asyncio.Context, endpoint: str) -> KvBroker:
     """A broker on the address another one just left (libzmq releases a port asynchronously)."""
     for _ in range(100):
-        broker = KvBroker(ctx, bind=endpoint, capacity_bytes=1 << 20, ttl_s=60)
+        broker = KvBroker(ctx, security=INSECURE, bind=endpoint, capacity_bytes=1 << 20, ttl_s=60)
         try:
             await broker.start()
             return broker
@@ -29,11 +31,13 @@ async def _broker_on(ctx: zmq.asyncio.Context, endpoint: str) -> KvBroker:
 
 
 async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyncio.Context) -> None:
-    first = KvBroker(ctx, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
+    first = KvBroker(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
     await first.start()
     endpoint = first.endpoint
     lost: list[str] = []
-    monitor = KvBrokerMonitor(ctx, endpoint, interval_s=INTERVAL_S, liveness=4, on_lost=lost.append)
+    monitor = KvBrokerMonitor(
+        ctx, endpoint, auth=NO_CLIENT_AUTH, interval_s=INTERVAL_S, liveness=4, on_lost=lost.append
+    )
     await monitor.start()
     try:
         await wait_until(lambda: monitor.reachable)
@@ -53,10 +57,12 @@ async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyn
 
 
 async def test_a_restart_between_two_pings_is_noticed(ctx: zmq.asyncio.Context) -> None:
-    first = KvBroker(ctx, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
+    first = KvBroker(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
     await first.start()
     lost: list[str] = []
-    monitor = KvBrokerMonitor(ctx, first.endpoint, interval_s=INTERVAL_S, liveness=1000, on_lost=lost.append)
+    monitor = KvBrokerMonitor(
+        ctx, first.endpoint, auth=NO_CLIENT_AUTH, interval_s=INTERVAL_S, liveness=1000, on_lost=lost.append
+    )
     await monitor.start()
     try:
         await wait_until(lambda: monitor.reachable)

@@ -1,4 +1,5 @@
-"""The KV broker as a real OS process: started with ``python -m``, used, stopped with SIGTERM."""
+"""The KV broker as a real OS process: started with ``python -m`` with its keys, used by an
+authenticated worker, stopped with SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,20 +9,27 @@ import signal
 import sys
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import zmq.asyncio
 
-from tests.support.kv import via_broker
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.messages import KvMode, KvRoute
+from transport.security import KeyKind, Security, SecurityConfig
+from transport.security.key_set import KV_BROKER, KeySet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.e2e
-async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm() -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    keys = KeySet.create(tmp_path, {"worker-a": ()})
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **keys.env(KV_BROKER)}
+    worker = Security.load(
+        SecurityConfig(key_file=str(keys.key_file("worker-a")), trusted_keys=str(keys.trusted_dir))
+    )
+    route = KvRoute(KvMode.CENTRALIZED, "", "worker-a/proc", worker.server_key(KeyKind.KV_BROKER))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -43,13 +51,14 @@ async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm() ->
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         assert line.startswith("kv-broker listening on tcp://127.0.0.1:"), line
         endpoint = line.rsplit(" ", 1)[1].strip()
+        route = msgspec.structs.replace(route, endpoint=endpoint)
 
         layers = np.random.default_rng(5).standard_normal((4, 256, 2, 8, 128)).astype(np.float16)
-        sender = KvSender(ctx)
-        fetcher = KvReceiver(ctx, bind=None)
+        sender = KvSender(ctx, security=worker)
+        fetcher = KvReceiver(ctx, security=worker, bind=None)
         await fetcher.start()
         stream = await sender.open(
-            KvRoute(KvMode.CENTRALIZED, endpoint, "proc"),
+            route,
             num_layers=4,
             rows_per_layer=256,
             row_shape=(2, 8, 128),
@@ -60,7 +69,7 @@ async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm() ->
             await stream.send_layer(layer, layers[layer])
         await stream.finish({"first_token": 3})
         sink = ArraySink(4, 256, (2, 8, 128), "float16")
-        assert await fetcher.receive(via_broker(endpoint, "proc"), sink, deadline_s=30) == {"first_token": 3}
+        assert await fetcher.receive(route, sink, deadline_s=30) == {"first_token": 3}
         assert np.array_equal(sink.layers, layers)
         await sender.close()
         await fetcher.close()
@@ -71,4 +80,5 @@ async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm() ->
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        worker.close()
         ctx.destroy(linger=0)

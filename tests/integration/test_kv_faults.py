@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 from tests.support.kv import p2p
+from tests.support.security import INSECURE
 from transport.codec import MAX_FRAME_BYTES, Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
@@ -38,7 +39,7 @@ Tamper = Callable[[list[bytes]], list[bytes] | None]
 
 @contextlib.asynccontextmanager
 async def started_receiver(ctx: zmq.asyncio.Context, window_bytes: int) -> AsyncIterator[KvReceiver]:
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", window_bytes=window_bytes)
+    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", window_bytes=window_bytes)
     await rx.start()
     try:
         yield rx
@@ -129,7 +130,7 @@ async def run_through_proxy(
     """Hand LAYERS over through a tampering proxy in 4 KiB chunks; return (sender error, receiver error)."""
     proxy = TamperingProxy(ctx, receiver.endpoint, tamper)
     # The proxy tampers with what goes through the socket: keep every chunk on it.
-    sender = KvSender(ctx, max_chunk_bytes=4096, same_host=SameHostMode.OFF)
+    sender = KvSender(ctx, security=INSECURE, max_chunk_bytes=4096, same_host=SameHostMode.OFF)
 
     async def send() -> None:
         stream = await sender.open(

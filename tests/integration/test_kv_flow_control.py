@@ -15,6 +15,7 @@ import numpy as np
 import zmq.asyncio
 
 from tests.support.kv import p2p
+from tests.support.security import INSECURE
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.out_stream import KvOutStream
 from transport.messages import KvMode, KvRoute
@@ -40,7 +41,7 @@ class SenderThread(threading.Thread):
 
     async def _send(self) -> None:
         ctx = zmq.asyncio.Context()
-        sender = KvSender(ctx, max_chunk_bytes=32 * 1024)
+        sender = KvSender(ctx, security=INSECURE, max_chunk_bytes=32 * 1024)
         try:
             stream = await sender.open(
                 KvRoute(KvMode.P2P, self._endpoint, "slow"),
@@ -77,7 +78,7 @@ class SlowSink(ArraySink):
 async def test_slow_sink_never_has_more_than_the_window_unconsumed() -> None:
     layers = np.random.default_rng(3).standard_normal((NUM_LAYERS, ROWS, *ROW_SHAPE)).astype(np.float16)
     ctx = zmq.asyncio.Context()
-    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", window_bytes=WINDOW)
+    receiver = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", window_bytes=WINDOW)
     await receiver.start()
     try:
         sender = SenderThread(receiver.endpoint, layers)

@@ -15,16 +15,18 @@ import zmq
 import zmq.asyncio
 
 from tests.support.kv import make_layers, p2p, send_all, wait_until
+from tests.support.security import INSECURE
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvOutStream, KvReceiver, KvSender
 from transport.messages import KvMode, KvRoute
+from transport.security import NO_SERVER_AUTH
 
 OK_DEADLINE_S = 30.0  # generous: a shared 2-core machine; success never waits for it
 
 
 @pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", park_s=1.0)
+    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", park_s=1.0)
     await rx.start()
     yield rx
     await rx.close()
@@ -86,9 +88,11 @@ async def test_sender_may_begin_before_the_receiver_expects_the_transfer(
 
 
 async def test_many_concurrent_transfers_to_one_receiver(ctx: zmq.asyncio.Context) -> None:
-    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", max_active=3, window_bytes=256 * 1024)
+    receiver = KvReceiver(
+        ctx, security=INSECURE, bind="tcp://127.0.0.1:0", max_active=3, window_bytes=256 * 1024
+    )
     await receiver.start()
-    senders = [KvSender(ctx, max_chunk_bytes=64 * 1024) for _ in range(3)]
+    senders = [KvSender(ctx, security=INSECURE, max_chunk_bytes=64 * 1024) for _ in range(3)]
     try:
         count = 16
         all_layers = [make_layers(3, 100 + i, (2, 4, 32), "float16", seed=i) for i in range(count)]
@@ -166,7 +170,7 @@ async def test_sender_abort_fails_the_receiver(sender: KvSender, receiver: KvRec
 async def test_closing_sender_aborts_its_open_transfers(
     ctx: zmq.asyncio.Context, receiver: KvReceiver
 ) -> None:
-    sender = KvSender(ctx)
+    sender = KvSender(ctx, security=INSECURE)
     sink = ArraySink(2, 20, (4,), "float16")
     receiving = asyncio.create_task(receiver.receive(p2p("closed"), sink, deadline_s=OK_DEADLINE_S))
     stream = await open_small(sender, receiver, "closed")
@@ -182,9 +186,10 @@ import asyncio, sys
 import numpy as np, zmq.asyncio
 from transport.kv import KvSender
 from transport.messages import KvMode, KvRoute
+from transport.security import Security
 
 async def main() -> None:
-    sender = KvSender(zmq.asyncio.Context())
+    sender = KvSender(zmq.asyncio.Context(), security=Security.insecure())
     stream = await sender.open(KvRoute(KvMode.P2P, sys.argv[1], "killed"), num_layers=2, rows_per_layer=20,
                                row_shape=(4,), dtype="float16", deadline_s=60)
     await stream.send_layer(0, np.zeros((20, 4), np.float16))
@@ -224,7 +229,7 @@ async def test_killed_sender_is_kv_timeout_on_the_receiver(receiver: KvReceiver)
 async def test_absent_receiver_is_kv_timeout_on_the_sender(
     ctx: zmq.asyncio.Context, sender: KvSender
 ) -> None:
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0")
+    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0")
     await rx.start()
     endpoint = rx.endpoint
     await rx.close()  # the decode agent is gone; nothing listens there any more
@@ -258,9 +263,9 @@ async def test_wrong_layer_shape_is_refused_locally(sender: KvSender, receiver: 
 
 
 async def test_transfer_waiting_for_a_busy_receiver_times_out_on_both_sides(ctx: zmq.asyncio.Context) -> None:
-    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", max_active=1)
+    receiver = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", max_active=1)
     await receiver.start()
-    sender = KvSender(ctx)
+    sender = KvSender(ctx, security=INSECURE)
     try:
         busy = asyncio.create_task(
             receiver.receive(p2p("busy"), ArraySink(1, 4, (4,), "uint8"), deadline_s=30)
@@ -377,7 +382,7 @@ async def test_a_cancelled_receive_tells_its_sender(sender: KvSender, receiver: 
 
 
 async def test_closing_the_receiver_ends_its_waiting_receives(ctx: zmq.asyncio.Context) -> None:
-    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0")
+    receiver = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0")
     await receiver.start()
     sink = ArraySink(1, 1, (4,), "float16")
     waiting = asyncio.create_task(receiver.receive(p2p("never"), sink, deadline_s=OK_DEADLINE_S))
@@ -394,7 +399,7 @@ async def test_closing_the_receiver_ends_its_waiting_receives(ctx: zmq.asyncio.C
 async def test_terminating_the_context_ends_waiting_receives() -> None:
     """A process shutting down without closing the receiver first: no hang, no traceback."""
     context = zmq.asyncio.Context()
-    receiver = KvReceiver(context, bind="tcp://127.0.0.1:0")
+    receiver = KvReceiver(context, security=INSECURE, bind="tcp://127.0.0.1:0")
     await receiver.start()
     waiting = asyncio.create_task(
         receiver.receive(p2p("never"), ArraySink(1, 1, (4,), "float16"), deadline_s=OK_DEADLINE_S)
@@ -418,7 +423,9 @@ async def test_a_failed_endpoint_thread_fails_its_receives_and_refuses_new_ones(
         raise RuntimeError("injected bug")
 
     monkeypatch.setattr(p2p_endpoint.P2pEndpoint, "_housekeeping", injected_bug)
-    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", park_s=0.2)  # housekeeping every 50 ms
+    receiver = KvReceiver(
+        ctx, security=INSECURE, bind="tcp://127.0.0.1:0", park_s=0.2
+    )  # housekeeping every 50 ms
     await receiver.start()
     sink = ArraySink(1, 1, (4,), "float16")
     try:
@@ -438,7 +445,17 @@ async def test_an_expectation_queued_after_the_endpoint_stopped_is_answered() ->
 
     context = zmq.Context()
     endpoint = P2pEndpoint(
-        context, "tcp://127.0.0.1:0", window_bytes=1 << 20, max_active=1, max_parked=1, park_s=1, idle_s=1
+        context,
+        "tcp://127.0.0.1:0",
+        window_bytes=1 << 20,
+        max_active=1,
+        max_parked=1,
+        max_parked_per_peer=1,
+        max_parked_per_scope=1,
+        park_s=1,
+        idle_s=1,
+        refusing_s=1,
+        auth=NO_SERVER_AUTH,
     )
     endpoint.start()
     await endpoint.close()

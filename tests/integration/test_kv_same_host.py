@@ -7,6 +7,7 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,12 +26,15 @@ from tests.support.same_host import (
     scribble_over_rings,
 )
 from tests.support.same_host_peer import NUM_LAYERS, ROW_SHAPE, ROWS, kv_layers
+from tests.support.security import INSECURE
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvReceiver, KvSender
-from transport.kv.messages import KV_PROTOCOL_VERSION, KvAccept, KvBegin, KvMessage
+from transport.kv.messages import KV_PROTOCOL_VERSION, KvAccept, KvBegin, KvMessage, KvNack
 from transport.kv.same_host import SameHostMode, host_identity
 from transport.messages import KvMode, KvRoute
+from transport.security import Security, SecurityConfig
+from transport.security.key_set import KeySet
 
 
 def sink() -> ArraySink:
@@ -39,7 +43,7 @@ def sink() -> ArraySink:
 
 @pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", idle_s=1.0)
+    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", idle_s=1.0)
     await rx.start()
     yield rx
     await rx.close()
@@ -117,7 +121,7 @@ async def test_a_sender_killed_mid_transfer_leaves_nothing(receiver: KvReceiver)
 
 async def test_a_receiver_killed_mid_transfer_leaves_nothing(ctx: zmq.asyncio.Context) -> None:
     proc = peer("receive", SameHostMode.ON)
-    sender = KvSender(ctx, same_host=SameHostMode.ON)
+    sender = KvSender(ctx, security=INSECURE, same_host=SameHostMode.ON)
     try:
         endpoint = await line_from(proc)
         layers = kv_layers(3)
@@ -179,9 +183,9 @@ async def test_a_ring_is_offered_only_to_a_sender_on_this_host(receiver: KvRecei
 async def test_modes_choose_the_path(
     ctx: zmq.asyncio.Context, sender_mode: SameHostMode, receiver_mode: SameHostMode, shared: bool
 ) -> None:
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", same_host=receiver_mode)
+    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", same_host=receiver_mode)
     await rx.start()
-    tx = KvSender(ctx, same_host=sender_mode)
+    tx = KvSender(ctx, security=INSECURE, same_host=sender_mode)
     try:
         layers = make_layers(2, 300, (2, 8, 128), "float16", seed=4)
         cache = ArraySink(2, 300, (2, 8, 128), "float16")
@@ -196,9 +200,9 @@ async def test_modes_choose_the_path(
 
 
 async def test_forced_on_fails_when_the_receiver_offers_no_ring(ctx: zmq.asyncio.Context) -> None:
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", same_host=SameHostMode.OFF)
+    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", same_host=SameHostMode.OFF)
     await rx.start()
-    tx = KvSender(ctx, same_host=SameHostMode.ON)
+    tx = KvSender(ctx, security=INSECURE, same_host=SameHostMode.ON)
     try:
         layers = make_layers(1, 64, (2, 8, 128), "float16")
         receiving = asyncio.create_task(
@@ -219,7 +223,7 @@ async def test_a_ring_is_lent_again_only_to_its_sender(
     receiver: KvReceiver, ctx: zmq.asyncio.Context
 ) -> None:
     layers = make_layers(2, 300, (2, 8, 128), "float16", seed=6)
-    senders = [KvSender(ctx, same_host=SameHostMode.ON) for _ in range(2)]
+    senders = [KvSender(ctx, security=INSECURE, same_host=SameHostMode.ON) for _ in range(2)]
     try:
         for i, tx in enumerate([senders[0], senders[0], senders[1]]):
             cache = ArraySink(2, 300, (2, 8, 128), "float16")
@@ -234,3 +238,70 @@ async def test_a_ring_is_lent_again_only_to_its_sender(
         for tx in senders:
             await tx.close()
     await wait_until(lambda: len(rings_mapped()) == 2)  # only the receiver's own mappings are left
+
+
+# ----------------------------------------------------------------------------- with authentication
+
+
+def _load(keys: KeySet, name: str) -> Security:
+    return Security.load(
+        SecurityConfig(key_file=str(keys.key_file(name)), trusted_keys=str(keys.trusted_dir))
+    )
+
+
+async def test_rings_are_negotiated_over_curve_and_only_within_the_senders_scope(
+    ctx: zmq.asyncio.Context, tmp_path: Path
+) -> None:
+    keys = KeySet.create(tmp_path / "keys", {"prefill": (), "decode": ()})
+    decode, prefill = _load(keys, "decode"), _load(keys, "prefill")
+    rx = KvReceiver(ctx, security=decode, bind="tcp://127.0.0.1:0", same_host=SameHostMode.ON)
+    await rx.start()
+    tx = KvSender(ctx, security=prefill, same_host=SameHostMode.ON)
+    server_key = keys.public_key("decode")
+    try:
+        layers = make_layers(2, 300, (2, 8, 128), "float16", seed=8)
+        cache = ArraySink(2, 300, (2, 8, 128), "float16")
+        receiving = asyncio.create_task(rx.receive(p2p("prefill/t"), cache, deadline_s=WAIT_S))
+        route = KvRoute(KvMode.P2P, rx.endpoint, "prefill/t", server_key)
+        await send_all(tx, route, layers, {"first_token": 1}, WAIT_S)
+        assert await receiving == {"first_token": 1}
+        assert np.array_equal(cache.layers, layers)
+        assert (rx.stats.same_host, tx.same_host_transfers) == (1, 1)
+        # A transfer named in another key's scope is refused at its begin: no ring is lent for it.
+        receiving = asyncio.create_task(rx.receive(p2p("decode/t"), sink(), deadline_s=1.0))
+        with pytest.raises(PdorchError) as sent:
+            await send_all(tx, KvRoute(KvMode.P2P, rx.endpoint, "decode/t", server_key), layers, {}, WAIT_S)
+        assert sent.value.code == ErrorCode.KV_REJECTED
+        with pytest.raises(PdorchError):
+            await receiving
+        assert rx.stats.same_host == 1 and rx.stats.refused_begins == 1
+    finally:
+        await tx.close()
+        await rx.close()
+        decode.close()
+        prefill.close()
+
+
+async def test_same_host_begins_count_against_the_per_peer_bound(ctx: zmq.asyncio.Context) -> None:
+    rx = KvReceiver(
+        ctx, security=INSECURE, bind="tcp://127.0.0.1:0", same_host=SameHostMode.ON, max_parked_per_peer=1
+    )
+    await rx.start()
+    peer_ctx = zmq.asyncio.Context()
+    sock = peer_ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(rx.endpoint)
+    try:
+        for tid in ("a", "b"):  # nobody expects either: the first waits, the second is one too many
+            begin = KvBegin(
+                KV_PROTOCOL_VERSION, tid, NUM_LAYERS, ROWS, list(ROW_SHAPE), "float16", 128, host_identity()
+            )
+            await sock.send_multipart(Encoder().encode(begin))
+        reply = Decoder(KvMessage).decode(await asyncio.wait_for(sock.recv_multipart(copy=False), WAIT_S))
+        assert isinstance(reply, KvNack) and reply.transfer_id == "b"
+        assert reply.code == ErrorCode.KV_REJECTED and "this peer" in reply.message
+        assert rx.stats.parked == 1 and rx.stats.shared_rings == 0  # no ring before acceptance
+    finally:
+        sock.close()
+        peer_ctx.term()
+        await rx.close()

@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from transport.loop_socket import LoopSocket
+from transport.security import NO_CLIENT_AUTH, NO_SERVER_AUTH
 from transport.sockets import bound_endpoint, dealer, router
 
 WAIT_S = 5.0  # generous on a shared machine; success never waits for it
@@ -26,8 +27,8 @@ def plain() -> Iterator[zmq.Context]:
 @pytest.fixture
 async def pair(plain: zmq.Context) -> AsyncIterator[tuple[LoopSocket, zmq.Socket]]:
     """A LoopSocket DEALER connected to a plain ROUTER that already knows its identity."""
-    peer = router(plain, "tcp://127.0.0.1:0")
-    sock = LoopSocket(dealer(plain, bound_endpoint(peer)))
+    peer = router(plain, "tcp://127.0.0.1:0", auth=NO_SERVER_AUTH)
+    sock = LoopSocket(dealer(plain, bound_endpoint(peer), auth=NO_CLIENT_AUTH))
     await asyncio.wait_for(sock.send([b"hello"]), WAIT_S)
     assert peer.poll(int(WAIT_S * 1000))
     yield sock, peer

@@ -13,6 +13,7 @@ import zmq.asyncio
 
 from tests.support.lora import write_adapter
 from tests.support.reference_core import CFG, random_prompt
+from tests.support.security import INSECURE
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.messages import DecodeJob, FromWorker, GenerateJob, KvMode, KvRoute, PrefillJob, SamplingParams
@@ -24,7 +25,7 @@ SAMPLING = SamplingParams(max_tokens=10, temperature=0.8, seed=3, ignore_eos=Tru
 
 @pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", park_s=5.0)
+    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", park_s=5.0)
     await rx.start()
     yield rx
     await rx.close()

@@ -11,6 +11,7 @@ import zmq.asyncio
 
 from tests.support.kv import wait_until
 from tests.support.same_host import kill, line_from, peer, rings_mapped
+from tests.support.security import INSECURE
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.kv.same_host import SameHostMode
@@ -29,7 +30,7 @@ async def _started(engine: ReferenceEngine) -> ReferenceEngine:
 
 @pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", idle_s=1.0, same_host=SameHostMode.ON)
+    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", idle_s=1.0, same_host=SameHostMode.ON)
     await rx.start()
     yield rx
     await rx.close()
@@ -69,7 +70,7 @@ async def test_decode_gets_its_blocks_back_when_the_sender_dies(receiver: KvRece
 
 
 async def test_prefill_gets_its_blocks_back_when_the_receiver_dies(ctx: zmq.asyncio.Context) -> None:
-    sender = KvSender(ctx, same_host=SameHostMode.ON)
+    sender = KvSender(ctx, security=INSECURE, same_host=SameHostMode.ON)
     engine = await _started(ReferenceEngine(CFG, num_blocks=64, kv_sender=sender))
     proc = peer("receive", SameHostMode.ON)
     try:

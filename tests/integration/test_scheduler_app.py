@@ -12,10 +12,13 @@ from aiohttp import web
 from scheduler.app import build_app
 from scheduler.app_keys import CLUSTER, KUBERNETES, ORCHESTRATOR, TOKENIZERS, ZMQ_CONTEXT
 from scheduler.config import SchedulerConfig
+from transport.security import SecurityConfig
+
+OPEN = SecurityConfig(insecure=True)
 
 
 async def test_the_app_starts_its_resources_and_stops_them_all() -> None:
-    app = build_app(SchedulerConfig(control_bind="tcp://127.0.0.1:0"))
+    app = build_app(SchedulerConfig(control_bind="tcp://127.0.0.1:0", security=OPEN))
     runner = web.AppRunner(app)
     await runner.setup()
     try:
@@ -31,7 +34,7 @@ async def test_a_control_endpoint_in_use_fails_the_start_and_stops_what_had_star
     ctx = zmq.asyncio.Context()
     taken = ctx.socket(zmq.ROUTER)
     port = taken.bind_to_random_port("tcp://127.0.0.1")
-    app = build_app(SchedulerConfig(control_bind=f"tcp://127.0.0.1:{port}"))
+    app = build_app(SchedulerConfig(control_bind=f"tcp://127.0.0.1:{port}", security=OPEN))
     runner = web.AppRunner(app)
     try:
         with pytest.raises(zmq.ZMQError):

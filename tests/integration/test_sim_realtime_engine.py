@@ -17,6 +17,7 @@ import pytest
 import zmq.asyncio
 
 from tests.support.kv import wait_until
+from tests.support.security import INSECURE
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.kv.broker import KvBroker
@@ -57,7 +58,7 @@ class Running:
 
 @pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
-    rx = KvReceiver(ctx, bind="tcp://127.0.0.1:0", park_s=5.0)
+    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", park_s=5.0)
     await rx.start()
     yield rx
     await rx.close()

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from transport.kv.same_host import SameHostMode
+from transport.security import SecurityConfig
+from transport.security.key_set import KeySet
+from transport.security.keys import read_keypair
 from workers.engines.vllm.connector_metadata import RecvSpec, SendSpec, StepPlan
 from workers.engines.vllm.connector_worker import PdorchWorkerSide
 from workers.engines.vllm.transfer_params import RECV, SEND, PdorchKvParams
@@ -35,13 +39,29 @@ def _caches(seed: int | None) -> dict[str, np.ndarray]:
     }
 
 
+# The connectors authenticate as a prefill and a decode worker would (their agents' keys): the
+# producer pins the consumer's key, which admits transfers in the producer's scope only.
+_DECODE_KEY: dict[str, str] = {}
+
+
 @pytest.fixture(params=[SameHostMode.OFF, SameHostMode.ON])
-def sides(request: pytest.FixtureRequest) -> Iterator[tuple[PdorchWorkerSide, PdorchWorkerSide, dict, dict]]:
-    """Over TCP, and through shared memory (vLLM's CPU KV cache is plain memory)."""
+def sides(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[PdorchWorkerSide, PdorchWorkerSide, dict, dict]]:
+    """Over TCP, and through shared memory (vLLM's CPU KV cache is plain memory), both on
+    authenticated sockets."""
+    keys = KeySet.create(tmp_path, {"prefill": (), "decode": ()})
+    _DECODE_KEY["public"] = read_keypair(keys.key_file("decode")).public
+
+    def security(name: str) -> SecurityConfig:
+        return SecurityConfig(key_file=str(keys.key_file(name)), trusted_keys=str(keys.trusted_dir))
+
     # vLLM hands the worker side torch tensors; numpy arrays are taken as they are.
     src, dst = _caches(1), _caches(None)
-    producer = PdorchWorkerSide(bind=None, same_host=request.param)
-    consumer = PdorchWorkerSide(bind="tcp://127.0.0.1:0", same_host=request.param)
+    producer = PdorchWorkerSide(bind=None, security=security("prefill"), same_host=request.param)
+    consumer = PdorchWorkerSide(
+        bind="tcp://127.0.0.1:0", security=security("decode"), same_host=request.param
+    )
     producer.register_kv_caches(src)
     consumer.register_kv_caches(dst)
     try:
@@ -52,7 +72,7 @@ def sides(request: pytest.FixtureRequest) -> Iterator[tuple[PdorchWorkerSide, Pd
 
 
 def _params(direction: str, endpoint: str, tid: str, deadline_s: float = 10.0) -> PdorchKvParams:
-    return PdorchKvParams(direction, tid, "p2p", endpoint, deadline_s)
+    return PdorchKvParams(direction, f"prefill/{tid}", "p2p", endpoint, deadline_s, _DECODE_KEY["public"])
 
 
 def _wait(side: PdorchWorkerSide, finished: set[str], timeout_s: float = 20.0) -> tuple[set, set, set]:

@@ -50,12 +50,18 @@ def test_rbac_is_least_privilege(objects: list[Obj]) -> None:
     assert by_kind(objects, "ClusterRole") == [] and by_kind(objects, "ClusterRoleBinding") == []
     (role,) = by_kind(objects, "Role")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): sorted(r["verbs"]) for r in role["rules"]}
+    # Exactly the calls the scheduler makes: list_namespaced_pod (and its watch), the LWS scale
+    # subresource's get and patch. Nothing else, nothing wider.
     assert rules == {
-        (("",), ("pods",)): ["get", "list", "watch"],
-        (("leaderworkerset.x-k8s.io",), ("leaderworkersets",)): ["get", "list", "watch"],
-        (("leaderworkerset.x-k8s.io",), ("leaderworkersets/scale",)): ["get", "patch", "update"],
+        (("",), ("pods",)): ["list", "watch"],
+        (("leaderworkerset.x-k8s.io",), ("leaderworkersets/scale",)): ["get", "patch"],
     }
     assert all("resourceNames" not in r and "nonResourceURLs" not in r for r in role["rules"])
+    assert _kubernetes_calls() == {
+        "list_namespaced_pod",
+        "get_namespaced_custom_object_scale",
+        "patch_namespaced_custom_object_scale",
+    }, "the scheduler calls another Kubernetes API: grant it in rbac.yaml (and nothing more)"
 
     (binding,) = by_kind(objects, "RoleBinding")
     assert binding["roleRef"] == {
@@ -66,6 +72,18 @@ def test_rbac_is_least_privilege(objects: list[Obj]) -> None:
     deployment = one(objects, "Deployment", "pdorch-scheduler")
     account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+
+
+def _kubernetes_calls() -> set[str]:
+    """The Kubernetes client methods the scheduler's code calls (``<verb>_namespaced_...``)."""
+    root = Path(__file__).resolve().parents[2] / "scheduler"
+    pattern = re.compile(
+        r"\.((?:list|get|watch|patch|replace|create|delete|read)_[a-z_]*namespaced[a-z_]*)\("
+    )
+    calls: set[str] = set()
+    for path in root.rglob("*.py"):
+        calls.update(pattern.findall(path.read_text()))
+    return calls
 
 
 def test_worker_pods_get_no_api_credentials(objects: list[Obj]) -> None:
@@ -110,8 +128,8 @@ def _ingress_allowed(
 
 
 def test_only_the_scheduler_http_port_is_reachable_from_outside(objects: list[Obj]) -> None:
-    """Control plane, KV endpoints, KV broker, Ray and the engines' servers carry prompts and KV
-    without authentication: other pods may reach only the scheduler's HTTP port (API, metrics)."""
+    """Ray and the engines' servers have no authentication, and the ZeroMQ planes are better
+    unreachable too: other pods may reach only the scheduler's HTTP port (API, metrics)."""
     policies = by_kind(objects, "NetworkPolicy")
     assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
     outsider = {"app.kubernetes.io/name": "other"}
@@ -131,21 +149,96 @@ def test_only_the_scheduler_http_port_is_reachable_from_outside(objects: list[Ob
     assert {"control", "kv-broker", "kv", "http"} <= checked
 
 
-def test_scheduler_and_agents_share_the_control_token(objects: list[Obj]) -> None:
-    """One optional Secret: without it nothing changes; with it, only agents holding it register."""
-    expected = {
-        "secretKeyRef": {"name": "pdorch-control-token", "key": "token", "optional": True},
-    }
+def container_env(objects: list[Obj], c: Obj) -> dict[str, str]:
+    """The environment a container gets from its ``env`` values and its ``envFrom`` ConfigMaps."""
+    env: dict[str, str] = {}
+    for source in c.get("envFrom", []):
+        env.update(one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+    return env
 
-    def token_source(c: Obj) -> Any:
-        found = [e for e in c.get("env", []) if e["name"] == "PDORCH_CONTROL_TOKEN"]
-        assert len(found) == 1, c["name"]
-        return found[0]["valueFrom"]
 
-    scheduler = container(one(objects, "Deployment", "pdorch-scheduler")["spec"]["template"], "scheduler")
-    assert token_source(scheduler) == expected
+def pdorch_processes(objects: list[Obj]) -> list[tuple[str, Obj, Obj, str]]:
+    """(where, pod template, container, party) of every container running pdorch code that talks
+    ZeroMQ: the scheduler, the KV broker, each pool's agents, and vLLM beside an agent (its KV
+    connector is the agent's KV plane)."""
+    found = []
+    scheduler = one(objects, "Deployment", "pdorch-scheduler")["spec"]["template"]
+    found.append(("scheduler", scheduler, container(scheduler, "scheduler"), "scheduler"))
+    found.append(("kv-broker", scheduler, container(scheduler, "kv-broker"), "kv-broker"))
     for lws in by_kind(objects, "LeaderWorkerSet"):
-        assert token_source(container(leader_template(lws), "agent")) == expected, lws["metadata"]["name"]
+        pool = lws["metadata"]["labels"]["pdorch.io/pool"]
+        leader = leader_template(lws)
+        for c in leader["spec"]["containers"]:
+            if c["name"] in ("agent", "vllm"):
+                found.append((f"{lws['metadata']['name']}/{c['name']}", leader, c, pool))
+    return found
+
+
+def _volume(template: Obj, c: Obj, mount_path: str) -> Obj:
+    mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"] == mount_path]
+    assert len(mounts) == 1, f"{c['name']} mounts nothing at {mount_path}"
+    assert mounts[0].get("readOnly") is True, f"{c['name']}: {mount_path} must be read-only"
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mounts[0]["name"]]
+    return volume
+
+
+def test_every_pdorch_process_authenticates_with_its_own_key(objects: list[Obj]) -> None:
+    """Each process has the key Secret of the party it is (and no other), the trusted public keys,
+    and the cluster's one explicit choice of KV payload; none runs without authentication."""
+    (security,) = [m for m in by_kind(objects, "ConfigMap") if m["metadata"]["name"] == "pdorch-security"]
+    assert security["data"]["PDORCH_KV_PAYLOAD"] in ("encrypted", "plaintext")
+    assert "PDORCH_INSECURE" not in security["data"]
+    processes = pdorch_processes(objects)
+    assert {p[3] for p in processes} == {"scheduler", "kv-broker", "prefill", "decode"}
+    for where, template, c, party in processes:
+        env = container_env(objects, c)
+        assert "PDORCH_INSECURE" not in env, where
+        assert env["PDORCH_KV_PAYLOAD"] == security["data"]["PDORCH_KV_PAYLOAD"], where
+        key_dir, key_file = env["PDORCH_KEY_FILE"].rsplit("/", 1)
+        assert key_file == f"{party}.key", where
+        key = _volume(template, c, key_dir)["secret"]
+        assert key["secretName"] == f"pdorch-key-{party}", where
+        trusted = _volume(template, c, env["PDORCH_TRUSTED_KEYS"])["secret"]
+        assert trusted["secretName"] == "pdorch-trusted-keys", where
+        for secret in (key, trusted):
+            assert secret["defaultMode"] & 0o037 == 0, f"{where}: secrets readable by others"
+    # Nothing mounts a key that is not its own.
+    for where, template, c, party in processes:
+        for mount in c.get("volumeMounts", []):
+            (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
+            name = volume.get("secret", {}).get("secretName", "")
+            assert not name.startswith("pdorch-key-") or name == f"pdorch-key-{party}", where
+
+
+def test_pods_run_with_least_privilege(objects: list[Obj]) -> None:
+    """No pod gets the host's namespaces, service links or an automatic API token; pdorch's own
+    containers have read-only root filesystems; only the scheduler container holds an API token,
+    a projected one that expires."""
+    for obj in objects:
+        for name, template in pod_templates(obj):
+            spec = template["spec"]
+            where = f"{obj['metadata']['name']}/{name}"
+            assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), where
+            assert spec.get("automountServiceAccountToken") is False, where
+            assert spec.get("enableServiceLinks") is False, where
+            for c in spec["containers"]:
+                if c["image"].split("/")[-1].startswith("pdorch-vllm"):
+                    continue  # vLLM writes caches into its image's filesystem
+                assert c["securityContext"].get("readOnlyRootFilesystem") is True, f"{where}/{c['name']}"
+                for mount in c.get("volumeMounts", []):
+                    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+                    tokens = [
+                        s
+                        for s in volume.get("projected", {}).get("sources", [])
+                        if "serviceAccountToken" in s
+                    ]
+                    if tokens:
+                        assert (obj["metadata"]["name"], c["name"]) == ("pdorch-scheduler", "scheduler")
+                        assert tokens[0]["serviceAccountToken"]["expirationSeconds"] <= 3607
+    scheduler = container(one(objects, "Deployment", "pdorch-scheduler")["spec"]["template"], "scheduler")
+    paths = {m["mountPath"] for m in scheduler["volumeMounts"]}
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in paths  # where the API client looks
 
 
 # ------------------------------------------------------------------------------ what discovery relies on
@@ -368,10 +461,12 @@ def test_the_scheduler_accepts_its_config_file(target: str, tmp_path: Path) -> N
     """The ConfigMap's scheduler.yaml loads with the scheduler's own config loader."""
     from scheduler import config as scheduler_config_module
 
+    objects = list(rendered(target))
     path = tmp_path / "scheduler.yaml"
-    path.write_text(
-        one(list(rendered(target)), "ConfigMap", "pdorch-scheduler-config")["data"]["scheduler.yaml"]
-    )
-    loaded = scheduler_config_module.load_config(path, env={})
+    path.write_text(one(objects, "ConfigMap", "pdorch-scheduler-config")["data"]["scheduler.yaml"])
+    # In the environment its container gets (its key, the trusted keys, the KV payload).
+    scheduler = container(one(objects, "Deployment", "pdorch-scheduler")["spec"]["template"], "scheduler")
+    loaded = scheduler_config_module.load_config(path, env=container_env(objects, scheduler))
+    assert not loaded.security.insecure and loaded.security.key_file.endswith("scheduler.key")
     assert isinstance(loaded.kubernetes, KubernetesConfig)  # type: ignore[attr-defined]
     assert loaded.kubernetes == k8s_config(list(rendered(target)))  # type: ignore[attr-defined]

@@ -1,4 +1,8 @@
-"""A worker speaking the control protocol by hand, for tests that need a worker to misbehave."""
+"""A worker speaking the control protocol by hand, for tests that need a worker to misbehave.
+
+It authenticates as a worker of the cluster it joins (a key of its own, claiming its worker id),
+unless the test gives it other keys (``security``) or a routing id of its choosing (``identity``).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,37 @@ from typing import Any
 
 import zmq
 
+from pdorch.launcher import LocalCluster
+from tests.support.security import party
+from transport import sockets
 from transport.codec import Decoder, Encoder
 from transport.messages import PROTOCOL_VERSION, FromWorker, Heartbeat, Hello, Load, Role, ToWorker
+from transport.security import KeyKind, Plane, Security
 
 
 class FakeWorker:
-    def __init__(self, endpoint: str, worker_id: str, role: Role = Role.DECODE, **hello: Any) -> None:
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        worker_id: str,
+        role: Role = Role.DECODE,
+        *,
+        security: Security | None = None,
+        server_key: str | None = None,
+        identity: bytes | None = None,
+        endpoint: str | None = None,
+        **hello: Any,
+    ) -> None:
+        """``server_key``: the scheduler key to pin (default: the cluster's real one); ``endpoint``:
+        where to connect instead of the scheduler's control port (e.g. a proxy in front of it)."""
+        self.security = security if security is not None else party(cluster, worker_id)
+        if server_key is None:
+            server_key = self.security.server_key(KeyKind.SCHEDULER)
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
-        self.sock.connect(endpoint)
+        auth = self.security.client(Plane.CONTROL, server_key)
+        self.sock = sockets.dealer(self.ctx, endpoint or cluster.control, auth=auth, identity=identity)
+        # A connection whose handshake never completes takes nothing: sending gives up then.
+        self.sock.setsockopt(zmq.SNDTIMEO, 3000)
         self.worker_id = worker_id
         fields: dict[str, Any] = {
             "protocol_version": PROTOCOL_VERSION,
@@ -40,7 +64,10 @@ class FakeWorker:
         self.dec: Decoder[ToWorker] = Decoder(ToWorker)
 
     def send(self, msg: FromWorker) -> None:
-        self.sock.send_multipart(self.enc.encode(msg))
+        try:
+            self.sock.send_multipart(self.enc.encode(msg))
+        except zmq.Again:
+            raise TimeoutError("not connected to the scheduler") from None
 
     def recv(self, timeout_s: float = 5.0) -> ToWorker:
         deadline = time.monotonic() + timeout_s

@@ -23,6 +23,7 @@ from transport.errors import PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.kv.same_host import SameHostMode
 from transport.messages import KvMode, KvRoute
+from transport.security import Security
 
 ROW_SHAPE = (2, 8, 128)  # 4 KiB rows of float16
 NUM_LAYERS = 4
@@ -37,7 +38,7 @@ async def send(
     endpoint: str, transfer_id: str, mode: SameHostMode, layers: np.ndarray, hold_after: int | None
 ) -> None:
     ctx = zmq.asyncio.Context()
-    sender = KvSender(ctx, same_host=mode)
+    sender = KvSender(ctx, security=Security.insecure(), same_host=mode)
     try:
         stream = await sender.open(
             KvRoute(KvMode.P2P, endpoint, transfer_id),
@@ -69,7 +70,7 @@ class _StuckSink:
 
 async def receive(mode: SameHostMode) -> None:
     ctx = zmq.asyncio.Context()
-    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", same_host=mode)
+    receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", security=Security.insecure(), same_host=mode)
     await receiver.start()
     print(receiver.endpoint, flush=True)
     await receiver.receive(KvRoute(KvMode.P2P, "", "t"), _StuckSink(), deadline_s=600)

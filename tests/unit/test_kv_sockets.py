@@ -9,6 +9,7 @@ import zmq
 import zmq.asyncio
 
 from transport.codec import MAX_FRAME_BYTES
+from transport.security import NO_CLIENT_AUTH, NO_SERVER_AUTH
 from transport.sockets import advertised_endpoint, bound_endpoint, dealer, normalize_bind, router
 
 
@@ -21,7 +22,7 @@ async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
 
 @pytest.mark.parametrize("bind", ["tcp://127.0.0.1:0", "tcp://127.0.0.1:*"])
 async def test_router_binds_a_free_port_and_reports_it(ctx: zmq.asyncio.Context, bind: str) -> None:
-    sock = router(ctx, bind)
+    sock = router(ctx, bind, auth=NO_SERVER_AUTH)
     endpoint = bound_endpoint(sock)
     host, _, port = endpoint.rpartition(":")
     assert host == "tcp://127.0.0.1" and int(port) > 0
@@ -32,7 +33,7 @@ async def test_router_binds_a_free_port_and_reports_it(ctx: zmq.asyncio.Context,
 
 
 async def test_router_refuses_to_send_to_an_unknown_peer(ctx: zmq.asyncio.Context) -> None:
-    sock = router(ctx, "tcp://127.0.0.1:0")
+    sock = router(ctx, "tcp://127.0.0.1:0", auth=NO_SERVER_AUTH)
     with pytest.raises(zmq.ZMQError) as info:
         await sock.send_multipart([b"nobody", b"x"], flags=zmq.NOBLOCK)
     assert info.value.errno == zmq.EHOSTUNREACH
@@ -40,8 +41,8 @@ async def test_router_refuses_to_send_to_an_unknown_peer(ctx: zmq.asyncio.Contex
 
 
 async def test_dealer_with_identity_reaches_the_router(ctx: zmq.asyncio.Context) -> None:
-    server = router(ctx, "tcp://127.0.0.1:0", handover=True)
-    client = dealer(ctx, bound_endpoint(server), identity=b"worker-1")
+    server = router(ctx, "tcp://127.0.0.1:0", auth=NO_SERVER_AUTH)
+    client = dealer(ctx, bound_endpoint(server), auth=NO_CLIENT_AUTH, identity=b"worker-1")
     await client.send(b"hello")
     identity, payload = await server.recv_multipart()
     assert (identity, payload) == (b"worker-1", b"hello")

@@ -33,24 +33,43 @@ from scheduler.stop_strings import TextStream
 from scheduler.tokenizer.byte_level import ByteTokenizer
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Hello, Role, SamplingParams
+from transport.security import SecurityConfig
 
 # ------------------------------------------------------------------------------------- config
+
+# Tests of the flow, not of authentication.
+OPEN = SecurityConfig(insecure=True)
 
 
 def test_config_layers_file_env_and_overrides(tmp_path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("port: 9001\nkv_mode: centralized\nkv_broker: tcp://127.0.0.1:5700\nqueue_timeout_s: 3\n")
     cfg = load_config(
-        f, env={"PDORCH_QUEUE_TIMEOUT_S": "7", "OTHER": "x"}, overrides={"port": 9002, "host": None}
+        f,
+        env={"PDORCH_QUEUE_TIMEOUT_S": "7", "OTHER": "x", **INSECURE_ENV},
+        overrides={"port": 9002, "host": None},
     )
     assert (cfg.port, cfg.kv_mode, cfg.queue_timeout_s, cfg.host) == (9002, "centralized", 7, "127.0.0.1")
 
 
+INSECURE_ENV = {"PDORCH_INSECURE": "1"}
+
+
 def test_string_settings_from_the_environment_are_taken_as_written() -> None:
-    """A token of digits (or 'yes', or 'null') must not become a number, a bool or nothing."""
-    for token in ("0123456789", "yes", "null", "[a, b]"):
-        assert load_config(env={"PDORCH_CONTROL_TOKEN": token}).control_token == token
-    assert load_config(env={"PDORCH_PORT": "9000"}).port == 9000  # other settings still parse
+    """A value of digits (or 'yes', or 'null') must not become a number, a bool or nothing."""
+    for value in ("0123456789", "yes", "null", "[a, b]"):
+        assert load_config(env={"PDORCH_KV_BROKER": value, **INSECURE_ENV}).kv_broker == value
+        keys = {"PDORCH_KEY_FILE": value, "PDORCH_TRUSTED_KEYS": value}
+        assert load_config(env=keys).security.key_file == value
+    assert load_config(env={"PDORCH_PORT": "9000", **INSECURE_ENV}).port == 9000  # others still parse
+
+
+def test_security_comes_from_the_file_then_the_environment(tmp_path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("security: {key_file: /k/s.key, trusted_keys: /t, kv_payload: plaintext}\n")
+    cfg = load_config(f, env={"PDORCH_TRUSTED_KEYS": "/elsewhere"})
+    assert (cfg.security.key_file, cfg.security.trusted_keys) == ("/k/s.key", "/elsewhere")
+    assert cfg.security.kv_payload == "plaintext"
 
 
 @pytest.mark.parametrize(
@@ -78,14 +97,30 @@ def test_string_settings_from_the_environment_are_taken_as_written() -> None:
             "kubernetes: {prefill: {lws_name: p, pod_labels: {a: b}, autoscaling: {min_slo_attainment: 1}}}",
             "'slo.ttft_s'",
         ),
+        ("http: {header_timeout_s: 0}\n", "'http.header_timeout_s'"),
+        ("http: {max_json_depth: 2}\n", "'http.max_json_depth'"),
+        ("http: {max_connections_per_client: -1}\n", "'http.max_connections_per_client'"),
+        ("http: {keepalive: 1}\n", "keepalive"),
+        ("security: {insecure: false}\n", "'security.key_file' is required"),
+        ("security: {insecure: false, key_file: /a.key}\n", "'security.trusted_keys' is required"),
+        ("security: {key_file: /a.key, trusted_keys: /t, kv_payload: rot13}\n", "kv_payload"),
+        ("security: {insecure: true, key_file: /a.key}\n", "'security.insecure' cannot be set"),
     ],
 )
 def test_config_errors_name_the_bad_key(tmp_path, yaml_text: str, needle: str) -> None:
     f = tmp_path / "c.yaml"
     f.write_text(yaml_text)
+    env = {} if "security" in yaml_text else INSECURE_ENV
     with pytest.raises(PdorchError) as e:
-        load_config(f, env={})
+        load_config(f, env=env)
     assert e.value.code is ErrorCode.CONFIG and needle in e.value.message
+
+
+def test_without_keys_or_insecure_the_scheduler_refuses_to_start() -> None:
+    """Running open is a written choice, never the default."""
+    with pytest.raises(PdorchError) as e:
+        load_config(env={})
+    assert "'security.key_file' is required" in e.value.message and "pdorch keys generate" in e.value.message
 
 
 # ------------------------------------------------------------------------------- stop strings
@@ -329,7 +364,7 @@ def test_bad_objective_headers_are_refused(value: str) -> None:
 
 
 def test_objectives_come_from_the_request_else_from_config_and_a_moved_request_is_best_effort() -> None:
-    cfg = SchedulerConfig(slo=SloConfig(ttft_s=2.0, tpot_s=0.05))
+    cfg = SchedulerConfig(slo=SloConfig(ttft_s=2.0, tpot_s=0.05), security=OPEN)
     cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
     placer = Placer(cfg.placement)
     planner = Planner(
@@ -362,7 +397,7 @@ def test_a_following_choice_is_booked_colocated_where_the_prompt_is() -> None:
     cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
     for wid, role in (("p", Role.PREFILL), ("d", Role.DECODE)):
         cluster.register(wid.encode(), _hello(wid, role), now=0.0)
-    placer = Placer(SchedulerConfig().placement)
+    placer = Placer(SchedulerConfig(security=OPEN).placement)
     planner = Planner(
         cluster,
         cluster.ledger,
@@ -371,7 +406,7 @@ def test_a_following_choice_is_booked_colocated_where_the_prompt_is() -> None:
         LatencyLearner(placer.config.accelerators),
         colocated=False,
     )
-    flow = Orchestrator(SchedulerConfig(), cluster, None, Inbox(), planner, Metrics(SloConfig()))  # type: ignore[arg-type]
+    flow = Orchestrator(SchedulerConfig(security=OPEN), cluster, None, Inbox(), planner, Metrics(SloConfig()))  # type: ignore[arg-type]
     greq = GenerationRequest("r-1", "m", list(range(40)), SamplingParams(max_tokens=8))
     _, preq = flow.plan(greq)
     placement = planner.follow(preq, "d", now=0.0)

@@ -4,6 +4,7 @@ adapters that drive them exactly as worker agents do: what the vLLM P/D tests sh
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -21,12 +22,15 @@ from transport.messages import (
     FromWorker,
     GenerateJob,
     KvLoaded,
+    KvMode,
     KvRoute,
     PrefillJob,
     Role,
     SamplingParams,
     TokenOutput,
 )
+from transport.security.key_set import KV_BROKER, KeySet
+from transport.security.keys import read_public
 from workers.engines.vllm.engine import VllmEngine
 from workers.engines.vllm.launch import VllmLaunchSpec
 from workers.models.catalog import RANDOM_MODEL
@@ -39,28 +43,42 @@ class Cluster:
     model_dir: Path
     kv_endpoint: str
     broker: str
+    keys: KeySet
     prompts: list[list[int]] = field(default_factory=list)
 
+    def route(self, mode: str, tid: str, endpoint: str = "") -> KvRoute:
+        """As the scheduler names it: in the prefill side's scope, pinning the server's key."""
+        p2p = mode == KvMode.P2P
+        server = "decode-0" if p2p else KV_BROKER
+        key = read_public(self.keys.trusted_dir / f"{server}.pub").public
+        endpoint = endpoint or (self.kv_endpoint if p2p else self.broker)
+        return KvRoute(KvMode(mode), endpoint, f"prefill-0/{tid}", key)
 
-def _start_broker(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
+
+def _start_broker(port: int, log_dir: Path, keys: KeySet) -> subprocess.Popen[bytes]:
     log = (log_dir / "kv-broker.log").open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "pdorch", "kv-broker", "--bind", f"tcp://127.0.0.1:{port}"],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **keys.env(KV_BROKER)},
     )
 
 
 @contextmanager
 def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Iterator[Cluster]:
-    """Both servers (one core each) and a broker, healthy; stopped by PID on the way out."""
+    """Both servers (one core each) and a broker, healthy; stopped by PID on the way out. Each
+    has the CURVE keys of the party it stands for (named as the agents pdorch_in_front puts in
+    front of them: the same keys serve both)."""
     kv_port, broker_port = free_port(), free_port()
+    keys = KeySet.create(work / "keys", {"prefill-0": (), "decode-0": ()})
     common: dict = {"model_dir": str(model_dir), **spec}
     prefill = VllmServer(
         "prefill",
         VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common),
         python=python,
         log_dir=work,
+        env=keys.env("prefill-0"),
     )
     decode = VllmServer(
         "decode",
@@ -69,12 +87,13 @@ def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Ite
         ),
         python=python,
         log_dir=work,
+        env=keys.env("decode-0"),
     )
-    broker = _start_broker(broker_port, work)
+    broker = _start_broker(broker_port, work, keys)
     try:
         wait_healthy([prefill, decode], timeout_s=420)
         yield Cluster(
-            prefill, decode, model_dir, f"tcp://127.0.0.1:{kv_port}", f"tcp://127.0.0.1:{broker_port}"
+            prefill, decode, model_dir, f"tcp://127.0.0.1:{kv_port}", f"tcp://127.0.0.1:{broker_port}", keys
         )
     finally:
         for server in (prefill, decode):
@@ -165,7 +184,7 @@ async def disaggregated(
 
 
 def route(mode: str, cluster: Cluster, tid: str) -> KvRoute:
-    return KvRoute(mode, cluster.kv_endpoint if mode == "p2p" else cluster.broker, tid)
+    return cluster.route(mode, tid)
 
 
 async def check_equality(cluster: Cluster, e: Engines, s: SamplingParams, tag: str, mode: str) -> None:
@@ -200,6 +219,7 @@ def pdorch_in_front(cluster: Cluster, kv_mode: str, log_dir: Path) -> Iterator[L
         kv_mode=kv_mode,
         log_dir=log_dir,
         log_level="WARNING",
+        keys_dir=cluster.keys.directory,
         # The workers' engine and model come from their own arguments: the launcher only spawns
         # agents here (the vLLM servers already run), so its model choice is left at the one that
         # needs nothing.

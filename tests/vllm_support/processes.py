@@ -22,12 +22,21 @@ class VllmServer:
     stops exactly what this started.
     """
 
-    def __init__(self, name: str, spec: VllmLaunchSpec, *, python: Path, log_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: VllmLaunchSpec,
+        *,
+        python: Path,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """``env``: more environment (e.g. the keys its KV connector authenticates with)."""
         self.name = name
         self.spec = spec
         self.url = f"http://127.0.0.1:{spec.port}"
         self.log_path = log_dir / f"vllm-{name}.log"
-        argv, env = vllm_command(spec, python=str(python), base_env=os.environ)
+        argv, env = vllm_command(spec, python=str(python), base_env={**os.environ, **(env or {})})
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True

@@ -16,8 +16,11 @@ import sys
 
 import zmq.asyncio
 
+from transport.errors import PdorchError
 from transport.kv.broker import KvBroker
 from transport.process_setup import setup_process
+from transport.security import Security, SecurityConfig
+from transport.security import config as security_config
 
 log = logging.getLogger("pdorch.kv_broker")
 MIB = 1024 * 1024
@@ -30,21 +33,67 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--capacity-mb", type=int, default=4096, help="bytes of KV held at most, in MiB")
     parser.add_argument("--ttl-s", type=float, default=120.0, help="evict a transfer unclaimed this long")
     parser.add_argument("--window-mb", type=int, default=32, help="credit granted per inbound transfer, MiB")
+    parser.add_argument(
+        "--max-sender-mb",
+        type=int,
+        default=0,
+        help="KV one sender (connection) may hold, MiB (default: half of --capacity-mb)",
+    )
+    parser.add_argument(
+        "--first-chunk-s",
+        type=float,
+        default=5.0,
+        help="free a transfer whose sender sends no chunk within this long of its begin",
+    )
+    parser.add_argument(
+        "--idle-s", type=float, default=10.0, help="free a transfer whose sender goes quiet this long"
+    )
+    parser.add_argument(
+        "--max-fetch-wait-s",
+        type=float,
+        default=60.0,
+        help="longest a fetch may take (waiting for its transfer, then streaming it), whatever it asks",
+    )
+    parser.add_argument(
+        "--max-fetches-per-peer", type=int, default=64, help="fetches one peer may have waiting or running"
+    )
+    parser.add_argument(
+        "--max-waiting-fetches", type=int, default=4096, help="fetches waiting for their transfer, in all"
+    )
     parser.add_argument("--log-level", default="INFO")
+    security_config.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.capacity_mb <= 0 or args.ttl_s <= 0 or args.window_mb <= 0:
-        parser.error("--capacity-mb, --ttl-s and --window-mb must be positive")
+    positive = ("capacity_mb", "ttl_s", "window_mb", "first_chunk_s", "idle_s", "max_fetch_wait_s")
+    positive += ("max_fetches_per_peer", "max_waiting_fetches")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.max_sender_mb < 0:
+        parser.error("--max-sender-mb must not be negative")
+    try:
+        args.security = security_config.from_args(args)
+    except PdorchError as e:
+        parser.error(e.message)
     return args
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    security_cfg: SecurityConfig = args.security
+    security = Security.load(security_cfg)
     ctx = zmq.asyncio.Context()
     broker = KvBroker(
         ctx,
         bind=args.bind,
+        security=security,
         capacity_bytes=args.capacity_mb * MIB,
         ttl_s=args.ttl_s,
         window_bytes=args.window_mb * MIB,
+        max_sender_bytes=args.max_sender_mb * MIB,
+        first_chunk_s=args.first_chunk_s,
+        idle_s=args.idle_s,
+        max_fetch_wait_s=args.max_fetch_wait_s,
+        max_fetches_per_peer=args.max_fetches_per_peer,
+        max_waiting_fetches=args.max_waiting_fetches,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -59,13 +108,18 @@ async def _serve(args: argparse.Namespace) -> None:
             log.info("stats %s", broker.stats)
     finally:
         await broker.close()
+        security.close()
         ctx.destroy(linger=0)
 
 
 def broker_main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     setup_process(args.log_level)
-    asyncio.run(_serve(args))
+    try:
+        asyncio.run(_serve(args))
+    except PdorchError as e:  # keys that do not load, a bind that fails
+        log.error("%s", e.message)
+        return 2
     return 0
 
 

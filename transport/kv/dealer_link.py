@@ -3,6 +3,9 @@
 A prefill agent holds one link per destination (decode agent or broker); a decode agent holds one
 per broker it fetches from. Replies that do not decode, or that name a transfer nobody waits for,
 are dropped and counted; they never disturb the other transfers on the link.
+
+A link whose handshake the server refused is *broken*: libzmq never retries it, so every transfer
+on it fails at once (``KV_REJECTED``, saying why) and its owner opens a new link for the next one.
 """
 
 from __future__ import annotations
@@ -15,26 +18,34 @@ from collections.abc import Callable
 import zmq
 
 from transport.codec import Decoder, Encoder
-from transport.errors import PdorchError
-from transport.kv.messages import KvMessage
+from transport.errors import ErrorCode, PdorchError
+from transport.handshake_watch import HandshakeWatch
+from transport.kv.messages import KvMessage, KvNack
 from transport.loop_socket import LoopSocket
+from transport.rate_limited_log import RateLimitedLog
 from transport.routed import cancel_and_wait
+from transport.security import ClientAuth
 from transport.sockets import dealer, plain_context
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[KvMessage], None]
+_refusal_log = RateLimitedLog(log)
 
 
 class DealerLink:
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, auth: ClientAuth) -> None:
         self.endpoint = endpoint
-        self._sock = LoopSocket(dealer(plain_context(ctx), endpoint))
         self._encoder = Encoder()
         self._decoder: Decoder[KvMessage] = Decoder(KvMessage)
         self._handlers: dict[str, Handler] = {}
-        self._task = asyncio.create_task(self._recv_loop(), name=f"kv-link {endpoint}")
         self.dropped_messages = 0
+        self.broken = ""  # why the server refused the handshake ("" while it has not)
+        sock = dealer(plain_context(ctx), "", auth=auth)  # watched before it connects
+        self._watch = HandshakeWatch(sock, self._refused)
+        sock.connect(endpoint)
+        self._sock = LoopSocket(sock)
+        self._task = asyncio.create_task(self._recv_loop(), name=f"kv-link {endpoint}")
 
     @property
     def idle(self) -> bool:
@@ -77,6 +88,14 @@ class DealerLink:
             except Exception:  # a bug in one transfer must not stop the link for the others
                 log.exception("KV handler for %s failed", msg.transfer_id)
 
+    def _refused(self, why: str) -> None:
+        self.broken = why
+        _refusal_log("KV connection to %s refused: %s", self.endpoint, why)
+        for tid, handler in list(self._handlers.items()):
+            with contextlib.suppress(Exception):
+                handler(KvNack(tid, str(ErrorCode.KV_REJECTED), f"KV server {self.endpoint}: {why}"))
+
     async def close(self) -> None:
         await cancel_and_wait([self._task])
+        await self._watch.close()
         self._sock.close()

@@ -125,6 +125,7 @@ class InTransfer:
         self.ring_used = False
         self._next_seq = 0
         self._layer_rows = [0] * begin.num_layers
+        self.accepted_at: float | None = None
         self._payload_bytes = 0
         self.finished = False
         self._on_finish = on_finish
@@ -138,8 +139,12 @@ class InTransfer:
     def window_bytes(self) -> int:
         return self._window.window
 
+    @property
+    def chunks_received(self) -> int:
+        return self._next_seq
+
     def accept(self) -> None:
-        self.last_activity = time.monotonic()
+        self.accepted_at = self.last_activity = time.monotonic()
         offer = self.ring.offer if self.ring is not None else None
         credit = self._window.first_grant()
         self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=credit, ring=offer))

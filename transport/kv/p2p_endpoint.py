@@ -10,9 +10,17 @@ and learns each outcome through a future resolved with ``call_soon_threadsafe``.
 Admission: a transfer is accepted only once the decode agent expects it and fewer than
 ``max_active`` transfers are in progress. Until then its begin message is parked without credit, so
 the sender sends nothing more; a begin nobody expects within ``park_s`` is refused
-(``KV_REJECTED``), as are begins beyond ``max_parked``. The memory a receiver can be made to hold
-is thus bounded by ``max_active * window_bytes``. An accepted transfer whose sender goes quiet for
-``idle_s`` fails (``KV_TRUNCATED``).
+(``KV_REJECTED``). Begins nobody expects yet are bounded three ways: ``max_parked`` in all,
+``max_parked_per_peer`` per connection and ``max_parked_per_scope`` per authenticated name, so one
+peer (even one holding a trusted key) cannot take the slots others need. With authentication a
+peer may only begin transfers named in its own scope (``<its key name>/...``, as the scheduler
+names them). The memory a receiver can be made to hold is bounded by ``max_active *
+window_bytes``. An accepted transfer whose sender goes quiet for ``idle_s`` fails
+(``KV_TRUNCATED``).
+
+The endpoint is *refusing* (:attr:`P2pEndpoint.refusing`) for ``refusing_s`` after it turned a
+begin away for lack of room in all (not for one peer's excess): the agent reports that in its
+load, and placement leaves the worker out until it passes.
 
 Sinks are called on this thread: they must not rely on running on the event loop.
 
@@ -29,7 +37,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 import msgspec
@@ -51,6 +59,7 @@ from transport.kv.messages import (
 from transport.kv.same_host import SameHostMode, host_identity
 from transport.kv.same_host.ring import Ring
 from transport.kv.same_host.ring_pool import RingPool
+from transport.security import ServerAuth, peer_name
 from transport.sockets import bound_endpoint, router
 
 log = logging.getLogger(__name__)
@@ -68,6 +77,8 @@ Outcome = tuple[PdorchError | None, dict[str, int | str]]
 class P2pStats(msgspec.Struct, gc=False):
     dropped_messages: int = 0
     refused_begins: int = 0
+    # Of those: refused because every slot was taken (what makes the endpoint "refusing").
+    refused_full: int = 0
     same_host: int = 0  # transfers whose chunks came through a shared ring
 
 
@@ -86,8 +97,11 @@ class Expected:
 @dataclass(eq=False)
 class _Parked:
     identity: bytes
+    scope: str
     begin: KvBegin
     expires_at: float
+    # Counted against its peer's and scope's share of the slots for begins nobody expects yet.
+    unexpected: bool = True
 
 
 class P2pEndpoint:
@@ -99,8 +113,12 @@ class P2pEndpoint:
         window_bytes: int,
         max_active: int,
         max_parked: int,
+        max_parked_per_peer: int,
+        max_parked_per_scope: int,
         park_s: float,
         idle_s: float,
+        refusing_s: float,
+        auth: ServerAuth,
         same_host: SameHostMode = SameHostMode.AUTO,
         rings: RingPool | None = None,
     ) -> None:
@@ -109,9 +127,12 @@ class P2pEndpoint:
         self._window_bytes = window_bytes
         self._max_active = max_active
         self._max_parked = max_parked
+        self._max_parked_per_peer = max_parked_per_peer
+        self._max_parked_per_scope = max_parked_per_scope
         self._park_s = park_s
         self._idle_s = idle_s
-        self._router = router(ctx, bind)
+        self._refusing_s = refusing_s
+        self._router = router(ctx, bind, auth=auth)
         self.endpoint = bound_endpoint(self._router)
         # Blocking receives wake up at least this often, for housekeeping.
         self._router.setsockopt(zmq.RCVTIMEO, int(self._housekeeping_interval() * 1000))
@@ -128,7 +149,12 @@ class P2pEndpoint:
         # Owned by the thread from start() on; the loop side only reads their sizes.
         self._expected: dict[str, Expected] = {}
         self._parked: OrderedDict[str, _Parked] = OrderedDict()
+        self._unexpected = 0
+        self._unexpected_by_peer: Counter[bytes] = Counter()
+        self._unexpected_by_scope: Counter[str] = Counter()
         self._active = 0
+        # time.monotonic() of the last refusal for lack of room (read by the loop side).
+        self._full_at = float("-inf")
         self._same_host = same_host if rings is not None else SameHostMode.OFF
         self._rings = rings
         # Why the thread stopped, once it has: expectations queued after that fail with it.
@@ -147,6 +173,11 @@ class P2pEndpoint:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def refusing(self) -> bool:
+        """Turned a transfer away for lack of room within the last ``refusing_s``."""
+        return time.monotonic() - self._full_at < self._refusing_s
 
     def start(self) -> None:
         self._thread.start()
@@ -251,13 +282,13 @@ class P2pEndpoint:
             self.stats.dropped_messages += 1
             return
         try:
-            self._dispatch(identity, msg)
+            self._dispatch(identity, msg, frames[1])
         except Exception:  # one transfer's bug must not stop the receiver
             log.exception("KV receiver failed on a message for %s", msg.transfer_id)
 
-    def _dispatch(self, identity: bytes, msg: KvMessage) -> None:
+    def _dispatch(self, identity: bytes, msg: KvMessage, frame: zmq.Frame) -> None:
         if isinstance(msg, KvBegin):
-            self._on_begin(identity, msg)
+            self._on_begin(identity, peer_name(frame), msg)
             return
         expected = self._expected.get(msg.transfer_id)
         transfer = expected.transfer if expected is not None else None
@@ -273,8 +304,8 @@ class P2pEndpoint:
                 )
             else:
                 self.stats.dropped_messages += 1
-        elif isinstance(msg, KvAbort) and msg.transfer_id in self._parked:
-            del self._parked[msg.transfer_id]
+        elif isinstance(msg, KvAbort) and self._parked_by(identity, msg.transfer_id):
+            self._unpark(msg.transfer_id)
             if expected is not None:  # expected but still waiting for a slot
                 self._settle(expected, PdorchError(ErrorCode.KV_TRUNCATED, f"sender aborted: {msg.reason}"))
         else:
@@ -287,6 +318,9 @@ class P2pEndpoint:
             _resolve(expected, (error, {}))
             return
         self._expected[tid] = expected
+        parked = self._parked.get(tid)
+        if parked is not None:  # it began before we expected it: no longer a stranger's begin
+            self._uncount(parked)
         self._promote()
 
     def _on_give_up(self, tid: str, error: PdorchError) -> None:
@@ -298,10 +332,15 @@ class P2pEndpoint:
         else:
             self._settle(expected, error)
 
-    def _on_begin(self, identity: bytes, begin: KvBegin) -> None:
+    def _on_begin(self, identity: bytes, scope: str, begin: KvBegin) -> None:
         tid = begin.transfer_id
         if begin.version != KV_PROTOCOL_VERSION:
             self._refuse(identity, tid, ErrorCode.PROTOCOL_MISMATCH, f"KV protocol {begin.version}")
+            return
+        if scope and not tid.startswith(scope + "/"):
+            self._refuse(
+                identity, tid, ErrorCode.KV_REJECTED, f"transfer {tid} is not in the scope of {scope}"
+            )
             return
         try:
             validate_begin(begin)
@@ -312,11 +351,56 @@ class P2pEndpoint:
         if tid in self._parked or (expected is not None and expected.transfer is not None):
             self._refuse(identity, tid, ErrorCode.KV_REJECTED, "duplicate begin")
             return
-        if len(self._parked) >= self._max_parked:
-            self._refuse(identity, tid, ErrorCode.KV_REJECTED, "too many transfers waiting")
-            return
-        self._parked[tid] = _Parked(identity, begin, time.monotonic() + self._park_s)
+        parked = _Parked(identity, scope, begin, time.monotonic() + self._park_s, unexpected=expected is None)
+        if parked.unexpected:
+            problem = self._no_room_for(parked)
+            if problem:
+                self._refuse(identity, tid, ErrorCode.KV_REJECTED, problem)
+                return
+            self._count(parked)
+        self._parked[tid] = parked
         self._promote()
+
+    def _no_room_for(self, parked: _Parked) -> str:
+        """Why a begin nobody expects yet cannot wait here ("" if it can)."""
+        if self._unexpected_by_peer[parked.identity] >= self._max_parked_per_peer:
+            return "too many transfers waiting from this peer"
+        if parked.scope and self._unexpected_by_scope[parked.scope] >= self._max_parked_per_scope:
+            return f"too many transfers waiting from {parked.scope}"
+        if self._unexpected >= self._max_parked:
+            self._full_at = time.monotonic()
+            self.stats.refused_full += 1
+            return "too many transfers waiting"
+        return ""
+
+    def _count(self, parked: _Parked) -> None:
+        self._unexpected += 1
+        self._unexpected_by_peer[parked.identity] += 1
+        if parked.scope:
+            self._unexpected_by_scope[parked.scope] += 1
+
+    def _uncount(self, parked: _Parked) -> None:
+        if not parked.unexpected:
+            return
+        parked.unexpected = False
+        self._unexpected -= 1
+        for counter, key in (
+            (self._unexpected_by_peer, parked.identity),
+            (self._unexpected_by_scope, parked.scope),
+        ):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+    def _unpark(self, tid: str) -> _Parked | None:
+        parked = self._parked.pop(tid, None)
+        if parked is not None:
+            self._uncount(parked)
+        return parked
+
+    def _parked_by(self, identity: bytes, tid: str) -> bool:
+        parked = self._parked.get(tid)
+        return parked is not None and parked.identity == identity
 
     def _promote(self) -> None:
         """Accept parked transfers that are expected, while there is room."""
@@ -326,7 +410,8 @@ class P2pEndpoint:
             expected = self._expected.get(tid)
             if expected is None or expected.transfer is not None:
                 continue
-            parked = self._parked.pop(tid)
+            parked = self._unpark(tid)
+            assert parked is not None
             expected.identity = parked.identity
             expected.transfer = InTransfer(
                 parked.begin,
@@ -370,8 +455,9 @@ class P2pEndpoint:
             del self._expected[expected.transfer_id]
         if expected.transfer is not None:
             self._active -= 1
-        parked = self._parked.pop(expected.transfer_id, None)
+        parked = self._unpark(expected.transfer_id)
         if parked is not None:  # it waited for a slot in vain: tell its sender now
+            self._full_at = time.monotonic()
             self._refuse(
                 parked.identity, expected.transfer_id, ErrorCode.KV_TIMEOUT, "no receive slot in time"
             )
@@ -402,12 +488,13 @@ class P2pEndpoint:
                 )
         for tid, parked in list(self._parked.items()):
             if tid not in self._expected and parked.expires_at <= now:
-                del self._parked[tid]
+                self._unpark(tid)
                 self._refuse(parked.identity, tid, ErrorCode.KV_REJECTED, "no decode job expects it")
 
     def _stop(self, error: PdorchError) -> None:
         self._stopped_with = error
-        self._parked.clear()  # their senders time out (the receiver is going away)
+        for tid in list(self._parked):  # their senders time out (the receiver is going away)
+            self._unpark(tid)
         for expected in list(self._expected.values()):
             if expected.transfer is not None:
                 expected.transfer.fail(error.code, error.message)

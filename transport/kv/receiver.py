@@ -24,6 +24,7 @@ from transport.kv.receive_buffers import keep_receive_buffers
 from transport.kv.same_host import SameHostMode
 from transport.kv.same_host.ring_pool import RingPool
 from transport.messages import KvMode, KvRoute
+from transport.security import Plane, Security
 from transport.sockets import plain_context
 
 DEFAULT_RECEIVER_WINDOW_BYTES = 32 * 1024 * 1024
@@ -51,25 +52,34 @@ class KvReceiver:
         ctx: zmq.asyncio.Context,
         *,
         bind: str | None,
+        security: Security,
         window_bytes: int = DEFAULT_RECEIVER_WINDOW_BYTES,
         max_active: int = 8,
         max_parked: int = 256,
+        max_parked_per_peer: int = 32,
+        max_parked_per_scope: int = 128,
         park_s: float = 30.0,
         idle_s: float = 10.0,
+        refusing_s: float = 5.0,
         same_host: SameHostMode = SameHostMode.AUTO,
         ring_slots: int = DEFAULT_RING_SLOTS,
         ring_slot_bytes: int = DEFAULT_RING_SLOT_BYTES,
     ) -> None:
-        """``bind=None``: no p2p endpoint (fetch only). ``window_bytes``: credit per transfer.
-        ``same_host``: when p2p senders on this host get a shared ring (``same_host/``) of
-        ``ring_slots`` slots of ``ring_slot_bytes``."""
+        """``bind=None``: no p2p endpoint (fetch only). ``window_bytes``: credit per transfer;
+        ``max_parked*``: begins nobody expects yet, in all, per connection, per authenticated name
+        (same-host begins included). ``same_host``: when p2p senders on this host get a shared ring
+        (``same_host/``) of ``ring_slots`` slots of ``ring_slot_bytes``."""
         self._ctx = ctx
         self._bind = bind
+        self._security = security
         self._window_bytes = window_bytes
         self._max_active = max_active
         self._max_parked = max_parked
+        self._max_parked_per_peer = max_parked_per_peer
+        self._max_parked_per_scope = max_parked_per_scope
         self._park_s = park_s
         self._idle_s = idle_s
+        self._refusing_s = refusing_s
         self._same_host = same_host
         self._ring_slots = ring_slots
         self._ring_slot_bytes = ring_slot_bytes
@@ -77,7 +87,8 @@ class KvReceiver:
         self.endpoint = ""
         self._p2p: P2pEndpoint | None = None
         self._closed = False
-        self._links: dict[str, DealerLink] = {}
+        self._links: dict[tuple[str, str], DealerLink] = {}
+        self._retired: list[DealerLink] = []
         self._fetches: set[FetchTransfer] = set()
         self._stats = KvReceiverStats()
 
@@ -98,6 +109,11 @@ class KvReceiver:
             shared_rings=self._rings.open_rings if self._rings is not None else 0,
         )
 
+    @property
+    def refusing(self) -> bool:
+        """The p2p endpoint turned transfers away for lack of room lately (see p2p_endpoint.py)."""
+        return self._p2p is not None and self._p2p.refusing
+
     async def start(self) -> None:
         keep_receive_buffers()
         if self._bind is None:
@@ -116,8 +132,12 @@ class KvReceiver:
             window_bytes=self._window_bytes,
             max_active=self._max_active,
             max_parked=self._max_parked,
+            max_parked_per_peer=self._max_parked_per_peer,
+            max_parked_per_scope=self._max_parked_per_scope,
             park_s=self._park_s,
             idle_s=self._idle_s,
+            refusing_s=self._refusing_s,
+            auth=self._security.server(self._ctx, Plane.KV),
             same_host=self._same_host,
             rings=self._rings,
         )
@@ -131,9 +151,10 @@ class KvReceiver:
         for fetch in list(self._fetches):
             # Tell the broker at once (best effort); it keeps the transfer for another fetch.
             fetch.fail(PdorchError(ErrorCode.CANCELLED, "KV receiver closed"))
-        for link in self._links.values():
+        for link in [*self._links.values(), *self._retired]:
             await link.close()
         self._links.clear()
+        self._retired.clear()
 
     async def receive(self, route: KvRoute, sink: KvSink, *, deadline_s: float) -> dict[str, int | str]:
         """Take the transfer ``route`` names and write its verified rows to ``sink``; return the
@@ -141,7 +162,7 @@ class KvReceiver:
         on the endpoint's thread); centralized: fetch it from the broker at ``route.endpoint``.
         Raises PdorchError: KV_TIMEOUT (nothing or not all in time), KV_CORRUPT, KV_TRUNCATED."""
         if route.mode == KvMode.CENTRALIZED:
-            return await self._fetch(route.endpoint, route.transfer_id, sink, deadline_s=deadline_s)
+            return await self._fetch(route, sink, deadline_s=deadline_s)
         return await self._receive_p2p(route.transfer_id, sink, deadline_s=deadline_s)
 
     # ----------------------------------------------------------------- p2p
@@ -180,14 +201,21 @@ class KvReceiver:
 
     # ----------------------------------------------------------------- centralized
 
-    async def _fetch(
-        self, broker: str, transfer_id: str, sink: KvSink, *, deadline_s: float
-    ) -> dict[str, int | str]:
-        """Ask the broker at ``broker`` for ``transfer_id`` (it deletes its copy only after this
+    async def _fetch(self, route: KvRoute, sink: KvSink, *, deadline_s: float) -> dict[str, int | str]:
+        """Ask the broker the route names for its transfer (it deletes its copy only after this
         side acknowledged the whole transfer)."""
-        link = self._links.get(broker)
+        broker, transfer_id = route.endpoint, route.transfer_id
+        link = self._links.get((broker, route.server_key))
+        if link is not None and link.broken:  # refused once: libzmq will not try again, we will
+            del self._links[(broker, route.server_key)]
+            if link.idle:
+                await link.close()
+            else:  # its failing fetches still hold it; they close with the receiver
+                self._retired.append(link)
+            link = None
         if link is None:
-            link = self._links[broker] = DealerLink(self._ctx, broker)
+            auth = self._security.client(Plane.KV, route.server_key)
+            link = self._links[(broker, route.server_key)] = DealerLink(self._ctx, broker, auth)
         if link.has(transfer_id):
             raise PdorchError(ErrorCode.INTERNAL, f"transfer {transfer_id} is already being fetched")
         deadline = Deadline(deadline_s)

@@ -1,8 +1,10 @@
 """The prefill side of the KV plane: opens transfers to decode agents (p2p) or to the broker.
 
 One :class:`KvSender` per prefill agent process. It keeps one DEALER per destination endpoint (a
-decode agent's KV endpoint or the broker), shared by every transfer to that destination; a
-destination with no transfer in progress is closed when more than ``max_links`` are open.
+decode agent's KV endpoint or the broker) and server key, shared by every transfer to that
+destination; a destination with no transfer in progress is closed when more than ``max_links`` are
+open. Each connection pins the server key its route names, so KV only ever reaches the worker or
+broker the scheduler meant.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from transport.kv.out_stream import KvOutStream
 from transport.kv.same_host import SameHostMode
 from transport.kv.same_host.attached import AttachedRings
 from transport.messages import KvMode, KvRoute
+from transport.security import Plane, Security
 
 DEFAULT_MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_SENDER_WINDOW_BYTES = 64 * 1024 * 1024
@@ -29,6 +32,7 @@ class KvSender:
         self,
         ctx: zmq.asyncio.Context,
         *,
+        security: Security,
         window_bytes: int = DEFAULT_SENDER_WINDOW_BYTES,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         max_links: int = 64,
@@ -39,10 +43,12 @@ class KvSender:
         ``same_host``: whether to write into a receiver's shared ring when it offers one (auto),
         insist on one (on: a transfer without fails with ``CONFIG``) or never ask (off)."""
         self._ctx = ctx
+        self._security = security
         self._window_bytes = window_bytes
         self._max_chunk_bytes = max_chunk_bytes
         self._max_links = max_links
-        self._links: OrderedDict[str, DealerLink] = OrderedDict()
+        self._links: OrderedDict[tuple[str, str], DealerLink] = OrderedDict()
+        self._retired: list[DealerLink] = []
         self._streams: set[KvOutStream] = set()
         self._closed = False
         self._same_host = same_host
@@ -63,7 +69,7 @@ class KvSender:
         waits until the receiver accepts). ``deadline_s`` bounds the whole transfer."""
         if self._closed:
             raise PdorchError(ErrorCode.INTERNAL, "KV sender is closed")
-        link = await self._link(route.endpoint)
+        link = await self._link(route.endpoint, route.server_key)
         if link.has(route.transfer_id):
             raise PdorchError(ErrorCode.INTERNAL, f"transfer {route.transfer_id} is already open")
         stream = KvOutStream(
@@ -95,17 +101,28 @@ class KvSender:
         self._streams.discard(stream)
         self.same_host_transfers += stream.used_ring
 
-    async def _link(self, endpoint: str) -> DealerLink:
-        link = self._links.get(endpoint)
+    async def _link(self, endpoint: str, server_key: str) -> DealerLink:
+        # Keyed by the server key too: a worker restarted with another key at the same address
+        # gets a new connection, pinned to its new key.
+        key = (endpoint, server_key)
+        for old in [r for r in self._retired if r.idle]:
+            self._retired.remove(old)
+            await old.close()
+        link = self._links.get(key)
+        if link is not None and link.broken:  # refused once: libzmq will not try again, we will
+            del self._links[key]
+            self._retired.append(link)  # closed once its failed transfers have let go of it
+            link = None
         if link is not None:
-            self._links.move_to_end(endpoint)
+            self._links.move_to_end(key)
             return link
-        link = self._links[endpoint] = DealerLink(self._ctx, endpoint)
-        for stale_endpoint, stale in list(self._links.items()):
+        auth = self._security.client(Plane.KV, server_key)
+        link = self._links[key] = DealerLink(self._ctx, endpoint, auth)
+        for stale_key, stale in list(self._links.items()):
             if len(self._links) <= self._max_links:
                 break
             if stale.idle and stale is not link:
-                del self._links[stale_endpoint]
+                del self._links[stale_key]
                 await stale.close()
         return link
 
@@ -118,7 +135,8 @@ class KvSender:
         self._closed = True
         for stream in list(self._streams):
             await stream.abort("prefill side closed")
-        links, self._links = list(self._links.values()), OrderedDict()
+        links, self._links = [*self._links.values(), *self._retired], OrderedDict()
+        self._retired = []
         await asyncio.gather(*(link.close() for link in links))
         if self._rings is not None:
             self._rings.close()

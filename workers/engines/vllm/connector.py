@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from transport.kv.same_host import SameHostMode
+from transport.security import config as security_config
 from workers.engines.vllm.connector_metadata import StepPlan
 from workers.engines.vllm.connector_scheduler import PdorchSchedulerSide
 from workers.engines.vllm.connector_worker import PdorchWorkerSide
@@ -71,8 +72,10 @@ class PdorchConnector(KVConnectorBase_V1):
             bind = transfer.get_from_extra_config("pdorch_kv_bind", "") if transfer.is_kv_consumer else ""
             if transfer.is_kv_consumer and not bind:
                 raise ValueError("a consuming PdorchConnector needs kv_connector_extra_config.pdorch_kv_bind")
+            # The agent's launcher gives this vLLM server the worker's keys through the environment.
+            security = security_config.build(security_config.from_env())
             same_host = SameHostMode(transfer.get_from_extra_config("pdorch_kv_same_host", "auto"))
-            self._worker = PdorchWorkerSide(bind=bind or None, same_host=same_host)
+            self._worker = PdorchWorkerSide(bind=bind or None, security=security, same_host=same_host)
         logger.info("PdorchConnector %s side, role %s", role.name, transfer.kv_role)
 
     def _plan(self) -> StepPlan:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from transport.kv.same_host import SameHostMode
+from transport.security import SecurityConfig
 from workers.engines.vllm.block_io import BlockSink, read_blocks
 from workers.engines.vllm.connector_metadata import StepPlan
 from workers.engines.vllm.kv_plane_thread import KvPlaneThread
@@ -33,8 +34,14 @@ def as_numpy(tensor: Any) -> np.ndarray:
 
 
 class PdorchWorkerSide:
-    def __init__(self, *, bind: str | None, same_host: SameHostMode = SameHostMode.AUTO) -> None:
+    def __init__(
+        self, *, bind: str | None, security: SecurityConfig, same_host: SameHostMode = SameHostMode.AUTO
+    ) -> None:
+        """``security``: this instance's keys, the same as its agent's (the decode worker's KV
+        endpoint is this instance's, and senders pin the agent's key). ``same_host``: whether KV
+        to and from instances on this host goes through shared memory."""
         self._bind = bind
+        self._security = security
         self._same_host = same_host
         self._layers: list[np.ndarray] = []
         self._index: dict[str, int] = {}
@@ -60,6 +67,7 @@ class PdorchWorkerSide:
             num_layers=len(self._layers),
             row_shape=tuple(first.shape[1:]),
             dtype=first.dtype,
+            security=self._security,
             same_host=self._same_host,
         )
 

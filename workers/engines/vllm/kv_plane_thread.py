@@ -20,6 +20,7 @@ import zmq.asyncio
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.kv.same_host import SameHostMode
+from transport.security import Security, SecurityConfig
 from workers.engines.vllm.block_io import BlockSink
 from workers.engines.vllm.connector_metadata import RecvSpec, SendSpec
 
@@ -45,6 +46,7 @@ class KvPlaneThread:
         num_layers: int,
         row_shape: tuple[int, ...],
         dtype: np.dtype,
+        security: SecurityConfig,
         same_host: SameHostMode = SameHostMode.AUTO,
     ) -> None:
         """``same_host``: whether KV to and from vLLM instances on this host goes through shared
@@ -68,6 +70,7 @@ class KvPlaneThread:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self.endpoint = ""
+        self._security_cfg = security
         self._thread = threading.Thread(target=self._main, args=(bind,), name="pdorch-kv-plane", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -88,11 +91,14 @@ class KvPlaneThread:
         self._loop.run_forever()
 
     async def _open(self, bind: str | None) -> None:
+        self._security = Security.load(self._security_cfg)
         self._ctx = zmq.asyncio.Context()
-        self._sender = KvSender(self._ctx, same_host=self._same_host)
+        self._sender = KvSender(self._ctx, security=self._security, same_host=self._same_host)
         self._receiver: KvReceiver | None = None
         if bind:
-            self._receiver = KvReceiver(self._ctx, bind=bind, same_host=self._same_host)
+            self._receiver = KvReceiver(
+                self._ctx, bind=bind, security=self._security, same_host=self._same_host
+            )
             await self._receiver.start()
             self.endpoint = self._receiver.endpoint
 
@@ -104,6 +110,7 @@ class KvPlaneThread:
                 if part is not None:
                     with contextlib.suppress(Exception):
                         await part.close()
+            self._security.close()
             self._ctx.destroy(linger=0)
             self._loop.stop()
 

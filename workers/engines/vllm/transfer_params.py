@@ -26,14 +26,17 @@ class PdorchKvParams(msgspec.Struct, frozen=True):
     mode: KvMode
     endpoint: str
     deadline_s: float = 60.0
+    server_key: str = ""  # the KV server's public key, pinned by the connection (KvRoute.server_key)
 
     @property
     def route(self) -> KvRoute:
-        return KvRoute(mode=self.mode, endpoint=self.endpoint, transfer_id=self.transfer_id)
+        return KvRoute(self.mode, self.endpoint, self.transfer_id, self.server_key)
 
 
 def kv_transfer_params(direction: str, route: KvRoute, deadline_s: float) -> dict[str, Any]:
-    params = PdorchKvParams(direction, route.transfer_id, route.mode, route.endpoint, deadline_s)
+    params = PdorchKvParams(
+        direction, route.transfer_id, route.mode, route.endpoint, deadline_s, route.server_key
+    )
     return {PARAMS_KEY: msgspec.to_builtins(params)}
 
 

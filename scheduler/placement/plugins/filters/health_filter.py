@@ -1,4 +1,5 @@
-"""Drop nodes that should not take new work: draining ones, and decode nodes without KV room.
+"""Drop nodes that should not take new work: draining ones, decode nodes whose KV endpoint is
+refusing transfers (until it recovers), and decode nodes without KV room.
 
 With ``require_kv_room`` a decode candidate must have ``blocks_free`` (total - used - reserved) for the
 request's whole reservation (prompt + predicted output), so placement never puts a request on a node
@@ -30,6 +31,8 @@ class HealthFilter:
     def filter(self, ctx: RequestContext, nodes: Sequence[NodeView]) -> list[NodeView]:
         limit = self.params.max_waiting
         out = [n for n in nodes if not n.draining and (limit == 0 or n.waiting <= limit)]
+        if ctx.pool is Pool.DECODE:
+            out = [n for n in out if not n.kv_refusing]
         if self.params.require_kv_room and ctx.pool is Pool.DECODE:
             out = [n for n in out if n.blocks_total > 0 and n.blocks_free >= ctx.reserve_blocks(n)]
         return out

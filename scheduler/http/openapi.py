@@ -1,0 +1,219 @@
+"""The scheduler's OpenAPI 3.1 document, served at ``GET /openapi.json``.
+
+Request bodies are the JSON Schemas of the very Structs that decode them
+(``openai_schema.py``); responses are those of ``response_shapes.py``, which a test checks real
+answers against. docs/operations.md says how to fuzz the API with it (schemathesis).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from scheduler.http import response_shapes as r
+from scheduler.http.openai import HINT_HEADER
+from scheduler.http.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+_REF = "#/components/schemas/{name}"
+
+# The error statuses a generation request may get, and why.
+_GENERATION_ERRORS = {
+    "400": "malformed or unsupported request, prompt too long, nested too deeply",
+    "401": "missing or wrong API key (when the scheduler has api_keys)",
+    "404": "unknown model",
+    "408": "the request body did not arrive in time",
+    "429": "admission queue full, or no room within queue_timeout_s (with Retry-After)",
+    "503": "no worker of a needed role, or the request ran out of workers to move to",
+    "504": "a deadline passed before the first token",
+}
+
+
+def _ref(struct: type) -> dict[str, str]:
+    return {"$ref": _REF.format(name=struct.__name__)}
+
+
+def _json(struct: type) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(struct)}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": _json(r.ErrorResponse)}
+    if description.startswith(("admission", "no worker")):
+        response["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}
+    return response
+
+
+def _generation(summary: str, request: type, response: type, example: dict[str, Any]) -> dict[str, Any]:
+    ok = {
+        "description": "the completion; with stream=true, server-sent events (data: <chunk>, then [DONE])",
+        "content": {**_json(response), "text/event-stream": {"schema": {"type": "string"}}},
+    }
+    return {
+        "post": {
+            "summary": summary,
+            "parameters": [
+                {
+                    "name": HINT_HEADER,
+                    "in": "header",
+                    "required": False,
+                    "description": "the client's guess of the output length, for the predictor",
+                    "schema": {"type": "integer", "minimum": 0},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request), "example": example}},
+            },
+            "responses": {"200": ok, **{code: _error(why) for code, why in _GENERATION_ERRORS.items()}},
+        }
+    }
+
+
+# The error statuses of /tokenize and /detokenize.
+_TOKENIZER_ERRORS = {
+    "400": "malformed request (neither or both of prompt and messages; a token outside the vocabulary)",
+    "401": "missing or wrong API key (when the scheduler has api_keys)",
+    "404": "unknown model",
+    "408": "the request body did not arrive in time",
+    "503": "no worker is registered yet",
+}
+
+
+def _tokenizer(summary: str, request: type, response: type, example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request), "example": example}},
+            },
+            "responses": {
+                "200": _ok(response),
+                **{code: _error(why) for code, why in _TOKENIZER_ERRORS.items()},
+            },
+        }
+    }
+
+
+def _get(
+    summary: str, responses: dict[str, Any], parameters: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if parameters:
+        operation["parameters"] = parameters
+    return {"get": operation}
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    structs = [
+        CompletionRequest,
+        ChatCompletionRequest,
+        r.ErrorResponse,
+        r.Completion,
+        r.ChatCompletion,
+        TokenizeRequest,
+        DetokenizeRequest,
+        r.ModelList,
+        r.Model,
+        r.Tokens,
+        r.Text,
+        r.ClusterState,
+        r.Health,
+        r.Readiness,
+    ]
+    _, components = msgspec.json.schema_components(structs, ref_template=_REF)
+    model = "pdorch-reference"
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "pdorch scheduler",
+            "version": "1",
+            "description": "OpenAI-compatible completions served by prefill/decode disaggregation.",
+        },
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        # Bearer API keys when the scheduler has api_keys, none otherwise.
+        "security": [{}, {"bearer": []}],
+        "paths": {
+            "/v1/completions": _generation(
+                "Complete a prompt",
+                CompletionRequest,
+                r.Completion,
+                {"model": model, "prompt": "Hello, pdorch", "max_tokens": 4},
+            ),
+            "/v1/chat/completions": _generation(
+                "Complete a chat",
+                ChatCompletionRequest,
+                r.ChatCompletion,
+                {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+            ),
+            "/v1/models": _get(
+                "The models the registered workers serve",
+                {"200": _ok(r.ModelList), "401": _error(_GENERATION_ERRORS["401"])},
+            ),
+            "/v1/models/{model_id}": _get(
+                "One model the registered workers serve",
+                {
+                    "200": _ok(r.Model),
+                    "401": _error(_GENERATION_ERRORS["401"]),
+                    "404": _error("no registered worker serves it"),
+                },
+                [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            ),
+            "/tokenize": _tokenizer(
+                "vLLM's /tokenize: the token ids a prompt or chat is sent to the model as",
+                TokenizeRequest,
+                r.Tokens,
+                {"model": model, "prompt": "Hello, pdorch"},
+            ),
+            "/detokenize": _tokenizer(
+                "vLLM's /detokenize: the text of token ids",
+                DetokenizeRequest,
+                r.Text,
+                {"model": model, "tokens": [72, 105]},
+            ),
+            "/v1/cluster": _get("Workers, their load, admission", {"200": _ok(r.ClusterState)}),
+            "/health": _get("The scheduler process serves HTTP", {"200": _ok(r.Health)}),
+            "/ready": _get(
+                "At least one prefill-capable and one decode-capable worker",
+                {"200": _ok(r.Readiness), "503": {"description": "not ready", "content": _json(r.Readiness)}},
+            ),
+            "/metrics": _get(
+                "Prometheus metrics",
+                {
+                    "200": {
+                        "description": "text exposition",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            ),
+            "/openapi.json": _get(
+                "This document",
+                {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            ),
+        },
+    }
+
+
+def _ok(struct: type) -> dict[str, Any]:
+    return {"description": "OK", "content": _json(struct)}
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(document())
