@@ -115,8 +115,8 @@ async def test_each_request_is_placed_once(round_robin_scheduler: LocalCluster) 
     """Admission's room check is the request's placement, not a rehearsal of it: a round-robin
     decode picker moves on once per request (placing twice, it would come back to the same node)."""
     cluster = round_robin_scheduler
-    prefill = FakeWorker(cluster.control, "prefill", role=Role.PREFILL)
-    decoders = [FakeWorker(cluster.control, name, capacity_blocks=10_000) for name in ("d0", "d1")]
+    prefill = FakeWorker(cluster, "prefill", role=Role.PREFILL)
+    decoders = [FakeWorker(cluster, name, capacity_blocks=10_000) for name in ("d0", "d1")]
     workers = [prefill, *decoders]
     try:
         for w in workers:
