@@ -363,19 +363,18 @@ def test_bad_objective_headers_are_refused(value: str) -> None:
     assert info.value.code is ErrorCode.INVALID_REQUEST and "X-SLO-TPOT-Ms" in info.value.message
 
 
-def test_objectives_come_from_the_request_else_from_config_and_a_moved_request_is_best_effort() -> None:
-    cfg = SchedulerConfig(slo=SloConfig(ttft_s=2.0, tpot_s=0.05), security=OPEN)
-    cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
+def _flow(cfg: SchedulerConfig, cluster: Cluster) -> tuple[Orchestrator, Planner]:
+    """The live planner and orchestrator over ``cluster`` (no control plane: nothing is sent)."""
     placer = Placer(cfg.placement)
-    planner = Planner(
-        cluster,
-        cluster.ledger,
-        placer,
-        OutputLengthPredictor(),
-        LatencyLearner(placer.config.accelerators),
-        colocated=False,
-    )
+    latency = LatencyLearner(placer.config.accelerators)
+    planner = Planner(cluster, cluster.ledger, placer, OutputLengthPredictor(), latency, colocated=False)
     flow = Orchestrator(cfg, cluster, None, Inbox(), planner, Metrics(cfg.slo))  # type: ignore[arg-type]
+    return flow, planner
+
+
+def test_objectives_come_from_the_request_else_from_config_and_a_moved_request_is_best_effort() -> None:
+    cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
+    flow, _ = _flow(SchedulerConfig(slo=SloConfig(ttft_s=2.0, tpot_s=0.05), security=OPEN), cluster)
     greq = GenerationRequest("r", "m", list(range(40)), SamplingParams(max_tokens=8))
     _, preq = flow.plan(greq)
     assert (preq.ttft_slo_s, preq.tpot_slo_s, preq.best_effort) == (2.0, 0.05, False)
@@ -397,16 +396,7 @@ def test_a_following_choice_is_booked_colocated_where_the_prompt_is() -> None:
     cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
     for wid, role in (("p", Role.PREFILL), ("d", Role.DECODE)):
         cluster.register(wid.encode(), _hello(wid, role), now=0.0)
-    placer = Placer(SchedulerConfig(security=OPEN).placement)
-    planner = Planner(
-        cluster,
-        cluster.ledger,
-        placer,
-        OutputLengthPredictor(),
-        LatencyLearner(placer.config.accelerators),
-        colocated=False,
-    )
-    flow = Orchestrator(SchedulerConfig(security=OPEN), cluster, None, Inbox(), planner, Metrics(SloConfig()))  # type: ignore[arg-type]
+    flow, planner = _flow(SchedulerConfig(security=OPEN), cluster)
     greq = GenerationRequest("r-1", "m", list(range(40)), SamplingParams(max_tokens=8))
     _, preq = flow.plan(greq)
     placement = planner.follow(preq, "d", now=0.0)
