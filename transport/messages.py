@@ -106,6 +106,10 @@ class Load(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     # The worker's KV endpoint refused a transfer for lack of room lately (every slot busy): it
     # cannot take new handoffs until that passes (placement leaves it out meanwhile).
     kv_refusing: bool = False
+    # LoRA: how many adapters the engine can hold at once (0 = it serves none) and which it holds
+    # now, least recently used first: a request for a resident adapter pays no load.
+    adapter_slots: int = 0
+    adapters_resident: list[str] = []
 
 
 # --------------------------------------------------------------------------- agent -> scheduler
@@ -136,6 +140,9 @@ class Hello(msgspec.Struct, tag="hello", **_STRUCT):
     token: str = ""
     # The LoRA adapters this worker serves (by name; each job may ask for one).
     adapters: list[str] = []
+    # Where each served adapter was read from (a path on the worker's disk), so that a scheduler
+    # that restarts can register the adapters loaded at run time on workers that join later.
+    adapter_paths: dict[str, str] = {}
 
 
 class Heartbeat(msgspec.Struct, tag="hb", **_STRUCT):
@@ -215,8 +222,27 @@ class Goodbye(msgspec.Struct, tag="bye", **_STRUCT):
     reason: str = ""
 
 
+class AdapterAck(msgspec.Struct, tag="lora_ack", **_STRUCT):
+    """The answer to ``AdapterLoad`` / ``AdapterUnload``: the adapters served now, and the error
+    (a ``transport.errors.ErrorCode`` value and why) if the operation failed."""
+
+    op_id: str
+    adapters: list[str]
+    code: str = ""
+    message: str = ""
+
+
 FromWorker = (
-    Hello | Heartbeat | TokenOutput | KvLoaded | JobError | WorkerFatal | Draining | TokenizerFiles | Goodbye
+    Hello
+    | Heartbeat
+    | TokenOutput
+    | KvLoaded
+    | JobError
+    | WorkerFatal
+    | Draining
+    | TokenizerFiles
+    | Goodbye
+    | AdapterAck
 )
 
 # --------------------------------------------------------------------------- scheduler -> agent
@@ -287,4 +313,29 @@ class Cancel(msgspec.Struct, tag="cancel", **_STRUCT):
     request_id: str
 
 
-ToWorker = Welcome | Disconnect | Heartbeat | PrefillJob | DecodeJob | GenerateJob | Cancel
+class AdapterLoad(msgspec.Struct, tag="lora_load", **_STRUCT):
+    """Serve the LoRA adapter at ``path`` (on the worker's disk) as ``name``; answered by AdapterAck."""
+
+    op_id: str
+    name: str
+    path: str
+
+
+class AdapterUnload(msgspec.Struct, tag="lora_unload", **_STRUCT):
+    """Stop serving ``name``: no new job may use it; running ones finish. Answered by AdapterAck."""
+
+    op_id: str
+    name: str
+
+
+ToWorker = (
+    Welcome
+    | Disconnect
+    | Heartbeat
+    | PrefillJob
+    | DecodeJob
+    | GenerateJob
+    | Cancel
+    | AdapterLoad
+    | AdapterUnload
+)
