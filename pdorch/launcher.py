@@ -147,6 +147,9 @@ class ClusterSpec:
     # A key set to use (`pdorch keys generate` layout) instead of a throwaway one; keys missing
     # from it (a worker's) are added.
     keys_dir: Path | None = None
+    # LoRA adapters may be loaded at run time from under this directory (the scheduler's
+    # /v1/load_lora_adapter is on, and every worker may read there); None: off.
+    lora_root: Path | None = None
 
 
 class LocalCluster:
@@ -178,8 +181,8 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ processes
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        self.spawn(name, [self.spec.python, "-m", "pdorch", *args], self.party_env(name))
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.spawn(name, [self.spec.python, "-m", "pdorch", *args], {**self.party_env(name), **(env or {})})
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self._args[name] = argv
@@ -214,6 +217,8 @@ class LocalCluster:
             engine_args = self.model_args()
         args = ["worker", "--scheduler", self.control, "--role", role, "--worker-id", name]
         args += ["--log-level", self.spec.log_level, *engine_args, *self.spec.worker_args]
+        if self.spec.lora_root is not None:
+            args += ["--lora-root", str(self.spec.lora_root)]
         self._spawn(name, args + self.spec.per_worker_args.get(name, []))
 
     def vllm_spec(self, role: str, port: int, kv_bind: str, index: int) -> VllmLaunchSpec:
@@ -231,6 +236,8 @@ class LocalCluster:
             max_model_len=min(VLLM_MAX_MODEL_LEN, context_length(self.model_dir)),
             # The workers' flag, for the connector that moves the KV inside vLLM.
             kv_same_host=_flag(self.spec.worker_args, "--kv-same-host") or "auto",
+            # Adapters loaded at run time need vLLM's LoRA support from the start.
+            enable_lora=self.spec.lora_root is not None or bool(_flag(self.spec.worker_args, "--lora-root")),
         )
 
     def _start_vllm(self, name: str, role: str) -> list[str]:
@@ -290,7 +297,8 @@ class LocalCluster:
             sched += ["--kv-broker", self.broker]
         if s.colocated:
             sched.append("--colocated")
-        self._spawn("scheduler", sched)
+        lora = {"PDORCH_LORA": "{runtime_updates: true}"} if s.lora_root is not None else None
+        self._spawn("scheduler", sched, lora)
         if s.colocated:
             for i in range(max(1, s.prefill)):
                 self.start_worker(f"worker-{i}", "both")
@@ -408,6 +416,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-dir", type=Path, default=None, help="where process logs go (default: a new temp dir)"
     )
+    p.add_argument(
+        "--lora-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter, for adapters under DIR",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "worker_args",
@@ -436,6 +451,8 @@ def _spec_problem(spec: ClusterSpec) -> str:
         elif spec.model != RANDOM_MODEL and not Path(spec.model).expanduser().exists():
             known = f"{', '.join(sorted(CATALOG))}, {RANDOM_MODEL}"
             return f"--model {spec.model}: not a known model ({known}), a .gguf file or a directory"
+    if spec.lora_root is not None and not spec.lora_root.is_dir():
+        return f"--lora-root {spec.lora_root}: not a directory"
     if spec.prefill < 1 or (spec.decode < 1 and not spec.colocated):
         return "a cluster needs at least one prefill and one decode worker (--prefill, --decode)"
     if not 0 <= spec.port <= 65535:
@@ -467,6 +484,7 @@ def main(args: argparse.Namespace) -> int:
         model=args.model,
         worker_args=[a for a in args.worker_args if a != "--"],
         kv_payload=args.kv_payload,
+        lora_root=args.lora_root.expanduser().resolve() if args.lora_root else None,
     )
     problem = _spec_problem(spec)
     if problem:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from scheduler.admission.gate import AdmissionGate
 from scheduler.app_keys import (
+    ADAPTERS,
     ADMISSION,
     CLUSTER,
     CONFIG,
@@ -38,13 +39,14 @@ from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig, load_config
 from scheduler.control import ControlServer
 from scheduler.flow import Orchestrator
-from scheduler.http import openai, openapi, ops
+from scheduler.http import lora, openai, openapi, ops
 from scheduler.http.connection_limits import ConnectionLimits
 from scheduler.http.errors import error_middleware
 from scheduler.http.server import serve
 from scheduler.inbox import Inbox
 from scheduler.kubernetes.runtime import kubernetes_runtime
 from scheduler.kv_broker_monitor import KvBrokerMonitor
+from scheduler.lora.operations import AdapterOperations
 from scheduler.metrics import Metrics
 from scheduler.placement.framework import Placer
 from scheduler.planner import Planner
@@ -66,6 +68,8 @@ def build_app(cfg: SchedulerConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_get("/v1/models", openai.models)
     app.router.add_get("/v1/models/{model_id:.+}", openai.model)
+    app.router.add_post("/v1/load_lora_adapter", lora.load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", lora.unload_lora_adapter)
     app.router.add_post("/tokenize", openai.tokenize)
     app.router.add_post("/detokenize", openai.detokenize)
     app.router.add_get("/v1/cluster", ops.cluster)
@@ -112,6 +116,7 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
     app[INBOX] = inbox
     app[CLUSTER] = cluster
     app[ADMISSION] = admission
+    app[ADAPTERS] = AdapterOperations(cluster, timeout_s=cfg.lora.timeout_s, colocated=cfg.colocated)
     app[PLANNER] = Planner(
         cluster,
         cluster.ledger,
@@ -169,7 +174,10 @@ async def control_plane(app: web.Application) -> AsyncIterator[None]:
         heartbeat_liveness=cfg.heartbeat_liveness,
         on_capacity=admission.notify,
         on_tokenizer=app[TOKENIZERS].provide,
+        on_joined=app[ADAPTERS].joined,
+        on_adapter_ack=app[ADAPTERS].acked,
     )
+    app[ADAPTERS].bind(control.send)
     try:  # the socket is bound: close it even if starting fails, or the ZeroMQ context never ends
         metrics.bind_gauge(
             "pdorch_control_bad_messages", "Malformed control messages dropped", lambda: control.bad_messages

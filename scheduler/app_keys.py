@@ -17,6 +17,7 @@ from scheduler.flow import Orchestrator
 from scheduler.http.connection_limits import ConnectionLimits
 from scheduler.inbox import Inbox
 from scheduler.kubernetes.runtime import KubernetesRuntime
+from scheduler.lora.operations import AdapterOperations
 from scheduler.metrics import Metrics
 from scheduler.planner import Planner
 from scheduler.tokenizer.registry import TokenizerRegistry
@@ -29,6 +30,7 @@ INBOX = web.AppKey("inbox", Inbox)
 CLUSTER = web.AppKey("cluster", Cluster)
 ADMISSION = web.AppKey("admission", AdmissionGate)
 PLANNER = web.AppKey("planner", Planner)
+ADAPTERS = web.AppKey("adapters", AdapterOperations)
 CONNECTIONS = web.AppKey("connections", ConnectionLimits)
 # Set by the cleanup context that owns each.
 TOKENIZERS = web.AppKey("tokenizers", TokenizerRegistry)

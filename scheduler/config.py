@@ -48,6 +48,18 @@ class HttpLimits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_json_depth: int = 32
 
 
+class LoraConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """LoRA adapters registered at run time (``lora:`` in the config file)."""
+
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off: they answer 404, as vLLM's do
+    # without VLLM_ALLOW_RUNTIME_LORA_UPDATING). Workers also load only from their --lora-root.
+    runtime_updates: bool = False
+    # Bearer keys allowed to load and unload adapters (empty: any key /v1 accepts).
+    admin_keys: list[str] = []
+    # How long an operation waits for the workers' answers (reading an adapter takes a while).
+    timeout_s: float = 60.0
+
+
 class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # HTTP front end.
     host: str = "127.0.0.1"
@@ -98,6 +110,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     slo: SloConfig = msgspec.field(default_factory=SloConfig)
     # Pod discovery and autoscaling of LeaderWorkerSet pools (both off unless enabled).
     kubernetes: KubernetesConfig = msgspec.field(default_factory=KubernetesConfig)
+    lora: LoraConfig = msgspec.field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "port", "must be 1..65535")
@@ -115,6 +128,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "kv_broker_backoff_s",
         ):
             _check(getattr(self, name) > 0, name, "must be > 0")
+        _check(self.lora.timeout_s > 0, "lora.timeout_s", "must be > 0")
         _check(
             self.kv_mode != "centralized" or bool(self.kv_broker),
             "kv_broker",
@@ -197,7 +211,10 @@ def load_config(
     for key, value in (os.environ if env is None else env).items():
         name = key[7:].lower()
         if key.startswith("PDORCH_") and name in fields:
-            data[name] = value if name in text_fields else _parse_env_value(value)
+            parsed = value if name in text_fields else _parse_env_value(value)
+            if isinstance(parsed, dict) and isinstance(data.get(name), dict):
+                parsed = {**data[name], **parsed}  # a section's keys from env over the file's
+            data[name] = parsed
     env_security = security_config.from_env(os.environ if env is None else env)
     if env_security:
         file_security = data.get("security")

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -37,6 +38,7 @@ from transport.errors import PdorchError
 from transport.loop_socket import LoopSocket
 from transport.messages import (
     PROTOCOL_VERSION,
+    AdapterAck,
     Disconnect,
     Draining,
     FromWorker,
@@ -71,6 +73,8 @@ class ControlServer:
         heartbeat_liveness: int,
         on_capacity: Callable[[], None] = lambda: None,
         on_tokenizer: Callable[[str, dict[str, bytes]], None] = lambda spec, files: None,
+        on_joined: Callable[[str], None] = lambda worker_id: None,
+        on_adapter_ack: Callable[[str, AdapterAck], None] = lambda worker_id, ack: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._security = security
@@ -84,6 +88,10 @@ class ControlServer:
         # Called when a worker joins or reports load: requests waiting for room may fit now.
         self._on_capacity = on_capacity
         self._on_tokenizer = on_tokenizer
+        # A worker registered (the LoRA registry brings its adapters in line); an adapter
+        # operation was answered (the worker's served adapters, and the result, for the waiter).
+        self._on_joined = on_joined
+        self._on_adapter_ack = on_adapter_ack
         self._clock = clock
         self._enc = Encoder()
         self._dec: Decoder[FromWorker] = Decoder(FromWorker)
@@ -167,6 +175,10 @@ class ControlServer:
         elif isinstance(msg, WorkerFatal):
             log.error("worker %s reported fatal error: %s", wid, msg.message)
             self._cluster.drop_worker(wid, f"worker failed: {msg.message}")
+        elif isinstance(msg, AdapterAck):
+            # Placement reads the served adapters from the Hello: keep it current.
+            worker.hello = msgspec.structs.replace(worker.hello, adapters=msg.adapters)
+            self._on_adapter_ack(wid, msg)
         elif isinstance(msg, Goodbye):
             log.info("worker %s left: %s", wid, msg.reason)
             self._cluster.drop_worker(wid, f"worker left: {msg.reason}")
@@ -198,6 +210,7 @@ class ControlServer:
             hello.model,
             hello.engine,
         )
+        self._on_joined(hello.worker_id)
         self._on_capacity()
 
     def _claim_problem(self, identity: bytes, key_name: str, worker_id: str) -> tuple[str, str] | None:

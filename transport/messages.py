@@ -140,8 +140,8 @@ class Hello(msgspec.Struct, tag="hello", **_STRUCT):
     token: str = ""
     # The LoRA adapters this worker serves (by name; each job may ask for one).
     adapters: list[str] = []
-    # Where each served adapter was read from (a path on the worker's disk), so that a scheduler
-    # that restarts can register the adapters loaded at run time on workers that join later.
+    # The adapters loaded at run time (``AdapterLoad``) -> the path each was read from: a scheduler
+    # that restarts learns from them what to load on workers that join later.
     adapter_paths: dict[str, str] = {}
 
 

@@ -30,6 +30,8 @@ from transport.loop_socket import LoopSocket
 from transport.messages import (
     PROTOCOL_VERSION,
     TOKENIZER_FILES,
+    AdapterLoad,
+    AdapterUnload,
     Cancel,
     DecodeJob,
     Disconnect,
@@ -51,6 +53,7 @@ from transport.messages import (
 from transport.rate_limited_log import RateLimitedLog
 from transport.routed import cancel_and_wait
 from transport.security import KeyKind, Plane, Security
+from workers.adapter_ops import AdapterOps
 from workers.engines.base import Engine
 
 log = logging.getLogger("pdorch.agent")
@@ -72,6 +75,8 @@ class AgentConfig(msgspec.Struct, kw_only=True):
     hello_timeout_s: float = 5.0
     drain_timeout_s: float = 60.0
     health_interval_s: float = 2.0
+    # Directories LoRA adapters may be loaded from at run time (none: run-time loading is off).
+    lora_roots: list[str] = []
 
 
 class _Reconnect(Exception):
@@ -105,6 +110,7 @@ class Agent:
         self.registered = asyncio.Event()
         self.bad_messages = 0
         self._bad_log = RateLimitedLog(log)
+        self._adapters = AdapterOps(engine, cfg.lora_roots, self._send)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,6 +131,7 @@ class Agent:
             return 0
         finally:
             await cancel_and_wait([session, health, stopper])
+            await self._adapters.close()
             await self._cancel_all()
             await self._engine.close()
             if self._sock is not None:
@@ -193,6 +200,7 @@ class Agent:
             vocab_size=info.vocab_size,
             labels=self._cfg.labels,
             adapters=list(info.adapters),
+            adapter_paths=dict(self._adapters.paths),
         )
 
     async def _session(self, backoff: Backoff) -> None:
@@ -280,6 +288,8 @@ class Agent:
             self._start_job(msg)
         elif isinstance(msg, Cancel):
             self._cancel(msg.request_id)
+        elif isinstance(msg, AdapterLoad | AdapterUnload):
+            self._adapters.handle(msg)
         elif isinstance(msg, Disconnect):
             raise _Reconnect(f"scheduler says: {msg.reason}")
 

@@ -75,6 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE", help="label reported to the scheduler"
     )
+    p.add_argument(
+        "--lora-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory LoRA adapters may be loaded from at run time, through the scheduler's "
+        "/v1/load_lora_adapter (repeatable; none: run-time loading is off)",
+    )
     p.add_argument("--log-level", default="INFO")
     security_config.add_arguments(p)
     in_process_cli.add_arguments(p.add_argument_group(in_process_cli.TITLE))
@@ -119,6 +127,7 @@ async def _serve(args: argparse.Namespace, security_cfg: SecurityConfig) -> int:
             accelerator=engine_cli.accelerator(args),
             kv_endpoint=kv_endpoint,
             labels=_labels(args.label),
+            lora_roots=args.lora_root,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -18,7 +18,6 @@ from scheduler.admission.gate import Ticket
 from scheduler.admission.queue import QueueFull
 from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, METRICS, ORCHESTRATOR, TOKENIZERS
 from scheduler.cluster import Cluster
-from scheduler.config import SchedulerConfig
 from scheduler.flow import GenerationRequest
 from scheduler.http import sse
 from scheduler.http.choices import Choice, Item, Progress, choices, generate
@@ -33,16 +32,14 @@ from scheduler.http.openai_schema import (
     chat_messages,
     check_common,
     completion_prompt,
-    parse_body,
     stop_strings,
 )
+from scheduler.http.request_io import client_tenant, request_body
 from scheduler.placement.types import PlacementRequest
 from scheduler.tokenizer.base import Tokenizer
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Hello, SamplingParams, TokenLogprobs
-
-_Req = TypeVar("_Req", CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
 @dataclass
@@ -63,15 +60,6 @@ class _Job:
 
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
-
-
-def _tenant(request: web.Request, cfg: SchedulerConfig) -> str:
-    keys = cfg.api_keys
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if keys and token not in keys:
-        raise PdorchError(ErrorCode.UNAUTHORIZED, "missing or invalid API key")
-    return token[:12] if keys else ""
 
 
 def _tokenizer_for(cluster: Cluster, tokenizers: TokenizerRegistry, model: str) -> tuple[Tokenizer, Hello]:
@@ -101,31 +89,9 @@ def _hint(request: web.Request) -> int:
     return value
 
 
-async def _read(request: web.Request, limit: int, timeout_s: float) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise bad(f"request body exceeds {limit} bytes")
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await request.read()
-    except TimeoutError:
-        raise PdorchError(
-            ErrorCode.REQUEST_TIMEOUT, f"request body not received within {timeout_s:g}s"
-        ) from None
-    except web.HTTPRequestEntityTooLarge:
-        raise bad(f"request body exceeds {limit} bytes") from None
-    except Exception as e:  # truncated upload, body over aiohttp's client_max_size
-        raise bad(f"cannot read request body: {e}") from None
-
-
-async def _body(request: web.Request, kind: type[_Req]) -> _Req:
-    cfg = request.app[CONFIG]
-    raw = await _read(request, cfg.max_body_bytes, cfg.http.body_timeout_s)
-    return parse_body(raw, kind, cfg.http.max_json_depth)
-
-
 def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> _Job:
     cfg = request.app[CONFIG]
-    tenant = _tenant(request, cfg)
+    tenant = client_tenant(request, cfg)
     asked = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
     tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     max_model_len = hello.max_model_len
@@ -216,7 +182,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     ``ok``, an error code (a 400 or 404 included), or ``client_gone``."""
     progress = Progress()
     try:
-        req = await _body(request, ChatCompletionRequest if chat else CompletionRequest)
+        req = await request_body(request, ChatCompletionRequest if chat else CompletionRequest)
         return await _serve(request, _build(request, req, chat=chat), progress)
     except PdorchError as e:
         progress.error = str(e.code)
@@ -239,12 +205,12 @@ def _model_cards(cluster: Cluster) -> dict[str, dict[str, Any]]:
 
 
 async def models(request: web.Request) -> web.Response:
-    _tenant(request, request.app[CONFIG])
+    client_tenant(request, request.app[CONFIG])
     return web.json_response({"object": "list", "data": list(_model_cards(request.app[CLUSTER]).values())})
 
 
 async def model(request: web.Request) -> web.Response:
-    _tenant(request, request.app[CONFIG])
+    client_tenant(request, request.app[CONFIG])
     name = request.match_info["model_id"]
     card = _model_cards(request.app[CLUSTER]).get(name)
     if card is None:
@@ -521,8 +487,8 @@ async def _stream(
 
 async def tokenize(request: web.Request) -> web.Response:
     """vLLM's ``POST /tokenize``: the token ids a prompt (or chat) is sent to the model as."""
-    _tenant(request, request.app[CONFIG])
-    req = await _body(request, TokenizeRequest)
+    client_tenant(request, request.app[CONFIG])
+    req = await request_body(request, TokenizeRequest)
     tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     if (req.prompt is None) == (req.messages is None):
         raise bad("give either 'prompt' or 'messages'")
@@ -536,8 +502,8 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     """vLLM's ``POST /detokenize``: the text of token ids."""
-    _tenant(request, request.app[CONFIG])
-    req = await _body(request, DetokenizeRequest)
+    client_tenant(request, request.app[CONFIG])
+    req = await request_body(request, DetokenizeRequest)
     tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     if hello.vocab_size and (wrong := next((t for t in req.tokens if not 0 <= t < hello.vocab_size), None)):
         raise bad(f"token id {wrong} is outside the model's vocabulary (size {hello.vocab_size})")

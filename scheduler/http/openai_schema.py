@@ -138,9 +138,30 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
     tokens: list[int]
 
 
+class LoadLoraAdapterRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``/v1/load_lora_adapter``; ``base_model`` is pdorch's, needed only when the cluster
+    serves several models."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+    base_model: str | None = None
+
+
+class UnloadLoraAdapterRequest(msgspec.Struct, kw_only=True):
+    lora_name: str
+
+
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
     kind: msgspec.json.Decoder(kind)
-    for kind in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+    for kind in (
+        CompletionRequest,
+        ChatCompletionRequest,
+        TokenizeRequest,
+        DetokenizeRequest,
+        LoadLoraAdapterRequest,
+        UnloadLoraAdapterRequest,
+    )
 }
 
 

@@ -55,6 +55,9 @@ async def cluster(request: web.Request) -> web.Response:
                     "waiting": w.load.waiting,
                     "queued_prefill_tokens": w.load.queued_prefill_tokens,
                 },
+                "adapters": h.adapters,
+                "adapter_slots": w.load.adapter_slots,
+                "adapters_resident": w.load.adapters_resident,
                 "inflight_requests": len(w.requests),
                 "labels": h.labels,
             }

@@ -20,6 +20,7 @@ from tests.vllm_support.pd_pair import (
     pd_servers,
     route,
 )
+from transport.errors import PdorchError
 from transport.messages import SamplingParams
 from workers.engines.reference.checkpoint import load_checkpoint, model_config
 from workers.engines.reference.core import EngineCore
@@ -83,3 +84,33 @@ async def test_the_reference_engine_gives_vllms_tokens_with_the_adapter(
         while core.has_work():
             got += [out.token_id for out in await asyncio.to_thread(core.step)]
         assert got == want, i
+
+
+async def test_an_adapter_loaded_and_unloaded_at_run_time_through_vllms_api(
+    cluster: Cluster, engines: Engines, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The agent's AdapterLoad on a vLLM worker: vLLM's /v1/load_lora_adapter; the adapter then
+    serves P/D == colocated, its slots show in the load report, and unloading refuses it."""
+    poem = write_adapter(
+        tmp_path_factory.mktemp("poem") / "poem", model_config(cluster.model_dir), seed=2, rank=8, alpha=16.0
+    )
+    for engine in (engines.prefill, engines.decode):
+        await engine.load_adapter("poem", str(poem))
+        assert engine.info().adapters == ("sql", "poem")
+    prompt = PROMPTS[0]
+    sql = await colocated(engines.prefill, engines.p_out, "rt-sql", prompt, GREEDY, "sql")
+    want = await colocated(engines.prefill, engines.p_out, "rt-c", prompt, GREEDY, "poem")
+    assert want != sql
+    got = await disaggregated(
+        engines, "rt-d", prompt, GREEDY, route("p2p", cluster, "rt-t"), decode_first=True, adapter="poem"
+    )
+    assert got == want
+    deadline = asyncio.get_running_loop().time() + 10
+    while engines.prefill.load().adapter_slots != 4:  # vLLM's --max-loras, from its metrics
+        assert asyncio.get_running_loop().time() < deadline, engines.prefill.load()
+        await asyncio.sleep(0.2)
+    for engine in (engines.prefill, engines.decode):
+        await engine.unload_adapter("poem")
+        assert engine.info().adapters == ("sql",)
+    with pytest.raises(PdorchError):
+        await colocated(engines.prefill, engines.p_out, "rt-gone", prompt, GREEDY, "poem")

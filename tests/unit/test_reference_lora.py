@@ -180,3 +180,26 @@ def test_an_adapter_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> No
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(PdorchError, match="use_dora"):
         load_adapter("dora", dora, CFG)
+
+
+def test_unloading_an_adapter_in_use_lets_its_requests_finish(adapters: dict[str, Path]) -> None:
+    """Unregistered while a request runs with it: new requests are refused at once, the running
+    one finishes with the adapter's tokens, and its slot is freed when it ends."""
+    core = EngineCore(CFG, num_blocks=256, max_loras=2)
+    core.adapters.register("sql", adapters["sql"])
+    prompt = random_prompt(25, seed=9)
+    core.add_generate("a", prompt, GREEDY, adapter="sql")
+    core.adapters.unregister("sql")
+    assert core.adapters.known() == [] and core.adapters.resident() == ["sql"]
+    assert core.load().adapters_resident == ["sql"] and core.load().adapter_slots == 2
+    with pytest.raises(PdorchError) as gone:
+        core.add_generate("b", prompt, GREEDY, adapter="sql")
+    assert gone.value.code is ErrorCode.MODEL_NOT_FOUND
+    with pytest.raises(PdorchError):
+        core.adapters.unregister("sql")  # already unloaded
+    outputs: dict = {}
+    drain(core, outputs, set())
+    assert token_ids(outputs)["a"] == _alone(adapters, prompt, GREEDY, "sql")
+    assert core.adapters.resident() == [] and core.load().adapters_resident == []
+    core.adapters.register("sql", adapters["sql"])  # and it can be loaded again
+    assert core.adapters.known() == ["sql"]

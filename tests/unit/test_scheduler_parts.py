@@ -55,6 +55,13 @@ def test_config_layers_file_env_and_overrides(tmp_path) -> None:
 INSECURE_ENV = {"PDORCH_INSECURE": "1"}
 
 
+def test_a_section_from_the_environment_adds_to_the_files(tmp_path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("lora: {admin_keys: [k], timeout_s: 5}\n")
+    cfg = load_config(f, env={"PDORCH_LORA": "{runtime_updates: true, timeout_s: 9}", **INSECURE_ENV})
+    assert (cfg.lora.runtime_updates, cfg.lora.admin_keys, cfg.lora.timeout_s) == (True, ["k"], 9)
+
+
 def test_string_settings_from_the_environment_are_taken_as_written() -> None:
     """A value of digits (or 'yes', or 'null') must not become a number, a bool or nothing."""
     for value in ("0123456789", "yes", "null", "[a, b]"):

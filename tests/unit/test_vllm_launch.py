@@ -72,10 +72,17 @@ def test_lora_adapters_enable_lora_with_their_modules() -> None:
     spec = VllmLaunchSpec(
         model_dir="/m", port=1, role=None, loras={"sql": "/a/sql", "poem": "/a/poem"}, max_lora_rank=8
     )
-    argv, _ = vllm_command(spec, python="py")
+    argv, env = vllm_command(spec, python="py")
     assert "--enable-lora" in argv
     assert argv[argv.index("--max-lora-rank") + 1] == "8"
     modules = argv[argv.index("--lora-modules") + 1 :]
     assert modules[:2] == ["sql=/a/sql", "poem=/a/poem"]
-    plain, _ = vllm_command(VllmLaunchSpec(model_dir="/m", port=1, role=None), python="py")
-    assert "--enable-lora" not in plain
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"  # the agent loads more at run time
+    plain, plain_env = vllm_command(VllmLaunchSpec(model_dir="/m", port=1, role=None), python="py")
+    assert "--enable-lora" not in plain and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in plain_env
+
+
+def test_lora_can_be_on_with_no_adapter_at_start() -> None:
+    argv, env = vllm_command(VllmLaunchSpec(model_dir="/m", port=1, role=None, enable_lora=True), python="py")
+    assert "--enable-lora" in argv and "--lora-modules" not in argv
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"

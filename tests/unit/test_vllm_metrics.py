@@ -45,6 +45,20 @@ def test_usage_fraction_becomes_blocks_and_queues_are_read() -> None:
     assert (load.blocks_used, load.running, load.waiting) == (8192, 3, 5)
 
 
+def test_lora_adapters_in_use_and_slots_come_from_the_newest_lora_info_sample() -> None:
+    """vLLM keeps every label set the gauge ever had, each set to the time of its change."""
+    samples = [("sql,poem", "", 100.5), ("poem", "sql,x", 200.25), ("", "", 150.0)]
+    lora = "# TYPE vllm:lora_requests_info gauge\n" + "".join(
+        f'vllm:lora_requests_info{{max_lora="4",running_lora_adapters="{r}",'
+        f'waiting_lora_adapters="{w}"}} {t}\n'
+        for r, w, t in samples
+    )
+    load = parse_metrics(PAGE.read_text() + lora).to_load()
+    assert load.adapter_slots == 4
+    assert load.adapters_resident == ["poem", "sql", "x"]
+    assert parse_metrics(PAGE.read_text()).to_load().adapter_slots == 0, "no LoRA: no slots"
+
+
 def test_two_engines_are_pooled() -> None:
     page = PAGE.read_text()
     second = page.replace('engine="0"', 'engine="1"')

@@ -55,6 +55,17 @@ class Engine(Protocol):
         """False means the engine is gone for good; the agent reports the worker dead."""
         ...
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter in the PEFT directory ``path`` as ``name`` (replacing an idle one
+        of that name). Raises :class:`PdorchError`: CONFIG if this engine serves no adapters,
+        INVALID_REQUEST for an unusable directory."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name``: new jobs naming it are refused; running ones finish with it.
+        Raises MODEL_NOT_FOUND if it is not served."""
+        ...
+
     async def prefill(self, job: PrefillJob) -> None: ...
 
     async def decode(self, job: DecodeJob) -> None: ...

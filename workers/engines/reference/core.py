@@ -35,6 +35,7 @@ import itertools
 from collections import deque
 from collections.abc import Sequence
 
+import msgspec
 import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
@@ -242,7 +243,12 @@ class EngineCore:
         ``running`` includes prompts being prefilled; ``queued_prefill_tokens`` counts prompt
         tokens not computed yet (for waiting prompts, before any prefix cache hit is known).
         """
-        return self._inbox.load()
+        load = self._inbox.load()
+        if not self.adapters.slots:
+            return load
+        return msgspec.structs.replace(
+            load, adapter_slots=self.adapters.slots, adapters_resident=self.adapters.resident()
+        )
 
     def cached_block_hashes(self) -> frozenset[int]:
         """The prefix hashes (``prefix_block_hashes`` keys) whose KV this core holds now."""

@@ -118,6 +118,13 @@ class ReferenceEngine:
     def load(self) -> Load:
         return self._core.load()
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        # Reading and checking the files takes a while: not on the event loop.
+        await asyncio.to_thread(self._core.adapters.register, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        self._core.adapters.unregister(name)
+
     async def start(self, emit: Emit) -> None:
         self._emit = emit
         self._loop = asyncio.get_running_loop()

@@ -76,6 +76,19 @@ class VllmClient:
         data = json.loads(text).get("data", [])
         return [m for m in data if isinstance(m, dict)]
 
+    async def post_json(self, path: str, body: dict[str, Any], *, timeout_s: float = 60.0) -> str:
+        """POST ``body``; the answer's text. Raises PdorchError for a non-200 answer."""
+        try:
+            async with self._session.post(
+                self.url + path, json=body, timeout=self._timeout(timeout_s)
+            ) as resp:
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise PdorchError(ErrorCode.JOB_FAILED, f"vLLM at {self.url} unreachable: {e!r}") from None
+        if resp.status != 200:
+            raise _status_error(resp.status, text)
+        return text
+
     async def complete(
         self, body: dict[str, Any], *, request_id: str, timeout_s: float | None = None
     ) -> dict[str, Any]:

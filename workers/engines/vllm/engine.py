@@ -28,6 +28,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import (
     DecodeJob,
@@ -226,6 +228,27 @@ class VllmEngine:
 
     def load(self) -> Load:
         return self._metrics.to_load()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Through vLLM's own API (the server runs with --enable-lora and runtime updates on);
+        an adapter of that name is replaced in place."""
+        client, info = self._started()
+        body = {"lora_name": name, "lora_path": path, "load_inplace": name in info.adapters}
+        await client.post_json("/v1/load_lora_adapter", body)
+        self._info = msgspec.structs.replace(info, adapters=(*(a for a in info.adapters if a != name), name))
+
+    async def unload_adapter(self, name: str) -> None:
+        client, info = self._started()
+        if name not in info.adapters:
+            raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"adapter {name!r} is not loaded")
+        # Refused at once from now on (the agent checks info()), even while vLLM is answering.
+        self._info = msgspec.structs.replace(info, adapters=tuple(a for a in info.adapters if a != name))
+        await client.post_json("/v1/unload_lora_adapter", {"lora_name": name})
+
+    def _started(self) -> tuple[VllmClient, EngineInfo]:
+        if self._client is None or self._info is None:
+            raise PdorchError(ErrorCode.INTERNAL, "the vLLM engine is not started")
+        return self._client, self._info
 
     @property
     def metrics(self) -> VllmMetrics:

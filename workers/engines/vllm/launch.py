@@ -60,6 +60,8 @@ class VllmLaunchSpec(msgspec.Struct, kw_only=True, frozen=True):
     # LoRA adapters to serve, name -> PEFT directory (vLLM's --enable-lora --lora-modules), and
     # the largest rank and the number resident at once.
     loras: dict[str, str] = {}
+    # Serve LoRA even with no adapter at start (they can be loaded at run time); implied by loras.
+    enable_lora: bool = False
     max_lora_rank: int = 16
     max_loras: int = 4
     # The connector's same-host KV path (auto, on, off), as ``pdorch worker --kv-same-host``.
@@ -131,7 +133,8 @@ def vllm_command(
         argv += ["--served-model-name", spec.served_model_name]
     if spec.role is not None:
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(spec))]
-    if spec.loras:
+    lora = spec.enable_lora or bool(spec.loras)
+    if lora:
         argv += [
             "--enable-lora",
             "--max-lora-rank",
@@ -139,6 +142,7 @@ def vllm_command(
             "--max-loras",
             str(spec.max_loras),
         ]
+    if spec.loras:
         argv += ["--lora-modules", *(f"{name}={path}" for name, path in spec.loras.items())]
     argv += list(spec.extra_args)
 
@@ -146,6 +150,10 @@ def vllm_command(
     env.update(OFFLINE_ENV)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
     env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_cores
+    if lora:
+        # /v1/load_lora_adapter and /v1/unload_lora_adapter: the agent is vLLM's only client,
+        # and it loads only from the worker's allowed adapter directories.
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     paths = [p for p in env.get("PYTHONPATH", "").split(":") if p]
     if str(SOURCE_ROOT) not in paths:
         env["PYTHONPATH"] = ":".join([str(SOURCE_ROOT), *paths])

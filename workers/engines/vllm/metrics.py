@@ -4,6 +4,11 @@ vLLM reports KV occupancy as a fraction (``vllm:kv_cache_usage_perc``, 0..1) and
 the labels of ``vllm:cache_config_info`` (``num_gpu_blocks``, ``block_size``; the "gpu" name is
 kept on CPU). Queue depth is ``vllm:num_requests_running`` / ``_waiting``. Counters for the
 prefix cache give a hit rate. Pages from several engines (data parallel) are summed.
+
+LoRA: ``vllm:lora_requests_info`` is a gauge whose labels carry ``max_lora`` and the adapters of
+running and waiting requests, set to the time of each change; the page keeps every label set it
+ever had, so the newest sample is the current one. vLLM does not publish which adapters its LRU
+holds, so the adapters in use now stand for the resident ones.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class VllmMetrics(msgspec.Struct, frozen=True):
     num_blocks: int = 0
     prefix_cache_queries: float = 0.0
     prefix_cache_hits: float = 0.0
+    max_loras: int = 0
+    lora_adapters: tuple[str, ...] = ()
 
     @property
     def blocks_used(self) -> int:
@@ -42,6 +49,8 @@ class VllmMetrics(msgspec.Struct, frozen=True):
             blocks_total=self.num_blocks,
             running=self.running,
             waiting=self.waiting,
+            adapter_slots=self.max_loras,
+            adapters_resident=list(self.lora_adapters),
         )
 
 
@@ -60,6 +69,7 @@ def parse_metrics(text: str) -> VllmMetrics:
     block_size = num_blocks = 0
     queries = hits = 0.0
     seen = False
+    lora_at, max_loras, lora_adapters = -1.0, 0, ()
     try:
         families = list(text_string_to_metric_families(text))
     except Exception as e:  # the parser raises ValueError, IndexError, ... on malformed text
@@ -82,6 +92,12 @@ def parse_metrics(text: str) -> VllmMetrics:
                 queries += value
             elif name == "vllm:prefix_cache_hits_total":
                 hits += value
+            elif name == "vllm:lora_requests_info" and value > lora_at:
+                lora_at, max_loras, lora_adapters = (
+                    value,
+                    _int_label(sample.labels, "max_lora"),
+                    _lora_names(sample.labels),
+                )
     if not seen:
         raise PdorchError(ErrorCode.BAD_MESSAGE, "metrics page has no vllm:num_requests_running")
     return VllmMetrics(
@@ -93,4 +109,14 @@ def parse_metrics(text: str) -> VllmMetrics:
         num_blocks=num_blocks,
         prefix_cache_queries=queries,
         prefix_cache_hits=hits,
+        max_loras=max_loras,
+        lora_adapters=lora_adapters,
     )
+
+
+def _lora_names(labels: dict[str, str]) -> tuple[str, ...]:
+    """The adapters of running, then waiting, requests (comma-separated labels), each once."""
+    names: dict[str, None] = {}
+    for key in ("running_lora_adapters", "waiting_lora_adapters"):
+        names.update((n, None) for n in labels.get(key, "").split(",") if n)
+    return tuple(names)

@@ -3,8 +3,9 @@
 Registering an adapter reads and checks it at once (a bad directory is refused then, not at the
 first request). A request takes a reference on its adapter for as long as it runs; an adapter
 nobody references may be evicted to make room for another, and is read again from its path when
-asked for next. Thread-safe: requests are added from the agent's thread, released from the
-engine's.
+asked for next. Unregistering an adapter that requests still use stops new requests at once and
+frees its slot when the last of them releases it. Thread-safe: requests are added from the agent's
+thread, released from the engine's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class AdapterSlots:
         self._resident: OrderedDict[str, LoraAdapter] = OrderedDict()  # least recently used first
         self._users: dict[str, int] = {}
         self._salts: dict[str, bytes] = {}
+        # Unregistered while requests still use them: no new request may, the last frees the slot.
+        self._retired: set[str] = set()
         self._lock = threading.Lock()
 
     def register(self, name: str, path: str | Path) -> None:
@@ -40,6 +43,7 @@ class AdapterSlots:
         with self._lock:
             if self._users.get(name):
                 raise PdorchError(ErrorCode.INVALID_REQUEST, f"adapter {name!r} is in use; unload it first")
+            self._retired.discard(name)
             self._paths[name] = Path(path)
             self._salts[name] = adapter.salt
             self._resident.pop(name, None)
@@ -48,17 +52,22 @@ class AdapterSlots:
 
     def unregister(self, name: str) -> None:
         with self._lock:
-            if name not in self._paths:
+            if name not in self._paths or name in self._retired:
                 raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"adapter {name!r} is not loaded")
             if self._users.get(name):
-                raise PdorchError(ErrorCode.INVALID_REQUEST, f"adapter {name!r} is in use")
-            del self._paths[name]
-            del self._salts[name]
-            self._resident.pop(name, None)
+                self._retired.add(name)  # the requests using it keep it until they end
+                return
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        del self._paths[name]
+        del self._salts[name]
+        self._resident.pop(name, None)
+        self._retired.discard(name)
 
     def known(self) -> list[str]:
         with self._lock:
-            return sorted(self._paths)
+            return sorted(n for n in self._paths if n not in self._retired)
 
     def salt(self, name: str) -> bytes:
         """The registered adapter's identity (its name and weights): equal on every worker that
@@ -78,7 +87,7 @@ class AdapterSlots:
         an unknown name and QUEUE_FULL when every slot holds an adapter in use."""
         with self._lock:
             path = self._paths.get(name)
-            if path is None:
+            if path is None or name in self._retired:
                 raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"adapter {name!r} is not loaded here")
             adapter = self._resident.get(name)
             if adapter is None:
@@ -103,8 +112,10 @@ class AdapterSlots:
             left = self._users.get(adapter.name, 0) - 1
             if left > 0:
                 self._users[adapter.name] = left
-            else:
-                self._users.pop(adapter.name, None)
+                return
+            self._users.pop(adapter.name, None)
+            if adapter.name in self._retired:
+                self._forget(adapter.name)
 
     def _make_room(self) -> bool:
         """Evict least recently used adapters nobody references until a slot is free."""
