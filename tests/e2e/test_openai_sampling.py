@@ -122,7 +122,17 @@ def test_chat_logprobs(p2p: Any, colocated: Any) -> None:
     assert first.logprob <= 0 and len(first.top_logprobs) == 3
     assert first.top_logprobs[0].logprob >= first.top_logprobs[1].logprob
     assert first.bytes == list(first.token.encode())
-    assert _client(colocated).chat.completions.create(**body).choices[0].logprobs == got.logprobs
+    want = _client(colocated).chat.completions.create(**body).choices[0].logprobs
+    assert want is not None
+    # The same tokens, and the same values up to the last bits: numpy's matrix products round
+    # differently when a step's batch or a prompt's cached prefix differs, which the two
+    # deployments do not control.
+    assert [(t.token, [x.token for x in t.top_logprobs]) for t in want.content] == [
+        (t.token, [x.token for x in t.top_logprobs]) for t in got.logprobs.content
+    ]
+    assert [t.logprob for t in want.content] == pytest.approx(
+        [t.logprob for t in got.logprobs.content], abs=1e-9
+    )
 
 
 def test_max_tokens_beyond_the_context_is_refused_and_chat_defaults_to_the_rest(p2p: Any) -> None:
