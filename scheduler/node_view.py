@@ -59,7 +59,8 @@ def node_view(
     hello, load = state.hello, state.load
     d = _derived(ledger, latency, accelerators)
     timed = bool(ledger.pending)  # only the prefill backlog moves with time
-    key = (d, load, state.draining, now if timed else None)
+    refusing = load.kv_refusing or now < ledger.kv_busy_until
+    key = (d, load, state.draining, refusing, now if timed else None)
     last = ledger.last_view
     if last is not None and last[0][0] is d and last[0][1] is load and last[0][2:] == key[2:]:
         return last[1]
@@ -83,7 +84,7 @@ def node_view(
         waiting=load.waiting,
         queued_prefill_tokens=max(load.queued_prefill_tokens, ledger.pending_tokens),
         inflight=len(ledger.held),
-        kv_refusing=load.kv_refusing,
+        kv_refusing=refusing,
         prefill_tokens_per_s=d.rate,
         cached_block_hashes=ledger.prefixes.view(),
         prefill_wait_s=wait,

@@ -29,6 +29,9 @@ class ErrorCode(enum.StrEnum):
     KV_TRUNCATED = "kv_truncated"
     KV_TIMEOUT = "kv_timeout"
     KV_REJECTED = "kv_rejected"
+    # The receiving side has no room for another transfer now (every slot and waiting place
+    # taken): it is congested, not broken; the scheduler leaves it out of decode for a while.
+    KV_BUSY = "kv_busy"
     OUT_OF_BLOCKS = "out_of_blocks"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"

@@ -53,6 +53,9 @@ log = logging.getLogger("pdorch.flow")
 
 # How often a request that is moving to other workers looks for room when none is free.
 _PLACE_RETRY_S = 0.05
+# How long a decode worker that turned a handoff away for lack of room is left out of decode (as
+# long as a KV endpoint reports itself refusing after doing so).
+KV_BUSY_S = 5.0
 
 
 @dataclass
@@ -454,7 +457,14 @@ class Orchestrator:
             failure.message,
             "another decode worker takes the KV" if decision is Recovery.NEW_DECODE else "resuming elsewhere",
         )
-        if failure.worker_id and not failure.worker_gone:
+        if failure.code is ErrorCode.KV_BUSY and a.split:
+            # The decode side turned the KV away for lack of room: it is congested, not the
+            # prefill worker that reported it. Leave it out of decode for a while (every request).
+            node = self._planner.ledger.node(a.decode)
+            if node is not None:
+                node.kv_busy_until = time.monotonic() + KV_BUSY_S
+            run.avoid.add(a.decode)
+        elif failure.worker_id and not failure.worker_gone:
             run.avoid.add(failure.worker_id)
         if run.lost_since is None:
             run.lost_since = run.progress_at

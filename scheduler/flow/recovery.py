@@ -28,7 +28,13 @@ REQUEST_FAULTS = frozenset(
 )
 # Failures of the KV plane itself: a copy the broker holds is not to be trusted after one.
 KV_PLANE_FAULTS = frozenset(
-    {ErrorCode.KV_CORRUPT, ErrorCode.KV_TRUNCATED, ErrorCode.KV_TIMEOUT, ErrorCode.KV_REJECTED}
+    {
+        ErrorCode.KV_CORRUPT,
+        ErrorCode.KV_TRUNCATED,
+        ErrorCode.KV_TIMEOUT,
+        ErrorCode.KV_REJECTED,
+        ErrorCode.KV_BUSY,
+    }
 )
 # Decode workers one attempt may try for the same broker transfer before resuming afresh.
 MAX_DECODE_TRIES = 3

@@ -42,7 +42,8 @@ async def cluster(request: web.Request) -> web.Response:
                 "model": h.model,
                 "accelerator": h.accelerator,
                 "kv_endpoint": h.kv_endpoint,
-                "kv_refusing": w.load.kv_refusing,
+                # As placement sees it: reported by the worker, or a handoff to it turned away.
+                "kv_refusing": w.load.kv_refusing or now < w.ledger.kv_busy_until,
                 "key": w.key_name,
                 "block_size": h.block_size,
                 "kv_bytes_per_token": h.kv_bytes_per_token,

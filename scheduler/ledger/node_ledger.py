@@ -71,6 +71,9 @@ class NodeLedger:
         self.prefixes = PrefixMemory(capacity_tokens)
         self.last_departure = -float("inf")  # the last first token this node produced
         self.busy_s = 0.0  # prefill time spent here (observed)
+        # Until when its KV endpoint is taken as refusing: a handoff to it was turned away for
+        # lack of room (kv_busy), whatever its engine reports (vLLM's connector reports nothing).
+        self.kv_busy_until = -float("inf")
         self.version = 0  # bumps on every change (views built from it may be cached)
         self._reserved = (-1, 0)
         self.view_cache: object = None  # what a view builder keeps between versions

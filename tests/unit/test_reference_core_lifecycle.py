@@ -136,7 +136,7 @@ def test_cancel_before_the_first_step_emits_nothing() -> None:
     core.cancel("r")
     core.cancel("p")
     assert core.step() == []
-    assert core.load() == core.load().__class__(blocks_total=64)
+    assert core.load() == core.load().__class__(blocks_total=64, adapter_slots=4)
     assert not core.has_work()
 
 

@@ -69,6 +69,8 @@ HOUSEKEEPING_INTERVAL_S = 0.25
 # inproc: the thread then blocks on that one socket. Not a shape libzmq gives to peers (5 bytes).
 # A peer that claimed it could only make the thread look at its command queue early.
 _WAKE_ID = b"\x00pdorch-kv-wake"
+# Why a begin is refused when the endpoint has no room left for it at all (answered KV_BUSY).
+_BUSY = "too many transfers waiting"
 _wake_ids = itertools.count()
 
 Outcome = tuple[PdorchError | None, dict[str, int | str]]
@@ -355,7 +357,8 @@ class P2pEndpoint:
         if parked.unexpected:
             problem = self._no_room_for(parked)
             if problem:
-                self._refuse(identity, tid, ErrorCode.KV_REJECTED, problem)
+                code = ErrorCode.KV_BUSY if problem == _BUSY else ErrorCode.KV_REJECTED
+                self._refuse(identity, tid, code, problem)
                 return
             self._count(parked)
         self._parked[tid] = parked
@@ -370,7 +373,7 @@ class P2pEndpoint:
         if self._unexpected >= self._max_parked:
             self._full_at = time.monotonic()
             self.stats.refused_full += 1
-            return "too many transfers waiting"
+            return _BUSY
         return ""
 
     def _count(self, parked: _Parked) -> None:
@@ -458,9 +461,7 @@ class P2pEndpoint:
         parked = self._unpark(expected.transfer_id)
         if parked is not None:  # it waited for a slot in vain: tell its sender now
             self._full_at = time.monotonic()
-            self._refuse(
-                parked.identity, expected.transfer_id, ErrorCode.KV_TIMEOUT, "no receive slot in time"
-            )
+            self._refuse(parked.identity, expected.transfer_id, ErrorCode.KV_BUSY, "no receive slot in time")
         _resolve(expected, (error, dict(trailer or {})))
         self._promote()
 
