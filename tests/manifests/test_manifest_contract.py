@@ -383,7 +383,7 @@ def test_containers_run_unprivileged_where_they_can(objects: list[Obj]) -> None:
 # ------------------------------------------------------------------------------ overlays
 
 
-@pytest.mark.parametrize("target", ["overlays/reference-cpu", "overlays/vllm-gpu"])
+@pytest.mark.parametrize("target", ["overlays/reference-cpu", "overlays/vllm-gpu", "overlays/lora-adapters"])
 def test_overlays_enable_the_autoscaler(target: str) -> None:
     config = k8s_config(list(rendered(target)))
     assert config.autoscaler.enabled
