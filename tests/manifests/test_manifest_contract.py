@@ -396,10 +396,11 @@ def test_base_autoscaler_is_off() -> None:
     assert not k8s_config(list(rendered("base"))).autoscaler.enabled
 
 
-def test_reference_overlay_has_no_gpus() -> None:
-    text = json.dumps(rendered("overlays/reference-cpu"))
+@pytest.mark.parametrize("target", ["overlays/reference-cpu", "overlays/lora-adapters"])
+def test_reference_overlay_has_no_gpus(target: str) -> None:
+    text = json.dumps(rendered(target))
     assert "nvidia.com/gpu" not in text and "vllm" not in text.replace("pdorch-vllm", "")
-    for lws in by_kind(list(rendered("overlays/reference-cpu")), "LeaderWorkerSet"):
+    for lws in by_kind(list(rendered(target)), "LeaderWorkerSet"):
         assert arg_value(container(leader_template(lws), "agent")["args"], "--engine") == "reference"
 
 

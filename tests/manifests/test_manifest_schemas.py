@@ -31,7 +31,7 @@ BUILTIN_KINDS = {
     "PodDisruptionBudget",
     "NetworkPolicy",
 }
-# Kinds only some overlays have (the lora-adapters overlay's volume of adapters).
+# Kinds only some overlays have (the LoRA overlays' volume of adapters).
 OPTIONAL_KINDS = {"PersistentVolumeClaim"}
 
 
