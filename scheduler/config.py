@@ -129,6 +129,9 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         ):
             _check(getattr(self, name) > 0, name, "must be > 0")
         _check(self.lora.timeout_s > 0, "lora.timeout_s", "must be > 0")
+        # An empty key would match a request without one (e.g. from an empty Secret value).
+        for name, keys in (("api_keys", self.api_keys), ("lora.admin_keys", self.lora.admin_keys)):
+            _check(all(k.strip() for k in keys), name, "must not hold an empty key")
         _check(
             self.kv_mode != "centralized" or bool(self.kv_broker),
             "kv_broker",

@@ -11,7 +11,13 @@ from tests.manifests.kustomize_render import render
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
-TARGETS = ["base", "overlays/reference-cpu", "overlays/vllm-gpu"]
+TARGETS = [
+    "base",
+    "overlays/reference-cpu",
+    "overlays/vllm-gpu",
+    "overlays/lora-adapters",
+    "overlays/vllm-gpu-lora",
+]
 # CRDs copied from the LWS project, kept beside the repository (never inside it).
 SHARED_K8S = REPO / ".." / "shared" / "k8s"
 LWS_CRD = SHARED_K8S / "leaderworkerset-crd.yaml"

@@ -17,6 +17,7 @@ import pytest
 from scheduler.kubernetes.config import KubernetesConfig, load_kubernetes_config
 from scheduler.kubernetes.pod_info import LWS_GROUP_INDEX_LABEL
 from tests.manifests.targets import (
+    TARGETS,
     Obj,
     arg_value,
     by_kind,
@@ -383,7 +384,7 @@ def test_containers_run_unprivileged_where_they_can(objects: list[Obj]) -> None:
 # ------------------------------------------------------------------------------ overlays
 
 
-@pytest.mark.parametrize("target", ["overlays/reference-cpu", "overlays/vllm-gpu"])
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != "base"])
 def test_overlays_enable_the_autoscaler(target: str) -> None:
     config = k8s_config(list(rendered(target)))
     assert config.autoscaler.enabled
@@ -395,10 +396,11 @@ def test_base_autoscaler_is_off() -> None:
     assert not k8s_config(list(rendered("base"))).autoscaler.enabled
 
 
-def test_reference_overlay_has_no_gpus() -> None:
-    text = json.dumps(rendered("overlays/reference-cpu"))
+@pytest.mark.parametrize("target", ["overlays/reference-cpu", "overlays/lora-adapters"])
+def test_reference_overlay_has_no_gpus(target: str) -> None:
+    text = json.dumps(rendered(target))
     assert "nvidia.com/gpu" not in text and "vllm" not in text.replace("pdorch-vllm", "")
-    for lws in by_kind(list(rendered("overlays/reference-cpu")), "LeaderWorkerSet"):
+    for lws in by_kind(list(rendered(target)), "LeaderWorkerSet"):
         assert arg_value(container(leader_template(lws), "agent")["args"], "--engine") == "reference"
 
 
@@ -408,10 +410,14 @@ VLLM_SHAPE = {
 }
 
 
+VLLM_TARGETS = ["overlays/vllm-gpu", "overlays/vllm-gpu-lora"]
+
+
+@pytest.mark.parametrize("target", VLLM_TARGETS)
 @pytest.mark.parametrize("name", sorted(VLLM_SHAPE))
-def test_vllm_overlay_shape(name: str) -> None:
+def test_vllm_overlay_shape(name: str, target: str) -> None:
     accelerator_class, kv_role = VLLM_SHAPE[name]
-    lws = one(list(rendered("overlays/vllm-gpu")), "LeaderWorkerSet", name)
+    lws = one(list(rendered(target)), "LeaderWorkerSet", name)
     lwt = lws["spec"]["leaderWorkerTemplate"]
     assert lwt["size"] >= 2 and lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
     leader, worker = lwt["leaderTemplate"], lwt["workerTemplate"]
@@ -447,10 +453,11 @@ def test_vllm_overlay_shape(name: str) -> None:
         assert int(port) in {p["containerPort"] for p in vllm["ports"]}
 
 
-def test_vllm_overlay_images_point_at_a_registry() -> None:
+@pytest.mark.parametrize("target", VLLM_TARGETS)
+def test_vllm_overlay_images_point_at_a_registry(target: str) -> None:
     images = {
         c["image"]
-        for lws in by_kind(list(rendered("overlays/vllm-gpu")), "LeaderWorkerSet")
+        for lws in by_kind(list(rendered(target)), "LeaderWorkerSet")
         for _, template in pod_templates(lws)
         for c in template["spec"]["containers"] + template["spec"].get("initContainers", [])
     }

@@ -62,6 +62,13 @@ def test_a_section_from_the_environment_adds_to_the_files(tmp_path) -> None:
     assert (cfg.lora.runtime_updates, cfg.lora.admin_keys, cfg.lora.timeout_s) == (True, ["k"], 9)
 
 
+def test_an_empty_key_is_refused() -> None:
+    """An empty key (an empty Secret value, say) would let requests without a key through."""
+    for env in ({"PDORCH_API_KEYS": "[a, '']"}, {"PDORCH_LORA": "{admin_keys: [' ']}"}):
+        with pytest.raises(PdorchError, match="must not hold an empty key"):
+            load_config(env={**env, **INSECURE_ENV})
+
+
 def test_string_settings_from_the_environment_are_taken_as_written() -> None:
     """A value of digits (or 'yes', or 'null') must not become a number, a bool or nothing."""
     for value in ("0123456789", "yes", "null", "[a, b]"):
