@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from pdorch.supervisor import Supervisor
 from transport.errors import PdorchError
+from transport.kv.receiver import ReceiverLimits
 from transport.messages import Role
 from transport.security.key_set import KeySet
 from transport.security.keys import KeyKind
@@ -70,6 +71,15 @@ def _flag(args: list[str], name: str) -> str:
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
     return ""
+
+
+def _kv_limits(worker_args: list[str]) -> ReceiverLimits:
+    """The workers' ``--kv-*`` bounds, for the KV endpoint a vLLM server's connector binds."""
+    from workers.main import add_kv_limit_arguments, receiver_limits
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_kv_limit_arguments(parser)
+    return receiver_limits(parser.parse_known_args(worker_args)[0])
 
 
 def default_vllm_python() -> str:
@@ -237,6 +247,7 @@ class LocalCluster:
             # The workers' flag, for the connector that moves the KV inside vLLM.
             kv_same_host=_flag(self.spec.worker_args, "--kv-same-host") or "auto",
             # Adapters loaded at run time need vLLM's LoRA support from the start.
+            kv_limits=_kv_limits(self.spec.worker_args),
             enable_lora=self.spec.lora_root is not None or bool(_flag(self.spec.worker_args, "--lora-root")),
         )
 

@@ -17,6 +17,7 @@ import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
+from transport.kv.receiver import ReceiverLimits
 from transport.kv.same_host import SameHostMode
 from transport.messages import Role
 from transport.process_setup import setup_process
@@ -75,6 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE", help="label reported to the scheduler"
     )
+    add_kv_limit_arguments(p)
     p.add_argument(
         "--lora-root",
         action="append",
@@ -104,6 +106,42 @@ def _labels(raw: list[str]) -> dict[str, str]:
     return labels
 
 
+def add_kv_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """The KV endpoint's bounds (``ReceiverLimits``), read back by :func:`receiver_limits`."""
+    limits = ReceiverLimits()
+    for flag, default, what in (
+        ("--kv-max-active", limits.max_active, "KV transfers received at once"),
+        ("--kv-max-waiting", limits.max_parked, "KV transfers waiting for their decode job, in all"),
+        ("--kv-max-waiting-per-connection", limits.max_parked_per_peer, "... of them from one connection"),
+        ("--kv-max-waiting-per-key", limits.max_parked_per_scope, "... of them from one authenticated key"),
+    ):
+        p.add_argument(flag, type=int, default=default, metavar="N", help=f"{what} (default {default})")
+    p.add_argument(
+        "--kv-wait-s",
+        type=float,
+        default=limits.park_s,
+        help=f"how long a KV transfer may wait for its decode job (default {limits.park_s:g})",
+    )
+    p.add_argument(
+        "--kv-idle-s",
+        type=float,
+        default=limits.idle_s,
+        help=f"a KV transfer silent this long is failed (default {limits.idle_s:g})",
+    )
+
+
+def receiver_limits(args: argparse.Namespace) -> ReceiverLimits:
+    """The KV endpoint's bounds from the ``--kv-*`` flags (CONFIG error if one is not positive)."""
+    return ReceiverLimits(
+        max_active=args.kv_max_active,
+        max_parked=args.kv_max_waiting,
+        max_parked_per_peer=args.kv_max_waiting_per_connection,
+        max_parked_per_scope=args.kv_max_waiting_per_key,
+        park_s=args.kv_wait_s,
+        idle_s=args.kv_idle_s,
+    )
+
+
 async def _serve(args: argparse.Namespace, security_cfg: SecurityConfig) -> int:
     security = Security.load(security_cfg)
     ctx = zmq.asyncio.Context()
@@ -116,7 +154,13 @@ async def _serve(args: argparse.Namespace, security_cfg: SecurityConfig) -> int:
             if role in (Role.PREFILL, Role.BOTH):
                 sender = KvSender(ctx, security=security, same_host=args.kv_same_host)
             if role in (Role.DECODE, Role.BOTH):
-                receiver = KvReceiver(ctx, bind=args.kv_bind, security=security, same_host=args.kv_same_host)
+                receiver = KvReceiver(
+                    ctx,
+                    bind=args.kv_bind,
+                    security=security,
+                    same_host=args.kv_same_host,
+                    **receiver_limits(args).kwargs(),
+                )
                 await receiver.start()
         engine = engine_cli.build(args, sender, receiver)
         kv_endpoint = args.kv_advertise or (receiver.endpoint if receiver is not None else "")

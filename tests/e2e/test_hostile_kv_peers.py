@@ -304,3 +304,25 @@ async def test_fetch_floods_are_capped_and_answered(fetch_capped_broker: LocalCl
     finally:
         stranger.close()
         mallory.close()
+
+
+async def test_the_kv_endpoints_bounds_are_the_workers_flags(tmp_path: Path) -> None:
+    """``--kv-max-waiting-per-connection 2 --kv-max-waiting 3``: a connection's third begin is
+    refused as its own excess, another connection's second as the endpoint's (kv_busy)."""
+    args = ["--kv-max-waiting-per-connection", "2", "--kv-max-waiting", "3"]
+    cluster = start_cluster(tmp_path, kv_mode="p2p", worker_args=args)
+    target = workers(cluster)["decode-0"]["kv_endpoint"]
+    first, second = (Peer(target, insider(cluster, "decode-0")) for _ in range(2))
+    try:
+        for _ in range(3):
+            first.send(begin(f"mallory/{uuid.uuid4().hex}"))
+        assert [(n.code, n.message) for n in first.drain(2.0)] == [
+            ("kv_rejected", "too many transfers waiting from this peer")
+        ]
+        for _ in range(2):
+            second.send(begin(f"mallory/{uuid.uuid4().hex}"))
+        assert [(n.code, n.message) for n in second.drain(2.0)] == [("kv_busy", "too many transfers waiting")]
+    finally:
+        first.close()
+        second.close()
+        cluster.stop()

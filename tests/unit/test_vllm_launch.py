@@ -8,7 +8,7 @@ import pytest
 
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role
-from workers.engines.vllm.launch import SOURCE_ROOT, VllmLaunchSpec, vllm_command
+from workers.engines.vllm.launch import SOURCE_ROOT, VllmLaunchSpec, kv_transfer_config, vllm_command
 
 
 def _flag(argv: list[str], name: str) -> str:
@@ -86,3 +86,29 @@ def test_lora_can_be_on_with_no_adapter_at_start() -> None:
     argv, env = vllm_command(VllmLaunchSpec(model_dir="/m", port=1, role=None, enable_lora=True), python="py")
     assert "--enable-lora" in argv and "--lora-modules" not in argv
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_the_workers_kv_bounds_reach_the_connectors_endpoint() -> None:
+    """`pdorch up --engine vllm -- --kv-max-waiting 4`: the launcher's spec carries the workers'
+    --kv-* flags into the connector's extra config, which reads them back as they were."""
+    import msgspec
+
+    from pdorch.launcher import _kv_limits
+    from transport.kv.receiver import ReceiverLimits
+
+    limits = _kv_limits(["--kv-max-waiting", "4", "--kv-wait-s=2.5", "--sim-other", "x"])
+    assert (limits.max_parked, limits.park_s, limits.max_active) == (4, 2.5, ReceiverLimits().max_active)
+    spec = VllmLaunchSpec(
+        model_dir="/m", port=1, role=Role.DECODE, kv_bind="tcp://127.0.0.1:1", kv_limits=limits
+    )
+    extra = kv_transfer_config(spec)["kv_connector_extra_config"]
+    assert msgspec.convert(extra["pdorch_kv_limits"], ReceiverLimits) == limits  # type: ignore[index]
+
+
+@pytest.mark.parametrize("bad", [{"max_active": 0}, {"max_parked_per_peer": -1}, {"park_s": 0.0}])
+def test_kv_bounds_must_be_positive(bad: dict[str, float]) -> None:
+    from transport.kv.receiver import ReceiverLimits
+
+    with pytest.raises(PdorchError) as e:
+        ReceiverLimits(**bad)  # type: ignore[arg-type]
+    assert e.value.code is ErrorCode.CONFIG

@@ -35,6 +35,33 @@ DEFAULT_RING_SLOTS = 4
 DEFAULT_RING_SLOT_BYTES = 4 * 1024 * 1024
 
 
+class ReceiverLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What one decode agent's p2p KV endpoint admits (``KvReceiver``'s bounds), as the worker's
+    ``--kv-*`` flags and a vLLM server's ``pdorch_kv_limits`` set them."""
+
+    max_active: int = 8  # transfers receiving at once
+    max_parked: int = 256  # begins nobody expects yet, in all
+    max_parked_per_peer: int = 32  # ... per connection
+    max_parked_per_scope: int = 128  # ... per authenticated key name
+    park_s: float = 30.0  # how long such a begin may wait for its decode job
+    idle_s: float = 10.0  # a transfer silent this long is failed
+
+    def __post_init__(self) -> None:
+        if (
+            min(self.max_active, self.max_parked_per_peer, self.max_parked_per_scope) < 1
+            or self.max_parked < 0
+        ):
+            raise PdorchError(ErrorCode.CONFIG, f"KV receiver limits must be positive: {self}")
+        if self.park_s <= 0 or self.idle_s <= 0:
+            raise PdorchError(ErrorCode.CONFIG, f"KV receiver wait limits must be > 0: {self}")
+
+    def kwargs(self) -> dict[str, float]:
+        return msgspec.structs.asdict(self)
+
+
+DEFAULT_LIMITS = ReceiverLimits()
+
+
 class KvReceiverStats(msgspec.Struct, gc=False):
     completed: int = 0
     failed: int = 0

@@ -8,7 +8,8 @@ Load it into a vLLM server with::
         "kv_load_failure_policy": "fail" | "recompute",
         "kv_connector_extra_config": {"pdorch_kv_bind": "tcp://127.0.0.1:5601",
                                       "pdorch_max_lease_s": 120,
-                                      "pdorch_kv_same_host": "auto" | "on" | "off"}}'
+                                      "pdorch_kv_same_host": "auto" | "on" | "off",
+                                      "pdorch_kv_limits": {"max_active": 8, ...}}}'
 
 vLLM builds one instance per process: role SCHEDULER in the EngineCore (bookkeeping, see
 ``connector_scheduler.py``) and role WORKER next to the model (data movement, see
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -29,6 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from transport.kv.receiver import ReceiverLimits
 from transport.kv.same_host import SameHostMode
 from transport.security import config as security_config
 from workers.engines.vllm.connector_metadata import StepPlan
@@ -75,7 +78,10 @@ class PdorchConnector(KVConnectorBase_V1):
             # The agent's launcher gives this vLLM server the worker's keys through the environment.
             security = security_config.build(security_config.from_env())
             same_host = SameHostMode(transfer.get_from_extra_config("pdorch_kv_same_host", "auto"))
-            self._worker = PdorchWorkerSide(bind=bind or None, security=security, same_host=same_host)
+            limits = msgspec.convert(transfer.get_from_extra_config("pdorch_kv_limits", {}), ReceiverLimits)
+            self._worker = PdorchWorkerSide(
+                bind=bind or None, security=security, same_host=same_host, limits=limits
+            )
         logger.info("PdorchConnector %s side, role %s", role.name, transfer.kv_role)
 
     def _plan(self) -> StepPlan:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from transport.kv.receiver import DEFAULT_LIMITS, ReceiverLimits
 from transport.kv.same_host import SameHostMode
 from transport.security import SecurityConfig
 from workers.engines.vllm.block_io import BlockSink, read_blocks
@@ -35,14 +36,21 @@ def as_numpy(tensor: Any) -> np.ndarray:
 
 class PdorchWorkerSide:
     def __init__(
-        self, *, bind: str | None, security: SecurityConfig, same_host: SameHostMode = SameHostMode.AUTO
+        self,
+        *,
+        bind: str | None,
+        security: SecurityConfig,
+        same_host: SameHostMode = SameHostMode.AUTO,
+        limits: ReceiverLimits = DEFAULT_LIMITS,
     ) -> None:
         """``security``: this instance's keys, the same as its agent's (the decode worker's KV
         endpoint is this instance's, and senders pin the agent's key). ``same_host``: whether KV
-        to and from instances on this host goes through shared memory."""
+        to and from instances on this host goes through shared memory. ``limits``: what its KV
+        endpoint admits."""
         self._bind = bind
         self._security = security
         self._same_host = same_host
+        self._limits = limits
         self._layers: list[np.ndarray] = []
         self._index: dict[str, int] = {}
         self._kv: KvPlaneThread | None = None
@@ -69,6 +77,7 @@ class PdorchWorkerSide:
             dtype=first.dtype,
             security=self._security,
             same_host=self._same_host,
+            limits=self._limits,
         )
 
     def start_load_kv(self, plan: StepPlan) -> None:

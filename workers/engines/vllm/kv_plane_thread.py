@@ -19,6 +19,7 @@ import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
+from transport.kv.receiver import DEFAULT_LIMITS, ReceiverLimits
 from transport.kv.same_host import SameHostMode
 from transport.security import Security, SecurityConfig
 from workers.engines.vllm.block_io import BlockSink
@@ -48,11 +49,13 @@ class KvPlaneThread:
         dtype: np.dtype,
         security: SecurityConfig,
         same_host: SameHostMode = SameHostMode.AUTO,
+        limits: ReceiverLimits = DEFAULT_LIMITS,
     ) -> None:
         """``same_host``: whether KV to and from vLLM instances on this host goes through shared
         memory (vLLM's CPU KV cache is plain memory, so its blocks are copied in and out of the
         ring like any sink's)."""
         self._same_host = same_host
+        self._limits = limits
         self.num_layers = num_layers
         self.row_shape = row_shape
         self.dtype = dtype
@@ -97,7 +100,11 @@ class KvPlaneThread:
         self._receiver: KvReceiver | None = None
         if bind:
             self._receiver = KvReceiver(
-                self._ctx, bind=bind, security=self._security, same_host=self._same_host
+                self._ctx,
+                bind=bind,
+                security=self._security,
+                same_host=self._same_host,
+                **self._limits.kwargs(),
             )
             await self._receiver.start()
             self.endpoint = self._receiver.endpoint

@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from transport.errors import ErrorCode, PdorchError
+from transport.kv.receiver import DEFAULT_LIMITS, ReceiverLimits
 from transport.messages import Role
 
 CONNECTOR_CLASS = "PdorchConnector"
@@ -66,6 +67,8 @@ class VllmLaunchSpec(msgspec.Struct, kw_only=True, frozen=True):
     max_loras: int = 4
     # The connector's same-host KV path (auto, on, off), as ``pdorch worker --kv-same-host``.
     kv_same_host: str = "auto"
+    # What the connector's KV endpoint admits (a decode instance's), as ``pdorch worker --kv-*``.
+    kv_limits: ReceiverLimits = DEFAULT_LIMITS
     extra_args: list[str] = []
 
 
@@ -83,6 +86,7 @@ def kv_transfer_config(spec: VllmLaunchSpec) -> dict[str, object]:
     extra: dict[str, object] = {
         "pdorch_max_lease_s": spec.max_lease_s,
         "pdorch_kv_same_host": spec.kv_same_host,
+        "pdorch_kv_limits": msgspec.structs.asdict(spec.kv_limits),
     }
     if spec.role in (Role.DECODE, Role.BOTH):
         if not spec.kv_bind:
