@@ -305,3 +305,28 @@ async def test_same_host_begins_count_against_the_per_peer_bound(ctx: zmq.asynci
         sock.close()
         peer_ctx.term()
         await rx.close()
+
+
+async def test_a_ring_lent_again_before_its_sender_saw_the_ack_is_still_used(
+    receiver: KvReceiver, ctx: zmq.asyncio.Context
+) -> None:
+    """Many transfers at once from one sender, forced through shared memory: the receiver lends a
+    ring again as soon as its transfer settled, which can be before the sender's stream has read
+    the ack and let go of it. The sender must write the new transfer into that same mapping (the
+    ring is sealed: it cannot be mapped again), not fail it."""
+    layers = make_layers(1, 16, (2, 8, 128), "float16", seed=9)
+    tx = KvSender(ctx, security=INSECURE, same_host=SameHostMode.ON)
+
+    async def one(i: int) -> None:
+        cache = ArraySink(1, 16, (2, 8, 128), "float16")
+        receiving = asyncio.create_task(receiver.receive(p2p(f"c{i}"), cache, deadline_s=WAIT_S))
+        await send_all(tx, KvRoute(KvMode.P2P, receiver.endpoint, f"c{i}"), layers, {}, WAIT_S)
+        await receiving
+        assert np.array_equal(cache.layers, layers)
+
+    try:
+        for _ in range(5):
+            await asyncio.gather(*(one(i) for i in range(24)))
+        assert receiver.stats.same_host == 120
+    finally:
+        await tx.close()

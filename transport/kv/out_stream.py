@@ -86,6 +86,8 @@ class KvOutStream:
         self._settled = asyncio.Event()  # the receiver acked or nacked, or we gave up
         self._error: PdorchError | None = None
         self._closed = False
+        self._end_sent = False  # every byte was written: nothing more goes into a ring
+        self._nacked = False
         self._chunk_rows = 1
         self._seq = 0
         self._layer_rows = [0] * num_layers
@@ -117,6 +119,7 @@ class KvOutStream:
         elif isinstance(msg, KvAck):
             self._settled.set()
         elif isinstance(msg, KvNack):
+            self._nacked = True
             self._fail(nack_error(msg))
 
     def _fail(self, error: PdorchError) -> None:
@@ -251,6 +254,7 @@ class KvOutStream:
                 trailer=dict(trailer),
             )
             await self._send(end)
+            self._end_sent = True
             await self._deadline.wait(self._settled.wait(), f"the receiver to confirm {self.transfer_id}")
         except PdorchError as e:
             await self._give_up(e)
@@ -284,6 +288,11 @@ class KvOutStream:
         if not self._closed:
             self._closed = True
             if self._ring is not None and self._rings is not None:
-                # Kept mapped only after an acknowledged transfer: the receiver lends it again.
-                self._rings.release(self._ring, ok=self._error is None and self._settled.is_set())
+                # Kept mapped after an acknowledged transfer: the receiver lends it again (sealed,
+                # so only through this mapping). So too when the sender was stopped waiting for
+                # the verdict of a transfer it had finished writing (its job cancelled once the
+                # decode side reported the KV in place): the receiver most likely took it, and
+                # if not, it closes its side and the idle mapping here is dropped in time.
+                acked = self._error is None and self._settled.is_set()
+                self._rings.release(self._ring, ok=acked or (self._end_sent and not self._nacked))
             self._on_closed()

@@ -30,7 +30,8 @@ class AttachedRings:
         self._idle_s = idle_s
         self._max_idle = max_idle
         self._idle: dict[_Key, tuple[Ring, float]] = {}  # oldest first
-        self._in_use: dict[_Key, Ring] = {}
+        # Ring -> how many of this sender's transfers hold it (more than one only briefly: see take).
+        self._in_use: dict[_Key, tuple[Ring, int]] = {}
         self._closing = Closing()
         self.fell_back = False  # a ring could not be mapped once (logged then)
 
@@ -42,22 +43,34 @@ class AttachedRings:
         """The ring ``offer`` names, mapped; raises PdorchError if it cannot be."""
         self._evict(time.monotonic())
         key = _key(offer)
+        shape = (offer.slots, offer.slot_bytes)
+        busy = self._in_use.get(key)
+        if busy is not None and (busy[0].slots, busy[0].slot_bytes) == shape:
+            # The receiver lends a ring again only once the transfer that had it is over, but that
+            # transfer's stream may not have let go of it yet (the ack is on its way): the new
+            # transfer writes into the same mapping.
+            self._in_use[key] = (busy[0], busy[1] + 1)
+            return busy[0]
         held = self._idle.pop(key, None)
-        if held is not None and (held[0].slots, held[0].slot_bytes) == (offer.slots, offer.slot_bytes):
+        if held is not None and (held[0].slots, held[0].slot_bytes) == shape:
             ring = held[0]
         else:
             if held is not None:
                 self._closing.close(held[0])
-            stale = self._in_use.pop(key, None)  # cannot be in use twice: the receiver lends it once
-            if stale is not None:
-                self._closing.close(stale)
+            if busy is not None:  # another ring under the same name: the old one is stale
+                del self._in_use[key]
+                self._closing.close(busy[0])
             ring = Ring.attach(offer)
-        self._in_use[key] = ring
+        self._in_use[key] = (ring, 1)
         return ring
 
     def release(self, ring: Ring, *, ok: bool) -> None:
         key = _key(ring.offer)
-        if self._in_use.get(key) is ring:
+        busy = self._in_use.get(key)
+        if busy is not None and busy[0] is ring:
+            if busy[1] > 1:  # a later transfer writes into it now: it decides what becomes of it
+                self._in_use[key] = (ring, busy[1] - 1)
+                return
             del self._in_use[key]
         if ok and not ring.closed:
             self._idle[key] = (ring, time.monotonic())
@@ -75,7 +88,7 @@ class AttachedRings:
     def close(self) -> None:
         for ring, _ in self._idle.values():
             self._closing.close(ring)
-        for ring in self._in_use.values():
+        for ring, _ in self._in_use.values():
             self._closing.close(ring)
         self._idle.clear()
         self._in_use.clear()
