@@ -19,7 +19,9 @@ from scheduler.http.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoraAdapterRequest,
     TokenizeRequest,
+    UnloadLoraAdapterRequest,
 )
 
 _REF = "#/components/schemas/{name}"
@@ -103,6 +105,38 @@ def _tokenizer(summary: str, request: type, response: type, example: dict[str, A
     }
 
 
+# The error statuses of the run-time LoRA endpoints.
+_LORA_ERRORS = {
+    "400": "malformed request, a name already loaded (without load_inplace), a path no worker may "
+    "read or that holds no usable adapter",
+    "401": "not an admin key (lora.admin_keys), or no API key (when the scheduler has api_keys)",
+    "404": "run-time loading is off (lora.runtime_updates), an unknown base model, or (unload) an "
+    "adapter nobody serves",
+    "408": "the request body did not arrive in time",
+    "503": "no worker serves the base model",
+    "504": "another adapter operation held the cluster for lora.timeout_s",
+}
+
+
+def _lora(summary: str, request: type, example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request), "example": example}},
+            },
+            "responses": {
+                "200": {
+                    "description": "done (plain text, as vLLM; it names the workers that failed, if any)",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                **{code: _error(why) for code, why in _LORA_ERRORS.items()},
+            },
+        }
+    }
+
+
 def _get(
     summary: str, responses: dict[str, Any], parameters: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
@@ -122,6 +156,8 @@ def document() -> dict[str, Any]:
         r.ChatCompletion,
         TokenizeRequest,
         DetokenizeRequest,
+        LoadLoraAdapterRequest,
+        UnloadLoraAdapterRequest,
         r.ModelList,
         r.Model,
         r.Tokens,
@@ -182,6 +218,16 @@ def document() -> dict[str, Any]:
                 DetokenizeRequest,
                 r.Text,
                 {"model": model, "tokens": [72, 105]},
+            ),
+            "/v1/load_lora_adapter": _lora(
+                "vLLM's: load a LoRA adapter on every worker of its base model (and on those that join)",
+                LoadLoraAdapterRequest,
+                {"lora_name": "sql", "lora_path": "/adapters/sql"},
+            ),
+            "/v1/unload_lora_adapter": _lora(
+                "vLLM's: unload a LoRA adapter from every worker",
+                UnloadLoraAdapterRequest,
+                {"lora_name": "sql"},
             ),
             "/v1/cluster": _get("Workers, their load, admission", {"200": _ok(r.ClusterState)}),
             "/health": _get("The scheduler process serves HTTP", {"200": _ok(r.Health)}),

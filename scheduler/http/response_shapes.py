@@ -111,11 +111,12 @@ class ChatCompletion(msgspec.Struct):
     usage: Usage
 
 
-class Model(msgspec.Struct):
+class Model(msgspec.Struct, kw_only=True):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(msgspec.Struct):

@@ -32,7 +32,12 @@ def test_every_route_is_documented_and_nothing_else() -> None:
 
 def test_the_request_examples_are_valid_requests() -> None:
     doc = document()
-    for path in ("/v1/completions", "/v1/chat/completions"):
+    for path in (
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+    ):
         content = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         _validator(content["schema"]).validate(content["example"])
 
