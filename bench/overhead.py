@@ -95,7 +95,7 @@ def zero_server(log_dir: Path, name: str) -> tuple[str, subprocess.Popen[bytes]]
     return f"http://127.0.0.1:{port}", proc
 
 
-def start_systems(log_dir: Path, only: list[str]) -> list[System]:
+def start_systems(log_dir: Path, only: list[str], time_scale: float = 0.0) -> list[System]:
     systems = []
     if "direct" in only:
         url, proc = zero_server(log_dir, "direct")
@@ -135,8 +135,8 @@ def start_systems(log_dir: Path, only: list[str]) -> list[System]:
         for role in ("prefill", "decode"):
             agents[role] = spawn(
                 [sys.executable, "-m", "pdorch", "worker", "--scheduler", f"tcp://127.0.0.1:{control}",
-                 "--role", role, "--worker-id", f"{role}-0", "--engine", "sim", "--sim-time-scale", "0",
-                 "--model", "zero", "--log-level", "WARNING"],
+                 "--role", role, "--worker-id", f"{role}-0", "--engine", "sim",
+                 "--sim-time-scale", str(time_scale), "--model", "zero", "--log-level", "WARNING"],
                 log_dir / f"pdorch-{role}.log",
                 {"OPENBLAS_NUM_THREADS": "1", **keys.env(f"{role}-0")},
             )  # fmt: skip
@@ -224,10 +224,17 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--systems", nargs="+", default=["direct", "vllm-router", "sglang-router", "pdorch"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 256])
+    parser.add_argument(
+        "--pdorch-time-scale",
+        type=float,
+        default=0.0,
+        help="pdorch's sim engines: 0 hands every token over in one message; a small value "
+        "(1e-4) runs decode steps, one message per step, as a real engine does",
+    )
     args = parser.parse_args()
     log_dir = WORK / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    systems = start_systems(log_dir, args.systems)
+    systems = start_systems(log_dir, args.systems, args.pdorch_time_scale)
     scenarios = [(stream, n) for n in args.tokens for stream in (True, False)]
     best: dict[tuple[str, bool, int, int], Result] = {}
     try:
@@ -277,7 +284,35 @@ def report(
             theirs = best.get((peer, stream, n, clients))
             if ours and theirs:
                 print(f"pdorch / {peer} req/s: {ours.rate / theirs.rate:.2f}x")
+    per_token(systems, scenarios, best, clients)
     print(f"\npeers: {', '.join(f'{k} {v}' for k, v in PEERS.items())}; each cell the best of the rounds")
+
+
+def per_token(
+    systems: list[System],
+    scenarios: list[tuple[bool, int]],
+    best: dict[tuple[str, bool, int, int], Result],
+    clients: int,
+) -> None:
+    """CPU per streamed output token, per process: the CPU per request at the longest output less
+    that at the shortest, over the tokens between (what a token costs beyond the request)."""
+    lengths = sorted({n for _, n in scenarios})
+    if len(lengths) < 2:
+        return
+    short, long_ = lengths[0], lengths[-1]
+    print(f"\nCPU us per output token, streaming ({long_} vs {short} tokens, {clients} clients)")
+    print("| system | CPU us per token, by process |")
+    print("|---|---|")
+    for system in systems:
+        a, b = best.get((system.name, True, short, clients)), best.get((system.name, True, long_, clients))
+        if a is None or b is None:
+            continue
+        cells = []
+        for role in b.cpu:
+            per_a = a.cpu[role] / max(1, len(a.latencies))
+            per_b = b.cpu[role] / max(1, len(b.latencies))
+            cells.append(f"{role} {(per_b - per_a) * 1e6 / (long_ - short):.1f}")
+        print(f"| {system.name} | {', '.join(cells)} |")
 
 
 if __name__ == "__main__":
