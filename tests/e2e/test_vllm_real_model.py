@@ -63,7 +63,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     python = vllm_python()
     model_dir = default_model_dir()
     work = tmp_path_factory.mktemp("vllm-real")
-    spec = {"max_num_seqs": 8, "max_model_len": 2048, "served_model_name": DEFAULT_MODEL}
+    # The same-host KV path forced on: a handoff that could not go through shared memory fails
+    # (with auto it would fall back to TCP unseen). test_vllm_pd covers the TCP path.
+    spec = {
+        "max_num_seqs": 8,
+        "max_model_len": 2048,
+        "served_model_name": DEFAULT_MODEL,
+        "kv_same_host": "on",
+    }
     with pd_servers(python, model_dir, work, **spec) as pair:
         tok = HfTokenizer(model_dir)
         pair.prompts = [tok.encode(t) for t in TEXTS] + [tok.apply_chat_template(c) for c in CHATS]

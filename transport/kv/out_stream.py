@@ -289,10 +289,13 @@ class KvOutStream:
             self._closed = True
             if self._ring is not None and self._rings is not None:
                 # Kept mapped after an acknowledged transfer: the receiver lends it again (sealed,
-                # so only through this mapping). So too when the sender was stopped waiting for
-                # the verdict of a transfer it had finished writing (its job cancelled once the
-                # decode side reported the KV in place): the receiver most likely took it, and
-                # if not, it closes its side and the idle mapping here is dropped in time.
+                # so only through this mapping). So too when this side was cancelled while waiting
+                # for the verdict of a transfer it had finished writing: the receiver most likely
+                # took it (and if not, closes its side; the idle mapping here goes in time). Not
+                # after a timeout: the receiver may be dead, and its pages go with our mapping.
                 acked = self._error is None and self._settled.is_set()
-                self._rings.release(self._ring, ok=acked or (self._end_sent and not self._nacked))
+                cancelled = self._error is not None and self._error.code is ErrorCode.CANCELLED
+                self._rings.release(
+                    self._ring, ok=acked or (self._end_sent and cancelled and not self._nacked)
+                )
             self._on_closed()
