@@ -37,6 +37,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench import prom
 from pdorch.launcher import ClusterSpec, LocalCluster, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -178,36 +179,6 @@ async def metrics_text(url: str) -> str:
         return await r.text()
 
 
-def samples(text: str, name: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name):
-            series, _, value = line.rpartition(" ")
-            out[series] = float(value)
-    return out
-
-
-def histogram_quantile(text: str, name: str, q: float) -> float:
-    """A quantile from a Prometheus histogram's cumulative buckets (linear within a bucket)."""
-    buckets = []
-    for series, count in samples(text, name + "_bucket").items():
-        le = re.search(r'le="([^"]+)"', series)
-        if le:
-            buckets.append((float(le.group(1)), count))
-    buckets.sort()
-    total = buckets[-1][1] if buckets else 0
-    if not total:
-        return float("nan")
-    rank, low, below = q * total, 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if bound == float("inf"):
-                return low
-            return low + (bound - low) * (rank - below) / max(count - below, 1e-9)
-        low, below = bound, count
-    return low
-
-
 # ----------------------------------------------------------------------------------- one run
 
 
@@ -284,22 +255,24 @@ async def run_mode(
 
 
 def report(mode: str, tally: Tally, metrics: str) -> list[str]:
-    migrations = samples(metrics, "pdorch_migrations_total")
+    scraped = prom.parse(metrics)
     by_phase: dict[str, float] = {}
-    for series, count in migrations.items():
+    for series, count in scraped.items():
+        if not series.startswith("pdorch_migrations_total{"):
+            continue
         phase = re.search(r'phase="([^"]+)"', series)
         recovery = re.search(r'recovery="([^"]+)"', series)
         if phase and recovery and count:
             key = f"{phase.group(1)}/{recovery.group(1)}"
             by_phase[key] = by_phase.get(key, 0) + count
+    migration = prom.histogram(scraped, "pdorch_migration_seconds")
     lat = sorted(tally.latencies)
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
     return [
         f"| {mode} | {tally.sent} | {tally.ok} | {tally.failed} | {tally.hung} | {tally.corrupted} "
         f"| {len(tally.kills)} ({', '.join(sorted(set(tally.kills)))}) "
         f"| {int(sum(by_phase.values()))}: {', '.join(f'{k} {int(v)}' for k, v in sorted(by_phase.items()))} "
-        f"| {histogram_quantile(metrics, 'pdorch_migration_seconds', 0.5):.2f} / "
-        f"{histogram_quantile(metrics, 'pdorch_migration_seconds', 0.99):.2f} "
+        f"| {migration.quantile(0.5):.2f} / {migration.quantile(0.99):.2f} "
         f"| {statistics.median(lat) if lat else float('nan'):.2f} / {p(0.99):.2f} |"
     ]
 
