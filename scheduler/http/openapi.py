@@ -89,7 +89,9 @@ _TOKENIZER_ERRORS = {
 }
 
 
-def _tokenizer(summary: str, request: type, response: type, example: dict[str, Any]) -> dict[str, Any]:
+def _post(
+    summary: str, request: type, example: dict[str, Any], ok: dict[str, Any], errors: dict[str, str]
+) -> dict[str, Any]:
     return {
         "post": {
             "summary": summary,
@@ -97,12 +99,13 @@ def _tokenizer(summary: str, request: type, response: type, example: dict[str, A
                 "required": True,
                 "content": {"application/json": {"schema": _ref(request), "example": example}},
             },
-            "responses": {
-                "200": _ok(response),
-                **{code: _error(why) for code, why in _TOKENIZER_ERRORS.items()},
-            },
+            "responses": {"200": ok, **{code: _error(why) for code, why in errors.items()}},
         }
     }
+
+
+def _tokenizer(summary: str, request: type, response: type, example: dict[str, Any]) -> dict[str, Any]:
+    return _post(summary, request, example, _ok(response), _TOKENIZER_ERRORS)
 
 
 # The error statuses of the run-time LoRA endpoints.
@@ -119,22 +122,11 @@ _LORA_ERRORS = {
 
 
 def _lora(summary: str, request: type, example: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "post": {
-            "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref(request), "example": example}},
-            },
-            "responses": {
-                "200": {
-                    "description": "done (plain text, as vLLM; it names the workers that failed, if any)",
-                    "content": {"text/plain": {"schema": {"type": "string"}}},
-                },
-                **{code: _error(why) for code, why in _LORA_ERRORS.items()},
-            },
-        }
+    ok = {
+        "description": "done (plain text, as vLLM; it names the workers that failed, if any)",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
     }
+    return _post(summary, request, example, ok, _LORA_ERRORS)
 
 
 def _get(
