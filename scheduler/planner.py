@@ -227,4 +227,5 @@ def _facts(preq: PlacementRequest) -> BookingFacts:
         prefix_block_tokens=preq.prefix_block_tokens,
         decode_steps=decode_steps(preq),
         tpot_slo_s=preq.tpot_slo_s,
+        adapter=preq.adapter,
     )

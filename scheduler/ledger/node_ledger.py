@@ -82,6 +82,7 @@ class NodeLedger:
         self.joined = 0  # members decoding now
         self.joined_tokens = 0  # their prompt tokens
         self.booked_tokens = 0  # prompt tokens of every member, joined or not
+        self.adapter_of: dict[str, str] = {}  # job -> its LoRA adapter, for jobs with one
 
     # ------------------------------------------------------------------ reading
 
@@ -94,14 +95,25 @@ class NodeLedger:
             self._reserved = (self.version, total)
         return self._reserved[1]
 
+    def adapters_booked(self) -> frozenset[str]:
+        """Adapters of the jobs booked here: resident, or soon (the engine loads them for these)."""
+        return frozenset(self.adapter_of.values())
+
+    def adapters_in_use(self) -> frozenset[str]:
+        """Adapters of the jobs prefilling or decoding here, which the engine will not evict."""
+        of = self.adapter_of
+        return frozenset(of[j] for j in (*self.pending, *self.members) if j in of)
+
     @property
     def pending_tokens(self) -> int:
         return sum(p.tokens - p.cached for p in self.pending.values())
 
     # ------------------------------------------------------------------ booking
 
-    def hold(self, job_id: str, reserve_blocks: int) -> None:
+    def hold(self, job_id: str, reserve_blocks: int, adapter: str = "") -> None:
         self.held[job_id] = Held(reserve_blocks)
+        if adapter:
+            self.adapter_of[job_id] = adapter
         self._changed()
 
     def send_prefill(self, job_id: str, tokens: int, cached: int, now: float) -> None:
@@ -200,6 +212,7 @@ class NodeLedger:
     def release(self, job_id: str, now: float) -> None:
         """Forget the job here (Unreserve). Idempotent."""
         changed = self.held.pop(job_id, None) is not None
+        self.adapter_of.pop(job_id, None)
         changed |= self.pending.pop(job_id, None) is not None
         changed |= self._drop_member(job_id, now) is not None
         if changed:
