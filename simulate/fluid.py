@@ -68,6 +68,7 @@ from typing import NamedTuple
 
 import msgspec
 
+from workers.engines.sim.adapter_slots import AdapterSlots
 from workers.engines.sim.cost import CostModel
 
 REFRESH_STEPS = 128
@@ -185,11 +186,9 @@ class SimEngine:
         # Iteration in flight: (end time, work, chunk end, mixed).
         self._iter: tuple[float, _Work, int, bool] | None = None
         self._out: list[EngineEvent] = []
-        # LoRA: resident adapters, least recently used first; the adapter each request here uses
-        # (pinned); how many requests use each; the engine is stalled loading one until _stall_until.
-        self.adapters: OrderedDict[str, None] = OrderedDict()
-        self._adapter_of: dict[int, str] = {}
-        self._pins: dict[str, int] = {}
+        # LoRA adapters resident and pinned (the real-time batcher's); the engine is stalled loading
+        # one until _stall_until.
+        self.adapters = AdapterSlots(params.max_loras)
         self._stall_until = 0.0
         self.adapter_loads = 0
 
@@ -530,37 +529,16 @@ class SimEngine:
 
     def _slot_for(self, rid: int, adapter: str) -> bool:
         """Whether ``rid``'s adapter is resident or can be loaded now."""
-        k = self.params.max_loras
-        if not adapter or k <= 0 or adapter in self.adapters or rid in self._adapter_of:
-            return True
-        return len(self.adapters) < k or len(self._pins) < k
+        return self.adapters.can_pin(rid, adapter)
 
     def _acquire(self, rid: int, adapter: str) -> float:
-        """Pin ``rid``'s adapter (loading it, evicting the least recently used idle one if the
-        slots are full); the seconds the load stalls the engine."""
-        if not adapter or self.params.max_loras <= 0 or rid in self._adapter_of:
-            return 0.0
-        self._adapter_of[rid] = adapter
-        self._pins[adapter] = self._pins.get(adapter, 0) + 1
-        if adapter in self.adapters:
-            self.adapters.move_to_end(adapter)
-            return 0.0
-        if len(self.adapters) >= self.params.max_loras:
-            idle = next(a for a in self.adapters if a not in self._pins)
-            del self.adapters[idle]
-        self.adapters[adapter] = None
-        self.adapter_loads += 1
-        return self.params.adapter_load_s
+        """Pin ``rid``'s adapter (loading it if need be); the seconds the load stalls the engine."""
+        loads = self.adapters.pin(rid, adapter)
+        self.adapter_loads += loads
+        return loads * self.params.adapter_load_s
 
     def _unpin(self, rid: int) -> None:
-        adapter = self._adapter_of.pop(rid, None)
-        if adapter is None:
-            return
-        left = self._pins[adapter] - 1
-        if left:
-            self._pins[adapter] = left
-        else:
-            del self._pins[adapter]
+        self.adapters.unpin(rid)
 
     # ------------------------------------------------------------------ internals: prefix cache
 

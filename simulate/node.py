@@ -75,7 +75,7 @@ class SimNode:
                 queued_prefill_tokens=load.queued_prefill_tokens,
                 cached_blocks=len(engine.cache) * params.prefix_block_tokens // params.block_size,
                 adapter_slots=params.max_loras,
-                adapters_resident=list(engine.adapters),
+                adapters_resident=engine.adapters.resident(),
             ),
         )
         self._state_key = key

@@ -1,6 +1,6 @@
-"""LoRA adapters in the simulator: the virtual-time engine's slots (LRU, never evicting one in use,
-the load cost, waiting for a slot), what a simulated node reports, and adapter-aware placement on a
-seeded Zipf workload."""
+"""LoRA adapters in the simulator and the simulated engine: the slots of both engine models (LRU,
+never evicting one in use, the load cost, waiting for a slot), what a simulated node and the
+batcher report, and adapter-aware placement on a seeded Zipf workload."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from simulate.runner import SimConfig, simulate
 from simulate.slo import SloSpec
 from simulate.trace import synthetic_trace
 from transport.errors import PdorchError
-from transport.messages import Role
-from workers.engines.sim.cost import CostModel, model_shapes
+from transport.messages import Role, SamplingParams
+from workers.engines.sim.batcher import BatcherParams, SimBatcher
+from workers.engines.sim.cost import LLAMA3_8B, CostModel, model_shapes
+from workers.engines.sim.tokens import SimTokenStream
 
 COST = CostModel("h100", 4)
 LOAD_S = 0.5
@@ -53,7 +55,7 @@ def test_a_load_costs_its_time_once_then_the_adapter_is_resident() -> None:
     prefill(e, 10.0, 2, "a")
     second = run(e)[0].time - 10.0
     assert second == pytest.approx(COST.prefill_ms(0, 1000) / 1e3)
-    assert e.adapter_loads == 1 and list(e.adapters) == ["a"]
+    assert e.adapter_loads == 1 and e.adapters.resident() == ["a"]
 
 
 def test_the_least_recently_used_idle_adapter_is_evicted() -> None:
@@ -61,7 +63,7 @@ def test_the_least_recently_used_idle_adapter_is_evicted() -> None:
     for i, (t, a) in enumerate([(0.0, "a"), (10.0, "b"), (20.0, "a"), (30.0, "c")]):
         prefill(e, t, i, a)
         run(e)
-    assert list(e.adapters) == ["a", "c"]  # b was least recently used
+    assert e.adapters.resident() == ["a", "c"]  # b was least recently used
     assert e.adapter_loads == 3
 
 
@@ -76,7 +78,7 @@ def test_an_adapter_in_use_is_never_evicted_and_a_request_without_a_slot_waits()
     order = [(ev.kind, ev.rid) for ev in events]
     assert order.index((EventKind.PREFILL_DONE, 3)) < order.index((EventKind.FINISHED, 1))
     assert order.index((EventKind.FINISHED, 1)) < order.index((EventKind.PREFILL_DONE, 2))
-    assert list(e.adapters) == ["b"] and e.adapter_loads == 2
+    assert e.adapters.resident() == ["b"] and e.adapter_loads == 2
 
 
 def test_an_incoming_handoff_loads_its_adapter_stalling_the_batch() -> None:
@@ -136,3 +138,52 @@ def test_adapter_aware_placement_beats_round_robin_and_runs_reproduce() -> None:
     assert ours.attainment > rr.attainment + 0.1
     plain = simulate(trace, cluster, policy("pdorch"), SloSpec(), SimConfig(), policy_name="pdorch")
     assert plain.adapter_loads == 0
+
+
+# --------------------------------------------------------------------------- the real-time engine's batcher
+
+
+def _batcher(slots: int) -> SimBatcher:
+    params = BatcherParams(num_blocks=10_000, max_loras=slots, adapter_load_s=LOAD_S)
+    return SimBatcher(CostModel("h100", 2, LLAMA3_8B), params)
+
+
+def _stream(n: int, max_tokens: int) -> SimTokenStream:
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return SimTokenStream(0, [7] * n, sampling, mean_output_tokens=1e12, max_model_len=8192)
+
+
+def _drain(core: SimBatcher) -> list[tuple[float, str, bool]]:
+    got = []
+    for _ in range(100_000):
+        t = core.next_event_time()
+        if t == math.inf:
+            return got
+        got += [(t, o.request_id, o.finish_reason is not None) for o in core.advance(t)]
+    raise AssertionError("the batcher did not settle")
+
+
+def test_the_batcher_pays_a_load_once_and_evicts_the_least_recently_used_idle_adapter() -> None:
+    core = _batcher(slots=2)
+    cost = CostModel("h100", 2, LLAMA3_8B)
+    core.add_prefill(0.0, "r1", _stream(512, 1), (), decode_here=True, adapter="a")
+    first = _drain(core)[0][0]
+    assert first == pytest.approx(cost.prefill_ms(0, 512) / 1e3 + LOAD_S)
+    t = first
+    for rid, adapter in (("r2", "b"), ("r3", "a"), ("r4", "c"), ("r5", "a")):
+        core.add_prefill(t, rid, _stream(512, 1), (), decode_here=True, adapter=adapter)
+        t = _drain(core)[-1][0]
+    assert core.adapters.resident() == ["c", "a"]  # b was the least recently used when c came
+    assert core.stats.adapter_loads == 3
+    load = core.load()
+    assert load.adapter_slots == 2 and load.adapters_resident == ["c", "a"]
+
+
+def test_the_batcher_never_evicts_an_adapter_in_use_and_lets_resident_work_pass() -> None:
+    core = _batcher(slots=1)
+    core.add_prefill(0.0, "long", _stream(64, 200), (), decode_here=True, adapter="a")
+    core.add_prefill(0.0, "other", _stream(64, 1), (), decode_here=True, adapter="b")
+    core.add_prefill(0.0, "same", _stream(64, 1), (), decode_here=True, adapter="a")
+    done = [rid for _, rid, finished in _drain(core) if finished]
+    assert done == ["same", "long", "other"]
+    assert core.adapters.resident() == ["b"] and core.stats.adapter_loads == 2
