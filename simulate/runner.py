@@ -138,10 +138,6 @@ class Simulation:
         self.policy_name = policy_name
         placer = Placer(placement)
         placement = placer.config  # validated
-        if lora.count:
-            # The deployment's configured adapter load time is what placement assumes.
-            placer = Placer(_with_adapter_load_s(placement, lora.load_s))
-            placement = placer.config
         colocated = is_colocated(placement)
         self.cluster = cluster.colocated() if colocated else cluster
         self.config = config
@@ -467,14 +463,6 @@ class Simulation:
             makespan_s=last_done - (reqs[0].arrival_s if reqs else 0.0),
             adapter_loads=sum(n.engine.adapter_loads for n in self.nodes),
         )
-
-
-def _with_adapter_load_s(placement: PlacementConfig, load_s: float) -> PlacementConfig:
-    accelerators = {
-        name: msgspec.structs.replace(profile, adapter_load_s=load_s)
-        for name, profile in placement.accelerators.items()
-    }
-    return msgspec.structs.replace(placement, accelerators=accelerators)
 
 
 def simulate(

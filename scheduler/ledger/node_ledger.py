@@ -36,6 +36,7 @@ class Pending:
     sent_at: float
     batch_s: float  # the node's integrals when it was sent
     context_s: float
+    adapter_load: bool = False  # its LoRA adapter was not resident here when it was booked
 
 
 @dataclass
@@ -116,9 +117,11 @@ class NodeLedger:
             self.adapter_of[job_id] = adapter
         self._changed()
 
-    def send_prefill(self, job_id: str, tokens: int, cached: int, now: float) -> None:
+    def send_prefill(
+        self, job_id: str, tokens: int, cached: int, now: float, adapter_load: bool = False
+    ) -> None:
         self._advance(now)
-        self.pending[job_id] = Pending(tokens, cached, now, self._batch_s, self._context_s)
+        self.pending[job_id] = Pending(tokens, cached, now, self._batch_s, self._context_s, adapter_load)
         self._changed()
 
     def remember(self, block_hashes: tuple[int, ...], block_tokens: int) -> None:
@@ -162,6 +165,7 @@ class NodeLedger:
             batch=(self._batch_s - batch_s) / seconds,
             context=(self._context_s - context_s) / seconds,
             seconds=seconds,
+            adapter_load=pending.adapter_load,
         )
 
     def join(self, job_id: str, now: float, delay_s: float, tokens: int) -> None:

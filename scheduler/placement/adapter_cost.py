@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 
 from scheduler.placement.config import DEFAULT_ADAPTER_LOAD_S, AcceleratorProfile
+from scheduler.placement.latency_model import LatencyTable, class_key
 from scheduler.placement.types import NodeView
 
 
@@ -39,9 +40,13 @@ def adapter_load_s(node: NodeView, accelerators: dict[str, AcceleratorProfile]) 
     return DEFAULT_ADAPTER_LOAD_S if profile is None else profile.adapter_load_s
 
 
-def load_delay_s(node: NodeView, adapter: str, accelerators: dict[str, AcceleratorProfile]) -> float:
-    """The delay the request's adapter adds on ``node`` before its work can start there (a blocked
-    node counts one load too: the placement filter keeps requests off blocked nodes)."""
+def load_delay_s(
+    node: NodeView, adapter: str, accelerators: dict[str, AcceleratorProfile], table: LatencyTable
+) -> float:
+    """The delay the request's adapter adds on ``node`` before its work can start there: the load
+    time learnt for its class, else the configured one (a blocked node counts one load too: the
+    placement filter keeps requests off blocked nodes)."""
     if adapter_state(node, adapter) is AdapterState.RESIDENT:
         return 0.0
-    return adapter_load_s(node, accelerators)
+    learnt = table.adapter_load_s.get(class_key(node.model, node.accelerator))
+    return adapter_load_s(node, accelerators) if learnt is None else learnt

@@ -111,7 +111,7 @@ class Estimator:
 
     def adapter_load_s(self, node: NodeView) -> float:
         """Loading the request's LoRA adapter on ``node`` first (0: resident, or none)."""
-        return load_delay_s(node, self.req.adapter, self.ctx.config.accelerators)
+        return load_delay_s(node, self.req.adapter, self.ctx.config.accelerators, self.table)
 
     def step_s(self, node: NodeView, *, with_request: bool) -> float:
         """One decode step on ``node`` now, or once this request has joined its batch."""

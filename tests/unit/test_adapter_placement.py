@@ -3,6 +3,7 @@ filter, resident-soon bookings, the slo handler's load time, and prefix hashes s
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from scheduler.ledger.ledger import Ledger
@@ -10,6 +11,7 @@ from scheduler.node_view import NodeState
 from scheduler.placement.config import PlacementConfig
 from scheduler.placement.context import Pool, RequestContext
 from scheduler.placement.framework import Placer
+from scheduler.placement.latency_model import class_key, class_latency, prefill_x
 from scheduler.placement.plugins.filters.adapter_slots_filter import (
     AdapterSlotsFilter,
     AdapterSlotsFilterParams,
@@ -26,7 +28,7 @@ from scheduler.placement.policies import policy
 from scheduler.placement.prefix import prompt_block_hashes, salt_block_hashes
 from scheduler.placement.types import ClusterSnapshot, NodeView, PlacementRequest
 from scheduler.planner import Planner
-from scheduler.prediction.latency import LatencyLearner
+from scheduler.prediction.latency import LatencyLearner, PrefillSample
 from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor, PredictorConfig
 from transport.messages import PROTOCOL_VERSION, Hello, Load, Role
 
@@ -225,3 +227,18 @@ def test_salted_trace_hashes_keep_chains_per_adapter() -> None:
     assert a == a2 and not set(a) & set(b) and not set(a) & set(ids)
     assert salt_block_hashes(ids, "") == ids
     assert prompt_block_hashes(list(range(32)), 16, "A") != prompt_block_hashes(list(range(32)), 16)
+
+
+def test_the_learner_takes_the_unexplained_part_of_cold_prefills_as_the_load_time() -> None:
+    learner = LatencyLearner(PlacementConfig().accelerators)
+    for i in range(200):
+        tokens = 500 + 10 * (i % 50)
+        seconds = 0.01 + tokens * 1e-4
+        warm = PrefillSample("m", "a100", tokens, 0, 0.0, 0.0, seconds)
+        learner.observe_prefill(warm)
+        learner.observe_prefill(msgspec.structs.replace(warm, seconds=seconds + 0.3, adapter_load=True))
+    table = learner.table(0.0)
+    assert table.adapter_load_s[class_key("m", "a100")] == pytest.approx(0.3, rel=0.1)
+    # The cold samples did not teach the prefill model their load.
+    model = class_latency(table, "m", "a100", PlacementConfig().accelerators).prefill
+    assert model.predict(prefill_x(700, 0, 0.0, 0.0)) == pytest.approx(0.01 + 0.07, rel=0.1)
