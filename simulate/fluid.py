@@ -54,7 +54,10 @@ differ, and why:
   the running batch there;
 * prefix hashes cover ``prefix_block_tokens`` tokens here (a trace's own granularity, e.g.
   Mooncake's 512-token ``hash_ids``), one KV block there;
-* nothing here cancels a request; the batcher releases one at any moment.
+* nothing here cancels a request; the batcher releases one at any moment;
+* LoRA adapters (the slots are the batcher's own :class:`~workers.engines.sim.adapter_slots.AdapterSlots`):
+  an incoming handoff pins and loads its adapter here when it is admitted, before its KV moves; the
+  batcher when it joins the batch, after. The load stalls the engine in both.
 """
 
 from __future__ import annotations
