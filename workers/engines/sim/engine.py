@@ -211,7 +211,8 @@ class SimulatedEngine:
             max_model_len=self.max_model_len,
             generated=job.generated,
         )
-        # An adapter's KV is its own: its prefix keys are salted with it, as in the reference engine.
+        # An adapter's KV is its own: its prefix keys are salted with its name (any per-adapter salt
+        # keeps them apart; the reference engine salts with the weights' identity).
         salt = f"lora:{job.adapter}".encode() if job.adapter else b""
         hashes = (
             prefix_block_hashes(prompt, self.config.block_size, salt)
