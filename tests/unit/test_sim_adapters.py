@@ -200,3 +200,15 @@ def test_placement_learns_the_adapter_load_time_from_first_tokens() -> None:
     table = sim.planner.latency.table(1e9)
     assert table.adapter_load_s
     assert all(v == pytest.approx(SPEC.load_s, rel=0.25) for v in table.adapter_load_s.values())
+
+
+def test_the_real_time_engine_serves_its_adapters_and_reports_its_slots() -> None:
+    from workers.engines.sim.config import SimEngineConfig
+    from workers.engines.sim.engine import SimulatedEngine
+
+    eng = SimulatedEngine(SimEngineConfig(adapters=("a", "b"), max_loras=3))
+    assert eng.info().adapters == ("a", "b")
+    assert eng.load().adapter_slots == 3 and eng.load().adapters_resident == []
+    assert SimulatedEngine(SimEngineConfig()).load().adapter_slots == 0  # serves none
+    with pytest.raises(PdorchError):
+        SimEngineConfig(adapters=("a",), max_loras=0)
