@@ -242,3 +242,15 @@ def test_the_learner_takes_the_unexplained_part_of_cold_prefills_as_the_load_tim
     # The cold samples did not teach the prefill model their load.
     model = class_latency(table, "m", "a100", PlacementConfig().accelerators).prefill
     assert model.predict(prefill_x(700, 0, 0.0, 0.0)) == pytest.approx(0.01 + 0.07, rel=0.1)
+
+
+@pytest.mark.parametrize("name", ["round-robin", "least-request", "pdorch"])
+def test_every_policy_places_only_on_nodes_serving_the_adapter(name: str) -> None:
+    planner, nodes = _planner({"p1": Role.PREFILL, "p2": Role.PREFILL, "d1": Role.DECODE, "d2": Role.DECODE})
+    planner.placer = Placer(policy(name))
+    for wid in ("p1", "d2"):  # these serve only "y"
+        state = nodes.states[wid]
+        nodes.states[wid] = state._replace(hello=msgspec.structs.replace(state.hello, adapters=["y"]))
+    for i in range(6):
+        placement = planner.decide(_request(planner, f"r{i}", "x", [i] * 64), 0.0, arrived_at=0.0)
+        assert placement is not None and (placement.prefill, placement.decode) == ("p2", "d1")
