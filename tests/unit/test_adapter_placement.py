@@ -254,3 +254,18 @@ def test_every_policy_places_only_on_nodes_serving_the_adapter(name: str) -> Non
     for i in range(6):
         placement = planner.decide(_request(planner, f"r{i}", "x", [i] * 64), 0.0, arrived_at=0.0)
         assert placement is not None and (placement.prefill, placement.decode) == ("p2", "d1")
+
+
+@pytest.mark.parametrize(("queued_tokens", "expected"), [(150, "p1"), (3000, "p2")])
+def test_the_slo_handler_weighs_a_load_against_the_queue_of_the_node_holding_the_adapter(
+    queued_tokens: int, expected: str
+) -> None:
+    """p1 holds the adapter behind a queue: shorter than a load (~0.05 s), p1 still wins; about a
+    second, the idle p2 that must load it wins."""
+    roles = {"p1": Role.PREFILL, "p2": Role.PREFILL, "d1": Role.DECODE}
+    planner, nodes = _planner(roles, resident={"p1": ["x"], "d1": ["x"]})
+    busy = nodes.states["p1"]
+    load = msgspec.structs.replace(busy.load, queued_prefill_tokens=queued_tokens)
+    nodes.states["p1"] = busy._replace(load=load)
+    placement = planner.decide(_request(planner, "r", "x", list(range(100))), 0.0, arrived_at=0.0)
+    assert placement is not None and placement.prefill == expected
