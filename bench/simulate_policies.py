@@ -16,6 +16,14 @@ Sections:
 5. ShareGPT lengths at fixed Poisson arrival rates: attainment per policy;
 6. an ablation: pdorch's goodput with one of its ideas switched off at a time.
 
+With ``--adapters N`` every section runs with LoRA adapters: each request draws one of N adapters
+(Zipf popularity ``--adapter-zipf``, seeded), every worker serves all N with ``--max-loras`` slots
+and pays ``--adapter-load-s`` per load, e.g. the LoRA goodput search of docs/benchmarks.md::
+
+    .venv/bin/python bench/simulate_policies.py --only goodput --shape 4+4 \
+        --policy pdorch --policy round-robin --policy least-request \
+        --adapters 16 --adapter-zipf 1.0 --max-loras 4 --adapter-load-s 0.1
+
 Traces are read from ``../shared/traces`` relative to the repository root (or ``--traces``); a
 trace that is absent is skipped with a message. ShareGPT has no timestamps: 4,000 rows drawn with
 seed 0, arriving as a Poisson process at 1 request/s (so its goodput scale reads as requests/s).
@@ -36,6 +44,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout, without instal
 from scheduler.placement.config import PlacementConfig, PluginSpec  # noqa: E402
 from scheduler.placement.policies import policies, policy  # noqa: E402
 from scheduler.prediction.output_length import OutputLengthPredictor  # noqa: E402
+from simulate.adapters import AdapterSpec  # noqa: E402
 from simulate.cluster import parse_cluster  # noqa: E402
 from simulate.goodput import attainment_curve, find_goodput  # noqa: E402
 from simulate.plot import plot_attainment  # noqa: E402
@@ -140,6 +149,12 @@ def section_goodput(
         f"SLOs: {SLO.describe()}; KV link {CONFIG.link_gbytes_per_s:g} GB/s per instance; "
         f"model {CONFIG.model}.\n"
     )
+    lora = CONFIG.adapters
+    if lora.count:
+        print(
+            f"LoRA: {lora.count} adapters, Zipf exponent {lora.zipf:g}, {lora.max_loras} slots per "
+            f"worker, {lora.load_s:g} s per load, seed {lora.seed}.\n"
+        )
     summary: list[tuple[str, str, float, str, float]] = []
     for shape in shapes:
         prefill, decode = SHAPES[shape]
@@ -148,9 +163,9 @@ def section_goodput(
             print(f"### {name}, {shape} ({cluster.gpus} GPUs)\n", flush=True)
             print(
                 "| policy | goodput (x trace rate) | req/s | attainment | TTFT p90 s | TPOT p90 ms | KV GB | "
-                "prefix hit | colocated | shed | TTFT / TPOT prediction error | runs |"
+                "prefix hit | colocated | shed | TTFT / TPOT prediction error | adapter loads | runs |"
             )
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             results = {}
             for pname in names:
                 g = find_goodput(
@@ -159,7 +174,7 @@ def section_goodput(
                 results[pname] = g
                 r = g.at_goodput
                 if r is None:
-                    print(f"| {pname} | 0 | 0 | - | - | - | - | - | - | - | - | {g.runs} |")
+                    print(f"| {pname} | 0 | 0 | - | - | - | - | - | - | - | - | - | {g.runs} |")
                     continue
                 errors = (
                     f"{r.ttft_prediction_error:.0%} / {r.tpot_prediction_error:.0%}"
@@ -169,7 +184,8 @@ def section_goodput(
                 print(
                     f"| {pname} | {g.goodput_scale:.2f} | {g.goodput_rps:.2f} | {r.attainment:.1%} | "
                     f"{r.ttft_p90_s:.2f} | {r.tpot_p90_s * 1e3:.0f} | {r.kv_transfer_gb:.0f} | "
-                    f"{r.prefix_hit_rate:.0%} | {r.local_prefills} | {r.shed} | {errors} | {g.runs} |"
+                    f"{r.prefix_hit_rate:.0%} | {r.local_prefills} | {r.shed} | {errors} | "
+                    f"{r.adapter_loads} | {g.runs} |"
                 )
             baselines = [g for n, g in results.items() if n not in OURS]
             if "pdorch" in results and baselines:  # a --policy subset may lack either
@@ -272,7 +288,27 @@ def main() -> int:
     p.add_argument("--trace", choices=list(TRACES), action="append", help="trace (default: all)")
     p.add_argument("--policy", choices=list(policies()), action="append", help="policy (default: all)")
     p.add_argument("--plots", type=Path, default=None, help="directory for attainment-vs-rate PNGs")
+    p.add_argument("--adapters", type=int, default=0, help="LoRA adapters drawn per request (0 = none)")
+    p.add_argument(
+        "--adapter-zipf", type=float, default=AdapterSpec().zipf, help="adapter popularity exponent"
+    )
+    p.add_argument("--max-loras", type=int, default=AdapterSpec().max_loras, help="adapter slots per worker")
+    p.add_argument(
+        "--adapter-load-s", type=float, default=AdapterSpec().load_s, help="seconds per adapter load"
+    )
+    p.add_argument("--adapter-seed", type=int, default=0)
     args = p.parse_args()
+    if args.adapters:
+        global CONFIG
+        lora = AdapterSpec(
+            count=args.adapters,
+            zipf=args.adapter_zipf,
+            max_loras=args.max_loras,
+            load_s=args.adapter_load_s,
+            seed=args.adapter_seed,
+        )
+        lora.check()
+        CONFIG = msgspec.structs.replace(CONFIG, adapters=lora)
     names = args.policy or list(policies())
     loaded = {}
     for name, rel in TRACES.items():

@@ -12,7 +12,10 @@ in the same messages) both build placement's :class:`~scheduler.placement.types.
 * the decode batch and its prompt tokens as booked, and the tightest member's tolerance: for each
   request booked to decode there with a TPOT objective, ``steps x (objective - step time)`` less
   the delays it has had (its handoff, the node's prefills since it joined) and the prefills still
-  queued there. A member already past saving is not protected.
+  queued there. A member already past saving is not protected;
+* LoRA adapters: the slots and resident adapters the worker reports, plus the adapters of requests
+  booked there (resident soon: the report lags, and a burst for a new adapter should follow its
+  first request), and those of requests prefilling or decoding there (in use: not evictable).
 
 The parts that depend only on the ledger and the models are cached on the node's ledger until
 either changes.
@@ -47,6 +50,8 @@ class _Derived(NamedTuple):
     tolerance_s: float
     tolerance_steps: int
     tolerance_tpot_s: float
+    adapters_booked: frozenset[str]
+    adapters_in_use: frozenset[str]
 
 
 def node_view(
@@ -93,6 +98,11 @@ def node_view(
         stall_tolerance_s=tolerance,
         tolerance_steps=d.tolerance_steps,
         tolerance_tpot_s=d.tolerance_tpot_s,
+        adapter_slots=load.adapter_slots,
+        adapters_resident=d.adapters_booked.union(load.adapters_resident)
+        if load.adapter_slots
+        else frozenset(),
+        adapters_in_use=d.adapters_in_use if load.adapter_slots else frozenset(),
     )
     ledger.last_view = (key, view)
     return view
@@ -125,6 +135,16 @@ def _derived(
         left = m.steps * (m.tpot_slo_s - step) - stalled - m.delay_s
         if 0.0 <= left < tolerance:
             tolerance, steps, tpot = left, m.steps, m.tpot_slo_s
-    derived = _Derived(key, queued, head_start, rate, tolerance, steps, tpot)
+    derived = _Derived(
+        key,
+        queued,
+        head_start,
+        rate,
+        tolerance,
+        steps,
+        tpot,
+        ledger.adapters_booked(),
+        ledger.adapters_in_use(),
+    )
     ledger.view_cache = derived
     return derived

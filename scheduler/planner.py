@@ -171,7 +171,21 @@ class Planner:
         if prefill is not None and preq.block_hashes:
             per_block = preq.prefix_block_tokens or prefill.block_size
             cached = matched_prefix_blocks(preq.block_hashes, prefill.prefixes.view()) * per_block
-        self.ledger.book(preq.request_id, placement, _facts(preq), cached=cached, now=now)
+        adapter_load = self._adapter_missing(placement.prefill, preq.adapter)
+        self.ledger.book(
+            preq.request_id, placement, _facts(preq), cached=cached, now=now, adapter_load=adapter_load
+        )
+
+    def _adapter_missing(self, worker_id: str, adapter: str) -> bool:
+        """Whether ``worker_id`` must load ``adapter`` first: it reports slots, does not report it
+        resident, and no request booked there uses it (checked before this one is booked)."""
+        node = self.ledger.node(worker_id)
+        if not adapter or node is None:
+            return False
+        state = next((s for s in self._nodes.node_states() if s.hello.worker_id == worker_id), None)
+        if state is None or state.load.adapter_slots <= 0:
+            return False
+        return adapter not in state.load.adapters_resident and adapter not in node.adapter_of.values()
 
     def book_decode(self, job_id: str, worker_id: str, reserve_blocks: int, preq: PlacementRequest) -> None:
         """The job's KV goes to another decode node (the broker still holds it)."""
@@ -227,4 +241,5 @@ def _facts(preq: PlacementRequest) -> BookingFacts:
         prefix_block_tokens=preq.prefix_block_tokens,
         decode_steps=decode_steps(preq),
         tpot_slo_s=preq.tpot_slo_s,
+        adapter=preq.adapter,
     )

@@ -6,6 +6,8 @@ Examples::
     pdorch simulate --trace mooncake.jsonl --prefill 8:h100x4 --decode 8:a100x4 --policy all \\
         --rate-scale 1.5 --json
     pdorch simulate --trace azure.csv --prefill 8:h100 --decode 8:a100 --policy all --plot out.png
+    pdorch simulate --trace azure.csv --prefill 4:h100x4 --decode 4:a100x4 --policy pdorch,round-robin \
+        --adapters 16 --adapter-zipf 1.0 --max-loras 4 --adapter-load-s 0.1
 
 Without ``--rate-scale`` each policy's goodput is searched (the highest rate scale at which the SLO
 target is met) and the run at that scale is reported; with it, one run per policy at that scale.
@@ -22,6 +24,7 @@ from pathlib import Path
 import msgspec
 
 from scheduler.placement.policies import policies, policy
+from simulate.adapters import AdapterSpec
 from simulate.cluster import ClusterSpec, parse_cluster
 from simulate.goodput import GoodputResult, attainment_curve, find_goodput
 from simulate.metrics import SimResult
@@ -66,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link-gbytes-per-s", type=float, default=SimConfig().link_gbytes_per_s)
     p.add_argument("--chunk-tokens", type=int, default=0, help="chunked-prefill size (0 = from TPOT SLO)")
     p.add_argument("--precision", type=float, default=0.03, help="relative precision of the goodput search")
+    lora = AdapterSpec()
+    p.add_argument("--adapters", type=int, default=0, help="LoRA adapters drawn per request (0 = none)")
+    p.add_argument("--adapter-zipf", type=float, default=lora.zipf, help="adapter popularity exponent")
+    p.add_argument("--max-loras", type=int, default=lora.max_loras, help="adapter slots per worker")
+    p.add_argument("--adapter-load-s", type=float, default=lora.load_s, help="seconds per adapter load")
+    p.add_argument("--adapter-seed", type=int, default=0, help="seed of the adapter assignment")
     return p
 
 
@@ -89,8 +98,19 @@ def _run(args: argparse.Namespace) -> int:
         tpot_s=args.tpot_ms / 1e3,
         target=args.target,
     )
+    adapters = AdapterSpec(
+        count=args.adapters,
+        zipf=args.adapter_zipf,
+        max_loras=args.max_loras,
+        load_s=args.adapter_load_s,
+        seed=args.adapter_seed,
+    )
+    adapters.check()
     config = SimConfig(
-        model=args.model, link_gbytes_per_s=args.link_gbytes_per_s, chunk_tokens=args.chunk_tokens
+        model=args.model,
+        link_gbytes_per_s=args.link_gbytes_per_s,
+        chunk_tokens=args.chunk_tokens,
+        adapters=adapters,
     )
     names = (
         list(policies()) if args.policy == "all" else [n.strip() for n in args.policy.split(",") if n.strip()]
@@ -128,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         )
     else:
-        _print_text(trace, cluster, slo, searches, results)
+        _print_text(trace, cluster, slo, config, searches, results)
     return 0
 
 
@@ -153,11 +173,19 @@ def _plot(
 
 
 def _print_text(
-    trace: Trace, cluster: ClusterSpec, slo: SloSpec, searches: list[GoodputResult], results: list[SimResult]
+    trace: Trace,
+    cluster: ClusterSpec,
+    slo: SloSpec,
+    config: SimConfig,
+    searches: list[GoodputResult],
+    results: list[SimResult],
 ) -> None:
     print(f"trace {trace.name}: {len(trace.requests)} requests over {trace.duration_s:.0f} s")
     print(f"cluster: {cluster.describe()}")
     print(f"SLO: {slo.describe()}")
+    if config.adapters.count:
+        a = config.adapters
+        print(f"LoRA: {a.count} adapters, Zipf {a.zipf:g}, {a.max_loras} slots, {a.load_s:g} s per load")
     if searches:
         print()
         print(f"{'policy':14s} {'goodput':>9s} {'req/s':>8s} {'runs':>5s}")

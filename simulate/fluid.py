@@ -19,6 +19,12 @@ How one engine behaves (the same for every role; a prefill-only node simply neve
   is preempted (vLLM's recompute preemption): its KV is freed and it waits to be recomputed here.
 * **Admission** of incoming handoffs and preempted sequences: FIFO, when their KV fits and the batch
   has a free slot (``max_batch``).
+* **LoRA adapters** (``max_loras`` > 0): at most that many resident, least recently used evicted
+  first, never one a request here is using (from its prefill's start to the end of its prefill
+  here, or of its decode here). Loading one stalls the engine ``adapter_load_s`` (added to the
+  prefill iteration that needs it, or to the decode batch when an incoming handoff needs it). A
+  prompt or handoff whose adapter cannot get a slot waits, and work behind it with a resident
+  adapter goes first (vLLM's scheduler skips it likewise).
 
 Events come back from :meth:`SimEngine.advance` as :class:`EngineEvent` tuples.
 
@@ -48,7 +54,10 @@ differ, and why:
   the running batch there;
 * prefix hashes cover ``prefix_block_tokens`` tokens here (a trace's own granularity, e.g.
   Mooncake's 512-token ``hash_ids``), one KV block there;
-* nothing here cancels a request; the batcher releases one at any moment.
+* nothing here cancels a request; the batcher releases one at any moment;
+* LoRA adapters (the slots are the batcher's own :class:`~workers.engines.sim.adapter_slots.AdapterSlots`):
+  an incoming handoff pins and loads its adapter here when it is admitted, before its KV moves; the
+  batcher when it joins the batch, after. The load stalls the engine in both.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ from typing import NamedTuple
 
 import msgspec
 
+from workers.engines.sim.adapter_slots import AdapterSlots
 from workers.engines.sim.cost import CostModel
 
 REFRESH_STEPS = 128
@@ -91,6 +101,8 @@ class EngineParams(msgspec.Struct, frozen=True):
     chunk_tokens: int = 512  # prefill tokens per iteration while sequences decode (0 = no limit)
     max_batch: int = 256
     prefix_block_tokens: int = 16  # tokens covered by one prefix hash
+    max_loras: int = 0  # LoRA adapter slots (0 = adapters cost nothing and are not limited)
+    adapter_load_s: float = 0.0  # stall per adapter load
 
 
 class _Mode(enum.IntEnum):
@@ -100,10 +112,13 @@ class _Mode(enum.IntEnum):
 
 
 class _Work:
-    __slots__ = ("allocated", "done", "hashes", "mode", "remaining", "rid", "started", "total")
+    __slots__ = ("adapter", "allocated", "done", "hashes", "mode", "remaining", "rid", "started", "total")
 
-    def __init__(self, rid: int, total: int, hashes: Sequence[int], mode: _Mode, remaining: int) -> None:
+    def __init__(
+        self, rid: int, total: int, hashes: Sequence[int], mode: _Mode, remaining: int, adapter: str = ""
+    ) -> None:
         self.rid = rid
+        self.adapter = adapter
         self.total = total
         self.done = 0
         self.hashes = hashes
@@ -114,10 +129,11 @@ class _Work:
 
 
 class _Seq:
-    __slots__ = ("ctx_join", "hashes", "p_join", "remaining", "rid")
+    __slots__ = ("adapter", "ctx_join", "hashes", "p_join", "remaining", "rid")
 
-    def __init__(self, rid: int, ctx: int, remaining: int, hashes: Sequence[int]) -> None:
+    def __init__(self, rid: int, ctx: int, remaining: int, hashes: Sequence[int], adapter: str = "") -> None:
         self.rid = rid
+        self.adapter = adapter
         self.ctx_join = ctx
         self.remaining = remaining
         self.hashes = hashes
@@ -173,6 +189,11 @@ class SimEngine:
         # Iteration in flight: (end time, work, chunk end, mixed).
         self._iter: tuple[float, _Work, int, bool] | None = None
         self._out: list[EngineEvent] = []
+        # LoRA adapters resident and pinned (the real-time batcher's); the engine is stalled loading
+        # one until _stall_until.
+        self.adapters = AdapterSlots(params.max_loras)
+        self._stall_until = 0.0
+        self.adapter_loads = 0
 
     # ------------------------------------------------------------------ public: mutators
 
@@ -185,19 +206,26 @@ class SimEngine:
         *,
         decode_here: bool,
         output_len: int,
+        adapter: str = "",
     ) -> None:
         """Queue a prompt. ``decode_here``: generate the remaining ``output_len - 1`` tokens here too."""
         self._sync(t)
         mode = _Mode.LOCAL if decode_here else _Mode.HANDOFF
-        self._queue.append(_Work(rid, prompt_len, hashes, mode, max(0, output_len - 1)))
+        self._queue.append(_Work(rid, prompt_len, hashes, mode, max(0, output_len - 1), adapter))
         self._queued_tokens += prompt_len
 
     def request_admission(
-        self, t: float, rid: int, context_tokens: int, remaining_steps: int, hashes: Sequence[int]
+        self,
+        t: float,
+        rid: int,
+        context_tokens: int,
+        remaining_steps: int,
+        hashes: Sequence[int],
+        adapter: str = "",
     ) -> None:
         """An incoming handoff asks for KV; ADMITTED comes when it fits (then transfer, then join)."""
         self._sync(t)
-        seq = _Seq(rid, context_tokens, remaining_steps, hashes)
+        seq = _Seq(rid, context_tokens, remaining_steps, hashes, adapter)
         self._waiting.append(_Waiting(rid, context_tokens, seq, False))
         self._admit()
 
@@ -264,7 +292,7 @@ class SimEngine:
 
     def _p_at(self, t: float) -> float:
         if self._iter is None and self._batch and t > self.t:
-            return self._p + (t - self.t) / self._step_s
+            return self._p + max(0.0, t - max(self.t, self._stall_until)) / self._step_s
         return self._p
 
     def _s_at(self, p: float) -> float:
@@ -287,14 +315,14 @@ class SimEngine:
         if t <= self.t:
             return
         if self._iter is None and self._batch:
-            self._p += (t - self.t) / self._step_s
+            self._p += max(0.0, t - max(self.t, self._stall_until)) / self._step_s
             self.busy_s += t - self.t
         self.t = t
 
     def _next(self):  # -> tuple[float, Callable[[], None]]
         if self._iter is not None:
             return self._iter[0], self._end_iteration
-        if self._queue and self._can_start(self._queue[0]):
+        if self._queue and self._startable():
             return self.t, self._start_iteration
         if not self._batch:
             return math.inf, _noop
@@ -306,7 +334,7 @@ class SimEngine:
         refresh_p = self._step_p + REFRESH_STEPS
         if refresh_p < best_p:
             best_p, action = refresh_p, _noop
-        return self.t + max(0.0, best_p - self._p) * self._step_s, action
+        return max(self.t, self._stall_until) + max(0.0, best_p - self._p) * self._step_s, action
 
     def _refresh_step(self) -> None:
         if self._p - self._step_p >= REFRESH_STEPS - 1e-6 or self._step_s <= 0.0:
@@ -320,13 +348,29 @@ class SimEngine:
     # ------------------------------------------------------------------ internals: prefill
 
     def _can_start(self, work: _Work) -> bool:
-        return work.allocated or work.total <= self._free()
+        return (work.allocated or work.total <= self._free()) and self._slot_for(work.rid, work.adapter)
+
+    def _startable(self) -> bool:
+        """Whether a prefill can start now. A head waiting only for an adapter slot lets the first
+        prompt behind it that can start go first (it then stays the head until it is done)."""
+        head = self._queue[0]
+        if self._can_start(head):
+            return True
+        if head.started or self._slot_for(head.rid, head.adapter):
+            return False  # it waits for KV: first come, first served
+        for i, work in enumerate(self._queue):
+            if i and not work.started and self._can_start(work):
+                del self._queue[i]
+                self._queue.appendleft(work)
+                return True
+        return False
 
     def _start_iteration(self) -> None:
         work = self._queue[0]
         if not work.allocated:
             self._hold(work.rid, work.total)
             work.allocated = True
+        load_s = self._acquire(work.rid, work.adapter)
         if not work.started:
             work.started = True
             cached = self._lookup(work.hashes) * self.params.prefix_block_tokens
@@ -346,7 +390,9 @@ class SimEngine:
                 self._preempt_one()
             mixed = bool(self._batch)
             ms += self.cost.decode_marginal_ms(len(self._batch), self._s_at(self._p))
-        duration = ms / 1e3
+        # An adapter load (this prompt's, or one a handoff is still paying) delays the iteration.
+        duration = ms / 1e3 + load_s + max(0.0, self._stall_until - self.t)
+        self._stall_until = self.t
         self.busy_s += duration
         self._iter = (self.t + duration, work, end, mixed)
 
@@ -371,9 +417,10 @@ class SimEngine:
             self._out.append(EngineEvent(EventKind.PREFILL_DONE, work.rid, self.t))
             self._insert(work.hashes)
         if work.mode is _Mode.HANDOFF:
+            self._unpin(work.rid)  # the decode node needs the adapter now, not this one
             return  # KV held until release()
         self._unhold(work.rid)
-        self._join(_Seq(work.rid, work.total, work.remaining, work.hashes))
+        self._join(_Seq(work.rid, work.total, work.remaining, work.hashes, work.adapter))
 
     # ------------------------------------------------------------------ internals: decode
 
@@ -383,6 +430,7 @@ class SimEngine:
 
     def _join(self, seq: _Seq) -> None:
         if seq.remaining <= 0:
+            self._unpin(seq.rid)
             self._out.append(EngineEvent(EventKind.FINISHED, seq.rid, self.t))
             self._insert(seq.hashes)
             return
@@ -424,6 +472,7 @@ class SimEngine:
                 if abs(seq.p_join + seq.remaining - p) > _EPS:
                     continue  # stale: the sequence was preempted and rejoined
                 self._leave(seq)
+                self._unpin(rid)
                 self._out.append(EngineEvent(EventKind.FINISHED, rid, self.t))
                 self._insert(seq.hashes)
             elif p >= seq.p_join - _EPS:
@@ -438,7 +487,8 @@ class SimEngine:
         generated = self._p - seq.p_join
         ctx = self._leave(seq)
         self.preemptions += 1
-        rest = _Seq(rid, ctx, max(0, round(seq.remaining - generated)), seq.hashes)
+        # It keeps its adapter pinned: it is still this engine's request.
+        rest = _Seq(rid, ctx, max(0, round(seq.remaining - generated)), seq.hashes, seq.adapter)
         self._waiting.appendleft(_Waiting(rid, ctx, rest, True))
         self._out.append(EngineEvent(EventKind.PREEMPTED, rid, self.t))
 
@@ -452,24 +502,48 @@ class SimEngine:
         self._fixed -= self._held.pop(rid, 0)
 
     def _admit(self) -> None:
-        while self._waiting:
-            head = self._waiting[0]
+        i = 0
+        while i < len(self._waiting):
+            head = self._waiting[i]
             if head.tokens > self.capacity * (1.0 - ADMIT_WATERMARK):
-                self._waiting.popleft()
+                del self._waiting[i]
                 self._out.append(EngineEvent(EventKind.DROPPED, head.rid, self.t))
+                continue
+            if not self._slot_for(head.rid, head.seq.adapter):
+                i += 1  # waits for an adapter slot; what follows may go first
                 continue
             room = self._free() - head.tokens - ADMIT_WATERMARK * self.capacity
             if room < 0 or len(self._batch) + len(self._pending_join) >= self.params.max_batch:
                 return
-            self._waiting.popleft()
+            del self._waiting[i]
             self._hold(head.rid, head.tokens)
             if head.recompute:
-                work = _Work(head.rid, head.tokens, head.seq.hashes, _Mode.RECOMPUTE, head.seq.remaining)
+                seq = head.seq
+                work = _Work(head.rid, head.tokens, seq.hashes, _Mode.RECOMPUTE, seq.remaining, seq.adapter)
                 self._queue.appendleft(work)
                 self._queued_tokens += head.tokens
             else:
+                # The adapter loads now, stalling the batch, so it is resident when the KV lands.
+                self._stall_until = max(self._stall_until, self.t) + self._acquire(head.rid, head.seq.adapter)
                 self._pending_join[head.rid] = head.seq
                 self._out.append(EngineEvent(EventKind.ADMITTED, head.rid, self.t))
+
+    # ------------------------------------------------------------------ internals: LoRA adapters
+
+    def _slot_for(self, rid: int, adapter: str) -> bool:
+        """Whether ``rid``'s adapter is resident or can be loaded now."""
+        return self.adapters.can_pin(rid, adapter)
+
+    def _acquire(self, rid: int, adapter: str) -> float:
+        """Pin ``rid``'s adapter (loading it if need be); the seconds the load stalls the engine."""
+        loads = self.adapters.pin(rid, adapter)
+        self.adapter_loads += loads
+        return loads * self.params.adapter_load_s
+
+    def _unpin(self, rid: int) -> None:
+        self.adapters.unpin(rid)
+
+    # ------------------------------------------------------------------ internals: prefix cache
 
     def _lookup(self, hashes: Sequence[int]) -> int:
         n = 0

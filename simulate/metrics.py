@@ -36,6 +36,7 @@ class SimResult(msgspec.Struct, frozen=True):
     ttft_prediction_error: float
     tpot_prediction_error: float
     makespan_s: float  # virtual time from first arrival to last finish
+    adapter_loads: int = 0  # LoRA adapter loads, every engine together
 
 
 def percentile(values: np.ndarray, q: float) -> float:

@@ -28,7 +28,13 @@ class SimNode:
     )
 
     def __init__(
-        self, index: int, spec: InstanceSpec, shape: ModelShape, params: EngineParams, model: str
+        self,
+        index: int,
+        spec: InstanceSpec,
+        shape: ModelShape,
+        params: EngineParams,
+        model: str,
+        adapters: list[str] | None = None,
     ) -> None:
         self.index = index
         self.spec = spec
@@ -44,6 +50,7 @@ class SimNode:
             block_size=params.block_size,
             capacity_blocks=self.engine.capacity // params.block_size,
             accelerator=spec.accelerator,
+            adapters=adapters or [],
         )
         self.nic_free_at = 0.0  # the KV link is used by one transfer at a time
         self.version = 0  # bumps when the engine's next event is re-scheduled
@@ -67,6 +74,8 @@ class SimNode:
                 waiting=load.waiting,
                 queued_prefill_tokens=load.queued_prefill_tokens,
                 cached_blocks=len(engine.cache) * params.prefix_block_tokens // params.block_size,
+                adapter_slots=params.max_loras,
+                adapters_resident=engine.adapters.resident(),
             ),
         )
         self._state_key = key

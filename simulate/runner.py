@@ -43,6 +43,7 @@ from scheduler.placement.types import Placement, PlacementRequest
 from scheduler.planner import Planner
 from scheduler.prediction.latency import LatencyLearner
 from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor, PredictorConfig
+from simulate.adapters import AdapterSpec, assign_adapters
 from simulate.cluster import ClusterSpec
 from simulate.fluid import EngineEvent, EngineParams, EventKind
 from simulate.metrics import SimResult, percentile
@@ -67,6 +68,8 @@ class SimConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # KV link per instance: four 200 Gb/s RDMA NICs for a 4-GPU instance (one per GPU, as in a DGX A100).
     link_gbytes_per_s: float = 100.0
     predictor: PredictorConfig = PredictorConfig()
+    # LoRA adapters drawn for the trace's requests (none by default); every worker serves them all.
+    adapters: AdapterSpec = AdapterSpec()
 
 
 def chunk_tokens_for(cost: CostModel, tpot_s: float) -> int:
@@ -128,6 +131,8 @@ class Simulation:
                 ErrorCode.CONFIG, f"unknown model shape {config.model!r}; known: {sorted(shapes)}"
             )
         shape = shapes[config.model]
+        lora = config.adapters
+        trace = assign_adapters(trace, lora)
         self.trace = trace.scaled(rate_scale) if rate_scale != 1.0 else trace
         self.rate_scale = rate_scale
         self.policy_name = policy_name
@@ -156,8 +161,10 @@ class Simulation:
                 chunk_tokens=chunk,
                 max_batch=config.max_batch,
                 prefix_block_tokens=trace.prefix_block_tokens,
+                max_loras=lora.max_loras if lora.count else 0,
+                adapter_load_s=lora.load_s,
             )
-            node = SimNode(i, spec, shape, params, config.model)
+            node = SimNode(i, spec, shape, params, config.model, lora.names())
             self.nodes.append(node)
             self.ledger.add_node(
                 node.worker_id,
@@ -240,6 +247,7 @@ class Simulation:
             prefix_block_tokens=self.trace.prefix_block_tokens,
             ttft_slo_s=ttft_slo,
             tpot_slo_s=self.judge.slo.tpot_s,
+            adapter=r.adapter,
         )
         self._reqs[i] = _Req(preq, features)
         entry = self._queue.push(r.tenant, 0, t, deadline_at=t + ttft_slo)
@@ -289,7 +297,13 @@ class Simulation:
         if self._watermarks:
             d.engine.set_watermark(t, i, placement.reserve_blocks * self.config.block_size)
         p.engine.submit_prefill(
-            t, i, r.prompt_len, r.hash_ids, decode_here=req.colocated, output_len=r.output_len
+            t,
+            i,
+            r.prompt_len,
+            r.hash_ids,
+            decode_here=req.colocated,
+            output_len=r.output_len,
+            adapter=r.adapter,
         )
         self._touch(p, t)
 
@@ -327,7 +341,7 @@ class Simulation:
             self._finish(i, req, t)
             return
         decode = self.nodes[req.decode]
-        decode.engine.request_admission(t, i, r.prompt_len, r.output_len - 1, r.hash_ids)
+        decode.engine.request_admission(t, i, r.prompt_len, r.output_len - 1, r.hash_ids, r.adapter)
         self._touch(decode, t)
 
     def _start_transfer(self, i: int, req: _Req, decode: SimNode, t: float) -> None:
@@ -447,6 +461,7 @@ class Simulation:
             ttft_prediction_error=percentile(np.array(ttft_err), 50),
             tpot_prediction_error=percentile(np.array(tpot_err), 50),
             makespan_s=last_done - (reqs[0].arrival_s if reqs else 0.0),
+            adapter_loads=sum(n.engine.adapter_loads for n in self.nodes),
         )
 
 

@@ -35,6 +35,7 @@ class TraceRequest(msgspec.Struct, frozen=True, gc=False):
     hash_ids: tuple[int, ...] = ()  # chained prefix-block ids (equal id = equal whole prefix)
     tenant: str = ""
     max_tokens: int = DEFAULT_MAX_TOKENS
+    adapter: str = ""  # the LoRA adapter it runs with ("" = the base model); see simulate/adapters.py
 
 
 class Trace(msgspec.Struct, frozen=True):

@@ -121,9 +121,8 @@ class Orchestrator:
         preq = self._planner.request(
             job_id,
             features,
-            # An adapter's cached blocks are keyed by its weights, which the scheduler does not
-            # know: no prefix match is claimed for it (nor one with the base model's blocks).
-            block_hashes=() if req.adapter else prompt_block_hashes(prompt, PREFIX_BLOCK_TOKENS),
+            # Salted with the adapter: affinity among nodes that served this adapter's prefix.
+            block_hashes=prompt_block_hashes(prompt, PREFIX_BLOCK_TOKENS, req.adapter),
             prefix_block_tokens=PREFIX_BLOCK_TOKENS,
             priority=req.priority,
             # A resumed request's first token is long out: its next one should come as soon as it can.

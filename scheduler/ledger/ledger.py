@@ -49,6 +49,7 @@ class BookingFacts:
     prefix_block_tokens: int
     decode_steps: int  # predicted tokens after the first
     tpot_slo_s: float
+    adapter: str = ""  # its LoRA adapter ("" = the base model)
 
 
 class Ledger:
@@ -89,18 +90,26 @@ class Ledger:
     # ------------------------------------------------------------------ booking
 
     def book(
-        self, job_id: str, placement: Placement, facts: BookingFacts, *, cached: int, now: float
+        self,
+        job_id: str,
+        placement: Placement,
+        facts: BookingFacts,
+        *,
+        cached: int,
+        now: float,
+        adapter_load: bool = False,
     ) -> Booking:
         """Reserve on the decode node, queue the prompt on the prefill node (``cached`` tokens expected
-        there already), remember the prefix on both."""
+        there already; ``adapter_load``: it loads the request's adapter first), remember the prefix
+        on both."""
         p, d = self._nodes[placement.prefill], self._nodes[placement.decode]
         booking = Booking(job_id, p.worker_id, d.worker_id, facts.prompt_tokens, d.kv_bytes_per_token)
         self._jobs[job_id] = booking
         if not booking.colocated:
-            p.hold(job_id, 0)
+            p.hold(job_id, 0, facts.adapter)
             p.remember(facts.block_hashes, facts.prefix_block_tokens)
         self.book_decode(job_id, d.worker_id, placement.reserve_blocks, facts)
-        p.send_prefill(job_id, facts.prompt_tokens, min(cached, facts.prompt_tokens), now)
+        p.send_prefill(job_id, facts.prompt_tokens, min(cached, facts.prompt_tokens), now, adapter_load)
         return booking
 
     def book_decode(self, job_id: str, worker_id: str, reserve_blocks: int, facts: BookingFacts) -> None:
@@ -110,7 +119,7 @@ class Ledger:
         if booking is not None:
             booking.decode = worker_id
             booking.kv_bytes_per_token = d.kv_bytes_per_token
-        d.hold(job_id, reserve_blocks)
+        d.hold(job_id, reserve_blocks, facts.adapter)
         d.add_member(job_id, facts.prompt_tokens, facts.decode_steps, facts.tpot_slo_s)
         d.remember(facts.block_hashes, facts.prefix_block_tokens)
 

@@ -36,6 +36,7 @@ class Pending:
     sent_at: float
     batch_s: float  # the node's integrals when it was sent
     context_s: float
+    adapter_load: bool = False  # its LoRA adapter was not resident here when it was booked
 
 
 @dataclass
@@ -85,6 +86,7 @@ class NodeLedger:
         self.joined = 0  # members decoding now
         self.joined_tokens = 0  # their prompt tokens
         self.booked_tokens = 0  # prompt tokens of every member, joined or not
+        self.adapter_of: dict[str, str] = {}  # job -> its LoRA adapter, for jobs with one
 
     # ------------------------------------------------------------------ reading
 
@@ -97,19 +99,32 @@ class NodeLedger:
             self._reserved = (self.version, total)
         return self._reserved[1]
 
+    def adapters_booked(self) -> frozenset[str]:
+        """Adapters of the jobs booked here: resident, or soon (the engine loads them for these)."""
+        return frozenset(self.adapter_of.values())
+
+    def adapters_in_use(self) -> frozenset[str]:
+        """Adapters of the jobs prefilling or decoding here, which the engine will not evict."""
+        of = self.adapter_of
+        return frozenset(of[j] for j in (*self.pending, *self.members) if j in of)
+
     @property
     def pending_tokens(self) -> int:
         return sum(p.tokens - p.cached for p in self.pending.values())
 
     # ------------------------------------------------------------------ booking
 
-    def hold(self, job_id: str, reserve_blocks: int) -> None:
+    def hold(self, job_id: str, reserve_blocks: int, adapter: str = "") -> None:
         self.held[job_id] = Held(reserve_blocks)
+        if adapter:
+            self.adapter_of[job_id] = adapter
         self._changed()
 
-    def send_prefill(self, job_id: str, tokens: int, cached: int, now: float) -> None:
+    def send_prefill(
+        self, job_id: str, tokens: int, cached: int, now: float, adapter_load: bool = False
+    ) -> None:
         self._advance(now)
-        self.pending[job_id] = Pending(tokens, cached, now, self._batch_s, self._context_s)
+        self.pending[job_id] = Pending(tokens, cached, now, self._batch_s, self._context_s, adapter_load)
         self._changed()
 
     def remember(self, block_hashes: tuple[int, ...], block_tokens: int) -> None:
@@ -153,6 +168,7 @@ class NodeLedger:
             batch=(self._batch_s - batch_s) / seconds,
             context=(self._context_s - context_s) / seconds,
             seconds=seconds,
+            adapter_load=pending.adapter_load,
         )
 
     def join(self, job_id: str, now: float, delay_s: float, tokens: int) -> None:
@@ -203,6 +219,7 @@ class NodeLedger:
     def release(self, job_id: str, now: float) -> None:
         """Forget the job here (Unreserve). Idempotent."""
         changed = self.held.pop(job_id, None) is not None
+        self.adapter_of.pop(job_id, None)
         changed |= self.pending.pop(job_id, None) is not None
         changed |= self._drop_member(job_id, now) is not None
         if changed:

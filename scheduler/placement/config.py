@@ -71,6 +71,11 @@ class ReservationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise PdorchError(ErrorCode.CONFIG, f"{where}.regrow_factor and min_output_tokens must be >= 0")
 
 
+# A rank-16 adapter of a 70B model is ~100-300 MB: read from host memory or a local disk and
+# copied to the GPUs it takes tens to a hundred milliseconds.
+DEFAULT_ADAPTER_LOAD_S = 0.1
+
+
 class AcceleratorProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Per-instance class properties placement may use (dense TFLOPS, HBM GB/s, memory GB)."""
 
@@ -79,6 +84,9 @@ class AcceleratorProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     memory_gb: float
     # Prefill throughput to assume when a node does not report one (tokens/s, 0 = derive from tflops).
     prefill_tokens_per_s: float = 0.0
+    # Seconds to load a LoRA adapter into a free slot on this class (placement's estimate of the
+    # cost of sending a request where its adapter is not resident).
+    adapter_load_s: float = DEFAULT_ADAPTER_LOAD_S
 
 
 def default_accelerators() -> dict[str, AcceleratorProfile]:
@@ -94,24 +102,31 @@ def default_accelerators() -> dict[str, AcceleratorProfile]:
 
 def _default_decode() -> ProfileConfig:
     return ProfileConfig(
-        filters=(PluginSpec("role"), PluginSpec("health", params={"require_kv_room": True})),
+        filters=(
+            PluginSpec("role"),
+            PluginSpec("health", params={"require_kv_room": True}),
+            PluginSpec("adapter-slots"),
+        ),
         scorers=(
             PluginSpec("kv-occupancy", weight=2.0),
             PluginSpec("active-requests", weight=1.0),
             PluginSpec("prefix-affinity", weight=2.0),
             PluginSpec("prefill-delay", weight=2.0),
             PluginSpec("accelerator", weight=0.5),
+            PluginSpec("adapter-affinity", weight=2.0),
         ),
     )
 
 
 def _default_prefill() -> ProfileConfig:
     return ProfileConfig(
+        filters=(PluginSpec("role"), PluginSpec("health"), PluginSpec("adapter-slots")),
         scorers=(
             PluginSpec("prefill-delay", weight=1.0),
             PluginSpec("prefix-affinity", weight=1.0),
             PluginSpec("accelerator", weight=0.1),
-        )
+            PluginSpec("adapter-affinity", weight=1.0),
+        ),
     )
 
 

@@ -59,6 +59,8 @@ class LatencyTable(msgspec.Struct, frozen=True, gc=False):
 
     classes: dict[str, ClassLatency] = {}
     handoffs: dict[str, LinearModel] = {}
+    # Seconds per LoRA adapter load, per node class that has been seen loading one.
+    adapter_load_s: dict[str, float] = {}
     version: int = 0  # bumps with every publication (what is derived from it may be cached)
 
 

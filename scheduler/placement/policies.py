@@ -18,6 +18,10 @@ from scheduler.placement.config import (
 from transport.errors import ErrorCode, PdorchError
 
 _PLAIN = (PluginSpec("role"), PluginSpec("health"))
+# LoRA: keep requests off nodes where their adapter cannot get a slot; among equals (the slo
+# handler's ties), prefer nodes holding it. Neither does anything for a request without an adapter.
+_ADAPTER_SLOTS = PluginSpec("adapter-slots")
+_ADAPTER_AFFINITY = PluginSpec("adapter-affinity")
 _PROMPT_ONLY = ReservationConfig(mode=ReservationMode.PROMPT)
 _ALWAYS = PluginSpec("always")
 # The baselines run the llm-d way: the decode profile's pick, then a decider.
@@ -44,9 +48,14 @@ def pdorch(tpot_target_s: float = 0.0, kv_link_gbytes_per_s: float = 25.0) -> Pl
     return PlacementConfig(
         handler=PluginSpec("slo"),
         decode=ProfileConfig(
-            filters=(PluginSpec("role"), PluginSpec("health", params={"require_kv_room": True})),
+            filters=(
+                PluginSpec("role"),
+                PluginSpec("health", params={"require_kv_room": True}),
+                _ADAPTER_SLOTS,
+            ),
+            scorers=(_ADAPTER_AFFINITY,),
         ),
-        prefill=ProfileConfig(filters=_PLAIN),
+        prefill=ProfileConfig(filters=(*_PLAIN, _ADAPTER_SLOTS), scorers=(_ADAPTER_AFFINITY,)),
         fallback_to_prefill_node=True,
         reservation=ReservationConfig(mode=ReservationMode.PREDICTED, output_quantile=0.9),
     )

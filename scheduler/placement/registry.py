@@ -24,6 +24,10 @@ from scheduler.placement.plugins.deciders.conditional_decider import (
 )
 from scheduler.placement.plugins.deciders.never_decider import NeverDecider, NeverDeciderParams
 from scheduler.placement.plugins.deciders.threshold_decider import ThresholdDecider, ThresholdDeciderParams
+from scheduler.placement.plugins.filters.adapter_slots_filter import (
+    AdapterSlotsFilter,
+    AdapterSlotsFilterParams,
+)
 from scheduler.placement.plugins.filters.health_filter import HealthFilter, HealthFilterParams
 from scheduler.placement.plugins.filters.prefill_backlog_filter import (
     PrefillBacklogFilter,
@@ -46,6 +50,10 @@ from scheduler.placement.plugins.scorers.accelerator_scorer import AcceleratorSc
 from scheduler.placement.plugins.scorers.active_requests_scorer import (
     ActiveRequestsParams,
     ActiveRequestsScorer,
+)
+from scheduler.placement.plugins.scorers.adapter_affinity_scorer import (
+    AdapterAffinityParams,
+    AdapterAffinityScorer,
 )
 from scheduler.placement.plugins.scorers.kv_occupancy_scorer import KvOccupancyParams, KvOccupancyScorer
 from scheduler.placement.plugins.scorers.prefill_delay_scorer import PrefillDelayParams, PrefillDelayScorer
@@ -171,12 +179,14 @@ def default_registry() -> Registry:
     r.register_filter("role", RoleFilterParams, RoleFilter)
     r.register_filter("health", HealthFilterParams, HealthFilter)
     r.register_filter("prefill-backlog", PrefillBacklogParams, PrefillBacklogFilter)
+    r.register_filter("adapter-slots", AdapterSlotsFilterParams, AdapterSlotsFilter)
     r.register_scorer("kv-occupancy", KvOccupancyParams, KvOccupancyScorer)
     r.register_scorer("queue", QueueScorerParams, QueueScorer)
     r.register_scorer("active-requests", ActiveRequestsParams, ActiveRequestsScorer)
     r.register_scorer("prefix-affinity", PrefixAffinityParams, PrefixAffinityScorer)
     r.register_scorer("accelerator", AcceleratorScorerParams, AcceleratorScorer)
     r.register_scorer("prefill-delay", PrefillDelayParams, PrefillDelayScorer)
+    r.register_scorer("adapter-affinity", AdapterAffinityParams, AdapterAffinityScorer)
     r.register_picker("max-score", MaxScoreParams, MaxScorePicker)
     r.register_picker("weighted-random", WeightedRandomParams, WeightedRandomPicker)
     r.register_picker("random", RandomParams, RandomPicker)

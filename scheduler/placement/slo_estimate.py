@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from scheduler.placement.adapter_cost import load_delay_s
 from scheduler.placement.context import RequestContext
 from scheduler.placement.kv_budget import quantile_from
 from scheduler.placement.latency_model import (
@@ -106,7 +107,11 @@ class Estimator:
         return hit
 
     def ttft_s(self, node: NodeView) -> float:
-        return self.waited_s + node.prefill_wait_s + self.service_s(node)
+        return self.waited_s + node.prefill_wait_s + self.service_s(node) + self.adapter_load_s(node)
+
+    def adapter_load_s(self, node: NodeView) -> float:
+        """Loading the request's LoRA adapter on ``node`` first (0: resident, or none)."""
+        return load_delay_s(node, self.req.adapter, self.ctx.config.accelerators, self.table)
 
     def step_s(self, node: NodeView, *, with_request: bool) -> float:
         """One decode step on ``node`` now, or once this request has joined its batch."""
@@ -138,7 +143,9 @@ class Estimator:
         handoff = self.handoff_s(p, d)
         # D's local prefills still queued when this request joins will stall it.
         joins_in = p.prefill_wait_s + self.service_s(p) + handoff
-        return step + (handoff + max(0.0, d.prefill_wait_s - joins_in)) / self.short_steps
+        # D loads the adapter before its first step if it lacks it (colocated, TTFT has it).
+        first = handoff + max(0.0, d.prefill_wait_s - joins_in) + self.adapter_load_s(d)
+        return step + first / self.short_steps
 
     @staticmethod
     def members_headroom(node: NodeView, added_step_s: float, stall_s: float) -> float:

@@ -49,6 +49,13 @@ class NodeView(msgspec.Struct, frozen=True, gc=False):
     stall_tolerance_s: float = math.inf
     tolerance_steps: int = 0
     tolerance_tpot_s: float = 0.0
+    # LoRA: how many adapters the engine holds at once (0 = unknown or none: no load cost assumed);
+    # the adapters it holds or will hold soon (reported resident, plus those of requests booked
+    # here: a burst for a new adapter follows its first request); and those a request booked here
+    # is using (queued prefill or decoding), which the engine will not evict.
+    adapter_slots: int = 0
+    adapters_resident: frozenset[str] = frozenset()
+    adapters_in_use: frozenset[str] = frozenset()
 
     @property
     def can_prefill(self) -> bool:

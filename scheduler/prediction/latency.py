@@ -11,6 +11,11 @@ way in the live scheduler and in the simulator):
   between (chunked prefills stall the batch);
 * a **handoff**: the time from the first token to the KV landing on the decode node, with its size.
 
+A prefill that had to load its LoRA adapter first (not resident on the node when it was booked)
+does not teach the prefill model: what that model does not explain of its time is the load, and an
+average of those residuals per node class is the **adapter load time** placement assumes (it starts
+from the accelerator table's ``adapter_load_s``, which counts as one observation).
+
 Each fits a non-negative linear model on the features of :mod:`scheduler.placement.latency_model`
 (:class:`~scheduler.prediction.online_regression.OnlineRegression`), per node class
 (model + accelerator) and, for handoffs, per pair of classes. Nothing is set by hand: a class
@@ -27,7 +32,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from scheduler.placement.config import AcceleratorProfile
+from scheduler.placement.config import DEFAULT_ADAPTER_LOAD_S, AcceleratorProfile
 from scheduler.placement.latency_model import (
     ClassLatency,
     LatencyTable,
@@ -58,6 +63,7 @@ class PrefillSample(msgspec.Struct, frozen=True, gc=False):
     batch: float  # the node's decoding requests, averaged over the prefill
     context: float  # their prompt tokens, averaged likewise
     seconds: float
+    adapter_load: bool = False  # its LoRA adapter was loaded first (the time includes the load)
 
 
 class DecodeSample(msgspec.Struct, frozen=True, gc=False):
@@ -78,12 +84,22 @@ class HandoffSample(msgspec.Struct, frozen=True, gc=False):
     seconds: float
 
 
+# Adapter loads averaged over at most this many (then exponentially weighted: it follows drift).
+LOAD_WINDOW = 50
+
+
 class _Class:
-    __slots__ = ("decode", "prefill")
+    __slots__ = ("adapter_load_s", "decode", "loads", "prefill")
 
     def __init__(self, profile: AcceleratorProfile | None) -> None:
         self.prefill = OnlineRegression(prior_prefill(profile).coef, prior_weight=PRIOR_WEIGHT, decay=DECAY)
         self.decode = OnlineRegression(prior_decode().coef, prior_weight=PRIOR_WEIGHT, decay=DECAY)
+        self.adapter_load_s = profile.adapter_load_s if profile is not None else DEFAULT_ADAPTER_LOAD_S
+        self.loads = 0  # adapter loads observed
+
+    def observe_load(self, seconds: float) -> None:
+        self.loads += 1
+        self.adapter_load_s += (seconds - self.adapter_load_s) / min(self.loads + PRIOR_WEIGHT, LOAD_WINDOW)
 
 
 class LatencyLearner:
@@ -106,7 +122,11 @@ class LatencyLearner:
 
     def observe_prefill(self, s: PrefillSample) -> None:
         x = prefill_x(s.uncached, s.cached, s.batch, s.context)
-        self._class(s.model, s.accelerator).prefill.observe(x, s.seconds)
+        c = self._class(s.model, s.accelerator)
+        if s.adapter_load:
+            c.observe_load(max(0.0, s.seconds - c.prefill.predict(x)))
+        else:
+            c.prefill.observe(x, s.seconds)
         self._learnt()
 
     def observe_decode(self, s: DecodeSample) -> None:
@@ -140,6 +160,7 @@ class LatencyLearner:
                     for k, c in self._classes.items()
                 },
                 handoffs={k: LinearModel(r.coef()) for k, r in self._links.items()},
+                adapter_load_s={k: c.adapter_load_s for k, c in self._classes.items() if c.loads},
                 version=self._table.version + 1,
             )
             self._published_at = now

@@ -16,6 +16,8 @@ pressure cases, a KV pool small enough to preempt.
   sequence for its whole context, where the batcher (like vLLM) holds a shared prefix block once, so
   the fluid model runs out of KV sooner and its prompts wait longer. This test pins that difference
   (the fluid module's docstring lists every difference and why).
+* With LoRA adapters (more in use than slots, so requests wait for one and loads stall the engine)
+  they load the same adapters the same number of times and agree on the aggregates.
 """
 
 from __future__ import annotations
@@ -56,6 +58,19 @@ class Times(NamedTuple):
     e2e: np.ndarray  # seconds from arrival to the last token
     preemptions: int
     cached_tokens: int
+    adapter_loads: int = 0
+
+
+class Lora(NamedTuple):
+    adapters: int  # request i runs adapter i % adapters
+    slots: int
+    load_s: float
+
+    def of(self, i: int) -> str:
+        return f"a{i % self.adapters}" if self.adapters else ""
+
+
+NO_LORA = Lora(0, 0, 0.0)
 
 
 def trace(n: int = 48, *, shared: bool = True, seed: int = 7) -> list[Req]:
@@ -74,8 +89,15 @@ def trace(n: int = 48, *, shared: bool = True, seed: int = 7) -> list[Req]:
     return reqs
 
 
-def run_fluid(reqs: list[Req], kv_tokens: int) -> Times:
-    engine = SimEngine(COST, EngineParams(block_size=BLOCK, chunk_tokens=CHUNK, prefix_block_tokens=BLOCK))
+def run_fluid(reqs: list[Req], kv_tokens: int, lora: Lora = NO_LORA) -> Times:
+    params = EngineParams(
+        block_size=BLOCK,
+        chunk_tokens=CHUNK,
+        prefix_block_tokens=BLOCK,
+        max_loras=lora.slots,
+        adapter_load_s=lora.load_s,
+    )
+    engine = SimEngine(COST, params)
     engine.capacity = kv_tokens
     first: dict[int, float] = {}
     done: dict[int, float] = {}
@@ -83,20 +105,34 @@ def run_fluid(reqs: list[Req], kv_tokens: int) -> Times:
         if submit is not None:
             r = reqs[submit]
             hashes = prefix_block_hashes(r.prompt, BLOCK)
-            engine.submit_prefill(t, submit, len(r.prompt), hashes, decode_here=True, output_len=r.output_len)
+            engine.submit_prefill(
+                t,
+                submit,
+                len(r.prompt),
+                hashes,
+                decode_here=True,
+                output_len=r.output_len,
+                adapter=lora.of(submit),
+            )
         for ev in engine.advance(t):
             if ev.kind == EventKind.PREFILL_DONE:
                 first[ev.rid] = ev.time
             elif ev.kind == EventKind.FINISHED:
                 done[ev.rid] = ev.time
     assert engine.idle
-    return _times(reqs, first, done, engine.preemptions, engine.cached_tokens)
+    times = _times(reqs, first, done, engine.preemptions, engine.cached_tokens)
+    return times._replace(adapter_loads=engine.adapter_loads)
 
 
-def run_batcher(reqs: list[Req], kv_tokens: int) -> Times:
-    core = SimBatcher(
-        COST, BatcherParams(num_blocks=kv_tokens // BLOCK, block_size=BLOCK, chunk_tokens=CHUNK)
+def run_batcher(reqs: list[Req], kv_tokens: int, lora: Lora = NO_LORA) -> Times:
+    params = BatcherParams(
+        num_blocks=kv_tokens // BLOCK,
+        block_size=BLOCK,
+        chunk_tokens=CHUNK,
+        max_loras=lora.slots,
+        adapter_load_s=lora.load_s,
     )
+    core = SimBatcher(COST, params)
     first: dict[int, float] = {}
     done: dict[int, float] = {}
     for t, submit in _timeline(reqs, core.next_event_time):
@@ -104,14 +140,16 @@ def run_batcher(reqs: list[Req], kv_tokens: int) -> Times:
             r = reqs[submit]
             sampling = SamplingParams(max_tokens=r.output_len)
             stream = SimTokenStream(0, r.prompt, sampling, mean_output_tokens=1e15, max_model_len=1 << 20)
-            core.add_prefill(t, str(submit), stream, prefix_block_hashes(r.prompt, BLOCK), decode_here=True)
+            hashes = prefix_block_hashes(r.prompt, BLOCK)
+            core.add_prefill(t, str(submit), stream, hashes, decode_here=True, adapter=lora.of(submit))
         for out in core.advance(t):
             rid = int(out.request_id)
             first.setdefault(rid, t)
             if out.finish_reason is not None:
                 done[rid] = t
     assert core.load().running == core.load().blocks_used == 0
-    return _times(reqs, first, done, core.stats.preemptions, core.stats.cached_tokens)
+    times = _times(reqs, first, done, core.stats.preemptions, core.stats.cached_tokens)
+    return times._replace(adapter_loads=core.stats.adapter_loads)
 
 
 def _timeline(reqs: list[Req], next_event: Callable[[], float]) -> Iterator[tuple[float, int | None]]:
@@ -163,3 +201,15 @@ def test_shared_prefixes_under_kv_pressure_make_the_fluid_model_wait_longer() ->
     reqs = trace()
     fluid, stepped = run_fluid(reqs, 15_000), run_batcher(reqs, 15_000)
     assert fluid.ttft.mean() > 1.10 * stepped.ttft.mean()
+
+
+def test_with_lora_adapters_they_load_alike_and_agree_on_aggregates() -> None:
+    """Three adapters, two slots: requests wait for a slot, others pass them, loads stall."""
+    reqs = trace(shared=False)
+    lora = Lora(adapters=3, slots=2, load_s=0.05)
+    fluid, stepped = run_fluid(reqs, AMPLE_KV, lora), run_batcher(reqs, AMPLE_KV, lora)
+    plain = run_batcher(reqs, AMPLE_KV)
+    assert fluid.adapter_loads == stepped.adapter_loads >= 3
+    assert stepped.e2e.mean() > plain.e2e.mean()  # the adapters cost something
+    assert fluid.ttft.mean() == pytest.approx(stepped.ttft.mean(), rel=0.1)
+    assert fluid.e2e.mean() == pytest.approx(stepped.e2e.mean(), rel=0.1)

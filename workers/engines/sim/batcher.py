@@ -19,7 +19,12 @@ One iteration, like vLLM's scheduler step:
   sequences decode, or whole otherwise, and every running sequence decodes one token in the same
   iteration (chunked prefill with piggybacked decodes);
 * the iteration lasts what the :class:`CostModel` says: ``prefill_ms`` of the chunk (plus the decode
-  step's marginal cost when mixed) or ``decode_step_ms(batch, context)``.
+  step's marginal cost when mixed) or ``decode_step_ms(batch, context)``;
+* LoRA adapters (``max_loras`` > 0): a prompt starting, or a handed-off sequence joining the batch,
+  needs its adapter resident; at most ``max_loras`` are, least recently used evicted first, never one
+  a request here uses (from its prompt's start, or its joining, until it is done here). Each load
+  adds ``adapter_load_s`` to the iteration that needs it. A sequence whose adapter cannot get a
+  slot waits, and the next one that can goes first (as vLLM's scheduler skips it).
 
 A handoff prompt (``decode_here=False``) keeps its KV after token 0 until :meth:`release` (while the
 KV is on the wire); a decode reservation holds blocks for the prompt and token 0 until the KV has
@@ -38,6 +43,7 @@ import msgspec
 
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import FinishReason, Load
+from workers.engines.sim.adapter_slots import AdapterSlots
 from workers.engines.sim.blocks import SimBlockPool
 from workers.engines.sim.cost import CostModel
 from workers.engines.sim.tokens import VOCAB_SIZE, SimTokenStream
@@ -49,6 +55,8 @@ class BatcherParams(msgspec.Struct, frozen=True):
     max_batch: int = 256
     chunk_tokens: int = 512  # prompt tokens per iteration while sequences decode (0 = no limit)
     enable_prefix_caching: bool = True
+    max_loras: int = 0  # LoRA adapter slots (0 = adapters are not limited and cost nothing)
+    adapter_load_s: float = 0.0  # seconds (model time) per adapter load
 
 
 class SimOutput(msgspec.Struct, gc=False):
@@ -71,6 +79,7 @@ class BatcherStats(msgspec.Struct, gc=False):
     prompt_tokens: int = 0  # of prompts started here (recomputes excluded)
     cached_tokens: int = 0  # of which served from the prefix cache
     busy_s: float = 0.0  # model seconds spent in iterations
+    adapter_loads: int = 0
 
 
 class SeqKind(enum.IntEnum):
@@ -90,6 +99,7 @@ class _Where(enum.IntEnum):
 
 class _Seq:
     __slots__ = (
+        "adapter",
         "cached_tokens",
         "ctx",
         "done",
@@ -105,9 +115,12 @@ class _Seq:
         "where",
     )
 
-    def __init__(self, rid: str, kind: SeqKind, stream: SimTokenStream, hashes: Sequence[int]) -> None:
+    def __init__(
+        self, rid: str, kind: SeqKind, stream: SimTokenStream, hashes: Sequence[int], adapter: str = ""
+    ) -> None:
         self.rid = rid
         self.kind = kind
+        self.adapter = adapter
         self.stream = stream
         self.hashes = hashes  # chained hashes of the prompt's full blocks
         self.total = stream.prompt_len  # tokens to (re)compute
@@ -145,22 +158,33 @@ class SimBatcher:
         self._parked: dict[str, _Seq] = {}  # RESERVED and HELD
         self._iter: _Iteration | None = None
         self._out: list[SimOutput] = []
+        self.adapters = AdapterSlots(params.max_loras)
+        self._loads = 0  # adapter loads the next iteration pays for
 
     # ------------------------------------------------------------------ requests
 
     def add_prefill(
-        self, t: float, rid: str, stream: SimTokenStream, hashes: Sequence[int], *, decode_here: bool
+        self,
+        t: float,
+        rid: str,
+        stream: SimTokenStream,
+        hashes: Sequence[int],
+        *,
+        decode_here: bool,
+        adapter: str = "",
     ) -> None:
         """Queue a prompt. ``decode_here``: generate the rest here too; else hold the KV after token 0
         until :meth:`release`."""
         self._sync(t)
         self._check_new(rid, stream.prompt_len + (1 if decode_here else 0))
-        seq = _Seq(rid, SeqKind.GENERATE if decode_here else SeqKind.HANDOFF, stream, hashes)
+        seq = _Seq(rid, SeqKind.GENERATE if decode_here else SeqKind.HANDOFF, stream, hashes, adapter)
         self._seqs[rid] = seq
         self._queue.append(seq)
         self._kick()
 
-    def reserve_decode(self, t: float, rid: str, stream: SimTokenStream, hashes: Sequence[int]) -> None:
+    def reserve_decode(
+        self, t: float, rid: str, stream: SimTokenStream, hashes: Sequence[int], adapter: str = ""
+    ) -> None:
         """Hold blocks for a handed-off prompt's KV and token 0; OUT_OF_BLOCKS if they are not free."""
         self._sync(t)
         blocks = self._blocks_for(stream.prompt_len + 1)
@@ -170,7 +194,7 @@ class SimBatcher:
                 ErrorCode.OUT_OF_BLOCKS,
                 f"{rid}: no room for {blocks} KV blocks ({self.pool.free + self.pool.cached} free)",
             )
-        seq = _Seq(rid, SeqKind.DECODE, stream, hashes)
+        seq = _Seq(rid, SeqKind.DECODE, stream, hashes, adapter)
         seq.private, seq.where = blocks, _Where.RESERVED
         self._seqs[rid] = seq
         self._parked[rid] = seq
@@ -210,6 +234,7 @@ class SimBatcher:
         else:
             del self._parked[rid]
         self._free_blocks(seq)
+        self.adapters.unpin(rid)
         self._out = [o for o in self._out if o.request_id != rid]
         self._kick()
 
@@ -249,6 +274,8 @@ class SimBatcher:
             waiting=len(self._queue) + len(self._ready),
             queued_prefill_tokens=queued,
             cached_blocks=self.pool.cached,
+            adapter_slots=self.params.max_loras,
+            adapters_resident=self.adapters.resident(),
         )
 
     def holds(self, rid: str) -> bool:
@@ -281,8 +308,12 @@ class SimBatcher:
             self._start_iteration()
 
     def _start_iteration(self) -> None:
-        while self._ready and len(self._running) < self.params.max_batch:
-            seq = self._ready.popleft()
+        for seq in list(self._ready):
+            if len(self._running) >= self.params.max_batch:
+                break
+            if not self._pin(seq):
+                continue  # its adapter waits for a slot
+            self._ready.remove(seq)
             seq.where = _Where.RUNNING
             self._running[seq.rid] = seq
         batch = self._grow_batch()
@@ -304,6 +335,10 @@ class SimBatcher:
         if batch:
             self.stats.decode_iterations += 1
             self.stats.peak_running = max(self.stats.peak_running, len(batch))
+        if self._loads:  # adapter loads stall this iteration
+            ms += self._loads * self.params.adapter_load_s * 1e3
+            self.stats.adapter_loads += self._loads
+            self._loads = 0
         self.stats.iterations += 1
         self.stats.busy_s += ms / 1e3
         self._iter = _Iteration(self.t + ms / 1e3, work, chunk_end, batch)
@@ -333,15 +368,21 @@ class SimBatcher:
         self.stats.preemptions += 1
 
     def _start_next_prompt(self) -> _Seq | None:
-        if not self._queue:
+        seq = next((s for s in self._queue if self.adapters.can_pin(s.rid, s.adapter)), None)
+        if seq is None:
             return None
-        seq = self._queue[0]
+        if seq is not self._queue[0]:
+            # The head waits for an adapter slot (a preempted sequence never does: it keeps its
+            # adapter pinned): this one goes first.
+            self._queue.remove(seq)
+            self._queue.appendleft(seq)
         seq.shared = self.pool.acquire_prefix(seq.hashes)
         if not self.pool.allocate(self._blocks_for(seq.total) - len(seq.shared)):
             self.pool.retire(0, seq.shared)  # it waits, head of the line, until blocks free up
             seq.shared = []
             return None
         self._queue.popleft()
+        self._pin(seq)
         seq.private = self._blocks_for(seq.total) - len(seq.shared)
         # At least one position is computed: it yields the next token.
         seq.done = min(len(seq.shared) * self.params.block_size, seq.total - 1)
@@ -389,6 +430,7 @@ class SimBatcher:
         reason = seq.stream.finish_reason(token, 1)
         self._out.append(SimOutput(seq.rid, [token], reason, seq.cached_tokens))
         if seq.kind is SeqKind.HANDOFF:
+            self.adapters.unpin(seq.rid)  # the decode worker needs the adapter now, not this one
             seq.where = _Where.HELD
             self._parked[seq.rid] = seq
         elif reason is not None:
@@ -400,6 +442,14 @@ class SimBatcher:
     def _forget(self, seq: _Seq) -> None:
         del self._seqs[seq.rid]
         self._free_blocks(seq)
+        self.adapters.unpin(seq.rid)
+
+    def _pin(self, seq: _Seq) -> bool:
+        """Pin the sequence's adapter (False: no slot); a load is paid by the next iteration."""
+        if not self.adapters.can_pin(seq.rid, seq.adapter):
+            return False
+        self._loads += self.adapters.pin(seq.rid, seq.adapter)
+        return True
 
     def _publish_prompt(self, seq: _Seq) -> None:
         """The prompt's KV is complete here: its full blocks join the prefix cache."""

@@ -39,6 +39,17 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         "--sim-mean-output-tokens", type=float, default=256.0, help="mean output length (EOS draw rate)"
     )
     group.add_argument("--sim-seed", type=int, default=0, help="seed of the simulated outputs")
+    group.add_argument(
+        "--sim-lora",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a LoRA adapter served (modeled: its load costs --sim-adapter-load-s); repeatable",
+    )
+    group.add_argument("--sim-max-loras", type=int, default=4, help="LoRA adapters resident at once")
+    group.add_argument(
+        "--sim-adapter-load-s", type=float, default=0.1, help="modeled seconds per LoRA adapter load"
+    )
 
 
 def build(args: argparse.Namespace, kv_sender: KvSender | None, kv_receiver: KvReceiver | None) -> Engine:
@@ -60,6 +71,9 @@ def build(args: argparse.Namespace, kv_sender: KvSender | None, kv_receiver: KvR
         mean_output_tokens=args.sim_mean_output_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.sim_seed,
+        adapters=tuple(args.sim_lora),
+        max_loras=args.sim_max_loras,
+        adapter_load_s=args.sim_adapter_load_s,
     )
     return SimulatedEngine(config, kv_sender=kv_sender, kv_receiver=kv_receiver)
 

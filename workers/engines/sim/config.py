@@ -43,6 +43,11 @@ class SimEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     enable_prefix_caching: bool = True
     seed: int = 0
     job_timeout_s: float = 600.0
+    # LoRA: the adapters served (names only: nothing is loaded, a load costs ``adapter_load_s``
+    # model seconds), of which ``max_loras`` are resident at once.
+    adapters: tuple[str, ...] = ()
+    max_loras: int = 4
+    adapter_load_s: float = 0.1
 
     def __post_init__(self) -> None:
         checks = {
@@ -55,6 +60,8 @@ class SimEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             "max_model_len": self.max_model_len >= 0,
             "mean_output_tokens": self.mean_output_tokens >= 1,
             "job_timeout_s": self.job_timeout_s > 0,
+            "max_loras": self.max_loras >= 1,
+            "adapter_load_s": self.adapter_load_s >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

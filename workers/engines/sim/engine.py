@@ -62,6 +62,8 @@ class SimulatedEngine:
             max_batch=cfg.max_batch,
             chunk_tokens=cfg.chunk_tokens,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            max_loras=cfg.max_loras if cfg.adapters else 0,
+            adapter_load_s=cfg.adapter_load_s,
         )
         self._core = SimBatcher(self.cost, params)
         self.link = KvLink(cfg.kv_link_gbytes_per_s, cfg.time_scale)
@@ -92,6 +94,7 @@ class SimulatedEngine:
             tokenizer="byte",
             eos_token_id=EOS_TOKEN_ID,
             vocab_size=VOCAB_SIZE,
+            adapters=self.config.adapters,
         )
 
     def load(self) -> Load:
@@ -124,7 +127,7 @@ class SimulatedEngine:
         first: asyncio.Future[SimOutput] = asyncio.get_running_loop().create_future()
         self._handlers[rid] = lambda out: first.done() or first.set_result(out)
         try:
-            self._core.add_prefill(self._now(), rid, stream, hashes, decode_here=False)
+            self._core.add_prefill(self._now(), rid, stream, hashes, decode_here=False, adapter=job.adapter)
             self._wake.set()
             out = await self._within(first, job.deadline_s, f"prefill of {rid}")
             token = out.token_ids[0]
@@ -151,7 +154,7 @@ class SimulatedEngine:
             raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot receive KV (no KV receiver)")
         rid = job.request_id
         stream, hashes = self._request(job)
-        self._core.reserve_decode(self._now(), rid, stream, hashes)
+        self._core.reserve_decode(self._now(), rid, stream, hashes, job.adapter)
         try:
             first = await receive_standin(
                 self._receiver,
@@ -173,7 +176,10 @@ class SimulatedEngine:
         stream, hashes = self._request(job)
         try:
             await self._until_finished(
-                rid, lambda: self._core.add_prefill(self._now(), rid, stream, hashes, decode_here=True)
+                rid,
+                lambda: self._core.add_prefill(
+                    self._now(), rid, stream, hashes, decode_here=True, adapter=job.adapter
+                ),
             )
         finally:
             self._forget(rid)
@@ -205,8 +211,13 @@ class SimulatedEngine:
             max_model_len=self.max_model_len,
             generated=job.generated,
         )
+        # An adapter's KV is its own: its prefix keys are salted with its name (any per-adapter salt
+        # keeps them apart; the reference engine salts with the weights' identity).
+        salt = f"lora:{job.adapter}".encode() if job.adapter else b""
         hashes = (
-            prefix_block_hashes(prompt, self.config.block_size) if self.config.enable_prefix_caching else []
+            prefix_block_hashes(prompt, self.config.block_size, salt)
+            if self.config.enable_prefix_caching
+            else []
         )
         return stream, hashes
 
