@@ -17,7 +17,7 @@ from simulate.node import SimNode
 from simulate.runner import SimConfig, Simulation, simulate
 from simulate.slo import SloSpec
 from simulate.trace import synthetic_trace
-from transport.errors import PdorchError
+from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role, SamplingParams
 from workers.engines.sim.batcher import BatcherParams, SimBatcher
 from workers.engines.sim.cost import LLAMA3_8B, CostModel, model_shapes
@@ -212,3 +212,21 @@ def test_the_real_time_engine_serves_its_adapters_and_reports_its_slots() -> Non
     assert SimulatedEngine(SimEngineConfig()).load().adapter_slots == 0  # serves none
     with pytest.raises(PdorchError):
         SimEngineConfig(adapters=("a",), max_loras=0)
+
+
+async def test_the_real_time_engine_loads_and_unloads_adapters_at_run_time() -> None:
+    from workers.engines.sim.config import SimEngineConfig
+    from workers.engines.sim.engine import SimulatedEngine
+
+    eng = SimulatedEngine(SimEngineConfig(adapters=("a",), max_loras=2))
+    await eng.load_adapter("b", "/nowhere")  # simulated: nothing is read
+    await eng.load_adapter("a", "/elsewhere")  # again: still served once
+    assert eng.info().adapters == ("b", "a")
+    await eng.unload_adapter("a")
+    assert eng.info().adapters == ("b",)
+    with pytest.raises(PdorchError) as gone:
+        await eng.unload_adapter("a")
+    assert gone.value.code is ErrorCode.MODEL_NOT_FOUND
+    with pytest.raises(PdorchError) as none:
+        await SimulatedEngine(SimEngineConfig()).load_adapter("b", "/x")
+    assert none.value.code is ErrorCode.CONFIG

@@ -80,6 +80,7 @@ class SimulatedEngine:
         self._wake = asyncio.Event()
         self._stepper: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
+        self._adapters = tuple(cfg.adapters)  # served now (adapters load and unload at run time)
 
     # ------------------------------------------------------------------ Engine protocol
 
@@ -94,11 +95,24 @@ class SimulatedEngine:
             tokenizer="byte",
             eos_token_id=EOS_TOKEN_ID,
             vocab_size=VOCAB_SIZE,
-            adapters=self.config.adapters,
+            adapters=self._adapters,
         )
 
     def load(self) -> Load:
         return self._core.load()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve ``name`` (a simulated adapter has no weights: ``path`` is not read)."""
+        if not self._core.params.max_loras:
+            raise PdorchError(
+                ErrorCode.CONFIG, "this simulated engine has no adapter slots (start it with --sim-lora)"
+            )
+        self._adapters = (*(a for a in self._adapters if a != name), name)
+
+    async def unload_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"adapter {name!r} is not loaded")
+        self._adapters = tuple(a for a in self._adapters if a != name)
 
     @property
     def stats(self) -> BatcherStats:
