@@ -1,9 +1,9 @@
 """Fuzz the scheduler's HTTP API with schemathesis against the OpenAPI document it serves.
 
 Starts a local cluster (``pdorch up``'s: scheduler, a prefill and a decode worker on the
-random-weight model, p2p KV), points schemathesis at ``/openapi.json`` and fails on any 5xx
-answer. Schemathesis lives in a virtualenv of its own (``.venv-fuzz``, made on first use), not in
-the project's: it is a tool, not a dependency.
+random-weight model, p2p KV, run-time LoRA loading on), points schemathesis at ``/openapi.json``
+and fails on any 5xx answer. Schemathesis lives in a virtualenv of its own (``.venv-fuzz``, made
+on first use), not in the project's: it is a tool, not a dependency.
 
 Run: ``make fuzz`` or ``.venv/bin/python scripts/fuzz_http.py [--max-examples N] [--seed S]``.
 """
@@ -47,7 +47,13 @@ def main() -> int:
     args = p.parse_args()
     st = schemathesis()
     with tempfile.TemporaryDirectory(prefix="pdorch-fuzz-") as tmp:
-        spec = ClusterSpec(port=0, log_dir=Path(tmp), log_level="WARNING", model=RANDOM_MODEL)
+        # Run-time LoRA loading on (from an empty adapter directory), so its endpoints are fuzzed
+        # past the switch that turns them off.
+        adapters = Path(tmp) / "adapters"
+        adapters.mkdir()
+        spec = ClusterSpec(
+            port=0, log_dir=Path(tmp), log_level="WARNING", model=RANDOM_MODEL, lora_root=adapters
+        )
         cluster = LocalCluster(spec)
         try:
             cluster.start(timeout_s=120)
