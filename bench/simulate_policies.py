@@ -260,6 +260,11 @@ def _ablations() -> dict[str, PlacementConfig]:
         ),
         "- decode nodes prefilling": replace(full, handler=_with_params(full.handler, colocate=False)),
         "- prefill nodes decoding": replace(full, fallback_to_prefill_node=False),
+        "- scorers (ties drawn at random)": replace(
+            full,
+            decode=replace(full.decode, scorers=()),
+            prefill=replace(full.prefill, scorers=()),
+        ),
     }
 
 
