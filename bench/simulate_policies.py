@@ -265,6 +265,9 @@ def _ablations() -> dict[str, PlacementConfig]:
             decode=replace(full.decode, scorers=()),
             prefill=replace(full.prefill, scorers=()),
         ),
+        "- late binding (max_prefill_wait_s: 0)": replace(
+            full, handler=_with_params(full.handler, max_prefill_wait_s=0.0)
+        ),
     }
 
 
