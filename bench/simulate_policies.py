@@ -47,6 +47,7 @@ from scheduler.prediction.output_length import OutputLengthPredictor  # noqa: E4
 from simulate.adapters import AdapterSpec  # noqa: E402
 from simulate.cluster import parse_cluster  # noqa: E402
 from simulate.goodput import attainment_curve, find_goodput  # noqa: E402
+from simulate.metrics import SimResult  # noqa: E402
 from simulate.plot import plot_attainment  # noqa: E402
 from simulate.predictor_eval import evaluate, features_of  # noqa: E402
 from simulate.runner import SimConfig, simulate  # noqa: E402
@@ -141,6 +142,16 @@ def _policy(name: str):
     return policy(name, tpot_target_s=SLO.tpot_s, kv_link_gbytes_per_s=CONFIG.link_gbytes_per_s)
 
 
+def _progress(r: SimResult) -> None:
+    """One line per replay on stderr, so a search cut short still shows the bounds it reached."""
+    verdict = "stopped early" if r.aborted else f"{r.attainment:.1%}"
+    print(
+        f"  {r.policy} {r.trace} {r.cluster}: scale {r.rate_scale:.3f} -> {verdict}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def section_goodput(
     loaded: dict[str, Trace], precision: float, plots: Path | None, shapes: list[str], names: list[str]
 ) -> None:
@@ -169,7 +180,14 @@ def section_goodput(
             results = {}
             for pname in names:
                 g = find_goodput(
-                    trace, cluster, _policy(pname), SLO, CONFIG, policy_name=pname, precision=precision
+                    trace,
+                    cluster,
+                    _policy(pname),
+                    SLO,
+                    CONFIG,
+                    policy_name=pname,
+                    precision=precision,
+                    on_run=_progress,
                 )
                 results[pname] = g
                 r = g.at_goodput
@@ -258,20 +276,30 @@ def _ablations() -> dict[str, PlacementConfig]:
         ),
         "- decode nodes prefilling": replace(full, handler=_with_params(full.handler, colocate=False)),
         "- prefill nodes decoding": replace(full, fallback_to_prefill_node=False),
+        "- scorers (ties drawn at random)": replace(
+            full,
+            decode=replace(full.decode, scorers=()),
+            prefill=replace(full.prefill, scorers=()),
+        ),
+        "- late binding (max_prefill_wait_s: 0)": replace(
+            full, handler=_with_params(full.handler, max_prefill_wait_s=0.0)
+        ),
     }
 
 
-def section_ablation(loaded: dict[str, Trace], precision: float) -> None:
-    print("## Ablation: pdorch with one idea off (goodput, x trace rate, 4+4)\n")
-    prefill, decode = SHAPES["4+4"]
+def section_ablation(loaded: dict[str, Trace], precision: float, shape: str, only: list[str] | None) -> None:
+    print(f"## Ablation: pdorch with one idea off (goodput, x trace rate, {shape})\n")
+    prefill, decode = SHAPES[shape]
     cluster = parse_cluster(prefill, decode)
-    variants = _ablations()
+    variants = {k: v for i, (k, v) in enumerate(_ablations().items()) if only is None or str(i) in only}
     print("| variant | " + " | ".join(loaded) + " |")
     print("|---|" + "---|" * len(loaded))
     for label, config in variants.items():
         cells = []
         for trace in loaded.values():
-            g = find_goodput(trace, cluster, config, SLO, CONFIG, policy_name=label, precision=precision)
+            g = find_goodput(
+                trace, cluster, config, SLO, CONFIG, policy_name=label, precision=precision, on_run=_progress
+            )
             cells.append(f"{g.goodput_scale:.2f}")
         print(f"| {label} | " + " | ".join(cells) + " |")
     print()
@@ -287,6 +315,12 @@ def main() -> int:
     p.add_argument("--shape", choices=list(SHAPES), action="append", help="cluster size (default: all)")
     p.add_argument("--trace", choices=list(TRACES), action="append", help="trace (default: all)")
     p.add_argument("--policy", choices=list(policies()), action="append", help="policy (default: all)")
+    p.add_argument(
+        "--variant",
+        choices=[str(i) for i in range(len(_ablations()))],
+        action="append",
+        help="ablation variant by index, 0 = all of pdorch (default: every variant)",
+    )
     p.add_argument("--plots", type=Path, default=None, help="directory for attainment-vs-rate PNGs")
     p.add_argument("--adapters", type=int, default=0, help="LoRA adapters drawn per request (0 = none)")
     p.add_argument(
@@ -330,7 +364,7 @@ def main() -> int:
     if args.only in (None, "rates"):
         section_rates(loaded, args.shape or list(SHAPES), names)
     if args.only in (None, "ablation"):
-        section_ablation(loaded, args.precision)
+        section_ablation(loaded, args.precision, (args.shape or ["4+4"])[0], args.variant)
     return 0
 
 

@@ -69,6 +69,7 @@ def request(**kw: Any) -> PlacementRequest:
 
 def placer(**handler: Any) -> Placer:
     fallback = handler.pop("fallback", True)
+    handler.setdefault("max_prefill_wait_s", 0.0)  # late binding off unless a case is about it
     return Placer(
         PlacementConfig(
             handler=PluginSpec("slo", params=handler),
@@ -204,6 +205,27 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         {"waited_s": 0.5},
         {},
         ErrorCode.NO_WORKER,
+    ),
+    (
+        "late binding: the prefill node has more queued than the bound, the idle decode node prefills",
+        [p(prefill_wait_s=1.0), d()],
+        {},
+        {"max_prefill_wait_s": 0.5},
+        ("d", "d"),
+    ),
+    (
+        "late binding: every prefill queue is over the bound and TTFT can still be met: wait",
+        [p(prefill_wait_s=1.0), d()],
+        {},
+        {"max_prefill_wait_s": 0.5, "colocate": False},
+        ErrorCode.NO_WORKER,
+    ),
+    (
+        "late binding: a prefill queue within the bound is taken",
+        [p(prefill_wait_s=0.4), d()],
+        {},
+        {"max_prefill_wait_s": 0.5},
+        ("p", "d"),
     ),
 ]
 

@@ -67,6 +67,10 @@ class SloProfileHandlerParams(msgspec.Struct, frozen=True, forbid_unknown_fields
     colocate: bool = True
     # Lend a node to the other phase only when its own pool cannot meet the objectives.
     tiers: bool = True
+    # Late binding (with tiers): a candidate whose prefill node has more than this many seconds of
+    # prefill queued does not count as meeting the objectives, so the request waits in the admission
+    # queue (earliest deadline first) instead of in that node's FIFO. 0: off.
+    max_prefill_wait_s: float = 0.5
 
 
 class SloProfileHandler:
@@ -84,7 +88,7 @@ class SloProfileHandler:
         for tier in Tier:
             tiers.append(self._options(tier, profiles, ctx, est, prefill, decode))
             if self.params.tiers:
-                best = _best(profiles, ctx, [o for o in tiers[-1] if o.headroom >= 0])
+                best = _best(profiles, ctx, [o for o in tiers[-1] if o.headroom >= 0 and self._bound(o)])
                 if best is not None:
                     return _placed(ctx, best)
         options = [o for tier_options in tiers for o in tier_options]
@@ -108,6 +112,10 @@ class SloProfileHandler:
                 return _placed(ctx, best)
             raise _shed(f"its first token is predicted at {ttft:.2f}s > {req.ttft_slo_s:.2f}s")
         raise PdorchError(ErrorCode.NO_WORKER, "no candidate meets the request's objectives yet; waiting")
+
+    def _bound(self, o: Option) -> bool:
+        wait = self.params.max_prefill_wait_s
+        return wait <= 0 or o.prefill.prefill_wait_s <= wait
 
     def _deadline_passed(self, ctx: RequestContext) -> bool:
         slo = ctx.request.ttft_slo_s
