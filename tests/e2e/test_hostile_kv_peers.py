@@ -215,7 +215,13 @@ def _broker_cluster(tmp_path: Path, *extra: str) -> LocalCluster:
         "--ttl-s",
         "3600",
     ]
-    return start_cluster(tmp_path, kv_mode="centralized", broker_args=[*args, *extra])
+    # Every request split, so that every one is a handoff through the attacked broker (the slo
+    # handler would run some on one node when the prefill queue is long).
+    config = tmp_path / "scheduler.yaml"
+    config.write_text("placement: {handler: {type: slo, params: {colocate: false}}}\n")
+    return start_cluster(
+        tmp_path, kv_mode="centralized", broker_args=[*args, *extra], scheduler_args=["--config", str(config)]
+    )
 
 
 @pytest.fixture
