@@ -57,8 +57,18 @@ def cluster(
         name: ["--kv-bind", f"tcp://127.0.0.1:{bound}", "--kv-advertise", f"tcp://127.0.0.1:{advertised}"]
         for name, (bound, advertised) in ports.items()
     }
+    logs = tmp_path_factory.mktemp("migration")
+    # Late binding keeps prompts in the admission queue rather than in the prefill workers' queues;
+    # these tests need work queued on a worker when they kill it, so it is off here.
+    config = logs / "scheduler.yaml"
+    config.write_text("placement: {handler: {type: slo, params: {max_prefill_wait_s: 0}}}\n")
     c = start_cluster(
-        tmp_path_factory.mktemp("migration"), prefill=2, decode=2, kv_mode="p2p", per_worker_args=per_worker
+        logs,
+        prefill=2,
+        decode=2,
+        kv_mode="p2p",
+        per_worker_args=per_worker,
+        scheduler_args=["--config", str(config)],
     )
     yield c
     c.stop()
