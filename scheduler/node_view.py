@@ -54,6 +54,11 @@ class _Derived(NamedTuple):
     adapters_in_use: frozenset[str]
 
 
+def kv_refusing(load: Load, ledger: NodeLedger, now: float) -> bool:
+    """Its KV endpoint turns handoffs away: the worker says so, or a handoff to it was (kv_busy)."""
+    return load.kv_refusing or now < ledger.kv_busy_until
+
+
 def node_view(
     state: NodeState,
     ledger: NodeLedger,
@@ -64,7 +69,7 @@ def node_view(
     hello, load = state.hello, state.load
     d = _derived(ledger, latency, accelerators)
     timed = bool(ledger.pending)  # only the prefill backlog moves with time
-    refusing = load.kv_refusing or now < ledger.kv_busy_until
+    refusing = kv_refusing(load, ledger, now)
     key = (d, load, state.draining, refusing, now if timed else None)
     last = ledger.last_view
     if last is not None and last[0][0] is d and last[0][1] is load and last[0][2:] == key[2:]:

@@ -13,7 +13,7 @@ from aiohttp import web
 from scheduler.app_keys import ADAPTERS, CLUSTER, CONFIG
 from scheduler.config import SchedulerConfig
 from scheduler.http.openai_schema import LoadLoraAdapterRequest, UnloadLoraAdapterRequest, bad
-from scheduler.http.request_io import client_tenant, request_body
+from scheduler.http.request_io import bearer_token, client_tenant, request_body
 from scheduler.lora.operations import Outcome
 from scheduler.lora.registry import Registration
 from transport.errors import ErrorCode, PdorchError
@@ -27,9 +27,7 @@ def _authorize(request: web.Request, cfg: SchedulerConfig) -> None:
     if not cfg.lora.runtime_updates:
         raise PdorchError(ErrorCode.NOT_FOUND, "loading adapters at run time is off (lora.runtime_updates)")
     client_tenant(request, cfg)
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if cfg.lora.admin_keys and token not in cfg.lora.admin_keys:
+    if cfg.lora.admin_keys and bearer_token(request) not in cfg.lora.admin_keys:
         raise PdorchError(ErrorCode.UNAUTHORIZED, "this key may not load or unload adapters")
 
 

@@ -8,6 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, KUBERNETES, METRICS
+from scheduler.node_view import kv_refusing
 from transport.messages import Role
 
 
@@ -43,7 +44,7 @@ async def cluster(request: web.Request) -> web.Response:
                 "accelerator": h.accelerator,
                 "kv_endpoint": h.kv_endpoint,
                 # As placement sees it: reported by the worker, or a handoff to it turned away.
-                "kv_refusing": w.load.kv_refusing or now < w.ledger.kv_busy_until,
+                "kv_refusing": kv_refusing(w.load, w.ledger, now),
                 "key": w.key_name,
                 "block_size": h.block_size,
                 "kv_bytes_per_token": h.kv_bytes_per_token,

@@ -16,10 +16,14 @@ from transport.errors import ErrorCode, PdorchError
 _Req = TypeVar("_Req")
 
 
+def bearer_token(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+
 def client_tenant(request: web.Request, cfg: SchedulerConfig) -> str:
     keys = cfg.api_keys
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    token = bearer_token(request)
     if keys and token not in keys:
         raise PdorchError(ErrorCode.UNAUTHORIZED, "missing or invalid API key")
     return token[:12] if keys else ""
