@@ -11,9 +11,10 @@ line with the registry when they register (:meth:`joined`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
@@ -69,7 +70,7 @@ class AdapterOperations:
     # ------------------------------------------------------------------ from the API
 
     async def load(self, reg: Registration, *, replace: bool) -> Outcome:
-        async with self._bounded_lock():
+        async with _bounded(self._lock, self._timeout_s):
             served = any(reg.name in w.hello.adapters for w in self._cluster.workers())
             if not replace and (served or self.registry.get(reg.name) is not None):
                 raise PdorchError(
@@ -94,7 +95,7 @@ class AdapterOperations:
             return outcome
 
     async def unload(self, name: str) -> Outcome:
-        async with self._bounded_lock():
+        async with _bounded(self._lock, self._timeout_s):
             targets = [w.worker_id for w in self._cluster.workers() if name in w.hello.adapters]
             if self.registry.get(name) is None and not targets:
                 raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"the adapter {name!r} cannot be found")
@@ -103,33 +104,25 @@ class AdapterOperations:
 
     # ------------------------------------------------------------------ helpers
 
-    def _bounded_lock(self) -> _BoundedLock:
-        return _BoundedLock(self._lock, self._timeout_s)
-
     async def _each(self, worker_ids: list[str], message: Callable[[str], ToWorker]) -> Outcome:
         """Send each worker its message and wait (bounded) for every answer."""
         loop = asyncio.get_running_loop()
-        futures: dict[str, asyncio.Future[AdapterAck]] = {}
+        sent: dict[str, tuple[str, asyncio.Future[AdapterAck]]] = {}  # op -> (worker, its answer)
         failed: dict[str, str] = {}
         for wid in worker_ids:
             op = _op_id()
-            future: asyncio.Future[AdapterAck] = loop.create_future()
-            self._waiting[op] = (wid, future)
-            futures[op] = future
-            if not self._send(wid, message(op)):
+            if self._send(wid, message(op)):
+                sent[op] = self._waiting[op] = (wid, loop.create_future())
+            else:
                 failed[wid] = "unreachable"
-                future.cancel()
         try:
-            pending = [f for f in futures.values() if not f.done()]
-            if pending:
-                await asyncio.wait(pending, timeout=self._timeout_s)
+            if sent:
+                await asyncio.wait([f for _, f in sent.values()], timeout=self._timeout_s)
         finally:
-            owners = {op: self._waiting.pop(op)[0] for op in futures}
+            for op in sent:
+                del self._waiting[op]
         done = []
-        for op, future in futures.items():
-            wid = owners[op]
-            if wid in failed:
-                continue
+        for wid, future in sent.values():
             if not future.done():
                 future.cancel()
                 failed[wid] = f"no answer within {self._timeout_s:.0f}s"
@@ -146,23 +139,19 @@ class AdapterOperations:
         return Role.PREFILL in roles and Role.DECODE in roles
 
 
-class _BoundedLock:
+@contextlib.asynccontextmanager
+async def _bounded(lock: asyncio.Lock, timeout_s: float) -> AsyncIterator[None]:
     """The operations lock, waited for at most ``timeout_s`` (then DEADLINE_EXCEEDED)."""
-
-    def __init__(self, lock: asyncio.Lock, timeout_s: float) -> None:
-        self._lock = lock
-        self._timeout_s = timeout_s
-
-    async def __aenter__(self) -> None:
-        try:
-            await asyncio.wait_for(self._lock.acquire(), self._timeout_s)
-        except TimeoutError:
-            raise PdorchError(
-                ErrorCode.DEADLINE_EXCEEDED, "another adapter operation is still running; try again"
-            ) from None
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
+    try:
+        await asyncio.wait_for(lock.acquire(), timeout_s)
+    except TimeoutError:
+        raise PdorchError(
+            ErrorCode.DEADLINE_EXCEEDED, "another adapter operation is still running; try again"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _op_id() -> str:
