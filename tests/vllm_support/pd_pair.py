@@ -192,19 +192,23 @@ async def check_equality(cluster: Cluster, e: Engines, s: SamplingParams, tag: s
     expected = [
         await colocated(e.prefill, e.p_out, f"{tag}-c{i}", p, s) for i, p in enumerate(cluster.prompts)
     ]
-    got = await asyncio.gather(
-        *(
-            disaggregated(
-                e,
-                f"{tag}-{mode}{i}",
-                p,
-                s,
-                route(mode, cluster, f"{tag}-{mode}-{i}"),
-                decode_first=i % 2 == 0,
+    try:
+        got = await asyncio.gather(
+            *(
+                disaggregated(
+                    e,
+                    f"{tag}-{mode}{i}",
+                    p,
+                    s,
+                    route(mode, cluster, f"{tag}-{mode}-{i}"),
+                    decode_first=i % 2 == 0,
+                )
+                for i, p in enumerate(cluster.prompts)
             )
-            for i, p in enumerate(cluster.prompts)
         )
-    )
+    except Exception as exc:  # what the servers said is the only clue to a crash inside vLLM
+        tails = "\n".join(f"--- vLLM {v.name}:\n{v.log_tail(80)}" for v in (cluster.prefill, cluster.decode))
+        raise AssertionError(f"{tag}: {exc!r}\n{tails}") from exc
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert have == want, f"prompt {i} ({len(cluster.prompts[i])} tokens): {have} != {want}"
 

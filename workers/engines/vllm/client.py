@@ -17,6 +17,10 @@ import aiohttp
 from transport.errors import ErrorCode, PdorchError
 
 _SSE_DATA = b"data:"
+# vLLM's HTTP server (uvicorn) closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
+# aiohttp would keep it 15 s. A request sent on a connection the server is closing at that moment
+# fails as "Server disconnected" though vLLM is fine, so idle connections are dropped first here.
+KEEPALIVE_S = 4.0
 
 
 def _error_text(payload: Any) -> str:
@@ -40,11 +44,16 @@ def _status_error(status: int, body: str) -> PdorchError:
 class VllmClient:
     """One HTTP connection pool to one vLLM server. Create inside a running event loop."""
 
-    def __init__(self, url: str, *, request_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, url: str, *, request_timeout_s: float = 300.0, keepalive_s: float = KEEPALIVE_S
+    ) -> None:
+        """``keepalive_s``: how long an idle connection may be reused; keep it below the server's."""
         self.url = url.rstrip("/")
         self.request_timeout_s = request_timeout_s
         # No pool limit: decode streams are long-lived and must not queue behind each other.
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_s)
+        )
 
     async def close(self) -> None:
         await self._session.close()
