@@ -89,6 +89,14 @@ def healed(cluster: LocalCluster, proxies: tuple[ProxyThread, Any]) -> Iterator[
     while {w["worker_id"] for w in cluster.cluster_state()["workers"]} != set(cluster.worker_names()):
         assert time.monotonic() < deadline, "the cluster did not heal"
         time.sleep(0.1)
+    # Every request of the test is over: nothing may stay booked on any worker.
+    while booked := {
+        w["worker_id"]: w["inflight_requests"]
+        for w in cluster.cluster_state()["workers"]
+        if w["inflight_requests"]
+    }:
+        assert time.monotonic() < deadline, f"requests left booked after the test: {booked}"
+        time.sleep(0.1)
 
 
 def _bodies(seed: int, count: int, prompt_len: int, max_tokens: int) -> list[dict[str, Any]]:
@@ -123,6 +131,19 @@ def _busy(cluster: LocalCluster, role: str, at_least: int = 1) -> list[str]:
         for w in cluster.cluster_state()["workers"]
         if w["role"] == role and w["inflight_requests"] >= at_least
     ]
+
+
+def _running_decoder(cluster: LocalCluster) -> str:
+    """The decode worker with the most jobs running by its own last report ("" if none)."""
+    workers = [
+        w for w in cluster.cluster_state()["workers"] if w["role"] == "decode" and w["load"]["running"]
+    ]
+    return max(workers, key=lambda w: w["load"]["running"])["worker_id"] if workers else ""
+
+
+async def _migration_series(url: str) -> list[str]:
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as s, s.get(url + "/metrics") as r:
+        return [line for line in (await r.text()).splitlines() if line.startswith("pdorch_migrations_total{")]
 
 
 async def _migrations(url: str, **labels: str) -> float:
@@ -168,10 +189,14 @@ async def test_decode_killed_after_streaming_tokens(healed: LocalCluster, coloca
     running = asyncio.create_task(_run(healed.url, bodies, seen))
     streamed = [s for s, b in zip(seen, bodies, strict=True) if b["stream"]]
     await eventually(lambda: all(len(s) >= 10 for s in streamed), 60, "ten tokens on every stream")
-    healed.kill(_busy(healed, "decode")[0])
+    # The victim's engine itself reports decode jobs running (not only the scheduler's booking).
+    await eventually(lambda: _running_decoder(healed), 30, "a decode worker running jobs")
+    victim = _running_decoder(healed)
+    healed.kill(victim)
     got = await running
     assert got == want
-    assert await _migrations(healed.url, phase="decode", cause="lost", recovery="resume") > before
+    after = await _migrations(healed.url, phase="decode", cause="lost", recovery="resume")
+    assert after > before, f"no decode-phase migration off {victim}: {await _migration_series(healed.url)}"
 
 
 async def test_a_stopped_worker_is_as_dead_as_a_killed_one(
