@@ -38,6 +38,7 @@ from scheduler.placement.latency_model import (
     prior_handoff,
 )
 from scheduler.placement.types import NodeView, PlacementRequest
+from transport.messages import Role
 
 _PRIOR_HANDOFF = prior_handoff()
 
@@ -51,6 +52,9 @@ class Option(NamedTuple):
     total: float  # sum of those headrooms (breaks ties), or minus the latency without objectives
     ttft_s: float
     tpot_s: float  # its own, over its median predicted output
+    # Split on a prefill node: its prefill leaves the requests lent that node's decode capacity
+    # within their TPOT (they are not among the objectives: see ``lent_headroom``).
+    lent_ok: bool = True
 
 
 def decode_steps(req: PlacementRequest, level: float = 0.5) -> int:
@@ -158,21 +162,33 @@ class Estimator:
 
     # ------------------------------------------------------------------ candidates
 
-    def prefill_rank(self, p: NodeView) -> tuple[float, float]:
-        """How good ``p`` is as a remote prefill node (TTFT and what decodes on p), comparable."""
+    def lent_headroom(self, p: NodeView) -> float:
+        """What prefilling on the prefill node ``p`` leaves to the requests decoding there (lent its
+        decode capacity by the last tier). Not an objective: on a prefill node prefills come first,
+        so those requests never hold up the pool's own work (one of them close to its TPOT would
+        otherwise stop every prefill on the node until it ends). It only ranks the candidates that
+        meet the objectives. inf where nothing decodes, or ``p`` is not a prefill node."""
+        if p.role is not Role.PREFILL:
+            return math.inf
+        return self.members_headroom(p, 0.0, self.service_s(p))
+
+    def prefill_rank(self, p: NodeView) -> tuple[bool, float, float]:
+        """How good ``p`` is as a remote prefill node (TTFT and what decodes on p), comparable:
+        meeting the objectives and sparing the lent requests first."""
         hs = self._prefill_headrooms(p)
         if not hs:
-            return (0.0, -self.ttft_s(p))
-        return (min(hs), sum(hs))
+            return (self.lent_headroom(p) >= 0, 0.0, -self.ttft_s(p))
+        return (min(hs) >= 0 and self.lent_headroom(p) >= 0, min(hs), sum(hs))
 
     def _prefill_headrooms(self, p: NodeView) -> list[float]:
         hs = []
         ttft_slo = self.req.ttft_slo_s
         if ttft_slo > 0:
             hs.append(1.0 - self.ttft_s(p) / ttft_slo)
-        members = self.members_headroom(p, 0.0, self.service_s(p))
-        if members != math.inf:
-            hs.append(members)
+        if p.role is not Role.PREFILL:
+            members = self.members_headroom(p, 0.0, self.service_s(p))
+            if members != math.inf:
+                hs.append(members)
         return hs
 
     def option(self, p: NodeView, d: NodeView) -> Option:
@@ -189,15 +205,19 @@ class Estimator:
         on_d = self.members_headroom(d, added, self.service_s(d) if colocated else 0.0)
         if on_d != math.inf:
             hs.append(on_d)
+        lent_ok = True
         if not colocated:
-            on_p = self.members_headroom(p, 0.0, self.service_s(p))
-            if on_p != math.inf:
-                hs.append(on_p)
+            if p.role is Role.PREFILL:
+                lent_ok = self.lent_headroom(p) >= 0
+            else:
+                on_p = self.members_headroom(p, 0.0, self.service_s(p))
+                if on_p != math.inf:
+                    hs.append(on_p)
         typical = self.typical_tpot_s(p, d, own)
         if not hs:
             # No objective anywhere: the fastest end to end.
-            return Option(p, d, 0.0, -(ttft + self.steps * typical), ttft, typical)
-        return Option(p, d, min(hs), sum(hs), ttft, typical)
+            return Option(p, d, 0.0, -(ttft + self.steps * typical), ttft, typical, lent_ok)
+        return Option(p, d, min(hs), sum(hs), ttft, typical, lent_ok)
 
     def typical_tpot_s(self, p: NodeView, d: NodeView, own: float) -> float:
         """Its own TPOT with the handoff spread over its median output, not the short end."""

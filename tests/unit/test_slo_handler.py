@@ -99,6 +99,15 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         ("queued", "d"),
     ),
     (
+        "the only prefill node decodes requests lent to it that its prefill would stall past their "
+        "TPOT, and no decode node can prefill: prefill there anyway (on a prefill node prefills "
+        "come first; waiting for those requests to end would hold up every prompt)",
+        [p(decode_batch=4, **members(0.01)), d(decode_batch=10, **members(0.3))],
+        {},
+        {},
+        ("p", "d"),
+    ),
+    (
         "the decode node whose batch would slow every step past the TPOT objective is not taken",
         [p(), d("crowded", decode_batch=150, decode_context_tokens=300_000), d("light", decode_batch=20)],
         {},

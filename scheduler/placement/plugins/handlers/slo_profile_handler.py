@@ -88,12 +88,15 @@ class SloProfileHandler:
         for tier in Tier:
             tiers.append(self._options(tier, profiles, ctx, est, prefill, decode))
             if self.params.tiers:
-                best = _best(profiles, ctx, [o for o in tiers[-1] if o.headroom >= 0 and self._bound(o)])
+                meeting = [o for o in tiers[-1] if o.headroom >= 0 and self._bound(o)]
+                # Spare the requests lent a prefill node's decode capacity where that costs nothing.
+                best = _best(profiles, ctx, [o for o in meeting if o.lent_ok] or meeting)
                 if best is not None:
                     return _placed(ctx, best)
         options = [o for tier_options in tiers for o in tier_options]
         if not self.params.tiers:
-            best = _best(profiles, ctx, [o for o in options if o.headroom >= 0])
+            meeting = [o for o in options if o.headroom >= 0]
+            best = _best(profiles, ctx, [o for o in meeting if o.lent_ok] or meeting)
             if best is not None:
                 return _placed(ctx, best)
         req = ctx.request
@@ -141,7 +144,7 @@ class SloProfileHandler:
             return []
         # The best prefill node of each class: headroom, then the prefill profile's scorers.
         scores = profiles.scores(Pool.PREFILL, ctx, prefill) if len(prefill) > 1 else [0.0]
-        by_class: dict[str, tuple[tuple[float, float, float], NodeView]] = {}
+        by_class: dict[str, tuple[tuple[bool, float, float, float], NodeView]] = {}
         for p, score in zip(prefill, scores, strict=True):
             rank = (*est.prefill_rank(p), score)
             held = by_class.get(p.accelerator)
