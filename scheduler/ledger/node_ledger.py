@@ -205,6 +205,8 @@ class NodeLedger:
             context=(self._context_s - member.context_s) / seconds,
             stall_s=self.busy_s - member.busy_at_join,
             seconds=seconds,
+            delay_s=member.delay_s,
+            tpot_slo_s=member.tpot_slo_s,
         )
 
     def grow(self, job_id: str, tokens: int, reserved_blocks: int | None = None) -> None:

@@ -61,6 +61,8 @@ class LatencyTable(msgspec.Struct, frozen=True, gc=False):
     handoffs: dict[str, LinearModel] = {}
     # Seconds per LoRA adapter load, per node class that has been seen loading one.
     adapter_load_s: dict[str, float] = {}
+    # Share of the TPOT objective kept in reserve, per decode class (absent: none).
+    tpot_margin: dict[str, float] = {}
     version: int = 0  # bumps with every publication (what is derived from it may be cached)
 
 

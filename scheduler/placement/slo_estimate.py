@@ -30,6 +30,7 @@ from scheduler.placement.latency_model import (
     ClassLatency,
     LatencyTable,
     LinearModel,
+    class_key,
     class_latency,
     decode_x,
     handoff_x,
@@ -67,8 +68,18 @@ def decode_steps(req: PlacementRequest, level: float = 0.5) -> int:
 class Estimator:
     """Predictions for one request, memoised per node for one decision."""
 
-    def __init__(self, ctx: RequestContext, table: LatencyTable, *, waited_s: float | None = None) -> None:
+    def __init__(
+        self,
+        ctx: RequestContext,
+        table: LatencyTable,
+        *,
+        waited_s: float | None = None,
+        margins: bool = True,
+    ) -> None:
+        """``margins``: judge TPOT against the objective less the learnt margin of the decode
+        node's class (off: against the objective itself)."""
         self.ctx = ctx
+        self.margins = margins
         self.req = ctx.request
         self.table = table
         self.waited_s = self.req.waited_s if waited_s is None else waited_s
@@ -112,6 +123,12 @@ class Estimator:
 
     def ttft_s(self, node: NodeView) -> float:
         return self.waited_s + node.prefill_wait_s + self.service_s(node) + self.adapter_load_s(node)
+
+    def tpot_margin(self, d: NodeView) -> float:
+        """The share of the TPOT objective kept in reserve on ``d``'s class (learnt: latency.py)."""
+        if not self.margins:
+            return 0.0
+        return self.table.tpot_margin.get(class_key(d.model, d.accelerator), 0.0)
 
     def adapter_load_s(self, node: NodeView) -> float:
         """Loading the request's LoRA adapter on ``node`` first (0: resident, or none)."""
@@ -200,7 +217,7 @@ class Estimator:
         if req.ttft_slo_s > 0:
             hs.append(1.0 - ttft / req.ttft_slo_s)
         if req.tpot_slo_s > 0 and self.steps >= 1:
-            hs.append(1.0 - own / req.tpot_slo_s)
+            hs.append(1.0 - own / (req.tpot_slo_s * (1.0 - self.tpot_margin(d))))
         added = self.step_s(d, with_request=True) - self.step_s(d, with_request=False)
         on_d = self.members_headroom(d, added, self.service_s(d) if colocated else 0.0)
         if on_d != math.inf:

@@ -16,6 +16,12 @@ does not teach the prefill model: what that model does not explain of its time i
 average of those residuals per node class is the **adapter load time** placement assumes (it starts
 from the accelerator table's ``adapter_load_s``, which counts as one observation).
 
+Decode observations also say whether the request met its TPOT objective. The latency models
+predict a step from the batch as it is; a request's TPOT also pays for what joins the batch after
+it and for prefills the node runs meanwhile. Per decode class a **TPOT margin** (a share of the
+objective placement keeps in reserve) is adapted so that about ``TPOT_MISS_TARGET`` of the requests
+miss it: it stays 0 where the predictions hold and grows where the batches run at the edge.
+
 Each fits a non-negative linear model on the features of :mod:`scheduler.placement.latency_model`
 (:class:`~scheduler.prediction.online_regression.OnlineRegression`), per node class
 (model + accelerator) and, for handoffs, per pair of classes. Nothing is set by hand: a class
@@ -74,6 +80,8 @@ class DecodeSample(msgspec.Struct, frozen=True, gc=False):
     context: float
     stall_s: float  # prefill time the node spent while the request decoded
     seconds: float
+    delay_s: float = 0.0  # from its first token to its first decode step here (the KV handoff)
+    tpot_slo_s: float = 0.0  # its TPOT objective (0: none)
 
 
 class HandoffSample(msgspec.Struct, frozen=True, gc=False):
@@ -86,16 +94,30 @@ class HandoffSample(msgspec.Struct, frozen=True, gc=False):
 
 # Adapter loads averaged over at most this many (then exponentially weighted: it follows drift).
 LOAD_WINDOW = 50
+# The TPOT margin: the share of requests placed to meet their TPOT objective that may miss it (half
+# of what a 90% attainment objective allows, the other half left to TTFT), the step of its
+# stochastic approximation per finished request, and its ceiling.
+TPOT_MISS_TARGET = 0.05
+TPOT_MARGIN_STEP = 0.01
+TPOT_MARGIN_MAX = 0.5
 
 
 class _Class:
-    __slots__ = ("adapter_load_s", "decode", "loads", "prefill")
+    __slots__ = ("adapter_load_s", "decode", "loads", "prefill", "tpot_margin")
 
     def __init__(self, profile: AcceleratorProfile | None) -> None:
         self.prefill = OnlineRegression(prior_prefill(profile).coef, prior_weight=PRIOR_WEIGHT, decay=DECAY)
         self.decode = OnlineRegression(prior_decode().coef, prior_weight=PRIOR_WEIGHT, decay=DECAY)
         self.adapter_load_s = profile.adapter_load_s if profile is not None else DEFAULT_ADAPTER_LOAD_S
         self.loads = 0  # adapter loads observed
+        self.tpot_margin = 0.0
+
+    def observe_tpot(self, met: bool) -> None:
+        """Robbins-Monro on the miss rate: each miss widens the margin, each hit narrows it, so it
+        settles where ``TPOT_MISS_TARGET`` of the requests miss (0 while predictions hold)."""
+        miss = 0.0 if met else 1.0
+        self.tpot_margin += TPOT_MARGIN_STEP * (miss - TPOT_MISS_TARGET)
+        self.tpot_margin = min(TPOT_MARGIN_MAX, max(0.0, self.tpot_margin))
 
     def observe_load(self, seconds: float) -> None:
         self.loads += 1
@@ -133,7 +155,10 @@ class LatencyLearner:
         if s.steps < 1:
             return
         x = decode_x(s.batch, s.context, s.stall_s / s.steps)
-        self._class(s.model, s.accelerator).decode.observe(x, s.seconds / s.steps)
+        c = self._class(s.model, s.accelerator)
+        c.decode.observe(x, s.seconds / s.steps)
+        if s.tpot_slo_s > 0:
+            c.observe_tpot((s.seconds + s.delay_s) / s.steps <= s.tpot_slo_s)
         self._learnt()
 
     def observe_handoff(self, s: HandoffSample) -> None:
@@ -161,6 +186,7 @@ class LatencyLearner:
                 },
                 handoffs={k: LinearModel(r.coef()) for k, r in self._links.items()},
                 adapter_load_s={k: c.adapter_load_s for k, c in self._classes.items() if c.loads},
+                tpot_margin={k: c.tpot_margin for k, c in self._classes.items() if c.tpot_margin > 0},
                 version=self._table.version + 1,
             )
             self._published_at = now

@@ -15,7 +15,15 @@ from scheduler.placement.latency_model import (
     prefill_x,
     prior_prefill,
 )
-from scheduler.prediction.latency import DecodeSample, HandoffSample, LatencyLearner, PrefillSample
+from scheduler.prediction.latency import (
+    TPOT_MARGIN_MAX,
+    TPOT_MARGIN_STEP,
+    TPOT_MISS_TARGET,
+    DecodeSample,
+    HandoffSample,
+    LatencyLearner,
+    PrefillSample,
+)
 from scheduler.prediction.online_regression import OnlineRegression
 from workers.engines.sim.cost import CostModel
 
@@ -113,6 +121,41 @@ def test_decode_model_learns_the_step_time_and_the_stalls() -> None:
         want = cost.decode_step_ms(batch, batch * 2000) / 1e3
         assert model.predict(decode_x(batch, batch * 2000)) == pytest.approx(want, rel=0.03)
     assert model.coef[3] == pytest.approx(1.0, rel=0.05)  # a stall second delays decoding a second
+
+
+def _tpot_sample(tpot_s: float, slo_s: float = 0.1, delay_s: float = 0.0) -> DecodeSample:
+    steps = 100
+    return DecodeSample(MODEL, "a100", steps, 20, 20_000, 0.0, steps * tpot_s - delay_s, delay_s, slo_s)
+
+
+def test_the_tpot_margin_settles_at_the_miss_target_and_vanishes_while_predictions_hold() -> None:
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
+    key = class_key(MODEL, "a100")
+    for _ in range(500):
+        learner.observe_decode(_tpot_sample(0.09))  # every request meets its objective
+    assert key not in learner.table(now=1.0).tpot_margin
+    rng = random.Random(3)
+    for _ in range(3000):  # a third miss it: the margin grows
+        learner.observe_decode(_tpot_sample(0.12 if rng.random() < 1 / 3 else 0.09))
+    assert learner.table(now=2.0).tpot_margin[key] == TPOT_MARGIN_MAX
+    for _ in range(200):  # the misses stop: it narrows again, to nothing
+        learner.observe_decode(_tpot_sample(0.09))
+    narrowed = learner.table(now=3.0).tpot_margin[key]
+    assert 0 < narrowed < TPOT_MARGIN_MAX
+    for _ in range(2000):
+        learner.observe_decode(_tpot_sample(0.09))
+    assert key not in learner.table(now=4.0).tpot_margin
+
+
+def test_the_tpot_counts_the_handoff_and_requests_without_an_objective_teach_no_margin() -> None:
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
+    key = class_key(MODEL, "a100")
+    for _ in range(50):  # 90 ms per step, but a 2 s handoff first: (9 + 2) / 100 steps = 110 ms
+        learner.observe_decode(_tpot_sample(0.11, delay_s=2.0))
+        learner.observe_decode(_tpot_sample(0.5, slo_s=0.0))
+    assert learner.table(now=1.0).tpot_margin[key] == pytest.approx(
+        50 * TPOT_MARGIN_STEP * (1 - TPOT_MISS_TARGET)
+    )
 
 
 def test_handoff_model_learns_the_link() -> None:

@@ -50,6 +50,8 @@ def test_a_split_booking_moves_through_its_lifecycle() -> None:
     decoded = led.finish("j", now=2.75, steps=10)
     assert decoded is not None and (decoded.steps, decoded.seconds, decoded.batch) == (10, 1.0, 1.0)
     assert decoded.context == 160 and decoded.stall_s == 0.0
+    # Its TPOT objective and the handoff it waited for (its TPOT counts from the first token).
+    assert (decoded.delay_s, decoded.tpot_slo_s) == (0.25, 0.1)
     assert not d.held and not d.members and led.booking("j") is None
 
 

@@ -293,3 +293,15 @@ def test_an_unlearnt_class_uses_the_prior() -> None:
         and math.isfinite(placement.predicted_ttft_s)
         and placement.predicted_ttft_s > 0
     )
+
+
+def test_a_learnt_tpot_margin_keeps_a_batch_off_the_edge() -> None:
+    """The A100 with 100 requests decoding meets the TPOT objective by prediction (91 ms), so the
+    request is split onto it. Where that class's requests have been missing their TPOT, the learnt
+    margin (20%: 80 ms) rules it out, and the idle prefill node decodes the request itself."""
+    nodes = (p(), d(decode_batch=100))
+    placement = placer().place(ClusterSnapshot(nodes, TABLE), request())
+    assert (placement.prefill, placement.decode) == ("p", "d")
+    margined = msgspec.structs.replace(TABLE, tpot_margin={class_key(M, "a100"): 0.2}, version=1)
+    placement = placer().place(ClusterSnapshot(nodes, margined), request())
+    assert (placement.prefill, placement.decode) == ("p", "p")

@@ -198,7 +198,7 @@ def _feasible_when_idle(
                 n, prefill_wait_s=0.0, decode_batch=0, decode_context_tokens=0, tolerance_steps=0
             ),
         )
-    est = Estimator(ctx, latency, waited_s=0.0)
+    est = Estimator(ctx, latency, waited_s=0.0, margins=False)
     prefills = [n for n in idle.values() if n.can_prefill]
     decodes = [n for n in idle.values() if n.role in (Role.DECODE, Role.BOTH)]
     for d in decodes:
