@@ -11,12 +11,10 @@ Sections:
 2. the output-length predictor, online on each trace: MAE and Spearman rank correlation next to
    naive baselines, and its cost per prediction (microseconds, measured here);
 3. the simulator's own speed: one full replay of the hour-long Azure trace on a 64-GPU cluster;
-4. the capacity bound: the most goodput any policy could reach on each trace and size (a fluid
-   relaxation of the same cost model, ``simulate/capacity_bound.py``);
-5. goodput per policy on each trace at two cluster sizes (4 + 4 and 8 + 8 instances), pdorch's
+4. goodput per policy on each trace at two cluster sizes (4 + 4 and 8 + 8 instances), pdorch's
    ratio to the best baseline, and a summary table;
-6. ShareGPT lengths at fixed Poisson arrival rates: attainment per policy;
-7. an ablation: pdorch's goodput with one of its ideas switched off at a time.
+5. ShareGPT lengths at fixed Poisson arrival rates: attainment per policy;
+6. an ablation: pdorch's goodput with one of its ideas switched off at a time.
 
 With ``--adapters N`` every section runs with LoRA adapters: each request draws one of N adapters
 (Zipf popularity ``--adapter-zipf``, seeded), every worker serves all N with ``--max-loras`` slots
@@ -47,7 +45,6 @@ from scheduler.placement.config import PlacementConfig, PluginSpec  # noqa: E402
 from scheduler.placement.policies import policies, policy  # noqa: E402
 from scheduler.prediction.output_length import OutputLengthPredictor  # noqa: E402
 from simulate.adapters import AdapterSpec  # noqa: E402
-from simulate.capacity_bound import capacity_bound  # noqa: E402
 from simulate.cluster import parse_cluster  # noqa: E402
 from simulate.goodput import attainment_curve, find_goodput  # noqa: E402
 from simulate.metrics import SimResult  # noqa: E402
@@ -240,23 +237,6 @@ def section_goodput(
     print()
 
 
-def section_bound(loaded: dict[str, Trace], shapes: list[str]) -> None:
-    """The fluid upper bound on any policy's goodput (simulate/capacity_bound.py), two ways: every
-    request served, and the benchmark's share (``SLO.target``) served with the costliest left out."""
-    print("## Capacity bound (no policy's goodput can exceed it)\n")
-    print("| trace | cluster | every request served | target share served | best split of time |")
-    print("|---|---|---|---|---|")
-    strict = msgspec.structs.replace(SLO, target=1.0)
-    for tname, trace in loaded.items():
-        for shape in shapes:
-            cluster = parse_cluster(*SHAPES[shape])
-            whole = capacity_bound(trace, cluster, strict, model=CONFIG.model, max_batch=CONFIG.max_batch)
-            part = capacity_bound(trace, cluster, SLO, model=CONFIG.model, max_batch=CONFIG.max_batch)
-            split = ", ".join(f"{s.accelerator} {s.prefill_share:.0%} prefilling" for s in whole.shares)
-            print(f"| {tname} | {shape} | {whole.rate_scale:.2f} | {part.rate_scale:.2f} | {split} |")
-    print()
-
-
 def section_rates(loaded: dict[str, Trace], shapes: list[str], names: list[str]) -> None:
     print("## ShareGPT lengths at fixed Poisson arrival rates (share of requests meeting both SLOs)\n")
     trace = loaded.get("sharegpt")
@@ -329,9 +309,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--traces", type=Path, default=REPO / ".." / "shared" / "traces")
     p.add_argument(
-        "--only",
-        choices=["fit", "predictor", "speed", "bound", "goodput", "rates", "ablation"],
-        default=None,
+        "--only", choices=["fit", "predictor", "speed", "goodput", "rates", "ablation"], default=None
     )
     p.add_argument("--precision", type=float, default=0.03)
     p.add_argument("--shape", choices=list(SHAPES), action="append", help="cluster size (default: all)")
@@ -381,8 +359,6 @@ def main() -> int:
         section_predictor(loaded)
     if args.only in (None, "speed"):
         section_speed(loaded)
-    if args.only in (None, "bound"):
-        section_bound(loaded, args.shape or list(SHAPES))
     if args.only in (None, "goodput"):
         section_goodput(loaded, args.precision, args.plots, args.shape or list(SHAPES), names)
     if args.only in (None, "rates"):
