@@ -1,0 +1,59 @@
+"""pdorch's placement on synthetic workloads unlike the traces it was measured on, in the simulator.
+
+Each case is a failure found this way, kept as a regression: the simulator is deterministic, so a
+case reproduces exactly. Attainment is the share of requests meeting both objectives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scheduler.placement.policies import policy
+from simulate.cluster import parse_cluster
+from simulate.metrics import SimResult
+from simulate.runner import SimConfig, simulate
+from simulate.slo import SloSpec
+from simulate.trace import Trace, TraceRequest
+
+SLO = SloSpec()
+
+
+def _trace(n: int, seed: int, prompt: tuple[float, float], output: tuple[float, float]) -> Trace:
+    """Poisson arrivals at 1/s; log-normal prompt and output lengths (mu, sigma of the log)."""
+    rng = np.random.default_rng(seed)
+    t = np.cumsum(rng.exponential(1.0, n))
+    prompts = np.clip(rng.lognormal(*prompt, n), 16, 8000).astype(int)
+    outputs = np.clip(rng.lognormal(*output, n), 2, 3000).astype(int)
+    requests = tuple(
+        TraceRequest(float(a), int(p), int(o)) for a, p, o in zip(t, prompts, outputs, strict=True)
+    )
+    return Trace("synthetic", requests)
+
+
+def _run(name: str, trace: Trace, scale: float) -> SimResult:
+    cluster = parse_cluster(["1:h100x4"], ["1:a100x4"])
+    config = SimConfig()
+    placement = policy(name, tpot_target_s=SLO.tpot_s, kv_link_gbytes_per_s=config.link_gbytes_per_s)
+    if name == "colocated":
+        cluster = cluster.colocated()
+    return simulate(trace, cluster, placement, SLO, config, policy_name=name, rate_scale=scale)
+
+
+@pytest.mark.parametrize("name", ["pdorch", "least-request"])
+def test_requests_lent_a_prefill_node_do_not_stop_its_prefills(name: str) -> None:
+    """1 + 1 instances. The prefill node decodes some requests (lent); one of them close to its
+    TPOT once stopped every prefill there until it ended, so prompts waited until their TTFT was
+    out of reach and were shed (21%) while least-request met every objective."""
+    result = _run(name, _trace(300, seed=5, prompt=(6.5, 1.0), output=(5.0, 1.0)), scale=4.0)
+    assert result.attainment >= 0.95, result
+
+
+def test_decode_batches_are_not_filled_to_the_edge_of_the_tpot_objective() -> None:
+    """Decode-heavy (prompts ~340 tokens, answers ~650), 1 + 1 instances, at a rate colocated
+    serves entirely. Predicted at the batch as it was, batches filled to the edge: 10% of the
+    requests missed their TPOT; the learnt margin keeps that near its 5% target."""
+    trace = _trace(1500, seed=0, prompt=(5.5, 0.8), output=(6.3, 0.6))
+    assert _run("colocated", trace, scale=4.0).attainment == 1.0
+    result = _run("pdorch", trace, scale=4.0)
+    assert result.tpot_attainment >= 0.95, result
