@@ -117,12 +117,20 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
     app[CLUSTER] = cluster
     app[ADMISSION] = admission
     app[ADAPTERS] = AdapterOperations(cluster, timeout_s=cfg.lora.timeout_s, colocated=cfg.colocated)
+    latency = LatencyLearner(placer.config.accelerators)
+    metrics.bind_levels(
+        "pdorch_placement_tpot_margin",
+        "Share of the TPOT objective placement keeps in reserve, learnt per node class (0: its TPOT "
+        "predictions hold)",
+        "node_class",
+        latency.tpot_margins,
+    )
     app[PLANNER] = Planner(
         cluster,
         cluster.ledger,
         placer,
         OutputLengthPredictor(cfg.predictor),
-        LatencyLearner(placer.config.accelerators),
+        latency,
         colocated=cfg.colocated,
     )
 

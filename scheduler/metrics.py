@@ -76,21 +76,32 @@ class Metrics:
 
     def bind_counts(self, name: str, doc: str, label: str, fn: Callable[[], Mapping[str, int]]) -> None:
         """A counter per label value, read at scrape time from ``fn`` (e.g. refusals by reason)."""
-        self.registry.register(_Counts(name, doc, label, fn))
+        self.registry.register(_PerLabel(name, doc, label, fn, CounterMetricFamily))
+
+    def bind_levels(self, name: str, doc: str, label: str, fn: Callable[[], Mapping[str, float]]) -> None:
+        """A gauge per label value, read at scrape time from ``fn`` (e.g. a margin per node class)."""
+        self.registry.register(_PerLabel(name, doc, label, fn, GaugeMetricFamily))
 
     def watch_placement(self, placer: Placer) -> None:
         """Export the placement framework's per-plugin decision latency at scrape time."""
         self.registry.register(_PlacementLatency(placer))
 
 
-class _Counts(Collector):
-    def __init__(self, name: str, doc: str, label: str, fn: Callable[[], Mapping[str, int]]) -> None:
-        self._name, self._doc, self._label, self._fn = name, doc, label, fn
+class _PerLabel(Collector):
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        label: str,
+        fn: Callable[[], Mapping[str, float]],
+        family: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    ) -> None:
+        self._name, self._doc, self._label, self._fn, self._family = name, doc, label, fn, family
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(self._name, self._doc, labels=[self._label])
-        for value, count in sorted(self._fn().items()):
-            family.add_metric([value], count)
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        family = self._family(self._name, self._doc, labels=[self._label])
+        for value, amount in sorted(self._fn().items()):
+            family.add_metric([value], amount)
         yield family
 
 

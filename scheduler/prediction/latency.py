@@ -193,6 +193,10 @@ class LatencyLearner:
             self._changed = False
         return self._table
 
+    def tpot_margins(self) -> dict[str, float]:
+        """The TPOT margin of every node class seen (0: its predictions hold), as learnt now."""
+        return {k: c.tpot_margin for k, c in self._classes.items()}
+
     # ------------------------------------------------------------------ internals
 
     def _class(self, model: str, accelerator: str) -> _Class:

@@ -2,7 +2,8 @@
 
 A real scheduler and reference workers; the targets are set so that every first token is in time
 and no decode can be (1 microsecond per token). A request refused for lack of capacity (429) counts
-as a TTFT miss. The attainment the autoscaler reads is exported as ``pdorch_slo_attainment``.
+as a TTFT miss. The attainment the autoscaler reads is exported as ``pdorch_slo_attainment``; the
+TPOT margin placement learnt from those misses as ``pdorch_placement_tpot_margin``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ async def test_finished_and_refused_requests_are_judged(cluster: LocalCluster) -
         for _ in range(2):
             await complete(s, url, prompt="slo", max_tokens=4, temperature=0)
         assert await _attainment(s, url) == {"ttft": 1.0, "tpot": 0.0}
+        # Both missed their TPOT objective, so placement keeps a share of it in reserve now.
+        async with s.get(url + "/metrics") as r:
+            margins = re.findall(
+                r'^pdorch_placement_tpot_margin\{node_class="[^"]+"\} (\S+)$', await r.text(), re.M
+            )
+        assert margins and max(float(m) for m in margins) > 0, margins
 
         # A long request holds the only slot; the next one waits 0.5 s for room and gets a 429.
         body = {"model": MODEL, "prompt": "hold", "max_tokens": 1500, "ignore_eos": True, "stream": True}
