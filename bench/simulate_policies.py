@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout, without instal
 from scheduler.placement.config import PlacementConfig, PluginSpec  # noqa: E402
 from scheduler.placement.policies import policies, policy  # noqa: E402
 from scheduler.prediction.output_length import OutputLengthPredictor  # noqa: E402
-from simulate.adapters import AdapterSpec  # noqa: E402
+from simulate.adapters import adapter_spec, add_adapter_arguments  # noqa: E402
 from simulate.cluster import parse_cluster  # noqa: E402
 from simulate.goodput import attainment_curve, find_goodput  # noqa: E402
 from simulate.metrics import SimResult  # noqa: E402
@@ -322,27 +322,11 @@ def main() -> int:
         help="ablation variant by index, 0 = all of pdorch (default: every variant)",
     )
     p.add_argument("--plots", type=Path, default=None, help="directory for attainment-vs-rate PNGs")
-    p.add_argument("--adapters", type=int, default=0, help="LoRA adapters drawn per request (0 = none)")
-    p.add_argument(
-        "--adapter-zipf", type=float, default=AdapterSpec().zipf, help="adapter popularity exponent"
-    )
-    p.add_argument("--max-loras", type=int, default=AdapterSpec().max_loras, help="adapter slots per worker")
-    p.add_argument(
-        "--adapter-load-s", type=float, default=AdapterSpec().load_s, help="seconds per adapter load"
-    )
-    p.add_argument("--adapter-seed", type=int, default=0)
+    add_adapter_arguments(p)
     args = p.parse_args()
     if args.adapters:
         global CONFIG
-        lora = AdapterSpec(
-            count=args.adapters,
-            zipf=args.adapter_zipf,
-            max_loras=args.max_loras,
-            load_s=args.adapter_load_s,
-            seed=args.adapter_seed,
-        )
-        lora.check()
-        CONFIG = msgspec.structs.replace(CONFIG, adapters=lora)
+        CONFIG = msgspec.structs.replace(CONFIG, adapters=adapter_spec(args))
     names = args.policy or list(policies())
     loaded = {}
     for name, rel in TRACES.items():

@@ -11,6 +11,8 @@ simulated worker serves all ``count`` adapters and holds ``max_loras`` at once; 
 
 from __future__ import annotations
 
+import argparse
+
 import msgspec
 import numpy as np
 
@@ -52,3 +54,26 @@ def assign_adapters(trace: Trace, spec: AdapterSpec) -> Trace:
         for r, k in zip(trace.requests, drawn.tolist(), strict=True)
     )
     return Trace(trace.name, reqs, trace.prefix_block_tokens)
+
+
+def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    """The command-line options of :class:`AdapterSpec` (``pdorch simulate`` and the benches)."""
+    d = AdapterSpec()
+    p.add_argument("--adapters", type=int, default=0, help="LoRA adapters drawn per request (0 = none)")
+    p.add_argument("--adapter-zipf", type=float, default=d.zipf, help="adapter popularity exponent")
+    p.add_argument("--max-loras", type=int, default=d.max_loras, help="adapter slots per worker")
+    p.add_argument("--adapter-load-s", type=float, default=d.load_s, help="seconds per adapter load")
+    p.add_argument("--adapter-seed", type=int, default=0, help="seed of the adapter assignment")
+
+
+def adapter_spec(args: argparse.Namespace) -> AdapterSpec:
+    """The checked :class:`AdapterSpec` of options added by :func:`add_adapter_arguments`."""
+    spec = AdapterSpec(
+        count=args.adapters,
+        zipf=args.adapter_zipf,
+        max_loras=args.max_loras,
+        load_s=args.adapter_load_s,
+        seed=args.adapter_seed,
+    )
+    spec.check()
+    return spec

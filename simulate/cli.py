@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 
 from scheduler.placement.policies import policies, policy
-from simulate.adapters import AdapterSpec
+from simulate.adapters import adapter_spec, add_adapter_arguments
 from simulate.cluster import ClusterSpec, parse_cluster
 from simulate.goodput import GoodputResult, attainment_curve, find_goodput
 from simulate.metrics import SimResult
@@ -69,12 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link-gbytes-per-s", type=float, default=SimConfig().link_gbytes_per_s)
     p.add_argument("--chunk-tokens", type=int, default=0, help="chunked-prefill size (0 = from TPOT SLO)")
     p.add_argument("--precision", type=float, default=0.03, help="relative precision of the goodput search")
-    lora = AdapterSpec()
-    p.add_argument("--adapters", type=int, default=0, help="LoRA adapters drawn per request (0 = none)")
-    p.add_argument("--adapter-zipf", type=float, default=lora.zipf, help="adapter popularity exponent")
-    p.add_argument("--max-loras", type=int, default=lora.max_loras, help="adapter slots per worker")
-    p.add_argument("--adapter-load-s", type=float, default=lora.load_s, help="seconds per adapter load")
-    p.add_argument("--adapter-seed", type=int, default=0, help="seed of the adapter assignment")
+    add_adapter_arguments(p)
     return p
 
 
@@ -98,14 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         tpot_s=args.tpot_ms / 1e3,
         target=args.target,
     )
-    adapters = AdapterSpec(
-        count=args.adapters,
-        zipf=args.adapter_zipf,
-        max_loras=args.max_loras,
-        load_s=args.adapter_load_s,
-        seed=args.adapter_seed,
-    )
-    adapters.check()
+    adapters = adapter_spec(args)
     config = SimConfig(
         model=args.model,
         link_gbytes_per_s=args.link_gbytes_per_s,
