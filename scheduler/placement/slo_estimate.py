@@ -54,7 +54,7 @@ class Option(NamedTuple):
     ttft_s: float
     tpot_s: float  # its own, over its median predicted output
     # Split on a prefill node: its prefill leaves the requests lent that node's decode capacity
-    # within their TPOT (they are not among the objectives: see ``lent_headroom``).
+    # within their TPOT (they are not among the objectives: see ``Estimator.prefill_stall``).
     lent_ok: bool = True
 
 
@@ -179,34 +179,29 @@ class Estimator:
 
     # ------------------------------------------------------------------ candidates
 
-    def lent_headroom(self, p: NodeView) -> float:
-        """What prefilling on the prefill node ``p`` leaves to the requests decoding there (lent its
-        decode capacity by the last tier). Not an objective: on a prefill node prefills come first,
-        so those requests never hold up the pool's own work (one of them close to its TPOT would
-        otherwise stop every prefill on the node until it ends). It only ranks the candidates that
-        meet the objectives. inf where nothing decodes, or ``p`` is not a prefill node."""
-        if p.role is not Role.PREFILL:
-            return math.inf
-        return self.members_headroom(p, 0.0, self.service_s(p))
+    def prefill_stall(self, p: NodeView) -> tuple[float, bool]:
+        """What prefilling on ``p`` leaves to the requests decoding there: as a headroom among the
+        objectives (inf: none decodes with one), and whether it spares them. On a prefill node it is
+        no objective: those requests were lent its decode capacity (the last tier), and prefills
+        come first there, or one of them close to its TPOT would stop every prefill on the node
+        until it ends; sparing them only ranks the candidates that meet the objectives."""
+        headroom = self.members_headroom(p, 0.0, self.service_s(p))
+        if p.role is Role.PREFILL:
+            return math.inf, headroom >= 0
+        return headroom, True
 
     def prefill_rank(self, p: NodeView) -> tuple[bool, float, float]:
         """How good ``p`` is as a remote prefill node (TTFT and what decodes on p), comparable:
         meeting the objectives and sparing the lent requests first."""
-        hs = self._prefill_headrooms(p)
-        if not hs:
-            return (self.lent_headroom(p) >= 0, 0.0, -self.ttft_s(p))
-        return (min(hs) >= 0 and self.lent_headroom(p) >= 0, min(hs), sum(hs))
-
-    def _prefill_headrooms(self, p: NodeView) -> list[float]:
         hs = []
-        ttft_slo = self.req.ttft_slo_s
-        if ttft_slo > 0:
-            hs.append(1.0 - self.ttft_s(p) / ttft_slo)
-        if p.role is not Role.PREFILL:
-            members = self.members_headroom(p, 0.0, self.service_s(p))
-            if members != math.inf:
-                hs.append(members)
-        return hs
+        if self.req.ttft_slo_s > 0:
+            hs.append(1.0 - self.ttft_s(p) / self.req.ttft_slo_s)
+        on_p, spared = self.prefill_stall(p)
+        if on_p != math.inf:
+            hs.append(on_p)
+        if not hs:
+            return (spared, 0.0, -self.ttft_s(p))
+        return (min(hs) >= 0 and spared, min(hs), sum(hs))
 
     def option(self, p: NodeView, d: NodeView) -> Option:
         req = self.req
@@ -224,12 +219,9 @@ class Estimator:
             hs.append(on_d)
         lent_ok = True
         if not colocated:
-            if p.role is Role.PREFILL:
-                lent_ok = self.lent_headroom(p) >= 0
-            else:
-                on_p = self.members_headroom(p, 0.0, self.service_s(p))
-                if on_p != math.inf:
-                    hs.append(on_p)
+            on_p, lent_ok = self.prefill_stall(p)
+            if on_p != math.inf:
+                hs.append(on_p)
         typical = self.typical_tpot_s(p, d, own)
         if not hs:
             # No objective anywhere: the fastest end to end.
