@@ -69,8 +69,6 @@ HOUSEKEEPING_INTERVAL_S = 0.25
 # inproc: the thread then blocks on that one socket. Not a shape libzmq gives to peers (5 bytes).
 # A peer that claimed it could only make the thread look at its command queue early.
 _WAKE_ID = b"\x00pdorch-kv-wake"
-# Why a begin is refused when the endpoint has no room left for it at all (answered KV_BUSY).
-_BUSY = "too many transfers waiting"
 _wake_ids = itertools.count()
 
 Outcome = tuple[PdorchError | None, dict[str, int | str]]
@@ -355,26 +353,26 @@ class P2pEndpoint:
             return
         parked = _Parked(identity, scope, begin, time.monotonic() + self._park_s, unexpected=expected is None)
         if parked.unexpected:
-            problem = self._no_room_for(parked)
-            if problem:
-                code = ErrorCode.KV_BUSY if problem == _BUSY else ErrorCode.KV_REJECTED
-                self._refuse(identity, tid, code, problem)
+            refusal = self._no_room_for(parked)
+            if refusal is not None:
+                self._refuse(identity, tid, refusal.code, refusal.message)
                 return
             self._count(parked)
         self._parked[tid] = parked
         self._promote()
 
-    def _no_room_for(self, parked: _Parked) -> str:
-        """Why a begin nobody expects yet cannot wait here ("" if it can)."""
+    def _no_room_for(self, parked: _Parked) -> PdorchError | None:
+        """Why a begin nobody expects yet cannot wait here (None if it can): one peer or key over
+        its share is rejected; no room left at all means this endpoint is congested (KV_BUSY)."""
         if self._unexpected_by_peer[parked.identity] >= self._max_parked_per_peer:
-            return "too many transfers waiting from this peer"
+            return PdorchError(ErrorCode.KV_REJECTED, "too many transfers waiting from this peer")
         if parked.scope and self._unexpected_by_scope[parked.scope] >= self._max_parked_per_scope:
-            return f"too many transfers waiting from {parked.scope}"
+            return PdorchError(ErrorCode.KV_REJECTED, f"too many transfers waiting from {parked.scope}")
         if self._unexpected >= self._max_parked:
             self._full_at = time.monotonic()
             self.stats.refused_full += 1
-            return _BUSY
-        return ""
+            return PdorchError(ErrorCode.KV_BUSY, "too many transfers waiting")
+        return None
 
     def _count(self, parked: _Parked) -> None:
         self._unexpected += 1
