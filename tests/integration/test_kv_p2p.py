@@ -133,6 +133,84 @@ async def test_unexpected_transfer_is_refused_after_parking(sender: KvSender, re
     assert receiver.stats.refused_begins == 1
 
 
+@pytest.mark.parametrize("announce_first", [True, False])
+async def test_an_announced_transfer_waits_past_the_park_for_its_queued_job(
+    ctx: zmq.asyncio.Context, sender: KvSender, announce_first: bool
+) -> None:
+    """A decode job queued in its engine (announced, not yet expecting) keeps its sender's begin
+    for as long as the announcement says, whichever of the two came first."""
+    receiver = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", park_s=0.2)
+    await receiver.start()
+    try:
+        layers = make_layers(2, 30, (4,), "float16")
+        if announce_first:
+            receiver.announce(p2p("queued"), wait_s=OK_DEADLINE_S)
+        route = KvRoute(KvMode.P2P, receiver.endpoint, "queued")
+        sending = asyncio.create_task(send_all(sender, route, layers, {"n": 1}, OK_DEADLINE_S))
+        await wait_until(lambda: receiver.stats.parked == 1)
+        if not announce_first:
+            receiver.announce(p2p("queued"), wait_s=OK_DEADLINE_S)
+        await asyncio.sleep(1.0)  # five parks
+        assert (receiver.stats.parked, receiver.stats.refused_begins) == (1, 0)
+        sink = ArraySink(2, 30, (4,), "float16")
+        assert await receiver.receive(p2p("queued"), sink, deadline_s=OK_DEADLINE_S) == {"n": 1}
+        await sending
+        assert np.array_equal(sink.layers, layers)
+    finally:
+        await receiver.close()
+
+
+async def test_announced_transfers_are_not_counted_as_strangers(
+    ctx: zmq.asyncio.Context, sender: KvSender
+) -> None:
+    """A peer's share of begins nobody expects does not cap the transfers its decode jobs announced."""
+    receiver = KvReceiver(
+        ctx, security=INSECURE, bind="tcp://127.0.0.1:0", max_parked_per_peer=1, max_parked_per_scope=1
+    )
+    await receiver.start()
+    try:
+        layers = make_layers(1, 10, (4,), "float16")
+        ids = ["a1", "a2", "a3"]
+        for tid in ids:
+            receiver.announce(p2p(tid), wait_s=OK_DEADLINE_S)
+        sending = [
+            asyncio.create_task(
+                send_all(sender, KvRoute(KvMode.P2P, receiver.endpoint, tid), layers, {}, OK_DEADLINE_S)
+            )
+            for tid in ids
+        ]
+        await wait_until(lambda: receiver.stats.parked == len(ids))
+        assert receiver.stats.refused_begins == 0
+        sinks = [ArraySink(1, 10, (4,), "float16") for _ in ids]
+        for tid, sink in zip(ids, sinks, strict=True):
+            await receiver.receive(p2p(tid), sink, deadline_s=OK_DEADLINE_S)
+        await asyncio.gather(*sending)
+        assert all(np.array_equal(sink.layers, layers) for sink in sinks)
+    finally:
+        await receiver.close()
+
+
+async def test_a_withdrawn_announcement_refuses_its_sender_at_once(
+    ctx: zmq.asyncio.Context, sender: KvSender
+) -> None:
+    """The queued job ended without taking its KV: the sender learns now, not after the park."""
+    receiver = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", park_s=120.0)
+    await receiver.start()
+    try:
+        receiver.announce(p2p("dropped"), wait_s=OK_DEADLINE_S)
+        route = KvRoute(KvMode.P2P, receiver.endpoint, "dropped")
+        layers = make_layers(1, 10, (4,), "float16")
+        sending = asyncio.create_task(send_all(sender, route, layers, {}, OK_DEADLINE_S))
+        await wait_until(lambda: receiver.stats.parked == 1)
+        receiver.withdraw(p2p("dropped"))
+        with pytest.raises(PdorchError) as info:
+            await asyncio.wait_for(sending, 10)
+        assert info.value.code is ErrorCode.KV_REJECTED and "ended" in info.value.message
+        assert receiver.stats.parked == 0
+    finally:
+        await receiver.close()
+
+
 async def test_missing_layer_fails_both_sides_as_truncated(sender: KvSender, receiver: KvReceiver) -> None:
     layers = make_layers(3, 20, (4,), "float16")
     sink = ArraySink(3, 20, (4,), "float16")

@@ -147,3 +147,43 @@ def test_decode_aborted_while_loading_cancels_the_load() -> None:
     assert side.request_finished(a) == (False, None)
     assert side.request_finished(b) == (False, None)
     assert side.build_plan(SchedOut(), _block_ids_of({})).cancel_recvs == ["a"]
+
+
+def test_a_decode_request_is_announced_on_arrival_and_withdrawn_if_it_ends_queued() -> None:
+    """vLLM may queue a decode request longer than the KV endpoint keeps a stranger's begin: it is
+    announced when it arrives; ended before its load started, it is withdrawn (its sender let go)."""
+    side = PdorchSchedulerSide(BS, max_lease_s=60)
+    queued, prefill = _req("d1", 70, RECV, tid="t1"), _req("p1", 70, SEND, tid="t2")
+    side.on_new_request(queued)
+    side.on_new_request(prefill)
+    plan = side.build_plan(SchedOut(), _block_ids_of({}))
+    assert [p.transfer_id for p in plan.announce] == ["t1"]  # only the decode side receives
+    assert plan.withdraw == []
+    assert side.build_plan(SchedOut(), _block_ids_of({})).announce == []  # announced once
+    side.request_finished(queued)  # e.g. the client went away while vLLM still queued it
+    plan = side.build_plan(SchedOut(), _block_ids_of({}))
+    assert [p.transfer_id for p in plan.withdraw] == ["t1"] and plan.cancel_recvs == []
+
+
+def test_a_decode_request_whose_load_started_is_cancelled_not_withdrawn() -> None:
+    side = PdorchSchedulerSide(BS, max_lease_s=60)
+    req = _req("d1", 70, RECV)
+    side.on_new_request(req)
+    side.get_num_new_matched_tokens(req, 0)
+    side.update_state_after_alloc(req, Blocks([4, 5, 9]), 70)
+    side.build_plan(SchedOut(), _block_ids_of({}))
+    side.request_finished(req)
+    plan = side.build_plan(SchedOut(), _block_ids_of({}))
+    assert plan.cancel_recvs == ["d1"] and plan.withdraw == []
+
+
+def test_a_decode_request_needing_no_load_is_withdrawn_at_admission() -> None:
+    """Its prompt was all in the local prefix cache: no sender's KV will be taken."""
+    side = PdorchSchedulerSide(BS, max_lease_s=60)
+    req = _req("d1", 70, RECV)
+    side.on_new_request(req)
+    side.update_state_after_alloc(req, Blocks([4, 5, 9]), 0)
+    plan = side.build_plan(SchedOut(), _block_ids_of({}))
+    assert plan.recvs == [] and [p.transfer_id for p in plan.withdraw] == ["t1"]
+    side.request_finished(req)
+    assert side.build_plan(SchedOut(), _block_ids_of({})).withdraw == []  # not twice

@@ -10,13 +10,17 @@ and learns each outcome through a future resolved with ``call_soon_threadsafe``.
 Admission: a transfer is accepted only once the decode agent expects it and fewer than
 ``max_active`` transfers are in progress. Until then its begin message is parked without credit, so
 the sender sends nothing more; a begin nobody expects within ``park_s`` is refused
-(``KV_REJECTED``). Begins nobody expects yet are bounded three ways: ``max_parked`` in all,
-``max_parked_per_peer`` per connection and ``max_parked_per_scope`` per authenticated name, so one
-peer (even one holding a trusted key) cannot take the slots others need. With authentication a
-peer may only begin transfers named in its own scope (``<its key name>/...``, as the scheduler
-names them). The memory a receiver can be made to hold is bounded by ``max_active *
-window_bytes``. An accepted transfer whose sender goes quiet for ``idle_s`` fails
-(``KV_TRUNCATED``).
+(``KV_REJECTED``). A transfer the engine has *announced* (:meth:`P2pEndpoint.announce`: its decode
+job arrived but waits in the engine's own queue, as a busy vLLM holds a request until a sequence
+slot frees) may wait as long as the announcement says, and is not counted as a stranger's; a
+withdrawn announcement (the job ended before it took its KV) refuses its begin at once, so the
+sender frees what it holds instead of waiting out the park. Begins nobody expects yet are bounded
+three ways: ``max_parked`` in all, ``max_parked_per_peer`` per connection and
+``max_parked_per_scope`` per authenticated name, so one peer (even one holding a trusted key)
+cannot take the slots others need. With authentication a peer may only begin transfers named in
+its own scope (``<its key name>/...``, as the scheduler names them). The memory a receiver can be
+made to hold is bounded by ``max_active * window_bytes``. An accepted transfer whose sender goes
+quiet for ``idle_s`` fails (``KV_TRUNCATED``).
 
 The endpoint is *refusing* (:attr:`P2pEndpoint.refusing`) for ``refusing_s`` after it turned a
 begin away for lack of room in all (not for one peer's excess): the agent reports that in its
@@ -65,6 +69,9 @@ from transport.sockets import bound_endpoint, router
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL_S = 0.25
+# Announced transfers remembered at most (the oldest is forgotten first): the engine announces one
+# per queued decode job, so this is far above any engine's queue.
+MAX_ANNOUNCED = 4096
 # The routing id of the loop side's wake-up socket, connected to the endpoint's own ROUTER over
 # inproc: the thread then blocks on that one socket. Not a shape libzmq gives to peers (5 bytes).
 # A peer that claimed it could only make the thread look at its command queue early.
@@ -143,12 +150,14 @@ class P2pEndpoint:
         self._wake.setsockopt(zmq.IDENTITY, _WAKE_ID)
         self._wake.connect(wake_endpoint)
         self._wake_lock = threading.Lock()  # expect() may be called from more than one thread
-        self._commands: deque[tuple[str, str, Expected | PdorchError | None]] = deque()
+        self._commands: deque[tuple[str, str, Expected | PdorchError | float | None]] = deque()
         self._encoder = Encoder()
         self._decoder: Decoder[KvMessage] = Decoder(KvMessage)
         # Owned by the thread from start() on; the loop side only reads their sizes.
         self._expected: dict[str, Expected] = {}
         self._parked: OrderedDict[str, _Parked] = OrderedDict()
+        # Transfers announced but not yet expected: transfer id -> until when (monotonic).
+        self._announced: OrderedDict[str, float] = OrderedDict()
         self._unexpected = 0
         self._unexpected_by_peer: Counter[bytes] = Counter()
         self._unexpected_by_scope: Counter[str] = Counter()
@@ -190,6 +199,14 @@ class P2pEndpoint:
         if self._stopped_with is not None:  # the thread is gone or going: nobody else will answer
             self._fail_queued()
 
+    def announce(self, transfer_id: str, wait_s: float) -> None:
+        """A decode job for ``transfer_id`` is queued in the engine: its begin may wait ``wait_s``."""
+        self._command("announce", transfer_id, wait_s)
+
+    def withdraw(self, transfer_id: str) -> None:
+        """The announced job ended without expecting its transfer: refuse the begin now."""
+        self._command("withdraw", transfer_id, None)
+
     def give_up(self, transfer_id: str, error: PdorchError) -> None:
         """The decode side stopped waiting (deadline, cancellation): fail the transfer, tell its sender."""
         self._command("give_up", transfer_id, error)
@@ -203,7 +220,7 @@ class P2pEndpoint:
             self._router.close(linger=0)
         self._wake.close(linger=0)
 
-    def _command(self, kind: str, transfer_id: str, arg: Expected | PdorchError | None) -> None:
+    def _command(self, kind: str, transfer_id: str, arg: Expected | PdorchError | float | None) -> None:
         self._commands.append((kind, transfer_id, arg))
         with self._wake_lock, contextlib.suppress(zmq.ZMQError):
             self._wake.send(b"", zmq.NOBLOCK)
@@ -269,6 +286,11 @@ class P2pEndpoint:
             elif kind == "give_up":
                 assert isinstance(arg, PdorchError)
                 self._on_give_up(tid, arg)
+            elif kind == "announce":
+                assert isinstance(arg, float | int)
+                self._on_announce(tid, float(arg))
+            elif kind == "withdraw":
+                self._on_withdraw(tid)
         return True
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
@@ -318,10 +340,30 @@ class P2pEndpoint:
             _resolve(expected, (error, {}))
             return
         self._expected[tid] = expected
+        self._announced.pop(tid, None)
         parked = self._parked.get(tid)
         if parked is not None:  # it began before we expected it: no longer a stranger's begin
             self._uncount(parked)
         self._promote()
+
+    def _on_announce(self, tid: str, wait_s: float) -> None:
+        if tid in self._expected:
+            return
+        until = time.monotonic() + wait_s
+        self._announced[tid] = until
+        self._announced.move_to_end(tid)
+        while len(self._announced) > MAX_ANNOUNCED:
+            self._announced.popitem(last=False)
+        parked = self._parked.get(tid)
+        if parked is not None:  # it began first: it is no longer a stranger's, and may wait longer
+            self._uncount(parked)
+            parked.expires_at = max(parked.expires_at, until)
+
+    def _on_withdraw(self, tid: str) -> None:
+        self._announced.pop(tid, None)
+        parked = self._unpark(tid) if tid not in self._expected else None
+        if parked is not None:
+            self._refuse(parked.identity, tid, ErrorCode.KV_REJECTED, "its decode job ended without it")
 
     def _on_give_up(self, tid: str, error: PdorchError) -> None:
         expected = self._expected.get(tid)
@@ -351,7 +393,15 @@ class P2pEndpoint:
         if tid in self._parked or (expected is not None and expected.transfer is not None):
             self._refuse(identity, tid, ErrorCode.KV_REJECTED, "duplicate begin")
             return
-        parked = _Parked(identity, scope, begin, time.monotonic() + self._park_s, unexpected=expected is None)
+        now = time.monotonic()
+        announced_until = self._announced.get(tid, now)  # (one past its time is forgotten)
+        parked = _Parked(
+            identity,
+            scope,
+            begin,
+            max(now + self._park_s, announced_until),
+            unexpected=expected is None and announced_until <= now,
+        )
         if parked.unexpected:
             refusal = self._no_room_for(parked)
             if refusal is not None:
@@ -485,6 +535,8 @@ class P2pEndpoint:
                 transfer.fail(
                     ErrorCode.KV_TRUNCATED, f"the sender went quiet for {self._idle_s:.0f}s mid-transfer"
                 )
+        while self._announced and next(iter(self._announced.values())) <= now:
+            self._announced.popitem(last=False)
         for tid, parked in list(self._parked.items()):
             if tid not in self._expected and parked.expires_at <= now:
                 self._unpark(tid)
@@ -492,6 +544,7 @@ class P2pEndpoint:
 
     def _stop(self, error: PdorchError) -> None:
         self._stopped_with = error
+        self._announced.clear()
         for tid in list(self._parked):  # their senders time out (the receiver is going away)
             self._unpark(tid)
         for expected in list(self._expected.values()):

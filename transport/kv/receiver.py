@@ -192,6 +192,18 @@ class KvReceiver:
             return await self._fetch(route, sink, deadline_s=deadline_s)
         return await self._receive_p2p(route.transfer_id, sink, deadline_s=deadline_s)
 
+    def announce(self, route: KvRoute, *, wait_s: float) -> None:
+        """A decode job for ``route`` has arrived but waits in the engine's queue before it can
+        :meth:`receive`: a p2p sender's begin may wait for it up to ``wait_s`` (instead of the
+        ``park_s`` a stranger's begin gets). Centralized transfers wait in the broker instead."""
+        if route.mode == KvMode.P2P and self._p2p is not None and not self._closed:
+            self._p2p.announce(route.transfer_id, wait_s)
+
+    def withdraw(self, route: KvRoute) -> None:
+        """The announced job ended without receiving: its p2p sender is refused at once."""
+        if route.mode == KvMode.P2P and self._p2p is not None and not self._closed:
+            self._p2p.withdraw(route.transfer_id)
+
     # ----------------------------------------------------------------- p2p
 
     async def _receive_p2p(

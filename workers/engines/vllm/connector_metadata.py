@@ -41,3 +41,7 @@ class StepPlan(msgspec.Struct):
     recvs: list[RecvSpec] = []
     # Loads whose request vLLM dropped (aborted while waiting): stop them early.
     cancel_recvs: list[str] = []
+    # Decode requests that arrived this step: their KV may arrive while they wait in vLLM's queue.
+    announce: list[PdorchKvParams] = []
+    # ... and those of them that ended (or needed no load) before their load started.
+    withdraw: list[PdorchKvParams] = []

@@ -3,7 +3,10 @@
 It decides, per request carrying pdorch ``kv_transfer_params``:
 
 - decode side (``recv``): the whole prompt's KV will come from outside, asynchronously; vLLM parks
-  the request (WAITING_FOR_REMOTE_KVS) until the worker side reports the load finished.
+  the request (WAITING_FOR_REMOTE_KVS) until the worker side reports the load finished. A request
+  is announced to the KV endpoint as soon as it arrives, because vLLM may keep it queued (no free
+  sequence slot) for longer than the endpoint keeps a begin nobody expects; one that ends, or needs
+  no load, before its load starts is withdrawn, so its sender is let go at once.
 - prefill side (``send``): in the step that computes the end of the prompt, the worker side
   pushes the prompt's blocks, layer by layer as the forward pass writes them. When the request
   finishes, its blocks stay allocated (``delay_free``) until the worker side reports the send over;
@@ -47,6 +50,8 @@ class PdorchSchedulerSide:
         if params is not None:
             self._params[request.request_id] = params
             self._prompt_len[request.request_id] = len(request.prompt_token_ids or [])
+            if params.direction == RECV:
+                self._plan.announce.append(params)
 
     # ------------------------------------------------------------------ decode side: loads
 
@@ -65,7 +70,8 @@ class PdorchSchedulerSide:
         if params is None or params.direction != RECV or req_id in self._load_planned:
             return
         self._load_planned.add(req_id)
-        if num_external_tokens <= 0:
+        if num_external_tokens <= 0:  # the local prefix cache holds it all: nothing to load
+            self._plan.withdraw.append(params)
             return
         prompt_len = self._prompt_len[req_id]
         local_tokens = prompt_len - num_external_tokens
@@ -124,11 +130,14 @@ class PdorchSchedulerSide:
         req_id = request.request_id
         params = self._params.pop(req_id, None)
         self._prompt_len.pop(req_id, None)
+        load_planned = req_id in self._load_planned
         self._load_planned.discard(req_id)
         if params is None:
             return False, None
         if params.direction == RECV:
-            if req_id in self._loading:
+            if not load_planned:  # ended while queued: nobody will take its KV
+                self._plan.withdraw.append(params)
+            elif req_id in self._loading:
                 # Aborted while its KV was on the way: end the load early. vLLM itself keeps the
                 # blocks until the worker reports the load finished.
                 self._plan.cancel_recvs.append(req_id)

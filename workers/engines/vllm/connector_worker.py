@@ -4,7 +4,8 @@
   and the KV plane thread (with a bound receiver on consumer instances).
 - prefill: ``save_kv_layer`` hands each layer's prompt blocks to the KV plane as soon as the
   forward pass has written them, so the transfer of layer i overlaps the compute of layer i+1.
-- decode: ``start_load_kv`` starts loads straight into the request's allocated blocks.
+- decode: ``start_load_kv`` announces arriving requests to the KV endpoint and starts loads straight
+  into the request's allocated blocks.
 - ``get_transfer_results`` reports sends over (which ends their block lease) and loads over/failed.
 """
 
@@ -81,6 +82,11 @@ class PdorchWorkerSide:
         )
 
     def start_load_kv(self, plan: StepPlan) -> None:
+        # Announcements first: a request may arrive and start its load in the same step.
+        for params in plan.announce:
+            self.kv.announce_recv(params)
+        for params in plan.withdraw:
+            self.kv.withdraw_recv(params)
         for spec in plan.recvs:
             self.kv.start_recv(spec, BlockSink(self._layers, spec.block_ids, spec.skip_rows))
         for req_id in plan.cancel_recvs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 
@@ -24,6 +25,7 @@ from transport.kv.same_host import SameHostMode
 from transport.security import Security, SecurityConfig
 from workers.engines.vllm.block_io import BlockSink
 from workers.engines.vllm.connector_metadata import RecvSpec, SendSpec
+from workers.engines.vllm.transfer_params import PdorchKvParams
 
 log = logging.getLogger("pdorch.vllm.kv")
 
@@ -217,6 +219,18 @@ class KvPlaneThread:
             self._recv_tasks[spec.req_id] = task
 
         self._loop.call_soon_threadsafe(_start)
+
+    def announce_recv(self, params: PdorchKvParams) -> None:
+        """A decode request arrived: its sender's begin may wait for it until its deadline."""
+        if self._receiver is not None:
+            self._loop.call_soon_threadsafe(
+                functools.partial(self._receiver.announce, params.route, wait_s=params.deadline_s)
+            )
+
+    def withdraw_recv(self, params: PdorchKvParams) -> None:
+        """It ended (or needs no load) before its load started: let its sender go now."""
+        if self._receiver is not None:
+            self._loop.call_soon_threadsafe(self._receiver.withdraw, params.route)
 
     def cancel_recv(self, req_id: str) -> None:
         def _cancel() -> None:
