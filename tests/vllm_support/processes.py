@@ -50,8 +50,10 @@ class VllmServer:
             return False
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` of its log, without the access lines of metrics scrapes (which
+        otherwise fill the tail of a server that is being watched)."""
         text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        return "\n".join([line for line in text if '"GET /metrics ' not in line][-lines:])
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc.poll() is None:
