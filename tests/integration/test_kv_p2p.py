@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from tests.support.kv import make_layers, p2p, send_all, wait_until
+from tests.support.same_host import rings_mapped
 from tests.support.security import INSECURE
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvOutStream, KvReceiver, KvSender
@@ -402,6 +403,9 @@ async def test_a_failing_sink_fails_the_transfer_on_both_sides(
     with pytest.raises(PdorchError) as received:
         await receiving
     assert sent.value.code is ErrorCode.INTERNAL and received.value.code is ErrorCode.INTERNAL
+    # Both sides unmap the failed transfer's shared ring (same host here), while the log still
+    # holds the sink's error.
+    await wait_until(lambda: rings_mapped() == [])
     # The receiver goes on serving.
     layers = make_layers(1, 8, (4,), "float16")
     sink = ArraySink(1, 8, (4,), "float16")

@@ -4,6 +4,7 @@ chosen by host identity or forced, verified like the socket path, leaving nothin
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -39,6 +40,13 @@ from transport.security.key_set import KeySet
 
 def sink() -> ArraySink:
     return ArraySink(NUM_LAYERS, ROWS, ROW_SHAPE, "float16")
+
+
+@pytest.fixture(autouse=True)
+def no_ring_of_an_earlier_test() -> None:
+    # These tests count the rings this process maps; a ring an earlier test leaked would be counted.
+    gc.collect()
+    assert rings_mapped() == [], "a shared ring of an earlier test is still mapped in this process"
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from typing import Protocol
 
@@ -202,7 +203,10 @@ class InTransfer:
             self.fail(e.code, f"sink refused rows: {e.message}")
             return
         except Exception as e:  # a bug in the sink fails this transfer, not the receiver
-            log.exception("KV sink failed on transfer %s", self.transfer_id)
+            # Logged as text: a record holding the traceback would hold its frames' views of the
+            # rows, and so keep a shared ring mapped for as long as a handler keeps the record.
+            trace = "".join(traceback.format_exception(e))
+            log.error("KV sink failed on transfer %s:\n%s", self.transfer_id, trace)
             self.fail(ErrorCode.INTERNAL, f"sink failed: {e!r}")
             return
         if problem:
