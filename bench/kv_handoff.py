@@ -50,6 +50,7 @@ import zmq.asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from transport import sockets
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
 from transport.kv.receive_buffers import keep_receive_buffers
@@ -117,7 +118,7 @@ def receiver_process(
     conn: Connection, window_mb: int, ring_slots: int, ring_slot_mb: int, party: Party | None
 ) -> None:
     async def main() -> None:
-        ctx = zmq.asyncio.Context()
+        ctx = sockets.new_context()
         security = security_of(party)
         receiver = KvReceiver(
             ctx,
@@ -156,7 +157,7 @@ def sender_process(conn: Connection, chunk_mb: int, party: Party | None, server_
     """``server_key``: the receiver's public key, pinned as the scheduler's routes do."""
 
     async def main() -> None:
-        ctx = zmq.asyncio.Context()
+        ctx = sockets.new_context()
         security = security_of(party)
         senders = {
             shared: KvSender(

@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import zmq.asyncio
 from aiohttp import web
 
 from scheduler.admission.gate import AdmissionGate
@@ -54,6 +53,7 @@ from scheduler.pool_signals import pool_signals
 from scheduler.prediction.latency import LatencyLearner
 from scheduler.prediction.output_length import OutputLengthPredictor
 from scheduler.tokenizer.registry import TokenizerRegistry
+from transport import sockets
 from transport.errors import PdorchError
 from transport.messages import KvMode
 from transport.process_setup import setup_process
@@ -143,7 +143,7 @@ async def tokenizer_registry(app: web.Application) -> AsyncIterator[None]:
 
 
 async def zmq_context(app: web.Application) -> AsyncIterator[None]:
-    app[ZMQ_CONTEXT] = ctx = zmq.asyncio.Context()
+    app[ZMQ_CONTEXT] = ctx = sockets.new_context()
     yield
     ctx.term()  # returns once every socket of the context is closed
 

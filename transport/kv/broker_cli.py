@@ -14,8 +14,7 @@ import logging
 import signal
 import sys
 
-import zmq.asyncio
-
+from transport import sockets
 from transport.errors import PdorchError
 from transport.kv.broker import KvBroker
 from transport.process_setup import setup_process
@@ -80,7 +79,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> None:
     security_cfg: SecurityConfig = args.security
     security = Security.load(security_cfg)
-    ctx = zmq.asyncio.Context()
+    ctx = sockets.new_context()
     broker = KvBroker(
         ctx,
         bind=args.bind,

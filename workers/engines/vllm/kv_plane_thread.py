@@ -16,8 +16,8 @@ import logging
 import threading
 
 import numpy as np
-import zmq.asyncio
 
+from transport import sockets
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.kv.receiver import DEFAULT_LIMITS, ReceiverLimits
@@ -97,7 +97,7 @@ class KvPlaneThread:
 
     async def _open(self, bind: str | None) -> None:
         self._security = Security.load(self._security_cfg)
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = sockets.new_context()
         self._sender = KvSender(self._ctx, security=self._security, same_host=self._same_host)
         self._receiver: KvReceiver | None = None
         if bind:
