@@ -11,7 +11,15 @@ import zmq.asyncio
 
 from transport.codec import MAX_FRAME_BYTES
 from transport.security import NO_CLIENT_AUTH, NO_SERVER_AUTH
-from transport.sockets import advertised_endpoint, bound_endpoint, dealer, new_context, normalize_bind, router
+from transport.sockets import (
+    _threads,
+    advertised_endpoint,
+    bound_endpoint,
+    dealer,
+    new_context,
+    normalize_bind,
+    router,
+)
 
 
 @pytest.fixture
@@ -58,22 +66,18 @@ def test_endpoint_helpers() -> None:
     assert advertised_endpoint("tcp://127.0.0.1:5700", "10.1.2.3") == "tcp://127.0.0.1:5700"
 
 
-def _io_threads() -> set[int]:
-    tids = set()
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            if f.read().startswith("ZMQbg/IO/"):
-                tids.add(int(tid))
-    return tids
-
-
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-def test_a_new_context_runs_its_io_threads_as_batch_work() -> None:
-    before = _io_threads()
+def test_a_new_context_runs_its_threads_as_batch_work() -> None:
+    before = _threads()
+    other = zmq.Context()  # another library's context in the same process
+    other.socket(zmq.PAIR).close(linger=0)
+    others = _threads() - before
     context = new_context()
     try:
-        started = _io_threads() - before
-        assert started, "the context's I/O thread is running once new_context returns"
+        started = _threads() - before - others
+        assert started, "the context's threads run once new_context returns"
         assert {os.sched_getscheduler(tid) for tid in started} == {os.SCHED_BATCH}
+        assert others and os.SCHED_BATCH not in {os.sched_getscheduler(tid) for tid in others}
     finally:
         context.destroy(linger=0)
+        other.destroy(linger=0)
