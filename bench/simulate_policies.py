@@ -27,6 +27,8 @@ and pays ``--adapter-load-s`` per load, e.g. the LoRA goodput search of docs/ben
 Traces are read from ``../shared/traces`` relative to the repository root (or ``--traces``); a
 trace that is absent is skipped with a message. ShareGPT has no timestamps: 4,000 rows drawn with
 seed 0, arriving as a Poisson process at 1 request/s (so its goodput scale reads as requests/s).
+The synthetic workloads of ``simulate/synthetic.py`` (2,000 requests each, seed 0, 1 request/s on
+average) need no file and run with the traces.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from simulate.plot import plot_attainment  # noqa: E402
 from simulate.predictor_eval import evaluate, features_of  # noqa: E402
 from simulate.runner import SimConfig, simulate  # noqa: E402
 from simulate.slo import SloSpec  # noqa: E402
+from simulate.synthetic import WORKLOADS, synthetic_trace  # noqa: E402
 from simulate.trace import Trace, load_trace  # noqa: E402
 from workers.engines.sim.calibration import fit_all  # noqa: E402
 
@@ -64,13 +67,19 @@ SHAREGPT_REQUESTS = 4000
 PERF_MODEL = "splitwise_perf_model/perf_model.csv"
 # Splitwise's heterogeneous design: prefill on H100, decode on A100; instances of 4 GPUs.
 SHAPES = {
+    "1+1": (["1:h100x4"], ["1:a100x4"]),  # the smallest split cluster (not in the default runs)
     "4+4": (["4:h100x4"], ["4:a100x4"]),
     "8+8": (["8:h100x4"], ["8:a100x4"]),
 }
 # Policies that are pdorch's own (the rest are the baselines it is measured against).
 OURS = ("pdorch", "pdorch-pd")
 # ShareGPT at fixed Poisson rates (requests/s) per cluster size.
-SHAREGPT_RATES = {"4+4": (6.0, 8.0, 10.0, 12.0, 14.0), "8+8": (12.0, 16.0, 20.0, 24.0, 28.0)}
+SHAREGPT_RATES = {
+    "1+1": (1.0, 2.0, 3.0, 4.0, 5.0),
+    "4+4": (6.0, 8.0, 10.0, 12.0, 14.0),
+    "8+8": (12.0, 16.0, 20.0, 24.0, 28.0),
+}
+DEFAULT_SHAPES = ["4+4", "8+8"]
 SLO = SloSpec()
 CONFIG = SimConfig()
 
@@ -312,8 +321,15 @@ def main() -> int:
         "--only", choices=["fit", "predictor", "speed", "goodput", "rates", "ablation"], default=None
     )
     p.add_argument("--precision", type=float, default=0.03)
-    p.add_argument("--shape", choices=list(SHAPES), action="append", help="cluster size (default: all)")
-    p.add_argument("--trace", choices=list(TRACES), action="append", help="trace (default: all)")
+    p.add_argument(
+        "--shape", choices=list(SHAPES), action="append", help="cluster size (default: 4+4 and 8+8)"
+    )
+    p.add_argument(
+        "--trace",
+        choices=[*TRACES, *WORKLOADS],
+        action="append",
+        help="trace or synthetic workload (default: all)",
+    )
     p.add_argument("--policy", choices=list(policies()), action="append", help="policy (default: all)")
     p.add_argument(
         "--variant",
@@ -337,6 +353,9 @@ def main() -> int:
             loaded[name] = load_trace(path, requests=SHAREGPT_REQUESTS, rate_per_s=1.0, seed=0)
         else:
             print(f"note: {name} trace not found at {path}; its sections are skipped\n")
+    for name in WORKLOADS:
+        if not args.trace or name in args.trace:
+            loaded[name] = synthetic_trace(name)
     if args.only in (None, "fit"):
         section_fit(args.traces)
     if args.only in (None, "predictor"):
@@ -344,9 +363,9 @@ def main() -> int:
     if args.only in (None, "speed"):
         section_speed(loaded)
     if args.only in (None, "goodput"):
-        section_goodput(loaded, args.precision, args.plots, args.shape or list(SHAPES), names)
+        section_goodput(loaded, args.precision, args.plots, args.shape or DEFAULT_SHAPES, names)
     if args.only in (None, "rates"):
-        section_rates(loaded, args.shape or list(SHAPES), names)
+        section_rates(loaded, args.shape or DEFAULT_SHAPES, names)
     if args.only in (None, "ablation"):
         section_ablation(loaded, args.precision, (args.shape or ["4+4"])[0], args.variant)
     return 0

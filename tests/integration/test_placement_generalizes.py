@@ -6,7 +6,6 @@ case reproduces exactly. Attainment is the share of requests meeting both object
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from scheduler.placement.policies import policy
@@ -14,21 +13,15 @@ from simulate.cluster import parse_cluster
 from simulate.metrics import SimResult
 from simulate.runner import SimConfig, simulate
 from simulate.slo import SloSpec
-from simulate.trace import Trace, TraceRequest
+from simulate.synthetic import Workload, generate
+from simulate.trace import Trace
 
 SLO = SloSpec()
 
 
 def _trace(n: int, seed: int, prompt: tuple[float, float], output: tuple[float, float]) -> Trace:
     """Poisson arrivals at 1/s; log-normal prompt and output lengths (mu, sigma of the log)."""
-    rng = np.random.default_rng(seed)
-    t = np.cumsum(rng.exponential(1.0, n))
-    prompts = np.clip(rng.lognormal(*prompt, n), 16, 8000).astype(int)
-    outputs = np.clip(rng.lognormal(*output, n), 2, 3000).astype(int)
-    requests = tuple(
-        TraceRequest(float(a), int(p), int(o)) for a, p, o in zip(t, prompts, outputs, strict=True)
-    )
-    return Trace("synthetic", requests)
+    return generate(Workload(prompt=prompt, output=output), n, seed)
 
 
 def _run(name: str, trace: Trace, scale: float) -> SimResult:
