@@ -54,7 +54,7 @@ from simulate.plot import plot_attainment  # noqa: E402
 from simulate.predictor_eval import evaluate, features_of  # noqa: E402
 from simulate.runner import SimConfig, simulate  # noqa: E402
 from simulate.slo import SloSpec  # noqa: E402
-from simulate.synthetic import WORKLOADS, synthetic_trace  # noqa: E402
+from simulate.synthetic import WORKLOADS, workload_trace  # noqa: E402
 from simulate.trace import Trace, load_trace  # noqa: E402
 from workers.engines.sim.calibration import fit_all  # noqa: E402
 
@@ -355,7 +355,7 @@ def main() -> int:
             print(f"note: {name} trace not found at {path}; its sections are skipped\n")
     for name in WORKLOADS:
         if not args.trace or name in args.trace:
-            loaded[name] = synthetic_trace(name)
+            loaded[name] = workload_trace(name)
     if args.only in (None, "fit"):
         section_fit(args.traces)
     if args.only in (None, "predictor"):

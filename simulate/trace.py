@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from datetime import datetime
 from pathlib import Path
 
@@ -148,47 +147,3 @@ def _normalised(name: str, rows: list[TraceRequest], prefix_block_tokens: int) -
     t0 = rows[0].arrival_s
     reqs = tuple(msgspec.structs.replace(r, arrival_s=r.arrival_s - t0) for r in rows)
     return Trace(name, reqs, prefix_block_tokens)
-
-
-def synthetic_trace(
-    n: int,
-    *,
-    rate_per_s: float = 4.0,
-    seed: int = 0,
-    templates: int = 8,
-    block_tokens: int = 64,
-    prompt_median: int = 1024,
-    output_median: int = 64,
-    tenants: int = 2,
-) -> Trace:
-    """A small reproducible workload: Poisson arrivals, log-normal lengths, shared prompt templates.
-
-    Each request starts with one of ``templates`` shared prefixes (half its blocks) and ends with
-    unique blocks, so prefix caching matters; a template's outputs cluster around its own length.
-    """
-    rng = np.random.default_rng(seed)
-    gaps = rng.exponential(1.0 / rate_per_s, size=n)
-    arrivals = np.cumsum(gaps) - gaps[0]
-    prompts = np.maximum(block_tokens, rng.lognormal(math.log(prompt_median), 0.6, size=n)).astype(int)
-    template_of = rng.integers(0, templates, size=n)
-    template_out = rng.lognormal(math.log(output_median), 0.8, size=templates)
-    outputs = np.maximum(1, rng.lognormal(np.log(template_out[template_of]), 0.3)).astype(int)
-    next_id = 1_000_000
-    reqs = []
-    for i in range(n):
-        blocks = int(prompts[i]) // block_tokens
-        shared = blocks // 2
-        t = int(template_of[i])
-        ids = [t * 10_000 + 1 + j for j in range(shared)]
-        ids += list(range(next_id, next_id + blocks - shared))
-        next_id += blocks - shared
-        reqs.append(
-            TraceRequest(
-                arrival_s=float(arrivals[i]),
-                prompt_len=int(prompts[i]),
-                output_len=int(min(outputs[i], DEFAULT_MAX_TOKENS)),
-                hash_ids=tuple(ids),
-                tenant=f"tenant-{i % tenants}",
-            )
-        )
-    return Trace("synthetic", tuple(reqs), prefix_block_tokens=block_tokens)

@@ -27,7 +27,7 @@ from scheduler.prediction.latency import LatencyLearner
 from scheduler.prediction.output_length import OutputLengthPredictor
 from simulate.cluster import parse_cluster
 from simulate.runner import SimConfig, Simulation
-from simulate.trace import synthetic_trace
+from simulate.synthetic import synthetic_trace
 from transport.errors import PdorchError
 
 TRACE = synthetic_trace(240, rate_per_s=18.0, seed=3, prompt_median=2500, output_median=60)

@@ -13,7 +13,7 @@ from simulate.cluster import parse_cluster
 from simulate.metrics import SimResult
 from simulate.runner import SimConfig, simulate
 from simulate.slo import SloSpec
-from simulate.synthetic import synthetic_trace
+from simulate.synthetic import workload_trace
 from simulate.trace import Trace
 
 SLO = SloSpec()
@@ -33,7 +33,7 @@ def test_requests_lent_a_prefill_node_do_not_stop_its_prefills(name: str) -> Non
     """1 + 1 instances. The prefill node decodes some requests (lent); one of them close to its
     TPOT once stopped every prefill there until it ended, so prompts waited until their TTFT was
     out of reach and were shed (21%) while least-request met every objective."""
-    result = _run(name, synthetic_trace("synthetic-chat", 300, seed=5), scale=4.0)
+    result = _run(name, workload_trace("synthetic-chat", 300, seed=5), scale=4.0)
     assert result.attainment >= 0.95, result
 
 
@@ -41,7 +41,7 @@ def test_decode_batches_are_not_filled_to_the_edge_of_the_tpot_objective() -> No
     """Decode-heavy (prompts ~340 tokens, answers ~650), 1 + 1 instances, at a rate colocated
     serves entirely. Predicted at the batch as it was, batches filled to the edge: 10% of the
     requests missed their TPOT; the learnt margin keeps that near its 5% target."""
-    trace = synthetic_trace("synthetic-decode-heavy", 1500, seed=0)
+    trace = workload_trace("synthetic-decode-heavy", 1500, seed=0)
     assert _run("colocated", trace, scale=4.0).attainment == 1.0
     result = _run("pdorch", trace, scale=4.0)
     assert result.tpot_attainment >= 0.95, result

@@ -12,7 +12,8 @@ from scheduler.placement.policies import policy
 from simulate.cli import simulate_main
 from simulate.cluster import parse_cluster
 from simulate.runner import Simulation
-from simulate.trace import load_trace, synthetic_trace
+from simulate.synthetic import synthetic_trace
+from simulate.trace import load_trace
 
 TRACES = Path(__file__).parents[2] / ".." / "shared" / "traces"
 AZURE = TRACES / "azure2023" / "AzureLLMInferenceTrace_code.csv"

@@ -7,7 +7,7 @@ import pytest
 
 from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor, PredictorConfig
 from simulate.predictor_eval import evaluate, rankdata, spearman
-from simulate.trace import synthetic_trace
+from simulate.synthetic import synthetic_trace
 from transport.errors import ErrorCode, PdorchError
 
 

@@ -16,7 +16,7 @@ from simulate.fluid import EngineParams, EventKind, SimEngine
 from simulate.node import SimNode
 from simulate.runner import SimConfig, Simulation, simulate
 from simulate.slo import SloSpec
-from simulate.trace import synthetic_trace
+from simulate.synthetic import synthetic_trace
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role, SamplingParams
 from workers.engines.sim.batcher import BatcherParams, SimBatcher

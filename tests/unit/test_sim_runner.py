@@ -15,7 +15,8 @@ from simulate.cluster import parse_cluster
 from simulate.goodput import find_goodput
 from simulate.runner import SimConfig, Simulation, chunk_tokens_for, simulate
 from simulate.slo import SloJudge, SloSpec
-from simulate.trace import load_trace, synthetic_trace
+from simulate.synthetic import synthetic_trace
+from simulate.trace import load_trace
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role
 from workers.engines.sim.cost import CostModel

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulate.synthetic import WORKLOADS, Workload, generate, synthetic_trace
+from simulate.synthetic import WORKLOADS, Workload, generate, workload_trace
 
 
 @pytest.mark.parametrize("name", list(WORKLOADS))
 def test_a_named_workload_is_seeded_and_averages_one_request_per_second(name: str) -> None:
-    trace = synthetic_trace(name, requests=4000, seed=3)
-    assert trace == synthetic_trace(name, requests=4000, seed=3)
-    assert trace != synthetic_trace(name, requests=4000, seed=4)
+    trace = workload_trace(name, requests=4000, seed=3)
+    assert trace == workload_trace(name, requests=4000, seed=3)
+    assert trace != workload_trace(name, requests=4000, seed=4)
     assert trace.name == name and len(trace.requests) == 4000
     assert 0.9 < len(trace.requests) / trace.duration_s < 1.1
     arrivals = [r.arrival_s for r in trace.requests]
