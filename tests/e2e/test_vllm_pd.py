@@ -34,7 +34,6 @@ from tests.vllm_support.pd_pair import (
     route,
 )
 from transport.errors import PdorchError
-from transport.kv.receiver import ReceiverLimits
 from transport.messages import (
     DecodeJob,
     KvMode,
@@ -75,13 +74,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     model_dir = build_tiny_model(python, work)
     # These tests put a proxy on the TCP KV path (and test_vllm_real_model covers the same-host one).
     # Half the equality requests send their decode only once the prefill returned, so the begin
-    # waits for it unannounced; a CI machine once took over 30 s (the default park) to get there.
-    spec = {
-        "max_num_seqs": 16,
-        "served_model_name": MODEL,
-        "kv_same_host": "off",
-        "kv_limits": ReceiverLimits(park_s=60.0),
-    }
+    # waits for it unannounced (pd_servers' patient limits keep it up to the jobs' deadline).
+    spec = {"max_num_seqs": 16, "served_model_name": MODEL, "kv_same_host": "off"}
     with pd_servers(python, model_dir, work, **spec) as pair:
         tok = HfTokenizer(model_dir)
         pair.prompts = [tok.encode(t) for t in TEXTS] + [tok.apply_chat_template(c) for c in CHATS]

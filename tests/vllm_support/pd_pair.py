@@ -16,6 +16,7 @@ from pathlib import Path
 from pdorch.launcher import ClusterSpec, LocalCluster
 from tests.vllm_support.environment import free_port
 from tests.vllm_support.processes import VllmServer, wait_healthy
+from transport.kv.receiver import ReceiverLimits
 from transport.messages import (
     DecodeJob,
     FinishReason,
@@ -44,7 +45,15 @@ class Cluster:
     kv_endpoint: str
     broker: str
     keys: KeySet
+    broker_log: Path
     prompts: list[list[int]] = field(default_factory=list)
+
+    def notable_logs(self, lines: int = 25) -> str:
+        """The last warnings and errors of both servers and the broker: what explains a failure."""
+        servers = (self.decode, self.prefill)
+        parts = [f"--- vLLM {v.name}:\n{v.log_tail(lines, notable_only=True)}" for v in servers]
+        broker = self.broker_log.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join([*parts, "--- KV broker:", *broker])
 
     def route(self, mode: str, tid: str, endpoint: str = "") -> KvRoute:
         """As the scheduler names it: in the prefill side's scope, pinning the server's key."""
@@ -55,10 +64,17 @@ class Cluster:
         return KvRoute(KvMode(mode), endpoint, f"prefill-0/{tid}", key)
 
 
-def _start_broker(port: int, log_dir: Path, keys: KeySet) -> subprocess.Popen[bytes]:
-    log = (log_dir / "kv-broker.log").open("wb")
+# The CI machines were seen stalling for 5-10 s and more mid-test; the KV planes' bounds against
+# silent or hostile peers (tested on real sockets in tests/integration) would then fail requests
+# these tests only compare. Patient, within the jobs' own 60 s deadline.
+PATIENT_LIMITS = ReceiverLimits(park_s=60.0, idle_s=60.0)
+PATIENT_BROKER = ["--first-chunk-s", "60", "--idle-s", "60"]
+
+
+def _start_broker(port: int, log_path: Path, keys: KeySet) -> subprocess.Popen[bytes]:
+    log = log_path.open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "pdorch", "kv-broker", "--bind", f"tcp://127.0.0.1:{port}"],
+        [sys.executable, "-m", "pdorch", "kv-broker", "--bind", f"tcp://127.0.0.1:{port}", *PATIENT_BROKER],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **keys.env(KV_BROKER)},
@@ -72,7 +88,7 @@ def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Ite
     front of them: the same keys serve both)."""
     kv_port, broker_port = free_port(), free_port()
     keys = KeySet.create(work / "keys", {"prefill-0": (), "decode-0": ()})
-    common: dict = {"model_dir": str(model_dir), **spec}
+    common: dict = {"model_dir": str(model_dir), "kv_limits": PATIENT_LIMITS, **spec}
     prefill = VllmServer(
         "prefill",
         VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common),
@@ -89,11 +105,18 @@ def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Ite
         log_dir=work,
         env=keys.env("decode-0"),
     )
-    broker = _start_broker(broker_port, work, keys)
+    broker_log = work / "kv-broker.log"
+    broker = _start_broker(broker_port, broker_log, keys)
     try:
         wait_healthy([prefill, decode], timeout_s=420)
         yield Cluster(
-            prefill, decode, model_dir, f"tcp://127.0.0.1:{kv_port}", f"tcp://127.0.0.1:{broker_port}", keys
+            prefill,
+            decode,
+            model_dir,
+            f"tcp://127.0.0.1:{kv_port}",
+            f"tcp://127.0.0.1:{broker_port}",
+            keys,
+            broker_log,
         )
     finally:
         for server in (prefill, decode):
@@ -207,8 +230,7 @@ async def check_equality(cluster: Cluster, e: Engines, s: SamplingParams, tag: s
             )
         )
     except Exception as exc:  # what the servers said is the only clue to a crash inside vLLM
-        tails = "\n".join(f"--- vLLM {v.name}:\n{v.log_tail(80)}" for v in (cluster.prefill, cluster.decode))
-        raise AssertionError(f"{tag}: {exc!r}\n{tails}") from exc
+        raise AssertionError(f"{tag}: {exc!r}\n{cluster.notable_logs()}") from exc
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert have == want, f"prompt {i} ({len(cluster.prompts[i])} tokens): {have} != {want}"
 

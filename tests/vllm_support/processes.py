@@ -49,11 +49,15 @@ class VllmServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_tail(self, lines: int = 40, *, notable_only: bool = False) -> str:
         """The last ``lines`` of its log, without the access lines of metrics scrapes (which
-        otherwise fill the tail of a server that is being watched)."""
+        otherwise fill the tail of a server that is being watched); ``notable_only``: without
+        vLLM's INFO lines either (warnings, errors, tracebacks and the connector's own lines)."""
         text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join([line for line in text if '"GET /metrics ' not in line][-lines:])
+        kept = [
+            line for line in text if '"GET /metrics ' not in line and not (notable_only and " INFO " in line)
+        ]
+        return "\n".join(kept[-lines:])
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc.poll() is None:
