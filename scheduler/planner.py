@@ -32,7 +32,7 @@ from scheduler.placement.kv_budget import blocks_for, predicted_output_tokens, r
 from scheduler.placement.prefix import matched_prefix_blocks, prompt_block_hashes
 from scheduler.placement.slo_estimate import decode_steps
 from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
-from scheduler.prediction.latency import LatencyLearner
+from scheduler.prediction.latency import PROGRESS_INTERVAL_S, LatencyLearner
 from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor
 from transport.errors import ErrorCode, PdorchError
 
@@ -60,6 +60,7 @@ class Planner:
         self.predictor = predictor
         self.latency = latency
         self._colocated = colocated
+        self._progress_at = -float("inf")
 
     @property
     def config(self) -> PlacementConfig:
@@ -117,7 +118,9 @@ class Planner:
     # ------------------------------------------------------------------ deciding
 
     def snapshot(self, now: float, exclude: frozenset[str] = frozenset()) -> ClusterSnapshot:
-        states = [s for s in self._nodes.node_states() if s.hello.worker_id not in exclude]
+        all_states = list(self._nodes.node_states())
+        self._observe_progress(now, all_states)
+        states = [s for s in all_states if s.hello.worker_id not in exclude]
         table = self.latency.table(now, {(s.hello.model, s.hello.accelerator) for s in states})
         accelerators = self.config.accelerators
         views = []
@@ -126,6 +129,18 @@ class Planner:
             if node is not None:
                 views.append(node_view(s, node, table, accelerators, now))
         return ClusterSnapshot(tuple(views), table)
+
+    def _observe_progress(self, now: float, states: list[NodeState]) -> None:
+        """Every ``PROGRESS_INTERVAL_S``, what each node's batch decoded meanwhile teaches the decode
+        model (a burst of long answers is seen while they decode, not ~a minute later when they end)."""
+        if now - self._progress_at < PROGRESS_INTERVAL_S:
+            return
+        self._progress_at = now
+        for s in states:
+            node = self.ledger.node(s.hello.worker_id)
+            sample = None if node is None else node.progress(now, s.load.decoded_tokens)
+            if sample is not None:
+                self.latency.observe_decode(sample)
 
     def place(
         self, preq: PlacementRequest, now: float, *, arrived_at: float, exclude: frozenset[str] = frozenset()
@@ -223,9 +238,9 @@ class Planner:
 
     def finished(self, job_id: str, now: float, decoded: int) -> None:
         """The job's decode ended after ``decoded`` tokens on its decode node; Unreserve everywhere."""
-        sample = self.ledger.finish(job_id, now, decoded)
-        if sample is not None:
-            self.latency.observe_decode(sample)
+        outcome = self.ledger.finish(job_id, now, decoded)
+        if outcome is not None:
+            self.latency.observe_tpot(outcome)
 
     def release(self, job_id: str, now: float, worker_id: str | None = None) -> None:
         self.ledger.release(job_id, now, worker_id)

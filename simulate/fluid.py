@@ -181,6 +181,7 @@ class SimEngine:
         self._p = 0.0
         self._p_base = 0.0
         self._s_base = 0.0
+        self._generated_base = 0.0  # tokens decoded here up to P = p_base
         self._step_s = 0.0
         self._step_p = 0.0  # P at which _step_s was computed
         self._thresholds: list[tuple[float, int, int, int]] = []  # (P, order, kind, rid)
@@ -272,6 +273,10 @@ class SimEngine:
             waiting=len(self._waiting) + len(self._queue),
             queued_prefill_tokens=self._queued_tokens,
         )
+
+    def generated_at(self, t: float) -> int:
+        """Tokens decoded here so far (each decode step gives every sequence in the batch one)."""
+        return int(self._generated_base + len(self._batch) * (self._p_at(t) - self._p_base))
 
     def context_at(self, t: float, rid: int) -> int:
         seq = self._batch.get(rid)
@@ -425,6 +430,7 @@ class SimEngine:
     # ------------------------------------------------------------------ internals: decode
 
     def _rebase(self) -> None:
+        self._generated_base += len(self._batch) * (self._p - self._p_base)
         self._s_base = self._s_at(self._p)
         self._p_base = self._p
 

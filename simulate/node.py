@@ -76,6 +76,7 @@ class SimNode:
                 cached_blocks=len(engine.cache) * params.prefix_block_tokens // params.block_size,
                 adapter_slots=params.max_loras,
                 adapters_resident=engine.adapters.resident(),
+                decoded_tokens=engine.generated_at(t),
             ),
         )
         self._state_key = key

@@ -110,6 +110,9 @@ class Load(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     # now, least recently used first: a request for a resident adapter pays no load.
     adapter_slots: int = 0
     adapters_resident: list[str] = []
+    # Tokens this worker has decoded since it started (a counter: placement learns the decode step
+    # time from how fast it grows while requests decode).
+    decoded_tokens: int = 0
 
 
 # --------------------------------------------------------------------------- agent -> scheduler

@@ -46,6 +46,7 @@ from transport.messages import (
     PrefillJob,
     Role,
     TokenizerFiles,
+    TokenOutput,
     ToWorker,
     Welcome,
     WorkerFatal,
@@ -104,6 +105,9 @@ class Agent:
         self._dec: Decoder[ToWorker] = Decoder(ToWorker)
         self._sock: LoopSocket | None = None
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        # Prefill and generate jobs whose first token (a prefill's, not a decoded one) is still to come.
+        self._first_pending: set[str] = set()
+        self._decoded_tokens = 0
         self._interval = cfg.heartbeat_interval_s
         self._liveness = cfg.heartbeat_liveness
         self._draining = False
@@ -241,8 +245,9 @@ class Agent:
                 raise _Reconnect(f"scheduler silent for {peer.expiry_s:.1f}s")
 
     def _load(self) -> Load:
-        load = self._engine.load()
-        return msgspec.structs.replace(load, kv_refusing=True) if self._kv_refusing() else load
+        return msgspec.structs.replace(
+            self._engine.load(), kv_refusing=self._kv_refusing(), decoded_tokens=self._decoded_tokens
+        )
 
     def _send_tokenizer(self) -> None:
         """Ship the tokenizer's files: the scheduler may run where the model directory is not."""
@@ -308,6 +313,8 @@ class Agent:
                 JobError(rid, ErrorCode.MODEL_NOT_FOUND, f"adapter {job.adapter!r} is not served here")
             )
             return
+        if not isinstance(job, DecodeJob):
+            self._first_pending.add(rid)
         if isinstance(job, PrefillJob):
             coro = self._engine.prefill(job)
         elif isinstance(job, DecodeJob):
@@ -330,6 +337,7 @@ class Agent:
             self._send(JobError(rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
         finally:
             self._jobs.pop(rid, None)
+            self._first_pending.discard(rid)
 
     def _cancel(self, rid: str) -> None:
         # The job's own ``finally`` frees what it holds in the engine.
@@ -346,6 +354,10 @@ class Agent:
                 await task
 
     def _send(self, msg: FromWorker) -> None:
+        if isinstance(msg, TokenOutput) and msg.token_ids:  # counted sent or not: it was decoded
+            first = msg.request_id in self._first_pending
+            self._first_pending.discard(msg.request_id)
+            self._decoded_tokens += len(msg.token_ids) - first
         sock = self._sock
         if sock is None:
             return

@@ -56,6 +56,7 @@ async def cluster(request: web.Request) -> web.Response:
                     "running": w.load.running,
                     "waiting": w.load.waiting,
                     "queued_prefill_tokens": w.load.queued_prefill_tokens,
+                    "decoded_tokens": w.load.decoded_tokens,
                 },
                 "adapters": h.adapters,
                 "adapter_slots": w.load.adapter_slots,

@@ -9,7 +9,7 @@ request's lifecycle events then move it along and come back as latency observati
   begins there;
 * :meth:`kv_loaded` — the KV landed on the decode node: its decode begins there (a
   :class:`HandoffSample`), and the prefill node holds nothing more for it;
-* :meth:`finish` — it finished decoding (a :class:`DecodeSample`);
+* :meth:`finish` — it finished decoding (a :class:`TpotOutcome`);
 * :meth:`release` — Unreserve on one node or every node, on finish or any failure. Idempotent.
 
 The live scheduler calls these from its request flow, the simulator from its engines' events.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from scheduler.ledger.node_ledger import Held, NodeLedger
 from scheduler.placement.types import Placement
-from scheduler.prediction.latency import DecodeSample, HandoffSample, PrefillSample
+from scheduler.prediction.latency import HandoffSample, PrefillSample, TpotOutcome
 
 
 @dataclass
@@ -166,16 +166,16 @@ class Ledger:
         held = None if d is None else d.held.get(job_id)
         return None if d is None or held is None else (d, held)
 
-    def finish(self, job_id: str, now: float, steps: int) -> DecodeSample | None:
+    def finish(self, job_id: str, now: float, steps: int) -> TpotOutcome | None:
         """The job finished on its decode node after ``steps`` tokens there (its first came from
         the prefill); Unreserves it everywhere."""
         booking = self._jobs.get(job_id)
         if booking is None:
             return None
         d = self._nodes.get(booking.decode)
-        sample = None if d is None else d.leave(job_id, now, steps)
+        outcome = None if d is None else d.leave(job_id, now, steps)
         self.release(job_id, now)
-        return sample
+        return outcome
 
     def release(self, job_id: str, now: float, worker_id: str | None = None) -> None:
         """Unreserve the job on ``worker_id``, or on every node it used. Idempotent."""

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 from scheduler.ledger.prefix_memory import PrefixMemory
 from scheduler.placement.kv_budget import outstanding_blocks
-from scheduler.prediction.latency import DecodeSample, PrefillSample
+from scheduler.prediction.latency import DecodeSample, PrefillSample, TpotOutcome
+
+# A progress observation covers at least this many decode steps (fewer say little of a step's time).
+MIN_PROGRESS_STEPS = 8
 
 
 @dataclass
@@ -47,8 +50,6 @@ class Member:
     joined_at: float | None = None  # when its decode began here
     delay_s: float = 0.0  # time between its first token and that (the KV handoff)
     busy_at_join: float = 0.0  # the node's prefill time when it joined
-    batch_s: float = 0.0
-    context_s: float = 0.0
 
 
 class NodeLedger:
@@ -87,6 +88,7 @@ class NodeLedger:
         self.joined_tokens = 0  # their prompt tokens
         self.booked_tokens = 0  # prompt tokens of every member, joined or not
         self.adapter_of: dict[str, str] = {}  # job -> its LoRA adapter, for jobs with one
+        self._progress_mark: tuple[float, int, float, float, float] | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -183,30 +185,45 @@ class NodeLedger:
         member.joined_at = now
         member.delay_s = delay_s
         member.busy_at_join = self.busy_s
-        member.batch_s, member.context_s = self._batch_s, self._context_s
         self.joined += 1
         self.joined_tokens += member.prompt_tokens
         self._changed()
 
-    def leave(self, job_id: str, now: float, steps: int) -> DecodeSample | None:
-        """The member finished after decoding ``steps`` tokens here; a decode observation."""
+    def leave(self, job_id: str, now: float, steps: int) -> TpotOutcome | None:
+        """The member finished after decoding ``steps`` tokens here; whether it met its TPOT
+        objective (None: it had none, or never decoded here)."""
         member = self._drop_member(job_id, now)
-        if member is None or member.joined_at is None or steps < 1:
+        if member is None or member.joined_at is None or steps < 1 or member.tpot_slo_s <= 0:
             return None
-        seconds = now - member.joined_at
-        if seconds <= 0.0:
+        tpot = (now - member.joined_at + member.delay_s) / steps
+        return TpotOutcome(self.model, self.accelerator, tpot <= member.tpot_slo_s)
+
+    def progress(self, now: float, decoded_tokens: int) -> DecodeSample | None:
+        """A decode observation of the node's batch since the last call, given the tokens the node
+        reports it has decoded (over the batch's integral they give its steps): the step time is
+        learnt while requests decode, not only once they end."""
+        self._advance(now)
+        mark = (now, decoded_tokens, self._batch_s, self._context_s, self.busy_s)
+        last, self._progress_mark = self._progress_mark, mark
+        if last is None:
+            return None
+        # A worker that restarted counts from 0 again: nothing to learn from that interval.
+        seconds, tokens, batch_s = now - last[0], decoded_tokens - last[1], self._batch_s - last[2]
+        if seconds <= 0.0 or tokens <= 0 or batch_s <= 0.0:
+            return None
+        batch = batch_s / seconds
+        steps = round(tokens / batch)
+        if steps < MIN_PROGRESS_STEPS:
+            self._progress_mark = last  # too little yet: keep accumulating
             return None
         return DecodeSample(
             model=self.model,
             accelerator=self.accelerator,
             steps=steps,
-            # The integrals since it joined count it too.
-            batch=(self._batch_s - member.batch_s) / seconds,
-            context=(self._context_s - member.context_s) / seconds,
-            stall_s=self.busy_s - member.busy_at_join,
+            batch=batch,
+            context=(self._context_s - last[3]) / seconds,
+            stall_s=self.busy_s - last[4],
             seconds=seconds,
-            delay_s=member.delay_s,
-            tpot_slo_s=member.tpot_slo_s,
         )
 
     def grow(self, job_id: str, tokens: int, reserved_blocks: int | None = None) -> None:

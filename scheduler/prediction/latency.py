@@ -6,9 +6,10 @@ way in the live scheduler and in the simulator):
 * a **prefill**: the time from the moment a node could start a prompt (sent to it, and the prompt
   before it answered) to its first token, with the uncached and cached tokens and the node's decode
   batch meanwhile;
-* a **decode**: a request's time from its first decode step to its last over the steps it took,
-  with the node's average batch and context meanwhile and the prefill time the node spent in
-  between (chunked prefills stall the batch);
+* a **decode**: a node's time over the decode steps its batch took since the last observation of
+  it (every ``PROGRESS_INTERVAL_S`` of placements, while requests decode, so a burst of long answers is seen
+  long before any of them ends), with its average batch and context meanwhile and the prefill time
+  it spent in between (chunked prefills stall the batch);
 * a **handoff**: the time from the first token to the KV landing on the decode node, with its size.
 
 A prefill that had to load its LoRA adapter first (not resident on the node when it was booked)
@@ -16,7 +17,7 @@ does not teach the prefill model: what that model does not explain of its time i
 average of those residuals per node class is the **adapter load time** placement assumes (it starts
 from the accelerator table's ``adapter_load_s``, which counts as one observation).
 
-Decode observations also say whether the request met its TPOT objective. The latency models
+A request that ends says whether it met its TPOT objective (a :class:`TpotOutcome`). The latency models
 predict a step from the batch as it is; a request's TPOT also pays for what joins the batch after
 it and for prefills the node runs meanwhile. Per decode class a **TPOT margin** (a share of the
 objective placement keeps in reserve) is adapted so that about ``TPOT_MISS_TARGET`` of the requests
@@ -59,6 +60,8 @@ DECAY = 0.999
 # The prior counts as one observation.
 PRIOR_WEIGHT = 1.0
 PUBLISH_INTERVAL_S = 1.0
+# A node's decode batch is observed at most this often (caller's clock, like the publication).
+PROGRESS_INTERVAL_S = 1.0
 
 
 class PrefillSample(msgspec.Struct, frozen=True, gc=False):
@@ -78,10 +81,16 @@ class DecodeSample(msgspec.Struct, frozen=True, gc=False):
     steps: int
     batch: float
     context: float
-    stall_s: float  # prefill time the node spent while the request decoded
+    stall_s: float  # prefill time the node spent meanwhile
     seconds: float
-    delay_s: float = 0.0  # from its first token to its first decode step here (the KV handoff)
-    tpot_slo_s: float = 0.0  # its TPOT objective (0: none)
+
+
+class TpotOutcome(msgspec.Struct, frozen=True, gc=False):
+    """A request with a TPOT objective ended on a node of this class: did it meet it?"""
+
+    model: str
+    accelerator: str
+    met: bool
 
 
 class HandoffSample(msgspec.Struct, frozen=True, gc=False):
@@ -155,10 +164,11 @@ class LatencyLearner:
         if s.steps < 1:
             return
         x = decode_x(s.batch, s.context, s.stall_s / s.steps)
-        c = self._class(s.model, s.accelerator)
-        c.decode.observe(x, s.seconds / s.steps)
-        if s.tpot_slo_s > 0:
-            c.observe_tpot((s.seconds + s.delay_s) / s.steps <= s.tpot_slo_s)
+        self._class(s.model, s.accelerator).decode.observe(x, s.seconds / s.steps)
+        self._learnt()
+
+    def observe_tpot(self, o: TpotOutcome) -> None:
+        self._class(o.model, o.accelerator).observe_tpot(o.met)
         self._learnt()
 
     def observe_handoff(self, s: HandoffSample) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from pdorch.launcher import ClusterSpec, LocalCluster, model_name
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import MODEL, complete, gather_limited, stream_tokens
+from tests.e2e.helpers import MODEL, complete, eventually, gather_limited, stream_tokens
 
 pytestmark = pytest.mark.e2e
 
@@ -51,6 +51,13 @@ def _workers(cluster: LocalCluster) -> dict[str, dict]:
     return {w["worker_id"]: w for w in cluster.cluster_state()["workers"]}
 
 
+def _decoded(cluster: LocalCluster) -> tuple[int, list[int]]:
+    """The tokens decoded: by all the workers that decode, and by each prefill-only one."""
+    workers = _workers(cluster).values()
+    decoding = sum(w["load"]["decoded_tokens"] for w in workers if w["role"] != "prefill")
+    return decoding, [w["load"]["decoded_tokens"] for w in workers if w["role"] == "prefill"]
+
+
 def test_workers_announce_the_modeled_engine(sim_p2p: LocalCluster) -> None:
     workers = _workers(sim_p2p)
     assert set(workers) == {"prefill-0", "decode-0"}
@@ -69,9 +76,16 @@ async def test_disaggregated_equals_colocated(sim_p2p: LocalCluster, sim_colocat
         | ({"temperature": 0.8, "seed": i} if i % 2 else {"temperature": 0.0})
         for i in range(16)
     ]
+    before = {c: _decoded(c) for c in (sim_p2p, sim_colocated)}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
         streamed = await gather_limited([stream_tokens(s, sim_p2p.url, **b) for b in bodies], limit=16)
         expected = await gather_limited([complete(s, sim_colocated.url, **b) for b in bodies], limit=16)
+    # Every worker reports the tokens it decoded (placement learns the step time from them): all
+    # but each request's first, which its prefill gave; none on a prefill-only worker.
+    decoded = sum(len(ids) - 1 for ids, _, _ in streamed)
+    for cluster in (sim_p2p, sim_colocated):
+        want = (before[cluster][0] + decoded, before[cluster][1])
+        await eventually(lambda c=cluster, want=want: _decoded(c) == want, WAIT_S, "the decoded tokens")
     finishes = []
     for i, ((ids, finish, _), want) in enumerate(zip(streamed, expected, strict=True)):
         choice = want["choices"][0]

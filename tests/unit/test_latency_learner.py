@@ -10,19 +10,16 @@ from scheduler.placement.config import default_accelerators
 from scheduler.placement.latency_model import (
     class_key,
     decode_x,
-    handoff_x,
-    link_key,
     prefill_x,
-    prior_prefill,
 )
 from scheduler.prediction.latency import (
     TPOT_MARGIN_MAX,
     TPOT_MARGIN_STEP,
     TPOT_MISS_TARGET,
     DecodeSample,
-    HandoffSample,
     LatencyLearner,
     PrefillSample,
+    TpotOutcome,
 )
 from scheduler.prediction.online_regression import OnlineRegression
 from workers.engines.sim.cost import CostModel
@@ -123,57 +120,29 @@ def test_decode_model_learns_the_step_time_and_the_stalls() -> None:
     assert model.coef[3] == pytest.approx(1.0, rel=0.05)  # a stall second delays decoding a second
 
 
-def _tpot_sample(tpot_s: float, slo_s: float = 0.1, delay_s: float = 0.0) -> DecodeSample:
-    steps = 100
-    return DecodeSample(MODEL, "a100", steps, 20, 20_000, 0.0, steps * tpot_s - delay_s, delay_s, slo_s)
+def _outcome(met: bool) -> TpotOutcome:
+    return TpotOutcome(MODEL, "a100", met)
 
 
 def test_the_tpot_margin_settles_at_the_miss_target_and_vanishes_while_predictions_hold() -> None:
     learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
     key = class_key(MODEL, "a100")
     for _ in range(500):
-        learner.observe_decode(_tpot_sample(0.09))  # every request meets its objective
+        learner.observe_tpot(_outcome(True))  # every request meets its objective
     assert key not in learner.table(now=1.0).tpot_margin
     rng = random.Random(3)
     for _ in range(3000):  # a third miss it: the margin grows
-        learner.observe_decode(_tpot_sample(0.12 if rng.random() < 1 / 3 else 0.09))
+        learner.observe_tpot(_outcome(rng.random() >= 1 / 3))
     assert learner.table(now=2.0).tpot_margin[key] == TPOT_MARGIN_MAX
     for _ in range(200):  # the misses stop: it narrows again, to nothing
-        learner.observe_decode(_tpot_sample(0.09))
+        learner.observe_tpot(_outcome(True))
     narrowed = learner.table(now=3.0).tpot_margin[key]
     assert 0 < narrowed < TPOT_MARGIN_MAX
     for _ in range(2000):
-        learner.observe_decode(_tpot_sample(0.09))
+        learner.observe_tpot(_outcome(True))
     assert key not in learner.table(now=4.0).tpot_margin
-
-
-def test_the_tpot_counts_the_handoff_and_requests_without_an_objective_teach_no_margin() -> None:
-    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
-    key = class_key(MODEL, "a100")
-    for _ in range(50):  # 90 ms per step, but a 2 s handoff first: (9 + 2) / 100 steps = 110 ms
-        learner.observe_decode(_tpot_sample(0.11, delay_s=2.0))
-        learner.observe_decode(_tpot_sample(0.5, slo_s=0.0))
-    assert learner.table(now=1.0).tpot_margin[key] == pytest.approx(
+    for _ in range(50):
+        learner.observe_tpot(_outcome(False))
+    assert learner.table(now=5.0).tpot_margin[key] == pytest.approx(
         50 * TPOT_MARGIN_STEP * (1 - TPOT_MISS_TARGET)
     )
-
-
-def test_handoff_model_learns_the_link() -> None:
-    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
-    for tokens in range(100, 60_000, 997):
-        kv = tokens * 320 * 1024
-        learner.observe_handoff(HandoffSample(MODEL, "h100", "a100", kv, 0.002 + kv / 100e9))
-    link = learner.table(now=1.0).handoffs[link_key(MODEL, "h100", "a100")]
-    assert link.predict(handoff_x(20e9)) == pytest.approx(0.202, rel=0.01)
-
-
-def test_a_new_class_starts_from_the_prior_and_tables_are_republished_at_most_once_per_interval() -> None:
-    learner = LatencyLearner(default_accelerators(), publish_interval_s=1.0)
-    first = learner.table(now=0.0, classes=[(MODEL, "h100")])
-    assert first.classes[class_key(MODEL, "h100")].prefill == prior_prefill(default_accelerators()["h100"])
-    sample = PrefillSample(MODEL, "h100", 1000, 0, 0.0, 0.0, 5.0)
-    learner.observe_prefill(sample)
-    assert learner.table(now=0.5) is first  # learnt, not yet republished
-    later = learner.table(now=1.0)
-    assert later is not first and later.version > first.version
-    assert learner.table(now=1.5) is later  # nothing new since

@@ -47,12 +47,21 @@ def test_a_split_booking_moves_through_its_lifecycle() -> None:
     assert handoff is not None and handoff.seconds == 0.25 and handoff.kv_bytes == 160 * KV
     assert not p.held  # the prefill side holds nothing more
     assert d.reserved_blocks == 20 - 10  # the prompt's 10 blocks are now backed by the worker's used ones
-    decoded = led.finish("j", now=2.75, steps=10)
-    assert decoded is not None and (decoded.steps, decoded.seconds, decoded.batch) == (10, 1.0, 1.0)
-    assert decoded.context == 160 and decoded.stall_s == 0.0
-    # Its TPOT objective and the handoff it waited for (its TPOT counts from the first token).
-    assert (decoded.delay_s, decoded.tpot_slo_s) == (0.25, 0.1)
+    # 10 steps in 1.0 s after a 0.25 s handoff: its TPOT counts from the first token, 0.125 > 0.1.
+    outcome = led.finish("j", now=2.75, steps=10)
+    assert outcome is not None and (outcome.model, outcome.accelerator, outcome.met) == ("m", "a100", False)
     assert not d.held and not d.members and led.booking("j") is None
+
+
+def test_a_finish_tells_whether_the_tpot_objective_was_met_and_none_without_one() -> None:
+    led = ledger()
+    for job, tpot in (("met", 0.1), ("none", 0.0)):
+        led.book(job, Placement("p", "d", 20), facts(tpot=tpot), cached=0, now=0.0)
+        led.first_token(job, now=1.0)
+        led.kv_loaded(job, now=1.0)
+    met = led.finish("met", now=2.0, steps=10)
+    assert met is not None and met.met
+    assert led.finish("none", now=9.0, steps=10) is None
 
 
 def test_prefill_time_is_measured_from_when_the_node_could_start() -> None:
@@ -75,16 +84,34 @@ def test_a_decode_observation_averages_the_batch_and_counts_the_prefill_stalls()
     led = ledger()
     d = led.node("d")
     assert d is not None
+    assert d.progress(0.0, decoded_tokens=0) is None  # the first call only sets the mark
     led.book("long", Placement("d", "d", 10), facts(prompt=100), cached=0, now=0.0)
     led.first_token("long", now=1.0)  # colocated: it decodes from its first token
     led.book("short", Placement("d", "d", 10), facts(prompt=300), cached=0, now=1.0)
     led.first_token("short", now=2.0)  # its prefill on d stalled "long" for a second
     led.finish("short", now=3.0, steps=5)
-    sample = led.finish("long", now=5.0, steps=20)
-    assert sample is not None and sample.seconds == 4.0
-    assert sample.batch == pytest.approx((1 * 1 + 2 * 1 + 1 * 2) / 4)  # 1, then 2 (1 s), then 1
-    assert sample.context == pytest.approx((100 * 1 + 400 * 1 + 100 * 2) / 4)
-    assert sample.stall_s == pytest.approx(1.0)
+    # Batch 1 (0-1 s nothing, 1-2 s "long"), 2 (2-3 s), 1 (3-5 s): 1 + 2 + 2 = 5 member-seconds
+    # over 5 s, in which the node reports 50 tokens decoded: 50 steps of an average batch of 1.
+    sample = d.progress(5.0, decoded_tokens=50)
+    assert sample is not None and (sample.model, sample.accelerator) == ("m", "a100")
+    assert sample.seconds == 5.0 and sample.batch == pytest.approx(1.0) and sample.steps == 50
+    assert sample.context == pytest.approx((100 * 1 + 400 * 1 + 100 * 2) / 5)
+    assert sample.stall_s == pytest.approx(1.0 + 1.0)  # both prefills ran on d meanwhile
+
+
+def test_decode_observations_need_enough_steps_and_skip_a_restarted_counter() -> None:
+    led = ledger()
+    d = led.node("d")
+    assert d is not None
+    led.book("j", Placement("d", "d", 10), facts(), cached=0, now=0.0)
+    led.first_token("j", now=0.0)
+    d.progress(0.0, decoded_tokens=100)
+    assert d.progress(1.0, decoded_tokens=103) is None  # 3 steps say little: kept accumulating
+    sample = d.progress(2.0, decoded_tokens=120)
+    assert sample is not None and (sample.steps, sample.seconds) == (20, 2.0)
+    assert d.progress(3.0, decoded_tokens=5) is None  # the worker restarted: its counter too
+    sample = d.progress(4.0, decoded_tokens=25)
+    assert sample is not None and (sample.steps, sample.seconds) == (20, 1.0)
 
 
 def test_release_is_idempotent_and_a_dropped_node_reports_its_jobs() -> None:

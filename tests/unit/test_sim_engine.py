@@ -172,3 +172,24 @@ def test_random_workload_conserves_requests_and_is_deterministic() -> None:
     assert sorted(ev.rid for ev in events if ev.kind == EventKind.PREFILL_DONE) == list(range(120))
     assert [ev.time for ev in events] == sorted(ev.time for ev in events)
     assert events == workload()
+
+
+def test_the_engine_counts_the_tokens_it_decoded() -> None:
+    """What a worker reports as decoded: one token per sequence per step, none for a prefill."""
+
+    def engine() -> SimEngine:
+        e = SimEngine(COST)
+        e.submit_prefill(0.0, 1, 1000, (), decode_here=True, output_len=101)
+        e.submit_prefill(0.0, 2, 500, (), decode_here=True, output_len=31)
+        e.submit_prefill(0.0, 3, 800, (), decode_here=False, output_len=50)  # prefilled for elsewhere
+        return e
+
+    e = engine()
+    end = run(e)[-1].time
+    assert e.generated_at(end) == 100 + 30
+    counts = []
+    for share in (0.25, 0.5, 0.75):  # between events too (the batch decodes fluidly)
+        e = engine()
+        run(e, until=end * share)
+        counts.append(e.generated_at(end * share))
+    assert 0 < counts[0] < counts[1] < counts[2] < 130

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from scheduler.placement.config import PluginSpec
+from scheduler.placement.latency_model import class_key, decode_x
 from scheduler.placement.policies import policies, policy
 from simulate.cluster import parse_cluster
 from simulate.goodput import find_goodput
@@ -200,3 +201,27 @@ def test_decider_config_reaches_the_simulated_cluster() -> None:
     never = msgspec.structs.replace(base, decider=PluginSpec("never"))
     result = simulate(TRACE, CLUSTER, never)
     assert result.kv_transfer_gb == 0.0 and result.local_prefills == 0 and "decode" not in result.cluster
+
+
+def test_the_decode_model_is_learnt_while_requests_decode_not_only_when_they_end() -> None:
+    """A burst of long answers: by the time the first request finishes, the decode step time has
+    been learnt from what the nodes decoded meanwhile (before, nothing was known until then and
+    placement filled the decode nodes as if a step cost nothing)."""
+    trace = synthetic_trace(200, rate_per_s=20.0, seed=5, prompt_median=300, output_median=600)
+    sim = Simulation(trace, CLUSTER, named("pdorch"), policy_name="pdorch")
+    planner = sim.planner
+    seen: list[float] = []
+    finished = planner.finished
+
+    decode = next(n for n in sim.nodes if n.hello.role is Role.DECODE)
+    key = class_key(decode.hello.model, decode.hello.accelerator)
+
+    def first_finish(job_id: str, now: float, decoded: int) -> None:
+        if not seen:
+            seen.append(planner.latency.table(now).classes[key].decode.predict(decode_x(50, 50 * 1000)))
+        finished(job_id, now, decoded)
+
+    planner.finished = first_finish  # type: ignore[method-assign]
+    sim.run()
+    want = decode.engine.cost.decode_step_ms(50, 50 * 1000) / 1e3
+    assert seen and seen[0] == pytest.approx(want, rel=0.5)
