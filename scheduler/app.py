@@ -125,6 +125,13 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
         "node_class",
         latency.tpot_margins,
     )
+    metrics.bind_levels(
+        "pdorch_worker_decode_step_seconds",
+        "Seconds per decode step each worker took lately, from the tokens it reports decoded (what "
+        "placement learns its decode model from)",
+        "worker",
+        cluster.ledger.decode_steps,
+    )
     app[PLANNER] = Planner(
         cluster,
         cluster.ledger,

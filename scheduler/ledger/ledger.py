@@ -81,6 +81,10 @@ class Ledger:
         node = self._nodes.pop(worker_id, None)
         return [] if node is None else list(node.held)
 
+    def decode_steps(self) -> dict[str, float]:
+        """Seconds per decode step each node took at its last decode observation (those with one)."""
+        return {wid: n.decode_step_s for wid, n in self._nodes.items() if n.decode_step_s > 0}
+
     def node(self, worker_id: str) -> NodeLedger | None:
         return self._nodes.get(worker_id)
 

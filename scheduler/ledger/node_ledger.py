@@ -89,6 +89,7 @@ class NodeLedger:
         self.booked_tokens = 0  # prompt tokens of every member, joined or not
         self.adapter_of: dict[str, str] = {}  # job -> its LoRA adapter, for jobs with one
         self._progress_mark: tuple[float, int, float, float, float] | None = None
+        self.decode_step_s = 0.0  # seconds per decode step at the last decode observation (0: none)
 
     # ------------------------------------------------------------------ reading
 
@@ -216,6 +217,7 @@ class NodeLedger:
         if steps < MIN_PROGRESS_STEPS:
             self._progress_mark = last  # too little yet: keep accumulating
             return None
+        self.decode_step_s = seconds / steps
         return DecodeSample(
             model=self.model,
             accelerator=self.accelerator,

@@ -19,7 +19,8 @@ import pytest
 
 from pdorch.launcher import ClusterSpec, LocalCluster, model_name
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import MODEL, complete, eventually, gather_limited, stream_tokens
+from tests.e2e.helpers import MODEL, complete, eventually, gather_limited, metric, stream_tokens
+from workers.engines.sim.cost import CostModel, model_shapes
 
 pytestmark = pytest.mark.e2e
 
@@ -175,3 +176,27 @@ async def test_pdorch_up_engine_sim_with_no_modeled_time(tmp_path: Path) -> None
             whole = await complete(s, cluster.url, **body)
         assert len(ids) == 256 and finish == "length"
         assert whole["choices"][0]["token_ids"] == ids
+
+
+async def test_the_scheduler_learns_each_workers_decode_step_while_it_decodes(sim_p2p: LocalCluster) -> None:
+    """A long answer decodes while other requests are placed: from the tokens the decode worker
+    reports decoded, the scheduler measures its step time before the long answer ends (exported
+    per worker; placement's decode model learns from the same observations)."""
+    long_body = {"prompt": "a long answer", "max_tokens": 1500, "ignore_eos": True, "temperature": 0.0}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        seen: list[int] = []
+        answer = asyncio.create_task(stream_tokens(s, sim_p2p.url, seen=seen, **long_body))
+        step = 0.0
+        try:
+            while not step:
+                assert not answer.done(), "the long answer ended before a decode step was measured"
+                await complete(s, sim_p2p.url, prompt="a placement", max_tokens=2)
+                await asyncio.sleep(0.5)
+                step = await metric(s, sim_p2p.url, "pdorch_worker_decode_step_seconds", worker="decode-0")
+        finally:
+            answer.cancel()
+            with contextlib.suppress(BaseException):
+                await answer
+    # The modelled engine sleeps at least its modelled step per step (more on a busy machine).
+    modelled = CostModel("h100", 2, model_shapes()["llama-3-8b"]).decode_step_ms(1, 100) / 1e3
+    assert modelled / 2 < step < 1.0, (step, modelled)

@@ -97,6 +97,7 @@ def test_a_decode_observation_averages_the_batch_and_counts_the_prefill_stalls()
     assert sample.seconds == 5.0 and sample.batch == pytest.approx(1.0) and sample.steps == 50
     assert sample.context == pytest.approx((100 * 1 + 400 * 1 + 100 * 2) / 5)
     assert sample.stall_s == pytest.approx(1.0 + 1.0)  # both prefills ran on d meanwhile
+    assert led.decode_steps() == {"d": pytest.approx(0.1)}  # exported per worker
 
 
 def test_decode_observations_need_enough_steps_and_skip_a_restarted_counter() -> None:
