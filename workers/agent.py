@@ -105,7 +105,8 @@ class Agent:
         self._dec: Decoder[ToWorker] = Decoder(ToWorker)
         self._sock: LoopSocket | None = None
         self._jobs: dict[str, asyncio.Task[None]] = {}
-        # Prefill and generate jobs whose first token (a prefill's, not a decoded one) is still to come.
+        # Prefill and generate jobs whose first token (a prefill's, not a decoded one) is still to
+        # come (a resumed generate job's first is a decoded one: counted one short, once).
         self._first_pending: set[str] = set()
         self._decoded_tokens = 0
         self._interval = cfg.heartbeat_interval_s
