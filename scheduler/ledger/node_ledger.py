@@ -7,7 +7,8 @@
   to protect their TPOT (their predicted decode steps and objective, the delays they have had);
 * **prefixes**: the prompt-prefix hashes sent here;
 * running integrals of the decode batch and its prompt tokens over time, and the prefill time the
-  node has spent, from which the lifecycle events become latency observations.
+  node has spent, from which the lifecycle events become latency observations, and so do the
+  tokens the node reports decoded (:meth:`NodeLedger.progress`).
 
 Times are numbers the caller passes (live: a monotonic clock; simulator: virtual seconds).
 """
@@ -15,6 +16,7 @@ Times are numbers the caller passes (live: a monotonic clock; simulator: virtual
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from scheduler.ledger.prefix_memory import PrefixMemory
 from scheduler.placement.kv_budget import outstanding_blocks
@@ -22,6 +24,16 @@ from scheduler.prediction.latency import DecodeSample, PrefillSample, TpotOutcom
 
 # A progress observation covers at least this many decode steps (fewer say little of a step's time).
 MIN_PROGRESS_STEPS = 8
+
+
+class _Mark(NamedTuple):
+    """The node's counters at a decode observation (the next one covers what grew since)."""
+
+    at: float
+    decoded_tokens: int
+    batch_s: float
+    context_s: float
+    busy_s: float
 
 
 @dataclass
@@ -88,7 +100,7 @@ class NodeLedger:
         self.joined_tokens = 0  # their prompt tokens
         self.booked_tokens = 0  # prompt tokens of every member, joined or not
         self.adapter_of: dict[str, str] = {}  # job -> its LoRA adapter, for jobs with one
-        self._progress_mark: tuple[float, int, float, float, float] | None = None
+        self._progress_mark: _Mark | None = None
         self.decode_step_s = 0.0  # seconds per decode step at the last decode observation (0: none)
 
     # ------------------------------------------------------------------ reading
@@ -204,12 +216,13 @@ class NodeLedger:
         reports it has decoded (over the batch's integral they give its steps): the step time is
         learnt while requests decode, not only once they end."""
         self._advance(now)
-        mark = (now, decoded_tokens, self._batch_s, self._context_s, self.busy_s)
+        mark = _Mark(now, decoded_tokens, self._batch_s, self._context_s, self.busy_s)
         last, self._progress_mark = self._progress_mark, mark
         if last is None:
             return None
         # A worker that restarted counts from 0 again: nothing to learn from that interval.
-        seconds, tokens, batch_s = now - last[0], decoded_tokens - last[1], self._batch_s - last[2]
+        seconds, tokens = now - last.at, decoded_tokens - last.decoded_tokens
+        batch_s = self._batch_s - last.batch_s
         if seconds <= 0.0 or tokens <= 0 or batch_s <= 0.0:
             return None
         batch = batch_s / seconds
@@ -223,8 +236,8 @@ class NodeLedger:
             accelerator=self.accelerator,
             steps=steps,
             batch=batch,
-            context=(self._context_s - last[3]) / seconds,
-            stall_s=self.busy_s - last[4],
+            context=(self._context_s - last.context_s) / seconds,
+            stall_s=self.busy_s - last.busy_s,
             seconds=seconds,
         )
 
