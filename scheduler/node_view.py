@@ -9,10 +9,13 @@ in the same messages) both build placement's :class:`~scheduler.placement.types.
   had answered (the report lags; the ledger does not see progress), and ``prefill_wait_s``, the
   learnt prefill time of the prompts the ledger has queued there less what the head has run, or of
   the tokens the worker reports queued if that is more;
-* the decode batch and its prompt tokens as booked, and the tightest member's tolerance: for each
-  request booked to decode there with a TPOT objective, ``steps x (objective - step time)`` less
-  the delays it has had (its handoff, the node's prefills since it joined) and the prefills still
-  queued there. A member already past saving is not protected;
+* the decode batch and its prompt tokens as booked, the prompt tokens per second the node has
+  lately been prefilling, and the tightest member's tolerance: for each request booked to decode
+  there with a TPOT objective, the time its objective allows for the steps it has decoded and
+  will decode, less the time those it has decoded took (counted from the node's decode
+  observations: every stall and slow step is in it), its handoff, the rest at the current step
+  time, and the prefill time of the prompts still queued there. A member already past saving is not
+  protected;
 * LoRA adapters: the slots and resident adapters the worker reports, plus the adapters of requests
   booked there (resident soon: the report lags, and a burst for a new adapter should follow its
   first request), and those of requests prefilling or decoding there (in use: not evictable).
@@ -26,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from scheduler.ledger.node_ledger import NodeLedger
+from scheduler.ledger.node_ledger import Member, NodeLedger
 from scheduler.placement.config import AcceleratorProfile
 from scheduler.placement.latency_model import LatencyTable, class_latency, decode_x, prefill_x
 from scheduler.placement.types import NodeView
@@ -103,6 +106,7 @@ def node_view(
         stall_tolerance_s=tolerance,
         tolerance_steps=d.tolerance_steps,
         tolerance_tpot_s=d.tolerance_tpot_s,
+        prefilling_tokens_per_s=ledger.prefilling_tokens_per_s,
         adapter_slots=load.adapter_slots,
         adapters_resident=d.adapters_booked.union(load.adapters_resident)
         if load.adapter_slots
@@ -136,10 +140,9 @@ def _derived(
     for m in ledger.members.values():
         if m.steps < 1 or m.tpot_slo_s <= 0:
             continue
-        stalled = ledger.busy_s - m.busy_at_join if m.joined_at is not None else 0.0
-        left = m.steps * (m.tpot_slo_s - step) - stalled - m.delay_s
+        left, rest = _tolerance(m, ledger, step)
         if 0.0 <= left < tolerance:
-            tolerance, steps, tpot = left, m.steps, m.tpot_slo_s
+            tolerance, steps, tpot = left, rest, m.tpot_slo_s
     derived = _Derived(
         key,
         queued,
@@ -153,3 +156,18 @@ def _derived(
     )
     ledger.view_cache = derived
     return derived
+
+
+def _tolerance(m: Member, ledger: NodeLedger, step: float) -> tuple[float, int]:
+    """The extra delay a member can still absorb and meet its TPOT objective if its remaining
+    steps take ``step``: its budget for the steps it has decoded and will decode, less the time
+    it has taken (as of the node's last decode observation: every stall and slow step counted)
+    and what the rest will take; and over how many steps (at least one: one that outlives its
+    predicted steps keeps the slack it built)."""
+    done = elapsed = 0.0
+    if m.joined_at is not None and m.steps_at_join is not None:
+        done = max(0.0, ledger.steps_done - m.steps_at_join)
+        elapsed = max(0.0, ledger.steps_at - m.joined_at)
+    rest = max(0.0, m.steps - done)
+    left = (done + rest) * m.tpot_slo_s - m.delay_s - elapsed - rest * step
+    return left, max(1, round(rest))

@@ -6,8 +6,8 @@
 * **members**: requests decoding here, or booked to once their KV lands, with what placement needs
   to protect their TPOT (their predicted decode steps and objective, the delays they have had);
 * **prefixes**: the prompt-prefix hashes sent here;
-* running integrals of the decode batch and its prompt tokens over time, and the prefill time the
-  node has spent, from which the lifecycle events become latency observations, and so do the
+* running integrals of the decode batch and its prompt tokens over time, and the prompt tokens the
+  node has prefilled, from which the lifecycle events become latency observations, and so do the
   tokens the node reports decoded (:meth:`NodeLedger.progress`).
 
 Times are numbers the caller passes (live: a monotonic clock; simulator: virtual seconds).
@@ -33,7 +33,7 @@ class _Mark(NamedTuple):
     decoded_tokens: int
     batch_s: float
     context_s: float
-    busy_s: float
+    prefilled_tokens: int
 
 
 @dataclass
@@ -61,7 +61,9 @@ class Member:
     tpot_slo_s: float  # 0 = no objective
     joined_at: float | None = None  # when its decode began here
     delay_s: float = 0.0  # time between its first token and that (the KV handoff)
-    busy_at_join: float = 0.0  # the node's prefill time when it joined
+    # The node's step count (``NodeLedger.steps_done``) when it joined: known once a decode
+    # observation covers its join (None before).
+    steps_at_join: float | None = None
 
 
 class NodeLedger:
@@ -84,7 +86,8 @@ class NodeLedger:
         self.members: dict[str, Member] = {}
         self.prefixes = PrefixMemory(capacity_tokens)
         self.last_departure = -float("inf")  # the last first token this node produced
-        self.busy_s = 0.0  # prefill time spent here (observed)
+        self.prefilled_tokens = 0  # uncached prompt tokens prefilled here (answered)
+        self.prefilling_tokens_per_s = 0.0  # their rate over the last decode observation's window
         # Until when its KV endpoint is taken as refusing: a handoff to it was turned away for
         # lack of room (kv_busy), whatever its engine reports (vLLM's connector reports nothing).
         self.kv_busy_until = -float("inf")
@@ -102,6 +105,9 @@ class NodeLedger:
         self.adapter_of: dict[str, str] = {}  # job -> its LoRA adapter, for jobs with one
         self._progress_mark: _Mark | None = None
         self.decode_step_s = 0.0  # seconds per decode step at the last decode observation (0: none)
+        # Decode steps the node has taken, by its decode observations, up to ``steps_at``.
+        self.steps_done = 0.0
+        self.steps_at = 0.0
 
     # ------------------------------------------------------------------ reading
 
@@ -168,13 +174,13 @@ class NodeLedger:
         else:
             start, batch_s, context_s = pending.sent_at, pending.batch_s, pending.context_s
         seconds = max(0.0, now - start)
-        self.busy_s += seconds
+        hit = pending.cached if cached is None else min(cached, pending.tokens)
+        self.prefilled_tokens += pending.tokens - hit
         self.last_departure = now
         self._departure_integrals = (self._batch_s, self._context_s)
         self._changed()
         if not head or seconds <= 0.0:
             return None  # it did not simply wait for the one before it: its own time is unknown
-        hit = pending.cached if cached is None else min(cached, pending.tokens)
         return PrefillSample(
             model=self.model,
             accelerator=self.accelerator,
@@ -197,7 +203,6 @@ class NodeLedger:
         self._advance(now)
         member.joined_at = now
         member.delay_s = delay_s
-        member.busy_at_join = self.busy_s
         self.joined += 1
         self.joined_tokens += member.prompt_tokens
         self._changed()
@@ -216,28 +221,33 @@ class NodeLedger:
         reports it has decoded (over the batch's integral they give its steps): the step time is
         learnt while requests decode, not only once they end."""
         self._advance(now)
-        mark = _Mark(now, decoded_tokens, self._batch_s, self._context_s, self.busy_s)
+        mark = _Mark(now, decoded_tokens, self._batch_s, self._context_s, self.prefilled_tokens)
         last, self._progress_mark = self._progress_mark, mark
         if last is None:
             return None
         # A worker that restarted counts from 0 again: nothing to learn from that interval.
         seconds, tokens = now - last.at, decoded_tokens - last.decoded_tokens
         batch_s = self._batch_s - last.batch_s
-        if seconds <= 0.0 or tokens <= 0 or batch_s <= 0.0:
+        prefilled = self.prefilled_tokens - last.prefilled_tokens
+        if seconds <= 0.0:
+            return None
+        if tokens > 0 and batch_s > 0.0 and round(tokens * seconds / batch_s) < MIN_PROGRESS_STEPS:
+            self._progress_mark = last  # too few steps yet: keep accumulating
+            return None
+        self.prefilling_tokens_per_s = prefilled / seconds
+        if tokens <= 0 or batch_s <= 0.0:
             return None
         batch = batch_s / seconds
         steps = round(tokens / batch)
-        if steps < MIN_PROGRESS_STEPS:
-            self._progress_mark = last  # too little yet: keep accumulating
-            return None
         self.decode_step_s = seconds / steps
+        self._count_steps(last.at, now, steps)
         return DecodeSample(
             model=self.model,
             accelerator=self.accelerator,
             steps=steps,
             batch=batch,
             context=(self._context_s - last.context_s) / seconds,
-            stall_s=self.busy_s - last.busy_s,
+            prefill_tokens=prefilled,
             seconds=seconds,
         )
 
@@ -260,6 +270,17 @@ class NodeLedger:
             self._changed()
 
     # ------------------------------------------------------------------ internals
+
+    def _count_steps(self, start: float, end: float, steps: int) -> None:
+        """The node took ``steps`` decode steps from ``start`` to ``end``; a member that joined in
+        between started counting from its share of them."""
+        per_step = (end - start) / steps
+        for m in self.members.values():
+            if m.joined_at is not None and m.steps_at_join is None:
+                m.steps_at_join = self.steps_done + max(0.0, m.joined_at - start) / per_step
+        self.steps_done += steps
+        self.steps_at = end
+        self._changed()
 
     def _drop_member(self, job_id: str, now: float) -> Member | None:
         member = self.members.pop(job_id, None)

@@ -9,9 +9,13 @@ prediction. Each model is linear in features chosen by how the work scales:
   hold ``context`` tokens: ``[1, u, (c+u)^2 - c^2, u * batch, u * context]`` (scaled). The constant is
   the per-call overhead, the linear and quadratic terms the dense and attention work; the last two
   are what chunked prefill pays when it shares iterations with a decode batch.
-* one decode step: ``[1, batch, context, stall per step]``; the last term is prefill time spent on
-  the node during the decode (the engine's mixed iterations), so the same model explains the
-  observed time per token on nodes that also prefill.
+* one decode step: ``[1, batch, context, prefill tokens per step]``; the last term is the prompt
+  tokens the node prefilled meanwhile, spread over the steps: a chunked prefill shares iterations
+  with the decode batch and lengthens each by what its tokens cost, not by the whole iteration (a
+  prefill's own duration would count the decode work of its iterations twice). Its coefficient is
+  therefore a prefill's **stall** per token on the node's decoding requests (:func:`stall_s`), and
+  a node that keeps prefilling at ``r`` tokens/s spends the share ``rho = coef * r`` of its time
+  on it: its steps take ``1 / (1 - rho)`` of their time alone (:func:`step_s`).
 * a KV handoff: ``[1, gigabytes]``.
 
 Before anything is learnt a class uses a prior: prefill from the accelerator table's throughput,
@@ -35,6 +39,9 @@ GBYTES = 1e9
 PREFILL_FEATURES = 5
 DECODE_FEATURES = 4
 HANDOFF_FEATURES = 2
+# A node with more prefill work than time still decodes a step with every prefill chunk: its
+# steps are long, not endless (and predictions stay finite).
+MAX_PREFILL_SHARE = 0.99
 # Prior prefill throughput per dense TFLOPS of one device (a 70B-class model at tensor parallel 4
 # prefills ~10 tokens/s per device TFLOPS: an H100 ~10k tokens/s), and its fixed cost per call.
 TOKENS_PER_S_PER_TFLOPS = 10.0
@@ -72,7 +79,8 @@ def class_latency(
     """The learnt models of a node class, or the prior for a class not seen yet."""
     found = table.classes.get(class_key(model, accelerator))
     if found is None:
-        found = ClassLatency(prior_prefill(accelerators.get(accelerator)), prior_decode())
+        profile = accelerators.get(accelerator)
+        found = ClassLatency(prior_prefill(profile), prior_decode(profile))
     return found
 
 
@@ -90,8 +98,23 @@ def prefill_x(uncached: float, cached: float, batch: float, context: float) -> t
     return (1.0, u, (c + u) ** 2 - c * c, u * batch / BATCH, u * context / CONTEXT)
 
 
-def decode_x(batch: float, context: float, stall_per_step_s: float = 0.0) -> tuple[float, ...]:
-    return (1.0, batch / BATCH, context / CONTEXT, stall_per_step_s)
+def decode_x(batch: float, context: float, prefill_tokens_per_step: float = 0.0) -> tuple[float, ...]:
+    return (1.0, batch / BATCH, context / CONTEXT, prefill_tokens_per_step / TOKENS)
+
+
+def stall_s(decode: LinearModel, prefill_tokens: float) -> float:
+    """What prefilling ``prefill_tokens`` on a node delays the requests decoding there."""
+    return max(0.0, decode.coef[3] * prefill_tokens / TOKENS)
+
+
+def step_s(decode: LinearModel, batch: float, context: float, prefill_tokens_per_s: float = 0.0) -> float:
+    """One decode step of ``batch`` requests holding ``context`` tokens on a node that prefills
+    ``prefill_tokens_per_s`` meanwhile."""
+    if batch <= 0:
+        return 0.0
+    alone = decode.predict(decode_x(batch, context))
+    rho = min(MAX_PREFILL_SHARE, stall_s(decode, prefill_tokens_per_s))
+    return alone / (1.0 - rho)
 
 
 def handoff_x(kv_bytes: float) -> tuple[float, ...]:
@@ -106,9 +129,9 @@ def prior_prefill(profile: AcceleratorProfile | None) -> LinearModel:
     return LinearModel((PRIOR_PREFILL_FIXED_S, per_token, 0.0, 0.0, 0.0))
 
 
-def prior_decode() -> LinearModel:
-    # A prefill second spent on the node delays its decoding requests by about a second.
-    return LinearModel((0.0, 0.0, 0.0, 1.0))
+def prior_decode(profile: AcceleratorProfile | None) -> LinearModel:
+    # A prompt prefilled on the node delays its decoding requests by about its prefill time.
+    return LinearModel((0.0, 0.0, 0.0, prior_prefill(profile).coef[1]))
 
 
 def prior_handoff() -> LinearModel:

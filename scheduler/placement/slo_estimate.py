@@ -32,11 +32,11 @@ from scheduler.placement.latency_model import (
     LinearModel,
     class_key,
     class_latency,
-    decode_x,
     handoff_x,
     link_key,
     prefill_x,
     prior_handoff,
+    step_s,
 )
 from scheduler.placement.types import NodeView, PlacementRequest
 from transport.messages import Role
@@ -138,10 +138,10 @@ class Estimator:
         """One decode step on ``node`` now, or once this request has joined its batch."""
         steps = self._steps.get(node.worker_id)
         if steps is None:
-            model = self._class(node).decode
+            model, rate = self._class(node).decode, node.prefilling_tokens_per_s
             batch, context = node.decode_batch, node.decode_context_tokens
-            now = model.predict(decode_x(batch, context)) if batch else 0.0
-            after = model.predict(decode_x(batch + 1, context + self.req.prompt_len))
+            now = step_s(model, batch, context, rate)
+            after = step_s(model, batch + 1, context + self.req.prompt_len, rate)
             steps = self._steps[node.worker_id] = (now, after)
         return steps[1] if with_request else steps[0]
 

@@ -42,13 +42,15 @@ class NodeView(msgspec.Struct, frozen=True, gc=False):
     # scheduler/node_view.py): seconds before a prefill sent now would start here; the requests
     # decoding here or on their way (booked) and their prompt tokens; and the tightest of them: the
     # extra delay (s) it can still absorb at the current step time and keep its TPOT objective,
-    # spread over how many decode steps, and that objective (inf / 0 / 0: none has one).
+    # spread over how many decode steps, and that objective (inf / 0 / 0: none has one); and the
+    # prompt tokens per second it has lately been prefilling (its decode steps share its time).
     prefill_wait_s: float = 0.0
     decode_batch: int = 0
     decode_context_tokens: int = 0
     stall_tolerance_s: float = math.inf
     tolerance_steps: int = 0
     tolerance_tpot_s: float = 0.0
+    prefilling_tokens_per_s: float = 0.0
     # LoRA: how many adapters the engine holds at once (0 = unknown or none: no load cost assumed);
     # the adapters it holds or will hold soon (reported resident, plus those of requests booked
     # here: a burst for a new adapter follows its first request); and those a request booked here

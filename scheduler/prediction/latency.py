@@ -8,8 +8,8 @@ way in the live scheduler and in the simulator):
   batch meanwhile;
 * a **decode**: a node's time over the decode steps its batch took since the last observation of
   it (every ``PROGRESS_INTERVAL_S`` of placements, while requests decode, so a burst of long answers is seen
-  long before any of them ends), with its average batch and context meanwhile and the prefill time
-  it spent in between (chunked prefills stall the batch);
+  long before any of them ends), with its average batch and context meanwhile and the prompt tokens
+  it prefilled in between (chunked prefills stall the batch);
 * a **handoff**: the time from the first token to the KV landing on the decode node, with its size.
 
 A prefill that had to load its LoRA adapter first (not resident on the node when it was booked)
@@ -81,7 +81,7 @@ class DecodeSample(msgspec.Struct, frozen=True, gc=False):
     steps: int
     batch: float
     context: float
-    stall_s: float  # prefill time the node spent meanwhile
+    prefill_tokens: int  # uncached prompt tokens the node prefilled meanwhile
     seconds: float
 
 
@@ -116,7 +116,7 @@ class _Class:
 
     def __init__(self, profile: AcceleratorProfile | None) -> None:
         self.prefill = OnlineRegression(prior_prefill(profile).coef, prior_weight=PRIOR_WEIGHT, decay=DECAY)
-        self.decode = OnlineRegression(prior_decode().coef, prior_weight=PRIOR_WEIGHT, decay=DECAY)
+        self.decode = OnlineRegression(prior_decode(profile).coef, prior_weight=PRIOR_WEIGHT, decay=DECAY)
         self.adapter_load_s = profile.adapter_load_s if profile is not None else DEFAULT_ADAPTER_LOAD_S
         self.loads = 0  # adapter loads observed
         self.tpot_margin = 0.0
@@ -163,7 +163,7 @@ class LatencyLearner:
     def observe_decode(self, s: DecodeSample) -> None:
         if s.steps < 1:
             return
-        x = decode_x(s.batch, s.context, s.stall_s / s.steps)
+        x = decode_x(s.batch, s.context, s.prefill_tokens / s.steps)
         self._class(s.model, s.accelerator).decode.observe(x, s.seconds / s.steps)
         self._learnt()
 

@@ -8,9 +8,12 @@ import pytest
 
 from scheduler.placement.config import default_accelerators
 from scheduler.placement.latency_model import (
+    MAX_PREFILL_SHARE,
     class_key,
     decode_x,
     prefill_x,
+    stall_s,
+    step_s,
 )
 from scheduler.prediction.latency import (
     TPOT_MARGIN_MAX,
@@ -106,18 +109,26 @@ def test_decode_model_learns_the_step_time_and_the_stalls() -> None:
     cost = CostModel("a100", 4)
     learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
     rng = random.Random(5)
+    per_token_s = cost.b / 1e3  # what a prompt token prefilled meanwhile adds to the batch's time
     for _ in range(600):
         batch = rng.uniform(1, 150)
         context = batch * rng.uniform(500, 3000)
         steps = rng.randrange(2, 800)
-        stall = rng.choice((0.0, rng.uniform(0, 3)))  # prefill time the node spent meanwhile
-        seconds = steps * cost.decode_step_ms(batch, context) / 1e3 + stall
-        learner.observe_decode(DecodeSample(MODEL, "a100", steps, batch, context, stall, seconds))
+        prefilled = rng.choice((0, rng.randrange(0, 20_000)))  # prompt tokens the node prefilled meanwhile
+        seconds = steps * cost.decode_step_ms(batch, context) / 1e3 + prefilled * per_token_s
+        learner.observe_decode(DecodeSample(MODEL, "a100", steps, batch, context, prefilled, seconds))
     model = learner.table(now=1.0).classes[class_key(MODEL, "a100")].decode
     for batch in (1, 40, 120):
         want = cost.decode_step_ms(batch, batch * 2000) / 1e3
         assert model.predict(decode_x(batch, batch * 2000)) == pytest.approx(want, rel=0.03)
-    assert model.coef[3] == pytest.approx(1.0, rel=0.05)  # a stall second delays decoding a second
+        # A node prefilling 2,000 tokens/s spends that share of its time on them: steps last longer.
+        rho = 2000 * per_token_s
+        assert step_s(model, batch, batch * 2000, 2000) == pytest.approx(want / (1 - rho), rel=0.03)
+    assert stall_s(model, 1000) == pytest.approx(1000 * per_token_s, rel=0.05)
+    # Prefills take all of its time: a step still ends with every prefill chunk, long but finite.
+    alone = model.predict(decode_x(10, 0))
+    assert step_s(model, 10, 0, 2.0 / per_token_s) == pytest.approx(alone / (1 - MAX_PREFILL_SHARE))
+    assert step_s(model, 0, 0, 0) == 0.0
 
 
 def _outcome(met: bool) -> TpotOutcome:

@@ -77,7 +77,8 @@ def test_prefill_time_is_measured_from_when_the_node_could_start() -> None:
     led.book("c", Placement("p", "d", 1), facts(), cached=0, now=2.0)
     led.book("e", Placement("p", "d", 1), facts(), cached=0, now=2.0)
     assert led.first_token("e", now=3.0) is None
-    assert led.node("p").busy_s == pytest.approx(1.0 + 0.6 + 1.0)  # type: ignore[union-attr]
+    # Every answered prompt counts as prefilled there, timed or not.
+    assert led.node("p").prefilled_tokens == 3 * 160  # type: ignore[union-attr]
 
 
 def test_a_decode_observation_averages_the_batch_and_counts_the_prefill_stalls() -> None:
@@ -96,8 +97,9 @@ def test_a_decode_observation_averages_the_batch_and_counts_the_prefill_stalls()
     assert sample is not None and (sample.model, sample.accelerator) == ("m", "a100")
     assert sample.seconds == 5.0 and sample.batch == pytest.approx(1.0) and sample.steps == 50
     assert sample.context == pytest.approx((100 * 1 + 400 * 1 + 100 * 2) / 5)
-    assert sample.stall_s == pytest.approx(1.0 + 1.0)  # both prefills ran on d meanwhile
+    assert sample.prefill_tokens == 100 + 300  # both prompts were prefilled on d meanwhile
     assert led.decode_steps() == {"d": pytest.approx(0.1)}  # exported per worker
+    assert d.prefilling_tokens_per_s == pytest.approx(400 / 5)
 
 
 def test_decode_observations_need_enough_steps_and_skip_a_restarted_counter() -> None:
@@ -187,6 +189,32 @@ def test_the_tightest_decoding_request_sets_the_node_tolerance() -> None:
     led.first_token("lost", now=0.4)
     led.kv_loaded("lost", now=1.4)  # a one-second handoff: 2 x 0.05 - 1 < 0
     assert view(led, "d", now=1.4).tolerance_steps == 10
+
+
+def test_a_members_tolerance_counts_the_steps_it_has_decoded_and_the_time_they_took() -> None:
+    led = ledger()
+    d = led.node("d")
+    assert d is not None
+    d.progress(0.0, decoded_tokens=0)
+    led.book("early", Placement("d", "d", 1), facts(prompt=100, steps=10, tpot=0.1), cached=0, now=0.0)
+    led.first_token("early", now=0.0)  # colocated: it decodes from its first token
+    # Before any decode observation: its 10 predicted steps at the model's 50 ms step.
+    assert view(led, "d", now=0.5).stall_tolerance_s == pytest.approx(10 * (0.1 - 0.05))
+    led.book("late", Placement("d", "d", 1), facts(prompt=100, steps=100, tpot=0.1), cached=0, now=1.0)
+    led.first_token("late", now=1.0)
+    # 0-1 s batch 1, 1-2 s batch 2: 3 member-seconds, 60 tokens: 40 steps of 50 ms.
+    sample = d.progress(2.0, decoded_tokens=60)
+    assert sample is not None and sample.steps == 40
+    v = view(led, "d", now=2.0)
+    # early outlived its 10 predicted steps: 40 steps in 2 s kept 40 x 0.1 - 2 = 2 s of slack, over
+    # one more step; late joined halfway (20 steps in 1 s) with 80 to go: 100 x 0.1 - 1 - 80 x 0.05.
+    assert (v.stall_tolerance_s, v.tolerance_steps) == pytest.approx((2.0, 1))
+    led.finish("early", now=2.0, steps=40)
+    v = view(led, "d", now=2.0)
+    assert (v.stall_tolerance_s, v.tolerance_steps) == pytest.approx((100 * 0.1 - 1.0 - 80 * 0.05, 80))
+    # Steps that ran slow (prefills stalled them) use up its slack: 10 steps in 2 s.
+    d.progress(4.0, decoded_tokens=70)
+    assert view(led, "d", now=4.0).stall_tolerance_s == pytest.approx(100 * 0.1 - 3.0 - 70 * 0.05)
 
 
 def test_views_are_rebuilt_only_when_something_they_show_changed() -> None:

@@ -4,7 +4,8 @@ breaks another (TPOT, its own or of requests already decoding), it must not be t
 Latency models are fixed here (as if learnt), so every prediction can be checked by hand:
 
 * prefill: H100 0.1 s, A100 0.25 s per 1k uncached tokens;
-* decode step: H100 30 ms + 30 ms per 100 requests, A100 40 ms + 50 ms per 100 requests;
+* decode step: H100 30 ms + 30 ms per 100 requests, A100 40 ms + 50 ms per 100 requests, and a
+  prompt prefilled on the node stalls its decoding requests 1 s per 1k tokens;
 * handoff: 10 ms per GB (KV of 320 KiB per token: 6.6 ms for 2,000 tokens).
 
 The request: 2,000 tokens; its predicted output has median 101 tokens (100 decode steps) and 0.1
@@ -213,6 +214,22 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         [p(blocks_total=0), d(blocks_used=100_000)],
         {"waited_s": 0.5},
         {},
+        ErrorCode.NO_WORKER,
+    ),
+    (
+        "a decode node that keeps prefilling (500 tokens/s at 1 s per 1k: half its time) decodes at "
+        "half speed, past the TPOT objective at batch 40: the other one",
+        [p(), d("prefilling", decode_batch=40, prefilling_tokens_per_s=500.0), d("calm", decode_batch=40)],
+        {},
+        {},
+        ("p", "calm"),
+    ),
+    (
+        "the only decode node prefills all the time (no step ever ends), but idle it would meet the "
+        "objectives: wait for it, not served late",
+        [p(), d(prefilling_tokens_per_s=2000.0)],
+        {},
+        {"fallback": False, "colocate": False},
         ErrorCode.NO_WORKER,
     ),
     (

@@ -195,7 +195,12 @@ def _feasible_when_idle(
         idle.setdefault(
             (n.role, n.accelerator),
             msgspec.structs.replace(
-                n, prefill_wait_s=0.0, decode_batch=0, decode_context_tokens=0, tolerance_steps=0
+                n,
+                prefill_wait_s=0.0,
+                decode_batch=0,
+                decode_context_tokens=0,
+                tolerance_steps=0,
+                prefilling_tokens_per_s=0.0,
             ),
         )
     est = Estimator(ctx, latency, waited_s=0.0, margins=False)
