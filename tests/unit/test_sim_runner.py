@@ -225,3 +225,23 @@ def test_the_decode_model_is_learnt_while_requests_decode_not_only_when_they_end
     sim.run()
     want = decode.engine.cost.decode_step_ms(50, 50 * 1000) / 1e3
     assert seen and seen[0] == pytest.approx(want, rel=0.5)
+
+
+def test_a_prefill_node_that_decodes_while_it_prefills_learns_its_step_and_the_stall() -> None:
+    """One prefill and one decode instance under a stream of long answers: the prefill node decodes
+    requests lent to it while it prefills every split one. Its decode model must see the step time
+    and a prefill's stall apart (when a prefill's own duration was the stall feature, that duration,
+    which includes the decode step of its iterations, took nearly all of the step: 35 ms predicted
+    here for a 62 ms step)."""
+    cluster = parse_cluster(["1:h100x4"], ["1:a100x4"])
+    trace = synthetic_trace(600, rate_per_s=20.0, seed=5, prompt_median=300, output_median=600)
+    sim = Simulation(trace, cluster, policy("pdorch"), policy_name="pdorch")
+    result = sim.run()
+    prefill = next(n for n in sim.nodes if n.hello.role is Role.PREFILL)
+    assert prefill.engine.generated_at(result.makespan_s) > 10_000  # it did decode, and a lot
+    decode = sim.planner.latency.table(math.inf).classes[class_key(prefill.hello.model, "h100")].decode
+    cost = prefill.engine.cost
+    want = cost.decode_step_ms(100, 100_000) / 1e3
+    assert decode.predict(decode_x(100, 100_000)) == pytest.approx(want, rel=0.25)
+    # Seconds per 1k prompt tokens against the engine's prefill cost per token (ms).
+    assert decode.coef[3] == pytest.approx(cost.b, rel=0.5)
