@@ -156,6 +156,18 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         ("p", "p"),
     ),
     (
+        "the same, but the prefill node has a prompt queued: it is not lent to decoding while "
+        "prompts wait there (its decoding would slow them all); the request waits",
+        [p(prefill_wait_s=0.2), d()],
+        {
+            "prompt_len": 60_000,
+            "ttft_slo_s": 10.0,
+            "predicted_output_quantiles": ((0.1, 3), (0.5, 5), (0.9, 9)),
+        },
+        {},
+        ErrorCode.NO_WORKER,
+    ),
+    (
         "the same without prefill nodes decoding: no candidate could meet both even on an idle "
         "cluster: served anyway, split",
         [p(), d()],

@@ -9,9 +9,10 @@ from the cluster.
 
 Each pool does its own phase first. The candidates come in three tiers: split (each pool its
 phase), then a decode node prefilling too (the decode pool lends prefill capacity), then a prefill
-node decoding too (the prefill pool lends decode capacity). The first tier holding a candidate
-predicted to meet every objective wins, and in it the candidate with the most headroom (ties: the
-larger sum of headrooms, then the profiles' scorers, then a draw seeded by the request). Headroom
+node decoding too (the prefill pool lends decode capacity; only one with no prompt queued). The
+first tier holding a candidate predicted to meet every objective wins, and in it the candidate
+with the most headroom (ties: the larger sum of headrooms, then the profiles' scorers, then a draw
+seeded by the request). Headroom
 alone would take whichever node is idlest now, and a node lent to the other phase slows its own
 (a prefill node that decodes prefills slower for every later request, which no one request's
 prediction shows); the tiers lend a node only when its own pool cannot meet the objectives.
@@ -88,7 +89,7 @@ class SloProfileHandler:
         for tier in Tier:
             tiers.append(self._options(tier, profiles, ctx, est, prefill, decode))
             if self.params.tiers:
-                meeting = [o for o in tiers[-1] if o.headroom >= 0 and self._bound(o)]
+                meeting = [o for o in tiers[-1] if o.headroom >= 0 and self._bound(tier, o)]
                 # Spare the requests lent a prefill node's decode capacity where that costs nothing.
                 best = _best(profiles, ctx, [o for o in meeting if o.lent_ok] or meeting)
                 if best is not None:
@@ -116,7 +117,11 @@ class SloProfileHandler:
             raise _shed(f"its first token is predicted at {ttft:.2f}s > {req.ttft_slo_s:.2f}s")
         raise PdorchError(ErrorCode.NO_WORKER, "no candidate meets the request's objectives yet; waiting")
 
-    def _bound(self, o: Option) -> bool:
+    def _bound(self, tier: Tier, o: Option) -> bool:
+        if tier is Tier.PREFILL_NODE_DECODES:
+            # A prefill node is lent to decoding only while nothing waits to prefill there: its
+            # decoding slows every prompt behind, a cost no one request's prediction shows.
+            return o.prefill.prefill_wait_s <= 0
         wait = self.params.max_prefill_wait_s
         return wait <= 0 or o.prefill.prefill_wait_s <= wait
 
