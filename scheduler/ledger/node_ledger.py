@@ -235,6 +235,7 @@ class NodeLedger:
             self._progress_mark = last  # too few steps yet: keep accumulating
             return None
         self.prefilling_tokens_per_s = prefilled / seconds
+        self._changed()  # views show the rate (and, below, the steps counted)
         if tokens <= 0 or batch_s <= 0.0:
             return None
         batch = batch_s / seconds
@@ -280,7 +281,6 @@ class NodeLedger:
                 m.steps_at_join = self.steps_done + max(0.0, m.joined_at - start) / per_step
         self.steps_done += steps
         self.steps_at = end
-        self._changed()
 
     def _drop_member(self, job_id: str, now: float) -> Member | None:
         member = self.members.pop(job_id, None)

@@ -237,3 +237,17 @@ def test_a_prefix_view_never_shows_newer_contents() -> None:
     with pytest.raises(StalePrefixView):
         _ = 1 in seen
     assert 1 not in memory.view() and set(memory.view()) == {2, 3}
+
+
+def test_a_view_shows_the_prefill_rate_as_it_changes_even_with_nothing_decoding() -> None:
+    led = ledger()
+    p = led.node("p")
+    assert p is not None
+    load = Load()
+    p.progress(0.0, decoded_tokens=0)
+    led.book("a", Placement("p", "d", 1), facts(prompt=1000), cached=0, now=0.0)
+    led.first_token("a", now=0.5)
+    p.progress(1.0, decoded_tokens=0)
+    assert view(led, "p", now=1.0, load=load).prefilling_tokens_per_s == pytest.approx(1000.0)
+    p.progress(2.0, decoded_tokens=0)  # nothing prefilled since: the same load, a new rate
+    assert view(led, "p", now=2.0, load=load).prefilling_tokens_per_s == 0.0

@@ -12,10 +12,10 @@ phase), then a decode node prefilling too (the decode pool lends prefill capacit
 node decoding too (the prefill pool lends decode capacity; only one with no prompt queued). The
 first tier holding a candidate predicted to meet every objective wins, and in it the candidate
 with the most headroom (ties: the larger sum of headrooms, then the profiles' scorers, then a draw
-seeded by the request). Headroom
-alone would take whichever node is idlest now, and a node lent to the other phase slows its own
-(a prefill node that decodes prefills slower for every later request, which no one request's
-prediction shows); the tiers lend a node only when its own pool cannot meet the objectives.
+seeded by the request). Headroom alone would take whichever node is idlest now, and a node lent to
+the other phase slows its own (a prefill node that decodes prefills slower for every later
+request, which no one request's prediction shows); the tiers lend a node only when its own pool
+cannot meet the objectives.
 ``tiers: false`` drops the tiers (most headroom wherever it is; for comparison).
 
 When no candidate is predicted to meet them ("the best candidate" below is the one with the most
