@@ -15,6 +15,7 @@ Times are numbers the caller passes (live: a monotonic clock; simulator: virtual
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,6 +25,13 @@ from scheduler.prediction.latency import DecodeSample, PrefillSample, TpotOutcom
 
 # A progress observation covers at least this many decode steps (fewer say little of a step's time).
 MIN_PROGRESS_STEPS = 8
+# The prefill rate placement sees is averaged over about this long (time constant, seconds). A node
+# prefills in bursts (on a decode node, a colocated prompt now and then), so the rate over one
+# observation window (about a second) swings between 0 and several times its mean, and a request
+# placed there decodes through many windows: it sees the mean, not the last window's. Chosen on
+# one workload (synthetic chat at 8 + 8; 10 s and 20 s made decode-heavy at 4 + 4 worse) and
+# reported on the others: docs/placement.md.
+PREFILL_RATE_HORIZON_S = 5.0
 
 
 class _Mark(NamedTuple):
@@ -87,7 +95,8 @@ class NodeLedger:
         self.prefixes = PrefixMemory(capacity_tokens)
         self.last_departure = -float("inf")  # the last first token this node produced
         self.prefilled_tokens = 0  # uncached prompt tokens prefilled here (answered)
-        self.prefilling_tokens_per_s = 0.0  # their rate over the last decode observation's window
+        # Their rate, exponentially averaged over PREFILL_RATE_HORIZON_S of decode observations.
+        self.prefilling_tokens_per_s = 0.0
         # Until when its KV endpoint is taken as refusing: a handoff to it was turned away for
         # lack of room (kv_busy), whatever its engine reports (vLLM's connector reports nothing).
         self.kv_busy_until = -float("inf")
@@ -234,7 +243,8 @@ class NodeLedger:
         if tokens > 0 and batch_s > 0.0 and round(tokens * seconds / batch_s) < MIN_PROGRESS_STEPS:
             self._progress_mark = last  # too few steps yet: keep accumulating
             return None
-        self.prefilling_tokens_per_s = prefilled / seconds
+        weight = -math.expm1(-seconds / PREFILL_RATE_HORIZON_S)
+        self.prefilling_tokens_per_s += weight * (prefilled / seconds - self.prefilling_tokens_per_s)
         self._changed()  # views show the rate (and, below, the steps counted)
         if tokens <= 0 or batch_s <= 0.0:
             return None

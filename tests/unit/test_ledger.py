@@ -8,6 +8,7 @@ import math
 import pytest
 
 from scheduler.ledger.ledger import BookingFacts, Ledger
+from scheduler.ledger.node_ledger import PREFILL_RATE_HORIZON_S
 from scheduler.ledger.prefix_memory import PrefixMemory, StalePrefixView
 from scheduler.node_view import NodeState, node_view
 from scheduler.placement.config import default_accelerators
@@ -99,7 +100,8 @@ def test_a_decode_observation_averages_the_batch_and_counts_the_prefill_stalls()
     assert sample.context == pytest.approx((100 * 1 + 400 * 1 + 100 * 2) / 5)
     assert sample.prefill_tokens == 100 + 300  # both prompts were prefilled on d meanwhile
     assert led.decode_steps() == {"d": pytest.approx(0.1)}  # exported per worker
-    assert d.prefilling_tokens_per_s == pytest.approx(400 / 5)
+    # The prefill rate placement sees: 80 tokens/s over this window, averaged in from 0.
+    assert d.prefilling_tokens_per_s == pytest.approx(400 / 5 * -math.expm1(-5 / PREFILL_RATE_HORIZON_S))
 
 
 def test_decode_observations_need_enough_steps_and_skip_a_restarted_counter() -> None:
@@ -248,6 +250,28 @@ def test_a_view_shows_the_prefill_rate_as_it_changes_even_with_nothing_decoding(
     led.book("a", Placement("p", "d", 1), facts(prompt=1000), cached=0, now=0.0)
     led.first_token("a", now=0.5)
     p.progress(1.0, decoded_tokens=0)
-    assert view(led, "p", now=1.0, load=load).prefilling_tokens_per_s == pytest.approx(1000.0)
+    first = view(led, "p", now=1.0, load=load).prefilling_tokens_per_s
+    assert first == pytest.approx(1000.0 * -math.expm1(-1 / PREFILL_RATE_HORIZON_S))
     p.progress(2.0, decoded_tokens=0)  # nothing prefilled since: the same load, a new rate
-    assert view(led, "p", now=2.0, load=load).prefilling_tokens_per_s == 0.0
+    assert view(led, "p", now=2.0, load=load).prefilling_tokens_per_s == pytest.approx(
+        first * math.exp(-1 / PREFILL_RATE_HORIZON_S)
+    )
+
+
+def test_the_prefill_rate_is_the_mean_of_bursty_windows_not_the_last_one() -> None:
+    # A node that prefills a 2,000-token prompt every other second: each one-second window sees
+    # 2,000 tokens/s or none, and a request decoding there for many windows sees 1,000 on average.
+    led = ledger()
+    d = led.node("d")
+    assert d is not None
+    d.progress(0.0, decoded_tokens=0)
+    rates = []
+    for second in range(1, 61):
+        if second % 2:
+            led.book(f"j{second}", Placement("d", "d", 1), facts(prompt=2000), cached=0, now=second - 0.9)
+            led.first_token(f"j{second}", now=second - 0.5)
+            led.finish(f"j{second}", now=second - 0.4, steps=0)
+        d.progress(float(second), decoded_tokens=0)
+        rates.append(d.prefilling_tokens_per_s)
+    # After a burst window and after an empty one alike, the rate is near the mean.
+    assert all(600.0 < r < 1400.0 for r in rates[-10:])
