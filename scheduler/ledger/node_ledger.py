@@ -28,9 +28,8 @@ MIN_PROGRESS_STEPS = 8
 # The prefill rate placement sees is averaged over about this long (time constant, seconds). A node
 # prefills in bursts (on a decode node, a colocated prompt now and then), so the rate over one
 # observation window (about a second) swings between 0 and several times its mean, and a request
-# placed there decodes through many windows: it sees the mean, not the last window's. Chosen on
-# one workload (synthetic chat at 8 + 8; 10 s and 20 s made decode-heavy at 4 + 4 worse) and
-# reported on the others: docs/placement.md.
+# placed there decodes through many windows: it sees the mean, not the last window's. Chosen among
+# 5, 10 and 20 s (longer made decode-heavy at 4 + 4 worse): docs/placement.md.
 PREFILL_RATE_HORIZON_S = 5.0
 
 
