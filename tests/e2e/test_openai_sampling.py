@@ -54,7 +54,15 @@ def test_disaggregated_equals_colocated_with_every_option(
     case: str, mode: str, colocated: Any, request: pytest.FixtureRequest
 ) -> None:
     body = CASES[case]
-    body = {**body, "extra_body": {"return_token_ids": True, **body.get("extra_body", {})}}
+    # A prompt of each mode's own, told apart from its first token: the colocated worker then has
+    # it in its prefix cache exactly when the disaggregated one does. A cached prefix is not
+    # recomputed, and attention over a prompt in two parts sums in another order: a logprob can
+    # move by an ulp (measured: the same request twice to one worker).
+    body = {
+        **body,
+        "prompt": f"{mode}: {PROMPT}",
+        "extra_body": {"return_token_ids": True, **body.get("extra_body", {})},
+    }
     want = _completion(colocated, **body).model_dump()
     got = _completion(request.getfixturevalue(mode), **body).model_dump()
     for key in ("text", "finish_reason", "token_ids", "logprobs"):
