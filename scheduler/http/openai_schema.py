@@ -9,7 +9,7 @@ vLLM's extensions are accepted: ``repetition_penalty``, ``min_tokens``, ``stop_t
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -138,18 +138,39 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
     tokens: list[int]
 
 
+# What an adapter may be called (it is a model name in requests, metrics and logs) and where it may
+# be read from: checked when the body is decoded, and published in /openapi.json.
+# (The patterns end with "(?![\\s\\S])", not "$": Python's "$" also matches before a final newline.)
+LoraName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern="^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}(?![\\s\\S])",
+        description="1-128 characters: letters, digits and ._:/@+- (not first)",
+    ),
+]
+LoraPath = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=4096,
+        pattern="^[^\\x00]+(?![\\s\\S])",
+        description="a path the workers can read",
+    ),
+]
+
+
 class LoadLoraAdapterRequest(msgspec.Struct, kw_only=True):
     """vLLM's ``/v1/load_lora_adapter``; ``base_model`` is pdorch's, needed only when the cluster
     serves several models."""
 
-    lora_name: str
-    lora_path: str
+    lora_name: LoraName
+    lora_path: LoraPath
     load_inplace: bool = False
     base_model: str | None = None
 
 
 class UnloadLoraAdapterRequest(msgspec.Struct, kw_only=True):
-    lora_name: str
+    lora_name: LoraName
 
 
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {

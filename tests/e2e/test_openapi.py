@@ -3,6 +3,7 @@ the real answers of a running cluster (successes and errors) validate against it
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -12,8 +13,10 @@ import pytest
 from pdorch.launcher import LocalCluster
 from scheduler.app import build_app
 from scheduler.config import SchedulerConfig
+from scheduler.http.openai_schema import LoadLoraAdapterRequest, parse_body
 from scheduler.http.openapi import document
 from tests.e2e.helpers import MODEL
+from transport.errors import PdorchError
 from transport.security import SecurityConfig
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +43,28 @@ def test_the_request_examples_are_valid_requests() -> None:
     ):
         content = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         _validator(content["schema"]).validate(content["example"])
+
+
+def test_the_adapter_requests_document_what_the_server_refuses() -> None:
+    # What the document allows, the server takes, and what it refuses, the document refuses: a
+    # client (or a fuzzer) generating from the schema reaches the endpoint's logic.
+    doc = document()
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        validator = _validator(schema)
+        for name, ok in (("sql", True), ("a.b:c/d@e+f-g", True), ("x" * 128, True), ("x" * 129, False),
+                         ("bad name", False), ("-sql", False), ("sql\n", False), ("", False)):  # fmt: skip
+            body = {"lora_name": name, "lora_path": "/adapters/sql"}
+            assert validator.is_valid(body) is ok, name
+            try:
+                parse_body(json.dumps(body).encode(), LoadLoraAdapterRequest)
+                taken = True
+            except PdorchError:
+                taken = False
+            assert taken is ok, name
+    load = doc["paths"]["/v1/load_lora_adapter"]["post"]["requestBody"]["content"]["application/json"]
+    for path in ("", "/a\x00b", "/" * 4097):
+        assert not _validator(load["schema"]).is_valid({"lora_name": "sql", "lora_path": path})
 
 
 def _validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
