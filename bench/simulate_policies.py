@@ -14,7 +14,8 @@ Sections:
 4. goodput per policy on each trace at two cluster sizes (4 + 4 and 8 + 8 instances), pdorch's
    ratio to the best baseline, and a summary table;
 5. ShareGPT lengths at fixed Poisson arrival rates: attainment per policy;
-6. an ablation: pdorch's goodput with one of its ideas switched off at a time.
+6. an ablation: pdorch's goodput with one of its ideas switched off at a time;
+7. placement's own cost: CPU per decision as the cluster grows (the live scheduler's code).
 
 With ``--adapters N`` every section runs with LoRA adapters: each request draws one of N adapters
 (Zipf popularity ``--adapter-zipf``, seeded), every worker serves all N with ``--max-loras`` slots
@@ -52,7 +53,7 @@ from simulate.goodput import attainment_curve, find_goodput  # noqa: E402
 from simulate.metrics import SimResult  # noqa: E402
 from simulate.plot import plot_attainment  # noqa: E402
 from simulate.predictor_eval import evaluate, features_of  # noqa: E402
-from simulate.runner import SimConfig, simulate  # noqa: E402
+from simulate.runner import SimConfig, Simulation, simulate  # noqa: E402
 from simulate.slo import SloSpec  # noqa: E402
 from simulate.synthetic import WORKLOADS, workload_trace  # noqa: E402
 from simulate.trace import Trace, load_trace  # noqa: E402
@@ -314,11 +315,69 @@ def section_ablation(loaded: dict[str, Trace], precision: float, shape: str, onl
     print()
 
 
+# Synthetic chat at this many requests/s per prefill + decode pair: ~80% of pdorch's goodput at 4 + 4.
+COST_RATE_PER_PAIR = 7.0
+
+
+def section_cost(sizes: list[int]) -> None:
+    """What one placement decision costs as the cluster grows, per request at the same load per
+    node: the scheduler runs this code once per request (again for one that waits, each time room
+    may have appeared), so it bounds the requests/s one scheduler core can place."""
+    print("## Placement cost per decision\n")
+    print(
+        f"Synthetic chat at {COST_RATE_PER_PAIR:g} requests/s per prefill + decode pair (H100 + A100), "
+        "CPU per decision of the scheduler's `Planner.decide` (the simulator's own node reports "
+        "excluded), on this machine.\n"
+    )
+    print("| nodes | policy | decisions per request | us per decision | decisions/s per core | attainment |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    trace = workload_trace("synthetic-chat")
+    for n in sizes:
+        for name in ("pdorch", "least-request"):
+            cluster = parse_cluster([f"{n}:h100x4"], [f"{n}:a100x4"])
+            sim = Simulation(
+                trace,
+                cluster,
+                _policy(name),
+                SLO,
+                CONFIG,
+                policy_name=name,
+                rate_scale=COST_RATE_PER_PAIR * n,
+            )
+            spent = {"decide": 0.0, "reports": 0.0, "decisions": 0}
+            decide, reports = sim.planner.decide, sim.node_states
+
+            def timed_decide(*a, _decide=decide, _spent=spent, **k):  # type: ignore[no-untyped-def]
+                start = time.process_time()
+                try:
+                    return _decide(*a, **k)
+                finally:
+                    _spent["decide"] += time.process_time() - start
+                    _spent["decisions"] += 1
+
+            def timed_reports(_reports=reports, _spent=spent):  # type: ignore[no-untyped-def]
+                start = time.process_time()
+                try:
+                    return _reports()
+                finally:
+                    _spent["reports"] += time.process_time() - start
+
+            sim.planner.decide = timed_decide  # type: ignore[method-assign]
+            sim.node_states = timed_reports  # type: ignore[method-assign]
+            r = sim.run()
+            per = (spent["decide"] - spent["reports"]) / max(1, spent["decisions"])
+            print(
+                f"| {2 * n} | {name} | {spent['decisions'] / max(1, r.requests):.2f} | {per * 1e6:.0f} "
+                f"| {1 / per if per > 0 else float('inf'):,.0f} | {r.attainment:.1%} |"
+            )
+    print()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--traces", type=Path, default=REPO / ".." / "shared" / "traces")
     p.add_argument(
-        "--only", choices=["fit", "predictor", "speed", "goodput", "rates", "ablation"], default=None
+        "--only", choices=["fit", "predictor", "speed", "goodput", "rates", "ablation", "cost"], default=None
     )
     p.add_argument("--precision", type=float, default=0.03)
     p.add_argument(
@@ -368,6 +427,8 @@ def main() -> int:
         section_rates(loaded, args.shape or DEFAULT_SHAPES, names)
     if args.only in (None, "ablation"):
         section_ablation(loaded, args.precision, (args.shape or ["4+4"])[0], args.variant)
+    if args.only in (None, "cost"):
+        section_cost([1, 4, 16, 64])
     return 0
 
 
