@@ -100,7 +100,10 @@ class NodeLedger:
         # lack of room (kv_busy), whatever its engine reports (vLLM's connector reports nothing).
         self.kv_busy_until = -float("inf")
         self.version = 0  # bumps on every change (views built from it may be cached)
-        self._reserved = (-1, 0)
+        # Kept as the jobs change, not summed when read: a node holds hundreds of jobs, and
+        # placement reads both for every node on every decision.
+        self._reserved_total = 0
+        self._pending_total = 0
         self.view_cache: object = None  # what a view builder keeps between versions
         self.last_view: tuple[tuple[object, ...], object] | None = None
         self._t = 0.0
@@ -122,11 +125,7 @@ class NodeLedger:
     @property
     def reserved_blocks(self) -> int:
         """Reservations not yet backed by blocks the worker reports as used (not counted twice)."""
-        if self._reserved[0] != self.version:
-            bs = self.block_size
-            total = sum(outstanding_blocks(h.reserved_blocks, h.tokens, bs) for h in self.held.values())
-            self._reserved = (self.version, total)
-        return self._reserved[1]
+        return self._reserved_total
 
     def adapters_booked(self) -> frozenset[str]:
         """Adapters of the jobs booked here: resident, or soon (the engine loads them for these)."""
@@ -139,12 +138,15 @@ class NodeLedger:
 
     @property
     def pending_tokens(self) -> int:
-        return sum(p.tokens - p.cached for p in self.pending.values())
+        """Uncached prompt tokens sent here and not prefilled yet."""
+        return self._pending_total
 
     # ------------------------------------------------------------------ booking
 
     def hold(self, job_id: str, reserve_blocks: int, adapter: str = "") -> None:
-        self.held[job_id] = Held(reserve_blocks)
+        self._unhold(self.held.get(job_id))
+        held = self.held[job_id] = Held(reserve_blocks)
+        self._reserved_total += self._outstanding(held)
         if adapter:
             self.adapter_of[job_id] = adapter
         self._changed()
@@ -153,7 +155,9 @@ class NodeLedger:
         self, job_id: str, tokens: int, cached: int, now: float, adapter_load: bool = False
     ) -> None:
         self._advance(now)
+        self._unpend(self.pending.get(job_id))
         self.pending[job_id] = Pending(tokens, cached, now, self._batch_s, self._context_s, adapter_load)
+        self._pending_total += tokens - cached
         self._changed()
 
     def remember(self, block_hashes: tuple[int, ...], block_tokens: int) -> None:
@@ -175,7 +179,7 @@ class NodeLedger:
         if pending is None:
             return None
         head = next(iter(self.pending)) == job_id
-        del self.pending[job_id]
+        self._unpend(self.pending.pop(job_id))
         self._advance(now)
         if self.last_departure >= pending.sent_at:
             start, (batch_s, context_s) = self.last_departure, self._departure_integrals
@@ -204,7 +208,9 @@ class NodeLedger:
         """The member's decode begins here (its KV is here, ``tokens`` of it)."""
         held = self.held.get(job_id)
         if held is not None:
+            self._unhold(held)
             held.tokens = max(held.tokens, tokens)
+            self._reserved_total += self._outstanding(held)
         member = self.members.get(job_id)
         if member is None or member.joined_at is not None:
             return
@@ -265,21 +271,37 @@ class NodeLedger:
         """The job now has ``tokens`` here (and, when given, a new reservation)."""
         held = self.held.get(job_id)
         if held is not None:
+            self._unhold(held)
             held.tokens = tokens
             if reserved_blocks is not None:
                 held.reserved_blocks = reserved_blocks
+            self._reserved_total += self._outstanding(held)
             self._changed()
 
     def release(self, job_id: str, now: float) -> None:
         """Forget the job here (Unreserve). Idempotent."""
-        changed = self.held.pop(job_id, None) is not None
+        held, pending = self.held.pop(job_id, None), self.pending.pop(job_id, None)
+        self._unhold(held)
+        self._unpend(pending)
+        changed = held is not None or pending is not None
         self.adapter_of.pop(job_id, None)
-        changed |= self.pending.pop(job_id, None) is not None
         changed |= self._drop_member(job_id, now) is not None
         if changed:
             self._changed()
 
     # ------------------------------------------------------------------ internals
+
+    def _outstanding(self, held: Held) -> int:
+        return outstanding_blocks(held.reserved_blocks, held.tokens, self.block_size)
+
+    def _unhold(self, held: Held | None) -> None:
+        """Take ``held`` out of the reserved total (before it changes or goes)."""
+        if held is not None:
+            self._reserved_total -= self._outstanding(held)
+
+    def _unpend(self, pending: Pending | None) -> None:
+        if pending is not None:
+            self._pending_total -= pending.tokens - pending.cached
 
     def _count_steps(self, start: float, end: float, steps: int) -> None:
         """The node took ``steps`` decode steps from ``start`` to ``end``; a member that joined in

@@ -4,14 +4,16 @@ node views built from it."""
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
 from scheduler.ledger.ledger import BookingFacts, Ledger
-from scheduler.ledger.node_ledger import PREFILL_RATE_HORIZON_S
+from scheduler.ledger.node_ledger import PREFILL_RATE_HORIZON_S, NodeLedger
 from scheduler.ledger.prefix_memory import PrefixMemory, StalePrefixView
 from scheduler.node_view import NodeState, node_view
 from scheduler.placement.config import default_accelerators
+from scheduler.placement.kv_budget import outstanding_blocks
 from scheduler.placement.latency_model import ClassLatency, LatencyTable, LinearModel, class_key
 from scheduler.placement.types import Placement
 from transport.messages import Hello, Load, Role
@@ -275,3 +277,34 @@ def test_the_prefill_rate_is_the_mean_of_bursty_windows_not_the_last_one() -> No
         rates.append(d.prefilling_tokens_per_s)
     # After a burst window and after an empty one alike, the rate is near the mean.
     assert all(600.0 < r < 1400.0 for r in rates[-10:])
+
+
+def test_the_reserved_and_queued_totals_follow_every_change_to_the_jobs() -> None:
+    """Kept up to date as jobs change (placement reads them for every node on every decision):
+    after any sequence of bookings, answers, growth and releases they equal the sums over the jobs."""
+    rng = random.Random(7)
+    node = NodeLedger("d", "m", "a100", block_size=16, kv_bytes_per_token=1, capacity_tokens=1 << 20)
+    jobs = [f"j{i}" for i in range(12)]
+    now = 0.0
+    for _ in range(3000):
+        now += 0.01
+        job = rng.choice(jobs)
+        op = rng.randrange(6)
+        if op == 0:
+            node.hold(job, rng.randrange(0, 40))
+        elif op == 1:
+            tokens = rng.randrange(1, 900)
+            node.send_prefill(job, tokens, rng.randrange(0, tokens), now)
+        elif op == 2:
+            node.answer_prefill(job, now, rng.choice([None, rng.randrange(0, 300)]))
+        elif op == 3:
+            if job not in node.members:
+                node.add_member(job, rng.randrange(1, 500), 8, 0.05)
+            node.join(job, now, 0.01, rng.randrange(0, 800))
+        elif op == 4:
+            node.grow(job, rng.randrange(0, 900), rng.choice([None, rng.randrange(0, 60)]))
+        else:
+            node.release(job, now)
+        held = node.held.values()
+        assert node.reserved_blocks == sum(outstanding_blocks(h.reserved_blocks, h.tokens, 16) for h in held)
+        assert node.pending_tokens == sum(p.tokens - p.cached for p in node.pending.values())
