@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from scheduler.ledger.node_ledger import Member, NodeLedger
+from scheduler.ledger.node_ledger import NodeLedger
 from scheduler.placement.config import AcceleratorProfile
 from scheduler.placement.latency_model import LatencyTable, class_latency, decode_x, prefill_x
 from scheduler.placement.types import NodeView
@@ -136,13 +136,7 @@ def _derived(
     per_prompt = models.prefill.predict(prefill_x(RATE_PROMPT_TOKENS, 0, batch, context))
     rate = RATE_PROMPT_TOKENS / per_prompt if per_prompt > 0 else 0.0
     step = models.decode.predict(decode_x(batch, context)) if batch else 0.0
-    tolerance, steps, tpot = math.inf, 0, 0.0
-    for m in ledger.members.values():
-        if m.steps < 1 or m.tpot_slo_s <= 0:
-            continue
-        left, rest = _tolerance(m, ledger, step)
-        if 0.0 <= left < tolerance:
-            tolerance, steps, tpot = left, rest, m.tpot_slo_s
+    tolerance, steps, tpot = ledger.tightest_member(step)
     derived = _Derived(
         key,
         queued,
@@ -156,18 +150,3 @@ def _derived(
     )
     ledger.view_cache = derived
     return derived
-
-
-def _tolerance(m: Member, ledger: NodeLedger, step: float) -> tuple[float, int]:
-    """The extra delay a member can still absorb and meet its TPOT objective if its remaining
-    steps take ``step``: its budget for the steps it has decoded and will decode, less the time
-    it has taken (as of the node's last decode observation: every stall and slow step counted)
-    and what the rest will take; and over how many steps (at least one: one that outlives its
-    predicted steps keeps the slack it built)."""
-    done = elapsed = 0.0
-    if m.joined_at is not None and m.steps_at_join is not None:
-        done = max(0.0, ledger.steps_done - m.steps_at_join)
-        elapsed = max(0.0, ledger.steps_at - m.joined_at)
-    rest = max(0.0, m.steps - done)
-    left = (done + rest) * m.tpot_slo_s - m.delay_s - elapsed - rest * step
-    return left, max(1, round(rest))

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from scheduler.ledger.member_table import MemberTable
 from scheduler.ledger.prefix_memory import PrefixMemory
 from scheduler.placement.kv_budget import outstanding_blocks
 from scheduler.prediction.latency import DecodeSample, PrefillSample, TpotOutcome
@@ -91,6 +92,7 @@ class NodeLedger:
         self.held: dict[str, Held] = {}
         self.pending: dict[str, Pending] = {}
         self.members: dict[str, Member] = {}
+        self.member_table = MemberTable()  # their TPOT budgets, as columns (tightest_member)
         self.prefixes = PrefixMemory(capacity_tokens)
         self.last_departure = -float("inf")  # the last first token this node produced
         self.prefilled_tokens = 0  # uncached prompt tokens prefilled here (answered)
@@ -126,6 +128,11 @@ class NodeLedger:
     def reserved_blocks(self) -> int:
         """Reservations not yet backed by blocks the worker reports as used (not counted twice)."""
         return self._reserved_total
+
+    def tightest_member(self, step_s: float) -> tuple[float, int, float]:
+        """The member with the least delay left to absorb, if the rest of its steps take
+        ``step_s``: that delay (``inf``: none), over how many steps, and its TPOT objective."""
+        return self.member_table.tightest(step_s, self.steps_done, self.steps_at)
 
     def adapters_booked(self) -> frozenset[str]:
         """Adapters of the jobs booked here: resident, or soon (the engine loads them for these)."""
@@ -168,6 +175,7 @@ class NodeLedger:
 
     def add_member(self, job_id: str, prompt_tokens: int, steps: int, tpot_slo_s: float) -> None:
         self.members[job_id] = Member(prompt_tokens, steps, tpot_slo_s)
+        self.member_table.add(job_id, steps, tpot_slo_s)
         self.booked_tokens += prompt_tokens
         self._changed()
 
@@ -217,6 +225,7 @@ class NodeLedger:
         self._advance(now)
         member.joined_at = now
         member.delay_s = delay_s
+        self.member_table.join(job_id, now, delay_s)
         self.joined += 1
         self.joined_tokens += member.prompt_tokens
         self._changed()
@@ -307,9 +316,10 @@ class NodeLedger:
         """The node took ``steps`` decode steps from ``start`` to ``end``; a member that joined in
         between started counting from its share of them."""
         per_step = (end - start) / steps
-        for m in self.members.values():
+        for job_id, m in self.members.items():
             if m.joined_at is not None and m.steps_at_join is None:
                 m.steps_at_join = self.steps_done + max(0.0, m.joined_at - start) / per_step
+                self.member_table.counted_from(job_id, m.steps_at_join)
         self.steps_done += steps
         self.steps_at = end
 
@@ -317,6 +327,7 @@ class NodeLedger:
         member = self.members.pop(job_id, None)
         if member is None:
             return None
+        self.member_table.remove(job_id)
         self._advance(now)
         self.booked_tokens -= member.prompt_tokens
         if member.joined_at is not None:

@@ -1,0 +1,93 @@
+"""The decoding requests of one node as columns, so that the tightest of them is found in one pass.
+
+Placement asks for a node's tightest member (the one with the least delay left to absorb and keep
+its TPOT objective) whenever the node's ledger has changed, which under load is nearly every
+decision, and a decode node holds hundreds of members: numpy over columns costs about as much as a
+few members did one at a time in Python. Rows keep the order the members were added in (removal
+leaves a hole, compacted in order now and then), so ties go to the earliest member.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+_FIELDS = ("steps", "tpot", "delay", "joined", "at_join")
+
+
+class MemberTable:
+    def __init__(self, capacity: int = 16) -> None:
+        self._rows: dict[str, int] = {}
+        self._used = 0  # rows handed out, live or not
+        self._cols = {name: np.full(capacity, math.nan) for name in _FIELDS}
+
+    def add(self, job_id: str, steps: int, tpot_slo_s: float) -> None:
+        """A member predicted to decode ``steps`` steps with this objective (0: none); one added
+        again keeps its place, as in a dict."""
+        row = self._rows.get(job_id)
+        if row is None:
+            if self._used == len(self._cols["steps"]):
+                self._grow()
+            row = self._rows[job_id] = self._used
+            self._used += 1
+        for name, value in zip(_FIELDS, (steps, tpot_slo_s, 0.0, math.nan, math.nan), strict=True):
+            self._cols[name][row] = value
+
+    def join(self, job_id: str, joined_at: float, delay_s: float) -> None:
+        row = self._rows[job_id]
+        self._cols["joined"][row] = joined_at
+        self._cols["delay"][row] = delay_s
+
+    def counted_from(self, job_id: str, steps_done: float) -> None:
+        """The node's step count when the member joined (known once an observation covers it)."""
+        self._cols["at_join"][self._rows[job_id]] = steps_done
+
+    def remove(self, job_id: str) -> None:
+        row = self._rows.pop(job_id, None)
+        if row is None:
+            return
+        self._cols["tpot"][row] = math.nan  # no objective: never the tightest
+        if len(self._rows) * 2 < self._used and self._used > 64:
+            self._compact()
+
+    def tightest(self, step_s: float, steps_done: float, steps_at: float) -> tuple[float, int, float]:
+        """The least delay any member with an objective can still absorb (``inf`` if none can, or
+        none has one), over how many steps, and its objective; if each remaining step takes
+        ``step_s`` and the node has taken ``steps_done`` steps by ``steps_at``.
+
+        A member's budget is its objective times the steps it has decoded and will decode, less
+        the time those it has decoded took (counted from the node's step count since it joined:
+        every stall and slow step is in it), its handoff delay and the rest at ``step_s``. One that
+        outlives its predicted steps keeps the slack it built (at least one step left); one already
+        past saving is not protected."""
+        n = self._used
+        c = {name: col[:n] for name, col in self._cols.items()}
+        known = ~(np.isnan(c["joined"]) | np.isnan(c["at_join"]))
+        done = np.where(known, np.maximum(0.0, steps_done - c["at_join"]), 0.0)
+        elapsed = np.where(known, np.maximum(0.0, steps_at - c["joined"]), 0.0)
+        rest = np.maximum(0.0, c["steps"] - done)
+        left = (done + rest) * c["tpot"] - c["delay"] - elapsed - rest * step_s
+        ok = (c["steps"] >= 1) & (c["tpot"] > 0) & (left >= 0)
+        if not ok.any():
+            return math.inf, 0, 0.0
+        i = int(np.argmin(np.where(ok, left, math.inf)))
+        return float(left[i]), max(1, round(float(rest[i]))), float(c["tpot"][i])
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _grow(self) -> None:
+        for name, col in self._cols.items():
+            wider = np.full(2 * len(col), math.nan)
+            wider[: len(col)] = col
+            self._cols[name] = wider
+
+    def _compact(self) -> None:
+        order = sorted(self._rows.items(), key=lambda item: item[1])
+        keep = np.fromiter((row for _, row in order), dtype=np.intp, count=len(order))
+        for col in self._cols.values():
+            col[: len(keep)] = col[keep]
+            col[len(keep) :] = math.nan
+        self._rows = {job: i for i, (job, _) in enumerate(order)}
+        self._used = len(keep)

@@ -1,0 +1,58 @@
+"""The tightest member found over columns is the one a plain loop over the members finds."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from scheduler.ledger.member_table import MemberTable
+
+
+def loop_tightest(members: dict, step: float, steps_done: float, steps_at: float) -> tuple[float, int, float]:
+    """The definition, one member at a time, first in order winning ties."""
+    best = (math.inf, 0, 0.0)
+    for steps, tpot, joined, delay, at_join in members.values():
+        if steps < 1 or tpot <= 0:
+            continue
+        done = elapsed = 0.0
+        if joined is not None and at_join is not None:
+            done = max(0.0, steps_done - at_join)
+            elapsed = max(0.0, steps_at - joined)
+        rest = max(0.0, steps - done)
+        left = (done + rest) * tpot - delay - elapsed - rest * step
+        if 0.0 <= left < best[0]:
+            best = (left, max(1, round(rest)), tpot)
+    return best
+
+
+def test_the_tightest_member_is_the_loops_through_adds_joins_removals_and_compaction() -> None:
+    rng = random.Random(3)
+    table, members = MemberTable(capacity=2), {}
+    steps_done, steps_at = 0.0, 0.0
+    for i in range(4000):
+        op = rng.random()
+        job = f"j{rng.randrange(150)}"
+        if op < 0.35:
+            # Coarse values so that ties happen; some without an objective or steps.
+            steps, tpot = rng.choice([0, 4, 8, 50, 200]), rng.choice([0.0, 0.05, 0.1])
+            members[job] = (steps, tpot, None, 0.0, None)  # added again: keeps its place
+            table.add(job, steps, tpot)
+        elif op < 0.55 and job in members and members[job][2] is None:
+            steps, tpot, _, _, _ = members[job]
+            delay = rng.choice([0.0, 0.01, 0.2])
+            members[job] = (steps, tpot, steps_at + rng.random(), delay, None)
+            table.join(job, members[job][2], delay)
+        elif op < 0.65:
+            steps_done += rng.randrange(1, 20)
+            steps_at += rng.random()
+            for j, (steps, tpot, joined, delay, at_join) in members.items():
+                if joined is not None and at_join is None:
+                    members[j] = (steps, tpot, joined, delay, steps_done - rng.randrange(0, 5))
+                    table.counted_from(j, members[j][4])
+        elif op < 0.9:
+            members.pop(job, None)
+            table.remove(job)
+        step = rng.choice([0.0, 0.01, 0.03, 0.08])
+        want = loop_tightest(members, step, steps_done, steps_at)
+        assert table.tightest(step, steps_done, steps_at) == want, i
+        assert len(table) == len(members)
