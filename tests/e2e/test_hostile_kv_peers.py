@@ -13,6 +13,7 @@ and released in seconds).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -274,7 +275,13 @@ async def test_reservations_that_never_send_are_bounded_and_released(broker_clus
         nacks = mallory.nacks
         over_share = [n for n in nacks if "share" in n.message]
         released = [n for n in nacks if n.code == "kv_timeout" and "no chunk" in n.message]
-        assert len(over_share) >= 45 // 2 and len(over_share) + len(released) == 45
+        assert over_share and len(over_share) + len(released) == 45
+        # Never more than its share held: a refusal says what the sender held then. (How many are
+        # refused depends on timing: one the broker reaches after the first-chunk deadline of an
+        # earlier one finds that one released.)
+        for n in over_share:
+            held, more, share = map(int, re.findall(r"\d+", n.message))
+            assert held <= share < held + more, n.message
         assert stranger.drain(0.2) == []
     finally:
         stranger.close()
