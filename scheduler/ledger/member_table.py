@@ -2,9 +2,11 @@
 
 Placement asks for a node's tightest member (the one with the least delay left to absorb and keep
 its TPOT objective) whenever the node's ledger has changed, which under load is nearly every
-decision, and a decode node holds hundreds of members: numpy over columns costs about as much as a
-few members did one at a time in Python. Rows keep the order the members were added in (removal
-leaves a hole, compacted in order now and then), so ties go to the earliest member.
+decision, and a decode node holds hundreds of members: numpy over columns costs about as much as
+~25 members did one at a time in Python. The answer is kept until the members or the step change
+(most of a node's bookings touch neither), and there is nothing to compute while no member has an
+objective. Rows keep the order the members were added in (removal leaves a hole, compacted in
+order now and then), so ties go to the earliest member.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ class MemberTable:
         self._rows: dict[str, int] = {}
         self._used = 0  # rows handed out, live or not
         self._cols = {name: np.full(capacity, math.nan) for name in _FIELDS}
+        self._with_objective = 0  # live rows with steps to decode and a TPOT objective
+        self._version = 0
+        self._last: tuple[tuple[int, float, float, float], tuple[float, int, float]] | None = None
 
     def add(self, job_id: str, steps: int, tpot_slo_s: float) -> None:
         """A member predicted to decode ``steps`` steps with this objective (0: none); one added
@@ -31,23 +36,31 @@ class MemberTable:
                 self._grow()
             row = self._rows[job_id] = self._used
             self._used += 1
+        else:
+            self._with_objective -= self._has_objective(row)
         for name, value in zip(_FIELDS, (steps, tpot_slo_s, 0.0, math.nan, math.nan), strict=True):
             self._cols[name][row] = value
+        self._with_objective += self._has_objective(row)
+        self._version += 1
 
     def join(self, job_id: str, joined_at: float, delay_s: float) -> None:
         row = self._rows[job_id]
         self._cols["joined"][row] = joined_at
         self._cols["delay"][row] = delay_s
+        self._version += 1
 
     def counted_from(self, job_id: str, steps_done: float) -> None:
         """The node's step count when the member joined (known once an observation covers it)."""
         self._cols["at_join"][self._rows[job_id]] = steps_done
+        self._version += 1
 
     def remove(self, job_id: str) -> None:
         row = self._rows.pop(job_id, None)
         if row is None:
             return
+        self._with_objective -= self._has_objective(row)
         self._cols["tpot"][row] = math.nan  # no objective: never the tightest
+        self._version += 1
         if len(self._rows) * 2 < self._used and self._used > 64:
             self._compact()
 
@@ -61,6 +74,11 @@ class MemberTable:
         every stall and slow step is in it), its handoff delay and the rest at ``step_s``. One that
         outlives its predicted steps keeps the slack it built (at least one step left); one already
         past saving is not protected."""
+        if not self._with_objective:
+            return math.inf, 0, 0.0
+        key = (self._version, step_s, steps_done, steps_at)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         n = self._used
         c = {name: col[:n] for name, col in self._cols.items()}
         known = ~(np.isnan(c["joined"]) | np.isnan(c["at_join"]))
@@ -69,13 +87,18 @@ class MemberTable:
         rest = np.maximum(0.0, c["steps"] - done)
         left = (done + rest) * c["tpot"] - c["delay"] - elapsed - rest * step_s
         ok = (c["steps"] >= 1) & (c["tpot"] > 0) & (left >= 0)
-        if not ok.any():
-            return math.inf, 0, 0.0
-        i = int(np.argmin(np.where(ok, left, math.inf)))
-        return float(left[i]), max(1, round(float(rest[i]))), float(c["tpot"][i])
+        found: tuple[float, int, float] = (math.inf, 0, 0.0)
+        if ok.any():
+            i = int(np.argmin(np.where(ok, left, math.inf)))
+            found = (float(left[i]), max(1, round(float(rest[i]))), float(c["tpot"][i]))
+        self._last = (key, found)
+        return found
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def _has_objective(self, row: int) -> bool:
+        return bool(self._cols["steps"][row] >= 1 and self._cols["tpot"][row] > 0)
 
     def _grow(self) -> None:
         for name, col in self._cols.items():
