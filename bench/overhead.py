@@ -60,14 +60,17 @@ class System:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def cpu_s(self) -> dict[str, float]:
-        out = {}
-        for role, proc in self.procs.items():
+        """CPU seconds so far per role (the agents of one role summed: "prefill-3" is "prefill")."""
+        out: dict[str, float] = {}
+        for name, proc in self.procs.items():
+            role = name.split("-")[0]
             try:
                 with open(f"/proc/{proc.pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
-                out[role] = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+                used = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
             except OSError:
-                out[role] = float("nan")
+                used = float("nan")
+            out[role] = out.get(role, 0.0) + used
         return out
 
     def stop(self) -> None:
@@ -95,7 +98,8 @@ def zero_server(log_dir: Path, name: str) -> tuple[str, subprocess.Popen[bytes]]
     return f"http://127.0.0.1:{port}", proc
 
 
-def start_systems(log_dir: Path, only: list[str], time_scale: float = 0.0) -> list[System]:
+def start_systems(log_dir: Path, only: list[str], time_scale: float = 0.0, nodes: int = 1) -> list[System]:
+    """``nodes``: pdorch's prefill agents, and as many decode agents (the peers have one of each)."""
     systems = []
     if "direct" in only:
         url, proc = zero_server(log_dir, "direct")
@@ -124,7 +128,8 @@ def start_systems(log_dir: Path, only: list[str], time_scale: float = 0.0) -> li
     if "pdorch" in only:
         port, control = free_port(), free_port()
         # Authenticated as a deployment is: a throwaway key per process.
-        keys = KeySet.create(log_dir / "pdorch-keys", {"prefill-0": (), "decode-0": ()})
+        workers = [f"{role}-{i}" for role in ("prefill", "decode") for i in range(nodes)]
+        keys = KeySet.create(log_dir / "pdorch-keys", dict.fromkeys(workers, ()))
         scheduler = spawn(
             [sys.executable, "-m", "pdorch", "scheduler", "--port", str(port), "--control-bind",
              f"tcp://127.0.0.1:{control}", "--log-level", "WARNING"],
@@ -132,25 +137,31 @@ def start_systems(log_dir: Path, only: list[str], time_scale: float = 0.0) -> li
             keys.env(SCHEDULER),
         )  # fmt: skip
         agents = {}
-        for role in ("prefill", "decode"):
-            agents[role] = spawn(
+        for worker in workers:
+            agents[worker] = spawn(
                 [sys.executable, "-m", "pdorch", "worker", "--scheduler", f"tcp://127.0.0.1:{control}",
-                 "--role", role, "--worker-id", f"{role}-0", "--engine", "sim",
+                 "--role", worker.split("-")[0], "--worker-id", worker, "--engine", "sim",
                  "--sim-time-scale", str(time_scale), "--model", "zero", "--log-level", "WARNING"],
-                log_dir / f"pdorch-{role}.log",
-                {"OPENBLAS_NUM_THREADS": "1", **keys.env(f"{role}-0")},
+                log_dir / f"pdorch-{worker}.log",
+                {"OPENBLAS_NUM_THREADS": "1", **keys.env(worker)},
             )  # fmt: skip
         systems.append(System("pdorch", f"http://127.0.0.1:{port}", {"scheduler": scheduler, **agents}))
     return systems
 
 
 async def wait_ready(system: System, timeout_s: float = 120) -> None:
+    """Until it answers, and (pdorch) every agent started has registered."""
     deadline = time.monotonic() + timeout_s
+    agents = sum(1 for name in system.procs if name.startswith(("prefill-", "decode-")))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
         while time.monotonic() < deadline:
             try:
                 if (await one(s, system.url, stream=False, max_tokens=2)) == 2:
-                    return
+                    if not agents:
+                        return
+                    async with s.get(system.url + "/v1/cluster") as r:
+                        if len((await r.json())["workers"]) >= agents:
+                            return
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
                 pass
             await asyncio.sleep(0.3)
@@ -231,10 +242,16 @@ async def main() -> None:
         help="pdorch's sim engines: 0 hands every token over in one message; a small value "
         "(1e-4) runs decode steps, one message per step, as a real engine does",
     )
+    parser.add_argument(
+        "--pdorch-nodes",
+        type=int,
+        default=1,
+        help="pdorch's prefill agents, and as many decode agents (its CPU per request by role sums them)",
+    )
     args = parser.parse_args()
     log_dir = WORK / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    systems = start_systems(log_dir, args.systems, args.pdorch_time_scale)
+    systems = start_systems(log_dir, args.systems, args.pdorch_time_scale, args.pdorch_nodes)
     scenarios = [(stream, n) for n in args.tokens for stream in (True, False)]
     best: dict[tuple[str, bool, int, int], Result] = {}
     try:
