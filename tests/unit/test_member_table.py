@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
+
 from scheduler.ledger.member_table import MemberTable
 
 
@@ -56,3 +58,18 @@ def test_the_tightest_member_is_the_loops_through_adds_joins_removals_and_compac
         want = loop_tightest(members, step, steps_done, steps_at)
         assert table.tightest(step, steps_done, steps_at) == want, i
         assert len(table) == len(members)
+
+
+def test_a_kept_answer_is_dropped_when_a_member_changes_and_none_without_objectives() -> None:
+    table = MemberTable()
+    table.add("a", 10, 0.0)  # no objective
+    table.add("b", 0, 0.05)  # nothing to decode
+    assert table.tightest(0.01, 0.0, 0.0) == (math.inf, 0, 0.0)
+    table.add("c", 10, 0.05)
+    first = table.tightest(0.01, 0.0, 0.0)
+    assert first == (pytest.approx(0.4), 10, 0.05)
+    assert table.tightest(0.01, 0.0, 0.0) == first  # kept
+    table.join("c", 0.0, 0.2)  # its handoff took 0.2 s: less left
+    assert table.tightest(0.01, 0.0, 0.0)[0] == pytest.approx(first[0] - 0.2)
+    table.remove("c")
+    assert table.tightest(0.01, 0.0, 0.0) == (math.inf, 0, 0.0)
