@@ -49,10 +49,15 @@ class MemberTable:
         self._cols["delay"][row] = delay_s
         self._version += 1
 
-    def counted_from(self, job_id: str, steps_done: float) -> None:
-        """The node's step count when the member joined (known once an observation covers it)."""
-        self._cols["at_join"][self._rows[job_id]] = steps_done
-        self._version += 1
+    def count_steps(self, start: float, per_step: float, steps_done: float) -> None:
+        """The node decoded from ``start`` at ``per_step`` seconds a step, its count ``steps_done``
+        at ``start``: a member that joined since starts counting from its share of those steps."""
+        n = self._used
+        joined, at_join = self._cols["joined"][:n], self._cols["at_join"][:n]
+        new = ~np.isnan(joined) & np.isnan(at_join)
+        if new.any():
+            at_join[new] = steps_done + np.maximum(0.0, joined[new] - start) / per_step
+            self._version += 1
 
     def remove(self, job_id: str) -> None:
         row = self._rows.pop(job_id, None)

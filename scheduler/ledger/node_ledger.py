@@ -64,14 +64,13 @@ class Pending:
 
 @dataclass
 class Member:
+    """A request decoding here; its TPOT budget (predicted steps, the step count it joined at)
+    is in ``NodeLedger.member_table``."""
+
     prompt_tokens: int
-    steps: int  # decode steps predicted for it (0 = none)
     tpot_slo_s: float  # 0 = no objective
     joined_at: float | None = None  # when its decode began here
     delay_s: float = 0.0  # time between its first token and that (the KV handoff)
-    # The node's step count (``NodeLedger.steps_done``) when it joined: known once a decode
-    # observation covers its join (None before).
-    steps_at_join: float | None = None
 
 
 class NodeLedger:
@@ -174,7 +173,7 @@ class NodeLedger:
             self._changed()
 
     def add_member(self, job_id: str, prompt_tokens: int, steps: int, tpot_slo_s: float) -> None:
-        self.members[job_id] = Member(prompt_tokens, steps, tpot_slo_s)
+        self.members[job_id] = Member(prompt_tokens, tpot_slo_s)
         self.member_table.add(job_id, steps, tpot_slo_s)
         self.booked_tokens += prompt_tokens
         self._changed()
@@ -216,9 +215,7 @@ class NodeLedger:
         """The member's decode begins here (its KV is here, ``tokens`` of it)."""
         held = self.held.get(job_id)
         if held is not None:
-            self._unhold(held)
-            held.tokens = max(held.tokens, tokens)
-            self._reserved_total += self._outstanding(held)
+            self._set_held(held, max(held.tokens, tokens))
         member = self.members.get(job_id)
         if member is None or member.joined_at is not None:
             return
@@ -280,11 +277,7 @@ class NodeLedger:
         """The job now has ``tokens`` here (and, when given, a new reservation)."""
         held = self.held.get(job_id)
         if held is not None:
-            self._unhold(held)
-            held.tokens = tokens
-            if reserved_blocks is not None:
-                held.reserved_blocks = reserved_blocks
-            self._reserved_total += self._outstanding(held)
+            self._set_held(held, tokens, reserved_blocks)
             self._changed()
 
     def release(self, job_id: str, now: float) -> None:
@@ -308,6 +301,13 @@ class NodeLedger:
         if held is not None:
             self._reserved_total -= self._outstanding(held)
 
+    def _set_held(self, held: Held, tokens: int, reserved_blocks: int | None = None) -> None:
+        self._unhold(held)
+        held.tokens = tokens
+        if reserved_blocks is not None:
+            held.reserved_blocks = reserved_blocks
+        self._reserved_total += self._outstanding(held)
+
     def _unpend(self, pending: Pending | None) -> None:
         if pending is not None:
             self._pending_total -= pending.tokens - pending.cached
@@ -315,11 +315,7 @@ class NodeLedger:
     def _count_steps(self, start: float, end: float, steps: int) -> None:
         """The node took ``steps`` decode steps from ``start`` to ``end``; a member that joined in
         between started counting from its share of them."""
-        per_step = (end - start) / steps
-        for job_id, m in self.members.items():
-            if m.joined_at is not None and m.steps_at_join is None:
-                m.steps_at_join = self.steps_done + max(0.0, m.joined_at - start) / per_step
-                self.member_table.counted_from(job_id, m.steps_at_join)
+        self.member_table.count_steps(start, (end - start) / steps, self.steps_done)
         self.steps_done += steps
         self.steps_at = end
 

@@ -44,13 +44,16 @@ def test_the_tightest_member_is_the_loops_through_adds_joins_removals_and_compac
             delay = rng.choice([0.0, 0.01, 0.2])
             members[job] = (steps, tpot, steps_at + rng.random(), delay, None)
             table.join(job, members[job][2], delay)
-        elif op < 0.65:
-            steps_done += rng.randrange(1, 20)
+        elif op < 0.65:  # a decode observation: k steps since the last one
+            k, start = rng.randrange(1, 20), steps_at
             steps_at += rng.random()
+            per_step = (steps_at - start) / k
             for j, (steps, tpot, joined, delay, at_join) in members.items():
                 if joined is not None and at_join is None:
-                    members[j] = (steps, tpot, joined, delay, steps_done - rng.randrange(0, 5))
-                    table.counted_from(j, members[j][4])
+                    at_join = steps_done + max(0.0, joined - start) / per_step
+                    members[j] = (steps, tpot, joined, delay, at_join)
+            table.count_steps(start, per_step, steps_done)
+            steps_done += k
         elif op < 0.9:
             members.pop(job, None)
             table.remove(job)
