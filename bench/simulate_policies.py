@@ -37,7 +37,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -319,6 +321,20 @@ def section_ablation(loaded: dict[str, Trace], precision: float, shape: str, onl
 COST_RATE_PER_PAIR = 7.0
 
 
+def _timed(fn: Callable[..., Any], spent: dict[str, float], key: str) -> Callable[..., Any]:
+    """``fn``, adding its CPU time to ``spent[key]`` and its calls to ``spent[key + " calls"]``."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[key] = spent.get(key, 0.0) + time.process_time() - start
+            spent[key + " calls"] = spent.get(key + " calls", 0) + 1
+
+    return timed
+
+
 def section_cost(sizes: list[int]) -> None:
     """What one placement decision costs as the cluster grows, per request at the same load per
     node: the scheduler runs this code once per request (again for one that waits, each time room
@@ -344,28 +360,11 @@ def section_cost(sizes: list[int]) -> None:
                 policy_name=name,
                 rate_scale=COST_RATE_PER_PAIR * n,
             )
-            spent = {"decide": 0.0, "reports": 0.0, "decisions": 0}
-            decide, reports = sim.planner.decide, sim.node_states
-
-            def timed_decide(*a, _decide=decide, _spent=spent, **k):  # type: ignore[no-untyped-def]
-                start = time.process_time()
-                try:
-                    return _decide(*a, **k)
-                finally:
-                    _spent["decide"] += time.process_time() - start
-                    _spent["decisions"] += 1
-
-            def timed_reports(_reports=reports, _spent=spent):  # type: ignore[no-untyped-def]
-                start = time.process_time()
-                try:
-                    return _reports()
-                finally:
-                    _spent["reports"] += time.process_time() - start
-
-            sim.planner.decide = timed_decide  # type: ignore[method-assign]
-            sim.node_states = timed_reports  # type: ignore[method-assign]
+            spent: dict[str, float] = {}
+            sim.planner.decide = _timed(sim.planner.decide, spent, "decide")  # type: ignore[method-assign]
+            sim.node_states = _timed(sim.node_states, spent, "reports")  # type: ignore[method-assign]
             r = sim.run()
-            decisions = max(1, spent["decisions"])
+            decisions = max(1, int(spent["decide calls"]))
             per = (spent["decide"] - spent["reports"]) / decisions
             per_request = per * decisions / max(1, r.requests)
             print(
