@@ -23,14 +23,6 @@ from transport.security import SecurityConfig
 from transport.security import config as security_config
 
 
-def _live_placement() -> PlacementConfig:
-    # The SLO handler: each request goes to the (prefill, decode) pair with the most headroom on its
-    # predicted TTFT and TPOT (objectives from `slo` or the request's headers). Without objectives it
-    # splits every request onto the pair predicted fastest (what a P/D deployment is for, and what
-    # `pdorch up` shows); with them it keeps a request on one node only when no split meets them.
-    return PlacementConfig()
-
-
 class HttpLimits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """What one HTTP client can hold of the scheduler (``http:`` in the config file)."""
 
@@ -99,8 +91,10 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # PDORCH_KV_PAYLOAD, PDORCH_INSECURE, which workers and the broker read too).
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     http: HttpLimits = msgspec.field(default_factory=HttpLimits)
-    # Where jobs go: filters, weighted scorers and pickers per pool, the P/D decider, reservations.
-    placement: PlacementConfig = msgspec.field(default_factory=_live_placement)
+    # Where jobs go: by default the `slo` handler, the policy the simulator measures (each request to
+    # the pair with the most headroom on its predicted TTFT and TPOT; objectives from `slo` or the
+    # request's headers). Without objectives every request is split onto the pair predicted fastest.
+    placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     # The bounded fair-share queue in front of placement (tenant = API key).
     admission: AdmissionPolicy = msgspec.field(default_factory=AdmissionPolicy)
     # The online output-length predictor that sizes KV reservations.

@@ -16,10 +16,11 @@ Nested in the scheduler's YAML under ``placement:``. Example::
       handler: {type: slo}
       reservation: {mode: predicted, output_quantile: 0.9}
 
-The defaults are the ``slo`` profile handler (the pair with the most headroom on predicted TTFT
-and TPOT): the profiles' filters choose its candidates and their scorers break ties; the
-``pdorch`` preset (``policies.pdorch``) also lets prefill nodes run whole requests
-(``fallback_to_prefill_node``, which needs prefill workers that accept them).
+The defaults are pdorch's policy, the one the simulator measures (``policies.pdorch`` is
+``PlacementConfig()``): the ``slo`` profile handler (the pair with the most headroom on predicted
+TTFT and TPOT, a prefill node running a whole request when its pool has spare decode capacity);
+the profiles' filters choose its candidates and their scorers break ties. A section that sets
+some fields keeps these defaults for the rest.
 
 Weights live here, in the profile, never in a scorer (a scorer only says how good each node is, in
 [0, 1]). Plugin ``params`` (the decider's too) are checked by the plugin's own params Struct when
@@ -101,32 +102,22 @@ def default_accelerators() -> dict[str, AcceleratorProfile]:
 
 
 def _default_decode() -> ProfileConfig:
+    # The slo handler chooses on predictions; the filters give its candidates, and the one scorer
+    # breaks ties between LoRA candidates (a draw seeded by the request breaks the others).
     return ProfileConfig(
         filters=(
             PluginSpec("role"),
             PluginSpec("health", params={"require_kv_room": True}),
             PluginSpec("adapter-slots"),
         ),
-        scorers=(
-            PluginSpec("kv-occupancy", weight=2.0),
-            PluginSpec("active-requests", weight=1.0),
-            PluginSpec("prefix-affinity", weight=2.0),
-            PluginSpec("prefill-delay", weight=2.0),
-            PluginSpec("accelerator", weight=0.5),
-            PluginSpec("adapter-affinity", weight=2.0),
-        ),
+        scorers=(PluginSpec("adapter-affinity"),),
     )
 
 
 def _default_prefill() -> ProfileConfig:
     return ProfileConfig(
         filters=(PluginSpec("role"), PluginSpec("health"), PluginSpec("adapter-slots")),
-        scorers=(
-            PluginSpec("prefill-delay", weight=1.0),
-            PluginSpec("prefix-affinity", weight=1.0),
-            PluginSpec("accelerator", weight=0.1),
-            PluginSpec("adapter-affinity", weight=1.0),
-        ),
+        scorers=(PluginSpec("adapter-affinity"),),
     )
 
 
@@ -138,10 +129,10 @@ class PlacementConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     handler: PluginSpec = PluginSpec("slo")
     # The "pd" handler's decider: whether and where to prefill, given the decode pick.
     decider: PluginSpec = PluginSpec("conditional")
-    # When no decode node has room, the request runs colocated on a node that can prefill and has
-    # room for its whole reservation: role "both" first, then "prefill" when this is true (prefill
-    # workers must then accept whole requests).
-    fallback_to_prefill_node: bool = False
+    # A prefill node may run a whole request: the slo handler's third tier (the prefill pool lends
+    # decode capacity), the pd handler's fallback when no decode node has room ("both" nodes first).
+    # Every pdorch engine runs whole requests on any role; false keeps prefill nodes to prefill.
+    fallback_to_prefill_node: bool = True
     reservation: ReservationConfig = ReservationConfig()
     accelerators: dict[str, AcceleratorProfile] = msgspec.field(default_factory=default_accelerators)
     # Seeds the random pickers (with the request id), so a decision is reproducible.

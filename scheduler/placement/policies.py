@@ -18,10 +18,6 @@ from scheduler.placement.config import (
 from transport.errors import ErrorCode, PdorchError
 
 _PLAIN = (PluginSpec("role"), PluginSpec("health"))
-# LoRA: keep requests off nodes where their adapter cannot get a slot; among equals (the slo
-# handler's ties), prefer nodes holding it. Neither does anything for a request without an adapter.
-_ADAPTER_SLOTS = PluginSpec("adapter-slots")
-_ADAPTER_AFFINITY = PluginSpec("adapter-affinity")
 _PROMPT_ONLY = ReservationConfig(mode=ReservationMode.PROMPT)
 _ALWAYS = PluginSpec("always")
 # The baselines run the llm-d way: the decode profile's pick, then a decider.
@@ -31,8 +27,14 @@ _NEVER = PluginSpec("never")
 
 
 def _both(profile: ProfileConfig, decider: PluginSpec = _ALWAYS) -> PlacementConfig:
+    # As the peers do: a prefill node never decodes.
     return PlacementConfig(
-        handler=_PD, prefill=profile, decode=profile, decider=decider, reservation=_PROMPT_ONLY
+        handler=_PD,
+        prefill=profile,
+        decode=profile,
+        decider=decider,
+        reservation=_PROMPT_ONLY,
+        fallback_to_prefill_node=False,
     )
 
 
@@ -42,23 +44,11 @@ def pdorch(tpot_target_s: float = 0.0, kv_link_gbytes_per_s: float = 25.0) -> Pl
     from latency models learnt online; it queues what cannot meet its objectives yet and sheds what
     never will. The profiles only filter: roles, draining nodes, KV room for the reservation.
 
-    The arguments are accepted for symmetry with :func:`pdorch_pd` and ignored: the objectives come
+    It is the config's defaults, so the live scheduler runs what the simulator measures. The
+    arguments are accepted for symmetry with :func:`pdorch_pd` and ignored: the objectives come
     with each request and the handoff's cost is learnt.
     """
-    return PlacementConfig(
-        handler=PluginSpec("slo"),
-        decode=ProfileConfig(
-            filters=(
-                PluginSpec("role"),
-                PluginSpec("health", params={"require_kv_room": True}),
-                _ADAPTER_SLOTS,
-            ),
-            scorers=(_ADAPTER_AFFINITY,),
-        ),
-        prefill=ProfileConfig(filters=(*_PLAIN, _ADAPTER_SLOTS), scorers=(_ADAPTER_AFFINITY,)),
-        fallback_to_prefill_node=True,
-        reservation=ReservationConfig(mode=ReservationMode.PREDICTED, output_quantile=0.9),
-    )
+    return PlacementConfig()
 
 
 def pdorch_pd(tpot_target_s: float = 0.0, kv_link_gbytes_per_s: float = 25.0) -> PlacementConfig:
@@ -105,7 +95,6 @@ def pdorch_pd(tpot_target_s: float = 0.0, kv_link_gbytes_per_s: float = 25.0) ->
                 "kv_link_gbytes_per_s": kv_link_gbytes_per_s,
             },
         ),
-        fallback_to_prefill_node=True,
         reservation=ReservationConfig(mode=ReservationMode.PREDICTED, output_quantile=0.9),
     )
 

@@ -1,9 +1,10 @@
 """The live scheduler places with the placement framework: KV occupancy and the predicted output
-length change which decode node a request goes to.
+length change which decode node a request goes to; with the default policy a prefill node runs a
+whole request when no decode node has room for it.
 
 A real scheduler process; hand-driven workers report the loads we choose and show where the
 scheduler sends each decode job. Decode node "small" has 64 free blocks and is otherwise idle;
-"big" has 10000 blocks, a fifth of them used.
+"big" has 10000 blocks, a fifth of them used. The last test runs real agents.
 """
 
 from __future__ import annotations
@@ -25,9 +26,20 @@ from transport.messages import DecodeJob, Load, Role
 pytestmark = pytest.mark.e2e
 
 
+# The default's scorers only break ties between LoRA candidates; this one breaks them by occupancy.
+BY_OCCUPANCY = """
+placement:
+  decode:
+    filters: [{type: role}, {type: health, params: {require_kv_room: true}}]
+    scorers: [{type: kv-occupancy}]
+"""
+
+
 @pytest.fixture
 def scheduler_only(tmp_path) -> Iterator[LocalCluster]:
-    c = start_cluster(tmp_path, prefill=0, decode=0)
+    config = tmp_path / "scheduler.yaml"
+    config.write_text(BY_OCCUPANCY)
+    c = start_cluster(tmp_path, prefill=0, decode=0, scheduler_args=["--config", str(config)])
     yield c
     c.stop()
 
@@ -129,3 +141,35 @@ async def test_each_request_is_placed_once(round_robin_scheduler: LocalCluster) 
     finally:
         for w in workers:
             w.close()
+
+
+@pytest.fixture
+def full_decode_pool(tmp_path) -> Iterator[LocalCluster]:
+    """Real agents; the decode worker's KV cache holds 2 blocks of 16 tokens, less than any request
+    below needs."""
+    c = start_cluster(tmp_path, per_worker_args={"decode-0": ["--num-blocks", "2", "--block-size", "16"]})
+    yield c
+    c.stop()
+
+
+def _decoded(cluster: LocalCluster, worker_id: str) -> int:
+    return next(
+        w["load"]["decoded_tokens"] for w in cluster.cluster_state()["workers"] if w["worker_id"] == worker_id
+    )
+
+
+async def test_a_prefill_node_runs_the_whole_request_when_no_decode_node_has_room(
+    full_decode_pool: LocalCluster,
+) -> None:
+    """The default policy (the simulator's ``pdorch``) lends the prefill pool's decode capacity: the
+    request is served whole by the prefill worker instead of waiting for decode room that never comes."""
+    cluster = full_decode_pool
+    body = {"model": MODEL, "prompt": "a prompt of a few words " * 4, "max_tokens": 48, "temperature": 0}
+    url, timeout = cluster.url + "/v1/completions", aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as s, s.post(url, json=body) as r:
+        assert r.status == 200, await r.text()
+        out = await r.json()
+    assert out["usage"]["completion_tokens"] > 0
+    # Every token after the first is a decode step of the prefill worker's (as its report says).
+    await eventually(lambda: _decoded(cluster, "prefill-0") > 0, 10)
+    assert _decoded(cluster, "decode-0") == 0

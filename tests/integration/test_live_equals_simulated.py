@@ -19,6 +19,8 @@ import msgspec
 import pytest
 
 from scheduler.cluster import Cluster
+from scheduler.config import SchedulerConfig
+from scheduler.placement.config import PlacementConfig
 from scheduler.placement.framework import Placer
 from scheduler.placement.policies import is_colocated, policy
 from scheduler.placement.types import ClusterSnapshot, NodeView
@@ -79,6 +81,19 @@ class Recorder:
         return result
 
 
+def _live_default() -> PlacementConfig:
+    """The placement of a scheduler config that does not set one."""
+    return msgspec.convert({"security": {"insecure": True}}, SchedulerConfig).placement
+
+
+def test_the_live_default_is_the_policy_the_simulator_measures() -> None:
+    assert _live_default() == policy("pdorch")
+    # A config file that sets one field keeps the other defaults (a prefill node may still decode).
+    raw = {"security": {"insecure": True}, "placement": {"seed": 3}}
+    partial = msgspec.convert(raw, SchedulerConfig).placement
+    assert msgspec.structs.replace(partial, seed=0) == policy("pdorch")
+
+
 @pytest.mark.parametrize("name", ["pdorch", "pdorch-pd", "round-robin"])
 def test_the_live_scheduler_decides_as_the_simulator_did(name: str) -> None:
     config = policy(name, tpot_target_s=0.1, kv_link_gbytes_per_s=100.0)
@@ -95,7 +110,8 @@ def test_the_live_scheduler_decides_as_the_simulator_did(name: str) -> None:
     cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=10**6, on_lost=lambda *_: None)
     for node in sim.nodes:
         cluster.register(node.worker_id.encode(), node.hello, now=0.0)
-    placer = Placer(config)
+    # pdorch: the live scheduler's own default, which must be the policy the simulator measures.
+    placer = Placer(_live_default() if name == "pdorch" else config)
     live = Planner(
         cluster,
         cluster.ledger,

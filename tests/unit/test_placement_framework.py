@@ -216,7 +216,7 @@ def test_latency_is_recorded_per_plugin_with_the_injected_clock() -> None:
     def fake_clock() -> float:
         return float(next(ticks))
 
-    placer = Placer(PlacementConfig(handler=PluginSpec("pd")), clock=fake_clock)
+    placer = Placer(policy("pdorch-pd"), clock=fake_clock)
     for _ in range(3):
         placer.place(cluster(), request())
     stats = placer.latency()
