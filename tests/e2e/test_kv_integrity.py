@@ -4,7 +4,9 @@ A byte-level TCP proxy sits between the prefill worker and the decode worker's K
 decode worker advertises the proxy's address). It flips bytes or cuts connections in the KV
 stream; the client must get an error, not tokens decoded from damaged KV. On an encrypted KV
 plane CURVE authenticates every message, so a changed byte breaks the connection before any
-checksum sees it; with ``kv_payload: plaintext`` the chunk checksums catch it.
+checksum sees it; with ``kv_payload: plaintext`` the chunk checksums catch it. With the default
+placement the scheduler then runs the request whole on the prefill worker, and the client gets the
+tokens of undamaged KV.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 
 from pdorch.launcher import LocalCluster, free_port
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import MODEL, complete
+from tests.e2e.helpers import MODEL, complete, metric
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -28,11 +30,21 @@ def kv_payload() -> str:
 
 
 @pytest.fixture
-def proxied_cluster(tmp_path, monkeypatch, kv_payload: str) -> Iterator[tuple[LocalCluster, int, int]]:
+def prefill_nodes_decode() -> bool:
+    """The default placement: a prefill node may run a request whole (where a failed one recovers)."""
+    return True
+
+
+@pytest.fixture
+def proxied_cluster(
+    tmp_path, monkeypatch, kv_payload: str, prefill_nodes_decode: bool
+) -> Iterator[tuple[LocalCluster, int, int]]:
     kv_port, proxy_port = free_port(), free_port()
     # A cut connection loses the transfer's first message; the scheduler's handoff deadline
     # (counted from prefill's answer) is what notices. Keep it short for the test.
     monkeypatch.setenv("PDORCH_KV_HANDOFF_TIMEOUT_S", "3")
+    config = tmp_path / "scheduler.yaml"
+    config.write_text("placement: {fallback_to_prefill_node: false}\n")
     cluster = start_cluster(
         tmp_path,
         kv_mode="p2p",
@@ -44,7 +56,7 @@ def proxied_cluster(tmp_path, monkeypatch, kv_payload: str) -> Iterator[tuple[Lo
                 f"tcp://127.0.0.1:{proxy_port}",
             ]
         },
-        scheduler_args=[],
+        scheduler_args=[] if prefill_nodes_decode else ["--config", str(config)],
         kv_payload=kv_payload,
         # The proxy damages the TCP stream: keep the KV on it although both workers share this host.
         worker_args=["--kv-same-host", "off"],
@@ -69,6 +81,7 @@ async def _attempt(url: str, prompt: list[int]) -> tuple[int, dict]:
             return r.status, await r.json()
 
 
+@pytest.mark.parametrize("prefill_nodes_decode", [False])  # no other node: the client sees the error
 @pytest.mark.parametrize(
     "mode, kv_payload, codes",
     [
@@ -94,3 +107,19 @@ async def test_damaged_kv_is_detected(proxied_cluster, proxy: TcpProxy, mode: st
     assert status == 200 and again["choices"][0]["token_ids"] == good["choices"][0]["token_ids"]
     async with aiohttp.ClientSession() as s:
         assert (await complete(s, cluster.url, prompt="fine", max_tokens=3))["choices"][0]["token_ids"]
+
+
+@pytest.mark.parametrize("kv_payload", ["plaintext"])
+async def test_damaged_kv_is_recomputed_on_the_prefill_worker(proxied_cluster, proxy: TcpProxy) -> None:
+    cluster, _, _ = proxied_cluster
+    prompt = [(i * 3) % 256 for i in range(400)]
+    status, good = await _attempt(cluster.url, prompt)
+    assert status == 200, good
+    proxy.mode = "corrupt"
+    status, body = await _attempt(cluster.url, prompt)
+    assert proxy.damaged >= 1
+    async with aiohttp.ClientSession() as s:
+        assert await metric(s, cluster.url, "pdorch_kv_handoffs_total", outcome="kv_corrupt") >= 1
+        assert await metric(s, cluster.url, "pdorch_migrations_total", cause="error") >= 1
+    assert status == 200, body
+    assert body["choices"][0]["token_ids"] == good["choices"][0]["token_ids"]
