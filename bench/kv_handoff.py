@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="rounds per size; the best run is reported")
     parser.add_argument("--chunk-mb", type=int, default=1, help="KV chunk size (and raw pyzmq frame size)")
     parser.add_argument("--window-mb", type=int, default=32, help="receiver credit window per transfer")
-    parser.add_argument("--ring-slots", type=int, default=4, help="slots of a same-host ring")
+    parser.add_argument("--ring-slots", type=int, default=4, help="slots of a same-host ring (at least 3)")
     parser.add_argument("--ring-slot-mb", type=int, default=4, help="size of a same-host ring's slot")
     args = parser.parse_args(argv)
 

@@ -338,3 +338,49 @@ async def test_a_ring_lent_again_before_its_sender_saw_the_ack_is_still_used(
         assert receiver.stats.same_host == 120
     finally:
         await tx.close()
+
+
+class _HeldSmallSink(ArraySink):
+    """A short prompt's cache: 32 layers of 16 rows (64 KiB a layer); holds its first write."""
+
+    def __init__(self) -> None:
+        super().__init__(32, 16, ROW_SHAPE, "float16")
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
+        self.entered.set()
+        self.release.wait(WAIT_S)
+        super().write(layer, row_offset, rows)
+
+
+async def test_small_chunks_are_packed_into_the_ring(receiver: KvReceiver, ctx: zmq.asyncio.Context) -> None:
+    """A short prompt's layers are small chunks: each takes its own bytes of the ring, not a whole
+    slot, so the sender writes all 32 while the receiver has not emptied the first (one per slot,
+    it would stop at the ring's 4 slots and wait a round trip for credit every few chunks)."""
+    layers = make_layers(32, 16, ROW_SHAPE, "float16", seed=11)
+    held = _HeldSmallSink()
+    tx = KvSender(ctx, security=INSECURE, same_host=SameHostMode.ON)
+    try:
+        receiving = asyncio.create_task(receiver.receive(p2p("small"), held, deadline_s=WAIT_S))
+        stream = await tx.open(
+            KvRoute(KvMode.P2P, receiver.endpoint, "small"),
+            num_layers=32,
+            rows_per_layer=16,
+            row_shape=ROW_SHAPE,
+            dtype="float16",
+            deadline_s=WAIT_S,
+        )
+        for layer in range(32):
+            await stream.send_layer(layer, layers[layer])
+        # No credit came back: the receiver holds (or has yet to reach) its first write.
+        assert await asyncio.to_thread(held.entered.wait, WAIT_S)
+        assert stream.used_ring and stream.bytes_sent == layers.nbytes
+        assert stream.peak_in_flight == layers.nbytes  # charged its bytes, nothing more
+        held.release.set()
+        await stream.finish({})
+        await receiving
+        assert np.array_equal(held.layers, layers)
+    finally:
+        held.release.set()
+        await tx.close()

@@ -38,7 +38,7 @@ from transport.kv.messages import (
     KvShmChunk,
     nack_error,
 )
-from transport.kv.same_host.ring import Ring
+from transport.kv.same_host.ring import Ring, place
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class InTransfer:
         self._window = ReceiveWindow(max(window_bytes, 2 * self.row_bytes) if ring is None else ring.size)
         self.ring = ring
         self.ring_used = False
+        self._ring_cursor = 0  # where the sender put the next chunk (ring.place, run on both sides)
         self._next_seq = 0
         self._layer_rows = [0] * begin.num_layers
         self.accepted_at: float | None = None
@@ -167,21 +168,23 @@ class InTransfer:
             self._finish(nack_error(msg))
 
     def _on_shm_chunk(self, msg: KvShmChunk) -> None:
-        """A chunk the sender wrote into the ring: checked exactly as a sent one, and charged a
-        whole slot of credit, so the sender never writes a slot that was not emptied yet."""
+        """A chunk the sender wrote into the ring: checked exactly as a sent one, and charged the
+        credit of its place, so the sender never writes a place that was not emptied yet."""
         ring = self.ring
         if ring is None:
             self.fail(ErrorCode.KV_CORRUPT, "a shared-memory chunk, but no ring was offered")
             return
-        if not 0 < msg.rows * self.row_bytes <= ring.slot_bytes:
+        nbytes = msg.rows * self.row_bytes
+        if not 0 < nbytes <= ring.slot_bytes:
             self.fail(ErrorCode.KV_CORRUPT, f"shared chunk {msg.seq} of {msg.rows} rows does not fit a slot")
             return
         if not self.ring_used:  # the sender has mapped it: nobody else may open it from now on
             ring.seal()
             self.ring_used = True
-        rows = ring.rows(msg.seq, msg.rows, self._dtype, self._row_shape, self.row_bytes)
+        offset, charge, self._ring_cursor = place(self._ring_cursor, nbytes, ring.size)
+        rows = ring.rows(offset, msg.rows, self._dtype, self._row_shape, self.row_bytes)
         chunk = KvChunk(self.transfer_id, msg.seq, msg.layer, msg.row_offset, msg.checksums, rows)
-        self._on_chunk(chunk, charge=ring.slot_bytes)
+        self._on_chunk(chunk, charge=charge)
 
     def _on_chunk(self, chunk: KvChunk, charge: int = 0) -> None:
         """``charge``: the credit the chunk takes (default: its bytes)."""

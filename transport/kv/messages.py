@@ -6,9 +6,9 @@ storing it). The order of messages and the failure rules are in ``transport/PROT
 
 The row payload of a :class:`KvChunk` is a numpy array; the codec carries it as a zero-copy aux
 frame. Structs are ``array_like``, ``omit_defaults`` and ``gc=False`` like the control plane's.
-Fields are only ever appended with defaults; anything an old peer cannot decode bumps
-:data:`KV_PROTOCOL_VERSION`, which travels in the first message of every transfer (``KvBegin``,
-``KvFetch``).
+Fields are only ever appended with defaults; anything an old peer cannot decode, or would read
+differently, bumps :data:`KV_PROTOCOL_VERSION`, which travels in the first message of every
+transfer (``KvBegin``, ``KvFetch``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
 
-KV_PROTOCOL_VERSION = 3
-# The checksum of protocol versions 2 and 3 (see checksum.py): one per span of a chunk's rows.
+KV_PROTOCOL_VERSION = 4
+# The checksum of protocol versions 2 to 4 (see checksum.py): one per span of a chunk's rows.
 CHECKSUM_ALGORITHM = "xxh3_64"
 
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "tag_field": "t"}
@@ -55,7 +55,7 @@ class KvShmRing(msgspec.Struct, array_like=True, frozen=True, gc=False):
 class KvAccept(msgspec.Struct, tag="accept", **_STRUCT):
     """Receiver -> sender: go ahead; the first grant of credit, in bytes of row payload. ``ring``:
     the sender may write its chunks into this shared ring (:class:`KvShmChunk`) instead of sending
-    them; credit then counts one whole slot per chunk, and the window is the ring."""
+    them; the window is then the ring, and a chunk takes the credit of its place in it."""
 
     transfer_id: str
     credit_bytes: int
@@ -85,8 +85,9 @@ class KvChunk(msgspec.Struct, tag="chunk", **_STRUCT):
 
 
 class KvShmChunk(msgspec.Struct, tag="shm_chunk", **_STRUCT):
-    """Sender -> receiver: a :class:`KvChunk` whose ``rows`` rows were written into slot
-    ``seq % slots`` of the ring the receiver offered, rather than sent."""
+    """Sender -> receiver: a :class:`KvChunk` whose ``rows`` rows were written into the ring the
+    receiver offered, rather than sent: right after the transfer's previous chunk, or at the
+    start of the ring if they would run past its end (``same_host/ring.py``, ``place``)."""
 
     transfer_id: str
     seq: int

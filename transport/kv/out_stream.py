@@ -37,7 +37,7 @@ from transport.kv.messages import (
 )
 from transport.kv.same_host import SameHostMode, host_identity
 from transport.kv.same_host.attached import AttachedRings
-from transport.kv.same_host.ring import Ring
+from transport.kv.same_host.ring import Ring, place
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class KvOutStream:
         self._ring_offer: KvShmRing | None = None
         self._ring: Ring | None = None
         self._ring_decided = False
+        self._ring_cursor = 0  # where the next chunk goes in the ring (ring.place)
+        self._ring_lock = asyncio.Lock()  # a chunk's place and its sequence number are taken together
         self.used_ring = False  # chunks went through the receiver's shared ring
 
     @property
@@ -219,16 +221,20 @@ class KvOutStream:
         return self._ring
 
     async def _write_rows(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
-        """The same-host path of :meth:`send_rows`: each chunk (a slot's worth of rows) is written
-        into its slot, then announced; a slot is written only under credit, i.e. once emptied."""
+        """The same-host path of :meth:`send_rows`: each chunk (at most a slot's worth of rows) is
+        written at its place in the ring, then announced; a place is written only under credit,
+        i.e. once emptied."""
         ring = self._ring
         assert ring is not None
         for start, count in chunk_spans(rows.shape[0], max(1, ring.slot_bytes // self.row_bytes)):
             part = rows[start : start + count]
-            await self._credit.take(ring.slot_bytes, self._deadline)
-            seq = self._seq
-            digests = ring.write(seq, part, self.checksum_rows)
-            self._seq += 1
+            async with self._ring_lock:
+                offset, charge, cursor = place(self._ring_cursor, part.nbytes, ring.size)
+                await self._credit.take(charge, self._deadline)
+                self._ring_cursor = cursor
+                seq = self._seq
+                digests = ring.write(offset, part, self.checksum_rows)
+                self._seq += 1
             self._layer_rows[layer] += count
             self.bytes_sent += part.nbytes
             await self._send(

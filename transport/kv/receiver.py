@@ -22,6 +22,7 @@ from transport.kv.messages import KV_PROTOCOL_VERSION, KvFetch
 from transport.kv.p2p_endpoint import Expected, Outcome, P2pEndpoint
 from transport.kv.receive_buffers import keep_receive_buffers
 from transport.kv.same_host import SameHostMode
+from transport.kv.same_host.ring import MIN_SLOTS
 from transport.kv.same_host.ring_pool import RingPool
 from transport.messages import KvMode, KvRoute
 from transport.security import Plane, Security
@@ -95,7 +96,9 @@ class KvReceiver:
         """``bind=None``: no p2p endpoint (fetch only). ``window_bytes``: credit per transfer;
         ``max_parked*``: begins nobody expects yet, in all, per connection, per authenticated name
         (same-host begins included). ``same_host``: when p2p senders on this host get a shared ring
-        (``same_host/``) of ``ring_slots`` slots of ``ring_slot_bytes``."""
+        (``same_host/``) of ``ring_slots`` slots (at least ``MIN_SLOTS``) of ``ring_slot_bytes``."""
+        if ring_slots < MIN_SLOTS:
+            raise PdorchError(ErrorCode.CONFIG, f"a shared KV ring needs at least {MIN_SLOTS} slots")
         self._ctx = ctx
         self._bind = bind
         self._security = security

@@ -2,12 +2,13 @@
 through shared memory instead of the socket.
 
 The decode side (the p2p endpoint) lends each same-host transfer a *ring*: a memfd of a few
-fixed-size slots, created by the receiver, mode 0600, with no name in any file system. Its
+slots' worth of bytes, created by the receiver, mode 0600, with no name in any file system. Its
 ``KvAccept`` names the ring (pid, fd, inode, slots); the sender maps it through
 ``/proc/<pid>/fd/<fd>`` (which the kernel opens only for the receiver's own user, or root), writes
-each chunk into slot ``seq % slots`` while hashing it, and sends a ``KvShmChunk`` (which rows, the
-checksums) on the ordinary KV connection. The receiver verifies the slot span by span and copies
-it into its sink, then returns credit, which frees the slot: the credit window is the ring. Begin,
+each chunk (at most a slot) right after the previous one while hashing it, and sends a
+``KvShmChunk`` (which rows, the checksums) on the ordinary KV connection. The receiver finds the
+chunk where the sender put it (both run ``ring.place``), verifies it span by span and copies it
+into its sink, then returns credit, which frees its place: the credit window is the ring. Begin,
 accept, credit, end, ack/nack, abort, deadlines and the transfer ids are those of the TCP path;
 only the bytes move differently. See ``transport/PROTOCOL.md``.
 

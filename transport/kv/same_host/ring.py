@@ -1,11 +1,17 @@
-"""A ring of fixed-size slots in a memfd, shared by the receiver that created it and one sender.
+"""A ring buffer in a memfd, shared by the receiver that created it and one sender.
 
 The receiver creates it (:meth:`Ring.create`) and offers it in its ``KvAccept``; the sender maps
 the same pages (:meth:`Ring.attach`) and keeps no fd of it. Once the sender's first chunk shows it
 mapped the ring, the receiver drops its fds too (:meth:`Ring.seal`): from then on no process can
-open the ring, only the two mappings reach it. Chunk ``seq`` of a transfer lives in slot
-``seq % slots``: credit (one slot per chunk) keeps the sender from writing a slot the receiver
-has not emptied.
+open the ring, only the two mappings reach it.
+
+A transfer's chunks are packed one after another from the start of the ring (:func:`place`, which
+both sides run on the same chunk sizes, so the chunk messages need no offset): a chunk that would
+run past the end starts over at 0, and the tail it skips is charged to it. Each chunk is charged
+its aligned size (plus any skipped tail) in credit, the window is the ring, and chunks arrive in
+order, so the bytes the sender may have written and the receiver not yet emptied never exceed the
+ring: a place is written only once emptied. At most one slot (``slot_bytes``) per chunk, so many
+small chunks (a short prompt's layers) are in flight at once instead of one per slot.
 """
 
 from __future__ import annotations
@@ -24,6 +30,22 @@ from transport.kv.messages import KvShmRing
 
 PAGE_BYTES = 4096
 MEMFD_NAME = "pdorch-kv"
+# Each chunk starts on a cache line.
+ALIGN = 64
+# With a chunk at most one slot, a chunk's charge (its skipped tail + itself) stays under two
+# slots; from three slots on, that is under the three quarters of the window a receiver always
+# gives back once it has emptied everything (it re-grants by quarters), so a sender never waits
+# for credit that cannot come.
+MIN_SLOTS = 3
+
+
+def place(cursor: int, nbytes: int, size: int) -> tuple[int, int, int]:
+    """Where a chunk of ``nbytes`` goes in a ring of ``size`` bytes whose next free place is
+    ``cursor``: (its offset, the credit it takes, the next cursor)."""
+    aligned = -(-nbytes // ALIGN) * ALIGN
+    if cursor + aligned <= size:
+        return cursor, aligned, (cursor + aligned) % size
+    return 0, size - cursor + aligned, aligned % size
 
 
 def _fds_of(target: os.stat_result) -> set[int]:
@@ -82,6 +104,8 @@ class Ring:
     def create(cls, slots: int, slot_bytes: int) -> Ring:
         """A new ring, its pages allocated now (not on the first chunk's critical path). Raises
         OSError where memfds are not available or memory is short."""
+        if slots < MIN_SLOTS:
+            raise ValueError(f"a shared KV ring needs at least {MIN_SLOTS} slots, not {slots}")
         size = slots * slot_bytes
         fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
         try:
@@ -100,7 +124,7 @@ class Ring:
         """Map the ring a receiver offered; ``CONFIG`` if it cannot be reached or is not what the
         offer says (another host, another user, a recycled fd number, a sealed ring)."""
         size = offer.slots * offer.slot_bytes
-        if offer.slots <= 0 or offer.slot_bytes <= 0 or offer.slot_bytes % PAGE_BYTES:
+        if offer.slots < MIN_SLOTS or offer.slot_bytes <= 0 or offer.slot_bytes % PAGE_BYTES:
             raise PdorchError(ErrorCode.BAD_MESSAGE, f"implausible shared KV ring {offer}")
         if offer.fd < 0:
             raise PdorchError(ErrorCode.CONFIG, "the shared KV ring is sealed and not mapped here any more")
@@ -139,15 +163,17 @@ class Ring:
         self._fd = None
         self.offer = msgspec.structs.replace(self.offer, fd=-1)
 
-    def _slot(self, seq: int, nbytes: int) -> np.ndarray:
-        start = (seq % self.slots) * self.slot_bytes
-        return self._bytes[start : start + nbytes]
+    def _at(self, offset: int, nbytes: int) -> np.ndarray:
+        if offset < 0 or offset + nbytes > self.size or offset % ALIGN:
+            raise PdorchError(ErrorCode.INTERNAL, f"{nbytes} bytes at {offset} do not fit the shared ring")
+        return self._bytes[offset : offset + nbytes]
 
-    def write(self, seq: int, rows: np.ndarray, checksum_rows: int) -> list[int]:
-        """Sender: copy the C-contiguous ``rows`` into the slot of chunk ``seq``; return the checksum
-        of each span of ``checksum_rows`` rows, each hashed from ``rows`` right before its copy (so
-        the copy reads it from cache, and a slot corrupted later fails the receiver's check)."""
-        dst = self._slot(seq, rows.nbytes).view(rows.dtype).reshape(rows.shape)
+    def write(self, offset: int, rows: np.ndarray, checksum_rows: int) -> list[int]:
+        """Sender: copy the C-contiguous ``rows`` to ``offset`` (from :func:`place`); return the
+        checksum of each span of ``checksum_rows`` rows, each hashed from ``rows`` right before its
+        copy (so the copy reads it from cache, and a place corrupted later fails the receiver's
+        check)."""
+        dst = self._at(offset, rows.nbytes).view(rows.dtype).reshape(rows.shape)
         digests = []
         for start in range(0, rows.shape[0], checksum_rows):
             span = rows[start : start + checksum_rows]
@@ -156,11 +182,11 @@ class Ring:
         return digests
 
     def rows(
-        self, seq: int, count: int, dtype: np.dtype, row_shape: tuple[int, ...], row_bytes: int
+        self, offset: int, count: int, dtype: np.dtype, row_shape: tuple[int, ...], row_bytes: int
     ) -> np.ndarray:
-        """Receiver: a read-only view of ``count`` rows in the slot of chunk ``seq``. The slot is
-        reused once its credit is returned: whoever keeps the rows must copy them."""
-        view = self._slot(seq, count * row_bytes).view(dtype).reshape(count, *row_shape)
+        """Receiver: a read-only view of ``count`` rows at ``offset``. The place is reused once its
+        credit is returned: whoever keeps the rows must copy them."""
+        view = self._at(offset, count * row_bytes).view(dtype).reshape(count, *row_shape)
         view.flags.writeable = False
         return view
 
