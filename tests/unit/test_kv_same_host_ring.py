@@ -73,26 +73,31 @@ def test_nothing_is_written_or_read_outside_the_ring() -> None:
         assert ring.close()
 
 
-def test_chunks_are_packed_and_wrap_whole() -> None:
-    size = 3 * PAGE_BYTES
-    assert place(0, 100, size) == (0, 128, 128)  # aligned up to a cache line
-    assert place(128, 1000, size) == (128, 1024, 1152)
-    assert place(size - 64, 64, size) == (size - 64, 64, 0)  # ends exactly at the end
+def test_small_chunks_are_packed_large_ones_take_a_slot_and_none_is_split() -> None:
+    slot, size = PAGE_BYTES, 3 * PAGE_BYTES
+    assert place(0, 100, size, slot) == (0, 128, 128)  # aligned up to a cache line
+    assert place(128, 1000, size, slot) == (128, 1024, 1152)
+    assert place(size - 64, 64, size, slot) == (size - 64, 64, 0)  # ends exactly at the end
     # Does not fit before the end: starts over at 0, and the skipped tail is charged to it.
-    assert place(size - 64, 1024, size) == (0, 64 + 1024, 1024)
+    assert place(size - 64, 1024, size, slot) == (0, 64 + 1024, 1024)
+    # Half a slot or more: the next slot boundary, the whole slot, and the gap before it charged.
+    assert place(128, slot // 2, size, slot) == (slot, slot - 128 + slot, 2 * slot)
+    assert place(2 * slot + 64, slot, size, slot) == (0, slot - 64 + slot, slot)
+    assert place(slot, slot, size, slot) == (slot, slot, 2 * slot)
 
 
 def test_what_is_in_flight_never_overlaps_and_a_sender_never_starves() -> None:
-    """Random chunk sizes up to a slot, credit as a receiver gives it (the ring at first, then back
-    a quarter at a time as it empties chunks in order): the places of the chunks the receiver has
-    not emptied never overlap, and a chunk's charge always fits the credit of an emptied ring."""
+    """Random chunk sizes up to a slot, small and large, credit as a receiver gives it (the ring at
+    first, then back a quarter at a time as it empties chunks in order): the places of the chunks
+    the receiver has not emptied never overlap, and a chunk's charge always fits the credit of an
+    emptied ring."""
     rng = np.random.default_rng(5)
     for slots in (MIN_SLOTS, 4, 7):
-        slot, size = 4 * ALIGN, slots * 4 * ALIGN
+        slot, size = 16 * ALIGN, slots * 16 * ALIGN
         cursor, available, returned, queue = 0, size, 0, []
         for _ in range(5_000):
-            nbytes = int(rng.integers(1, slot + 1))
-            offset, charge, cursor = place(cursor, nbytes, size)
+            nbytes = int(rng.integers(1, slot + 1 if rng.random() < 0.3 else slot // 2))
+            offset, charge, cursor = place(cursor, nbytes, size, slot)
             # Empty the oldest chunks until this one's charge is available, as a receiver would.
             while available < charge:
                 assert queue, f"starved: {charge} needed, {available} available with nothing in flight"

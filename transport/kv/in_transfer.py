@@ -181,7 +181,7 @@ class InTransfer:
         if not self.ring_used:  # the sender has mapped it: nobody else may open it from now on
             ring.seal()
             self.ring_used = True
-        offset, charge, self._ring_cursor = place(self._ring_cursor, nbytes, ring.size)
+        offset, charge, self._ring_cursor = place(self._ring_cursor, nbytes, ring.size, ring.slot_bytes)
         rows = ring.rows(offset, msg.rows, self._dtype, self._row_shape, self.row_bytes)
         chunk = KvChunk(self.transfer_id, msg.seq, msg.layer, msg.row_offset, msg.checksums, rows)
         self._on_chunk(chunk, charge=charge)

@@ -229,7 +229,7 @@ class KvOutStream:
         for start, count in chunk_spans(rows.shape[0], max(1, ring.slot_bytes // self.row_bytes)):
             part = rows[start : start + count]
             async with self._ring_lock:
-                offset, charge, cursor = place(self._ring_cursor, part.nbytes, ring.size)
+                offset, charge, cursor = place(self._ring_cursor, part.nbytes, ring.size, ring.slot_bytes)
                 await self._credit.take(charge, self._deadline)
                 self._ring_cursor = cursor
                 seq = self._seq
