@@ -77,8 +77,8 @@ async def test_same_host_and_tcp_hand_over_identical_caches(receiver: KvReceiver
 class _HeldSink(ArraySink):
     """Holds its first write until released, so the test can act while chunks sit in the ring."""
 
-    def __init__(self) -> None:
-        super().__init__(NUM_LAYERS, ROWS, ROW_SHAPE, "float16")
+    def __init__(self, num_layers: int = NUM_LAYERS, rows: int = ROWS) -> None:
+        super().__init__(num_layers, rows, ROW_SHAPE, "float16")
         self.entered = threading.Event()
         self.release = threading.Event()
 
@@ -340,26 +340,12 @@ async def test_a_ring_lent_again_before_its_sender_saw_the_ack_is_still_used(
         await tx.close()
 
 
-class _HeldSmallSink(ArraySink):
-    """A short prompt's cache: 32 layers of 16 rows (64 KiB a layer); holds its first write."""
-
-    def __init__(self) -> None:
-        super().__init__(32, 16, ROW_SHAPE, "float16")
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
-        self.entered.set()
-        self.release.wait(WAIT_S)
-        super().write(layer, row_offset, rows)
-
-
 async def test_small_chunks_are_packed_into_the_ring(receiver: KvReceiver, ctx: zmq.asyncio.Context) -> None:
     """A short prompt's layers are small chunks: each takes its own bytes of the ring, not a whole
     slot, so the sender writes all 32 while the receiver has not emptied the first (one per slot,
     it would stop at the ring's 4 slots and wait a round trip for credit every few chunks)."""
-    layers = make_layers(32, 16, ROW_SHAPE, "float16", seed=11)
-    held = _HeldSmallSink()
+    layers = make_layers(32, 16, ROW_SHAPE, "float16", seed=11)  # a short prompt: 64 KiB a layer
+    held = _HeldSink(32, 16)
     tx = KvSender(ctx, security=INSECURE, same_host=SameHostMode.ON)
     try:
         receiving = asyncio.create_task(receiver.receive(p2p("small"), held, deadline_s=WAIT_S))
