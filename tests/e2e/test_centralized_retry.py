@@ -24,9 +24,20 @@ from transport.messages import DecodeJob
 pytestmark = pytest.mark.e2e
 
 
+# Among decode nodes predicted alike, the one with fewer requests (the default draws at random).
+LEAST_BUSY = """
+placement:
+  decode:
+    filters: [{type: role}, {type: health, params: {require_kv_room: true}}]
+    scorers: [{type: active-requests}]
+"""
+
+
 @pytest.fixture
 def cluster(tmp_path) -> Iterator[LocalCluster]:
-    c = start_cluster(tmp_path, kv_mode="centralized")
+    config = tmp_path / "scheduler.yaml"
+    config.write_text(LEAST_BUSY)
+    c = start_cluster(tmp_path, kv_mode="centralized", scheduler_args=["--config", str(config)])
     yield c
     c.stop()
 
@@ -36,7 +47,7 @@ async def test_decode_retried_when_decode_worker_dies_before_fetching(cluster: L
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
         want = await complete(s, cluster.url, **body)
         # Keep the real decode worker busy, so placement prefers the idle, roomy newcomer (on an
-        # exact tie the picker would choose at random).
+        # exact tie of the predictions, by the scorer configured above).
         busy = {"prompt": "keep decode-0 busy", "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
         hold = asyncio.create_task(stream_tokens(s, cluster.url, **busy))
         await eventually(lambda: _inflight(cluster, "decode-0") >= 1, 20)

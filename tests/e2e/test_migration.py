@@ -59,9 +59,16 @@ def cluster(
     }
     logs = tmp_path_factory.mktemp("migration")
     # Late binding keeps prompts in the admission queue rather than in the prefill workers' queues;
-    # these tests need work queued on a worker when they kill it, so it is off here.
+    # these tests need work queued on a worker when they kill it, so it is off here. Among decode
+    # nodes predicted alike, the one with fewer requests (the default draws at random).
     config = logs / "scheduler.yaml"
-    config.write_text("placement: {handler: {type: slo, params: {max_prefill_wait_s: 0}}}\n")
+    config.write_text(
+        "placement:\n"
+        "  handler: {type: slo, params: {max_prefill_wait_s: 0}}\n"
+        "  decode:\n"
+        "    filters: [{type: role}, {type: health, params: {require_kv_room: true}}]\n"
+        "    scorers: [{type: active-requests}]\n"
+    )
     c = start_cluster(
         logs,
         prefill=2,
@@ -228,7 +235,7 @@ async def test_a_worker_that_takes_jobs_but_makes_no_progress_is_left(
     body = {"prompt": "stuck somewhere", "max_tokens": 12, "temperature": 0.0}
     want = await _run(colocated.url, [body])
     # Both real decode workers busy with a long stream each, before the stuck one joins: then the
-    # idle, roomy stuck one is the decode node placement prefers (on a tie it would pick at random).
+    # idle, roomy stuck one is the decode node placement prefers (on a tie, by the scorer set above).
     busy = {"prompt": "keep them busy", "max_tokens": 1500, "ignore_eos": True, "stream": True}
     holding = asyncio.create_task(_run(healed.url, [busy, busy]))
     # Its KV endpoint takes connections and never completes a handshake: the prefill side's
