@@ -55,6 +55,7 @@ class KvBrokerMonitor:
         self.reachable = False
         self.instance = ""
         self.losses = 0
+        self._last_pong = 0.0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="kv-broker-monitor")
@@ -66,27 +67,33 @@ class KvBrokerMonitor:
     async def _run(self) -> None:
         sock = LoopSocket(sockets.dealer(sockets.plain_context(self._ctx), self._endpoint, auth=self._auth))
         nonce = 0
-        last_pong = self._clock()
+        self._last_pong = self._clock()
         try:
             while True:
                 nonce += 1
                 # A full queue while the broker is away: the silence speaks for itself.
                 with contextlib.suppress(zmq.ZMQError):
                     sock.send_now(self._enc.encode(KvPing(KV_PROTOCOL_VERSION, nonce)))
-                next_ping = self._clock() + self._interval_s
-                while (left := next_ping - self._clock()) > 0:
-                    try:
-                        frames = await asyncio.wait_for(sock.recv_multipart(), left)
-                    except TimeoutError:
-                        break
-                    pong = self._pong(frames)
-                    if pong is not None:
-                        last_pong = self._clock()
-                        self._answered(pong)
-                if self.reachable and self._clock() - last_pong > self._interval_s * self._liveness:
+                await self._listen(sock, self._clock() + self._interval_s)
+                if self.reachable and self._clock() - self._last_pong > self._interval_s * self._liveness:
                     self._lost(f"silent for {self._interval_s * self._liveness:g}s")
         finally:
             sock.close()
+
+    async def _listen(self, sock: LoopSocket, until: float) -> None:
+        """Take the broker's answers until ``until`` (on the monitor's clock)."""
+        while (left := until - self._clock()) > 0:
+            try:
+                # Not wait_for: on Python 3.11 it returns a message that arrives as the task is
+                # cancelled and drops the cancellation, and close() would then wait forever.
+                async with asyncio.timeout(left):
+                    frames = await sock.recv_multipart()
+            except TimeoutError:
+                return
+            pong = self._pong(frames)
+            if pong is not None:
+                self._last_pong = self._clock()
+                self._answered(pong)
 
     def _pong(self, frames: list[zmq.Frame]) -> KvPong | None:
         try:

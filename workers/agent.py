@@ -270,7 +270,9 @@ class Agent:
         deadline = time.monotonic() + self._cfg.hello_timeout_s
         while (left := deadline - time.monotonic()) > 0:
             try:
-                frames = await asyncio.wait_for(sock.recv_multipart(), left)
+                # Not wait_for: on Python 3.11 it drops a cancellation that comes with a message.
+                async with asyncio.timeout(left):
+                    frames = await sock.recv_multipart()
             except TimeoutError:
                 break
             msg = self._decode(frames)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import zmq
 import zmq.asyncio
 
 from scheduler.kv_broker_monitor import KvBrokerMonitor
 from tests.support.kv import wait_until
 from tests.support.security import INSECURE
+from transport.codec import Encoder
 from transport.kv.broker import KvBroker
+from transport.kv.messages import KvPong
 from transport.security import NO_CLIENT_AUTH
 
 INTERVAL_S = 0.05
@@ -75,3 +78,28 @@ async def test_a_restart_between_two_pings_is_noticed(ctx: zmq.asyncio.Context) 
             await second.close()
     finally:
         await monitor.close()
+
+
+class _Answers:
+    """A socket whose first receive waits for ``first``; later ones never end."""
+
+    def __init__(self, first: asyncio.Future[list[bytes]]) -> None:
+        self._pending = [first]
+
+    async def recv_multipart(self) -> list[bytes]:
+        return await (self._pending.pop() if self._pending else asyncio.get_running_loop().create_future())
+
+
+async def test_closing_as_an_answer_arrives_still_stops_the_monitor(ctx: zmq.asyncio.Context) -> None:
+    """close() cancels the monitor; an answer landing in the same turn of the event loop must not
+    swallow that cancellation (asyncio.wait_for does, on Python 3.11), or close() never returns."""
+    monitor = KvBrokerMonitor(
+        ctx, "tcp://127.0.0.1:9", auth=NO_CLIENT_AUTH, interval_s=60, liveness=4, on_lost=lambda _: None
+    )
+    first: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+    listening = asyncio.create_task(monitor._listen(_Answers(first), monitor._clock() + 60))  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # waiting for the first answer
+    first.set_result(Encoder().encode(KvPong(nonce=1, instance="b")))
+    listening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(listening, 5)
