@@ -11,6 +11,17 @@ import aiohttp
 MODEL = "pdorch-reference"
 
 
+def decode_tie_break(scorer: str) -> str:
+    """The ``decode:`` section of a scheduler config's ``placement:``: the usual filters, and
+    ``scorer`` to break ties between decode nodes predicted alike (the default draws at random;
+    the reference engine's tiny models decode as fast at any batch, so a busy and an idle node tie)."""
+    return (
+        "  decode:\n"
+        "    filters: [{type: role}, {type: health, params: {require_kv_room: true}}]\n"
+        f"    scorers: [{{type: {scorer}}}]\n"
+    )
+
+
 async def complete(session: aiohttp.ClientSession, url: str, **body: Any) -> dict[str, Any]:
     body.setdefault("model", MODEL)
     body.setdefault("return_token_ids", True)

@@ -17,20 +17,15 @@ import pytest
 
 from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import complete, eventually, stream_tokens
+from tests.e2e.helpers import complete, decode_tie_break, eventually, stream_tokens
 from tests.support.fake_worker import FakeWorker
 from transport.messages import DecodeJob
 
 pytestmark = pytest.mark.e2e
 
 
-# Among decode nodes predicted alike, the one with fewer requests (the default draws at random).
-LEAST_BUSY = """
-placement:
-  decode:
-    filters: [{type: role}, {type: health, params: {require_kv_room: true}}]
-    scorers: [{type: active-requests}]
-"""
+# Among decode nodes predicted alike, the one with fewer requests.
+LEAST_BUSY = "placement:\n" + decode_tie_break("active-requests")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 
 from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import MODEL, eventually
+from tests.e2e.helpers import MODEL, decode_tie_break, eventually
 from tests.support.fake_worker import FakeWorker
 from transport.messages import DecodeJob, Load, Role
 
@@ -27,12 +27,7 @@ pytestmark = pytest.mark.e2e
 
 
 # The default's scorers only break ties between LoRA candidates; this one breaks them by occupancy.
-BY_OCCUPANCY = """
-placement:
-  decode:
-    filters: [{type: role}, {type: health, params: {require_kv_room: true}}]
-    scorers: [{type: kv-occupancy}]
-"""
+BY_OCCUPANCY = "placement:\n" + decode_tie_break("kv-occupancy")
 
 
 @pytest.fixture
