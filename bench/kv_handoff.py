@@ -17,11 +17,8 @@ in the same run:
 
 ``same-host`` is pdorch's p2p handoff between the same two processes with the same-host path
 forced on: the sender writes each chunk into the receiver's shared ring (no socket on the data
-path), the receiver verifies it and copies it into the same preallocated destination. ``lent`` is
-the same-host path into a destination that is a shared block pool (as the reference engine's KV
-cache is): the receiver lends the transfer's blocks, the sender writes every row straight into
-them and the receiver only verifies (one copy). The ``p2p`` column forces the path off, so it
-stays the TCP handoff.
+path), the receiver verifies it and copies it into the same preallocated destination. The ``p2p``
+column forces the path off, so it stays the TCP handoff.
 
 The p2p receiver writes every row into a preallocated destination (as an engine writes into its
 KV cache): one more memcpy than raw pyzmq does. ``p2p-discard`` is the same transfer into a sink
@@ -56,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from transport import sockets
 from transport.kv import ArraySink, KvReceiver, KvSender
 from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
-from transport.kv.pool_sink import PoolSink
 from transport.kv.receive_buffers import keep_receive_buffers
 from transport.kv.same_host import SameHostMode
 from transport.messages import KvMode, KvRoute
@@ -113,14 +109,6 @@ def security_of(party: Party | None) -> Security:
     return Security.load(cfg)
 
 
-def pool_sink(tokens: int) -> PoolSink:
-    """The destination of the ``lent`` column: in huge pages where the host has enough free."""
-    try:
-        return PoolSink(LAYERS, tokens, ROW_SHAPE, DTYPE, huge=True)
-    except OSError:
-        return PoolSink(LAYERS, tokens, ROW_SHAPE, DTYPE)
-
-
 class DiscardSink:
     def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
         pass
@@ -142,31 +130,22 @@ def receiver_process(
         )
         await receiver.start()
         conn.send(receiver.endpoint)
-        sinks: dict[tuple[int, bool], Any] = {}
+        sinks: dict[int, ArraySink] = {}
         while (cmd := await recv_command(conn)) is not None:
             kind, tid, tokens, broker = cmd
-            pooled = kind.startswith("lent")
             if kind == "discard":
                 sink: Any = DiscardSink()
             else:
-                sink = sinks.get((tokens, pooled))
+                sink = sinks.get(tokens)
                 if sink is None:  # a KV cache is allocated (and paged in) before requests arrive
-                    if pooled:
-                        sink = pool_sink(tokens)
-                        sink.pool.memory.fill(0)
-                    else:
-                        sink = ArraySink(LAYERS, tokens, ROW_SHAPE, DTYPE)
-                        sink.layers.fill(0)
-                    sinks[(tokens, pooled)] = sink
+                    sink = sinks[tokens] = ArraySink(LAYERS, tokens, ROW_SHAPE, DTYPE)
+                    sink.layers.fill(0)
             conn.send("ready")
             mode = KvMode.CENTRALIZED if broker else KvMode.P2P
             await receiver.receive(KvRoute(mode, broker, tid), sink, deadline_s=120)
             done = time.perf_counter()
-            digest = checksum(sink.layers) if kind.endswith("verify") else 0
+            digest = checksum(sink.layers) if kind == "verify" else 0
             conn.send((done, digest))
-        for sink in sinks.values():
-            if isinstance(sink, PoolSink):
-                sink.close()
         await receiver.close()
         security.close()
         ctx.destroy(linger=0)
@@ -359,11 +338,9 @@ def kv_run(
     pids: list[int],
     shared: bool = False,
 ) -> Sample:
-    """One handoff; ``kind`` "verify" (or "lent-verify") also checks that the receiver holds exactly
-    what was sent; "lent" (or "lent-verify"): into a shared block pool; ``shared``: through the
-    same-host path (p2p only)."""
-    verify = kind.endswith("verify")
-    kv.tx.send((tid, tokens, "centralized" if broker else "p2p", endpoint, verify, shared))
+    """One handoff; ``kind`` "verify" also checks that the receiver holds exactly what was sent;
+    ``shared``: through the same-host path (p2p only)."""
+    kv.tx.send((tid, tokens, "centralized" if broker else "p2p", endpoint, kind == "verify", shared))
     sent_digest = kv.tx.recv()
     kv.rx.send((kind, tid, tokens, broker))
     assert kv.rx.recv() == "ready"
@@ -372,7 +349,7 @@ def kv_run(
     start, _ = kv.tx.recv()
     end, got_digest = kv.rx.recv()
     used = cpu_seconds(pids) - cpu
-    if verify and got_digest != sent_digest:
+    if kind == "verify" and got_digest != sent_digest:
         raise SystemExit(f"{tid}: the received KV differs from what was sent")
     return Sample(end - start, used)
 
@@ -399,19 +376,8 @@ def start_broker(window_mb: int) -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" ", 1)[1].strip()
 
 
-METHODS = (
-    "memcpy",
-    "raw",
-    "raw+work",
-    "p2p",
-    "p2p-discard",
-    "central",
-    "same-host",
-    "lent",
-    "p2p+auth",
-    "p2p+curve",
-)
-WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 17, 17, 13, 13, 7, 7, 7, 7, 7, 9, 7, 7, 7)
+METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central", "same-host", "p2p+auth", "p2p+curve")
+WIDTHS = (6, 5, 7, 7, 13, 13, 13, 13, 17, 13, 13, 7, 7, 7, 7, 7, 9, 7, 7)
 SENDER, RECEIVER = "bench-prefill", "bench-decode"
 
 
@@ -457,7 +423,6 @@ def measure_size(
     kv_run(kv, tokens, f"warm-p2p-{tokens}", "verify", kv_endpoint, "", kv.pids)
     kv_run(kv, tokens, f"warm-central-{tokens}", "verify", broker, broker, [*kv.pids, broker_pid])
     kv_run(kv, tokens, f"warm-shared-{tokens}", "verify", kv_endpoint, "", kv.pids, shared=True)
-    kv_run(kv, tokens, f"warm-lent-{tokens}", "lent-verify", kv_endpoint, "", kv.pids, shared=True)
     for m, sec in secured.items():
         kv_run(sec.pair, tokens, f"{sec.scope}warm-{m}-{tokens}", "verify", sec.endpoint, "", sec.pair.pids)
     for r in range(repeats):
@@ -472,9 +437,6 @@ def measure_size(
         samples["central"].append(kv_run(kv, tokens, f"c-{tokens}-{r}", "copy", broker, broker, central_pids))
         samples["same-host"].append(
             kv_run(kv, tokens, f"s-{tokens}-{r}", "copy", kv_endpoint, "", kv.pids, shared=True)
-        )
-        samples["lent"].append(
-            kv_run(kv, tokens, f"l-{tokens}-{r}", "lent", kv_endpoint, "", kv.pids, shared=True)
         )
         for m, sec in secured.items():
             tid = f"{sec.scope}{m}-{tokens}-{r}"
@@ -513,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     print("GB/s (x = ratio to raw pyzmq, m = ratio to memcpy); CPU seconds per GiB summed over the")
     print("processes involved (median).")
     head = ["tokens", "MiB", "memcpy", "raw zmq", "raw+work", "p2p", "p2p-discard", "central", "same-host"]
-    head += ["lent", "p2p+auth", "p2p+curve", "cpu:raw", "r+work", "p2p", "discard", "central"]
-    head += ["same-host", "lent", "+auth", "+curve"]
+    head += ["p2p+auth", "p2p+curve", "cpu:raw", "r+work", "p2p", "discard", "central", "same-host"]
+    head += ["+auth", "+curve"]
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS, strict=True)))
     try:
         for tokens in args.tokens:
@@ -534,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{rate[m]:.2f} ({rate[m] / rate['raw']:.2f}x)"
                 for m in ("raw+work", "p2p", "p2p-discard", "central")
             ]
-            for m in ("same-host", "lent"):
-                cells.append(f"{rate[m]:.2f} ({rate[m] / rate['memcpy']:.2f}m {rate[m] / rate['raw']:.2f}x)")
+            shared = rate["same-host"]
+            cells.append(f"{shared:.2f} ({shared / rate['memcpy']:.2f}m {shared / rate['raw']:.2f}x)")
             cells += [f"{rate[m]:.2f} ({rate[m] / rate['raw']:.2f}x)" for m in ("p2p+auth", "p2p+curve")]
             cells += [
                 f"{cpu[m]:.2f}"
@@ -546,7 +508,6 @@ def main(argv: list[str] | None = None) -> int:
                     "p2p-discard",
                     "central",
                     "same-host",
-                    "lent",
                     "p2p+auth",
                     "p2p+curve",
                 )

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from transport.kv.same_host.block_pool import BLOCK_MEMFD_NAME
 from transport.kv.same_host.ring import MEMFD_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,25 +46,6 @@ def scribble_over_rings() -> int:
 def rings_mapped(pid: int | str = "self") -> list[str]:
     with open(f"/proc/{pid}/maps") as f:
         return [line for line in f if f"memfd:{MEMFD_NAME}" in line]
-
-
-def blocks_mapped(pid: int | str = "self") -> list[str]:
-    """The lines of a process's maps that are shared KV blocks (one per block mapped alone)."""
-    with open(f"/proc/{pid}/maps") as f:
-        return [line for line in f if f"memfd:{BLOCK_MEMFD_NAME}" in line]
-
-
-def block_fds(pid: int | str = "self") -> dict[int, int]:
-    """The shared KV blocks a process holds an fd of: fd -> inode."""
-    found = {}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        path = f"/proc/{pid}/fd/{fd}"
-        try:
-            if os.readlink(path).startswith(f"/memfd:{BLOCK_MEMFD_NAME}"):
-                found[int(fd)] = os.stat(path).st_ino
-        except OSError:
-            continue
-    return found
 
 
 def dev_shm() -> set[str]:

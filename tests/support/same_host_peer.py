@@ -4,9 +4,8 @@
 --dtype D]``: send ``kv_layers(SEED)`` (or layers of that geometry) with a KvSender in same-host
 mode MODE and print the outcome (``ok`` or the error code); with ``--hold-after N``, print
 ``holding`` after N layers and wait to be killed.
-``receive MODE [--blocks]``: bind a KvReceiver, print its endpoint, take transfer ``t`` into a sink
-that prints ``writing`` at its first rows and then never returns; with ``--blocks``, a sink that
-lends its blocks (the sender writes into them) and does so when the first rows are in place.
+``receive MODE``: bind a KvReceiver, print its endpoint, take transfer ``t`` into a sink that prints
+``writing`` at its first rows and then never returns.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import zmq.asyncio
 from tests.support.kv import make_layers
 from transport.errors import PdorchError
 from transport.kv import KvReceiver, KvSender
-from transport.kv.pool_sink import PoolSink
 from transport.kv.same_host import SameHostMode
 from transport.messages import KvMode, KvRoute
 from transport.security import Security
@@ -56,8 +54,7 @@ async def send(
                 await asyncio.Event().wait()
             await stream.send_layer(layer, layers[layer])
         await stream.finish({"first_token": 1})
-        shared = stream.used_ring or stream.used_blocks
-        print("ok" if shared or mode == SameHostMode.OFF else "ok-without-ring", flush=True)
+        print("ok" if stream.used_ring or mode == SameHostMode.OFF else "ok-without-ring", flush=True)
     except PdorchError as e:
         print(e.code, flush=True)
     finally:
@@ -71,19 +68,12 @@ class _StuckSink:
         threading.Event().wait()
 
 
-class _StuckPoolSink(PoolSink):
-    def placed(self, layer: int, row_offset: int, rows: list[np.ndarray]) -> None:
-        print("writing", flush=True)
-        threading.Event().wait()
-
-
-async def receive(mode: SameHostMode, blocks: bool) -> None:
+async def receive(mode: SameHostMode) -> None:
     ctx = zmq.asyncio.Context()
     receiver = KvReceiver(ctx, bind="tcp://127.0.0.1:0", security=Security.insecure(), same_host=mode)
     await receiver.start()
     print(receiver.endpoint, flush=True)
-    sink = _StuckPoolSink(NUM_LAYERS, ROWS, ROW_SHAPE, "float16") if blocks else _StuckSink()
-    await receiver.receive(KvRoute(KvMode.P2P, "", "t"), sink, deadline_s=600)
+    await receiver.receive(KvRoute(KvMode.P2P, "", "t"), _StuckSink(), deadline_s=600)
 
 
 def main() -> None:
@@ -101,14 +91,13 @@ def main() -> None:
     s.add_argument("--dtype", default="float16")
     r = sub.add_parser("receive")
     r.add_argument("mode", type=SameHostMode)
-    r.add_argument("--blocks", action="store_true")
     args = parser.parse_args()
     if args.command == "send":
         shape = tuple(int(d) for d in args.row_shape.split(","))
         layers = make_layers(args.layers, args.rows, shape, args.dtype, args.seed)
         asyncio.run(send(args.endpoint, args.transfer_id, args.mode, layers, args.hold_after))
     else:
-        asyncio.run(receive(args.mode, args.blocks))
+        asyncio.run(receive(args.mode))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from transport.kv.messages import (
     KvShmChunk,
     nack_error,
 )
-from transport.kv.same_host.block_pool import LentBlocks
 from transport.kv.same_host.ring import Ring, place
 
 log = logging.getLogger(__name__)
@@ -58,20 +57,6 @@ class KvSink(Protocol):
     keeps frames; it is never lent a ring.)"""
 
     def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None: ...
-
-
-class BlockLendingSink(Protocol):
-    """A sink whose storage is a shared block pool (``same_host/block_pool.py``): a same-host sender
-    may be lent the blocks of its transfer and write the rows straight into them."""
-
-    def lend_blocks(self, begin: KvBegin, row_bytes: int) -> LentBlocks | None:
-        """The blocks for this transfer, or None (the geometry does not fit, or the sink gave up)."""
-        ...
-
-    def placed(self, layer: int, row_offset: int, rows: list[np.ndarray]) -> None:
-        """Rows ``[row_offset, +n)`` of ``layer`` are in place and verified; ``rows``: read-only
-        views of them, a piece per block. Raise PdorchError to refuse them."""
-        ...
 
 
 class ChecksummedKvSink(Protocol):
@@ -115,13 +100,11 @@ class InTransfer:
         reply: ReplyFn,
         on_finish: Callable[[InTransfer], None] | None = None,
         ring: Ring | None = None,
-        blocks: LentBlocks | None = None,
     ) -> None:
         """``begin`` must have passed :func:`validate_begin`. ``on_finish`` is called once, when the
         transfer completed or failed. ``ring``: a shared ring offered to a same-host sender (the
-        window is then the ring; the sink must copy what it keeps). ``blocks``: the sink's blocks
-        lent to a same-host sender instead (the window is then the whole transfer: every row has
-        its place). Not tied to an event loop: the p2p receiver runs it on its own thread."""
+        window is then the ring; the sink must copy what it keeps). Not tied to an event loop: the
+        p2p receiver runs it on its own thread."""
         self.transfer_id = begin.transfer_id
         self.begin = begin
         self._sink = sink
@@ -137,16 +120,9 @@ class InTransfer:
         self.row_bytes = validate_begin(begin)
         self._checksum_rows = begin.checksum_rows
         self.total_bytes = self.row_bytes * begin.rows_per_layer * begin.num_layers
-        if blocks is not None:
-            window_bytes = self.total_bytes
-        elif ring is not None:
-            window_bytes = ring.size
-        else:  # at least two rows of credit, so a chunk always fits however small the configured window
-            window_bytes = max(window_bytes, 2 * self.row_bytes)
-        self._window = ReceiveWindow(window_bytes)
+        # At least two rows of credit, so a chunk always fits however small the configured window.
+        self._window = ReceiveWindow(max(window_bytes, 2 * self.row_bytes) if ring is None else ring.size)
         self.ring = ring
-        self.blocks = blocks  # dropped when the transfer ends: its views hold the sink's memory
-        self.lent_blocks = blocks is not None
         self.ring_used = False
         self._ring_cursor = 0  # where the sender put the next chunk (ring.place, run on both sides)
         self._next_seq = 0
@@ -171,10 +147,9 @@ class InTransfer:
 
     def accept(self) -> None:
         self.accepted_at = self.last_activity = time.monotonic()
-        ring = self.ring.offer if self.ring is not None else None
-        blocks = self.blocks.offer if self.blocks is not None else None
+        offer = self.ring.offer if self.ring is not None else None
         credit = self._window.first_grant()
-        self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=credit, ring=ring, blocks=blocks))
+        self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=credit, ring=offer))
 
     def handle(self, msg: KvMessage) -> None:
         if self.finished:
@@ -195,9 +170,6 @@ class InTransfer:
     def _on_shm_chunk(self, msg: KvShmChunk) -> None:
         """A chunk the sender wrote into the ring: checked exactly as a sent one, and charged the
         credit of its place, so the sender never writes a place that was not emptied yet."""
-        if self.blocks is not None:
-            self._on_block_chunk(msg, self.blocks)
-            return
         ring = self.ring
         if ring is None:
             self.fail(ErrorCode.KV_CORRUPT, "a shared-memory chunk, but no ring was offered")
@@ -214,86 +186,38 @@ class InTransfer:
         chunk = KvChunk(self.transfer_id, msg.seq, msg.layer, msg.row_offset, msg.checksums, rows)
         self._on_chunk(chunk, charge=charge)
 
-    def _on_block_chunk(self, msg: KvShmChunk, blocks: LentBlocks) -> None:
-        """A chunk the sender wrote into the lent blocks: checked as a sent one, span by span in
-        place, then the sink checks what it needs of its rows."""
-        if not self._admit(msg.seq, msg.layer, msg.row_offset, msg.rows, msg.rows * self.row_bytes):
-            return
-        per, n = self._checksum_rows, msg.rows
-        if len(msg.checksums) != span_count(n, per):
-            self.fail(ErrorCode.KV_CORRUPT, f"chunk {msg.seq} has {len(msg.checksums)} checksums")
-            return
-        for i, start in enumerate(range(0, n, per)):
-            if blocks.rows.digest(msg.layer, msg.row_offset + start, min(per, n - start)) != msg.checksums[i]:
-                self.fail(ErrorCode.KV_CORRUPT, f"checksum mismatch in chunk {msg.seq}, span {i}")
-                return
-        sink: BlockLendingSink = self._sink  # type: ignore[assignment]  # it lent the blocks
-        views = blocks.rows.views(msg.layer, msg.row_offset, n, self._dtype, self._row_shape)
-        if self._in_sink(lambda: sink.placed(msg.layer, msg.row_offset, views)) is None:
-            return
-        self._count(msg.layer, n, 0)  # the whole transfer was granted: nothing to give back
-
     def _on_chunk(self, chunk: KvChunk, charge: int = 0) -> None:
         """``charge``: the credit the chunk takes (default: its bytes)."""
         rows = chunk.rows
-        if rows.dtype != self._dtype or rows.ndim == 0 or rows.shape[1:] != self._row_shape:
-            expected = f"{self._dtype}[*, {self._row_shape}]"
-            self.fail(
-                ErrorCode.KV_CORRUPT, f"chunk {chunk.seq} is {rows.dtype}{rows.shape}, begin said {expected}"
-            )
-            return
         charge = charge or rows.nbytes
-        if not self._admit(chunk.seq, chunk.layer, chunk.row_offset, rows.shape[0], charge):
+        if not self._window.on_arrival(charge):
+            self.fail(ErrorCode.KV_CORRUPT, "sender exceeded its credit")
             return
-        problem = self._in_sink(lambda: self._verify_and_write(chunk))
-        if problem is None:
+        if chunk.seq != self._next_seq:
+            self.fail(ErrorCode.KV_TRUNCATED, f"chunk {self._next_seq} is missing (got {chunk.seq})")
             return
+        problem = self._geometry_problem(chunk)
         if problem:
             self.fail(ErrorCode.KV_CORRUPT, problem)
             return
-        self._count(chunk.layer, rows.shape[0], charge)
-
-    def _admit(self, seq: int, layer: int, row_offset: int, count: int, charge: int) -> bool:
-        """The sender held credit for the chunk, it is the next, and its rows continue their layer
-        within the transfer; else fail the transfer."""
-        if not self._window.on_arrival(charge):
-            self.fail(ErrorCode.KV_CORRUPT, "sender exceeded its credit")
-            return False
-        if seq != self._next_seq:
-            self.fail(ErrorCode.KV_TRUNCATED, f"chunk {self._next_seq} is missing (got {seq})")
-            return False
-        if not 0 <= layer < len(self._layer_rows):
-            self.fail(ErrorCode.KV_CORRUPT, f"chunk {seq} names layer {layer} of {len(self._layer_rows)}")
-            return False
-        expected_offset = self._layer_rows[layer]
-        if row_offset != expected_offset or count <= 0:
-            self.fail(
-                ErrorCode.KV_CORRUPT, f"chunk {seq} starts at row {row_offset}, expected {expected_offset}"
-            )
-            return False
-        if expected_offset + count > self.begin.rows_per_layer:
-            self.fail(ErrorCode.KV_CORRUPT, f"chunk {seq} runs past the end of layer {layer}")
-            return False
-        return True
-
-    def _in_sink(self, call: Callable[[], str | None]) -> str | None:
-        """Run what writes to the sink; None if the sink refused or failed (the transfer failed)."""
         try:
-            return call() or ""
+            problem = self._verify_and_write(chunk)
         except PdorchError as e:
             self.fail(e.code, f"sink refused rows: {e.message}")
+            return
         except Exception as e:  # a bug in the sink fails this transfer, not the receiver
             # Logged as text: a record holding the traceback would hold its frames' views of the
             # rows, and so keep a shared ring mapped for as long as a handler keeps the record.
             trace = "".join(traceback.format_exception(e))
             log.error("KV sink failed on transfer %s:\n%s", self.transfer_id, trace)
             self.fail(ErrorCode.INTERNAL, f"sink failed: {e!r}")
-        return None
-
-    def _count(self, layer: int, count: int, charge: int) -> None:
+            return
+        if problem:
+            self.fail(ErrorCode.KV_CORRUPT, problem)
+            return
         self._next_seq += 1
-        self._layer_rows[layer] += count
-        self._payload_bytes += count * self.row_bytes
+        self._layer_rows[chunk.layer] += rows.shape[0]
+        self._payload_bytes += rows.nbytes
         regrant = self._window.on_consumed(charge)
         if regrant:
             self._send(KvCredit(transfer_id=self.transfer_id, credit_bytes=regrant))
@@ -315,6 +239,20 @@ class InTransfer:
                 plain_sink.write(chunk.layer, chunk.row_offset + start, span)
         if self._checksummed_sink is not None:
             self._checksummed_sink.write_checksummed(chunk.layer, chunk.row_offset, rows, digests)
+        return ""
+
+    def _geometry_problem(self, chunk: KvChunk) -> str:
+        rows = chunk.rows
+        if rows.dtype != self._dtype or rows.ndim == 0 or rows.shape[1:] != self._row_shape:
+            expected = f"{self._dtype}[*, {self._row_shape}]"
+            return f"chunk {chunk.seq} is {rows.dtype}{rows.shape}, begin said {expected}"
+        if not 0 <= chunk.layer < len(self._layer_rows):
+            return f"chunk {chunk.seq} names layer {chunk.layer} of {len(self._layer_rows)}"
+        expected_offset = self._layer_rows[chunk.layer]
+        if chunk.row_offset != expected_offset or rows.shape[0] == 0:
+            return f"chunk {chunk.seq} starts at row {chunk.row_offset}, expected {expected_offset}"
+        if expected_offset + rows.shape[0] > self.begin.rows_per_layer:
+            return f"chunk {chunk.seq} runs past the end of layer {chunk.layer}"
         return ""
 
     def _on_end(self, end: KvEnd) -> None:
@@ -344,7 +282,6 @@ class InTransfer:
         if not self.finished:
             self.error = error
             self.finished = True
-            self.blocks = None
             if self._on_finish is not None:
                 self._on_finish(self)
 

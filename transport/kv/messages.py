@@ -18,8 +18,8 @@ import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
 
-KV_PROTOCOL_VERSION = 5
-# The checksum of protocol versions 2 to 5 (see checksum.py): one per span of a chunk's rows.
+KV_PROTOCOL_VERSION = 4
+# The checksum of protocol versions 2 to 4 (see checksum.py): one per span of a chunk's rows.
 CHECKSUM_ALGORITHM = "xxh3_64"
 
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "tag_field": "t"}
@@ -52,31 +52,14 @@ class KvShmRing(msgspec.Struct, array_like=True, frozen=True, gc=False):
     slot_bytes: int
 
 
-class KvShmBlocks(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """The blocks of a receiver's KV cache a same-host transfer fills, lent to its sender: the
-    memfds ``fds`` of process ``pid`` (inodes ``inodes``), one per block in transfer order, each
-    ``stride`` bytes (whole pages of ``page_bytes``: the system's page, or a huge page) and
-    holding ``block_rows`` rows of every layer (``same_host/block_rows.py``)."""
-
-    pid: int
-    block_rows: int
-    stride: int
-    page_bytes: int
-    fds: list[int]
-    inodes: list[int]
-
-
 class KvAccept(msgspec.Struct, tag="accept", **_STRUCT):
     """Receiver -> sender: go ahead; the first grant of credit, in bytes of row payload. ``ring``:
     the sender may write its chunks into this shared ring (:class:`KvShmChunk`) instead of sending
-    them; the window is then the ring, and a chunk takes the credit of its place in it.
-    ``blocks``: the sender writes every row straight into these blocks of the receiver's cache
-    (announcing each chunk with :class:`KvShmChunk`); the credit is then the whole transfer."""
+    them; the window is then the ring, and a chunk takes the credit of its place in it."""
 
     transfer_id: str
     credit_bytes: int
     ring: KvShmRing | None = None
-    blocks: KvShmBlocks | None = None
 
 
 class KvCredit(msgspec.Struct, tag="credit", **_STRUCT):
@@ -104,8 +87,7 @@ class KvChunk(msgspec.Struct, tag="chunk", **_STRUCT):
 class KvShmChunk(msgspec.Struct, tag="shm_chunk", **_STRUCT):
     """Sender -> receiver: a :class:`KvChunk` whose ``rows`` rows were written into the ring the
     receiver offered, rather than sent: right after the transfer's previous chunk, or at the
-    start of the ring if they would run past its end (``same_host/ring.py``, ``place``); or, with
-    lent blocks, into their places in them (``same_host/block_rows.py``)."""
+    start of the ring if they would run past its end (``same_host/ring.py``, ``place``)."""
 
     transfer_id: str
     seq: int

@@ -3,8 +3,7 @@
 The same class serves a prefill agent sending to a decode agent or to the broker (over a DEALER),
 and the broker serving a fetch (over its ROUTER): only the ``send`` function differs. When the
 receiver offers a shared ring (a same-host p2p transfer, ``same_host/``), chunks are written into
-it and announced with ``KvShmChunk`` instead of being sent; when it lends the blocks of its cache
-the transfer fills, rows are written straight into their places in them.
+it and announced with ``KvShmChunk`` instead of being sent.
 """
 
 from __future__ import annotations
@@ -32,14 +31,12 @@ from transport.kv.messages import (
     KvEnd,
     KvMessage,
     KvNack,
-    KvShmBlocks,
     KvShmChunk,
     KvShmRing,
     nack_error,
 )
 from transport.kv.same_host import SameHostMode, host_identity
-from transport.kv.same_host.attached import AttachedMemory
-from transport.kv.same_host.mapped_blocks import CHUNK_BYTES, MappedBlocks
+from transport.kv.same_host.attached import AttachedRings
 from transport.kv.same_host.ring import Ring, place
 
 log = logging.getLogger(__name__)
@@ -65,11 +62,11 @@ class KvOutStream:
         on_closed: Callable[[], None] = lambda: None,
         checksum_rows: int | None = None,
         same_host: SameHostMode = SameHostMode.OFF,
-        rings: AttachedMemory | None = None,
+        rings: AttachedRings | None = None,
     ) -> None:
         """``checksum_rows``: rows per checksum; the broker passes the inbound transfer's, so that
         the checksums it stored stay valid when it forwards the chunks. ``same_host``: whether to
-        ask for shared memory and write chunks into it (mapped through ``rings``)."""
+        ask for a shared ring and write chunks into it (mapped through ``rings``)."""
         self.transfer_id = transfer_id
         self.num_layers = num_layers
         self.rows_per_layer = rows_per_layer
@@ -98,14 +95,11 @@ class KvOutStream:
         self._same_host = same_host if rings is not None else SameHostMode.OFF
         self._rings = rings
         self._ring_offer: KvShmRing | None = None
-        self._blocks_offer: KvShmBlocks | None = None
         self._ring: Ring | None = None
-        self._blocks: MappedBlocks | None = None
-        self._shared_decided = False
+        self._ring_decided = False
         self._ring_cursor = 0  # where the next chunk goes in the ring (ring.place)
         self._ring_lock = asyncio.Lock()  # a chunk's place and its sequence number are taken together
         self.used_ring = False  # chunks went through the receiver's shared ring
-        self.used_blocks = False  # rows went straight into the receiver's blocks
 
     @property
     def peak_in_flight(self) -> int:
@@ -121,7 +115,6 @@ class KvOutStream:
             self._chunk_rows = rows_per_chunk(self.row_bytes, min(self._max_chunk_bytes, window_chunk))
             self._credit.grant(msg.credit_bytes)
             self._ring_offer = msg.ring
-            self._blocks_offer = msg.blocks
             self._accepted.set()
         elif isinstance(msg, KvCredit):
             self._credit.grant(msg.credit_bytes)
@@ -177,11 +170,7 @@ class KvOutStream:
             await self._deadline.wait(self._accepted.wait(), f"the receiver to accept {self.transfer_id}")
             self._raise_if_over()
             rows = np.ascontiguousarray(rows)
-            shared = self._take_shared()
-            if isinstance(shared, MappedBlocks):
-                await self._write_blocks(shared, layer, row_offset, rows)
-                return
-            if shared is not None:
+            if self._take_ring() is not None:
                 await self._write_rows(layer, row_offset, rows)
                 return
             spans = chunk_spans(rows.shape[0], self._chunk_rows)
@@ -209,26 +198,16 @@ class KvOutStream:
             await self._give_up(e)
             raise
 
-    def _take_shared(self) -> Ring | MappedBlocks | None:
-        """What the receiver shares (its lent blocks or a ring), mapped on first use after
-        acceptance; None: use the socket."""
-        if self._shared_decided or self._same_host == SameHostMode.OFF or self._rings is None:
-            return self._blocks or self._ring
-        self._shared_decided = True
-        if self._ring_offer is None and self._blocks_offer is None:
+    def _take_ring(self) -> Ring | None:
+        """The receiver's shared ring, mapped on first use after acceptance; None: use the socket."""
+        if self._ring_decided or self._same_host == SameHostMode.OFF or self._rings is None:
+            return self._ring
+        self._ring_decided = True
+        if self._ring_offer is None:
             if self._same_host == SameHostMode.ON:
-                raise PdorchError(
-                    ErrorCode.CONFIG, "same-host KV is forced on; the receiver offered no shared memory"
-                )
+                raise PdorchError(ErrorCode.CONFIG, "same-host KV is forced on; the receiver offered no ring")
             return None
         try:
-            if self._blocks_offer is not None:
-                self._blocks = self._rings.take_blocks(
-                    self._blocks_offer, self.num_layers, self.rows_per_layer, self.row_bytes
-                )
-                self.used_blocks = True
-                return self._blocks
-            assert self._ring_offer is not None
             self._ring = self._rings.take(self._ring_offer)
         except PdorchError as e:
             if self._same_host == SameHostMode.ON:
@@ -240,31 +219,6 @@ class KvOutStream:
             return None
         self.used_ring = True
         return self._ring
-
-    async def _write_blocks(
-        self, blocks: MappedBlocks, layer: int, row_offset: int, rows: np.ndarray
-    ) -> None:
-        """The lent-blocks path of :meth:`send_rows`: each chunk is written into its place, then
-        announced. No credit is taken: every row has its own place, nothing is buffered on the way
-        (the receiver granted the whole transfer and gives none back)."""
-        for start, count in chunk_spans(rows.shape[0], max(1, CHUNK_BYTES // self.row_bytes)):
-            part = rows[start : start + count]
-            # The number and the write go together, before the send suspends (see send_rows).
-            seq = self._seq
-            self._seq += 1
-            digests = blocks.write(layer, row_offset + start, part, self.checksum_rows)
-            self._layer_rows[layer] += count
-            self.bytes_sent += part.nbytes
-            await self._send(
-                KvShmChunk(
-                    transfer_id=self.transfer_id,
-                    seq=seq,
-                    layer=layer,
-                    row_offset=row_offset + start,
-                    checksums=digests,
-                    rows=count,
-                )
-            )
 
     async def _write_rows(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
         """The same-host path of :meth:`send_rows`: each chunk (at most a slot's worth of rows) is
@@ -339,8 +293,6 @@ class KvOutStream:
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._blocks is not None and self._rings is not None:
-                self._rings.release_blocks(self._blocks)
             if self._ring is not None and self._rings is not None:
                 # Kept mapped after an acknowledged transfer: the receiver lends it again (sealed,
                 # so only through this mapping). So too when this side was cancelled while waiting

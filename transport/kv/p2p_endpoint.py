@@ -28,9 +28,8 @@ load, and placement leaves the worker out until it passes.
 
 Sinks are called on this thread: they must not rely on running on the event loop.
 
-Same-host transfers (``same_host/``): a sender on this host is lent, at acceptance, the blocks
-its rows go to if the sink lends them (its storage is a shared block pool), else a shared ring
-from :class:`RingPool`, given back when the transfer ends (closed if it failed).
+Same-host transfers (``same_host/``): a sender on this host is lent a shared ring from
+:class:`RingPool` at acceptance, given back when the transfer ends (closed if it failed).
 """
 
 from __future__ import annotations
@@ -62,7 +61,6 @@ from transport.kv.messages import (
     KvShmChunk,
 )
 from transport.kv.same_host import SameHostMode, host_identity
-from transport.kv.same_host.block_pool import LentBlocks
 from transport.kv.same_host.ring import Ring
 from transport.kv.same_host.ring_pool import RingPool
 from transport.security import ServerAuth, peer_name
@@ -474,29 +472,20 @@ class P2pEndpoint:
                 on_finish=lambda transfer, expected=expected: self._settle(
                     expected, transfer.error, transfer.trailer
                 ),
-                **self._shared_for(parked, expected.sink),
+                ring=self._ring_for(parked),
             )
             self._active += 1
             expected.transfer.accept()
 
-    def _shared_for(self, parked: _Parked, sink: KvSink) -> dict[str, Ring | LentBlocks | None]:
-        """Shared memory for this transfer, if its sender is on this host (or the mode forces it):
-        the blocks its rows go to, if the sink lends them, else a ring."""
+    def _ring_for(self, parked: _Parked) -> Ring | None:
+        """A shared ring for this transfer, if its sender is on this host (or the mode forces it)."""
         host = parked.begin.host
         if self._rings is None or not host or self._same_host == SameHostMode.OFF:
-            return {}
+            return None
         if self._same_host == SameHostMode.AUTO and host != host_identity():
-            return {}
+            return None
         row_bytes = validate_begin(parked.begin)  # validated before it was parked
-        lend = getattr(sink, "lend_blocks", None)
-        try:
-            blocks = lend(parked.begin, row_bytes) if lend is not None else None
-        except Exception:  # a bug in the sink: this transfer takes a ring instead
-            log.exception("KV sink failed to lend blocks to transfer %s", parked.begin.transfer_id)
-            blocks = None
-        if blocks is not None:
-            return {"blocks": blocks}
-        return {"ring": self._rings.lend(parked.identity, row_bytes)}
+        return self._rings.lend(parked.identity, row_bytes)
 
     def _settle(
         self, expected: Expected, error: PdorchError | None, trailer: dict[str, int | str] | None = None
@@ -513,8 +502,6 @@ class P2pEndpoint:
                 expected.identity, transfer.ring, reuse=error is None and transfer.ring_used
             )
             self.stats.same_host += transfer.ring_used
-        elif transfer is not None and transfer.lent_blocks:
-            self.stats.same_host += transfer.chunks_received > 0
         if self._expected.get(expected.transfer_id) is expected:
             del self._expected[expected.transfer_id]
         if expected.transfer is not None:

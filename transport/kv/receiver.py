@@ -140,11 +140,6 @@ class KvReceiver:
         )
 
     @property
-    def lends_blocks(self) -> bool:
-        """Its p2p endpoint may lend a same-host sender the blocks of a sink's shared block pool."""
-        return self._bind is not None and self._same_host != SameHostMode.OFF
-
-    @property
     def refusing(self) -> bool:
         """The p2p endpoint turned transfers away for lack of room lately (see p2p_endpoint.py)."""
         return self._p2p is not None and self._p2p.refusing

@@ -19,7 +19,7 @@ from transport.kv.deadline import Deadline
 from transport.kv.dealer_link import DealerLink
 from transport.kv.out_stream import KvOutStream
 from transport.kv.same_host import SameHostMode
-from transport.kv.same_host.attached import AttachedMemory
+from transport.kv.same_host.attached import AttachedRings
 from transport.messages import KvMode, KvRoute
 from transport.security import Plane, Security
 
@@ -52,7 +52,7 @@ class KvSender:
         self._streams: set[KvOutStream] = set()
         self._closed = False
         self._same_host = same_host
-        self._rings = AttachedMemory() if same_host != SameHostMode.OFF else None
+        self._rings = AttachedRings() if same_host != SameHostMode.OFF else None
         self.same_host_transfers = 0
 
     async def open(

@@ -12,20 +12,13 @@ into its sink, then returns credit, which frees its place: the credit window is 
 accept, credit, end, ack/nack, abort, deadlines and the transfer ids are those of the TCP path;
 only the bytes move differently. See ``transport/PROTOCOL.md``.
 
-When the receiver's sink keeps its KV blocks in a shared block pool (``block_pool.py``: the
-reference engine's cache), the transfer is lent those blocks instead of a ring: its ``KvAccept``
-names their memfds, the sender maps them one after another (``mapped_blocks.py``) and writes every
-row straight into its place (``block_rows.py``), and the receiver verifies the rows where they lie
-and copies nothing. A failed transfer's blocks are retired (new pages behind the same addresses)
-before the engine uses them again; see ``block_pool.py`` for what a sender can reach.
-
 Who may see what: the ring can be opened only between the offer and the sender's first chunk
 (the sender keeps no fd of it, and the receiver drops its own once that chunk arrives: the ring
 is *sealed*, reachable only through the two mappings). A ring is lent to one transfer at a time
 and, once that transfer succeeded, only ever again to the same sender connection, which still
 maps it, so a sender only sees bytes it wrote itself; a ring whose transfer failed is closed,
 never reused. Neither the receiver's KV cache nor another
-sender's data is ever in a ring. Rings and pools live in memfds, so a crash of either side leaves
+sender's data is ever in a segment. Rings live in memfds, so a crash of either side leaves
 nothing behind: the kernel frees a ring with the last process that maps it.
 """
 

@@ -1,5 +1,4 @@
-"""The sender's mappings of receivers' shared memory: rings, kept between transfers, and the
-blocks a receiver lent one transfer, for the length of it.
+"""The sender's mappings of receivers' rings, kept between transfers.
 
 Mapping a ring costs a page-table entry per page (about as much as copying the ring once), so a
 sender keeps a ring mapped after a successful transfer: the receiver lends it again to this
@@ -13,8 +12,7 @@ from __future__ import annotations
 
 import time
 
-from transport.kv.messages import KvShmBlocks, KvShmRing
-from transport.kv.same_host.mapped_blocks import MappedBlocks
+from transport.kv.messages import KvShmRing
 from transport.kv.same_host.ring import Closing, Ring
 
 _Key = tuple[int, int]
@@ -25,7 +23,7 @@ def _key(offer: KvShmRing) -> _Key:
     return offer.pid, offer.inode
 
 
-class AttachedMemory:
+class AttachedRings:
     def __init__(self, *, idle_s: float = 60.0, max_idle: int = 64) -> None:
         """Kept longer than a receiver keeps an idle ring (30 s): a ring it lends again (sealed, so
         reachable through this mapping only) is still mapped here."""
@@ -34,27 +32,12 @@ class AttachedMemory:
         self._idle: dict[_Key, tuple[Ring, float]] = {}  # oldest first
         # Ring -> how many of this sender's transfers hold it (more than one only briefly: see take).
         self._in_use: dict[_Key, tuple[Ring, int]] = {}
-        self._blocks: set[MappedBlocks] = set()
         self._closing = Closing()
         self.fell_back = False  # a ring could not be mapped once (logged then)
 
     @property
     def mapped(self) -> int:
-        return len(self._idle) + len(self._in_use) + len(self._blocks) + len(self._closing)
-
-    def take_blocks(
-        self, offer: KvShmBlocks, num_layers: int, rows_per_layer: int, row_bytes: int
-    ) -> MappedBlocks:
-        """The blocks ``offer`` lends one transfer, mapped; raises PdorchError if they cannot be."""
-        self._closing.retry()
-        blocks = MappedBlocks.attach(offer, num_layers, rows_per_layer, row_bytes)
-        self._blocks.add(blocks)
-        return blocks
-
-    def release_blocks(self, blocks: MappedBlocks) -> None:
-        """Unmapped whatever became of the transfer: the next one is lent other blocks."""
-        self._blocks.discard(blocks)
-        self._closing.close(blocks)
+        return len(self._idle) + len(self._in_use) + len(self._closing)
 
     def take(self, offer: KvShmRing) -> Ring:
         """The ring ``offer`` names, mapped; raises PdorchError if it cannot be."""
@@ -107,9 +90,6 @@ class AttachedMemory:
             self._closing.close(ring)
         for ring, _ in self._in_use.values():
             self._closing.close(ring)
-        for blocks in self._blocks:
-            self._closing.close(blocks)
         self._idle.clear()
         self._in_use.clear()
-        self._blocks.clear()
         self._closing.retry()

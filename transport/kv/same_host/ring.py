@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from typing import Protocol
+import stat
 
 import msgspec
 import numpy as np
@@ -28,7 +28,6 @@ import numpy as np
 from transport.errors import ErrorCode, PdorchError
 from transport.kv.checksum import checksum
 from transport.kv.messages import KvShmRing
-from transport.kv.same_host.offered_fd import open_offered
 
 PAGE_BYTES = 4096
 MEMFD_NAME = "pdorch-kv"
@@ -136,8 +135,20 @@ class Ring:
             raise PdorchError(ErrorCode.BAD_MESSAGE, f"implausible shared KV ring {offer}")
         if offer.fd < 0:
             raise PdorchError(ErrorCode.CONFIG, "the shared KV ring is sealed and not mapped here any more")
-        fd = open_offered(offer.pid, offer.fd, offer.inode, size, "shared KV ring")
         try:
+            fd = os.open(f"/proc/{offer.pid}/fd/{offer.fd}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise PdorchError(ErrorCode.CONFIG, f"cannot open the receiver's shared KV ring: {e}") from None
+        try:
+            st = os.fstat(fd)
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or st.st_ino != offer.inode
+                or st.st_size != size
+                or st.st_uid != os.getuid()
+                or stat.S_IMODE(st.st_mode) & 0o077
+            ):
+                raise PdorchError(ErrorCode.CONFIG, "the receiver's shared KV ring is not the one offered")
             mm, mmap_fd = _map(fd, size)
             if mmap_fd is not None:
                 _point_at_null(mmap_fd)
@@ -204,22 +215,18 @@ class Ring:
         return True
 
 
-class Unmappable(Protocol):
-    def close(self) -> bool: ...
-
-
 class Closing:
-    """Mappings (rings, lent blocks) closed while a view still held them: retried until unmapped."""
+    """Rings closed while a view still held them: retried until unmapped."""
 
     def __init__(self) -> None:
-        self._pending: list[Unmappable] = []
+        self._rings: list[Ring] = []
 
-    def close(self, mapping: Unmappable) -> None:
-        if not mapping.close():
-            self._pending.append(mapping)
+    def close(self, ring: Ring) -> None:
+        if not ring.close():
+            self._rings.append(ring)
 
     def retry(self) -> None:
-        self._pending = [mapping for mapping in self._pending if not mapping.close()]
+        self._rings = [ring for ring in self._rings if not ring.close()]
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._rings)

@@ -81,7 +81,6 @@ class EngineCore:
         enable_prefix_caching: bool = True,
         weights: ModelWeights | None = None,
         max_loras: int = 4,
-        shared_kv: bool = False,
     ) -> None:
         if max_batch <= 0 or max_prefill_tokens_per_step <= 0:
             raise PdorchError(
@@ -94,7 +93,7 @@ class EngineCore:
         self.max_batch = max_batch
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self.model = ReferenceModel(cfg, weights)
-        self.cache = PagedKvCache(cfg, num_blocks, block_size, shared=shared_kv)
+        self.cache = PagedKvCache(cfg, num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks)
         self.prefix_cache = PrefixCache(self.allocator, block_size, enable_prefix_caching)
         # LoRA adapters: known by name, at most ``max_loras`` resident (thread-safe).

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 from collections.abc import Callable, Mapping
 
@@ -19,8 +18,6 @@ import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvOutStream, KvReceiver, KvSender
-from transport.kv.messages import KvBegin
-from transport.kv.same_host.block_pool import LentBlocks
 from transport.messages import DecodeJob, GenerateJob, KvLoaded, Load, PrefillJob, TokenOutput
 from workers.engines.base import Emit, EngineInfo
 from workers.engines.reference.config import ModelConfig
@@ -28,71 +25,25 @@ from workers.engines.reference.core import EngineCore
 from workers.engines.reference.step_output import StepOutput
 from workers.engines.reference.weights import ModelWeights
 
-log = logging.getLogger(__name__)
-
 # How long the engine thread sleeps when idle before looking again (it is woken on new work).
 _IDLE_WAIT_S = 0.05
 
 
 class _BlockSink:
-    """Puts a handed-off prompt's verified KV rows into the blocks reserved for it: copied from the
-    KV plane, or, from a sender on this host, written by it straight into those blocks (lent to
-    it when the cache is a shared pool). Lending runs on the KV plane's thread, :meth:`close` on
-    the loop: once closed, nothing is lent any more, and blocks lent to a transfer that failed are
-    retired (a sender that has not heard of the failure yet must not reach their next owner)."""
+    """Writes verified KV rows of a handed-off prompt into the blocks reserved for it."""
 
     def __init__(self, core: EngineCore, blocks: list[int], num_layers: int, rows: int) -> None:
         self._core = core
         self._blocks = blocks
         self._num_layers = num_layers
         self._rows = rows
-        self._lock = threading.Lock()
-        self._lent: list[int] = []
-        self._closed = False
 
     def write(self, layer: int, row_offset: int, rows: np.ndarray) -> None:
-        self._check_range(layer, row_offset, len(rows))
-        self._core.cache.scatter(layer, self._blocks, row_offset, rows)
-
-    def lend_blocks(self, begin: KvBegin, row_bytes: int) -> LentBlocks | None:
-        cache = self._core.cache
-        if (
-            cache.pool is None
-            or begin.num_layers != self._num_layers
-            or begin.rows_per_layer != self._rows
-            or tuple(begin.row_shape) != cache.row_shape
-            or begin.dtype != cache.dtype.name
-        ):
-            return None  # the receiver refuses such a transfer's rows anyway; copied, it says why
-        with self._lock:
-            if self._closed:
-                return None
-            lent = cache.lend(self._blocks, self._rows)
-            self._lent = self._blocks[: len(lent.offer.fds)]
-            return lent
-
-    def placed(self, layer: int, row_offset: int, rows: list[np.ndarray]) -> None:
-        self._check_range(layer, row_offset, sum(len(piece) for piece in rows))
-        self._core.cache.check_finite(rows)
-
-    def close(self, ok: bool) -> None:
-        with self._lock:
-            self._closed = True
-            lent, self._lent = self._lent, []
-        pool = self._core.cache.pool
-        if lent and not ok and pool is not None:
-            try:
-                pool.retire(lent)
-            except OSError as e:
-                # The blocks go back as they are: a sender still writing could reach their next
-                # owner before its transfer's checks (it has to fail and miss the end of it too).
-                log.error("could not retire KV blocks %s after a failed same-host transfer: %s", lent, e)
-
-    def _check_range(self, layer: int, row_offset: int, count: int) -> None:
-        if not 0 <= layer < self._num_layers or row_offset < 0 or row_offset + count > self._rows:
+        if not 0 <= layer < self._num_layers or row_offset < 0 or row_offset + len(rows) > self._rows:
             raise PdorchError(
-                ErrorCode.KV_CORRUPT, f"KV rows out of range: layer {layer} rows {row_offset}+{count}"
+                ErrorCode.KV_CORRUPT, f"KV rows out of range: layer {layer} rows {row_offset}+{len(rows)}"
             )
+        self._core.cache.scatter(layer, self._blocks, row_offset, rows)
 
 
 def _token_output(rid: str, out: StepOutput) -> TokenOutput:
@@ -134,8 +85,6 @@ class ReferenceEngine:
             enable_prefix_caching=enable_prefix_caching,
             weights=weights,
             max_loras=max_loras,
-            # Blocks a same-host sender can be lent, where a receiver lends them.
-            shared_kv=kv_receiver is not None and kv_receiver.lends_blocks,
         )
         for name, path in (adapters or {}).items():
             self._core.adapters.register(name, path)
@@ -187,7 +136,6 @@ class ReferenceEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
-        self._core.cache.close()
 
     async def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._thread_error is None
@@ -271,12 +219,7 @@ class ReferenceEngine:
         blocks = self._core.reserve_decode(rid, prompt_len)
         try:
             sink = _BlockSink(self._core, blocks, self._cfg.layers, prompt_len)
-            try:
-                trailer = await self._receiver.receive(job.kv, sink, deadline_s=job.deadline_s)
-            except BaseException:
-                sink.close(ok=False)
-                raise
-            sink.close(ok=True)
+            trailer = await self._receiver.receive(job.kv, sink, deadline_s=job.deadline_s)
             first = trailer.get("first_token")
             if not isinstance(first, int):
                 raise PdorchError(ErrorCode.KV_CORRUPT, "KV trailer carries no first token")
