@@ -102,15 +102,17 @@ def default_accelerators() -> dict[str, AcceleratorProfile]:
 
 
 def _default_decode() -> ProfileConfig:
-    # The slo handler chooses on predictions; the filters give its candidates, and the one scorer
-    # breaks ties between LoRA candidates (a draw seeded by the request breaks the others).
+    # The slo handler chooses on predictions; the filters give its candidates, and the scorers
+    # break ties: a LoRA adapter's residents first, then the node with the fewest requests (a
+    # busy and an idle node can be predicted alike where a batch costs little; a draw seeded by the
+    # request breaks what is left).
     return ProfileConfig(
         filters=(
             PluginSpec("role"),
             PluginSpec("health", params={"require_kv_room": True}),
             PluginSpec("adapter-slots"),
         ),
-        scorers=(PluginSpec("adapter-affinity"),),
+        scorers=(PluginSpec("adapter-affinity"), PluginSpec("active-requests")),
     )
 
 

@@ -17,22 +17,17 @@ import pytest
 
 from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import complete, decode_tie_break, eventually, stream_tokens
+from tests.e2e.helpers import complete, eventually, stream_tokens
 from tests.support.fake_worker import FakeWorker
 from transport.messages import DecodeJob
 
 pytestmark = pytest.mark.e2e
 
 
-# Among decode nodes predicted alike, the one with fewer requests.
-LEAST_BUSY = "placement:\n" + decode_tie_break("active-requests")
-
-
 @pytest.fixture
 def cluster(tmp_path) -> Iterator[LocalCluster]:
-    config = tmp_path / "scheduler.yaml"
-    config.write_text(LEAST_BUSY)
-    c = start_cluster(tmp_path, kv_mode="centralized", scheduler_args=["--config", str(config)])
+    # The default placement: among decode nodes predicted alike, the one with fewer requests.
+    c = start_cluster(tmp_path, kv_mode="centralized")
     yield c
     c.stop()
 

@@ -27,7 +27,7 @@ import zmq
 
 from pdorch.launcher import LocalCluster, free_port
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import complete, decode_tie_break, eventually, generate, metric
+from tests.e2e.helpers import complete, eventually, generate, metric
 from tests.support.fake_worker import FakeWorker
 from tests.support.tcp_proxy import ProxyThread
 from transport.messages import DecodeJob, Heartbeat, Load
@@ -59,13 +59,10 @@ def cluster(
     }
     logs = tmp_path_factory.mktemp("migration")
     # Late binding keeps prompts in the admission queue rather than in the prefill workers' queues;
-    # these tests need work queued on a worker when they kill it, so it is off here. Among decode
-    # nodes predicted alike, the one with fewer requests.
+    # these tests need work queued on a worker when they kill it, so it is off here. (Among decode
+    # nodes predicted alike, the default takes the one with fewer requests.)
     config = logs / "scheduler.yaml"
-    config.write_text(
-        "placement:\n  handler: {type: slo, params: {max_prefill_wait_s: 0}}\n"
-        + decode_tie_break("active-requests")
-    )
+    config.write_text("placement:\n  handler: {type: slo, params: {max_prefill_wait_s: 0}}\n")
     c = start_cluster(
         logs,
         prefill=2,

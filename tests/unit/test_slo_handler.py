@@ -314,6 +314,16 @@ def test_ties_go_to_the_profiles_scorers() -> None:
     assert placement.decode == "emptier"
 
 
+def test_by_default_ties_go_to_the_decode_node_with_fewer_requests() -> None:
+    # Predicted alike (a step's cost here does not depend on what the scheduler has in flight), so
+    # the default's scorer decides, whatever the seeded draw would say for each request.
+    nodes = (p(), d("busy", inflight=12), d("idle", inflight=2))
+    for i in range(20):
+        req = msgspec.structs.replace(request(ttft_slo_s=0.0, tpot_slo_s=0.0), request_id=f"r{i}")
+        placement = Placer(PlacementConfig()).place(ClusterSnapshot(nodes, TABLE), req)
+        assert placement.decode == "idle"
+
+
 def test_an_unlearnt_class_uses_the_prior() -> None:
     nodes = (p(accelerator="l40s"), d(accelerator="l40s"))
     placement = placer().place(ClusterSnapshot(nodes), request())
