@@ -16,7 +16,7 @@ from aiohttp import web
 
 from scheduler.admission.gate import Ticket
 from scheduler.admission.queue import QueueFull
-from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, METRICS, ORCHESTRATOR, TOKENIZERS
+from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, METRICS, ORCHESTRATOR, PLANNER, TOKENIZERS
 from scheduler.cluster import Cluster
 from scheduler.flow import GenerationRequest
 from scheduler.http import sse
@@ -376,7 +376,7 @@ async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Tic
     """Wait in the fair-share queue until placement finds room for the request (or give up). The
     room check is the request's placement, booked when it succeeds: ``ticket.grant``."""
     cfg, orchestrator = app[CONFIG], app[ORCHESTRATOR]
-    if not app[CLUSTER].can_serve(cfg.colocated):
+    if not app[CLUSTER].can_serve(cfg.colocated, app[PLANNER].placer.whole_request_roles()):
         raise PdorchError(ErrorCode.NO_WORKER, "no worker of a needed role is available")
     try:
         return await app[ADMISSION].acquire(

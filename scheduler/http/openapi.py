@@ -224,7 +224,7 @@ def document() -> dict[str, Any]:
             "/v1/cluster": _get("Workers, their load, admission", {"200": _ok(r.ClusterState)}),
             "/health": _get("The scheduler process serves HTTP", {"200": _ok(r.Health)}),
             "/ready": _get(
-                "At least one prefill-capable and one decode-capable worker",
+                "Requests can be served: a prefill and a decode worker, or one that serves them whole",
                 {"200": _ok(r.Readiness), "503": {"description": "not ready", "content": _json(r.Readiness)}},
             ),
             "/metrics": _get(

@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, KUBERNETES, METRICS
+from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, KUBERNETES, METRICS, PLANNER
 from scheduler.node_view import kv_refusing
 from transport.messages import Role
 
@@ -17,10 +17,14 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    cluster = request.app[CLUSTER]
+    """Ready while requests can be served: as admission judges it (a prefill and a decode worker, or
+    a worker the placement runs whole requests on)."""
+    app = request.app
+    cluster = app[CLUSTER]
     prefill, decode = cluster.has_role(Role.PREFILL), cluster.has_role(Role.DECODE)
-    body = {"ready": prefill and decode, "prefill_workers": prefill, "decode_workers": decode}
-    return web.json_response(body, status=200 if prefill and decode else 503)
+    ready = cluster.can_serve(app[CONFIG].colocated, app[PLANNER].placer.whole_request_roles())
+    body = {"ready": ready, "prefill_workers": prefill, "decode_workers": decode}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

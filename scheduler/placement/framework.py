@@ -23,6 +23,7 @@ from scheduler.placement.plugin import Decider, Filter, Picker, Scorer
 from scheduler.placement.registry import PluginKind, Registry, default_registry
 from scheduler.placement.types import ClusterSnapshot, NodeView, Placement, PlacementRequest
 from transport.errors import ErrorCode, PdorchError
+from transport.messages import Role
 
 R = TypeVar("R")
 
@@ -115,6 +116,16 @@ class Placer:
     @property
     def decider(self) -> Decider:
         return self._decider
+
+    def whole_request_roles(self) -> frozenset[Role]:
+        """The roles of the workers this placement may run a request on whole: "both" workers, prefill
+        workers with ``fallback_to_prefill_node``, decode workers when the handler lets them prefill."""
+        roles = {Role.BOTH}
+        if self.config.fallback_to_prefill_node:
+            roles.add(Role.PREFILL)
+        if self._handler.decode_prefills(self._decider):
+            roles.add(Role.DECODE)
+        return frozenset(roles)
 
     def candidates(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> Sequence[NodeView]:
         """Run only ``pool``'s filters."""

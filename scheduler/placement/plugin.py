@@ -82,3 +82,8 @@ class ProfileHandler(Protocol):
         """Where the request runs (llm-d's profile handler). ``PdorchError(NO_WORKER)`` makes it wait
         in admission; ``PdorchError(QUEUE_FULL)`` sheds it."""
         ...
+
+    def decode_prefills(self, decider: Decider) -> bool:
+        """Whether a decode node may prefill a request itself (with ``decider``, for a handler that
+        runs one), so that a cluster with no prefill worker still serves."""
+        ...

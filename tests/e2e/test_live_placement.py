@@ -168,3 +168,36 @@ async def test_a_prefill_node_runs_the_whole_request_when_no_decode_node_has_roo
     # Every token after the first is a decode step of the prefill worker's (as its report says).
     await eventually(lambda: _decoded(cluster, "prefill-0") > 0, 10)
     assert _decoded(cluster, "decode-0") == 0
+
+
+@pytest.fixture
+def pair(tmp_path) -> Iterator[LocalCluster]:
+    c = start_cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+@pytest.mark.parametrize(("gone", "left"), [("decode-0", "prefill-0"), ("prefill-0", "decode-0")])
+async def test_the_worker_left_of_a_pair_serves_requests_whole(
+    pair: LocalCluster, gone: str, left: str
+) -> None:
+    """With one pool gone (its pods restarting, say), the other serves: a prefill worker runs whole
+    requests (``fallback_to_prefill_node``), a decode worker prefills its own (the slo handler's
+    ``colocate``). The scheduler stays ready instead of answering 503."""
+    cluster = pair
+    cluster.kill(gone)
+
+    def only_left() -> bool:
+        return [w["worker_id"] for w in cluster.cluster_state()["workers"]] == [left]
+
+    await eventually(only_left, 30, f"the scheduler dropping {gone}")
+    body = {"model": MODEL, "prompt": "a prompt of a few words " * 4, "max_tokens": 24, "temperature": 0}
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as s:
+        async with s.get(cluster.url + "/ready") as r:
+            assert r.status == 200, await r.text()
+        async with s.post(cluster.url + "/v1/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            out = await r.json()
+    assert out["usage"]["completion_tokens"] > 0
+    await eventually(lambda: _decoded(cluster, left) > 0, 10)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from scheduler.tokenizer.hf import HfTokenizer
+from tests.e2e.helpers import eventually
 from tests.support.real_model import default_model_dir
 from tests.vllm_support.environment import vllm_python
 from tests.vllm_support.pd_pair import (
@@ -106,6 +107,27 @@ async def test_pdorch_in_front_of_vllm_answers_like_vllm(cluster: Cluster, tmp_p
         with pdorch_in_front(cluster, "p2p", tmp_path) as stack:
             have = await _chat(session, stack.url)
     assert "Paris" in have["message"]["content"], have
+    assert (have["message"]["content"], have["finish_reason"]) == (
+        want["message"]["content"],
+        want["finish_reason"],
+    )
+
+
+async def test_with_no_decode_worker_left_the_vllm_prefill_worker_serves_requests_whole(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The default placement lends the prefill pool's decode capacity: with the decode worker gone,
+    the vLLM prefill server (a KV producer) runs each request whole, and answers as plain vLLM."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        want = await _chat(session, cluster.prefill.url)
+        with pdorch_in_front(cluster, "p2p", tmp_path) as stack:
+            stack.kill("decode-0")
+
+            def only_prefill_left() -> bool:
+                return [w["worker_id"] for w in stack.cluster_state()["workers"]] == ["prefill-0"]
+
+            await eventually(only_prefill_left, 30, "the scheduler dropping the dead decode worker")
+            have = await _chat(session, stack.url)
     assert (have["message"]["content"], have["finish_reason"]) == (
         want["message"]["content"],
         want["finish_reason"],

@@ -156,6 +156,36 @@ def test_every_named_policy_builds() -> None:
     assert info.value.code is ErrorCode.CONFIG
 
 
+@pytest.mark.parametrize(
+    ("config", "roles"),
+    [
+        (PlacementConfig(), {Role.BOTH, Role.PREFILL, Role.DECODE}),
+        (PlacementConfig(fallback_to_prefill_node=False), {Role.BOTH, Role.DECODE}),
+        (
+            PlacementConfig(
+                handler=PluginSpec("slo", params={"colocate": False}), fallback_to_prefill_node=False
+            ),
+            {Role.BOTH},
+        ),
+        (PlacementConfig(handler=PluginSpec("pd")), {Role.BOTH, Role.PREFILL, Role.DECODE}),
+        (PlacementConfig(handler=PluginSpec("pd"), decider=PluginSpec("always")), {Role.BOTH, Role.PREFILL}),
+    ],
+)
+def test_the_roles_a_request_may_run_on_whole(config: PlacementConfig, roles: set[Role]) -> None:
+    """What admission and /ready accept as enough workers, besides a prefill and a decode one."""
+    assert Placer(config).whole_request_roles() == roles
+    # And the placer does run a request whole there, alone.
+    for role in (Role.PREFILL, Role.DECODE):
+        alone = ClusterSnapshot((NodeView("n", role, "m", blocks_total=1000),))
+        if role in roles:
+            placement = Placer(config).place(alone, request())
+            assert (placement.prefill, placement.decode) == ("n", "n")
+        else:
+            with pytest.raises(PdorchError) as info:
+                Placer(config).place(alone, request())
+            assert info.value.code is ErrorCode.NO_WORKER
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 

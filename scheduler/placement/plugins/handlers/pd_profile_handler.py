@@ -18,7 +18,8 @@ import msgspec
 
 from scheduler.placement.context import Pool, RequestContext
 from scheduler.placement.latency_model import LatencyTable
-from scheduler.placement.plugin import Profiles
+from scheduler.placement.plugin import Decider, Profiles
+from scheduler.placement.plugins.deciders.always_decider import AlwaysDecider
 from scheduler.placement.types import NodeView, Placement
 from transport.errors import ErrorCode, PdorchError
 
@@ -44,6 +45,9 @@ class PdProfileHandler:
             return profiles.select(Pool.PREFILL, ctx, [n for n in nodes if n.worker_id != decode.worker_id])
 
         return profiles.decider.decide(ctx, decode, pick_prefill)
+
+    def decode_prefills(self, decider: Decider) -> bool:
+        return not isinstance(decider, AlwaysDecider)  # every other decider prefills there when alone
 
 
 def _fallback(profiles: Profiles, ctx: RequestContext, nodes: Sequence[NodeView]) -> Placement:

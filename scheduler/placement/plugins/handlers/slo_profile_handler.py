@@ -45,7 +45,7 @@ import msgspec
 
 from scheduler.placement.context import Pool, RequestContext
 from scheduler.placement.latency_model import LatencyTable
-from scheduler.placement.plugin import Profiles
+from scheduler.placement.plugin import Decider, Profiles
 from scheduler.placement.slo_estimate import Estimator, Option
 from scheduler.placement.types import NodeView, Placement
 from transport.errors import ErrorCode, PdorchError
@@ -116,6 +116,9 @@ class SloProfileHandler:
                 return _placed(ctx, best)
             raise _shed(f"its first token is predicted at {ttft:.2f}s > {req.ttft_slo_s:.2f}s")
         raise PdorchError(ErrorCode.NO_WORKER, "no candidate meets the request's objectives yet; waiting")
+
+    def decode_prefills(self, decider: Decider) -> bool:
+        return self.params.colocate
 
     def _bound(self, tier: Tier, o: Option) -> bool:
         if tier is Tier.PREFILL_NODE_DECODES:
