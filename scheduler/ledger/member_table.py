@@ -12,10 +12,17 @@ order now and then), so ties go to the earliest member.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 _FIELDS = ("steps", "tpot", "delay", "joined", "at_join")
+
+
+class MemberRow(NamedTuple):
+    tpot_slo_s: float  # 0 = no objective
+    joined_at: float | None  # when its decode began here (None: not yet)
+    delay_s: float  # time between its first token and that (the KV handoff)
 
 
 class MemberTable:
@@ -58,6 +65,16 @@ class MemberTable:
         if new.any():
             at_join[new] = steps_done + np.maximum(0.0, joined[new] - start) / per_step
             self._version += 1
+
+    def row(self, job_id: str) -> MemberRow:
+        """A member's objective, join time and handoff delay (KeyError if it is not one)."""
+        i = self._rows[job_id]
+        joined = float(self._cols["joined"][i])
+        return MemberRow(
+            float(self._cols["tpot"][i]),
+            None if math.isnan(joined) else joined,
+            float(self._cols["delay"][i]),
+        )
 
     def remove(self, job_id: str) -> None:
         row = self._rows.pop(job_id, None)

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from scheduler.ledger.member_table import MemberTable
+from scheduler.ledger.member_table import MemberRow, MemberTable
 from scheduler.ledger.prefix_memory import PrefixMemory
 from scheduler.placement.kv_budget import outstanding_blocks
 from scheduler.prediction.latency import DecodeSample, PrefillSample, TpotOutcome
@@ -62,17 +62,6 @@ class Pending:
     adapter_load: bool = False  # its LoRA adapter was not resident here when it was booked
 
 
-@dataclass
-class Member:
-    """A request decoding here; its TPOT budget (predicted steps, the step count it joined at)
-    is in ``NodeLedger.member_table``."""
-
-    prompt_tokens: int
-    tpot_slo_s: float  # 0 = no objective
-    joined_at: float | None = None  # when its decode began here
-    delay_s: float = 0.0  # time between its first token and that (the KV handoff)
-
-
 class NodeLedger:
     def __init__(
         self,
@@ -90,8 +79,10 @@ class NodeLedger:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.held: dict[str, Held] = {}
         self.pending: dict[str, Pending] = {}
-        self.members: dict[str, Member] = {}
-        self.member_table = MemberTable()  # their TPOT budgets, as columns (tightest_member)
+        self.members: dict[str, int] = {}  # job -> its prompt tokens
+        # The rest of each member (objective, predicted steps, join time, handoff delay), as
+        # columns: its TPOT budget and the tightest member's come from there (tightest_member).
+        self.member_table = MemberTable()
         self.prefixes = PrefixMemory(capacity_tokens)
         self.last_departure = -float("inf")  # the last first token this node produced
         self.prefilled_tokens = 0  # uncached prompt tokens prefilled here (answered)
@@ -173,7 +164,7 @@ class NodeLedger:
             self._changed()
 
     def add_member(self, job_id: str, prompt_tokens: int, steps: int, tpot_slo_s: float) -> None:
-        self.members[job_id] = Member(prompt_tokens, tpot_slo_s)
+        self.members[job_id] = prompt_tokens
         self.member_table.add(job_id, steps, tpot_slo_s)
         self.booked_tokens += prompt_tokens
         self._changed()
@@ -216,15 +207,13 @@ class NodeLedger:
         held = self.held.get(job_id)
         if held is not None:
             self._set_held(held, max(held.tokens, tokens))
-        member = self.members.get(job_id)
-        if member is None or member.joined_at is not None:
+        prompt_tokens = self.members.get(job_id)
+        if prompt_tokens is None or self.member_table.row(job_id).joined_at is not None:
             return
         self._advance(now)
-        member.joined_at = now
-        member.delay_s = delay_s
         self.member_table.join(job_id, now, delay_s)
         self.joined += 1
-        self.joined_tokens += member.prompt_tokens
+        self.joined_tokens += prompt_tokens
         self._changed()
 
     def leave(self, job_id: str, now: float, steps: int) -> TpotOutcome | None:
@@ -319,16 +308,17 @@ class NodeLedger:
         self.steps_done += steps
         self.steps_at = end
 
-    def _drop_member(self, job_id: str, now: float) -> Member | None:
-        member = self.members.pop(job_id, None)
-        if member is None:
+    def _drop_member(self, job_id: str, now: float) -> MemberRow | None:
+        prompt_tokens = self.members.pop(job_id, None)
+        if prompt_tokens is None:
             return None
+        member = self.member_table.row(job_id)
         self.member_table.remove(job_id)
         self._advance(now)
-        self.booked_tokens -= member.prompt_tokens
+        self.booked_tokens -= prompt_tokens
         if member.joined_at is not None:
             self.joined -= 1
-            self.joined_tokens -= member.prompt_tokens
+            self.joined_tokens -= prompt_tokens
         self._changed()
         return member
 
