@@ -19,7 +19,7 @@ import pytest
 
 from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import MODEL, decode_tie_break, eventually
+from tests.e2e.helpers import MODEL, decode_tie_break, eventually, stream_tokens
 from tests.support.fake_worker import FakeWorker
 from transport.messages import DecodeJob, Load, Role
 
@@ -201,3 +201,30 @@ async def test_the_worker_left_of_a_pair_serves_requests_whole(
             out = await r.json()
     assert out["usage"]["completion_tokens"] > 0
     await eventually(lambda: _decoded(cluster, left) > 0, 10)
+
+
+async def test_a_stream_whose_decode_worker_dies_alone_finishes_on_the_prefill_worker(
+    pair: LocalCluster,
+) -> None:
+    """No other decode worker to move to: the request continues whole on the prefill worker, token
+    for token; once the decode worker is back, requests are split again."""
+    cluster = pair
+    body = {"prompt": "a prompt of a few words " * 4, "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        reference, _, _ = await stream_tokens(s, cluster.url, **body)
+        seen: list[int] = []
+        streaming = asyncio.create_task(stream_tokens(s, cluster.url, seen=seen, **body))
+        await eventually(lambda: len(seen) >= 30, 30, "the first tokens")
+        cluster.kill("decode-0")
+        ids, finish, _ = await streaming
+        assert (ids, finish) == (reference, "length")
+        await eventually(lambda: _decoded(cluster, "prefill-0") > 0, 10)
+        cluster.restart("decode-0")
+
+        def decode_back() -> bool:
+            return "decode-0" in [w["worker_id"] for w in cluster.cluster_state()["workers"]]
+
+        await eventually(decode_back, 30, "decode-0 registering again")
+        again, _, _ = await stream_tokens(s, cluster.url, **body)
+    assert again == reference
+    await eventually(lambda: _decoded(cluster, "decode-0") > 0, 10)
