@@ -57,6 +57,13 @@ class Metrics:
             ["phase", "cause", "recovery"],
             registry=r,
         )
+        self.placements = Counter(
+            "pdorch_placements",
+            "Where each attempt of a request was placed: split (prefill on one worker, decode on "
+            "another), or whole on one worker of a role (prefill, decode, both)",
+            ["kind"],
+            registry=r,
+        )
         self.attempts = Histogram(
             "pdorch_request_attempts",
             "Attempts per request (1 = no migration)",

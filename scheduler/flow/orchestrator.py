@@ -358,6 +358,7 @@ class Orchestrator:
         p, d = placement.prefill, placement.decode
         run.preq = preq
         now = run.progress_at = time.monotonic()
+        self._metrics.placements.labels(self._placement_kind(placement)).inc()
         if placement.colocated:
             a = run.attempt = Attempt(number, job_id, p, p, generated, now)
             self._expect(run, a, p)
@@ -398,6 +399,12 @@ class Orchestrator:
         ):
             return KvMode.CENTRALIZED
         return KvMode.P2P
+
+    def _placement_kind(self, placement: Placement) -> str:
+        if not placement.colocated:
+            return "split"
+        worker = self._cluster.get(placement.prefill)
+        return str(worker.hello.role) if worker is not None else "unknown"
 
     def _handoff_mode(self, a: Attempt) -> str:
         return str(a.kv_mode or self._cfg.kv_mode)

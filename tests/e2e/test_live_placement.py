@@ -19,7 +19,7 @@ import pytest
 
 from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import MODEL, decode_tie_break, eventually, stream_tokens
+from tests.e2e.helpers import MODEL, decode_tie_break, eventually, metric, stream_tokens
 from tests.support.fake_worker import FakeWorker
 from transport.messages import DecodeJob, Load, Role
 
@@ -185,20 +185,27 @@ async def test_the_worker_left_of_a_pair_serves_requests_whole(
     requests (``fallback_to_prefill_node``), a decode worker prefills its own (the slo handler's
     ``colocate``). The scheduler stays ready instead of answering 503."""
     cluster = pair
-    cluster.kill(gone)
-
-    def only_left() -> bool:
-        return [w["worker_id"] for w in cluster.cluster_state()["workers"]] == [left]
-
-    await eventually(only_left, 30, f"the scheduler dropping {gone}")
     body = {"model": MODEL, "prompt": "a prompt of a few words " * 4, "max_tokens": 24, "temperature": 0}
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as s:
+        async with s.post(cluster.url + "/v1/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+        assert await metric(s, cluster.url, "pdorch_placements_total", kind="split") == 1
+        cluster.kill(gone)
+
+        def only_left() -> bool:
+            return [w["worker_id"] for w in cluster.cluster_state()["workers"]] == [left]
+
+        await eventually(only_left, 30, f"the scheduler dropping {gone}")
         async with s.get(cluster.url + "/ready") as r:
             assert r.status == 200, await r.text()
         async with s.post(cluster.url + "/v1/completions", json=body) as r:
             assert r.status == 200, await r.text()
             out = await r.json()
+        # Operators see where requests ran: whole on the worker of the role that is left.
+        role = left.split("-")[0]
+        assert await metric(s, cluster.url, "pdorch_placements_total", kind=role) == 1
+        assert await metric(s, cluster.url, "pdorch_placements_total", kind="split") == 1
     assert out["usage"]["completion_tokens"] > 0
     await eventually(lambda: _decoded(cluster, left) > 0, 10)
 
