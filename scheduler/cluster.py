@@ -156,14 +156,15 @@ class Cluster:
         )
         return any(w.hello.role in wanted and w.state is WorkerState.READY for w in self._by_id.values())
 
-    def can_serve(self, colocated: bool, whole: frozenset[Role] = frozenset({Role.BOTH})) -> bool:
+    def can_serve(self, colocated: bool, whole: frozenset[Role]) -> bool:
         """Is there a worker for each role a request needs (it may still be busy)? A prefill and a
         decode worker, or one worker of a role placement may run a request on whole (``whole``,
         the placer's ``whole_request_roles``); a colocated deployment needs a "both" worker."""
-        ready = [w.hello.role for w in self._by_id.values() if w.state is WorkerState.READY]
+        ready = {w.hello.role for w in self._by_id.values() if w.state is WorkerState.READY}
         if colocated:
             return Role.BOTH in ready
-        return (self.has_role(Role.PREFILL) and self.has_role(Role.DECODE)) or any(r in whole for r in ready)
+        split = bool(ready & {Role.PREFILL, Role.BOTH}) and bool(ready & {Role.DECODE, Role.BOTH})
+        return split or bool(ready & whole)
 
     def hello_for_model(self, model: str) -> Hello | None:
         """A worker's hello for a model, or for a LoRA adapter a worker serves (whose base model

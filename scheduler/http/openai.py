@@ -376,7 +376,7 @@ async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Tic
     """Wait in the fair-share queue until placement finds room for the request (or give up). The
     room check is the request's placement, booked when it succeeds: ``ticket.grant``."""
     cfg, orchestrator = app[CONFIG], app[ORCHESTRATOR]
-    if not app[CLUSTER].can_serve(cfg.colocated, app[PLANNER].placer.whole_request_roles()):
+    if not app[CLUSTER].can_serve(cfg.colocated, app[PLANNER].placer.whole_request_roles):
         raise PdorchError(ErrorCode.NO_WORKER, "no worker of a needed role is available")
     try:
         return await app[ADMISSION].acquire(

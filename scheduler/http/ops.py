@@ -22,7 +22,7 @@ async def ready(request: web.Request) -> web.Response:
     app = request.app
     cluster = app[CLUSTER]
     prefill, decode = cluster.has_role(Role.PREFILL), cluster.has_role(Role.DECODE)
-    ready = cluster.can_serve(app[CONFIG].colocated, app[PLANNER].placer.whole_request_roles())
+    ready = cluster.can_serve(app[CONFIG].colocated, app[PLANNER].placer.whole_request_roles)
     body = {"ready": ready, "prefill_workers": prefill, "decode_workers": decode}
     return web.json_response(body, status=200 if ready else 503)
 

@@ -103,6 +103,15 @@ class Placer:
         # Neither is timed as a plugin: their time includes the profiles', which are timed.
         self._decider = registry.build_decider(self.config.decider, "placement.decider")
         self._handler = registry.build_handler(self.config.handler, "placement.handler")
+        # The roles of the workers this placement may run a request on whole: "both" workers,
+        # prefill workers with fallback_to_prefill_node, decode workers if the handler lets them
+        # prefill (what admission and /ready accept as enough workers, besides a prefill and a decode).
+        roles = {Role.BOTH}
+        if self.config.fallback_to_prefill_node:
+            roles.add(Role.PREFILL)
+        if self._handler.decode_prefills(self._decider):
+            roles.add(Role.DECODE)
+        self.whole_request_roles = frozenset(roles)
         self._clock = clock
         self._latency: dict[str, PluginLatency] = {}
 
@@ -116,16 +125,6 @@ class Placer:
     @property
     def decider(self) -> Decider:
         return self._decider
-
-    def whole_request_roles(self) -> frozenset[Role]:
-        """The roles of the workers this placement may run a request on whole: "both" workers, prefill
-        workers with ``fallback_to_prefill_node``, decode workers when the handler lets them prefill."""
-        roles = {Role.BOTH}
-        if self.config.fallback_to_prefill_node:
-            roles.add(Role.PREFILL)
-        if self._handler.decode_prefills(self._decider):
-            roles.add(Role.DECODE)
-        return frozenset(roles)
 
     def candidates(self, pool: Pool, ctx: RequestContext, nodes: Sequence[NodeView]) -> Sequence[NodeView]:
         """Run only ``pool``'s filters."""

@@ -173,7 +173,7 @@ def test_every_named_policy_builds() -> None:
 )
 def test_the_roles_a_request_may_run_on_whole(config: PlacementConfig, roles: set[Role]) -> None:
     """What admission and /ready accept as enough workers, besides a prefill and a decode one."""
-    assert Placer(config).whole_request_roles() == roles
+    assert Placer(config).whole_request_roles == roles
     # And the placer does run a request whole there, alone.
     for role in (Role.PREFILL, Role.DECODE):
         alone = ClusterSnapshot((NodeView("n", role, "m", blocks_total=1000),))
