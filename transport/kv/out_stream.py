@@ -167,8 +167,9 @@ class KvOutStream:
         with their ``known_checksums`` (used when they need no further split)."""
         self._raise_if_over()
         try:
-            await self._deadline.wait(self._accepted.wait(), f"the receiver to accept {self.transfer_id}")
-            self._raise_if_over()
+            if not self._accepted.is_set():
+                await self._deadline.wait(self._accepted.wait(), f"the receiver to accept {self.transfer_id}")
+                self._raise_if_over()
             rows = np.ascontiguousarray(rows)
             if self._take_ring() is not None:
                 await self._write_rows(layer, row_offset, rows)
