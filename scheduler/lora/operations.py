@@ -143,7 +143,8 @@ class AdapterOperations:
 async def _bounded(lock: asyncio.Lock, timeout_s: float) -> AsyncIterator[None]:
     """The operations lock, waited for at most ``timeout_s`` (then DEADLINE_EXCEEDED)."""
     try:
-        await asyncio.wait_for(lock.acquire(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await lock.acquire()
     except TimeoutError:
         raise PdorchError(
             ErrorCode.DEADLINE_EXCEEDED, "another adapter operation is still running; try again"

@@ -103,7 +103,8 @@ async def _serve(args: argparse.Namespace) -> None:
         print(f"kv-broker listening on {broker.endpoint}", flush=True)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), STATS_LOG_INTERVAL_S)
+                async with asyncio.timeout(STATS_LOG_INTERVAL_S):
+                    await stop.wait()
             log.info("stats %s", broker.stats)
     finally:
         await broker.close()

@@ -160,7 +160,8 @@ class ReferenceEngine:
                 adapter=job.adapter,
             )
             self._wake.set()
-            out = await asyncio.wait_for(first, job.deadline_s)
+            async with asyncio.timeout(job.deadline_s):
+                out = await first
             if out.failed:
                 raise out.as_error()
             # The first token goes out at once, while the KV may still be on the wire.
@@ -279,7 +280,8 @@ class ReferenceEngine:
         try:
             submit()
             self._wake.set()
-            await asyncio.wait_for(done, self._job_timeout_s)
+            async with asyncio.timeout(self._job_timeout_s):
+                await done
         except TimeoutError:
             raise PdorchError(
                 ErrorCode.DEADLINE_EXCEEDED, f"{rid} did not finish in {self._job_timeout_s}s"

@@ -237,7 +237,8 @@ class SimulatedEngine:
 
     async def _within(self, waiting: asyncio.Future[Any], timeout_s: float, what: str) -> Any:
         try:
-            return await asyncio.wait_for(waiting, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await waiting
         except TimeoutError:
             raise PdorchError(
                 ErrorCode.DEADLINE_EXCEEDED, f"{what} did not finish in {timeout_s:g}s"

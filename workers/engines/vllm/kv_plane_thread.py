@@ -161,7 +161,8 @@ class KvPlaneThread:
         spec = send.spec
         error = ""
         try:
-            await asyncio.wait_for(self._stream(send), timeout=spec.lease_s)
+            async with asyncio.timeout(spec.lease_s):
+                await self._stream(send)
         except TimeoutError:
             error = f"KV send {spec.params.transfer_id} not confirmed within its {spec.lease_s:.0f}s lease"
         except PdorchError as e:
