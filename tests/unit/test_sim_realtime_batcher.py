@@ -268,3 +268,42 @@ def test_a_prompt_waits_for_blocks_held_by_a_handoff() -> None:
     outputs = run(core)
     assert finish(outputs, "next") is FinishReason.LENGTH
     assert outputs[0][0] == pytest.approx(2.0 + COST.prefill_ms(0, 60) / 1e3)
+
+
+def test_decode_at_once_gives_the_stepped_tokens_with_no_decode_iteration() -> None:
+    """No modelled time (``decode_at_once``): a sequence that joins the batch decodes to its end in
+    one pass, with the tokens and finish of stepping, and its blocks are freed."""
+    p, q = prompt(100), prompt(64, salt=3)
+    outputs = {}
+    for at_once in (False, True):
+        core = make(decode_at_once=at_once)
+        generated = stream(p, 300, mean=40.0, seed=5)  # EOS most likely before max_tokens
+        decoded = stream(q, 200, seed=2)
+        core.add_prefill(0.0, "g", generated, prefix_block_hashes(p, BLOCK), decode_here=True)
+        core.reserve_decode(0.0, "d", decoded, prefix_block_hashes(q, BLOCK))
+        core.start_decode(0.0, "d", decoded.token(0))
+        got = run(core) + [(core.t, out) for out in core.advance(core.t)]
+        outputs[at_once] = {rid: (token_ids(got, rid), finish(got, rid)) for rid in ("g", "d")}
+        if at_once:
+            assert core.stats.decode_iterations == 0
+            assert [len(out.token_ids) for _, out in got if out.request_id == "d"] == [199]
+        assert core.load().blocks_used == 0
+    assert outputs[True] == outputs[False]
+    assert outputs[True]["d"][1] is FinishReason.LENGTH
+
+
+def test_decode_at_once_steps_a_sequence_whose_kv_would_not_fit() -> None:
+    core = make(num_blocks=20, decode_at_once=True)
+    held = prompt(160, salt=1)
+    core.add_prefill(0.0, "h", stream(held, 10), prefix_block_hashes(held, BLOCK), decode_here=False)
+    run(core)  # the handoff holds 10 of the 20 blocks
+    p = prompt(50)
+    s = stream(p, 200)  # 250 tokens of KV at its end: 16 blocks
+    core.add_prefill(core.t, "g", s, prefix_block_hashes(p, BLOCK), decode_here=True)
+    got = run(core, until=core.t + 1.0)
+    assert core.stats.decode_iterations > 0  # it stepped, and is stuck until the handoff goes
+    assert finish(got, "g") is None
+    core.release(core.t, "h")
+    got += run(core) + [(core.t, out) for out in core.advance(core.t)]
+    assert token_ids(got, "g") == [s.token(i) for i in range(200)]
+    assert finish(got, "g") is FinishReason.LENGTH

@@ -146,3 +146,30 @@ def test_what_a_model_without_logits_cannot_honour_is_refused_and_min_tokens_hol
     first = tokens(eager, 10)
     assert EOS_TOKEN_ID not in first and not {65, 66} & set(first)
     assert EOS_TOKEN_ID in tokens(eager, 50)[10:]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(max_tokens=300),
+        SamplingParams(max_tokens=300, temperature=0.8, seed=4, stop_token_ids=[65, 66]),
+        SamplingParams(max_tokens=40, min_tokens=20, stop_token_ids=[70, 71, 72]),
+        SamplingParams(max_tokens=500, ignore_eos=True),
+    ],
+)
+@pytest.mark.parametrize("generated", [0, 3])
+def test_a_run_of_tokens_at_once_equals_token_by_token(sampling: SamplingParams, generated: int) -> None:
+    s = SimTokenStream(
+        7, [*PROMPT, 1, 2, 3], sampling, mean_output_tokens=30.0, max_model_len=200, generated=generated
+    )
+    assert s.tokens(5, 400).tolist() == [s.token(i) for i in range(5, 405)]
+    for done in (1, 4):
+        expected, n = [], done
+        while True:  # step as a batcher does: one token, then the finish rules
+            token = s.token(n)
+            n += 1
+            expected.append(token)
+            reason = s.finish_reason(token, n)
+            if reason is not None:
+                break
+        assert s.rest(done) == (expected, reason)

@@ -57,6 +57,9 @@ class BatcherParams(msgspec.Struct, frozen=True):
     enable_prefix_caching: bool = True
     max_loras: int = 0  # LoRA adapter slots (0 = adapters are not limited and cost nothing)
     adapter_load_s: float = 0.0  # seconds (model time) per adapter load
+    # No modelled time (the zero-cost engine): a sequence that joins the batch decodes to its end at
+    # once, in one pass, when its KV fits (else it steps with the rest and may be preempted).
+    decode_at_once: bool = False
 
 
 class SimOutput(msgspec.Struct, gc=False):
@@ -316,6 +319,8 @@ class SimBatcher:
             self._ready.remove(seq)
             seq.where = _Where.RUNNING
             self._running[seq.rid] = seq
+            if self.params.decode_at_once:
+                self._run_out(seq)
         batch = self._grow_batch()
         work = self._prefilling or self._start_next_prompt()
         if work is None and not batch:
@@ -358,6 +363,19 @@ class SimBatcher:
             return False
         seq.private += need
         return True
+
+    def _run_out(self, seq: _Seq) -> None:
+        """Decode a sequence that just joined the batch to its end now (``decode_at_once``), if the
+        KV of every token it will generate fits; else leave it to step."""
+        tokens, reason = seq.stream.rest(seq.generated)
+        if not self._grow(seq, seq.ctx + len(tokens)):
+            return
+        seq.ctx += len(tokens)
+        seq.generated += len(tokens)
+        self._out.append(SimOutput(seq.rid, tokens, reason))
+        self.stats.tokens += len(tokens)
+        del self._running[seq.rid]
+        self._forget(seq)
 
     def _preempt(self, seq: _Seq) -> None:
         del self._running[seq.rid]

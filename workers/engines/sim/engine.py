@@ -64,6 +64,7 @@ class SimulatedEngine:
             enable_prefix_caching=cfg.enable_prefix_caching,
             max_loras=cfg.max_loras if cfg.adapters else 0,
             adapter_load_s=cfg.adapter_load_s,
+            decode_at_once=cfg.time_scale == 0,
         )
         self._core = SimBatcher(self.cost, params)
         self.link = KvLink(cfg.kv_link_gbytes_per_s, cfg.time_scale)
@@ -262,14 +263,18 @@ class SimulatedEngine:
         if not self._zero_cost:
             return self._core.advance(self._now())
         # No modeled time: run every iteration there is work for, at once, one output a request.
+        # The first call collects what needed no iteration (a sequence decoded to its end on
+        # joining the batch).
         merged: dict[str, SimOutput] = {}
-        while (end := self._core.next_event_time()) != math.inf:
+        end = self._virtual_now
+        while end != math.inf:
             self._virtual_now = end
             for out in self._core.advance(end):
                 seen = merged.setdefault(out.request_id, out)
                 if seen is not out:
                     seen.token_ids.extend(out.token_ids)
                     seen.finish_reason = out.finish_reason
+            end = self._core.next_event_time()
         return list(merged.values())
 
     async def _step_loop(self) -> None:

@@ -2,7 +2,10 @@
 
 The ``n``-th generated token of a request (``n = 0`` is the prefill's token) is a pure function of
 the engine seed, the prompt, ``n`` and, for sampled requests (``temperature > 0``), the request's
-seed: BLAKE2b over those values. A greedy request ignores its seed, as a real greedy sampler does.
+seed: a 64-bit key, BLAKE2b over those values once per request, and SplitMix64's output at
+position ``n`` of the sequence that key seeds (a counter-based draw, so any position is computed
+alone, one at a time or a whole run at once with numpy). A greedy request ignores its seed, as a
+real greedy sampler does.
 Because nothing depends on batching, timing or which worker computed what, a request prefilled on
 one worker and decoded on another yields exactly the tokens a single worker generates, and so does
 a resumed request (its prompt followed by the ``generated`` tokens it had produced: the stream is
@@ -30,6 +33,11 @@ EOS_TOKEN_ID = 257
 _PRINTABLE_FIRST = 32
 _PRINTABLE_COUNT = 95  # 32..126
 _U32 = float(1 << 32)
+_MASK64 = (1 << 64) - 1
+# SplitMix64 (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014).
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
 
 
 def check_sampling(sampling: SamplingParams) -> None:
@@ -94,7 +102,7 @@ class SimTokenStream:
         key.update(np.asarray(original, dtype="<i8").tobytes())
         request_seed = sampling.seed if sampling.temperature > 0 else 0
         key.update(f"|{engine_seed}|{request_seed}|{sampling.temperature > 0}".encode())
-        self._key = key.digest()
+        self._key = int.from_bytes(key.digest()[:8], "little")
         self._eos_threshold = _U32 / mean_output_tokens
         self._max_model_len = max_model_len
         self.prompt_len = len(prompt_token_ids)  # a resumed request's earlier output included
@@ -104,8 +112,10 @@ class SimTokenStream:
     def token(self, index: int) -> int:
         """Token ``index`` generated here (0 = this job's first: output index ``generated``)."""
         output_index = self.generated + index
-        digest = hashlib.blake2b(output_index.to_bytes(8, "little"), digest_size=8, key=self._key).digest()
-        value = int.from_bytes(digest, "little")
+        z = (self._key + (output_index + 1) * _GOLDEN) & _MASK64
+        z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+        z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+        value = z ^ (z >> 31)
         # EOS, drawn at its rate, but not before min_tokens (nor stop_token_ids, all printable ids
         # that the draw below may give: those are skipped to the next printable one).
         if (value & 0xFFFFFFFF) < self._eos_threshold and output_index >= self.sampling.min_tokens:
@@ -114,6 +124,43 @@ class SimTokenStream:
         if output_index < self.sampling.min_tokens and token in self.sampling.stop_token_ids:
             token = _PRINTABLE_FIRST + (token - _PRINTABLE_FIRST + 1) % _PRINTABLE_COUNT
         return token
+
+    def tokens(self, start: int, count: int) -> np.ndarray:
+        """Tokens ``start`` .. ``start + count - 1`` generated here, as :meth:`token` gives them."""
+        output_index = np.arange(self.generated + start, self.generated + start + count, dtype=np.uint64)
+        z = np.uint64(self._key) + (output_index + np.uint64(1)) * np.uint64(_GOLDEN)  # wraps mod 2**64
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+        value = z ^ (z >> np.uint64(31))
+        tokens = (_PRINTABLE_FIRST + (value >> np.uint64(32)) % np.uint64(_PRINTABLE_COUNT)).astype(np.int64)
+        early = output_index < np.uint64(self.sampling.min_tokens)
+        if self.sampling.stop_token_ids and early.any():
+            bump = early & np.isin(tokens, self.sampling.stop_token_ids)
+            tokens[bump] = _PRINTABLE_FIRST + (tokens[bump] - _PRINTABLE_FIRST + 1) % _PRINTABLE_COUNT
+        eos = (value & np.uint64(0xFFFFFFFF)).astype(np.float64) < self._eos_threshold
+        tokens[eos & ~early] = EOS_TOKEN_ID
+        return tokens
+
+    def rest(self, done: int) -> tuple[list[int], FinishReason]:
+        """Every token after the first ``done`` generated here, up to the one that ends the request
+        (by :meth:`finish_reason`'s rules), and why it ends: a whole decode in one pass."""
+        s = self.sampling
+        # The count at which finish_reason says LENGTH (at least one more token is generated).
+        limit = max(done + 1, min(s.max_tokens - self.generated, self._max_model_len - self.prompt_len))
+        start = done
+        while True:
+            count = min(limit - start, max(64, start - done))  # chunks that double: EOS may come early
+            chunk = self.tokens(start, count)
+            stops = np.isin(chunk, s.stop_token_ids) if s.stop_token_ids else np.zeros(count, dtype=bool)
+            if not s.ignore_eos:
+                stops |= chunk == EOS_TOKEN_ID
+            hit = np.flatnonzero(stops)
+            if hit.size:
+                end = start + int(hit[0]) + 1
+                return self.tokens(done, end - done).tolist(), FinishReason.STOP
+            start += count
+            if start >= limit:
+                return self.tokens(done, limit - done).tolist(), FinishReason.LENGTH
 
     def finish_reason(self, token: int, num_generated: int) -> FinishReason | None:
         """Whether generating ``token`` (the ``num_generated``-th here, from 1) ends the request."""
