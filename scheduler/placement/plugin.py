@@ -45,6 +45,9 @@ class Picker(Protocol):
 
 @runtime_checkable
 class Decider(Protocol):
+    # Whether a dedicated decode node prefills a request itself when no prefill node is available.
+    prefills_on_decode: bool
+
     def decide(self, ctx: RequestContext, decode: NodeView, pick_prefill: PickPrefill) -> Placement:
         """Whether and where to prefill, given the decode profile's pick (llm-d's P/D decider).
 

@@ -19,6 +19,8 @@ class AlwaysDeciderParams(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
 
 
 class AlwaysDecider:
+    prefills_on_decode = False
+
     def __init__(self, params: AlwaysDeciderParams) -> None:
         self.params = params
 

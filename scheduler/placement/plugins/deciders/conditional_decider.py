@@ -73,6 +73,8 @@ def _problems(p: ConditionalDeciderParams) -> list[str]:
 
 
 class ConditionalDecider:
+    prefills_on_decode = True
+
     def __init__(self, params: ConditionalDeciderParams) -> None:
         problems = _problems(params)
         if problems:

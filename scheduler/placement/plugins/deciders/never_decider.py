@@ -14,6 +14,8 @@ class NeverDeciderParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True
 
 
 class NeverDecider:
+    prefills_on_decode = True
+
     def __init__(self, params: NeverDeciderParams) -> None:
         self.params = params
 

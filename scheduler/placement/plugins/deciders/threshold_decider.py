@@ -18,6 +18,8 @@ class ThresholdDeciderParams(msgspec.Struct, frozen=True, forbid_unknown_fields=
 
 
 class ThresholdDecider:
+    prefills_on_decode = True
+
     def __init__(self, params: ThresholdDeciderParams) -> None:
         if params.threshold_tokens < 0:
             raise ValueError(f"threshold_tokens must be >= 0, got {params.threshold_tokens}")

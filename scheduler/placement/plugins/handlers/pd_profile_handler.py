@@ -19,7 +19,6 @@ import msgspec
 from scheduler.placement.context import Pool, RequestContext
 from scheduler.placement.latency_model import LatencyTable
 from scheduler.placement.plugin import Decider, Profiles
-from scheduler.placement.plugins.deciders.always_decider import AlwaysDecider
 from scheduler.placement.types import NodeView, Placement
 from transport.errors import ErrorCode, PdorchError
 
@@ -47,7 +46,7 @@ class PdProfileHandler:
         return profiles.decider.decide(ctx, decode, pick_prefill)
 
     def decode_prefills(self, decider: Decider) -> bool:
-        return not isinstance(decider, AlwaysDecider)  # every other decider prefills there when alone
+        return decider.prefills_on_decode
 
 
 def _fallback(profiles: Profiles, ctx: RequestContext, nodes: Sequence[NodeView]) -> Placement:
