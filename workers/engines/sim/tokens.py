@@ -126,7 +126,9 @@ class SimTokenStream:
         return token
 
     def tokens(self, start: int, count: int) -> np.ndarray:
-        """Tokens ``start`` .. ``start + count - 1`` generated here, as :meth:`token` gives them."""
+        """Tokens ``start`` .. ``start + count - 1`` generated here, as :meth:`token` gives them (the
+        same draw in numpy: a stepping engine asks for one token at a time, where plain ints are
+        several times cheaper than numpy's per-call overhead)."""
         output_index = np.arange(self.generated + start, self.generated + start + count, dtype=np.uint64)
         z = np.uint64(self._key) + (output_index + np.uint64(1)) * np.uint64(_GOLDEN)  # wraps mod 2**64
         z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
@@ -147,8 +149,10 @@ class SimTokenStream:
         s = self.sampling
         # The count at which finish_reason says LENGTH (at least one more token is generated).
         limit = max(done + 1, min(s.max_tokens - self.generated, self._max_model_len - self.prompt_len))
+        chunks: list[np.ndarray] = []
         start = done
-        while True:
+        reason = FinishReason.LENGTH
+        while start < limit:
             count = min(limit - start, max(64, start - done))  # chunks that double: EOS may come early
             chunk = self.tokens(start, count)
             stops = np.isin(chunk, s.stop_token_ids) if s.stop_token_ids else np.zeros(count, dtype=bool)
@@ -156,11 +160,12 @@ class SimTokenStream:
                 stops |= chunk == EOS_TOKEN_ID
             hit = np.flatnonzero(stops)
             if hit.size:
-                end = start + int(hit[0]) + 1
-                return self.tokens(done, end - done).tolist(), FinishReason.STOP
+                chunks.append(chunk[: hit[0] + 1])
+                reason = FinishReason.STOP
+                break
+            chunks.append(chunk)
             start += count
-            if start >= limit:
-                return self.tokens(done, limit - done).tolist(), FinishReason.LENGTH
+        return np.concatenate(chunks).tolist(), reason
 
     def finish_reason(self, token: int, num_generated: int) -> FinishReason | None:
         """Whether generating ``token`` (the ``num_generated``-th here, from 1) ends the request."""
