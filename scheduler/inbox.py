@@ -29,8 +29,15 @@ class KvBrokerLost:
     reason: str
 
 
-Event = TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost
-# What a request's queue holds: (worker id, job id, event); worker id "" for KvBrokerLost.
+@dataclass(frozen=True)
+class Wake:
+    """The request's own timer went off (put there by its orchestrator, not a worker): look at
+    the clock."""
+
+
+Event = TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost | Wake
+# What a request's queue holds: (worker id, job id, event); worker and job id "" for KvBrokerLost
+# and Wake.
 Delivery = tuple[str, str, Event]
 
 

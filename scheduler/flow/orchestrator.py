@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +30,7 @@ from scheduler.flow.attempt import Attempt, Failure, Phase
 from scheduler.flow.broker_health import BrokerHealth
 from scheduler.flow.recovery import KV_PLANE_FAULTS, Recovery, recovery
 from scheduler.flow.request import GenerationRequest, TokenBatch
-from scheduler.inbox import Delivery, Inbox, KvBrokerLost, WorkerLost
+from scheduler.inbox import Delivery, Inbox, KvBrokerLost, Wake, WorkerLost
 from scheduler.ledger.prefix_memory import PREFIX_BLOCK_TOKENS
 from scheduler.metrics import Metrics
 from scheduler.placement.prefix import prompt_block_hashes
@@ -53,6 +54,9 @@ log = logging.getLogger("pdorch.flow")
 
 # How often a request that is moving to other workers looks for room when none is free.
 _PLACE_RETRY_S = 0.05
+# A timer may go off this much before its deadline by the time the request looks at the clock
+# (event loops keep time in milliseconds): close enough, rather than setting it again for the rest.
+_TIMER_SLACK_S = 0.002
 # How long a decode worker that turned a handoff away for lack of room is left out of decode (as
 # long as a KV endpoint reports itself refusing after doing so).
 KV_BUSY_S = 5.0
@@ -72,6 +76,9 @@ class _Run:
     lost_since: float | None = None  # when the progress a migration has to make up was made
     # Told once where the prompt's KV is resident (see ``Orchestrator.generate``), then None.
     on_resident: Callable[[str], None] | None = None
+    # The request's one timer (see ``Orchestrator._next``) and when it goes off.
+    timer: asyncio.TimerHandle | None = None
+    timer_at: float = math.inf
 
 
 class Orchestrator:
@@ -88,6 +95,9 @@ class Orchestrator:
     ) -> None:
         """``kv_broker_key``: the broker's public key, pinned by KV connections to it."""
         self._cfg = cfg
+        self._shortest_timeout_s = min(
+            cfg.first_token_timeout_s, cfg.kv_handoff_timeout_s, cfg.token_timeout_s
+        )
         self._kv_broker_key = kv_broker_key
         self._cluster = cluster
         self._control = control
@@ -187,6 +197,8 @@ class Orchestrator:
                 if failure is not None:
                     await self._recover(run, attempt, failure)
         finally:
+            if run.timer is not None:
+                run.timer.cancel()
             self._inbox.close(rid)
             if run.attempt is not None:
                 if finished:
@@ -206,27 +218,35 @@ class Orchestrator:
     async def _next(
         self, run: _Run, attempt: Attempt, queue: asyncio.Queue[Delivery]
     ) -> tuple[TokenBatch | None, Failure | None] | Failure:
-        """The next batch for the client and/or failure of the attempt (waiting as long as allowed)."""
+        """The next batch for the client and/or failure of the attempt (waiting as long as allowed).
+
+        A request has one timer, set no later than its deadline and moved only when the deadline
+        comes closer: progress pushes the deadline back without touching the timer, which then goes
+        off early, is seen to be early and is set again. (A timeout scope per wait armed and
+        cancelled a timer for every batch of tokens.)"""
         while True:
             timeout, code, what = self._phase_timeout(run, attempt)
             phase_end = run.progress_at + timeout
             request_end = run.req.arrival + self._cfg.request_timeout_s
-            try:
-                if queue.empty():
-                    # A timeout scope, not wait_for: that would wrap the get in a task per event.
-                    async with asyncio.timeout(max(0.0, min(phase_end, request_end) - time.monotonic())):
-                        worker_id, job_id, event = await queue.get()
-                else:
-                    worker_id, job_id, event = queue.get_nowait()
-            except TimeoutError:
-                if request_end <= phase_end:
-                    raise PdorchError(
-                        ErrorCode.DEADLINE_EXCEEDED,
-                        f"request did not finish within {self._cfg.request_timeout_s:g}s",
-                    ) from None
-                return Failure(attempt.progress_worker(), code, f"{what} within {timeout:g}s", "stalled")
-            if job_id != attempt.job_id:
-                continue  # queued by an attempt that was abandoned since
+            if queue.empty():
+                deadline = min(phase_end, request_end)
+                now = time.monotonic()
+                if now >= deadline - _TIMER_SLACK_S:
+                    if request_end <= phase_end:
+                        raise PdorchError(
+                            ErrorCode.DEADLINE_EXCEEDED,
+                            f"request did not finish within {self._cfg.request_timeout_s:g}s",
+                        )
+                    return Failure(attempt.progress_worker(), code, f"{what} within {timeout:g}s", "stalled")
+                if deadline < run.timer_at:
+                    # No later than the shortest phase timeout from now: a phase's deadline counts
+                    # from the progress that began it, so the timer seldom has to come closer.
+                    _set_timer(run, queue, min(deadline, now + self._shortest_timeout_s), now)
+                worker_id, job_id, event = await queue.get()
+            else:
+                worker_id, job_id, event = queue.get_nowait()
+            if isinstance(event, Wake) or job_id != attempt.job_id:
+                continue  # the clock, or a message of an attempt that was abandoned since
             batch, failure = self._on_event(run, attempt, worker_id, event)
             if batch is not None or failure is not None:
                 return batch, failure
@@ -562,6 +582,21 @@ class Orchestrator:
         for wid in open_workers:
             self._control.send(wid, Cancel(a.job_id))
         self._on_capacity()
+
+
+def _set_timer(run: _Run, queue: asyncio.Queue[Delivery], at: float, now: float) -> None:
+    if run.timer is not None:
+        run.timer.cancel()
+    run.timer = asyncio.get_running_loop().call_later(at - now, _wake, run, queue)
+    run.timer_at = at
+
+
+def _wake(run: _Run, queue: asyncio.Queue[Delivery]) -> None:
+    run.timer, run.timer_at = None, math.inf
+    queue.put_nowait(("", "", _WAKE))
+
+
+_WAKE = Wake()
 
 
 def _resident(run: _Run, worker_id: str) -> None:

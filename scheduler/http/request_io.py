@@ -33,6 +33,9 @@ async def _read(request: web.Request, limit: int, timeout_s: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise bad(f"request body exceeds {limit} bytes")
     try:
+        if request.content.is_eof():
+            # Already here in full (a small body comes with its headers): nothing to wait for.
+            return await request.read()
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except TimeoutError:
