@@ -27,11 +27,6 @@ import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv.checksum import checksum
-
-try:
-    from transport.kv._copy_checksum import copy_checksums
-except ImportError:
-    copy_checksums = None
 from transport.kv.messages import KvShmRing
 
 PAGE_BYTES = 4096
@@ -187,8 +182,6 @@ class Ring:
         from memory and the hash from cache, ~4% faster end to end at 512 tokens than hashing
         first (in-process A/B, bench/kv_handoff.py's shape)."""
         dst = self._at(offset, rows.nbytes).view(rows.dtype).reshape(rows.shape)
-        if copy_checksums is not None:
-            return copy_checksums(rows, [dst], checksum_rows * (rows.nbytes // max(1, rows.shape[0])))
         digests = []
         for start in range(0, rows.shape[0], checksum_rows):
             span = rows[start : start + checksum_rows]
