@@ -285,10 +285,10 @@ class SimulatedEngine:
                     handler = self._handlers.get(out.request_id)
                     if handler is not None:
                         handler(out)
-                if self._zero_cost:  # nothing to wait for but new work
-                    wait_s = _MAX_WAIT_S
-                else:
-                    wait_s = (self._core.next_event_time() - self._now()) * self.config.time_scale
+                if self._zero_cost:  # nothing to wait for but new work: no timer to arm
+                    await self._wake.wait()
+                    continue
+                wait_s = (self._core.next_event_time() - self._now()) * self.config.time_scale
                 wait_s = min(max(wait_s, 0.0), _MAX_WAIT_S)
                 if wait_s <= 0.0:
                     await asyncio.sleep(0)
