@@ -24,6 +24,13 @@ def start_cluster(log_dir: Path, **spec: object) -> LocalCluster:
     return cluster
 
 
+def start_scheduler_only(tmp_path: Path, config: str) -> LocalCluster:
+    """A scheduler with ``config`` as its config file and no workers (a test brings its own)."""
+    path = tmp_path / "scheduler.yaml"
+    path.write_text(config)
+    return start_cluster(tmp_path, prefill=0, decode=0, scheduler_args=["--config", str(path)])
+
+
 @pytest.fixture(scope="module")
 def colocated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     cluster = start_cluster(tmp_path_factory.mktemp("colocated"), colocated=True)

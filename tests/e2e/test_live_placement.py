@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from pdorch.launcher import LocalCluster
-from tests.e2e.conftest import start_cluster
+from tests.e2e.conftest import start_cluster, start_scheduler_only
 from tests.e2e.helpers import MODEL, decode_tie_break, eventually, metric, stream_tokens
 from tests.support.fake_worker import FakeWorker
 from transport.messages import DecodeJob, Load, Role
@@ -32,9 +32,7 @@ BY_OCCUPANCY = "placement:\n" + decode_tie_break("kv-occupancy")
 
 @pytest.fixture
 def scheduler_only(tmp_path) -> Iterator[LocalCluster]:
-    config = tmp_path / "scheduler.yaml"
-    config.write_text(BY_OCCUPANCY)
-    c = start_cluster(tmp_path, prefill=0, decode=0, scheduler_args=["--config", str(config)])
+    c = start_scheduler_only(tmp_path, BY_OCCUPANCY)
     yield c
     c.stop()
 
@@ -111,9 +109,7 @@ placement:
 
 @pytest.fixture
 def round_robin_scheduler(tmp_path) -> Iterator[LocalCluster]:
-    config = tmp_path / "scheduler.yaml"
-    config.write_text(ROUND_ROBIN)
-    c = start_cluster(tmp_path, prefill=0, decode=0, scheduler_args=["--config", str(config)])
+    c = start_scheduler_only(tmp_path, ROUND_ROBIN)
     yield c
     c.stop()
 

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from pdorch.launcher import LocalCluster
-from tests.e2e.conftest import start_cluster
+from tests.e2e.conftest import start_scheduler_only
 from tests.e2e.helpers import MODEL, metric
 from tests.support.fake_worker import FakeWorker
 from transport.messages import GenerateJob, Heartbeat, Role, TokenOutput
@@ -33,9 +33,7 @@ queue_timeout_s: 1.0
 
 @pytest.fixture
 def scheduler_only(tmp_path) -> Iterator[LocalCluster]:
-    config = tmp_path / "scheduler.yaml"
-    config.write_text(CONFIG)
-    c = start_cluster(tmp_path, prefill=0, decode=0, scheduler_args=["--config", str(config)])
+    c = start_scheduler_only(tmp_path, CONFIG)
     yield c
     c.stop()
 
