@@ -36,8 +36,8 @@ class Wake:
 
 
 Event = TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost | Wake
-# What a request's queue holds: (worker id, job id, event); worker and job id "" for KvBrokerLost
-# and Wake.
+# What a request's queue holds: (worker id, job id, event); worker id "" for KvBrokerLost, both ""
+# for Wake.
 Delivery = tuple[str, str, Event]
 
 
