@@ -6,9 +6,12 @@ module holds only what both sides must agree on: the feature vectors and the ari
 prediction. Each model is linear in features chosen by how the work scales:
 
 * prefill of ``uncached`` tokens after ``cached`` ones, on a node decoding ``batch`` requests that
-  hold ``context`` tokens: ``[1, u, (c+u)^2 - c^2, u * batch, u * context]`` (scaled). The constant is
-  the per-call overhead, the linear and quadratic terms the dense and attention work; the last two
-  are what chunked prefill pays when it shares iterations with a decode batch.
+  hold ``context`` tokens: ``[1, u, (c+u)^2 - c^2, u * batch, u * context, u * min(1, batch)]``
+  (scaled). The constant is the per-call overhead, the linear and quadratic terms the dense and
+  attention work; the next two are what chunked prefill pays when it shares iterations with a
+  decode batch, and the last what chunking itself costs: with anything decoding, a prompt is cut
+  into chunks that each pay an iteration's fixed cost, however small the batch (a node lent one
+  request to decode prefills its next long prompt in many iterations instead of one).
 * one decode step: ``[1, batch, context, prefill tokens per step]``; the last term is the prompt
   tokens the node prefilled meanwhile, spread over the steps: a chunked prefill shares iterations
   with the decode batch and lengthens each by what its tokens cost, not by the whole iteration (a
@@ -36,7 +39,7 @@ CONTEXT = 1e6
 BATCH = 1e2
 GBYTES = 1e9
 
-PREFILL_FEATURES = 5
+PREFILL_FEATURES = 6
 DECODE_FEATURES = 4
 HANDOFF_FEATURES = 2
 # A node with more prefill work than time still decodes a step with every prefill chunk: its
@@ -95,7 +98,8 @@ def link_key(model: str, prefill_accelerator: str, decode_accelerator: str) -> s
 def prefill_x(uncached: float, cached: float, batch: float, context: float) -> tuple[float, ...]:
     u = max(0, uncached) / TOKENS
     c = max(0, cached) / TOKENS
-    return (1.0, u, (c + u) ** 2 - c * c, u * batch / BATCH, u * context / CONTEXT)
+    chunked = u * min(1.0, batch)  # batch is a time average: this stands in for the share chunked
+    return (1.0, u, (c + u) ** 2 - c * c, u * batch / BATCH, u * context / CONTEXT, chunked)
 
 
 def decode_x(batch: float, context: float, prefill_tokens_per_step: float = 0.0) -> tuple[float, ...]:
@@ -126,7 +130,7 @@ def prior_prefill(profile: AcceleratorProfile | None) -> LinearModel:
     if profile is not None:
         rate = profile.prefill_tokens_per_s or profile.tflops * TOKENS_PER_S_PER_TFLOPS
     per_token = TOKENS / rate if rate > 0 else 1.0
-    return LinearModel((PRIOR_PREFILL_FIXED_S, per_token, 0.0, 0.0, 0.0))
+    return LinearModel((PRIOR_PREFILL_FIXED_S, per_token, 0.0, 0.0, 0.0, 0.0))
 
 
 def prior_decode(profile: AcceleratorProfile | None) -> LinearModel:

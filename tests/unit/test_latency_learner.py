@@ -105,6 +105,32 @@ def test_prefill_model_learns_what_a_decode_batch_costs_a_chunked_prefill() -> N
         assert model.predict(prefill_x(u, 0, b, ctx)) == pytest.approx(timed(u, b, ctx), rel=0.05)
 
 
+def test_prefill_model_learns_that_any_decoding_chunks_the_prompt() -> None:
+    """A node with even one request decoding prefills in chunks (Sarathi-Serve, vLLM's chunked
+    prefill), paying an iteration's fixed cost once per chunk: a prompt next to a batch of one costs
+    nearly what it costs next to a batch of forty, and much more than on an idle node."""
+    cost, chunk = CostModel("h100", 4), 512
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
+    rng = random.Random(5)
+
+    def timed(uncached: int, batch: int, context: int) -> float:
+        if batch == 0:
+            return cost.prefill_ms(0, uncached) / 1e3
+        ends = [*range(chunk, uncached, chunk), uncached]
+        starts = [0, *ends[:-1]]
+        compute = sum(cost.prefill_ms(s, e) for s, e in zip(starts, ends, strict=True))
+        return (compute + len(ends) * cost.decode_marginal_ms(batch, context)) / 1e3
+
+    for _ in range(1500):
+        u, b = rng.randrange(chunk, 16_000), rng.choice((0, 0, 1, 2, rng.randrange(3, 60)))
+        ctx = b * rng.randrange(500, 4000)
+        learner.observe_prefill(PrefillSample(MODEL, "h100", u, 0, b, ctx, timed(u, b, ctx)))
+    model = learner.table(now=1.0).classes[class_key(MODEL, "h100")].prefill
+    for u, b in ((2048, 0), (9000, 0), (2048, 1), (9000, 1), (9000, 40)):
+        ctx = b * 2000
+        assert model.predict(prefill_x(u, 0, b, ctx)) == pytest.approx(timed(u, b, ctx), rel=0.08), (u, b)
+
+
 def test_decode_model_learns_the_step_time_and_the_stalls() -> None:
     cost = CostModel("a100", 4)
     learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)

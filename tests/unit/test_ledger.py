@@ -137,10 +137,10 @@ def test_release_is_idempotent_and_a_dropped_node_reports_its_jobs() -> None:
 TABLE = LatencyTable(
     classes={
         class_key("m", "h100"): ClassLatency(
-            LinearModel((0.0, 1.0, 0.0, 0.0, 0.0)), LinearModel((0.02, 0.0, 0.0, 1.0))
+            LinearModel((0.0, 1.0, 0.0, 0.0, 0.0, 0.0)), LinearModel((0.02, 0.0, 0.0, 1.0))
         ),
         class_key("m", "a100"): ClassLatency(
-            LinearModel((0.0, 1.0, 0.0, 0.0, 0.0)), LinearModel((0.05, 0.0, 0.0, 1.0))
+            LinearModel((0.0, 1.0, 0.0, 0.0, 0.0, 0.0)), LinearModel((0.05, 0.0, 0.0, 1.0))
         ),
     },
     version=1,

@@ -32,10 +32,10 @@ KV = 320 * 1024
 TABLE = LatencyTable(
     classes={
         class_key(M, "h100"): ClassLatency(
-            LinearModel((0.0, 0.1, 0.0, 0.0, 0.0)), LinearModel((0.03, 0.03, 0.0, 1.0))
+            LinearModel((0.0, 0.1, 0.0, 0.0, 0.0, 0.0)), LinearModel((0.03, 0.03, 0.0, 1.0))
         ),
         class_key(M, "a100"): ClassLatency(
-            LinearModel((0.0, 0.25, 0.0, 0.0, 0.0)), LinearModel((0.04, 0.05, 0.0, 1.0))
+            LinearModel((0.0, 0.25, 0.0, 0.0, 0.0, 0.0)), LinearModel((0.04, 0.05, 0.0, 1.0))
         ),
     },
     handoffs={link_key(M, "h100", "a100"): LinearModel((0.0, 0.01))},
