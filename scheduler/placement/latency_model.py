@@ -39,9 +39,6 @@ CONTEXT = 1e6
 BATCH = 1e2
 GBYTES = 1e9
 
-PREFILL_FEATURES = 6
-DECODE_FEATURES = 4
-HANDOFF_FEATURES = 2
 # A node with more prefill work than time still decodes a step with every prefill chunk: its
 # steps are long, not endless (and predictions stay finite).
 MAX_PREFILL_SHARE = 0.99

@@ -4,8 +4,9 @@ real model, for load tests of the real processes (``pdorch worker --engine sim``
 A :class:`SimBatcher` holds the requests and decides each iteration; its clock is
 ``time.monotonic()`` divided by ``time_scale``, so an iteration takes the cost model's time (scaled).
 One asyncio task advances it to the clock, hands new tokens to the waiting jobs, and sleeps until
-the iteration in flight ends (at most ``_MAX_WAIT_S``; new work wakes it at once). Nothing computes,
-so no thread is needed: the agent's event loop keeps heartbeating and moving KV.
+the iteration in flight ends (at most ``_MAX_WAIT_S``; new work wakes it at once; with no modeled
+time, until new work). Nothing computes, so no thread is needed: the agent's event loop keeps
+heartbeating and moving KV.
 
 Tokens are a pure function of the prompt and position (``tokens.py``), so disaggregated output
 equals colocated output. The KV handoff moves a small stand-in through the real KV plane and takes
