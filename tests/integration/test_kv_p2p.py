@@ -17,8 +17,10 @@ import zmq.asyncio
 from tests.support.kv import make_layers, p2p, send_all, wait_until
 from tests.support.same_host import rings_mapped
 from tests.support.security import INSECURE
+from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvOutStream, KvReceiver, KvSender
+from transport.kv.messages import KvAbort, KvAccept, KvBegin, KvChunk, KvMessage
 from transport.messages import KvMode, KvRoute
 from transport.security import NO_SERVER_AUTH
 
@@ -323,6 +325,72 @@ async def test_absent_receiver_is_kv_timeout_on_the_sender(
     with pytest.raises(PdorchError) as info:
         await stream.send_layer(0, np.zeros((4, 4), np.uint8))
     assert info.value.code is ErrorCode.KV_TIMEOUT
+
+
+class _MuteReceiver:
+    """A raw ROUTER that accepts every transfer with ``credit_bytes`` of credit, then never grants
+    more and never answers the end: what a receiver that hangs mid-transfer looks like."""
+
+    def __init__(self, credit_bytes: int) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.got: list[KvMessage] = []
+        self._credit = credit_bytes
+        self._task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        decoder, encoder = Decoder(KvMessage), Encoder()
+        while True:
+            identity, *frames = await self._sock.recv_multipart(copy=False)
+            msg = decoder.decode(frames)
+            self.got.append(msg)
+            if isinstance(msg, KvBegin):
+                accept = KvAccept(transfer_id=msg.transfer_id, credit_bytes=self._credit)
+                await self._sock.send_multipart([identity, *encoder.encode(accept)])
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._sock.close()
+        self._ctx.term()
+
+
+@pytest.mark.parametrize("stalls_at", ["credit", "verdict"])
+async def test_a_receiver_hanging_mid_transfer_fails_the_sender_at_its_deadline_and_is_told(
+    sender: KvSender, stalls_at: str
+) -> None:
+    """Accepted, then silent: the sender waits for credit (the second layer does not fit the first
+    grant) or for the verdict (everything fit) only until the transfer's deadline, then fails with
+    KV_TIMEOUT naming what it waited for and aborts the transfer at the receiver."""
+    layer = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    mute = _MuteReceiver(credit_bytes=layer.nbytes if stalls_at == "credit" else 1 << 20)
+    try:
+        stream = await sender.open(
+            KvRoute(KvMode.P2P, mute.endpoint, f"mute-{stalls_at}"),
+            num_layers=2,
+            rows_per_layer=4,
+            row_shape=(4,),
+            dtype="uint8",
+            deadline_s=0.5,
+        )
+        with pytest.raises(PdorchError) as info:
+            await asyncio.wait_for(send_all_of(stream, [layer, layer]), 10)
+        assert info.value.code is ErrorCode.KV_TIMEOUT
+        waited_for = "KV credit" if stalls_at == "credit" else "the receiver to confirm"
+        assert waited_for in info.value.message
+        await wait_until(lambda: any(isinstance(m, KvAbort) for m in mute.got))
+        assert [type(m) for m in mute.got][:2] == [KvBegin, KvChunk]
+    finally:
+        await mute.close()
+
+
+async def send_all_of(stream: KvOutStream, layers: list[np.ndarray]) -> None:
+    for i, rows in enumerate(layers):
+        await stream.send_layer(i, rows)
+    await stream.finish({})
 
 
 async def test_wrong_layer_shape_is_refused_locally(sender: KvSender, receiver: KvReceiver) -> None:

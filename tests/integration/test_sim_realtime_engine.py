@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from transport.messages import (
 )
 from workers.engines.sim.config import SimEngineConfig
 from workers.engines.sim.engine import SimulatedEngine
+from workers.engines.sim.kv_handoff import KvLink, send_standin
 
 WAIT_S = 30.0  # generous: a shared 2-core machine; success never waits for it
 FAST = SimEngineConfig(time_scale=0.001, mean_output_tokens=20)
@@ -325,6 +327,33 @@ async def test_kv_of_another_prompt_is_refused(
     assert e.value.code is ErrorCode.KV_CORRUPT
     assert not any(isinstance(m, KvLoaded) for m in decode.sent)
     assert decode.engine.load().blocks_used == 0 and prefill.engine.load().blocks_used == 0
+
+
+async def test_a_handoff_its_link_cannot_start_before_the_deadline_fails_without_opening(
+    sender: KvSender, receiver: KvReceiver
+) -> None:
+    """The modeled link is booked far beyond the transfer's deadline (a slow link already busy):
+    KV_TIMEOUT at once, and the receiver never sees a begin it would have to park."""
+    link = KvLink(gbytes_per_s=1.0, time_scale=1.0)
+    link.book(time.monotonic(), 10**12)  # busy for ~1,000 s
+    with pytest.raises(PdorchError) as e:
+        await asyncio.wait_for(
+            send_standin(
+                sender,
+                KvRoute(KvMode.P2P, receiver.endpoint, "late"),
+                [1, 2, 3],
+                7,
+                num_layers=1,
+                block_size=16,
+                modeled_bytes=1000,
+                link=link,
+                deadline_s=60.0,
+            ),
+            WAIT_S,
+        )
+    assert e.value.code is ErrorCode.KV_TIMEOUT
+    await asyncio.sleep(0.2)
+    assert receiver.stats.parked == 0 and receiver.stats.refused_begins == 0
 
 
 async def test_info_health_and_missing_kv_plane(start: Callable[..., Awaitable[Running]]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 
 from transport.errors import PdorchError
-from transport.kv.deadline import Deadline
 
 REGRANT_FRACTION = 4  # re-grant once a quarter of the window was consumed
 
@@ -56,7 +55,9 @@ class SendCredit:
         in_flight = self.in_flight
         return self._available >= nbytes and (in_flight == 0 or in_flight + nbytes <= self._cap)
 
-    async def take(self, nbytes: int, deadline: Deadline) -> None:
+    async def take(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` may be put in flight; a waiter is released by a grant or by
+        :meth:`fail` (the transfer's deadline fails it too)."""
         while True:
             if self._error is not None:
                 raise self._error
@@ -66,7 +67,7 @@ class SendCredit:
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
                 return
             self._changed.clear()
-            await deadline.wait(self._changed.wait(), "KV credit from the receiver")
+            await self._changed.wait()
 
 
 class ReceiveWindow:

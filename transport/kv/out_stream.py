@@ -78,6 +78,10 @@ class KvOutStream:
         if num_layers <= 0 or rows_per_layer <= 0:
             raise PdorchError(ErrorCode.INVALID_REQUEST, "a KV transfer needs at least one layer and one row")
         self._deadline = deadline
+        # One loop timer per transfer (armed once the begin is sent, cancelled when it closes)
+        # rather than a timeout scope around every wait: it wakes whatever waits, which then fails.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
         self._send = send
         self._max_chunk_bytes = max_chunk_bytes
         self._on_closed = on_closed
@@ -131,6 +135,27 @@ class KvOutStream:
         self._accepted.set()
         self._settled.set()
 
+    def _expire(self) -> None:
+        """The deadline passed before the receiver's verdict: wake every wait, each then fails with
+        ``KV_TIMEOUT`` and tells the receiver (abort), as a wait that timed out itself would."""
+        if self._closed or self._settled.is_set():
+            return
+        self._timed_out = True
+        self._credit.fail(
+            PdorchError(ErrorCode.KV_TIMEOUT, "timed out waiting for KV credit from the receiver")
+        )
+        self._accepted.set()
+        self._settled.set()
+
+    async def _wait(self, event: asyncio.Event, what: str) -> None:
+        if not event.is_set():
+            await event.wait()
+        self._raise_if_late(what)
+
+    def _raise_if_late(self, what: str) -> None:
+        if self._timed_out:
+            raise PdorchError(ErrorCode.KV_TIMEOUT, f"timed out waiting for {what}")
+
     # ----------------------------------------------------------------- the caller's side
 
     async def begin(self) -> None:
@@ -146,6 +171,7 @@ class KvOutStream:
                 host=host_identity() if self._same_host != SameHostMode.OFF else "",
             )
         )
+        self._timer = asyncio.get_running_loop().call_at(self._deadline.at, self._expire)
 
     async def send_layer(self, layer: int, rows: np.ndarray) -> None:
         """Send a whole layer (``rows.shape == (rows_per_layer, *row_shape)``), split into chunks, each
@@ -168,8 +194,9 @@ class KvOutStream:
         self._raise_if_over()
         try:
             if not self._accepted.is_set():
-                await self._deadline.wait(self._accepted.wait(), f"the receiver to accept {self.transfer_id}")
+                await self._wait(self._accepted, f"the receiver to accept {self.transfer_id}")
                 self._raise_if_over()
+            self._raise_if_late(f"the receiver to take {self.transfer_id}")
             rows = np.ascontiguousarray(rows)
             if self._take_ring() is not None:
                 await self._write_rows(layer, row_offset, rows)
@@ -177,7 +204,7 @@ class KvOutStream:
             spans = chunk_spans(rows.shape[0], self._chunk_rows)
             for start, count in spans:
                 part = rows[start : start + count]
-                await self._credit.take(part.nbytes, self._deadline)
+                await self._credit.take(part.nbytes)
                 if known_checksums is not None and len(spans) == 1:
                     digests = known_checksums
                 else:
@@ -231,7 +258,7 @@ class KvOutStream:
             part = rows[start : start + count]
             async with self._ring_lock:
                 offset, charge, cursor = place(self._ring_cursor, part.nbytes, ring.size, ring.slot_bytes)
-                await self._credit.take(charge, self._deadline)
+                await self._credit.take(charge)
                 self._ring_cursor = cursor
                 seq = self._seq
                 digests = ring.write(offset, part, self.checksum_rows)
@@ -260,9 +287,10 @@ class KvOutStream:
                 layer_rows=list(self._layer_rows),
                 trailer=dict(trailer),
             )
+            self._raise_if_late(f"the receiver to take {self.transfer_id}")
             await self._send(end)
             self._end_sent = True
-            await self._deadline.wait(self._settled.wait(), f"the receiver to confirm {self.transfer_id}")
+            await self._wait(self._settled, f"the receiver to confirm {self.transfer_id}")
         except PdorchError as e:
             await self._give_up(e)
             raise
@@ -294,13 +322,15 @@ class KvOutStream:
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
             if self._ring is not None and self._rings is not None:
                 # Kept mapped after an acknowledged transfer: the receiver lends it again (sealed,
                 # so only through this mapping). So too when this side was cancelled while waiting
                 # for the verdict of a transfer it had finished writing: the receiver most likely
                 # took it (and if not, closes its side; the idle mapping here goes in time). Not
                 # after a timeout: the receiver may be dead, and its pages go with our mapping.
-                acked = self._error is None and self._settled.is_set()
+                acked = self._error is None and self._settled.is_set() and not self._timed_out
                 cancelled = self._error is not None and self._error.code is ErrorCode.CANCELLED
                 self._rings.release(
                     self._ring, ok=acked or (self._end_sent and cancelled and not self._nacked)

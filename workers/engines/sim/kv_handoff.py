@@ -102,33 +102,34 @@ async def send_standin(
     deadline_s: float,
 ) -> None:
     """Stream the prompt's stand-in to ``route`` over the modeled transfer time, then the trailer
-    with token 0; returns once the receiver confirmed. KV_TIMEOUT past ``deadline_s``."""
+    with token 0; returns once the receiver confirmed. KV_TIMEOUT past ``deadline_s`` (the stream's
+    own deadline, set to the same instant, bounds every wait; the pacing sleeps end there too)."""
     base = standin_rows(prompt_token_ids, block_size)
+    now = time.monotonic()
+    deadline = now + deadline_s
+    start, duration = link.book(now, modeled_bytes)
+    if start >= deadline:
+        raise PdorchError(ErrorCode.KV_TIMEOUT, f"KV of {route.transfer_id} not delivered in time")
+    # Open only when the link is ours: an open transfer that goes quiet looks dead.
+    await _sleep_until(start)
+    stream = await sender.open(
+        route,
+        num_layers=num_layers,
+        rows_per_layer=base.shape[0],
+        row_shape=(block_size,),
+        dtype=STANDIN_DTYPE,
+        deadline_s=deadline - time.monotonic(),
+    )
     try:
-        async with asyncio.timeout(deadline_s):
-            start, duration = link.book(time.monotonic(), modeled_bytes)
-            # Open only when the link is ours: an open transfer that goes quiet looks dead.
-            await _sleep_until(start)
-            stream = await sender.open(
-                route,
-                num_layers=num_layers,
-                rows_per_layer=base.shape[0],
-                row_shape=(block_size,),
-                dtype=STANDIN_DTYPE,
-                deadline_s=deadline_s,
-            )
-            try:
-                for layer in range(num_layers):
-                    await _sleep_until(start + duration * (layer + 1) / num_layers)
-                    await stream.send_layer(layer, standin_layer(base, layer))
-                await stream.finish({"first_token": first_token})
-            except BaseException:
-                # Tells the receiver at once (a no-op if the transfer already ended).
-                with contextlib.suppress(Exception):
-                    await stream.abort("prefill stopped")
-                raise
-    except TimeoutError:
-        raise PdorchError(ErrorCode.KV_TIMEOUT, f"KV of {route.transfer_id} not delivered in time") from None
+        for layer in range(num_layers):
+            await _sleep_until(min(deadline, start + duration * (layer + 1) / num_layers))
+            await stream.send_layer(layer, standin_layer(base, layer))
+        await stream.finish({"first_token": first_token})
+    except BaseException:
+        # Tells the receiver at once (a no-op if the transfer already ended).
+        with contextlib.suppress(Exception):
+            await stream.abort("prefill stopped")
+        raise
 
 
 async def receive_standin(
@@ -144,15 +145,13 @@ async def receive_standin(
 ) -> int:
     """Receive (p2p) or fetch (centralized) the prompt's stand-in, verify it; returns token 0."""
     sink = StandInSink(prompt_token_ids, block_size, num_layers)
-    tid = route.transfer_id
-    try:
-        async with asyncio.timeout(deadline_s):
-            trailer = await receiver.receive(route, sink, deadline_s=deadline_s)
-            if route.mode == KvMode.CENTRALIZED:
-                start, duration = link.book(time.monotonic(), modeled_bytes)  # the broker's second hop
-                await _sleep_until(start + duration)
-    except TimeoutError:
-        raise PdorchError(ErrorCode.KV_TIMEOUT, f"KV of {tid} not received in time") from None
+    deadline = time.monotonic() + deadline_s
+    trailer = await receiver.receive(route, sink, deadline_s=deadline_s)  # KV_TIMEOUT past it
+    if route.mode == KvMode.CENTRALIZED:
+        start, duration = link.book(time.monotonic(), modeled_bytes)  # the broker's second hop
+        await _sleep_until(min(deadline, start + duration))
+        if start + duration > deadline:
+            raise PdorchError(ErrorCode.KV_TIMEOUT, f"KV of {route.transfer_id} not received in time")
     first = trailer.get("first_token")
     if not isinstance(first, int):
         raise PdorchError(ErrorCode.KV_CORRUPT, "KV trailer carries no first token")
