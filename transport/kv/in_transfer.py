@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import traceback
 from collections.abc import Callable
@@ -83,7 +84,7 @@ def validate_begin(begin: KvBegin) -> int:
         or any(d <= 0 for d in begin.row_shape)
     ):
         raise PdorchError(ErrorCode.BAD_MESSAGE, f"implausible KV geometry in begin of {begin.transfer_id}")
-    row_bytes = int(np.prod(begin.row_shape, dtype=np.int64)) * dtype.itemsize
+    row_bytes = math.prod(begin.row_shape) * dtype.itemsize  # exact (np.prod would wrap at 2**63)
     if begin.checksum_rows < min_checksum_rows(row_bytes):
         raise PdorchError(
             ErrorCode.BAD_MESSAGE, f"{begin.checksum_rows} rows per checksum in begin of {begin.transfer_id}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -72,7 +73,7 @@ class KvOutStream:
         self.rows_per_layer = rows_per_layer
         self.row_shape = tuple(row_shape)
         self.dtype = np.dtype(dtype)
-        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
         rows_per_chunk(self.row_bytes, max_chunk_bytes)  # refuses rows that cannot fit in one frame
         self.checksum_rows = checksum_rows or checksum_rows_for(self.row_bytes)
         if num_layers <= 0 or rows_per_layer <= 0:

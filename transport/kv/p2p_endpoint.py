@@ -151,6 +151,9 @@ class P2pEndpoint:
         self._wake.connect(wake_endpoint)
         self._wake_lock = threading.Lock()  # expect() may be called from more than one thread
         self._commands: deque[tuple[str, str, Expected | PdorchError | float | None]] = deque()
+        # The thread is (about to be) blocked in a receive: a command needs a wake-up to be seen soon.
+        # Set before it last looks at the queue, so a command queued after that look finds it set.
+        self._sleeping = False
         self._encoder = Encoder()
         self._decoder: Decoder[KvMessage] = Decoder(KvMessage)
         # Owned by the thread from start() on; the loop side only reads their sizes.
@@ -222,6 +225,11 @@ class P2pEndpoint:
 
     def _command(self, kind: str, transfer_id: str, arg: Expected | PdorchError | float | None) -> None:
         self._commands.append((kind, transfer_id, arg))
+        if not self._sleeping:
+            # Busy: it runs the queue before it next waits. (A send here also hands the GIL to the
+            # busy thread and waits to get it back: under load that was most of a decode agent's
+            # cost of expecting a transfer.)
+            return
         with self._wake_lock, contextlib.suppress(zmq.ZMQError):
             self._wake.send(b"", zmq.NOBLOCK)
 
@@ -231,10 +239,15 @@ class P2pEndpoint:
         next_housekeeping = time.monotonic() + self._housekeeping_interval()
         try:
             while True:
+                self._sleeping = True
                 try:
-                    frames = self._router.recv_multipart(copy=False)  # up to RCVTIMEO
+                    # Commands queued meanwhile are run before waiting (their wake-up may be skipped).
+                    flags = zmq.NOBLOCK if self._commands else 0
+                    frames = self._router.recv_multipart(flags, copy=False)  # up to RCVTIMEO
                 except zmq.Again:
                     frames = []
+                finally:
+                    self._sleeping = False
                 if self._commands and not self._run_commands():
                     return
                 if frames and frames[0].bytes != _WAKE_ID:
