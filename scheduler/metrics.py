@@ -11,6 +11,19 @@ from prometheus_client.registry import Collector
 from scheduler.placement.framework import Placer
 from scheduler.slo_window import SloConfig, SloPhase, SloWindow
 
+
+class _LabelledCounter(Counter):
+    """A counter whose ``labels(...)`` children are kept in a plain dict: the library's look-up
+    (keyword handling, a lock) costs two increments, and the scheduler takes a few per request."""
+
+    def labels(self, *values: str) -> Counter:  # type: ignore[override]
+        cache: dict[tuple[str, ...], Counter] = self.__dict__.setdefault("_children", {})
+        child = cache.get(values)
+        if child is None:
+            child = cache[values] = super().labels(*values)
+        return child
+
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -21,7 +34,9 @@ class Metrics:
         # Finished requests judged against the SLO targets; the autoscaler reads it too.
         self.slo = SloWindow(slo)
         r.register(_SloAttainment(self.slo))
-        self.requests = Counter("pdorch_requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.requests = _LabelledCounter(
+            "pdorch_requests", "Finished requests by outcome", ["outcome"], registry=r
+        )
         self.tokens_generated = Counter("pdorch_generated_tokens", "Generated tokens", registry=r)
         self.prompt_tokens = Counter("pdorch_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.ttft = Histogram(
@@ -39,17 +54,17 @@ class Metrics:
         self.e2e = Histogram(
             "pdorch_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.http_errors = Counter(
+        self.http_errors = _LabelledCounter(
             "pdorch_http_errors",
             "HTTP error responses by code (malformed or refused input among them: it is counted here, "
             "not logged line by line)",
             ["code"],
             registry=r,
         )
-        self.handoffs = Counter(
+        self.handoffs = _LabelledCounter(
             "pdorch_kv_handoffs", "KV handoffs by mode and outcome", ["mode", "outcome"], registry=r
         )
-        self.migrations = Counter(
+        self.migrations = _LabelledCounter(
             "pdorch_migrations",
             "Requests moved on after a worker failed them, by the phase they were in, the kind of "
             "failure (lost, stalled, error) and the recovery (resume from the tokens so far, "
@@ -57,7 +72,7 @@ class Metrics:
             ["phase", "cause", "recovery"],
             registry=r,
         )
-        self.placements = Counter(
+        self.placements = _LabelledCounter(
             "pdorch_placements",
             "Where each attempt of a request was placed: split (prefill on one worker, decode on "
             "another), or whole on one worker of a role (prefill, decode, both)",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,7 +137,8 @@ def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest,
         logit_bias=bias,
         min_tokens=req.min_tokens,
     )
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    # 128 random bits from the OS, as uuid4 would draw, without building a UUID (a fifth of the cost).
+    rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(16).hex()
     adapter = req.model if req.model != hello.model else ""
     greq = GenerationRequest(
         rid,

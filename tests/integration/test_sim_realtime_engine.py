@@ -356,6 +356,19 @@ async def test_a_handoff_its_link_cannot_start_before_the_deadline_fails_without
     assert receiver.stats.parked == 0 and receiver.stats.refused_begins == 0
 
 
+async def test_a_job_past_its_deadline_fails_and_frees_what_it_held(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    """Modeled in real time, a long prompt's prefill outlasts a 50 ms deadline: DEADLINE_EXCEEDED,
+    and the engine keeps none of its blocks."""
+    slow = await start(SimEngineConfig(time_scale=1.0, mean_output_tokens=20))
+    job = PrefillJob("late", [7] * 3000, SamplingParams(max_tokens=5), None, 0.05)
+    with pytest.raises(PdorchError) as e:
+        await asyncio.wait_for(slow.engine.prefill(job), WAIT_S)
+    assert e.value.code is ErrorCode.DEADLINE_EXCEEDED and "prefill of late" in e.value.message
+    assert slow.engine.load().blocks_used == 0
+
+
 async def test_info_health_and_missing_kv_plane(start: Callable[..., Awaitable[Running]]) -> None:
     g = await start(SimEngineConfig(accelerator="a100", model="llama-3-8b", tp=2, model_name="served"))
     info = g.engine.info()

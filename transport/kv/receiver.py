@@ -218,20 +218,26 @@ class KvReceiver:
             raise PdorchError(ErrorCode.CANCELLED, "KV receiver closed")
         if not self._p2p.alive:
             raise PdorchError(ErrorCode.INTERNAL, "the KV receiver's p2p endpoint has stopped (see the log)")
-        deadline = Deadline(deadline_s)
-        outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[Outcome] = loop.create_future()
         expected = Expected(transfer_id, sink, outcome)
         self._p2p.expect(expected)
+        # A timer that settles the outcome as late, rather than a timeout scope around the wait.
+        timer = loop.call_later(max(0.0, deadline_s), _settle_late, outcome)
         try:
-            error, trailer = await deadline.wait(asyncio.shield(outcome), f"transfer {transfer_id}")
-        except PdorchError as e:
-            waited_for = "the rest of" if expected.transfer is not None else "a sender to begin"
-            error = PdorchError(e.code, f"timed out waiting for {waited_for} transfer {transfer_id}")
-            self._p2p.give_up(transfer_id, error)
-            return self._outcome(error, {})
+            error, trailer = await outcome
         except BaseException:  # cancelled: stop waiting, tell the sender
             self._p2p.give_up(transfer_id, PdorchError(ErrorCode.CANCELLED, "the decode job was cancelled"))
             raise
+        finally:
+            timer.cancel()
+        if error is _LATE:
+            waited_for = "the rest of" if expected.transfer is not None else "a sender to begin"
+            error = PdorchError(
+                ErrorCode.KV_TIMEOUT, f"timed out waiting for {waited_for} transfer {transfer_id}"
+            )
+            self._p2p.give_up(transfer_id, error)
+            return self._outcome(error, {})
         return self._outcome(error, trailer)
 
     def _outcome(self, error: PdorchError | None, trailer: dict[str, int | str]) -> dict[str, int | str]:
@@ -275,3 +281,12 @@ class KvReceiver:
         finally:
             link.unregister(transfer_id)
             self._fetches.discard(state)
+
+
+# What a p2p receive's timer settles its outcome with (the thread's later answer is then ignored).
+_LATE = PdorchError(ErrorCode.KV_TIMEOUT, "late")
+
+
+def _settle_late(outcome: asyncio.Future[Outcome]) -> None:
+    if not outcome.done():
+        outcome.set_result((_LATE, {}))
