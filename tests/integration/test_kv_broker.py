@@ -167,6 +167,44 @@ async def test_prefill_abort_is_told_to_a_waiting_fetcher(
     await wait_until(lambda: broker.stats.entries == 0)
 
 
+async def test_a_fetch_whose_transfer_stalls_past_the_brokers_wait_is_told_at_once(
+    ctx: zmq.asyncio.Context, sender: KvSender, fetcher: KvReceiver
+) -> None:
+    """The broker serves a fetch at most ``max_fetch_wait_s``: when the prefill side stalls mid-way
+    past it, the fetcher is told then (abort), not left waiting for its own, longer deadline."""
+    brief = KvBroker(
+        ctx,
+        security=INSECURE,
+        bind="tcp://127.0.0.1:0",
+        capacity_bytes=8 * MIB,
+        ttl_s=60,
+        max_fetch_wait_s=0.3,
+    )
+    await brief.start()
+    try:
+        stream = await sender.open(
+            KvRoute(KvMode.CENTRALIZED, brief.endpoint, "stalled"),
+            num_layers=2,
+            rows_per_layer=8,
+            row_shape=(4,),
+            dtype="float16",
+            deadline_s=OK_DEADLINE_S,
+        )
+        await stream.send_layer(0, make_layers(1, 8, (4,), "float16")[0])  # then nothing more
+        with pytest.raises(PdorchError) as info:
+            await asyncio.wait_for(
+                fetcher.receive(
+                    via_broker(brief.endpoint, "stalled"), ArraySink(2, 8, (4,), "float16"), deadline_s=30
+                ),
+                10,
+            )
+        assert info.value.code is ErrorCode.KV_TRUNCATED and "more of transfer stalled" in info.value.message
+        assert brief.stats.failed_fetches == 1 and brief.stats.entries == 1  # kept for another fetch
+        await stream.abort("test done")
+    finally:
+        await brief.close()
+
+
 class DyingSink(ArraySink):
     """Signals after its first write, so the test can kill its fetcher mid-transfer."""
 

@@ -343,7 +343,10 @@ class KvBroker:
                     await entry.wait_for_change(deadline)
             await stream.finish(entry.trailer)
         except PdorchError as e:
-            # The entry stays: another decode agent (or a retry) may fetch it.
+            # The entry stays: another decode agent (or a retry) may fetch it. The fetcher is told
+            # (a no-op if the stream already ended): the fetch's own wait may have run out (at most
+            # max_fetch_wait_s) long before the fetcher's deadline.
+            await stream.abort(e.message)
             self._stats.failed_fetches += 1
             log.info("fetch of %s failed, keeping it: %s", tid, e)
         else:
