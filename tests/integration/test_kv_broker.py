@@ -14,7 +14,7 @@ from tests.support.kv import make_layers, via_broker, wait_until
 from tests.support.kv import send_all as send_layers
 from tests.support.security import INSECURE
 from transport.errors import ErrorCode, PdorchError
-from transport.kv import ArraySink, KvReceiver, KvSender
+from transport.kv import ArraySink, KvOutStream, KvReceiver, KvSender
 from transport.kv.broker import KvBroker
 from transport.messages import KvMode, KvRoute
 
@@ -142,6 +142,20 @@ async def test_fetch_of_a_transfer_that_never_comes_is_kv_timeout(
     await wait_until(lambda: broker.stats.waiting_fetches == 0)
 
 
+async def first_layer_of_two(sender: KvSender, broker_endpoint: str, tid: str) -> KvOutStream:
+    """A transfer to the broker of two layers of 8 float16 rows of 4, of which only the first is sent."""
+    stream = await sender.open(
+        KvRoute(KvMode.CENTRALIZED, broker_endpoint, tid),
+        num_layers=2,
+        rows_per_layer=8,
+        row_shape=(4,),
+        dtype="float16",
+        deadline_s=OK_DEADLINE_S,
+    )
+    await stream.send_layer(0, make_layers(1, 8, (4,), "float16")[0])
+    return stream
+
+
 async def test_prefill_abort_is_told_to_a_waiting_fetcher(
     broker: KvBroker, sender: KvSender, fetcher: KvReceiver
 ) -> None:
@@ -151,15 +165,7 @@ async def test_prefill_abort_is_told_to_a_waiting_fetcher(
         )
     )
     await wait_until(lambda: broker.stats.waiting_fetches == 1)
-    stream = await sender.open(
-        KvRoute(KvMode.CENTRALIZED, broker.endpoint, "aborted"),
-        num_layers=2,
-        rows_per_layer=8,
-        row_shape=(4,),
-        dtype="float16",
-        deadline_s=OK_DEADLINE_S,
-    )
-    await stream.send_layer(0, make_layers(1, 8, (4,), "float16")[0])
+    stream = await first_layer_of_two(sender, broker.endpoint, "aborted")
     await stream.abort("prefill failed")
     with pytest.raises(PdorchError) as info:
         await fetching
@@ -182,15 +188,7 @@ async def test_a_fetch_whose_transfer_stalls_past_the_brokers_wait_is_told_at_on
     )
     await brief.start()
     try:
-        stream = await sender.open(
-            KvRoute(KvMode.CENTRALIZED, brief.endpoint, "stalled"),
-            num_layers=2,
-            rows_per_layer=8,
-            row_shape=(4,),
-            dtype="float16",
-            deadline_s=OK_DEADLINE_S,
-        )
-        await stream.send_layer(0, make_layers(1, 8, (4,), "float16")[0])  # then nothing more
+        stream = await first_layer_of_two(sender, brief.endpoint, "stalled")  # then nothing more
         with pytest.raises(PdorchError) as info:
             await asyncio.wait_for(
                 fetcher.receive(
