@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,11 +17,14 @@ class _LabelledCounter(Counter):
     """A counter whose ``labels(...)`` children are kept in a plain dict: the library's look-up
     (keyword handling, a lock) costs two increments, and the scheduler takes a few per request."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._children: dict[tuple[str, ...], Counter] = {}
+
     def labels(self, *values: str) -> Counter:  # type: ignore[override]
-        cache: dict[tuple[str, ...], Counter] = self.__dict__.setdefault("_children", {})
-        child = cache.get(values)
+        child = self._children.get(values)
         if child is None:
-            child = cache[values] = super().labels(*values)
+            child = self._children[values] = super().labels(*values)
         return child
 
 

@@ -1,10 +1,13 @@
-"""An absolute deadline on the event loop's clock, shared by every wait of one transfer."""
+"""An absolute deadline on the event loop's clock, shared by every wait of one transfer.
+
+A wait on one future can instead have the future failed at the deadline (:meth:`Deadline.fail_at`):
+one loop timer, without a timeout scope's bookkeeping around the wait."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from transport.errors import ErrorCode, PdorchError
 
@@ -30,3 +33,13 @@ class Deadline:
                 return await aw
         except TimeoutError:
             raise PdorchError(ErrorCode.KV_TIMEOUT, f"timed out waiting for {what}") from None
+
+    def fail_at(self, fut: asyncio.Future[Any], error: PdorchError) -> asyncio.TimerHandle:
+        """Fail ``fut`` with ``error`` at the deadline unless it is done by then; cancel the handle
+        once the wait is over."""
+        return self._loop.call_at(self.at, _fail, fut, error)
+
+
+def _fail(fut: asyncio.Future[Any], error: PdorchError) -> None:
+    if not fut.done():
+        fut.set_exception(error)

@@ -154,8 +154,11 @@ class KvOutStream:
         self._raise_if_late(what)
 
     def _raise_if_late(self, what: str) -> None:
+        """``what``: the receiver's step this transfer waits for (named with the transfer when late)."""
         if self._timed_out:
-            raise PdorchError(ErrorCode.KV_TIMEOUT, f"timed out waiting for {what}")
+            raise PdorchError(
+                ErrorCode.KV_TIMEOUT, f"timed out waiting for the receiver to {what} {self.transfer_id}"
+            )
 
     # ----------------------------------------------------------------- the caller's side
 
@@ -195,9 +198,9 @@ class KvOutStream:
         self._raise_if_over()
         try:
             if not self._accepted.is_set():
-                await self._wait(self._accepted, f"the receiver to accept {self.transfer_id}")
+                await self._wait(self._accepted, "accept")
                 self._raise_if_over()
-            self._raise_if_late(f"the receiver to take {self.transfer_id}")
+            self._raise_if_late("take")
             rows = np.ascontiguousarray(rows)
             if self._take_ring() is not None:
                 await self._write_rows(layer, row_offset, rows)
@@ -288,10 +291,10 @@ class KvOutStream:
                 layer_rows=list(self._layer_rows),
                 trailer=dict(trailer),
             )
-            self._raise_if_late(f"the receiver to take {self.transfer_id}")
+            self._raise_if_late("take")
             await self._send(end)
             self._end_sent = True
-            await self._wait(self._settled, f"the receiver to confirm {self.transfer_id}")
+            await self._wait(self._settled, "confirm")
         except PdorchError as e:
             await self._give_up(e)
             raise

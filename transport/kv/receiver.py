@@ -218,26 +218,23 @@ class KvReceiver:
             raise PdorchError(ErrorCode.CANCELLED, "KV receiver closed")
         if not self._p2p.alive:
             raise PdorchError(ErrorCode.INTERNAL, "the KV receiver's p2p endpoint has stopped (see the log)")
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[Outcome] = loop.create_future()
+        outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         expected = Expected(transfer_id, sink, outcome)
         self._p2p.expect(expected)
-        # A timer that settles the outcome as late, rather than a timeout scope around the wait.
-        timer = loop.call_later(max(0.0, deadline_s), _settle_late, outcome)
+        # The endpoint's thread only ever sets a result: an error here is the deadline's.
+        timer = Deadline(deadline_s).fail_at(outcome, PdorchError(ErrorCode.KV_TIMEOUT, "late"))
         try:
             error, trailer = await outcome
+        except PdorchError as e:
+            waited_for = "the rest of" if expected.transfer is not None else "a sender to begin"
+            error = PdorchError(e.code, f"timed out waiting for {waited_for} transfer {transfer_id}")
+            self._p2p.give_up(transfer_id, error)
+            return self._outcome(error, {})
         except BaseException:  # cancelled: stop waiting, tell the sender
             self._p2p.give_up(transfer_id, PdorchError(ErrorCode.CANCELLED, "the decode job was cancelled"))
             raise
         finally:
             timer.cancel()
-        if error is _LATE:
-            waited_for = "the rest of" if expected.transfer is not None else "a sender to begin"
-            error = PdorchError(
-                ErrorCode.KV_TIMEOUT, f"timed out waiting for {waited_for} transfer {transfer_id}"
-            )
-            self._p2p.give_up(transfer_id, error)
-            return self._outcome(error, {})
         return self._outcome(error, trailer)
 
     def _outcome(self, error: PdorchError | None, trailer: dict[str, int | str]) -> dict[str, int | str]:
@@ -281,12 +278,3 @@ class KvReceiver:
         finally:
             link.unregister(transfer_id)
             self._fetches.discard(state)
-
-
-# What a p2p receive's timer settles its outcome with (the thread's later answer is then ignored).
-_LATE = PdorchError(ErrorCode.KV_TIMEOUT, "late")
-
-
-def _settle_late(outcome: asyncio.Future[Outcome]) -> None:
-    if not outcome.done():
-        outcome.set_result((_LATE, {}))

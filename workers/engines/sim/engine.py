@@ -24,6 +24,7 @@ from typing import Any
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
+from transport.kv.deadline import Deadline
 from transport.messages import DecodeJob, GenerateJob, KvLoaded, Load, PrefillJob, TokenOutput
 from transport.prefix_hash import prefix_block_hashes
 from workers.engines.base import Emit, EngineInfo
@@ -238,9 +239,8 @@ class SimulatedEngine:
         return stream, hashes
 
     async def _within(self, waiting: asyncio.Future[Any], timeout_s: float, what: str) -> Any:
-        # A timer that fails the future rather than a timeout scope around the wait: one loop
-        # timer either way, without the scope's own bookkeeping (twice per request).
-        timer = asyncio.get_running_loop().call_later(timeout_s, _time_out, waiting, what, timeout_s)
+        late = PdorchError(ErrorCode.DEADLINE_EXCEEDED, f"{what} did not finish in {timeout_s:g}s")
+        timer = Deadline(timeout_s).fail_at(waiting, late)  # a timer, not a scope (twice per request)
         try:
             return await waiting
         finally:
@@ -302,9 +302,3 @@ class SimulatedEngine:
         except BaseException as e:  # the agent sees it through healthy() and reports the worker dead
             self._error = e
             raise
-
-
-def _time_out(waiting: asyncio.Future[Any], what: str, timeout_s: float) -> None:
-    if not waiting.done():
-        late = PdorchError(ErrorCode.DEADLINE_EXCEEDED, f"{what} did not finish in {timeout_s:g}s")
-        waiting.set_exception(late)
