@@ -27,6 +27,7 @@ from tests.manifests.targets import (
     pod_templates,
     rendered,
 )
+from workers.engines.vllm.launch import SERVER_KEEPALIVE_S
 
 NAMESPACE = "pdorch"
 
@@ -434,6 +435,8 @@ def test_vllm_overlay_shape(name: str, target: str) -> None:
     assert kv["kv_connector"] == "PdorchConnector"
     assert kv["kv_connector_module_path"] == "workers.engines.vllm.connector"
     assert kv["kv_role"] == kv_role
+    # vLLM keeps idle connections well past the agent's reuse limit (see the vLLM launcher).
+    assert int(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) == SERVER_KEEPALIVE_S
     script = vllm["args"][0]
     assert "ray start --head" in script and "LWS_GROUP_SIZE" in script
     assert "vllm.entrypoints.openai.api_server" in script and "--kv-transfer-config" in script

@@ -8,6 +8,7 @@ import pytest
 
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role
+from workers.engines.vllm.client import KEEPALIVE_S
 from workers.engines.vllm.launch import SOURCE_ROOT, VllmLaunchSpec, kv_transfer_config, vllm_command
 
 
@@ -36,6 +37,13 @@ def test_decode_instance_consumes_kv_on_its_endpoint() -> None:
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_NO_USAGE_STATS"] == "1"
     assert env["PATH"] == "/bin"
     assert env["PYTHONPATH"].split(":") == [str(SOURCE_ROOT), "/x"]
+
+
+def test_vllm_keeps_idle_connections_far_longer_than_the_agent_reuses_them() -> None:
+    # vLLM's default (5 s) is one second above the client's reuse limit: an agent that read an
+    # answer a second late wrote its next request on a connection vLLM was closing.
+    _, env = vllm_command(VllmLaunchSpec(model_dir="/m", port=1, role=Role.PREFILL), python="py")
+    assert int(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) >= 10 * KEEPALIVE_S
 
 
 def test_prefill_instance_produces_and_binds_nothing() -> None:

@@ -27,6 +27,13 @@ SOURCE_ROOT = Path(__file__).resolve().parents[3]
 
 _KV_ROLE = {Role.PREFILL: "kv_producer", Role.DECODE: "kv_consumer", Role.BOTH: "kv_both"}
 
+# How long vLLM's HTTP server keeps an idle connection (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, default 5 s).
+# The agent's client reuses one only while it has been idle under KEEPALIVE_S (4 s), counted from
+# when it read the last answer; on a loaded host it may read that answer seconds after vLLM sent it,
+# and a request then written on a connection the server is closing fails as "Server disconnected".
+# Far above the client's limit, that lag cannot close the gap.
+SERVER_KEEPALIVE_S = 60
+
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -154,6 +161,7 @@ def vllm_command(
     env.update(OFFLINE_ENV)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
     env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_cores
+    env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(SERVER_KEEPALIVE_S)
     if lora:
         # /v1/load_lora_adapter and /v1/unload_lora_adapter: the agent is vLLM's only client,
         # and it loads only from the worker's allowed adapter directories.
