@@ -387,6 +387,32 @@ async def test_a_receiver_hanging_mid_transfer_fails_the_sender_at_its_deadline_
         await mute.close()
 
 
+async def test_a_transfer_its_caller_stops_calling_is_closed_at_its_deadline_and_the_receiver_told(
+    sender: KvSender, receiver: KvReceiver
+) -> None:
+    """One layer sent, then nothing (neither the rest, nor finish, nor abort): at the transfer's
+    deadline the sender aborts it at the receiver, whose own wait is far longer, and forgets it."""
+    sink = ArraySink(2, 20, (4,), "float16")
+    receiving = asyncio.create_task(receiver.receive(p2p("abandoned"), sink, deadline_s=OK_DEADLINE_S))
+    stream = await sender.open(
+        KvRoute(KvMode.P2P, receiver.endpoint, "abandoned"),
+        num_layers=2,
+        rows_per_layer=20,
+        row_shape=(4,),
+        dtype="float16",
+        deadline_s=0.5,
+    )
+    await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
+    with pytest.raises(PdorchError) as info:
+        await asyncio.wait_for(receiving, 10)  # told at the sender's deadline, not at its own
+    assert info.value.code is ErrorCode.KV_TRUNCATED
+    assert "passed its deadline" in info.value.message
+    assert not sender._streams  # nothing of it is kept
+    with pytest.raises(PdorchError) as late:  # a caller coming back is told why
+        await stream.send_layer(1, make_layers(1, 20, (4,), "float16")[0])
+    assert late.value.code is ErrorCode.KV_TIMEOUT
+
+
 async def send_all_of(stream: KvOutStream, layers: list[np.ndarray]) -> None:
     for i, rows in enumerate(layers):
         await stream.send_layer(i, rows)

@@ -83,6 +83,8 @@ class KvOutStream:
         # rather than a timeout scope around every wait: it wakes whatever waits, which then fails.
         self._timer: asyncio.TimerHandle | None = None
         self._timed_out = False
+        self._expiry: asyncio.Task[None] | None = None
+        self._giving_up = False  # the abort is being sent: one is enough
         self._send = send
         self._max_chunk_bytes = max_chunk_bytes
         self._on_closed = on_closed
@@ -147,6 +149,12 @@ class KvOutStream:
         )
         self._accepted.set()
         self._settled.set()
+        # A caller that stopped calling (neither more rows, nor finish, nor abort) would hold the
+        # transfer open, and the receiver's buffers with it, until its own idle limit: close it here.
+        self._expiry = asyncio.get_running_loop().create_task(self._give_up(self._late()))
+
+    def _late(self) -> PdorchError:
+        return PdorchError(ErrorCode.KV_TIMEOUT, f"transfer {self.transfer_id} passed its deadline")
 
     async def _wait(self, event: asyncio.Event, what: str) -> None:
         if not event.is_set():
@@ -307,8 +315,9 @@ class KvOutStream:
         await self._give_up(PdorchError(ErrorCode.CANCELLED, f"sender aborted: {reason}"), reason)
 
     async def _give_up(self, error: PdorchError, reason: str | None = None) -> None:
-        if self._closed:
+        if self._closed or self._giving_up:
             return
+        self._giving_up = True
         told_by_receiver = self._error is not None
         self._fail(error)
         if not told_by_receiver:
@@ -320,6 +329,8 @@ class KvOutStream:
         if self._error is not None:
             self._close()
             raise self._error
+        if self._timed_out:
+            raise self._late()
         if self._closed:
             raise PdorchError(ErrorCode.INTERNAL, f"transfer {self.transfer_id} is already finished")
 
