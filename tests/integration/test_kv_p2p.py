@@ -35,7 +35,9 @@ async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
     await rx.close()
 
 
-async def open_small(sender: KvSender, receiver: KvReceiver, transfer_id: str) -> KvOutStream:
+async def open_small(
+    sender: KvSender, receiver: KvReceiver, transfer_id: str, deadline_s: float = OK_DEADLINE_S
+) -> KvOutStream:
     """A transfer of two layers of 20 float16 rows of 4."""
     return await sender.open(
         KvRoute(KvMode.P2P, receiver.endpoint, transfer_id),
@@ -43,7 +45,7 @@ async def open_small(sender: KvSender, receiver: KvReceiver, transfer_id: str) -
         rows_per_layer=20,
         row_shape=(4,),
         dtype="float16",
-        deadline_s=OK_DEADLINE_S,
+        deadline_s=deadline_s,
     )
 
 
@@ -394,14 +396,7 @@ async def test_a_transfer_its_caller_stops_calling_is_closed_at_its_deadline_and
     deadline the sender aborts it at the receiver, whose own wait is far longer, and forgets it."""
     sink = ArraySink(2, 20, (4,), "float16")
     receiving = asyncio.create_task(receiver.receive(p2p("abandoned"), sink, deadline_s=OK_DEADLINE_S))
-    stream = await sender.open(
-        KvRoute(KvMode.P2P, receiver.endpoint, "abandoned"),
-        num_layers=2,
-        rows_per_layer=20,
-        row_shape=(4,),
-        dtype="float16",
-        deadline_s=0.5,
-    )
+    stream = await open_small(sender, receiver, "abandoned", deadline_s=0.5)
     await stream.send_layer(0, make_layers(1, 20, (4,), "float16")[0])
     with pytest.raises(PdorchError) as info:
         await asyncio.wait_for(receiving, 10)  # told at the sender's deadline, not at its own
