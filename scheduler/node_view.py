@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from scheduler.ledger.node_ledger import NodeLedger
 from scheduler.placement.config import AcceleratorProfile
-from scheduler.placement.latency_model import LatencyTable, class_latency, decode_x, prefill_x
+from scheduler.placement.latency_model import LatencyTable, class_latency, decode_x, prefill_x, work_x
 from scheduler.placement.types import NodeView
 from transport.messages import Hello, Load
 
@@ -126,10 +126,7 @@ def _derived(
         return cached
     models = class_latency(latency, ledger.model, ledger.accelerator, accelerators)
     batch, context = len(ledger.members), ledger.booked_tokens
-    queued = sum(
-        models.prefill.predict(prefill_x(p.tokens - p.cached, p.cached, batch, context))
-        for p in ledger.pending.values()
-    )
+    queued = models.prefill.predict(work_x(ledger.pending_work, batch, context)) if ledger.pending else 0.0
     head_start = -math.inf
     if ledger.pending:
         head_start = max(next(iter(ledger.pending.values())).sent_at, ledger.last_departure)

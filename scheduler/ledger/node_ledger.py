@@ -22,6 +22,7 @@ from typing import NamedTuple
 from scheduler.ledger.member_table import MemberRow, MemberTable
 from scheduler.ledger.prefix_memory import PrefixMemory
 from scheduler.placement.kv_budget import outstanding_blocks
+from scheduler.placement.latency_model import PromptWork, prompt_work
 from scheduler.prediction.latency import DecodeSample, PrefillSample, TpotOutcome
 
 # A progress observation covers at least this many decode steps (fewer say little of a step's time).
@@ -32,6 +33,13 @@ MIN_PROGRESS_STEPS = 8
 # placed there decodes through many windows: it sees the mean, not the last window's. Chosen among
 # 5, 10 and 20 s (longer made decode-heavy at 4 + 4 worse): docs/placement.md.
 PREFILL_RATE_HORIZON_S = 5.0
+
+
+_NO_WORK: PromptWork = (0.0, 0.0, 0.0)
+
+
+def _add(a: PromptWork, b: PromptWork, sign: float) -> PromptWork:
+    return (a[0] + sign * b[0], a[1] + sign * b[1], a[2] + sign * b[2])
 
 
 class _Mark(NamedTuple):
@@ -96,6 +104,7 @@ class NodeLedger:
         # placement reads both for every node on every decision.
         self._reserved_total = 0
         self._pending_total = 0
+        self._pending_work = _NO_WORK  # the prompt_work of every pending prompt, summed
         self.view_cache: object = None  # what a view builder keeps between versions
         self.last_view: tuple[tuple[object, ...], object] | None = None
         self._t = 0.0
@@ -138,6 +147,11 @@ class NodeLedger:
         """Uncached prompt tokens sent here and not prefilled yet."""
         return self._pending_total
 
+    @property
+    def pending_work(self) -> PromptWork:
+        """Those prompts' prefill work (``latency_model.prompt_work``), summed."""
+        return self._pending_work
+
     # ------------------------------------------------------------------ booking
 
     def hold(self, job_id: str, reserve_blocks: int, adapter: str = "") -> None:
@@ -155,6 +169,7 @@ class NodeLedger:
         self._unpend(self.pending.get(job_id))
         self.pending[job_id] = Pending(tokens, cached, now, self._batch_s, self._context_s, adapter_load)
         self._pending_total += tokens - cached
+        self._pending_work = _add(self._pending_work, prompt_work(tokens - cached, cached), 1.0)
         self._changed()
 
     def remember(self, block_hashes: tuple[int, ...], block_tokens: int) -> None:
@@ -300,6 +315,9 @@ class NodeLedger:
     def _unpend(self, pending: Pending | None) -> None:
         if pending is not None:
             self._pending_total -= pending.tokens - pending.cached
+            work = prompt_work(pending.tokens - pending.cached, pending.cached)
+            # Exact zeros once nothing is pending, so float residue never accumulates.
+            self._pending_work = _add(self._pending_work, work, -1.0) if self.pending else _NO_WORK
 
     def _count_steps(self, start: float, end: float, steps: int) -> None:
         """The node took ``steps`` decode steps from ``start`` to ``end``; a member that joined in

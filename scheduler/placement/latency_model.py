@@ -92,11 +92,29 @@ def link_key(model: str, prefill_accelerator: str, decode_accelerator: str) -> s
     return f"{model}/{prefill_accelerator}->{decode_accelerator}"
 
 
+# A prompt's share of the prefill features that add up over prompts (see prompt_work).
+PromptWork = tuple[float, float, float]
+
+
 def prefill_x(uncached: float, cached: float, batch: float, context: float) -> tuple[float, ...]:
+    return work_x(prompt_work(uncached, cached), batch, context)
+
+
+def prompt_work(uncached: float, cached: float) -> PromptWork:
+    """A prompt's share of the prefill features, which add up over prompts: (1, u, (c + u)^2 - c^2)."""
     u = max(0, uncached) / TOKENS
     c = max(0, cached) / TOKENS
+    return (1.0, u, (c + u) ** 2 - c * c)
+
+
+def work_x(work: PromptWork, batch: float, context: float) -> tuple[float, ...]:
+    """The prefill features of the prompts whose :func:`prompt_work` sums to ``work``, on a node
+    with this decode batch. Linear in ``work``, and every feature and learnt coefficient is >= 0,
+    so one prediction of the sum is the sum of the prompts' predictions: a node's whole queue is
+    predicted in O(1) from running totals."""
+    n, u, q = work
     chunked = u * min(1.0, batch)  # batch is a time average: this stands in for the share chunked
-    return (1.0, u, (c + u) ** 2 - c * c, u * batch / BATCH, u * context / CONTEXT, chunked)
+    return (n, u, q, u * batch / BATCH, u * context / CONTEXT, chunked)
 
 
 def decode_x(batch: float, context: float, prefill_tokens_per_step: float = 0.0) -> tuple[float, ...]:

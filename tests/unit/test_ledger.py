@@ -14,7 +14,14 @@ from scheduler.ledger.prefix_memory import PrefixMemory, StalePrefixView
 from scheduler.node_view import NodeState, node_view
 from scheduler.placement.config import default_accelerators
 from scheduler.placement.kv_budget import outstanding_blocks
-from scheduler.placement.latency_model import ClassLatency, LatencyTable, LinearModel, class_key
+from scheduler.placement.latency_model import (
+    ClassLatency,
+    LatencyTable,
+    LinearModel,
+    class_key,
+    prefill_x,
+    prompt_work,
+)
 from scheduler.placement.types import Placement
 from transport.messages import Hello, Load, Role
 
@@ -308,3 +315,32 @@ def test_the_reserved_and_queued_totals_follow_every_change_to_the_jobs() -> Non
         held = node.held.values()
         assert node.reserved_blocks == sum(outstanding_blocks(h.reserved_blocks, h.tokens, 16) for h in held)
         assert node.pending_tokens == sum(p.tokens - p.cached for p in node.pending.values())
+        # The queue's prefill work, from which its learnt time is predicted in one product.
+        works = [prompt_work(p.tokens - p.cached, p.cached) for p in node.pending.values()]
+        assert node.pending_work == pytest.approx(tuple(map(sum, zip(*works, strict=True))) or (0.0,) * 3)
+        if not node.pending:
+            assert node.pending_work == (0.0, 0.0, 0.0)  # exactly: no residue accumulates
+
+
+def test_a_queue_predicted_in_one_product_is_the_sum_of_its_prompts_predictions() -> None:
+    """Every prefill feature is linear in the prompts' work and every coefficient >= 0, so the
+    node's backlog (one prediction over its summed work) equals the per-prompt sum."""
+    rng = random.Random(3)
+    model = LinearModel(tuple(rng.uniform(0.0, 0.5) for _ in range(6)))
+    table = LatencyTable(
+        classes={class_key("m", "h100"): ClassLatency(model, LinearModel((0.0,) * 4))}, version=1
+    )
+    led = ledger()
+    prompts = [(rng.randrange(1, 9000), rng.randrange(0, 4000)) for _ in range(40)]
+    for i, (tokens, cached) in enumerate(prompts):
+        decode = "p" if i % 4 == 0 else "d"  # some decode on the prefill node: a batch there too
+        led.book(f"j{i}", Placement("p", decode, 1), facts(prompt=tokens), cached=cached, now=0.0)
+    node = led.node("p")
+    assert node is not None
+    batch, context = len(node.members), node.booked_tokens
+    assert batch and context
+    want = sum(
+        model.predict(prefill_x(p.tokens - p.cached, p.cached, batch, context)) for p in node.pending.values()
+    )
+    got = node_view(state("p", Role.PREFILL, "h100"), node, table, default_accelerators(), 0.0)
+    assert got.prefill_wait_s == pytest.approx(want, rel=1e-9)
