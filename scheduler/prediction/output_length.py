@@ -147,23 +147,40 @@ class OutputLengthPredictor:
         return keys
 
     def _distribution(self, f: OutputFeatures) -> np.ndarray:
+        """Each key's histogram, from the broadest to the most specific, blended into what came
+        before it with ``prior_strength`` pseudo-counts: ``p = (counts + s * p) / (n + s)``. The
+        blend is linear, so the histograms' weights are worked out first (a few floats) and the
+        distribution is one weighted sum of them rather than three array operations per key."""
         s = self.config.prior_strength
-        p: np.ndarray | None = None
+        rows: list[np.ndarray] = []
+        weights: list[float] = []
+        hint_bin, hint_weight = 0, 0.0
         for key in self._keys(f):
-            if key[0] == "mh" and p is not None:
+            if key[0] == "mh" and rows:
                 # Before hints of this size have been observed, trust the hint itself a little.
-                point = np.zeros(self._bins)
-                point[key[2]] = 1.0
                 hs = self.config.hint_strength
-                p = (hs * point + s * p) / (hs + s)
+                keep = s / (hs + s)
+                weights = [w * keep for w in weights]
+                hint_bin, hint_weight = key[2], hs / (hs + s)
             h = self._hists.get(key)
             if h is None or h.n <= 0:
                 continue
-            p = h.counts / h.n if p is None else (h.counts + s * p) / (h.n + s)
-        if p is None:
+            if rows:
+                keep = s / (h.n + s)
+                weights = [w * keep for w in weights]
+                hint_weight *= keep
+                weights.append(1.0 / (h.n + s))
+            else:
+                weights.append(1.0 / h.n)
+            rows.append(h.counts)
+        if not rows:
             # Nothing learnt yet: fall back on max_tokens (or a small default) as the whole distribution.
             p = np.zeros(self._bins)
             p[self._bin(f.hint or f.max_tokens or 256)] = 1.0
+            return p
+        p = np.dot(weights, rows)
+        if hint_weight:
+            p[hint_bin] += hint_weight
         return p
 
     def _quantiles(self, p: np.ndarray) -> list[int]:

@@ -103,3 +103,38 @@ def test_online_evaluation_beats_the_naive_baselines_on_templated_traffic() -> N
     assert ours.mae < mean.mae < max_tokens.mae
     assert ours.spearman > 0.5 > mean.spearman
     assert 0.8 <= report.coverage_p90 <= 0.98
+
+
+def test_the_blended_distribution_is_each_histogram_blended_into_the_broader_ones_in_turn() -> None:
+    """From the broadest key to the most specific, ``p = (counts + s * p) / (n + s)`` (a hint's
+    point mass blended in with ``hint_strength`` before hints of its size are known): computed
+    here step by step, against the predictor's one weighted sum."""
+    rng = np.random.default_rng(4)
+    cfg = PredictorConfig()
+    p = OutputLengthPredictor(cfg)
+    seen = [
+        feats(
+            prompt_len=int(rng.integers(1, 5000)),
+            tenant=str(rng.integers(3)),
+            template_key=int(rng.integers(4)),
+        )
+        for _ in range(300)
+    ]
+    for f in seen:
+        p.observe(f, int(rng.integers(1, 3000)))
+    p.observe(feats(hint=64), 70)  # hints of one size seen once; others never
+    for f in [*seen[:40], feats(hint=64), feats(hint=900, tenant="1"), feats(model="new")]:
+        want = None
+        for key in p._keys(f):
+            if key[0] == "mh" and want is not None:
+                point = np.zeros(p._bins)
+                point[key[2]] = 1.0
+                want = (cfg.hint_strength * point + cfg.prior_strength * want) / (
+                    cfg.hint_strength + cfg.prior_strength
+                )
+            h = p._hists.get(key)
+            if h is not None and h.n > 0:
+                s = cfg.prior_strength
+                want = h.counts / h.n if want is None else (h.counts + s * want) / (h.n + s)
+        assert want is not None
+        assert p._distribution(f) == pytest.approx(want, abs=1e-12)
