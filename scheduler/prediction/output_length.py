@@ -71,12 +71,32 @@ class PredictorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise PdorchError(ErrorCode.CONFIG, "predictor: max_len >= 2, max_keys >= 8, hint_strength >= 0")
 
 
+# A histogram's stored counts are folded back into its scale once the scale falls below this.
+_RESCALE_BELOW = 1e-100
+
+
 class _Hist:
-    __slots__ = ("counts", "n")
+    """Decayed counts per bin, kept as ``stored * scale``: decaying one is a scalar product, not a
+    pass over every bin (the predictor observes every finished request under each of its keys)."""
+
+    __slots__ = ("n", "scale", "stored")
 
     def __init__(self, bins: int) -> None:
-        self.counts = np.zeros(bins)
-        self.n = 0.0
+        self.stored = np.zeros(bins)
+        self.scale = 1.0
+        self.n = 0.0  # the decayed count of observations (the sum of the counts)
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.stored * self.scale
+
+    def add(self, b: int, decay: float) -> None:
+        self.scale *= decay
+        self.n = self.n * decay + 1.0
+        self.stored[b] += 1.0 / self.scale
+        if self.scale < _RESCALE_BELOW:  # keep the stored counts far from overflow
+            self.stored *= self.scale
+            self.scale = 1.0
 
 
 class OutputLengthPredictor:
@@ -115,11 +135,7 @@ class OutputLengthPredictor:
                     self._hists.popitem(last=False)
             else:
                 self._hists.move_to_end(key)
-            if decay < 1.0:
-                h.counts *= decay
-                h.n *= decay
-            h.counts[b] += 1.0
-            h.n += 1.0
+            h.add(b, decay)
         self.observed += 1
 
     # ------------------------------------------------------------------ internals
@@ -169,10 +185,10 @@ class OutputLengthPredictor:
                 keep = s / (h.n + s)
                 weights = [w * keep for w in weights]
                 hint_weight *= keep
-                weights.append(1.0 / (h.n + s))
+                weights.append(h.scale / (h.n + s))
             else:
-                weights.append(1.0 / h.n)
-            rows.append(h.counts)
+                weights.append(h.scale / h.n)
+            rows.append(h.stored)
         if not rows:
             # Nothing learnt yet: fall back on max_tokens (or a small default) as the whole distribution.
             p = np.zeros(self._bins)

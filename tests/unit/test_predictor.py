@@ -138,3 +138,22 @@ def test_the_blended_distribution_is_each_histogram_blended_into_the_broader_one
                 want = h.counts / h.n if want is None else (h.counts + s * want) / (h.n + s)
         assert want is not None
         assert p._distribution(f) == pytest.approx(want, abs=1e-12)
+
+
+def test_decayed_counts_stay_exact_through_thousands_of_observations() -> None:
+    """Counts decay by a scale factor rather than bin by bin; the factor is folded back into the
+    counts before it underflows. Each bin must equal the plainly decayed count throughout."""
+    cfg = PredictorConfig(decay=0.9)  # 0.9 ** 3000 ~ 1e-137: past the fold
+    p = OutputLengthPredictor(cfg)
+    rng = np.random.default_rng(2)
+    want = np.zeros(p._bins)
+    for i in range(3000):
+        n = int(rng.integers(1, 4000))
+        p.observe(feats(), n)
+        want *= cfg.decay
+        want[p._bin(n)] += 1.0
+        if i % 500 == 499:
+            h = p._hists[("g",)]
+            assert h.counts == pytest.approx(want, rel=1e-9, abs=1e-300)
+            assert h.n == pytest.approx(want.sum(), rel=1e-9)
+            assert 0 < p.predict(feats()).quantile(0.5) <= 4096
