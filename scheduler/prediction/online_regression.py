@@ -1,7 +1,10 @@
 """Linear least squares learnt one observation at a time, forgetting old ones, coefficients >= 0.
 
 The normal equations are kept as running sums, decayed by ``decay`` per observation (an
-exponentially weighted fit that follows drift, as the output-length predictor's histograms do),
+exponentially weighted fit that follows drift, as the output-length predictor's histograms do);
+observations are queued as they come and folded into the sums in one matrix product when the
+coefficients are next read (placement reads them about once a second, and a node answers many
+requests in between), so observing costs an append,
 plus a fixed ridge pull of ``prior_weight`` towards the prior coefficients: a feature that never
 varies (e.g. the decode batch of a node that never decodes) keeps its prior instead of making the
 system singular. The fit is non-negative (every coefficient is a time per unit of work): a
@@ -14,6 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# At most this many observations wait to be folded into the sums (reading the coefficients folds them too).
+FOLD_AT = 256
+
 
 class OnlineRegression:
     def __init__(self, prior: Sequence[float], *, prior_weight: float = 1.0, decay: float = 0.999) -> None:
@@ -25,27 +31,39 @@ class OnlineRegression:
         self._decay = decay
         self._xtx = np.zeros((k, k))
         self._xty = np.zeros(k)
+        self._queued: list[tuple[Sequence[float], float]] = []  # not folded into the sums yet
         self.weight = 0.0  # decayed number of observations
         self.observed = 0
         self._coef: tuple[float, ...] | None = tuple(float(c) for c in self._prior)
 
     def observe(self, x: Sequence[float], y: float) -> None:
-        v = np.asarray(x, dtype=float)
-        d = self._decay
-        if d < 1.0:
-            self._xtx *= d
-            self._xty *= d
-            self.weight *= d
-        self._xtx += np.outer(v, v)
-        self._xty += v * y
-        self.weight += 1.0
+        self._queued.append((x, y))
+        if len(self._queued) >= FOLD_AT:
+            self._fold()
+        self.weight = self.weight * self._decay + 1.0
         self.observed += 1
         self._coef = None
 
     def coef(self) -> tuple[float, ...]:
         if self._coef is None:
+            self._fold()
             self._coef = self._solve()
         return self._coef
+
+    def _fold(self) -> None:
+        """Decay the sums by the queued observations' count and add each one's ``x x^T`` and
+        ``x y``, weighted by the decay of the observations after it: what observing them one at a
+        time would have left."""
+        if not self._queued:
+            return
+        x = np.array([x for x, _ in self._queued], dtype=float)
+        y = np.array([y for _, y in self._queued], dtype=float)
+        m, d = len(self._queued), self._decay
+        self._queued.clear()
+        w = d ** np.arange(m - 1, -1, -1, dtype=float)
+        xw = x.T * w
+        self._xtx = d**m * self._xtx + xw @ x
+        self._xty = d**m * self._xty + xw @ y
 
     def predict(self, x: Sequence[float]) -> float:
         return max(0.0, float(np.dot(self.coef(), x)))

@@ -24,7 +24,7 @@ from scheduler.prediction.latency import (
     PrefillSample,
     TpotOutcome,
 )
-from scheduler.prediction.online_regression import OnlineRegression
+from scheduler.prediction.online_regression import FOLD_AT, OnlineRegression
 from workers.engines.sim.cost import CostModel
 
 MODEL = "llama-2-70b"
@@ -50,6 +50,23 @@ def test_online_regression_keeps_coefficients_non_negative_and_unseen_features_a
     coef = reg.coef()
     assert coef[0] == 0.0 and coef[2] == pytest.approx(0.25)
     assert 1.0 < coef[1] < 1.2
+
+
+def test_observations_folded_in_batches_fit_as_if_folded_one_by_one() -> None:
+    """Observing queues; reading the coefficients (or a full queue) folds the queue in one matrix
+    product. Read after every observation or only now and then, the fit is the same."""
+    rng = random.Random(4)
+    one_by_one, batched = (OnlineRegression((0.1, 0.2, 0.0), decay=0.995) for _ in range(2))
+    for _ in range(3 * FOLD_AT + 17):
+        x = (1.0, rng.uniform(0, 5), rng.uniform(0, 2))
+        y = 0.3 + 0.7 * x[1] + rng.gauss(0, 0.05)
+        one_by_one.observe(x, y)
+        batched.observe(x, y)
+        one_by_one.coef()
+        if rng.random() < 0.01:
+            assert batched.coef() == pytest.approx(one_by_one.coef(), rel=1e-9)
+    assert batched.coef() == pytest.approx(one_by_one.coef(), rel=1e-9)
+    assert batched.weight == pytest.approx(one_by_one.weight)
 
 
 def test_online_regression_forgets_to_follow_a_change() -> None:
