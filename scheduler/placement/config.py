@@ -30,7 +30,7 @@ the placer is built.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -77,17 +77,23 @@ class ReservationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
 DEFAULT_ADAPTER_LOAD_S = 0.1
 
 
+# Checked when a config is loaded: the latency models' priors come from these, and a prior that is
+# zero, negative or NaN would make every prediction of that class meaningless.
+_Positive = Annotated[float, msgspec.Meta(gt=0)]
+_NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
 class AcceleratorProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Per-instance class properties placement may use (dense TFLOPS, HBM GB/s, memory GB)."""
 
-    tflops: float
-    hbm_gbytes_per_s: float
-    memory_gb: float
+    tflops: _Positive
+    hbm_gbytes_per_s: _Positive
+    memory_gb: _Positive
     # Prefill throughput to assume when a node does not report one (tokens/s, 0 = derive from tflops).
-    prefill_tokens_per_s: float = 0.0
+    prefill_tokens_per_s: _NonNegative = 0.0
     # Seconds to load a LoRA adapter into a free slot on this class (placement's estimate of the
     # cost of sending a request where its adapter is not resident).
-    adapter_load_s: float = DEFAULT_ADAPTER_LOAD_S
+    adapter_load_s: _NonNegative = DEFAULT_ADAPTER_LOAD_S
 
 
 def default_accelerators() -> dict[str, AcceleratorProfile]:

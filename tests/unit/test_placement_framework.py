@@ -79,6 +79,22 @@ CONFIG_ERRORS = [
         "(weighted-random): power",
     ),
     ({"decider": {"mode": "sometimes"}}, "placement:"),
+    (
+        {"accelerators": {"b200": {"tflops": -1, "hbm_gbytes_per_s": 8000, "memory_gb": 192}}},
+        "Expected `float` > 0.0 - at `$.accelerators[...].tflops`",
+    ),
+    (
+        {
+            "accelerators": {
+                "b200": {"tflops": 2250, "hbm_gbytes_per_s": 8000, "memory_gb": 192, "adapter_load_s": -0.1}
+            }
+        },
+        "adapter_load_s",
+    ),
+    (
+        {"accelerators": {"b200": {"tflops": float("nan"), "hbm_gbytes_per_s": 8000, "memory_gb": 192}}},
+        "tflops",
+    ),
     ({"decider": {"type": "sometimes"}}, "placement.decider: unknown decider 'sometimes'; known: always"),
     (
         {"decider": {"type": "conditional", "params": {"local_speedup": 0}}},
