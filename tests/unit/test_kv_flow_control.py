@@ -1,4 +1,4 @@
-"""Credit accounting, chunk planning and the checksum, without sockets."""
+"""Credit accounting, chunk planning, the checksum and a transfer giving up, without sockets."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from transport.kv.checksum import (
     span_count,
 )
 from transport.kv.chunking import chunk_spans, rows_per_chunk
+from transport.kv.deadline import Deadline
 from transport.kv.flow_control import ReceiveWindow, SendCredit
+from transport.kv.messages import KvAbort, KvMessage
+from transport.kv.out_stream import KvOutStream
 
 
 def test_receive_window_regrants_in_quarters_and_detects_overrun() -> None:
@@ -103,3 +106,37 @@ def test_spans_are_sized_for_the_cache_and_never_below_the_minimum() -> None:
     assert checksum_rows_for(row_bytes) >= min_checksum_rows(row_bytes)
     huge_row = 4 * CHECKSUM_SPAN_BYTES
     assert checksum_rows_for(huge_row) == min_checksum_rows(huge_row) == 1
+
+
+async def test_a_transfer_cancelled_while_telling_its_receiver_still_closes() -> None:
+    """Giving up sends the receiver an abort; a caller cancelled during that send must still leave
+    the transfer closed (its sender forgets it): no later give-up would try again."""
+    stuck = asyncio.Event()
+
+    async def send(msg: KvMessage) -> None:
+        if isinstance(msg, KvAbort):
+            stuck.set()
+            await asyncio.Event().wait()  # a send that never completes
+
+    closed: list[bool] = []
+    stream = KvOutStream(
+        transfer_id="t",
+        num_layers=1,
+        rows_per_layer=1,
+        row_shape=(4,),
+        dtype="uint8",
+        deadline=Deadline(30),
+        send=send,
+        max_chunk_bytes=1 << 20,
+        max_in_flight_bytes=1 << 20,
+        on_closed=lambda: closed.append(True),
+    )
+    await stream.begin()
+    aborting = asyncio.create_task(stream.abort("prefill failed"))
+    await stuck.wait()
+    aborting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await aborting
+    assert closed == [True]
+    await stream.abort("again")  # a no-op now
+    assert closed == [True]

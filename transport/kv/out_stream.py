@@ -320,10 +320,12 @@ class KvOutStream:
         self._giving_up = True
         told_by_receiver = self._error is not None
         self._fail(error)
-        if not told_by_receiver:
-            with contextlib.suppress(Exception):
-                await self._send(KvAbort(transfer_id=self.transfer_id, reason=reason or error.message))
-        self._close()
+        try:
+            if not told_by_receiver:
+                with contextlib.suppress(Exception):
+                    await self._send(KvAbort(transfer_id=self.transfer_id, reason=reason or error.message))
+        finally:  # closed even if cancelled while telling the receiver: no later give-up would
+            self._close()
 
     def _raise_if_over(self) -> None:
         if self._error is not None:
