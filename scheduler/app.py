@@ -39,7 +39,7 @@ from scheduler.config import SchedulerConfig, load_config
 from scheduler.control import ControlServer
 from scheduler.flow import Orchestrator
 from scheduler.http import lora, openai, openapi, ops
-from scheduler.http.connection_limits import ConnectionLimits
+from scheduler.http.connection_limits import ConnectionLimits, request_heads
 from scheduler.http.errors import error_middleware
 from scheduler.http.server import serve
 from scheduler.inbox import Inbox
@@ -63,7 +63,7 @@ log = logging.getLogger("pdorch.scheduler")
 
 
 def build_app(cfg: SchedulerConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=cfg.max_body_bytes)
+    app = web.Application(middlewares=[request_heads, error_middleware], client_max_size=cfg.max_body_bytes)
     app.router.add_post("/v1/completions", openai.completions)
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_get("/v1/models", openai.models)
@@ -102,7 +102,9 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
     metrics.bind_gauge("pdorch_workers", "Registered workers", lambda: len(cluster.workers()))
     metrics.bind_gauge("pdorch_workers_dropped", "Workers dropped since start", lambda: cluster.dropped_total)
     metrics.watch_placement(placer)
-    connections = ConnectionLimits(cfg.http.max_connections_per_client, cfg.http.max_connections)
+    connections = ConnectionLimits(
+        cfg.http.max_connections_per_client, cfg.http.max_connections, cfg.http.header_timeout_s
+    )
     metrics.bind_gauge("pdorch_http_connections", "Open HTTP connections", lambda: connections.open)
     metrics.bind_counts(
         "pdorch_http_connections_refused",

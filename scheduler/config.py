@@ -26,9 +26,14 @@ from transport.security import config as security_config
 class HttpLimits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """What one HTTP client can hold of the scheduler (``http:`` in the config file)."""
 
-    # A connection must deliver a request's headers within this; an idle keep-alive connection is
-    # closed after it too.
+    # A request's headers must arrive whole within this of their first byte (of the connection's
+    # opening, for its first request), else the connection is closed.
     header_timeout_s: float = 15.0
+    # A keep-alive connection idle between requests is closed after this. Keep it above the idle
+    # timeout of any proxy in front for its upstream connections, or the proxy may send a request on
+    # a connection the scheduler is closing (AWS ALB 60 s, Google Cloud's load balancers 600 s; Envoy
+    # keeps them an hour unless its upstream idle_timeout is set lower).
+    idle_timeout_s: float = 620.0
     # A request's body must arrive within this of its headers (else 408).
     body_timeout_s: float = 30.0
     # Open connections from one client address (0: no limit; behind a proxy every client has its
@@ -143,7 +148,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def _check_http(self) -> None:
         http = self.http
-        for name in ("header_timeout_s", "body_timeout_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
             _check(getattr(http, name) > 0, f"http.{name}", "must be > 0")
         _check(http.max_connections_per_client >= 0, "http.max_connections_per_client", "must be >= 0")
         _check(http.max_connections >= 1, "http.max_connections", "must be >= 1")

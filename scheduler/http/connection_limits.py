@@ -1,4 +1,5 @@
-"""How many HTTP connections one client address, and all clients, may hold open at once.
+"""How many HTTP connections one client address, and all clients, may hold open at once, and how
+long one may take over a request's head or sit idle.
 
 Each accepted connection passes through :class:`_Guarded`, which counts it against its client's
 address and the total before handing it to aiohttp. Over either limit the client gets a complete
@@ -6,19 +7,27 @@ HTTP answer in OpenAI's error shape (429 for its own excess, 503 for the server'
 connection is closed: after at most ``_REFUSED_LINGER_S`` (closing at once, with the client's
 request still unread, would reset the connection and lose the answer), or at once while
 ``_MAX_LINGERING`` refused connections already wait so (a flood gets resets). So a client that opens
-connections and never uses them (or never finishes its headers, which aiohttp's keep-alive timeout
-then closes) cannot take the server's file descriptors. Refusals are counted for ``/metrics``;
-none is logged.
+connections and never uses them cannot take the server's file descriptors. Refusals are counted for
+``/metrics``; none is logged.
+
+Two timers, so that the defence against slow clients does not cut keep-alive short: a request's
+head must arrive whole within ``header_timeout_s`` of its first byte (of the connection's opening,
+for its first request), else the connection is closed; a connection idle between requests is
+closed by aiohttp after its keep-alive timeout (``http.idle_timeout_s``), which a proxy in front
+needs to be longer than its own idle timeout for upstream connections (else it may send a request
+on a connection the server is closing). :func:`request_heads` tells a connection when its
+request's head has been parsed and when the request is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import msgspec
+from aiohttp import web
 
 _PER_CLIENT = "per_client"
 _TOTAL = "total"
@@ -48,8 +57,9 @@ _ANSWERS = {
 
 
 class ConnectionLimits:
-    def __init__(self, per_client: int, total: int) -> None:
+    def __init__(self, per_client: int, total: int, header_timeout_s: float) -> None:
         """``per_client`` 0: no limit per address."""
+        self.header_timeout_s = header_timeout_s
         self._per_client = per_client
         self._total = total
         self._by_client: Counter[str] = Counter()
@@ -87,6 +97,13 @@ class _Guarded(asyncio.Protocol):
         self._inner: asyncio.Protocol | None = None
         self._client = ""
         self._refused: asyncio.Transport | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        # When the first byte of a head not yet parsed came (None: none pending); in a request (its
+        # head parsed, its answer not yet done), bytes are its body. One timer at most, checked
+        # lazily: a head that completes in time does not touch it.
+        self._head_since: float | None = None
+        self._in_request = False
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -106,20 +123,52 @@ class _Guarded(asyncio.Protocol):
             asyncio.get_running_loop().call_later(_REFUSED_LINGER_S, transport.close)
             return
         self._client = client
+        self._transport = transport
+        self._head_began()
         self._inner = self._factory()
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused is not None:
             self._limits.lingering -= 1
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self._inner is not None:
             self._limits._release(self._client)
             self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
+            if self._head_since is None and not self._in_request:
+                self._head_began()
             self._inner.data_received(data)
         # A refused connection's request is read and dropped until it closes.
+
+    def request_began(self) -> None:
+        """The request's head has been parsed: what follows is its body, until it is done."""
+        self._head_since = None
+        self._in_request = True
+
+    def request_done(self) -> None:
+        self._in_request = False
+
+    def _head_began(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._head_since = loop.time()
+        if self._head_timer is None:
+            self._head_timer = loop.call_at(self._head_since + self._limits.header_timeout_s, self._head_late)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._head_since is None or self._transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._head_since + self._limits.header_timeout_s
+        if loop.time() < due:  # this head began after the timer was set, for an earlier one
+            self._head_timer = loop.call_at(due, self._head_late)
+            return
+        self._transport.close()
 
     def eof_received(self) -> bool | None:
         if self._refused is not None:
@@ -134,3 +183,19 @@ class _Guarded(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._inner is not None:
             self._inner.resume_writing()
+
+
+@web.middleware
+async def request_heads(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Tell the request's connection that its head has arrived, and when the request is done."""
+    transport = request.transport
+    guard = transport.get_protocol() if transport is not None else None
+    if not isinstance(guard, _Guarded):  # served without the limits (an app under test)
+        return await handler(request)
+    guard.request_began()
+    try:
+        return await handler(request)
+    finally:
+        guard.request_done()

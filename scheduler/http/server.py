@@ -1,10 +1,9 @@
 """Serving the scheduler's aiohttp app on its port, with the connection limits in front.
 
 What ``web.run_app`` does (a runner, SIGINT/SIGTERM stop it gracefully), plus: every connection
-passes :class:`ConnectionLimits` first; a connection must deliver its request's headers within
-``http.header_timeout_s`` (aiohttp's keep-alive timer runs from the moment a connection opens,
-and closes one whose request has not arrived whole), which also bounds idle keep-alive; and the
-process may hold as many descriptors as the limits allow.
+passes :class:`ConnectionLimits` first (which also bounds how long a request's head may take); an
+idle keep-alive connection is closed after ``http.idle_timeout_s`` (aiohttp's keep-alive timer);
+and the process may hold as many descriptors as the limits allow.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ async def serve(app: web.Application, cfg: SchedulerConfig) -> None:
     up to a minute)."""
     _allow_descriptors(cfg.http.max_connections + _SPARE_FDS)
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, keepalive_timeout=cfg.http.header_timeout_s
+        app, handler_cancellation=True, access_log=None, keepalive_timeout=cfg.http.idle_timeout_s
     )
     await runner.setup()
     server: asyncio.Server | None = None

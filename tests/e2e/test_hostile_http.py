@@ -4,6 +4,9 @@
 - 500 connections that never finish their headers, from one address: at most its share is held,
   and only for the header timeout; the rest are answered at once. Everyone else is served.
 - A body that never finishes arriving: 408 after the body timeout.
+- A kept-alive connection: idle past the header timeout it still serves (a proxy's pooled
+  connection is not closed under it), until the idle timeout; a head that stalls on it is cut at
+  the header timeout all the same.
 - Malformed control frames from a worker: counted, logged at most once per interval.
 """
 
@@ -28,6 +31,7 @@ from transport.security import KeyKind, Plane
 pytestmark = pytest.mark.e2e
 
 HEADER_TIMEOUT_S = 2.0
+IDLE_TIMEOUT_S = 8.0
 PER_CLIENT = 64
 ATTACKER = "127.0.0.2"  # loopback too, but another address than the legitimate clients'
 
@@ -37,7 +41,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     tmp = tmp_path_factory.mktemp("guarded")
     config = tmp / "scheduler.yaml"
     config.write_text(
-        f"http: {{header_timeout_s: {HEADER_TIMEOUT_S}, body_timeout_s: 2, "
+        f"http: {{header_timeout_s: {HEADER_TIMEOUT_S}, idle_timeout_s: {IDLE_TIMEOUT_S}, body_timeout_s: 2, "
         f"max_connections_per_client: {PER_CLIENT}}}\n"
     )
     cluster = start_cluster(tmp / "logs", kv_mode="p2p", scheduler_args=["--config", str(config)])
@@ -133,6 +137,53 @@ async def test_a_body_that_never_arrives_is_a_408(guarded: LocalCluster) -> None
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"timeout_error"' in answer and b"request_timeout" in answer
+
+
+_HEALTH = b"GET /health HTTP/1.1\r\nHost: pdorch\r\n\r\n"
+
+
+async def _answer(reader: asyncio.StreamReader) -> bytes:
+    """One whole answer (status line, headers and body) off a kept-alive connection."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head + await asyncio.wait_for(reader.readexactly(length), 15)
+
+
+async def test_a_kept_alive_connection_outlives_the_header_timeout_until_the_idle_timeout(
+    guarded: LocalCluster,
+) -> None:
+    port = int(guarded.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_HEALTH)
+    assert (await _answer(reader)).startswith(b"HTTP/1.1 200")
+    await asyncio.sleep(HEADER_TIMEOUT_S * 2)  # idle, as a proxy's pooled connection is
+    writer.write(_HEALTH)
+    assert (await _answer(reader)).startswith(b"HTTP/1.1 200")
+    idle_since = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), IDLE_TIMEOUT_S + 30) == b""  # closed by the server
+    assert time.monotonic() - idle_since > IDLE_TIMEOUT_S - 1
+    writer.close()
+
+
+async def test_a_head_that_stalls_on_a_kept_alive_connection_is_cut_at_the_header_timeout(
+    guarded: LocalCluster,
+) -> None:
+    port = int(guarded.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_HEALTH)
+    assert (await _answer(reader)).startswith(b"HTTP/1.1 200")
+    await asyncio.sleep(HEADER_TIMEOUT_S * 1.5)  # past the timer of the connection's first head
+    writer.write(_HEALTH)
+    assert (await _answer(reader)).startswith(b"HTTP/1.1 200")  # the idle timer starts again here
+    began = time.monotonic()
+    writer.write(b"GET /health HTTP/1.1\r\nHost: pd")
+    assert await asyncio.wait_for(reader.read(), IDLE_TIMEOUT_S + 30) == b""
+    assert time.monotonic() - began < IDLE_TIMEOUT_S - 2  # the header timeout, not the idle one
+    writer.close()
 
 
 async def test_malformed_control_frames_are_counted_not_logged_one_by_one(guarded: LocalCluster) -> None:
