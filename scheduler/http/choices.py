@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 
 import msgspec
@@ -52,15 +52,18 @@ class Choice:
     progress: Progress
 
 
-def choices(greq: GenerationRequest, n: int, seeded: bool, first: Progress) -> list[Choice]:
-    """The request's ``n`` choices (``first``: choice 0's progress). The others do not ask for
-    prompt logprobs again (choice 0's are theirs) and sample with their own seeds."""
-    out = [Choice(0, greq, first)]
+def choices(greq: GenerationRequest, n: int, seeded: bool, first: Progress, offset: int = 0) -> list[Choice]:
+    """The prompt's ``n`` choices (``first``: choice 0's progress), numbered from ``offset`` (the
+    choices of the prompts before it in a batch). The others do not ask for prompt logprobs again
+    (choice 0's are theirs) and sample with their own seeds."""
+    out = [Choice(offset, greq, first)]
     for i in range(1, n):
         seed = (greq.sampling.seed + i) % 2**64 if seeded else random.getrandbits(63)
         sampling = msgspec.structs.replace(greq.sampling, seed=seed, prompt_logprobs=-1)
         out.append(
-            Choice(i, replace(greq, request_id=f"{greq.request_id}-{i}", sampling=sampling), Progress())
+            Choice(
+                offset + i, replace(greq, request_id=f"{greq.request_id}-{i}", sampling=sampling), Progress()
+            )
         )
     return out
 
@@ -93,7 +96,27 @@ async def text_deltas(
 Item = tuple[Choice, str | None]
 
 
-async def generate(
+async def _items(
+    choice: Choice,
+    batches: AsyncIterator[TokenBatch],
+    tokenizer: Tokenizer,
+    stop: list[str],
+    first_in: asyncio.Event | None = None,
+) -> AsyncGenerator[Item, None]:
+    """One choice's items (``first_in``: set at its first)."""
+    async with contextlib.aclosing(batches):
+        deltas = text_deltas(tokenizer, stop, batches, choice.progress)
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                if first_in is not None:
+                    first_in.set()
+                yield choice, delta
+    if first_in is not None:
+        first_in.set()
+    yield choice, None
+
+
+def generate(
     orchestrator: Orchestrator,
     plan: tuple[OutputFeatures, PlacementRequest],
     placement: Placement | None,
@@ -101,69 +124,68 @@ async def generate(
     tokenizer: Tokenizer,
     stop: list[str],
     timeout_s: float,
-) -> AsyncIterator[Item]:
+) -> AsyncGenerator[Item, None]:
     """Every choice's text deltas, interleaved as they come (``placement``: choice 0's, booked at
     admission). A choice's failure ends them all (the client asked for n answers); closing this
     stops every choice's jobs."""
     first = all_choices[0]
-    if len(all_choices) == 1:
-        # One choice: no task, no queue on the hot path.
-        batches = orchestrator.generate(first.greq, plan, placement)
-        async with contextlib.aclosing(batches):
-            deltas = text_deltas(tokenizer, stop, batches, first.progress)
-            async with contextlib.aclosing(deltas):
-                async for delta in deltas:
-                    yield first, delta
-        yield first, None
-        return
+    if len(all_choices) == 1:  # no task, no queue on the hot path
+        return _items(first, orchestrator.generate(first.greq, plan, placement), tokenizer, stop)
 
-    loop = asyncio.get_running_loop()
-    resident: asyncio.Future[str] = loop.create_future()
+    resident: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     first_in = asyncio.Event()  # choice 0's first batch is in (its prompt logprobs with it)
-    items: asyncio.Queue[Item | BaseException] = asyncio.Queue()
 
     def on_resident(worker_id: str) -> None:
         if not resident.done():
             resident.set_result(worker_id)
 
-    async def run(choice: Choice) -> None:
+    async def follower(choice: Choice) -> AsyncGenerator[Item, None]:
         try:
-            if choice.index == 0:
-                batches = orchestrator.generate(choice.greq, plan, placement, on_resident=on_resident)
-            else:
-                try:
-                    async with asyncio.timeout(timeout_s):
-                        worker_id = await resident
-                        await first_in.wait()
-                except TimeoutError:
-                    raise PdorchError(
-                        ErrorCode.DEADLINE_EXCEEDED, f"choice 0 did not get going within {timeout_s:g}s"
-                    ) from None
-                choice.progress.prompt_logprobs = first.progress.prompt_logprobs
-                batches = orchestrator.generate(choice.greq, follow=worker_id)
-            async with contextlib.aclosing(batches):
-                deltas = text_deltas(tokenizer, stop, batches, choice.progress)
-                async with contextlib.aclosing(deltas):
-                    async for delta in deltas:
-                        first_in.set()
-                        items.put_nowait((choice, delta))
-            first_in.set()
-            items.put_nowait((choice, None))
+            async with asyncio.timeout(timeout_s):
+                worker_id = await resident
+                await first_in.wait()
+        except TimeoutError:
+            raise PdorchError(
+                ErrorCode.DEADLINE_EXCEEDED, f"choice 0 did not get going within {timeout_s:g}s"
+            ) from None
+        choice.progress.prompt_logprobs = first.progress.prompt_logprobs
+        items = _items(choice, orchestrator.generate(choice.greq, follow=worker_id), tokenizer, stop)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                yield item
+
+    batches = orchestrator.generate(first.greq, plan, placement, on_resident=on_resident)
+    leader = _items(first, batches, tokenizer, stop, first_in)
+    return merge([leader, *(follower(c) for c in all_choices[1:])])
+
+
+async def merge(streams: list[AsyncGenerator[Item, None]]) -> AsyncGenerator[Item, None]:
+    """The items of several streams, interleaved as they come, each run by a task of its own. The
+    first failure ends them all; closing this closes every stream."""
+    items: asyncio.Queue[Item | BaseException | None] = asyncio.Queue()
+
+    async def pump(stream: AsyncGenerator[Item, None]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    items.put_nowait(item)
+            items.put_nowait(None)  # this stream is done
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # handed to the consumer, which ends the request with it
             items.put_nowait(e)
 
-    tasks = [asyncio.create_task(run(c)) for c in all_choices]
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
     try:
-        for _ in all_choices:
-            while True:
-                item = await items.get()
-                if isinstance(item, BaseException):
-                    raise item
+        running = len(tasks)
+        while running:
+            item = await items.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
                 yield item
-                if item[1] is None:
-                    break
     finally:
         for task in tasks:
             task.cancel()

@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, METRICS, ORCHESTRATOR
 from scheduler.cluster import Cluster
 from scheduler.flow import GenerationRequest
 from scheduler.http import sse
-from scheduler.http.choices import Choice, Item, Progress, choices, generate
+from scheduler.http.choices import Choice, Item, Progress, choices, generate, merge
 from scheduler.http.errors import error_body
 from scheduler.http.logprobs_format import chat_logprobs, completion_logprobs
 from scheduler.http.openai_schema import (
@@ -31,7 +31,7 @@ from scheduler.http.openai_schema import (
     bad,
     chat_messages,
     check_common,
-    completion_prompt,
+    completion_prompts,
     stop_strings,
 )
 from scheduler.http.request_io import client_tenant, request_body
@@ -89,7 +89,13 @@ def _hint(request: web.Request) -> int:
     return value
 
 
-def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> _Job:
+def _build(
+    request: web.Request,
+    req: CompletionRequest | ChatCompletionRequest,
+    chat: bool,
+    prompt: str | list[int] | None = None,
+) -> _Job:
+    """``prompt``: a completion's (one of its batch); chat's come from its messages."""
     cfg = request.app[CONFIG]
     tenant = client_tenant(request, cfg)
     asked = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
@@ -98,8 +104,8 @@ def _build(request: web.Request, req: CompletionRequest | ChatCompletionRequest,
     if chat:
         ids = tokenizer.apply_chat_template(chat_messages(req))
     else:
-        prompt = completion_prompt(req)
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        assert prompt is not None
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     vocab = hello.vocab_size
     if vocab and (bad_id := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
         raise bad(f"token id {bad_id} is outside the model's vocabulary (size {vocab})")
@@ -184,7 +190,11 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     progress = Progress()
     try:
         req = await request_body(request, ChatCompletionRequest if chat else CompletionRequest)
-        return await _serve(request, _build(request, req, chat=chat), progress)
+        if isinstance(req, CompletionRequest):
+            jobs = [_build(request, req, False, prompt) for prompt in completion_prompts(req)]
+        else:
+            jobs = [_build(request, req, True)]
+        return await _serve(request, jobs, progress)
     except PdorchError as e:
         progress.error = str(e.code)
         raise
@@ -222,16 +232,16 @@ async def model(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------------------------
 
 
-def _usage(job: _Job, all_choices: list[Choice]) -> dict[str, Any]:
-    prompt = len(job.greq.prompt_token_ids)
+def _usage(jobs: list[_Job], all_choices: list[Choice]) -> dict[str, Any]:
+    prompt = sum(len(job.greq.prompt_token_ids) for job in jobs)
     completion = sum(len(c.progress.token_ids) for c in all_choices)
     usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-    # The prompt's cache hit where it was prefilled (the other choices share its blocks anyway).
-    if cached := all_choices[0].progress.cached_tokens:
+    # Each prompt's cache hit where it was prefilled (its other choices share its blocks anyway).
+    if cached := sum(c.progress.cached_tokens for c in all_choices if c.index % jobs[0].n == 0):
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return usage
 
@@ -258,10 +268,11 @@ def _choice(
 
 
 def _logprobs(
-    job: _Job, progress: Progress, start: int, end: int, *, offset: int, echo: bool
+    job: _Job, choice: Choice, start: int, end: int, *, offset: int, echo: bool
 ) -> dict[str, Any] | None:
-    """The logprobs of output tokens ``[start, end)`` in the request's shape (with ``echo``, the
-    prompt's first), or None when the client asked for none."""
+    """The logprobs of the choice's output tokens ``[start, end)`` in the request's shape (with
+    ``echo``, its prompt's first), or None when the client asked for none."""
+    progress = choice.progress
     wanted = job.greq.sampling.logprobs >= 0
     if not wanted and not (echo and progress.prompt_logprobs):
         return None
@@ -272,18 +283,19 @@ def _logprobs(
     if job.chat:
         return chat_logprobs(ids, [lp for lp in lps if lp is not None], job.token_text)
     if echo:
-        ids = job.greq.prompt_token_ids + ids
+        ids = choice.greq.prompt_token_ids + ids
         lps = [None, *progress.prompt_logprobs, *lps]
     return completion_logprobs(ids, lps, job.token_text, offset)
 
 
-def _prompt_logprobs(job: _Job, progress: Progress) -> list[dict[str, Any] | None] | None:
+def _prompt_logprobs(job: _Job, choice: Choice) -> list[dict[str, Any] | None] | None:
     """vLLM's ``prompt_logprobs`` of a choice: None for the first prompt token, then each token's
     entry and the most likely ones', keyed by token id."""
+    progress = choice.progress
     if job.greq.sampling.prompt_logprobs < 0 or job.echo or not progress.prompt_logprobs:
         return None
     out: list[dict[str, Any] | None] = [None]
-    for token, lp in zip(job.greq.prompt_token_ids[1:], progress.prompt_logprobs, strict=True):
+    for token, lp in zip(choice.greq.prompt_token_ids[1:], progress.prompt_logprobs, strict=True):
         entry = {
             str(t): {"logprob": v, "decoded_token": job.token_text(t)}
             for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)
@@ -303,11 +315,38 @@ def _envelope(job: _Job, chunk: bool) -> dict[str, Any]:
     }
 
 
-async def _serve(request: web.Request, job: _Job, progress: Progress) -> web.StreamResponse:
+async def _serve(request: web.Request, jobs: list[_Job], progress: Progress) -> web.StreamResponse:
+    """Answer the request: its one prompt's choices, or a batch's, every prompt placed and admitted
+    as a request of its own and their choices numbered in order (``progress``: the first's)."""
+    job = jobs[0]
+    per_prompt = [
+        choices(j.greq, j.n, j.seeded, progress if p == 0 else Progress(), offset=p * j.n)
+        for p, j in enumerate(jobs)
+    ]
+    all_choices = [c for prompt_choices in per_prompt for c in prompt_choices]
+    streams = [_produce(request, j, cs) for j, cs in zip(jobs, per_prompt, strict=True)]
+    items = streams[0] if len(streams) == 1 else merge(streams)
+    async with contextlib.aclosing(items):
+        # Wait for the first token before answering, so that failures before it (no worker,
+        # overload, a lost worker) get a proper HTTP status.
+        first = await anext(items)
+        if job.stream:
+            return await _stream(request, jobs, all_choices, first, items)
+        texts = ["" for _ in all_choices]
+        for choice, delta in [first, *[item async for item in items]]:
+            texts[choice.index] += delta or ""
+        return _complete(jobs, all_choices, texts)
+
+
+async def _produce(
+    request: web.Request, job: _Job, prompt_choices: list[Choice]
+) -> AsyncGenerator[Item, None]:
+    """One prompt's choices' items: admitted, placed and generated; its latencies recorded when it
+    is done (or closed)."""
     app = request.app
     metrics, orchestrator = app[METRICS], app[ORCHESTRATOR]
     metrics.prompt_tokens.inc(len(job.greq.prompt_token_ids))
-    all_choices = choices(job.greq, job.n, job.seeded, progress)
+    progress = prompt_choices[0].progress
     first_at: float | None = None
     try:
         _objectives(request, job.greq)
@@ -315,26 +354,20 @@ async def _serve(request: web.Request, job: _Job, progress: Progress) -> web.Str
         async with await _admit(app, job, plan[1]) as ticket:
             timeout_s = app[CONFIG].request_timeout_s
             items = generate(
-                orchestrator, plan, ticket.grant, all_choices, job.tokenizer, job.stop, timeout_s
+                orchestrator, plan, ticket.grant, prompt_choices, job.tokenizer, job.stop, timeout_s
             )
             async with contextlib.aclosing(items):
-                # Wait for the first token before answering, so that failures before it
-                # (no worker, overload, a lost worker) get a proper HTTP status.
-                first = await anext(items)
-                first_at = time.monotonic()
-                if job.stream:
-                    return await _stream(request, job, all_choices, first, items)
-                texts = ["" for _ in all_choices]
-                for choice, delta in [first, *[item async for item in items]]:
-                    texts[choice.index] += delta or ""
-                return _complete(job, all_choices, texts)
+                async for item in items:
+                    if first_at is None:
+                        first_at = time.monotonic()
+                    yield item
     except PdorchError as e:
         progress.error = str(e.code)
         raise
     finally:
         orchestrator.forget(job.greq)  # a placement booked for a request that never started
         tokens = len(progress.token_ids)
-        metrics.tokens_generated.inc(sum(len(c.progress.token_ids) for c in all_choices))
+        metrics.tokens_generated.inc(sum(len(c.progress.token_ids) for c in prompt_choices))
         if first_at is not None:
             now = time.monotonic()
             ttft = first_at - job.greq.arrival
@@ -392,36 +425,38 @@ async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Tic
         raise
 
 
-def _complete(job: _Job, all_choices: list[Choice], texts: list[str]) -> web.Response:
+def _complete(jobs: list[_Job], all_choices: list[Choice], texts: list[str]) -> web.Response:
+    job = jobs[0]  # what the batch's prompts share (the envelope, the options)
     body = _envelope(job, chunk=False)
-    prompt_text = _prompt_text(job) if job.echo else ""
     body["choices"] = []
     for c, text in zip(all_choices, texts, strict=True):
         p = c.progress
-        logprobs = _logprobs(job, p, 0, len(p.token_ids), offset=0, echo=job.echo)
+        prompt_text = _prompt_text(job, c) if job.echo else ""
+        logprobs = _logprobs(job, c, 0, len(p.token_ids), offset=0, echo=job.echo)
         choice = _choice(job, c.index, prompt_text + text, p.finish_reason, p.token_ids, False, logprobs)
-        if (prompt_logprobs := _prompt_logprobs(job, p)) is not None:
+        if (prompt_logprobs := _prompt_logprobs(job, c)) is not None:
             choice["prompt_logprobs"] = prompt_logprobs
         body["choices"].append(choice)
-    body["usage"] = _usage(job, all_choices)
+    body["usage"] = _usage(jobs, all_choices)
     return web.json_response(body)
 
 
-def _prompt_text(job: _Job) -> str:
-    return job.tokenizer.decode(job.greq.prompt_token_ids)
+def _prompt_text(job: _Job, choice: Choice) -> str:
+    return job.tokenizer.decode(choice.greq.prompt_token_ids)
 
 
 async def _stream(
-    request: web.Request, job: _Job, all_choices: list[Choice], first: Item, items: AsyncIterator[Item]
+    request: web.Request, jobs: list[_Job], all_choices: list[Choice], first: Item, items: AsyncIterator[Item]
 ) -> web.StreamResponse:
+    job = jobs[0]  # what the batch's prompts share (the envelope, the options)
     resp = await sse.open_stream(request)
 
     def chunk(c: Choice, text: str, finish: str | None, echo: bool = False) -> dict[str, Any]:
         p = c.progress
         body = _envelope(job, chunk=True)
         start, p.sent_ids = p.sent_ids, len(p.token_ids)
-        text = _prompt_text(job) + text if echo else text
-        logprobs = _logprobs(job, p, start, p.sent_ids, offset=p.chars, echo=echo)
+        text = _prompt_text(job, c) + text if echo else text
+        logprobs = _logprobs(job, c, start, p.sent_ids, offset=p.chars, echo=echo)
         p.chars += len(text)
         body["choices"] = [
             _choice(job, c.index, text, finish, p.token_ids[start : p.sent_ids], True, logprobs)
@@ -469,7 +504,7 @@ async def _stream(
         if job.include_usage:
             usage = _envelope(job, chunk=True)
             usage["choices"] = []
-            usage["usage"] = _usage(job, all_choices)
+            usage["usage"] = _usage(jobs, all_choices)
             tail.append(usage)
     except PdorchError as e:
         # Headers are gone; the error travels as an event, which OpenAI clients raise.

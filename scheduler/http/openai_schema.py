@@ -208,23 +208,29 @@ def parse_body(body: bytes, kind: type[_T], max_depth: int = 32) -> _T:
         raise too_deep from None
 
 
-def completion_prompt(req: CompletionRequest) -> str | list[int]:
-    """The one prompt of a completion request: text, or token ids."""
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request, each text or token ids: one, or a batch (a list of
+    strings, or of token id lists), each answered as its own request (choices numbered prompt by
+    prompt, ``n`` each, as vLLM and OpenAI do)."""
     prompt: Any = req.prompt
-    if isinstance(prompt, list):
-        if len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
-        if isinstance(prompt, list):
-            if not prompt:
-                raise bad("'prompt' is empty")
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                raise bad("'prompt' must be a string, a list of token ids, or a list holding one of those")
-            return list(prompt)
-    if not isinstance(prompt, str):
-        raise bad("'prompt' must be a string or a list of token ids")
-    if prompt == "":
+    if isinstance(prompt, str) or all(_is_token(t) for t in prompt):
+        prompts = [prompt]
+    elif all(isinstance(p, str) or (isinstance(p, list) and all(_is_token(t) for t in p)) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise bad("'prompt' must be a string, a list of token ids, or a list of either (a batch)")
+    if not all(prompts):
         raise bad("'prompt' is empty")
-    return prompt
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise bad(
+            f"{len(prompts)} prompts with 'n' {req.n} make {len(prompts) * req.n} choices; "
+            f"at most {MAX_CHOICES} per request"
+        )
+    return prompts
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def chat_messages(req: ChatCompletionRequest) -> list[tuple[str, str]]:

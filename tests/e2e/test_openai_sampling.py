@@ -239,3 +239,66 @@ def test_n_choices_echo_the_prompt_and_its_logprobs_in_each(p2p: Any) -> None:
         assert all(v is not None for v in lp.token_logprobs[1:])
     prompt_part = [c.logprobs.token_logprobs[:-4] for c in got.choices]  # type: ignore[union-attr]
     assert prompt_part[0] == prompt_part[1]
+
+
+BATCH = [PROMPT, LONG_PROMPT, [1, 72, 105, 33]]  # text, and token ids, in one request
+
+
+def test_a_batch_of_prompts_answers_each_as_a_request_of_its_own(p2p: Any, colocated: Any) -> None:
+    """A list of prompts (what evaluation harnesses send at batch sizes above one): choice
+    ``p * n + i`` is prompt p's choice i, each equal to that prompt asked alone."""
+    body = {"max_tokens": 6, "temperature": 0.9, "seed": 11, "extra_body": {"ignore_eos": True}}
+    got = _completion(p2p, prompt=BATCH, n=2, **body)
+    assert [c.index for c in got.choices] == list(range(6))
+    prompt_tokens = 0
+    for p, prompt in enumerate(BATCH):
+        alone = _completion(colocated, prompt=prompt, n=2, **body)
+        assert [c.text for c in got.choices[2 * p : 2 * p + 2]] == [c.text for c in alone.choices], p
+        prompt_tokens += alone.usage.prompt_tokens
+    assert len({c.text for c in got.choices}) == 6
+    assert got.usage.prompt_tokens == prompt_tokens
+    assert got.usage.completion_tokens == 36
+
+
+def test_a_batch_scored_with_echo_gives_each_prompt_its_own_logprobs(p2p: Any, colocated: Any) -> None:
+    body = {"max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    got = _completion(p2p, prompt=BATCH[:2], **body)
+    for choice, prompt in zip(got.choices, BATCH[:2], strict=True):
+        assert choice.text.startswith(str(prompt))
+        assert choice.logprobs == _completion(colocated, prompt=prompt, **body).choices[0].logprobs
+
+
+def test_a_streamed_batch_numbers_its_choices_as_the_whole_answer_does(p2p: Any) -> None:
+    body = {"prompt": BATCH, "max_tokens": 5, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    whole = _completion(p2p, **body)
+    text, finishes, usage = {i: "" for i in range(3)}, [], None
+    for chunk in _completion(p2p, stream=True, stream_options={"include_usage": True}, **body):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text[c.index] += c.text
+            if c.finish_reason:
+                finishes.append(c.index)
+    assert [text[i] for i in range(3)] == [c.text for c in whole.choices]
+    assert sorted(finishes) == [0, 1, 2]
+    assert usage is not None and usage.completion_tokens == 15
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_a_batch_with_one_bad_prompt_is_refused_whole(p2p: Any) -> None:
+    before = _prompt_tokens(p2p)
+    with pytest.raises(openai.BadRequestError, match="outside the model's vocabulary"):
+        _completion(p2p, prompt=[PROMPT, [1, 10**6]], max_tokens=3)
+    with pytest.raises(openai.BadRequestError, match="at most 128 per request"):
+        _completion(p2p, prompt=[PROMPT] * 65, n=2, max_tokens=3)
+    assert _prompt_tokens(p2p) == before  # nothing was started for the good ones
+    _completion(p2p, prompt=BATCH[:2], max_tokens=1)
+    assert _prompt_tokens(p2p) > before  # (what the check above would have seen)
+
+
+def _prompt_tokens(cluster: Any) -> float:
+    async def read() -> float:
+        async with aiohttp.ClientSession() as s:
+            return await metric(s, cluster.url, "pdorch_prompt_tokens_total")
+
+    return asyncio.run(read())

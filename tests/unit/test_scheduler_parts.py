@@ -17,7 +17,7 @@ from scheduler.http.openai_schema import (
     ChatMessage,
     CompletionRequest,
     check_common,
-    completion_prompt,
+    completion_prompts,
     parse_body,
 )
 from scheduler.inbox import Inbox
@@ -195,18 +195,43 @@ def test_malformed_bodies(body: bytes, needle: str) -> None:
 
 @pytest.mark.parametrize(
     "prompt, expected",
-    [("hi", "hi"), ([1, 2, 3], [1, 2, 3]), (["hi"], "hi"), ([[5, 6]], [5, 6])],
+    [
+        ("hi", ["hi"]),
+        ([1, 2, 3], [[1, 2, 3]]),
+        (["hi"], ["hi"]),
+        ([[5, 6]], [[5, 6]]),
+        (["a", "b"], ["a", "b"]),  # a batch
+        ([[1], [2, 3]], [[1], [2, 3]]),
+        (["a", [7]], ["a", [7]]),
+        (["x"] * 128, ["x"] * 128),
+    ],
 )
 def test_prompt_forms(prompt: object, expected: object) -> None:
     req = CompletionRequest(model="m", prompt=prompt)  # type: ignore[arg-type]
-    assert completion_prompt(req) == expected
+    assert completion_prompts(req) == expected
 
 
-@pytest.mark.parametrize("prompt", ["", [], ["a", "b"], [1, "x"], [True], [[]]])
-def test_bad_prompts(prompt: object) -> None:
+@pytest.mark.parametrize(
+    "prompt, n, needle",
+    [
+        ("", 1, "empty"),
+        ([], 1, "empty"),
+        ([[]], 1, "empty"),
+        (["a", ""], 1, "empty"),
+        ([[1], []], 1, "empty"),
+        ([1, "x"], 1, "a list of either"),
+        ([True], 1, "a list of either"),
+        ([[1, True]], 1, "a list of either"),
+        ([{"a": 1}], 1, "a list of either"),
+        (["x"] * 129, 1, "129 choices; at most 128"),
+        (["x", "y"], 65, "130 choices; at most 128"),
+    ],
+)
+def test_bad_prompts(prompt: object, n: int, needle: str) -> None:
     with pytest.raises(PdorchError) as e:
-        completion_prompt(CompletionRequest(model="m", prompt=prompt))  # type: ignore[arg-type]
+        completion_prompts(CompletionRequest(model="m", prompt=prompt, n=n))  # type: ignore[arg-type]
     assert e.value.code is ErrorCode.INVALID_REQUEST
+    assert needle in str(e.value)
 
 
 @pytest.mark.parametrize(
