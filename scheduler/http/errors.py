@@ -74,25 +74,37 @@ def _http_error(e: web.HTTPException) -> web.Response:
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
-    except PdorchError as e:
-        request.app[METRICS].http_errors.labels(str(e.code)).inc()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        response = _error_answer(request, e)
+    except Exception as e:
+        response = _error_answer(request, e)
+    if request.content.exception() is not None:
+        # The body could not be read (a broken encoding or chunking): where it ends, and so what
+        # follows it on the connection, is unknown. Answer, then close.
+        response.force_close()
+    return response
+
+
+def _error_answer(request: web.Request, e: Exception) -> web.Response:
+    metrics = request.app[METRICS]
+    if isinstance(e, PdorchError):
+        metrics.http_errors.labels(str(e.code)).inc()
         return error_response(e)
-    except web.HTTPNotFound:
-        request.app[METRICS].http_errors.labels(str(ErrorCode.NOT_FOUND)).inc()
+    if isinstance(e, web.HTTPNotFound):
+        metrics.http_errors.labels(str(ErrorCode.NOT_FOUND)).inc()
         return error_response(PdorchError(ErrorCode.NOT_FOUND, f"no route {request.method} {request.path}"))
-    except web.HTTPMethodNotAllowed as e:
-        request.app[METRICS].http_errors.labels(str(ErrorCode.METHOD_NOT_ALLOWED)).inc()
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        metrics.http_errors.labels(str(ErrorCode.METHOD_NOT_ALLOWED)).inc()
         allowed = ", ".join(sorted(e.allowed_methods))
         message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
         response = error_response(PdorchError(ErrorCode.METHOD_NOT_ALLOWED, message))
         response.headers["Allow"] = allowed
         return response
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        request.app[METRICS].http_errors.labels(str(e.status)).inc()
+    if isinstance(e, web.HTTPException):
+        metrics.http_errors.labels(str(e.status)).inc()
         return _http_error(e)
-    except Exception:
-        request.app[METRICS].http_errors.labels(str(ErrorCode.INTERNAL)).inc()
-        _unexpected_log("unexpected error serving %s %s", request.method, request.path, exc_info=True)
-        return error_response(PdorchError(ErrorCode.INTERNAL, "internal error"))
+    metrics.http_errors.labels(str(ErrorCode.INTERNAL)).inc()
+    _unexpected_log("unexpected error serving %s %s", request.method, request.path, exc_info=True)
+    return error_response(PdorchError(ErrorCode.INTERNAL, "internal error"))

@@ -49,6 +49,25 @@ async def test_huge_prompt_is_refused(p2p) -> None:
     assert len(ok["choices"][0]["token_ids"]) >= 1
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_cannot_be_decoded_closes_its_connection_and_only_it(p2p, encoding: str) -> None:
+    """A body whose encoding is broken ends nobody knows where: the answer is a 400 and the
+    connection is closed, so the next request (a proxy's pooled connection may carry someone
+    else's) does not land in its remains."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+        async with s.post(
+            p2p.url + "/v1/completions",
+            data=b'{"model": "pdorch-reference", "prompt": "x"}',
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        ) as r:
+            data = await r.json()
+            assert r.status == 400 and "cannot read request body" in data["error"]["message"]
+            assert r.headers.get("Connection", "").lower() == "close"
+        for i in range(3):  # over the one connection the pool allows
+            ok = await complete(s, p2p.url, prompt=f"after {i}", max_tokens=2)
+            assert ok["choices"][0]["token_ids"]
+
+
 async def test_bad_chat_bodies(p2p) -> None:
     async with aiohttp.ClientSession() as s:
         for body in (
