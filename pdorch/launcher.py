@@ -120,7 +120,11 @@ def _stop_with_launcher_hook() -> Callable[[], None] | None:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server could listen on the port now. With SO_REUSEADDR, as the scheduler's HTTP
+    server and ZeroMQ bind: a port whose last connections are in TIME_WAIT (a cluster stopped a
+    moment ago) is free to them."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

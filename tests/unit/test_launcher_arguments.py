@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from pdorch.cli import main
+from pdorch.launcher import port_is_free
 from workers.models.cache_dir import CACHE_DIR_ENV
 
 
@@ -56,3 +58,19 @@ def test_a_simulated_cluster_needs_no_model_download(
     assert main(["up", "--engine", "sim", "--port", "70000"]) == 2
     err = capsys.readouterr().err
     assert "--port 70000" in err and "make model" not in err
+
+
+def test_a_port_whose_connections_linger_in_time_wait_is_free_but_a_listening_one_is_not() -> None:
+    """`pdorch up` just after a cluster stopped: its ports' last connections sit in TIME_WAIT for a
+    minute, which the servers' own binds (SO_REUSEADDR) do not mind; the check must not either."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server's side closes first: the port's connection goes to TIME_WAIT
+    client.close()
+    assert not port_is_free(port)  # still listening
+    listener.close()
+    assert port_is_free(port)
+    with socket.create_server(("127.0.0.1", port)):  # as the servers bind: it is free indeed
+        pass
