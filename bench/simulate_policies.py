@@ -65,6 +65,10 @@ TRACES = {
     "azure-code": "azure2023/AzureLLMInferenceTrace_code.csv",
     "mooncake": "mooncake_fast25/synthetic_trace.jsonl",
     "sharegpt": "sharegpt_lengths/sharegpt_8k_filtered_stats_llama2_tokenizer.csv",
+    # Public traces that are not in ../shared/traces and that nothing in pdorch was tuned on: put
+    # them under --traces DIR from their sources (docs/benchmarks.md) to measure them.
+    "azure-conv": "azure2023/AzureLLMInferenceTrace_conv.csv",
+    "mooncake-conv": "mooncake_fast25/conversation_trace.jsonl",
 }
 SHAREGPT_REQUESTS = 4000
 PERF_MODEL = "splitwise_perf_model/perf_model.csv"
