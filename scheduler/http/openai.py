@@ -8,8 +8,9 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from scheduler.admission.gate import Ticket
 from scheduler.admission.queue import QueueFull
 from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, METRICS, ORCHESTRATOR, PLANNER, TOKENIZERS
 from scheduler.cluster import Cluster
+from scheduler.config import SchedulerConfig
 from scheduler.flow import GenerationRequest
 from scheduler.http import sse
 from scheduler.http.choices import Choice, Item, Progress, choices, generate, merge
@@ -72,6 +74,31 @@ def _tokenizer_for(cluster: Cluster, tokenizers: TokenizerRegistry, model: str) 
     return tokenizers.get(hello.tokenizer), hello
 
 
+def _prompt_limit(cfg: SchedulerConfig, hello: Hello) -> int:
+    """The most tokens a prompt may have: the configured limit, within the model's context."""
+    if hello.max_model_len > 1:
+        return min(cfg.max_prompt_tokens, hello.max_model_len - 1)
+    return cfg.max_prompt_tokens
+
+
+# Texts this long are tokenized on a thread (the tokenizer lets go of the GIL for them), so that the
+# event loop goes on serving other requests and the workers' heartbeats meanwhile.
+_THREAD_CHARS = 16384
+
+
+async def _token_ids(
+    tokenizer: Tokenizer, encode: Callable[[], list[int]], chars: int, limit: int
+) -> list[int]:
+    """The ids ``encode`` gives for a text of ``chars`` characters; one that cannot fit in ``limit``
+    tokens is refused before any work (a hostile 8 MB prompt would take seconds to tokenize)."""
+    if chars > limit * tokenizer.max_token_chars:
+        raise PdorchError(
+            ErrorCode.PROMPT_TOO_LONG,
+            f"prompt has more than {limit} tokens ({chars} characters); the limit is {limit}",
+        )
+    return encode() if chars < _THREAD_CHARS else await asyncio.to_thread(encode)
+
+
 # A client's guess of the output length, fed to the output-length predictor.
 HINT_HEADER = "X-Expected-Output-Tokens"
 
@@ -89,7 +116,7 @@ def _hint(request: web.Request) -> int:
     return value
 
 
-def _build(
+async def _build(
     request: web.Request,
     req: CompletionRequest | ChatCompletionRequest,
     chat: bool,
@@ -101,17 +128,21 @@ def _build(
     asked = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
     tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     max_model_len = hello.max_model_len
+    limit = _prompt_limit(cfg, hello)
     if chat:
-        ids = tokenizer.apply_chat_template(chat_messages(req))
+        messages = chat_messages(req)
+        chars = sum(len(text) for _, text in messages)  # the template only adds to them
+        ids = await _token_ids(tokenizer, partial(tokenizer.apply_chat_template, messages), chars, limit)
+    elif isinstance(prompt, str):
+        ids = await _token_ids(tokenizer, partial(tokenizer.encode, prompt), len(prompt), limit)
     else:
         assert prompt is not None
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = list(prompt)
+    if len(ids) > limit:
+        raise PdorchError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens; the limit is {limit}")
     vocab = hello.vocab_size
     if vocab and (bad_id := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
         raise bad(f"token id {bad_id} is outside the model's vocabulary (size {vocab})")
-    limit = min(cfg.max_prompt_tokens, max_model_len - 1) if max_model_len > 1 else cfg.max_prompt_tokens
-    if len(ids) > limit:
-        raise PdorchError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens; the limit is {limit}")
     room = max_model_len - len(ids) if max_model_len > 1 else cfg.max_tokens_limit
     # As vLLM and OpenAI: chat takes the rest of the context unless told; completions take 16.
     default = min(room, cfg.max_tokens_limit) if chat else cfg.default_max_tokens
@@ -191,9 +222,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     try:
         req = await request_body(request, ChatCompletionRequest if chat else CompletionRequest)
         if isinstance(req, CompletionRequest):
-            jobs = [_build(request, req, False, prompt) for prompt in completion_prompts(req)]
+            jobs = [await _build(request, req, False, prompt) for prompt in completion_prompts(req)]
         else:
-            jobs = [_build(request, req, True)]
+            jobs = [await _build(request, req, True)]
         return await _serve(request, jobs, progress)
     except PdorchError as e:
         progress.error = str(e.code)
@@ -528,11 +559,15 @@ async def tokenize(request: web.Request) -> web.Response:
     tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     if (req.prompt is None) == (req.messages is None):
         raise bad("give either 'prompt' or 'messages'")
+    # Nothing longer than a prompt may be is counted (nor tokenized: see _token_ids).
+    limit = _prompt_limit(request.app[CONFIG], hello)
     if req.messages is not None:
-        messages = ChatCompletionRequest(model=req.model, messages=req.messages)
-        ids = tokenizer.apply_chat_template(chat_messages(messages))
+        messages = chat_messages(ChatCompletionRequest(model=req.model, messages=req.messages))
+        chars = sum(len(text) for _, text in messages)
+        ids = await _token_ids(tokenizer, partial(tokenizer.apply_chat_template, messages), chars, limit)
     else:
-        ids = tokenizer.encode(req.prompt or "")
+        text = req.prompt or ""
+        ids = await _token_ids(tokenizer, partial(tokenizer.encode, text), len(text), limit)
     return web.json_response({"count": len(ids), "max_model_len": hello.max_model_len, "tokens": ids})
 
 

@@ -175,7 +175,7 @@ def document() -> dict[str, Any]:
         "security": [{}, {"bearer": []}],
         "paths": {
             "/v1/completions": _generation(
-                "Complete a prompt",
+                "Complete a prompt (or a batch of prompts)",
                 CompletionRequest,
                 r.Completion,
                 {"model": model, "prompt": "Hello, pdorch", "max_tokens": 4},

@@ -26,8 +26,14 @@ class IncrementalDecoder(Protocol):
 
 class Tokenizer(Protocol):
     eos_token_id: int
+    # No token stands for more characters than this, so a text of n characters has at least
+    # n / max_token_chars tokens: a prompt too long to serve is refused before it is tokenized.
+    max_token_chars: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """A long text is tokenized without the GIL, so that a thread can do it while the event
+        loop serves others."""
+        ...
 
     def apply_chat_template(self, messages: list[tuple[str, str]]) -> list[int]:
         """Token ids of a chat (list of (role, content)) ready for the assistant's reply."""

@@ -24,6 +24,7 @@ class ByteDecoder:
 
 class ByteTokenizer:
     eos_token_id = EOS
+    max_token_chars = 1  # a token per UTF-8 byte: at least one per character
 
     def encode(self, text: str) -> list[int]:
         return [BOS, *text.encode("utf-8")]

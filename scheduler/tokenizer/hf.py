@@ -21,6 +21,12 @@ from scheduler.tokenizer.byte_level import ByteTokenizer
 from transport.errors import ErrorCode, PdorchError
 
 REPLACEMENT_CHAR = "\ufffd"
+# Texts at least this long are tokenized with the library's batch call, which lets go of the GIL
+# (its single-text call does not); shorter ones with the single call, cheaper for them.
+_GIL_FREE_CHARS = 4096
+# A normalizer may merge characters (NFKC composes some pairs): leave room for it in the bound
+# on characters per token.
+_NORMALIZER_ROOM = 4
 
 
 class HfIncrementalDecoder:
@@ -114,6 +120,8 @@ class HfTokenizer:
             self._tok = _HfTokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # the library raises plain Exception subclasses
             raise PdorchError(ErrorCode.CONFIG, f"cannot load {tokenizer_file}: {e}") from None
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.max_token_chars = _NORMALIZER_ROOM * max(map(len, vocab), default=1)
         config = _read_json(self.model_dir / "tokenizer_config.json")
         self.bos_token = _special_token_content(config.get("bos_token")) or ""
         self.eos_token = _special_token_content(config.get("eos_token")) or ""
@@ -147,7 +155,12 @@ class HfTokenizer:
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=True applies the tokenizer's own post-processor (e.g. a BOS), exactly
         # what an engine does with a text prompt.
-        return self._tok.encode(text, add_special_tokens=True).ids
+        return self._token_ids(text, special=True)
+
+    def _token_ids(self, text: str, special: bool) -> list[int]:
+        if len(text) < _GIL_FREE_CHARS:
+            return self._tok.encode(text, add_special_tokens=special).ids
+        return self._tok.encode_batch([text], add_special_tokens=special)[0].ids
 
     def render_chat(self, messages: list[tuple[str, str]]) -> str:
         if self._template is None:
@@ -166,7 +179,7 @@ class HfTokenizer:
 
     def apply_chat_template(self, messages: list[tuple[str, str]]) -> list[int]:
         # The template writes the special tokens itself; the post-processor must not add more.
-        return self._tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self._token_ids(self.render_chat(messages), special=False)
 
     def decoder(self) -> HfIncrementalDecoder:
         return HfIncrementalDecoder(self._tok)

@@ -17,8 +17,9 @@ import aiohttp
 import pytest
 
 from pdorch.launcher import LocalCluster
+from scheduler.tokenizer.hf import HfTokenizer
 from tests.e2e.conftest import start_cluster
-from tests.e2e.helpers import gather_limited
+from tests.e2e.helpers import gather_limited, metric
 from tests.support.real_model import default_model_dir
 from workers.models.catalog import DEFAULT_MODEL
 
@@ -138,3 +139,29 @@ async def test_disaggregated_equals_colocated_on_the_real_model(
     assert {w["role"] for w in cluster.cluster_state()["workers"]} == {"prefill", "decode"}
     # Greedy and seeded both ran, and both to some length.
     assert all(len(w["token_ids"]) >= 5 for w in expected)
+
+
+async def test_megabytes_of_prompt_are_refused_before_they_are_tokenized(p2p: LocalCluster) -> None:
+    """7 MB of text takes a core seconds to tokenize, during which the scheduler would serve
+    nobody, heartbeats included: such a prompt cannot fit the model, and is refused as too long
+    before any of that work, on each path that tokenizes. Text long enough to go to a thread is
+    tokenized as the model's tokenizer does."""
+    huge = "All work and no play makes Jack a dull boy. " * 160_000
+    bodies = [
+        ("/v1/completions", {"prompt": huge, "max_tokens": 4}),
+        ("/v1/completions", {"prompt": ["hi", huge], "max_tokens": 4}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}], "max_tokens": 4}),
+        ("/tokenize", {"prompt": huge}),
+    ]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        dropped = await metric(s, p2p.url, "pdorch_workers_dropped")
+        for path, body in bodies:
+            async with s.post(p2p.url + path, json={"model": DEFAULT_MODEL, **body}) as r:
+                data = await r.json()
+            assert r.status == 400 and data["error"]["code"] == "prompt_too_long", (path, data)
+            assert "more than" in data["error"]["message"]
+        long = "The sea was calm that night, and the stars were out. " * 400  # over 16k characters
+        async with s.post(p2p.url + "/tokenize", json={"model": DEFAULT_MODEL, "prompt": long}) as r:
+            tokens = (await r.json())["tokens"]
+        assert tokens == HfTokenizer(default_model_dir()).encode(long)
+        assert await metric(s, p2p.url, "pdorch_workers_dropped") == dropped

@@ -123,3 +123,29 @@ def test_load_tokenizer_specs(model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(PdorchError):
         load_tokenizer(str(tmp_path / "empty"))
+
+
+LONG_TEXTS = [
+    "hello world, the cache block token. " * 400,  # past the length at which the batch call is used
+    " " * 20_000,
+    "<|end|>" * 3_000,  # special tokens: the longest entries of this vocabulary
+    "東京 🙂 " * 5_000,
+]
+
+
+def test_long_texts_tokenize_as_the_library_does(model_dir: Path) -> None:
+    """Long texts go through the library's batch call (it lets go of the GIL): the same ids, with
+    and without the special tokens."""
+    tok, library = HfTokenizer(model_dir), Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    for text in LONG_TEXTS:
+        assert tok.encode(text) == library.encode(text, add_special_tokens=True).ids
+    chat = [("user", LONG_TEXTS[0])]
+    rendered = tok.render_chat(chat)
+    assert tok.apply_chat_template(chat) == library.encode(rendered, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("text", [*TEXTS, *LONG_TEXTS, "x" * 5000, "\n" * 3000])
+def test_no_text_has_fewer_tokens_than_max_token_chars_promises(model_dir: Path, text: str) -> None:
+    """What lets the scheduler refuse a prompt too long to serve without tokenizing it."""
+    for tok in (HfTokenizer(model_dir), ByteTokenizer()):
+        assert len(tok.encode(text)) * tok.max_token_chars >= len(text)
