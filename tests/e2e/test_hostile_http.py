@@ -153,16 +153,23 @@ async def _answer(reader: asyncio.StreamReader) -> bytes:
     return head + await asyncio.wait_for(reader.readexactly(length), 15)
 
 
-async def test_a_kept_alive_connection_outlives_the_header_timeout_until_the_idle_timeout(
-    guarded: LocalCluster,
-) -> None:
-    port = int(guarded.url.rsplit(":", 1)[1])
+async def _kept_alive(cluster: LocalCluster) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that served a request, sat idle past the header timeout (as a proxy's pooled
+    connection does; past the timer of its first head too) and served another."""
+    port = int(cluster.url.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(_HEALTH)
     assert (await _answer(reader)).startswith(b"HTTP/1.1 200")
-    await asyncio.sleep(HEADER_TIMEOUT_S * 2)  # idle, as a proxy's pooled connection is
+    await asyncio.sleep(HEADER_TIMEOUT_S * 2)
     writer.write(_HEALTH)
     assert (await _answer(reader)).startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+async def test_a_kept_alive_connection_outlives_the_header_timeout_until_the_idle_timeout(
+    guarded: LocalCluster,
+) -> None:
+    reader, writer = await _kept_alive(guarded)
     idle_since = time.monotonic()
     assert await asyncio.wait_for(reader.read(), IDLE_TIMEOUT_S + 30) == b""  # closed by the server
     assert time.monotonic() - idle_since > IDLE_TIMEOUT_S - 1
@@ -172,13 +179,7 @@ async def test_a_kept_alive_connection_outlives_the_header_timeout_until_the_idl
 async def test_a_head_that_stalls_on_a_kept_alive_connection_is_cut_at_the_header_timeout(
     guarded: LocalCluster,
 ) -> None:
-    port = int(guarded.url.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(_HEALTH)
-    assert (await _answer(reader)).startswith(b"HTTP/1.1 200")
-    await asyncio.sleep(HEADER_TIMEOUT_S * 1.5)  # past the timer of the connection's first head
-    writer.write(_HEALTH)
-    assert (await _answer(reader)).startswith(b"HTTP/1.1 200")  # the idle timer starts again here
+    reader, writer = await _kept_alive(guarded)  # its idle timer starts again at the second answer
     began = time.monotonic()
     writer.write(b"GET /health HTTP/1.1\r\nHost: pd")
     assert await asyncio.wait_for(reader.read(), IDLE_TIMEOUT_S + 30) == b""
