@@ -3,9 +3,10 @@
 Every 10-15 s (``--kill-every``) a random worker process is killed with SIGKILL; `pdorch up`
 restarts it, the scheduler moves its requests to the others. In centralized mode the KV broker is
 killed once too, halfway through. Clients (``--clients``, closed loop) send a mix of prompts of 1
-to several hundred tokens, max_tokens 8 to 96, greedy and seeded, streaming and not, drawn from a
-fixed pool whose outputs were first computed on a colocated cluster: every answer is checked
-against those, token for token.
+to several hundred tokens, max_tokens 8 to 96, greedy and seeded, streaming and not, some with two
+choices (`n`) and some a batch of two prompts, drawn from a fixed pool whose outputs were first
+computed on a colocated cluster: every answer is checked against those, choice by choice and token
+for token.
 
 Prints, per KV mode: sent / ok / failed / hung / corrupted, the kills, the scheduler's migrations
 by phase, and the time a migration cost its request (the scheduler's ``pdorch_migration_seconds``:
@@ -49,12 +50,16 @@ MODEL = "pdorch-reference"
 
 def make_pool(size: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
+
+    def prompt() -> list[int]:
+        length = rng.choice([rng.randint(1, 16), rng.randint(16, 128), rng.randint(128, 600)])
+        return [rng.randrange(256) for _ in range(length)]
+
     pool = []
     for i in range(size):
-        length = rng.choice([rng.randint(1, 16), rng.randint(16, 128), rng.randint(128, 600)])
         body: dict[str, Any] = {
             "model": MODEL,
-            "prompt": [rng.randrange(256) for _ in range(length)],
+            "prompt": prompt(),
             "max_tokens": rng.randint(8, 96),
             "return_token_ids": True,
             "stream": rng.random() < 0.5,
@@ -62,40 +67,51 @@ def make_pool(size: int, seed: int) -> list[dict[str, Any]]:
         body.update(
             {"temperature": 0.9, "top_p": 0.95, "seed": i} if rng.random() < 0.5 else {"temperature": 0.0}
         )
+        shape = rng.random()
+        if shape < 0.15:
+            body["n"] = 2  # the second choice starts next to the first's KV, and moves on its own
+        elif shape < 0.3:
+            body["prompt"] = [body["prompt"], prompt()]  # a batch: each prompt a request of its own
         pool.append(body)
     return pool
 
 
-async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[str, list[int]]:
-    """("ok", tokens) or ("failed", []) for an HTTP or in-stream error."""
+# Each choice's token ids, in choice order.
+Answer = list[list[int]]
+
+
+async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[str, Answer]:
+    """("ok", each choice's tokens) or ("failed", []) for an HTTP or in-stream error."""
     async with session.post(url + "/v1/completions", json=body) as r:
         if r.status != 200:
             await r.read()
             return "failed", []
+        ids: dict[int, list[int]] = {}
         if not body["stream"]:
-            return "ok", (await r.json())["choices"][0]["token_ids"]
-        ids: list[int] = []
+            for choice in (await r.json())["choices"]:
+                ids[choice["index"]] = choice["token_ids"]
+            return "ok", [ids[i] for i in sorted(ids)]
         async for raw in r.content:
             line = raw.decode().strip()
             if line == "data: [DONE]":
-                return "ok", ids
+                return "ok", [ids[i] for i in sorted(ids)]
             if line.startswith("data: "):
                 event = json.loads(line[6:])
                 if "error" in event:
                     return "failed", []
                 for choice in event.get("choices", []):
-                    ids.extend(choice.get("token_ids") or [])
+                    ids.setdefault(choice["index"], []).extend(choice.get("token_ids") or [])
         return "failed", []  # the stream ended without [DONE]
 
 
-async def expected_outputs(pool: list[dict[str, Any]], log_dir: Path) -> list[list[int]]:
+async def expected_outputs(pool: list[dict[str, Any]], log_dir: Path) -> list[Answer]:
     with LocalCluster(
         ClusterSpec(colocated=True, port=0, log_dir=log_dir / "colocated", log_level="WARNING", model=MODEL)
     ) as c:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
             sem = asyncio.Semaphore(8)
 
-            async def one(body: dict[str, Any]) -> list[int]:
+            async def one(body: dict[str, Any]) -> Answer:
                 async with sem:
                     outcome, ids = await send(s, c.url, body)
                     assert outcome == "ok", "the colocated reference failed a request"
@@ -194,7 +210,7 @@ class Tally:
 
 
 async def run_mode(
-    mode: str, pool: list[dict[str, Any]], want: list[list[int]], args: argparse.Namespace, log_dir: Path
+    mode: str, pool: list[dict[str, Any]], want: list[Answer], args: argparse.Namespace, log_dir: Path
 ) -> tuple[Tally, str]:
     log_dir.mkdir(parents=True, exist_ok=True)
     up = Up(mode, log_dir)
