@@ -199,13 +199,29 @@ def parse_body(body: bytes, kind: type[_T], max_depth: int = 32) -> _T:
     if nested_deeper_than(body, max_depth):
         raise too_deep
     try:
-        return _DECODERS[kind].decode(body)
+        try:
+            return _DECODERS[kind].decode(body)
+        except msgspec.ValidationError:
+            if b"null" not in body:
+                raise
+            # OpenAI's API (and vLLM's) takes null for any optional field, meaning "not given";
+            # clients send it. The typed decoder does not: decode again without them.
+            return msgspec.convert(_without_nulls(msgspec.json.decode(body)), kind)
     except msgspec.ValidationError as e:
         raise bad(f"invalid request: {e}") from None
     except msgspec.DecodeError as e:
         raise bad(f"request body is not valid JSON: {e}") from None
     except RecursionError:  # the interpreter's limit, lower than ours in a deep call stack
         raise too_deep from None
+
+
+def _without_nulls(value: Any) -> Any:
+    """``value`` with every object member whose value is null left out, at any depth."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:

@@ -185,6 +185,8 @@ def test_incomplete_utf8_is_held_until_complete() -> None:
         (b'{"model": "m", "prompt": "x", "max_tokens": "ten"}', "max_tokens"),
         (b'{"model": 3, "prompt": "x"}', "model"),
         (b"[1, 2]", "object"),
+        (b'{"model": null, "prompt": "x"}', "missing required field `model`"),  # null is "not given"
+        (b'{"model": "m", "prompt": "x", "n": "two", "stop": null}', "`int`, got `str`"),
     ],
 )
 def test_malformed_bodies(body: bytes, needle: str) -> None:
@@ -302,6 +304,24 @@ def test_neutral_chat_fields_are_accepted() -> None:
         model="m", messages=[ChatMessage("user", "hi")], tools=[], response_format={"type": "text"}
     )
     assert check_common(req, 5, default_max=16, limit=4096) == 5
+
+
+def test_null_means_not_given_as_in_openais_api() -> None:
+    """Clients send null for options they leave unset; each takes its default, at any depth."""
+    req = parse_body(
+        b'{"model": "m", "prompt": "x", "stream": null, "n": null, "echo": null, "max_tokens": null,'
+        b' "temperature": 1, "stream_options": {"include_usage": null}, "logit_bias": {"5": null}}',
+        CompletionRequest,
+    )
+    assert (req.stream, req.n, req.echo, req.max_tokens, req.temperature) == (False, 1, False, None, 1.0)
+    assert req.stream_options is not None and not req.stream_options.include_usage
+    assert req.logit_bias == {}
+    chat = parse_body(
+        b'{"model": "m", "messages": [{"role": "assistant", "content": null}, {"role": "user",'
+        b' "content": "hi", "name": null}], "logprobs": null, "ignore_eos": null}',
+        ChatCompletionRequest,
+    )
+    assert [m.content for m in chat.messages] == [None, "hi"] and not chat.ignore_eos
 
 
 def test_chat_body_parses() -> None:
