@@ -23,6 +23,26 @@ MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 128
 
 
+# vLLM's sampling extensions pdorch does not implement, with the values that change nothing; any
+# other value is refused, as ignoring it would change the output silently.
+_NEUTRAL_EXTENSIONS: dict[str, tuple[Any, ...]] = {
+    "top_k": (None, -1, 0),
+    "min_p": (None, 0),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None, []),
+    "truncate_prompt_tokens": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+}
+
+
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
@@ -50,6 +70,21 @@ class _Sampling(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     priority: int = 0
+    # Refused unless neutral (_NEUTRAL_EXTENSIONS).
+    top_k: Any = None
+    min_p: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    truncate_prompt_tokens: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     def unsupported(self) -> str:
         """Why a field is set to something we cannot honour ("" if none is)."""
@@ -59,6 +94,9 @@ class _Sampling(msgspec.Struct, kw_only=True):
             return "'best_of' other than n is not supported"
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             return f"'prompt_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}"
+        for name, neutral in _NEUTRAL_EXTENSIONS.items():
+            if getattr(self, name) not in neutral:
+                return f"'{name}' is not supported"
         return ""
 
     def token_logprobs(self) -> int:

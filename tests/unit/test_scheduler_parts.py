@@ -3,6 +3,7 @@ the worker registry and pool signals."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
@@ -304,6 +305,31 @@ def test_neutral_chat_fields_are_accepted() -> None:
         model="m", messages=[ChatMessage("user", "hi")], tools=[], response_format={"type": "text"}
     )
     assert check_common(req, 5, default_max=16, limit=4096) == 5
+
+
+@pytest.mark.parametrize(
+    "field, changes, neutral",
+    [
+        ("top_k", 40, -1),
+        ("min_p", 0.05, 0.0),
+        ("use_beam_search", True, False),
+        ("include_stop_str_in_output", True, False),
+        ("skip_special_tokens", False, True),
+        ("allowed_token_ids", [1, 2], []),
+        ("guided_json", {"type": "object"}, None),
+        ("truncate_prompt_tokens", 100, None),
+    ],
+)
+def test_vllm_extensions_that_would_change_the_output_are_refused(
+    field: str, changes: object, neutral: object
+) -> None:
+    """Not silently ignored: the client would get another output than the one it asked for."""
+    body = {"model": "m", "prompt": "x"}
+    refused = parse_body(msgspec.json.encode({**body, field: changes}), CompletionRequest)
+    with pytest.raises(PdorchError, match=f"'{field}' is not supported"):
+        check_common(refused, 5, default_max=16, limit=4096)
+    accepted = parse_body(msgspec.json.encode({**body, field: neutral}), CompletionRequest)
+    assert check_common(accepted, 5, default_max=16, limit=4096) == 5
 
 
 def test_null_means_not_given_as_in_openais_api() -> None:
