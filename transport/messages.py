@@ -57,6 +57,10 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     logit_bias: dict[int, float] = {}
     # EOS and stop_token_ids cannot end the output before it has this many tokens.
     min_tokens: int = 0
+    # Sample only among the top_k most likely tokens (0: all), and among those at least min_p times
+    # as likely as the most likely one (0: all); applied with temperature, before top_p.
+    top_k: int = 0
+    min_p: float = 0.0
 
     @property
     def penalized(self) -> bool:

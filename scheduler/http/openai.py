@@ -173,6 +173,8 @@ async def _build(
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logit_bias=bias,
         min_tokens=req.min_tokens,
+        top_k=max(0, req.top_k or 0),
+        min_p=req.min_p or 0.0,
     )
     # 128 random bits from the OS, as uuid4 would draw, without building a UUID (a fifth of the cost).
     rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(16).hex()

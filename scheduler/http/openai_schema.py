@@ -26,8 +26,6 @@ MAX_CHOICES = 128
 # vLLM's sampling extensions pdorch does not implement, with the values that change nothing; any
 # other value is refused, as ignoring it would change the output silently.
 _NEUTRAL_EXTENSIONS: dict[str, tuple[Any, ...]] = {
-    "top_k": (None, -1, 0),
-    "min_p": (None, 0),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1),
     "include_stop_str_in_output": (None, False),
@@ -70,9 +68,9 @@ class _Sampling(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     priority: int = 0
+    top_k: int | None = None  # -1 or 0: no cut, as vLLM
+    min_p: float | None = None
     # Refused unless neutral (_NEUTRAL_EXTENSIONS).
-    top_k: Any = None
-    min_p: Any = None
     use_beam_search: Any = None
     length_penalty: Any = None
     include_stop_str_in_output: Any = None
@@ -343,6 +341,10 @@ def check_common(req: _Sampling, max_tokens: int | None, *, default_max: int, li
         raise bad("'temperature' must be between 0 and 2")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
         raise bad("'top_p' must be in (0, 1]")
+    if req.top_k is not None and req.top_k < -1:
+        raise bad("'top_k' must be -1 or 0 (no cut) or a number of tokens")
+    if req.min_p is not None and not 0.0 <= req.min_p <= 1.0:
+        raise bad("'min_p' must be between 0 and 1")
     if req.seed is not None and not -(2**63) <= req.seed < 2**64:
         raise bad("'seed' is out of range")
     effective = default_max if max_tokens is None else max_tokens

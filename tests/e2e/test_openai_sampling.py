@@ -39,6 +39,12 @@ CASES = {
         "frequency_penalty": 0.6,
         "extra_body": {"repetition_penalty": 1.3, "ignore_eos": True},
     },
+    "top-k-min-p": {
+        "max_tokens": 16,
+        "temperature": 1.2,
+        "seed": 21,
+        "extra_body": {"top_k": 8, "min_p": 0.02, "ignore_eos": True, "return_token_ids": True},
+    },
     "bias-min-tokens": {
         "max_tokens": 16,
         "temperature": 0,
@@ -87,6 +93,26 @@ def test_the_options_change_the_output(p2p: Any) -> None:
     assert plain.choices[0].text != penalized.choices[0].text
     forced = _completion(p2p, max_tokens=4, temperature=0, logit_bias={"120": 100.0})
     assert forced.choices[0].text == "xxxx"
+
+
+def test_top_k_of_one_is_greedy(p2p: Any) -> None:
+    body = {"max_tokens": 12, "extra_body": {"ignore_eos": True}}
+    greedy = _completion(p2p, temperature=0, **body).choices[0].text
+    assert (
+        _completion(
+            p2p,
+            temperature=1.5,
+            seed=3,
+            top_p=0.9,
+            **{**body, "extra_body": {"ignore_eos": True, "top_k": 1}},
+        )
+        .choices[0]
+        .text
+        == greedy
+    )
+    assert (
+        _completion(p2p, temperature=1.5, seed=3, **body).choices[0].text != greedy
+    )  # (or the check is void)
 
 
 def test_echo_with_logprobs_scores_the_prompt(p2p: Any, colocated: Any) -> None:

@@ -1,4 +1,4 @@
-"""Greedy and seeded nucleus sampling."""
+"""Greedy and seeded sampling: nucleus (top-p), top-k and min-p."""
 
 from __future__ import annotations
 
@@ -49,6 +49,36 @@ def test_nucleus_is_the_smallest_set_reaching_top_p(probs: list[float], top_p: f
     kept_ids = sorted(kept)
     expected = np.asarray(probs)[kept_ids] / np.asarray(probs)[kept_ids].sum()
     np.testing.assert_allclose(nucleus[kept_ids], expected)
+
+
+@pytest.mark.parametrize(
+    ("probs", "top_k", "min_p", "top_p", "kept"),
+    [
+        ([0.5, 0.3, 0.15, 0.05], 2, 0.0, 1.0, {0, 1}),
+        ([0.5, 0.3, 0.15, 0.05], 4, 0.0, 1.0, {0, 1, 2, 3}),
+        ([0.25, 0.25, 0.25, 0.25], 3, 0.0, 1.0, {0, 1, 2}),  # equal: lowest ids first
+        ([0.5, 0.3, 0.15, 0.05], 0, 0.2, 1.0, {0, 1, 2}),  # at least 0.2 x 0.5
+        ([0.5, 0.3, 0.15, 0.05], 0, 0.7, 1.0, {0}),
+        # top-p of what the cuts left: 0.5 and 0.3 of 0.8 are 0.625 and 1.0
+        ([0.5, 0.3, 0.15, 0.05], 2, 0.0, 0.6, {0}),
+        ([0.5, 0.3, 0.15, 0.05], 2, 0.0, 0.7, {0, 1}),
+        ([0.5, 0.3, 0.15, 0.05], 3, 0.2, 0.9, {0, 1, 2}),
+    ],
+)
+def test_top_k_and_min_p_cut_before_the_nucleus(
+    probs: list[float], top_k: int, min_p: float, top_p: float, kept: set[int]
+) -> None:
+    cut = nucleus_probabilities(_logits_for(probs), 1.0, top_p, top_k, min_p)
+    assert set(np.flatnonzero(cut).tolist()) == kept
+    kept_ids = sorted(kept)
+    expected = np.asarray(probs)[kept_ids] / np.asarray(probs)[kept_ids].sum()
+    np.testing.assert_allclose(cut[kept_ids], expected)
+
+
+def test_top_k_of_one_is_greedy_whatever_the_temperature() -> None:
+    greedy = sample(LOGITS, SamplingParams(temperature=0.0), 0)
+    params = SamplingParams(temperature=1.5, top_k=1, seed=9)
+    assert {sample(LOGITS, params, i) for i in range(50)} == {greedy}
 
 
 def test_sampling_only_draws_from_the_nucleus() -> None:
@@ -108,6 +138,9 @@ def test_negative_seed_is_accepted() -> None:
         SamplingParams(temperature=float("nan")),
         SamplingParams(top_p=0.0),
         SamplingParams(top_p=1.5),
+        SamplingParams(top_k=-1),
+        SamplingParams(min_p=1.5),
+        SamplingParams(min_p=-0.1),
     ],
 )
 def test_invalid_params_are_refused(params: SamplingParams) -> None:

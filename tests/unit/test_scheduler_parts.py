@@ -310,8 +310,6 @@ def test_neutral_chat_fields_are_accepted() -> None:
 @pytest.mark.parametrize(
     "field, changes, neutral",
     [
-        ("top_k", 40, -1),
-        ("min_p", 0.05, 0.0),
         ("use_beam_search", True, False),
         ("include_stop_str_in_output", True, False),
         ("skip_special_tokens", False, True),

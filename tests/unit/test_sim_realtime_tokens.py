@@ -137,6 +137,8 @@ def test_what_a_model_without_logits_cannot_honour_is_refused_and_min_tokens_hol
         {"prompt_logprobs": 1},
         {"frequency_penalty": 0.5},
         {"logit_bias": {1: 2.0}},
+        {"top_k": 5},
+        {"min_p": 0.1},
     ):
         with pytest.raises(PdorchError) as e:
             check_sampling(SamplingParams(**asked))  # type: ignore[arg-type]

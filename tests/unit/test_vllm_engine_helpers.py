@@ -23,7 +23,9 @@ def test_sampling_maps_to_vllm_fields() -> None:
         "return_token_ids": True,
         "stop_token_ids": [3],
     }
-    assert "stop_token_ids" not in sampling_body(SamplingParams(), 4)
+    assert not {"stop_token_ids", "top_k", "min_p"} & set(sampling_body(SamplingParams(), 4))
+    cut = sampling_body(SamplingParams(top_k=40, min_p=0.05), 4)
+    assert (cut["top_k"], cut["min_p"]) == (40, 0.05)
     rich = SamplingParams(
         logprobs=2,
         prompt_logprobs=1,

@@ -1,4 +1,5 @@
-"""Token sampling: greedy, or temperature + nucleus (top-p) with a per-token seeded RNG.
+"""Token sampling: greedy, or temperature + top-k, min-p and nucleus (top-p) with a per-token
+seeded RNG.
 
 The n-th generated token (n = 0 for the token produced by prefill) is drawn from
 ``np.random.default_rng([seed, n])``. No RNG state carries from one token to the next, so a
@@ -25,23 +26,38 @@ def validate_sampling(params: SamplingParams) -> None:
         raise PdorchError(ErrorCode.INVALID_REQUEST, f"temperature must be >= 0, got {params.temperature}")
     if not 0.0 < params.top_p <= 1.0:
         raise PdorchError(ErrorCode.INVALID_REQUEST, f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise PdorchError(ErrorCode.INVALID_REQUEST, f"top_k must be >= 0, got {params.top_k}")
+    if not 0.0 <= params.min_p <= 1.0:
+        raise PdorchError(ErrorCode.INVALID_REQUEST, f"min_p must be in [0, 1], got {params.min_p}")
 
 
-def nucleus_probabilities(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
-    """The distribution actually sampled from: softmax(logits / T) cut to the top-p nucleus.
+def nucleus_probabilities(
+    logits: np.ndarray, temperature: float, top_p: float, top_k: int = 0, min_p: float = 0.0
+) -> np.ndarray:
+    """The distribution actually sampled from: softmax(logits / T), cut to the ``top_k`` most
+    likely tokens (0: no cut) and to those at least ``min_p`` times as likely as the most likely,
+    renormalized, then to the top-p nucleus.
 
     The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p``; equal
-    probabilities are ordered by token id (lowest first), so the cut is deterministic.
+    probabilities are ordered by token id (lowest first), so every cut is deterministic.
     """
     logits = np.asarray(logits, dtype=np.float64)
     # Shift before dividing: a tiny temperature then gives -inf (probability 0), never inf - inf.
     probs = np.exp((logits - logits.max()) / temperature)
     probs /= probs.sum()
-    if top_p >= 1.0:
-        return probs
+    if min_p > 0.0:
+        probs = np.where(probs >= min_p * probs.max(), probs, 0.0)
+    cut_k = 0 < top_k < probs.size
+    if top_p >= 1.0 and not cut_k:
+        return probs / probs.sum()
     order = np.argsort(-probs, kind="stable")
-    mass = np.cumsum(probs[order])
-    keep = min(int(np.searchsorted(mass, top_p, side="left")) + 1, order.size)
+    keep = top_k if cut_k else order.size
+    if top_p < 1.0:
+        mass = np.cumsum(probs[order[:keep]])
+        # Of what the cuts above left (all of it, without them: exactly top_p, as before them).
+        target = top_p * mass[-1] if cut_k or min_p > 0.0 else top_p
+        keep = min(int(np.searchsorted(mass, target, side="left")) + 1, keep)
     nucleus = np.zeros_like(probs)
     nucleus[order[:keep]] = probs[order[:keep]]
     return nucleus / nucleus.sum()
@@ -52,7 +68,7 @@ def sample(logits: np.ndarray, params: SamplingParams, index: int) -> int:
     if params.temperature == 0.0:
         # argmax returns the first maximum: the lowest id wins ties.
         return int(np.argmax(logits))
-    probs = nucleus_probabilities(logits, params.temperature, params.top_p)
+    probs = nucleus_probabilities(logits, params.temperature, params.top_p, params.top_k, params.min_p)
     rng = np.random.default_rng([params.seed & _SEED_MASK, index])
     cumulative = np.cumsum(probs)
     choice = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))

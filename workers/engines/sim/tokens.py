@@ -49,6 +49,8 @@ def check_sampling(sampling: SamplingParams) -> None:
             ("logprobs", sampling.logprobs >= 0 or sampling.prompt_logprobs >= 0),
             ("penalties", sampling.penalized),
             ("logit_bias", bool(sampling.logit_bias)),
+            ("top_k", sampling.top_k > 0),
+            ("min_p", sampling.min_p > 0),
         )
         if asked
     ]

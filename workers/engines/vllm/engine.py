@@ -79,6 +79,10 @@ def sampling_body(sampling: SamplingParams, max_tokens: int, generated: int = 0)
     }
     if sampling.stop_token_ids:
         body["stop_token_ids"] = list(sampling.stop_token_ids)
+    if sampling.top_k:
+        body["top_k"] = sampling.top_k
+    if sampling.min_p:
+        body["min_p"] = sampling.min_p
     if sampling.logprobs >= 0:
         body["logprobs"] = sampling.logprobs
         body["return_tokens_as_token_ids"] = True
