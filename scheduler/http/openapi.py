@@ -138,6 +138,32 @@ def _get(
     return {"get": operation}
 
 
+# What the scheduler decodes (parse_body), where null for an optional field means "not given".
+_REQUESTS = (
+    CompletionRequest,
+    ChatCompletionRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+)
+
+
+def _optionals_take_null(schema: dict[str, Any]) -> None:
+    """Let every optional property of a request schema be null too, as the decoder takes it."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or prop == {} or {"type": "null"} in prop.get("anyOf", ()):
+            continue
+        if "anyOf" in prop:
+            prop["anyOf"].append({"type": "null"})
+        else:
+            default = {"default": prop.pop("default")} if "default" in prop else {}
+            inner = dict(prop)
+            prop.clear()
+            prop.update(anyOf=[inner, {"type": "null"}], **default)
+
+
 @functools.cache
 def document() -> dict[str, Any]:
     structs = [
@@ -159,6 +185,9 @@ def document() -> dict[str, Any]:
         r.Readiness,
     ]
     _, components = msgspec.json.schema_components(structs, ref_template=_REF)
+    _, requests = msgspec.json.schema_components(_REQUESTS, ref_template=_REF)
+    for name in requests:
+        _optionals_take_null(components[name])
     model = "pdorch-reference"
     return {
         "openapi": "3.1.0",

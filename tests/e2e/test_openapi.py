@@ -13,7 +13,12 @@ import pytest
 from pdorch.launcher import LocalCluster
 from scheduler.app import build_app
 from scheduler.config import SchedulerConfig
-from scheduler.http.openai_schema import LoadLoraAdapterRequest, parse_body
+from scheduler.http.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoraAdapterRequest,
+    parse_body,
+)
 from scheduler.http.openapi import document
 from tests.e2e.helpers import MODEL
 from transport.errors import PdorchError
@@ -43,6 +48,25 @@ def test_the_request_examples_are_valid_requests() -> None:
     ):
         content = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         _validator(content["schema"]).validate(content["example"])
+
+
+def test_null_for_an_optional_field_is_documented_and_taken() -> None:
+    """Each optional field of a generation request may be null (meaning not given), in the
+    document and in the decoder alike."""
+    doc = document()
+    for path, kind in (
+        ("/v1/completions", CompletionRequest),
+        ("/v1/chat/completions", ChatCompletionRequest),
+    ):
+        content = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        schema, example = content["schema"], content["example"]
+        component = doc["components"]["schemas"][kind.__name__]
+        optional = set(component["properties"]) - set(component["required"])
+        assert {"stream", "n", "max_tokens", "stream_options"} <= optional
+        for name in optional:
+            body = {**example, name: None}
+            _validator(schema).validate(body)
+            parse_body(json.dumps(body).encode(), kind)
 
 
 def test_the_adapter_requests_document_what_the_server_refuses() -> None:
