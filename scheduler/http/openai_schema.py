@@ -25,7 +25,7 @@ MAX_CHOICES = 128
 
 # vLLM's sampling extensions pdorch does not implement, with the values that change nothing; any
 # other value is refused, as ignoring it would change the output silently.
-_NEUTRAL_EXTENSIONS: dict[str, tuple[Any, ...]] = {
+NEUTRAL_EXTENSIONS: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (None, False),
     "length_penalty": (None, 1),
     "include_stop_str_in_output": (None, False),
@@ -70,7 +70,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     priority: int = 0
     top_k: int | None = None  # -1 or 0: no cut, as vLLM
     min_p: float | None = None
-    # Refused unless neutral (_NEUTRAL_EXTENSIONS).
+    # Refused unless neutral (NEUTRAL_EXTENSIONS).
     use_beam_search: Any = None
     length_penalty: Any = None
     include_stop_str_in_output: Any = None
@@ -92,7 +92,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
             return "'best_of' other than n is not supported"
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             return f"'prompt_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}"
-        for name, neutral in _NEUTRAL_EXTENSIONS.items():
+        for name, neutral in NEUTRAL_EXTENSIONS.items():
             if getattr(self, name) not in neutral:
                 return f"'{name}' is not supported"
         return ""

@@ -16,6 +16,7 @@ from aiohttp import web
 from scheduler.http import response_shapes as r
 from scheduler.http.openai import HINT_HEADER
 from scheduler.http.openai_schema import (
+    NEUTRAL_EXTENSIONS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -188,6 +189,10 @@ def document() -> dict[str, Any]:
     _, requests = msgspec.json.schema_components(_REQUESTS, ref_template=_REF)
     for name in requests:
         _optionals_take_null(components[name])
+    for kind in (CompletionRequest, ChatCompletionRequest):
+        properties = components[kind.__name__]["properties"]
+        for field, neutral in NEUTRAL_EXTENSIONS.items():  # the only values taken (else a 400)
+            properties[field] = {"enum": list(neutral), "description": "not supported: neutral values only"}
     model = "pdorch-reference"
     return {
         "openapi": "3.1.0",

@@ -14,6 +14,7 @@ from pdorch.launcher import LocalCluster
 from scheduler.app import build_app
 from scheduler.config import SchedulerConfig
 from scheduler.http.openai_schema import (
+    NEUTRAL_EXTENSIONS,
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoraAdapterRequest,
@@ -67,6 +68,17 @@ def test_null_for_an_optional_field_is_documented_and_taken() -> None:
             body = {**example, name: None}
             _validator(schema).validate(body)
             parse_body(json.dumps(body).encode(), kind)
+
+
+def test_the_unimplemented_extensions_document_what_the_server_takes() -> None:
+    content = document()["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]
+    validator = _validator(content["schema"])
+    for field, neutral in NEUTRAL_EXTENSIONS.items():
+        for value, taken in [*((v, True) for v in neutral), ("beams", False), (7, False)]:
+            body = {**content["example"], field: value}
+            assert validator.is_valid(body) is taken, (field, value)
+            req = parse_body(json.dumps(body).encode(), CompletionRequest)
+            assert (req.unsupported() == "") is taken, (field, value)
 
 
 def test_the_adapter_requests_document_what_the_server_refuses() -> None:
