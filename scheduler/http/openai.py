@@ -64,13 +64,18 @@ class _Job:
         return self.tokenizer.decode([token])
 
 
+# How much of a model name the client sent an error shows (the body may hold megabytes of it).
+_SHOWN_CHARS = 256
+
+
 def _tokenizer_for(cluster: Cluster, tokenizers: TokenizerRegistry, model: str) -> tuple[Tokenizer, Hello]:
     hello = cluster.hello_for_model(model)
     if hello is None:
         if not cluster.workers():
             raise PdorchError(ErrorCode.NO_WORKER, "no worker is registered yet")
         known = ", ".join(cluster.models()) or "none"
-        raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} does not exist (served: {known})")
+        shown = model if len(model) <= _SHOWN_CHARS else model[:_SHOWN_CHARS] + "..."
+        raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"model {shown!r} does not exist (served: {known})")
     return tokenizers.get(hello.tokenizer), hello
 
 

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
         (b'{"model": "pdorch-reference", "prompt": ""}', 400, "empty"),
         (b'{"model": "pdorch-reference", "prompt": [1, 999999]}', 400, "vocab"),
         (b'{"model": "gpt-17", "prompt": "x"}', 404, "gpt-17"),
+        (b'{"model": "' + b"g" * 100_000 + b'", "prompt": "x"}', 404, "g" * 256 + "...' does not exist"),
         (b'{"model": "pdorch-reference", "prompt": "x", "temperature": -1}', 400, "temperature"),
     ],
 )
