@@ -1,7 +1,8 @@
 """Real vLLM on CPU serving the default model (SmolLM2-135M-Instruct) from pdorch's GGUF conversion.
 
-- disaggregated through pdorch's connector equals colocated vLLM, greedy and seeded, peer to peer and
-  through the KV broker (fewer prompts than the tiny model's ``test_vllm_pd.py``);
+- disaggregated through pdorch's connector equals colocated vLLM, greedy and seeded (with top-p,
+  and with top-k and min-p), peer to peer and through the KV broker (fewer prompts than the tiny
+  model's ``test_vllm_pd.py``);
 - pdorch in front of it (the scheduler's tokenizer and chat template, two agents) answers the
   France question with Paris, exactly as vLLM itself does;
 - the reference engine and vLLM, on the same weights, choose the same greedy tokens for as long as
@@ -28,6 +29,7 @@ from tests.vllm_support.pd_pair import (
     Cluster,
     Engines,
     check_equality,
+    colocated,
     pd_engines,
     pd_servers,
     pdorch_in_front,
@@ -91,6 +93,15 @@ async def test_disaggregated_equals_colocated_greedy_and_seeded(
     await check_equality(cluster, engines, SamplingParams(max_tokens=16), f"greedy-{mode}", mode)
     seeded = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, seed=7)
     await check_equality(cluster, engines, seeded, f"seeded-{mode}", mode)
+    cut = SamplingParams(max_tokens=12, temperature=1.0, top_k=20, min_p=0.05, seed=11)
+    await check_equality(cluster, engines, cut, f"top-k-min-p-{mode}", mode)
+    # (and the cut reaches vLLM: top_k 1 is greedy whatever the temperature)
+    prompt = cluster.prompts[0]
+    greedy = await colocated(
+        engines.prefill, engines.p_out, f"greedy-1-{mode}", prompt, SamplingParams(max_tokens=12)
+    )
+    hot = SamplingParams(max_tokens=12, temperature=1.5, top_k=1, seed=5)
+    assert await colocated(engines.prefill, engines.p_out, f"top-k-1-{mode}", prompt, hot) == greedy
 
 
 async def _chat(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
