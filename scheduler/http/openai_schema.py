@@ -209,17 +209,16 @@ class UnloadLoraAdapterRequest(msgspec.Struct, kw_only=True):
     lora_name: LoraName
 
 
-_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
-    kind: msgspec.json.Decoder(kind)
-    for kind in (
-        CompletionRequest,
-        ChatCompletionRequest,
-        TokenizeRequest,
-        DetokenizeRequest,
-        LoadLoraAdapterRequest,
-        UnloadLoraAdapterRequest,
-    )
-}
+# Every request body the scheduler decodes (parse_body).
+REQUEST_KINDS: tuple[type, ...] = (
+    CompletionRequest,
+    ChatCompletionRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+)
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {k: msgspec.json.Decoder(k) for k in REQUEST_KINDS}
 
 
 def bad(message: str) -> PdorchError:

@@ -17,6 +17,7 @@ from scheduler.http import response_shapes as r
 from scheduler.http.openai import HINT_HEADER
 from scheduler.http.openai_schema import (
     NEUTRAL_EXTENSIONS,
+    REQUEST_KINDS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -139,17 +140,6 @@ def _get(
     return {"get": operation}
 
 
-# What the scheduler decodes (parse_body), where null for an optional field means "not given".
-_REQUESTS = (
-    CompletionRequest,
-    ChatCompletionRequest,
-    TokenizeRequest,
-    DetokenizeRequest,
-    LoadLoraAdapterRequest,
-    UnloadLoraAdapterRequest,
-)
-
-
 def _optionals_take_null(schema: dict[str, Any]) -> None:
     """Let every optional property of a request schema be null too, as the decoder takes it."""
     required = set(schema.get("required", ()))
@@ -186,7 +176,8 @@ def document() -> dict[str, Any]:
         r.Readiness,
     ]
     _, components = msgspec.json.schema_components(structs, ref_template=_REF)
-    _, requests = msgspec.json.schema_components(_REQUESTS, ref_template=_REF)
+    # In what parse_body decodes, null for an optional field means "not given".
+    _, requests = msgspec.json.schema_components(REQUEST_KINDS, ref_template=_REF)
     for name in requests:
         _optionals_take_null(components[name])
     for kind in (CompletionRequest, ChatCompletionRequest):
