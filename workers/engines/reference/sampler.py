@@ -48,15 +48,16 @@ def nucleus_probabilities(
     probs /= probs.sum()
     if min_p > 0.0:
         probs = np.where(probs >= min_p * probs.max(), probs, 0.0)
+        probs /= probs.sum()
     cut_k = 0 < top_k < probs.size
     if top_p >= 1.0 and not cut_k:
-        return probs / probs.sum()
+        return probs
     order = np.argsort(-probs, kind="stable")
     keep = top_k if cut_k else order.size
     if top_p < 1.0:
         mass = np.cumsum(probs[order[:keep]])
-        # Of what the cuts above left (all of it, without them: exactly top_p, as before them).
-        target = top_p * mass[-1] if cut_k or min_p > 0.0 else top_p
+        # top_p of the top_k's mass (without a top_k cut, exactly top_p, as before there was one).
+        target = top_p * mass[-1] if cut_k else top_p
         keep = min(int(np.searchsorted(mass, target, side="left")) + 1, keep)
     nucleus = np.zeros_like(probs)
     nucleus[order[:keep]] = probs[order[:keep]]
