@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -38,7 +38,7 @@ from scheduler.http.openai_schema import (
 )
 from scheduler.http.request_io import client_tenant, request_body
 from scheduler.placement.types import PlacementRequest
-from scheduler.tokenizer.base import Tokenizer
+from scheduler.tokenizer.base import GIL_FREE_CHARS, Tokenizer
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Hello, SamplingParams, TokenLogprobs
@@ -86,22 +86,21 @@ def _prompt_limit(cfg: SchedulerConfig, hello: Hello) -> int:
     return cfg.max_prompt_tokens
 
 
-# Texts this long are tokenized on a thread (the tokenizer lets go of the GIL for them), so that the
-# event loop goes on serving other requests and the workers' heartbeats meanwhile.
-_THREAD_CHARS = 16384
-
-
-async def _token_ids(
-    tokenizer: Tokenizer, encode: Callable[[], list[int]], chars: int, limit: int
-) -> list[int]:
-    """The ids ``encode`` gives for a text of ``chars`` characters; one that cannot fit in ``limit``
-    tokens is refused before any work (a hostile 8 MB prompt would take seconds to tokenize)."""
+async def _token_ids(tokenizer: Tokenizer, source: str | list[tuple[str, str]], limit: int) -> list[int]:
+    """The ids of a text, or of a chat (its messages' roles and contents, through the model's
+    template). One that cannot fit in ``limit`` tokens is refused before any work (a hostile 8 MB
+    prompt would take seconds to tokenize); a long one is tokenized on a thread, so that the event
+    loop goes on serving other requests and the workers' heartbeats meanwhile."""
+    if isinstance(source, str):
+        chars, encode = len(source), partial(tokenizer.encode, source)
+    else:  # the template only adds to the contents
+        chars, encode = sum(len(text) for _, text in source), partial(tokenizer.apply_chat_template, source)
     if chars > limit * tokenizer.max_token_chars:
         raise PdorchError(
             ErrorCode.PROMPT_TOO_LONG,
             f"prompt has more than {limit} tokens ({chars} characters); the limit is {limit}",
         )
-    return encode() if chars < _THREAD_CHARS else await asyncio.to_thread(encode)
+    return encode() if chars < GIL_FREE_CHARS else await asyncio.to_thread(encode)
 
 
 # A client's guess of the output length, fed to the output-length predictor.
@@ -135,11 +134,9 @@ async def _build(
     max_model_len = hello.max_model_len
     limit = _prompt_limit(cfg, hello)
     if chat:
-        messages = chat_messages(req)
-        chars = sum(len(text) for _, text in messages)  # the template only adds to them
-        ids = await _token_ids(tokenizer, partial(tokenizer.apply_chat_template, messages), chars, limit)
+        ids = await _token_ids(tokenizer, chat_messages(req), limit)
     elif isinstance(prompt, str):
-        ids = await _token_ids(tokenizer, partial(tokenizer.encode, prompt), len(prompt), limit)
+        ids = await _token_ids(tokenizer, prompt, limit)
     else:
         assert prompt is not None
         ids = list(prompt)
@@ -569,12 +566,12 @@ async def tokenize(request: web.Request) -> web.Response:
     # Nothing longer than a prompt may be is counted (nor tokenized: see _token_ids).
     limit = _prompt_limit(request.app[CONFIG], hello)
     if req.messages is not None:
-        messages = chat_messages(ChatCompletionRequest(model=req.model, messages=req.messages))
-        chars = sum(len(text) for _, text in messages)
-        ids = await _token_ids(tokenizer, partial(tokenizer.apply_chat_template, messages), chars, limit)
+        source: str | list[tuple[str, str]] = chat_messages(
+            ChatCompletionRequest(model=req.model, messages=req.messages)
+        )
     else:
-        text = req.prompt or ""
-        ids = await _token_ids(tokenizer, partial(tokenizer.encode, text), len(text), limit)
+        source = req.prompt or ""
+    ids = await _token_ids(tokenizer, source, limit)
     return web.json_response({"count": len(ids), "max_model_len": hello.max_model_len, "tokens": ids})
 
 

@@ -24,6 +24,12 @@ class IncrementalDecoder(Protocol):
         ...
 
 
+# Texts at least this long are tokenized without the GIL (the single-text call of the Hugging Face
+# library holds it, its batch call does not, and costs more on short texts), so a caller may hand
+# them to a thread while its event loop serves others.
+GIL_FREE_CHARS = 16384
+
+
 class Tokenizer(Protocol):
     eos_token_id: int
     # No token stands for more characters than this, so a text of n characters has at least
@@ -31,8 +37,7 @@ class Tokenizer(Protocol):
     max_token_chars: int
 
     def encode(self, text: str) -> list[int]:
-        """A long text is tokenized without the GIL, so that a thread can do it while the event
-        loop serves others."""
+        """A text of ``GIL_FREE_CHARS`` or more is tokenized without the GIL."""
         ...
 
     def apply_chat_template(self, messages: list[tuple[str, str]]) -> list[int]:

@@ -16,14 +16,11 @@ import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer as _HfTokenizer
 
-from scheduler.tokenizer.base import Tokenizer
+from scheduler.tokenizer.base import GIL_FREE_CHARS, Tokenizer
 from scheduler.tokenizer.byte_level import ByteTokenizer
 from transport.errors import ErrorCode, PdorchError
 
 REPLACEMENT_CHAR = "\ufffd"
-# Texts at least this long are tokenized with the library's batch call, which lets go of the GIL
-# (its single-text call does not); shorter ones with the single call, cheaper for them.
-_GIL_FREE_CHARS = 4096
 # A normalizer may merge characters (NFKC composes some pairs): leave room for it in the bound
 # on characters per token.
 _NORMALIZER_ROOM = 4
@@ -158,7 +155,7 @@ class HfTokenizer:
         return self._token_ids(text, special=True)
 
     def _token_ids(self, text: str, special: bool) -> list[int]:
-        if len(text) < _GIL_FREE_CHARS:
+        if len(text) < GIL_FREE_CHARS:
             return self._tok.encode(text, add_special_tokens=special).ids
         return self._tok.encode_batch([text], add_special_tokens=special)[0].ids
 

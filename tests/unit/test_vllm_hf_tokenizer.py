@@ -126,7 +126,7 @@ def test_load_tokenizer_specs(model_dir: Path, tmp_path: Path) -> None:
 
 
 LONG_TEXTS = [
-    "hello world, the cache block token. " * 400,  # past the length at which the batch call is used
+    "hello world, the cache block token. " * 500,  # past the length at which the batch call is used
     " " * 20_000,
     "<|end|>" * 3_000,  # special tokens: the longest entries of this vocabulary
     "東京 🙂 " * 5_000,
