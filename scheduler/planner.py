@@ -94,6 +94,7 @@ class Planner:
         tpot_slo_s: float = 0.0,
         best_effort: bool = False,
         adapter: str = "",
+        followers: int = 0,
     ) -> PlacementRequest:
         """The one builder of what placement is asked to place."""
         prediction = self.predictor.predict(features)
@@ -113,6 +114,7 @@ class Planner:
             tpot_slo_s=tpot_slo_s,
             best_effort=best_effort,
             adapter=adapter,
+            followers=followers,
         )
 
     # ------------------------------------------------------------------ deciding

@@ -8,6 +8,10 @@ may have changed: a ticket is released, or the caller calls :meth:`AdmissionGate
 worker reported freed KV). The head blocks the queue while its check fails (no overtaking, so big
 requests are not starved by small ones). A waiter whose deadline passes gets ``DEADLINE_EXCEEDED``.
 
+A request costs the sequences it generates (``cost``: a completion's ``n`` choices are ``n``), in its
+tenant's fair share and against ``max_inflight``; one costing more than that limit is admitted when
+nothing else is in flight.
+
 The check may *be* the decision: whatever truthy value it returns (the scheduler's booked
 placement) is handed to the admitted request as ``ticket.grant``, so a request is placed once, at
 the instant it is admitted. A check that raises ``PdorchError`` (placement shed the request) fails
@@ -35,17 +39,20 @@ def _always() -> bool:
 class Ticket:
     """Admission held by one request; release it exactly once when the request ends (idempotent)."""
 
-    def __init__(self, gate: AdmissionGate, tenant: str, priority: int, grant: object = True) -> None:
+    def __init__(
+        self, gate: AdmissionGate, tenant: str, priority: int, grant: object = True, cost: int = 1
+    ) -> None:
         self._gate = gate
         self.tenant = tenant
         self.priority = priority
+        self.cost = cost
         self.grant = grant  # what the room check returned when it admitted the request
         self.released = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._gate._on_release()
+            self._gate._on_release(self.cost)
 
     async def __aenter__(self) -> Ticket:
         return self
@@ -74,13 +81,18 @@ class AdmissionGate:
         return len(self._queue)
 
     async def acquire(
-        self, tenant: str, priority: int = 0, deadline_s: float = 30.0, has_room: RoomCheck | None = None
+        self,
+        tenant: str,
+        priority: int = 0,
+        deadline_s: float = 30.0,
+        has_room: RoomCheck | None = None,
+        cost: int = 1,
     ) -> Ticket:
         check = has_room or self._has_room
         now = self._clock()
-        if not len(self._queue) and self._slot_free() and (grant := check()):
-            return self._grant(tenant, priority, now, grant)
-        entry = self._queue.push(tenant, priority, now, now + deadline_s)  # may raise QueueFull
+        if not len(self._queue) and self._slot_free(cost) and (grant := check()):
+            return self._grant(tenant, priority, now, grant, cost)
+        entry = self._queue.push(tenant, priority, now, now + deadline_s, cost)  # may raise QueueFull
         fut: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
         self._waiters[entry.ticket] = (fut, check)
         self._pump()
@@ -100,18 +112,19 @@ class AdmissionGate:
         """Capacity may have changed: admit whoever now fits, in queue order."""
         self._pump()
 
-    def _slot_free(self) -> bool:
-        return not self.policy.max_inflight or self.inflight < self.policy.max_inflight
+    def _slot_free(self, cost: int) -> bool:
+        limit = self.policy.max_inflight
+        return not limit or self.inflight + cost <= limit or not self.inflight
 
-    def _grant(self, tenant: str, priority: int, now: float, grant: object) -> Ticket:
-        self.inflight += 1
+    def _grant(self, tenant: str, priority: int, now: float, grant: object, cost: int) -> Ticket:
+        self.inflight += cost
         self._queue.note_admitted(now)
-        return Ticket(self, tenant, priority, grant)
+        return Ticket(self, tenant, priority, grant, cost)
 
     def _pump(self) -> None:
         while True:
             head = self._queue.peek()
-            if head is None or not self._slot_free():
+            if head is None or not self._slot_free(round(head.cost)):
                 return
             fut, check = self._waiters[head.ticket]
             if fut.done():  # abandoned between wake-ups
@@ -129,7 +142,7 @@ class AdmissionGate:
                 return
             self._queue.pop()
             del self._waiters[head.ticket]
-            fut.set_result(self._grant(head.tenant, head.priority, self._clock(), grant))
+            fut.set_result(self._grant(head.tenant, head.priority, self._clock(), grant, round(head.cost)))
 
     def _abandon(self, ticket: int, fut: asyncio.Future[Ticket]) -> None:
         self._waiters.pop(ticket, None)
@@ -140,6 +153,6 @@ class AdmissionGate:
             fut.cancel()
         self._pump()
 
-    def _on_release(self) -> None:
-        self.inflight -= 1
+    def _on_release(self, cost: int) -> None:
+        self.inflight -= cost
         self._pump()

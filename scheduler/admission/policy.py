@@ -21,7 +21,8 @@ class AdmissionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Share of service per tenant (API key) relative to others; unknown tenants get default_weight.
     tenant_weights: dict[str, float] = {}
     default_weight: float = 1.0
-    # Admitted requests in flight at once (0 = unbounded; the room check alone decides).
+    # Admitted sequences in flight at once, a request's ``n`` choices counting ``n`` (0 = unbounded;
+    # the room check alone decides).
     max_inflight: int = 0
     order: QueueOrder = QueueOrder.FIFO
     retry_after_min_s: float = 1.0

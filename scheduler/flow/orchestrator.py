@@ -114,8 +114,12 @@ class Orchestrator:
         for job_id in list(self._through_broker):
             self._inbox.notify(job_id, KvBrokerLost(reason))
 
-    def plan(self, req: GenerationRequest) -> tuple[OutputFeatures, PlacementRequest]:
-        return self._plan(req, req.request_id, req.prompt_token_ids, req.sampling.max_tokens)
+    def plan(self, req: GenerationRequest, followers: int = 0) -> tuple[OutputFeatures, PlacementRequest]:
+        """What placement is asked to place for ``req``; ``followers``: its other choices (``n`` - 1),
+        which will decode beside it."""
+        return self._plan(
+            req, req.request_id, req.prompt_token_ids, req.sampling.max_tokens, followers=followers
+        )
 
     def _plan(
         self,
@@ -125,6 +129,7 @@ class Orchestrator:
         max_tokens: int,
         *,
         resumed: bool = False,
+        followers: int = 0,
     ) -> tuple[OutputFeatures, PlacementRequest]:
         features = self._planner.features(req.model, prompt, max_tokens, req.tenant, req.hint)
         slo = self._cfg.slo
@@ -140,6 +145,7 @@ class Orchestrator:
             tpot_slo_s=req.tpot_slo_s or slo.tpot_s,
             best_effort=resumed,
             adapter=req.adapter,
+            followers=followers,
         )
         return features, preq
 

@@ -385,7 +385,7 @@ async def _produce(
     first_at: float | None = None
     try:
         _objectives(request, job.greq)
-        plan = orchestrator.plan(job.greq)
+        plan = orchestrator.plan(job.greq, followers=job.n - 1)
         async with await _admit(app, job, plan[1]) as ticket:
             timeout_s = app[CONFIG].request_timeout_s
             items = generate(
@@ -453,6 +453,7 @@ async def _admit(app: web.Application, job: _Job, preq: PlacementRequest) -> Tic
             job.greq.priority,
             cfg.queue_timeout_s,
             has_room=lambda: orchestrator.decide(job.greq, preq),
+            cost=job.n,
         )
     except PdorchError as e:
         if e.code is ErrorCode.DEADLINE_EXCEEDED:

@@ -51,6 +51,13 @@ class RequestContext:
     def reserve_blocks(self, node: NodeView) -> int:
         return blocks_for(self.reserve_tokens, node.block_size)
 
+    def has_room(self, node: NodeView) -> bool:
+        """Whether the node's free KV holds the request and its other choices, which decode beside
+        it sharing its prompt's full blocks: each needs its own output and a copy of the last,
+        partial one."""
+        followers = self.request.followers * (blocks_for(self.output_tokens, node.block_size) + 1)
+        return node.blocks_total > 0 and node.blocks_free >= self.reserve_blocks(node) + followers
+
     def placement(
         self, prefill: NodeView, decode: NodeView, *, ttft_s: float = 0.0, tpot_s: float = 0.0
     ) -> Placement:

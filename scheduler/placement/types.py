@@ -102,6 +102,9 @@ class PlacementRequest(msgspec.Struct, frozen=True, gc=False):
     # Place it even where its objectives will be missed (a request that is already streaming and
     # moves after a worker failure must go somewhere); never shed.
     best_effort: bool = False
+    # The request's other choices (``n`` - 1): they decode beside it once its prompt's KV is on its
+    # decode node, so that node needs room for them too.
+    followers: int = 0
 
 
 class Placement(msgspec.Struct, frozen=True, gc=False):

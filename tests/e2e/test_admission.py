@@ -40,3 +40,28 @@ async def test_queue_full_is_429_and_waiters_are_served(tight: LocalCluster) -> 
         a, b = await asyncio.gather(first, second)
     assert len(a["choices"][0]["token_ids"]) == 400
     assert len(b["choices"][0]["token_ids"]) == 5
+
+
+@pytest.fixture
+def three_sequences(tmp_path, monkeypatch) -> Iterator[LocalCluster]:
+    monkeypatch.setenv("PDORCH_ADMISSION", "{max_inflight: 3, max_queued: 1}")
+    c = start_cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+async def test_a_requests_choices_count_as_its_sequences(three_sequences: LocalCluster) -> None:
+    """``n`` 3 fills ``max_inflight`` 3: a request of one choice behind it waits, the next is refused."""
+    c = three_sequences
+    long = {"prompt": "three at once", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        first = asyncio.create_task(complete(s, c.url, **long, n=3))
+        await eventually(lambda: c.cluster_state()["admission"]["running"] == 3, 20)
+        second = asyncio.create_task(complete(s, c.url, **{**long, "max_tokens": 5}))
+        await eventually(lambda: c.cluster_state()["admission"]["queued"] == 1, 20)
+        async with s.post(c.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}) as r:
+            assert r.status == 429, await r.text()
+        a, b = await asyncio.gather(first, second)
+    assert [len(choice["token_ids"]) for choice in a["choices"]] == [300, 300, 300]
+    assert len(b["choices"][0]["token_ids"]) == 5
+    assert c.cluster_state()["admission"]["running"] == 0

@@ -168,3 +168,54 @@ async def test_a_check_that_sheds_fails_that_request_and_the_queue_goes_on() -> 
     with pytest.raises(PdorchError):
         await gate.acquire("c", has_room=doomed)
     assert gate.queued == 0 and gate.inflight == 0
+
+
+async def test_a_request_costs_its_sequences_against_max_inflight() -> None:
+    gate = AdmissionGate(AdmissionPolicy(max_inflight=4))
+    three = await gate.acquire("a", cost=3)
+    assert gate.inflight == 3
+    two = asyncio.create_task(gate.acquire("b", deadline_s=WAIT, cost=2))
+    await asyncio.sleep(0)
+    assert not two.done() and gate.queued == 1  # 3 + 2 > 4: it waits
+    three.release()
+    ticket = await asyncio.wait_for(two, WAIT)
+    assert gate.inflight == 2
+    ticket.release()
+    assert gate.inflight == 0
+
+
+async def test_a_request_dearer_than_the_limit_runs_alone() -> None:
+    gate = AdmissionGate(AdmissionPolicy(max_inflight=2))
+    small = await gate.acquire("a")
+    big = asyncio.create_task(gate.acquire("b", deadline_s=WAIT, cost=5))
+    await asyncio.sleep(0)
+    assert not big.done()
+    small.release()
+    ticket = await asyncio.wait_for(big, WAIT)  # nothing else in flight: admitted
+    assert gate.inflight == 5
+    later = asyncio.create_task(gate.acquire("c", deadline_s=WAIT))
+    await asyncio.sleep(0)
+    assert not later.done()
+    ticket.release()
+    (await asyncio.wait_for(later, WAIT)).release()
+    assert gate.inflight == 0
+
+
+async def test_a_tenants_share_counts_its_sequences() -> None:
+    """A tenant asking for 4 choices a request has used four requests' worth of its share."""
+    gate = AdmissionGate(AdmissionPolicy(max_inflight=4))
+    holder = await gate.acquire("x", cost=4)
+    order: list[str] = []
+
+    async def want(tenant: str, cost: int) -> None:
+        t = await gate.acquire(tenant, deadline_s=WAIT, cost=cost)
+        order.append(tenant)
+        t.release()
+
+    tasks = [asyncio.create_task(want("a", 4)) for _ in range(2)]
+    await asyncio.sleep(0)
+    tasks += [asyncio.create_task(want("b", 1)) for _ in range(4)]
+    await asyncio.sleep(0)
+    holder.release()
+    await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+    assert order == ["a", "b", "b", "b", "b", "a"]

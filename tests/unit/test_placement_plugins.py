@@ -130,6 +130,20 @@ def test_health_filter(
     assert names(HealthFilter(params).filter(ctx(pool, PROMPT_ONLY), nodes)) == expected
 
 
+def test_room_counts_the_other_choices() -> None:
+    """A request with ``n`` choices needs room for the others beside it: each its output and a copy
+    of the prompt's last, partial block. 160 + 64 tokens = 14 blocks; 3 followers x (4 + 1) = 15."""
+    config = PlacementConfig(reservation=ReservationConfig(mode=ReservationMode.MAX_TOKENS))
+    alone, with_three = ctx(config=config), ctx(config=config, followers=3)
+    fits, short = (
+        node("fits", blocks_total=100, blocks_used=71),
+        node("short", blocks_total=100, blocks_used=72),
+    )
+    assert alone.has_room(short) and with_three.has_room(fits) and not with_three.has_room(short)
+    room = HealthFilter(HealthFilterParams(require_kv_room=True))
+    assert names(room.filter(with_three, [short, fits])) == ["fits"]
+
+
 @pytest.mark.parametrize(
     ("params", "nodes", "hashes", "expected"),
     [

@@ -93,7 +93,7 @@ class ConditionalDecider:
             return ctx.placement(decode, decode)
         if self._local_is_better(ctx, decode, prefill):
             return ctx.placement(decode, decode)
-        if self._handoff_too_slow(ctx, decode) and prefill.blocks_free >= ctx.reserve_blocks(prefill):
+        if self._handoff_too_slow(ctx, decode) and ctx.has_room(prefill):
             return ctx.placement(prefill, prefill)
         return ctx.placement(prefill, decode)
 

@@ -34,5 +34,5 @@ class HealthFilter:
         if ctx.pool is Pool.DECODE:
             out = [n for n in out if not n.kv_refusing]
         if self.params.require_kv_room and ctx.pool is Pool.DECODE:
-            out = [n for n in out if n.blocks_total > 0 and n.blocks_free >= ctx.reserve_blocks(n)]
+            out = [n for n in out if ctx.has_room(n)]
         return out

@@ -147,7 +147,7 @@ class SloProfileHandler:
         if tier is Tier.PREFILL_NODE_DECODES:
             if not ctx.config.fallback_to_prefill_node:
                 return []
-            return [est.option(p, p) for p in prefill if p.role is Role.PREFILL and _has_room(ctx, p)]
+            return [est.option(p, p) for p in prefill if p.role is Role.PREFILL and ctx.has_room(p)]
         if not prefill:
             return []
         # The best prefill node of each class: headroom, then the prefill profile's scorers.
@@ -169,10 +169,6 @@ def tier_of(o: Option) -> Tier:
     if o.prefill.worker_id != o.decode.worker_id:
         return Tier.SPLIT
     return Tier.PREFILL_NODE_DECODES if o.decode.role is Role.PREFILL else Tier.DECODE_NODE_PREFILLS
-
-
-def _has_room(ctx: RequestContext, node: NodeView) -> bool:
-    return node.blocks_total > 0 and node.blocks_free >= ctx.reserve_blocks(node)
 
 
 def _best(profiles: Profiles, ctx: RequestContext, options: list[Option]) -> Option | None:
