@@ -3,6 +3,8 @@ the worker registry and pool signals."""
 
 from __future__ import annotations
 
+import threading
+
 import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
@@ -12,7 +14,7 @@ from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig, load_config
 from scheduler.flow import Orchestrator
 from scheduler.flow.request import GenerationRequest
-from scheduler.http.openai import _objectives
+from scheduler.http.openai import _objectives, _token_ids
 from scheduler.http.openai_schema import (
     ChatCompletionRequest,
     ChatMessage,
@@ -31,6 +33,7 @@ from scheduler.prediction.latency import LatencyLearner
 from scheduler.prediction.output_length import OutputLengthPredictor
 from scheduler.slo_window import SloConfig, SloWindow
 from scheduler.stop_strings import TextStream
+from scheduler.tokenizer.base import GIL_FREE_CHARS
 from scheduler.tokenizer.byte_level import ByteTokenizer
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Hello, Role, SamplingParams
@@ -492,3 +495,34 @@ def test_a_following_choice_is_booked_colocated_where_the_prompt_is() -> None:
     assert planner.follow(preq, "gone", now=0.0) is None
     cluster.set_draining("d", True)
     assert planner.follow(preq, "d", now=0.0) is None
+
+
+class _ThreadNoting(ByteTokenizer):
+    """The byte tokenizer, noting which thread each text and chat was tokenized on."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def encode(self, text: str) -> list[int]:
+        self.threads.append(threading.get_ident())
+        return super().encode(text)
+
+
+async def test_a_long_prompt_is_tokenized_off_the_event_loop() -> None:
+    """A text or chat of ``GIL_FREE_CHARS`` characters or more goes to a thread (the loop serves
+    others meanwhile); a shorter one is tokenized in place; both give the same ids."""
+    tokenizer, loop_thread = _ThreadNoting(), threading.get_ident()
+    short, long = "s" * (GIL_FREE_CHARS - 1), "l" * GIL_FREE_CHARS
+    assert await _token_ids(tokenizer, short, 10**6) == ByteTokenizer().encode(short)
+    assert await _token_ids(tokenizer, long, 10**6) == ByteTokenizer().encode(long)
+    chat = [("user", long)]
+    assert await _token_ids(tokenizer, chat, 10**6) == ByteTokenizer().apply_chat_template(chat)
+    assert tokenizer.threads[0] == loop_thread
+    assert loop_thread not in tokenizer.threads[1:] and len(tokenizer.threads) == 3
+
+
+async def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing() -> None:
+    tokenizer = _ThreadNoting()
+    with pytest.raises(PdorchError) as e:
+        await _token_ids(tokenizer, "x" * 101, 100)  # the byte tokenizer: a token per character at least
+    assert e.value.code is ErrorCode.PROMPT_TOO_LONG and tokenizer.threads == []
