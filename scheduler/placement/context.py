@@ -53,10 +53,17 @@ class RequestContext:
 
     def has_room(self, node: NodeView) -> bool:
         """Whether the node's free KV holds the request and its other choices, which decode beside
-        it sharing its prompt's full blocks: each needs its own output and a copy of the last,
-        partial one."""
-        followers = self.request.followers * (blocks_for(self.output_tokens, node.block_size) + 1)
-        return node.blocks_total > 0 and node.blocks_free >= self.reserve_blocks(node) + followers
+        it sharing its prompt's full blocks: each needs a copy of the last, partial one and its
+        output. Their outputs are counted at the predicted mean (the request's own reservation is
+        at a high quantile, but the sum of many is near its mean), and at most up to the node's
+        capacity: a request whose choices could not all fit at once waits for an empty node, where
+        the engine runs as many as fit and the rest as blocks free."""
+        need = own = self.reserve_blocks(node)
+        if followers := self.request.followers:
+            mean = self.request.predicted_output_len or self.output_tokens
+            theirs = followers + blocks_for(followers * mean, node.block_size)
+            need = max(own, min(own + theirs, node.blocks_total))
+        return node.blocks_total > 0 and node.blocks_free >= need
 
     def placement(
         self, prefill: NodeView, decode: NodeView, *, ttft_s: float = 0.0, tpot_s: float = 0.0

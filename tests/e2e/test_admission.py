@@ -65,3 +65,21 @@ async def test_a_requests_choices_count_as_its_sequences(three_sequences: LocalC
     assert [len(choice["token_ids"]) for choice in a["choices"]] == [300, 300, 300]
     assert len(b["choices"][0]["token_ids"]) == 5
     assert c.cluster_state()["admission"]["running"] == 0
+
+
+@pytest.fixture
+def small_kv(tmp_path, monkeypatch) -> Iterator[LocalCluster]:
+    monkeypatch.setenv("PDORCH_QUEUE_TIMEOUT_S", "5")
+    c = start_cluster(tmp_path, worker_args=["--num-blocks", "64"])
+    yield c
+    c.stop()
+
+
+async def test_more_choices_than_a_node_holds_at_once_are_served(small_kv: LocalCluster) -> None:
+    """16 choices of 100 tokens need ~110 blocks of 16 beside the prompt's on a node of 64: the
+    request takes the empty node and its engine runs the choices as blocks free (not a 429)."""
+    body = {"prompt": "many at once", "max_tokens": 100, "ignore_eos": True, "temperature": 1.0, "seed": 3}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        out = await complete(s, small_kv.url, **body, n=16)
+    assert sorted(c["index"] for c in out["choices"]) == list(range(16))
+    assert all(len(c["token_ids"]) == 100 for c in out["choices"])

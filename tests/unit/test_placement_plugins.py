@@ -131,8 +131,8 @@ def test_health_filter(
 
 
 def test_room_counts_the_other_choices() -> None:
-    """A request with ``n`` choices needs room for the others beside it: each its output and a copy
-    of the prompt's last, partial block. 160 + 64 tokens = 14 blocks; 3 followers x (4 + 1) = 15."""
+    """A request with ``n`` choices needs room for the others beside it: each a copy of the prompt's
+    last, partial block and its output. 160 + 64 tokens = 14 blocks; 3 followers: 3 + 192 / 16 = 15."""
     config = PlacementConfig(reservation=ReservationConfig(mode=ReservationMode.MAX_TOKENS))
     alone, with_three = ctx(config=config), ctx(config=config, followers=3)
     fits, short = (
@@ -142,6 +142,18 @@ def test_room_counts_the_other_choices() -> None:
     assert alone.has_room(short) and with_three.has_room(fits) and not with_three.has_room(short)
     room = HealthFilter(HealthFilterParams(require_kv_room=True))
     assert names(room.filter(with_three, [short, fits])) == ["fits"]
+
+
+def test_other_choices_count_at_the_mean_and_at_most_a_whole_node() -> None:
+    config = PlacementConfig(reservation=ReservationConfig(mode=ReservationMode.MAX_TOKENS))
+    # Their outputs at the predicted mean (20 tokens): 3 + 60 / 16 -> 7 blocks beside the 14.
+    predicted = ctx(config=config, followers=3, predicted_output_len=20)
+    assert predicted.has_room(node("a", blocks_total=100, blocks_used=79))
+    assert not predicted.has_room(node("b", blocks_total=100, blocks_used=80))
+    # 127 choices cannot all fit in 100 blocks: the request takes a node that is empty.
+    many = ctx(config=config, followers=127)
+    assert many.has_room(node("empty", blocks_total=100))
+    assert not many.has_room(node("one used", blocks_total=100, blocks_used=1))
 
 
 @pytest.mark.parametrize(
@@ -371,3 +383,9 @@ def test_round_robin_cycles_in_worker_order() -> None:
 def test_plugins_reject_bad_parameters(factory: type, params: msgspec.Struct) -> None:
     with pytest.raises(ValueError):
         factory(params)
+
+
+def test_a_request_that_cannot_fit_a_node_has_no_room_there_whatever_its_choices() -> None:
+    config = PlacementConfig(reservation=ReservationConfig(mode=ReservationMode.MAX_TOKENS))
+    for followers in (0, 5):
+        assert not ctx(config=config, followers=followers).has_room(node("small", blocks_total=13))
