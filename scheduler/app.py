@@ -96,7 +96,9 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
     placer = Placer(cfg.placement, clock=time.perf_counter)
     metrics = Metrics(cfg.slo)
     metrics.bind_gauge(
-        "pdorch_requests_running", "Requests admitted and not finished", lambda: admission.inflight
+        "pdorch_requests_running",
+        "Requests admitted and not finished, as sequences (a request's n choices count n)",
+        lambda: admission.inflight,
     )
     metrics.bind_gauge("pdorch_requests_queued", "Requests waiting for admission", lambda: admission.queued)
     metrics.bind_gauge("pdorch_workers", "Registered workers", lambda: len(cluster.workers()))
