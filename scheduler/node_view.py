@@ -124,7 +124,7 @@ def _derived(
     cached = ledger.view_cache
     if isinstance(cached, _Derived) and cached.key == key:
         return cached
-    models = class_latency(latency, ledger.model, ledger.accelerator, accelerators)
+    models = class_latency(latency, ledger.model, ledger.accelerator, accelerators, ledger.worker_id)
     batch, context = len(ledger.members), ledger.booked_tokens
     queued = models.prefill.predict(work_x(ledger.pending_work, batch, context)) if ledger.pending else 0.0
     head_start = -math.inf

@@ -123,7 +123,9 @@ class Planner:
         all_states = list(self._nodes.node_states())
         self._observe_progress(now, all_states)
         states = [s for s in all_states if s.hello.worker_id not in exclude]
-        table = self.latency.table(now, {(s.hello.model, s.hello.accelerator) for s in states})
+        table = self.latency.table(
+            now, [(s.hello.worker_id, s.hello.model, s.hello.accelerator) for s in all_states]
+        )
         accelerators = self.config.accelerators
         views = []
         for s in states:

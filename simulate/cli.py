@@ -42,9 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trace", required=True, type=Path, help="Azure CSV, Mooncake JSONL or ShareGPT lengths CSV"
     )
-    p.add_argument("--prefill", action="append", default=[], metavar="N:CLASS[xTP]", help="prefill pool")
-    p.add_argument("--decode", action="append", default=[], metavar="N:CLASS[xTP]", help="decode pool")
-    p.add_argument("--both", action="append", default=[], metavar="N:CLASS[xTP]", help="colocated nodes")
+    pool = "N:CLASS[xTP][@SLOWDOWN]"  # @2: instances of the class at half its speed (degraded)
+    p.add_argument("--prefill", action="append", default=[], metavar=pool, help="prefill pool")
+    p.add_argument("--decode", action="append", default=[], metavar=pool, help="decode pool")
+    p.add_argument("--both", action="append", default=[], metavar=pool, help="colocated nodes")
     p.add_argument("--policy", default="pdorch", help=f"comma-separated, or 'all': {', '.join(policies())}")
     p.add_argument("--rate-scale", type=float, default=None, help="one run at this arrival-rate scale")
     p.add_argument("--json", action="store_true", help="print results as JSON")

@@ -1,6 +1,9 @@
-"""The simulated cluster's shape: ``N:CLASS[xTP]`` pools, e.g. ``--prefill 8:h100 --decode 8:a100x4``."""
+"""The simulated cluster's shape: ``N:CLASS[xTP][@SLOWDOWN]`` pools, e.g. ``--prefill 8:h100 --decode
+7:a100x4 --decode 1:a100x4@2`` (the last a degraded A100 instance that takes twice as long)."""
 
 from __future__ import annotations
+
+import math
 
 import msgspec
 
@@ -13,6 +16,7 @@ class InstanceSpec(msgspec.Struct, frozen=True):
     role: Role
     accelerator: str
     tp: int
+    slowdown: float = 1.0  # every duration times this: a degraded instance of its class
 
 
 class ClusterSpec(msgspec.Struct, frozen=True):
@@ -27,23 +31,29 @@ class ClusterSpec(msgspec.Struct, frozen=True):
         return ClusterSpec(tuple(msgspec.structs.replace(i, role=Role.BOTH) for i in self.instances))
 
     def describe(self) -> str:
-        counts: dict[tuple[str, str, int], int] = {}
+        counts: dict[tuple[str, str, int, float], int] = {}
         for i in self.instances:
-            key = (str(i.role), i.accelerator, i.tp)
+            key = (str(i.role), i.accelerator, i.tp, i.slowdown)
             counts[key] = counts.get(key, 0) + 1
-        parts = [f"{n}x {role} {acc}x{tp}" for (role, acc, tp), n in counts.items()]
+        parts = [
+            f"{n}x {role} {acc}x{tp}" + (f" ({slow:g}x slower)" if slow != 1 else "")
+            for (role, acc, tp, slow), n in counts.items()
+        ]
         return f"{', '.join(parts)} ({self.gpus} GPUs)"
 
 
 def parse_pool(text: str, role: Role, default_tp: int = 4) -> list[InstanceSpec]:
-    count_text, sep, cls_text = text.partition(":")
+    count_text, sep, rest = text.partition(":")
+    cls_text, at, slow_text = rest.partition("@")
     try:
         count = int(count_text)
+        slowdown = float(slow_text) if at else 1.0
     except ValueError:
-        count = -1
-    if not sep or count < 0:
+        count, slowdown = -1, 1.0
+    if not sep or count < 0 or not (math.isfinite(slowdown) and slowdown > 0):
         raise PdorchError(
-            ErrorCode.CONFIG, f"bad pool {text!r}; expected N:CLASS or N:CLASSxTP, e.g. 8:h100x4"
+            ErrorCode.CONFIG,
+            f"bad pool {text!r}; expected N:CLASS[xTP][@SLOWDOWN], e.g. 8:h100x4 or 1:a100x4@2",
         )
     accelerator, tp = parse_instance_class(cls_text, default_tp)
     if accelerator not in accelerator_classes():
@@ -51,7 +61,7 @@ def parse_pool(text: str, role: Role, default_tp: int = 4) -> list[InstanceSpec]
         raise PdorchError(
             ErrorCode.CONFIG, f"unknown accelerator class {accelerator!r} in {text!r}; known: {known}"
         )
-    return [InstanceSpec(role, accelerator, tp) for _ in range(count)]
+    return [InstanceSpec(role, accelerator, tp, slowdown) for _ in range(count)]
 
 
 def parse_cluster(

@@ -39,7 +39,7 @@ class SimNode:
         self.index = index
         self.spec = spec
         self.worker_id = f"{spec.role}-{index:03d}-{spec.accelerator}"
-        self.engine = SimEngine(CostModel(spec.accelerator, spec.tp, shape), params)
+        self.engine = SimEngine(CostModel(spec.accelerator, spec.tp, shape, slowdown=spec.slowdown), params)
         self.hello = Hello(
             protocol_version=PROTOCOL_VERSION,
             worker_id=self.worker_id,

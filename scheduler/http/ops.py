@@ -35,6 +35,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def cluster(request: web.Request) -> web.Response:
     cfg, admission, directory = request.app[CONFIG], request.app[ADMISSION], request.app[CLUSTER]
     now = time.monotonic()
+    speeds = request.app[PLANNER].latency.speed_factors()
     workers = []
     for w in directory.workers():
         h = w.hello
@@ -67,6 +68,11 @@ async def cluster(request: web.Request) -> web.Response:
                 "adapters_resident": w.load.adapters_resident,
                 "inflight_requests": len(w.requests),
                 "labels": h.labels,
+                # How long its prefills and decode steps take against its class's typical node, as
+                # placement has learnt it (absent until it has been seen working).
+                "speed_factor": dict(zip(("prefill", "decode"), speeds[h.worker_id], strict=True))
+                if h.worker_id in speeds
+                else None,
             }
         )
     expected = {pool: sorted(ids) for pool, ids in directory.expected().items()}

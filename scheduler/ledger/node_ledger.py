@@ -215,6 +215,7 @@ class NodeLedger:
             context=(self._context_s - context_s) / seconds,
             seconds=seconds,
             adapter_load=pending.adapter_load,
+            worker_id=self.worker_id,
         )
 
     def join(self, job_id: str, now: float, delay_s: float, tokens: int) -> None:
@@ -275,6 +276,7 @@ class NodeLedger:
             context=(self._context_s - last.context_s) / seconds,
             prefill_tokens=prefilled,
             seconds=seconds,
+            worker_id=self.worker_id,
         )
 
     def grow(self, job_id: str, tokens: int, reserved_blocks: int | None = None) -> None:

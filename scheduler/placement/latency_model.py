@@ -70,18 +70,37 @@ class LatencyTable(msgspec.Struct, frozen=True, gc=False):
     adapter_load_s: dict[str, float] = {}
     # Share of the TPOT objective kept in reserve, per decode class (absent: none).
     tpot_margin: dict[str, float] = {}
+    # Per node seen working: its class's models scaled by how much slower (> 1) or faster than the
+    # class's typical node it has been (a throttled or degraded part; absent: not observed yet).
+    nodes: dict[str, ClassLatency] = {}
     version: int = 0  # bumps with every publication (what is derived from it may be cached)
 
 
 def class_latency(
-    table: LatencyTable, model: str, accelerator: str, accelerators: dict[str, AcceleratorProfile]
+    table: LatencyTable,
+    model: str,
+    accelerator: str,
+    accelerators: dict[str, AcceleratorProfile],
+    worker_id: str = "",
 ) -> ClassLatency:
-    """The learnt models of a node class, or the prior for a class not seen yet."""
-    found = table.classes.get(class_key(model, accelerator))
+    """The learnt models of a node class, or the prior for a class not seen yet; with ``worker_id``,
+    that node's own where its speed has been learnt."""
+    found = table.nodes.get(worker_id) if worker_id else None
+    if found is None:
+        found = table.classes.get(class_key(model, accelerator))
     if found is None:
         profile = accelerators.get(accelerator)
         found = ClassLatency(prior_prefill(profile), prior_decode(profile))
     return found
+
+
+def scaled(models: ClassLatency, prefill: float, decode: float) -> ClassLatency:
+    """Models that predict ``prefill`` and ``decode`` times the time (every prediction is linear in
+    the coefficients)."""
+    return ClassLatency(
+        LinearModel(tuple(c * prefill for c in models.prefill.coef)),
+        LinearModel(tuple(c * decode for c in models.decode.coef)),
+    )
 
 
 def class_key(model: str, accelerator: str) -> str:

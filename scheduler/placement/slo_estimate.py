@@ -95,10 +95,13 @@ class Estimator:
     # ------------------------------------------------------------------ models
 
     def _class(self, node: NodeView) -> ClassLatency:
-        key = node.accelerator
+        """The node's models: its class's, scaled by its own speed where that has been learnt."""
+        key = node.worker_id if node.worker_id in self.table.nodes else node.accelerator
         found = self._classes.get(key)
         if found is None:
-            found = class_latency(self.table, node.model, node.accelerator, self.ctx.config.accelerators)
+            found = class_latency(
+                self.table, node.model, node.accelerator, self.ctx.config.accelerators, node.worker_id
+            )
             self._classes[key] = found
         return found
 

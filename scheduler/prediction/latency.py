@@ -23,6 +23,14 @@ it and for prefills the node runs meanwhile. Per decode class a **TPOT margin** 
 objective placement keeps in reserve) is adapted so that about ``TPOT_MISS_TARGET`` of the requests
 miss it: it stays 0 where the predictions hold and grows where the batches run at the edge.
 
+A node can be slower or faster than its class's typical node (a throttled or degraded GPU, a noisy
+neighbour): each prefill and decode observation also compares the node's time with what its class's
+published models predicted, and the node's **speed factor** is the geometric mean of those ratios
+over its last ``NODE_WINDOW`` observations, relative to the median node of its class. Placement
+predicts each node with its class's models scaled by its factor, and the class's models learn from
+observations divided by it, so one straggler neither looks like its class nor slows its class's
+models (which would move every request off the class's healthy nodes).
+
 Each fits a non-negative linear model on the features of :mod:`scheduler.placement.latency_model`
 (:class:`~scheduler.prediction.online_regression.OnlineRegression`), per node class
 (model + accelerator) and, for handoffs, per pair of classes. Nothing is set by hand: a class
@@ -35,6 +43,8 @@ burst of observations does not rebuild every node's view each time.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Iterable
 
 import msgspec
@@ -52,6 +62,7 @@ from scheduler.placement.latency_model import (
     prior_decode,
     prior_handoff,
     prior_prefill,
+    scaled,
 )
 from scheduler.prediction.online_regression import OnlineRegression
 
@@ -73,6 +84,7 @@ class PrefillSample(msgspec.Struct, frozen=True, gc=False):
     context: float  # their prompt tokens, averaged likewise
     seconds: float
     adapter_load: bool = False  # its LoRA adapter was loaded first (the time includes the load)
+    worker_id: str = ""  # the node observed ("": its class only)
 
 
 class DecodeSample(msgspec.Struct, frozen=True, gc=False):
@@ -83,6 +95,7 @@ class DecodeSample(msgspec.Struct, frozen=True, gc=False):
     context: float
     prefill_tokens: int  # uncached prompt tokens the node prefilled meanwhile
     seconds: float
+    worker_id: str = ""  # the node observed ("": its class only)
 
 
 class TpotOutcome(msgspec.Struct, frozen=True, gc=False):
@@ -109,6 +122,46 @@ LOAD_WINDOW = 50
 TPOT_MISS_TARGET = 0.05
 TPOT_MARGIN_STEP = 0.01
 TPOT_MARGIN_MAX = 0.5
+# A node's speed factor averages its last this many observations (about as many seconds of decoding:
+# a degraded node is seen within half a minute, and a noisy second moves it little). One
+# observation's ratio counts at most this far from 1 either way (a tiny predicted time is no measure).
+NODE_WINDOW = 20
+MAX_NODE_RATIO = 10.0
+_SAME = (1.0, 1.0)  # the speed factors of a node not observed yet: its class's
+
+
+class _Ratio:
+    """How a node's times of one kind (prefills, or decode steps) compare with its class's
+    predictions: the mean log ratio of its last ``NODE_WINDOW`` observations."""
+
+    __slots__ = ("log_ratio", "seen")
+
+    def __init__(self) -> None:
+        self.log_ratio = 0.0
+        self.seen = 0
+
+    def observe(self, seconds: float, predicted: float) -> None:
+        if seconds <= 0.0 or predicted <= 0.0:
+            return
+        bound = math.log(MAX_NODE_RATIO)
+        r = max(-bound, min(bound, math.log(seconds / predicted)))
+        self.seen += 1
+        self.log_ratio += (r - self.log_ratio) / min(self.seen, NODE_WINDOW)
+
+    def shrunk(self, reference: float) -> float:
+        """The log ratio relative to ``reference`` (its class's median), pulled towards it by
+        ``NODE_WINDOW`` observations' worth of doubt: a node seen a few times (a cluster that has
+        just started, its class's models still rough) is not yet told apart from its class."""
+        return (self.log_ratio - reference) * self.seen / (self.seen + NODE_WINDOW)
+
+
+class _NodeSpeed:
+    __slots__ = ("cls", "decode", "prefill")
+
+    def __init__(self, cls: str) -> None:
+        self.cls = cls
+        self.prefill = _Ratio()
+        self.decode = _Ratio()
 
 
 class _Class:
@@ -145,6 +198,9 @@ class LatencyLearner:
         self._classes: dict[str, _Class] = {}
         self._links: dict[str, OnlineRegression] = {}
         self._table = LatencyTable()
+        self._nodes: dict[str, _NodeSpeed] = {}
+        # Each observed node's (prefill, decode) speed factors, as last published.
+        self._factors: dict[str, tuple[float, float]] = {}
         self._published_at = -float("inf")
         self._changed = True
         self.observed = 0
@@ -154,17 +210,26 @@ class LatencyLearner:
     def observe_prefill(self, s: PrefillSample) -> None:
         x = prefill_x(s.uncached, s.cached, s.batch, s.context)
         c = self._class(s.model, s.accelerator)
+        factor = self._factors.get(s.worker_id, _SAME)[0]
         if s.adapter_load:
-            c.observe_load(max(0.0, s.seconds - c.prefill.predict(x)))
+            c.observe_load(max(0.0, s.seconds - factor * c.prefill.predict(x)))
         else:
-            c.prefill.observe(x, s.seconds)
+            published = self._table.classes.get(class_key(s.model, s.accelerator))
+            if published is not None and s.worker_id:
+                node = self._node(s.worker_id, s.model, s.accelerator)
+                node.prefill.observe(s.seconds, published.prefill.predict(x))
+            c.prefill.observe(x, s.seconds / factor)
         self._learnt()
 
     def observe_decode(self, s: DecodeSample) -> None:
         if s.steps < 1:
             return
         x = decode_x(s.batch, s.context, s.prefill_tokens / s.steps)
-        self._class(s.model, s.accelerator).decode.observe(x, s.seconds / s.steps)
+        step = s.seconds / s.steps
+        published = self._table.classes.get(class_key(s.model, s.accelerator))
+        if published is not None and s.worker_id:
+            self._node(s.worker_id, s.model, s.accelerator).decode.observe(step, published.decode.predict(x))
+        self._class(s.model, s.accelerator).decode.observe(x, step / self._factors.get(s.worker_id, _SAME)[1])
         self._learnt()
 
     def observe_tpot(self, o: TpotOutcome) -> None:
@@ -183,17 +248,27 @@ class LatencyLearner:
 
     # ------------------------------------------------------------------ reading
 
-    def table(self, now: float, classes: Iterable[tuple[str, str]] = ()) -> LatencyTable:
-        """The models as placement sees them now; ``classes`` (model, accelerator) get at least a prior."""
-        for model, accelerator in classes:
+    def table(self, now: float, nodes: Iterable[tuple[str, str, str]] = ()) -> LatencyTable:
+        """The models as placement sees them now. ``nodes`` (worker id, model, accelerator): the
+        cluster's; their classes get at least a prior, and the speed of a node no longer among them
+        is forgotten."""
+        present = set()
+        for worker_id, model, accelerator in nodes:
+            present.add(worker_id)
             if class_key(model, accelerator) not in self._classes:
                 self._class(model, accelerator)
         if self._changed and now - self._published_at >= self._interval:
+            if present:
+                for gone in self._nodes.keys() - present:
+                    del self._nodes[gone]
+            classes = {
+                k: ClassLatency(LinearModel(c.prefill.coef()), LinearModel(c.decode.coef()))
+                for k, c in self._classes.items()
+            }
+            self._factors = self._speed_factors()
             self._table = LatencyTable(
-                classes={
-                    k: ClassLatency(LinearModel(c.prefill.coef()), LinearModel(c.decode.coef()))
-                    for k, c in self._classes.items()
-                },
+                classes=classes,
+                nodes={w: scaled(classes[self._nodes[w].cls], *f) for w, f in self._factors.items()},
                 handoffs={k: LinearModel(r.coef()) for k, r in self._links.items()},
                 adapter_load_s={k: c.adapter_load_s for k, c in self._classes.items() if c.loads},
                 tpot_margin={k: c.tpot_margin for k, c in self._classes.items() if c.tpot_margin > 0},
@@ -207,7 +282,43 @@ class LatencyLearner:
         """The TPOT margin of every node class seen (0: its predictions hold), as learnt now."""
         return {k: c.tpot_margin for k, c in self._classes.items()}
 
+    def speed_factors(self) -> dict[str, tuple[float, float]]:
+        """Each observed node's (prefill, decode) speed factors as last published (> 1: slower than
+        its class's median node)."""
+        return dict(self._factors)
+
     # ------------------------------------------------------------------ internals
+
+    def _node(self, worker_id: str, model: str, accelerator: str) -> _NodeSpeed:
+        found = self._nodes.get(worker_id)
+        if found is None:
+            found = self._nodes[worker_id] = _NodeSpeed(class_key(model, accelerator))
+        return found
+
+    def _speed_factors(self) -> dict[str, tuple[float, float]]:
+        """Each observed node's time ratios relative to the median node of its class (prefills and
+        decode steps apart: a class's nodes may each do mostly one of them). A node with no
+        observations of one kind takes its factor of the other: a degraded part is slow at both."""
+        medians: dict[tuple[str, str], float] = {}
+        for kind in ("prefill", "decode"):
+            by_class: dict[str, list[float]] = {}
+            for node in self._nodes.values():
+                ratio = getattr(node, kind)
+                if ratio.seen:
+                    by_class.setdefault(node.cls, []).append(ratio.log_ratio)
+            medians.update({(k, kind): statistics.median(v) for k, v in by_class.items()})
+        out = {}
+        for worker_id, node in self._nodes.items():
+            logs = {
+                kind: ratio.shrunk(medians[node.cls, kind])
+                for kind in ("prefill", "decode")
+                if (ratio := getattr(node, kind)).seen
+            }
+            if logs and node.cls in self._classes:
+                p = logs.get("prefill", logs.get("decode", 0.0))
+                d = logs.get("decode", p)
+                out[worker_id] = (math.exp(p), math.exp(d))
+        return out
 
     def _class(self, model: str, accelerator: str) -> _Class:
         key = class_key(model, accelerator)

@@ -200,3 +200,45 @@ async def test_the_scheduler_learns_each_workers_decode_step_while_it_decodes(si
     # The modelled engine sleeps at least its modelled step per step (more on a busy machine).
     modelled = CostModel("h100", 2, model_shapes()["llama-3-8b"]).decode_step_ms(1, 100) / 1e3
     assert modelled / 2 < step < 1.0, (step, modelled)
+
+
+async def test_a_degraded_worker_is_learnt_slower_than_its_class(tmp_path: Path) -> None:
+    """Three decode workers of one class, one of them at a quarter of its speed (placement is not
+    told): from what each decodes, the scheduler learns that one's own speed (``/v1/cluster``) rather
+    than taking the whole class for slow, and gives it less to decode."""
+    cluster = _start(tmp_path, decode=3, kv_mode="p2p", per_worker_args={"decode-2": ["--sim-slowdown", "4"]})
+    try:
+
+        def factors() -> dict[str, float]:
+            return {
+                w: s["speed_factor"]["decode"]
+                for w, s in _workers(cluster).items()
+                if s["role"] == "decode" and s["speed_factor"]
+            }
+
+        def learnt() -> bool:
+            f = factors()
+            if len(f) < 3 or not all(0.9 < f[w] < 1.1 for w in ("decode-0", "decode-1")):
+                return False
+            decoded = {w: s["load"]["decoded_tokens"] for w, s in _workers(cluster).items()}
+            healthy = min(decoded["decode-0"], decoded["decode-1"])
+            return f["decode-2"] > 1.05 and decoded["decode-2"] < healthy / 2
+
+        body = {"prompt": "keep decoding", "max_tokens": 300, "ignore_eos": True, "temperature": 0.0}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+            running: set[asyncio.Task] = set()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            try:
+                while not await asyncio.to_thread(learnt):
+                    assert loop.time() < deadline, f"not learnt within 60 s: {_workers(cluster)}"
+                    running = {t for t in running if not t.done()}
+                    while len(running) < 12:  # every worker keeps decoding, and placements keep coming
+                        running.add(asyncio.create_task(complete(s, cluster.url, **body)))
+                    await asyncio.sleep(0.5)
+            finally:
+                for t in running:
+                    t.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+    finally:
+        cluster.stop()

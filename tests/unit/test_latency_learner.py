@@ -200,3 +200,62 @@ def test_the_tpot_margin_settles_at_the_miss_target_and_vanishes_while_predictio
     assert learner.table(now=5.0).tpot_margin[key] == pytest.approx(
         50 * TPOT_MARGIN_STEP * (1 - TPOT_MISS_TARGET)
     )
+
+
+def _decode_rounds(
+    learner: LatencyLearner, cost: CostModel, slowdowns: dict[str, float], rounds: int, t0: float = 0.0
+) -> None:
+    """Every node of one A100 class reports a decode observation per round (published between
+    rounds, as placement does once a second); ``slowdowns``: each node's time over the class's."""
+    rng = random.Random(9)
+    for r in range(rounds):
+        for worker, slow in slowdowns.items():
+            batch = rng.uniform(1, 150)
+            context = batch * rng.uniform(500, 3000)
+            steps = rng.randrange(50, 400)
+            seconds = slow * steps * cost.decode_step_ms(batch, context) / 1e3
+            learner.observe_decode(
+                DecodeSample(MODEL, "a100", steps, batch, context, 0, seconds, worker_id=worker)
+            )
+        learner.table(now=t0 + r, nodes=[(w, MODEL, "a100") for w in slowdowns])
+
+
+def test_a_slow_node_gets_its_own_speed_and_leaves_its_class_model_alone() -> None:
+    """One A100 instance of four takes twice as long (a throttled part): placement sees it 2x slower,
+    and the class's model (the other three, and any new node) keeps the healthy step time."""
+    cost = CostModel("a100", 4)
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
+    nodes = {"a": 1.0, "b": 1.0, "c": 1.0, "slow": 2.0}
+    _decode_rounds(learner, cost, nodes, 300)
+    factors = learner.speed_factors()
+    assert factors["slow"] == pytest.approx((2.0, 2.0), rel=0.05)
+    assert all(factors[w] == pytest.approx((1.0, 1.0), rel=0.05) for w in "abc")
+    table = learner.table(now=1e9)
+    want = cost.decode_step_ms(60, 60 * 2000) / 1e3
+    assert table.classes[class_key(MODEL, "a100")].decode.predict(decode_x(60, 60 * 2000)) == pytest.approx(
+        want, rel=0.05
+    )
+    assert table.nodes["slow"].decode.predict(decode_x(60, 60 * 2000)) == pytest.approx(2 * want, rel=0.08)
+    assert table.nodes["a"].decode.predict(decode_x(60, 60 * 2000)) == pytest.approx(want, rel=0.08)
+
+
+def test_a_class_of_equally_slow_nodes_is_a_slow_class_not_slow_nodes() -> None:
+    cost = CostModel("a100", 4)
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
+    _decode_rounds(learner, cost, {"a": 1.5, "b": 1.5, "c": 1.5}, 300)
+    assert all(f == pytest.approx((1.0, 1.0), rel=0.05) for f in learner.speed_factors().values())
+    model = learner.table(now=1e9).classes[class_key(MODEL, "a100")].decode
+    want = 1.5 * cost.decode_step_ms(60, 60 * 2000) / 1e3
+    assert model.predict(decode_x(60, 60 * 2000)) == pytest.approx(want, rel=0.05)
+
+
+def test_a_node_that_recovers_is_seen_at_its_class_speed_again_and_a_gone_one_is_forgotten() -> None:
+    cost = CostModel("a100", 4)
+    learner = LatencyLearner(default_accelerators(), publish_interval_s=0.0)
+    _decode_rounds(learner, cost, {"a": 1.0, "b": 1.0, "c": 3.0}, 200)
+    assert learner.speed_factors()["c"][1] > 2.5
+    _decode_rounds(learner, cost, {"a": 1.0, "b": 1.0, "c": 1.0}, 60, t0=200)  # its window and more
+    assert learner.speed_factors()["c"][1] == pytest.approx(1.0, rel=0.1)
+    learner.observe_decode(DecodeSample(MODEL, "a100", 10, 5, 5000, 0, 1.0, worker_id="a"))  # something new
+    assert "c" not in learner.table(now=1e9, nodes=[("a", MODEL, "a100"), ("b", MODEL, "a100")]).nodes
+    assert "c" not in learner.speed_factors()

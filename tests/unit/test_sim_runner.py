@@ -133,6 +133,9 @@ def test_chunk_size_follows_the_tpot_slo() -> None:
         (["x:h100"], [], "bad pool"),
         (["2:tpu"], [], "unknown accelerator"),
         ([], [], "no instances"),
+        ([], ["1:a100@0"], "bad pool"),
+        ([], ["1:a100@slow"], "bad pool"),
+        ([], ["1:a100@nan"], "bad pool"),
     ],
 )
 def test_bad_cluster(prefill: list[str], decode: list[str], fragment: str) -> None:
@@ -146,6 +149,16 @@ def test_cluster_description_and_colocation() -> None:
     assert c.gpus == 2 * 8 + 3 * 4
     assert {i.role for i in c.colocated().instances} == {Role.BOTH}
     assert "2x prefill h100x8" in c.describe() and "(28 GPUs)" in c.describe()
+
+
+def test_a_degraded_instance_takes_longer_at_everything() -> None:
+    c = parse_cluster([], ["1:a100x4", "1:a100x4@2.5"])
+    assert [i.slowdown for i in c.instances] == [1.0, 2.5]
+    assert "1x decode a100x4 (2.5x slower)" in c.describe()
+    healthy, slow = CostModel("a100", 4), CostModel("a100", 4, slowdown=2.5)
+    assert slow.prefill_ms(0, 1000) == pytest.approx(2.5 * healthy.prefill_ms(0, 1000))
+    assert slow.decode_step_ms(30, 30_000) == pytest.approx(2.5 * healthy.decode_step_ms(30, 30_000))
+    assert slow.kv_capacity_tokens == healthy.kv_capacity_tokens
 
 
 def test_trace_loaders(tmp_path: Path) -> None:

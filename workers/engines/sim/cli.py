@@ -31,6 +31,12 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         help="multiplies modeled durations; 0.1 = 10x faster; 0 = no modeled time (a zero-cost engine)",
     )
     group.add_argument(
+        "--sim-slowdown",
+        type=float,
+        default=1.0,
+        help="every modeled compute duration times this: a degraded instance of its class (2 = half speed)",
+    )
+    group.add_argument(
         "--sim-kv-link-gbytes-per-s", type=float, default=25.0, help="modeled KV link bandwidth per worker"
     )
     group.add_argument("--sim-num-blocks", type=int, default=0, help="KV blocks; 0 = from device memory")
@@ -62,6 +68,7 @@ def build(args: argparse.Namespace, kv_sender: KvSender | None, kv_receiver: KvR
         tp=args.sim_tp,
         model_name=args.model,
         time_scale=args.sim_time_scale,
+        slowdown=args.sim_slowdown,
         kv_link_gbytes_per_s=args.sim_kv_link_gbytes_per_s,
         max_batch=args.max_batch,
         chunk_tokens=args.max_prefill_tokens,

@@ -33,6 +33,9 @@ class SimEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     tp: int = 2
     model_name: str = ""  # the name served to clients; "" = ``model``
     time_scale: float = 1.0
+    # Every modeled compute duration times this: a degraded instance of its class (a throttled or
+    # failing part), for seeing what placement does with one.
+    slowdown: float = 1.0
     kv_link_gbytes_per_s: float = 25.0
     max_batch: int = 256
     chunk_tokens: int = 512
@@ -52,6 +55,7 @@ class SimEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         checks = {
             "time_scale": self.time_scale >= 0 and math.isfinite(self.time_scale),
+            "slowdown": self.slowdown > 0 and math.isfinite(self.slowdown),
             "kv_link_gbytes_per_s": self.kv_link_gbytes_per_s > 0,
             "max_batch": self.max_batch > 0,
             "chunk_tokens": self.chunk_tokens >= 0,

@@ -138,7 +138,13 @@ class CostModel:
         tp: int = 4,
         shape: ModelShape = LLAMA2_70B,
         memory_utilization: float = MEMORY_UTILIZATION,
+        *,
+        slowdown: float = 1.0,
     ) -> None:
+        """``slowdown``: every duration times this (a degraded instance of the class: throttled,
+        a failing part, a noisy neighbour)."""
+        if not (math.isfinite(slowdown) and slowdown > 0):
+            raise PdorchError(ErrorCode.CONFIG, f"slowdown must be a positive number, got {slowdown}")
         classes = accelerator_classes()
         if accelerator not in classes:
             raise PdorchError(
@@ -150,7 +156,7 @@ class CostModel:
         self.accelerator = classes[accelerator]
         self.tp = tp
         self.shape = shape
-        scale = shape.params / REFERENCE_SHAPE.params
+        scale = shape.params / REFERENCE_SHAPE.params * slowdown
         self.a = coeffs.prefill_fixed_ms * scale
         self.b = coeffs.prefill_per_token_ms * scale
         self.kappa = shape.attention_kappa
@@ -158,7 +164,7 @@ class CostModel:
         self.d1 = coeffs.decode_per_seq_ms * scale
         # KV bytes read per context token per device, at effective bandwidth, in ms.
         per_device = shape.kv_bytes_per_token / tp
-        self.d2 = per_device / (self.accelerator.hbm_gbytes_per_s * 1e9 * HBM_EFFICIENCY) * 1e3
+        self.d2 = per_device / (self.accelerator.hbm_gbytes_per_s * 1e9 * HBM_EFFICIENCY) * 1e3 * slowdown
         usable = self.accelerator.memory_gb * 1e9 * tp * memory_utilization - shape.weight_bytes
         if usable <= 0:
             raise PdorchError(

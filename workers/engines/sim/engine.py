@@ -54,7 +54,7 @@ class SimulatedEngine:
     ) -> None:
         self.config = cfg = config or SimEngineConfig()
         self._shape = shape_of(cfg.model)
-        self.cost = CostModel(cfg.accelerator, cfg.tp, self._shape)
+        self.cost = CostModel(cfg.accelerator, cfg.tp, self._shape, slowdown=cfg.slowdown)
         num_blocks = cfg.num_blocks or self.cost.kv_capacity_tokens // cfg.block_size
         context = cfg.max_model_len or model_context_lengths()[cfg.model]
         self.max_model_len = min(context, num_blocks * cfg.block_size)
