@@ -136,6 +136,14 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
         "worker",
         cluster.ledger.decode_steps,
     )
+    for i, kind in enumerate(("prefill", "decode")):
+        metrics.bind_levels(
+            f"pdorch_worker_{kind}_speed_factor",
+            f"How long each worker's {kind} takes against its node class's typical worker, as placement "
+            "has learnt it (above 1: slower; a degraded GPU shows here)",
+            "worker",
+            lambda i=i: {w: f[i] for w, f in latency.speed_factors().items()},
+        )
     app[PLANNER] = Planner(
         cluster,
         cluster.ledger,

@@ -240,5 +240,8 @@ async def test_a_degraded_worker_is_learnt_slower_than_its_class(tmp_path: Path)
                 for t in running:
                     t.cancel()
                 await asyncio.gather(*running, return_exceptions=True)
+            # Exported for alerts too.
+            slow = await metric(s, cluster.url, "pdorch_worker_decode_speed_factor", worker="decode-2")
+            assert slow == pytest.approx(factors()["decode-2"], rel=0.2) and slow > 1.0
     finally:
         cluster.stop()
