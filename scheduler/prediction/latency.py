@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import msgspec
 
@@ -248,18 +248,16 @@ class LatencyLearner:
 
     # ------------------------------------------------------------------ reading
 
-    def table(self, now: float, nodes: Iterable[tuple[str, str, str]] = ()) -> LatencyTable:
+    def table(self, now: float, nodes: Sequence[tuple[str, str, str]] = ()) -> LatencyTable:
         """The models as placement sees them now. ``nodes`` (worker id, model, accelerator): the
         cluster's; their classes get at least a prior, and the speed of a node no longer among them
         is forgotten."""
-        present = set()
-        for worker_id, model, accelerator in nodes:
-            present.add(worker_id)
+        for _, model, accelerator in nodes:
             if class_key(model, accelerator) not in self._classes:
                 self._class(model, accelerator)
         if self._changed and now - self._published_at >= self._interval:
-            if present:
-                for gone in self._nodes.keys() - present:
+            if nodes:
+                for gone in self._nodes.keys() - {worker_id for worker_id, _, _ in nodes}:
                     del self._nodes[gone]
             classes = {
                 k: ClassLatency(LinearModel(c.prefill.coef()), LinearModel(c.decode.coef()))
