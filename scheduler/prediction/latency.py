@@ -26,7 +26,8 @@ miss it: it stays 0 where the predictions hold and grows where the batches run a
 A node can be slower or faster than its class's typical node (a throttled or degraded GPU, a noisy
 neighbour): each prefill and decode observation also compares the node's time with what its class's
 published models predicted, and the node's **speed factor** is the geometric mean of those ratios
-over its last ``NODE_WINDOW`` observations, relative to the median node of its class. Placement
+over its last ``NODE_WINDOW`` observations, relative to the median node of its class (and pulled
+towards it while the node has been seen only a few times: early ratios say little). Placement
 predicts each node with its class's models scaled by its factor, and the class's models learn from
 observations divided by it, so one straggler neither looks like its class nor slows its class's
 models (which would move every request off the class's healthy nodes).
