@@ -218,11 +218,12 @@ async def test_a_degraded_worker_is_learnt_slower_than_its_class(tmp_path: Path)
 
         def learnt() -> bool:
             f = factors()
-            if len(f) < 3 or not all(0.9 < f[w] < 1.1 for w in ("decode-0", "decode-1")):
+            if len(f) < 3:
                 return False
             decoded = {w: s["load"]["decoded_tokens"] for w, s in _workers(cluster).items()}
             healthy = min(decoded["decode-0"], decoded["decode-1"])
-            return f["decode-2"] > 1.05 and decoded["decode-2"] < healthy / 2
+            slower = f["decode-2"] > 1.05 * max(f["decode-0"], f["decode-1"])
+            return slower and decoded["decode-2"] < healthy / 2
 
         body = {"prompt": "keep decoding", "max_tokens": 300, "ignore_eos": True, "temperature": 0.0}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
