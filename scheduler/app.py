@@ -50,7 +50,7 @@ from scheduler.metrics import Metrics
 from scheduler.placement.framework import Placer
 from scheduler.planner import Planner
 from scheduler.pool_signals import pool_signals
-from scheduler.prediction.latency import LatencyLearner
+from scheduler.prediction.latency import SPEED_KINDS, LatencyLearner
 from scheduler.prediction.output_length import OutputLengthPredictor
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport import sockets
@@ -136,7 +136,7 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
         "worker",
         cluster.ledger.decode_steps,
     )
-    for i, kind in enumerate(("prefill", "decode")):
+    for i, kind in enumerate(SPEED_KINDS):
         metrics.bind_levels(
             f"pdorch_worker_{kind}_speed_factor",
             f"How long each worker's {kind} takes against its node class's typical worker, as placement "

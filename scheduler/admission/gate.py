@@ -124,7 +124,10 @@ class AdmissionGate:
     def _pump(self) -> None:
         while True:
             head = self._queue.peek()
-            if head is None or not self._slot_free(round(head.cost)):
+            if head is None:
+                return
+            cost = round(head.cost)  # the queue keeps it as a float
+            if not self._slot_free(cost):
                 return
             fut, check = self._waiters[head.ticket]
             if fut.done():  # abandoned between wake-ups
@@ -142,7 +145,7 @@ class AdmissionGate:
                 return
             self._queue.pop()
             del self._waiters[head.ticket]
-            fut.set_result(self._grant(head.tenant, head.priority, self._clock(), grant, round(head.cost)))
+            fut.set_result(self._grant(head.tenant, head.priority, self._clock(), grant, cost))
 
     def _abandon(self, ticket: int, fut: asyncio.Future[Ticket]) -> None:
         self._waiters.pop(ticket, None)

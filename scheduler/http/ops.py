@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, KUBERNETES, METRICS, PLANNER
 from scheduler.node_view import kv_refusing
+from scheduler.prediction.latency import SPEED_KINDS
 from transport.messages import Role
 
 
@@ -70,7 +71,7 @@ async def cluster(request: web.Request) -> web.Response:
                 "labels": h.labels,
                 # How long its prefills and decode steps take against its class's typical node, as
                 # placement has learnt it (absent until it has been seen working).
-                "speed_factor": dict(zip(("prefill", "decode"), speeds[h.worker_id], strict=True))
+                "speed_factor": dict(zip(SPEED_KINDS, speeds[h.worker_id], strict=True))
                 if h.worker_id in speeds
                 else None,
             }

@@ -156,6 +156,10 @@ class _Ratio:
         return (self.log_ratio - reference) * self.seen / (self.seen + NODE_WINDOW)
 
 
+# What a node's speed is learnt from, in the order of its factors.
+SPEED_KINDS = ("prefill", "decode")
+
+
 class _NodeSpeed:
     __slots__ = ("cls", "decode", "prefill")
 
@@ -163,6 +167,10 @@ class _NodeSpeed:
         self.cls = cls
         self.prefill = _Ratio()
         self.decode = _Ratio()
+
+    @property
+    def ratios(self) -> tuple[_Ratio, _Ratio]:
+        return self.prefill, self.decode  # as SPEED_KINDS
 
 
 class _Class:
@@ -298,25 +306,18 @@ class LatencyLearner:
         """Each observed node's time ratios relative to the median node of its class (prefills and
         decode steps apart: a class's nodes may each do mostly one of them). A node with no
         observations of one kind takes its factor of the other: a degraded part is slow at both."""
-        medians: dict[tuple[str, str], float] = {}
-        for kind in ("prefill", "decode"):
-            by_class: dict[str, list[float]] = {}
-            for node in self._nodes.values():
-                ratio = getattr(node, kind)
+        samples: dict[tuple[str, int], list[float]] = {}
+        for node in self._nodes.values():
+            for i, ratio in enumerate(node.ratios):
                 if ratio.seen:
-                    by_class.setdefault(node.cls, []).append(ratio.log_ratio)
-            medians.update({(k, kind): statistics.median(v) for k, v in by_class.items()})
+                    samples.setdefault((node.cls, i), []).append(ratio.log_ratio)
+        medians = {key: statistics.median(logs) for key, logs in samples.items()}
         out = {}
         for worker_id, node in self._nodes.items():
-            logs = {
-                kind: ratio.shrunk(medians[node.cls, kind])
-                for kind in ("prefill", "decode")
-                if (ratio := getattr(node, kind)).seen
-            }
-            if logs and node.cls in self._classes:
-                p = logs.get("prefill", logs.get("decode", 0.0))
-                d = logs.get("decode", p)
-                out[worker_id] = (math.exp(p), math.exp(d))
+            p, d = (r.shrunk(medians[node.cls, i]) if r.seen else None for i, r in enumerate(node.ratios))
+            if p is not None or d is not None:
+                p = d if p is None else p
+                out[worker_id] = (math.exp(p), math.exp(p if d is None else d))
         return out
 
     def _class(self, model: str, accelerator: str) -> _Class:

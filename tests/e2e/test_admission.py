@@ -15,13 +15,18 @@ from tests.e2e.helpers import MODEL, complete, eventually
 pytestmark = pytest.mark.e2e
 
 
+def _cluster(tmp_path, monkeypatch, env: dict[str, str], **spec: object) -> Iterator[LocalCluster]:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    c = start_cluster(tmp_path, **spec)
+    yield c
+    c.stop()
+
+
 @pytest.fixture
 def tight(tmp_path, monkeypatch) -> Iterator[LocalCluster]:
     # One request in flight, one waiting; anything more is refused at once.
-    monkeypatch.setenv("PDORCH_ADMISSION", "{max_inflight: 1, max_queued: 1}")
-    c = start_cluster(tmp_path)
-    yield c
-    c.stop()
+    yield from _cluster(tmp_path, monkeypatch, {"PDORCH_ADMISSION": "{max_inflight: 1, max_queued: 1}"})
 
 
 async def test_queue_full_is_429_and_waiters_are_served(tight: LocalCluster) -> None:
@@ -44,10 +49,7 @@ async def test_queue_full_is_429_and_waiters_are_served(tight: LocalCluster) -> 
 
 @pytest.fixture
 def three_sequences(tmp_path, monkeypatch) -> Iterator[LocalCluster]:
-    monkeypatch.setenv("PDORCH_ADMISSION", "{max_inflight: 3, max_queued: 1}")
-    c = start_cluster(tmp_path)
-    yield c
-    c.stop()
+    yield from _cluster(tmp_path, monkeypatch, {"PDORCH_ADMISSION": "{max_inflight: 3, max_queued: 1}"})
 
 
 async def test_a_requests_choices_count_as_its_sequences(three_sequences: LocalCluster) -> None:
@@ -69,10 +71,9 @@ async def test_a_requests_choices_count_as_its_sequences(three_sequences: LocalC
 
 @pytest.fixture
 def small_kv(tmp_path, monkeypatch) -> Iterator[LocalCluster]:
-    monkeypatch.setenv("PDORCH_QUEUE_TIMEOUT_S", "5")
-    c = start_cluster(tmp_path, worker_args=["--num-blocks", "64"])
-    yield c
-    c.stop()
+    yield from _cluster(
+        tmp_path, monkeypatch, {"PDORCH_QUEUE_TIMEOUT_S": "5"}, worker_args=["--num-blocks", "64"]
+    )
 
 
 async def test_more_choices_than_a_node_holds_at_once_are_served(small_kv: LocalCluster) -> None:
