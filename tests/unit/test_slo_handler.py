@@ -22,7 +22,14 @@ import pytest
 
 from scheduler.placement.config import PlacementConfig, PluginSpec, ProfileConfig
 from scheduler.placement.framework import Placer
-from scheduler.placement.latency_model import ClassLatency, LatencyTable, LinearModel, class_key, link_key
+from scheduler.placement.latency_model import (
+    ClassLatency,
+    LatencyTable,
+    LinearModel,
+    class_key,
+    link_key,
+    scaled,
+)
 from scheduler.placement.types import ClusterSnapshot, NodeView, PlacementRequest
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role
@@ -282,6 +289,25 @@ def test_joint_choice(
         return
     placement = placer(**params).place(snapshot, request(**req))
     assert (placement.prefill, placement.decode) == expected
+
+
+def test_whether_a_request_can_wait_is_judged_on_the_class_not_on_its_first_node() -> None:
+    # The first A100 is a straggler (its decode steps 10x the class's: 405 ms at batch 1, never
+    # within 100 ms), the other prefills all the time. Neither meets the objectives now; the typical
+    # A100, idle, would: wait for it rather than be served late on either.
+    slow = scaled(TABLE.classes[class_key(M, "a100")], 1.0, 10.0)
+    table = msgspec.structs.replace(TABLE, nodes={"slow": slow})
+    nodes = (p(), d("slow"), d("busy", prefilling_tokens_per_s=2000.0))
+    with pytest.raises(PdorchError) as info:
+        placer(fallback=False, colocate=False).place(ClusterSnapshot(nodes, table), request())
+    assert info.value.code is ErrorCode.NO_WORKER
+    assert "waiting" in info.value.message
+    # The class itself that slow (what the learner makes of a class whose nodes are all slow):
+    # nothing would ever meet the objectives, so it is served late.
+    classes = {**TABLE.classes, class_key(M, "a100"): table.nodes["slow"]}
+    everyone = msgspec.structs.replace(TABLE, classes=classes)
+    placement = placer(fallback=False, colocate=False).place(ClusterSnapshot(nodes, everyone), request())
+    assert placement.prefill == "p"
 
 
 def test_the_placement_carries_its_predictions() -> None:

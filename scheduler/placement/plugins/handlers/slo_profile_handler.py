@@ -200,6 +200,9 @@ def _feasible_when_idle(
             (n.role, n.accelerator),
             msgspec.structs.replace(
                 n,
+                # A name no node has: judged on the class's typical node, not on this one's own
+                # speed (a straggler listed first would make the whole class look infeasible).
+                worker_id=f"idle {n.role.value} {n.accelerator}",
                 prefill_wait_s=0.0,
                 decode_batch=0,
                 decode_context_tokens=0,
