@@ -512,9 +512,12 @@ async def _stream(
     per_token = job.return_token_ids or job.greq.sampling.logprobs >= 0
     started: set[int] = set()  # choices whose first chunk (role, echo) went out
 
+    finished: set[int] = set()  # choices whose finish chunk went out (or waits for [DONE])
+
     def events(item: Item) -> list[dict[str, Any]]:
         """What one item sends: each piece as soon as it exists (with its token ids, when asked
-        for them); the finish reason in a last chunk of its own, as vLLM and OpenAI send it."""
+        for them); the finish reason in a last chunk of its own, as vLLM and OpenAI send it, with
+        the choice's last piece (the same batch of tokens ends it)."""
         c, delta = item
         out = []
         if c.index not in started:
@@ -524,18 +527,28 @@ async def _stream(
             if job.echo:
                 out.append(chunk(c, delta or "", None, echo=True))
                 delta = ""
-        if delta is None:
-            out.append(chunk(c, "", c.progress.finish_reason))
-        elif delta or (per_token and len(c.progress.token_ids) > c.progress.sent_ids):
+        if delta is not None and (delta or (per_token and len(c.progress.token_ids) > c.progress.sent_ids)):
             out.append(chunk(c, delta, None))
+        if c.index not in finished and (delta is None or c.progress.finish_reason is not None):
+            finished.add(c.index)
+            out.append(chunk(c, "", c.progress.finish_reason))
         return out
 
+    # The events that end the last choice go out with [DONE] and the end of the response: one
+    # write where there were three (its last tokens, its finish chunk, the end).
     tail: list[dict[str, Any]] = []
     progress = all_choices[0].progress
     try:
-        await sse.send_events(resp, *events(first))
+        sent = events(first)
+        if len(finished) == len(all_choices):
+            tail += sent
+        else:
+            await sse.send_events(resp, *sent)  # and the headers, even with nothing to say yet
         async for item in items:
-            if sent := events(item):
+            sent = events(item)
+            if len(finished) == len(all_choices):
+                tail += sent
+            elif sent:
                 await sse.send_events(resp, *sent)
         if job.include_usage:
             usage = _envelope(job, chunk=True)

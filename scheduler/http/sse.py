@@ -10,8 +10,14 @@ from aiohttp import web
 _ENCODE = msgspec.json.Encoder().encode
 
 
+class _EventStream(web.StreamResponse):
+    # The headers go out with the first events, in one write (aiohttp sends a StreamResponse's at
+    # prepare by default): each write is a send on the socket, the dearest part of a short stream.
+    _send_headers_immediately = False
+
+
 async def open_stream(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(
+    resp = _EventStream(
         status=200,
         headers={
             "Content-Type": "text/event-stream",
