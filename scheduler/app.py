@@ -105,9 +105,18 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
     metrics.bind_gauge("pdorch_workers_dropped", "Workers dropped since start", lambda: cluster.dropped_total)
     metrics.watch_placement(placer)
     connections = ConnectionLimits(
-        cfg.http.max_connections_per_client, cfg.http.max_connections, cfg.http.header_timeout_s
+        cfg.http.max_connections_per_client,
+        cfg.http.max_connections,
+        cfg.http.header_timeout_s,
+        cfg.http.write_stall_timeout_s,
     )
     metrics.bind_gauge("pdorch_http_connections", "Open HTTP connections", lambda: connections.open)
+    metrics.bind_gauge(
+        "pdorch_http_stalled_connections",
+        "HTTP connections aborted since start because their client read nothing of the answer for "
+        "http.write_stall_timeout_s",
+        lambda: connections.stalled,
+    )
     metrics.bind_counts(
         "pdorch_http_connections_refused",
         "HTTP connections refused at once: per_client (too many from one address) or total",

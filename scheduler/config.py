@@ -36,6 +36,9 @@ class HttpLimits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idle_timeout_s: float = 620.0
     # A request's body must arrive within this of its headers (else 408).
     body_timeout_s: float = 30.0
+    # A client that reads nothing of its answer for this long (the connection's buffers full) has
+    # its connection aborted, and its request ends as if it had hung up (nginx's send_timeout).
+    write_stall_timeout_s: float = 60.0
     # Open connections from one client address (0: no limit; behind a proxy every client has its
     # address, so raise it there or limit at the proxy).
     max_connections_per_client: int = 256
@@ -148,7 +151,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def _check_http(self) -> None:
         http = self.http
-        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s", "write_stall_timeout_s"):
             _check(getattr(http, name) > 0, f"http.{name}", "must be > 0")
         _check(http.max_connections_per_client >= 0, "http.max_connections_per_client", "must be >= 0")
         _check(http.max_connections >= 1, "http.max_connections", "must be >= 1")

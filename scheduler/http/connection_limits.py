@@ -17,11 +17,19 @@ closed by aiohttp after its keep-alive timeout (``http.idle_timeout_s``), which 
 needs to be longer than its own idle timeout for upstream connections (else it may send a request
 on a connection the server is closing). :func:`request_heads` tells a connection when its
 request's head has been parsed and when the request is done.
+
+A third bounds a client that stops reading its answer (nginx's ``send_timeout``): once the
+connection's send buffers are full its writes pause, and if the client then reads nothing for
+``write_stall_timeout_s`` the connection is aborted (what is buffered for it is dropped), so the
+request ends as if the client had hung up and gives back what it holds, rather than holding them
+for as long as the client keeps the connection open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import cast
@@ -57,9 +65,13 @@ _ANSWERS = {
 
 
 class ConnectionLimits:
-    def __init__(self, per_client: int, total: int, header_timeout_s: float) -> None:
+    def __init__(
+        self, per_client: int, total: int, header_timeout_s: float, write_stall_timeout_s: float
+    ) -> None:
         """``per_client`` 0: no limit per address."""
         self.header_timeout_s = header_timeout_s
+        self.write_stall_timeout_s = write_stall_timeout_s
+        self.stalled = 0  # connections aborted because their client stopped reading
         self._per_client = per_client
         self._total = total
         self._by_client: Counter[str] = Counter()
@@ -104,6 +116,8 @@ class _Guarded(asyncio.Protocol):
         self._head_since: float | None = None
         self._in_request = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None  # set while writing is paused
+        self._stall_mark = 0  # what the client had taken (``_delivered``) when the stall timer was set
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -134,6 +148,7 @@ class _Guarded(asyncio.Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        self._writing_resumed()
         if self._inner is not None:
             self._limits._release(self._client)
             self._inner.connection_lost(exc)
@@ -178,11 +193,57 @@ class _Guarded(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._inner is not None:
+            if self._stall_timer is None:
+                self._watch_stall()
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._writing_resumed()
         if self._inner is not None:
             self._inner.resume_writing()
+
+    def _writing_resumed(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _watch_stall(self) -> None:
+        """Look again after the stall timeout at how much the client has taken."""
+        self._stall_mark = _delivered(cast(asyncio.Transport, self._transport))
+        loop = asyncio.get_running_loop()
+        self._stall_timer = loop.call_later(self._limits.write_stall_timeout_s, self._stall_check)
+
+    def _stall_check(self) -> None:
+        self._stall_timer = None
+        if self._transport is None or self._transport.is_closing():
+            return
+        transport = cast(asyncio.Transport, self._transport)
+        if _delivered(transport) > self._stall_mark:
+            self._watch_stall()  # slow, but reading
+            return
+        # A close would wait for the buffered bytes to go out, which they never will.
+        self._limits.stalled += 1
+        transport.abort()
+
+
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 at this offset (Linux >= 4.1).
+_TCP_INFO_BYTES_ACKED = 120
+
+
+def _delivered(transport: asyncio.Transport) -> int:
+    """A count that grows when the client takes bytes of its answer: the bytes its TCP stack
+    acknowledged (the kernel's own buffers fill long before a stalled client shows in what is
+    still queued here; a zero-window probe's answer acknowledges nothing), else, where that is not
+    to be had, what is still queued here, negated (nothing is added to it while writing is paused)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and hasattr(socket, "TCP_INFO"):
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES_ACKED + 8)
+            if len(info) >= _TCP_INFO_BYTES_ACKED + 8:
+                return int(struct.unpack_from("=Q", info, _TCP_INFO_BYTES_ACKED)[0])
+        except OSError:
+            pass
+    return -transport.get_write_buffer_size()
 
 
 @web.middleware

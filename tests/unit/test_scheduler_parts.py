@@ -117,6 +117,7 @@ def test_security_comes_from_the_file_then_the_environment(tmp_path) -> None:
         ),
         ("http: {header_timeout_s: 0}\n", "'http.header_timeout_s'"),
         ("http: {idle_timeout_s: -1}\n", "'http.idle_timeout_s'"),
+        ("http: {write_stall_timeout_s: 0}\n", "'http.write_stall_timeout_s'"),
         ("http: {max_json_depth: 2}\n", "'http.max_json_depth'"),
         ("http: {max_connections_per_client: -1}\n", "'http.max_connections_per_client'"),
         ("http: {keepalive: 1}\n", "keepalive"),
