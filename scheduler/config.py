@@ -36,8 +36,9 @@ class HttpLimits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idle_timeout_s: float = 620.0
     # A request's body must arrive within this of its headers (else 408).
     body_timeout_s: float = 30.0
-    # A client that reads nothing of its answer for this long (the connection's buffers full) has
-    # its connection aborted, and its request ends as if it had hung up (nginx's send_timeout).
+    # A client that takes less than 16 KiB of its answer in this long (the connection's buffers
+    # full) has its connection aborted, and its request ends as if it had hung up (nginx's
+    # send_timeout, with a minimum rate).
     write_stall_timeout_s: float = 60.0
     # Open connections from one client address (0: no limit; behind a proxy every client has its
     # address, so raise it there or limit at the proxy).

@@ -19,10 +19,11 @@ on a connection the server is closing). :func:`request_heads` tells a connection
 request's head has been parsed and when the request is done.
 
 A third bounds a client that stops reading its answer (nginx's ``send_timeout``): once the
-connection's send buffers are full its writes pause, and if the client then reads nothing for
-``write_stall_timeout_s`` the connection is aborted (what is buffered for it is dropped), so the
-request ends as if the client had hung up and gives back what it holds, rather than holding them
-for as long as the client keeps the connection open.
+connection's send buffers are full its writes pause, and if the client then takes less than
+``_MIN_TAKEN`` bytes in ``write_stall_timeout_s`` (nothing, or a trickle meant to hold the
+connection) the connection is aborted (what is buffered for it is dropped), so the request ends as
+if the client had hung up and gives back what it holds, rather than holding them for as long as
+the client keeps the connection open.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from aiohttp import web
 _PER_CLIENT = "per_client"
 _TOTAL = "total"
 _REFUSED_LINGER_S = 0.25
+# What a client whose answer waits for it must take per stall timeout (16 KiB a minute at the
+# default: ~270 bytes/s, far below any real link, far above a trickle of a byte now and then).
+_MIN_TAKEN = 16 << 10
 _MAX_LINGERING = 64
 
 
@@ -218,7 +222,7 @@ class _Guarded(asyncio.Protocol):
         if self._transport is None or self._transport.is_closing():
             return
         transport = cast(asyncio.Transport, self._transport)
-        if _delivered(transport) > self._stall_mark:
+        if _delivered(transport) >= self._stall_mark + _MIN_TAKEN:
             self._watch_stall()  # slow, but reading
             return
         # A close would wait for the buffered bytes to go out, which they never will.

@@ -1,7 +1,7 @@
 """A client that stops reading its answer: once its connection's buffers are full and it has read
-nothing for ``http.write_stall_timeout_s``, the connection is aborted and the handler's pending
-write fails as if the client had hung up (so a stream's request ends and gives back what it
-holds). A slow client that keeps reading is not cut. The connection limits in front are the
+nothing (or a mere trickle) for ``http.write_stall_timeout_s``, the connection is aborted and the
+handler's pending write fails as if the client had hung up (so a stream's request ends and gives
+back what it holds). A slow client that keeps reading is not cut. The connection limits in front are the
 scheduler's own (``ConnectionLimits``), serving a small aiohttp app in this process, on the
 scheduler's event loop (uvloop) and on asyncio's."""
 
@@ -100,6 +100,23 @@ async def _stops_reading() -> None:
             sock.close()
 
 
+async def _trickles() -> None:
+    # ~10 KB/s: reading, but less than the 16 KiB per stall timeout a client must take.
+    async with _served() as served:
+        sock = _client(served.port, mib=256)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STALL_S * 10 + 10
+        try:
+            while not served.outcomes:
+                assert loop.time() < deadline, "the trickling client was not cut"
+                with contextlib.suppress(BlockingIOError, ConnectionResetError):
+                    sock.recv(1024)
+                await asyncio.sleep(0.1)
+            assert served.outcomes == ["reset"] and served.limits.stalled == 1
+        finally:
+            sock.close()
+
+
 async def _reads_slowly() -> None:
     # ~400 KB/s through the small window: each 1 MiB write keeps writing paused for ~2.5 s, longer
     # than the stall timeout, while the client reads all along.
@@ -126,6 +143,12 @@ async def _reads_slowly() -> None:
 def test_a_client_that_stops_reading_is_cut_at_the_stall_timeout(loop: str) -> None:
     run: Callable[[Awaitable[None]], None] = LOOPS[loop]
     run(_stops_reading())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_that_reads_a_trickle_is_cut_too(loop: str) -> None:
+    run: Callable[[Awaitable[None]], None] = LOOPS[loop]
+    run(_trickles())
 
 
 @pytest.mark.parametrize("loop", LOOPS)
