@@ -180,6 +180,11 @@ def document() -> dict[str, Any]:
     _, requests = msgspec.json.schema_components(REQUEST_KINDS, ref_template=_REF)
     for name in requests:
         _optionals_take_null(components[name])
+    # /tokenize takes a prompt or messages, exactly one of them (null is "not given").
+    components[TokenizeRequest.__name__]["oneOf"] = [
+        {"required": [field], "properties": {field: {"not": {"type": "null"}}}}
+        for field in ("prompt", "messages")
+    ]
     for kind in (CompletionRequest, ChatCompletionRequest):
         properties = components[kind.__name__]["properties"]
         for field, neutral in NEUTRAL_EXTENSIONS.items():  # the only values taken (else a 400)

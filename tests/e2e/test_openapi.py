@@ -18,6 +18,7 @@ from scheduler.http.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoraAdapterRequest,
+    TokenizeRequest,
     parse_body,
 )
 from scheduler.http.openapi import document
@@ -101,6 +102,27 @@ def test_the_adapter_requests_document_what_the_server_refuses() -> None:
     load = doc["paths"]["/v1/load_lora_adapter"]["post"]["requestBody"]["content"]["application/json"]
     for path in ("", "/a\x00b", "/" * 4097):
         assert not _validator(load["schema"]).is_valid({"lora_name": "sql", "lora_path": path})
+
+
+def test_the_tokenize_request_documents_its_one_of_prompt_or_messages() -> None:
+    # What the document allows, the server's check takes, and what it refuses, the document refuses.
+    content = document()["paths"]["/tokenize"]["post"]["requestBody"]["content"]["application/json"]
+    validator = _validator(content["schema"])
+    chat = [{"role": "user", "content": "hi"}]
+    for extra, ok in (
+        ({"prompt": "hi"}, True),
+        ({"messages": chat}, True),
+        ({"prompt": "hi", "messages": None}, True),
+        ({"prompt": None, "messages": chat}, True),
+        ({}, False),
+        ({"prompt": None}, False),
+        ({"prompt": None, "messages": None}, False),
+        ({"prompt": "hi", "messages": chat}, False),
+    ):
+        body = {"model": MODEL, **extra}
+        assert validator.is_valid(body) is ok, extra
+        req = parse_body(json.dumps(body).encode(), TokenizeRequest)
+        assert ((req.prompt is None) != (req.messages is None)) is ok, extra
 
 
 def _validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
