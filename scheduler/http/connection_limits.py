@@ -152,7 +152,7 @@ class _Guarded(asyncio.Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        self._writing_resumed()
+        self._stop_stall_watch()
         if self._inner is not None:
             self._limits._release(self._client)
             self._inner.connection_lost(exc)
@@ -202,11 +202,11 @@ class _Guarded(asyncio.Protocol):
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._writing_resumed()
+        self._stop_stall_watch()
         if self._inner is not None:
             self._inner.resume_writing()
 
-    def _writing_resumed(self) -> None:
+    def _stop_stall_watch(self) -> None:
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None

@@ -511,7 +511,6 @@ async def _stream(
     # With token ids or logprobs asked for, every batch of tokens is news, even without text yet.
     per_token = job.return_token_ids or job.greq.sampling.logprobs >= 0
     started: set[int] = set()  # choices whose first chunk (role, echo) went out
-
     finished: set[int] = set()  # choices whose finish chunk went out (or waits for [DONE])
 
     def events(item: Item) -> list[dict[str, Any]]:
@@ -534,22 +533,23 @@ async def _stream(
             out.append(chunk(c, "", c.progress.finish_reason))
         return out
 
-    # The events that end the last choice go out with [DONE] and the end of the response: one
-    # write where there were three (its last tokens, its finish chunk, the end).
     tail: list[dict[str, Any]] = []
+
+    async def send(item: Item, head: bool = False) -> None:
+        """``item``'s events, at once (``head``: the headers with them, even with nothing to say
+        yet); those that end the last choice go out with [DONE] and the end of the response, one
+        write where there were three (its last tokens, its finish chunk, the end)."""
+        sent = events(item)
+        if len(finished) == len(all_choices):
+            tail.extend(sent)
+        elif sent or head:
+            await sse.send_events(resp, *sent)
+
     progress = all_choices[0].progress
     try:
-        sent = events(first)
-        if len(finished) == len(all_choices):
-            tail += sent
-        else:
-            await sse.send_events(resp, *sent)  # and the headers, even with nothing to say yet
+        await send(first, head=True)
         async for item in items:
-            sent = events(item)
-            if len(finished) == len(all_choices):
-                tail += sent
-            elif sent:
-                await sse.send_events(resp, *sent)
+            await send(item)
         if job.include_usage:
             usage = _envelope(job, chunk=True)
             usage["choices"] = []
