@@ -176,6 +176,7 @@ class LocalCluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._args: dict[str, list[str]] = {}
         self._envs: dict[str, dict[str, str]] = {}
+        self._rpc_dirs: list[Path] = []  # the vLLM servers' IPC socket directories, removed on stop
         self.url = f"http://127.0.0.1:{spec.port}"
         self.model_dir = ""  # the Hugging Face directory served, once resolved by start()
         self.control = f"tcp://127.0.0.1:{spec.control_port}"
@@ -258,14 +259,16 @@ class LocalCluster:
     def _start_vllm(self, name: str, role: str) -> list[str]:
         """Start the vLLM server a worker sits beside; returns the worker's engine arguments."""
         # Imported here: only this path needs it (and it never imports vLLM itself).
-        from workers.engines.vllm.launch import vllm_command
+        from workers.engines.vllm.launch import private_rpc_dir, vllm_command
 
         port = free_port()
         handoff = not self.spec.colocated
         kv_bind = f"tcp://127.0.0.1:{free_port()}" if handoff and role in ("decode", "both") else ""
         index = len([n for n in self.procs if n.startswith("vllm-")])
         spec = self.vllm_spec(role, port, kv_bind, index)
-        argv, env = vllm_command(spec, python=self.spec.vllm_python or default_vllm_python())
+        self._rpc_dirs.append(private_rpc_dir())
+        python = self.spec.vllm_python or default_vllm_python()
+        argv, env = vllm_command(spec, python=python, rpc_dir=self._rpc_dirs[-1])
         # Its KV connector is the worker's KV endpoint: it authenticates with the worker's key.
         self.spawn(f"vllm-{name}", argv, {**env, **self.party_env(name)})
         args = [
@@ -373,6 +376,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        for directory in self._rpc_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         try:

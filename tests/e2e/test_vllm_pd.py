@@ -221,6 +221,13 @@ async def test_info_comes_from_the_live_server(cluster: Cluster, engines: Engine
     assert (page.num_blocks, page.block_size) == (info.capacity_blocks, 32)
 
 
+def test_each_server_keeps_its_ipc_sockets_in_its_own_directory(cluster: Cluster) -> None:
+    """Not in the system's temp directory, where vLLM leaves them behind (they go with the
+    directory when the server stops: tests/integration/test_vllm_ipc_dir.py)."""
+    for server in (cluster.prefill, cluster.decode):
+        assert any(p.is_socket() for p in server.rpc_dir.iterdir()), server.name
+
+
 async def test_health() -> None:
     gone = VllmEngine(f"http://127.0.0.1:{free_port()}", startup_timeout_s=0.1)
     with pytest.raises(PdorchError):

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import stat
+import tempfile
+import uuid
+from pathlib import Path
 
 import pytest
 
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role
 from workers.engines.vllm.client import KEEPALIVE_S
-from workers.engines.vllm.launch import SOURCE_ROOT, VllmLaunchSpec, kv_transfer_config, vllm_command
+from workers.engines.vllm.launch import (
+    SOURCE_ROOT,
+    VllmLaunchSpec,
+    kv_transfer_config,
+    private_rpc_dir,
+    vllm_command,
+)
 
 
 def _flag(argv: list[str], name: str) -> str:
@@ -120,3 +130,30 @@ def test_kv_bounds_must_be_positive(bad: dict[str, float]) -> None:
     with pytest.raises(PdorchError) as e:
         ReceiverLimits(**bad)  # type: ignore[arg-type]
     assert e.value.code is ErrorCode.CONFIG
+
+
+def test_a_server_gets_its_own_directory_for_its_ipc_sockets(tmp_path: Path) -> None:
+    spec = VllmLaunchSpec(model_dir="/m", port=1, role=None)
+    _, env = vllm_command(spec, python="py", rpc_dir=tmp_path)
+    assert env["VLLM_RPC_BASE_PATH"] == str(tmp_path)
+    _, default = vllm_command(spec, python="py")
+    assert "VLLM_RPC_BASE_PATH" not in default
+
+
+def test_the_ipc_directory_is_private_and_leaves_room_for_socket_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = private_rpc_dir()
+    try:
+        assert directory.is_dir() and stat.S_IMODE(directory.stat().st_mode) == 0o700
+    finally:
+        directory.rmdir()
+    # A temp dir so deep that vLLM's <dir>/<uuid4> socket paths would pass 107 bytes.
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    directory = private_rpc_dir()
+    try:
+        assert len(f"{directory}/{uuid.uuid4()}") <= 107
+    finally:
+        directory.rmdir()

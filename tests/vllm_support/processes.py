@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +13,7 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
-from workers.engines.vllm.launch import VllmLaunchSpec, vllm_command
+from workers.engines.vllm.launch import VllmLaunchSpec, private_rpc_dir, vllm_command
 
 
 class VllmServer:
@@ -36,7 +37,10 @@ class VllmServer:
         self.spec = spec
         self.url = f"http://127.0.0.1:{spec.port}"
         self.log_path = log_dir / f"vllm-{name}.log"
-        argv, env = vllm_command(spec, python=str(python), base_env={**os.environ, **(env or {})})
+        self.rpc_dir = private_rpc_dir()
+        argv, env = vllm_command(
+            spec, python=str(python), base_env={**os.environ, **(env or {})}, rpc_dir=self.rpc_dir
+        )
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
@@ -73,6 +77,7 @@ class VllmServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
+        shutil.rmtree(self.rpc_dir, ignore_errors=True)
 
 
 def wait_healthy(servers: Iterable[VllmServer], timeout_s: float = 300.0) -> None:

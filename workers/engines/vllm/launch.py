@@ -1,15 +1,18 @@
 """How to start a vLLM server process that pdorch can drive: argv and environment, nothing run.
 
 ``vllm_command(spec)`` is pure; launchers (``pdorch up --engine vllm``, tests, benchmarks) spawn
-the result with the vLLM environment's interpreter. Defaults suit a CPU host: eager mode (graph
-compilation is slow on few cores), float32, 32-token blocks, a small context and batch, an explicit
-KV cache size (vLLM's memory guard otherwise applies a GPU fraction to host RAM) and offline
-operation (no model hub, no usage reporting).
+the result with the vLLM environment's interpreter, each server with a directory of its own for
+vLLM's IPC sockets (``private_rpc_dir``) that they remove when it stops. Defaults suit a CPU
+host: eager mode (graph compilation is slow on few cores), float32, 32-token blocks, a small
+context and batch, an explicit KV cache size (vLLM's memory guard otherwise applies a GPU fraction
+to host RAM) and offline operation (no model hub, no usage reporting).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -79,6 +82,23 @@ class VllmLaunchSpec(msgspec.Struct, kw_only=True, frozen=True):
     extra_args: list[str] = []
 
 
+# A Unix socket's path stops at 107 bytes; vLLM names its sockets <base>/<uuid4> (37 more).
+_MAX_RPC_BASE = 107 - 37
+
+
+def private_rpc_dir() -> Path:
+    """A new directory (mode 0700) for one vLLM server's IPC sockets (``VLLM_RPC_BASE_PATH``).
+
+    vLLM otherwise leaves a few socket files in the system's temp directory on every run; the
+    launcher removes this one when the server stops. Under ``/tmp`` when the temp directory's own
+    path would leave the sockets' paths too long.
+    """
+    base = tempfile.gettempdir()
+    if len(base) + len("/pdorch-vllm-xxxxxxxx") > _MAX_RPC_BASE and os.path.isdir("/tmp"):
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="pdorch-vllm-", dir=base))
+
+
 def context_length(model_dir: str) -> int:
     """The model's own context length (``max_position_embeddings``), 512 if its config lacks it."""
     try:
@@ -111,9 +131,14 @@ def kv_transfer_config(spec: VllmLaunchSpec) -> dict[str, object]:
 
 
 def vllm_command(
-    spec: VllmLaunchSpec, *, python: str, base_env: Mapping[str, str] | None = None
+    spec: VllmLaunchSpec,
+    *,
+    python: str,
+    base_env: Mapping[str, str] | None = None,
+    rpc_dir: Path | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """(argv, env) for one vLLM OpenAI server. ``base_env`` is extended, never mutated."""
+    """(argv, env) for one vLLM OpenAI server. ``base_env`` is extended, never mutated; ``rpc_dir``:
+    where its IPC sockets go (from :func:`private_rpc_dir`; None: vLLM's default, the temp dir)."""
     if spec.kv_load_failure_policy not in ("fail", "recompute"):
         raise PdorchError(
             ErrorCode.CONFIG,
@@ -162,6 +187,8 @@ def vllm_command(
     env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
     env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_cores
     env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(SERVER_KEEPALIVE_S)
+    if rpc_dir is not None:
+        env["VLLM_RPC_BASE_PATH"] = str(rpc_dir)
     if lora:
         # /v1/load_lora_adapter and /v1/unload_lora_adapter: the agent is vLLM's only client,
         # and it loads only from the worker's allowed adapter directories.

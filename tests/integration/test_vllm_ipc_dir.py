@@ -1,0 +1,65 @@
+"""Each vLLM server the launchers start keeps its IPC sockets in a directory of its own, removed
+when it stops (vLLM otherwise leaves them in the system's temp directory on every run).
+
+The server here is a stand-in that does what vLLM does with ``VLLM_RPC_BASE_PATH`` (binds a Unix
+socket under it); the real vLLM tests check that vLLM's sockets land there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from pdorch.launcher import ClusterSpec, LocalCluster
+from tests.vllm_support.processes import VllmServer
+from workers.engines.vllm.launch import VllmLaunchSpec
+
+_BINDS = (
+    "import os, socket, time\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "s.bind(os.path.join(os.environ['VLLM_RPC_BASE_PATH'], 'engine-core'))\n"
+    "time.sleep(60)\n"
+)
+
+
+def _stand_in(tmp_path: Path) -> Path:
+    """An interpreter for the launchers that ignores their vLLM arguments and binds a socket."""
+    script = tmp_path / "vllm-python"
+    script.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{_BINDS}"\n')
+    script.chmod(0o755)
+    return script
+
+
+def _wait_for_socket(directory: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not (directory / "engine-core").is_socket():
+        assert time.monotonic() < deadline, f"no socket appeared in {directory}"
+        time.sleep(0.05)
+
+
+def test_the_launcher_gives_each_vllm_server_a_socket_dir_and_removes_it(tmp_path: Path) -> None:
+    spec = ClusterSpec(port=0, engine="vllm", vllm_python=str(_stand_in(tmp_path)), log_dir=tmp_path / "logs")
+    cluster = LocalCluster(spec)
+    try:
+        cluster.start_worker("prefill-0", "prefill")
+        cluster.start_worker("decode-0", "decode")
+        dirs = [Path(cluster._envs[f"vllm-{n}"]["VLLM_RPC_BASE_PATH"]) for n in ("prefill-0", "decode-0")]
+        assert len(set(dirs)) == 2
+        for directory in dirs:
+            _wait_for_socket(directory)
+    finally:
+        cluster.stop()
+    assert not any(d.exists() for d in dirs)
+
+
+def test_a_test_server_removes_its_socket_dir_on_stop(tmp_path: Path) -> None:
+    spec = VllmLaunchSpec(model_dir=str(tmp_path), port=1, role=None)
+    server = VllmServer("x", spec, python=_stand_in(tmp_path), log_dir=tmp_path)
+    try:
+        _wait_for_socket(server.rpc_dir)
+        assert os.stat(server.rpc_dir).st_mode & 0o077 == 0
+    finally:
+        server.stop()
+    assert not server.rpc_dir.exists()
