@@ -15,6 +15,7 @@ registers again with the same key, and nothing else on the machine can join.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -117,6 +118,16 @@ def _stop_with_launcher_hook() -> Callable[[], None] | None:
             os._exit(1)
 
     return hook
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal a child and every process it started: each child leads a process group of its own
+    (spawned in a new session), and a vLLM server's engine core and worker processes outlive a
+    server killed alone (holding its memory and its KV connector's port). A group's number is not
+    given to a new process while any member lives; once none does it may be, in time, so a reaped
+    leader's group is signalled only soon after it exited (at stop, or before its restart)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 def port_is_free(port: int) -> bool:
@@ -352,30 +363,35 @@ class LocalCluster:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def restart(self, name: str) -> None:
-        """Start a stopped process again with the arguments it had."""
+        """Start a stopped process again with the arguments it had (what the last one left behind,
+        such as a crashed vLLM server's engine core, is ended first)."""
+        old = self.procs.get(name)
+        if old is not None and old.poll() is not None:
+            _signal_group(old, signal.SIGKILL)
         self.spawn(name, self._args[name], self._envs[name])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a process and what it started (a vLLM server with its engine core)."""
         proc = self.procs[name]
         if proc.poll() is None:
-            proc.send_signal(sig)
+            _signal_group(proc, sig)
             proc.wait(10)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         # Workers first (they drain), then the scheduler and broker.
         order = [*self.worker_names(), *(n for n in self.procs if n not in self.worker_names())]
-        for name in order:
-            proc = self.procs[name]
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        running = [self.procs[name] for name in order if self.procs[name].poll() is None]
+        for proc in running:
+            _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for name in order:
-            proc = self.procs[name]
+        for proc in running:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait(5)
+        for proc in running:  # what they left behind as they exited
+            _signal_group(proc, signal.SIGKILL)
         for directory in self._rpc_dirs:
             shutil.rmtree(directory, ignore_errors=True)
 
