@@ -24,6 +24,8 @@ from typing import Any
 
 import zmq
 
+from transport.frames import NOBLOCK, POLLIN, POLLOUT, events, recv_frames, send_frames
+
 
 class LoopSocket:
     def __init__(self, sock: zmq.Socket) -> None:
@@ -44,12 +46,12 @@ class LoopSocket:
     def _on_state_change(self) -> None:
         if self.raw.closed:
             return
-        self._wake(self.raw.getsockopt(zmq.EVENTS))
+        self._wake(events(self.raw))
 
-    def _wake(self, events: int) -> None:
-        if events & zmq.POLLIN and self._readers:
+    def _wake(self, ready: int) -> None:
+        if ready & POLLIN and self._readers:
             _resolve(self._readers)
-        if events & zmq.POLLOUT and self._writers:
+        if ready & POLLOUT and self._writers:
             _resolve(self._writers)
 
     def _recheck(self) -> None:
@@ -76,7 +78,7 @@ class LoopSocket:
         """The next message (``zmq.Frame`` objects unless ``copy``); waits as long as it takes."""
         while True:
             try:
-                frames = self.raw.recv_multipart(zmq.NOBLOCK, copy=copy)
+                frames = recv_frames(self.raw, NOBLOCK, copy)
             except zmq.Again:  # which also re-armed the descriptor: safe to wait on it
                 await self._wait(self._readers)
                 continue
@@ -87,7 +89,7 @@ class LoopSocket:
         """Queue a message without waiting (zero-copy); raises ``zmq.Again`` if it would block and
         ``zmq.ZMQError`` if it cannot be sent (e.g. ``EHOSTUNREACH`` on a ROUTER)."""
         try:
-            self.raw.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send_frames(self.raw, frames, NOBLOCK)
         finally:
             self._recheck()
 

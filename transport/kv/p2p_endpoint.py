@@ -49,6 +49,7 @@ import zmq
 
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
+from transport.frames import NOBLOCK, recv_frames, send_frames
 from transport.kv.in_transfer import InTransfer, KvSink, ReplyFn, validate_begin
 from transport.kv.messages import (
     KV_PROTOCOL_VERSION,
@@ -242,8 +243,8 @@ class P2pEndpoint:
                 self._sleeping = True
                 try:
                     # Commands queued meanwhile are run before waiting (their wake-up may be skipped).
-                    flags = zmq.NOBLOCK if self._commands else 0
-                    frames = self._router.recv_multipart(flags, copy=False)  # up to RCVTIMEO
+                    flags = NOBLOCK if self._commands else 0
+                    frames = recv_frames(self._router, flags)  # up to RCVTIMEO
                 except zmq.Again:
                     frames = []
                 finally:
@@ -532,7 +533,7 @@ class P2pEndpoint:
     def _send_to(self, identity: bytes, msg: KvMessage) -> None:
         # Replies never wait: a peer that is gone or not reading loses them and times out.
         with contextlib.suppress(zmq.ZMQError):
-            self._router.send_multipart([identity, *self._encoder.encode(msg)], zmq.NOBLOCK, copy=False)
+            send_frames(self._router, [identity, *self._encoder.encode(msg)], NOBLOCK)
 
     def _refuse(self, identity: bytes, tid: str, code: ErrorCode, message: str) -> None:
         self.stats.refused_begins += 1
