@@ -15,6 +15,7 @@ little-endian integer and shifted right by one bit, so it fits a signed 64-bit f
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,12 +29,29 @@ def prefix_block_hashes(
     """The chained hash of every full block of ``token_ids`` (``len(token_ids) // block_size`` of them)."""
     if block_size <= 0:
         raise PdorchError(ErrorCode.INTERNAL, f"block_size must be positive, got {block_size}")
-    ids = np.asarray(token_ids, dtype="<i8")
-    hashes: list[int] = []
+    n = len(token_ids) - len(token_ids) % block_size
+    if n == 0:
+        return []
+    # Once per request on the scheduler, over thousands of tokens: the ids packed in one call, each
+    # block hashed from a view of them with a copy of an empty hash object (~1.6x faster than a
+    # small array and a new hash object per block).
+    if isinstance(token_ids, np.ndarray):
+        raw = memoryview(np.ascontiguousarray(token_ids[:n], dtype="<i8").tobytes())
+    else:
+        raw = memoryview(struct.pack(f"<{n}q", *token_ids[:n]))
+    step = 8 * block_size
+    fresh, from_bytes = _EMPTY_BLAKE2B_8.copy, int.from_bytes
     parent = hashlib.blake2b(salt, digest_size=8).digest() if salt else b""
-    for start in range(0, len(ids) - block_size + 1, block_size):
-        digest = hashlib.blake2b(parent, digest_size=8)
-        digest.update(ids[start : start + block_size].tobytes())
+    hashes: list[int] = []
+    append = hashes.append
+    for start in range(0, 8 * n, step):
+        digest = fresh()
+        digest.update(parent)
+        digest.update(raw[start : start + step])
         parent = digest.digest()
-        hashes.append(int.from_bytes(parent, "little") >> 1)
+        append(from_bytes(parent, "little") >> 1)
     return hashes
+
+
+# Copying an empty hash is cheaper than making one (no parameters to parse and set up each time).
+_EMPTY_BLAKE2B_8 = hashlib.blake2b(digest_size=8)

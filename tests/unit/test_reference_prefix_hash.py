@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 
 import numpy as np
@@ -59,6 +60,26 @@ def test_hashes_are_stable_63_bit_values_across_processes_and_input_types() -> N
     assert prefix_block_hashes(np.arange(8, dtype=np.int32), BLOCK) == expected
     assert prefix_block_hashes(np.arange(9, dtype=np.intp), BLOCK) == expected
     assert all(0 <= h < 2**63 for h in prefix_block_hashes(_tokens(400, seed=5), 16))
+    # Salted, and ids at the ends of the int64 range.
+    assert prefix_block_hashes(list(range(40)), 8, b"lora:x")[::2] == [
+        4295037301209107870,
+        2017951264193321928,
+        7633374028429196808,
+    ]
+    assert prefix_block_hashes([2**63 - 1, -5, 0, 7, 1], 2) == [934221254049285236, 3726585288341729087]
+
+
+@pytest.mark.parametrize("length", [0, 15, 16, 17, 1000, 8193])
+def test_a_long_prompt_hashes_as_the_block_by_block_definition_says(length: int) -> None:
+    tokens = np.random.default_rng(length).integers(0, 2**40, length).tolist()
+    parent, want = b"", []
+    for start in range(0, length - 15, 16):
+        parent = hashlib.blake2b(
+            parent + np.asarray(tokens[start : start + 16], "<i8").tobytes(), digest_size=8
+        ).digest()
+        want.append(int.from_bytes(parent, "little") >> 1)
+    assert prefix_block_hashes(tokens, 16) == want
+    assert prefix_block_hashes(np.asarray(tokens, dtype=np.int64), 16) == want
 
 
 def test_the_scheduler_computes_the_same_keys() -> None:
