@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Container, Sequence
+from itertools import takewhile
 
 import numpy as np
 
@@ -48,9 +49,8 @@ def _salted(salt: bytes, block_hash: int) -> int:
 
 def matched_prefix_blocks(block_hashes: Sequence[int], cached: Container[int]) -> int:
     """How many leading blocks of the prompt ``cached`` holds (the chain stops at the first miss)."""
-    n = 0
-    for h in block_hashes:
-        if h not in cached:
-            break
-        n += 1
-    return n
+    # A ledger's prefix view offers its memory's own membership test: a long prompt held by many
+    # nodes is thousands of look-ups per decision, a Python call each through ``in``.
+    membership = getattr(cached, "membership", None)
+    contains = membership() if membership is not None else cached.__contains__
+    return len(list(takewhile(contains, block_hashes)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import OrderedDict
 
 import pytest
 
@@ -22,6 +23,7 @@ from scheduler.placement.latency_model import (
     prefill_x,
     prompt_work,
 )
+from scheduler.placement.prefix import matched_prefix_blocks
 from scheduler.placement.types import Placement
 from transport.messages import Hello, Load, Role
 
@@ -248,6 +250,29 @@ def test_a_prefix_view_never_shows_newer_contents() -> None:
     with pytest.raises(StalePrefixView):
         _ = 1 in seen
     assert 1 not in memory.view() and set(memory.view()) == {2, 3}
+    stale = memory.view()
+    memory.add((4,))
+    with pytest.raises(StalePrefixView):
+        matched_prefix_blocks((3, 4), stale)
+
+
+def test_a_prefix_memory_keeps_the_order_and_bound_of_moving_each_hash_to_the_end() -> None:
+    rng = random.Random(7)
+    memory, reference = PrefixMemory(capacity_tokens=16 * 40), OrderedDict[int, None]()
+    for _ in range(300):
+        # Prompts sharing prefixes, some hashes repeated within one call.
+        hashes = [rng.randrange(60) for _ in range(rng.randrange(0, 25))]
+        memory.add(hashes)
+        for h in hashes:
+            reference[h] = None
+            reference.move_to_end(h)
+        while len(reference) > 40:
+            reference.popitem(last=False)
+        assert list(memory.view()) == list(reference)
+        prompt = [rng.randrange(60) for _ in range(10)]
+        want = next((i for i, h in enumerate(prompt) if h not in reference), len(prompt))
+        assert matched_prefix_blocks(prompt, memory.view()) == want
+        assert matched_prefix_blocks(prompt, set(reference)) == want
 
 
 def test_a_view_shows_the_prefill_rate_as_it_changes_even_with_nothing_decoding() -> None:
