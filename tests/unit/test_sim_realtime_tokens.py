@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from transport.errors import ErrorCode, PdorchError
@@ -88,6 +89,7 @@ def test_finish_rules_match_the_reference_engine() -> None:
         ([], ErrorCode.INVALID_REQUEST),
         ([1, 2, VOCAB_SIZE], ErrorCode.INVALID_REQUEST),
         ([-1], ErrorCode.INVALID_REQUEST),
+        ([1, 2**64], ErrorCode.INVALID_REQUEST),  # past int64: refused, not an overflow
         ([1] * 16, ErrorCode.PROMPT_TOO_LONG),
     ],
 )
@@ -95,7 +97,8 @@ def test_bad_prompts_are_refused(prompt: list[int], code: ErrorCode) -> None:
     with pytest.raises(PdorchError) as e:
         check_prompt(prompt, max_model_len=16)
     assert e.value.code is code
-    check_prompt([1] * 15, max_model_len=16)
+    ids = check_prompt([1] * 14 + [VOCAB_SIZE - 1], max_model_len=16)
+    assert ids.dtype == np.int64 and ids.tolist() == [1] * 14 + [VOCAB_SIZE - 1]
 
 
 @pytest.mark.parametrize(

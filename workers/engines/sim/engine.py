@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.kv.deadline import Deadline
@@ -140,7 +142,7 @@ class SimulatedEngine:
         if job.kv is not None and self._sender is None:
             raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot send KV (no KV sender)")
         rid = job.request_id
-        stream, hashes = self._request(job)
+        stream, hashes, prompt = self._request(job)
         first: asyncio.Future[SimOutput] = asyncio.get_running_loop().create_future()
         self._handlers[rid] = lambda out: first.done() or first.set_result(out)
         try:
@@ -155,11 +157,11 @@ class SimulatedEngine:
                 await send_standin(
                     self._sender,
                     job.kv,
-                    job.prompt_token_ids,
+                    prompt,
                     token,
                     num_layers=self._standin_layers,
                     block_size=self.config.block_size,
-                    modeled_bytes=len(job.prompt_token_ids) * self._shape.kv_bytes_per_token,
+                    modeled_bytes=len(prompt) * self._shape.kv_bytes_per_token,
                     link=self.link,
                     deadline_s=job.deadline_s,
                 )
@@ -170,16 +172,16 @@ class SimulatedEngine:
         if self._receiver is None:
             raise PdorchError(ErrorCode.JOB_FAILED, "this worker cannot receive KV (no KV receiver)")
         rid = job.request_id
-        stream, hashes = self._request(job)
+        stream, hashes, prompt = self._request(job)
         self._core.reserve_decode(self._now(), rid, stream, hashes, job.adapter)
         try:
             first = await receive_standin(
                 self._receiver,
                 job.kv,
-                job.prompt_token_ids,
+                prompt,
                 num_layers=self._standin_layers,
                 block_size=self.config.block_size,
-                modeled_bytes=len(job.prompt_token_ids) * self._shape.kv_bytes_per_token,
+                modeled_bytes=len(prompt) * self._shape.kv_bytes_per_token,
                 link=self.link,
                 deadline_s=job.deadline_s,
             )
@@ -190,7 +192,7 @@ class SimulatedEngine:
 
     async def generate(self, job: GenerateJob) -> None:
         rid = job.request_id
-        stream, hashes = self._request(job)
+        stream, hashes, _ = self._request(job)
         try:
             await self._until_finished(
                 rid,
@@ -216,10 +218,13 @@ class SimulatedEngine:
         self._wake.set()
         await self._within(done, self.config.job_timeout_s, rid)
 
-    def _request(self, job: PrefillJob | DecodeJob | GenerateJob) -> tuple[SimTokenStream, list[int]]:
-        prompt, sampling = job.prompt_token_ids, job.sampling
+    def _request(
+        self, job: PrefillJob | DecodeJob | GenerateJob
+    ) -> tuple[SimTokenStream, list[int], np.ndarray]:
+        """The job's token stream, its prompt's prefix hashes, and the prompt as an array."""
+        sampling = job.sampling
         check_sampling(sampling)
-        check_prompt(prompt, self.max_model_len, job.generated)
+        prompt = check_prompt(job.prompt_token_ids, self.max_model_len, job.generated)
         stream = SimTokenStream(
             self.config.seed,
             prompt,
@@ -236,7 +241,7 @@ class SimulatedEngine:
             if self.config.enable_prefix_caching
             else []
         )
-        return stream, hashes
+        return stream, hashes, prompt
 
     async def _within(self, waiting: asyncio.Future[Any], timeout_s: float, what: str) -> Any:
         late = PdorchError(ErrorCode.DEADLINE_EXCEEDED, f"{what} did not finish in {timeout_s:g}s")

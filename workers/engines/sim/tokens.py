@@ -67,9 +67,11 @@ def check_sampling(sampling: SamplingParams) -> None:
         raise PdorchError(ErrorCode.INVALID_REQUEST, f"top_p must be in (0, 1], got {sampling.top_p}")
 
 
-def check_prompt(prompt_token_ids: Sequence[int], max_model_len: int, generated: int = 0) -> None:
+def check_prompt(prompt_token_ids: Sequence[int], max_model_len: int, generated: int = 0) -> np.ndarray:
     """A prompt must be non-empty, in the vocabulary, and leave room for one generated token;
-    a resumed request's ``generated`` tokens (the prompt's tail) must leave a prompt before them."""
+    a resumed request's ``generated`` tokens (the prompt's tail) must leave a prompt before them.
+    Returns its ids as one int64 array: converted once here, every later pass over a long prompt
+    (the token stream's key, the stand-in KV, the prefix hashes) reads it at numpy speed."""
     if not prompt_token_ids:
         raise PdorchError(ErrorCode.INVALID_REQUEST, "prompt must be a non-empty list of token ids")
     if not 0 <= generated < len(prompt_token_ids):
@@ -80,8 +82,14 @@ def check_prompt(prompt_token_ids: Sequence[int], max_model_len: int, generated:
             f"prompt has {len(prompt_token_ids)} tokens, the model allows {max_model_len - 1} "
             f"(max_model_len {max_model_len})",
         )
-    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= VOCAB_SIZE:
-        raise PdorchError(ErrorCode.INVALID_REQUEST, f"token ids must be in [0, {VOCAB_SIZE})")
+    out_of_range = PdorchError(ErrorCode.INVALID_REQUEST, f"token ids must be in [0, {VOCAB_SIZE})")
+    try:
+        ids = np.asarray(prompt_token_ids, dtype=np.int64)
+    except (OverflowError, TypeError, ValueError):
+        raise out_of_range from None
+    if ids.ndim != 1 or ids.min() < 0 or ids.max() >= VOCAB_SIZE:
+        raise out_of_range
+    return ids
 
 
 class SimTokenStream:
