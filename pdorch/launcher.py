@@ -277,9 +277,10 @@ class LocalCluster:
         kv_bind = f"tcp://127.0.0.1:{free_port()}" if handoff and role in ("decode", "both") else ""
         index = len([n for n in self.procs if n.startswith("vllm-")])
         spec = self.vllm_spec(role, port, kv_bind, index)
-        self._rpc_dirs.append(private_rpc_dir())
+        rpc_dir = private_rpc_dir()
+        self._rpc_dirs.append(rpc_dir)
         python = self.spec.vllm_python or default_vllm_python()
-        argv, env = vllm_command(spec, python=python, rpc_dir=self._rpc_dirs[-1])
+        argv, env = vllm_command(spec, python=python, rpc_dir=rpc_dir)
         # Its KV connector is the worker's KV endpoint: it authenticates with the worker's key.
         self.spawn(f"vllm-{name}", argv, {**env, **self.party_env(name)})
         args = [

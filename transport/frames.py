@@ -51,4 +51,4 @@ def recv_frames(sock: zmq.Socket, flags: int = 0, copy: bool = False) -> list[An
 
 def events(sock: zmq.Socket) -> int:
     """The socket's ``ZMQ_EVENTS`` (:data:`POLLIN`, :data:`POLLOUT`) as a plain int."""
-    return int(_get(sock, _EVENTS))
+    return _get(sock, _EVENTS)

@@ -82,13 +82,12 @@ def check_prompt(prompt_token_ids: Sequence[int], max_model_len: int, generated:
             f"prompt has {len(prompt_token_ids)} tokens, the model allows {max_model_len - 1} "
             f"(max_model_len {max_model_len})",
         )
-    out_of_range = PdorchError(ErrorCode.INVALID_REQUEST, f"token ids must be in [0, {VOCAB_SIZE})")
     try:
         ids = np.asarray(prompt_token_ids, dtype=np.int64)
     except (OverflowError, TypeError, ValueError):
-        raise out_of_range from None
-    if ids.ndim != 1 or ids.min() < 0 or ids.max() >= VOCAB_SIZE:
-        raise out_of_range
+        ids = None  # past int64: out of the vocabulary too
+    if ids is None or ids.ndim != 1 or ids.min() < 0 or ids.max() >= VOCAB_SIZE:
+        raise PdorchError(ErrorCode.INVALID_REQUEST, f"token ids must be in [0, {VOCAB_SIZE})")
     return ids
 
 
