@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.e2e
 async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     keys = KeySet.create(tmp_path, {"worker-a": ()})
+    log = tmp_path / "broker.log"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **keys.env(KV_BROKER)}
     worker = Security.load(
         SecurityConfig(key_file=str(keys.key_file("worker-a")), trusted_keys=str(keys.trusted_dir))
@@ -40,10 +41,12 @@ async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm(tmp_
         "64",
         "--ttl-s",
         "30",
+        "--stats-interval-s",
+        "0.2",
         cwd=REPO_ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=log.open("wb"),
     )
     ctx = zmq.asyncio.Context()
     try:
@@ -73,6 +76,15 @@ async def test_broker_process_serves_a_handoff_and_stops_cleanly_on_sigterm(tmp_
         assert np.array_equal(sink.layers, layers)
         await sender.close()
         await fetcher.close()
+        # Its counters, logged every --stats-interval-s: both connections got through their handshake.
+        wanted = "accepted=1, rejected=0, evicted=0, delivered=1"
+        for _ in range(100):
+            stats = [line for line in log.read_text().splitlines() if " stats " in line]
+            if stats and wanted in stats[-1] and "admitted_handshakes=2, refused_handshakes=0" in stats[-1]:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"no stats line with {wanted} and two admitted handshakes: {stats[-1:]}")
 
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0

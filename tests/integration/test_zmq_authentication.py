@@ -94,6 +94,7 @@ def test_a_trusted_key_gets_through_under_its_name(ctx: zmq.Context, keys: KeySe
         ctx, control.endpoint, worker.client(Plane.CONTROL, worker.server_key(KeyKind.SCHEDULER))
     )
     assert control.receive() == (b"hello", "w")
+    assert (control.security.admitted_handshakes, control.security.refused_handshakes) == (1, 0)
     client.close(linger=0)
 
 
@@ -111,6 +112,7 @@ def test_an_unknown_key_gets_nothing_through(
     client = send_from(ctx, control.endpoint, stranger.client(Plane.CONTROL, server_key))
     assert control.receive() is None
     assert control.security.refused_handshakes == 1
+    assert control.security.admitted_handshakes == 0
     client.close(linger=0)
 
 

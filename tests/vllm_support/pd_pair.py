@@ -68,7 +68,8 @@ class Cluster:
 # silent or hostile peers (tested on real sockets in tests/integration) would then fail requests
 # these tests only compare. Patient, within the jobs' own 60 s deadline.
 PATIENT_LIMITS = ReceiverLimits(park_s=60.0, idle_s=60.0)
-PATIENT_BROKER = ["--first-chunk-s", "60", "--idle-s", "60"]
+# Its counters every few seconds: the last of them explain a failed centralized handoff.
+PATIENT_BROKER = ["--first-chunk-s", "60", "--idle-s", "60", "--stats-interval-s", "5"]
 
 
 def _start_broker(port: int, log_path: Path, keys: KeySet) -> subprocess.Popen[bytes]:

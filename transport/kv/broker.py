@@ -84,6 +84,8 @@ class KvBrokerStats(msgspec.Struct, gc=False):
     # Inbound transfers failed for sending nothing (first chunk) or going quiet.
     stalled_inbound: int = 0
     refused_fetches: int = 0
+    # Connections admitted and refused: none admitted means no peer got through its handshake.
+    admitted_handshakes: int = 0
     refused_handshakes: int = 0
 
 
@@ -151,6 +153,7 @@ class KvBroker:
             capacity_bytes=self._store.capacity_bytes,
             active_fetches=len(self._fetches),
             waiting_fetches=self._waiting_count,
+            admitted_handshakes=self._security.admitted_handshakes,
             refused_handshakes=self._security.refused_handshakes,
         )
 

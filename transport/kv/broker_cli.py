@@ -23,7 +23,6 @@ from transport.security import config as security_config
 
 log = logging.getLogger("pdorch.kv_broker")
 MIB = 1024 * 1024
-STATS_LOG_INTERVAL_S = 60.0
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -59,10 +58,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-waiting-fetches", type=int, default=4096, help="fetches waiting for their transfer, in all"
     )
+    parser.add_argument(
+        "--stats-interval-s", type=float, default=60.0, help="log the broker's counters this often"
+    )
     parser.add_argument("--log-level", default="INFO")
     security_config.add_arguments(parser)
     args = parser.parse_args(argv)
-    positive = ("capacity_mb", "ttl_s", "window_mb", "first_chunk_s", "idle_s", "max_fetch_wait_s")
+    positive = (
+        "capacity_mb",
+        "ttl_s",
+        "window_mb",
+        "first_chunk_s",
+        "idle_s",
+        "max_fetch_wait_s",
+        "stats_interval_s",
+    )
     positive += ("max_fetches_per_peer", "max_waiting_fetches")
     for name in positive:
         if getattr(args, name) <= 0:
@@ -103,7 +113,7 @@ async def _serve(args: argparse.Namespace) -> None:
         print(f"kv-broker listening on {broker.endpoint}", flush=True)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STATS_LOG_INTERVAL_S):
+                async with asyncio.timeout(args.stats_interval_s):
                     await stop.wait()
             log.info("stats %s", broker.stats)
     finally:

@@ -107,6 +107,11 @@ class Security:
     def refused_handshakes(self) -> int:
         return sum(h.stats.refused for h in list(self._handlers.values()))
 
+    @property
+    def admitted_handshakes(self) -> int:
+        """Handshakes this process's servers admitted: with none, no peer ever got through."""
+        return sum(h.stats.allowed for h in list(self._handlers.values()))
+
     # ------------------------------------------------------------------ what sockets.py applies
 
     def server(self, ctx: zmq.Context, plane: Plane) -> ServerAuth:
