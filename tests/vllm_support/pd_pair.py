@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -72,14 +73,25 @@ PATIENT_LIMITS = ReceiverLimits(park_s=60.0, idle_s=60.0)
 PATIENT_BROKER = ["--first-chunk-s", "60", "--idle-s", "60", "--stats-interval-s", "5"]
 
 
-def _start_broker(port: int, log_path: Path, keys: KeySet) -> subprocess.Popen[bytes]:
+def _start_broker(log_path: Path, keys: KeySet) -> tuple[subprocess.Popen[bytes], str]:
+    """The broker on a port of its own choosing (no window in which another process can take a
+    port picked for it), and the endpoint it says it listens on."""
     log = log_path.open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "pdorch", "kv-broker", "--bind", f"tcp://127.0.0.1:{port}", *PATIENT_BROKER],
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdorch", "kv-broker", "--bind", "tcp://127.0.0.1:0", *PATIENT_BROKER],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **keys.env(KV_BROKER)},
     )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if line.startswith("kv-broker listening on "):
+                return proc, line.rsplit(" ", 1)[1]
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"the KV broker did not start:\n{log_path.read_text(errors='replace')}")
 
 
 @contextmanager
@@ -87,40 +99,39 @@ def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Ite
     """Both servers (one core each) and a broker, healthy; stopped by PID on the way out. Each
     has the CURVE keys of the party it stands for (named as the agents pdorch_in_front puts in
     front of them: the same keys serve both)."""
-    kv_port, broker_port = free_port(), free_port()
     keys = KeySet.create(work / "keys", {"prefill-0": (), "decode-0": ()})
-    common: dict = {"model_dir": str(model_dir), "kv_limits": PATIENT_LIMITS, **spec}
-    prefill = VllmServer(
-        "prefill",
-        VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common),
-        python=python,
-        log_dir=work,
-        env=keys.env("prefill-0"),
-    )
-    decode = VllmServer(
-        "decode",
-        VllmLaunchSpec(
-            port=free_port(), role=Role.DECODE, cpu_cores="1", kv_bind=f"tcp://127.0.0.1:{kv_port}", **common
-        ),
-        python=python,
-        log_dir=work,
-        env=keys.env("decode-0"),
-    )
     broker_log = work / "kv-broker.log"
-    broker = _start_broker(broker_port, broker_log, keys)
+    # First: the ports picked for the servers below are then not the one it chose.
+    broker, broker_endpoint = _start_broker(broker_log, keys)
+    kv_port = free_port()
+    common: dict = {"model_dir": str(model_dir), "kv_limits": PATIENT_LIMITS, **spec}
+    servers: list[VllmServer] = []
     try:
-        wait_healthy([prefill, decode], timeout_s=420)
+        prefill = VllmServer(
+            "prefill",
+            VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common),
+            python=python,
+            log_dir=work,
+            env=keys.env("prefill-0"),
+        )
+        servers.append(prefill)
+        decode_spec = VllmLaunchSpec(
+            port=free_port(), role=Role.DECODE, cpu_cores="1", kv_bind=f"tcp://127.0.0.1:{kv_port}", **common
+        )
+        decode = VllmServer("decode", decode_spec, python=python, log_dir=work, env=keys.env("decode-0"))
+        servers.append(decode)
+        wait_healthy(servers, timeout_s=420)
         yield Cluster(
             prefill,
             decode,
             model_dir,
             f"tcp://127.0.0.1:{kv_port}",
-            f"tcp://127.0.0.1:{broker_port}",
+            broker_endpoint,
             keys,
             broker_log,
         )
     finally:
-        for server in (prefill, decode):
+        for server in servers:
             server.stop()
         broker.terminate()
         broker.wait(timeout=10)
