@@ -300,10 +300,11 @@ async def test_killed_sender_is_kv_timeout_on_the_receiver(receiver: KvReceiver)
     try:
         assert proc.stdout is not None
         assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == b"sent"
+        # "sent" is queued, not delivered: a kill at once may lose the layer with the process.
+        await wait_until(lambda: sink.bytes_written == 20 * 4 * 2)
     finally:
         proc.kill()  # the prefill agent dies mid-transfer: no end, no abort
         await proc.wait()
-    await wait_until(lambda: sink.bytes_written == 20 * 4 * 2)
     with pytest.raises(PdorchError) as info:
         await receiving
     assert info.value.code is ErrorCode.KV_TIMEOUT
