@@ -47,37 +47,39 @@ T = TypeVar("T")
 def _encode_array(arr: np.ndarray, aux: list[Any]) -> list[Any]:
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
-    flat = arr.reshape(-1).view(np.uint8)
+    try:  # its bytes as they are (a third of the cost of a flat uint8 view, per message)
+        flat = memoryview(arr).cast("B")
+    except (TypeError, ValueError):  # a dtype with no buffer format (e.g. bfloat16 from ml_dtypes)
+        flat = arr.reshape(-1).view(np.uint8).data
     first = len(aux)
     if flat.nbytes <= MAX_FRAME_BYTES:
-        aux.append(flat.data)
+        aux.append(flat)
     else:
         for start in range(0, flat.nbytes, MAX_FRAME_BYTES):
-            aux.append(flat[start : start + MAX_FRAME_BYTES].data)
-    return [arr.dtype.str, list(arr.shape), first, len(aux) - first]
+            aux.append(flat[start : start + MAX_FRAME_BYTES])
+    return [arr.dtype.str, arr.shape, first, len(aux) - first]
 
 
 def _decode_array(obj: Any, aux: Sequence[Any]) -> np.ndarray:
     try:
         dtype_str, shape, first, count = obj
         dtype = _wire_dtype(dtype_str)
-        shape = tuple(int(d) for d in shape)
+        shape = tuple(shape)
     except (TypeError, ValueError) as e:
         raise PdorchError(ErrorCode.BAD_MESSAGE, f"bad array header: {e}") from None
-    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+    if len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
         raise PdorchError(ErrorCode.BAD_MESSAGE, f"unsupported array {dtype_str}{shape}")
-    if not (isinstance(first, int) and isinstance(count, int)) or first < 0 or count < 1:
+    if type(first) is not int or type(count) is not int or first < 0 or count < 1:
         raise PdorchError(ErrorCode.BAD_MESSAGE, "bad array frame reference")
     if first + count > len(aux):
         raise PdorchError(ErrorCode.BAD_MESSAGE, "array refers to a missing frame")
-    parts = [memoryview(aux[i]) for i in range(first, first + count)]
-    buf: Any = parts[0] if count == 1 else b"".join(parts)
+    buf: Any = aux[first] if count == 1 else b"".join(memoryview(aux[i]) for i in range(first, first + count))
+    size = memoryview(buf).nbytes
     expected = math.prod(shape) * dtype.itemsize
-    if len(buf) != expected:
-        raise PdorchError(
-            ErrorCode.BAD_MESSAGE, f"array frame holds {len(buf)} bytes, header says {expected}"
-        )
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    if size != expected:
+        raise PdorchError(ErrorCode.BAD_MESSAGE, f"array frame holds {size} bytes, header says {expected}")
+    arr = np.frombuffer(buf, dtype=dtype)
+    return arr if len(shape) == 1 else arr.reshape(shape)
 
 
 class Encoder:
