@@ -171,9 +171,22 @@ async def wait_ready(system: System, timeout_s: float = 120) -> None:
 # ------------------------------------------------------------------------------ load
 
 
-async def one(session: aiohttp.ClientSession, url: str, *, stream: bool, max_tokens: int) -> int:
+SHORT_PROMPT = "Hello from the overhead bench"
+
+
+def long_prompt(chars: int) -> str:
+    """A prompt of ``chars`` characters (as many tokens for pdorch's zero-cost model, whose
+    tokenizer is byte-level): real prompts are thousands of tokens, and what a prompt costs each
+    hop grows with it."""
+    text = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. "
+    return (text * (chars // len(text) + 1))[:chars]
+
+
+async def one(
+    session: aiohttp.ClientSession, url: str, *, stream: bool, max_tokens: int, prompt: str = SHORT_PROMPT
+) -> int:
     """One completion; returns how many tokens came back."""
-    body = {"model": "zero", "prompt": "Hello from the overhead bench", "max_tokens": max_tokens}
+    body = {"model": "zero", "prompt": prompt, "max_tokens": max_tokens}
     body |= {"stream": stream, "ignore_eos": True, "return_token_ids": True, "temperature": 0}
     async with session.post(url + "/v1/completions", json=body) as r:
         if r.status != 200:
@@ -203,19 +216,21 @@ class Result:
         return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
 
 
-async def load(system: System, clients: int, seconds: float, stream: bool, max_tokens: int) -> Result:
+async def load(
+    system: System, clients: int, seconds: float, stream: bool, max_tokens: int, prompt: str = SHORT_PROMPT
+) -> Result:
     latencies: list[float] = []
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as s:
         for _ in range(min(clients, 8)):  # warm the connections
-            await one(s, system.url, stream=stream, max_tokens=max_tokens)
+            await one(s, system.url, stream=stream, max_tokens=max_tokens, prompt=prompt)
         cpu0 = system.cpu_s()
         begin = time.perf_counter()
         end = begin + seconds
 
         async def client() -> None:
             while (start := time.perf_counter()) < end:
-                got = await one(s, system.url, stream=stream, max_tokens=max_tokens)
+                got = await one(s, system.url, stream=stream, max_tokens=max_tokens, prompt=prompt)
                 assert got == max_tokens, f"{system.name}: {got} tokens, asked for {max_tokens}"
                 latencies.append(time.perf_counter() - start)
 
@@ -243,12 +258,19 @@ async def main() -> None:
         "(1e-4) runs decode steps, one message per step, as a real engine does",
     )
     parser.add_argument(
+        "--prompt-chars",
+        type=int,
+        default=0,
+        help="a prompt of this many characters (~tokens) instead of a short sentence",
+    )
+    parser.add_argument(
         "--pdorch-nodes",
         type=int,
         default=1,
         help="pdorch's prefill agents, and as many decode agents (its CPU per request by role sums them)",
     )
     args = parser.parse_args()
+    prompt = long_prompt(args.prompt_chars) if args.prompt_chars else SHORT_PROMPT
     log_dir = WORK / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     systems = start_systems(log_dir, args.systems, args.pdorch_time_scale, args.pdorch_nodes)
@@ -261,7 +283,7 @@ async def main() -> None:
             for stream, n in scenarios:
                 for clients in (1, args.clients):
                     for system in systems:
-                        res = await load(system, clients, args.seconds, stream, n)
+                        res = await load(system, clients, args.seconds, stream, n, prompt)
                         key = (system.name, stream, n, clients)
                         # Best of the rounds: on a shared machine, load elsewhere only slows runs.
                         if key not in best or res.rate > best[key].rate:
@@ -270,6 +292,7 @@ async def main() -> None:
         for system in systems:
             system.stop()
     report(systems, scenarios, best, args.clients)
+    print(f"prompt: {len(prompt)} characters")
 
 
 def report(

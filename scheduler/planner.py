@@ -18,10 +18,11 @@ The nodes come from a :class:`NodeSource`: the live worker registry or the simul
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import msgspec
+import numpy as np
 
 from scheduler.ledger.ledger import BookingFacts, Ledger
 from scheduler.ledger.prefix_memory import PREFIX_BLOCK_TOKENS
@@ -69,7 +70,7 @@ class Planner:
     # ------------------------------------------------------------------ the request
 
     def features(
-        self, model: str, prompt: list[int], max_tokens: int, tenant: str, hint: int
+        self, model: str, prompt: Sequence[int] | np.ndarray, max_tokens: int, tenant: str, hint: int
     ) -> OutputFeatures:
         """The output-length predictor's features of a tokenized prompt."""
         hashes = prompt_block_hashes(prompt[:PREFIX_BLOCK_TOKENS], PREFIX_BLOCK_TOKENS)

@@ -14,8 +14,12 @@ from __future__ import annotations
 import enum
 
 import msgspec
+import numpy as np
 
-PROTOCOL_VERSION = 1
+from transport.token_ids import message_token_ids
+
+# 2: a job's prompt is a packed int32 array (transport/token_ids.py), no longer a list.
+PROTOCOL_VERSION = 2
 
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "tag_field": "t"}
 
@@ -282,7 +286,7 @@ class PrefillJob(msgspec.Struct, tag="prefill", **_STRUCT):
     """Compute the prompt's KV and the first token. ``kv`` None means no handoff (finish here)."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: np.ndarray  # int32, 1-D (a list is packed): transport/token_ids.py
     sampling: SamplingParams
     kv: KvRoute | None = None
     deadline_s: float = 60.0
@@ -290,12 +294,15 @@ class PrefillJob(msgspec.Struct, tag="prefill", **_STRUCT):
     # A LoRA adapter the worker has loaded ("" = the base model); prefill and decode use the same.
     adapter: str = ""
 
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = message_token_ids(self.prompt_token_ids)
+
 
 class DecodeJob(msgspec.Struct, tag="decode", **_STRUCT):
     """Receive the request's KV per ``kv`` and generate tokens 1.. (token 0 came from prefill)."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: np.ndarray  # int32, 1-D (a list is packed): transport/token_ids.py
     sampling: SamplingParams
     kv: KvRoute
     deadline_s: float = 60.0
@@ -303,17 +310,23 @@ class DecodeJob(msgspec.Struct, tag="decode", **_STRUCT):
     # A LoRA adapter the worker has loaded ("" = the base model); prefill and decode use the same.
     adapter: str = ""
 
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = message_token_ids(self.prompt_token_ids)
+
 
 class GenerateJob(msgspec.Struct, tag="generate", **_STRUCT):
     """Colocated: prefill and decode on this one worker, no handoff."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: np.ndarray  # int32, 1-D (a list is packed): transport/token_ids.py
     sampling: SamplingParams
     deadline_s: float = 60.0
     generated: int = 0
     # A LoRA adapter the worker has loaded ("" = the base model); prefill and decode use the same.
     adapter: str = ""
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = message_token_ids(self.prompt_token_ids)
 
 
 class Cancel(msgspec.Struct, tag="cancel", **_STRUCT):

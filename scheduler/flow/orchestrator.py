@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
+import numpy as np
 
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig
@@ -49,6 +50,7 @@ from transport.messages import (
     PrefillJob,
     TokenOutput,
 )
+from transport.token_ids import extend_token_ids
 
 log = logging.getLogger("pdorch.flow")
 
@@ -125,7 +127,7 @@ class Orchestrator:
         self,
         req: GenerationRequest,
         job_id: str,
-        prompt: list[int],
+        prompt: np.ndarray,
         max_tokens: int,
         *,
         resumed: bool = False,
@@ -376,7 +378,7 @@ class Orchestrator:
         req = run.req
         generated = len(run.tokens)
         job_id = req.request_id if number == 0 else f"{req.request_id}.{number}"
-        prompt = req.prompt_token_ids + run.tokens if generated else req.prompt_token_ids
+        prompt = extend_token_ids(req.prompt_token_ids, run.tokens)
         sampling = req.sampling
         if generated and sampling.prompt_logprobs >= 0:  # the client has them from the first attempt
             sampling = msgspec.structs.replace(sampling, prompt_logprobs=-1)
@@ -507,7 +509,7 @@ class Orchestrator:
         _, preq = self._plan(
             run.req,
             f"{run.req.request_id}.{a.number + 1}",
-            run.req.prompt_token_ids + run.tokens,
+            extend_token_ids(run.req.prompt_token_ids, run.tokens),
             run.req.sampling.max_tokens - len(run.tokens),
             resumed=True,
         )
@@ -552,7 +554,7 @@ class Orchestrator:
         self._planner.book_decode(a.job_id, d, placement.reserve_blocks, run.preq)
         self._expect(run, a, d)
         _, d_route = self._kv_routes(KvMode.CENTRALIZED, d, a.transfer_id)
-        prompt = run.req.prompt_token_ids + run.tokens[: a.generated]
+        prompt = extend_token_ids(run.req.prompt_token_ids, run.tokens[: a.generated])
         job = DecodeJob(
             a.job_id,
             prompt,

@@ -5,14 +5,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from transport.messages import FinishReason, SamplingParams, TokenLogprobs
+from transport.token_ids import pack_token_ids
 
 
 @dataclass
 class GenerationRequest:
     request_id: str
     model: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: np.ndarray  # int32 (transport/token_ids.py): what the jobs carry
     sampling: SamplingParams
     tenant: str = ""
     priority: int = 0
@@ -23,6 +26,9 @@ class GenerationRequest:
     ttft_slo_s: float = 0.0
     tpot_slo_s: float = 0.0
     arrival: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = pack_token_ids(self.prompt_token_ids)
 
 
 @dataclass

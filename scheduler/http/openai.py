@@ -42,6 +42,7 @@ from scheduler.tokenizer.base import GIL_FREE_CHARS, Tokenizer
 from scheduler.tokenizer.registry import TokenizerRegistry
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Hello, SamplingParams, TokenLogprobs
+from transport.token_ids import pack_token_ids
 
 
 @dataclass
@@ -142,8 +143,10 @@ async def _build(
         ids = list(prompt)
     if len(ids) > limit:
         raise PdorchError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens; the limit is {limit}")
+    packed = pack_token_ids(ids)  # what the jobs carry; checked here at numpy speed
     vocab = hello.vocab_size
-    if vocab and (bad_id := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+    if vocab and len(packed) and packed.max() >= vocab:
+        bad_id = next(t for t in ids if t >= vocab)
         raise bad(f"token id {bad_id} is outside the model's vocabulary (size {vocab})")
     room = max_model_len - len(ids) if max_model_len > 1 else cfg.max_tokens_limit
     # As vLLM and OpenAI: chat takes the rest of the context unless told; completions take 16.
@@ -184,7 +187,7 @@ async def _build(
     greq = GenerationRequest(
         rid,
         hello.model,  # what serves it (placement matches nodes on it); the adapter is separate
-        ids,
+        packed,
         sampling,
         tenant=tenant,
         priority=req.priority,
@@ -318,7 +321,7 @@ def _logprobs(
     if job.chat:
         return chat_logprobs(ids, [lp for lp in lps if lp is not None], job.token_text)
     if echo:
-        ids = choice.greq.prompt_token_ids + ids
+        ids = choice.greq.prompt_token_ids.tolist() + ids
         lps = [None, *progress.prompt_logprobs, *lps]
     return completion_logprobs(ids, lps, job.token_text, offset)
 
@@ -330,7 +333,7 @@ def _prompt_logprobs(job: _Job, choice: Choice) -> list[dict[str, Any] | None] |
     if job.greq.sampling.prompt_logprobs < 0 or job.echo or not progress.prompt_logprobs:
         return None
     out: list[dict[str, Any] | None] = [None]
-    for token, lp in zip(choice.greq.prompt_token_ids[1:], progress.prompt_logprobs, strict=True):
+    for token, lp in zip(choice.greq.prompt_token_ids[1:].tolist(), progress.prompt_logprobs, strict=True):
         entry = {
             str(t): {"logprob": v, "decoded_token": job.token_text(t)}
             for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)
@@ -478,7 +481,7 @@ def _complete(jobs: list[_Job], all_choices: list[Choice], texts: list[str]) -> 
 
 
 def _prompt_text(job: _Job, choice: Choice) -> str:
-    return job.tokenizer.decode(choice.greq.prompt_token_ids)
+    return job.tokenizer.decode(choice.greq.prompt_token_ids.tolist())
 
 
 async def _stream(

@@ -58,7 +58,56 @@ def test_from_worker_round_trip_is_one_frame(msg: object) -> None:
     ],
 )
 def test_to_worker_round_trip(msg: object) -> None:
-    assert Decoder(ToWorker).decode(Encoder().encode(msg)) == msg
+    got = Decoder(ToWorker).decode(Encoder().encode(msg))
+    assert _fields(got) == _fields(msg)
+
+
+def _fields(msg: object) -> tuple[type, dict[str, object]]:
+    """A message's type and fields, arrays as (dtype, list): comparable with ``==``."""
+    fields = msgspec.structs.asdict(msg)  # type: ignore[arg-type]
+    for name, value in fields.items():
+        if isinstance(value, np.ndarray):
+            fields[name] = (value.dtype.str, value.tolist())
+    return type(msg), fields
+
+
+def test_a_job_carries_its_prompt_packed_in_one_aux_frame() -> None:
+    """Token ids as int32 beside the message, received as a view of the frame, not a list."""
+    job = PrefillJob("r", list(range(1000, 5000)), SamplingParams(), None)
+    assert job.prompt_token_ids.dtype == np.dtype("<i4")
+    frames = Encoder().encode(job)
+    assert len(frames) == 2 and len(memoryview(frames[1])) == 4 * 4000
+    got = Decoder(ToWorker).decode(frames)
+    assert isinstance(got, PrefillJob)
+    assert got.prompt_token_ids.dtype == np.dtype("<i4") and got.prompt_token_ids.tolist() == list(
+        range(1000, 5000)
+    )
+    assert np.shares_memory(got.prompt_token_ids, np.frombuffer(frames[1], dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        np.array([1.0, 2.0], dtype=np.float32),  # not integers
+        np.array([[1, 2]], dtype=np.int32),  # not 1-D
+        np.array([1, 2**40], dtype=np.int64),  # past int32
+    ],
+)
+def test_a_job_whose_prompt_is_not_token_ids_is_a_bad_message(prompt: np.ndarray) -> None:
+    # As a peer could send it: the array on the wire as it is, whatever the sender's code checks.
+    # (Ids out of a model's vocabulary, negative ones included, are the engine's to refuse.)
+    body = msgspec.msgpack.encode(
+        [
+            "prefill",
+            "r",
+            ["<f4" if prompt.dtype.kind == "f" else prompt.dtype.str, list(prompt.shape), 1, 1],
+            [4],
+        ]
+    )
+    frames = [body, prompt.tobytes()]
+    with pytest.raises(PdorchError) as e:
+        Decoder(ToWorker).decode(frames)
+    assert e.value.code is ErrorCode.BAD_MESSAGE
 
 
 def test_arrays_travel_as_zero_copy_aux_frames() -> None:

@@ -115,7 +115,7 @@ class EngineCore:
     def add_prefill(
         self,
         request_id: str,
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: Sequence[int] | np.ndarray,
         sampling: SamplingParams,
         on_layer: LayerKvCallback | None = None,
         *,
@@ -137,7 +137,7 @@ class EngineCore:
     def add_generate(
         self,
         request_id: str,
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: Sequence[int] | np.ndarray,
         sampling: SamplingParams,
         *,
         generated: int = 0,
@@ -188,7 +188,7 @@ class EngineCore:
         prompt_len: int,
         first_token: int,
         sampling: SamplingParams,
-        prompt_token_ids: Sequence[int] | None = None,
+        prompt_token_ids: Sequence[int] | np.ndarray | None = None,
         *,
         generated: int = 0,
         adapter: str = "",

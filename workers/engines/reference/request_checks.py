@@ -18,7 +18,10 @@ from workers.engines.reference.sequence import finish_reason
 
 
 def check_prompt(
-    cfg: ModelConfig, prompt_token_ids: Sequence[int], sampling: SamplingParams, generated: int = 0
+    cfg: ModelConfig,
+    prompt_token_ids: Sequence[int] | np.ndarray,
+    sampling: SamplingParams,
+    generated: int = 0,
 ) -> np.ndarray:
     """The prompt as an index array; raises INVALID_REQUEST or PROMPT_TOO_LONG. ``generated``: how
     many of its last tokens are a resumed request's earlier output (fewer than ``max_tokens``)."""

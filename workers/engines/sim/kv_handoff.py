@@ -31,7 +31,7 @@ STANDIN_DTYPE = "int32"
 _LAYER_SHIFT = 16
 
 
-def standin_rows(prompt_token_ids: Sequence[int], block_size: int) -> np.ndarray:
+def standin_rows(prompt_token_ids: Sequence[int] | np.ndarray, block_size: int) -> np.ndarray:
     """The prompt's token ids as ``[blocks, block_size]`` (layer 0's stand-in)."""
     blocks = -(-len(prompt_token_ids) // block_size)
     rows = np.full(blocks * block_size, -1, dtype=STANDIN_DTYPE)
@@ -46,7 +46,9 @@ def standin_layer(base: np.ndarray, layer: int) -> np.ndarray:
 class StandInSink:
     """Receives a stand-in and checks every row against the one rebuilt from the prompt."""
 
-    def __init__(self, prompt_token_ids: Sequence[int], block_size: int, num_layers: int) -> None:
+    def __init__(
+        self, prompt_token_ids: Sequence[int] | np.ndarray, block_size: int, num_layers: int
+    ) -> None:
         self._base = standin_rows(prompt_token_ids, block_size)
         self._num_layers = num_layers
         self.rows_written = 0
@@ -92,7 +94,7 @@ async def _sleep_until(when: float) -> None:
 async def send_standin(
     sender: KvSender,
     route: KvRoute,
-    prompt_token_ids: Sequence[int],
+    prompt_token_ids: Sequence[int] | np.ndarray,
     first_token: int,
     *,
     num_layers: int,
@@ -135,7 +137,7 @@ async def send_standin(
 async def receive_standin(
     receiver: KvReceiver,
     route: KvRoute,
-    prompt_token_ids: Sequence[int],
+    prompt_token_ids: Sequence[int] | np.ndarray,
     *,
     num_layers: int,
     block_size: int,

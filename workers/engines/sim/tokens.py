@@ -67,12 +67,14 @@ def check_sampling(sampling: SamplingParams) -> None:
         raise PdorchError(ErrorCode.INVALID_REQUEST, f"top_p must be in (0, 1], got {sampling.top_p}")
 
 
-def check_prompt(prompt_token_ids: Sequence[int], max_model_len: int, generated: int = 0) -> np.ndarray:
+def check_prompt(
+    prompt_token_ids: Sequence[int] | np.ndarray, max_model_len: int, generated: int = 0
+) -> np.ndarray:
     """A prompt must be non-empty, in the vocabulary, and leave room for one generated token;
     a resumed request's ``generated`` tokens (the prompt's tail) must leave a prompt before them.
     Returns its ids as one int64 array: converted once here, every later pass over a long prompt
     (the token stream's key, the stand-in KV, the prefix hashes) reads it at numpy speed."""
-    if not prompt_token_ids:
+    if len(prompt_token_ids) == 0:
         raise PdorchError(ErrorCode.INVALID_REQUEST, "prompt must be a non-empty list of token ids")
     if not 0 <= generated < len(prompt_token_ids):
         raise PdorchError(ErrorCode.INVALID_REQUEST, f"bad resume point {generated}")
@@ -99,7 +101,7 @@ class SimTokenStream:
     def __init__(
         self,
         engine_seed: int,
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: Sequence[int] | np.ndarray,
         sampling: SamplingParams,
         *,
         mean_output_tokens: float,

@@ -286,7 +286,7 @@ class VllmEngine:
     def _body(self, job: PrefillJob | DecodeJob | GenerateJob, max_tokens: int) -> dict[str, Any]:
         body = sampling_body(job.sampling, max_tokens, job.generated)
         # vLLM serves a LoRA adapter under its name (its prefix cache keeps adapters apart).
-        return {"model": job.adapter or self._model, "prompt": job.prompt_token_ids, **body}
+        return {"model": job.adapter or self._model, "prompt": job.prompt_token_ids.tolist(), **body}
 
     def _emit_tokens(
         self,

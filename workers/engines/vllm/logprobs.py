@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import TokenLogprobs
 
@@ -40,13 +42,15 @@ def token_logprobs(choice: dict[str, Any], top: int) -> list[TokenLogprobs]:
     ]
 
 
-def prompt_logprobs(choice: dict[str, Any], prompt: Sequence[int], top: int) -> list[TokenLogprobs]:
+def prompt_logprobs(
+    choice: dict[str, Any], prompt: Sequence[int] | np.ndarray, top: int
+) -> list[TokenLogprobs]:
     """vLLM's ``prompt_logprobs`` (None for the first token, then one map per token keyed by id)."""
     found = choice.get("prompt_logprobs")
     if not found:
         return []
     out = []
-    for token, entries in zip(prompt[1:], found[1:], strict=True):
+    for token, entries in zip([int(t) for t in prompt[1:]], found[1:], strict=True):
         alternatives = {int(k): float(v["logprob"]) for k, v in (entries or {}).items()}
         if token not in alternatives:
             raise PdorchError(ErrorCode.JOB_FAILED, f"vLLM gave no logprob for prompt token {token}")
