@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from transport import sockets
 from transport.kv import ArraySink, KvReceiver, KvSender
+from transport.kv.broker_cli import listening_endpoint
 from transport.kv.checksum import checksum, checksum_rows_for, span_checksums
 from transport.kv.receive_buffers import keep_receive_buffers
 from transport.kv.same_host import SameHostMode
@@ -370,10 +371,11 @@ def start_broker(window_mb: int) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    if not line.startswith("kv-broker listening on "):
+    endpoint = listening_endpoint(line)
+    if endpoint is None:
         proc.kill()
         raise SystemExit(f"broker did not start: {line!r}")
-    return proc, line.rsplit(" ", 1)[1].strip()
+    return proc, endpoint
 
 
 METHODS = ("memcpy", "raw", "raw+work", "p2p", "p2p-discard", "central", "same-host", "p2p+auth", "p2p+curve")

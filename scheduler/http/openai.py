@@ -140,7 +140,7 @@ async def _build(
         ids = await _token_ids(tokenizer, prompt, limit)
     else:
         assert prompt is not None
-        ids = list(prompt)
+        ids = prompt
     if len(ids) > limit:
         raise PdorchError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens; the limit is {limit}")
     packed = pack_token_ids(ids)  # what the jobs carry; checked here at numpy speed

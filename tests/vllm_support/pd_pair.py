@@ -17,6 +17,7 @@ from pathlib import Path
 from pdorch.launcher import ClusterSpec, LocalCluster
 from tests.vllm_support.environment import free_port
 from tests.vllm_support.processes import VllmServer, wait_healthy
+from transport.kv.broker_cli import listening_endpoint
 from transport.kv.receiver import ReceiverLimits
 from transport.messages import (
     DecodeJob,
@@ -86,8 +87,8 @@ def _start_broker(log_path: Path, keys: KeySet) -> tuple[subprocess.Popen[bytes]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         for line in log_path.read_text(errors="replace").splitlines():
-            if line.startswith("kv-broker listening on "):
-                return proc, line.rsplit(" ", 1)[1]
+            if (endpoint := listening_endpoint(line)) is not None:
+                return proc, endpoint
         time.sleep(0.1)
     proc.kill()
     proc.wait()

@@ -23,6 +23,13 @@ from transport.security import config as security_config
 
 log = logging.getLogger("pdorch.kv_broker")
 MIB = 1024 * 1024
+# The readiness line's prefix; the endpoint follows it.
+LISTENING = "kv-broker listening on "
+
+
+def listening_endpoint(line: str) -> str | None:
+    """The endpoint a broker's readiness line names (None if ``line`` is not that line)."""
+    return line[len(LISTENING) :].strip() if line.startswith(LISTENING) else None
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -110,7 +117,7 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await broker.start()
-        print(f"kv-broker listening on {broker.endpoint}", flush=True)
+        print(f"{LISTENING}{broker.endpoint}", flush=True)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(args.stats_interval_s):
