@@ -89,6 +89,13 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8),
             registry=r,
         )
+        self.output_length_error = Histogram(
+            "pdorch_output_length_error_tokens",
+            "Per finished request, how far its output length was from the length predicted when it "
+            "was placed (the predictor learns from each of them)",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+            registry=r,
+        )
         self.migration_seconds = Histogram(
             "pdorch_migration_seconds",
             "Time a migration cost a request: its last progress before the failure to the next",

@@ -198,9 +198,11 @@ class Orchestrator:
                 if batch is not None:
                     if batch.finish_reason is not None:
                         self._finished(run, attempt)
-                    yield batch
-                    if batch.finish_reason is not None:
+                        # Before the yield: a consumer that has what it wants stops here and
+                        # closes the stream, and nothing after the yield would run.
                         finished = True
+                    yield batch
+                    if finished:
                         return
                 if failure is not None:
                     await self._recover(run, attempt, failure)
@@ -217,6 +219,7 @@ class Orchestrator:
                 self.forget(req)
             if finished:
                 self._planner.observe(features, len(run.tokens))
+                self._metrics.output_length_error.observe(abs(len(run.tokens) - preq.predicted_output_len))
 
     def _finished(self, run: _Run, a: Attempt) -> None:
         # Tokens the attempt's decode side produced after its first (which came from prefill).

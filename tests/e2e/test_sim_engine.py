@@ -246,3 +246,30 @@ async def test_a_degraded_worker_is_learnt_slower_than_its_class(tmp_path: Path)
             assert slow == pytest.approx(factors()["decode-2"], rel=0.2) and slow > 1.0
     finally:
         cluster.stop()
+
+
+async def test_the_scheduler_learns_output_lengths_from_finished_requests(tmp_path: Path) -> None:
+    """Answers of ~4 tokens under a max_tokens of 300: the first is predicted at max_tokens (nothing
+    learnt yet), the ones after it close to their length, whether the client streamed or not (both
+    stop reading at the last batch). Every finished request is counted once."""
+    spec = ClusterSpec(
+        engine="sim",
+        worker_args=["--sim-time-scale", "0", "--sim-mean-output-tokens", "4"],
+        port=0,
+        log_dir=tmp_path,
+        log_level="WARNING",
+    )
+    requests = 24
+    with LocalCluster(spec) as cluster:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+            for i in range(requests):
+                body = {"model": "llama-3-8b", "prompt": f"short answer {i}", "max_tokens": 300, "seed": i}
+                if i % 2:
+                    await stream_tokens(s, cluster.url, **body)
+                else:
+                    await complete(s, cluster.url, **body)
+            name = "pdorch_output_length_error_tokens"
+            assert await metric(s, cluster.url, name + "_count") == requests
+            # The first missed by ~300; all but a few of the rest by less than 32 tokens.
+            assert await metric(s, cluster.url, name + "_bucket", le="32.0") >= requests - 4
+            assert await metric(s, cluster.url, name + "_bucket", le="128.0") < requests
