@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -170,19 +170,21 @@ class Orchestrator:
         *,
         follow: str = "",
         on_resident: Callable[[str], None] | None = None,
-    ) -> AsyncIterator[TokenBatch]:
+    ) -> AsyncGenerator[TokenBatch, bool | None]:
         """The request's tokens as they come. ``placement``: its decision, booked by :meth:`decide`
         at admission (without one, it is decided here, once). ``on_resident(worker_id)`` is called
         once, when the prompt's KV is complete on the worker that generates the rest (the decode
         worker once the handoff landed; the prefill worker if the request ended at its first
         token). ``follow`` starts the request colocated on that worker instead of placing it, when
         it is still there: the other choices of an ``n`` > 1 request share the prompt's cached
-        blocks there."""
+        blocks there. Sending True (``asend``) instead of asking for the next batch ends the
+        request where it is (a stop string showed up): its jobs are cancelled, and its tokens so
+        far are its output's length, as if it had finished."""
         rid = req.request_id
         features, preq = plan or self.plan(req)
         queue = self._inbox.open(rid)
         run = _Run(req, preq, on_resident=on_resident)
-        finished = False
+        finished = stopped = False
         try:
             if placement is None and follow:
                 placement = self._planner.follow(preq, follow, time.monotonic())
@@ -201,8 +203,8 @@ class Orchestrator:
                         # Before the yield: a consumer that has what it wants stops here and
                         # closes the stream, and nothing after the yield would run.
                         finished = True
-                    yield batch
-                    if finished:
+                    stopped = bool((yield batch))
+                    if finished or stopped:
                         return
                 if failure is not None:
                     await self._recover(run, attempt, failure)
@@ -217,7 +219,7 @@ class Orchestrator:
                 self._metrics.attempts.observe(run.attempt.number + 1)
             else:
                 self.forget(req)
-            if finished:
+            if finished or stopped:
                 self._planner.observe(features, len(run.tokens))
                 self._metrics.output_length_error.observe(abs(len(run.tokens) - preq.predicted_output_len))
 

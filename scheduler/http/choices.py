@@ -69,7 +69,10 @@ def choices(greq: GenerationRequest, n: int, seeded: bool, first: Progress, offs
 
 
 async def text_deltas(
-    tokenizer: Tokenizer, stop: list[str], batches: AsyncIterator[TokenBatch], progress: Progress
+    tokenizer: Tokenizer,
+    stop: list[str],
+    batches: AsyncGenerator[TokenBatch, bool | None],
+    progress: Progress,
 ) -> AsyncIterator[str]:
     """Text deltas, one per batch of tokens (empty while the text is held back: an incomplete UTF-8
     sequence, a possible stop string), until the request finishes or a stop string shows up
@@ -83,6 +86,10 @@ async def text_deltas(
         delta = text.feed(batch.token_ids)
         if text.stopped:
             progress.finish_reason = FinishReason.STOP
+            # The request ends here, its job cancelled; told so, the scheduler counts its output
+            # so far as its length (a stream that is merely closed may be a client gone).
+            with contextlib.suppress(StopAsyncIteration):
+                await batches.asend(True)
             yield delta
             return
         if batch.finish_reason is not None:
@@ -98,7 +105,7 @@ Item = tuple[Choice, str | None]
 
 async def _items(
     choice: Choice,
-    batches: AsyncIterator[TokenBatch],
+    batches: AsyncGenerator[TokenBatch, bool | None],
     tokenizer: Tokenizer,
     stop: list[str],
     first_in: asyncio.Event | None = None,

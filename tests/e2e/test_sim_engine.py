@@ -273,3 +273,19 @@ async def test_the_scheduler_learns_output_lengths_from_finished_requests(tmp_pa
             # The first missed by ~300; all but a few of the rest by less than 32 tokens.
             assert await metric(s, cluster.url, name + "_bucket", le="32.0") >= requests - 4
             assert await metric(s, cluster.url, name + "_bucket", le="128.0") < requests
+
+
+async def test_a_stop_string_ending_a_request_teaches_the_length_predictor(sim_p2p: LocalCluster) -> None:
+    """A stop string ends a request while its job goes on (tokens come one step at a time at this
+    speed): the job is cancelled, and the output up to there counts as the request's length."""
+    name = "pdorch_output_length_error_tokens_count"
+    # Any vowel ends these (the simulated engine's text is random printable characters).
+    vowels = ["a", "e", "i", "o", "u", "A", "E", "I", "O", "U"]
+    body = {"prompt": "stop", "max_tokens": 2000, "ignore_eos": True, "stop": vowels}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        before = await metric(s, sim_p2p.url, name)
+        whole = await complete(s, sim_p2p.url, **body)
+        ids, finish, _ = await stream_tokens(s, sim_p2p.url, **body)
+        assert whole["choices"][0]["finish_reason"] == finish == "stop"
+        assert len(ids) < 2000
+        assert await metric(s, sim_p2p.url, name) == before + 2
