@@ -38,6 +38,9 @@ _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
+# A run this short is drawn token by token: a dozen numpy calls on a few values cost more than the
+# plain ints, several times more under load, when numpy's code is no longer in the CPU's caches.
+_PLAIN_RUN = 32
 
 
 def check_sampling(sampling: SamplingParams) -> None:
@@ -165,6 +168,8 @@ class SimTokenStream:
         reason = FinishReason.LENGTH
         while start < limit:
             count = min(limit - start, max(64, start - done))  # chunks that double: EOS may come early
+            if count <= _PLAIN_RUN:
+                return self._rest_plain(start, count)
             chunk = self.tokens(start, count)
             stops = np.isin(chunk, s.stop_token_ids) if s.stop_token_ids else np.zeros(count, dtype=bool)
             if not s.ignore_eos:
@@ -177,6 +182,17 @@ class SimTokenStream:
             chunks.append(chunk)
             start += count
         return np.concatenate(chunks).tolist(), reason
+
+    def _rest_plain(self, start: int, count: int) -> tuple[list[int], FinishReason]:
+        """:meth:`rest` for a last run of at most ``_PLAIN_RUN`` tokens, drawn one by one."""
+        s = self.sampling
+        out = []
+        for index in range(start, start + count):
+            token = self.token(index)
+            out.append(token)
+            if token in s.stop_token_ids or (token == EOS_TOKEN_ID and not s.ignore_eos):
+                return out, FinishReason.STOP
+        return out, FinishReason.LENGTH
 
     def finish_reason(self, token: int, num_generated: int) -> FinishReason | None:
         """Whether generating ``token`` (the ``num_generated``-th here, from 1) ends the request."""
