@@ -160,6 +160,8 @@ def test_what_a_model_without_logits_cannot_honour_is_refused_and_min_tokens_hol
         SamplingParams(max_tokens=300, temperature=0.8, seed=4, stop_token_ids=[65, 66]),
         SamplingParams(max_tokens=40, min_tokens=20, stop_token_ids=[70, 71, 72]),
         SamplingParams(max_tokens=500, ignore_eos=True),
+        # A long run whose last chunk is short.
+        SamplingParams(max_tokens=80, ignore_eos=True),
         # Short runs, drawn token by token.
         SamplingParams(max_tokens=16, ignore_eos=True),
         SamplingParams(max_tokens=30, temperature=0.8, seed=2, stop_token_ids=[65, 66, 67, 68, 69]),

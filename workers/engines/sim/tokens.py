@@ -163,13 +163,13 @@ class SimTokenStream:
         s = self.sampling
         # The count at which finish_reason says LENGTH (at least one more token is generated).
         limit = max(done + 1, min(s.max_tokens - self.generated, self._max_model_len - self.prompt_len))
+        if limit - done <= _PLAIN_RUN:
+            return self._rest_plain(done, limit - done)
         chunks: list[np.ndarray] = []
         start = done
         reason = FinishReason.LENGTH
         while start < limit:
             count = min(limit - start, max(64, start - done))  # chunks that double: EOS may come early
-            if count <= _PLAIN_RUN:
-                return self._rest_plain(start, count)
             chunk = self.tokens(start, count)
             stops = np.isin(chunk, s.stop_token_ids) if s.stop_token_ids else np.zeros(count, dtype=bool)
             if not s.ignore_eos:
@@ -184,7 +184,7 @@ class SimTokenStream:
         return np.concatenate(chunks).tolist(), reason
 
     def _rest_plain(self, start: int, count: int) -> tuple[list[int], FinishReason]:
-        """:meth:`rest` for a last run of at most ``_PLAIN_RUN`` tokens, drawn one by one."""
+        """:meth:`rest` when at most ``_PLAIN_RUN`` tokens are left, drawn one by one."""
         s = self.sampling
         out = []
         for index in range(start, start + count):
