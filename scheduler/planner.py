@@ -70,16 +70,24 @@ class Planner:
     # ------------------------------------------------------------------ the request
 
     def features(
-        self, model: str, prompt: Sequence[int] | np.ndarray, max_tokens: int, tenant: str, hint: int
+        self,
+        model: str,
+        prompt: Sequence[int] | np.ndarray,
+        max_tokens: int,
+        tenant: str,
+        hint: int,
+        block_hashes: Sequence[int] | None = None,
     ) -> OutputFeatures:
-        """The output-length predictor's features of a tokenized prompt."""
-        hashes = prompt_block_hashes(prompt[:PREFIX_BLOCK_TOKENS], PREFIX_BLOCK_TOKENS)
+        """The output-length predictor's features of a tokenized prompt (``block_hashes``: its
+        unsalted hashes of ``PREFIX_BLOCK_TOKENS``-token blocks, when the caller has them)."""
+        if block_hashes is None:
+            block_hashes = prompt_block_hashes(prompt[:PREFIX_BLOCK_TOKENS], PREFIX_BLOCK_TOKENS)
         return OutputFeatures(
             prompt_len=len(prompt),
             max_tokens=max_tokens,
             model=model,
             tenant=tenant,
-            template_key=hashes[0] if hashes else 0,
+            template_key=block_hashes[0] if block_hashes else 0,
             hint=hint,
         )
 

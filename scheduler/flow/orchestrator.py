@@ -133,13 +133,16 @@ class Orchestrator:
         resumed: bool = False,
         followers: int = 0,
     ) -> tuple[OutputFeatures, PlacementRequest]:
-        features = self._planner.features(req.model, prompt, max_tokens, req.tenant, req.hint)
+        # Salted with the adapter: affinity among nodes that served this adapter's prefix.
+        block_hashes = prompt_block_hashes(prompt, PREFIX_BLOCK_TOKENS, req.adapter)
+        features = self._planner.features(
+            req.model, prompt, max_tokens, req.tenant, req.hint, None if req.adapter else block_hashes
+        )
         slo = self._cfg.slo
         preq = self._planner.request(
             job_id,
             features,
-            # Salted with the adapter: affinity among nodes that served this adapter's prefix.
-            block_hashes=prompt_block_hashes(prompt, PREFIX_BLOCK_TOKENS, req.adapter),
+            block_hashes=block_hashes,
             prefix_block_tokens=PREFIX_BLOCK_TOKENS,
             priority=req.priority,
             # A resumed request's first token is long out: its next one should come as soon as it can.

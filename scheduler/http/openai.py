@@ -143,11 +143,8 @@ async def _build(
         ids = prompt
     if len(ids) > limit:
         raise PdorchError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens; the limit is {limit}")
-    packed = pack_token_ids(ids)  # what the jobs carry; checked here at numpy speed
     vocab = hello.vocab_size
-    if vocab and len(packed) and packed.max() >= vocab:
-        bad_id = next(t for t in ids if t >= vocab)
-        raise bad(f"token id {bad_id} is outside the model's vocabulary (size {vocab})")
+    packed = pack_token_ids(ids, vocab)  # what the jobs carry, checked in one pass
     room = max_model_len - len(ids) if max_model_len > 1 else cfg.max_tokens_limit
     # As vLLM and OpenAI: chat takes the rest of the context unless told; completions take 16.
     default = min(room, cfg.max_tokens_limit) if chat else cfg.default_max_tokens

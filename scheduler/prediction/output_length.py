@@ -107,7 +107,7 @@ class OutputLengthPredictor:
         self._bpo = config.bins_per_octave
         self._bins = math.ceil(math.log2(config.max_len) * self._bpo) + 1
         # Bin i holds lengths in [2^(i/bpo), 2^((i+1)/bpo)); its representative is the geometric middle.
-        self._mid = np.exp2((np.arange(self._bins) + 0.5) / self._bpo)
+        self._mid_list = np.exp2((np.arange(self._bins) + 0.5) / self._bpo).tolist()
         self._hists: OrderedDict[tuple, _Hist] = OrderedDict()
         self._level_list = [float(q) for q in config.levels]
         self.observed = 0
@@ -115,13 +115,21 @@ class OutputLengthPredictor:
     # ------------------------------------------------------------------ public
 
     def predict(self, f: OutputFeatures) -> OutputPrediction:
-        p = self._distribution(f)
+        # Once per request on the scheduler's hot path: after the one weighted sum, plain floats and
+        # bisect, where numpy's calls on a few dozen bins would cost more (several times more
+        # under load, their code out of the CPU's caches).
+        mass = self._distribution(f).tolist()
+        cum = list(itertools.accumulate(mass))
         cap = f.max_tokens if f.max_tokens > 0 else self.config.max_len
+        levels = self._level_list
         quantiles = tuple(
-            (float(q), max(1, min(cap, v)))
-            for q, v in zip(self.config.levels, self._quantiles(p), strict=True)
+            (q, max(1, min(cap, v))) for q, v in zip(levels, self._quantiles(mass, cum), strict=True)
         )
-        mean = float(np.minimum(self._mid, cap) @ p)
+        # The mean of min(length, cap): a bin whose middle is within the cap counts at its middle,
+        # the others at the cap.
+        within = bisect.bisect_right(self._mid_list, cap)
+        below = sum(m * x for m, x in zip(self._mid_list[:within], mass[:within], strict=True))
+        mean = below + cap * (cum[-1] - (cum[within - 1] if within else 0.0))
         return OutputPrediction(quantiles, mean)
 
     def observe(self, f: OutputFeatures, true_len: int) -> None:
@@ -199,11 +207,7 @@ class OutputLengthPredictor:
             p[hint_bin] += hint_weight
         return p
 
-    def _quantiles(self, p: np.ndarray) -> list[int]:
-        # Once per request on the scheduler's hot path: plain floats and bisect beat numpy's
-        # per-call overhead on a few dozen bins.
-        mass = p.tolist()
-        cum = list(itertools.accumulate(mass))
+    def _quantiles(self, mass: list[float], cum: list[float]) -> list[int]:
         last = self._bins - 1
         out = []
         for level in self._level_list:
