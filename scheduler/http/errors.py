@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from scheduler.app_keys import METRICS
+from scheduler.http.json_body import json_response
 from transport.errors import ErrorCode, PdorchError
 from transport.rate_limited_log import RateLimitedLog
 
@@ -57,7 +58,7 @@ def error_response(err: PdorchError) -> web.Response:
     status = status_of(err.code)
     retry_after = getattr(err, "retry_after_s", RETRY_AFTER_S)
     headers = {"Retry-After": str(max(1, round(retry_after)))} if status in (429, 503) else None
-    return web.json_response(error_body(err), status=status, headers=headers)
+    return json_response(error_body(err), status=status, headers=headers)
 
 
 # aiohttp's other errors (a body over client_max_size...) in the same shape, by status.
@@ -67,7 +68,7 @@ _HTTP_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
 def _http_error(e: web.HTTPException) -> web.Response:
     kind = _HTTP_TYPES.get(e.status, "invalid_request_error" if e.status < 500 else "server_error")
     body = {"error": {"message": e.reason, "type": kind, "code": str(e.status), "param": None}}
-    return web.json_response(body, status=e.status)
+    return json_response(body, status=e.status)
 
 
 @web.middleware

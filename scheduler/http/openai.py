@@ -24,6 +24,7 @@ from scheduler.flow import GenerationRequest
 from scheduler.http import sse
 from scheduler.http.choices import Choice, Item, Progress, choices, generate, merge
 from scheduler.http.errors import error_body
+from scheduler.http.json_body import json_response
 from scheduler.http.logprobs_format import chat_logprobs, completion_logprobs
 from scheduler.http.openai_schema import (
     ChatCompletionRequest,
@@ -252,7 +253,7 @@ def _model_cards(cluster: Cluster) -> dict[str, dict[str, Any]]:
 
 async def models(request: web.Request) -> web.Response:
     client_tenant(request, request.app[CONFIG])
-    return web.json_response({"object": "list", "data": list(_model_cards(request.app[CLUSTER]).values())})
+    return json_response({"object": "list", "data": list(_model_cards(request.app[CLUSTER]).values())})
 
 
 async def model(request: web.Request) -> web.Response:
@@ -261,7 +262,7 @@ async def model(request: web.Request) -> web.Response:
     card = _model_cards(request.app[CLUSTER]).get(name)
     if card is None:
         raise PdorchError(ErrorCode.MODEL_NOT_FOUND, f"model {name!r} does not exist")
-    return web.json_response(card)
+    return json_response(card)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +475,7 @@ def _complete(jobs: list[_Job], all_choices: list[Choice], texts: list[str]) -> 
             choice["prompt_logprobs"] = prompt_logprobs
         body["choices"].append(choice)
     body["usage"] = _usage(jobs, all_choices)
-    return web.json_response(body)
+    return json_response(body)
 
 
 def _prompt_text(job: _Job, choice: Choice) -> str:
@@ -586,7 +587,7 @@ async def tokenize(request: web.Request) -> web.Response:
     else:
         source = req.prompt or ""
     ids = await _token_ids(tokenizer, source, limit)
-    return web.json_response({"count": len(ids), "max_model_len": hello.max_model_len, "tokens": ids})
+    return json_response({"count": len(ids), "max_model_len": hello.max_model_len, "tokens": ids})
 
 
 async def detokenize(request: web.Request) -> web.Response:
@@ -596,4 +597,4 @@ async def detokenize(request: web.Request) -> web.Response:
     tokenizer, hello = _tokenizer_for(request.app[CLUSTER], request.app[TOKENIZERS], req.model)
     if hello.vocab_size and (wrong := next((t for t in req.tokens if not 0 <= t < hello.vocab_size), None)):
         raise bad(f"token id {wrong} is outside the model's vocabulary (size {hello.vocab_size})")
-    return web.json_response({"prompt": tokenizer.decode(req.tokens)})
+    return json_response({"prompt": tokenizer.decode(req.tokens)})

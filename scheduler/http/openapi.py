@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from scheduler.http import response_shapes as r
+from scheduler.http.json_body import json_response
 from scheduler.http.openai import HINT_HEADER
 from scheduler.http.openai_schema import (
     NEUTRAL_EXTENSIONS,
@@ -284,4 +285,4 @@ def _ok(struct: type) -> dict[str, Any]:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(document())
+    return json_response(document())

@@ -8,13 +8,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from scheduler.app_keys import ADMISSION, CLUSTER, CONFIG, KUBERNETES, METRICS, PLANNER
+from scheduler.http.json_body import json_response
 from scheduler.node_view import kv_refusing
 from scheduler.prediction.latency import SPEED_KINDS
 from transport.messages import Role
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -25,7 +26,7 @@ async def ready(request: web.Request) -> web.Response:
     prefill, decode = cluster.has_role(Role.PREFILL), cluster.has_role(Role.DECODE)
     ready = cluster.can_serve(app[CONFIG].colocated, app[PLANNER].placer.whole_request_roles)
     body = {"ready": ready, "prefill_workers": prefill, "decode_workers": decode}
-    return web.json_response(body, status=200 if ready else 503)
+    return json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -86,7 +87,7 @@ async def cluster(request: web.Request) -> web.Response:
             for pool, d in autoscaler.last_decisions().items()
         }
     )
-    return web.json_response(
+    return json_response(
         {
             "kv_mode": "colocated" if cfg.colocated else cfg.kv_mode,
             "workers": workers,

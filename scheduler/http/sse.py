@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
-_ENCODE = msgspec.json.Encoder().encode
+from scheduler.http.json_body import encode
 
 
 class _EventStream(web.StreamResponse):
@@ -31,7 +30,7 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
 
 
 def _events(payloads: tuple[Any, ...]) -> bytes:
-    return b"".join(b"data: " + _ENCODE(p) + b"\n\n" for p in payloads)
+    return b"".join(b"data: " + encode(p) + b"\n\n" for p in payloads)
 
 
 async def send_events(resp: web.StreamResponse, *payloads: Any) -> None:
