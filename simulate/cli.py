@@ -40,7 +40,10 @@ PLOT_POINTS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdorch simulate", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--trace", required=True, type=Path, help="Azure CSV, Mooncake JSONL or ShareGPT lengths CSV"
+        "--trace",
+        required=True,
+        type=Path,
+        help="Azure (2023, 2024), BurstGPT or ShareGPT-lengths CSV, Mooncake or Qwen-Bailian JSONL; or .gz",
     )
     pool = "N:CLASS[xTP][@SLOWDOWN]"  # @2: instances of the class at half its speed (degraded)
     p.add_argument("--prefill", action="append", default=[], metavar=pool, help="prefill pool")
@@ -52,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="attainment vs rate plot")
     p.add_argument("--tp", type=int, default=4, help="tensor-parallel size when a class has no xTP")
     p.add_argument("--model", default="llama-2-70b", help="model shape (llama-2-70b, llama-3-8b)")
-    p.add_argument("--limit", type=int, default=0, help="replay only the first N requests")
+    p.add_argument("--limit", type=int, default=0, help="replay only the file's first N requests")
     p.add_argument(
         "--requests", type=int, default=4000, help="traces without timestamps (ShareGPT): requests to draw"
     )
@@ -84,8 +87,14 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    trace = load_trace(args.trace, requests=args.requests, rate_per_s=args.arrival_rate, seed=args.seed)
-    if args.limit > 0:
+    trace = load_trace(
+        args.trace,
+        requests=args.requests,
+        rate_per_s=args.arrival_rate,
+        seed=args.seed,
+        limit=max(0, args.limit),
+    )
+    if args.limit > 0:  # a trace without timestamps draws --requests rows whatever the limit
         trace = trace.head(args.limit)
     cluster = parse_cluster(args.prefill, args.decode, args.both, default_tp=args.tp)
     slo = SloSpec(
