@@ -29,7 +29,11 @@ Traces are read from ``../shared/traces`` relative to the repository root (or ``
 trace that is absent is skipped with a message. ShareGPT has no timestamps: 4,000 rows drawn with
 seed 0, arriving as a Poisson process at 1 request/s (so its goodput scale reads as requests/s).
 The synthetic workloads of ``simulate/synthetic.py`` (2,000 requests each, seed 0, 1 request/s on
-average) need no file and run with the traces.
+average) need no file and run with the traces. Any other trace file (a public trace pdorch was never
+run on) goes in with ``--trace-file PATH`` (repeatable; ``--limit N`` reads its first N requests),
+alone unless ``--trace`` names others too::
+
+    .venv/bin/python bench/simulate_policies.py --only goodput --trace-file BurstGPT_1.csv --limit 20000
 """
 
 from __future__ import annotations
@@ -392,8 +396,17 @@ def main() -> int:
         "--trace",
         choices=[*TRACES, *WORKLOADS],
         action="append",
-        help="trace or synthetic workload (default: all)",
+        help="trace or synthetic workload (default: all, or none when --trace-file is given)",
     )
+    p.add_argument(
+        "--trace-file",
+        type=Path,
+        action="append",
+        default=[],
+        help="any trace file pdorch simulate reads (Azure, BurstGPT, Mooncake, Qwen-Bailian, ShareGPT "
+        "lengths; .gz too), named by its file name; repeatable",
+    )
+    p.add_argument("--limit", type=int, default=0, help="--trace-file: only the file's first N requests")
     p.add_argument("--policy", choices=list(policies()), action="append", help="policy (default: all)")
     p.add_argument(
         "--variant",
@@ -410,7 +423,7 @@ def main() -> int:
     names = args.policy or list(policies())
     loaded = {}
     for name, rel in TRACES.items():
-        if args.trace and name not in args.trace:
+        if (args.trace and name not in args.trace) or (args.trace_file and not args.trace):
             continue
         path = args.traces / rel
         if path.exists():
@@ -418,8 +431,11 @@ def main() -> int:
         else:
             print(f"note: {name} trace not found at {path}; its sections are skipped\n")
     for name in WORKLOADS:
-        if not args.trace or name in args.trace:
+        if (not args.trace and not args.trace_file) or (args.trace and name in args.trace):
             loaded[name] = workload_trace(name)
+    for path in args.trace_file:
+        trace = load_trace(path, requests=SHAREGPT_REQUESTS, rate_per_s=1.0, seed=0, limit=max(0, args.limit))
+        loaded[trace.name] = trace
     if args.only in (None, "fit"):
         section_fit(args.traces)
     if args.only in (None, "predictor"):
