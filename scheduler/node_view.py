@@ -98,6 +98,7 @@ def node_view(
         queued_prefill_tokens=max(load.queued_prefill_tokens, ledger.pending_tokens),
         inflight=len(ledger.held),
         kv_refusing=refusing,
+        takes_handoff=bool(hello.kv_endpoint),
         prefill_tokens_per_s=d.rate,
         cached_block_hashes=ledger.prefixes.view(),
         prefill_wait_s=wait,

@@ -51,6 +51,9 @@ class SimNode:
             capacity_blocks=self.engine.capacity // params.block_size,
             accelerator=spec.accelerator,
             adapters=adapters or [],
+            # Every simulated worker takes handoffs, as a live agent of an engine that moves its own
+            # KV binds a KV endpoint whatever its role (workers/main.py).
+            kv_endpoint=f"sim://{self.worker_id}",
         )
         self.nic_free_at = 0.0  # the KV link is used by one transfer at a time
         self.version = 0  # bumps when the engine's next event is re-scheduled

@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-bind",
         default="tcp://127.0.0.1:0",
-        help="KV endpoint to bind for receiving KV (decode-capable roles); port 0 picks one",
+        help="KV endpoint to bind for receiving KV (every role); port 0 picks one",
     )
     p.add_argument(
         "--kv-advertise",
@@ -141,6 +141,16 @@ def receiver_limits(args: argparse.Namespace) -> ReceiverLimits:
     )
 
 
+def advertised_kv_endpoint(role: Role, advertise: str, bound: str | None) -> str:
+    """The KV endpoint the worker tells the scheduler, only where KV can arrive: its own receiver
+    (``bound``: what it bound; None: it has none), or, for an engine whose connector receives the KV
+    itself (vLLM), a decode-capable role. "" for a vLLM prefill worker: placement lends a prefill
+    worker to decoding a prompt prefilled elsewhere only if it advertises one."""
+    if bound is None and role not in (Role.DECODE, Role.BOTH):
+        return ""
+    return advertise or bound or ""
+
+
 async def _serve(args: argparse.Namespace, security_cfg: SecurityConfig) -> int:
     security = Security.load(security_cfg)
     ctx = sockets.new_context()
@@ -152,17 +162,18 @@ async def _serve(args: argparse.Namespace, security_cfg: SecurityConfig) -> int:
             # Engines that move their KV in this process get the KV plane for their role.
             if role in (Role.PREFILL, Role.BOTH):
                 sender = KvSender(ctx, security=security, same_host=args.kv_same_host)
-            if role in (Role.DECODE, Role.BOTH):
-                receiver = KvReceiver(
-                    ctx,
-                    bind=args.kv_bind,
-                    security=security,
-                    same_host=args.kv_same_host,
-                    **receiver_limits(args).kwargs(),
-                )
-                await receiver.start()
+            # Every role receives: a prefill worker may be lent to decoding a request that another
+            # prefill worker prefilled (placement.md, the third tier).
+            receiver = KvReceiver(
+                ctx,
+                bind=args.kv_bind,
+                security=security,
+                same_host=args.kv_same_host,
+                **receiver_limits(args).kwargs(),
+            )
+            await receiver.start()
         engine = engine_cli.build(args, sender, receiver)
-        kv_endpoint = args.kv_advertise or (receiver.endpoint if receiver is not None else "")
+        kv_endpoint = advertised_kv_endpoint(role, args.kv_advertise, receiver.endpoint if receiver else None)
         cfg = AgentConfig(
             scheduler=args.scheduler,
             worker_id=args.worker_id,

@@ -21,7 +21,7 @@ from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster, start_scheduler_only
 from tests.e2e.helpers import MODEL, decode_tie_break, eventually, metric, stream_tokens
 from tests.support.fake_worker import FakeWorker
-from transport.messages import DecodeJob, Load, Role
+from transport.messages import DecodeJob, Load, PrefillJob, Role
 
 pytestmark = pytest.mark.e2e
 
@@ -90,6 +90,77 @@ async def test_occupancy_and_predicted_length_pick_the_decode_node(scheduler_onl
     finally:
         for w in workers:
             w.close()
+
+
+async def test_a_prefill_node_is_lent_to_decode_a_prompt_another_prefilled(
+    scheduler_only: LocalCluster,
+) -> None:
+    """No decode node, two prefill nodes: "lent" has room for the request's KV but prompts queued,
+    so it may not take the request whole (a lent node prefills nothing more while prompts wait
+    there); "short" is idle but has no room for the KV. The request is prefilled on "short" and its
+    KV handed to "lent", which only decodes it (it has a KV endpoint), rather than waiting."""
+    cluster = scheduler_only
+    lent = FakeWorker(cluster, "lent", role=Role.PREFILL)
+    short = FakeWorker(cluster, "short", role=Role.PREFILL, capacity_blocks=2)
+    workers = [lent, short]
+    body = {"model": MODEL, "prompt": "placement", "max_tokens": 64, "temperature": 0}
+    try:
+        for w in workers:
+            w.register()
+        lent.report(Load(blocks_total=4096, queued_prefill_tokens=200_000))
+        short.report(Load(blocks_total=2))
+        await eventually(lambda: _load(cluster, "lent")["queued_prefill_tokens"] == 200_000, 10)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            request = asyncio.create_task(s.post(cluster.url + "/v1/completions", json=body))
+            try:
+                prefill = await asyncio.to_thread(short.recv_until, PrefillJob, 10)
+                decode = await asyncio.to_thread(lent.recv_until, DecodeJob, 10)
+            finally:
+                request.cancel()
+                with contextlib.suppress(BaseException):
+                    await request
+        assert prefill.request_id == decode.request_id
+        # The prefill side sends the KV to the lent node's endpoint.
+        assert prefill.kv is not None and prefill.kv.endpoint == lent.hello.kv_endpoint
+    finally:
+        for w in workers:
+            w.close()
+
+
+@pytest.fixture
+def two_prefill_nodes(tmp_path) -> Iterator[LocalCluster]:
+    """No decode worker; prefill-1 holds a prompt's KV while it prefills it, not its answer too."""
+    c = start_cluster(tmp_path, prefill=2, decode=0, per_worker_args={"prefill-1": ["--num-blocks", "72"]})
+    yield c
+    c.stop()
+
+
+async def test_real_prefill_workers_hand_a_prompt_to_one_another(two_prefill_nodes: LocalCluster) -> None:
+    """Real agents: while prefill-0 prefills one prompt, the next is prefilled on prefill-1 (which
+    has no room to keep it) and its KV handed to prefill-0 to decode. Each answer is the one the
+    request gets on its own, whole on one worker."""
+    cluster = two_prefill_nodes
+    prompts = [f"request {i}: " + "the quick brown fox jumps over the lazy dog " * 22 for i in range(6)]
+    url, timeout = cluster.url + "/v1/completions", aiohttp.ClientTimeout(total=120)
+
+    async def complete(s: aiohttp.ClientSession, prompt: str) -> list[int]:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 300, "temperature": 0}
+        body |= {"ignore_eos": True, "return_token_ids": True}
+        async with s.post(url, json=body) as r:
+            assert r.status == 200, await r.text()
+            return (await r.json())["choices"][0]["token_ids"]
+
+    async with aiohttp.ClientSession(timeout=timeout) as s:
+        together = await asyncio.gather(*(complete(s, p) for p in prompts))
+        split = await metric(s, cluster.url, "pdorch_placements_total", kind="split")
+        alone = [await complete(s, p) for p in prompts]
+    assert split >= 1  # with no decode worker, a split is a prefill worker decoding
+    assert together == alone and all(len(t) == 300 for t in together)
+    await eventually(lambda: _decoded(cluster, "prefill-0") > 0, 10)
+
+
+def _load(cluster: LocalCluster, worker_id: str) -> dict:
+    return next(w["load"] for w in cluster.cluster_state()["workers"] if w["worker_id"] == worker_id)
 
 
 def _blocks_used(cluster: LocalCluster, worker_id: str) -> int:

@@ -266,6 +266,34 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         ErrorCode.NO_WORKER,
     ),
     (
+        "no decode node has room; the prefill node with room for the KV has a prompt queued (it is "
+        "not lent the whole request), the idle one has no room to keep it: prefilled on the idle one, "
+        "its KV handed to the other, which only decodes it",
+        [
+            p("lent", prefill_wait_s=0.2, takes_handoff=True),
+            p("short", blocks_total=100),
+            d(blocks_used=100_000),
+        ],
+        {},
+        {},
+        ("short", "lent"),
+    ),
+    (
+        "the same, but the node with room cannot take a handoff (no KV endpoint): wait",
+        [p("lent", prefill_wait_s=0.2), p("short", blocks_total=100), d(blocks_used=100_000)],
+        {},
+        {},
+        ErrorCode.NO_WORKER,
+    ),
+    (
+        "no decode node has room; one prefill node already decodes, the other is idle and would leave "
+        "more headroom: the one already lent (lending a second would chunk its prefills too)",
+        [p("a", decode_batch=5, takes_handoff=True), p("b", takes_handoff=True), d(blocks_used=100_000)],
+        {},
+        {},
+        ("a", "a"),
+    ),
+    (
         "late binding: a prefill queue within the bound is taken",
         [p(prefill_wait_s=0.4), d()],
         {},

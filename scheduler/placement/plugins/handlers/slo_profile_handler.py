@@ -9,13 +9,15 @@ from the cluster.
 
 Each pool does its own phase first. The candidates come in three tiers: split (each pool its
 phase), then a decode node prefilling too (the decode pool lends prefill capacity), then a prefill
-node decoding too (the prefill pool lends decode capacity; only one with no prompt queued). The
-first tier holding a candidate predicted to meet every objective wins, and in it the candidate
-with the most headroom (ties: the larger sum of headrooms, then the profiles' scorers, then a draw
-seeded by the request). Headroom alone would take whichever node is idlest now, and a node lent to
-the other phase slows its own (a prefill node that decodes prefills slower for every later
-request, which no one request's prediction shows); the tiers lend a node only when its own pool
-cannot meet the objectives.
+node decoding too (the prefill pool lends decode capacity): the whole request, or one that the
+best other prefill node prefills and hands over (to a node with a KV endpoint); the node that
+prefills must have no prompt queued. The first tier holding a candidate predicted to meet every
+objective wins, and in it the candidate with the most headroom (ties: the larger sum of headrooms,
+then the profiles' scorers, then a draw seeded by the request); in the third, a node already lent
+comes first (lending another would chunk its prefills too). Headroom alone would take whichever
+node is idlest now, and a node lent to the other phase slows its own (a prefill node that decodes
+prefills slower for every later request, which no one request's prediction shows); the tiers lend
+a node only when its own pool cannot meet the objectives.
 ``tiers: false`` drops the tiers (most headroom wherever it is; for comparison).
 
 When no candidate is predicted to meet them ("the best candidate" below is the one with the most
@@ -39,6 +41,7 @@ linear in the number of nodes.
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Sequence
 
 import msgspec
@@ -90,8 +93,11 @@ class SloProfileHandler:
             tiers.append(self._options(tier, profiles, ctx, est, prefill, decode))
             if self.params.tiers:
                 meeting = [o for o in tiers[-1] if o.headroom >= 0 and self._bound(tier, o)]
-                # Spare the requests lent a prefill node's decode capacity where that costs nothing.
-                best = _best(profiles, ctx, [o for o in meeting if o.lent_ok] or meeting)
+                if tier is Tier.PREFILL_NODE_DECODES:
+                    best = _fewest_lent(meeting)
+                else:
+                    # Spare the requests lent a prefill node's decode capacity where that costs nothing.
+                    best = _best(profiles, ctx, [o for o in meeting if o.lent_ok] or meeting)
                 if best is not None:
                     return _placed(ctx, best)
         options = [o for tier_options in tiers for o in tier_options]
@@ -147,7 +153,16 @@ class SloProfileHandler:
         if tier is Tier.PREFILL_NODE_DECODES:
             if not ctx.config.fallback_to_prefill_node:
                 return []
-            return [est.option(p, p) for p in prefill if p.role is Role.PREFILL and ctx.has_room(p)]
+            lendable = [p for p in prefill if p.role is Role.PREFILL and ctx.has_room(p)]
+            # The request whole on a lent node, or prefilled on the best other prefill node and
+            # handed off to the lent one, which then only decodes it.
+            top = heapq.nlargest(2, prefill, key=est.prefill_rank)
+            split = []
+            for q in lendable:
+                p = next((p for p in top if p.worker_id != q.worker_id), None)
+                if p is not None and q.takes_handoff:
+                    split.append(est.option(p, q))
+            return [est.option(p, p) for p in lendable] + split
         if not prefill:
             return []
         # The best prefill node of each class: headroom, then the prefill profile's scorers.
@@ -165,10 +180,12 @@ def _placed(ctx: RequestContext, o: Option) -> Placement:
     return ctx.placement(o.prefill, o.decode, ttft_s=o.ttft_s, tpot_s=o.tpot_s)
 
 
-def tier_of(o: Option) -> Tier:
-    if o.prefill.worker_id != o.decode.worker_id:
-        return Tier.SPLIT
-    return Tier.PREFILL_NODE_DECODES if o.decode.role is Role.PREFILL else Tier.DECODE_NODE_PREFILLS
+def _fewest_lent(options: list[Option]) -> Option | None:
+    """Of the candidates that lend a prefill node to decoding, one whose node already decodes,
+    then the most headroom: a prefill node decoding anything prefills every prompt in chunks, each
+    paying an iteration's fixed cost (Sarathi-Serve's piggybacking), however few it decodes, so
+    lending one more node costs more than adding to one already lent."""
+    return max(options, key=lambda o: (o.decode.decode_batch > 0, o.headroom, o.total), default=None)
 
 
 def _best(profiles: Profiles, ctx: RequestContext, options: list[Option]) -> Option | None:
