@@ -21,7 +21,7 @@ from pdorch.launcher import LocalCluster
 from tests.e2e.conftest import start_cluster, start_scheduler_only
 from tests.e2e.helpers import MODEL, decode_tie_break, eventually, metric, stream_tokens
 from tests.support.fake_worker import FakeWorker
-from transport.messages import DecodeJob, Load, PrefillJob, Role
+from transport.messages import DecodeJob, GenerateJob, Load, PrefillJob, Role
 
 pytestmark = pytest.mark.e2e
 
@@ -95,10 +95,10 @@ async def test_occupancy_and_predicted_length_pick_the_decode_node(scheduler_onl
 async def test_a_prefill_node_is_lent_to_decode_a_prompt_another_prefilled(
     scheduler_only: LocalCluster,
 ) -> None:
-    """No decode node, two prefill nodes: "lent" has room for the request's KV but prompts queued,
-    so it may not take the request whole (a lent node prefills nothing more while prompts wait
-    there); "short" is idle but has no room for the KV. The request is prefilled on "short" and its
-    KV handed to "lent", which only decodes it (it has a KV endpoint), rather than waiting."""
+    """No decode node, two prefill nodes: "lent" has room for the KV, "short" has none. The first
+    request is lent to "lent". Then "lent" has prompts queued, so it may not take a request whole
+    (its own prefill would wait behind them and delay them); but it decodes already, so it may
+    decode one that "short", idle, prefills and hands over (its KV endpoint), rather than wait."""
     cluster = scheduler_only
     lent = FakeWorker(cluster, "lent", role=Role.PREFILL)
     short = FakeWorker(cluster, "short", role=Role.PREFILL, capacity_blocks=2)
@@ -107,19 +107,34 @@ async def test_a_prefill_node_is_lent_to_decode_a_prompt_another_prefilled(
     try:
         for w in workers:
             w.register()
-        lent.report(Load(blocks_total=4096, queued_prefill_tokens=200_000))
         short.report(Load(blocks_total=2))
-        await eventually(lambda: _load(cluster, "lent")["queued_prefill_tokens"] == 200_000, 10)
+        await eventually(lambda: _load(cluster, "short")["blocks_total"] == 2, 10)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-            request = asyncio.create_task(s.post(cluster.url + "/v1/completions", json=body))
+            requests = [asyncio.create_task(s.post(cluster.url + "/v1/completions", json=body))]
             try:
-                prefill = await asyncio.to_thread(short.recv_until, PrefillJob, 10)
-                decode = await asyncio.to_thread(lent.recv_until, DecodeJob, 10)
+                # Both fakes keep answering heartbeats while they wait (a silent one is dropped).
+                first, _ = await asyncio.gather(
+                    asyncio.to_thread(lent.recv_until, (GenerateJob, DecodeJob), 10),
+                    asyncio.to_thread(_maybe, short, PrefillJob, 2),
+                )
+                lent.report(Load(blocks_total=4096, queued_prefill_tokens=200_000))
+                await eventually(lambda: _load(cluster, "lent")["queued_prefill_tokens"] == 200_000, 10)
+                requests.append(asyncio.create_task(s.post(cluster.url + "/v1/completions", json=body)))
+
+                def second_prefill() -> PrefillJob:
+                    while (job := short.recv_until(PrefillJob, 10)).request_id == first.request_id:
+                        pass
+                    return job
+
+                prefill, decode = await asyncio.gather(
+                    asyncio.to_thread(second_prefill), asyncio.to_thread(lent.recv_until, DecodeJob, 10)
+                )
             finally:
-                request.cancel()
-                with contextlib.suppress(BaseException):
-                    await request
-        assert prefill.request_id == decode.request_id
+                for r in requests:
+                    r.cancel()
+                    with contextlib.suppress(BaseException):
+                        await r
+        assert prefill.request_id == decode.request_id != first.request_id
         # The prefill side sends the KV to the lent node's endpoint.
         assert prefill.kv is not None and prefill.kv.endpoint == lent.hello.kv_endpoint
     finally:
@@ -157,6 +172,12 @@ async def test_real_prefill_workers_hand_a_prompt_to_one_another(two_prefill_nod
     assert split >= 1  # with no decode worker, a split is a prefill worker decoding
     assert together == alone and all(len(t) == 300 for t in together)
     await eventually(lambda: _decoded(cluster, "prefill-0") > 0, 10)
+
+
+def _maybe(worker: FakeWorker, kind: type, timeout_s: float) -> object | None:
+    with contextlib.suppress(TimeoutError):
+        return worker.recv_until(kind, timeout_s)
+    return None
 
 
 def _load(cluster: LocalCluster, worker_id: str) -> dict:

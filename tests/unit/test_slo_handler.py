@@ -266,11 +266,11 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         ErrorCode.NO_WORKER,
     ),
     (
-        "no decode node has room; the prefill node with room for the KV has a prompt queued (it is "
-        "not lent the whole request), the idle one has no room to keep it: prefilled on the idle one, "
-        "its KV handed to the other, which only decodes it",
+        "no decode node has room; the prefill node with room for the KV decodes already and has a "
+        "prompt queued (so it may not take the request whole), the idle one has no room to keep it: "
+        "prefilled on the idle one, its KV handed to the other, which only decodes it",
         [
-            p("lent", prefill_wait_s=0.2, takes_handoff=True),
+            p("lent", prefill_wait_s=0.2, decode_batch=3, takes_handoff=True),
             p("short", blocks_total=100),
             d(blocks_used=100_000),
         ],
@@ -279,8 +279,20 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         ("short", "lent"),
     ),
     (
+        "the same, but the node with room decodes nothing yet: lending it would chunk the prompts "
+        "queued there; wait",
+        [
+            p("lent", prefill_wait_s=0.2, takes_handoff=True),
+            p("short", blocks_total=100),
+            d(blocks_used=100_000),
+        ],
+        {},
+        {},
+        ErrorCode.NO_WORKER,
+    ),
+    (
         "the same, but the node with room cannot take a handoff (no KV endpoint): wait",
-        [p("lent", prefill_wait_s=0.2), p("short", blocks_total=100), d(blocks_used=100_000)],
+        [p("lent", prefill_wait_s=0.2, decode_batch=3), p("short", blocks_total=100), d(blocks_used=100_000)],
         {},
         {},
         ErrorCode.NO_WORKER,
