@@ -279,8 +279,8 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         ("short", "lent"),
     ),
     (
-        "the same, but the node with room decodes nothing yet: lending it would chunk the prompts "
-        "queued there; wait",
+        "the same, but the node with room decodes nothing yet: lent all the same (it only decodes "
+        "what is handed to it; its queued prompts are its own prefill's business)",
         [
             p("lent", prefill_wait_s=0.2, takes_handoff=True),
             p("short", blocks_total=100),
@@ -288,7 +288,7 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         ],
         {},
         {},
-        ErrorCode.NO_WORKER,
+        ("short", "lent"),
     ),
     (
         "the same, but the node with room cannot take a handoff (no KV endpoint): wait",
