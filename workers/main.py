@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-bind",
         default="tcp://127.0.0.1:0",
-        help="KV endpoint to bind for receiving KV (every role); port 0 picks one",
+        help="KV endpoint to bind for receiving KV (reference and sim engines, every role); port 0 picks one",
     )
     p.add_argument(
         "--kv-advertise",
