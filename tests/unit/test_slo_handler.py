@@ -279,16 +279,27 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         ("short", "lent"),
     ),
     (
-        "the same, but the node with room decodes nothing yet: lent all the same (it only decodes "
-        "what is handed to it; its queued prompts are its own prefill's business)",
+        "the same, but the node with room decodes nothing yet: lent all the same, its queue being "
+        "within the late-binding bound (chunking it costs little)",
         [
             p("lent", prefill_wait_s=0.2, takes_handoff=True),
             p("short", blocks_total=100),
             d(blocks_used=100_000),
         ],
         {},
-        {},
+        {"max_prefill_wait_s": 0.5},
         ("short", "lent"),
+    ),
+    (
+        "the same with more queued there than the bound: lending it would chunk all of it; wait",
+        [
+            p("lent", prefill_wait_s=1.0, takes_handoff=True),
+            p("short", blocks_total=100),
+            d(blocks_used=100_000),
+        ],
+        {},
+        {"max_prefill_wait_s": 0.5},
+        ErrorCode.NO_WORKER,
     ),
     (
         "the same, but the node with room cannot take a handoff (no KV endpoint): wait",

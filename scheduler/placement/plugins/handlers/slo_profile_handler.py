@@ -129,10 +129,18 @@ class SloProfileHandler:
     def _bound(self, tier: Tier, o: Option) -> bool:
         if tier is Tier.PREFILL_NODE_DECODES:
             # The node that prefills has nothing queued: a node lent to decoding prefills every
-            # prompt behind more slowly, a cost no one request's prediction shows. (A node that
-            # only decodes a request handed to it may have prompts queued: benchmarks.md measures
-            # the alternatives.)
-            return o.prefill.prefill_wait_s <= 0
+            # prompt behind more slowly, a cost no one request's prediction shows. A node that only
+            # decodes a request handed to it may have prompts queued if it decodes already (they
+            # are chunked already; one more request adds only its share of each iteration) or if
+            # they are within the late-binding bound (chunking them costs that little at most).
+            if o.prefill.prefill_wait_s > 0:
+                return False
+            lent = o.decode
+            return (
+                lent.worker_id == o.prefill.worker_id
+                or lent.decode_batch > 0
+                or lent.prefill_wait_s <= self.params.max_prefill_wait_s
+            )
         wait = self.params.max_prefill_wait_s
         return wait <= 0 or o.prefill.prefill_wait_s <= wait
 
