@@ -11,7 +11,8 @@ Each pool does its own phase first. The candidates come in three tiers: split (e
 phase), then a decode node prefilling too (the decode pool lends prefill capacity), then a prefill
 node decoding too (the prefill pool lends decode capacity): the whole request, or one that the
 best other prefill node prefills and hands over (to a node with a KV endpoint); the node that
-prefills must have no prompt queued. The first tier holding a candidate predicted to meet every
+prefills must have no prompt queued, the one only decoding at most the late-binding bound unless
+it decodes already. The first tier holding a candidate predicted to meet every
 objective wins, and in it the candidate with the most headroom (ties: the larger sum of headrooms,
 then the profiles' scorers, then a draw seeded by the request); in the third, a node already lent
 comes first (lending another would chunk its prefills too). Headroom alone would take whichever
