@@ -434,7 +434,7 @@ def main() -> int:
         if (not args.trace and not args.trace_file) or (args.trace and name in args.trace):
             loaded[name] = workload_trace(name)
     for path in args.trace_file:
-        trace = load_trace(path, requests=SHAREGPT_REQUESTS, rate_per_s=1.0, seed=0, limit=max(0, args.limit))
+        trace = load_trace(path, requests=SHAREGPT_REQUESTS, rate_per_s=1.0, seed=0, limit=args.limit)
         loaded[trace.name] = trace
     if args.only in (None, "fit"):
         section_fit(args.traces)

@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         requests=args.requests,
         rate_per_s=args.arrival_rate,
         seed=args.seed,
-        limit=max(0, args.limit),
+        limit=args.limit,
     )
     if args.limit > 0:  # a trace without timestamps draws --requests rows whatever the limit
         trace = trace.head(args.limit)

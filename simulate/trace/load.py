@@ -22,24 +22,21 @@ def load_trace(
     if not p.is_file():
         raise PdorchError(ErrorCode.CONFIG, f"trace file {p} not found")
     suffixes = [s.lower() for s in p.suffixes]
-    compressed = bool(suffixes) and suffixes[-1] == ".gz"
-    kind = suffixes[-2] if compressed and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
-    name = p.name.split(".")[0]
+    compressed = suffixes[-1:] == [".gz"]
+    kind = "".join((suffixes[:-1] if compressed else suffixes)[-1:])
+    if kind not in (".csv", ".jsonl", ".json"):
+        raise PdorchError(
+            ErrorCode.CONFIG,
+            f"unknown trace format {''.join(p.suffixes)!r} (expected .csv or .jsonl, or either .gz)",
+        )
+    name, limit = p.name.split(".")[0], max(0, limit)
+    opener = gzip.open if compressed else open
     try:
-        with (
-            gzip.open(p, "rt", encoding="utf-8-sig", newline="")
-            if compressed
-            else p.open(encoding="utf-8-sig", newline="")
-        ) as f:
+        with opener(p, "rt", encoding="utf-8-sig", newline="") as f:
             if kind == ".csv":
                 return load_csv(
                     f, str(p), name, limit=limit, requests=requests, rate_per_s=rate_per_s, seed=seed
                 )
-            if kind in (".jsonl", ".json"):
-                return load_jsonl(f, str(p), name, limit=limit)
+            return load_jsonl(f, str(p), name, limit=limit)
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise PdorchError(ErrorCode.CONFIG, f"cannot read trace {p}: {e}") from None
-    raise PdorchError(
-        ErrorCode.CONFIG,
-        f"unknown trace format {''.join(p.suffixes)!r} (expected .csv or .jsonl, or either .gz)",
-    )

@@ -133,7 +133,8 @@ class SloProfileHandler:
             # prompt behind more slowly, a cost no one request's prediction shows. A node that only
             # decodes a request handed to it may have prompts queued if it decodes already (they
             # are chunked already; one more request adds only its share of each iteration) or if
-            # they are within the late-binding bound (chunking them costs that little at most).
+            # they are within the late-binding bound (chunking them costs that little at most; with
+            # late binding off, 0: nothing queued).
             if o.prefill.prefill_wait_s > 0:
                 return False
             lent = o.decode
@@ -167,13 +168,14 @@ class SloProfileHandler:
             lendable = [p for p in prefill if p.role is Role.PREFILL and ctx.has_room(p)]
             # The request whole on a lent node, or prefilled on the best other prefill node and
             # handed off to the lent one, which then only decodes it.
-            top = heapq.nlargest(2, prefill, key=est.prefill_rank)
-            split = []
-            for q in lendable:
+            hosts = [q for q in lendable if q.takes_handoff]
+            top = heapq.nlargest(2, prefill, key=est.prefill_rank) if hosts else []
+            options = [est.option(p, p) for p in lendable]
+            for q in hosts:
                 p = next((p for p in top if p.worker_id != q.worker_id), None)
-                if p is not None and q.takes_handoff:
-                    split.append(est.option(p, q))
-            return [est.option(p, p) for p in lendable] + split
+                if p is not None:
+                    options.append(est.option(p, q))
+            return options
         if not prefill:
             return []
         # The best prefill node of each class: headroom, then the prefill profile's scorers.
