@@ -16,7 +16,7 @@ from simulate.cluster import parse_cluster
 from simulate.goodput import find_goodput
 from simulate.runner import SimConfig, Simulation, chunk_tokens_for, simulate
 from simulate.slo import SloJudge, SloSpec
-from simulate.synthetic import synthetic_trace
+from simulate.synthetic import synthetic_trace, workload_trace
 from simulate.trace import load_trace
 from transport.errors import ErrorCode, PdorchError
 from transport.messages import Role
@@ -258,3 +258,19 @@ def test_a_prefill_node_that_decodes_while_it_prefills_learns_its_step_and_the_s
     assert decode.predict(decode_x(100, 100_000)) == pytest.approx(want, rel=0.25)
     # Seconds per 1k prompt tokens against the engine's prefill cost per token (ms).
     assert decode.coef[3] == pytest.approx(cost.b, rel=0.5)
+
+
+def test_simulated_prefill_nodes_take_handoffs_as_live_agents_do() -> None:
+    """A burst of long answers on one decode node: some requests are prefilled on one prefill node
+    and decoded on the other (every simulated worker advertises a KV endpoint, as a live agent of
+    an engine that moves its own KV does), and all of them finish."""
+    trace = workload_trace("synthetic-decode-heavy", 600, seed=1)
+    cluster = parse_cluster(["2:h100x4"], ["1:a100x4"])
+    sim = Simulation(trace.scaled(6.0), cluster, named("pdorch"), policy_name="pdorch")
+    result = sim.run()
+    assert result.finished == len(trace.requests)
+    roles = [spec.role for spec in cluster.instances]
+    handed = [
+        r for r in sim._reqs if r is not None and r.prefill != r.decode and roles[r.decode] == Role.PREFILL
+    ]
+    assert handed and all(roles[r.prefill] == Role.PREFILL for r in handed)
