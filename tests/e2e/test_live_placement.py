@@ -75,6 +75,8 @@ async def test_occupancy_and_predicted_length_pick_the_decode_node(scheduler_onl
         for w in workers:
             w.register()
         big.report(Load(blocks_used=2000, blocks_total=10000))
+        # Placed before the report lands, the two nodes would tie on occupancy (seen on a loaded host).
+        await eventually(lambda: _blocks_used(cluster, "big") == 2000, 10)
 
         # A short predicted output (the client's hint) fits the idle small node: lowest occupancy wins.
         assert await _where(cluster, [small, big], {"X-Expected-Output-Tokens": "10"}) == "small"
