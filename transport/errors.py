@@ -32,6 +32,9 @@ class ErrorCode(enum.StrEnum):
     # The receiving side has no room for another transfer now (every slot and waiting place
     # taken): it is congested, not broken; the scheduler leaves it out of decode for a while.
     KV_BUSY = "kv_busy"
+    # An eager transfer (transport/kv/messages.py) found no room to wait at its receiver: the sender
+    # begins it again the usual way (handled inside the KV plane; no request fails with it).
+    KV_NOT_READY = "kv_not_ready"
     OUT_OF_BLOCKS = "out_of_blocks"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"

@@ -35,6 +35,7 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.OUT_OF_BLOCKS: (503, "service_unavailable"),
     ErrorCode.KV_REJECTED: (503, "service_unavailable"),
     ErrorCode.KV_BUSY: (503, "service_unavailable"),
+    ErrorCode.KV_NOT_READY: (503, "service_unavailable"),
     # A handoff that failed its integrity check is the server's fault and safe to retry.
     ErrorCode.KV_CORRUPT: (503, "service_unavailable"),
     ErrorCode.KV_TRUNCATED: (503, "service_unavailable"),

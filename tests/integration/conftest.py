@@ -32,6 +32,14 @@ async def sender(ctx: zmq.asyncio.Context) -> AsyncIterator[KvSender]:
 
 
 @pytest.fixture
+async def rendezvous_sender(ctx: zmq.asyncio.Context) -> AsyncIterator[KvSender]:
+    """Never eager: every transfer waits for its accept and for credit (the tests' small ones too)."""
+    tx = KvSender(ctx, security=INSECURE, eager_max_bytes=0)
+    yield tx
+    await tx.close()
+
+
+@pytest.fixture
 async def broker(ctx: zmq.asyncio.Context) -> AsyncIterator[KvBroker]:
     kv_broker = KvBroker(
         ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=64 * 1024 * 1024, ttl_s=60

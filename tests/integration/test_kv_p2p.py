@@ -325,8 +325,9 @@ async def test_absent_receiver_is_kv_timeout_on_the_sender(
         dtype="uint8",
         deadline_s=0.5,
     )
-    with pytest.raises(PdorchError) as info:
+    with pytest.raises(PdorchError) as info:  # at its first layer, or (eager) when it waits for the verdict
         await stream.send_layer(0, np.zeros((4, 4), np.uint8))
+        await stream.finish({})
     assert info.value.code is ErrorCode.KV_TIMEOUT
 
 
@@ -363,7 +364,7 @@ class _MuteReceiver:
 
 @pytest.mark.parametrize("stalls_at", ["credit", "verdict"])
 async def test_a_receiver_hanging_mid_transfer_fails_the_sender_at_its_deadline_and_is_told(
-    sender: KvSender, stalls_at: str
+    rendezvous_sender: KvSender, stalls_at: str
 ) -> None:
     """Accepted, then silent: the sender waits for credit (the second layer does not fit the first
     grant) or for the verdict (everything fit) only until the transfer's deadline, then fails with
@@ -371,7 +372,7 @@ async def test_a_receiver_hanging_mid_transfer_fails_the_sender_at_its_deadline_
     layer = np.arange(16, dtype=np.uint8).reshape(4, 4)
     mute = _MuteReceiver(credit_bytes=layer.nbytes if stalls_at == "credit" else 1 << 20)
     try:
-        stream = await sender.open(
+        stream = await rendezvous_sender.open(
             KvRoute(KvMode.P2P, mute.endpoint, f"mute-{stalls_at}"),
             num_layers=2,
             rows_per_layer=4,
@@ -434,7 +435,7 @@ async def test_wrong_layer_shape_is_refused_locally(sender: KvSender, receiver: 
 async def test_transfer_waiting_for_a_busy_receiver_times_out_on_both_sides(ctx: zmq.asyncio.Context) -> None:
     receiver = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", max_active=1)
     await receiver.start()
-    sender = KvSender(ctx, security=INSECURE)
+    sender = KvSender(ctx, security=INSECURE, eager_max_bytes=0)  # a begin that waits for a slot
     try:
         busy = asyncio.create_task(
             receiver.receive(p2p("busy"), ArraySink(1, 4, (4,), "uint8"), deadline_s=30)

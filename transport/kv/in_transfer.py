@@ -27,6 +27,7 @@ from transport.errors import ErrorCode, PdorchError
 from transport.kv.checksum import checksum, min_checksum_rows, span_count
 from transport.kv.flow_control import ReceiveWindow
 from transport.kv.messages import (
+    EAGER_MAX_BYTES,
     KvAbort,
     KvAccept,
     KvAck,
@@ -89,6 +90,9 @@ def validate_begin(begin: KvBegin) -> int:
         raise PdorchError(
             ErrorCode.BAD_MESSAGE, f"{begin.checksum_rows} rows per checksum in begin of {begin.transfer_id}"
         )
+    if begin.eager and row_bytes * begin.rows_per_layer * begin.num_layers > EAGER_MAX_BYTES:
+        too_big = f"eager transfer {begin.transfer_id} is larger than {EAGER_MAX_BYTES} bytes"
+        raise PdorchError(ErrorCode.BAD_MESSAGE, too_big)
     return row_bytes
 
 
@@ -121,8 +125,10 @@ class InTransfer:
         self.row_bytes = validate_begin(begin)
         self._checksum_rows = begin.checksum_rows
         self.total_bytes = self.row_bytes * begin.rows_per_layer * begin.num_layers
-        # At least two rows of credit, so a chunk always fits however small the configured window.
-        self._window = ReceiveWindow(max(window_bytes, 2 * self.row_bytes) if ring is None else ring.size)
+        # At least two rows of credit, so a chunk always fits however small the configured window;
+        # an eager transfer holds credit for all of itself from its begin (it is small: messages.py).
+        floor = max(2 * self.row_bytes, self.total_bytes if begin.eager else 0)
+        self._window = ReceiveWindow(max(window_bytes, floor) if ring is None else ring.size)
         self.ring = ring
         self.ring_used = False
         self._ring_cursor = 0  # where the sender put the next chunk (ring.place, run on both sides)
@@ -147,10 +153,12 @@ class InTransfer:
         return self._next_seq
 
     def accept(self) -> None:
+        """Take the transfer: grant the window (an eager one's sender holds it already: no accept)."""
         self.accepted_at = self.last_activity = time.monotonic()
         offer = self.ring.offer if self.ring is not None else None
         credit = self._window.first_grant()
-        self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=credit, ring=offer))
+        if not self.begin.eager:
+            self._send(KvAccept(transfer_id=self.transfer_id, credit_bytes=credit, ring=offer))
 
     def handle(self, msg: KvMessage) -> None:
         if self.finished:

@@ -18,16 +18,20 @@ import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
 
-KV_PROTOCOL_VERSION = 4
-# The checksum of protocol versions 2 to 4 (see checksum.py): one per span of a chunk's rows.
+KV_PROTOCOL_VERSION = 5
+# The checksum of protocol versions 2 to 5 (see checksum.py): one per span of a chunk's rows.
 CHECKSUM_ALGORITHM = "xxh3_64"
+# The most row payload an eager transfer (``KvBegin.eager``) may carry: a receiver refuses a larger
+# one (``bad_message``). What a sender wastes when its eager transfer is turned away, and what a
+# receiver may be sent unasked per eager begin.
+EAGER_MAX_BYTES = 1024 * 1024
 
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "tag_field": "t"}
 
 
 class KvBegin(msgspec.Struct, tag="begin", **_STRUCT):
     """Sender -> receiver, first message of a transfer: what will come. Nothing else is sent
-    until the receiver answers :class:`KvAccept`."""
+    until the receiver answers :class:`KvAccept` (unless ``eager``)."""
 
     version: int
     transfer_id: str
@@ -39,6 +43,12 @@ class KvBegin(msgspec.Struct, tag="begin", **_STRUCT):
     checksum_rows: int
     # The sender's host identity (same_host/identity.py) when it can take a shared-memory ring; "" not.
     host: str = ""
+    # Eager (MPI's eager protocol, for transfers of at most EAGER_MAX_BYTES): the whole transfer,
+    # chunks and end, follows at once on the socket without waiting for an accept, and the receiver
+    # sends none. One that must wait (not expected yet, no slot) waits with what follows it, held,
+    # within a bound of bytes in all; past it the begin is refused with ``kv_not_ready`` and the
+    # sender begins again the usual way. Saves the accept's round trip on every small handoff.
+    eager: bool = False
 
 
 class KvShmRing(msgspec.Struct, array_like=True, frozen=True, gc=False):

@@ -3,7 +3,9 @@
 The same class serves a prefill agent sending to a decode agent or to the broker (over a DEALER),
 and the broker serving a fetch (over its ROUTER): only the ``send`` function differs. When the
 receiver offers a shared ring (a same-host p2p transfer, ``same_host/``), chunks are written into
-it and announced with ``KvShmChunk`` instead of being sent.
+it and announced with ``KvShmChunk`` instead of being sent. An eager transfer (a small one,
+``KvBegin.eager``) sends everything at once; if the receiver was not ready for it, it is begun again
+the usual way, from the rows it kept.
 """
 
 from __future__ import annotations
@@ -65,10 +67,13 @@ class KvOutStream:
         checksum_rows: int | None = None,
         same_host: SameHostMode = SameHostMode.OFF,
         rings: AttachedRings | None = None,
+        eager: bool = False,
     ) -> None:
         """``checksum_rows``: rows per checksum; the broker passes the inbound transfer's, so that
         the checksums it stored stay valid when it forwards the chunks. ``same_host``: whether to
-        ask for a shared ring and write chunks into it (mapped through ``rings``)."""
+        ask for a shared ring and write chunks into it (mapped through ``rings``). ``eager``: send
+        the whole transfer without waiting for the receiver to accept it (at most
+        ``EAGER_MAX_BYTES``)."""
         self.transfer_id = transfer_id
         self.num_layers = num_layers
         self.rows_per_layer = rows_per_layer
@@ -88,6 +93,7 @@ class KvOutStream:
         self._giving_up = False  # the abort is being sent: one is enough
         self._send = send
         self._max_chunk_bytes = max_chunk_bytes
+        self._max_in_flight_bytes = max_in_flight_bytes
         self._on_closed = on_closed
         self._credit = SendCredit(max_in_flight_bytes)
         self._accepted = asyncio.Event()
@@ -108,6 +114,10 @@ class KvOutStream:
         self._ring_cursor = 0  # where the next chunk goes in the ring (ring.place)
         self._ring_lock = asyncio.Lock()  # a chunk's place and its sequence number are taken together
         self.used_ring = False  # chunks went through the receiver's shared ring
+        self.eager = eager  # sent without waiting for an accept (so far: see _begin_again)
+        self._not_ready = False  # the receiver turned the eager transfer away
+        # What an eager transfer sent, kept to send again if the receiver was not ready for it.
+        self._sent: list[tuple[int, int, np.ndarray, list[int] | None]] = []
 
     @property
     def peak_in_flight(self) -> int:
@@ -129,11 +139,20 @@ class KvOutStream:
         elif isinstance(msg, KvAck):
             self._settled.set()
         elif isinstance(msg, KvNack):
+            if self.eager and msg.code == ErrorCode.KV_NOT_READY and not self._not_ready:
+                self._not_ready = True
+                self._settled.set()  # no verdict (see _verdict_in): wakes finish(), which begins again
+                return
             self._nacked = True
             self._fail(nack_error(msg))
 
+    @property
+    def _verdict_in(self) -> bool:
+        """The receiver acked or nacked, or this side gave up (not: it was not ready yet)."""
+        return self._settled.is_set() and not self._not_ready
+
     def _fail(self, error: PdorchError) -> None:
-        if self._error is None and not self._settled.is_set():
+        if self._error is None and not self._verdict_in:
             self._error = error
         self._credit.fail(self._error or error)
         self._accepted.set()
@@ -142,7 +161,7 @@ class KvOutStream:
     def _expire(self) -> None:
         """The deadline passed before the receiver's verdict: wake every wait, each then fails with
         ``KV_TIMEOUT`` and tells the receiver (abort), as a wait that timed out itself would."""
-        if self._closed or self._settled.is_set():
+        if self._closed or self._verdict_in:
             return
         self._timed_out = True
         self._credit.fail(
@@ -172,19 +191,44 @@ class KvOutStream:
     # ----------------------------------------------------------------- the caller's side
 
     async def begin(self) -> None:
-        await self._send(
-            KvBegin(
-                version=KV_PROTOCOL_VERSION,
-                transfer_id=self.transfer_id,
-                num_layers=self.num_layers,
-                rows_per_layer=self.rows_per_layer,
-                row_shape=list(self.row_shape),
-                dtype=_dtype_name(self.dtype),
-                checksum_rows=self.checksum_rows,
-                host=host_identity() if self._same_host != SameHostMode.OFF else "",
-            )
-        )
+        await self._send(self._begin())
+        if self.eager:
+            # The receiver grants all of it by taking it; it offers no ring, so the socket carries it.
+            total = self.row_bytes * self.rows_per_layer * self.num_layers
+            self._credit.grant(total)
+            self._chunk_rows = rows_per_chunk(self.row_bytes, min(self._max_chunk_bytes, total))
+            self._ring_decided = True
+            self._accepted.set()
         self._timer = asyncio.get_running_loop().call_at(self._deadline.at, self._expire)
+
+    def _begin(self) -> KvBegin:
+        return KvBegin(
+            version=KV_PROTOCOL_VERSION,
+            transfer_id=self.transfer_id,
+            num_layers=self.num_layers,
+            rows_per_layer=self.rows_per_layer,
+            row_shape=list(self.row_shape),
+            dtype=_dtype_name(self.dtype),
+            checksum_rows=self.checksum_rows,
+            host=host_identity() if self._same_host != SameHostMode.OFF and not self.eager else "",
+            eager=self.eager,
+        )
+
+    async def _begin_again(self) -> None:
+        """The receiver was not ready for the eager transfer (it dropped what came after the begin):
+        begin it again the usual way, waiting for its accept, and send the same rows."""
+        self._raise_if_over()  # failed or past its deadline meanwhile: nothing to begin again
+        sent, self._sent = self._sent, []
+        self.eager = self._not_ready = self._end_sent = False
+        self._accepted.clear()
+        self._settled.clear()
+        self._credit = SendCredit(self._max_in_flight_bytes)
+        self._ring_decided = False
+        self._chunk_rows, self._seq, self.bytes_sent = 1, 0, 0
+        self._layer_rows = [0] * self.num_layers
+        await self._send(self._begin())
+        for layer, row_offset, rows, known_checksums in sent:
+            await self.send_rows(layer, row_offset, rows, known_checksums)
 
     async def send_layer(self, layer: int, rows: np.ndarray) -> None:
         """Send a whole layer (``rows.shape == (rows_per_layer, *row_shape)``), split into chunks, each
@@ -211,6 +255,8 @@ class KvOutStream:
                 self._raise_if_over()
             self._raise_if_late("take")
             rows = np.ascontiguousarray(rows)
+            if self.eager:
+                self._sent.append((layer, row_offset, rows, known_checksums))
             if self._take_ring() is not None:
                 await self._write_rows(layer, row_offset, rows)
                 return
@@ -293,23 +339,29 @@ class KvOutStream:
         """Send the end of the transfer and wait for the receiver's verdict; raise if it refused."""
         self._raise_if_over()
         try:
-            end = KvEnd(
-                transfer_id=self.transfer_id,
-                chunks=self._seq,
-                payload_bytes=self.bytes_sent,
-                layer_rows=list(self._layer_rows),
-                trailer=dict(trailer),
-            )
-            self._raise_if_late("take")
-            await self._send(end)
-            self._end_sent = True
-            await self._wait(self._settled, "confirm")
+            await self._end(trailer)
+            if self._not_ready:
+                await self._begin_again()
+                await self._end(trailer)
         except PdorchError as e:
             await self._give_up(e)
             raise
         self._close()
         if self._error is not None:
             raise self._error
+
+    async def _end(self, trailer: dict[str, int | str]) -> None:
+        end = KvEnd(
+            transfer_id=self.transfer_id,
+            chunks=self._seq,
+            payload_bytes=self.bytes_sent,
+            layer_rows=list(self._layer_rows),
+            trailer=dict(trailer),
+        )
+        self._raise_if_late("take")
+        await self._send(end)
+        self._end_sent = True
+        await self._wait(self._settled, "confirm")
 
     async def abort(self, reason: str) -> None:
         """Give up the transfer and tell the receiver (best effort). Never raises."""
@@ -340,6 +392,7 @@ class KvOutStream:
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._sent.clear()
             if self._timer is not None:
                 self._timer.cancel()
             if self._ring is not None and self._rings is not None:
@@ -348,7 +401,7 @@ class KvOutStream:
                 # for the verdict of a transfer it had finished writing: the receiver most likely
                 # took it (and if not, closes its side; the idle mapping here goes in time). Not
                 # after a timeout: the receiver may be dead, and its pages go with our mapping.
-                acked = self._error is None and self._settled.is_set() and not self._timed_out
+                acked = self._error is None and self._verdict_in and not self._timed_out
                 cancelled = self._error is not None and self._error.code is ErrorCode.CANCELLED
                 self._rings.release(
                     self._ring, ok=acked or (self._end_sent and cancelled and not self._nacked)

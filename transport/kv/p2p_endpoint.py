@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import zmq
@@ -77,6 +77,10 @@ MAX_ANNOUNCED = 4096
 # inproc: the thread then blocks on that one socket. Not a shape libzmq gives to peers (5 bytes).
 # A peer that claimed it could only make the thread look at its command queue early.
 _WAKE_ID = b"\x00pdorch-kv-wake"
+# Eager transfers waiting here (not expected yet, or no slot) are held whole, their chunks with them,
+# up to this many bytes in all; beyond it an eager begin is turned away (KV_NOT_READY) and its sender
+# begins again the usual way, which holds nothing.
+DEFAULT_MAX_EAGER_HELD_BYTES = 32 * 1024 * 1024
 _wake_ids = itertools.count()
 
 Outcome = tuple[PdorchError | None, dict[str, int | str]]
@@ -88,6 +92,8 @@ class P2pStats(msgspec.Struct, gc=False):
     # Of those: refused because every slot was taken (what makes the endpoint "refusing").
     refused_full: int = 0
     same_host: int = 0  # transfers whose chunks came through a shared ring
+    eager: int = 0  # eager transfers taken (messages.py, KvBegin.eager), at once or after waiting
+    eager_not_ready: int = 0  # eager begins turned away (too many bytes held): begun again
 
 
 @dataclass(eq=False)
@@ -110,6 +116,10 @@ class _Parked:
     expires_at: float
     # Counted against its peer's and scope's share of the slots for begins nobody expects yet.
     unexpected: bool = True
+    # An eager transfer's: the bytes it may hold here (all it announced), and what came after it.
+    reserved: int = 0
+    held: list[KvChunk | KvEnd] = field(default_factory=list)
+    held_bytes: int = 0
 
 
 class P2pEndpoint:
@@ -129,6 +139,7 @@ class P2pEndpoint:
         auth: ServerAuth,
         same_host: SameHostMode = SameHostMode.AUTO,
         rings: RingPool | None = None,
+        max_eager_held_bytes: int = DEFAULT_MAX_EAGER_HELD_BYTES,
     ) -> None:
         """``ctx``: a plain (not ``zmq.asyncio``) context. Binds at once; :meth:`start` serves.
         ``same_host``: when to lend senders a shared ring from ``rings``."""
@@ -140,6 +151,8 @@ class P2pEndpoint:
         self._park_s = park_s
         self._idle_s = idle_s
         self._refusing_s = refusing_s
+        self._max_eager_held = max_eager_held_bytes
+        self._eager_held = 0  # reserved by the eager transfers parked here
         self._router = router(ctx, bind, auth=auth)
         self.endpoint = bound_endpoint(self._router)
         # Blocking receives wake up at least this often, for housekeeping.
@@ -182,6 +195,11 @@ class P2pEndpoint:
     @property
     def parked(self) -> int:
         return len(self._parked)
+
+    @property
+    def expected(self) -> int:
+        """Transfers the decode side waits for (taken in from the loop side, not yet settled)."""
+        return len(self._expected)
 
     @property
     def alive(self) -> bool:
@@ -340,12 +358,28 @@ class P2pEndpoint:
                 )
             else:
                 self.stats.dropped_messages += 1
+        elif isinstance(msg, KvChunk | KvEnd) and self._parked_by(identity, msg.transfer_id):
+            self._hold(self._parked[msg.transfer_id], msg)
         elif isinstance(msg, KvAbort) and self._parked_by(identity, msg.transfer_id):
             self._unpark(msg.transfer_id)
             if expected is not None:  # expected but still waiting for a slot
                 self._settle(expected, PdorchError(ErrorCode.KV_TRUNCATED, f"sender aborted: {msg.reason}"))
+        elif isinstance(msg, KvAbort) and self._never_begun(expected, peer_name(frame)):
+            assert expected is not None
+            self._settle(expected, PdorchError(ErrorCode.KV_TRUNCATED, f"sender aborted: {msg.reason}"))
         else:
             self.stats.dropped_messages += 1
+
+    def _never_begun(self, expected: Expected | None, scope: str) -> bool:
+        """Expected, and neither taken nor waiting here: its eager begin was turned away, and its
+        sender, aborting, will not begin it again. (Another peer's abort is out of its scope, or a
+        guess of a random id.)"""
+        return (
+            expected is not None
+            and expected.transfer is None
+            and expected.transfer_id not in self._parked
+            and _in_scope(expected.transfer_id, scope)
+        )
 
     def _on_expect(self, expected: Expected) -> None:
         tid = expected.transfer_id
@@ -393,13 +427,13 @@ class P2pEndpoint:
         if begin.version != KV_PROTOCOL_VERSION:
             self._refuse(identity, tid, ErrorCode.PROTOCOL_MISMATCH, f"KV protocol {begin.version}")
             return
-        if scope and not tid.startswith(scope + "/"):
+        if not _in_scope(tid, scope):
             self._refuse(
                 identity, tid, ErrorCode.KV_REJECTED, f"transfer {tid} is not in the scope of {scope}"
             )
             return
         try:
-            validate_begin(begin)
+            row_bytes = validate_begin(begin)
         except PdorchError as e:
             self._refuse(identity, tid, e.code, e.message)
             return
@@ -407,6 +441,20 @@ class P2pEndpoint:
         if tid in self._parked or (expected is not None and expected.transfer is not None):
             self._refuse(identity, tid, ErrorCode.KV_REJECTED, "duplicate begin")
             return
+        reserved = 0
+        if begin.eager:
+            # Taken now, or waiting like any begin with what follows it (on its way already), held.
+            reserved = row_bytes * begin.rows_per_layer * begin.num_layers
+            if (expected is None or self._active >= self._max_active) and (
+                self._eager_held + reserved > self._max_eager_held
+            ):
+                self.stats.eager_not_ready += 1
+                why = f"eager transfers waiting here hold {self._eager_held} bytes already"
+                self._send_to(identity, KvNack(tid, code=str(ErrorCode.KV_NOT_READY), message=why))
+                return
+            if expected is not None and self._active < self._max_active:
+                self._take(expected, identity, begin, ring=None)
+                return
         now = time.monotonic()
         announced_until = self._announced.get(tid, now)  # (one past its time is forgotten)
         parked = _Parked(
@@ -415,6 +463,7 @@ class P2pEndpoint:
             begin,
             max(now + self._park_s, announced_until),
             unexpected=expected is None and announced_until <= now,
+            reserved=reserved,
         )
         if parked.unexpected:
             refusal = self._no_room_for(parked)
@@ -423,7 +472,27 @@ class P2pEndpoint:
                 return
             self._count(parked)
         self._parked[tid] = parked
+        self._eager_held += parked.reserved
         self._promote()
+
+    def _hold(self, parked: _Parked, msg: KvChunk | KvEnd) -> None:
+        """What came after an eager begin that waits here: kept for when it is taken, within what
+        it announced (more is a violation: the transfer fails)."""
+        tid = parked.begin.transfer_id
+        if not parked.begin.eager:  # a sender that did not wait for its accept
+            self.stats.dropped_messages += 1
+            return
+        if isinstance(msg, KvChunk):
+            parked.held_bytes += msg.rows.nbytes
+            if parked.held_bytes > parked.reserved:
+                self._unpark(tid)
+                error = PdorchError(ErrorCode.KV_CORRUPT, f"eager transfer {tid} sent more than it announced")
+                self._refuse(parked.identity, tid, error.code, error.message)
+                expected = self._expected.get(tid)
+                if expected is not None:
+                    self._settle(expected, error)
+                return
+        parked.held.append(msg)
 
     def _no_room_for(self, parked: _Parked) -> PdorchError | None:
         """Why a begin nobody expects yet cannot wait here (None if it can): one peer or key over
@@ -461,6 +530,7 @@ class P2pEndpoint:
         parked = self._parked.pop(tid, None)
         if parked is not None:
             self._uncount(parked)
+            self._eager_held -= parked.reserved
         return parked
 
     def _parked_by(self, identity: bytes, tid: str) -> bool:
@@ -477,19 +547,33 @@ class P2pEndpoint:
                 continue
             parked = self._unpark(tid)
             assert parked is not None
-            expected.identity = parked.identity
-            expected.transfer = InTransfer(
-                parked.begin,
-                expected.sink,
-                self._window_bytes,
-                self._replier(parked.identity),
-                on_finish=lambda transfer, expected=expected: self._settle(
-                    expected, transfer.error, transfer.trailer
-                ),
-                ring=self._ring_for(parked),
-            )
-            self._active += 1
-            expected.transfer.accept()
+            ring = None if parked.begin.eager else self._ring_for(parked)
+            self._take(expected, parked.identity, parked.begin, ring, parked.held)
+
+    def _take(
+        self,
+        expected: Expected,
+        identity: bytes,
+        begin: KvBegin,
+        ring: Ring | None,
+        held: list[KvChunk | KvEnd] | None = None,
+    ) -> None:
+        """Accept ``begin`` from ``identity`` into one of the ``max_active`` slots (``held``: what
+        came after an eager begin while it waited)."""
+        expected.identity = identity
+        expected.transfer = InTransfer(
+            begin,
+            expected.sink,
+            self._window_bytes,
+            self._replier(identity),
+            on_finish=lambda t, expected=expected: self._settle(expected, t.error, t.trailer),
+            ring=ring,
+        )
+        self._active += 1
+        self.stats.eager += begin.eager
+        expected.transfer.accept()
+        for msg in held or ():
+            expected.transfer.handle(msg)
 
     def _ring_for(self, parked: _Parked) -> Ring | None:
         """A shared ring for this transfer, if its sender is on this host (or the mode forces it)."""
@@ -566,6 +650,11 @@ class P2pEndpoint:
                 expected.transfer.fail(error.code, error.message)
             else:
                 self._settle(expected, error)
+
+
+def _in_scope(transfer_id: str, scope: str) -> bool:
+    """With authentication a peer may only name transfers of its own key name (``<scope>/...``)."""
+    return not scope or transfer_id.startswith(scope + "/")
 
 
 def _resolve(expected: Expected, outcome: Outcome) -> None:

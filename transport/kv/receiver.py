@@ -19,7 +19,7 @@ from transport.kv.dealer_link import DealerLink
 from transport.kv.fetch_transfer import FetchTransfer
 from transport.kv.in_transfer import KvSink
 from transport.kv.messages import KV_PROTOCOL_VERSION, KvFetch
-from transport.kv.p2p_endpoint import Expected, Outcome, P2pEndpoint
+from transport.kv.p2p_endpoint import DEFAULT_MAX_EAGER_HELD_BYTES, Expected, Outcome, P2pEndpoint
 from transport.kv.receive_buffers import keep_receive_buffers
 from transport.kv.same_host import SameHostMode
 from transport.kv.same_host.ring import MIN_SLOTS
@@ -70,8 +70,11 @@ class KvReceiverStats(msgspec.Struct, gc=False):
     refused_begins: int = 0
     parked: int = 0
     active: int = 0
+    expected: int = 0  # p2p transfers the decode side waits for
     same_host: int = 0  # p2p transfers whose chunks came through shared memory
     shared_rings: int = 0  # shared rings open now (lent or kept for their sender)
+    eager: int = 0  # small p2p transfers taken without an accept's round trip
+    eager_not_ready: int = 0  # eager begins turned away (too many bytes held) and begun again
 
 
 class KvReceiver:
@@ -92,11 +95,13 @@ class KvReceiver:
         same_host: SameHostMode = SameHostMode.AUTO,
         ring_slots: int = DEFAULT_RING_SLOTS,
         ring_slot_bytes: int = DEFAULT_RING_SLOT_BYTES,
+        max_eager_held_bytes: int = DEFAULT_MAX_EAGER_HELD_BYTES,
     ) -> None:
         """``bind=None``: no p2p endpoint (fetch only). ``window_bytes``: credit per transfer;
         ``max_parked*``: begins nobody expects yet, in all, per connection, per authenticated name
         (same-host begins included). ``same_host``: when p2p senders on this host get a shared ring
-        (``same_host/``) of ``ring_slots`` slots (at least ``MIN_SLOTS``) of ``ring_slot_bytes``."""
+        (``same_host/``) of ``ring_slots`` slots (at least ``MIN_SLOTS``) of ``ring_slot_bytes``.
+        ``max_eager_held_bytes``: what eager transfers waiting to be taken may hold in all."""
         if ring_slots < MIN_SLOTS:
             raise PdorchError(ErrorCode.CONFIG, f"a shared KV ring needs at least {MIN_SLOTS} slots")
         self._ctx = ctx
@@ -113,6 +118,7 @@ class KvReceiver:
         self._same_host = same_host
         self._ring_slots = ring_slots
         self._ring_slot_bytes = ring_slot_bytes
+        self._max_eager_held_bytes = max_eager_held_bytes
         self._rings: RingPool | None = None
         self.endpoint = ""
         self._p2p: P2pEndpoint | None = None
@@ -133,9 +139,12 @@ class KvReceiver:
             s,
             parked=p2p.parked,
             active=p2p.active,
+            expected=p2p.expected,
             dropped_messages=dropped + p2p.stats.dropped_messages,
             refused_begins=p2p.stats.refused_begins,
             same_host=p2p.stats.same_host,
+            eager=p2p.stats.eager,
+            eager_not_ready=p2p.stats.eager_not_ready,
             shared_rings=self._rings.open_rings if self._rings is not None else 0,
         )
 
@@ -170,6 +179,7 @@ class KvReceiver:
             auth=self._security.server(self._ctx, Plane.KV),
             same_host=self._same_host,
             rings=self._rings,
+            max_eager_held_bytes=self._max_eager_held_bytes,
         )
         self.endpoint = self._p2p.endpoint
         self._p2p.start()

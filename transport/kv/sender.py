@@ -10,13 +10,16 @@ broker the scheduler meant.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import OrderedDict
 
+import numpy as np
 import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv.deadline import Deadline
 from transport.kv.dealer_link import DealerLink
+from transport.kv.messages import EAGER_MAX_BYTES
 from transport.kv.out_stream import KvOutStream
 from transport.kv.same_host import SameHostMode
 from transport.kv.same_host.attached import AttachedRings
@@ -37,11 +40,15 @@ class KvSender:
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         max_links: int = 64,
         same_host: SameHostMode = SameHostMode.AUTO,
+        eager_max_bytes: int = EAGER_MAX_BYTES,
     ) -> None:
         """``window_bytes`` caps this sender's bytes in flight per transfer, on top of the credit
         the receiver grants (the smaller wins); ``max_chunk_bytes`` (<= 16 MiB) sizes the chunks.
         ``same_host``: whether to write into a receiver's shared ring when it offers one (auto),
-        insist on one (on: a transfer without fails with ``CONFIG``) or never ask (off)."""
+        insist on one (on: a transfer without fails with ``CONFIG``) or never ask (off).
+        ``eager_max_bytes``: p2p transfers up to this size (at most ``EAGER_MAX_BYTES``; 0: none) go
+        eagerly, without waiting for the receiver's accept (not with ``same_host`` on, which
+        insists on the ring)."""
         self._ctx = ctx
         self._security = security
         self._window_bytes = window_bytes
@@ -53,7 +60,9 @@ class KvSender:
         self._closed = False
         self._same_host = same_host
         self._rings = AttachedRings() if same_host != SameHostMode.OFF else None
+        self._eager_max_bytes = 0 if same_host == SameHostMode.ON else min(eager_max_bytes, EAGER_MAX_BYTES)
         self.same_host_transfers = 0
+        self.eager_transfers = 0  # ... and those of them the receiver took eagerly
 
     async def open(
         self,
@@ -66,7 +75,8 @@ class KvSender:
         deadline_s: float,
     ) -> KvOutStream:
         """Announce a transfer to ``route.endpoint``; returns at once (the first ``send_layer``
-        waits until the receiver accepts). ``deadline_s`` bounds the whole transfer."""
+        waits until the receiver accepts, unless the transfer is eager). ``deadline_s`` bounds the
+        whole transfer."""
         if self._closed:
             raise PdorchError(ErrorCode.INTERNAL, "KV sender is closed")
         link = await self._link(route.endpoint, route.server_key)
@@ -86,6 +96,9 @@ class KvSender:
             # Only a decode agent's own endpoint lends rings; the broker keeps what it receives.
             same_host=self._same_host if route.mode == KvMode.P2P else SameHostMode.OFF,
             rings=self._rings,
+            eager=route.mode == KvMode.P2P
+            and math.prod(row_shape) * np.dtype(dtype).itemsize * rows_per_layer * num_layers
+            <= self._eager_max_bytes,
         )
         link.register(route.transfer_id, stream.handle)
         self._streams.add(stream)
@@ -100,6 +113,7 @@ class KvSender:
         link.unregister(stream.transfer_id)
         self._streams.discard(stream)
         self.same_host_transfers += stream.used_ring
+        self.eager_transfers += stream.eager
 
     async def _link(self, endpoint: str, server_key: str) -> DealerLink:
         # Keyed by the server key too: a worker restarted with another key at the same address
