@@ -168,7 +168,9 @@ async def test_prefill_killed_before_its_answer(healed: LocalCluster, colocated:
 async def test_killed_between_the_first_token_and_the_kv_landing(
     healed: LocalCluster, colocated: LocalCluster, proxies: tuple[ProxyThread, Any], victim_role: str
 ) -> None:
-    bodies = [{**b, "stream": True} for b in _bodies(seed=2, count=4, prompt_len=40, max_tokens=24)]
+    # KV over the eager bound (messages.py: 1 MiB; 4 KiB a token here), so the held begin is all
+    # that leaves: an eager transfer would be on its way whole, and land from a dead prefill worker.
+    bodies = [{**b, "stream": True} for b in _bodies(seed=2, count=4, prompt_len=300, max_tokens=24)]
     want = await _run(colocated.url, bodies)
     before = await _migrations(healed.url, phase="handoff", cause="lost")
     proxies[0].set_mode("hold")  # the KV stays on its way to the decode workers
