@@ -15,7 +15,7 @@ from tests.support.kv import make_layers, p2p, wait_until
 from tests.support.security import INSECURE
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
-from transport.kv import ArraySink, KvReceiver, KvSender
+from transport.kv import ArraySink, KvOutStream, KvReceiver, KvSender
 from transport.kv.checksum import checksum_rows_for, span_checksums
 from transport.kv.messages import (
     EAGER_MAX_BYTES,
@@ -41,9 +41,8 @@ async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
     await rx.close()
 
 
-async def _send(sender: KvSender, receiver: KvReceiver, tid: str, layers: np.ndarray) -> bool:
-    """Send ``layers`` whole; whether the transfer was still eager when the receiver confirmed it."""
-    stream = await sender.open(
+async def _open(sender: KvSender, receiver: KvReceiver, tid: str, layers: np.ndarray) -> KvOutStream:
+    return await sender.open(
         KvRoute(KvMode.P2P, receiver.endpoint, tid),
         num_layers=layers.shape[0],
         rows_per_layer=layers.shape[1],
@@ -51,6 +50,11 @@ async def _send(sender: KvSender, receiver: KvReceiver, tid: str, layers: np.nda
         dtype=str(layers.dtype),
         deadline_s=DEADLINE_S,
     )
+
+
+async def _send(sender: KvSender, receiver: KvReceiver, tid: str, layers: np.ndarray) -> bool:
+    """Send ``layers`` whole; whether the transfer was still eager when the receiver confirmed it."""
+    stream = await _open(sender, receiver, tid, layers)
     for i, rows in enumerate(layers):
         await stream.send_layer(i, rows)
     await stream.finish({"first_token": 7})
@@ -145,10 +149,7 @@ async def test_a_sender_that_gives_up_after_its_eager_begin_was_turned_away_tell
 ) -> None:
     receiver = full_receiver
     layers = make_layers(LAYERS, ROWS, ROW_SHAPE, DTYPE)
-    stream = await sender.open(
-        KvRoute(KvMode.P2P, receiver.endpoint, "given-up"), num_layers=LAYERS, rows_per_layer=ROWS,
-        row_shape=ROW_SHAPE, dtype=DTYPE, deadline_s=DEADLINE_S,
-    )  # fmt: skip
+    stream = await _open(sender, receiver, "given-up", layers)
     await stream.send_layer(0, layers[0])
     await wait_until(lambda: receiver.stats.eager_not_ready == 1)
     sink = ArraySink(LAYERS, ROWS, ROW_SHAPE, DTYPE)
@@ -160,14 +161,11 @@ async def test_a_sender_that_gives_up_after_its_eager_begin_was_turned_away_tell
     assert info.value.code is ErrorCode.KV_TRUNCATED
 
 
-async def test_a_waiting_eager_transfer_its_sender_aborts_is_forgotten_and_the_receiver_told(
+async def test_a_waiting_eager_transfer_its_sender_aborts_is_forgotten(
     sender: KvSender, receiver: KvReceiver
 ) -> None:
     layers = make_layers(LAYERS, ROWS, ROW_SHAPE, DTYPE)
-    stream = await sender.open(
-        KvRoute(KvMode.P2P, receiver.endpoint, "quit"), num_layers=LAYERS, rows_per_layer=ROWS,
-        row_shape=ROW_SHAPE, dtype=DTYPE, deadline_s=DEADLINE_S,
-    )  # fmt: skip
+    stream = await _open(sender, receiver, "quit", layers)
     await stream.send_layer(0, layers[0])
     await wait_until(lambda: receiver.stats.parked == 1)
     await stream.abort("prefill stopped")
