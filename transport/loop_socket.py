@@ -103,12 +103,13 @@ class LoopSocket:
             except zmq.Again:  # as in recv_multipart
                 await self._wait(self._writers)
 
-    def close(self) -> None:
-        """Close the socket (linger 0); a task still waiting on it gets ``zmq.ZMQError(ENOTSOCK)``."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket; a task still waiting on it gets ``zmq.ZMQError(ENOTSOCK)``. Messages
+        queued and not yet sent go for ``linger_ms`` more, in libzmq's I/O thread (never blocking)."""
         if self.raw.closed:
             return
         self._loop.remove_reader(self._fd)
-        self.raw.close(linger=0)
+        self.raw.close(linger=linger_ms)
         for waiter in [*self._readers, *self._writers]:
             if not waiter.done():
                 waiter.set_exception(zmq.ZMQError(zmq.ENOTSOCK))

@@ -161,7 +161,7 @@ async def test_a_sender_that_gives_up_after_its_eager_begin_was_turned_away_tell
     assert info.value.code is ErrorCode.KV_TRUNCATED
 
 
-async def test_a_waiting_eager_transfer_its_sender_aborts_is_forgotten(
+async def test_a_waiting_eager_transfer_its_sender_aborts_is_forgotten_and_its_decode_job_told(
     sender: KvSender, receiver: KvReceiver
 ) -> None:
     layers = make_layers(LAYERS, ROWS, ROW_SHAPE, DTYPE)
@@ -171,6 +171,11 @@ async def test_a_waiting_eager_transfer_its_sender_aborts_is_forgotten(
     await stream.abort("prefill stopped")
     await wait_until(lambda: receiver.stats.parked == 0)
     assert receiver.stats.active == 0
+    # Its decode job, coming after, is told at once rather than at its deadline.
+    sink = ArraySink(LAYERS, ROWS, ROW_SHAPE, DTYPE)
+    with pytest.raises(PdorchError) as info:
+        await asyncio.wait_for(receiver.receive(p2p("quit"), sink, deadline_s=DEADLINE_S), 10)
+    assert info.value.code is ErrorCode.KV_TRUNCATED and "prefill stopped" in info.value.message
 
 
 async def test_only_small_p2p_transfers_go_eagerly(ctx: zmq.asyncio.Context, receiver: KvReceiver) -> None:
@@ -235,18 +240,21 @@ async def test_on_the_wire_an_eager_transfer_is_answered_by_its_verdict_alone(
         peer.sock.close()
 
 
+@pytest.mark.parametrize("extra", ["chunk", "after-end"])
 async def test_a_waiting_eager_transfer_that_sends_more_than_it_announced_fails(
-    ctx: zmq.asyncio.Context, receiver: KvReceiver
+    ctx: zmq.asyncio.Context, receiver: KvReceiver, extra: str
 ) -> None:
-    """Held while nobody expects it, it may hold only what its begin announced."""
+    """Held while nobody expects it, it may hold only what its begin announced: its rows, then its end."""
     rows = np.arange(64, dtype=np.uint8).reshape(4, 16)
     peer = _RawPeer(ctx, receiver.endpoint)
     try:
         begin = _begin("greedy", 4, 16)
         await peer.send(begin)
         digests = span_checksums(rows, begin.checksum_rows)
-        for seq in range(2):
-            await peer.send(KvChunk("greedy", seq, 0, 0, digests, rows))
+        await peer.send(KvChunk("greedy", 0, 0, 0, digests, rows))
+        if extra == "after-end":
+            await peer.send(KvEnd("greedy", 1, rows.nbytes, [4], {}))
+        await peer.send(KvChunk("greedy", 1, 0, 0, digests, rows[:1]))
         nack = await peer.recv()
         assert isinstance(nack, KvNack) and nack.code == ErrorCode.KV_CORRUPT
         await wait_until(lambda: receiver.stats.parked == 0)

@@ -95,7 +95,8 @@ class DealerLink:
             with contextlib.suppress(Exception):
                 handler(KvNack(tid, str(ErrorCode.KV_REJECTED), f"KV server {self.endpoint}: {why}"))
 
-    async def close(self) -> None:
+    async def close(self, linger_ms: int = 0) -> None:
+        """``linger_ms``: how long what was just sent (aborts) may still take to go out."""
         await cancel_and_wait([self._task])
         await self._watch.close()
-        self._sock.close()
+        self._sock.close(linger_ms)

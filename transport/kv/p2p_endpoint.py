@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL_S = 0.25
 # Announced transfers remembered at most (the oldest is forgotten first): the engine announces one
-# per queued decode job, so this is far above any engine's queue.
+# per queued decode job, so this is far above any engine's queue. Aborted ones likewise.
 MAX_ANNOUNCED = 4096
 # The routing id of the loop side's wake-up socket, connected to the endpoint's own ROUTER over
 # inproc: the thread then blocks on that one socket. Not a shape libzmq gives to peers (5 bytes).
@@ -81,6 +81,9 @@ _WAKE_ID = b"\x00pdorch-kv-wake"
 # up to this many bytes in all; beyond it an eager begin is turned away (KV_NOT_READY) and its sender
 # begins again the usual way, which holds nothing.
 DEFAULT_MAX_EAGER_HELD_BYTES = 32 * 1024 * 1024
+# What holding one message costs beyond its rows (its objects, its frame), charged to that bound: an
+# eager transfer sends each layer as one chunk, so it holds at most a chunk per layer and its end.
+_HELD_MESSAGE_BYTES = 1024
 _wake_ids = itertools.count()
 
 Outcome = tuple[PdorchError | None, dict[str, int | str]]
@@ -116,8 +119,10 @@ class _Parked:
     expires_at: float
     # Counted against its peer's and scope's share of the slots for begins nobody expects yet.
     unexpected: bool = True
-    # An eager transfer's: the bytes it may hold here (all it announced), and what came after it.
+    # An eager transfer's: what it is charged against the bound of bytes held (all it announced and
+    # its messages' cost), and what came after it.
     reserved: int = 0
+    held_limit: int = 0  # its rows' bytes
     held: list[KvChunk | KvEnd] = field(default_factory=list)
     held_bytes: int = 0
 
@@ -175,6 +180,10 @@ class P2pEndpoint:
         self._parked: OrderedDict[str, _Parked] = OrderedDict()
         # Transfers announced but not yet expected: transfer id -> until when (monotonic).
         self._announced: OrderedDict[str, float] = OrderedDict()
+        # Transfers their senders aborted while they waited unexpected (an eager one is sent whole
+        # and may be aborted before its decode job comes): transfer id -> (why, until when). The
+        # decode job that comes for one is told at once rather than at its deadline.
+        self._aborted: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._unexpected = 0
         self._unexpected_by_peer: Counter[bytes] = Counter()
         self._unexpected_by_scope: Counter[str] = Counter()
@@ -361,9 +370,11 @@ class P2pEndpoint:
         elif isinstance(msg, KvChunk | KvEnd) and self._parked_by(identity, msg.transfer_id):
             self._hold(self._parked[msg.transfer_id], msg)
         elif isinstance(msg, KvAbort) and self._parked_by(identity, msg.transfer_id):
-            self._unpark(msg.transfer_id)
+            parked = self._unpark(msg.transfer_id)
             if expected is not None:  # expected but still waiting for a slot
                 self._settle(expected, PdorchError(ErrorCode.KV_TRUNCATED, f"sender aborted: {msg.reason}"))
+            elif parked is not None:
+                self._remember_aborted(msg.transfer_id, msg.reason, parked.expires_at)
         elif isinstance(msg, KvAbort) and self._never_begun(expected, peer_name(frame)):
             assert expected is not None
             self._settle(expected, PdorchError(ErrorCode.KV_TRUNCATED, f"sender aborted: {msg.reason}"))
@@ -387,12 +398,23 @@ class P2pEndpoint:
             error = PdorchError(ErrorCode.INTERNAL, f"transfer {tid} is already expected")
             _resolve(expected, (error, {}))
             return
+        aborted = self._aborted.pop(tid, None)
+        if aborted is not None:
+            self._expected[tid] = expected
+            self._settle(expected, PdorchError(ErrorCode.KV_TRUNCATED, f"sender aborted: {aborted[0]}"))
+            return
         self._expected[tid] = expected
         self._announced.pop(tid, None)
         parked = self._parked.get(tid)
         if parked is not None:  # it began before we expected it: no longer a stranger's begin
             self._uncount(parked)
         self._promote()
+
+    def _remember_aborted(self, tid: str, reason: str, until: float) -> None:
+        self._aborted[tid] = (reason, until)
+        self._aborted.move_to_end(tid)
+        while len(self._aborted) > MAX_ANNOUNCED:
+            self._aborted.popitem(last=False)
 
     def _on_announce(self, tid: str, wait_s: float) -> None:
         if tid in self._expected:
@@ -441,10 +463,11 @@ class P2pEndpoint:
         if tid in self._parked or (expected is not None and expected.transfer is not None):
             self._refuse(identity, tid, ErrorCode.KV_REJECTED, "duplicate begin")
             return
-        reserved = 0
+        reserved = payload = 0
         if begin.eager:
             # Taken now, or waiting like any begin with what follows it (on its way already), held.
-            reserved = row_bytes * begin.rows_per_layer * begin.num_layers
+            payload = row_bytes * begin.rows_per_layer * begin.num_layers
+            reserved = payload + _HELD_MESSAGE_BYTES * (begin.num_layers + 1)
             if (expected is None or self._active >= self._max_active) and (
                 self._eager_held + reserved > self._max_eager_held
             ):
@@ -464,6 +487,7 @@ class P2pEndpoint:
             max(now + self._park_s, announced_until),
             unexpected=expected is None and announced_until <= now,
             reserved=reserved,
+            held_limit=payload,
         )
         if parked.unexpected:
             refusal = self._no_room_for(parked)
@@ -477,21 +501,24 @@ class P2pEndpoint:
 
     def _hold(self, parked: _Parked, msg: KvChunk | KvEnd) -> None:
         """What came after an eager begin that waits here: kept for when it is taken, within what
-        it announced (more is a violation: the transfer fails)."""
-        tid = parked.begin.transfer_id
-        if not parked.begin.eager:  # a sender that did not wait for its accept
+        it announced (its rows' bytes, in a chunk per layer, then its end; more is a violation that
+        fails the transfer). Checked in full once it is taken."""
+        begin = parked.begin
+        if not begin.eager:  # a sender that did not wait for its accept
             self.stats.dropped_messages += 1
             return
         if isinstance(msg, KvChunk):
             parked.held_bytes += msg.rows.nbytes
-            if parked.held_bytes > parked.reserved:
-                self._unpark(tid)
-                error = PdorchError(ErrorCode.KV_CORRUPT, f"eager transfer {tid} sent more than it announced")
-                self._refuse(parked.identity, tid, error.code, error.message)
-                expected = self._expected.get(tid)
-                if expected is not None:
-                    self._settle(expected, error)
-                return
+        ended = bool(parked.held) and isinstance(parked.held[-1], KvEnd)
+        if ended or len(parked.held) > begin.num_layers or parked.held_bytes > parked.held_limit:
+            tid = begin.transfer_id
+            self._unpark(tid)
+            error = PdorchError(ErrorCode.KV_CORRUPT, f"eager transfer {tid} sent more than it announced")
+            self._refuse(parked.identity, tid, error.code, error.message)
+            expected = self._expected.get(tid)
+            if expected is not None:
+                self._settle(expected, error)
+            return
         parked.held.append(msg)
 
     def _no_room_for(self, parked: _Parked) -> PdorchError | None:
@@ -635,6 +662,8 @@ class P2pEndpoint:
                 )
         while self._announced and next(iter(self._announced.values())) <= now:
             self._announced.popitem(last=False)
+        while self._aborted and next(iter(self._aborted.values()))[1] <= now:
+            self._aborted.popitem(last=False)
         for tid, parked in list(self._parked.items()):
             if tid not in self._expected and parked.expires_at <= now:
                 self._unpark(tid)
@@ -643,6 +672,7 @@ class P2pEndpoint:
     def _stop(self, error: PdorchError) -> None:
         self._stopped_with = error
         self._announced.clear()
+        self._aborted.clear()
         for tid in list(self._parked):  # their senders time out (the receiver is going away)
             self._unpark(tid)
         for expected in list(self._expected.values()):

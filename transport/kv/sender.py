@@ -28,6 +28,9 @@ from transport.security import Plane, Security
 
 DEFAULT_MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_SENDER_WINDOW_BYTES = 64 * 1024 * 1024
+# On close, the aborts of the transfers still open get this long to leave (an eager transfer may be
+# queued whole behind a connection still being made).
+CLOSE_LINGER_MS = 500
 
 
 class KvSender:
@@ -82,6 +85,7 @@ class KvSender:
         link = await self._link(route.endpoint, route.server_key)
         if link.has(route.transfer_id):
             raise PdorchError(ErrorCode.INTERNAL, f"transfer {route.transfer_id} is already open")
+        layer_bytes = math.prod(row_shape) * np.dtype(dtype).itemsize * rows_per_layer
         stream = KvOutStream(
             transfer_id=route.transfer_id,
             num_layers=num_layers,
@@ -96,9 +100,7 @@ class KvSender:
             # Only a decode agent's own endpoint lends rings; the broker keeps what it receives.
             same_host=self._same_host if route.mode == KvMode.P2P else SameHostMode.OFF,
             rings=self._rings,
-            eager=route.mode == KvMode.P2P
-            and math.prod(row_shape) * np.dtype(dtype).itemsize * rows_per_layer * num_layers
-            <= self._eager_max_bytes,
+            eager=self._eager(route, layer_bytes, num_layers),
         )
         link.register(route.transfer_id, stream.handle)
         self._streams.add(stream)
@@ -108,6 +110,14 @@ class KvSender:
             self._forget(link, stream)
             raise
         return stream
+
+    def _eager(self, route: KvRoute, layer_bytes: int, num_layers: int) -> bool:
+        """p2p, small, and each layer one chunk (what a receiver holds for an eager transfer)."""
+        return (
+            route.mode == KvMode.P2P
+            and layer_bytes * num_layers <= self._eager_max_bytes
+            and layer_bytes <= self._max_chunk_bytes
+        )
 
     def _forget(self, link: DealerLink, stream: KvOutStream) -> None:
         link.unregister(stream.transfer_id)
@@ -151,7 +161,7 @@ class KvSender:
             await stream.abort("prefill side closed")
         links, self._links = [*self._links.values(), *self._retired], OrderedDict()
         self._retired = []
-        await asyncio.gather(*(link.close() for link in links))
+        await asyncio.gather(*(link.close(CLOSE_LINGER_MS) for link in links))
         if self._rings is not None:
             self._rings.close()
 
