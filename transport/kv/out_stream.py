@@ -25,6 +25,7 @@ from transport.kv.chunking import chunk_spans, rows_per_chunk
 from transport.kv.deadline import Deadline
 from transport.kv.flow_control import SendCredit
 from transport.kv.messages import (
+    EAGER_MAX_BYTES,
     KV_PROTOCOL_VERSION,
     KvAbort,
     KvAccept,
@@ -67,13 +68,13 @@ class KvOutStream:
         checksum_rows: int | None = None,
         same_host: SameHostMode = SameHostMode.OFF,
         rings: AttachedRings | None = None,
-        eager: bool = False,
+        eager_max_bytes: int = 0,
     ) -> None:
         """``checksum_rows``: rows per checksum; the broker passes the inbound transfer's, so that
         the checksums it stored stay valid when it forwards the chunks. ``same_host``: whether to
-        ask for a shared ring and write chunks into it (mapped through ``rings``). ``eager``: send
-        the whole transfer without waiting for the receiver to accept it (at most
-        ``EAGER_MAX_BYTES``)."""
+        ask for a shared ring and write chunks into it (mapped through ``rings``).
+        ``eager_max_bytes``: a transfer this small whose layers are one chunk each is sent whole
+        without waiting for the receiver to accept it (at most ``EAGER_MAX_BYTES``; 0: never)."""
         self.transfer_id = transfer_id
         self.num_layers = num_layers
         self.rows_per_layer = rows_per_layer
@@ -82,6 +83,8 @@ class KvOutStream:
         self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
         rows_per_chunk(self.row_bytes, max_chunk_bytes)  # refuses rows that cannot fit in one frame
         self.checksum_rows = checksum_rows or checksum_rows_for(self.row_bytes)
+        layer_bytes = self.row_bytes * rows_per_layer
+        self.total_bytes = layer_bytes * num_layers
         if num_layers <= 0 or rows_per_layer <= 0:
             raise PdorchError(ErrorCode.INVALID_REQUEST, "a KV transfer needs at least one layer and one row")
         self._deadline = deadline
@@ -95,29 +98,34 @@ class KvOutStream:
         self._max_chunk_bytes = max_chunk_bytes
         self._max_in_flight_bytes = max_in_flight_bytes
         self._on_closed = on_closed
-        self._credit = SendCredit(max_in_flight_bytes)
         self._accepted = asyncio.Event()
         self._settled = asyncio.Event()  # the receiver acked or nacked, or we gave up
         self._error: PdorchError | None = None
         self._closed = False
-        self._end_sent = False  # every byte was written: nothing more goes into a ring
         self._nacked = False
-        self._chunk_rows = 1
-        self._seq = 0
-        self._layer_rows = [0] * num_layers
-        self.bytes_sent = 0
         self._same_host = same_host if rings is not None else SameHostMode.OFF
         self._rings = rings
         self._ring_offer: KvShmRing | None = None
         self._ring: Ring | None = None
-        self._ring_decided = False
+        self._start_sending()
         self._ring_cursor = 0  # where the next chunk goes in the ring (ring.place)
         self._ring_lock = asyncio.Lock()  # a chunk's place and its sequence number are taken together
         self.used_ring = False  # chunks went through the receiver's shared ring
-        self.eager = eager  # sent without waiting for an accept (so far: see _begin_again)
+        # Sent without waiting for an accept (so far: see _begin_again).
+        self.eager = (
+            self.total_bytes <= min(eager_max_bytes, EAGER_MAX_BYTES) and layer_bytes <= max_chunk_bytes
+        )
         self._not_ready = False  # the receiver turned the eager transfer away
         # What an eager transfer sent, kept to send again if the receiver was not ready for it.
         self._sent: list[tuple[int, int, np.ndarray, list[int] | None]] = []
+
+    def _start_sending(self) -> None:
+        """What a transfer has sent so far: nothing (at the start, and when begun again)."""
+        self._credit = SendCredit(self._max_in_flight_bytes)
+        self._chunk_rows, self._seq, self.bytes_sent = 1, 0, 0
+        self._layer_rows = [0] * self.num_layers
+        self._ring_decided = False
+        self._end_sent = False  # every byte was written: nothing more goes into a ring
 
     @property
     def peak_in_flight(self) -> int:
@@ -194,9 +202,8 @@ class KvOutStream:
         await self._send(self._begin())
         if self.eager:
             # The receiver grants all of it by taking it; it offers no ring, so the socket carries it.
-            total = self.row_bytes * self.rows_per_layer * self.num_layers
-            self._credit.grant(total)
-            self._chunk_rows = rows_per_chunk(self.row_bytes, min(self._max_chunk_bytes, total))
+            self._credit.grant(self.total_bytes)
+            self._chunk_rows = rows_per_chunk(self.row_bytes, min(self._max_chunk_bytes, self.total_bytes))
             self._ring_decided = True
             self._accepted.set()
         self._timer = asyncio.get_running_loop().call_at(self._deadline.at, self._expire)
@@ -219,13 +226,10 @@ class KvOutStream:
         begin it again the usual way, waiting for its accept, and send the same rows."""
         self._raise_if_over()  # failed or past its deadline meanwhile: nothing to begin again
         sent, self._sent = self._sent, []
-        self.eager = self._not_ready = self._end_sent = False
+        self.eager = self._not_ready = False
         self._accepted.clear()
         self._settled.clear()
-        self._credit = SendCredit(self._max_in_flight_bytes)
-        self._ring_decided = False
-        self._chunk_rows, self._seq, self.bytes_sent = 1, 0, 0
-        self._layer_rows = [0] * self.num_layers
+        self._start_sending()
         await self._send(self._begin())
         for layer, row_offset, rows, known_checksums in sent:
             await self.send_rows(layer, row_offset, rows, known_checksums)

@@ -10,10 +10,8 @@ broker the scheduler meant.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import OrderedDict
 
-import numpy as np
 import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
@@ -49,9 +47,9 @@ class KvSender:
         the receiver grants (the smaller wins); ``max_chunk_bytes`` (<= 16 MiB) sizes the chunks.
         ``same_host``: whether to write into a receiver's shared ring when it offers one (auto),
         insist on one (on: a transfer without fails with ``CONFIG``) or never ask (off).
-        ``eager_max_bytes``: p2p transfers up to this size (at most ``EAGER_MAX_BYTES``; 0: none) go
-        eagerly, without waiting for the receiver's accept (not with ``same_host`` on, which
-        insists on the ring)."""
+        ``eager_max_bytes``: p2p transfers up to this size (at most ``EAGER_MAX_BYTES``; 0: none),
+        each layer one chunk, go eagerly, without waiting for the receiver's accept (not with
+        ``same_host`` on, which insists on the ring)."""
         self._ctx = ctx
         self._security = security
         self._window_bytes = window_bytes
@@ -63,9 +61,9 @@ class KvSender:
         self._closed = False
         self._same_host = same_host
         self._rings = AttachedRings() if same_host != SameHostMode.OFF else None
-        self._eager_max_bytes = 0 if same_host == SameHostMode.ON else min(eager_max_bytes, EAGER_MAX_BYTES)
+        self._eager_max_bytes = 0 if same_host == SameHostMode.ON else eager_max_bytes
         self.same_host_transfers = 0
-        self.eager_transfers = 0  # ... and those of them the receiver took eagerly
+        self.eager_transfers = 0  # transfers that went eagerly to the end (not begun again)
 
     async def open(
         self,
@@ -85,7 +83,6 @@ class KvSender:
         link = await self._link(route.endpoint, route.server_key)
         if link.has(route.transfer_id):
             raise PdorchError(ErrorCode.INTERNAL, f"transfer {route.transfer_id} is already open")
-        layer_bytes = math.prod(row_shape) * np.dtype(dtype).itemsize * rows_per_layer
         stream = KvOutStream(
             transfer_id=route.transfer_id,
             num_layers=num_layers,
@@ -100,7 +97,7 @@ class KvSender:
             # Only a decode agent's own endpoint lends rings; the broker keeps what it receives.
             same_host=self._same_host if route.mode == KvMode.P2P else SameHostMode.OFF,
             rings=self._rings,
-            eager=self._eager(route, layer_bytes, num_layers),
+            eager_max_bytes=self._eager_max_bytes if route.mode == KvMode.P2P else 0,
         )
         link.register(route.transfer_id, stream.handle)
         self._streams.add(stream)
@@ -110,14 +107,6 @@ class KvSender:
             self._forget(link, stream)
             raise
         return stream
-
-    def _eager(self, route: KvRoute, layer_bytes: int, num_layers: int) -> bool:
-        """p2p, small, and each layer one chunk (what a receiver holds for an eager transfer)."""
-        return (
-            route.mode == KvMode.P2P
-            and layer_bytes * num_layers <= self._eager_max_bytes
-            and layer_bytes <= self._max_chunk_bytes
-        )
 
     def _forget(self, link: DealerLink, stream: KvOutStream) -> None:
         link.unregister(stream.transfer_id)
