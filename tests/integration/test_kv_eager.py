@@ -11,7 +11,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from tests.support.kv import make_layers, p2p, wait_until
+from tests.support.kv import make_layers, p2p, started_receiver, wait_until
 from tests.support.security import INSECURE
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
@@ -35,10 +35,15 @@ LAYERS, ROWS, ROW_SHAPE, DTYPE = 2, 20, (4,), "float16"
 
 @pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
-    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", park_s=5.0)
-    await rx.start()
-    yield rx
-    await rx.close()
+    async with started_receiver(ctx, park_s=5.0) as rx:
+        yield rx
+
+
+@pytest.fixture
+async def full_receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
+    """No room to hold an eager transfer that must wait."""
+    async with started_receiver(ctx, max_eager_held_bytes=0) as rx:
+        yield rx
 
 
 async def _open(sender: KvSender, receiver: KvReceiver, tid: str, layers: np.ndarray) -> KvOutStream:
@@ -91,13 +96,11 @@ async def test_an_eager_transfer_that_comes_first_waits_with_its_chunks_held(
 
 
 async def test_an_eager_transfer_with_no_slot_free_waits_its_turn(
-    ctx: zmq.asyncio.Context, sender: KvSender
+    ctx: zmq.asyncio.Context, sender: KvSender, rendezvous_sender: KvSender
 ) -> None:
     """Expected, but the one slot is taken: it waits, held, until the slot frees."""
-    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", max_active=1)
-    await rx.start()
-    slow = KvSender(ctx, security=INSECURE, eager_max_bytes=0)
-    try:
+    slow = rendezvous_sender
+    async with started_receiver(ctx, max_active=1) as rx:
         hold = asyncio.create_task(rx.receive(p2p("hold"), ArraySink(1, 4, (4,), "uint8"), deadline_s=30))
         holding = await slow.open(
             KvRoute(KvMode.P2P, rx.endpoint, "hold"), num_layers=1, rows_per_layer=4, row_shape=(4,),
@@ -116,18 +119,6 @@ async def test_an_eager_transfer_with_no_slot_free_waits_its_turn(
         assert await waiting == {"first_token": 7}
         assert await sending
         assert np.array_equal(sink.layers, layers)
-    finally:
-        await slow.close()
-        await rx.close()
-
-
-@pytest.fixture
-async def full_receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
-    """No room to hold an eager transfer that must wait."""
-    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", max_eager_held_bytes=0)
-    await rx.start()
-    yield rx
-    await rx.close()
 
 
 async def test_an_eager_transfer_with_no_room_to_wait_is_begun_again_the_usual_way(

@@ -15,7 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from tests.support.kv import p2p
+from tests.support.kv import p2p, started_receiver
 from tests.support.security import INSECURE
 from transport.codec import MAX_FRAME_BYTES, Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
@@ -37,19 +37,9 @@ OK_DEADLINE_S = 30.0
 Tamper = Callable[[list[bytes]], list[bytes] | None]
 
 
-@contextlib.asynccontextmanager
-async def started_receiver(ctx: zmq.asyncio.Context, window_bytes: int) -> AsyncIterator[KvReceiver]:
-    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", window_bytes=window_bytes)
-    await rx.start()
-    try:
-        yield rx
-    finally:
-        await rx.close()
-
-
 @pytest.fixture
 async def receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
-    async with started_receiver(ctx, 64 * 1024) as rx:
+    async with started_receiver(ctx, window_bytes=64 * 1024) as rx:
         yield rx
 
 
@@ -238,7 +228,7 @@ class RawPeer:
 @pytest.fixture
 async def wide_receiver(ctx: zmq.asyncio.Context) -> AsyncIterator[KvReceiver]:
     """A receiver whose window takes a chunk of several checksum spans."""
-    async with started_receiver(ctx, 1024 * 1024) as rx:
+    async with started_receiver(ctx, window_bytes=1024 * 1024) as rx:
         yield rx
 
 

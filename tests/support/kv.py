@@ -1,13 +1,18 @@
-"""Helpers shared by the KV-plane tests: layer data, a whole-transfer send, polling a condition."""
+"""Helpers shared by the KV-plane tests: layer data, a whole-transfer send, polling a condition,
+a receiver running for a block."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import numpy as np
+import zmq.asyncio
 
-from transport.kv import KvSender
+from tests.support.security import INSECURE
+from transport.kv import KvReceiver, KvSender
 from transport.messages import KvMode, KvRoute
 
 
@@ -51,3 +56,14 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0, pol
         if loop.time() > end:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(poll_s)
+
+
+@contextlib.asynccontextmanager
+async def started_receiver(ctx: zmq.asyncio.Context, **limits: Any) -> AsyncIterator[KvReceiver]:
+    """An insecure p2p receiver on a free loopback port (``limits``: KvReceiver's keywords)."""
+    rx = KvReceiver(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", **limits)
+    await rx.start()
+    try:
+        yield rx
+    finally:
+        await rx.close()
