@@ -48,11 +48,13 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 ## The KV handoff against memcpy and raw pyzmq (~2 minutes), a control message against pyzmq's own
-## multipart calls (~10 s), then the request hot path against the Rust routers (~10 minutes;
-## installs them into the bench's own virtualenv the first time).
+## multipart calls (~10 s), a hop between processes through ZeroMQ against a socket and a pipe
+## (~5 s), then the request hot path against the Rust routers (~10 minutes; installs them into the
+## bench's own virtualenv the first time).
 bench: install
 	$(PY) bench/kv_handoff.py
 	$(PY) bench/frames.py
+	$(PY) bench/hop_latency.py
 	$(PY) bench/overhead.py
 
 ## The reference engine next to vLLM CPU on the default model: prefill and decode tok/s (~10 minutes).
