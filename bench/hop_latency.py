@@ -24,6 +24,8 @@ from collections.abc import Callable
 import zmq
 
 WARMUP = 200
+# No wait lasts longer than this: a peer that did not start fails the run instead of hanging it.
+TIMEOUT_S = 10.0
 
 
 def _timed(send: Callable[[], object], recv: Callable[[], object], n: int) -> list[float]:
@@ -52,29 +54,40 @@ def pipe_round_trips(n: int) -> list[float]:
     to_parent, from_child = os.pipe()
 
     def serve() -> None:
+        os.close(from_parent)
+        os.close(to_parent)
         for _ in range(n + WARMUP):
             os.write(from_child, os.read(to_child, 1))
 
     pid = _echo_child(serve)
-    out = _timed(lambda: os.write(from_parent, b"x"), lambda: os.read(to_parent, 1), n)
+    os.close(to_child)  # the child's ends: a child that dies is then seen as the end of the pipe
+    os.close(from_child)
+
+    def reply() -> None:
+        if not os.read(to_parent, 1):
+            raise SystemExit("the echoing child went away")
+
+    out = _timed(lambda: os.write(from_parent, b"x"), reply, n)
     os.waitpid(pid, 0)
-    for fd in (to_child, from_parent, to_parent, from_child):
-        os.close(fd)
+    os.close(from_parent)
+    os.close(to_parent)
     return out
 
 
 def tcp_round_trips(n: int) -> list[float]:
     listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT_S)
     port = listener.getsockname()[1]
 
     def serve() -> None:
-        conn = socket.create_connection(("127.0.0.1", port))
+        conn = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(n + WARMUP):
             conn.sendall(conn.recv(1))
 
     pid = _echo_child(serve)
     conn, _ = listener.accept()
+    conn.settimeout(TIMEOUT_S)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     out = _timed(lambda: conn.sendall(b"x"), lambda: conn.recv(1), n)
     os.waitpid(pid, 0)
@@ -86,11 +99,13 @@ def tcp_round_trips(n: int) -> list[float]:
 def zmq_round_trips(n: int) -> list[float]:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.RCVTIMEO, int(TIMEOUT_S * 1000))
     port = router.bind_to_random_port("tcp://127.0.0.1")
 
     def serve() -> None:
         child_ctx = zmq.Context()  # a fresh context: the parent's I/O thread is not in the child
         dealer = child_ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.RCVTIMEO, int(TIMEOUT_S * 1000))
         dealer.connect(f"tcp://127.0.0.1:{port}")
         dealer.send(b"hello")
         for _ in range(n + WARMUP):
