@@ -108,7 +108,6 @@ class KvOutStream:
         self._ring_offer: KvShmRing | None = None
         self._ring: Ring | None = None
         self._start_sending()
-        self._ring_cursor = 0  # where the next chunk goes in the ring (ring.place)
         self._ring_lock = asyncio.Lock()  # a chunk's place and its sequence number are taken together
         self.used_ring = False  # chunks went through the receiver's shared ring
         # Sent without waiting for an accept (so far: see _begin_again).
@@ -125,6 +124,7 @@ class KvOutStream:
         self._chunk_rows, self._seq, self.bytes_sent = 1, 0, 0
         self._layer_rows = [0] * self.num_layers
         self._ring_decided = False
+        self._ring_cursor = 0  # where the next chunk goes in the ring (ring.place)
         self._end_sent = False  # every byte was written: nothing more goes into a ring
 
     @property

@@ -43,6 +43,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 import zmq
@@ -85,6 +86,7 @@ DEFAULT_MAX_EAGER_HELD_BYTES = 32 * 1024 * 1024
 # eager transfer sends each layer as one chunk, so it holds at most a chunk per layer and its end.
 _HELD_MESSAGE_BYTES = 1024
 _wake_ids = itertools.count()
+_V = TypeVar("_V")
 
 Outcome = tuple[PdorchError | None, dict[str, int | str]]
 
@@ -374,7 +376,7 @@ class P2pEndpoint:
             if expected is not None:  # expected but still waiting for a slot
                 self._settle(expected, PdorchError(ErrorCode.KV_TRUNCATED, f"sender aborted: {msg.reason}"))
             elif parked is not None:
-                self._remember_aborted(msg.transfer_id, msg.reason, parked.expires_at)
+                _remember(self._aborted, msg.transfer_id, (msg.reason, parked.expires_at))
         elif isinstance(msg, KvAbort) and self._never_begun(expected, peer_name(frame)):
             assert expected is not None
             self._settle(expected, PdorchError(ErrorCode.KV_TRUNCATED, f"sender aborted: {msg.reason}"))
@@ -400,7 +402,6 @@ class P2pEndpoint:
             return
         aborted = self._aborted.pop(tid, None)
         if aborted is not None:
-            self._expected[tid] = expected
             self._settle(expected, PdorchError(ErrorCode.KV_TRUNCATED, f"sender aborted: {aborted[0]}"))
             return
         self._expected[tid] = expected
@@ -410,20 +411,11 @@ class P2pEndpoint:
             self._uncount(parked)
         self._promote()
 
-    def _remember_aborted(self, tid: str, reason: str, until: float) -> None:
-        self._aborted[tid] = (reason, until)
-        self._aborted.move_to_end(tid)
-        while len(self._aborted) > MAX_ANNOUNCED:
-            self._aborted.popitem(last=False)
-
     def _on_announce(self, tid: str, wait_s: float) -> None:
         if tid in self._expected:
             return
         until = time.monotonic() + wait_s
-        self._announced[tid] = until
-        self._announced.move_to_end(tid)
-        while len(self._announced) > MAX_ANNOUNCED:
-            self._announced.popitem(last=False)
+        _remember(self._announced, tid, until)
         parked = self._parked.get(tid)
         if parked is not None:  # it began first: it is no longer a stranger's, and may wait longer
             self._uncount(parked)
@@ -680,6 +672,14 @@ class P2pEndpoint:
                 expected.transfer.fail(error.code, error.message)
             else:
                 self._settle(expected, error)
+
+
+def _remember(ids: OrderedDict[str, _V], tid: str, value: _V) -> None:
+    """Keep ``tid`` as the newest of ``ids``, at most ``MAX_ANNOUNCED`` of them (the oldest go)."""
+    ids[tid] = value
+    ids.move_to_end(tid)
+    while len(ids) > MAX_ANNOUNCED:
+        ids.popitem(last=False)
 
 
 def _in_scope(transfer_id: str, scope: str) -> bool:
