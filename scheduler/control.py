@@ -46,6 +46,7 @@ from transport.messages import (
     Heartbeat,
     Hello,
     JobError,
+    JobMessages,
     KvLoaded,
     TokenizerFiles,
     TokenOutput,
@@ -164,6 +165,9 @@ class ControlServer:
                 self._on_capacity()
         elif isinstance(msg, TokenOutput | KvLoaded | JobError):
             self._inbox.deliver(wid, msg.request_id, msg)  # request_id: the job's (attempt's) id
+        elif isinstance(msg, JobMessages):
+            for job_msg in msg.messages:
+                self._inbox.deliver(wid, job_msg.request_id, job_msg)
         elif isinstance(msg, TokenizerFiles):
             try:
                 self._on_tokenizer(worker.hello.tokenizer, msg.files)

@@ -12,6 +12,7 @@ decode bumps :data:`PROTOCOL_VERSION`, which is checked in ``Hello``.
 from __future__ import annotations
 
 import enum
+from typing import Annotated
 
 import msgspec
 import numpy as np
@@ -19,7 +20,10 @@ import numpy as np
 from transport.token_ids import message_token_ids
 
 # 2: a job's prompt is a packed int32 array (transport/token_ids.py), no longer a list.
-PROTOCOL_VERSION = 2
+# 3: an agent sends the job messages it has ready at once as one message (JobMessages).
+PROTOCOL_VERSION = 3
+# The most messages one JobMessages may carry (an agent splits more; the scheduler drops a longer one).
+MAX_JOB_MESSAGES = 1024
 
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "tag_field": "t"}
 
@@ -243,12 +247,22 @@ class AdapterAck(msgspec.Struct, tag="lora_ack", **_STRUCT):
     message: str = ""
 
 
+class JobMessages(msgspec.Struct, tag="jobs", **_STRUCT):
+    """Job messages an agent made in one turn of its event loop, in the order it made them, sent as
+    one message: under load a decode agent ends several requests at once (each a ``KvLoaded`` and
+    its tokens), and a batch's tokens are one message, where each was a message of its own (a send,
+    a receive and a wake-up of both ends' ZeroMQ threads). Handled as those messages in order."""
+
+    messages: Annotated[list[TokenOutput | KvLoaded | JobError], msgspec.Meta(max_length=MAX_JOB_MESSAGES)]
+
+
 FromWorker = (
     Hello
     | Heartbeat
     | TokenOutput
     | KvLoaded
     | JobError
+    | JobMessages
     | WorkerFatal
     | Draining
     | TokenizerFiles

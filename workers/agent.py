@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from transport.errors import ErrorCode, PdorchError
 from transport.liveness import Backoff, PeerLiveness
 from transport.loop_socket import LoopSocket
 from transport.messages import (
+    MAX_JOB_MESSAGES,
     PROTOCOL_VERSION,
     TOKENIZER_FILES,
     AdapterLoad,
@@ -42,6 +44,8 @@ from transport.messages import (
     Heartbeat,
     Hello,
     JobError,
+    JobMessages,
+    KvLoaded,
     Load,
     PrefillJob,
     Role,
@@ -59,6 +63,8 @@ from workers.engines.base import Engine
 
 log = logging.getLogger("pdorch.agent")
 
+# Messages that may wait for room in the queues to the scheduler before the session is given up.
+MAX_BACKLOG = 100_000
 # A control message is one frame, capped at 16 MiB by the sockets; leave room for the envelope.
 _MAX_TOKENIZER_BYTES = 15 * 1024 * 1024
 
@@ -108,6 +114,11 @@ class Agent:
         # Prefill and generate jobs whose first token (a prefill's, not a decoded one) is still to
         # come (a resumed generate job's first is a decoded one: counted one short, once).
         self._first_pending: set[str] = set()
+        # Job messages made in this turn of the event loop, sent together at its end (see _send).
+        self._outbox: list[TokenOutput | KvLoaded | JobError] = []
+        # Messages waiting for room in the socket's queue, in order (_send_now); bounded (_beat).
+        self._backlog: deque[FromWorker] = deque()
+        self._drainer: asyncio.Task[None] | None = None
         self._decoded_tokens = 0
         self._interval = cfg.heartbeat_interval_s
         self._liveness = cfg.heartbeat_liveness
@@ -139,6 +150,7 @@ class Agent:
             await self._adapters.close()
             await self._cancel_all()
             await self._engine.close()
+            self._drop_backlog()
             if self._sock is not None:
                 self._sock.close()
 
@@ -176,6 +188,7 @@ class Agent:
             await asyncio.sleep(backoff.next_delay())
 
     def _connect(self) -> LoopSocket:
+        self._drop_backlog()  # the last session's: its jobs were cancelled, its scheduler told
         if self._sock is not None:
             self._sock.close()
         auth = self._security.client(Plane.CONTROL, self._security.server_key(KeyKind.SCHEDULER))
@@ -244,6 +257,10 @@ class Agent:
             await asyncio.sleep(self._interval)
             if peer.expired(time.monotonic()):
                 raise _Reconnect(f"scheduler silent for {peer.expiry_s:.1f}s")
+            if len(self._backlog) > MAX_BACKLOG:
+                # Its jobs are cancelled with the session; the scheduler moves their requests.
+                waiting = len(self._backlog)
+                raise _Reconnect(f"the scheduler takes messages slower than they come ({waiting} wait)")
 
     def _load(self) -> Load:
         return msgspec.structs.replace(
@@ -357,15 +374,54 @@ class Agent:
                 await task
 
     def _send(self, msg: FromWorker) -> None:
+        """Job messages wait for the end of this turn of the event loop and leave with the others
+        made in it (JobMessages); a request's first token leaves at once (its time to first token),
+        and so does everything else, after what waits (the order is kept)."""
+        first = False
         if isinstance(msg, TokenOutput) and msg.token_ids:  # counted sent or not: it was decoded
             first = msg.request_id in self._first_pending
             self._first_pending.discard(msg.request_id)
             self._decoded_tokens += len(msg.token_ids) - first
+        if isinstance(msg, TokenOutput | KvLoaded | JobError) and not first:
+            self._outbox.append(msg)
+            if len(self._outbox) == 1:
+                asyncio.get_running_loop().call_soon(self._flush)
+            return
+        self._flush()
+        self._send_now(msg)
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        for start in range(0, len(out), MAX_JOB_MESSAGES):
+            part = out[start : start + MAX_JOB_MESSAGES]
+            self._send_now(part[0] if len(part) == 1 else JobMessages(part))
+
+    def _send_now(self, msg: FromWorker) -> None:
+        """Send, or queue behind what waits for room: a message is never dropped while the session
+        lasts (a dropped token left a gap in its request's output, or stalled it until its token
+        timeout, when the scheduler fell behind)."""
         sock = self._sock
         if sock is None:
             return
+        if self._backlog:  # the socket's queue is full: after what waits, in order
+            self._backlog.append(msg)
+            return
         try:
             sock.send_now(self._enc.encode(msg))
-        except zmq.ZMQError as e:
-            # Not connected / queue full: the scheduler will notice through liveness.
+        except zmq.Again:  # the scheduler is behind (the queues to it are full): wait for room
+            self._backlog.append(msg)
+            self._drainer = asyncio.get_running_loop().create_task(self._drain(sock), name="agent-backlog")
+        except zmq.ZMQError as e:  # the socket is gone: the session is over, its jobs with it
             log.debug("dropping %s: %s", type(msg).__name__, e)
+
+    async def _drain(self, sock: LoopSocket) -> None:
+        with contextlib.suppress(zmq.ZMQError):  # closed: the session ended (its backlog with it)
+            while self._backlog and sock is self._sock:
+                await sock.send(self._enc.encode(self._backlog[0]))
+                self._backlog.popleft()
+
+    def _drop_backlog(self) -> None:
+        self._backlog.clear()
+        if self._drainer is not None:
+            self._drainer.cancel()
+            self._drainer = None
