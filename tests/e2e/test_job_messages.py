@@ -7,7 +7,8 @@ A real scheduler process; a hand-driven worker answers its jobs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -46,12 +47,22 @@ async def _complete(cluster: LocalCluster, max_tokens: int) -> tuple[int, dict]:
         return r.status, await r.json()
 
 
-async def test_job_messages_sent_as_one_are_taken_in_order(scheduler_only: LocalCluster) -> None:
-    worker = FakeWorker(scheduler_only, "both", role=Role.BOTH, capacity_blocks=10_000)
+@contextlib.asynccontextmanager
+async def _one_job(
+    cluster: LocalCluster, max_tokens: int
+) -> AsyncIterator[tuple[FakeWorker, GenerateJob, asyncio.Task[tuple[int, dict]]]]:
+    """A worker registered, a request sent, its job at the worker: (worker, job, the request)."""
+    worker = FakeWorker(cluster, "both", role=Role.BOTH, capacity_blocks=10_000)
     try:
         worker.register()
-        request = asyncio.create_task(_complete(scheduler_only, 3))
-        job = await asyncio.to_thread(worker.recv_until, GenerateJob)
+        request = asyncio.create_task(_complete(cluster, max_tokens))
+        yield worker, await asyncio.to_thread(worker.recv_until, GenerateJob), request
+    finally:
+        worker.close()
+
+
+async def test_job_messages_sent_as_one_are_taken_in_order(scheduler_only: LocalCluster) -> None:
+    async with _one_job(scheduler_only, 3) as (worker, job, request):
         stray = JobError("not-a-job-of-ours", "internal", "ignored")  # unknown ids are dropped
         tokens = [TokenOutput(job.request_id, [65]), TokenOutput(job.request_id, [66])]
         last = TokenOutput(job.request_id, [67], finish_reason=FinishReason.LENGTH)
@@ -60,16 +71,10 @@ async def test_job_messages_sent_as_one_are_taken_in_order(scheduler_only: Local
         assert status == 200, body
         assert body["choices"][0]["token_ids"] == [65, 66, 67]
         assert body["choices"][0]["finish_reason"] == "length"
-    finally:
-        worker.close()
 
 
 async def test_more_job_messages_than_allowed_in_one_are_dropped(scheduler_only: LocalCluster) -> None:
-    worker = FakeWorker(scheduler_only, "both", role=Role.BOTH, capacity_blocks=10_000)
-    try:
-        worker.register()
-        request = asyncio.create_task(_complete(scheduler_only, 1))
-        job = await asyncio.to_thread(worker.recv_until, GenerateJob)
+    async with _one_job(scheduler_only, 1) as (worker, job, request):
         answer = TokenOutput(job.request_id, [65], finish_reason=FinishReason.LENGTH)
         worker.send(JobMessages([answer] * (MAX_JOB_MESSAGES + 1)))
         async with aiohttp.ClientSession() as s:
@@ -83,5 +88,3 @@ async def test_more_job_messages_than_allowed_in_one_are_dropped(scheduler_only:
         status, body = await request
         assert status == 200, body
         assert body["choices"][0]["token_ids"] == [65]
-    finally:
-        worker.close()
