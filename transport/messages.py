@@ -20,7 +20,8 @@ import numpy as np
 from transport.token_ids import message_token_ids
 
 # 2: a job's prompt is a packed int32 array (transport/token_ids.py), no longer a list.
-# 3: an agent sends the job messages it has ready at once as one message (JobMessages).
+# 3: an agent sends the job messages it has ready at once as one message (JobMessages), and
+# says where each TokenOutput's tokens are in the request's output (TokenOutput.index).
 PROTOCOL_VERSION = 3
 # The most messages one JobMessages may carry (an agent splits more; the scheduler drops a longer one).
 MAX_JOB_MESSAGES = 1024
@@ -179,6 +180,10 @@ class TokenOutput(msgspec.Struct, tag="tok", **_STRUCT):
     # With ``sampling.prompt_logprobs`` >= 0, on the prefill side's first message: one entry per
     # prompt token after the first (the first has none).
     prompt_logprobs: list[TokenLogprobs] = []
+    # Where its first token is in the request's output (the agent counts from its job's
+    # ``generated``): the scheduler takes tokens only in order, so a lost message is a failed
+    # attempt (resumed), never a gap in the output. -1: not said (not checked).
+    index: int = -1
 
 
 class KvLoaded(msgspec.Struct, tag="kvok", **_STRUCT):

@@ -114,6 +114,7 @@ class Agent:
         # Prefill and generate jobs whose first token (a prefill's, not a decoded one) is still to
         # come (a resumed generate job's first is a decoded one: counted one short, once).
         self._first_pending: set[str] = set()
+        self._next_index: dict[str, int] = {}  # job id -> output index of its next token
         # Job messages made in this turn of the event loop, sent together at its end (see _send).
         self._outbox: list[TokenOutput | KvLoaded | JobError] = []
         # Messages waiting for room in the socket's queue, in order (_send_now); bounded (_beat).
@@ -335,6 +336,9 @@ class Agent:
             return
         if not isinstance(job, DecodeJob):
             self._first_pending.add(rid)
+        # Where the job's first token is in the request's output (a decode job's come after the
+        # prefill's token 0).
+        self._next_index[rid] = job.generated + isinstance(job, DecodeJob)
         if isinstance(job, PrefillJob):
             coro = self._engine.prefill(job)
         elif isinstance(job, DecodeJob):
@@ -358,6 +362,7 @@ class Agent:
         finally:
             self._jobs.pop(rid, None)
             self._first_pending.discard(rid)
+            self._next_index.pop(rid, None)
 
     def _cancel(self, rid: str) -> None:
         # The job's own ``finally`` frees what it holds in the engine.
@@ -378,6 +383,9 @@ class Agent:
         made in it (JobMessages); a request's first token leaves at once (its time to first token),
         and so does everything else, after what waits (the order is kept)."""
         first = False
+        if isinstance(msg, TokenOutput) and (at := self._next_index.get(msg.request_id)) is not None:
+            msg.index = at
+            self._next_index[msg.request_id] = at + len(msg.token_ids)
         if isinstance(msg, TokenOutput) and msg.token_ids:  # counted sent or not: it was decoded
             first = msg.request_id in self._first_pending
             self._first_pending.discard(msg.request_id)

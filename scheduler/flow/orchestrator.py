@@ -275,9 +275,11 @@ class Orchestrator:
         event: TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost,
     ) -> tuple[TokenBatch | None, Failure | None]:
         if isinstance(event, TokenOutput):
+            if a.split and worker_id == a.prefill and a.first_token_in:
+                return None, None  # token 0 already came with KvLoaded
+            if (gap := _gap(run, a, worker_id, event)) is not None:
+                return None, gap
             if a.split and worker_id == a.prefill:
-                if a.first_token_in:
-                    return None, None  # token 0 already came with KvLoaded
                 self._first_token(run, a, event.cached_tokens)
                 held, a.held = a.held, None
                 batch = self._accept(run, a, worker_id, _joined(event, a.early))
@@ -625,6 +627,23 @@ def _prefill_reports(req: GenerationRequest) -> bool:
     """Only the prefill worker's message has what the client asked for with token 0 (its
     logprobs, the prompt's): decode's copy of the token (``KvLoaded``) cannot stand in for it."""
     return req.sampling.logprobs >= 0 or req.sampling.prompt_logprobs >= 0
+
+
+def _gap(run: _Run, a: Attempt, worker_id: str, event: TokenOutput) -> Failure | None:
+    """A failure if ``event``'s tokens are not the next ones: a message before it was lost (the
+    request resumes from the tokens it has, with no gap)."""
+    if a.split and worker_id != a.prefill and not a.first_token_in:  # decode ahead of token 0
+        expected = a.generated + 1 + sum(len(m.token_ids) for m in a.early)
+    else:
+        expected = len(run.tokens)
+    if event.index < 0 or event.index == expected:
+        return None
+    return Failure(
+        worker_id,
+        ErrorCode.BAD_MESSAGE,
+        f"worker {worker_id} sent tokens from output index {event.index} where {expected} came next",
+        "error",
+    )
 
 
 def _joined(first: TokenOutput, later: list[TokenOutput]) -> TokenOutput:

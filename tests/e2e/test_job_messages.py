@@ -88,3 +88,22 @@ async def test_more_job_messages_than_allowed_in_one_are_dropped(scheduler_only:
         status, body = await request
         assert status == 200, body
         assert body["choices"][0]["token_ids"] == [65]
+
+
+async def test_tokens_after_a_lost_message_resume_the_request_without_a_gap(
+    scheduler_only: LocalCluster,
+) -> None:
+    """Tokens whose output index is not the next one (a message before them was lost) are not
+    taken: the attempt fails and the request resumes from the tokens it has."""
+    async with _one_job(scheduler_only, 3) as (worker, job, request):
+        worker.send(TokenOutput(job.request_id, [65], index=0))
+        worker.send(TokenOutput(job.request_id, [67], finish_reason=FinishReason.LENGTH, index=2))
+        resumed = await asyncio.to_thread(worker.recv_until, GenerateJob)
+        assert resumed.generated == 1 and resumed.prompt_token_ids[-1] == 65
+        end = TokenOutput(resumed.request_id, [66, 67], finish_reason=FinishReason.LENGTH, index=1)
+        worker.send(end)
+        status, body = await request
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == [65, 66, 67]
+        async with aiohttp.ClientSession() as s:
+            assert await metric(s, scheduler_only.url, "pdorch_migrations_total", recovery="resume") == 1

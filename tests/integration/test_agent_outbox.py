@@ -131,13 +131,18 @@ async def test_a_first_token_leaves_at_once_after_what_was_waiting(scheduler: Sc
 
 
 async def test_a_job_answers_through_it_whole(scheduler: Scheduler) -> None:
-    await scheduler.send(GenerateJob("g", [1, 2, 3], SamplingParams(max_tokens=16, ignore_eos=True)))
-    tokens: list[int] = []
+    """Its tokens arrive whole, each message saying where its tokens are in the output (a resumed
+    job's count from its ``generated``)."""
+    await scheduler.send(
+        GenerateJob("g", [1, 2, 3, 120, 121], SamplingParams(max_tokens=16, ignore_eos=True), generated=2)
+    )
+    tokens: list[int] = [120, 121]  # the output so far
     finish = None
     while finish is None:
         msg = await scheduler.recv()
         for m in msg.messages if isinstance(msg, JobMessages) else [msg]:
             assert isinstance(m, TokenOutput) and m.request_id == "g"
+            assert m.index == len(tokens)  # where its tokens are in the request's output
             tokens += m.token_ids
             finish = m.finish_reason
     assert len(tokens) == 16
