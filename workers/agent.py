@@ -383,13 +383,15 @@ class Agent:
         made in it (JobMessages); a request's first token leaves at once (its time to first token),
         and so does everything else, after what waits (the order is kept)."""
         first = False
-        if isinstance(msg, TokenOutput) and (at := self._next_index.get(msg.request_id)) is not None:
-            msg.index = at
-            self._next_index[msg.request_id] = at + len(msg.token_ids)
-        if isinstance(msg, TokenOutput) and msg.token_ids:  # counted sent or not: it was decoded
-            first = msg.request_id in self._first_pending
-            self._first_pending.discard(msg.request_id)
-            self._decoded_tokens += len(msg.token_ids) - first
+        if isinstance(msg, TokenOutput):
+            rid = msg.request_id
+            if (at := self._next_index.get(rid)) is not None:
+                msg.index = at
+                self._next_index[rid] = at + len(msg.token_ids)
+            if msg.token_ids:  # counted sent or not: it was decoded
+                first = rid in self._first_pending
+                self._first_pending.discard(rid)
+                self._decoded_tokens += len(msg.token_ids) - first
         if isinstance(msg, TokenOutput | KvLoaded | JobError) and not first:
             self._outbox.append(msg)
             if len(self._outbox) == 1:
@@ -423,8 +425,9 @@ class Agent:
             log.debug("dropping %s: %s", type(msg).__name__, e)
 
     async def _drain(self, sock: LoopSocket) -> None:
-        with contextlib.suppress(zmq.ZMQError):  # closed: the session ended (its backlog with it)
-            while self._backlog and sock is self._sock:
+        # A new session cancels this first (_connect); a closed socket ends it with its session.
+        with contextlib.suppress(zmq.ZMQError):
+            while self._backlog:
                 await sock.send(self._enc.encode(self._backlog[0]))
                 self._backlog.popleft()
 
