@@ -15,9 +15,7 @@ closed when its process died).
 The socket is a plain one driven by the event loop (:class:`LoopSocket`), so a send fails at once
 when its peer is gone (``EHOSTUNREACH``: the ROUTER no longer has a connection with that identity,
 e.g. the agent's process died) or stuck (``EAGAIN``: its queue is full). Such a worker is dropped
-then, its requests told at once, instead of at the next heartbeat expiry. Jobs and cancels for a
-worker leave together at the end of the event loop's turn that made them (``JobOrders``), so their
-send, and a drop it finds needed, comes then.
+then, its requests told at once, instead of at the next heartbeat expiry.
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ from transport.codec import Decoder, Encoder
 from transport.errors import PdorchError
 from transport.loop_socket import LoopSocket
 from transport.messages import (
-    MAX_JOB_MESSAGES,
     PROTOCOL_VERSION,
     AdapterAck,
     Disconnect,
@@ -50,8 +47,6 @@ from transport.messages import (
     Hello,
     JobError,
     JobMessages,
-    JobOrder,
-    JobOrders,
     KvLoaded,
     TokenizerFiles,
     TokenOutput,
@@ -62,7 +57,6 @@ from transport.messages import (
 from transport.rate_limited_log import RateLimitedLog
 from transport.routed import cancel_and_wait, receive_routed
 from transport.security import Plane, Security, peer_name
-from transport.turn_batches import TurnBatches
 
 log = logging.getLogger("pdorch.control")
 
@@ -90,7 +84,6 @@ class ControlServer:
         self.endpoint = sockets.bound_endpoint(self._sock.raw)
         self._cluster = cluster
         self._inbox = inbox
-        self._orders: TurnBatches[bytes, JobOrder] = TurnBatches(self._send_orders, MAX_JOB_MESSAGES)
         self._interval = heartbeat_interval_s
         self._liveness = heartbeat_liveness
         # Called when a worker joins or reports load: requests waiting for room may fit now.
@@ -117,38 +110,19 @@ class ControlServer:
         ]
 
     async def close(self) -> None:
-        self._orders.discard()
         await cancel_and_wait(self._tasks)
         self._sock.close()
 
     # ------------------------------------------------------------------ sending
 
     def send(self, worker_id: str, msg: ToWorker) -> bool:
-        """Send to a registered worker; one that cannot be reached is dropped (its requests told).
-        Jobs and cancels wait for the end of this turn of the event loop and leave with the others
-        made for the same worker in it (JobOrders); anything else goes at once, after what waits.
-        False if the worker is unknown, or found unreachable by a message that went at once."""
+        """Send to a registered worker. False (and the worker is dropped) if it is unreachable."""
         worker = self._cluster.get(worker_id)
         if worker is None:
             return False
-        if isinstance(msg, JobOrder):
-            self._orders.add(worker.identity, msg)
+        if self._send_to(worker.identity, msg):
             return True
-        self._orders.flush(worker.identity)
-        return self._send_registered(worker.identity, msg)
-
-    def _send_orders(self, identity: bytes, orders: list[JobOrder]) -> None:
-        self._send_registered(identity, orders[0] if len(orders) == 1 else JobOrders(orders))
-
-    def _send_registered(self, identity: bytes, msg: ToWorker) -> bool:
-        # Keyed by the connection: orders made for a worker that has since been dropped (its jobs
-        # already told) are not sent, not even to the same worker registered again.
-        worker = self._cluster.by_identity(identity)
-        if worker is None:
-            return False
-        if self._send_to(identity, msg):
-            return True
-        self._cluster.drop_worker(worker.worker_id, "control connection lost")
+        self._cluster.drop_worker(worker_id, "control connection lost")
         return False
 
     def _send_to(self, identity: bytes, msg: ToWorker) -> bool:

@@ -22,10 +22,8 @@ from transport.token_ids import message_token_ids
 # 2: a job's prompt is a packed int32 array (transport/token_ids.py), no longer a list.
 # 3: an agent sends the job messages it has ready at once as one message (JobMessages), and
 # says where each TokenOutput's tokens are in the request's output (TokenOutput.index).
-# 4: the scheduler sends the jobs and cancels it has ready for a worker at once as one (JobOrders).
-PROTOCOL_VERSION = 4
-# The most messages one JobMessages or JobOrders may carry (the sender splits more; the receiver drops
-# a longer one as malformed).
+PROTOCOL_VERSION = 3
+# The most messages one JobMessages may carry (an agent splits more; the scheduler drops a longer one).
 MAX_JOB_MESSAGES = 1024
 
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False, "tag_field": "t"}
@@ -369,17 +367,6 @@ class AdapterUnload(msgspec.Struct, tag="lora_unload", **_STRUCT):
     name: str
 
 
-JobOrder = PrefillJob | DecodeJob | GenerateJob | Cancel
-
-
-class JobOrders(msgspec.Struct, tag="orders", **_STRUCT):
-    """The jobs and cancels the scheduler made for one worker in one turn of its event loop, in the
-    order it made them, sent as one message: under load one turn places several requests on the same
-    worker. Handled as those messages in order (the other direction's :class:`JobMessages`)."""
-
-    messages: Annotated[list[JobOrder], msgspec.Meta(max_length=MAX_JOB_MESSAGES)]
-
-
 ToWorker = (
     Welcome
     | Disconnect
@@ -390,5 +377,4 @@ ToWorker = (
     | Cancel
     | AdapterLoad
     | AdapterUnload
-    | JobOrders
 )

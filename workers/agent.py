@@ -45,7 +45,6 @@ from transport.messages import (
     Hello,
     JobError,
     JobMessages,
-    JobOrders,
     KvLoaded,
     Load,
     PrefillJob,
@@ -59,7 +58,6 @@ from transport.messages import (
 from transport.rate_limited_log import RateLimitedLog
 from transport.routed import cancel_and_wait
 from transport.security import KeyKind, Plane, Security
-from transport.turn_batches import TurnBatches
 from workers.adapter_ops import AdapterOps
 from workers.engines.base import Engine
 
@@ -117,11 +115,8 @@ class Agent:
         # come (a resumed generate job's first is a decoded one: counted one short, once).
         self._first_pending: set[str] = set()
         self._next_index: dict[str, int] = {}  # job id -> output index of its next token
-        # Job messages made in this turn of the event loop, sent together at its end (see _send); one
-        # peer, the scheduler.
-        self._outbox: TurnBatches[None, TokenOutput | KvLoaded | JobError] = TurnBatches(
-            self._send_batch, MAX_JOB_MESSAGES
-        )
+        # Job messages made in this turn of the event loop, sent together at its end (see _send).
+        self._outbox: list[TokenOutput | KvLoaded | JobError] = []
         # Messages waiting for room in the socket's queue, in order (_send_now); bounded (_beat).
         self._backlog: deque[FromWorker] = deque()
         self._drainer: asyncio.Task[None] | None = None
@@ -315,13 +310,6 @@ class Agent:
 
     def _handle(self, frames: list[Any]) -> None:
         msg = self._decode(frames)
-        if isinstance(msg, JobOrders):  # the scheduler's orders of one turn, in order
-            for order in msg.messages:
-                self._handle_one(order)
-        elif msg is not None:
-            self._handle_one(msg)
-
-    def _handle_one(self, msg: ToWorker) -> None:
         if isinstance(msg, PrefillJob | DecodeJob | GenerateJob):
             self._start_job(msg)
         elif isinstance(msg, Cancel):
@@ -405,13 +393,18 @@ class Agent:
                 self._first_pending.discard(rid)
                 self._decoded_tokens += len(msg.token_ids) - first
         if isinstance(msg, TokenOutput | KvLoaded | JobError) and not first:
-            self._outbox.add(None, msg)
+            self._outbox.append(msg)
+            if len(self._outbox) == 1:
+                asyncio.get_running_loop().call_soon(self._flush)
             return
-        self._outbox.flush(None)
+        self._flush()
         self._send_now(msg)
 
-    def _send_batch(self, _: None, batch: list[TokenOutput | KvLoaded | JobError]) -> None:
-        self._send_now(batch[0] if len(batch) == 1 else JobMessages(batch))
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        for start in range(0, len(out), MAX_JOB_MESSAGES):
+            part = out[start : start + MAX_JOB_MESSAGES]
+            self._send_now(part[0] if len(part) == 1 else JobMessages(part))
 
     def _send_now(self, msg: FromWorker) -> None:
         """Send, or queue behind what waits for room: a message is never dropped while the session

@@ -1,6 +1,5 @@
 """A worker agent sends the job messages it makes in one turn of its event loop as one message,
-drops none when the scheduler falls behind, and takes the scheduler's orders sent as one message
-(JobOrders) as those orders in order.
+and drops none when the scheduler falls behind.
 
 A real agent (the zero-cost sim engine) registers with a ROUTER socket that plays the scheduler, on
 loopback. The messages are put in through the agent's send path, as its engine does, in a known
@@ -29,7 +28,6 @@ from transport.messages import (
     Hello,
     JobError,
     JobMessages,
-    JobOrders,
     KvLoaded,
     Role,
     SamplingParams,
@@ -161,39 +159,3 @@ async def test_nothing_is_dropped_when_the_scheduler_falls_behind(scheduler: Sch
     got = [await scheduler.recv(timeout_s=30) for _ in made]
     assert [m.request_id for m in got] == [m.request_id for m in made]
     assert not scheduler.agent._backlog
-
-
-async def _answers(scheduler: Scheduler, count: int) -> dict[str, list[FromWorker]]:
-    """The job messages of ``count`` requests, until each has finished or failed, by request."""
-    got: dict[str, list[FromWorker]] = {}
-    done: set[str] = set()
-    while len(done) < count:
-        msg = await scheduler.recv()
-        for m in msg.messages if isinstance(msg, JobMessages) else [msg]:
-            got.setdefault(m.request_id, []).append(m)
-            if isinstance(m, JobError) or (isinstance(m, TokenOutput) and m.finish_reason is not None):
-                done.add(m.request_id)
-    return got
-
-
-async def test_orders_sent_as_one_message_are_taken_in_order(scheduler: Scheduler) -> None:
-    def job(rid: str) -> GenerateJob:
-        return GenerateJob(rid, [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
-
-    # The third repeats the first's id: refused as a duplicate only because the first started before it.
-    await scheduler.send(JobOrders([job("a"), job("b"), job("a")]))
-    got = await _answers(scheduler, 2)
-    for rid in ("a", "b"):
-        tokens = [t for m in got[rid] if isinstance(m, TokenOutput) for t in m.token_ids]
-        assert len(tokens) == 4, got[rid]
-    errors = [m for m in got["a"] if isinstance(m, JobError)]
-    assert len(errors) == 1 and "duplicate" in errors[0].message
-
-
-async def test_more_orders_than_one_message_may_carry_are_dropped(scheduler: Scheduler) -> None:
-    job = GenerateJob("x", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True))
-    await scheduler.send(JobOrders([job] * (MAX_JOB_MESSAGES + 1)))
-    await scheduler.send(GenerateJob("y", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True)))
-    got = await _answers(scheduler, 1)
-    assert set(got) == {"y"}  # nothing of the oversized message ran
-    assert scheduler.agent.bad_messages == 1

@@ -7,7 +7,6 @@ unless the test gives it other keys (``security``) or a routing id of its choosi
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Any
 
 import zmq
@@ -16,16 +15,7 @@ from pdorch.launcher import LocalCluster
 from tests.support.security import party
 from transport import sockets
 from transport.codec import Decoder, Encoder
-from transport.messages import (
-    PROTOCOL_VERSION,
-    FromWorker,
-    Heartbeat,
-    Hello,
-    JobOrders,
-    Load,
-    Role,
-    ToWorker,
-)
+from transport.messages import PROTOCOL_VERSION, FromWorker, Heartbeat, Hello, Load, Role, ToWorker
 from transport.security import KeyKind, Plane, Security
 
 
@@ -72,7 +62,6 @@ class FakeWorker:
         self.load = Load(blocks_total=self.hello.capacity_blocks)
         self.enc = Encoder()
         self.dec: Decoder[ToWorker] = Decoder(ToWorker)
-        self._orders: deque[ToWorker] = deque()  # of a JobOrders received, not yet returned
 
     def send(self, msg: FromWorker) -> None:
         try:
@@ -81,16 +70,6 @@ class FakeWorker:
             raise TimeoutError("not connected to the scheduler") from None
 
     def recv(self, timeout_s: float = 5.0) -> ToWorker:
-        """The next message, a ``JobOrders`` taken as the orders it carries, one at a time."""
-        if not self._orders:
-            msg = self.recv_message(timeout_s)
-            if not isinstance(msg, JobOrders):
-                return msg
-            self._orders.extend(msg.messages)
-        return self._orders.popleft()
-
-    def recv_message(self, timeout_s: float = 5.0) -> ToWorker:
-        """The next message as sent."""
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if self.sock.poll(int(left * 1000) + 1):
