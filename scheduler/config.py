@@ -88,6 +88,11 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Once prefill has answered, its KV is computed and on the wire: the handoff must complete
     # within this, plus one second per GB of KV.
     kv_handoff_timeout_s: float = 10.0
+    # After a p2p handoff to a decode worker does not land (it timed out or was cut short on the
+    # way: e.g. the KV network to that worker is down while its control connection is not), no
+    # handoff goes to that worker for this long, doubling while failures repeat (up to 60 s, or
+    # this if longer), until one lands there again.
+    kv_path_backoff_s: float = 5.0
     # Attempts at one request: when a worker it depends on dies, stalls (no progress within the
     # deadlines above) or fails it, the request moves to other workers from the tokens it has.
     max_attempts: int = 4
@@ -129,6 +134,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "request_timeout_s",
             "kv_handoff_timeout_s",
             "kv_broker_backoff_s",
+            "kv_path_backoff_s",
         ):
             _check(getattr(self, name) > 0, name, "must be > 0")
         _check(self.lora.timeout_s > 0, "lora.timeout_s", "must be > 0")

@@ -58,8 +58,9 @@ class _Derived(NamedTuple):
 
 
 def kv_refusing(load: Load, ledger: NodeLedger, now: float) -> bool:
-    """Its KV endpoint turns handoffs away: the worker says so, or a handoff to it was (kv_busy)."""
-    return load.kv_refusing or now < ledger.kv_busy_until
+    """Its KV endpoint turns handoffs away: the worker says so, or a handoff to it was turned away
+    (kv_busy) or did not land (a KV path that is down), lately."""
+    return load.kv_refusing or now < ledger.kv_avoid_until
 
 
 def node_view(

@@ -29,7 +29,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.control import ControlServer
 from scheduler.flow.attempt import Attempt, Failure, Phase
 from scheduler.flow.broker_health import BrokerHealth
-from scheduler.flow.recovery import KV_PLANE_FAULTS, Recovery, recovery
+from scheduler.flow.recovery import KV_PLANE_FAULTS, Recovery, kv_path_failed, recovery
 from scheduler.flow.request import GenerationRequest, TokenBatch
 from scheduler.inbox import Delivery, Inbox, KvBrokerLost, Wake, WorkerLost
 from scheduler.ledger.prefix_memory import PREFIX_BLOCK_TOKENS
@@ -62,6 +62,11 @@ _TIMER_SLACK_S = 0.002
 # How long a decode worker that turned a handoff away for lack of room is left out of decode (as
 # long as a KV endpoint reports itself refusing after doing so).
 KV_BUSY_S = 5.0
+# The longest a decode worker to which handoffs did not land is left out of decode at once (its
+# back-off starts at kv_path_backoff_s and doubles while failures repeat). Its control connection
+# may be fine (the KV network to it alone is down), so nothing else would keep requests from
+# waiting out their handoff timeout there one after another.
+KV_PATH_MAX_S = 60.0
 
 
 @dataclass
@@ -352,6 +357,8 @@ class Orchestrator:
         self._progress(run)
         _resident(run, a.decode)
         self._metrics.handoffs.labels(self._handoff_mode(a), "ok").inc()
+        if a.kv_mode is KvMode.P2P and (node := self._planner.ledger.node(a.decode)) is not None:
+            node.kv_path_ok()
         if a.kv_mode is KvMode.CENTRALIZED:
             self.broker.succeeded()
             self._through_broker.pop(a.job_id, None)
@@ -488,6 +495,8 @@ class Orchestrator:
             and (failure.code in KV_PLANE_FAULTS or (failure.kind == "stalled" and phase is Phase.HANDOFF))
         ):
             self.broker.failed(failure.message, a.started_at)
+        if kv_path_failed(failure, a):
+            self._leave_out_of_decode(a, failure)
         if decision is not Recovery.GIVE_UP and a.number + 1 >= self._cfg.max_attempts:
             decision = Recovery.GIVE_UP
         self._metrics.migrations.labels(str(phase), failure.kind, str(decision)).inc()
@@ -506,7 +515,7 @@ class Orchestrator:
             # prefill worker that reported it. Leave it out of decode for a while (every request).
             node = self._planner.ledger.node(a.decode)
             if node is not None:
-                node.kv_busy_until = time.monotonic() + KV_BUSY_S
+                node.kv_busy(time.monotonic(), KV_BUSY_S)
             run.avoid.add(a.decode)
         elif failure.worker_id and not failure.worker_gone:
             run.avoid.add(failure.worker_id)
@@ -524,6 +533,21 @@ class Orchestrator:
             resumed=True,
         )
         run.attempt = self._dispatch(run, preq, await self._place(run, preq), a.number + 1)
+
+    def _leave_out_of_decode(self, a: Attempt, failure: Failure) -> None:
+        node = self._planner.ledger.node(a.decode)
+        if node is None:
+            return
+        base = self._cfg.kv_path_backoff_s
+        seconds = node.kv_path_failed(time.monotonic(), base, max(base, KV_PATH_MAX_S))
+        if seconds is not None:
+            log.warning(
+                "no handoff to decode worker %s for %gs: one from %s did not land (%s)",
+                a.decode,
+                seconds,
+                a.prefill,
+                failure.message,
+            )
 
     async def _place(self, run: _Run, preq: PlacementRequest) -> Placement:
         """Where to move the request (one decision, booked); waits (bounded) while no worker has room."""

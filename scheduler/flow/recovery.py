@@ -12,6 +12,9 @@
 Resuming covers every phase the same way: the new attempt's prompt is the request's prompt plus
 the tokens already streamed, and its jobs continue at that output index, so the client never sees
 a token twice or a token the lost worker would not have produced.
+
+Apart from the request: whether a failure says the KV path to the attempt's decode worker is down
+(``kv_path_failed``), which leaves that worker out of decode for every request for a while.
 """
 
 from __future__ import annotations
@@ -61,3 +64,17 @@ def recovery(failure: Failure, attempt: Attempt) -> Recovery:
         if not attempt.first_token_in:
             return Recovery.HOLD
     return Recovery.RESUME
+
+
+def kv_path_failed(failure: Failure, attempt: Attempt) -> bool:
+    """A p2p handoff did not land for a reason on the way to its decode worker: it stalled with
+    neither side saying why, or its sender gave up on it (the receiver not answering, or the
+    transfer cut short). A receiver that gave up waiting for its sender points the other way, and
+    a worker lost is handled as lost."""
+    return (
+        attempt.split
+        and attempt.kv_mode is KvMode.P2P
+        and not attempt.kv_loaded
+        and failure.code in (ErrorCode.KV_TIMEOUT, ErrorCode.KV_TRUNCATED)
+        and (failure.kind == "stalled" or failure.worker_id == attempt.prefill)
+    )

@@ -35,39 +35,42 @@ def _ip(*args: str) -> None:
 
 
 class Namespace:
-    def __init__(self) -> None:
+    """A network namespace joined to the host by ``links`` veth pairs, each its own /30 subnet (so a
+    process in it can be reached on one link while another is down)."""
+
+    def __init__(self, links: int = 1) -> None:
         tag = os.getpid() % 100_000
         self.name = f"pdorch-cut-{tag}"
-        self.host_veth, self.ns_veth = f"pdh{tag}", f"pdn{tag}"
-        subnet = f"10.231.{tag % 250}"
-        self.host_ip, self.ns_ip = f"{subnet}.1", f"{subnet}.2"
+        self.veths = [(f"pdh{tag}{'k' * i}", f"pdn{tag}{'k' * i}") for i in range(links)]
+        subnets = [f"10.{231 + i}.{tag % 250}" for i in range(links)]
+        self.ips = [(f"{net}.1", f"{net}.2") for net in subnets]
+        self.host_veth, self.ns_veth = self.veths[0]
+        self.host_ip, self.ns_ip = self.ips[0]
 
     def create(self) -> None:
         _ip("netns", "add", self.name)
-        _ip("link", "add", self.host_veth, "type", "veth", "peer", "name", self.ns_veth)
-        _ip("link", "set", self.ns_veth, "netns", self.name)
-        _ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_veth)
-        _ip("link", "set", self.host_veth, "up")
-        for cmd in (
-            ("addr", "add", f"{self.ns_ip}/30", "dev", self.ns_veth),
-            ("link", "set", self.ns_veth, "up"),
-            ("link", "set", "lo", "up"),
-        ):
-            _ip("netns", "exec", self.name, "ip", *cmd)
+        _ip("netns", "exec", self.name, "ip", "link", "set", "lo", "up")
+        for (host_veth, ns_veth), (host_ip, ns_ip) in zip(self.veths, self.ips, strict=True):
+            _ip("link", "add", host_veth, "type", "veth", "peer", "name", ns_veth)
+            _ip("link", "set", ns_veth, "netns", self.name)
+            _ip("addr", "add", f"{host_ip}/30", "dev", host_veth)
+            _ip("link", "set", host_veth, "up")
+            for cmd in (("addr", "add", f"{ns_ip}/30", "dev", ns_veth), ("link", "set", ns_veth, "up")):
+                _ip("netns", "exec", self.name, "ip", *cmd)
 
-    def cut(self, down: bool) -> None:
-        _ip("link", "set", self.host_veth, "down" if down else "up")
+    def cut(self, down: bool, link: int = 0) -> None:
+        _ip("link", "set", self.veths[link][0], "down" if down else "up")
 
     def delete(self) -> None:
-        for args in (("link", "del", self.host_veth), ("netns", "del", self.name)):
-            subprocess.run(["ip", *args], capture_output=True, timeout=10)
+        for host_veth, _ in self.veths:
+            subprocess.run(["ip", "link", "del", host_veth], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
 
 
-@pytest.fixture
-def namespace() -> Iterator[Namespace]:
+def make_namespace(links: int = 1) -> Iterator[Namespace]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("a network partition test needs root and iproute2 (`ip netns`)")
-    ns = Namespace()
+    ns = Namespace(links)
     try:
         ns.create()
     except subprocess.CalledProcessError as e:
@@ -75,6 +78,11 @@ def namespace() -> Iterator[Namespace]:
         pytest.skip(f"cannot make a network namespace here: {e.stderr.decode(errors='replace').strip()}")
     yield ns
     ns.delete()
+
+
+@pytest.fixture
+def namespace() -> Iterator[Namespace]:
+    yield from make_namespace()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from scheduler.flow.attempt import Attempt, Failure, Phase
 from scheduler.flow.broker_health import BrokerHealth
-from scheduler.flow.recovery import Recovery, recovery
+from scheduler.flow.recovery import Recovery, kv_path_failed, recovery
 from scheduler.inbox import Inbox, KvBrokerLost, WorkerLost
 from transport.errors import ErrorCode
 from transport.messages import KvMode, TokenOutput
@@ -127,3 +127,35 @@ def test_broker_breaker_opens_doubles_and_ignores_failures_of_one_outage() -> No
     assert health.usable()  # back to one second after a success
     health.reachable = lambda: False  # the monitor says the broker is gone
     assert not health.usable()
+
+
+HANDOFF_STALLED = Failure("d", ErrorCode.KV_TIMEOUT, "", "stalled")
+SENDER_TIMED_OUT = Failure("p", ErrorCode.KV_TIMEOUT, "", "error")
+SENDER_CUT_SHORT = Failure("p", ErrorCode.KV_TRUNCATED, "", "error")
+RECEIVER_GAVE_UP = Failure("d", ErrorCode.KV_TRUNCATED, "", "error")
+KV_PATH_CASES = [
+    # The handoff did not land, and nothing says the sender is at fault.
+    (HANDOFF_STALLED, Phase.HANDOFF, P2P, True),
+    (SENDER_TIMED_OUT, Phase.HANDOFF, P2P, True),
+    (SENDER_CUT_SHORT, Phase.PREFILL, P2P, True),
+    # The receiver waited for its sender: the sender's side.
+    (RECEIVER_GAVE_UP, Phase.HANDOFF, P2P, False),
+    # A worker lost is dropped as lost; other failures are not the KV path's.
+    (LOST_D, Phase.HANDOFF, P2P, False),
+    (STALLED_D, Phase.PREFILL, P2P, False),
+    (BLOCKS_D, Phase.HANDOFF, P2P, False),
+    # The KV landed; through the broker its own breaker decides; no handoff at all.
+    (HANDOFF_STALLED, Phase.DECODE, P2P, False),
+    (HANDOFF_STALLED, Phase.HANDOFF, CENTRAL, False),
+]
+
+
+@pytest.mark.parametrize(("failure", "phase", "mode", "down"), KV_PATH_CASES)
+def test_which_failures_say_the_kv_path_to_the_decode_worker_is_down(
+    failure: Failure, phase: Phase, mode: KvMode, down: bool
+) -> None:
+    assert kv_path_failed(failure, _attempt(phase, mode)) is down
+
+
+def test_a_colocated_attempt_has_no_kv_path() -> None:
+    assert not kv_path_failed(HANDOFF_STALLED, _attempt(Phase.PREFILL, colocated=True))

@@ -1,0 +1,108 @@
+"""A decode worker whose KV network is cut off while its control connection stays up.
+
+The worker runs in a network namespace joined to the host by two veth pairs: its control
+connection to the scheduler goes over one, its KV endpoint listens on the other, and the test takes
+only the KV link down. The scheduler still hears the worker's heartbeats, so nothing looks dead:
+only handoffs to it fail to land. It is the only decode worker, so every split request would go
+there. The requests in flight when the cut is found move on and finish whole; after that no handoff
+goes there (it is left out of decode, backing off) and requests are served without one, until the
+link is back and a handoff lands there again. Needs root and iproute2; skipped, saying so, where
+those are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from pdorch.launcher import ClusterSpec, LocalCluster, free_port
+from tests.e2e.helpers import generate, metric
+from tests.e2e.test_migration import _bodies
+from tests.e2e.test_network_partition import REPO, Namespace, make_namespace
+from workers.models.catalog import RANDOM_MODEL
+
+pytestmark = pytest.mark.e2e
+
+# Long enough that nothing of the test's second round outlasts it on a slow machine.
+BACKOFF_S = 15.0
+HANDOFF_TIMEOUT_S = 3.0
+
+
+@pytest.fixture
+def namespace() -> Iterator[Namespace]:
+    yield from make_namespace(links=2)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
+    config = tmp_path / "scheduler.yaml"
+    config.write_text(f"kv_handoff_timeout_s: {HANDOFF_TIMEOUT_S}\nkv_path_backoff_s: {BACKOFF_S}\n")
+    spec = ClusterSpec(prefill=1, decode=0, port=0, log_dir=tmp_path, log_level="WARNING", model=RANDOM_MODEL)
+    c = LocalCluster(spec)
+    # The scheduler listens on every address, so the namespaced worker reaches it over a veth.
+    spec.scheduler_args = ["--control-bind", f"tcp://0.0.0.0:{spec.control_port}", "--config", str(config)]
+    control_host, _ = namespace.ips[0]
+    _, kv_ip = namespace.ips[1]
+    try:
+        c.start(timeout_s=90)
+        argv = ["ip", "netns", "exec", namespace.name, sys.executable, "-m", "pdorch", "worker"]
+        argv += ["--scheduler", f"tcp://{control_host}:{spec.control_port}", "--role", "decode"]
+        argv += ["--worker-id", "decode-cut", "--kv-bind", f"tcp://{kv_ip}:{free_port()}"]
+        env = {**c.party_env("decode-cut"), "PYTHONPATH": str(REPO)}
+        c.spawn("decode-cut", [*argv, "--log-level", "WARNING"], env)
+        c.wait_ready(2, 60)
+    except BaseException:
+        c.stop()
+        raise
+    yield c
+    c.stop()
+
+
+def _left_out(cluster: LocalCluster) -> bool:
+    workers = {w["worker_id"]: w for w in cluster.cluster_state()["workers"]}
+    return workers["decode-cut"]["kv_refusing"]
+
+
+async def test_handoffs_stop_going_to_a_decode_worker_cut_off_from_the_kv_network(
+    cluster: LocalCluster, colocated: LocalCluster, namespace: Namespace
+) -> None:
+    rounds = [_bodies(seed=20 + i, count=6, prompt_len=30, max_tokens=24) for i in range(4)]
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as s:
+        want = [await asyncio.gather(*(generate(s, colocated.url, b) for b in r)) for r in rounds]
+
+        async def run(i: int) -> None:
+            assert await asyncio.gather(*(generate(s, cluster.url, b) for b in rounds[i])) == want[i]
+
+        async def landed() -> float:
+            return await metric(s, cluster.url, "pdorch_kv_handoffs_total", mode="p2p", outcome="ok")
+
+        await run(0)  # the KV network up: split requests hand off to decode-cut
+        before = await landed()
+        assert before >= 1 and not _left_out(cluster)
+
+        namespace.cut(down=True, link=1)
+        await run(1)  # every answer whole: the ones whose handoff stalled moved on
+        stalled = await metric(s, cluster.url, "pdorch_migrations_total", phase="handoff", cause="stalled")
+        assert stalled >= 1
+        assert _left_out(cluster)  # the scheduler's own finding: the worker says nothing of it
+
+        await run(2)  # served without a handoff to decode-cut: none stalls
+        assert await metric(s, cluster.url, "pdorch_migrations_total", phase="handoff") == stalled
+        assert await landed() == before
+
+        namespace.cut(down=False, link=1)
+        probes = [_bodies(seed=40 + i, count=1, prompt_len=30, max_tokens=8)[0] for i in range(500)]
+
+        # Once its back-off is over a handoff is tried there again, lands, and the worker is back.
+        async with asyncio.timeout(BACKOFF_S + 60):
+            while await landed() == before:
+                await generate(s, cluster.url, probes.pop())
+                await asyncio.sleep(0.2)
+        assert not _left_out(cluster)
+        await run(3)
