@@ -58,9 +58,8 @@ class _Derived(NamedTuple):
 
 
 def kv_refusing(load: Load, ledger: NodeLedger, now: float) -> bool:
-    """Its KV endpoint turns handoffs away: the worker says so, or a handoff to it was turned away
-    (kv_busy) or did not land (a KV path that is down), lately."""
-    return load.kv_refusing or now < ledger.kv_avoid_until
+    """Its KV endpoint turns handoffs away: the worker says so, or a handoff to it was (kv_busy)."""
+    return load.kv_refusing or now < ledger.kv_busy_until
 
 
 def node_view(
@@ -74,7 +73,8 @@ def node_view(
     d = _derived(ledger, latency, accelerators)
     timed = bool(ledger.pending)  # only the prefill backlog moves with time
     refusing = kv_refusing(load, ledger, now)
-    key = (d, load, state.draining, refusing, now if timed else None)
+    unreachable = now < ledger.kv_unreachable_until
+    key = (d, load, state.draining, refusing, unreachable, now if timed else None)
     last = ledger.last_view
     if last is not None and last[0][0] is d and last[0][1] is load and last[0][2:] == key[2:]:
         return last[1]
@@ -99,6 +99,7 @@ def node_view(
         queued_prefill_tokens=max(load.queued_prefill_tokens, ledger.pending_tokens),
         inflight=len(ledger.held),
         kv_refusing=refusing,
+        kv_unreachable=unreachable,
         takes_handoff=bool(hello.kv_endpoint),
         prefill_tokens_per_s=d.rate,
         cached_block_hashes=ledger.prefixes.view(),

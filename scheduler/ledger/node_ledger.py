@@ -96,11 +96,13 @@ class NodeLedger:
         self.prefilled_tokens = 0  # uncached prompt tokens prefilled here (answered)
         # Their rate, exponentially averaged over PREFILL_RATE_HORIZON_S of decode observations.
         self.prefilling_tokens_per_s = 0.0
-        # Until when its KV endpoint is taken as refusing, whatever its engine reports (vLLM's
-        # connector reports nothing): a handoff to it was turned away for lack of room (kv_busy),
-        # or did not land (kv_path_failed).
-        self.kv_avoid_until = -float("inf")
-        self.kv_path_failures = 0  # handoffs in a row that did not land here (each back-off once)
+        # Until when its KV endpoint is taken as refusing: a handoff to it was turned away for
+        # lack of room (kv_busy), whatever its engine reports (vLLM's connector reports nothing).
+        self.kv_busy_until = -float("inf")
+        # Until when handoffs here are taken as not landing (kv_path_failed), and how many times in
+        # a row that was found (each back-off counted once).
+        self.kv_unreachable_until = -float("inf")
+        self.kv_path_failures = 0
         self.version = 0  # bumps on every change (views built from it may be cached)
         # Kept as the jobs change, not summed when read: a node holds hundreds of jobs, and
         # placement reads both for every node on every decision.
@@ -182,18 +184,19 @@ class NodeLedger:
 
     def kv_busy(self, now: float, seconds: float) -> None:
         """Its KV endpoint turned a handoff away for lack of room: no handoff here for ``seconds``."""
-        self.kv_avoid_until = max(self.kv_avoid_until, now + seconds)
+        self.kv_busy_until = max(self.kv_busy_until, now + seconds)
 
     def kv_path_failed(self, now: float, base_s: float, max_s: float) -> float | None:
-        """A handoff here did not land (timed out or cut short): no handoff here for a while, twice
+        """A handoff here did not land (timed out or cut short): none here for a while (where the
+        request has another way: the health filter), twice
         as long as the last time after each further failure (up to ``max_s``), until one lands.
         Failures while already left out are the same outage (requests placed before it was known)
         and do not lengthen it. The seconds it is now left out for, or None if it already was."""
-        if now < self.kv_avoid_until:
+        if now < self.kv_unreachable_until:
             return None
         self.kv_path_failures += 1
         seconds = min(max_s, base_s * 2 ** (self.kv_path_failures - 1))
-        self.kv_avoid_until = now + seconds
+        self.kv_unreachable_until = now + seconds
         return seconds
 
     def kv_path_ok(self) -> None:

@@ -34,6 +34,7 @@ class NodeView(msgspec.Struct, frozen=True, gc=False):
     queued_prefill_tokens: int = 0  # reported by the worker plus sent by us and not yet prefilled
     inflight: int = 0  # requests the scheduler has on this node
     kv_refusing: bool = False  # its KV endpoint turns transfers away for lack of room (for now)
+    kv_unreachable: bool = False  # handoffs to it lately did not land (a KV path down, for now)
     # It can take a KV handoff (it has a KV endpoint): a prefill node that can is lendable to
     # decoding a request prefilled on another node, not only one it prefills itself.
     takes_handoff: bool = False

@@ -65,7 +65,7 @@ def cluster(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
 
 def _left_out(cluster: LocalCluster) -> bool:
     workers = {w["worker_id"]: w for w in cluster.cluster_state()["workers"]}
-    return workers["decode-cut"]["kv_refusing"]
+    return workers["decode-cut"]["kv_unreachable"]
 
 
 async def test_handoffs_stop_going_to_a_decode_worker_cut_off_from_the_kv_network(

@@ -130,6 +130,27 @@ def test_health_filter(
     assert names(HealthFilter(params).filter(ctx(pool, PROMPT_ONLY), nodes)) == expected
 
 
+@pytest.mark.parametrize(
+    ("nodes", "fallback", "expected"),
+    [
+        # Another decode node can take it: the one handoffs did not land on is left out.
+        ([node("cut", kv_unreachable=True), node("ok")], False, ["ok"]),
+        # A prefill node can run it whole: left out too, even as the only decode node.
+        ([node("cut", kv_unreachable=True)], True, []),
+        # No other way: tried rather than the request refused (its handoff is the probe).
+        ([node("cut", kv_unreachable=True)], False, ["cut"]),
+        # A refusing one never (its worker says it has no room), whatever else there is.
+        ([node("cut", kv_unreachable=True), node("busy", kv_refusing=True)], False, ["cut"]),
+    ],
+)
+def test_the_health_filter_leaves_out_a_decode_node_handoffs_did_not_land_on_while_there_is_another_way(
+    nodes: list[NodeView], fallback: bool, expected: list[str]
+) -> None:
+    config = PlacementConfig(fallback_to_prefill_node=fallback)
+    assert names(HealthFilter(HealthFilterParams()).filter(ctx(Pool.DECODE, config), nodes)) == expected
+    assert names(HealthFilter(HealthFilterParams()).filter(ctx(Pool.PREFILL, config), nodes)) == names(nodes)
+
+
 def test_room_counts_the_other_choices() -> None:
     """A request with ``n`` choices needs room for the others beside it: each a copy of the prompt's
     last, partial block and its output. 160 + 64 tokens = 14 blocks; 3 followers: 3 + 192 / 16 = 15."""

@@ -1,5 +1,6 @@
 """Drop nodes that should not take new work: draining ones, decode nodes whose KV endpoint is
-refusing transfers (until it recovers), and decode nodes without KV room.
+refusing transfers (until it recovers), decode nodes to which handoffs lately did not land (while
+the request has another way), and decode nodes without KV room.
 
 With ``require_kv_room`` a decode candidate must have ``blocks_free`` (total - used - reserved) for the
 request's whole reservation (prompt + predicted output), so placement never puts a request on a node
@@ -33,6 +34,12 @@ class HealthFilter:
         out = [n for n in nodes if not n.draining and (limit == 0 or n.waiting <= limit)]
         if ctx.pool is Pool.DECODE:
             out = [n for n in out if not n.kv_refusing]
+            reachable = [n for n in out if not n.kv_unreachable]
+            # Left out while another decode node or a prefill node running it whole can take the
+            # request; with neither, tried rather than the request refused (the failure that put
+            # it there may have passed: its handoff is the probe).
+            if reachable or ctx.config.fallback_to_prefill_node:
+                out = reachable
         if self.params.require_kv_room and ctx.pool is Pool.DECODE:
             out = [n for n in out if ctx.has_room(n)]
         return out
