@@ -13,18 +13,16 @@ those are missing.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from pdorch.launcher import ClusterSpec, LocalCluster, free_port
+from pdorch.launcher import LocalCluster
 from tests.e2e.helpers import generate, metric
 from tests.e2e.test_migration import _bodies
-from tests.e2e.test_network_partition import REPO, Namespace, make_namespace
-from workers.models.catalog import RANDOM_MODEL
+from tests.support.netns import Namespace, make_namespace, namespaced_decode_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -42,25 +40,9 @@ def namespace() -> Iterator[Namespace]:
 def cluster(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
     config = tmp_path / "scheduler.yaml"
     config.write_text(f"kv_handoff_timeout_s: {HANDOFF_TIMEOUT_S}\nkv_path_backoff_s: {BACKOFF_S}\n")
-    spec = ClusterSpec(prefill=1, decode=0, port=0, log_dir=tmp_path, log_level="WARNING", model=RANDOM_MODEL)
-    c = LocalCluster(spec)
-    # The scheduler listens on every address, so the namespaced worker reaches it over a veth.
-    spec.scheduler_args = ["--control-bind", f"tcp://0.0.0.0:{spec.control_port}", "--config", str(config)]
-    control_host, _ = namespace.ips[0]
-    _, kv_ip = namespace.ips[1]
-    try:
-        c.start(timeout_s=90)
-        argv = ["ip", "netns", "exec", namespace.name, sys.executable, "-m", "pdorch", "worker"]
-        argv += ["--scheduler", f"tcp://{control_host}:{spec.control_port}", "--role", "decode"]
-        argv += ["--worker-id", "decode-cut", "--kv-bind", f"tcp://{kv_ip}:{free_port()}"]
-        env = {**c.party_env("decode-cut"), "PYTHONPATH": str(REPO)}
-        c.spawn("decode-cut", [*argv, "--log-level", "WARNING"], env)
-        c.wait_ready(2, 60)
-    except BaseException:
-        c.stop()
-        raise
-    yield c
-    c.stop()
+    yield from namespaced_decode_cluster(
+        tmp_path, namespace, decode=0, kv_link=1, scheduler_args=("--config", str(config))
+    )
 
 
 def _left_out(cluster: LocalCluster) -> bool:
