@@ -187,11 +187,11 @@ class NodeLedger:
         self.kv_busy_until = max(self.kv_busy_until, now + seconds)
 
     def kv_path_failed(self, now: float, base_s: float, max_s: float) -> float | None:
-        """A handoff here did not land (timed out or cut short): none here for a while (where the
-        request has another way: the health filter), twice
-        as long as the last time after each further failure (up to ``max_s``), until one lands.
-        Failures while already left out are the same outage (requests placed before it was known)
-        and do not lengthen it. The seconds it is now left out for, or None if it already was."""
+        """A handoff here did not land (timed out or cut short): none here for ``base_s`` (for a
+        request that has another way: the health filter), twice as long after each further failure
+        (up to ``max_s``), until one lands. Failures while it is already left out are the same
+        outage (requests placed before it was known) and do not lengthen it. The seconds it is now
+        left out for, or None if it already was."""
         if now < self.kv_unreachable_until:
             return None
         self.kv_path_failures += 1
