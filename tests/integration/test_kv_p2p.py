@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import threading
@@ -76,6 +77,33 @@ async def test_round_trip_delivers_every_row_and_the_trailer(
     assert await receiving == {"first_token": 42}
     assert np.array_equal(sink.layers, layers)
     assert receiver.stats.completed == 1
+
+
+async def test_a_finished_transfer_is_freed_without_the_garbage_collector(
+    sender: KvSender, receiver: KvReceiver
+) -> None:
+    """Neither side's transfer object is left in a reference cycle: under load the collector
+    otherwise freed a dozen or more objects per transfer on each side (~5% of an agent's CPU)."""
+    layers = make_layers(2, 20, (4,), "float16")
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable is kept here to look at
+    try:
+        for i in range(3):
+            sink = ArraySink(2, 20, (4,), "float16")
+            receiving = asyncio.create_task(receiver.receive(p2p(f"c{i}"), sink, deadline_s=OK_DEADLINE_S))
+            route = KvRoute(KvMode.P2P, receiver.endpoint, f"c{i}")
+            await send_all(sender, route, layers, {"first_token": i}, OK_DEADLINE_S)
+            assert await receiving == {"first_token": i}
+        del receiving
+        await asyncio.sleep(0.05)  # the receiver's thread is done with the last one
+        gc.collect()
+        cyclic = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not cyclic & {"KvOutStream", "InTransfer", "Expected", "SendCredit", "ReceiveWindow"}, cyclic
 
 
 async def test_sender_may_begin_before_the_receiver_expects_the_transfer(

@@ -291,8 +291,11 @@ class InTransfer:
         if not self.finished:
             self.error = error
             self.finished = True
-            if self._on_finish is not None:
-                self._on_finish(self)
+            # Dropped once called: it may hold what holds this transfer, a cycle only the garbage
+            # collector would free (per transfer, ~5% of a decode agent's CPU under load).
+            on_finish, self._on_finish = self._on_finish, None
+            if on_finish is not None:
+                on_finish(self)
 
     def _send(self, msg: KvMessage) -> None:
         # The peer may be gone or stuck; the transfer's deadline deals with that, not the reply.

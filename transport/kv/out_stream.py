@@ -410,7 +410,14 @@ class KvOutStream:
                 self._rings.release(
                     self._ring, ok=acked or (self._end_sent and cancelled and not self._nacked)
                 )
-            self._on_closed()
+            # Dropped once called: it holds this stream (a cycle only the garbage collector would
+            # free, per transfer).
+            on_closed, self._on_closed = self._on_closed, _nothing
+            on_closed()
+
+
+def _nothing() -> None:
+    pass
 
 
 @functools.cache
