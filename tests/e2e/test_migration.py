@@ -61,8 +61,12 @@ def cluster(
     # Late binding keeps prompts in the admission queue rather than in the prefill workers' queues;
     # these tests need work queued on a worker when they kill it, so it is off here. (Among decode
     # nodes predicted alike, the default takes the one with fewer requests.)
+    # A handoff these tests hold up leaves its decode worker out of decode for a while (the KV-path
+    # back-off); kept short, so that the next test finds both decode workers placeable soon.
     config = logs / "scheduler.yaml"
-    config.write_text("placement:\n  handler: {type: slo, params: {max_prefill_wait_s: 0}}\n")
+    config.write_text(
+        "placement:\n  handler: {type: slo, params: {max_prefill_wait_s: 0}}\nkv_path_backoff_s: 0.5\n"
+    )
     c = start_cluster(
         logs,
         prefill=2,
@@ -97,6 +101,10 @@ def healed(cluster: LocalCluster, proxies: tuple[ProxyThread, Any]) -> Iterator[
         if w["inflight_requests"]
     }:
         assert time.monotonic() < deadline, f"requests left booked after the test: {booked}"
+        time.sleep(0.1)
+    # Nor a decode worker left out for a handoff the test held up: the next test places there.
+    while left_out := [w["worker_id"] for w in cluster.cluster_state()["workers"] if w["kv_unreachable"]]:
+        assert time.monotonic() < deadline, f"decode workers still left out: {left_out}"
         time.sleep(0.1)
 
 
