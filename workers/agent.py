@@ -420,11 +420,11 @@ class Agent:
             sock.send_now(self._enc.encode(msg))
         except zmq.Again:  # the scheduler is behind (the queues to it are full): wait for room
             self._backlog.append(msg)
-            self._drainer = asyncio.get_running_loop().create_task(self._drain(sock), name="agent-backlog")
+            self._drainer = asyncio.get_running_loop().create_task(self._send_backlog(sock), name="agent-backlog")
         except zmq.ZMQError as e:  # the socket is gone: the session is over, its jobs with it
             log.debug("dropping %s: %s", type(msg).__name__, e)
 
-    async def _drain(self, sock: LoopSocket) -> None:
+    async def _send_backlog(self, sock: LoopSocket) -> None:
         # A new session cancels this first (_connect); a closed socket ends it with its session.
         with contextlib.suppress(zmq.ZMQError):
             while self._backlog:

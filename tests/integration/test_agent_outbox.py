@@ -22,8 +22,10 @@ from transport.codec import Decoder, Encoder
 from transport.messages import (
     MAX_JOB_MESSAGES,
     PROTOCOL_VERSION,
+    Draining,
     FromWorker,
     GenerateJob,
+    Goodbye,
     Heartbeat,
     Hello,
     JobError,
@@ -62,17 +64,19 @@ class Scheduler:
         await self.sock.send_multipart([self.identity, *Encoder().encode(msg)])
 
 
-@pytest.fixture
-async def scheduler() -> AsyncIterator[Scheduler]:
+@contextlib.asynccontextmanager
+async def _registered(
+    time_scale: float, stop: asyncio.Event
+) -> AsyncIterator[tuple[Scheduler, asyncio.Task[int]]]:
+    """A real agent registered with the test's ROUTER, and the task running it until ``stop``."""
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind("tcp://127.0.0.1:0")
     endpoint = sockets.bound_endpoint(sock)
     cfg = AgentConfig(scheduler=endpoint, worker_id="w", role=Role.BOTH)
-    engine = SimulatedEngine(SimEngineConfig(time_scale=0.0))
+    engine = SimulatedEngine(SimEngineConfig(time_scale=time_scale))
     agent = Agent(cfg, engine, ctx, security=Security.insecure())
-    stop = asyncio.Event()
     running = asyncio.create_task(agent.run(stop))
     try:
         async with asyncio.timeout(10):
@@ -81,13 +85,19 @@ async def scheduler() -> AsyncIterator[Scheduler]:
         s = Scheduler(sock, identity, agent)
         await s.send(Welcome(PROTOCOL_VERSION, "w", heartbeat_interval_s=30.0, heartbeat_liveness=10))
         await asyncio.wait_for(agent.registered.wait(), 10)
-        yield s
+        yield s, running
     finally:
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(running, 10)
         sock.close()
         ctx.term()
+
+
+@pytest.fixture
+async def scheduler() -> AsyncIterator[Scheduler]:
+    async with _registered(0.0, asyncio.Event()) as (s, _):
+        yield s
 
 
 async def test_job_messages_of_one_turn_leave_as_one_message_in_order(scheduler: Scheduler) -> None:
@@ -159,3 +169,22 @@ async def test_nothing_is_dropped_when_the_scheduler_falls_behind(scheduler: Sch
     got = [await scheduler.recv(timeout_s=30) for _ in made]
     assert [m.request_id for m in got] == [m.request_id for m in made]
     assert not scheduler.agent._backlog
+
+
+async def test_an_agent_told_to_stop_drains_its_jobs_and_says_goodbye() -> None:
+    """Stopping (SIGTERM in a worker process) tells the scheduler it is draining, lets the job in
+    flight finish, says Goodbye and ends the agent cleanly."""
+    stop = asyncio.Event()
+    async with _registered(1.0, stop) as (scheduler, running):  # modelled time: the job takes a while
+        await scheduler.send(GenerateJob("g", [1, 2, 3], SamplingParams(max_tokens=32, ignore_eos=True)))
+        first = await scheduler.recv()  # its first token: the job is running
+        assert isinstance(first, TokenOutput) and first.request_id == "g"
+        stop.set()
+        got: list[FromWorker] = []
+        while not got or not isinstance(got[-1], Goodbye):
+            msg = await scheduler.recv(timeout_s=20)
+            got += msg.messages if isinstance(msg, JobMessages) else [msg]
+        assert isinstance(got[0], Draining)
+        tokens = [t for m in got if isinstance(m, TokenOutput) for t in m.token_ids]
+        assert len(first.token_ids) + len(tokens) == 32  # the job finished before the Goodbye
+        assert await asyncio.wait_for(running, 10) == 0
