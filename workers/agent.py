@@ -420,7 +420,8 @@ class Agent:
             sock.send_now(self._enc.encode(msg))
         except zmq.Again:  # the scheduler is behind (the queues to it are full): wait for room
             self._backlog.append(msg)
-            self._drainer = asyncio.get_running_loop().create_task(self._send_backlog(sock), name="agent-backlog")
+            backlog = self._send_backlog(sock)
+            self._drainer = asyncio.get_running_loop().create_task(backlog, name="agent-backlog")
         except zmq.ZMQError as e:  # the socket is gone: the session is over, its jobs with it
             log.debug("dropping %s: %s", type(msg).__name__, e)
 
