@@ -199,6 +199,10 @@ class NodeLedger:
         self.kv_unreachable_until = now + seconds
         return seconds
 
+    def kv_unreachable(self, now: float) -> bool:
+        """Handoffs here are taken as not landing now (left out of decode while it backs off)."""
+        return now < self.kv_unreachable_until
+
     def kv_path_ok(self) -> None:
         """A handoff here landed: the next failure starts the back-off afresh."""
         self.kv_path_failures = 0
