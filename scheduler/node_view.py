@@ -73,7 +73,7 @@ def node_view(
     d = _derived(ledger, latency, accelerators)
     timed = bool(ledger.pending)  # only the prefill backlog moves with time
     refusing = kv_refusing(load, ledger, now)
-    unreachable = ledger.kv_unreachable(now)
+    unreachable = ledger.kv_path.open(now)
     key = (d, load, state.draining, refusing, unreachable, now if timed else None)
     last = ledger.last_view
     if last is not None and last[0][0] is d and last[0][1] is load and last[0][2:] == key[2:]:

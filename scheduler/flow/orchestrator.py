@@ -358,7 +358,7 @@ class Orchestrator:
         _resident(run, a.decode)
         self._metrics.handoffs.labels(self._handoff_mode(a), "ok").inc()
         if a.kv_mode is KvMode.P2P and (node := self._planner.ledger.node(a.decode)) is not None:
-            node.kv_path_ok()
+            node.kv_path.succeeded()
         if a.kv_mode is KvMode.CENTRALIZED:
             self.broker.succeeded()
             self._through_broker.pop(a.job_id, None)
@@ -539,7 +539,7 @@ class Orchestrator:
         if node is None:
             return
         base = self._cfg.kv_path_backoff_s
-        seconds = node.kv_path_failed(time.monotonic(), base, max(base, KV_PATH_MAX_S))
+        seconds = node.kv_path.failed(time.monotonic(), a.started_at, base, KV_PATH_MAX_S)
         if seconds is not None:
             log.warning(
                 "no handoff to decode worker %s for %gs: one from %s did not land (%s)",

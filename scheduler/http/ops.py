@@ -53,7 +53,7 @@ async def cluster(request: web.Request) -> web.Response:
                 # As placement sees it: reported by the worker, or a handoff to it turned away.
                 "kv_refusing": kv_refusing(w.load, w.ledger, now),
                 # Handoffs to it lately did not land: left out of decode while it backs off.
-                "kv_unreachable": w.ledger.kv_unreachable(now),
+                "kv_unreachable": w.ledger.kv_path.open(now),
                 "key": w.key_name,
                 "block_size": h.block_size,
                 "kv_bytes_per_token": h.kv_bytes_per_token,

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from scheduler.backoff import Backoff
 from scheduler.ledger.member_table import MemberRow, MemberTable
 from scheduler.ledger.prefix_memory import PrefixMemory
 from scheduler.placement.kv_budget import outstanding_blocks
@@ -99,10 +100,9 @@ class NodeLedger:
         # Until when its KV endpoint is taken as refusing: a handoff to it was turned away for
         # lack of room (kv_busy), whatever its engine reports (vLLM's connector reports nothing).
         self.kv_busy_until = -float("inf")
-        # Until when handoffs here are taken as not landing (kv_path_failed), and how many times in
-        # a row that was found (each back-off counted once).
-        self.kv_unreachable_until = -float("inf")
-        self.kv_path_failures = 0
+        # While open, handoffs here are taken as not landing (its KV path is down, for now): the
+        # health filter leaves it out of decode for requests that have another way.
+        self.kv_path = Backoff()
         self.version = 0  # bumps on every change (views built from it may be cached)
         # Kept as the jobs change, not summed when read: a node holds hundreds of jobs, and
         # placement reads both for every node on every decision.
@@ -185,27 +185,6 @@ class NodeLedger:
     def kv_busy(self, now: float, seconds: float) -> None:
         """Its KV endpoint turned a handoff away for lack of room: no handoff here for ``seconds``."""
         self.kv_busy_until = max(self.kv_busy_until, now + seconds)
-
-    def kv_path_failed(self, now: float, base_s: float, max_s: float) -> float | None:
-        """A handoff here did not land (timed out or cut short): none here for ``base_s`` (for a
-        request that has another way: the health filter), twice as long after each further failure
-        (up to ``max_s``), until one lands. Failures while it is already left out are the same
-        outage (requests placed before it was known) and do not lengthen it. The seconds it is now
-        left out for, or None if it already was."""
-        if now < self.kv_unreachable_until:
-            return None
-        self.kv_path_failures += 1
-        seconds = min(max_s, base_s * 2 ** (self.kv_path_failures - 1))
-        self.kv_unreachable_until = now + seconds
-        return seconds
-
-    def kv_unreachable(self, now: float) -> bool:
-        """Handoffs here are taken as not landing now (left out of decode while it backs off)."""
-        return now < self.kv_unreachable_until
-
-    def kv_path_ok(self) -> None:
-        """A handoff here landed: the next failure starts the back-off afresh."""
-        self.kv_path_failures = 0
 
     def add_member(self, job_id: str, prompt_tokens: int, steps: int, tpot_slo_s: float) -> None:
         self.members[job_id] = prompt_tokens

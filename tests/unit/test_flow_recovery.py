@@ -115,7 +115,7 @@ def test_broker_breaker_opens_doubles_and_ignores_failures_of_one_outage() -> No
     assert not health.usable()
     health.failed("same outage", began_at=-0.5)  # began before it opened: not counted again
     now[0] = 1.0
-    assert health.usable() and health.failures == 1
+    assert health.usable() and health.window.failures == 1
     health.failed("again", began_at=1.0)  # a new handoff failed too: twice as long
     now[0] = 2.9
     assert not health.usable()

@@ -371,21 +371,6 @@ def test_a_queue_predicted_in_one_product_is_the_sum_of_its_prompts_predictions(
     assert got.prefill_wait_s == pytest.approx(want, rel=1e-9)
 
 
-def test_a_kv_path_that_keeps_failing_is_left_out_longer_each_time_until_a_handoff_lands() -> None:
-    node = ledger().node("d")
-    assert node is not None
-    assert node.kv_path_failed(100.0, 5.0, 60.0) == 5.0
-    assert node.kv_unreachable_until == 105.0
-    # More failures within that window are the same outage (requests placed before it was known).
-    assert node.kv_path_failed(101.0, 5.0, 60.0) is None
-    assert node.kv_unreachable_until == 105.0
-    # Each later failure doubles it, up to the maximum.
-    assert [node.kv_path_failed(t, 5.0, 60.0) for t in (200.0, 300.0, 400.0, 500.0)] == [10, 20, 40, 60]
-    assert node.kv_path_failed(600.0, 5.0, 60.0) == 60.0
-    node.kv_path_ok()  # a handoff landed: afresh
-    assert node.kv_path_failed(700.0, 5.0, 60.0) == 5.0
-
-
 def test_a_node_turning_handoffs_away_or_failing_them_is_shown_so_while_it_lasts() -> None:
     led = ledger()
     node = led.node("d")
@@ -394,7 +379,7 @@ def test_a_node_turning_handoffs_away_or_failing_them_is_shown_so_while_it_lasts
     node.kv_busy(10.0, 5.0)
     assert view(led, "d", 14.9).kv_refusing
     assert not view(led, "d", 15.1).kv_refusing
-    node.kv_path_failed(20.0, 5.0, 60.0)
+    node.kv_path.failed(20.0, 19.0, 5.0, 60.0)
     got = view(led, "d", 24.9)
     assert got.kv_unreachable and not got.kv_refusing
     assert not view(led, "d", 25.1).kv_unreachable
