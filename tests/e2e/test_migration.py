@@ -143,11 +143,13 @@ def _busy(cluster: LocalCluster, role: str, at_least: int = 1) -> list[str]:
 
 
 def _running_decoder(cluster: LocalCluster) -> str:
-    """The decode worker with the most jobs running by its own last report ("" if none)."""
+    """The decode worker with the most of the test's requests on it ("" if none). By the scheduler's
+    booking: a worker's own report of its running jobs comes with its heartbeat, so it can still
+    count the jobs of the test before, and miss this test's short ones."""
     workers = [
-        w for w in cluster.cluster_state()["workers"] if w["role"] == "decode" and w["load"]["running"]
+        w for w in cluster.cluster_state()["workers"] if w["role"] == "decode" and w["inflight_requests"]
     ]
-    return max(workers, key=lambda w: w["load"]["running"])["worker_id"] if workers else ""
+    return max(workers, key=lambda w: w["inflight_requests"])["worker_id"] if workers else ""
 
 
 async def _migration_series(url: str) -> list[str]:
@@ -200,7 +202,7 @@ async def test_decode_killed_after_streaming_tokens(healed: LocalCluster, coloca
     running = asyncio.create_task(_run(healed.url, bodies, seen))
     streamed = [s for s, b in zip(seen, bodies, strict=True) if b["stream"]]
     await eventually(lambda: all(len(s) >= 10 for s in streamed), 60, "ten tokens on every stream")
-    # The victim's engine itself reports decode jobs running (not only the scheduler's booking).
+    # Every stream is past its handoff, so the requests booked on a decode worker are decoding there.
     await eventually(lambda: _running_decoder(healed), 30, "a decode worker running jobs")
     victim = _running_decoder(healed)
     healed.kill(victim)
