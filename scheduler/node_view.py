@@ -74,7 +74,8 @@ def node_view(
     timed = bool(ledger.pending)  # only the prefill backlog moves with time
     refusing = kv_refusing(load, ledger, now)
     unreachable = ledger.kv_path.open(now)
-    key = (d, load, state.draining, refusing, unreachable, now if timed else None)
+    unreachable_from = ledger.kv_unreachable_from(now)
+    key = (d, load, state.draining, refusing, unreachable, unreachable_from, now if timed else None)
     last = ledger.last_view
     if last is not None and last[0][0] is d and last[0][1] is load and last[0][2:] == key[2:]:
         return last[1]
@@ -100,6 +101,7 @@ def node_view(
         inflight=len(ledger.held),
         kv_refusing=refusing,
         kv_unreachable=unreachable,
+        kv_unreachable_from=unreachable_from,
         takes_handoff=bool(hello.kv_endpoint),
         prefill_tokens_per_s=d.rate,
         cached_block_hashes=ledger.prefixes.view(),

@@ -62,10 +62,10 @@ _TIMER_SLACK_S = 0.002
 # How long a decode worker that turned a handoff away for lack of room is left out of decode (as
 # long as a KV endpoint reports itself refusing after doing so).
 KV_BUSY_S = 5.0
-# The longest a decode worker to which handoffs did not land is left out of decode at once (its
-# back-off starts at kv_path_backoff_s and doubles while failures repeat). Its control connection
-# may be fine (the KV network to it alone is down), so nothing else would keep requests from
-# waiting out their handoff timeout there one after another.
+# The longest a KV path whose handoffs did not land (a pair of nodes, or a node with two or more
+# peers) is backed off at once (from kv_path_backoff_s, doubling while failures repeat). The
+# nodes' control connections may be fine (only the KV network is down), so nothing else would
+# keep requests from waiting out their handoff timeout there one after another.
 KV_PATH_MAX_S = 60.0
 
 
@@ -357,8 +357,8 @@ class Orchestrator:
         self._progress(run)
         _resident(run, a.decode)
         self._metrics.handoffs.labels(self._handoff_mode(a), "ok").inc()
-        if a.kv_mode is KvMode.P2P and (node := self._planner.ledger.node(a.decode)) is not None:
-            node.kv_path.succeeded()
+        if a.kv_mode is KvMode.P2P:
+            self._planner.ledger.kv_handoff_landed(a.prefill, a.decode, time.monotonic())
         if a.kv_mode is KvMode.CENTRALIZED:
             self.broker.succeeded()
             self._through_broker.pop(a.job_id, None)
@@ -496,7 +496,7 @@ class Orchestrator:
         ):
             self.broker.failed(failure.message, a.started_at)
         if kv_path_failed(failure, a):
-            self._leave_out_of_decode(a, failure)
+            self._back_off_kv_path(a, failure)
         if decision is not Recovery.GIVE_UP and a.number + 1 >= self._cfg.max_attempts:
             decision = Recovery.GIVE_UP
         self._metrics.migrations.labels(str(phase), failure.kind, str(decision)).inc()
@@ -534,20 +534,25 @@ class Orchestrator:
         )
         run.attempt = self._dispatch(run, preq, await self._place(run, preq), a.number + 1)
 
-    def _leave_out_of_decode(self, a: Attempt, failure: Failure) -> None:
-        node = self._planner.ledger.node(a.decode)
-        if node is None:
-            return
-        base = self._cfg.kv_path_backoff_s
-        seconds = node.kv_path.failed(time.monotonic(), a.started_at, base, KV_PATH_MAX_S)
-        if seconds is not None:
-            log.warning(
-                "no handoff to decode worker %s for %gs: one from %s did not land (%s)",
-                a.decode,
-                seconds,
-                a.prefill,
-                failure.message,
-            )
+    def _back_off_kv_path(self, a: Attempt, failure: Failure) -> None:
+        for backed_off, seconds in self._planner.ledger.kv_handoff_failed(
+            a.prefill, a.decode, time.monotonic(), a.started_at, self._cfg.kv_path_backoff_s, KV_PATH_MAX_S
+        ):
+            if len(backed_off) == 2:
+                prefill, decode = backed_off
+                log.warning(
+                    "no handoff from %s to %s for %gs: one did not land (%s)",
+                    prefill,
+                    decode,
+                    seconds,
+                    failure.message,
+                )
+            else:
+                log.warning(
+                    "no handoff to or from %s for %gs: handoffs with two of its peers did not land",
+                    backed_off[0],
+                    seconds,
+                )
 
     async def _place(self, run: _Run, preq: PlacementRequest) -> Placement:
         """Where to move the request (one decision, booked); waits (bounded) while no worker has room."""

@@ -13,8 +13,9 @@ Resuming covers every phase the same way: the new attempt's prompt is the reques
 the tokens already streamed, and its jobs continue at that output index, so the client never sees
 a token twice or a token the lost worker would not have produced.
 
-Apart from the request: whether a failure says the KV path to the attempt's decode worker is down
-(``kv_path_failed``), which leaves that worker out of decode for every request for a while.
+Apart from the request: whether a failure says the KV path between the attempt's two workers is
+down (``kv_path_failed``), which backs off that pair, and a worker failing so with two or more
+peers as a whole, for every request for a while (``Ledger.kv_handoff_failed``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def recovery(failure: Failure, attempt: Attempt) -> Recovery:
 
 
 def kv_path_failed(failure: Failure, attempt: Attempt) -> bool:
-    """A p2p handoff did not land for a reason on the way to its decode worker: it stalled with
+    """A p2p handoff did not land for a reason between its two workers: it stalled with
     neither side saying why, or its sender gave up on it (the receiver not answering, or the
     transfer cut short). A receiver that gave up waiting for its sender points the other way, and
     a worker lost is handled as lost."""

@@ -52,8 +52,10 @@ async def cluster(request: web.Request) -> web.Response:
                 "kv_endpoint": h.kv_endpoint,
                 # As placement sees it: reported by the worker, or a handoff to it turned away.
                 "kv_refusing": kv_refusing(w.load, w.ledger, now),
-                # Handoffs to it lately did not land: left out of decode while it backs off.
+                # Its KV network is taken as down (handoffs with two or more peers lately did not
+                # land): left out while it backs off. And the workers whose handoffs to it did not.
                 "kv_unreachable": w.ledger.kv_path.open(now),
+                "kv_unreachable_from": sorted(w.ledger.kv_unreachable_from(now)),
                 "key": w.key_name,
                 "block_size": h.block_size,
                 "kv_bytes_per_token": h.kv_bytes_per_token,

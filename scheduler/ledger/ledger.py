@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler.backoff import Backoff
 from scheduler.ledger.node_ledger import Held, NodeLedger
 from scheduler.placement.types import Placement
 from scheduler.prediction.latency import HandoffSample, PrefillSample, TpotOutcome
@@ -162,6 +163,49 @@ class Ledger:
             kv_bytes=booking.prompt_tokens * booking.kv_bytes_per_token,
             seconds=delay,
         )
+
+    # ------------------------------------------------------------------ the KV paths
+
+    def kv_handoff_failed(
+        self, prefill: str, decode: str, now: float, began_at: float, base_s: float, max_s: float
+    ) -> list[tuple[tuple[str, ...], float]]:
+        """A p2p handoff begun at ``began_at`` from ``prefill`` to ``decode`` did not land. The pair
+        backs off (``scheduler.backoff``); a node whose handoffs with two or more peers are backing
+        off has its own KV network taken as down, and backs off as a whole (one bad node does not
+        take out every peer it tried). What now backs off, for how long: ``((prefill, decode), s)``
+        for the pair, ``((node,), s)`` for a node."""
+        d = self._nodes.get(decode)
+        if d is None:
+            return []
+        seconds = d.kv_from.setdefault(prefill, Backoff()).failed(now, began_at, base_s, max_s)
+        if seconds is None:
+            return []
+        out: list[tuple[tuple[str, ...], float]] = [((prefill, decode), seconds)]
+        peers = {
+            decode: len(d.kv_unreachable_from(now)),
+            prefill: sum(1 for n in self._nodes.values() if (w := n.kv_from.get(prefill)) and w.open(now)),
+        }
+        for wid, count in peers.items():
+            node = self._nodes.get(wid)
+            if node is not None and count >= 2:
+                node_s = node.kv_path.failed(now, began_at, base_s, max_s)
+                if node_s is not None:
+                    out.append(((wid,), node_s))
+        return out
+
+    def kv_handoff_landed(self, prefill: str, decode: str, now: float) -> None:
+        """A p2p handoff from ``prefill`` landed on ``decode``: both ends' KV paths work; the next
+        failure of the pair or of either node backs off afresh (an open window runs its time)."""
+        d, p = self._nodes.get(decode), self._nodes.get(prefill)
+        if d is not None:
+            pair = d.kv_from.get(prefill)
+            if pair is not None:
+                pair.succeeded()
+                if not pair.open(now):
+                    del d.kv_from[prefill]  # kept only while it says something
+            d.kv_path.succeeded()
+        if p is not None:
+            p.kv_path.succeeded()
 
     def held_on_decode(self, job_id: str) -> tuple[NodeLedger, Held] | None:
         """The job's decode node and what it holds there."""

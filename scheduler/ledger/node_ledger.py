@@ -100,9 +100,12 @@ class NodeLedger:
         # Until when its KV endpoint is taken as refusing: a handoff to it was turned away for
         # lack of room (kv_busy), whatever its engine reports (vLLM's connector reports nothing).
         self.kv_busy_until = -float("inf")
-        # While open, handoffs here are taken as not landing (its KV path is down, for now): the
-        # health filter leaves it out of decode for requests that have another way.
+        # While open, its KV network is taken as down, both ways (handoffs with two or more peers
+        # did not land): it is left out of decode and is no split's prefill node, for requests that
+        # have another way. Per sending node, while open, handoffs from that node to this one are
+        # taken as not landing (one pair failed: which side is at fault is not known yet).
         self.kv_path = Backoff()
+        self.kv_from: dict[str, Backoff] = {}
         self.version = 0  # bumps on every change (views built from it may be cached)
         # Kept as the jobs change, not summed when read: a node holds hundreds of jobs, and
         # placement reads both for every node on every decision.
@@ -185,6 +188,12 @@ class NodeLedger:
     def kv_busy(self, now: float, seconds: float) -> None:
         """Its KV endpoint turned a handoff away for lack of room: no handoff here for ``seconds``."""
         self.kv_busy_until = max(self.kv_busy_until, now + seconds)
+
+    def kv_unreachable_from(self, now: float) -> frozenset[str]:
+        """The nodes from which handoffs here are taken as not landing now."""
+        if not self.kv_from:
+            return frozenset()
+        return frozenset(wid for wid, w in self.kv_from.items() if w.open(now))
 
     def add_member(self, job_id: str, prompt_tokens: int, steps: int, tpot_slo_s: float) -> None:
         self.members[job_id] = prompt_tokens

@@ -34,7 +34,10 @@ class NodeView(msgspec.Struct, frozen=True, gc=False):
     queued_prefill_tokens: int = 0  # reported by the worker plus sent by us and not yet prefilled
     inflight: int = 0  # requests the scheduler has on this node
     kv_refusing: bool = False  # its KV endpoint turns transfers away for lack of room (for now)
-    kv_unreachable: bool = False  # handoffs to it lately did not land (a KV path down, for now)
+    # Its KV network is taken as down, both ways, for now (handoffs with two or more peers lately
+    # did not land); and the nodes whose handoffs to it lately did not land (one pair failing).
+    kv_unreachable: bool = False
+    kv_unreachable_from: frozenset[str] = frozenset()
     # It can take a KV handoff (it has a KV endpoint): a prefill node that can is lendable to
     # decoding a request prefilled on another node, not only one it prefills itself.
     takes_handoff: bool = False
@@ -66,6 +69,11 @@ class NodeView(msgspec.Struct, frozen=True, gc=False):
     @property
     def can_prefill(self) -> bool:
         return self.role in (Role.PREFILL, Role.BOTH)
+
+    def takes_kv_from(self, prefill: NodeView) -> bool:
+        """A handoff from ``prefill`` to this node is expected to land (neither the sender's KV
+        network nor the pair is backing off; this node's own is the health filter's)."""
+        return not prefill.kv_unreachable and prefill.worker_id not in self.kv_unreachable_from
 
     @property
     def blocks_free(self) -> int:

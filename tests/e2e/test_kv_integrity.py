@@ -44,7 +44,11 @@ def proxied_cluster(
     # (counted from prefill's answer) is what notices. Keep it short for the test.
     monkeypatch.setenv("PDORCH_KV_HANDOFF_TIMEOUT_S", "3")
     config = tmp_path / "scheduler.yaml"
-    config.write_text("placement: {fallback_to_prefill_node: false}\n")
+    # No other way for a request: neither the prefill node nor the decode node runs one whole (a
+    # handoff that failed backs its pair off, and the decode node would prefill the retry itself).
+    config.write_text(
+        "placement: {fallback_to_prefill_node: false, handler: {type: slo, params: {colocate: false}}}\n"
+    )
     cluster = start_cluster(
         tmp_path,
         kv_mode="p2p",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,7 +23,7 @@ import pytest
 from pdorch.launcher import LocalCluster
 from tests.e2e.helpers import generate, metric
 from tests.e2e.test_migration import _bodies
-from tests.support.netns import Namespace, make_namespace, namespaced_decode_cluster
+from tests.support.netns import Namespace, make_namespace, namespaced_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -38,16 +39,31 @@ def namespace() -> Iterator[Namespace]:
 
 @pytest.fixture
 def cluster(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
-    config = tmp_path / "scheduler.yaml"
-    config.write_text(f"kv_handoff_timeout_s: {HANDOFF_TIMEOUT_S}\nkv_path_backoff_s: {BACKOFF_S}\n")
-    yield from namespaced_decode_cluster(
-        tmp_path, namespace, decode=0, kv_link=1, scheduler_args=("--config", str(config))
+    yield from namespaced_cluster(tmp_path, namespace, decode=0, kv_link=1, scheduler_args=_config(tmp_path))
+
+
+@pytest.fixture
+def prefill_cut(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
+    yield from namespaced_cluster(
+        tmp_path, namespace, role="prefill", decode=2, kv_link=1, scheduler_args=_config(tmp_path)
     )
 
 
+def _config(tmp_path: Path) -> tuple[str, str]:
+    config = tmp_path / "scheduler.yaml"
+    config.write_text(f"kv_handoff_timeout_s: {HANDOFF_TIMEOUT_S}\nkv_path_backoff_s: {BACKOFF_S}\n")
+    return ("--config", str(config))
+
+
+def _workers(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
+    return {w["worker_id"]: w for w in cluster.cluster_state()["workers"]}
+
+
 def _left_out(cluster: LocalCluster) -> bool:
-    workers = {w["worker_id"]: w for w in cluster.cluster_state()["workers"]}
-    return workers["decode-cut"]["kv_unreachable"]
+    """No handoff goes to decode-cut: its KV network is taken as down, or (the only prefill worker
+    being the one that tried) handoffs from that worker to it are."""
+    cut = _workers(cluster)["decode-cut"]
+    return cut["kv_unreachable"] or cut["kv_unreachable_from"] == ["prefill-0"]
 
 
 async def test_handoffs_stop_going_to_a_decode_worker_cut_off_from_the_kv_network(
@@ -88,3 +104,38 @@ async def test_handoffs_stop_going_to_a_decode_worker_cut_off_from_the_kv_networ
                 await asyncio.sleep(0.2)
         assert not _left_out(cluster)
         await run(3)
+
+
+async def test_a_prefill_worker_cut_off_from_the_kv_network_does_not_take_the_decode_workers_out(
+    prefill_cut: LocalCluster, colocated: LocalCluster, namespace: Namespace
+) -> None:
+    # prefill-cut (in the namespace) and prefill-0 both hand off to decode-0 and decode-1. With the
+    # KV link of prefill-cut down, its handoffs to either decode worker fail: its own KV network is
+    # at fault, not theirs, and prefill-0's handoffs to them must go on landing.
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as s:
+
+        async def run(seed: int) -> None:
+            bodies = _bodies(seed=seed, count=6, prompt_len=30, max_tokens=24)
+            want = await asyncio.gather(*(generate(s, colocated.url, b) for b in bodies))
+            assert await asyncio.gather(*(generate(s, prefill_cut.url, b) for b in bodies)) == want
+
+        async def landed() -> float:
+            return await metric(s, prefill_cut.url, "pdorch_kv_handoffs_total", mode="p2p", outcome="ok")
+
+        await run(50)
+        namespace.cut(down=True, link=1)
+        seed = 51
+        async with asyncio.timeout(BACKOFF_S * 4):
+            while not _workers(prefill_cut)["prefill-cut"]["kv_unreachable"]:
+                await run(seed)
+                seed += 1
+                workers = _workers(prefill_cut)
+                assert not workers["decode-0"]["kv_unreachable"] and not workers["decode-1"]["kv_unreachable"]
+        stalled = await metric(s, prefill_cut.url, "pdorch_migrations_total", phase="handoff")
+        before = await landed()
+        await run(seed)  # split from prefill-0 onto both decode workers; no handoff stalls
+        assert await landed() > before
+        assert await metric(s, prefill_cut.url, "pdorch_migrations_total", phase="handoff") == stalled
+        workers = _workers(prefill_cut)
+        assert not workers["decode-0"]["kv_unreachable"] and not workers["decode-1"]["kv_unreachable"]

@@ -103,9 +103,14 @@ def healed(cluster: LocalCluster, proxies: tuple[ProxyThread, Any]) -> Iterator[
         assert time.monotonic() < deadline, f"requests left booked after the test: {booked}"
         time.sleep(0.1)
     # Nor a decode worker left out for a handoff the test held up: the next test places there.
-    while left_out := [w["worker_id"] for w in cluster.cluster_state()["workers"] if w["kv_unreachable"]]:
+    while left_out := [w["worker_id"] for w in cluster.cluster_state()["workers"] if _backing_off(w)]:
         assert time.monotonic() < deadline, f"decode workers still left out: {left_out}"
         time.sleep(0.1)
+
+
+def _backing_off(worker: dict[str, Any]) -> bool:
+    """Handoffs to or from the worker are being avoided (its KV network, or one of its pairs)."""
+    return bool(worker["kv_unreachable"] or worker["kv_unreachable_from"])
 
 
 def _bodies(seed: int, count: int, prompt_len: int, max_tokens: int) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ import pytest
 from pdorch.launcher import LocalCluster
 from tests.e2e.helpers import eventually, generate, metric
 from tests.e2e.test_migration import _bodies
-from tests.support.netns import Namespace, make_namespace, namespaced_decode_cluster
+from tests.support.netns import Namespace, make_namespace, namespaced_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +31,7 @@ def namespace() -> Iterator[Namespace]:
 
 @pytest.fixture
 def cluster(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
-    yield from namespaced_decode_cluster(tmp_path, namespace, decode=1)
+    yield from namespaced_cluster(tmp_path, namespace, decode=1)
 
 
 async def test_a_decode_worker_cut_off_mid_stream(

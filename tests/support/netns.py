@@ -70,28 +70,46 @@ def make_namespace(links: int = 1) -> Iterator[Namespace]:
     ns.delete()
 
 
-def namespaced_decode_cluster(
-    tmp_path: Path, ns: Namespace, *, decode: int, kv_link: int = 0, scheduler_args: tuple[str, ...] = ()
+def namespaced_cluster(
+    tmp_path: Path,
+    ns: Namespace,
+    *,
+    role: str = "decode",
+    prefill: int = 1,
+    decode: int,
+    kv_link: int = 0,
+    scheduler_args: tuple[str, ...] = (),
 ) -> Iterator[LocalCluster]:
-    """A cluster of one prefill and ``decode`` decode workers on the host, plus the decode worker
-    ``decode-cut`` in ``ns``: its control connection over the namespace's first link, its KV
-    endpoint on link ``kv_link``. The links are up again before the cluster stops."""
+    """A cluster of ``prefill`` prefill and ``decode`` decode workers on the host, plus the worker
+    ``{role}-cut`` in ``ns``: its control connection over the namespace's first link, its KV
+    endpoint on link ``kv_link``. The host's decode workers listen for KV on the host's end of that
+    link, so the namespaced worker reaches theirs only over it (the host's own workers reach
+    them whatever the link's state: the address is local). The links are up again before the
+    cluster stops."""
+    kv_host_ip, kv_ip = ns.ips[kv_link]
+    per_worker = {f"decode-{i}": ["--kv-bind", f"tcp://{kv_host_ip}:0"] for i in range(decode)}
     spec = ClusterSpec(
-        prefill=1, decode=decode, port=0, log_dir=tmp_path, log_level="WARNING", model=RANDOM_MODEL
+        prefill=prefill,
+        decode=decode,
+        port=0,
+        log_dir=tmp_path,
+        log_level="WARNING",
+        model=RANDOM_MODEL,
+        per_worker_args=per_worker,
     )
     c = LocalCluster(spec)
     # The scheduler listens on every address, so the namespaced worker reaches it over a veth.
     spec.scheduler_args = ["--control-bind", f"tcp://0.0.0.0:{spec.control_port}", *scheduler_args]
     control_host, _ = ns.ips[0]
-    _, kv_ip = ns.ips[kv_link]
+    name = f"{role}-cut"
     try:
         c.start(timeout_s=90)
         argv = ["ip", "netns", "exec", ns.name, sys.executable, "-m", "pdorch", "worker"]
-        argv += ["--scheduler", f"tcp://{control_host}:{spec.control_port}", "--role", "decode"]
-        argv += ["--worker-id", "decode-cut", "--kv-bind", f"tcp://{kv_ip}:{free_port()}"]
-        env = {**c.party_env("decode-cut"), "PYTHONPATH": str(REPO)}
-        c.spawn("decode-cut", [*argv, "--log-level", "WARNING"], env)
-        c.wait_ready(decode + 2, 60)
+        argv += ["--scheduler", f"tcp://{control_host}:{spec.control_port}", "--role", role]
+        argv += ["--worker-id", name, "--kv-bind", f"tcp://{kv_ip}:{free_port()}"]
+        env = {**c.party_env(name), "PYTHONPATH": str(REPO)}
+        c.spawn(name, [*argv, "--log-level", "WARNING"], env)
+        c.wait_ready(prefill + decode + 1, 60)
     except BaseException:
         c.stop()
         raise

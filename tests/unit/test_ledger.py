@@ -383,3 +383,63 @@ def test_a_node_turning_handoffs_away_or_failing_them_is_shown_so_while_it_lasts
     got = view(led, "d", 24.9)
     assert got.kv_unreachable and not got.kv_refusing
     assert not view(led, "d", 25.1).kv_unreachable
+
+
+def cluster_of(*workers: str) -> Ledger:
+    led = Ledger()
+    for wid in workers:
+        led.add_node(wid, "m", "a100", block_size=16, kv_bytes_per_token=KV, capacity_tokens=1600)
+    return led
+
+
+def test_one_pair_failing_backs_off_the_pair_and_not_its_nodes() -> None:
+    led = cluster_of("p0", "p1", "d0", "d1")
+    d0 = led.node("d0")
+    assert d0 is not None
+    assert led.kv_handoff_failed("p0", "d0", 10.0, 0.0, 5.0, 60.0) == [(("p0", "d0"), 5.0)]
+    assert d0.kv_unreachable_from(14.9) == {"p0"} and not d0.kv_unreachable_from(15.0)
+    assert not any(n.kv_path.open(11.0) for n in map(led.node, ("p0", "p1", "d0", "d1")) if n)
+    # Shown to placement on the receiving node's view, as the senders it does not take KV from.
+    assert view_of(led, "d0", 11.0).kv_unreachable_from == {"p0"}
+    # The same pair failing again within its window: the same outage, nothing more backs off.
+    assert led.kv_handoff_failed("p0", "d0", 12.0, 11.0, 5.0, 60.0) == []
+
+
+def test_a_decode_node_failing_with_two_senders_has_its_own_kv_network_taken_as_down() -> None:
+    led = cluster_of("p0", "p1", "d0", "d1")
+    led.kv_handoff_failed("p0", "d0", 10.0, 0.0, 5.0, 60.0)
+    got = led.kv_handoff_failed("p1", "d0", 11.0, 1.0, 5.0, 60.0)
+    assert got == [(("p1", "d0"), 5.0), (("d0",), 5.0)]
+    assert view_of(led, "d0", 12.0).kv_unreachable
+    assert not view_of(led, "p0", 12.0).kv_unreachable and not view_of(led, "p1", 12.0).kv_unreachable
+
+
+def test_a_prefill_node_failing_with_two_receivers_has_its_own_kv_network_taken_as_down() -> None:
+    led = cluster_of("p0", "p1", "d0", "d1")
+    led.kv_handoff_failed("p0", "d0", 10.0, 0.0, 5.0, 60.0)
+    got = led.kv_handoff_failed("p0", "d1", 11.0, 1.0, 5.0, 60.0)
+    assert got == [(("p0", "d1"), 5.0), (("p0",), 5.0)]
+    # The sender is at fault: the receivers stay placeable (only the pairs back off).
+    assert view_of(led, "p0", 12.0).kv_unreachable
+    assert not view_of(led, "d0", 12.0).kv_unreachable and not view_of(led, "d1", 12.0).kv_unreachable
+    # Once the windows are over, failures of pairs whose windows have closed count alone again.
+    assert led.kv_handoff_failed("p1", "d0", 20.0, 19.0, 5.0, 60.0) == [(("p1", "d0"), 5.0)]
+
+
+def test_a_landed_handoff_starts_the_pair_and_both_nodes_afresh() -> None:
+    led = cluster_of("p0", "d0", "d1")
+    led.kv_handoff_failed("p0", "d0", 10.0, 0.0, 5.0, 60.0)
+    led.kv_handoff_failed("p0", "d1", 11.0, 1.0, 5.0, 60.0)
+    assert led.kv_handoff_failed("p0", "d0", 20.0, 19.0, 5.0, 60.0) == [(("p0", "d0"), 10.0)]
+    led.kv_handoff_landed("p0", "d0", 40.0)
+    d0, p0 = led.node("d0"), led.node("p0")
+    assert d0 is not None and p0 is not None
+    assert "p0" not in d0.kv_from and p0.kv_path.failures == 0 and d0.kv_path.failures == 0
+    assert led.kv_handoff_failed("p0", "d0", 50.0, 49.0, 5.0, 60.0) == [(("p0", "d0"), 5.0)]
+
+
+def view_of(led: Ledger, wid: str, now: float):  # type: ignore[no-untyped-def]
+    role = Role.PREFILL if wid.startswith("p") else Role.DECODE
+    node = led.node(wid)
+    assert node is not None
+    return node_view(state(wid, role, "a100"), node, TABLE, default_accelerators(), now)

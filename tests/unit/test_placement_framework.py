@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from scheduler.placement.config import (
@@ -210,6 +211,18 @@ def test_default_placer_picks_idle_prefill_and_roomy_decode() -> None:
     assert (placement.prefill, placement.decode) == ("p1", "d1")
     # prompt 2000 + max_tokens 100 (no prediction) = 2100 tokens = 132 blocks of 16.
     assert placement.reserve_blocks == 132
+
+
+def test_the_pd_handler_hands_over_from_another_prefill_node_while_a_kv_path_backs_off() -> None:
+    placer = Placer(PlacementConfig(handler=PluginSpec("pd"), decider=PluginSpec("always")))
+    nodes = list(cluster().nodes)
+    assert placer.place(ClusterSnapshot(tuple(nodes)), request()).prefill == "p1"
+    # Handoffs from p1 (the prefill profile's pick) to d1 (the decode pick) lately did not land.
+    nodes[3] = msgspec.structs.replace(nodes[3], kv_unreachable_from=frozenset({"p1"}))
+    assert (placer.place(ClusterSnapshot(tuple(nodes)), request()).prefill, "d1") == ("p0", "d1")
+    # And p0's own KV network is down too: nothing else is left, so the pair is tried (the probe).
+    nodes[0] = msgspec.structs.replace(nodes[0], kv_unreachable=True)
+    assert placer.place(ClusterSnapshot(tuple(nodes)), request()).prefill == "p1"
 
 
 def test_weights_come_from_the_profile() -> None:

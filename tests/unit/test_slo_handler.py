@@ -323,6 +323,42 @@ CASES: list[tuple[str, list[NodeView], dict[str, Any], dict[str, Any], tuple[str
         {"max_prefill_wait_s": 0.5},
         ("p", "d"),
     ),
+    (
+        "handoffs from the best prefill node to the decode node lately did not land: the next best "
+        "prefill node of its class hands over",
+        [p("best"), p("next", prefill_wait_s=0.5), d(kv_unreachable_from=frozenset({"best"}))],
+        {},
+        {},
+        ("next", "d"),
+    ),
+    (
+        "the best prefill node's KV network is taken as down: no split from it",
+        [p("cut", kv_unreachable=True), p("next", prefill_wait_s=0.5), d()],
+        {},
+        {},
+        ("next", "d"),
+    ),
+    (
+        "the only pair's KV path backs off: the decode node prefills the request itself",
+        [p(), d(kv_unreachable_from=frozenset({"p"}))],
+        {},
+        {},
+        ("d", "d"),
+    ),
+    (
+        "the only pair's KV path backs off, no other way: the pair is tried (its handoff is the probe)",
+        [p(), d(kv_unreachable_from=frozenset({"p"}))],
+        {},
+        {"fallback": False, "colocate": False},
+        ("p", "d"),
+    ),
+    (
+        "a prefill node lent to decoding takes no handoff over a KV path that backs off",
+        [p("host", kv_unreachable_from=frozenset({"other"})), p("other", prefill_wait_s=0.5)],
+        {},
+        {},
+        ("host", "host"),
+    ),
 ]
 
 

@@ -1,6 +1,8 @@
 """Drop nodes that should not take new work: draining ones, decode nodes whose KV endpoint is
-refusing transfers (until it recovers), decode nodes to which handoffs lately did not land (while
-the request has another way), and decode nodes without KV room.
+refusing transfers (until it recovers), decode nodes whose KV network is taken as down (handoffs
+with two or more peers lately did not land; while the request has another way), and decode nodes
+without KV room. (A single pair of nodes whose handoffs did not land is the handlers' to avoid:
+``NodeView.takes_kv_from``.)
 
 With ``require_kv_room`` a decode candidate must have ``blocks_free`` (total - used - reserved) for the
 request's whole reservation (prompt + predicted output), so placement never puts a request on a node

@@ -41,7 +41,11 @@ class PdProfileHandler:
             return ctx.placement(decode, decode)
 
         def pick_prefill() -> NodeView | None:
-            return profiles.select(Pool.PREFILL, ctx, [n for n in nodes if n.worker_id != decode.worker_id])
+            others = [n for n in nodes if n.worker_id != decode.worker_id]
+            # A KV path backing off is tried only when no other prefill node will do (the probe).
+            reachable = [n for n in others if decode.takes_kv_from(n)]
+            picked = profiles.select(Pool.PREFILL, ctx, reachable) if len(reachable) < len(others) else None
+            return picked or profiles.select(Pool.PREFILL, ctx, others)
 
         return profiles.decider.decide(ctx, decode, pick_prefill)
 

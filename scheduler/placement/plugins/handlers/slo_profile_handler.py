@@ -91,7 +91,7 @@ class SloProfileHandler:
         # Every candidate, tier by tier; stop at the first tier with one meeting every objective.
         tiers: list[list[Option]] = []
         for tier in Tier:
-            tiers.append(self._options(tier, profiles, ctx, est, prefill, decode))
+            tiers.append(self._options(tier, profiles, ctx, est, prefill, decode, kv_paths=True))
             if self.params.tiers:
                 meeting = [o for o in tiers[-1] if o.headroom >= 0 and self._bound(tier, o)]
                 if tier is Tier.PREFILL_NODE_DECODES:
@@ -101,6 +101,14 @@ class SloProfileHandler:
                     best = _best(profiles, ctx, [o for o in meeting if o.lent_ok] or meeting)
                 if best is not None:
                     return _placed(ctx, best)
+        if not any(tiers):
+            # Nothing left but handoffs over KV paths that back off: those are tried (the failure
+            # may have passed; the handoff is the probe) rather than the request turned away.
+            tiers[Tier.SPLIT] = self._options(Tier.SPLIT, profiles, ctx, est, prefill, decode)
+            meeting = [o for o in tiers[Tier.SPLIT] if o.headroom >= 0 and self._bound(Tier.SPLIT, o)]
+            best = _best(profiles, ctx, meeting) if self.params.tiers else None
+            if best is not None:
+                return _placed(ctx, best)
         options = [o for tier_options in tiers for o in tier_options]
         if not self.params.tiers:
             meeting = [o for o in options if o.headroom >= 0]
@@ -158,8 +166,11 @@ class SloProfileHandler:
         est: Estimator,
         prefill: Sequence[NodeView],
         decode: Sequence[NodeView],
+        *,
+        kv_paths: bool = False,
     ) -> list[Option]:
-        """The candidates of one tier (a colocated deployment has only decode nodes doing both)."""
+        """The candidates of one tier (a colocated deployment has only decode nodes doing both).
+        ``kv_paths``: no handoff over a KV path that is backing off (``NodeView.takes_kv_from``)."""
         if tier is Tier.DECODE_NODE_PREFILLS:
             return [est.option(d, d) for d in decode] if self.params.colocate or ctx.request.colocated else []
         if tier is Tier.PREFILL_NODE_DECODES:
@@ -168,11 +179,14 @@ class SloProfileHandler:
             lendable = [p for p in prefill if p.role is Role.PREFILL and ctx.has_room(p)]
             # The request whole on a lent node, or prefilled on the best other prefill node and
             # handed off to the lent one, which then only decodes it.
-            hosts = [q for q in lendable if q.takes_handoff]
+            hosts = [q for q in lendable if q.takes_handoff and not (kv_paths and q.kv_unreachable)]
             top = heapq.nlargest(2, prefill, key=est.prefill_rank) if hosts else []
             options = [est.option(p, p) for p in lendable]
             for q in hosts:
-                p = next((p for p in top if p.worker_id != q.worker_id), None)
+                p = next(
+                    (p for p in top if p.worker_id != q.worker_id and (not kv_paths or q.takes_kv_from(p))),
+                    None,
+                )
                 if p is not None:
                     options.append(est.option(p, q))
             return options
@@ -180,13 +194,30 @@ class SloProfileHandler:
             return []
         # The best prefill node of each class: headroom, then the prefill profile's scorers.
         scores = profiles.scores(Pool.PREFILL, ctx, prefill) if len(prefill) > 1 else [0.0]
-        by_class: dict[str, tuple[tuple[bool, float, float, float], NodeView]] = {}
-        for p, score in zip(prefill, scores, strict=True):
-            rank = (*est.prefill_rank(p), score)
-            held = by_class.get(p.accelerator)
-            if held is None or rank > held[0]:
-                by_class[p.accelerator] = (rank, p)
-        return [est.option(p, d) for d in decode for _, p in by_class.values() if p.worker_id != d.worker_id]
+        ranked = [((*est.prefill_rank(p), score), p) for p, score in zip(prefill, scores, strict=True)]
+        best = _best_of_each_class(ranked)
+        # Most decisions see no KV path backing off: then nothing is checked pair by pair.
+        kv_paths = kv_paths and (
+            any(p.kv_unreachable for p in prefill) or any(d.kv_unreachable_from for d in decode)
+        )
+        options = []
+        for d in decode:
+            senders = best
+            if kv_paths and any(not d.takes_kv_from(p) for _, p in best):
+                senders = _best_of_each_class([(r, p) for r, p in ranked if d.takes_kv_from(p)])
+            options += [est.option(p, d) for _, p in senders if p.worker_id != d.worker_id]
+        return options
+
+
+def _best_of_each_class(
+    ranked: list[tuple[tuple[bool, float, float, float], NodeView]],
+) -> list[tuple[tuple[bool, float, float, float], NodeView]]:
+    by_class: dict[str, tuple[tuple[bool, float, float, float], NodeView]] = {}
+    for rank, p in ranked:
+        held = by_class.get(p.accelerator)
+        if held is None or rank > held[0]:
+            by_class[p.accelerator] = (rank, p)
+    return list(by_class.values())
 
 
 def _placed(ctx: RequestContext, o: Option) -> Placement:
