@@ -80,6 +80,8 @@ class Ledger:
     def drop_node(self, worker_id: str) -> list[str]:
         """The node is gone; the jobs that had something on it (their other nodes are untouched)."""
         node = self._nodes.pop(worker_id, None)
+        for other in self._nodes.values():
+            other.kv_from.pop(worker_id, None)  # its pairs go with it (a node rejoins afresh)
         return [] if node is None else list(node.held)
 
     def decode_steps(self) -> dict[str, float]:

@@ -438,6 +438,14 @@ def test_a_landed_handoff_starts_the_pair_and_both_nodes_afresh() -> None:
     assert led.kv_handoff_failed("p0", "d0", 50.0, 49.0, 5.0, 60.0) == [(("p0", "d0"), 5.0)]
 
 
+def test_a_node_that_leaves_takes_its_pairs_with_it() -> None:
+    led = cluster_of("p0", "d0")
+    led.kv_handoff_failed("p0", "d0", 10.0, 0.0, 5.0, 60.0)
+    led.drop_node("p0")
+    d0 = led.node("d0")
+    assert d0 is not None and not d0.kv_from  # bounded by the nodes present, whatever the churn
+
+
 def view_of(led: Ledger, wid: str, now: float):  # type: ignore[no-untyped-def]
     role = Role.PREFILL if wid.startswith("p") else Role.DECODE
     node = led.node(wid)
