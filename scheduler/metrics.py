@@ -76,6 +76,13 @@ class Metrics:
             ["phase", "cause", "recovery"],
             registry=r,
         )
+        self.kv_path_backoffs = _LabelledCounter(
+            "pdorch_kv_path_backoffs",
+            "KV paths backed off after p2p handoffs over them did not land: a pair of workers (pair), "
+            "or a worker whose handoffs with two or more peers did not (worker)",
+            ["scope"],
+            registry=r,
+        )
         self.placements = _LabelledCounter(
             "pdorch_placements",
             "Where each attempt of a request was placed: split (prefill on one worker, decode on "

@@ -538,6 +538,7 @@ class Orchestrator:
         for backed_off, seconds in self._planner.ledger.kv_handoff_failed(
             a.prefill, a.decode, time.monotonic(), a.started_at, self._cfg.kv_path_backoff_s, KV_PATH_MAX_S
         ):
+            self._metrics.kv_path_backoffs.labels("pair" if len(backed_off) == 2 else "worker").inc()
             if len(backed_off) == 2:
                 prefill, decode = backed_off
                 log.warning(

@@ -89,6 +89,7 @@ async def test_handoffs_stop_going_to_a_decode_worker_cut_off_from_the_kv_networ
         stalled = await metric(s, cluster.url, "pdorch_migrations_total", phase="handoff", cause="stalled")
         assert stalled >= 1
         assert _left_out(cluster)  # the scheduler's own finding: the worker says nothing of it
+        assert await metric(s, cluster.url, "pdorch_kv_path_backoffs_total", scope="pair") >= 1
 
         await run(2)  # served without a handoff to decode-cut: none stalls
         assert await metric(s, cluster.url, "pdorch_migrations_total", phase="handoff") == stalled
@@ -132,6 +133,8 @@ async def test_a_prefill_worker_cut_off_from_the_kv_network_does_not_take_the_de
                 seed += 1
                 workers = _workers(prefill_cut)
                 assert not workers["decode-0"]["kv_unreachable"] and not workers["decode-1"]["kv_unreachable"]
+        assert await metric(s, prefill_cut.url, "pdorch_kv_path_backoffs_total", scope="worker") >= 1
+        assert await metric(s, prefill_cut.url, "pdorch_kv_path_backoffs_total", scope="pair") >= 2
         stalled = await metric(s, prefill_cut.url, "pdorch_migrations_total", phase="handoff")
         before = await landed()
         await run(seed)  # split from prefill-0 onto both decode workers; no handoff stalls
