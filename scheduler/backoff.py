@@ -1,12 +1,13 @@
 """A back-off window: after a path fails, leave it alone for a while, longer while failures repeat.
 
 One mechanism for every path the scheduler backs off from: the KV broker (while its window is open,
-centralized handoffs go peer to peer) and each decode worker's KV path (while open, the worker is
-left out of decode). The window opens for ``base_s`` and doubles with each further failure, up to
-``max_s``. One outage is counted once: a failure while the window is open, or of an attempt that
-began before it last opened (the attempts caught in one outage fail together, some only after the
-window has closed), does not lengthen it. A success resets the doubling but leaves an open window
-open: a path that fails and succeeds by turns stays out until it has had its time.
+centralized handoffs go peer to peer), each pair of workers whose p2p handoffs did not land, and
+each worker whose own KV network is taken as down (``Ledger.kv_handoff_failed``). The window opens
+for ``base_s`` and doubles with each further failure, up to ``max_s``. One outage is counted once: a
+failure while the window is open, or of an attempt that began before it last opened (the attempts
+caught in one outage fail together, some only after the window has closed), does not lengthen it. A
+success resets the doubling but leaves an open window open: a path that fails and succeeds by turns
+stays out until it has had its time.
 """
 
 from __future__ import annotations
