@@ -34,7 +34,7 @@ HANDOFF_TIMEOUT_S = 3.0
 
 @pytest.fixture
 def namespace() -> Iterator[Namespace]:
-    yield from make_namespace(links=2)
+    yield from make_namespace(links=3)
 
 
 @pytest.fixture
@@ -46,6 +46,20 @@ def cluster(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
 def prefill_cut(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
     yield from namespaced_cluster(
         tmp_path, namespace, role="prefill", decode=2, kv_link=1, scheduler_args=_config(tmp_path)
+    )
+
+
+@pytest.fixture
+def pair_cut(tmp_path: Path, namespace: Namespace) -> Iterator[LocalCluster]:
+    """prefill-cut reaches decode-0's KV endpoint over link 1 and decode-1's over link 2."""
+    yield from namespaced_cluster(
+        tmp_path,
+        namespace,
+        role="prefill",
+        decode=2,
+        kv_link=1,
+        decode_links=(1, 2),
+        scheduler_args=_config(tmp_path),
     )
 
 
@@ -142,3 +156,42 @@ async def test_a_prefill_worker_cut_off_from_the_kv_network_does_not_take_the_de
         assert await metric(s, prefill_cut.url, "pdorch_migrations_total", phase="handoff") == stalled
         workers = _workers(prefill_cut)
         assert not workers["decode-0"]["kv_unreachable"] and not workers["decode-1"]["kv_unreachable"]
+
+
+async def test_a_cut_between_two_workers_backs_off_that_pair_and_neither_worker(
+    pair_cut: LocalCluster, colocated: LocalCluster, namespace: Namespace
+) -> None:
+    # Only the path from prefill-cut to decode-0 is down: prefill-cut still reaches decode-1, and
+    # prefill-0 reaches both. The pair backs off; neither of its workers does, and both go on
+    # handing off to (or taking handoffs from) their other peers.
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as s:
+
+        async def run(seed: int) -> None:
+            bodies = _bodies(seed=seed, count=6, prompt_len=30, max_tokens=24)
+            want = await asyncio.gather(*(generate(s, colocated.url, b) for b in bodies))
+            assert await asyncio.gather(*(generate(s, pair_cut.url, b) for b in bodies)) == want
+
+        def as_a_whole() -> list[str]:
+            return [wid for wid, w in _workers(pair_cut).items() if w["kv_unreachable"]]
+
+        await run(60)
+        namespace.cut(down=True, link=1)
+        seed = 61
+        async with asyncio.timeout(BACKOFF_S * 4):
+            while _workers(pair_cut)["decode-0"]["kv_unreachable_from"] != ["prefill-cut"]:
+                await run(seed)
+                seed += 1
+                assert not as_a_whole()
+        decoded = _workers(pair_cut)["decode-0"]["load"]["decoded_tokens"]
+        stalled = await metric(s, pair_cut.url, "pdorch_migrations_total", phase="handoff")
+        for _ in range(2):
+            await run(seed)  # no handoff over the cut pair: none stalls
+            seed += 1
+        assert await metric(s, pair_cut.url, "pdorch_migrations_total", phase="handoff") == stalled
+        assert not as_a_whole()
+        assert await metric(s, pair_cut.url, "pdorch_kv_path_backoffs_total", scope="worker") == 0
+        # decode-0 still decodes (its reports come with its heartbeats: wait for a fresh one).
+        async with asyncio.timeout(10):
+            while _workers(pair_cut)["decode-0"]["load"]["decoded_tokens"] == decoded:
+                await asyncio.sleep(0.2)

@@ -78,16 +78,18 @@ def namespaced_cluster(
     prefill: int = 1,
     decode: int,
     kv_link: int = 0,
+    decode_links: tuple[int, ...] = (),
     scheduler_args: tuple[str, ...] = (),
 ) -> Iterator[LocalCluster]:
     """A cluster of ``prefill`` prefill and ``decode`` decode workers on the host, plus the worker
     ``{role}-cut`` in ``ns``: its control connection over the namespace's first link, its KV
     endpoint on link ``kv_link``. The host's decode workers listen for KV on the host's end of that
-    link, so the namespaced worker reaches theirs only over it (the host's own workers reach
-    them whatever the link's state: the address is local). The links are up again before the
-    cluster stops."""
-    kv_host_ip, kv_ip = ns.ips[kv_link]
-    per_worker = {f"decode-{i}": ["--kv-bind", f"tcp://{kv_host_ip}:0"] for i in range(decode)}
+    link (decode worker ``i`` on link ``decode_links[i]`` if given), so the namespaced worker
+    reaches theirs only over it (the host's own workers reach them whatever the link's state: the
+    address is local). The links are up again before the cluster stops."""
+    _, kv_ip = ns.ips[kv_link]
+    links = decode_links or (kv_link,) * decode
+    per_worker = {f"decode-{i}": ["--kv-bind", f"tcp://{ns.ips[links[i]][0]}:0"] for i in range(decode)}
     spec = ClusterSpec(
         prefill=prefill,
         decode=decode,
