@@ -65,6 +65,10 @@ log = logging.getLogger("pdorch.agent")
 
 # Messages that may wait for room in the queues to the scheduler before the session is given up.
 MAX_BACKLOG = 100_000
+# How long an agent that has drained may still wait for its last messages (those behind a backlog,
+# and Goodbye) to leave, and then for what is queued in the socket, before it closes it.
+GOODBYE_FLUSH_S = 5.0
+GOODBYE_LINGER_MS = 1000
 # A control message is one frame, capped at 16 MiB by the sockets; leave room for the envelope.
 _MAX_TOKENIZER_BYTES = 15 * 1024 * 1024
 
@@ -120,6 +124,7 @@ class Agent:
         # Messages waiting for room in the socket's queue, in order (_send_now); bounded (_beat).
         self._backlog: deque[FromWorker] = deque()
         self._drainer: asyncio.Task[None] | None = None
+        self._linger_ms = 0  # how long the socket's last queued messages may take to leave at close
         self._decoded_tokens = 0
         self._interval = cfg.heartbeat_interval_s
         self._liveness = cfg.heartbeat_liveness
@@ -153,7 +158,7 @@ class Agent:
             await self._engine.close()
             self._drop_backlog()
             if self._sock is not None:
-                self._sock.close()
+                self._sock.close(self._linger_ms)
 
     async def _drain(self) -> None:
         """Stop taking jobs, let in-flight ones finish (bounded), then say Goodbye."""
@@ -164,8 +169,12 @@ class Agent:
         while self._jobs and time.monotonic() < deadline:
             await asyncio.wait(list(self._jobs.values()), timeout=max(0.0, deadline - time.monotonic()))
         self._send(Goodbye("drained" if not self._jobs else "drain timeout"))
-        # Give the DEALER a moment to flush Goodbye before the socket closes.
-        await asyncio.sleep(0.05)
+        # What waits for room in the socket's queue (the scheduler behind), Goodbye last, leaves
+        # before the socket closes, and what is queued then has a moment more: a Goodbye lost
+        # leaves the scheduler to find the worker gone by its silence.
+        if self._drainer is not None and not self._drainer.done():
+            await asyncio.wait({self._drainer}, timeout=GOODBYE_FLUSH_S)
+        self._linger_ms = GOODBYE_LINGER_MS
 
     async def _watch_health(self) -> bool:
         while True:

@@ -188,3 +188,23 @@ async def test_an_agent_told_to_stop_drains_its_jobs_and_says_goodbye() -> None:
         tokens = [t for m in got if isinstance(m, TokenOutput) for t in m.token_ids]
         assert len(first.token_ids) + len(tokens) == 32  # the job finished before the Goodbye
         assert await asyncio.wait_for(running, 10) == 0
+
+
+async def test_an_agent_told_to_stop_behind_a_backlog_says_goodbye_after_it() -> None:
+    """The scheduler is behind when the agent is told to stop: what waits for room still leaves,
+    in order, and Goodbye after it, before the agent closes its socket."""
+    stop = asyncio.Event()
+    async with _registered(0.0, stop) as (scheduler, running):
+        tokens = list(range(100_000, 102_000))  # ~10 KB a message
+        made = [TokenOutput(f"r{i}", tokens) for i in range(3_000)]
+        for msg in made:
+            scheduler.agent._send_now(msg)
+        assert scheduler.agent._backlog  # the queues are full: the rest waits
+        stop.set()
+        await asyncio.sleep(0.5)  # still behind while the agent drains and says Goodbye
+        got: list[FromWorker] = []
+        while not got or not isinstance(got[-1], Goodbye):
+            got.append(await scheduler.recv(timeout_s=10))
+        assert [m.request_id for m in got if isinstance(m, TokenOutput)] == [m.request_id for m in made]
+        assert isinstance(got[-2], Draining)
+        assert await asyncio.wait_for(running, 10) == 0
