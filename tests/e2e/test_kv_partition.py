@@ -121,41 +121,44 @@ async def test_handoffs_stop_going_to_a_decode_worker_cut_off_from_the_kv_networ
         await run(3)
 
 
+async def _same_answers(
+    s: aiohttp.ClientSession, cluster: LocalCluster, colocated: LocalCluster, seed: int
+) -> None:
+    """Six requests (streaming or not, greedy or seeded) answered as a colocated worker answers them."""
+    bodies = _bodies(seed=seed, count=6, prompt_len=30, max_tokens=24)
+    want = await asyncio.gather(*(generate(s, colocated.url, b) for b in bodies))
+    assert await asyncio.gather(*(generate(s, cluster.url, b) for b in bodies)) == want
+
+
+def _as_a_whole(cluster: LocalCluster) -> list[str]:
+    """The workers whose own KV network is taken as down."""
+    return [wid for wid, w in _workers(cluster).items() if w["kv_unreachable"]]
+
+
 async def test_a_prefill_worker_cut_off_from_the_kv_network_does_not_take_the_decode_workers_out(
     prefill_cut: LocalCluster, colocated: LocalCluster, namespace: Namespace
 ) -> None:
     # prefill-cut (in the namespace) and prefill-0 both hand off to decode-0 and decode-1. With the
     # KV link of prefill-cut down, its handoffs to either decode worker fail: its own KV network is
     # at fault, not theirs, and prefill-0's handoffs to them must go on landing.
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(timeout=timeout) as s:
-
-        async def run(seed: int) -> None:
-            bodies = _bodies(seed=seed, count=6, prompt_len=30, max_tokens=24)
-            want = await asyncio.gather(*(generate(s, colocated.url, b) for b in bodies))
-            assert await asyncio.gather(*(generate(s, prefill_cut.url, b) for b in bodies)) == want
-
-        async def landed() -> float:
-            return await metric(s, prefill_cut.url, "pdorch_kv_handoffs_total", mode="p2p", outcome="ok")
-
-        await run(50)
+    url = prefill_cut.url
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        await _same_answers(s, prefill_cut, colocated, 50)
         namespace.cut(down=True, link=1)
         seed = 51
         async with asyncio.timeout(BACKOFF_S * 4):
-            while not _workers(prefill_cut)["prefill-cut"]["kv_unreachable"]:
-                await run(seed)
+            while _as_a_whole(prefill_cut) != ["prefill-cut"]:
+                assert not _as_a_whole(prefill_cut)  # no decode worker, nor anything before it
+                await _same_answers(s, prefill_cut, colocated, seed)
                 seed += 1
-                workers = _workers(prefill_cut)
-                assert not workers["decode-0"]["kv_unreachable"] and not workers["decode-1"]["kv_unreachable"]
-        assert await metric(s, prefill_cut.url, "pdorch_kv_path_backoffs_total", scope="worker") >= 1
-        assert await metric(s, prefill_cut.url, "pdorch_kv_path_backoffs_total", scope="pair") >= 2
-        stalled = await metric(s, prefill_cut.url, "pdorch_migrations_total", phase="handoff")
-        before = await landed()
-        await run(seed)  # split from prefill-0 onto both decode workers; no handoff stalls
-        assert await landed() > before
-        assert await metric(s, prefill_cut.url, "pdorch_migrations_total", phase="handoff") == stalled
-        workers = _workers(prefill_cut)
-        assert not workers["decode-0"]["kv_unreachable"] and not workers["decode-1"]["kv_unreachable"]
+        assert await metric(s, url, "pdorch_kv_path_backoffs_total", scope="worker") == 1
+        assert await metric(s, url, "pdorch_kv_path_backoffs_total", scope="pair") >= 2
+        stalled = await metric(s, url, "pdorch_migrations_total", phase="handoff")
+        before = await metric(s, url, "pdorch_kv_handoffs_total", mode="p2p", outcome="ok")
+        await _same_answers(s, prefill_cut, colocated, seed)  # split from prefill-0; no handoff stalls
+        assert await metric(s, url, "pdorch_kv_handoffs_total", mode="p2p", outcome="ok") > before
+        assert await metric(s, url, "pdorch_migrations_total", phase="handoff") == stalled
+        assert _as_a_whole(prefill_cut) == ["prefill-cut"]
 
 
 async def test_a_cut_between_two_workers_backs_off_that_pair_and_neither_worker(
@@ -164,33 +167,24 @@ async def test_a_cut_between_two_workers_backs_off_that_pair_and_neither_worker(
     # Only the path from prefill-cut to decode-0 is down: prefill-cut still reaches decode-1, and
     # prefill-0 reaches both. The pair backs off; neither of its workers does, and both go on
     # handing off to (or taking handoffs from) their other peers.
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(timeout=timeout) as s:
-
-        async def run(seed: int) -> None:
-            bodies = _bodies(seed=seed, count=6, prompt_len=30, max_tokens=24)
-            want = await asyncio.gather(*(generate(s, colocated.url, b) for b in bodies))
-            assert await asyncio.gather(*(generate(s, pair_cut.url, b) for b in bodies)) == want
-
-        def as_a_whole() -> list[str]:
-            return [wid for wid, w in _workers(pair_cut).items() if w["kv_unreachable"]]
-
-        await run(60)
+    url = pair_cut.url
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        await _same_answers(s, pair_cut, colocated, 60)
         namespace.cut(down=True, link=1)
         seed = 61
         async with asyncio.timeout(BACKOFF_S * 4):
             while _workers(pair_cut)["decode-0"]["kv_unreachable_from"] != ["prefill-cut"]:
-                await run(seed)
+                await _same_answers(s, pair_cut, colocated, seed)
                 seed += 1
-                assert not as_a_whole()
+                assert not _as_a_whole(pair_cut)
         decoded = _workers(pair_cut)["decode-0"]["load"]["decoded_tokens"]
-        stalled = await metric(s, pair_cut.url, "pdorch_migrations_total", phase="handoff")
+        stalled = await metric(s, url, "pdorch_migrations_total", phase="handoff")
         for _ in range(2):
-            await run(seed)  # no handoff over the cut pair: none stalls
+            await _same_answers(s, pair_cut, colocated, seed)  # none over the cut pair: none stalls
             seed += 1
-        assert await metric(s, pair_cut.url, "pdorch_migrations_total", phase="handoff") == stalled
-        assert not as_a_whole()
-        assert await metric(s, pair_cut.url, "pdorch_kv_path_backoffs_total", scope="worker") == 0
+        assert await metric(s, url, "pdorch_migrations_total", phase="handoff") == stalled
+        assert not _as_a_whole(pair_cut)
+        assert await metric(s, url, "pdorch_kv_path_backoffs_total", scope="worker") == 0
         # decode-0 still decodes (its reports come with its heartbeats: wait for a fresh one).
         async with asyncio.timeout(10):
             while _workers(pair_cut)["decode-0"]["load"]["decoded_tokens"] == decoded:
