@@ -538,22 +538,11 @@ class Orchestrator:
         for backed_off, seconds in self._planner.ledger.kv_handoff_failed(
             a.prefill, a.decode, time.monotonic(), a.started_at, self._cfg.kv_path_backoff_s, KV_PATH_MAX_S
         ):
-            self._metrics.kv_path_backoffs.labels("pair" if len(backed_off) == 2 else "worker").inc()
-            if len(backed_off) == 2:
-                prefill, decode = backed_off
-                log.warning(
-                    "no handoff from %s to %s for %gs: one did not land (%s)",
-                    prefill,
-                    decode,
-                    seconds,
-                    failure.message,
-                )
-            else:
-                log.warning(
-                    "no handoff to or from %s for %gs: handoffs with two of its peers did not land",
-                    backed_off[0],
-                    seconds,
-                )
+            pair = len(backed_off) == 2
+            self._metrics.kv_path_backoffs.labels("pair" if pair else "worker").inc()
+            where = "from {} to {}".format(*backed_off) if pair else f"to or from {backed_off[0]}"
+            why = f"one did not land ({failure.message})" if pair else "two of its peers' did not land"
+            log.warning("no handoff %s for %gs: %s", where, seconds, why)
 
     async def _place(self, run: _Run, preq: PlacementRequest) -> Placement:
         """Where to move the request (one decision, booked); waits (bounded) while no worker has room."""
