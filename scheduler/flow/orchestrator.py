@@ -541,7 +541,7 @@ class Orchestrator:
             pair = len(backed_off) == 2
             self._metrics.kv_path_backoffs.labels("pair" if pair else "worker").inc()
             where = "from {} to {}".format(*backed_off) if pair else f"to or from {backed_off[0]}"
-            why = f"one did not land ({failure.message})" if pair else "two of its peers' did not land"
+            why = f"one did not land ({failure.message})" if pair else "those with two peers did not land"
             log.warning("no handoff %s for %gs: %s", where, seconds, why)
 
     async def _place(self, run: _Run, preq: PlacementRequest) -> Placement:
