@@ -30,14 +30,23 @@ class KvBrokerLost:
 
 
 @dataclass(frozen=True)
+class KvPathDown:
+    """Another handoff over the KV path the job's handoff takes did not land, and the path now backs
+    off: ``(prefill, decode)`` for the pair, ``(worker,)`` for a worker's whole KV network."""
+
+    path: tuple[str, ...]
+    reason: str  # why that handoff failed
+
+
+@dataclass(frozen=True)
 class Wake:
     """The request's own timer went off (put there by its orchestrator, not a worker): look at
     the clock."""
 
 
-Event = TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost | Wake
-# What a request's queue holds: (worker id, job id, event); worker id "" for KvBrokerLost, both ""
-# for Wake.
+Event = TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost | KvPathDown | Wake
+# What a request's queue holds: (worker id, job id, event); worker id "" for KvBrokerLost and
+# KvPathDown, both "" for Wake.
 Delivery = tuple[str, str, Event]
 
 
@@ -94,7 +103,7 @@ class Inbox:
         queue.put_nowait((worker_id, job_id, event))
         return True
 
-    def notify(self, job_id: str, event: KvBrokerLost) -> None:
+    def notify(self, job_id: str, event: KvBrokerLost | KvPathDown) -> None:
         """An event about the job that no worker sent."""
         job = self._jobs.get(job_id)
         queue = self._queues.get(job.request_id) if job is not None else None

@@ -31,7 +31,7 @@ from scheduler.flow.attempt import Attempt, Failure, Phase
 from scheduler.flow.broker_health import BrokerHealth
 from scheduler.flow.recovery import KV_PLANE_FAULTS, Recovery, kv_path_failed, recovery
 from scheduler.flow.request import GenerationRequest, TokenBatch
-from scheduler.inbox import Delivery, Inbox, KvBrokerLost, Wake, WorkerLost
+from scheduler.inbox import Delivery, Inbox, KvBrokerLost, KvPathDown, Wake, WorkerLost
 from scheduler.ledger.prefix_memory import PREFIX_BLOCK_TOKENS
 from scheduler.metrics import Metrics
 from scheduler.placement.prefix import prompt_block_hashes
@@ -113,13 +113,15 @@ class Orchestrator:
         self._metrics = metrics
         self._on_capacity = on_capacity
         self.broker = BrokerHealth(cfg.kv_broker_backoff_s)
-        # Attempts whose handoff goes through the broker and has not landed: job id -> request id.
-        self._through_broker: dict[str, str] = {}
+        # Attempts whose handoff has not landed (through the broker or peer to peer), by job id:
+        # those a lost broker or a KV path found down concerns.
+        self._unlanded: dict[str, Attempt] = {}
 
     def broker_lost(self, reason: str) -> None:
         """The KV broker died or restarted: every handoff going through it is lost."""
-        for job_id in list(self._through_broker):
-            self._inbox.notify(job_id, KvBrokerLost(reason))
+        for job_id, a in list(self._unlanded.items()):
+            if a.kv_mode is KvMode.CENTRALIZED:
+                self._inbox.notify(job_id, KvBrokerLost(reason))
 
     def plan(self, req: GenerationRequest, followers: int = 0) -> tuple[OutputFeatures, PlacementRequest]:
         """What placement is asked to place for ``req``; ``followers``: its other choices (``n`` - 1),
@@ -277,7 +279,7 @@ class Orchestrator:
         run: _Run,
         a: Attempt,
         worker_id: str,
-        event: TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost,
+        event: TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost | KvPathDown,
     ) -> tuple[TokenBatch | None, Failure | None]:
         if isinstance(event, TokenOutput):
             if a.split and worker_id == a.prefill and a.first_token_in:
@@ -310,6 +312,12 @@ class Orchestrator:
             if code in KV_PLANE_FAULTS:
                 self._metrics.handoffs.labels(self._handoff_mode(a), str(code)).inc()
             return None, Failure(worker_id, code, f"worker {worker_id}: {event.message}", "error")
+        if isinstance(event, KvPathDown):
+            if a.kv_loaded or not self._another_way(run):
+                return None, None
+            where = "from {} to {}".format(*event.path) if len(event.path) == 2 else f"of {event.path[0]}"
+            message = f"the KV path {where} backs off: a handoff over it did not land ({event.reason})"
+            return None, Failure("", ErrorCode.KV_TIMEOUT, message, "path_down")
         if isinstance(event, KvBrokerLost):
             if a.kv_loaded:
                 return None, None  # came after the KV landed: nothing of this attempt was lost
@@ -361,7 +369,7 @@ class Orchestrator:
             self._planner.ledger.kv_handoff_landed(a.prefill, a.decode, time.monotonic())
         if a.kv_mode is KvMode.CENTRALIZED:
             self.broker.succeeded()
-            self._through_broker.pop(a.job_id, None)
+        self._unlanded.pop(a.job_id, None)
         # The prefill side's part is over; its node no longer holds anything for this attempt.
         a.open.discard(a.prefill)
         self._inbox.stop_expecting(a.job_id, a.prefill)
@@ -422,8 +430,7 @@ class Orchestrator:
             )
             return a
         a.kv_mode = self._route_mode(d)
-        if a.kv_mode is KvMode.CENTRALIZED:
-            self._through_broker[job_id] = req.request_id
+        self._unlanded[job_id] = a
         a.transfer_id = self._transfer_id(p)
         p_route, d_route = self._kv_routes(a.kv_mode, d, a.transfer_id)
         a.decode_tried.add(d)
@@ -543,6 +550,24 @@ class Orchestrator:
             where = "from {} to {}".format(*backed_off) if pair else f"to or from {backed_off[0]}"
             why = f"one did not land ({failure.message})" if pair else "those with two peers did not land"
             log.warning("no handoff %s for %gs: %s", where, seconds, why)
+            # The handoffs still on their way over it are as good as lost: their requests move on
+            # now rather than each waiting out its own timeout (see ``_another_way``).
+            for job_id, other in list(self._unlanded.items()):
+                if other is not a and other.kv_mode is KvMode.P2P and _over(backed_off, other):
+                    self._inbox.notify(job_id, KvPathDown(backed_off, failure.message))
+
+    def _another_way(self, run: _Run) -> bool:
+        """Whether placement now finds the request a way over no KV path that backs off. With none,
+        it probes one (its own, say) again: moving the request there would only start its wait
+        over and throw the prefill's work away."""
+        now = time.monotonic()
+        try:
+            placement = self._planner.place(run.preq, now, arrived_at=run.req.arrival)
+        except PdorchError:  # no room anywhere yet (or shed): the handoff under way is the best hope
+            return False
+        return placement.colocated or not self._planner.ledger.kv_path_backs_off(
+            placement.prefill, placement.decode, now
+        )
 
     async def _place(self, run: _Run, preq: PlacementRequest) -> Placement:
         """Where to move the request (one decision, booked); waits (bounded) while no worker has room."""
@@ -607,7 +632,7 @@ class Orchestrator:
     def _abandon(self, run: _Run, a: Attempt) -> None:
         """Unreserve everywhere and cancel whatever may still run for the attempt."""
         self._inbox.forget_job(a.job_id)
-        self._through_broker.pop(a.job_id, None)
+        self._unlanded.pop(a.job_id, None)
         # Released before the Cancels go out: a Cancel that finds its worker gone drops it, and
         # this job must not be reported lost again.
         open_workers = list(a.open)
@@ -619,6 +644,11 @@ class Orchestrator:
         for wid in open_workers:
             self._control.send(wid, Cancel(a.job_id))
         self._on_capacity()
+
+
+def _over(path: tuple[str, ...], a: Attempt) -> bool:
+    """Whether the attempt's handoff takes ``path``: a pair, or any pair with that one worker."""
+    return (a.prefill, a.decode) == path if len(path) == 2 else path[0] in (a.prefill, a.decode)
 
 
 def _set_timer(run: _Run, queue: asyncio.Queue[Delivery], at: float, now: float) -> None:

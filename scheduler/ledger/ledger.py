@@ -195,6 +195,15 @@ class Ledger:
                     out.append(((wid,), node_s))
         return out
 
+    def kv_path_backs_off(self, prefill: str, decode: str, now: float) -> bool:
+        """Whether a handoff from ``prefill`` to ``decode`` would go over a KV path backing off:
+        the pair's, or either node's whole KV network."""
+        d, p = self._nodes.get(decode), self._nodes.get(prefill)
+        if any(n is not None and n.kv_path.open(now) for n in (p, d)):
+            return True
+        pair = None if d is None else d.kv_from.get(prefill)
+        return pair is not None and pair.open(now)
+
     def kv_handoff_landed(self, prefill: str, decode: str, now: float) -> None:
         """A p2p handoff from ``prefill`` landed on ``decode``: both ends' KV paths work; the next
         failure of the pair or of either node backs off afresh (an open window runs its time)."""

@@ -100,13 +100,14 @@ async def test_handoffs_stop_going_to_a_decode_worker_cut_off_from_the_kv_networ
 
         namespace.cut(down=True, link=1)
         await run(1)  # every answer whole: the ones whose handoff stalled moved on
-        stalled = await metric(s, cluster.url, "pdorch_migrations_total", phase="handoff", cause="stalled")
-        assert stalled >= 1
+        assert await metric(s, cluster.url, "pdorch_migrations_total", phase="handoff", cause="stalled") >= 1
         assert _left_out(cluster)  # the scheduler's own finding: the worker says nothing of it
         assert await metric(s, cluster.url, "pdorch_kv_path_backoffs_total", scope="pair") >= 1
+        # (the rest of the round's handoffs over the pair moved on with the first: cause path_down)
+        moved = await metric(s, cluster.url, "pdorch_migrations_total", phase="handoff")
 
         await run(2)  # served without a handoff to decode-cut: none stalls
-        assert await metric(s, cluster.url, "pdorch_migrations_total", phase="handoff") == stalled
+        assert await metric(s, cluster.url, "pdorch_migrations_total", phase="handoff") == moved
         assert await landed() == before
 
         namespace.cut(down=False, link=1)
@@ -133,6 +134,31 @@ async def _same_answers(
 def _as_a_whole(cluster: LocalCluster) -> list[str]:
     """The workers whose own KV network is taken as down."""
     return [wid for wid, w in _workers(cluster).items() if w["kv_unreachable"]]
+
+
+async def test_handoffs_under_way_over_a_path_found_down_move_on_at_once(
+    cluster: LocalCluster, colocated: LocalCluster, namespace: Namespace
+) -> None:
+    # The link is cut before the scheduler knows: one request's handoff stalls there, and while it
+    # waits out its timeout three more are placed on the same pair. When the first times out and
+    # the pair backs off, those three move on at once (cause "path_down"), each without waiting
+    # out a timeout of its own (which would have counted it "stalled" as well).
+    first, *rest = _bodies(seed=70, count=4, prompt_len=30, max_tokens=24)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        want = await asyncio.gather(*(generate(s, colocated.url, b) for b in [first, *rest]))
+        await _same_answers(s, cluster, colocated, 71)  # handoffs to decode-cut land
+        assert not _left_out(cluster)
+        namespace.cut(down=True, link=1)
+        leader = asyncio.create_task(generate(s, cluster.url, first))
+        # Halfway through its timeout: late enough to be placed behind it, early enough that
+        # their own timeouts are not near.
+        await asyncio.sleep(HANDOFF_TIMEOUT_S / 2)
+        assert not _left_out(cluster), "the pair backed off before the others were placed"
+        got = await asyncio.gather(leader, *(generate(s, cluster.url, b) for b in rest))
+        assert got == want
+        moved = await metric(s, cluster.url, "pdorch_migrations_total", cause="path_down")
+        assert moved >= 1, "no handoff under way over the cut pair moved on when it backed off"
+        assert _left_out(cluster)
 
 
 async def test_a_prefill_worker_cut_off_from_the_kv_network_does_not_take_the_decode_workers_out(

@@ -426,6 +426,21 @@ def test_a_prefill_node_failing_with_two_receivers_has_its_own_kv_network_taken_
     assert led.kv_handoff_failed("p1", "d0", 20.0, 19.0, 5.0, 60.0) == [(("p1", "d0"), 5.0)]
 
 
+def test_whether_a_handoff_would_go_over_a_kv_path_that_backs_off() -> None:
+    led = cluster_of("p0", "p1", "d0", "d1")
+    assert not led.kv_path_backs_off("p0", "d0", 10.0)
+    led.kv_handoff_failed("p0", "d0", 10.0, 0.0, 5.0, 60.0)
+    assert led.kv_path_backs_off("p0", "d0", 11.0)  # the pair
+    assert not any(led.kv_path_backs_off(p, d, 11.0) for p, d in (("p1", "d0"), ("p0", "d1"), ("p1", "d1")))
+    assert not led.kv_path_backs_off("p0", "d0", 15.0)  # its window is over
+    led.kv_handoff_failed("p0", "d1", 16.0, 15.0, 5.0, 60.0)
+    led.kv_handoff_failed("p0", "d0", 16.0, 15.0, 5.0, 60.0)
+    # p0 failing with two receivers: every handoff from it, to either node.
+    assert led.kv_path_backs_off("p0", "d1", 17.0) and led.kv_path_backs_off("p0", "d0", 17.0)
+    assert not led.kv_path_backs_off("p1", "d1", 17.0)
+    assert not led.kv_path_backs_off("gone", "d1", 17.0) and not led.kv_path_backs_off("p1", "gone", 17.0)
+
+
 def test_a_landed_handoff_starts_the_pair_and_both_nodes_afresh() -> None:
     led = cluster_of("p0", "d0", "d1")
     led.kv_handoff_failed("p0", "d0", 10.0, 0.0, 5.0, 60.0)

@@ -4,6 +4,7 @@ the worker registry and pool signals."""
 from __future__ import annotations
 
 import threading
+import time
 
 import msgspec
 import pytest
@@ -13,6 +14,8 @@ from scheduler.admission.gate import AdmissionGate
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig, load_config
 from scheduler.flow import Orchestrator
+from scheduler.flow.attempt import Attempt, Failure
+from scheduler.flow.orchestrator import _Run
 from scheduler.flow.request import GenerationRequest
 from scheduler.http.openai import _objectives, _token_ids
 from scheduler.http.openai_schema import (
@@ -36,7 +39,7 @@ from scheduler.stop_strings import TextStream
 from scheduler.tokenizer.base import GIL_FREE_CHARS
 from scheduler.tokenizer.byte_level import ByteTokenizer
 from transport.errors import ErrorCode, PdorchError
-from transport.messages import Hello, Role, SamplingParams
+from transport.messages import Hello, KvMode, Role, SamplingParams
 from transport.security import SecurityConfig
 
 # ------------------------------------------------------------------------------------- config
@@ -476,6 +479,79 @@ def test_objectives_come_from_the_request_else_from_config_and_a_moved_request_i
         0.05,
         True,
     )
+
+
+def _four_node_flow() -> tuple[Orchestrator, Cluster]:
+    cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
+    for wid in ("p0", "p1", "d0", "d1"):
+        cluster.register(wid.encode(), _hello(wid, Role.PREFILL if wid[0] == "p" else Role.DECODE), now=0.0)
+    flow, _ = _flow(SchedulerConfig(security=OPEN), cluster)
+    return flow, cluster
+
+
+def _in_handoff(flow: Orchestrator, job: str, prefill: str, decode: str, mode: KvMode) -> Attempt:
+    """An attempt of request ``job`` whose KV is on its way from ``prefill`` to ``decode``."""
+    a = Attempt(0, job, prefill, decode, 0, time.monotonic() - 1.0, mode, first_token_in=True)
+    flow._inbox.open(job)
+    for wid in (prefill, decode):
+        flow._inbox.expect(job, job, wid)
+    flow._unlanded[job] = a
+    return a
+
+
+def _told(flow: Orchestrator, job: str) -> list[tuple[str, ...]]:
+    """The KV paths the request of ``job`` was told back off."""
+    queue = flow._inbox._queues[job]
+    return [event.path for _, _, event in (queue.get_nowait() for _ in range(queue.qsize()))]
+
+
+def test_handoffs_over_a_kv_path_that_backs_off_are_told_and_no_others() -> None:
+    flow, _ = _four_node_flow()
+    failed = _in_handoff(flow, "r1", "p0", "d0", KvMode.P2P)
+    _in_handoff(flow, "r2", "p0", "d0", KvMode.P2P)  # the same pair
+    _in_handoff(flow, "r3", "p1", "d0", KvMode.P2P)  # another sender to the same receiver
+    _in_handoff(flow, "r4", "p0", "d0", KvMode.CENTRALIZED)  # through the broker, not the pair
+    _in_handoff(flow, "r5", "p0", "d1", KvMode.P2P)
+    _in_handoff(flow, "r6", "p1", "d1", KvMode.P2P)
+    flow._back_off_kv_path(failed, Failure("", ErrorCode.KV_TIMEOUT, "no KV", "stalled"))
+    assert [_told(flow, job) for job in ("r1", "r2", "r3", "r4", "r5", "r6")] == [
+        [],
+        [("p0", "d0")],
+        [],
+        [],
+        [],
+        [],
+    ]
+    # p0's handoffs to a second receiver fail too: its own KV network is taken as down, and every
+    # handoff from it hears so (r5 of its pair first), none of p1's.
+    flow._back_off_kv_path(flow._unlanded["r5"], Failure("p0", ErrorCode.KV_TIMEOUT, "no KV", "error"))
+    assert [_told(flow, job) for job in ("r2", "r3", "r4", "r5", "r6")] == [
+        [("p0",)],
+        [],
+        [],
+        [],
+        [],
+    ]
+
+
+def test_a_request_moves_off_a_kv_path_that_backs_off_only_if_it_has_another_way() -> None:
+    """With another way (here the decode node prefilling itself, or the prefill node running it
+    whole) the request moves on; with none, placement would probe the same pair again, so the
+    handoff under way is left to land or time out."""
+    slo_split_only = {"type": "slo", "params": {"colocate": False}}
+    split_only = {"fallback_to_prefill_node": False, "handler": slo_split_only}
+    for config, another_way in (({}, True), (split_only, False)):
+        cluster = Cluster(heartbeat_interval_s=1.0, heartbeat_liveness=3, on_lost=lambda *a: None)
+        for wid, role in (("p", Role.PREFILL), ("d", Role.DECODE)):
+            cluster.register(wid.encode(), _hello(wid, role), now=0.0)
+        cfg = msgspec.convert({"placement": config, "security": {"insecure": True}}, SchedulerConfig)
+        flow, _ = _flow(cfg, cluster)
+        greq = GenerationRequest("r", "m", list(range(40)), SamplingParams(max_tokens=8))
+        run = _Run(greq, flow.plan(greq)[1])
+        now = time.monotonic()
+        cluster.ledger.kv_handoff_failed("p", "d", now, now - 1.0, 5.0, 60.0)
+        assert cluster.ledger.kv_path_backs_off("p", "d", now)
+        assert flow._another_way(run) is another_way
 
 
 def test_a_following_choice_is_booked_colocated_where_the_prompt_is() -> None:
