@@ -1,10 +1,12 @@
 """The scheduler's watch on the KV broker (centralized mode): is it there, and is it the same one?
 
 It pings the broker every heartbeat interval over a DEALER of its own (authenticated with the
-scheduler's key, pinning the broker's). No answer for ``liveness``
-intervals means the broker is gone; an answer from another ``instance`` means it restarted, empty.
-Either way the handoffs that were going through it are lost, and ``on_lost`` says so at once, so
-their requests move on in about a second instead of waiting for their handoff deadline.
+scheduler's key, pinning the broker's). Its connection closing (the broker's process died, or its
+socket closed) or no answer for ``liveness`` intervals (cut off, or hung) means the broker is
+gone; an answer from another ``instance`` means it restarted, empty. Either way the handoffs that
+were going through it are lost, and ``on_lost`` says so at once, so their requests move on at once
+(a broker that died) or within the liveness (one gone silent) instead of waiting for their handoff
+deadline.
 ``reachable`` tells placement whether to send new handoffs through the broker.
 """
 
@@ -26,6 +28,7 @@ from transport.kv.messages import KV_PROTOCOL_VERSION, KvMessage, KvPing, KvPong
 from transport.loop_socket import LoopSocket
 from transport.routed import cancel_and_wait
 from transport.security import ClientAuth
+from transport.socket_watch import CLOSED, SocketWatch
 
 log = logging.getLogger("pdorch.kv_broker_monitor")
 
@@ -65,7 +68,10 @@ class KvBrokerMonitor:
             await cancel_and_wait([self._task])
 
     async def _run(self) -> None:
-        sock = LoopSocket(sockets.dealer(sockets.plain_context(self._ctx), self._endpoint, auth=self._auth))
+        raw = sockets.dealer(sockets.plain_context(self._ctx), "", auth=self._auth)
+        watch = SocketWatch(raw, CLOSED, self._closed)  # before it connects: nothing is missed
+        raw.connect(self._endpoint)
+        sock = LoopSocket(raw)
         nonce = 0
         self._last_pong = self._clock()
         try:
@@ -78,7 +84,12 @@ class KvBrokerMonitor:
                 if self.reachable and self._clock() - self._last_pong > self._interval_s * self._liveness:
                     self._lost(f"silent for {self._interval_s * self._liveness:g}s")
         finally:
+            await watch.close()
             sock.close()
+
+    def _closed(self, why: str) -> None:
+        if self.reachable:  # (a connection that never answered tells nothing new)
+            self._lost(why)
 
     async def _listen(self, sock: LoopSocket, until: float) -> None:
         """Take the broker's answers until ``until`` (on the monitor's clock)."""

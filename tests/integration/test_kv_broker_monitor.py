@@ -1,5 +1,6 @@
 """The scheduler's watch on the KV broker, against a real broker on loopback: it sees the broker,
-notices when it goes silent, and notices a restart (a new instance on the same address)."""
+notices at once when it goes away (its connection closes), notices one that goes silent with its
+connection open, and notices a restart (a new instance on the same address)."""
 
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyn
     try:
         await wait_until(lambda: monitor.reachable)
         assert monitor.instance == first.instance and not lost
-        await first.close()  # silent: no answers
+        await first.close()
         await wait_until(lambda: not monitor.reachable)
-        assert len(lost) == 1 and "silent" in lost[0]
+        assert lost == ["closed the connection"]
         second = await _broker_on(ctx, endpoint)
         try:
             await wait_until(lambda: monitor.reachable)
@@ -73,11 +74,57 @@ async def test_a_restart_between_two_pings_is_noticed(ctx: zmq.asyncio.Context) 
         second = await _broker_on(ctx, first.endpoint)
         try:
             await wait_until(lambda: monitor.instance == second.instance)
-            assert lost == ["restarted (its transfers are gone)"] and monitor.reachable
+            # Its connection closing first: handoffs sent through it while it was away (to decode
+            # workers that take KV only through it) are lost with the restart too.
+            assert lost == ["closed the connection", "restarted (its transfers are gone)"]
+            assert monitor.reachable
         finally:
             await second.close()
     finally:
         await monitor.close()
+
+
+async def test_a_broker_that_dies_is_noticed_at_once_not_after_its_silence(ctx: zmq.asyncio.Context) -> None:
+    broker = KvBroker(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
+    await broker.start()
+    lost: list[str] = []
+    # Silence would take 1,000 intervals (50 s) to tell.
+    monitor = KvBrokerMonitor(
+        ctx, broker.endpoint, auth=NO_CLIENT_AUTH, interval_s=INTERVAL_S, liveness=1000, on_lost=lost.append
+    )
+    await monitor.start()
+    try:
+        await wait_until(lambda: monitor.reachable)
+        await broker.close()
+        await wait_until(lambda: bool(lost), timeout_s=5.0)
+        assert lost == ["closed the connection"] and not monitor.reachable
+    finally:
+        await monitor.close()
+
+
+async def test_a_broker_gone_silent_with_its_connection_open_is_noticed(ctx: zmq.asyncio.Context) -> None:
+    """Hung, or cut off without its connection closing: only its silence tells."""
+    peer = ctx.socket(zmq.ROUTER)
+    port = peer.bind_to_random_port("tcp://127.0.0.1")
+    lost: list[str] = []
+    monitor = KvBrokerMonitor(
+        ctx,
+        f"tcp://127.0.0.1:{port}",
+        auth=NO_CLIENT_AUTH,
+        interval_s=INTERVAL_S,
+        liveness=4,
+        on_lost=lost.append,
+    )
+    await monitor.start()
+    try:
+        identity, *_ = await asyncio.wait_for(peer.recv_multipart(), 5)  # a ping
+        await peer.send_multipart([identity, *Encoder().encode(KvPong(nonce=1, instance="b"))])
+        await wait_until(lambda: monitor.reachable)
+        await wait_until(lambda: bool(lost))  # no answer again, the connection open
+        assert lost == [f"silent for {INTERVAL_S * 4:g}s"] and not monitor.reachable
+    finally:
+        await monitor.close()
+        peer.close(linger=0)
 
 
 class _Answers:

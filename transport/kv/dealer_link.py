@@ -19,12 +19,12 @@ import zmq
 
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
-from transport.handshake_watch import HandshakeWatch
 from transport.kv.messages import KvMessage, KvNack
 from transport.loop_socket import LoopSocket
 from transport.rate_limited_log import RateLimitedLog
 from transport.routed import cancel_and_wait
 from transport.security import ClientAuth
+from transport.socket_watch import REFUSED, SocketWatch
 from transport.sockets import dealer, plain_context
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class DealerLink:
         self.dropped_messages = 0
         self.broken = ""  # why the server refused the handshake ("" while it has not)
         sock = dealer(plain_context(ctx), "", auth=auth)  # watched before it connects
-        self._watch = HandshakeWatch(sock, self._refused)
+        self._watch = SocketWatch(sock, REFUSED, self._refused)
         sock.connect(endpoint)
         self._sock = LoopSocket(sock)
         self._task = asyncio.create_task(self._recv_loop(), name=f"kv-link {endpoint}")
