@@ -15,7 +15,9 @@ closed when its process died).
 The socket is a plain one driven by the event loop (:class:`LoopSocket`), so a send fails at once
 when its peer is gone (``EHOSTUNREACH``: the ROUTER no longer has a connection with that identity,
 e.g. the agent's process died) or stuck (``EAGAIN``: its queue is full). Such a worker is dropped
-then, its requests told at once, instead of at the next heartbeat expiry.
+then, its requests told at once, instead of at the next heartbeat expiry. A connection closing
+(an agent's process died: the kernel closed its socket) brings the next heartbeat forward, so
+that send finds the worker gone within milliseconds rather than up to a heartbeat interval later.
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ from transport.messages import (
 from transport.rate_limited_log import RateLimitedLog
 from transport.routed import cancel_and_wait, receive_routed
 from transport.security import Plane, Security, peer_name
+from transport.socket_watch import CLOSED, SocketWatch
 
 log = logging.getLogger("pdorch.control")
+
+# The soonest a heartbeat follows the one before when connections close (however often they
+# close: each early beat is a send to every worker).
+MIN_BEAT_GAP_S = 0.05
 
 
 class ControlServer:
@@ -82,6 +89,9 @@ class ControlServer:
         auth = security.server(ctx, Plane.CONTROL)
         self._sock = LoopSocket(sockets.router(sockets.plain_context(ctx), bind, auth=auth))
         self.endpoint = sockets.bound_endpoint(self._sock.raw)
+        # Set when a connection closes: the heartbeat loop then beats early (see the module's doc).
+        self._closed = asyncio.Event()
+        self._watch = SocketWatch(self._sock.raw, CLOSED, lambda _: self._closed.set())
         self._cluster = cluster
         self._inbox = inbox
         self._interval = heartbeat_interval_s
@@ -111,6 +121,7 @@ class ControlServer:
 
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)
+        await self._watch.close()
         self._sock.close()
 
     # ------------------------------------------------------------------ sending
@@ -254,8 +265,17 @@ class ControlServer:
 
     async def _heartbeat_loop(self) -> None:
         beat = Heartbeat()
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
-            await asyncio.sleep(self._interval)
+            try:
+                async with asyncio.timeout_at(last + self._interval):
+                    await self._closed.wait()
+                await asyncio.sleep(last + MIN_BEAT_GAP_S - loop.time())  # a connection closed
+            except TimeoutError:
+                pass
+            self._closed.clear()
+            last = loop.time()
             for wid in self._revoked():
                 worker = self._cluster.get(wid)
                 if worker is not None:

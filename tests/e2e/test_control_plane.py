@@ -26,6 +26,30 @@ def cluster(tmp_path) -> Iterator[LocalCluster]:
     c.stop()
 
 
+# Long enough that the test is over before the scheduler's first heartbeat.
+SLOW_BEAT_S = 60.0
+
+
+@pytest.fixture
+def slow_beats(tmp_path) -> Iterator[LocalCluster]:
+    config = tmp_path / "scheduler.yaml"
+    config.write_text(f"heartbeat_interval_s: {SLOW_BEAT_S}\n")
+    c = start_cluster(tmp_path, kv_mode="p2p", scheduler_args=["--config", str(config)])
+    yield c
+    c.stop()
+
+
+def test_a_worker_that_dies_is_dropped_at_once_not_at_the_next_heartbeat(slow_beats: LocalCluster) -> None:
+    # Its process killed, the kernel closes its connection: the scheduler beats at once and that
+    # send finds it gone (before, the first send to it, a minute away here, did).
+    slow_beats.kill("decode-0")
+    deadline = time.monotonic() + SLOW_BEAT_S / 4
+    while "decode-0" in {w["worker_id"] for w in slow_beats.cluster_state()["workers"]}:
+        assert time.monotonic() < deadline, "a dead worker stayed registered until a heartbeat"
+        time.sleep(0.05)
+    assert "prefill-0" in {w["worker_id"] for w in slow_beats.cluster_state()["workers"]}
+
+
 async def test_workers_reregister_after_scheduler_restart(cluster: LocalCluster) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
         before = await complete(s, cluster.url, prompt="before", max_tokens=5, temperature=0)
