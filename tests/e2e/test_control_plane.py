@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections.abc import Iterator
 
@@ -11,6 +13,7 @@ import msgspec
 import pytest
 
 from pdorch.launcher import LocalCluster
+from scheduler.control import MIN_BEAT_GAP_S
 from tests.e2e.conftest import start_cluster
 from tests.e2e.helpers import complete
 from tests.support.fake_worker import FakeWorker
@@ -48,6 +51,30 @@ def test_a_worker_that_dies_is_dropped_at_once_not_at_the_next_heartbeat(slow_be
         assert time.monotonic() < deadline, "a dead worker stayed registered until a heartbeat"
         time.sleep(0.05)
     assert "prefill-0" in {w["worker_id"] for w in slow_beats.cluster_state()["workers"]}
+
+
+def test_connections_that_close_in_a_loop_bring_heartbeats_forward_a_bounded_number_of_times(
+    slow_beats: LocalCluster,
+) -> None:
+    # Each closed connection brings a heartbeat to every worker forward; a peer that connects and
+    # hangs up in a loop must not turn that into a storm: early beats are MIN_BEAT_GAP_S apart.
+    w = FakeWorker(slow_beats, "counting")
+    try:
+        assert isinstance(w.register(), Welcome)
+        host, port = slow_beats.control.removeprefix("tcp://").rsplit(":", 1)
+        began = time.monotonic()
+        for _ in range(300):
+            with socket.create_connection((host, int(port)), timeout=5):
+                pass
+        flapped_s = time.monotonic() - began
+        beats = 0
+        with contextlib.suppress(TimeoutError):
+            while True:  # until the beats stop (no regular one comes for a minute)
+                if isinstance(w.recv(timeout_s=1.0), Heartbeat):
+                    beats += 1
+        assert 1 <= beats <= (time.monotonic() - began) / MIN_BEAT_GAP_S + 2, (beats, flapped_s)
+    finally:
+        w.close()
 
 
 async def test_workers_reregister_after_scheduler_restart(cluster: LocalCluster) -> None:
