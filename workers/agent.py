@@ -15,7 +15,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import zmq.asyncio
 from transport import sockets
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
+from transport.kv import KvReceiver
 from transport.liveness import Backoff, PeerLiveness
 from transport.loop_socket import LoopSocket
 from transport.messages import (
@@ -102,15 +102,16 @@ class Agent:
         ctx: zmq.asyncio.Context,
         *,
         security: Security,
-        kv_refusing: Callable[[], bool] = lambda: False,
+        kv_receiver: KvReceiver | None = None,
     ) -> None:
-        """``kv_refusing``: whether this worker's KV endpoint turns transfers away for lack of room
-        now (reported in every heartbeat's load)."""
+        """``kv_receiver``: this worker's KV endpoint, if it moves KV in this process: whether it
+        turns transfers away for lack of room now goes in every heartbeat's load, and if it stops,
+        the worker is dead as with an engine that is (it could take no handoff)."""
         self._cfg = cfg
         self._engine = engine
         self._ctx = ctx
         self._security = security
-        self._kv_refusing = kv_refusing
+        self._kv_receiver = kv_receiver
         self._enc = Encoder()
         self._dec: Decoder[ToWorker] = Decoder(ToWorker)
         self._sock: LoopSocket | None = None
@@ -146,7 +147,7 @@ class Agent:
         try:
             done, _ = await asyncio.wait({session, health, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if health in done and not health.cancelled() and health.result() is False:
-                self._send(WorkerFatal("engine is not healthy"))
+                self._send(WorkerFatal("engine or KV endpoint is not healthy"))
                 return 1
             if stopper in done:
                 await self._drain()
@@ -181,6 +182,9 @@ class Agent:
             await asyncio.sleep(self._cfg.health_interval_s)
             if not await self._engine.healthy():
                 log.error("engine is not healthy; reporting the worker dead")
+                return False
+            if self._kv_receiver is not None and not self._kv_receiver.alive:
+                log.error("the KV endpoint has stopped (see above); reporting the worker dead")
                 return False
 
     # ------------------------------------------------------------------ sessions with the scheduler
@@ -274,7 +278,9 @@ class Agent:
 
     def _load(self) -> Load:
         return msgspec.structs.replace(
-            self._engine.load(), kv_refusing=self._kv_refusing(), decoded_tokens=self._decoded_tokens
+            self._engine.load(),
+            kv_refusing=self._kv_receiver is not None and self._kv_receiver.refusing,
+            decoded_tokens=self._decoded_tokens,
         )
 
     def _send_tokenizer(self) -> None:

@@ -195,12 +195,7 @@ async def _serve(args: argparse.Namespace, security_cfg: SecurityConfig) -> int:
             args.scheduler,
             kv_endpoint or "-",
         )
-        kv_receiver = receiver
-
-        def kv_refusing() -> bool:
-            return kv_receiver is not None and kv_receiver.refusing
-
-        return await Agent(cfg, engine, ctx, security=security, kv_refusing=kv_refusing).run(stop)
+        return await Agent(cfg, engine, ctx, security=security, kv_receiver=receiver).run(stop)
     finally:
         for part in (sender, receiver):
             if part is not None:

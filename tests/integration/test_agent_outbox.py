@@ -9,94 +9,29 @@ order within one turn; then a real job shows the shape the scheduler sees.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
-import zmq
-import zmq.asyncio
 
-from transport import sockets
-from transport.codec import Decoder, Encoder
+from tests.support.agent import Scheduler, registered_agent
 from transport.messages import (
     MAX_JOB_MESSAGES,
-    PROTOCOL_VERSION,
     Draining,
     FromWorker,
     GenerateJob,
     Goodbye,
     Heartbeat,
-    Hello,
     JobError,
     JobMessages,
     KvLoaded,
-    Role,
     SamplingParams,
     TokenOutput,
-    Welcome,
 )
-from transport.security import Security
-from workers.agent import Agent, AgentConfig
-from workers.engines.sim.config import SimEngineConfig
-from workers.engines.sim.engine import SimulatedEngine
-
-
-@dataclass
-class Scheduler:
-    """The scheduler's end: a ROUTER the agent has registered with."""
-
-    sock: zmq.asyncio.Socket
-    identity: bytes
-    agent: Agent
-
-    async def recv(self, timeout_s: float = 5.0) -> FromWorker:
-        """The next message that is not a heartbeat."""
-        dec: Decoder[FromWorker] = Decoder(FromWorker)
-        async with asyncio.timeout(timeout_s):
-            while True:
-                frames = await self.sock.recv_multipart(copy=False)
-                msg = dec.decode(frames[1:])
-                if not isinstance(msg, Heartbeat):
-                    return msg
-
-    async def send(self, msg: object) -> None:
-        await self.sock.send_multipart([self.identity, *Encoder().encode(msg)])
-
-
-@contextlib.asynccontextmanager
-async def _registered(
-    time_scale: float, stop: asyncio.Event
-) -> AsyncIterator[tuple[Scheduler, asyncio.Task[int]]]:
-    """A real agent registered with the test's ROUTER, and the task running it until ``stop``."""
-    ctx = zmq.asyncio.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind("tcp://127.0.0.1:0")
-    endpoint = sockets.bound_endpoint(sock)
-    cfg = AgentConfig(scheduler=endpoint, worker_id="w", role=Role.BOTH)
-    engine = SimulatedEngine(SimEngineConfig(time_scale=time_scale))
-    agent = Agent(cfg, engine, ctx, security=Security.insecure())
-    running = asyncio.create_task(agent.run(stop))
-    try:
-        async with asyncio.timeout(10):
-            identity, *frames = await sock.recv_multipart()
-        assert isinstance(Decoder(FromWorker).decode(frames), Hello)
-        s = Scheduler(sock, identity, agent)
-        await s.send(Welcome(PROTOCOL_VERSION, "w", heartbeat_interval_s=30.0, heartbeat_liveness=10))
-        await asyncio.wait_for(agent.registered.wait(), 10)
-        yield s, running
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(running, 10)
-        sock.close()
-        ctx.term()
 
 
 @pytest.fixture
 async def scheduler() -> AsyncIterator[Scheduler]:
-    async with _registered(0.0, asyncio.Event()) as (s, _):
+    async with registered_agent(0.0, asyncio.Event()) as (s, _):
         yield s
 
 
@@ -175,7 +110,7 @@ async def test_an_agent_told_to_stop_drains_its_jobs_and_says_goodbye() -> None:
     """Stopping (SIGTERM in a worker process) tells the scheduler it is draining, lets the job in
     flight finish, says Goodbye and ends the agent cleanly."""
     stop = asyncio.Event()
-    async with _registered(1.0, stop) as (scheduler, running):  # modelled time: the job takes a while
+    async with registered_agent(1.0, stop) as (scheduler, running):  # modelled time: the job takes a while
         await scheduler.send(GenerateJob("g", [1, 2, 3], SamplingParams(max_tokens=32, ignore_eos=True)))
         first = await scheduler.recv()  # its first token: the job is running
         assert isinstance(first, TokenOutput) and first.request_id == "g"
@@ -194,7 +129,7 @@ async def test_an_agent_told_to_stop_behind_a_backlog_says_goodbye_after_it() ->
     """The scheduler is behind when the agent is told to stop: what waits for room still leaves,
     in order, and Goodbye after it, before the agent closes its socket."""
     stop = asyncio.Event()
-    async with _registered(0.0, stop) as (scheduler, running):
+    async with registered_agent(0.0, stop) as (scheduler, running):
         tokens = list(range(100_000, 102_000))  # ~10 KB a message
         made = [TokenOutput(f"r{i}", tokens) for i in range(3_000)]
         for msg in made:

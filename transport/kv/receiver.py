@@ -149,6 +149,12 @@ class KvReceiver:
         )
 
     @property
+    def alive(self) -> bool:
+        """False once its p2p endpoint's thread has stopped (it could take no transfer); True
+        without one (no p2p endpoint: nothing to stop)."""
+        return self._p2p is None or self._p2p.alive
+
+    @property
     def refusing(self) -> bool:
         """The p2p endpoint turned transfers away for lack of room lately (see p2p_endpoint.py)."""
         return self._p2p is not None and self._p2p.refusing
