@@ -238,7 +238,7 @@ class KvReceiver:
         expected = Expected(transfer_id, sink, outcome)
         self._p2p.expect(expected)
         # The endpoint's thread only ever sets a result: an error here is the deadline's.
-        timer = Deadline(deadline_s).fail_at(outcome, PdorchError(ErrorCode.KV_TIMEOUT, "late"))
+        timer = Deadline(deadline_s).fail_at(outcome, ErrorCode.KV_TIMEOUT, "late")
         try:
             error, trailer = await outcome
         except PdorchError as e:

@@ -244,8 +244,8 @@ class SimulatedEngine:
         return stream, hashes, prompt
 
     async def _within(self, waiting: asyncio.Future[Any], timeout_s: float, what: str) -> Any:
-        late = PdorchError(ErrorCode.DEADLINE_EXCEEDED, f"{what} did not finish in {timeout_s:g}s")
-        timer = Deadline(timeout_s).fail_at(waiting, late)  # a timer, not a scope (twice per request)
+        late = f"{what} did not finish in {timeout_s:g}s"
+        timer = Deadline(timeout_s).fail_at(waiting, ErrorCode.DEADLINE_EXCEEDED, late)  # not a scope
         try:
             return await waiting
         finally:
