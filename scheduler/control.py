@@ -131,19 +131,27 @@ class ControlServer:
         worker = self._cluster.get(worker_id)
         if worker is None:
             return False
-        if self._send_to(worker.identity, msg):
+        error = self._send(worker.identity, msg)
+        if error is None:
             return True
+        log.warning("worker %s dropped: cannot send it %s (%s)", worker_id, type(msg).__name__, error)
         self._cluster.drop_worker(worker_id, "control connection lost")
         return False
 
-    def _send_to(self, identity: bytes, msg: ToWorker) -> bool:
+    def _send_to(self, identity: bytes, msg: ToWorker) -> None:
+        """To a connection that may have no worker (refusals, the Welcome)."""
+        error = self._send(identity, msg)
+        if error is not None:
+            log.warning("cannot send %s to %r: %s", type(msg).__name__, identity[:64], error)
+
+    def _send(self, identity: bytes, msg: ToWorker) -> zmq.ZMQError | None:
+        """None once queued; else why not: ``EHOSTUNREACH``, the peer is gone (ROUTER_MANDATORY), or
+        ``EAGAIN``, its queue is full (a stuck peer)."""
         try:
             self._sock.send_now([identity, *self._enc.encode(msg)])
-            return True
         except zmq.ZMQError as e:
-            # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY); EAGAIN: its queue is full (stuck peer).
-            log.warning("cannot send %s to %r: %s", type(msg).__name__, identity[:64], e)
-            return False
+            return e
+        return None
 
     # ------------------------------------------------------------------ receiving
 
