@@ -85,8 +85,9 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     first_token_timeout_s: float = 60.0
     token_timeout_s: float = 30.0
     request_timeout_s: float = 600.0
-    # Once prefill has answered, its KV is computed and on the wire: the handoff must complete
-    # within this, plus one second per GB of KV.
+    # Once prefill has answered, its KV is computed and on the wire: a handoff with no KV arriving
+    # for this long, plus one second per GB of KV, is stalled (the decode side says KvArriving about
+    # once a second while it receives; with an engine that does not, this bounds the whole handoff).
     kv_handoff_timeout_s: float = 10.0
     # After a p2p handoff to a decode worker does not land (it timed out or was cut short on the
     # way: e.g. the KV network to that worker is down while its control connection is not), no

@@ -47,11 +47,9 @@ from transport.messages import (
     Goodbye,
     Heartbeat,
     Hello,
-    JobError,
+    JobMessage,
     JobMessages,
-    KvLoaded,
     TokenizerFiles,
-    TokenOutput,
     ToWorker,
     Welcome,
     WorkerFatal,
@@ -182,7 +180,7 @@ class ControlServer:
             if msg.load is not None:
                 worker.load = msg.load
                 self._on_capacity()
-        elif isinstance(msg, TokenOutput | KvLoaded | JobError):
+        elif isinstance(msg, JobMessage):
             self._inbox.deliver(wid, msg.request_id, msg)  # request_id: the job's (attempt's) id
         elif isinstance(msg, JobMessages):
             for job_msg in msg.messages:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from transport.messages import JobError, KvLoaded, TokenOutput
+from transport.messages import JobError, KvArriving, KvLoaded, TokenOutput
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Wake:
     the clock."""
 
 
-Event = TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost | KvPathDown | Wake
+Event = TokenOutput | KvLoaded | KvArriving | JobError | WorkerLost | KvBrokerLost | KvPathDown | Wake
 # What a request's queue holds: (worker id, job id, event); worker id "" for KvBrokerLost and
 # KvPathDown, both "" for Wake.
 Delivery = tuple[str, str, Event]

@@ -22,7 +22,8 @@ from transport.token_ids import message_token_ids
 # 2: a job's prompt is a packed int32 array (transport/token_ids.py), no longer a list.
 # 3: an agent sends the job messages it has ready at once as one message (JobMessages), and
 # says where each TokenOutput's tokens are in the request's output (TokenOutput.index).
-PROTOCOL_VERSION = 3
+# 4: the decode side says its KV is arriving while a handoff goes on (KvArriving).
+PROTOCOL_VERSION = 4
 # The most messages one JobMessages may carry (an agent splits more; the scheduler drops a longer one).
 MAX_JOB_MESSAGES = 1024
 
@@ -197,6 +198,14 @@ class KvLoaded(msgspec.Struct, tag="kvok", **_STRUCT):
     first_token: int = -1
 
 
+class KvArriving(msgspec.Struct, tag="kvon", **_STRUCT):
+    """The job's KV is arriving at the decode side: chunks came in since it last said so (at most
+    once a second per job). A handoff is stalled only when no KV arrives for a while: one over a slow
+    link that keeps moving is not."""
+
+    request_id: str
+
+
 class JobError(msgspec.Struct, tag="jerr", **_STRUCT):
     """A request-scoped failure. The worker stays healthy."""
 
@@ -252,13 +261,17 @@ class AdapterAck(msgspec.Struct, tag="lora_ack", **_STRUCT):
     message: str = ""
 
 
+# What an agent says about one of its jobs (the scheduler hands each to the job's request).
+JobMessage = TokenOutput | KvLoaded | KvArriving | JobError
+
+
 class JobMessages(msgspec.Struct, tag="jobs", **_STRUCT):
     """Job messages an agent made in one turn of its event loop, in the order it made them, sent as
     one message: under load a decode agent ends several requests at once (each a ``KvLoaded`` and
     its tokens), and a batch's tokens are one message, where each was a message of its own (a send,
     a receive and a wake-up of both ends' ZeroMQ threads). Handled as those messages in order."""
 
-    messages: Annotated[list[TokenOutput | KvLoaded | JobError], msgspec.Meta(max_length=MAX_JOB_MESSAGES)]
+    messages: Annotated[list[JobMessage], msgspec.Meta(max_length=MAX_JOB_MESSAGES)]
 
 
 FromWorker = (
@@ -266,6 +279,7 @@ FromWorker = (
     | Heartbeat
     | TokenOutput
     | KvLoaded
+    | KvArriving
     | JobError
     | JobMessages
     | WorkerFatal

@@ -44,8 +44,8 @@ from transport.messages import (
     Heartbeat,
     Hello,
     JobError,
+    JobMessage,
     JobMessages,
-    KvLoaded,
     Load,
     PrefillJob,
     Role,
@@ -121,7 +121,7 @@ class Agent:
         self._first_pending: set[str] = set()
         self._next_index: dict[str, int] = {}  # job id -> output index of its next token
         # Job messages made in this turn of the event loop, sent together at its end (see _send).
-        self._outbox: list[TokenOutput | KvLoaded | JobError] = []
+        self._outbox: list[JobMessage] = []
         # Messages waiting for room in the socket's queue, in order (_send_now); bounded (_beat).
         self._backlog: deque[FromWorker] = deque()
         self._drainer: asyncio.Task[None] | None = None
@@ -407,7 +407,7 @@ class Agent:
                 first = rid in self._first_pending
                 self._first_pending.discard(rid)
                 self._decoded_tokens += len(msg.token_ids) - first
-        if isinstance(msg, TokenOutput | KvLoaded | JobError) and not first:
+        if isinstance(msg, JobMessage) and not first:
             self._outbox.append(msg)
             if len(self._outbox) == 1:
                 asyncio.get_running_loop().call_soon(self._flush)

@@ -44,6 +44,7 @@ from transport.messages import (
     DecodeJob,
     GenerateJob,
     JobError,
+    KvArriving,
     KvLoaded,
     KvMode,
     KvRoute,
@@ -279,7 +280,7 @@ class Orchestrator:
         run: _Run,
         a: Attempt,
         worker_id: str,
-        event: TokenOutput | KvLoaded | JobError | WorkerLost | KvBrokerLost | KvPathDown,
+        event: TokenOutput | KvLoaded | KvArriving | JobError | WorkerLost | KvBrokerLost | KvPathDown,
     ) -> tuple[TokenBatch | None, Failure | None]:
         if isinstance(event, TokenOutput):
             if a.split and worker_id == a.prefill and a.first_token_in:
@@ -312,6 +313,10 @@ class Orchestrator:
             if code in KV_PLANE_FAULTS:
                 self._metrics.handoffs.labels(self._handoff_mode(a), str(code)).inc()
             return None, Failure(worker_id, code, f"worker {worker_id}: {event.message}", "error")
+        if isinstance(event, KvArriving):
+            if not a.kv_loaded:  # the handoff moves: its stall timeout counts from now
+                run.progress_at = time.monotonic()
+            return None, None
         if isinstance(event, KvPathDown):
             if a.kv_loaded or not self._another_way(run):
                 return None, None

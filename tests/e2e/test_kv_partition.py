@@ -13,6 +13,7 @@ those are missing.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,30 @@ async def test_handoffs_under_way_over_a_path_found_down_move_on_at_once(
         moved = await metric(s, cluster.url, "pdorch_migrations_total", cause="path_down")
         assert moved >= 1, "no handoff under way over the cut pair moved on when it backed off"
         assert _left_out(cluster)
+
+
+async def test_a_handoff_over_a_slow_link_that_keeps_moving_is_not_taken_for_stalled(
+    cluster: LocalCluster, colocated: LocalCluster, namespace: Namespace
+) -> None:
+    # The KV link throttled so that one request's handoff takes about twice the handoff timeout:
+    # the decode worker says its KV is arriving, and the handoff lands where it was placed.
+    body = _bodies(seed=90, count=1, prompt_len=200, max_tokens=8)[0]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        want = await generate(s, colocated.url, body)
+        await _same_answers(s, cluster, colocated, 91)  # the link at full speed: handoffs land
+        kv_per_token = _workers(cluster)["decode-cut"]["kv_bytes_per_token"]
+        seconds = 2 * HANDOFF_TIMEOUT_S
+        namespace.throttle(int(200 * kv_per_token * 8 / seconds), link=1)
+        landed = await metric(s, cluster.url, "pdorch_kv_handoffs_total", mode="p2p", outcome="ok")
+        started = time.monotonic()
+        assert await generate(s, cluster.url, body) == want
+        took = time.monotonic() - started
+        moved = await metric(s, cluster.url, "pdorch_migrations_total")
+        assert moved == 0, f"a moving handoff was taken for a stalled one (the request took {took:.1f}s)"
+        assert (
+            await metric(s, cluster.url, "pdorch_kv_handoffs_total", mode="p2p", outcome="ok") == landed + 1
+        )
+        assert took > HANDOFF_TIMEOUT_S, "the link was not slow enough to tell"
 
 
 async def test_a_prefill_worker_cut_off_from_the_kv_network_does_not_take_the_decode_workers_out(

@@ -7,6 +7,7 @@ import gc
 import os
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.support.security import INSECURE
 from transport.codec import Decoder, Encoder
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import ArraySink, KvOutStream, KvReceiver, KvSender
+from transport.kv.arrival_watch import ARRIVING_EVERY_S
 from transport.kv.messages import KvAbort, KvAccept, KvBegin, KvChunk, KvMessage
 from transport.messages import KvMode, KvRoute
 from transport.security import NO_SERVER_AUTH
@@ -242,6 +244,40 @@ async def test_a_withdrawn_announcement_refuses_its_sender_at_once(
         assert receiver.stats.parked == 0
     finally:
         await receiver.close()
+
+
+async def test_a_receiver_says_the_kv_is_arriving_while_its_chunks_keep_coming(
+    sender: KvSender, receiver: KvReceiver
+) -> None:
+    """Over a slow link (here: a layer every 0.8 s) a transfer outlasts any fixed stall timeout
+    while it keeps moving; the receiver says so about once a second, and only while it moves."""
+    shape = (2, 8, 128)
+    layers = make_layers(4, 300, shape, "float16")  # 4.7 MiB: streamed, not sent whole at once
+    sink = ArraySink(4, 300, shape, "float16")
+    arriving: list[float] = []
+    receiving = asyncio.create_task(
+        receiver.receive(
+            p2p("slow"), sink, deadline_s=OK_DEADLINE_S, on_arriving=lambda: arriving.append(time.monotonic())
+        )
+    )
+    stream = await sender.open(
+        KvRoute(KvMode.P2P, receiver.endpoint, "slow"),
+        num_layers=4,
+        rows_per_layer=300,
+        row_shape=shape,
+        dtype="float16",
+        deadline_s=OK_DEADLINE_S,
+    )
+    for i, layer in enumerate(layers):
+        await stream.send_layer(i, layer)
+        await asyncio.sleep(ARRIVING_EVERY_S * 0.8)
+    said = len(arriving)
+    assert said >= 2
+    await asyncio.sleep(ARRIVING_EVERY_S * 2.5)  # nothing more arrives: nothing more said
+    assert len(arriving) == said
+    await stream.finish({"first_token": 1})
+    assert await receiving == {"first_token": 1}
+    assert np.array_equal(sink.layers, layers)
 
 
 async def test_missing_layer_fails_both_sides_as_truncated(sender: KvSender, receiver: KvReceiver) -> None:

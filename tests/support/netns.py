@@ -51,6 +51,17 @@ class Namespace:
     def cut(self, down: bool, link: int = 0) -> None:
         _ip("link", "set", self.veths[link][0], "down" if down else "up")
 
+    def throttle(self, rate_bits_per_s: int, link: int = 0) -> None:
+        """Let the host send over ``link`` (into the namespace) at most this fast (a token bucket);
+        0: as fast as it can. Skips the test, saying so, where ``tc`` is missing."""
+        if shutil.which("tc") is None:
+            pytest.skip("a throttled-link test needs tc (iproute2)")
+        dev = self.veths[link][0]
+        subprocess.run(["tc", "qdisc", "del", "dev", dev, "root"], capture_output=True, timeout=10)
+        if rate_bits_per_s:
+            limit = ["rate", f"{rate_bits_per_s}bit", "burst", "16kb", "latency", "2s"]
+            subprocess.run(["tc", "qdisc", "add", "dev", dev, "root", "tbf", *limit], check=True, timeout=10)
+
     def delete(self) -> None:
         for host_veth, _ in self.veths:
             subprocess.run(["ip", "link", "del", host_veth], capture_output=True, timeout=10)

@@ -23,6 +23,9 @@ class FetchTransfer:
         self.error: PdorchError | None = None
         self.done = asyncio.Event()
 
+    def chunks_received(self) -> int:
+        return self._transfer.chunks_received if self._transfer is not None else 0
+
     @property
     def trailer(self) -> dict[str, int | str]:
         return self._transfer.trailer if self._transfer is not None else {}

@@ -9,11 +9,13 @@ loop, one :class:`FetchTransfer` per fetch over a :class:`DealerLink` per broker
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import msgspec
 import zmq.asyncio
 
 from transport.errors import ErrorCode, PdorchError
+from transport.kv.arrival_watch import ArrivalWatch
 from transport.kv.deadline import Deadline
 from transport.kv.dealer_link import DealerLink
 from transport.kv.fetch_transfer import FetchTransfer
@@ -202,14 +204,24 @@ class KvReceiver:
         self._links.clear()
         self._retired.clear()
 
-    async def receive(self, route: KvRoute, sink: KvSink, *, deadline_s: float) -> dict[str, int | str]:
+    async def receive(
+        self,
+        route: KvRoute,
+        sink: KvSink,
+        *,
+        deadline_s: float,
+        on_arriving: Callable[[], None] | None = None,
+    ) -> dict[str, int | str]:
         """Take the transfer ``route`` names and write its verified rows to ``sink``; return the
         trailer. p2p: wait for its sender on this receiver's own endpoint (``sink`` is then called
         on the endpoint's thread); centralized: fetch it from the broker at ``route.endpoint``.
+        ``on_arriving`` is called about once a second while chunks keep coming (arrival_watch.py).
         Raises PdorchError: KV_TIMEOUT (nothing or not all in time), KV_CORRUPT, KV_TRUNCATED."""
         if route.mode == KvMode.CENTRALIZED:
-            return await self._fetch(route, sink, deadline_s=deadline_s)
-        return await self._receive_p2p(route.transfer_id, sink, deadline_s=deadline_s)
+            return await self._fetch(route, sink, deadline_s=deadline_s, on_arriving=on_arriving)
+        return await self._receive_p2p(
+            route.transfer_id, sink, deadline_s=deadline_s, on_arriving=on_arriving
+        )
 
     def announce(self, route: KvRoute, *, wait_s: float) -> None:
         """A decode job for ``route`` has arrived but waits in the engine's queue before it can
@@ -226,7 +238,7 @@ class KvReceiver:
     # ----------------------------------------------------------------- p2p
 
     async def _receive_p2p(
-        self, transfer_id: str, sink: KvSink, *, deadline_s: float
+        self, transfer_id: str, sink: KvSink, *, deadline_s: float, on_arriving: Callable[[], None] | None
     ) -> dict[str, int | str]:
         if self._p2p is None:
             raise PdorchError(ErrorCode.CONFIG, "this KV receiver has no p2p endpoint")
@@ -239,6 +251,11 @@ class KvReceiver:
         self._p2p.expect(expected)
         # The endpoint's thread only ever sets a result: an error here is the deadline's.
         timer = Deadline(deadline_s).fail_at(outcome, ErrorCode.KV_TIMEOUT, "late")
+        watch = None
+        if on_arriving is not None:
+            watch = ArrivalWatch(
+                lambda: expected.transfer.chunks_received if expected.transfer else 0, on_arriving
+            )
         try:
             error, trailer = await outcome
         except PdorchError as e:
@@ -251,6 +268,8 @@ class KvReceiver:
             raise
         finally:
             timer.cancel()
+            if watch is not None:
+                watch.cancel()
         return self._outcome(error, trailer)
 
     def _outcome(self, error: PdorchError | None, trailer: dict[str, int | str]) -> dict[str, int | str]:
@@ -262,7 +281,9 @@ class KvReceiver:
 
     # ----------------------------------------------------------------- centralized
 
-    async def _fetch(self, route: KvRoute, sink: KvSink, *, deadline_s: float) -> dict[str, int | str]:
+    async def _fetch(
+        self, route: KvRoute, sink: KvSink, *, deadline_s: float, on_arriving: Callable[[], None] | None
+    ) -> dict[str, int | str]:
         """Ask the broker the route names for its transfer (it deletes its copy only after this
         side acknowledged the whole transfer)."""
         broker, transfer_id = route.endpoint, route.transfer_id
@@ -283,6 +304,7 @@ class KvReceiver:
         state = FetchTransfer(transfer_id, sink, self._window_bytes, link)
         link.register(transfer_id, state.handle)
         self._fetches.add(state)
+        watch = ArrivalWatch(state.chunks_received, on_arriving) if on_arriving is not None else None
         try:
             wait_ms = max(1, int(deadline.remaining() * 1000))
             await link.send(KvFetch(version=KV_PROTOCOL_VERSION, transfer_id=transfer_id, wait_ms=wait_ms))
@@ -292,5 +314,7 @@ class KvReceiver:
                 state.fail(e)
             return self._outcome(state.error, state.trailer)
         finally:
+            if watch is not None:
+                watch.cancel()
             link.unregister(transfer_id)
             self._fetches.discard(state)

@@ -18,7 +18,7 @@ import numpy as np
 
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvOutStream, KvReceiver, KvSender
-from transport.messages import DecodeJob, GenerateJob, KvLoaded, Load, PrefillJob, TokenOutput
+from transport.messages import DecodeJob, GenerateJob, KvArriving, KvLoaded, Load, PrefillJob, TokenOutput
 from workers.engines.base import Emit, EngineInfo
 from workers.engines.reference.config import ModelConfig
 from workers.engines.reference.core import EngineCore
@@ -220,7 +220,9 @@ class ReferenceEngine:
         blocks = self._core.reserve_decode(rid, prompt_len)
         try:
             sink = _BlockSink(self._core, blocks, self._cfg.layers, prompt_len)
-            trailer = await self._receiver.receive(job.kv, sink, deadline_s=job.deadline_s)
+            trailer = await self._receiver.receive(
+                job.kv, sink, deadline_s=job.deadline_s, on_arriving=lambda: self._emit(KvArriving(rid))
+            )
             first = trailer.get("first_token")
             if not isinstance(first, int):
                 raise PdorchError(ErrorCode.KV_CORRUPT, "KV trailer carries no first token")

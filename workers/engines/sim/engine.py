@@ -27,7 +27,7 @@ import numpy as np
 from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.kv.deadline import Deadline
-from transport.messages import DecodeJob, GenerateJob, KvLoaded, Load, PrefillJob, TokenOutput
+from transport.messages import DecodeJob, GenerateJob, KvArriving, KvLoaded, Load, PrefillJob, TokenOutput
 from transport.prefix_hash import prefix_block_hashes
 from workers.engines.base import Emit, EngineInfo
 from workers.engines.sim.batcher import BatcherParams, BatcherStats, SimBatcher, SimOutput
@@ -184,6 +184,7 @@ class SimulatedEngine:
                 modeled_bytes=len(prompt) * self._shape.kv_bytes_per_token,
                 link=self.link,
                 deadline_s=job.deadline_s,
+                on_arriving=lambda: self._emit(KvArriving(rid)),
             )
             self._emit(KvLoaded(rid, first))
             await self._until_finished(rid, lambda: self._core.start_decode(self._now(), rid, first))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -144,11 +144,13 @@ async def receive_standin(
     modeled_bytes: int,
     link: KvLink,
     deadline_s: float,
+    on_arriving: Callable[[], None] | None = None,
 ) -> int:
     """Receive (p2p) or fetch (centralized) the prompt's stand-in, verify it; returns token 0."""
     sink = StandInSink(prompt_token_ids, block_size, num_layers)
     deadline = time.monotonic() + deadline_s
-    trailer = await receiver.receive(route, sink, deadline_s=deadline_s)  # KV_TIMEOUT past it
+    # KV_TIMEOUT past the deadline.
+    trailer = await receiver.receive(route, sink, deadline_s=deadline_s, on_arriving=on_arriving)
     if route.mode == KvMode.CENTRALIZED:
         start, duration = link.book(time.monotonic(), modeled_bytes)  # the broker's second hop
         await _sleep_until(min(deadline, start + duration))
