@@ -165,14 +165,15 @@ async def test_handoffs_under_way_over_a_path_found_down_move_on_at_once(
 async def test_a_handoff_over_a_slow_link_that_keeps_moving_is_not_taken_for_stalled(
     cluster: LocalCluster, colocated: LocalCluster, namespace: Namespace
 ) -> None:
-    # The KV link throttled so that one request's handoff takes about twice the handoff timeout:
-    # the decode worker says its KV is arriving, and the handoff lands where it was placed.
+    # The KV link throttled so that one request's handoff takes one and a half handoff timeouts (its
+    # four chunks, one a layer, ~1.1 s apart): the decode worker says its KV is arriving about once
+    # a second, and the handoff lands where it was placed.
     body = _bodies(seed=90, count=1, prompt_len=200, max_tokens=8)[0]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
         want = await generate(s, colocated.url, body)
         await _same_answers(s, cluster, colocated, 91)  # the link at full speed: handoffs land
         kv_per_token = _workers(cluster)["decode-cut"]["kv_bytes_per_token"]
-        seconds = 2 * HANDOFF_TIMEOUT_S
+        seconds = 1.5 * HANDOFF_TIMEOUT_S
         namespace.throttle(int(200 * kv_per_token * 8 / seconds), link=1)
         landed = await metric(s, cluster.url, "pdorch_kv_handoffs_total", mode="p2p", outcome="ok")
         started = time.monotonic()

@@ -52,14 +52,15 @@ class Namespace:
         _ip("link", "set", self.veths[link][0], "down" if down else "up")
 
     def throttle(self, rate_bits_per_s: int, link: int = 0) -> None:
-        """Let the host send over ``link`` (into the namespace) at most this fast (a token bucket);
+        """Let the host send over ``link`` (into the namespace) at most this fast (a token bucket
+        whose queue holds 8 MB: what waits is delayed, not dropped, so the link is slow but steady);
         0: as fast as it can. Skips the test, saying so, where ``tc`` is missing."""
         if shutil.which("tc") is None:
             pytest.skip("a throttled-link test needs tc (iproute2)")
         dev = self.veths[link][0]
         subprocess.run(["tc", "qdisc", "del", "dev", dev, "root"], capture_output=True, timeout=10)
         if rate_bits_per_s:
-            limit = ["rate", f"{rate_bits_per_s}bit", "burst", "16kb", "latency", "2s"]
+            limit = ["rate", f"{rate_bits_per_s}bit", "burst", "16kb", "limit", "8mb"]
             subprocess.run(["tc", "qdisc", "add", "dev", dev, "root", "tbf", *limit], check=True, timeout=10)
 
     def delete(self) -> None:
