@@ -5,6 +5,8 @@ connection open, and notices a restart (a new instance on the same address)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 import zmq
@@ -34,97 +36,93 @@ async def _broker_on(ctx: zmq.asyncio.Context, endpoint: str) -> KvBroker:
     raise AssertionError(f"{endpoint} stayed in use")
 
 
-async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyncio.Context) -> None:
-    first = KvBroker(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
-    await first.start()
-    endpoint = first.endpoint
+@contextlib.asynccontextmanager
+async def _watching(
+    ctx: zmq.asyncio.Context, endpoint: str, liveness: int
+) -> AsyncIterator[tuple[KvBrokerMonitor, list[str]]]:
+    """A monitor on ``endpoint`` and the losses it reports, in order."""
     lost: list[str] = []
     monitor = KvBrokerMonitor(
-        ctx, endpoint, auth=NO_CLIENT_AUTH, interval_s=INTERVAL_S, liveness=4, on_lost=lost.append
+        ctx, endpoint, auth=NO_CLIENT_AUTH, interval_s=INTERVAL_S, liveness=liveness, on_lost=lost.append
     )
     await monitor.start()
     try:
+        yield monitor, lost
+    finally:
+        await monitor.close()
+
+
+@contextlib.asynccontextmanager
+async def _answering_peer(ctx: zmq.asyncio.Context) -> AsyncIterator[tuple[zmq.asyncio.Socket, str]]:
+    """A ROUTER that plays the broker by hand (it answers only what the test makes it answer)."""
+    peer = ctx.socket(zmq.ROUTER)
+    port = peer.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        yield peer, f"tcp://127.0.0.1:{port}"
+    finally:
+        peer.close(linger=0)
+
+
+async def _answer(peer: zmq.asyncio.Socket, instance: str) -> None:
+    """Answer the next ping as broker ``instance``."""
+    identity, *_ = await asyncio.wait_for(peer.recv_multipart(), 5)
+    await peer.send_multipart([identity, *Encoder().encode(KvPong(nonce=1, instance=instance))])
+
+
+async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyncio.Context) -> None:
+    first = KvBroker(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
+    await first.start()
+    async with _watching(ctx, first.endpoint, liveness=4) as (monitor, lost):
         await wait_until(lambda: monitor.reachable)
         assert monitor.instance == first.instance and not lost
         await first.close()
         await wait_until(lambda: not monitor.reachable)
         assert lost == ["closed the connection"]
-        second = await _broker_on(ctx, endpoint)
+        second = await _broker_on(ctx, first.endpoint)
         try:
             await wait_until(lambda: monitor.reachable)
             assert monitor.instance == second.instance != first.instance
-            assert len(lost) == 2 and "restarted" in lost[1]
-        finally:
-            await second.close()
-    finally:
-        await monitor.close()
-
-
-async def test_a_restart_between_two_pings_is_noticed(ctx: zmq.asyncio.Context) -> None:
-    first = KvBroker(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
-    await first.start()
-    lost: list[str] = []
-    monitor = KvBrokerMonitor(
-        ctx, first.endpoint, auth=NO_CLIENT_AUTH, interval_s=INTERVAL_S, liveness=1000, on_lost=lost.append
-    )
-    await monitor.start()
-    try:
-        await wait_until(lambda: monitor.reachable)
-        await first.close()
-        second = await _broker_on(ctx, first.endpoint)
-        try:
-            await wait_until(lambda: monitor.instance == second.instance)
-            # Its connection closing first: handoffs sent through it while it was away (to decode
-            # workers that take KV only through it) are lost with the restart too.
+            # Noticed again: handoffs sent through it while it was away (to decode workers that
+            # take KV only through it) are lost with the restart too.
             assert lost == ["closed the connection", "restarted (its transfers are gone)"]
-            assert monitor.reachable
         finally:
             await second.close()
-    finally:
-        await monitor.close()
+
+
+async def test_an_answer_from_another_instance_is_a_restart(ctx: zmq.asyncio.Context) -> None:
+    """A restart between two pings whose connection's closing went unseen: the instance tells."""
+    async with (
+        _answering_peer(ctx) as (peer, endpoint),
+        _watching(ctx, endpoint, liveness=1000) as (monitor, lost),
+    ):
+        await _answer(peer, "a")
+        await wait_until(lambda: monitor.instance == "a")
+        await _answer(peer, "b")
+        await wait_until(lambda: monitor.instance == "b")
+        assert lost == ["restarted (its transfers are gone)"] and monitor.reachable
 
 
 async def test_a_broker_that_dies_is_noticed_at_once_not_after_its_silence(ctx: zmq.asyncio.Context) -> None:
     broker = KvBroker(ctx, security=INSECURE, bind="tcp://127.0.0.1:0", capacity_bytes=1 << 20, ttl_s=60)
     await broker.start()
-    lost: list[str] = []
     # Silence would take 1,000 intervals (50 s) to tell.
-    monitor = KvBrokerMonitor(
-        ctx, broker.endpoint, auth=NO_CLIENT_AUTH, interval_s=INTERVAL_S, liveness=1000, on_lost=lost.append
-    )
-    await monitor.start()
-    try:
+    async with _watching(ctx, broker.endpoint, liveness=1000) as (monitor, lost):
         await wait_until(lambda: monitor.reachable)
         await broker.close()
         await wait_until(lambda: bool(lost), timeout_s=5.0)
         assert lost == ["closed the connection"] and not monitor.reachable
-    finally:
-        await monitor.close()
 
 
 async def test_a_broker_gone_silent_with_its_connection_open_is_noticed(ctx: zmq.asyncio.Context) -> None:
     """Hung, or cut off without its connection closing: only its silence tells."""
-    peer = ctx.socket(zmq.ROUTER)
-    port = peer.bind_to_random_port("tcp://127.0.0.1")
-    lost: list[str] = []
-    monitor = KvBrokerMonitor(
-        ctx,
-        f"tcp://127.0.0.1:{port}",
-        auth=NO_CLIENT_AUTH,
-        interval_s=INTERVAL_S,
-        liveness=4,
-        on_lost=lost.append,
-    )
-    await monitor.start()
-    try:
-        identity, *_ = await asyncio.wait_for(peer.recv_multipart(), 5)  # a ping
-        await peer.send_multipart([identity, *Encoder().encode(KvPong(nonce=1, instance="b"))])
+    async with (
+        _answering_peer(ctx) as (peer, endpoint),
+        _watching(ctx, endpoint, liveness=4) as (monitor, lost),
+    ):
+        await _answer(peer, "b")
         await wait_until(lambda: monitor.reachable)
         await wait_until(lambda: bool(lost))  # no answer again, the connection open
         assert lost == [f"silent for {INTERVAL_S * 4:g}s"] and not monitor.reachable
-    finally:
-        await monitor.close()
-        peer.close(linger=0)
 
 
 class _Answers:
