@@ -69,12 +69,12 @@ class KvBrokerMonitor:
 
     async def _run(self) -> None:
         raw = sockets.dealer(sockets.plain_context(self._ctx), "", auth=self._auth)
-        watch = SocketWatch(raw, CLOSED, self._closed)  # before it connects: nothing is missed
-        raw.connect(self._endpoint)
         sock = LoopSocket(raw)
+        watch = SocketWatch(raw, CLOSED, self._closed)  # before it connects: nothing is missed
         nonce = 0
         self._last_pong = self._clock()
         try:
+            raw.connect(self._endpoint)
             while True:
                 nonce += 1
                 # A full queue while the broker is away: the silence speaks for itself.
