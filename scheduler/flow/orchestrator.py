@@ -320,7 +320,7 @@ class Orchestrator:
         if isinstance(event, KvPathDown):
             if a.kv_loaded or not self._another_way(run):
                 return None, None
-            where = "from {} to {}".format(*event.path) if len(event.path) == 2 else f"of {event.path[0]}"
+            where = _path_name(event.path)
             message = f"the KV path {where} backs off: a handoff over it did not land ({event.reason})"
             return None, Failure("", ErrorCode.KV_TIMEOUT, message, "path_down")
         if isinstance(event, KvBrokerLost):
@@ -552,9 +552,8 @@ class Orchestrator:
         ):
             pair = len(backed_off) == 2
             self._metrics.kv_path_backoffs.labels("pair" if pair else "worker").inc()
-            where = "from {} to {}".format(*backed_off) if pair else f"to or from {backed_off[0]}"
             why = f"one did not land ({failure.message})" if pair else "those with two peers did not land"
-            log.warning("no handoff %s for %gs: %s", where, seconds, why)
+            log.warning("no handoff %s for %gs: %s", _path_name(backed_off), seconds, why)
             # The handoffs still on their way over it are as good as lost: their requests move on
             # now rather than each waiting out its own timeout (see ``_another_way``).
             for job_id, other in list(self._unlanded.items()):
@@ -649,6 +648,11 @@ class Orchestrator:
         for wid in open_workers:
             self._control.send(wid, Cancel(a.job_id))
         self._on_capacity()
+
+
+def _path_name(path: tuple[str, ...]) -> str:
+    """A KV path as the logs name it: "from P to D" for a pair, "to or from W" for a worker."""
+    return "from {} to {}".format(*path) if len(path) == 2 else f"to or from {path[0]}"
 
 
 def _over(path: tuple[str, ...], a: Attempt) -> bool:
