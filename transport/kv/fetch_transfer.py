@@ -23,6 +23,7 @@ class FetchTransfer:
         self.error: PdorchError | None = None
         self.done = asyncio.Event()
 
+    @property
     def chunks_received(self) -> int:
         return self._transfer.chunks_received if self._transfer is not None else 0
 

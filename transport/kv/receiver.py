@@ -304,7 +304,7 @@ class KvReceiver:
         state = FetchTransfer(transfer_id, sink, self._window_bytes, link)
         link.register(transfer_id, state.handle)
         self._fetches.add(state)
-        watch = ArrivalWatch(state.chunks_received, on_arriving) if on_arriving is not None else None
+        watch = ArrivalWatch(lambda: state.chunks_received, on_arriving) if on_arriving else None
         try:
             wait_ms = max(1, int(deadline.remaining() * 1000))
             await link.send(KvFetch(version=KV_PROTOCOL_VERSION, transfer_id=transfer_id, wait_ms=wait_ms))
