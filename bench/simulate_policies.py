@@ -353,16 +353,26 @@ def section_cost(sizes: list[int]) -> None:
         "CPU per decision of the scheduler's `Planner.decide` (the simulator's own node reports "
         "excluded), on this machine.\n"
     )
-    print("| nodes | policy | decisions per request | us per decision | requests/s per core | attainment |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| nodes | policy | decisions per request | us per decision | requests/s per core | attainment "
+        "| decisions on a sample |"
+    )
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     trace = workload_trace("synthetic-chat")
+    # pdorch as configured (a sample of each pool past placement.sample nodes of a class), pdorch
+    # looking at every node, and the cheapest reference in the same framework.
+    variants = {
+        "pdorch": _policy("pdorch"),
+        "pdorch, every node": msgspec.structs.replace(_policy("pdorch"), sample=0),
+        "least-request": _policy("least-request"),
+    }
     for n in sizes:
-        for name in ("pdorch", "least-request"):
+        for name, config in variants.items():
             cluster = parse_cluster([f"{n}:h100x4"], [f"{n}:a100x4"])
             sim = Simulation(
                 trace,
                 cluster,
-                _policy(name),
+                config,
                 SLO,
                 CONFIG,
                 policy_name=name,
@@ -377,7 +387,8 @@ def section_cost(sizes: list[int]) -> None:
             per_request = per * decisions / max(1, r.requests)
             print(
                 f"| {2 * n} | {name} | {decisions / max(1, r.requests):.2f} | {per * 1e6:.0f} "
-                f"| {1 / per_request if per_request > 0 else float('inf'):,.0f} | {r.attainment:.1%} |"
+                f"| {1 / per_request if per_request > 0 else float('inf'):,.0f} | {r.attainment:.1%} "
+                f"| {sim.planner.scope['sample'] / decisions:.0%} |"
             )
     print()
 
@@ -449,7 +460,7 @@ def main() -> int:
     if args.only in (None, "ablation"):
         section_ablation(loaded, args.precision, (args.shape or ["4+4"])[0], args.variant)
     if args.only in (None, "cost"):
-        section_cost([1, 4, 16, 64])
+        section_cost([1, 4, 16, 64, 128])
     return 0
 
 

@@ -153,13 +153,21 @@ def _add_pure_parts(app: web.Application, cfg: SchedulerConfig) -> None:
             "worker",
             lambda i=i: {w: f[i] for w, f in latency.speed_factors().items()},
         )
-    app[PLANNER] = Planner(
+    app[PLANNER] = planner = Planner(
         cluster,
         cluster.ledger,
         placer,
         OutputLengthPredictor(cfg.predictor),
         latency,
         colocated=cfg.colocated,
+    )
+    metrics.bind_counts(
+        "pdorch_placement_scope",
+        "Placement decisions by the nodes they looked at: sample (placement.sample of each pool and "
+        "class, and the prefix's holders), all (a small cluster, or the sample could not take the "
+        "request within its own pools)",
+        "scope",
+        lambda: planner.scope,
     )
 
 

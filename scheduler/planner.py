@@ -18,6 +18,7 @@ The nodes come from a :class:`NodeSource`: the live worker registry or the simul
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -31,11 +32,13 @@ from scheduler.placement.config import PlacementConfig, ReservationMode
 from scheduler.placement.framework import Placer
 from scheduler.placement.kv_budget import blocks_for, predicted_output_tokens, regrow
 from scheduler.placement.prefix import matched_prefix_blocks, prompt_block_hashes
+from scheduler.placement.sample import Holds, NodeSampler
 from scheduler.placement.slo_estimate import decode_steps
 from scheduler.placement.types import ClusterSnapshot, Placement, PlacementRequest
 from scheduler.prediction.latency import PROGRESS_INTERVAL_S, LatencyLearner
 from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor
 from transport.errors import ErrorCode, PdorchError
+from transport.messages import Role
 
 
 class NodeSource(Protocol):
@@ -62,6 +65,10 @@ class Planner:
         self.latency = latency
         self._colocated = colocated
         self._progress_at = -float("inf")
+        # Decisions taken on a sample of the nodes, and on all of them (a small cluster, or the
+        # sample could not take the request): pdorch_placement_scope_total.
+        self.scope: Counter[str] = Counter()
+        self._sampler = NodeSampler(self.config.sample, self.config.seed)
 
     @property
     def config(self) -> PlacementConfig:
@@ -129,9 +136,22 @@ class Planner:
     # ------------------------------------------------------------------ deciding
 
     def snapshot(self, now: float, exclude: frozenset[str] = frozenset()) -> ClusterSnapshot:
-        all_states = list(self._nodes.node_states())
+        """Every node's view but those in ``exclude``."""
+        return self._snapshot(now, list(self._nodes.node_states()), exclude)
+
+    def _snapshot(
+        self,
+        now: float,
+        all_states: list[NodeState],
+        exclude: frozenset[str],
+        only: frozenset[str] | None = None,
+    ) -> ClusterSnapshot:
         self._observe_progress(now, all_states)
-        states = [s for s in all_states if s.hello.worker_id not in exclude]
+        states = [
+            s
+            for s in all_states
+            if s.hello.worker_id not in exclude and (only is None or s.hello.worker_id in only)
+        ]
         table = self.latency.table(
             now, [(s.hello.worker_id, s.hello.model, s.hello.accelerator) for s in all_states]
         )
@@ -159,13 +179,38 @@ class Planner:
         self, preq: PlacementRequest, now: float, *, arrived_at: float, exclude: frozenset[str] = frozenset()
     ) -> Placement:
         """One decision, not booked. NO_WORKER: nothing has room yet; QUEUE_FULL: shed. A LoRA
-        request sees only the nodes that serve its adapter."""
+        request sees only the nodes that serve its adapter. In a large cluster, on a sample of the
+        nodes first (``PlacementConfig.sample``)."""
         preq = msgspec.structs.replace(preq, waited_s=max(0.0, now - arrived_at))
+        states = list(self._nodes.node_states())
         if preq.adapter:
             exclude = exclude | frozenset(
-                s.hello.worker_id for s in self._nodes.node_states() if preq.adapter not in s.hello.adapters
+                s.hello.worker_id for s in states if preq.adapter not in s.hello.adapters
             )
-        return self.placer.place(self.snapshot(now, exclude), preq)
+        sample = None
+        if self.placer.samples and len(states) > self.config.sample:  # else no class is over it
+            sample = self._sampler.sample(preq, [s.hello for s in states], self._holds, exclude)
+        if sample is not None:
+            placement = None
+            try:
+                placement = self.placer.place(self._snapshot(now, states, exclude, sample), preq)
+            except PdorchError as e:
+                if e.code not in (ErrorCode.NO_WORKER, ErrorCode.QUEUE_FULL):
+                    raise
+            # It stands if each pool does its own phase; if on the sample the request would wait,
+            # be shed or take a node lent to the other phase (the sample's own nodes are short of
+            # room), the whole cluster may do better.
+            stood = placement is not None and (preq.colocated or _split(placement, states))
+            self._sampler.record(preq.request_id, stood)
+            if placement is not None and stood:
+                self.scope["sample"] += 1
+                return placement
+        self.scope["all"] += 1
+        return self.placer.place(self._snapshot(now, states, exclude), preq)
+
+    def _holds(self, worker_id: str) -> Holds:
+        node = self.ledger.node(worker_id)
+        return node.prefixes.membership() if node is not None else frozenset().__contains__
 
     def decide(
         self, preq: PlacementRequest, now: float, *, arrived_at: float, exclude: frozenset[str] = frozenset()
@@ -260,6 +305,14 @@ class Planner:
 
     def observe(self, features: OutputFeatures, output_len: int) -> None:
         self.predictor.observe(features, output_len)
+
+
+def _split(placement: Placement, states: list[NodeState]) -> bool:
+    """Prefilled on one node and decoded on another that is not a prefill node: each pool doing its
+    own phase (the slo handler's first tier)."""
+    if placement.colocated:
+        return False
+    return next(s.hello.role for s in states if s.hello.worker_id == placement.decode) is not Role.PREFILL
 
 
 def _facts(preq: PlacementRequest) -> BookingFacts:

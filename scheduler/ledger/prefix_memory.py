@@ -31,6 +31,11 @@ class PrefixMemory:
     def __len__(self) -> int:
         return len(self._hashes)
 
+    def membership(self) -> Callable[[object], bool]:
+        """The memory's membership test, current as the memory changes (for a sample of a large
+        cluster's nodes, kept between decisions)."""
+        return self._hashes.__contains__
+
     def add(self, hashes: Iterable[int], block_tokens: int = PREFIX_BLOCK_TOKENS) -> None:
         """Remember ``hashes``, each covering ``block_tokens`` tokens (most recent last)."""
         memory = self._hashes

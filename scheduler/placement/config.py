@@ -145,6 +145,11 @@ class PlacementConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     accelerators: dict[str, AcceleratorProfile] = msgspec.field(default_factory=default_accelerators)
     # Seeds the random pickers (with the request id), so a decision is reproducible.
     seed: int = 0
+    # A decision looks at this many nodes of each pool and accelerator class, drawn by the request
+    # (power of k choices), plus those holding the most of its prompt's prefix, and at every node
+    # only when those cannot take it within their own pools (it would wait, be shed, or lend a node
+    # to the other phase). A class of at most this many nodes is looked at whole. 0: every node.
+    sample: Annotated[int, msgspec.Meta(ge=0)] = 8
 
 
 def load_placement_config(raw: Any) -> PlacementConfig:

@@ -80,6 +80,10 @@ class RequestContext:
         return estimate_prefill_s(node, self.uncached_tokens(node), self.prefill_rate(node))
 
     def rng(self, salt: str) -> random.Random:
-        """A generator seeded by (config seed, request id, salt): random, yet reproducible and pure."""
-        h = hashlib.blake2b(f"{self.config.seed}\0{self.request.request_id}\0{salt}".encode(), digest_size=8)
-        return random.Random(int.from_bytes(h.digest(), "little"))
+        return request_rng(self.config.seed, self.request.request_id, salt)
+
+
+def request_rng(seed: int, request_id: str, salt: str) -> random.Random:
+    """A generator seeded by (config seed, request id, salt): random, yet reproducible and pure."""
+    h = hashlib.blake2b(f"{seed}\0{request_id}\0{salt}".encode(), digest_size=8)
+    return random.Random(int.from_bytes(h.digest(), "little"))

@@ -112,6 +112,8 @@ class Placer:
         if self._handler.decode_prefills(self._decider):
             roles.add(Role.DECODE)
         self.whole_request_roles = frozenset(roles)
+        # A decision may be taken on a sample of a large cluster's nodes first (the planner's).
+        self.samples = self._handler.samples and self.config.sample > 0
         self._clock = clock
         self._latency: dict[str, PluginLatency] = {}
 

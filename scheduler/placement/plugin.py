@@ -79,6 +79,11 @@ class Profiles(Protocol):
 
 @runtime_checkable
 class ProfileHandler(Protocol):
+    # Whether the planner may take its decisions on a sample of a large cluster's nodes first
+    # (scheduler/placement/sample.py): its placements must tell a pool short of room (the slo
+    # handler's tiers do; the pd handler's decider keeps requests local on purpose).
+    samples: bool
+
     def place(
         self, profiles: Profiles, ctx: RequestContext, nodes: Sequence[NodeView], latency: LatencyTable
     ) -> Placement:

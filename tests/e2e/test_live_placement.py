@@ -281,6 +281,9 @@ async def test_the_worker_left_of_a_pair_serves_requests_whole(
         async with s.post(cluster.url + "/v1/completions", json=body) as r:
             assert r.status == 200, await r.text()
         assert await metric(s, cluster.url, "pdorch_placements_total", kind="split") == 1
+        # Two workers: every decision looks at both (a sample is for large clusters).
+        assert await metric(s, cluster.url, "pdorch_placement_scope_total", scope="all") >= 1
+        assert await metric(s, cluster.url, "pdorch_placement_scope_total", scope="sample") == 0
         cluster.kill(gone)
 
         def only_left() -> bool:

@@ -28,6 +28,10 @@ class PdProfileHandlerParams(msgspec.Struct, frozen=True, forbid_unknown_fields=
 
 
 class PdProfileHandler:
+    # Its decider keeps a request local on purpose, and its pickers (round-robin, say) mean nothing
+    # over a sample: it looks at every node.
+    samples = False
+
     def __init__(self, params: PdProfileHandlerParams) -> None:
         self.params = params
 

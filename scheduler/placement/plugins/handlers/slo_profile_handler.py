@@ -79,6 +79,9 @@ class SloProfileHandlerParams(msgspec.Struct, frozen=True, forbid_unknown_fields
 
 
 class SloProfileHandler:
+    # A placement off the first tier, a wait or a shed says the sample's pools were short of room.
+    samples = True
+
     def __init__(self, params: SloProfileHandlerParams) -> None:
         self.params = params
 
