@@ -18,6 +18,7 @@ The nodes come from a :class:`NodeSource`: the live worker registry or the simul
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -189,7 +190,7 @@ class Planner:
             )
         sample = None
         if self.placer.samples and len(states) > self.config.sample:  # else no class is over it
-            sample = self._sampler.sample(preq, [s.hello for s in states], self._holds, exclude)
+            sample = self._sampler.sample(preq, [s.hello for s in states], self._holds, self._busy, exclude)
         if sample is not None:
             placement = None
             try:
@@ -207,6 +208,13 @@ class Planner:
                 return placement
         self.scope["all"] += 1
         return self.placer.place(self._snapshot(now, states, exclude), preq)
+
+    def _busy(self, worker_id: str, prefill: bool) -> int:
+        """Prompt tokens queued to prefill on the node, or decoding there (booked)."""
+        node = self.ledger.node(worker_id)
+        if node is None:
+            return sys.maxsize
+        return node.pending_tokens if prefill else node.booked_tokens
 
     def _holds(self, worker_id: str) -> Holds:
         node = self.ledger.node(worker_id)

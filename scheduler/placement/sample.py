@@ -5,8 +5,11 @@ per decision). Past a few nodes per pool, looking at a few drawn at random and t
 them ("power of k choices": Mitzenmacher; Sparrow's batch sampling) places nearly as well as looking
 at all of them, at a cost that does not grow with the cluster. The sample takes ``k`` nodes of each
 pool and accelerator class (a class of at most ``k`` whole, so a small class of fast nodes is
-never missed), plus up to ``k`` of the nodes holding the most of the request's prompt prefix (a
-prefix hit is worth more than a random node's headroom). The draw is seeded by the request, so a
+never missed): half of them the least busy by a count the ledger keeps current (the prompt tokens
+queued to prefill there, or decoding there: the node the whole cluster's best would most likely
+be), the other half at random (what that count does not see); plus up to ``k`` of the nodes
+holding the most of the request's prompt prefix (a prefix hit is worth more than a random node's
+headroom). The draw is seeded by the request, so a
 decision stays a pure function of its inputs and the simulator takes the live scheduler's.
 
 Whether the sample's answer stands is the planner's call (it looks at every node when the sample
@@ -19,6 +22,7 @@ sample that mostly fails costs little more than looking at every node.
 
 from __future__ import annotations
 
+import heapq
 import operator
 import random
 from collections import OrderedDict
@@ -52,7 +56,7 @@ class NodeSampler:
         # Per model: the worker ids of each (prefill pool?, accelerator) group, sorted (the draw
         # must not depend on the order nodes are listed in); whether any group is over k; each
         # node's prefix memory.
-        self._groups: dict[str, list[list[str]]] = {}
+        self._groups: dict[str, list[tuple[bool, list[str]]]] = {}
         self._large: dict[str, bool] = {}
         self._holds: dict[str, list[tuple[str, Holds]]] = {}
         # The share of samples lately stood, and the decisions since one was taken.
@@ -65,10 +69,12 @@ class NodeSampler:
         request: PlacementRequest,
         hellos: Sequence[Hello],
         holds: Callable[[str], Holds],
+        busy: Callable[[str, bool], int],
         exclude: frozenset[str] = frozenset(),
     ) -> frozenset[str] | None:
         """The worker ids to look at, or None for every node (``k`` is 0, or no class of either pool
-        has more than ``k`` nodes). ``hellos``: every node's; ``holds``: a node's prefix memory."""
+        has more than ``k`` nodes). ``hellos``: every node's; ``holds``: a node's prefix memory;
+        ``busy``: how busy a node is in the prefill pool (True) or the decode pool."""
         if self.k <= 0:
             return None
         if len(hellos) != len(self._hellos) or any(map(operator.is_not, hellos, self._hellos)):
@@ -84,10 +90,16 @@ class NodeSampler:
         k = self.k
         rng = request_rng(self._seed, request.request_id, "sample")
         chosen: set[str] = set()
-        for ids in self._groups[model]:
+        for prefill_pool, ids in self._groups[model]:
             if exclude:
                 ids = [i for i in ids if i not in exclude]
-            chosen.update(ids if len(ids) <= k else rng.sample(ids, k))
+            if len(ids) <= k:
+                chosen.update(ids)
+                continue
+            least = heapq.nsmallest(k // 2, ids, key=lambda i: busy(i, prefill_pool))
+            chosen.update(least)
+            taken = set(least)
+            chosen.update(rng.sample([i for i in ids if i not in taken], k - len(least)))
         members = self._holds[model]
         if exclude:
             members = [m for m in members if m[0] not in exclude]
@@ -114,8 +126,10 @@ class NodeSampler:
             if h.role is not Role.PREFILL:
                 by_class.setdefault((False, h.accelerator), []).append(h.worker_id)
             self._holds.setdefault(h.model, []).append((h.worker_id, holds(h.worker_id)))
-        self._groups = {m: [sorted(by_class[c]) for c in sorted(by_class)] for m, by_class in groups.items()}
-        self._large = {m: any(len(ids) > self.k for ids in g) for m, g in self._groups.items()}
+        self._groups = {
+            m: [(c[0], sorted(by_class[c])) for c in sorted(by_class)] for m, by_class in groups.items()
+        }
+        self._large = {m: any(len(ids) > self.k for _, ids in g) for m, g in self._groups.items()}
         for members in self._holds.values():
             members.sort()
 

@@ -48,10 +48,14 @@ def no_prefixes(worker_id: str) -> Holds:
     return frozenset().__contains__
 
 
+def idle(worker_id: str, prefill: bool) -> int:
+    return 0
+
+
 def sample(
-    preq: PlacementRequest, cluster: list[Hello], k: int, holds=no_prefixes, exclude=frozenset()
+    preq: PlacementRequest, cluster: list[Hello], k: int, holds=no_prefixes, busy=idle, exclude=frozenset()
 ) -> frozenset[str] | None:
-    return NodeSampler(k, seed=0).sample(preq, cluster, holds, exclude)
+    return NodeSampler(k, seed=0).sample(preq, cluster, holds, busy, exclude)
 
 
 def test_a_small_cluster_or_k_zero_is_looked_at_whole() -> None:
@@ -73,27 +77,29 @@ def test_k_of_each_pool_drawn_by_the_request() -> None:
     # The same request draws the same nodes (the decision is pure), whatever order they come in,
     # from a sampler that has seen other clusters before.
     sampler = NodeSampler(4, seed=0)
-    sampler.sample(request(), nodes(20, 20, "h100"), no_prefixes)
-    assert sampler.sample(request(), cluster[::-1], no_prefixes) == chosen
+    sampler.sample(request(), nodes(20, 20, "h100"), no_prefixes, idle)
+    assert sampler.sample(request(), cluster[::-1], no_prefixes, idle) == chosen
     # Other requests draw others: over many, every node is looked at.
     seen: set[str] = set()
     for i in range(200):
-        seen |= sampler.sample(request(f"r{i}"), cluster, no_prefixes) or frozenset()
+        seen |= sampler.sample(request(f"r{i}"), cluster, no_prefixes, idle) or frozenset()
     assert seen == {h.worker_id for h in cluster}
     # Nodes excluded (tried already, not serving the adapter) are never drawn.
     out = frozenset(h.worker_id for h in cluster[::2])
     for i in range(50):
-        assert not (sampler.sample(request(f"r{i}"), cluster, no_prefixes, out) or frozenset()) & out
+        assert not (sampler.sample(request(f"r{i}"), cluster, no_prefixes, idle, out) or frozenset()) & out
 
 
 def test_a_small_class_is_never_left_out() -> None:
     sampler = NodeSampler(4, seed=0)
     cluster = nodes(20, 20)
-    assert not {"fast0", "fast1", "fast2"} & (sampler.sample(request(), cluster, no_prefixes) or frozenset())
+    assert not {"fast0", "fast1", "fast2"} & (
+        sampler.sample(request(), cluster, no_prefixes, idle) or frozenset()
+    )
     # They join: the sampler sees the new nodes at its next decision.
     cluster += [hello(f"fast{i}", Role.DECODE, "h100") for i in range(3)]
     for i in range(20):
-        chosen = sampler.sample(request(f"r{i}"), cluster, no_prefixes)
+        chosen = sampler.sample(request(f"r{i}"), cluster, no_prefixes, idle)
         assert chosen is not None and {"fast0", "fast1", "fast2"} <= chosen
 
 
@@ -205,33 +211,49 @@ def test_the_pd_handler_looks_at_every_node(name: str) -> None:
 def test_a_request_its_sample_could_not_take_is_looked_at_whole_after() -> None:
     sampler = NodeSampler(4, seed=0)
     cluster = nodes(20, 20)
-    assert sampler.sample(request("r1"), cluster, no_prefixes) is not None
+    assert sampler.sample(request("r1"), cluster, no_prefixes, idle) is not None
     sampler.record("r1", stood=False)
     # Its sample would be the same nodes again: its next decisions (it waits) look at every node.
-    assert sampler.sample(request("r1"), cluster, no_prefixes) is None
-    assert sampler.sample(request("r2"), cluster, no_prefixes) is not None
+    assert sampler.sample(request("r1"), cluster, no_prefixes, idle) is None
+    assert sampler.sample(request("r2"), cluster, no_prefixes, idle) is not None
     # Bounded: the oldest are forgotten (and only take their sample again).
     for i in range(WHOLE_REMEMBERED):
         sampler.record(f"y{i}", stood=False)
     for i in range(100):  # and samples stand again
         sampler.record(f"x{i}", stood=True)
-    assert sampler.sample(request("r1"), cluster, no_prefixes) is not None
+    assert sampler.sample(request("r1"), cluster, no_prefixes, idle) is not None
 
 
 def test_while_samples_mostly_fail_few_decisions_take_one() -> None:
     sampler = NodeSampler(4, seed=0)
     cluster = nodes(20, 20)
     for i in range(30):  # pools short of room: every sample fails
-        sampler.sample(request(f"a{i}"), cluster, no_prefixes)
+        sampler.sample(request(f"a{i}"), cluster, no_prefixes, idle)
         sampler.record(f"a{i}", stood=False)
     assert sampler.stood_rate < 0.5
     taken = [
-        sampler.sample(request(f"b{i}"), cluster, no_prefixes) is not None for i in range(4 * PROBE_EVERY)
+        sampler.sample(request(f"b{i}"), cluster, no_prefixes, idle) is not None
+        for i in range(4 * PROBE_EVERY)
     ]
     assert sum(taken) == 4  # one probe in PROBE_EVERY
     # Room again: the probes' samples stand, and soon every decision takes one.
     for i in range(200):
-        if sampler.sample(request(f"c{i}"), cluster, no_prefixes) is not None:
+        if sampler.sample(request(f"c{i}"), cluster, no_prefixes, idle) is not None:
             sampler.record(f"c{i}", stood=True)
     assert sampler.stood_rate > 0.5
-    assert all(sampler.sample(request(f"d{i}"), cluster, no_prefixes) is not None for i in range(20))
+    assert all(sampler.sample(request(f"d{i}"), cluster, no_prefixes, idle) is not None for i in range(20))
+
+
+def test_half_of_each_class_is_the_least_busy() -> None:
+    cluster = nodes(20, 20)
+    # The ledger's counts: prompt tokens queued on each prefill node, decoding on each decode node.
+    load = {h.worker_id: 1000 + i for i, h in enumerate(cluster)}
+    load.update({"pa10013": 5, "pa1007": 9, "da10011": 0, "da1002": 3})
+
+    def busy(worker_id: str, prefill: bool) -> int:
+        return load[worker_id]
+
+    for i in range(20):
+        chosen = sample(request(f"r{i}"), cluster, 4, busy=busy)
+        assert chosen is not None and {"pa10013", "pa1007", "da10011", "da1002"} <= chosen
+        assert len(chosen) == 8  # and two more of each pool at random
