@@ -325,6 +325,36 @@ def section_ablation(loaded: dict[str, Trace], precision: float, shape: str, onl
     print()
 
 
+# Where placement.sample (8) takes a sample: every class over 8 (16 + 16), and a heterogeneous
+# cluster whose larger classes are over it and smaller ones not (16 + 20).
+SAMPLE_SHAPES = {
+    "16+16": (["16:h100x4"], ["16:a100x4"]),
+    "16+20": (["10:h100x4", "6:a100x4"], ["12:a100x4", "8:l40sx4"]),
+}
+
+
+def section_sample(loaded: dict[str, Trace], precision: float, seeds: int) -> None:
+    """pdorch's goodput deciding on a sample of a large cluster against looking at every node."""
+    print("## Placement on a sample against every node (goodput, x trace rate)\n")
+    print("| shape | trace | every node | sample |")
+    print("|---|---|---:|---:|")
+    for shape, (prefill, decode) in SAMPLE_SHAPES.items():
+        cluster = parse_cluster(prefill, decode)
+        for name, trace in loaded.items():
+            cells = []
+            for k in (0, _policy("pdorch").sample):
+                found = []
+                for seed in range(seeds):
+                    config = msgspec.structs.replace(_policy("pdorch"), sample=k, seed=seed)
+                    g = find_goodput(
+                        trace, cluster, config, SLO, CONFIG, policy_name=f"sample {k}", precision=precision
+                    )
+                    found.append(f"{g.goodput_scale:.2f}")
+                cells.append(" / ".join(found))
+            print(f"| {shape} | {name} | " + " | ".join(cells) + " |", flush=True)
+    print()
+
+
 # Synthetic chat at this many requests/s per prefill + decode pair: ~80% of pdorch's goodput at 4 + 4.
 COST_RATE_PER_PAIR = 7.0
 
@@ -397,9 +427,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--traces", type=Path, default=REPO / ".." / "shared" / "traces")
     p.add_argument(
-        "--only", choices=["fit", "predictor", "speed", "goodput", "rates", "ablation", "cost"], default=None
+        "--only",
+        choices=["fit", "predictor", "speed", "goodput", "rates", "ablation", "cost", "sample"],
+        default=None,
     )
     p.add_argument("--precision", type=float, default=0.03)
+    p.add_argument("--seeds", type=int, default=1, help="--only sample: placement seeds per search")
     p.add_argument(
         "--shape", choices=list(SHAPES), action="append", help="cluster size (default: 4+4 and 8+8)"
     )
@@ -461,6 +494,8 @@ def main() -> int:
         section_ablation(loaded, args.precision, (args.shape or ["4+4"])[0], args.variant)
     if args.only in (None, "cost"):
         section_cost([1, 4, 16, 64, 128])
+    if args.only == "sample":  # ~1 hour with one seed: not in the default run
+        section_sample(loaded, args.precision, args.seeds)
     return 0
 
 

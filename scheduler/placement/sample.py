@@ -9,8 +9,8 @@ never missed): half of them the least busy by a count the ledger keeps current (
 queued to prefill there, or decoding there: the node the whole cluster's best would most likely
 be), the other half at random (what that count does not see); plus up to ``k`` of the nodes
 holding the most of the request's prompt prefix (a prefix hit is worth more than a random node's
-headroom). The draw is seeded by the request, so a
-decision stays a pure function of its inputs and the simulator takes the live scheduler's.
+headroom). The draw is seeded by the request, so a decision stays a pure function of its inputs
+and the simulator takes the live scheduler's.
 
 Whether the sample's answer stands is the planner's call (it looks at every node when the sample
 cannot take the request within its own pools), and the sampler learns from it: a request whose
