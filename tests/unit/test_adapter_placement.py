@@ -7,7 +7,6 @@ import msgspec
 import pytest
 
 from scheduler.ledger.ledger import Ledger
-from scheduler.node_view import NodeState
 from scheduler.placement.config import PlacementConfig
 from scheduler.placement.context import Pool, RequestContext
 from scheduler.placement.framework import Placer
@@ -30,7 +29,8 @@ from scheduler.placement.types import ClusterSnapshot, NodeView, PlacementReques
 from scheduler.planner import Planner
 from scheduler.prediction.latency import LatencyLearner, PrefillSample
 from scheduler.prediction.output_length import OutputFeatures, OutputLengthPredictor, PredictorConfig
-from transport.messages import PROTOCOL_VERSION, Hello, Load, Role
+from tests.support.node_source import NodeSource, sim_hello
+from transport.messages import Load, Role
 
 
 def node(name: str, role: Role = Role.DECODE, **kw: object) -> NodeView:
@@ -92,39 +92,14 @@ def test_adapter_slots_filter_drops_nodes_whose_slots_are_all_in_use() -> None:
 # --------------------------------------------------------------------------- the planner, live code
 
 
-class _Nodes:
-    """A node source: each worker's Hello and last Load, as the live registry or the simulator has them."""
-
-    def __init__(self) -> None:
-        self.states: dict[str, NodeState] = {}
-
-    def add(self, wid: str, role: Role, load: Load, adapters: list[str]) -> None:
-        hello = Hello(
-            protocol_version=PROTOCOL_VERSION,
-            worker_id=wid,
-            role=role,
-            engine="sim",
-            model="m",
-            kv_bytes_per_token=1000,
-            block_size=16,
-            capacity_blocks=10_000,
-            accelerator="a100",
-            adapters=adapters,
-        )
-        self.states[wid] = NodeState(hello, load)
-
-    def node_states(self) -> list[NodeState]:
-        return list(self.states.values())
-
-
 def _planner(
     roles: dict[str, Role], resident: dict[str, list[str]] | None = None, slots: int = 2
-) -> tuple[Planner, _Nodes]:
-    nodes, ledger = _Nodes(), Ledger()
+) -> tuple[Planner, NodeSource]:
+    nodes, ledger = NodeSource(), Ledger()
     config = policy("pdorch")
     for wid, role in roles.items():
         load = Load(blocks_total=10_000, adapter_slots=slots, adapters_resident=(resident or {}).get(wid, []))
-        nodes.add(wid, role, load, ["x", "y", "A", "B"])
+        nodes.add(sim_hello(wid, role, adapters=["x", "y", "A", "B"]), load)
         ledger.add_node(wid, "m", "a100", block_size=16, kv_bytes_per_token=1000, capacity_tokens=160_000)
     planner = Planner(
         nodes,

@@ -6,7 +6,6 @@ import msgspec
 import pytest
 
 from scheduler.ledger.ledger import Ledger
-from scheduler.node_view import NodeState
 from scheduler.placement.framework import Placer
 from scheduler.placement.policies import policy
 from scheduler.placement.sample import PROBE_EVERY, WHOLE_REMEMBERED, Holds, NodeSampler
@@ -14,7 +13,8 @@ from scheduler.placement.types import PlacementRequest
 from scheduler.planner import Planner
 from scheduler.prediction.latency import LatencyLearner
 from scheduler.prediction.output_length import OutputLengthPredictor
-from transport.messages import PROTOCOL_VERSION, Hello, Load, Role
+from tests.support.node_source import NodeSource, sim_hello
+from transport.messages import Hello, Load, Role
 
 
 def request(rid: str = "r1", block_hashes: tuple[int, ...] = ()) -> PlacementRequest:
@@ -24,18 +24,7 @@ def request(rid: str = "r1", block_hashes: tuple[int, ...] = ()) -> PlacementReq
 
 
 def hello(wid: str, role: Role, accelerator: str = "a100") -> Hello:
-    return Hello(
-        protocol_version=PROTOCOL_VERSION,
-        worker_id=wid,
-        role=role,
-        engine="sim",
-        model="m",
-        kv_bytes_per_token=1000,
-        block_size=16,
-        capacity_blocks=10_000,
-        accelerator=accelerator,
-        kv_endpoint="tcp://127.0.0.1:1",
-    )
+    return sim_hello(wid, role, accelerator, kv_endpoint="tcp://127.0.0.1:1")
 
 
 def nodes(prefill: int, decode: int, accelerator: str = "a100") -> list[Hello]:
@@ -129,23 +118,15 @@ def test_the_nodes_holding_the_most_of_the_prefix_are_looked_at() -> None:
 # ---------------------------------------------------------------------------- the planner
 
 
-class _Nodes:
-    def __init__(self) -> None:
-        self.states: dict[str, NodeState] = {}
-
-    def node_states(self) -> list[NodeState]:
-        return list(self.states.values())
-
-
 def _planner(
     prefill: int, decode: int, sample: int, lend: bool = True, name: str = "pdorch"
-) -> tuple[Planner, _Nodes]:
-    source, ledger = _Nodes(), Ledger()
+) -> tuple[Planner, NodeSource]:
+    source, ledger = NodeSource(), Ledger()
     config = msgspec.structs.replace(policy(name), sample=sample, fallback_to_prefill_node=lend)
     for h in [hello(f"p{i}", Role.PREFILL) for i in range(prefill)] + [
         hello(f"d{i}", Role.DECODE) for i in range(decode)
     ]:
-        source.states[h.worker_id] = NodeState(h, Load(blocks_total=10_000))
+        source.add(h, Load(blocks_total=10_000))
         ledger.add_node(
             h.worker_id, "m", "a100", block_size=16, kv_bytes_per_token=1000, capacity_tokens=160_000
         )
@@ -160,7 +141,7 @@ def _planner(
     return planner, source
 
 
-def drawn(preq: PlacementRequest, source: _Nodes, k: int) -> frozenset[str]:
+def drawn(preq: PlacementRequest, source: NodeSource, k: int) -> frozenset[str]:
     chosen = sample(preq, [s.hello for s in source.node_states()], k)
     assert chosen is not None
     return chosen
