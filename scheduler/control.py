@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -64,6 +65,10 @@ log = logging.getLogger("pdorch.control")
 # The soonest a heartbeat follows the one before when connections close (however often they
 # close: each early beat is a send to every worker).
 MIN_BEAT_GAP_S = 0.05
+# After a connection closed, beat again this long after the early beat: the monitor reports the
+# close from libzmq's I/O thread, and the ROUTER lets go of the connection a moment later (when
+# this thread next takes the I/O thread's commands), so a send at once may still be taken.
+CLOSED_RECHECK_S = 0.25
 
 
 class ControlServer:
@@ -273,15 +278,18 @@ class ControlServer:
         beat = Heartbeat()
         loop = asyncio.get_running_loop()
         last = loop.time()
+        recheck_at = math.inf  # a beat to come soon after one a closed connection brought
         while True:
             try:
-                async with asyncio.timeout_at(last + self._interval):
+                async with asyncio.timeout_at(min(last + self._interval, recheck_at)):
                     await self._closed.wait()
                 await asyncio.sleep(last + MIN_BEAT_GAP_S - loop.time())  # a connection closed
+                closed = True
             except TimeoutError:
-                pass
+                closed = False
             self._closed.clear()
             last = loop.time()
+            recheck_at = last + CLOSED_RECHECK_S if closed else math.inf
             for wid in self._revoked():
                 worker = self._cluster.get(wid)
                 if worker is not None:
