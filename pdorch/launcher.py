@@ -247,8 +247,11 @@ class LocalCluster:
             args += ["--lora-root", str(self.spec.lora_root)]
         self._spawn(name, args + self.spec.per_worker_args.get(name, []))
 
-    def vllm_spec(self, role: str, port: int, kv_bind: str, index: int) -> VllmLaunchSpec:
-        """The vLLM server beside the ``index``-th worker (of ``role``), serving the cluster's model."""
+    def vllm_spec(
+        self, role: str, port: int, kv_bind: str, index: int, kv_arrival_notes: str = ""
+    ) -> VllmLaunchSpec:
+        """The vLLM server beside the ``index``-th worker (of ``role``), serving the cluster's model;
+        a consuming one tells its agent at ``kv_arrival_notes`` that a load's KV is arriving."""
         from workers.engines.vllm.launch import VllmLaunchSpec, context_length
 
         return VllmLaunchSpec(
@@ -256,6 +259,7 @@ class LocalCluster:
             port=port,
             role=Role(role) if not self.spec.colocated else None,
             kv_bind=kv_bind,
+            kv_arrival_notes=kv_arrival_notes,
             # One core per server (round robin), so two servers do not fight over the same one.
             cpu_cores=str(index % max(1, os.cpu_count() or 1)),
             served_model_name=model_name(self.spec),
@@ -274,11 +278,15 @@ class LocalCluster:
 
         port = free_port()
         handoff = not self.spec.colocated
-        kv_bind = f"tcp://127.0.0.1:{free_port()}" if handoff and role in ("decode", "both") else ""
-        index = len([n for n in self.procs if n.startswith("vllm-")])
-        spec = self.vllm_spec(role, port, kv_bind, index)
+        consumes = handoff and role in ("decode", "both")
+        kv_bind = f"tcp://127.0.0.1:{free_port()}" if consumes else ""
         rpc_dir = private_rpc_dir()
         self._rpc_dirs.append(rpc_dir)
+        # In the server's private directory: a path no other process can take meanwhile (a port
+        # picked now might be, by vLLM itself, before the agent binds it).
+        notes = f"ipc://{rpc_dir}/kv-arrivals" if consumes else ""
+        index = len([n for n in self.procs if n.startswith("vllm-")])
+        spec = self.vllm_spec(role, port, kv_bind, index, notes)
         python = self.spec.vllm_python or default_vllm_python()
         argv, env = vllm_command(spec, python=python, rpc_dir=rpc_dir)
         # Its KV connector is the worker's KV endpoint: it authenticates with the worker's key.
@@ -291,7 +299,7 @@ class LocalCluster:
             "--model-dir",
             self.model_dir,
         ]
-        return [*args, "--kv-advertise", kv_bind] if kv_bind else args
+        return [*args, "--kv-advertise", kv_bind, "--vllm-kv-arrival-notes", notes] if consumes else args
 
     def resolve_model(self) -> None:
         """Find (converting it once, here rather than in every worker at the same time) the model

@@ -193,3 +193,36 @@ def dealer(
         sock.close(linger=0)
         raise
     return sock
+
+
+def pull(
+    ctx: zmq.Context[S], bind: str, *, auth: ServerAuth, hwm: int = DEFAULT_HWM, max_bytes: int = 0
+) -> S:
+    """A bound PULL that admits the peers ``auth`` says; ``max_bytes``: a smaller message limit
+    than the codec's, for a socket that only ever takes small notes (a larger one disconnects)."""
+    sock = ctx.socket(zmq.PULL)
+    try:
+        _apply_common_options(sock, hwm)
+        if max_bytes:
+            sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        _apply_server_auth(sock, auth)
+        sock.bind(normalize_bind(bind))
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def push(ctx: zmq.Context[S], connect: str, *, auth: ClientAuth, hwm: int = DEFAULT_HWM) -> S:
+    """A PUSH connected to ``connect``, authenticating as ``auth`` says."""
+    sock = ctx.socket(zmq.PUSH)
+    try:
+        _apply_common_options(sock, hwm)
+        _apply_client_auth(sock, auth)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        sock.connect(connect)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock

@@ -24,7 +24,7 @@ from transport.security import Security, SecurityConfig
 from transport.security import config as security_config
 from workers.agent import Agent, AgentConfig
 from workers.engines import in_process_cli
-from workers.engines.engine_cli import DEFAULT_ACCELERATOR, EngineCli
+from workers.engines.engine_cli import DEFAULT_ACCELERATOR, AgentParts, EngineCli
 
 log = logging.getLogger("pdorch.worker")
 
@@ -172,7 +172,7 @@ async def _serve(args: argparse.Namespace, security_cfg: SecurityConfig) -> int:
                 **receiver_limits(args).kwargs(),
             )
             await receiver.start()
-        engine = engine_cli.build(args, sender, receiver)
+        engine = engine_cli.build(args, AgentParts(ctx, security, sender, receiver))
         kv_endpoint = advertised_kv_endpoint(role, args.kv_advertise, receiver.endpoint if receiver else None)
         cfg = AgentConfig(
             scheduler=args.scheduler,

@@ -34,6 +34,7 @@ from tests.vllm_support.pd_pair import (
     route,
 )
 from transport.errors import PdorchError
+from transport.kv.arrival_watch import ARRIVING_EVERY_S
 from transport.messages import (
     DecodeJob,
     KvMode,
@@ -147,6 +148,31 @@ async def test_corrupted_kv_transfer_fails_the_decode(cluster: Cluster, engines:
         assert "proxy-bad" not in engines.d_out.kv_loaded
     finally:
         await proxy.close()
+
+
+async def test_a_handoff_over_a_slow_link_is_told_while_its_kv_arrives(
+    cluster: Cluster, engines: Engines
+) -> None:
+    """The KV crosses a link of ~100 kB/s (seconds for the longest prompt): the decode server's
+    connector tells its agent that the KV is arriving, and the agent says so (``KvArriving``)
+    before the KV is loaded, which keeps the scheduler from taking the handoff for stalled."""
+    proxy = TcpProxy(free_port(), int(cluster.kv_endpoint.rsplit(":", 1)[1]))
+    proxy.mode = "slow"
+    await proxy.start()
+    try:
+        prompt = max(cluster.prompts, key=len)
+        s = SamplingParams(max_tokens=8)
+        route = cluster.route(KvMode.P2P, "slow-link", proxy.endpoint)
+        started = time.monotonic()
+        tokens = await disaggregated(engines, "slow-link", prompt, s, route, decode_first=True)
+        assert len(tokens) == 8
+        assert time.monotonic() - started > 2 * ARRIVING_EVERY_S, "the link was not slow"
+    finally:
+        await proxy.close()
+    said = [type(m).__name__ for m in engines.d_out.order if getattr(m, "request_id", "") == "slow-link"]
+    assert "KvArriving" in said, said
+    assert said.index("KvArriving") < said.index("KvLoaded"), said
+    assert "KvArriving" not in said[said.index("KvLoaded") :], "nothing once the KV is in place"
 
 
 async def test_missing_kv_fails_the_decode_instead_of_recomputing(cluster: Cluster, engines: Engines) -> None:

@@ -7,6 +7,7 @@ socket under it); the real vLLM tests check that vLLM's sockets land there.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -49,6 +50,14 @@ def test_the_launcher_gives_each_vllm_server_a_socket_dir_and_removes_it(tmp_pat
         assert len(set(dirs)) == 2
         for directory in dirs:
             _wait_for_socket(directory)
+        # The decode agent hears that a load's KV is arriving at a path in its server's directory,
+        # the one its server's connector is told.
+        agent, server = cluster.procs["decode-0"].args, cluster.procs["vllm-decode-0"].args
+        notes = agent[agent.index("--vllm-kv-arrival-notes") + 1]
+        assert notes == f"ipc://{dirs[1]}/kv-arrivals"
+        extra = json.loads(server[server.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
+        assert extra["pdorch_kv_arrival_notes"] == notes
+        assert "--vllm-kv-arrival-notes" not in cluster.procs["prefill-0"].args
     finally:
         cluster.stop()
     assert not any(d.exists() for d in dirs)

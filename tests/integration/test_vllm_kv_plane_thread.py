@@ -7,6 +7,7 @@ This is what runs inside vLLM's worker processes; here the "forward pass" is the
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from transport import sockets
 from transport.kv.same_host import SameHostMode
-from transport.security import SecurityConfig
+from transport.messages import KvArriving
+from transport.security import Security, SecurityConfig
 from transport.security.key_set import KeySet
 from transport.security.keys import read_keypair
 from workers.engines.vllm.connector_metadata import RecvSpec, SendSpec, StepPlan
 from workers.engines.vllm.connector_worker import PdorchWorkerSide
+from workers.engines.vllm.kv_arrivals import ArrivalListener
 from workers.engines.vllm.transfer_params import RECV, SEND, PdorchKvParams
 
 pytestmark = pytest.mark.timeout(60)
@@ -160,3 +164,60 @@ def test_wrong_shaped_kv_is_rejected(sides) -> None:  # type: ignore[no-untyped-
     _forward(producer, plan)
     _, recvd, failed = _wait(consumer, set())
     assert recvd == {"d"} and failed == {"d"}
+
+
+async def test_a_load_that_keeps_arriving_is_told_to_the_agent(tmp_path: Path) -> None:
+    """A forward pass that saves a layer every 0.8 s: while the load goes on, the consumer's KV
+    plane tells the agent's listener that its KV is arriving (as ``KvArriving`` for the job
+    waiting for it), so the scheduler does not take the handoff for stalled; after it, nothing."""
+    keys = KeySet.create(tmp_path, {"prefill": (), "decode": ()})
+    _DECODE_KEY["public"] = read_keypair(keys.key_file("decode")).public
+
+    def security(name: str) -> SecurityConfig:
+        return SecurityConfig(key_file=str(keys.key_file(name)), trusted_keys=str(keys.trusted_dir))
+
+    ctx = sockets.new_context()
+    agent_security = Security.load(security("decode"))
+    listener = ArrivalListener(ctx, "tcp://127.0.0.1:0", agent_security)
+    said: list[object] = []
+    listener.start(said.append)
+    src, dst = _caches(1), _caches(None)
+    producer = PdorchWorkerSide(bind=None, security=security("prefill"), same_host=SameHostMode.OFF)
+    consumer = PdorchWorkerSide(
+        bind="tcp://127.0.0.1:0",
+        security=security("decode"),
+        same_host=SameHostMode.OFF,
+        arrival_notes=listener.endpoint,
+    )
+    producer.register_kv_caches(src)
+    consumer.register_kv_caches(dst)
+    try:
+        endpoint = consumer.kv.endpoint
+        ids = [2, 3, 4, 5]
+        listener.watch("prefill/slow", "request-1")
+        recv = RecvSpec("d", _params(RECV, endpoint, "slow"), ids, skip_rows=0, num_tokens=100)
+        consumer.start_load_kv(StepPlan(recvs=[recv]))
+        send = SendSpec("p", _params(SEND, endpoint, "slow"), ids, num_tokens=100, lease_s=10)
+        plan = StepPlan(sends=[send])
+
+        def slow_forward() -> None:
+            for i in range(LAYERS):
+                time.sleep(0.8)
+                producer.save_kv_layer(plan, f"model.layers.{i}.attn")
+            producer.wait_for_save(plan)
+
+        await asyncio.to_thread(slow_forward)
+        _, recvd, failed = await asyncio.to_thread(_wait, consumer, set())
+        assert recvd == {"d"} and failed == set()
+        for name in src:
+            np.testing.assert_array_equal(dst[name][ids], src[name][ids])
+        assert said and all(m == KvArriving("request-1") for m in said), said
+        heard = len(said)
+        await asyncio.sleep(1.5)
+        assert len(said) == heard, "nothing once the load is over"
+    finally:
+        producer.shutdown()
+        consumer.shutdown()
+        await listener.close()
+        agent_security.close()
+        ctx.destroy(linger=0)

@@ -454,6 +454,10 @@ def test_vllm_overlay_shape(name: str, target: str) -> None:
         port = kv["kv_connector_extra_config"]["pdorch_kv_bind"].rsplit(":", 1)[1]
         assert arg_value(agent_args, "--kv-advertise") == f"tcp://$(POD_IP):{port}"
         assert int(port) in {p["containerPort"] for p in vllm["ports"]}
+        # The connector's notes that a load's KV is arriving reach the agent on the pod's loopback.
+        notes = kv["kv_connector_extra_config"]["pdorch_kv_arrival_notes"]
+        assert notes.startswith("tcp://127.0.0.1:")
+        assert arg_value(agent_args, "--vllm-kv-arrival-notes") == notes
 
 
 @pytest.mark.parametrize("target", VLLM_TARGETS)

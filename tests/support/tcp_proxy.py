@@ -7,7 +7,8 @@ applied to the bytes flowing towards the target:
 - ``corrupt``: flips one byte per 256 KiB;
 - ``truncate``: closes a connection after 300 KB;
 - ``hold``: forwards nothing more until the mode changes (the bytes wait here), so a transfer
-  stays in flight for as long as a test needs.
+  stays in flight for as long as a test needs;
+- ``slow``: forwards at about :data:`SLOW_BYTES_PER_S`, as a slow link would.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ T = TypeVar("T")
 
 CORRUPT_EVERY_BYTES = 262_144
 TRUNCATE_AFTER_BYTES = 300_000
+SLOW_BYTES_PER_S = 100_000
+_SLOW_PIECE = 8192
 
 
 class TcpProxy:
@@ -46,7 +49,7 @@ class TcpProxy:
 
     @mode.setter
     def mode(self, mode: str) -> None:
-        assert mode in ("pass", "corrupt", "truncate", "hold"), mode
+        assert mode in ("pass", "corrupt", "truncate", "hold", "slow"), mode
         self._mode = mode
         if mode == "hold":
             self._flowing.clear()
@@ -101,6 +104,14 @@ class TcpProxy:
                         writer.write(data[: max(0, TRUNCATE_AFTER_BYTES - seen)])
                         self.damaged += 1
                         break
+                    elif self._mode == "slow":
+                        for i in range(0, len(data), _SLOW_PIECE):
+                            piece = data[i : i + _SLOW_PIECE]
+                            writer.write(piece)
+                            await writer.drain()
+                            await asyncio.sleep(len(piece) / SLOW_BYTES_PER_S)
+                        seen += len(data)
+                        continue
                 seen += len(data)
                 writer.write(data)
                 await writer.drain()

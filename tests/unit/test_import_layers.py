@@ -61,10 +61,12 @@ def test_a_worker_loads_only_the_engine_it_builds(engine: str) -> None:
     loaded = _loaded_by(
         "import argparse\n"
         "from workers import main\n"
+        "from transport.security import Security\n"
+        "from workers.engines.engine_cli import AgentParts\n"
         "p = argparse.ArgumentParser()\n"
         "main.add_arguments(p)\n"
         f"args = p.parse_args(['--engine', '{engine}'])\n"
-        f"main._engine_cli('{engine}').build(args, None, None)"
+        f"main._engine_cli('{engine}').build(args, AgentParts(None, Security.insecure()))"
     )
     assert f"workers.engines.{engine}.engine" in loaded  # the check is meaningful: it was built
     for other in ENGINES:

@@ -9,7 +9,9 @@ import pytest
 
 from tests.support.tiny_gguf import write_tiny_gguf
 from transport.errors import ErrorCode, PdorchError
+from transport.security import Security
 from workers import main as worker_main
+from workers.engines.engine_cli import AgentParts
 from workers.engines.reference.model_choice import BYTE_TOKENIZER, choose_model
 from workers.models.cache_dir import CACHE_DIR_ENV
 
@@ -60,7 +62,7 @@ def test_the_worker_flags_build_the_engine(tmp_path: Path) -> None:
             "32",
         ]
     )
-    info = worker_main._engine_cli("reference").build(args, None, None).info()
+    info = worker_main._engine_cli("reference").build(args, AgentParts(None, Security.insecure())).info()
     assert (info.model, info.vocab_size, info.eos_token_id) == ("tiny", 262, 2)
     assert (Path(info.tokenizer) / "chat_template.jinja").is_file()
     # 0.5 GiB of float64 KV: 2 layers x K and V x 2 KV heads x 16 dims x 8 bytes per token.

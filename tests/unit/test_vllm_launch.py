@@ -157,3 +157,15 @@ def test_the_ipc_directory_is_private_and_leaves_room_for_socket_names(
         assert len(f"{directory}/{uuid.uuid4()}") <= 107
     finally:
         directory.rmdir()
+
+
+def test_a_consumer_tells_its_agent_where_its_kv_arrives_and_a_producer_does_not() -> None:
+    notes = "ipc:///run/pdorch-vllm-x/kv-arrivals"
+    consumer = VllmLaunchSpec(
+        model_dir="/m", port=1, role=Role.DECODE, kv_bind="tcp://127.0.0.1:5601", kv_arrival_notes=notes
+    )
+    assert kv_transfer_config(consumer)["kv_connector_extra_config"]["pdorch_kv_arrival_notes"] == notes
+    producer = VllmLaunchSpec(model_dir="/m", port=1, role=Role.PREFILL, kv_arrival_notes=notes)
+    assert "pdorch_kv_arrival_notes" not in kv_transfer_config(producer)["kv_connector_extra_config"]
+    unset = VllmLaunchSpec(model_dir="/m", port=1, role=Role.DECODE, kv_bind="tcp://127.0.0.1:5601")
+    assert "pdorch_kv_arrival_notes" not in kv_transfer_config(unset)["kv_connector_extra_config"]

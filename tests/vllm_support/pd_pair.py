@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from pdorch.launcher import ClusterSpec, LocalCluster
 from tests.vllm_support.environment import free_port
 from tests.vllm_support.processes import VllmServer, wait_healthy
+from transport import sockets
 from transport.kv.broker_cli import listening_endpoint
 from transport.kv.receiver import ReceiverLimits
 from transport.messages import (
@@ -32,10 +34,12 @@ from transport.messages import (
     SamplingParams,
     TokenOutput,
 )
+from transport.security import Security, SecurityConfig
 from transport.security.key_set import KV_BROKER, KeySet
 from transport.security.keys import read_public
 from workers.engines.vllm.engine import VllmEngine
-from workers.engines.vllm.launch import VllmLaunchSpec
+from workers.engines.vllm.kv_arrivals import ArrivalListener
+from workers.engines.vllm.launch import VllmLaunchSpec, private_rpc_dir
 from workers.models.catalog import RANDOM_MODEL
 
 
@@ -48,6 +52,8 @@ class Cluster:
     broker: str
     keys: KeySet
     broker_log: Path
+    # Where the decode server's connector says a load's KV is arriving (the agent listens).
+    arrival_notes: str = ""
     prompts: list[list[int]] = field(default_factory=list)
 
     def notable_logs(self, lines: int = 25) -> str:
@@ -105,6 +111,8 @@ def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Ite
     # First: the ports picked for the servers below are then not the one it chose.
     broker, broker_endpoint = _start_broker(broker_log, keys)
     kv_port = free_port()
+    notes_dir = private_rpc_dir()  # a path, not a port another process could take meanwhile
+    notes = f"ipc://{notes_dir}/kv-arrivals"
     common: dict = {"model_dir": str(model_dir), "kv_limits": PATIENT_LIMITS, **spec}
     servers: list[VllmServer] = []
     try:
@@ -117,7 +125,12 @@ def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Ite
         )
         servers.append(prefill)
         decode_spec = VllmLaunchSpec(
-            port=free_port(), role=Role.DECODE, cpu_cores="1", kv_bind=f"tcp://127.0.0.1:{kv_port}", **common
+            port=free_port(),
+            role=Role.DECODE,
+            cpu_cores="1",
+            kv_bind=f"tcp://127.0.0.1:{kv_port}",
+            kv_arrival_notes=notes,
+            **common,
         )
         decode = VllmServer("decode", decode_spec, python=python, log_dir=work, env=keys.env("decode-0"))
         servers.append(decode)
@@ -130,12 +143,14 @@ def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Ite
             broker_endpoint,
             keys,
             broker_log,
+            notes,
         )
     finally:
         for server in servers:
             server.stop()
         broker.terminate()
         broker.wait(timeout=10)
+        shutil.rmtree(notes_dir, ignore_errors=True)
 
 
 class Collector:
@@ -171,20 +186,29 @@ class Engines:
 @asynccontextmanager
 async def pd_engines(cluster: Cluster) -> AsyncIterator[Engines]:
     p_out, d_out = Collector(), Collector()
+    # As the decode agent does: its key, on its context.
+    ctx = sockets.new_context()
+    keys = cluster.keys
+    security = Security.load(
+        SecurityConfig(key_file=str(keys.key_file("decode-0")), trusted_keys=str(keys.trusted_dir))
+    )
     prefill = VllmEngine(cluster.prefill.url, model_dir=str(cluster.model_dir), metrics_interval_s=0.2)
     decode = VllmEngine(
         cluster.decode.url,
         model_dir=str(cluster.model_dir),
         metrics_interval_s=0.2,
         kv_endpoint=cluster.kv_endpoint,
+        arrivals=ArrivalListener(ctx, cluster.arrival_notes, security),
     )
-    await prefill.start(p_out)
-    await decode.start(d_out)
     try:
+        await prefill.start(p_out)
+        await decode.start(d_out)
         yield Engines(prefill, decode, p_out, d_out)
     finally:
         await prefill.close()
         await decode.close()
+        security.close()
+        ctx.destroy(linger=0)
 
 
 async def colocated(

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from transport.errors import ErrorCode, PdorchError
-from transport.kv import KvReceiver, KvSender
 from workers.engines.base import Engine
+from workers.engines.engine_cli import AgentParts
 
 MOVES_KV = True
 
@@ -45,7 +45,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     )
 
 
-def build(args: argparse.Namespace, kv_sender: KvSender | None, kv_receiver: KvReceiver | None) -> Engine:
+def build(args: argparse.Namespace, parts: AgentParts) -> Engine:
     from workers.engines.reference.engine import ReferenceEngine
     from workers.engines.reference.model_choice import choose_model
 
@@ -64,8 +64,8 @@ def build(args: argparse.Namespace, kv_sender: KvSender | None, kv_receiver: KvR
         max_batch=args.max_batch,
         max_prefill_tokens_per_step=args.max_prefill_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
-        kv_sender=kv_sender,
-        kv_receiver=kv_receiver,
+        kv_sender=parts.kv_sender,
+        kv_receiver=parts.kv_receiver,
         adapters=_adapters(args.lora),
         max_loras=args.max_loras,
     )

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from transport.kv import KvReceiver, KvSender
 from workers.engines.base import Engine
-from workers.engines.engine_cli import DEFAULT_ACCELERATOR
+from workers.engines.engine_cli import DEFAULT_ACCELERATOR, AgentParts
 
 MOVES_KV = True
 
@@ -58,7 +57,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     )
 
 
-def build(args: argparse.Namespace, kv_sender: KvSender | None, kv_receiver: KvReceiver | None) -> Engine:
+def build(args: argparse.Namespace, parts: AgentParts) -> Engine:
     from workers.engines.sim.config import SimEngineConfig
     from workers.engines.sim.engine import SimulatedEngine
 
@@ -82,7 +81,7 @@ def build(args: argparse.Namespace, kv_sender: KvSender | None, kv_receiver: KvR
         max_loras=args.sim_max_loras,
         adapter_load_s=args.sim_adapter_load_s,
     )
-    return SimulatedEngine(config, kv_sender=kv_sender, kv_receiver=kv_receiver)
+    return SimulatedEngine(config, kv_sender=parts.kv_sender, kv_receiver=parts.kv_receiver)
 
 
 def accelerator(args: argparse.Namespace) -> str:

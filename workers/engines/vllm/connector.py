@@ -9,6 +9,7 @@ Load it into a vLLM server with::
         "kv_connector_extra_config": {"pdorch_kv_bind": "tcp://127.0.0.1:5601",
                                       "pdorch_max_lease_s": 120,
                                       "pdorch_kv_same_host": "auto" | "on" | "off",
+                                      "pdorch_kv_arrival_notes": "tcp://127.0.0.1:5602",
                                       "pdorch_kv_limits": {"max_active": 8, ...}}}'
 
 vLLM builds one instance per process: role SCHEDULER in the EngineCore (bookkeeping, see
@@ -79,8 +80,10 @@ class PdorchConnector(KVConnectorBase_V1):
             security = security_config.build(security_config.from_env())
             same_host = SameHostMode(transfer.get_from_extra_config("pdorch_kv_same_host", "auto"))
             limits = msgspec.convert(transfer.get_from_extra_config("pdorch_kv_limits", {}), ReceiverLimits)
+            # The agent's endpoint for "this load's KV is arriving" (kv_arrivals.py).
+            notes = str(transfer.get_from_extra_config("pdorch_kv_arrival_notes", "")) if bind else ""
             self._worker = PdorchWorkerSide(
-                bind=bind or None, security=security, same_host=same_host, limits=limits
+                bind=bind or None, security=security, same_host=same_host, limits=limits, arrival_notes=notes
             )
         logger.info("PdorchConnector %s side, role %s", role.name, transfer.kv_role)
 

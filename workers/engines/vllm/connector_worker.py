@@ -43,12 +43,14 @@ class PdorchWorkerSide:
         security: SecurityConfig,
         same_host: SameHostMode = SameHostMode.AUTO,
         limits: ReceiverLimits = DEFAULT_LIMITS,
+        arrival_notes: str = "",
     ) -> None:
         """``security``: this instance's keys, the same as its agent's (the decode worker's KV
         endpoint is this instance's, and senders pin the agent's key). ``same_host``: whether KV
         to and from instances on this host goes through shared memory. ``limits``: what its KV
-        endpoint admits."""
+        endpoint admits. ``arrival_notes``: where its agent hears that a load's KV is arriving."""
         self._bind = bind
+        self._arrival_notes = arrival_notes
         self._security = security
         self._same_host = same_host
         self._limits = limits
@@ -79,6 +81,7 @@ class PdorchWorkerSide:
             security=self._security,
             same_host=self._same_host,
             limits=self._limits,
+            arrival_notes=self._arrival_notes,
         )
 
     def start_load_kv(self, plan: StepPlan) -> None:

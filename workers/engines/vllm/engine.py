@@ -44,6 +44,7 @@ from transport.messages import (
 )
 from workers.engines.base import Emit, EngineInfo
 from workers.engines.vllm.client import VllmClient
+from workers.engines.vllm.kv_arrivals import ArrivalListener
 from workers.engines.vllm.logprobs import prompt_logprobs, token_logprobs
 from workers.engines.vllm.metrics import VllmMetrics, parse_metrics
 from workers.engines.vllm.transfer_params import RECV, SEND, kv_transfer_params
@@ -157,8 +158,11 @@ class VllmEngine:
         metrics_interval_s: float = 1.0,
         kv_endpoint: str = "",
         startup_timeout_s: float = 180.0,
+        arrivals: ArrivalListener | None = None,
     ) -> None:
+        """``arrivals``: where the connector's notes that a decode's KV is arriving come in."""
         self.url = url
+        self._arrivals = arrivals
         self.model_dir = model_dir
         self.request_timeout_s = request_timeout_s
         self.metrics_interval_s = metrics_interval_s
@@ -202,6 +206,8 @@ class VllmEngine:
             adapters=adapters,
         )
         self._poller = asyncio.create_task(self._poll_metrics(), name="vllm-metrics")
+        if self._arrivals is not None:
+            self._arrivals.start(emit)
 
     async def _wait_ready(self) -> None:
         assert self._client is not None
@@ -222,6 +228,8 @@ class VllmEngine:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        if self._arrivals is not None:
+            await self._arrivals.close()
         if self._client is not None:
             await self._client.close()
 
@@ -326,10 +334,15 @@ class VllmEngine:
         # so a lost transfer surfaces as vLLM's failure rather than a bare client timeout.
         timeout_s = job.deadline_s + DECODE_HTTP_GRACE_S
         kv_loaded = False
+        arrivals = self._arrivals
+        if arrivals is not None:
+            arrivals.watch(job.kv.transfer_id, job.request_id)
         try:
             async for event in self._client.stream(body, request_id=job.request_id, timeout_s=timeout_s):
                 tokens, finish, logprobs = _event_tokens(event, job.sampling.logprobs)
                 if tokens and not kv_loaded:
+                    if arrivals is not None:
+                        arrivals.unwatch(job.kv.transfer_id)
                     # vLLM regenerated token 0 from the loaded KV: the KV is in place. Token 0 rides
                     # on KvLoaded (the prefill worker's copy may arrive later), not in the stream.
                     self._emit(KvLoaded(request_id=job.request_id, first_token=tokens[0]))
@@ -346,6 +359,9 @@ class VllmEngine:
             raise PdorchError(
                 e.code, f"decode failed before its first token, KV not loaded: {e.message}"
             ) from None
+        finally:
+            if arrivals is not None:
+                arrivals.unwatch(job.kv.transfer_id)
         raise PdorchError(ErrorCode.JOB_FAILED, f"vLLM stream for {job.request_id} ended without a finish")
 
     async def generate(self, job: GenerateJob) -> None:

@@ -25,6 +25,7 @@ from transport.kv.same_host import SameHostMode
 from transport.security import Security, SecurityConfig
 from workers.engines.vllm.block_io import BlockSink
 from workers.engines.vllm.connector_metadata import RecvSpec, SendSpec
+from workers.engines.vllm.kv_arrivals import ArrivalReporter
 from workers.engines.vllm.transfer_params import PdorchKvParams
 
 log = logging.getLogger("pdorch.vllm.kv")
@@ -52,11 +53,15 @@ class KvPlaneThread:
         security: SecurityConfig,
         same_host: SameHostMode = SameHostMode.AUTO,
         limits: ReceiverLimits = DEFAULT_LIMITS,
+        arrival_notes: str = "",
     ) -> None:
         """``same_host``: whether KV to and from vLLM instances on this host goes through shared
         memory (vLLM's CPU KV cache is plain memory, so its blocks are copied in and out of the
-        ring like any sink's)."""
+        ring like any sink's). ``arrival_notes``: the agent's endpoint for notes that a load's KV
+        is arriving (kv_arrivals.py); "" sends none."""
         self._same_host = same_host
+        self._arrival_notes = arrival_notes
+        self._reporter: ArrivalReporter | None = None
         self._limits = limits
         self.num_layers = num_layers
         self.row_shape = row_shape
@@ -110,6 +115,9 @@ class KvPlaneThread:
             )
             await self._receiver.start()
             self.endpoint = self._receiver.endpoint
+            if self._arrival_notes:
+                plain = sockets.plain_context(self._ctx)
+                self._reporter = ArrivalReporter(plain, self._arrival_notes, self._security)
 
     def close(self) -> None:
         async def _shutdown() -> None:
@@ -119,6 +127,8 @@ class KvPlaneThread:
                 if part is not None:
                     with contextlib.suppress(Exception):
                         await part.close()
+            if self._reporter is not None:
+                self._reporter.close()
             self._security.close()
             self._ctx.destroy(linger=0)
             self._loop.stop()
@@ -245,7 +255,12 @@ class KvPlaneThread:
         params = spec.params
         error = ""
         try:
-            trailer = await self._receiver_for(spec).receive(params.route, sink, deadline_s=params.deadline_s)
+            receiver = self._receiver_for(spec)
+            reporter = self._reporter
+            on_arriving = functools.partial(reporter.arriving, params.transfer_id) if reporter else None
+            trailer = await receiver.receive(
+                params.route, sink, deadline_s=params.deadline_s, on_arriving=on_arriving
+            )
             if not sink.complete():
                 error = f"KV {params.transfer_id} incomplete: rows per layer {sink.rows_written}"
             elif int((trailer or {}).get("num_tokens", -1)) != spec.num_tokens:

@@ -55,6 +55,10 @@ class VllmLaunchSpec(msgspec.Struct, kw_only=True, frozen=True):
     # Where a consuming instance's connector binds its KV receiver (it must equal the endpoint the
     # agent advertises, modulo the host part behind NAT).
     kv_bind: str = ""
+    # Where a consuming instance's connector tells its agent that a load's KV is arriving (the
+    # agent's --vllm-kv-arrival-notes; ipc:// or loopback). "": it does not, and a handoff into it is judged
+    # stalled by its first token alone.
+    kv_arrival_notes: str = ""
     kv_cache_gib: int = 1
     # VLLM_CPU_OMP_THREADS_BIND: "auto", or the cores for this instance ("0", "1", "0-3").
     cpu_cores: str = "auto"
@@ -121,6 +125,8 @@ def kv_transfer_config(spec: VllmLaunchSpec) -> dict[str, object]:
                 ErrorCode.CONFIG, f"a {spec.role} vLLM needs kv_bind (its KV receiver endpoint)"
             )
         extra["pdorch_kv_bind"] = spec.kv_bind
+        if spec.kv_arrival_notes:
+            extra["pdorch_kv_arrival_notes"] = spec.kv_arrival_notes
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,
