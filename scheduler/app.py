@@ -274,7 +274,7 @@ async def kv_broker_monitor(app: web.Application) -> AsyncIterator[None]:
     orchestrator.broker.reachable = lambda: monitor.reachable
     app[METRICS].bind_gauge(
         "pdorch_kv_broker_losses",
-        "Times the KV broker stopped answering or restarted",
+        "Times the KV broker stopped answering or restarted (once per outage)",
         lambda: monitor.losses,
     )
     await monitor.start()

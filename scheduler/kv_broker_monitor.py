@@ -115,14 +115,17 @@ class KvBrokerMonitor:
 
     def _answered(self, pong: KvPong) -> None:
         if self.instance and pong.instance != self.instance:
-            self._lost("restarted (its transfers are gone)")
+            # Handoffs sent through it while it was away are lost too; but a restart noticed after
+            # its going away was is the same loss, counted once.
+            self._lost("restarted (its transfers are gone)", outage=self.reachable)
         if not self.reachable:
             log.info("KV broker %s is reachable (instance %s)", self._endpoint, pong.instance[:8])
         self.instance = pong.instance
         self.reachable = True
 
-    def _lost(self, why: str) -> None:
-        self.losses += 1
+    def _lost(self, why: str, outage: bool = True) -> None:
+        """``outage``: a new one, counted in ``losses`` (else one counted already)."""
+        self.losses += int(outage)
         self.reachable = False
         log.warning("KV broker %s %s", self._endpoint, why)
         self._on_lost(why)

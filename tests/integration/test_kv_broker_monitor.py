@@ -85,6 +85,7 @@ async def test_monitor_sees_the_broker_go_and_come_back_as_another(ctx: zmq.asyn
             # Noticed again: handoffs sent through it while it was away (to decode workers that
             # take KV only through it) are lost with the restart too.
             assert lost == ["closed the connection", "restarted (its transfers are gone)"]
+            assert monitor.losses == 1, "one outage"
         finally:
             await second.close()
 
@@ -100,6 +101,7 @@ async def test_an_answer_from_another_instance_is_a_restart(ctx: zmq.asyncio.Con
         await _answer(peer, "b")
         await wait_until(lambda: monitor.instance == "b")
         assert lost == ["restarted (its transfers are gone)"] and monitor.reachable
+        assert monitor.losses == 1
 
 
 async def test_a_broker_that_dies_is_noticed_at_once_not_after_its_silence(ctx: zmq.asyncio.Context) -> None:
