@@ -17,6 +17,8 @@ class ErrorCode(enum.StrEnum):
     PROMPT_TOO_LONG = "prompt_too_long"
     UNAUTHORIZED = "unauthorized"
     REQUEST_TIMEOUT = "request_timeout"  # the client did not send its request in time
+    REQUEST_TOO_LARGE = "request_too_large"  # a body over the limit (decompressed, if it was)
+    UNSUPPORTED_ENCODING = "unsupported_encoding"  # a body in a Content-Encoding we do not read
     NOT_FOUND = "not_found"  # no such route
     METHOD_NOT_ALLOWED = "method_not_allowed"
     # Capacity (request-scoped, retryable).

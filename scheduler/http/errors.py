@@ -27,6 +27,8 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.MODEL_NOT_FOUND: (404, "invalid_request_error"),
     ErrorCode.UNAUTHORIZED: (401, "authentication_error"),
     ErrorCode.REQUEST_TIMEOUT: (408, "timeout_error"),
+    ErrorCode.REQUEST_TOO_LARGE: (413, "invalid_request_error"),
+    ErrorCode.UNSUPPORTED_ENCODING: (415, "invalid_request_error"),
     ErrorCode.NOT_FOUND: (404, "invalid_request_error"),
     ErrorCode.METHOD_NOT_ALLOWED: (405, "invalid_request_error"),
     ErrorCode.QUEUE_FULL: (429, "rate_limit_error"),

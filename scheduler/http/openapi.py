@@ -35,6 +35,8 @@ _GENERATION_ERRORS = {
     "401": "missing or wrong API key (when the scheduler has api_keys)",
     "404": "unknown model",
     "408": "the request body did not arrive in time",
+    "413": "the request body is over max_body_bytes (once decompressed too)",
+    "415": "a Content-Encoding other than gzip, deflate or identity",
     "429": "admission queue full, or no room within queue_timeout_s (with Retry-After)",
     "503": "no worker of a needed role, or the request ran out of workers to move to",
     "504": "a deadline passed before the first token",
@@ -88,6 +90,8 @@ _TOKENIZER_ERRORS = {
     "401": "missing or wrong API key (when the scheduler has api_keys)",
     "404": "unknown model",
     "408": "the request body did not arrive in time",
+    "413": "the request body is over max_body_bytes (once decompressed too)",
+    "415": "a Content-Encoding other than gzip, deflate or identity",
     "503": "no worker is registered yet",
 }
 
@@ -119,6 +123,8 @@ _LORA_ERRORS = {
     "404": "run-time loading is off (lora.runtime_updates), an unknown base model, or (unload) an "
     "adapter nobody serves",
     "408": "the request body did not arrive in time",
+    "413": "the request body is over max_body_bytes (once decompressed too)",
+    "415": "a Content-Encoding other than gzip, deflate or identity",
     "503": "no worker serves the base model",
     "504": "another adapter operation held the cluster for lora.timeout_s",
 }

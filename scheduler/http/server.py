@@ -30,7 +30,13 @@ async def serve(app: web.Application, cfg: SchedulerConfig) -> None:
     up to a minute)."""
     _allow_descriptors(cfg.http.max_connections + _SPARE_FDS)
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, keepalive_timeout=cfg.http.idle_timeout_s
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=cfg.http.idle_timeout_s,
+        # Bodies are decompressed by request_io.py, bounded, and only in codings it knows: aiohttp
+        # refuses others (br, zstd) in its parser, in plain text, asking for a module to install.
+        auto_decompress=False,
     )
     await runner.setup()
     server: asyncio.Server | None = None
