@@ -9,7 +9,7 @@ vLLM's extensions are accepted: ``repetition_penalty``, ``min_tokens``, ``stop_t
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -46,6 +46,9 @@ class StreamOptions(msgspec.Struct):
 
 
 class _Sampling(msgspec.Struct, kw_only=True):
+    # The field that says how many top log-probabilities per generated token (for errors).
+    LOGPROBS_FIELD: ClassVar[str] = "logprobs"
+
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -139,6 +142,8 @@ class ChatMessage(msgspec.Struct):
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
+    LOGPROBS_FIELD: ClassVar[str] = "top_logprobs"
+
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -225,9 +230,14 @@ def bad(message: str) -> PdorchError:
     return PdorchError(ErrorCode.INVALID_REQUEST, message)
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def parse_body(body: bytes, kind: type[_T], max_depth: int = 32) -> _T:
     """The request in ``body``; INVALID_REQUEST if it is not one, or nests deeper than ``max_depth``
     (anywhere, unknown fields included: the decoder would recurse into them)."""
+    if body.startswith(_UTF8_BOM):  # JSON must not carry one, but may be read past it (RFC 8259)
+        body = body[len(_UTF8_BOM) :]
     if not body.strip():
         raise bad("request body is empty; expected a JSON object")
     too_deep = bad(f"request body nests arrays and objects deeper than {max_depth} levels")
@@ -318,7 +328,7 @@ def check_common(req: _Sampling, max_tokens: int | None, *, default_max: int, li
     if problem:
         raise bad(problem)
     for name, value in (
-        ("logprobs", req.token_logprobs()),
+        (req.LOGPROBS_FIELD, req.token_logprobs()),
         ("prompt_logprobs", req.wanted_prompt_logprobs()),
     ):
         if not -1 <= value <= MAX_TOP_LOGPROBS:

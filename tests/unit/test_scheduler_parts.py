@@ -281,7 +281,7 @@ def test_bad_sampling(fields: dict, max_tokens: int, needle: str) -> None:
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"top_logprobs": 2}, "needs 'logprobs'"),
-        ({"logprobs": True, "top_logprobs": 21}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be between 0 and 20"),
     ],
 )
 def test_chat_fields_we_cannot_honour_are_refused(fields: dict, needle: str) -> None:
@@ -353,6 +353,14 @@ def test_null_means_not_given_as_in_openais_api() -> None:
         ChatCompletionRequest,
     )
     assert [m.content for m in chat.messages] == [None, "hi"] and not chat.ignore_eos
+
+
+def test_a_body_after_a_utf8_byte_order_mark_is_read() -> None:
+    """JSON must not carry one, but a reader may skip it (RFC 8259, 8.1); some clients send it."""
+    req = parse_body(b'\xef\xbb\xbf{"model": "m", "prompt": "hi"}', CompletionRequest)
+    assert (req.model, req.prompt) == ("m", "hi")
+    with pytest.raises(PdorchError, match="empty"):
+        parse_body(b"\xef\xbb\xbf  ", CompletionRequest)
 
 
 def test_chat_body_parses() -> None:
