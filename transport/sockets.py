@@ -154,18 +154,44 @@ def plain_context(ctx: zmq.Context) -> zmq.Context:
     return zmq.Context.shadow(ctx.underlying)
 
 
-def router(ctx: zmq.Context[S], bind: str, *, auth: ServerAuth, hwm: int = DEFAULT_HWM) -> S:
-    """A bound ROUTER that admits the peers ``auth`` says (``NO_SERVER_AUTH``: anyone)."""
-    sock = ctx.socket(zmq.ROUTER)
+def _bound(
+    ctx: zmq.Context[S], kind: int, bind: str, auth: ServerAuth, hwm: int, options: dict[int, int]
+) -> S:
+    sock = ctx.socket(kind)
     try:
         _apply_common_options(sock, hwm)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        for option, value in options.items():
+            sock.setsockopt(option, value)
         _apply_server_auth(sock, auth)
         sock.bind(normalize_bind(bind))
     except BaseException:
         sock.close(linger=0)
         raise
     return sock
+
+
+def _connected(
+    ctx: zmq.Context[S], kind: int, connect: str, auth: ClientAuth, hwm: int, options: dict[int, int | bytes]
+) -> S:
+    sock = ctx.socket(kind)
+    try:
+        _apply_common_options(sock, hwm)
+        _apply_client_auth(sock, auth)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        for option, value in options.items():
+            sock.setsockopt(option, value)
+        if connect:
+            sock.connect(connect)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def router(ctx: zmq.Context[S], bind: str, *, auth: ServerAuth, hwm: int = DEFAULT_HWM) -> S:
+    """A bound ROUTER that admits the peers ``auth`` says (``NO_SERVER_AUTH``: anyone)."""
+    return _bound(ctx, zmq.ROUTER, bind, auth, hwm, {zmq.ROUTER_MANDATORY: 1})
 
 
 def dealer(
@@ -179,20 +205,8 @@ def dealer(
     """A DEALER connected to ``connect`` ("": not yet, e.g. to watch its handshakes first),
     authenticating as ``auth`` says (``NO_CLIENT_AUTH``: not at all); ``identity`` fixes its routing
     id (else the server's ROUTER names the connection)."""
-    sock = ctx.socket(zmq.DEALER)
-    try:
-        _apply_common_options(sock, hwm)
-        _apply_client_auth(sock, auth)
-        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        if identity is not None:
-            sock.setsockopt(zmq.IDENTITY, identity)
-        if connect:
-            sock.connect(connect)
-    except BaseException:
-        sock.close(linger=0)
-        raise
-    return sock
+    options: dict[int, int | bytes] = {} if identity is None else {zmq.IDENTITY: identity}
+    return _connected(ctx, zmq.DEALER, connect, auth, hwm, options)
 
 
 def pull(
@@ -200,29 +214,9 @@ def pull(
 ) -> S:
     """A bound PULL that admits the peers ``auth`` says; ``max_bytes``: a smaller message limit
     than the codec's, for a socket that only ever takes small notes (a larger one disconnects)."""
-    sock = ctx.socket(zmq.PULL)
-    try:
-        _apply_common_options(sock, hwm)
-        if max_bytes:
-            sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-        _apply_server_auth(sock, auth)
-        sock.bind(normalize_bind(bind))
-    except BaseException:
-        sock.close(linger=0)
-        raise
-    return sock
+    return _bound(ctx, zmq.PULL, bind, auth, hwm, {zmq.MAXMSGSIZE: max_bytes} if max_bytes else {})
 
 
 def push(ctx: zmq.Context[S], connect: str, *, auth: ClientAuth, hwm: int = DEFAULT_HWM) -> S:
     """A PUSH connected to ``connect``, authenticating as ``auth`` says."""
-    sock = ctx.socket(zmq.PUSH)
-    try:
-        _apply_common_options(sock, hwm)
-        _apply_client_auth(sock, auth)
-        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        sock.connect(connect)
-    except BaseException:
-        sock.close(linger=0)
-        raise
-    return sock
+    return _connected(ctx, zmq.PUSH, connect, auth, hwm, {})
