@@ -37,7 +37,7 @@ from transport.kv.same_host import SameHostMode
 from transport.security import config as security_config
 from workers.engines.vllm.connector_metadata import StepPlan
 from workers.engines.vllm.connector_scheduler import PdorchSchedulerSide
-from workers.engines.vllm.connector_worker import PdorchWorkerSide
+from workers.engines.vllm.connector_worker import PdorchWorkerSide, check_layout
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,8 @@ class PdorchConnector(KVConnectorBase_V1):
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        parallel = vllm_config.parallel_config
+        check_layout(parallel.world_size, parallel.data_parallel_size)
         transfer = self._kv_transfer_config
         block_size = vllm_config.cache_config.block_size
         max_lease_s = float(transfer.get_from_extra_config("pdorch_max_lease_s", DEFAULT_MAX_LEASE_S))

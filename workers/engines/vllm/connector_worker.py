@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from transport.errors import ErrorCode, PdorchError
 from transport.kv.receiver import DEFAULT_LIMITS, ReceiverLimits
 from transport.kv.same_host import SameHostMode
 from transport.security import SecurityConfig
@@ -23,11 +24,33 @@ from workers.engines.vllm.connector_metadata import StepPlan
 from workers.engines.vllm.kv_plane_thread import KvPlaneThread
 
 
+def check_layout(world_size: int, data_parallel_size: int) -> None:
+    """The connector moves a request's whole KV between two instances of one worker process each:
+    with more (tensor, pipeline or data parallelism), each process would hold part of the KV, bind
+    the same KV endpoint and send only its part. Refused at startup, with why, rather than failing
+    each handoff later."""
+    if world_size > 1 or data_parallel_size > 1:
+        raise PdorchError(
+            ErrorCode.CONFIG,
+            "pdorch's KV connector moves the KV of vLLM instances with one worker process (tensor, "
+            f"pipeline and data parallel size 1); this one has {world_size} worker processes and "
+            f"{data_parallel_size} data-parallel ranks (docs/vllm.md)",
+        )
+
+
 def as_numpy(tensor: Any) -> np.ndarray:
-    """A numpy view of a CPU torch tensor; dtypes numpy lacks (bfloat16, fp8) as raw integers."""
+    """A numpy view of a CPU torch tensor; dtypes numpy lacks (bfloat16, fp8) as raw integers. A
+    cache in device memory is refused: the KV plane reads and writes host memory."""
     if isinstance(tensor, np.ndarray):
         return tensor
     import torch
+
+    if tensor.device.type != "cpu":
+        raise PdorchError(
+            ErrorCode.CONFIG,
+            f"pdorch's KV connector moves KV caches in host memory (vLLM's CPU backend); this one is "
+            f"on {tensor.device} (docs/vllm.md)",
+        )
 
     if tensor.dtype in (torch.float32, torch.float16, torch.int8, torch.uint8):
         return tensor.numpy()
