@@ -10,10 +10,10 @@ The connector (:class:`ArrivalReporter`, on its KV plane's thread) pushes one sm
 transfer at most once a second while its chunks come (``transport/kv/arrival_watch.py``); the
 agent (:class:`ArrivalListener`) pulls them on a local endpoint both are configured with (an
 ``ipc://`` path, or a port on a pod's loopback) and emits ``KvArriving`` for the decode job
-waiting for that transfer. Notes are advisory: one that
-cannot be sent at once is dropped, and one about no job this agent is waiting for is ignored.
-Both ends authenticate as the worker (the connector holds the agent's key), on the KV plane's
-terms. Shared by the agent and the vLLM processes, so it imports neither vLLM nor torch.
+waiting for that transfer. Notes are advisory: one that cannot be sent at once is dropped, and one
+about no job this agent is waiting for is ignored. Both ends authenticate as the worker (the
+connector holds the agent's key), on the KV plane's terms. Shared by the agent and the vLLM
+processes, so it imports neither vLLM nor torch.
 """
 
 from __future__ import annotations
@@ -42,6 +42,16 @@ EMIT_EVERY_S = 0.5
 
 class ArrivalNote(msgspec.Struct, array_like=True, frozen=True, gc=False):
     transfer_id: str
+
+
+class _Watch:
+    """A decode job waiting for its transfer, and when the agent last said its KV was arriving."""
+
+    __slots__ = ("request_id", "told_at")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.told_at = float("-inf")
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -75,8 +85,7 @@ class ArrivalListener:
         auth = security.server(ctx, Plane.KV)
         self._sock = sockets.pull(ctx, bind, auth=auth, hwm=NOTES_HWM, max_bytes=NOTE_MAX_BYTES)
         self.endpoint = sockets.bound_endpoint(self._sock)
-        # transfer id -> [request id, when KvArriving was last emitted for it]
-        self._watched: dict[str, list] = {}
+        self._watched: dict[str, _Watch] = {}  # by transfer id
         self._task: asyncio.Task[None] | None = None
         self.bad_notes = 0
 
@@ -85,7 +94,7 @@ class ArrivalListener:
 
     def watch(self, transfer_id: str, request_id: str) -> None:
         """A decode job waits for ``transfer_id``: its notes become ``KvArriving(request_id)``."""
-        self._watched[transfer_id] = [request_id, float("-inf")]
+        self._watched[transfer_id] = _Watch(request_id)
 
     def unwatch(self, transfer_id: str) -> None:
         self._watched.pop(transfer_id, None)
@@ -108,9 +117,9 @@ class ArrivalListener:
             if watch is None:  # its job ended, or it was never ours
                 continue
             now = loop.time()
-            if now - watch[1] >= EMIT_EVERY_S:
-                watch[1] = now
-                emit(KvArriving(watch[0]))
+            if now - watch.told_at >= EMIT_EVERY_S:
+                watch.told_at = now
+                emit(KvArriving(watch.request_id))
 
     async def close(self) -> None:
         if self._task is not None:
