@@ -153,7 +153,7 @@ async def test_corrupted_kv_transfer_fails_the_decode(cluster: Cluster, engines:
 async def test_a_handoff_over_a_slow_link_is_told_while_its_kv_arrives(
     cluster: Cluster, engines: Engines
 ) -> None:
-    """The KV crosses a link of ~100 kB/s (seconds for the longest prompt): the decode server's
+    """The KV crosses a link of ~50 kB/s (seconds for the longest prompt): the decode server's
     connector tells its agent that the KV is arriving, and the agent says so (``KvArriving``)
     before the KV is loaded, which keeps the scheduler from taking the handoff for stalled."""
     proxy = TcpProxy(free_port(), int(cluster.kv_endpoint.rsplit(":", 1)[1]))
