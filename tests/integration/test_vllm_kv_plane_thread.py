@@ -167,7 +167,7 @@ def test_wrong_shaped_kv_is_rejected(sides) -> None:  # type: ignore[no-untyped-
 
 
 async def test_a_load_that_keeps_arriving_is_told_to_the_agent(tmp_path: Path) -> None:
-    """A forward pass that saves a layer every 0.8 s: while the load goes on, the consumer's KV
+    """A forward pass that saves a layer every 1.2 s: while the load goes on, the consumer's KV
     plane tells the agent's listener that its KV is arriving (as ``KvArriving`` for the job
     waiting for it), so the scheduler does not take the handoff for stalled; after it, nothing."""
     keys = KeySet.create(tmp_path, {"prefill": (), "decode": ()})
@@ -202,7 +202,7 @@ async def test_a_load_that_keeps_arriving_is_told_to_the_agent(tmp_path: Path) -
 
         def slow_forward() -> None:
             for i in range(LAYERS):
-                time.sleep(0.8)
+                time.sleep(1.2)
                 producer.save_kv_layer(plan, f"model.layers.{i}.attn")
             producer.wait_for_save(plan)
 
