@@ -244,6 +244,9 @@ class Planner:
         tokens = preq.prompt_len + predicted_output_tokens(preq, self.config.reservation)
         placement = Placement(worker_id, worker_id, blocks_for(tokens, node.block_size))
         self.book(placement, preq, now)
+        # The prompt's full blocks are choice 0's, there and counted as used: its own are the last,
+        # partial one and its output (as the first choice's room check counted them).
+        node.grow(preq.request_id, preq.prompt_len // node.block_size * node.block_size)
         return placement
 
     def book(self, placement: Placement, preq: PlacementRequest, now: float) -> None:

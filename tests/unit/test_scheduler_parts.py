@@ -574,7 +574,11 @@ def test_a_following_choice_is_booked_colocated_where_the_prompt_is() -> None:
     placement = planner.follow(preq, "d", now=0.0)
     assert placement is not None and (placement.prefill, placement.decode) == ("d", "d")
     assert placement.reserve_blocks > 0
-    assert cluster.get("d").reserved_blocks == placement.reserve_blocks  # type: ignore[union-attr]
+    # Not its prompt's full blocks: choice 0 holds them there, counted as used.
+    node = cluster.get("d")
+    assert node is not None
+    shared = len(greq.prompt_token_ids) // node.hello.block_size
+    assert shared > 0 and node.reserved_blocks == placement.reserve_blocks - shared
     planner.release("r-1", now=0.0)
     assert cluster.get("d").reserved_blocks == 0  # type: ignore[union-attr]
     assert planner.follow(preq, "gone", now=0.0) is None
