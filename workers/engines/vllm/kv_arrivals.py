@@ -65,13 +65,11 @@ class ArrivalReporter:
         agent's endpoint serves with."""
         auth = security.client(Plane.KV, security.public_key)
         self._sock = sockets.push(ctx, connect, auth=auth, hwm=NOTES_HWM)
-        self.dropped = 0
 
     def arriving(self, transfer_id: str) -> None:
-        try:
+        # Dropped when no agent is connected or it is not reading: the note is only advice.
+        with contextlib.suppress(zmq.Again):
             send_frames(self._sock, [_encode(ArrivalNote(transfer_id))], NOBLOCK)
-        except zmq.Again:  # no agent connected, or it is not reading: the note is only advice
-            self.dropped += 1
 
     def close(self) -> None:
         self._sock.close(linger=0)
