@@ -28,6 +28,7 @@ from tests.manifests.targets import (
     rendered,
 )
 from workers.engines.vllm.launch import SERVER_KEEPALIVE_S
+from workers.engines.vllm.transfer_params import rank_endpoint
 
 NAMESPACE = "pdorch"
 
@@ -458,6 +459,14 @@ def test_vllm_overlay_shape(name: str, target: str) -> None:
         notes = kv["kv_connector_extra_config"]["pdorch_kv_arrival_notes"]
         assert notes.startswith("tcp://127.0.0.1:")
         assert arg_value(agent_args, "--vllm-kv-arrival-notes") == notes
+        # Tensor-parallel rank r receives at the KV port + r: the notes are on none of them.
+        tp = (
+            int(script.split("--tensor-parallel-size", 1)[1].split()[0])
+            if "--tensor-parallel-size" in script
+            else 1
+        )
+        bind = kv["kv_connector_extra_config"]["pdorch_kv_bind"]
+        assert notes.rsplit(":", 1)[1] not in {rank_endpoint(bind, r).rsplit(":", 1)[1] for r in range(tp)}
 
 
 @pytest.mark.parametrize("target", VLLM_TARGETS)

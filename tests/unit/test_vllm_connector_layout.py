@@ -1,5 +1,5 @@
-"""What the KV connector refuses at startup: instances of more than one worker process, and KV
-caches outside host memory (it would otherwise fail every handoff later, or send part of the KV)."""
+"""What the KV connector refuses at startup: layouts other than tensor parallelism on one host, and
+KV caches outside host memory (it would otherwise fail every handoff later, or send part of the KV)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from transport.errors import ErrorCode, PdorchError
 from workers.engines.vllm.connector_worker import as_numpy, check_layout
 
 
-def test_one_worker_process_is_the_layout_it_moves() -> None:
-    check_layout(1, 1)
-    for world, dp in ((2, 1), (8, 1), (16, 1), (1, 2)):
+def test_tensor_parallelism_on_one_host_is_the_layout_it_moves() -> None:
+    for tensor in (1, 2, 8):
+        check_layout(tensor=tensor)
+    for other in ({"pipeline": 2}, {"context": 2}, {"data": 2}, {"nodes": 2}, {"tensor": 8, "pipeline": 2}):
         with pytest.raises(PdorchError) as e:
-            check_layout(world, dp)
-        assert e.value.code is ErrorCode.CONFIG and "one worker process" in e.value.message
+            check_layout(**{"tensor": 1, **other})
+        assert e.value.code is ErrorCode.CONFIG and "tensor parallelism alone" in e.value.message
 
 
 def test_numpy_caches_are_taken_as_they_are() -> None:

@@ -78,6 +78,22 @@ def test_plain_instance_has_no_connector_and_base_env_is_not_mutated() -> None:
         VllmLaunchSpec(model_dir="/m", port=1, role=None, block_size=16),
         VllmLaunchSpec(model_dir="/m", port=1, role=None, kv_load_failure_policy="ignore"),
         VllmLaunchSpec(model_dir="/m", port=1, role=Role.PREFILL, kv_same_host="sometimes"),
+        # A core group per tensor-parallel rank, or auto.
+        VllmLaunchSpec(model_dir="/m", port=1, role=Role.PREFILL, tensor_parallel_size=2, cpu_cores="0"),
+        VllmLaunchSpec(model_dir="/m", port=1, role=Role.PREFILL, tensor_parallel_size=0),
+        # Rank 1 would receive at port + 1: not a port the kernel picks.
+        VllmLaunchSpec(
+            model_dir="/m", port=1, role=Role.DECODE, kv_bind="tcp://127.0.0.1:0", tensor_parallel_size=2
+        ),
+        # The arrival notes on rank 1's KV endpoint.
+        VllmLaunchSpec(
+            model_dir="/m",
+            port=1,
+            role=Role.DECODE,
+            kv_bind="tcp://127.0.0.1:5601",
+            kv_arrival_notes="tcp://127.0.0.1:5602",
+            tensor_parallel_size=2,
+        ),
     ],
 )
 def test_bad_specs_are_config_errors(spec: VllmLaunchSpec) -> None:
@@ -169,3 +185,22 @@ def test_a_consumer_tells_its_agent_where_its_kv_arrives_and_a_producer_does_not
     assert "pdorch_kv_arrival_notes" not in kv_transfer_config(producer)["kv_connector_extra_config"]
     unset = VllmLaunchSpec(model_dir="/m", port=1, role=Role.DECODE, kv_bind="tcp://127.0.0.1:5601")
     assert "pdorch_kv_arrival_notes" not in kv_transfer_config(unset)["kv_connector_extra_config"]
+
+
+def test_a_tensor_parallel_server_gets_its_size_a_core_group_per_rank_and_no_compilation() -> None:
+    spec = VllmLaunchSpec(
+        model_dir="/m",
+        port=1,
+        role=Role.DECODE,
+        kv_bind="tcp://127.0.0.1:5601",
+        kv_arrival_notes="tcp://127.0.0.1:5600",
+        tensor_parallel_size=2,
+        cpu_cores="0|1",
+    )
+    argv, env = vllm_command(spec, python="py")
+    assert _flag(argv, "--tensor-parallel-size") == "2"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    # Eager: vLLM's few torch.compile'd helpers would otherwise compile C++ on their first call.
+    assert env["TORCHDYNAMO_DISABLE"] == "1"
+    one, _ = vllm_command(VllmLaunchSpec(model_dir="/m", port=1, role=Role.PREFILL), python="py")
+    assert "--tensor-parallel-size" not in one

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdorch.launcher import ClusterSpec, LocalCluster
-from tests.vllm_support.environment import free_port
+from tests.vllm_support.environment import free_port, free_ports
 from tests.vllm_support.processes import VllmServer, wait_healthy
 from transport import sockets
 from transport.kv.broker_cli import listening_endpoint
@@ -102,23 +102,33 @@ def _start_broker(log_path: Path, keys: KeySet) -> tuple[subprocess.Popen[bytes]
 
 
 @contextmanager
-def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Iterator[Cluster]:
-    """Both servers (one core each) and a broker, healthy; stopped by PID on the way out. Each
-    has the CURVE keys of the party it stands for (named as the agents pdorch_in_front puts in
-    front of them: the same keys serve both)."""
+def pd_servers(
+    python: Path, model_dir: Path, work: Path, *, tensor_parallel_size: int = 1, **spec: object
+) -> Iterator[Cluster]:
+    """Both servers (one core each, shared by a tensor-parallel server's ranks)
+    and a broker, healthy; stopped by PID on the way out. Each has the CURVE keys of the party it
+    stands for (named as the agents pdorch_in_front puts in front of them: the same keys serve
+    both)."""
     keys = KeySet.create(work / "keys", {"prefill-0": (), "decode-0": ()})
     broker_log = work / "kv-broker.log"
     # First: the ports picked for the servers below are then not the one it chose.
     broker, broker_endpoint = _start_broker(broker_log, keys)
-    kv_port = free_port()
+    kv_port = free_ports(tensor_parallel_size)  # rank r receives at kv_port + r
     notes_dir = private_rpc_dir()  # a path, not a port another process could take meanwhile
     notes = f"ipc://{notes_dir}/kv-arrivals"
-    common: dict = {"model_dir": str(model_dir), "kv_limits": PATIENT_LIMITS, **spec}
+    common: dict = {
+        "model_dir": str(model_dir),
+        "kv_limits": PATIENT_LIMITS,
+        "tensor_parallel_size": tensor_parallel_size,
+        **spec,
+    }
+    # Each server on a core of its own, its ranks sharing it.
+    cores = tuple("|".join([c] * tensor_parallel_size) for c in ("0", "1"))
     servers: list[VllmServer] = []
     try:
         prefill = VllmServer(
             "prefill",
-            VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores="0", **common),
+            VllmLaunchSpec(port=free_port(), role=Role.PREFILL, cpu_cores=cores[0], **common),
             python=python,
             log_dir=work,
             env=keys.env("prefill-0"),
@@ -127,7 +137,7 @@ def pd_servers(python: Path, model_dir: Path, work: Path, **spec: object) -> Ite
         decode_spec = VllmLaunchSpec(
             port=free_port(),
             role=Role.DECODE,
-            cpu_cores="1",
+            cpu_cores=cores[1],
             kv_bind=f"tcp://127.0.0.1:{kv_port}",
             kv_arrival_notes=notes,
             **common,

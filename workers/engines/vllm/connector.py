@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorTransferResults,
 )
+from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.logger import init_logger
 
 from transport.kv.receiver import ReceiverLimits
@@ -66,7 +67,13 @@ class PdorchConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         parallel = vllm_config.parallel_config
-        check_layout(parallel.world_size, parallel.data_parallel_size)
+        check_layout(
+            tensor=parallel.tensor_parallel_size,
+            pipeline=parallel.pipeline_parallel_size,
+            context=parallel.prefill_context_parallel_size * parallel.decode_context_parallel_size,
+            data=parallel.data_parallel_size,
+            nodes=parallel.nnodes,
+        )
         transfer = self._kv_transfer_config
         block_size = vllm_config.cache_config.block_size
         max_lease_s = float(transfer.get_from_extra_config("pdorch_max_lease_s", DEFAULT_MAX_LEASE_S))
@@ -85,7 +92,12 @@ class PdorchConnector(KVConnectorBase_V1):
             # The agent's endpoint for "this load's KV is arriving" (kv_arrivals.py).
             notes = str(transfer.get_from_extra_config("pdorch_kv_arrival_notes", "")) if bind else ""
             self._worker = PdorchWorkerSide(
-                bind=bind or None, security=security, same_host=same_host, limits=limits, arrival_notes=notes
+                bind=bind or None,
+                security=security,
+                same_host=same_host,
+                limits=limits,
+                arrival_notes=notes,
+                rank=get_tensor_model_parallel_rank(),
             )
         logger.info("PdorchConnector %s side, role %s", role.name, transfer.kv_role)
 

@@ -24,17 +24,18 @@ from workers.engines.vllm.connector_metadata import StepPlan
 from workers.engines.vllm.kv_plane_thread import KvPlaneThread
 
 
-def check_layout(world_size: int, data_parallel_size: int) -> None:
-    """The connector moves a request's whole KV between two instances of one worker process each:
-    with more (tensor, pipeline or data parallelism), each process would hold part of the KV, bind
-    the same KV endpoint and send only its part. Refused at startup, with why, rather than failing
-    each handoff later."""
-    if world_size > 1 or data_parallel_size > 1:
+def check_layout(*, tensor: int, pipeline: int = 1, context: int = 1, data: int = 1, nodes: int = 1) -> None:
+    """The layouts the connector moves: one instance on one host, its KV split by tensor
+    parallelism only (each rank sends its part to the same rank of the other instance, whose
+    endpoints are derived from rank 0's on one host). With pipeline stages a rank would hold other
+    layers, with context parallelism other tokens, with data-parallel ranks other requests, across
+    nodes other hosts: refused at startup, with why, rather than failing each handoff later."""
+    if tensor < 1 or max(pipeline, context, data, nodes) > 1:
         raise PdorchError(
             ErrorCode.CONFIG,
-            "pdorch's KV connector moves the KV of vLLM instances with one worker process (tensor, "
-            f"pipeline and data parallel size 1); this one has {world_size} worker processes and "
-            f"{data_parallel_size} data-parallel ranks (docs/vllm.md)",
+            "pdorch's KV connector moves the KV of vLLM instances on one host split by tensor "
+            f"parallelism alone; this one has pipeline {pipeline}, context {context} and data "
+            f"parallel size {data} on {nodes} nodes (docs/vllm.md)",
         )
 
 
@@ -67,12 +68,15 @@ class PdorchWorkerSide:
         same_host: SameHostMode = SameHostMode.AUTO,
         limits: ReceiverLimits = DEFAULT_LIMITS,
         arrival_notes: str = "",
+        rank: int = 0,
     ) -> None:
         """``security``: this instance's keys, the same as its agent's (the decode worker's KV
         endpoint is this instance's, and senders pin the agent's key). ``same_host``: whether KV
         to and from instances on this host goes through shared memory. ``limits``: what its KV
-        endpoint admits. ``arrival_notes``: where its agent hears that a load's KV is arriving."""
+        endpoint admits. ``arrival_notes``: where its agent hears that a load's KV is arriving.
+        ``rank``: this worker process's tensor-parallel rank (its part of the KV, its endpoint)."""
         self._bind = bind
+        self._rank = rank
         self._arrival_notes = arrival_notes
         self._security = security
         self._same_host = same_host
@@ -105,6 +109,7 @@ class PdorchWorkerSide:
             same_host=self._same_host,
             limits=self._limits,
             arrival_notes=self._arrival_notes,
+            rank=self._rank,
         )
 
     def start_load_kv(self, plan: StepPlan) -> None:

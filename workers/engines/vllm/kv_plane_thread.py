@@ -5,6 +5,10 @@ an event loop on a daemon thread: the connector hands work over with ``call_soon
 collects finished transfers under a lock, so the forward pass never waits on the network.
 
 Every transfer ends in bounded time: sends are cut off at their lease, loads at their deadline.
+
+In a tensor-parallel instance each worker process (rank) has its own: it binds rank r's endpoint
+and moves rank r's part of each request's KV (``PdorchKvParams.route_for``); vLLM counts a
+request's transfer over once every rank has said so.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from transport.errors import ErrorCode, PdorchError
 from transport.kv import KvReceiver, KvSender
 from transport.kv.receiver import DEFAULT_LIMITS, ReceiverLimits
 from transport.kv.same_host import SameHostMode
+from transport.messages import KvRoute
 from transport.security import Security, SecurityConfig
 from workers.engines.vllm.block_io import BlockSink
 from workers.engines.vllm.connector_metadata import RecvSpec, SendSpec
 from workers.engines.vllm.kv_arrivals import ArrivalReporter
-from workers.engines.vllm.transfer_params import PdorchKvParams
+from workers.engines.vllm.transfer_params import PdorchKvParams, rank_endpoint
 
 log = logging.getLogger("pdorch.vllm.kv")
 
@@ -54,11 +59,14 @@ class KvPlaneThread:
         same_host: SameHostMode = SameHostMode.AUTO,
         limits: ReceiverLimits = DEFAULT_LIMITS,
         arrival_notes: str = "",
+        rank: int = 0,
     ) -> None:
         """``same_host``: whether KV to and from vLLM instances on this host goes through shared
         memory (vLLM's CPU KV cache is plain memory, so its blocks are copied in and out of the
         ring like any sink's). ``arrival_notes``: the agent's endpoint for notes that a load's KV
-        is arriving (kv_arrivals.py); "" sends none."""
+        is arriving (kv_arrivals.py); "" sends none. ``rank``: the worker's tensor-parallel rank;
+        ``bind`` is rank 0's endpoint."""
+        self.rank = rank
         self._same_host = same_host
         self._arrival_notes = arrival_notes
         self._reporter: ArrivalReporter | None = None
@@ -81,6 +89,7 @@ class KvPlaneThread:
         self._startup_error: BaseException | None = None
         self.endpoint = ""
         self._security_cfg = security
+        bind = rank_endpoint(bind, rank) if bind else bind
         self._thread = threading.Thread(target=self._main, args=(bind,), name="pdorch-kv-plane", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -187,7 +196,7 @@ class KvPlaneThread:
     async def _stream(self, send: _Send) -> None:
         spec = send.spec
         stream = await self._sender.open(
-            spec.params.route,
+            self._route(spec.params),
             num_layers=self.num_layers,
             rows_per_layer=len(spec.block_ids),
             row_shape=self.row_shape,
@@ -235,13 +244,13 @@ class KvPlaneThread:
         """A decode request arrived: its sender's begin may wait for it until its deadline."""
         if self._receiver is not None:
             self._loop.call_soon_threadsafe(
-                functools.partial(self._receiver.announce, params.route, wait_s=params.deadline_s)
+                functools.partial(self._receiver.announce, self._route(params), wait_s=params.deadline_s)
             )
 
     def withdraw_recv(self, params: PdorchKvParams) -> None:
         """It ended (or needs no load) before its load started: let its sender go now."""
         if self._receiver is not None:
-            self._loop.call_soon_threadsafe(self._receiver.withdraw, params.route)
+            self._loop.call_soon_threadsafe(self._receiver.withdraw, self._route(params))
 
     def cancel_recv(self, req_id: str) -> None:
         def _cancel() -> None:
@@ -259,7 +268,7 @@ class KvPlaneThread:
             reporter = self._reporter
             on_arriving = functools.partial(reporter.arriving, params.transfer_id) if reporter else None
             trailer = await receiver.receive(
-                params.route, sink, deadline_s=params.deadline_s, on_arriving=on_arriving
+                self._route(params), sink, deadline_s=params.deadline_s, on_arriving=on_arriving
             )
             if not sink.complete():
                 error = f"KV {params.transfer_id} incomplete: rows per layer {sink.rows_written}"
@@ -288,6 +297,9 @@ class KvPlaneThread:
         self.errors[req_id] = error
         while len(self.errors) > MAX_KEPT_ERRORS:
             del self.errors[next(iter(self.errors))]
+
+    def _route(self, params: PdorchKvParams) -> KvRoute:
+        return params.route_for(self.rank)
 
     def _receiver_for(self, spec: RecvSpec) -> KvReceiver:
         if self._receiver is None:

@@ -21,6 +21,7 @@ import msgspec
 from transport.errors import ErrorCode, PdorchError
 from transport.kv.receiver import DEFAULT_LIMITS, ReceiverLimits
 from transport.messages import Role
+from workers.engines.vllm.transfer_params import rank_endpoint
 
 CONNECTOR_CLASS = "PdorchConnector"
 CONNECTOR_MODULE = "workers.engines.vllm.connector"
@@ -60,8 +61,13 @@ class VllmLaunchSpec(msgspec.Struct, kw_only=True, frozen=True):
     # stalled by its first token alone.
     kv_arrival_notes: str = ""
     kv_cache_gib: int = 1
-    # VLLM_CPU_OMP_THREADS_BIND: "auto", or the cores for this instance ("0", "1", "0-3").
+    # VLLM_CPU_OMP_THREADS_BIND: "auto", or the cores for this instance ("0", "1", "0-3"), one
+    # group per tensor-parallel rank ("0|1").
     cpu_cores: str = "auto"
+    # Worker processes the model (and each request's KV) is split across. A decode instance's rank
+    # r receives its part at kv_bind's port + r (transfer_params.rank_endpoint), and both pools must
+    # use the same size.
+    tensor_parallel_size: int = 1
     block_size: int = 32
     max_model_len: int = 512
     max_num_seqs: int = 8
@@ -125,6 +131,12 @@ def kv_transfer_config(spec: VllmLaunchSpec) -> dict[str, object]:
                 ErrorCode.CONFIG, f"a {spec.role} vLLM needs kv_bind (its KV receiver endpoint)"
             )
         extra["pdorch_kv_bind"] = spec.kv_bind
+        ranks = [rank_endpoint(spec.kv_bind, r) for r in range(spec.tensor_parallel_size)]
+        if spec.kv_arrival_notes in ranks:
+            raise PdorchError(
+                ErrorCode.CONFIG,
+                f"kv_arrival_notes {spec.kv_arrival_notes!r} is one of the ranks' KV endpoints {ranks}",
+            )
         if spec.kv_arrival_notes:
             extra["pdorch_kv_arrival_notes"] = spec.kv_arrival_notes
     return {
@@ -154,6 +166,13 @@ def vllm_command(
         raise PdorchError(
             ErrorCode.CONFIG, f"kv_same_host must be auto, on or off, not {spec.kv_same_host!r}"
         )
+    groups = len(spec.cpu_cores.split("|"))
+    if spec.tensor_parallel_size < 1 or (spec.cpu_cores != "auto" and groups != spec.tensor_parallel_size):
+        raise PdorchError(
+            ErrorCode.CONFIG,
+            f"cpu_cores {spec.cpu_cores!r} names {groups} core groups for tensor_parallel_size "
+            f"{spec.tensor_parallel_size} (one per rank, '|' between them, or auto)",
+        )
     if spec.block_size % 32:
         raise PdorchError(
             ErrorCode.CONFIG,
@@ -169,6 +188,8 @@ def vllm_command(
         "--max-model-len", str(spec.max_model_len),
         "--max-num-seqs", str(spec.max_num_seqs),
     ]  # fmt: skip
+    if spec.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     if spec.enforce_eager:
         argv.append("--enforce-eager")
     if spec.served_model_name:
@@ -193,6 +214,11 @@ def vllm_command(
     env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
     env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_cores
     env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(SERVER_KEEPALIVE_S)
+    if spec.enforce_eager:
+        # Eager all the way: vLLM still wraps a few small functions in torch.compile (with tensor
+        # parallelism, the vocabulary embedding's masking), and their first call then compiles C++
+        # with the system compiler, a minute or more per worker process on a small CPU host.
+        env["TORCHDYNAMO_DISABLE"] = "1"
     if rpc_dir is not None:
         env["VLLM_RPC_BASE_PATH"] = str(rpc_dir)
     if lora:
