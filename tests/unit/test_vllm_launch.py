@@ -26,6 +26,12 @@ def _flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
+def _two_rank_decode(**spec: str) -> VllmLaunchSpec:
+    """A decode server of two tensor-parallel ranks, receiving KV at 5601 (rank 1: 5602)."""
+    decode = {"role": Role.DECODE, "kv_bind": "tcp://127.0.0.1:5601", "tensor_parallel_size": 2}
+    return VllmLaunchSpec(model_dir="/m", port=1, **decode, **spec)
+
+
 def test_decode_instance_consumes_kv_on_its_endpoint() -> None:
     spec = VllmLaunchSpec(
         model_dir="/m", port=8200, role=Role.DECODE, kv_bind="tcp://127.0.0.1:5601", cpu_cores="1"
@@ -86,14 +92,7 @@ def test_plain_instance_has_no_connector_and_base_env_is_not_mutated() -> None:
             model_dir="/m", port=1, role=Role.DECODE, kv_bind="tcp://127.0.0.1:0", tensor_parallel_size=2
         ),
         # The arrival notes on rank 1's KV endpoint.
-        VllmLaunchSpec(
-            model_dir="/m",
-            port=1,
-            role=Role.DECODE,
-            kv_bind="tcp://127.0.0.1:5601",
-            kv_arrival_notes="tcp://127.0.0.1:5602",
-            tensor_parallel_size=2,
-        ),
+        _two_rank_decode(kv_arrival_notes="tcp://127.0.0.1:5602"),
     ],
 )
 def test_bad_specs_are_config_errors(spec: VllmLaunchSpec) -> None:
@@ -188,16 +187,9 @@ def test_a_consumer_tells_its_agent_where_its_kv_arrives_and_a_producer_does_not
 
 
 def test_a_tensor_parallel_server_gets_its_size_a_core_group_per_rank_and_no_compilation() -> None:
-    spec = VllmLaunchSpec(
-        model_dir="/m",
-        port=1,
-        role=Role.DECODE,
-        kv_bind="tcp://127.0.0.1:5601",
-        kv_arrival_notes="tcp://127.0.0.1:5600",
-        tensor_parallel_size=2,
-        cpu_cores="0|1",
+    argv, env = vllm_command(
+        _two_rank_decode(kv_arrival_notes="tcp://127.0.0.1:5600", cpu_cores="0|1"), python="py"
     )
-    argv, env = vllm_command(spec, python="py")
     assert _flag(argv, "--tensor-parallel-size") == "2"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
     # Eager: vLLM's few torch.compile'd helpers would otherwise compile C++ on their first call.
