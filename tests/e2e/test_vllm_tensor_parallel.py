@@ -19,6 +19,7 @@ import pytest
 
 from pdorch.launcher import LocalCluster
 from scheduler.tokenizer.hf import HfTokenizer
+from tests.e2e.helpers import metric
 from tests.vllm_support.environment import build_tiny_model, vllm_python
 from tests.vllm_support.pd_pair import (
     Cluster,
@@ -86,20 +87,20 @@ def stack(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 async def test_pdorch_serves_tensor_parallel_vllm_like_colocated(
     cluster: Cluster, stack: LocalCluster
 ) -> None:
-    """Through pdorch's HTTP API and two agents, the tensor-parallel pair answers as plain vLLM."""
+    """Through pdorch's HTTP API and two agents, the tensor-parallel pair answers as plain vLLM, each
+    request handed off (the decode side's route names no endpoint: its ranks derive only ids)."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        handoffs = await metric(session, stack.url, "pdorch_kv_handoffs_total", mode="p2p", outcome="ok")
         for text in TEXTS:
-            body = {
-                "model": MODEL,
-                "prompt": text,
-                "max_tokens": 12,
-                "temperature": 0.0,
-                "return_token_ids": True,
-            }
+            body = {"model": MODEL, "prompt": text, "max_tokens": 12, "temperature": 0.0}
             answers = []
             for url in (cluster.prefill.url, stack.url):
-                async with session.post(url + "/v1/completions", json=body) as resp:
+                async with session.post(
+                    url + "/v1/completions", json={**body, "return_token_ids": True}
+                ) as resp:
                     data = await resp.json()
                     assert resp.status == 200, data
                     answers.append(data["choices"][0]["token_ids"])
             assert answers[1] == answers[0], text
+        after = await metric(session, stack.url, "pdorch_kv_handoffs_total", mode="p2p", outcome="ok")
+        assert after - handoffs == len(TEXTS)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pdorch.launcher import free_ports
 from transport import sockets
 from transport.kv.same_host import SameHostMode
 from transport.messages import KvArriving
@@ -221,3 +222,41 @@ async def test_a_load_that_keeps_arriving_is_told_to_the_agent(tmp_path: Path) -
         await listener.close()
         agent_security.close()
         ctx.destroy(linger=0)
+
+
+def test_tensor_parallel_ranks_move_their_own_parts_rank_to_rank(tmp_path: Path) -> None:
+    """Two ranks a side, as vLLM's worker processes of two tensor-parallel instances: each consumer
+    rank binds rank 0's port + its rank, each producer rank sends its own cache (here its own
+    values) to the same rank, under one request route that names rank 0 alone."""
+    keys = KeySet.create(tmp_path, {"prefill": (), "decode": ()})
+    _DECODE_KEY["public"] = read_keypair(keys.key_file("decode")).public
+
+    def side(name: str, rank: int, bind: str | None) -> PdorchWorkerSide:
+        security = SecurityConfig(key_file=str(keys.key_file(name)), trusted_keys=str(keys.trusted_dir))
+        return PdorchWorkerSide(bind=bind, security=security, same_host=SameHostMode.OFF, rank=rank)
+
+    endpoint = f"tcp://127.0.0.1:{free_ports(2)}"
+    srcs, dsts = [_caches(1), _caches(2)], [_caches(None), _caches(None)]
+    producers = [side("prefill", r, None) for r in (0, 1)]
+    consumers = [side("decode", r, endpoint) for r in (0, 1)]
+    try:
+        for r in (0, 1):
+            producers[r].register_kv_caches(srcs[r])
+            consumers[r].register_kv_caches(dsts[r])
+        assert consumers[1].kv.endpoint.endswith(f":{int(endpoint.rsplit(':', 1)[1]) + 1}")
+        # A route whose rank endpoint cannot be derived fails nothing in the caller (vLLM's
+        # forward pass), only on the KV plane's thread.
+        consumers[1].start_load_kv(StepPlan(announce=[_params(RECV, "tcp://127.0.0.1:0", "bad")]))
+        recv = RecvSpec("d", _params(RECV, "", "tp"), [7, 8], skip_rows=0, num_tokens=64)
+        send = SendSpec("p", _params(SEND, endpoint, "tp"), [1, 2], num_tokens=64, lease_s=10)
+        for r in (0, 1):
+            consumers[r].start_load_kv(StepPlan(announce=[recv.params], recvs=[recv]))
+            _forward(producers[r], StepPlan(sends=[send]))
+        for r in (0, 1):
+            _, recvd, failed = _wait(consumers[r], set())
+            assert recvd == {"d"} and failed == set()
+            for name in srcs[r]:
+                np.testing.assert_array_equal(dsts[r][name][[7, 8]], srcs[r][name][[1, 2]])
+    finally:
+        for s in [*producers, *consumers]:
+            s.shutdown()

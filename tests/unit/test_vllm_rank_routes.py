@@ -30,6 +30,14 @@ def test_p2p_ranks_go_to_their_own_endpoint_with_a_transfer_of_their_own() -> No
     assert {r.server_key for r in routes} == {"key"} and {r.mode for r in routes} == {KvMode.P2P}
 
 
+def test_a_p2p_receivers_ranks_name_no_endpoint_either() -> None:
+    """The scheduler gives the decode side of a p2p handoff a route without an endpoint (it is the
+    endpoint): its ranks' routes differ by transfer id alone."""
+    params = PdorchKvParams("recv", "prefill-0/abc", KvMode.P2P, "", 30.0)
+    assert params.route_for(1).endpoint == ""
+    assert params.route_for(1).transfer_id == "prefill-0/abc/tp1"
+
+
 def test_centralized_ranks_share_the_broker_under_transfers_of_their_own() -> None:
     params = _params(KvMode.CENTRALIZED, "tcp://broker:5700")
     assert params.route_for(3).endpoint == "tcp://broker:5700"

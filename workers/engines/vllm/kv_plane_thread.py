@@ -240,17 +240,22 @@ class KvPlaneThread:
 
         self._loop.call_soon_threadsafe(_start)
 
+    # The routes are worked out on the loop thread: a request's bad route must not raise into
+    # vLLM's forward pass (which would take the server down), only fail that request's load.
+
     def announce_recv(self, params: PdorchKvParams) -> None:
         """A decode request arrived: its sender's begin may wait for it until its deadline."""
-        if self._receiver is not None:
+        receiver = self._receiver
+        if receiver is not None:
             self._loop.call_soon_threadsafe(
-                functools.partial(self._receiver.announce, self._route(params), wait_s=params.deadline_s)
+                lambda: receiver.announce(self._route(params), wait_s=params.deadline_s)
             )
 
     def withdraw_recv(self, params: PdorchKvParams) -> None:
         """It ended (or needs no load) before its load started: let its sender go now."""
-        if self._receiver is not None:
-            self._loop.call_soon_threadsafe(self._receiver.withdraw, self._route(params))
+        receiver = self._receiver
+        if receiver is not None:
+            self._loop.call_soon_threadsafe(lambda: receiver.withdraw(self._route(params)))
 
     def cancel_recv(self, req_id: str) -> None:
         def _cancel() -> None:

@@ -45,7 +45,9 @@ class PdorchKvParams(msgspec.Struct, frozen=True):
         the same broker)."""
         if rank == 0:
             return self.route
-        endpoint = rank_endpoint(self.endpoint, rank) if self.mode == KvMode.P2P else self.endpoint
+        # A p2p receiver's route names no endpoint (it is the endpoint): its rank keeps none.
+        p2p_sender = self.mode == KvMode.P2P and self.endpoint
+        endpoint = rank_endpoint(self.endpoint, rank) if p2p_sender else self.endpoint
         return KvRoute(self.mode, endpoint, f"{self.transfer_id}/tp{rank}", self.server_key)
 
 
