@@ -151,7 +151,8 @@ class Vllm:
     """A vLLM server on one core, float32, serving the same converted directory."""
 
     def __init__(self, directory: Path, batch: int, log_dir: Path) -> None:
-        from tests.vllm_support.environment import free_port, vllm_python
+        from pdorch.launcher import free_port
+        from tests.vllm_support.environment import vllm_python
         from tests.vllm_support.processes import VllmServer, wait_healthy
         from workers.engines.vllm.launch import VllmLaunchSpec
 

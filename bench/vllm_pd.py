@@ -69,7 +69,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _run_vllm(args: argparse.Namespace) -> None:
-    from tests.vllm_support.environment import REPO_ROOT, build_tiny_model, free_port
+    from pdorch.launcher import free_port
+    from tests.vllm_support.environment import REPO_ROOT, build_tiny_model
     from tests.vllm_support.processes import VllmServer, wait_healthy
     from workers.engines.vllm.engine import VllmEngine
     from workers.engines.vllm.launch import VllmLaunchSpec

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pdorch.supervisor import Supervisor
-from transport.errors import PdorchError
+from transport.errors import ErrorCode, PdorchError
 from transport.kv.receiver import ReceiverLimits
 from transport.messages import Role
 from transport.security.key_set import KeySet
@@ -97,7 +97,26 @@ def default_vllm_python() -> str:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports free at once (a tensor-parallel vLLM decode
+    server's rank r receives KV at its KV port + r)."""
+    for _ in range(100):
+        base = free_port()
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                held.append(socket.socket())
+                held[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise PdorchError(ErrorCode.CONFIG, f"no {count} consecutive free ports on 127.0.0.1")
 
 
 _PR_SET_PDEATHSIG = 1
@@ -167,6 +186,8 @@ class ClusterSpec:
     # also serves RANDOM_MODEL (seeded random weights, nothing to download). Not read by "sim".
     model: str = DEFAULT_MODEL
     vllm_python: str = ""
+    # Worker processes per vLLM server (tensor parallelism); a server's ranks share its core.
+    vllm_tensor_parallel_size: int = 1
     # "encrypted" or "plaintext": how the KV plane protects what it carries (both authenticate).
     kv_payload: str = "encrypted"
     # A key set to use (`pdorch keys generate` layout) instead of a throwaway one; keys missing
@@ -254,14 +275,18 @@ class LocalCluster:
         a consuming one tells its agent at ``kv_arrival_notes`` that a load's KV is arriving."""
         from workers.engines.vllm.launch import VllmLaunchSpec, context_length
 
+        tp = self.spec.vllm_tensor_parallel_size
         return VllmLaunchSpec(
             model_dir=self.model_dir,
             port=port,
             role=Role(role) if not self.spec.colocated else None,
             kv_bind=kv_bind,
             kv_arrival_notes=kv_arrival_notes,
-            # One core per server (round robin), so two servers do not fight over the same one.
-            cpu_cores=str(index % max(1, os.cpu_count() or 1)),
+            # One core per server (round robin), so two servers do not fight over the same one; a
+            # tensor-parallel server's ranks share it (spread over the other servers' cores, their
+            # steps waited on each other: docs/vllm.md).
+            cpu_cores="|".join([str(index % max(1, os.cpu_count() or 1))] * tp),
+            tensor_parallel_size=tp,
             served_model_name=model_name(self.spec),
             max_model_len=min(VLLM_MAX_MODEL_LEN, context_length(self.model_dir)),
             # The workers' flag, for the connector that moves the KV inside vLLM.
@@ -279,7 +304,8 @@ class LocalCluster:
         port = free_port()
         handoff = not self.spec.colocated
         consumes = handoff and role in ("decode", "both")
-        kv_bind = f"tcp://127.0.0.1:{free_port()}" if consumes else ""
+        # A tensor-parallel server's rank r binds the port + r.
+        kv_bind = f"tcp://127.0.0.1:{free_ports(self.spec.vllm_tensor_parallel_size)}" if consumes else ""
         rpc_dir = private_rpc_dir()
         self._rpc_dirs.append(rpc_dir)
         # In the server's private directory: a path no other process can take meanwhile (a port
@@ -451,6 +477,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "sim (a GPU-timed model without a GPU: for load tests of gateways and autoscalers)",
     )
     p.add_argument(
+        "--vllm-tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --engine vllm: worker processes per vLLM server, the model split across them "
+        "(default 1; a server's ranks share one core)",
+    )
+    p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"a known model ({', '.join(sorted(CATALOG))}; default {DEFAULT_MODEL}, fetched by "
@@ -496,6 +530,8 @@ def _spec_problem(spec: ClusterSpec) -> str:
         elif spec.model != RANDOM_MODEL and not Path(spec.model).expanduser().exists():
             known = f"{', '.join(sorted(CATALOG))}, {RANDOM_MODEL}"
             return f"--model {spec.model}: not a known model ({known}), a .gguf file or a directory"
+    if spec.vllm_tensor_parallel_size != 1 and (spec.engine != "vllm" or spec.vllm_tensor_parallel_size < 1):
+        return f"--vllm-tensor-parallel-size {spec.vllm_tensor_parallel_size}: 1 or more, with --engine vllm"
     if spec.lora_root is not None and not spec.lora_root.is_dir():
         return f"--lora-root {spec.lora_root}: not a directory"
     if spec.prefill < 1 or (spec.decode < 1 and not spec.colocated):
@@ -527,6 +563,7 @@ def main(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         engine=args.engine,
         model=args.model,
+        vllm_tensor_parallel_size=args.vllm_tensor_parallel_size,
         worker_args=[a for a in args.worker_args if a != "--"],
         kv_payload=args.kv_payload,
         lora_root=args.lora_root.expanduser().resolve() if args.lora_root else None,

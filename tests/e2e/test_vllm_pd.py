@@ -18,10 +18,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pdorch.launcher import LocalCluster
+from pdorch.launcher import LocalCluster, free_port
 from scheduler.tokenizer.hf import HfTokenizer
 from tests.support.tcp_proxy import TcpProxy
-from tests.vllm_support.environment import build_tiny_model, free_port, vllm_python
+from tests.vllm_support.environment import build_tiny_model, vllm_python
 from tests.vllm_support.pd_pair import (
     Cluster,
     Engines,

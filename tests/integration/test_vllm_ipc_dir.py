@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -72,3 +73,37 @@ def test_a_test_server_removes_its_socket_dir_on_stop(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert not server.rpc_dir.exists()
+
+
+def test_the_launcher_starts_tensor_parallel_servers_with_a_kv_port_per_rank(tmp_path: Path) -> None:
+    """``pdorch up --engine vllm --vllm-tensor-parallel-size 2``: each server split over two ranks
+    sharing its core, the decode server's KV port and the next one free for its two ranks, and its
+    agent advertising rank 0's (the prefill ranks derive the rest)."""
+    spec = ClusterSpec(
+        port=0,
+        engine="vllm",
+        vllm_python=str(_stand_in(tmp_path)),
+        vllm_tensor_parallel_size=2,
+        log_dir=tmp_path / "logs",
+    )
+    cluster = LocalCluster(spec)
+    try:
+        cluster.start_worker("prefill-0", "prefill")
+        cluster.start_worker("decode-0", "decode")
+        for name in ("prefill-0", "decode-0"):
+            server = cluster.procs[f"vllm-{name}"].args
+            assert server[server.index("--tensor-parallel-size") + 1] == "2"
+            cores = cluster._envs[f"vllm-{name}"]["VLLM_CPU_OMP_THREADS_BIND"].split("|")
+            assert len(cores) == 2 and cores[0] == cores[1]
+        server = cluster.procs["vllm-decode-0"].args
+        bind = json.loads(server[server.index("--kv-transfer-config") + 1])["kv_connector_extra_config"][
+            "pdorch_kv_bind"
+        ]
+        agent = cluster.procs["decode-0"].args
+        assert agent[agent.index("--kv-advertise") + 1] == bind
+        port = int(bind.rsplit(":", 1)[1])
+        for rank_port in (port, port + 1):  # nothing took them (the stand-in binds no KV port)
+            with socket.create_server(("127.0.0.1", rank_port)):
+                pass
+    finally:
+        cluster.stop()

@@ -24,6 +24,8 @@ from workers.models.cache_dir import CACHE_DIR_ENV
         (["--kv-mode", "centralized", "--broker-port", "5555"], "--broker-port must differ"),
         (["--model", "no-such-model"], "--model no-such-model: not a known model"),
         (["--engine", "vllm", "--model", "pdorch-reference"], "runs on the reference engine only"),
+        (["--engine", "sim", "--vllm-tensor-parallel-size", "2"], "1 or more, with --engine vllm"),
+        (["--vllm-tensor-parallel-size", "0"], "--vllm-tensor-parallel-size 0: 1 or more"),
     ],
 )
 def test_a_cluster_that_cannot_start_is_refused_up_front(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -42,29 +41,3 @@ def build_tiny_model(python: Path, cache_dir: Path) -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"building the tiny model failed:\n{done.stderr[-2000:]}")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports free at once (a tensor-parallel decode
-    server's ranks receive KV at its KV port + rank)."""
-    for _ in range(100):
-        base = free_port()
-        held: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError(f"no {count} consecutive free ports")

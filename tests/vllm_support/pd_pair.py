@@ -15,8 +15,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pdorch.launcher import ClusterSpec, LocalCluster
-from tests.vllm_support.environment import free_port, free_ports
+from pdorch.launcher import ClusterSpec, LocalCluster, free_port, free_ports
 from tests.vllm_support.processes import VllmServer, wait_healthy
 from transport import sockets
 from transport.kv.broker_cli import listening_endpoint
