@@ -104,10 +104,9 @@ def _start_broker(log_path: Path, keys: KeySet) -> tuple[subprocess.Popen[bytes]
 def pd_servers(
     python: Path, model_dir: Path, work: Path, *, tensor_parallel_size: int = 1, **spec: object
 ) -> Iterator[Cluster]:
-    """Both servers (one core each, shared by a tensor-parallel server's ranks)
-    and a broker, healthy; stopped by PID on the way out. Each has the CURVE keys of the party it
-    stands for (named as the agents pdorch_in_front puts in front of them: the same keys serve
-    both)."""
+    """Both servers (one core each, shared by a tensor-parallel server's ranks) and a broker,
+    healthy; stopped by PID on the way out. Each has the CURVE keys of the party it stands for
+    (named as the agents pdorch_in_front puts in front of them: the same keys serve both)."""
     keys = KeySet.create(work / "keys", {"prefill-0": (), "decode-0": ()})
     broker_log = work / "kv-broker.log"
     # First: the ports picked for the servers below are then not the one it chose.

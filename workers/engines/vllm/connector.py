@@ -67,8 +67,7 @@ class PdorchConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         parallel = vllm_config.parallel_config
-        check_layout(
-            tensor=parallel.tensor_parallel_size,
+        check_layout(  # any tensor-parallel size
             pipeline=parallel.pipeline_parallel_size,
             context=parallel.prefill_context_parallel_size * parallel.decode_context_parallel_size,
             data=parallel.data_parallel_size,

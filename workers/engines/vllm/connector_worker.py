@@ -24,13 +24,13 @@ from workers.engines.vllm.connector_metadata import StepPlan
 from workers.engines.vllm.kv_plane_thread import KvPlaneThread
 
 
-def check_layout(*, tensor: int, pipeline: int = 1, context: int = 1, data: int = 1, nodes: int = 1) -> None:
+def check_layout(*, pipeline: int = 1, context: int = 1, data: int = 1, nodes: int = 1) -> None:
     """The layouts the connector moves: one instance on one host, its KV split by tensor
     parallelism only (each rank sends its part to the same rank of the other instance, whose
     endpoints are derived from rank 0's on one host). With pipeline stages a rank would hold other
     layers, with context parallelism other tokens, with data-parallel ranks other requests, across
     nodes other hosts: refused at startup, with why, rather than failing each handoff later."""
-    if tensor < 1 or max(pipeline, context, data, nodes) > 1:
+    if max(pipeline, context, data, nodes) > 1:
         raise PdorchError(
             ErrorCode.CONFIG,
             "pdorch's KV connector moves the KV of vLLM instances on one host split by tensor "
